@@ -1,0 +1,1 @@
+"""The ``prefect-mig`` command line (typer + rich)."""

@@ -1,0 +1,45 @@
+"""The ``prefect-mig`` command: one typer app, one module per group of commands."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from prefect_mig import __version__
+from prefect_mig.cli import demo as demo_cmd
+from prefect_mig.cli import inventory, layouts
+from prefect_mig.cli.output import print_json
+
+app = typer.Typer(
+    name="prefect-mig",
+    help="Leases on NVIDIA MIG slices for Prefect tasks, and layouts that follow the demand.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.command("gpus")(inventory.gpus)
+app.command("layouts")(layouts.layouts)
+app.command("models")(layouts.models)
+app.command("demo")(demo_cmd.demo)
+
+
+@app.command("version")
+def version(as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False) -> None:
+    """Print prefect-mig's version (and those of the libraries it drives)."""
+    from importlib.metadata import version as dist_version
+
+    versions = {"prefect-mig": __version__}
+    for dist in ("prefect", "nvidia-ml-py", "redis", "docker", "pydantic"):
+        try:
+            versions[dist] = dist_version(dist)
+        except Exception:  # noqa: BLE001 - an absent optional library is just not listed
+            continue
+    if as_json:
+        print_json(versions)
+    else:
+        typer.echo("  ".join(f"{k} {v}" for k, v in versions.items()))
+
+
+if __name__ == "__main__":
+    app()

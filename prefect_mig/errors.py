@@ -1,0 +1,171 @@
+"""The exceptions prefect-mig raises, and only those.
+
+Every message says what happened and what to do next. Exceptions carry the fields a caller needs
+to act on them (the field name and value that was refused, the GPU UUID, the profile).
+
+```
+PrefectMigError
+├── ConfigError                 settings or a spec that cannot be used (also a ValueError)
+│   ├── UnknownGpuModel         a GPU model name the catalog does not know
+│   ├── UnknownProfile          a MIG profile name the GPU model does not offer
+│   ├── InvalidProfileName      a string that is not a MIG profile name at all
+│   ├── InvalidRequirement      a slice requirement that no profile could ever satisfy, or malformed
+│   ├── InvalidLayout           a set of GPU instances that cannot coexist on one GPU
+│   └── InvalidFleetSpec        a simulated fleet spec that does not parse
+└── BackendError                the GPU backend (NVML, real or simulated) refused or failed
+    ├── NvmlUnavailable         no NVML library / driver, or the GPU index does not exist
+    ├── MigDisabled             MIG mode is off on the GPU
+    ├── ProfileNotSupported     the GPU does not offer that GPU-instance profile
+    ├── PlacementConflict       the placement overlaps an existing instance or is not allowed
+    ├── InstanceBusy            the instance has processes (or compute instances) and cannot go
+    ├── InstanceNotFound        no GPU instance with that id on the GPU
+    └── NoPermission            creating/destroying instances needs root or the MIG capability
+```
+
+Foreign errors (pynvml's `NVMLError_*`) are translated at the backend edge with ``raise ... from exc``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+def _allowed(names: Iterable[str]) -> str:
+    return ", ".join(names)
+
+
+class PrefectMigError(Exception):
+    """Base class of every error prefect-mig raises on purpose."""
+
+
+# --------------------------------------------------------------------------- configuration / specs
+
+
+class ConfigError(PrefectMigError, ValueError):
+    """A setting, a spec or an argument cannot be used.
+
+    Attributes:
+        field: the name of the field or argument that was refused (``None`` when not one field).
+        value: the value that was refused.
+    """
+
+    def __init__(self, message: str, *, field: str | None = None, value: object = None) -> None:
+        super().__init__(message)
+        self.field = field
+        self.value = value
+
+
+class UnknownGpuModel(ConfigError):
+    """A GPU model name the catalog does not know."""
+
+    def __init__(self, name: str, known: Iterable[str], *, field: str = "gpu_model") -> None:
+        self.known = tuple(known)
+        super().__init__(
+            f"{field}: unknown GPU model {name!r}. Known models: {_allowed(self.known)}.",
+            field=field,
+            value=name,
+        )
+
+
+class UnknownProfile(ConfigError):
+    """A MIG profile name that the GPU model does not offer."""
+
+    def __init__(
+        self, name: str, gpu_model: str, known: Iterable[str], *, field: str = "profile"
+    ) -> None:
+        self.gpu_model = gpu_model
+        self.known = tuple(known)
+        super().__init__(
+            f"{field}: {gpu_model} has no MIG profile {name!r}. "
+            f"Profiles on {gpu_model}: {_allowed(self.known)}.",
+            field=field,
+            value=name,
+        )
+
+
+class InvalidProfileName(ConfigError):
+    """A string that is not shaped like a MIG profile name (``<C>g.<M>gb[+me]``)."""
+
+    def __init__(self, name: object, *, field: str = "profile") -> None:
+        super().__init__(
+            f"{field}: {name!r} is not a MIG profile name. Expected '<compute>g.<memory>gb' with an "
+            "optional media suffix, for example '1g.10gb', '3g.40gb' or '1g.10gb+me'.",
+            field=field,
+            value=name,
+        )
+
+
+class InvalidRequirement(ConfigError):
+    """A slice requirement that is malformed or that no profile of a model could satisfy."""
+
+
+class InvalidLayout(ConfigError):
+    """GPU instances that cannot coexist on one GPU (overlap, bad start, too many, two ``+me``)."""
+
+
+class InvalidFleetSpec(ConfigError):
+    """A simulated fleet spec such as ``node-a=2xH100-80GB,node-b=1xA30-24GB`` that does not parse."""
+
+
+# --------------------------------------------------------------------------- GPU backend
+
+
+class BackendError(PrefectMigError):
+    """The GPU backend (NVML, real or simulated) refused an operation or failed.
+
+    Attributes:
+        gpu_uuid: the GPU the operation was about, when known.
+        nvml_code: the NVML return code behind the error, when there was one.
+    """
+
+    def __init__(
+        self, message: str, *, gpu_uuid: str | None = None, nvml_code: int | None = None
+    ) -> None:
+        super().__init__(message)
+        self.gpu_uuid = gpu_uuid
+        self.nvml_code = nvml_code
+
+
+class NvmlUnavailable(BackendError):
+    """NVML cannot be used: no driver or library, or the device does not exist."""
+
+
+class MigDisabled(BackendError):
+    """MIG mode is off on the GPU; prefect-mig never switches it on by itself."""
+
+
+class ProfileNotSupported(BackendError):
+    """The GPU does not offer that GPU-instance profile."""
+
+    def __init__(self, message: str, *, profile: str | int, **kw) -> None:
+        super().__init__(message, **kw)
+        self.profile = profile
+
+
+class PlacementConflict(BackendError):
+    """The requested placement overlaps an existing instance or is not a valid start."""
+
+    def __init__(self, message: str, *, profile: str, start: int, **kw) -> None:
+        super().__init__(message, **kw)
+        self.profile = profile
+        self.start = start
+
+
+class InstanceBusy(BackendError):
+    """The instance still has processes or compute instances, so it cannot be destroyed."""
+
+    def __init__(self, message: str, *, gpu_instance_id: int, **kw) -> None:
+        super().__init__(message, **kw)
+        self.gpu_instance_id = gpu_instance_id
+
+
+class InstanceNotFound(BackendError):
+    """No GPU instance with that id exists on the GPU (any more)."""
+
+    def __init__(self, message: str, *, gpu_instance_id: int, **kw) -> None:
+        super().__init__(message, **kw)
+        self.gpu_instance_id = gpu_instance_id
+
+
+class NoPermission(BackendError):
+    """The process may not change MIG instances (needs root or the MIG config capability)."""

@@ -1,0 +1,498 @@
+"""The one GPU backend: discovers GPUs and carves MIG instances through NVML.
+
+It talks to any library with pynvml's interface: nvidia-ml-py's ``pynvml`` on a GPU host, or
+`prefect_mig.gpu.simulated_nvml.SimulatedNvml` elsewhere. NVML errors become prefect-mig
+exceptions (`prefect_mig.errors`) whose messages say what to do.
+
+Profiles and placements are read from NVML, not from the catalog: the driver is the authority on
+a real GPU. The catalog only names the model (``H100-80GB``) when the device name matches one.
+
+Examples:
+    ```python
+    import tempfile
+    from prefect_mig.gpu import GpuBackend, SimulatedNvml
+
+    nvml = SimulatedNvml("node-a=1xH100-80GB", state_dir=tempfile.mkdtemp())
+    with GpuBackend(nvml) as gpus:
+        (gpu,) = gpus.gpus()
+        slice_ = gpus.create(gpu.index, "3g.40gb", start=4)
+        assert str(gpus.layout(gpu.index)) == "3g.40gb@4"
+        gpus.destroy(gpu.index, slice_.gpu_instance_id)
+    ```
+"""
+
+from __future__ import annotations
+
+import ctypes
+from types import ModuleType
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from prefect_mig.errors import (
+    BackendError,
+    InstanceBusy,
+    InstanceNotFound,
+    MigDisabled,
+    NoPermission,
+    NvmlUnavailable,
+    PlacementConflict,
+    ProfileNotSupported,
+)
+from prefect_mig.model import GpuModel, GpuProfile, Layout, Placement, catalog, creatable
+
+_MIB = 1024 * 1024
+
+#: NVML_COMPUTE_INSTANCE_PROFILE_* for a compute instance over a whole GI of N compute slices.
+_CI_PROFILE_FOR_SLICES = {1: 0x0, 2: 0x1, 3: 0x2, 4: 0x3, 7: 0x4, 8: 0x5, 6: 0x6}
+
+
+class GpuInfo(BaseModel):
+    """One physical GPU as the backend sees it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    index: int
+    uuid: str
+    device_name: str
+    gpu_model: str | None  # catalog name, e.g. "H100-80GB"; None when the catalog has no match
+    memory_total_mib: int
+    mig_enabled: bool
+    mig_pending: bool
+
+
+class ProcessInfo(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    pid: int
+    used_memory_mib: int
+
+
+class MigInstance(BaseModel):
+    """One MIG device: a GPU instance with its compute instance, bound by `mig_uuid`."""
+
+    model_config = ConfigDict(frozen=True)
+
+    gpu_uuid: str
+    gpu_index: int
+    gpu_instance_id: int
+    compute_instance_id: int | None
+    profile: str
+    profile_id: int
+    start: int
+    size: int
+    mig_uuid: str | None  # None for a GPU instance without a compute instance (half-created)
+    memory_mib: int
+
+    @property
+    def placement(self) -> Placement:
+        return Placement(profile=self.profile, start=self.start)
+
+    def __str__(self) -> str:
+        return f"{self.profile}@{self.start}"
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class GpuBackend:
+    """Discover GPUs, read and change MIG layouts, and list processes, through NVML.
+
+    Args:
+        nvml: the pynvml-compatible library; default: nvidia-ml-py's ``pynvml``.
+
+    Use as a context manager (``nvmlInit`` / ``nvmlShutdown``), or call `open` and `close`.
+    """
+
+    def __init__(self, nvml: ModuleType | Any | None = None) -> None:
+        if nvml is None:
+            import pynvml
+
+            nvml = pynvml
+        self.nvml = nvml
+        self._models: dict[int, GpuModel] = {}
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def open(self) -> GpuBackend:
+        try:
+            self.nvml.nvmlInit()
+        except self.nvml.NVMLError as exc:
+            raise NvmlUnavailable(
+                f"NVML could not start ({exc.__class__.__name__}): no NVIDIA driver here? Install the "
+                "driver, or set PREFECT_MIG_BACKEND=simulated to use a simulated fleet.",
+                nvml_code=getattr(exc, "value", None),
+            ) from exc
+        return self
+
+    def close(self) -> None:
+        self.nvml.nvmlShutdown()
+
+    def __enter__(self) -> GpuBackend:
+        return self.open()
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ discovery
+
+    def _handle(self, index: int):
+        count = self.nvml.nvmlDeviceGetCount()
+        if not 0 <= index < count:
+            raise NvmlUnavailable(
+                f"gpu index {index} does not exist; this host has {count} GPU(s) (0..{count - 1})."
+            )
+        return self.nvml.nvmlDeviceGetHandleByIndex(index)
+
+    def gpu_count(self) -> int:
+        return self.nvml.nvmlDeviceGetCount()
+
+    def driver_version(self) -> str:
+        return _text(self.nvml.nvmlSystemGetDriverVersion())
+
+    def gpu(self, index: int) -> GpuInfo:
+        h = self._handle(index)
+        name = _text(self.nvml.nvmlDeviceGetName(h))
+        total = self.nvml.nvmlDeviceGetMemoryInfo(h).total // _MIB
+        try:
+            current, pending = self.nvml.nvmlDeviceGetMigMode(h)
+        except self.nvml.NVMLError_NotSupported:  # a GPU without MIG at all
+            current = pending = 0
+        known = catalog().identify(name, total)
+        return GpuInfo(
+            index=index,
+            uuid=_text(self.nvml.nvmlDeviceGetUUID(h)),
+            device_name=name,
+            gpu_model=known.name if known else None,
+            memory_total_mib=total,
+            mig_enabled=current == self.nvml.NVML_DEVICE_MIG_ENABLE,
+            mig_pending=pending == self.nvml.NVML_DEVICE_MIG_ENABLE,
+        )
+
+    def gpus(self) -> list[GpuInfo]:
+        """Every GPU on this host, MIG-capable or not."""
+        return [self.gpu(i) for i in range(self.gpu_count())]
+
+    def _require_mig(self, index: int, h) -> str:
+        uuid = _text(self.nvml.nvmlDeviceGetUUID(h))
+        try:
+            current, _ = self.nvml.nvmlDeviceGetMigMode(h)
+        except self.nvml.NVMLError_NotSupported as exc:
+            raise MigDisabled(
+                f"GPU {index} ({uuid}) does not support MIG.", gpu_uuid=uuid, nvml_code=exc.value
+            ) from exc
+        if current != self.nvml.NVML_DEVICE_MIG_ENABLE:
+            raise MigDisabled(
+                f"MIG mode is off on GPU {index} ({uuid}); prefect-mig never switches it itself. "
+                f"Enable it with `sudo nvidia-smi -i {index} -mig 1` (A100/A30 also need a GPU reset).",
+                gpu_uuid=uuid,
+            )
+        return uuid
+
+    def gpu_model(self, index: int) -> GpuModel:
+        """The GPU's MIG geometry as NVML reports it: profiles, ids, sizes and placements."""
+        if index in self._models:
+            return self._models[index]
+        h = self._handle(index)
+        self._require_mig(index, h)
+        info = self.gpu(index)
+        known = catalog().identify(info.device_name, info.memory_total_mib)
+        profiles: list[GpuProfile] = []
+        for enum in range(self.nvml.NVML_GPU_INSTANCE_PROFILE_COUNT):
+            try:
+                p = self.nvml.nvmlDeviceGetGpuInstanceProfileInfoV(h, enum)
+            except (self.nvml.NVMLError_NotSupported, self.nvml.NVMLError_InvalidArgument):
+                continue
+            if p.instanceCount == 0:
+                continue
+            starts, size = self._placements(h, p.id)
+            if not starts:
+                continue
+            name = _text(getattr(p, "name", b"")).removeprefix("MIG ")
+            if not name and known and any(k.id == p.id for k in known.profiles):
+                name = known.profile(p.id).name
+            profiles.append(
+                GpuProfile(
+                    id=p.id,
+                    name=name or f"profile-{p.id}",
+                    nvml_profile=enum,
+                    compute_slices=p.sliceCount,
+                    memory_slices=size,
+                    memory_mib=p.memorySizeMB,
+                    sm_count=p.multiprocessorCount or None,
+                    max_instances=p.instanceCount,
+                    placement_starts=tuple(starts),
+                    placement_size=size,
+                )
+            )
+        memory_slices = max((max(p.placement_starts) + p.placement_size for p in profiles), default=0)
+        model = GpuModel(
+            name=known.name if known else info.device_name,
+            device_name=info.device_name,
+            total_memory_mib=info.memory_total_mib,
+            memory_slices=memory_slices,
+            compute_slices=max((p.compute_slices for p in profiles), default=0),
+            confidence="read from NVML",
+            profiles=tuple(profiles),
+        )
+        self._models[index] = model
+        return model
+
+    def _placements(self, h, profile_id: int) -> tuple[list[int], int]:
+        count = ctypes.c_uint(0)
+        self.nvml.nvmlDeviceGetGpuInstancePossiblePlacements(h, profile_id, None, ctypes.byref(count))
+        array = (self.nvml.c_nvmlGpuInstancePlacement_t * max(count.value, 1))()
+        self.nvml.nvmlDeviceGetGpuInstancePossiblePlacements(h, profile_id, array, ctypes.byref(count))
+        starts = sorted(array[i].start for i in range(count.value))
+        size = array[0].size if count.value else 0
+        return starts, size
+
+    # ------------------------------------------------------------------ layout
+
+    def _gpu_instances(self, h, model: GpuModel) -> list[Any]:
+        handles = []
+        for p in model.profiles:
+            count = ctypes.c_uint(0)
+            array = (self.nvml.c_nvmlGpuInstance_t * p.max_instances)()
+            self.nvml.nvmlDeviceGetGpuInstances(h, p.id, array, ctypes.byref(count))
+            handles.extend(array[i] for i in range(count.value))
+        return handles
+
+    def _compute_instances(self, gi) -> list[Any]:
+        found = []
+        for enum in range(self.nvml.NVML_COMPUTE_INSTANCE_PROFILE_COUNT):
+            try:
+                info = self.nvml.nvmlGpuInstanceGetComputeInstanceProfileInfoV(
+                    gi, enum, self.nvml.NVML_COMPUTE_INSTANCE_ENGINE_PROFILE_SHARED
+                )
+            except (self.nvml.NVMLError_NotSupported, self.nvml.NVMLError_InvalidArgument):
+                continue
+            count = ctypes.c_uint(0)
+            array = (self.nvml.c_nvmlComputeInstance_t * 8)()
+            self.nvml.nvmlGpuInstanceGetComputeInstances(gi, info.id, array, ctypes.byref(count))
+            found.extend(array[i] for i in range(count.value))
+        return found
+
+    def _mig_uuids(self, h) -> dict[tuple[int, int], str]:
+        """MIG device UUID per (GPU-instance id, compute-instance id)."""
+        found = {}
+        for i in range(self.nvml.nvmlDeviceGetMaxMigDeviceCount(h)):
+            try:
+                mig = self.nvml.nvmlDeviceGetMigDeviceHandleByIndex(h, i)
+            except self.nvml.NVMLError_NotFound:
+                continue
+            key = (self.nvml.nvmlDeviceGetGpuInstanceId(mig), self.nvml.nvmlDeviceGetComputeInstanceId(mig))
+            found[key] = _text(self.nvml.nvmlDeviceGetUUID(mig))
+        return found
+
+    def instances(self, index: int) -> list[MigInstance]:
+        """The GPU's MIG instances, by start: placement, profile, compute instance and MIG UUID."""
+        h = self._handle(index)
+        gpu_uuid = self._require_mig(index, h)
+        model = self.gpu_model(index)
+        uuids = self._mig_uuids(h)
+        found = []
+        for gi in self._gpu_instances(h, model):
+            info = self.nvml.nvmlGpuInstanceGetInfo(gi)
+            profile = model.profile(int(info.profileId))
+            cis = [self.nvml.nvmlComputeInstanceGetInfo(ci) for ci in self._compute_instances(gi)]
+            ci_id = cis[0].id if cis else None
+            found.append(
+                MigInstance(
+                    gpu_uuid=gpu_uuid,
+                    gpu_index=index,
+                    gpu_instance_id=info.id,
+                    compute_instance_id=ci_id,
+                    profile=profile.name,
+                    profile_id=profile.id,
+                    start=info.placement.start,
+                    size=info.placement.size,
+                    mig_uuid=uuids.get((info.id, ci_id)) if ci_id is not None else None,
+                    memory_mib=profile.memory_mib,
+                )
+            )
+        return sorted(found, key=lambda m: m.start)
+
+    def layout(self, index: int) -> Layout:
+        """The GPU's current layout as a pure `Layout` value."""
+        model = self.gpu_model(index)
+        return Layout.of(model, (m.placement for m in self.instances(index)))
+
+    # ------------------------------------------------------------------ changes
+
+    def create(self, index: int, profile: str, start: int) -> MigInstance:
+        """Create a GPU instance of `profile` at memory slice `start`, and one compute instance over
+        all of it. If the compute instance fails, the GPU instance is destroyed again.
+
+        Raises:
+            UnknownProfile: the GPU has no such profile (the message lists the ones it has).
+            PlacementConflict: `start` is not a placement of the profile, or the range is taken.
+            MigDisabled: MIG mode is off.
+            NoPermission: the process may not create instances.
+        """
+        h = self._handle(index)
+        gpu_uuid = self._require_mig(index, h)
+        model = self.gpu_model(index)
+        prof = model.profile(profile)
+        if start not in prof.placement_starts:
+            raise PlacementConflict(
+                f"{prof.name} on GPU {index} may start only at memory slice "
+                f"{', '.join(map(str, prof.placement_starts))}, not {start}.",
+                profile=prof.name,
+                start=start,
+                gpu_uuid=gpu_uuid,
+            )
+        placement = self.nvml.c_nvmlGpuInstancePlacement_t()
+        placement.start, placement.size = start, prof.placement_size
+        try:
+            gi = self.nvml.nvmlDeviceCreateGpuInstanceWithPlacement(h, prof.id, placement)
+        except self.nvml.NVMLError as exc:
+            raise self._create_error(exc, index, gpu_uuid, model, prof, start) from exc
+        try:
+            ci_info = self.nvml.nvmlGpuInstanceGetComputeInstanceProfileInfoV(
+                gi,
+                _CI_PROFILE_FOR_SLICES[prof.compute_slices],
+                self.nvml.NVML_COMPUTE_INSTANCE_ENGINE_PROFILE_SHARED,
+            )
+            self.nvml.nvmlGpuInstanceCreateComputeInstance(gi, ci_info.id)
+        except self.nvml.NVMLError as exc:
+            self.nvml.nvmlGpuInstanceDestroy(gi)  # leave no half-created instance behind
+            raise BackendError(
+                f"created {prof.name}@{start} on GPU {index} but its compute instance failed "
+                f"({exc.__class__.__name__}); the GPU instance was destroyed again.",
+                gpu_uuid=gpu_uuid,
+                nvml_code=exc.value,
+            ) from exc
+        gi_id = self.nvml.nvmlGpuInstanceGetInfo(gi).id
+        return next(m for m in self.instances(index) if m.gpu_instance_id == gi_id)
+
+    def _create_error(self, exc, index, gpu_uuid, model, prof, start) -> BackendError:
+        code = exc.value
+        if code == self.nvml.NVML_ERROR_INSUFFICIENT_RESOURCES:
+            occupied = [m.placement for m in self.instances(index)]
+            fits = sorted({str(p) for p in creatable(model, occupied) if p.profile == prof.name})
+            return PlacementConflict(
+                f"cannot create {prof.name}@{start} on GPU {index}: the range is taken or the "
+                f"profile's instance limit is reached (layout now: "
+                f"{Layout.of(model, occupied)}). {prof.name} fits at: {', '.join(fits) or 'nowhere'}.",
+                profile=prof.name,
+                start=start,
+                gpu_uuid=gpu_uuid,
+                nvml_code=code,
+            )
+        if code == self.nvml.NVML_ERROR_INVALID_ARGUMENT:
+            return PlacementConflict(
+                f"NVML refused {prof.name}@{start} on GPU {index} as an invalid placement.",
+                profile=prof.name,
+                start=start,
+                gpu_uuid=gpu_uuid,
+                nvml_code=code,
+            )
+        if code == self.nvml.NVML_ERROR_NOT_SUPPORTED:
+            return ProfileNotSupported(
+                f"GPU {index} does not support creating {prof.name}.",
+                profile=prof.name,
+                gpu_uuid=gpu_uuid,
+                nvml_code=code,
+            )
+        return self._common_error(exc, f"create {prof.name}@{start} on GPU {index}", gpu_uuid)
+
+    def _common_error(self, exc, action: str, gpu_uuid: str | None) -> BackendError:
+        code = exc.value
+        if code == self.nvml.NVML_ERROR_NO_PERMISSION:
+            return NoPermission(
+                f"not allowed to {action}: changing MIG instances needs root or the "
+                "nvidia-capabilities mig/config capability.",
+                gpu_uuid=gpu_uuid,
+                nvml_code=code,
+            )
+        return BackendError(
+            f"NVML failed to {action}: {exc.__class__.__name__} (code {code}).",
+            gpu_uuid=gpu_uuid,
+            nvml_code=code,
+        )
+
+    def processes(self, index: int) -> dict[str, list[ProcessInfo]]:
+        """Processes per MIG device UUID on the GPU (every MIG device appears, maybe with none)."""
+        h = self._handle(index)
+        self._require_mig(index, h)
+        found: dict[str, list[ProcessInfo]] = {}
+        for i in range(self.nvml.nvmlDeviceGetMaxMigDeviceCount(h)):
+            try:
+                mig = self.nvml.nvmlDeviceGetMigDeviceHandleByIndex(h, i)
+            except self.nvml.NVMLError_NotFound:
+                continue
+            procs = self.nvml.nvmlDeviceGetComputeRunningProcesses(mig)
+            found[_text(self.nvml.nvmlDeviceGetUUID(mig))] = [
+                ProcessInfo(pid=p.pid, used_memory_mib=(p.usedGpuMemory or 0) // _MIB) for p in procs
+            ]
+        return found
+
+    def destroy(self, index: int, gpu_instance_id: int) -> None:
+        """Destroy a GPU instance and its compute instances, after checking no process runs on it.
+
+        Raises:
+            InstanceNotFound: no GPU instance with that id.
+            InstanceBusy: processes run on it (checked first, and again by the driver).
+        """
+        h = self._handle(index)
+        gpu_uuid = self._require_mig(index, h)
+        target = next((m for m in self.instances(index) if m.gpu_instance_id == gpu_instance_id), None)
+        if target is None:
+            raise InstanceNotFound(
+                f"GPU {index} ({gpu_uuid}) has no GPU instance {gpu_instance_id}; it may have been "
+                "destroyed already. `prefect-mig gpus` shows the current layout.",
+                gpu_instance_id=gpu_instance_id,
+                gpu_uuid=gpu_uuid,
+            )
+        if target.mig_uuid:
+            busy = self.processes(index).get(target.mig_uuid, [])
+            if busy:
+                raise self._busy(target, busy, gpu_uuid)
+        gi = self.nvml.nvmlDeviceGetGpuInstanceById(h, gpu_instance_id)
+        try:
+            for ci in self._compute_instances(gi):
+                self.nvml.nvmlComputeInstanceDestroy(ci)
+            self.nvml.nvmlGpuInstanceDestroy(gi)
+        except self.nvml.NVMLError_InUse as exc:
+            busy = self.processes(index).get(target.mig_uuid or "", [])
+            raise self._busy(target, busy, gpu_uuid) from exc
+        except self.nvml.NVMLError as exc:
+            raise self._common_error(exc, f"destroy {target} on GPU {index}", gpu_uuid) from exc
+
+    @staticmethod
+    def _busy(target: MigInstance, busy: list[ProcessInfo], gpu_uuid: str) -> InstanceBusy:
+        pids = ", ".join(str(p.pid) for p in busy) or "unknown (the driver says in use)"
+        return InstanceBusy(
+            f"{target} ({target.mig_uuid}) on GPU {target.gpu_index} is in use by process(es) "
+            f"{pids}; stop them (or let their leases end) before destroying it.",
+            gpu_instance_id=target.gpu_instance_id,
+            gpu_uuid=gpu_uuid,
+        )
+
+    def apply_layout(self, index: int, target: Layout) -> tuple[list[MigInstance], list[MigInstance]]:
+        """Make the GPU's layout equal `target`: destroy what is not in it, create what is missing.
+
+        The target is validated and every instance to destroy is checked for processes before
+        anything changes, so bad input or a busy slice leaves the GPU as it was. Instances already
+        in place are kept untouched. Returns (destroyed, created).
+
+        Raises:
+            InvalidLayout / UnknownProfile: `target` is not a valid layout of this GPU.
+            InstanceBusy: an instance that would go has processes; nothing was changed.
+        """
+        model = self.gpu_model(index)
+        target.validate_on(model)
+        current = self.instances(index)
+        wanted = set(target.instances)
+        doomed = [m for m in current if m.placement not in wanted]
+        running = self.processes(index) if doomed else {}
+        for m in doomed:
+            if running.get(m.mig_uuid or ""):
+                raise self._busy(m, running[m.mig_uuid], m.gpu_uuid)
+        for m in doomed:
+            self.destroy(index, m.gpu_instance_id)
+        have = {m.placement for m in current} - {m.placement for m in doomed}
+        created = [self.create(index, p.profile, p.start) for p in target.instances if p not in have]
+        return doomed, created

@@ -1,0 +1,117 @@
+"""Settings, read from the environment (prefix ``PREFECT_MIG_``) and a ``.env`` file.
+
+This is the one place that reads the environment; everything else receives a `Settings`.
+
+| variable | meaning |
+|---|---|
+| ``PREFECT_MIG_REDIS_URL`` | Redis holding leases; unset = a private embedded redis-server |
+| ``PREFECT_MIG_NAMESPACE`` | key namespace (hash tag) of one cluster inside that Redis |
+| ``PREFECT_MIG_BACKEND`` | ``nvml`` (real GPUs), ``simulated`` or ``auto`` (nvml when a driver answers) |
+| ``PREFECT_MIG_SIMULATED_FLEET`` | the simulated hardware, e.g. ``node-a=2xH100-80GB,node-b=1xA30-24GB`` |
+| ``PREFECT_MIG_NODE`` | this host's node name (with the simulated backend: which fleet node it is) |
+| ``PREFECT_MIG_STATE_DIR`` | where state lives: embedded Redis data, the simulated NVML's state file |
+| ``PREFECT_MIG_DOCKER_HOST`` | Docker engine URL for task containers; unset = ``DOCKER_HOST`` or the local socket |
+
+Examples:
+    ```python
+    from prefect_mig.settings import Settings
+
+    s = Settings(backend="simulated", simulated_fleet="node-a=1xA30-24GB")
+    assert s.fleet().gpu_models("node-a") == ["A30-24GB"]
+    ```
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from prefect_mig.errors import ConfigError
+from prefect_mig.model import FleetSpec
+
+DEFAULT_FLEET = "node-a=2xH100-80GB"
+
+
+class Settings(BaseSettings):
+    """prefect-mig's settings; every field can be set as ``PREFECT_MIG_<FIELD>``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="PREFECT_MIG_", env_file=".env", extra="ignore", validate_default=True
+    )
+
+    redis_url: str | None = Field(
+        default=None,
+        description="Redis URL (redis:// or rediss://) of the lease store; unset starts a private "
+        "redis-server under the state dir.",
+    )
+    namespace: str = Field(
+        default="default",
+        min_length=1,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        description="Namespace of this cluster's keys inside Redis (letters, digits, _ . -).",
+    )
+    backend: Literal["auto", "nvml", "simulated"] = Field(
+        default="auto",
+        description="GPU backend: nvml (real GPUs), simulated, or auto (nvml when a driver answers).",
+    )
+    simulated_fleet: str = Field(
+        default=DEFAULT_FLEET,
+        description="Simulated hardware for the simulated backend, e.g. "
+        "'node-a=2xH100-80GB,node-b=1xA30-24GB'.",
+    )
+    node: str = Field(
+        default_factory=socket.gethostname,
+        min_length=1,
+        max_length=63,
+        description="This host's node name in the inventory.",
+    )
+    state_dir: Path = Field(
+        default=Path.home() / ".prefect-mig",
+        description="Directory for local state (embedded Redis data, simulated NVML state).",
+    )
+    docker_host: str | None = Field(
+        default=None,
+        description="Docker engine URL for task containers; unset uses DOCKER_HOST or the local socket.",
+    )
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^(redis|rediss|unix)://", value):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return value
+
+    @field_validator("simulated_fleet")
+    @classmethod
+    def _fleet_parses(cls, value: str) -> str:
+        FleetSpec.parse(value)
+        return value
+
+    def fleet(self) -> FleetSpec:
+        return FleetSpec.parse(self.simulated_fleet)
+
+
+def load_settings(**overrides) -> Settings:
+    """Read the settings, turning a validation failure into a `ConfigError` that names the variable.
+
+    Raises:
+        ConfigError: a variable holds a value that cannot be used.
+    """
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        name = str(first["loc"][0]) if first["loc"] else "?"
+        reason = first["msg"].removeprefix("Value error, ").rstrip(".")
+        about = Settings.model_fields[name].description if name in Settings.model_fields else ""
+        raise ConfigError(
+            f"PREFECT_MIG_{name.upper()}={first.get('input')!r}: {reason}. ({about})",
+            field=name,
+            value=first.get("input"),
+        ) from exc

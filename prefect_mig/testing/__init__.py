@@ -1,0 +1,1 @@
+"""Test support: private redis-server processes, the Docker engine and the test image."""

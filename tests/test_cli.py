@@ -1,0 +1,95 @@
+"""The prefect-mig command, run as a user runs it (a subprocess on the installed entry point)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def prefect_mig(*args: str, state_dir=None, fleet: str = "node-a=2xH100-80GB") -> subprocess.CompletedProcess:
+    env = {**os.environ, "PREFECT_MIG_BACKEND": "simulated", "PREFECT_MIG_SIMULATED_FLEET": fleet, "COLUMNS": "120"}
+    if state_dir is not None:
+        env["PREFECT_MIG_STATE_DIR"] = str(state_dir)
+    return subprocess.run(
+        [sys.executable, "-m", "prefect_mig.cli.main", *args], capture_output=True, text=True, env=env, timeout=60
+    )
+
+
+@pytest.mark.parametrize(("model", "count"), [("H100-80GB", 19), ("A30-24GB", 5), ("A100-40GB", 19)])
+def test_layouts_json_lists_every_maximal_layout(model, count):
+    done = prefect_mig("layouts", model, "--json")
+    assert done.returncode == 0, done.stderr
+    data = json.loads(done.stdout)
+    assert data["count"] == count == len(data["layouts"])
+    assert data["gpu_model"] == model
+
+
+def test_layouts_with_every_profile_add_the_2_slice_1g_and_media_engines():
+    data = json.loads(prefect_mig("layouts", "H100-80GB", "--profiles", "all", "--json").stdout)
+    assert "1g.20gb" in data["profiles"] and "1g.10gb+me" in data["profiles"]
+    data = json.loads(
+        prefect_mig("layouts", "H100-80GB", "-p", "1g.10gb,1g.20gb,2g.20gb,3g.40gb,4g.40gb,7g.80gb", "--json").stdout
+    )
+    assert data["count"] == 78
+
+
+def test_layouts_are_drawn_as_slice_bars_for_people():
+    done = prefect_mig("layouts", "A30-24GB")
+    assert done.returncode == 0
+    assert "5 maximal layouts of A30-24GB" in done.stdout
+    assert "|            4g.24gb            |" in done.stdout
+
+
+def test_unknown_model_exits_2_and_lists_the_valid_names():
+    done = prefect_mig("layouts", "H100")
+    assert done.returncode == 2
+    assert "unknown GPU model 'H100'" in done.stderr and "H100-80GB" in done.stderr and "A30-24GB" in done.stderr
+    assert done.stdout == ""
+
+
+def test_unknown_profile_exits_2_and_lists_the_models_profiles():
+    done = prefect_mig("layouts", "A30-24GB", "--profiles", "1g.10gb")
+    assert done.returncode == 2
+    assert "1g.6gb" in done.stderr and "4g.24gb" in done.stderr
+
+
+def test_gpus_json_shows_the_simulated_fleet_with_layouts(tmp_path):
+    done = prefect_mig("gpus", "--json", state_dir=tmp_path, fleet="node-a=1xH100-80GB,node-b=1xA30-24GB")
+    assert done.returncode == 0, done.stderr
+    data = json.loads(done.stdout)
+    assert data["backend"] == "simulated"
+    assert [(g["node"], g["gpu_model"], g["mig_enabled"]) for g in data["gpus"]] == [
+        ("node-a", "H100-80GB", True),
+        ("node-b", "A30-24GB", True),
+    ]
+    assert set(data["gpus"][1]["creatable"]) == {"1g.6gb", "1g.6gb+me", "2g.12gb", "2g.12gb+me", "4g.24gb"}
+
+
+def test_gpus_for_one_node_that_is_not_in_the_fleet_exits_2(tmp_path):
+    done = prefect_mig("gpus", "--node", "node-z", state_dir=tmp_path)
+    assert done.returncode == 2 and "node-a" in done.stderr
+
+
+def test_a_bad_setting_exits_2_and_names_the_variable(tmp_path):
+    done = prefect_mig("gpus", state_dir=tmp_path, fleet="node-a=1xH999")
+    assert done.returncode == 2
+    assert "PREFECT_MIG_SIMULATED_FLEET" in done.stderr
+
+
+def test_version_json_names_prefect_mig_and_its_libraries():
+    data = json.loads(prefect_mig("version", "--json").stdout)
+    assert {"prefect-mig", "prefect", "nvidia-ml-py"} <= set(data)
+
+
+def test_demo_carves_the_simulated_fleet_and_refuses_to_destroy_a_busy_slice(tmp_path):
+    done = prefect_mig("demo", state_dir=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "simulated fleet" in done.stdout
+    assert "GPU 0: 3g.40gb@0 + 1g.10gb@4 + 1g.10gb@5 + 1g.10gb@6" in done.stdout
+    assert "A busy slice is never destroyed" in done.stdout
+    again = prefect_mig("demo", state_dir=tmp_path)  # a second run finds the layout in place
+    assert "(0 created, 0 destroyed, the rest kept)" in again.stdout

@@ -1,0 +1,52 @@
+from __future__ import annotations
+
+import pytest
+
+from prefect_mig.errors import ConfigError
+from prefect_mig.settings import load_settings
+
+
+def test_settings_come_from_prefect_mig_environment_variables(monkeypatch, tmp_path):
+    monkeypatch.setenv("PREFECT_MIG_REDIS_URL", "redis://127.0.0.1:6390/0")
+    monkeypatch.setenv("PREFECT_MIG_NAMESPACE", "prod")
+    monkeypatch.setenv("PREFECT_MIG_BACKEND", "simulated")
+    monkeypatch.setenv("PREFECT_MIG_SIMULATED_FLEET", "n1=1xA30-24GB")
+    monkeypatch.setenv("PREFECT_MIG_STATE_DIR", str(tmp_path))
+    monkeypatch.setenv("PREFECT_MIG_DOCKER_HOST", "tcp://127.0.0.1:2375")
+    monkeypatch.setenv("PREFECT_MIG_NODE", "n1")
+    s = load_settings()
+    assert (s.redis_url, s.namespace, s.backend, s.state_dir, s.docker_host, s.node) == (
+        "redis://127.0.0.1:6390/0",
+        "prod",
+        "simulated",
+        tmp_path,
+        "tcp://127.0.0.1:2375",
+        "n1",
+    )
+    assert s.fleet().gpu_models("n1") == ["A30-24GB"]
+
+
+def test_defaults_use_an_embedded_redis_and_pick_the_backend_automatically(monkeypatch):
+    for name in ("REDIS_URL", "BACKEND", "SIMULATED_FLEET"):
+        monkeypatch.delenv(f"PREFECT_MIG_{name}", raising=False)
+    s = load_settings()
+    assert s.redis_url is None and s.backend == "auto"
+    assert s.fleet().gpu_models("node-a") == ["H100-80GB", "H100-80GB"]
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "complaint"),
+    [
+        ("BACKEND", "cuda", "'auto', 'nvml' or 'simulated'"),
+        ("REDIS_URL", "http://localhost", "redis://"),
+        ("NAMESPACE", "a b", "pattern"),
+        ("SIMULATED_FLEET", "node-a=1xH999", "unknown GPU model 'H999'"),
+    ],
+)
+def test_a_bad_variable_is_named_with_its_value_and_what_is_allowed(monkeypatch, variable, value, complaint):
+    monkeypatch.setenv(f"PREFECT_MIG_{variable}", value)
+    with pytest.raises(ConfigError) as refused:
+        load_settings()
+    message = str(refused.value)
+    assert f"PREFECT_MIG_{variable}={value!r}" in message and complaint in message
+    assert refused.value.field == variable.lower()
