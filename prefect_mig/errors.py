@@ -12,6 +12,13 @@ PrefectMigError
 │   ├── InvalidRequirement      a slice requirement that no profile could ever satisfy, or malformed
 │   ├── InvalidLayout           a set of GPU instances that cannot coexist on one GPU
 │   └── InvalidFleetSpec        a simulated fleet spec that does not parse
+├── AllocationError             the lease allocator could not do what was asked
+│   ├── NoCapacity              nothing fits now and the caller would not wait
+│   ├── Unsatisfiable           no GPU in the inventory offers what the request accepts
+│   ├── WaitTimeout             the wait for a slice ran out; the request was withdrawn
+│   ├── LeaseNotOwned           renew/release with a fencing token that is not the lease's
+│   ├── LeaseLost               the lease is gone: expired, revoked (preempted) or never granted
+│   └── RedisUnavailable        Redis did not answer within the timeout
 └── BackendError                the GPU backend (NVML, real or simulated) refused or failed
     ├── NvmlUnavailable         no NVML library / driver, or the GPU index does not exist
     ├── MigDisabled             MIG mode is off on the GPU
@@ -105,6 +112,61 @@ class InvalidLayout(ConfigError):
 
 class InvalidFleetSpec(ConfigError):
     """A simulated fleet spec such as ``node-a=2xH100-80GB,node-b=1xA30-24GB`` that does not parse."""
+
+
+# --------------------------------------------------------------------------- allocator
+
+
+class AllocationError(PrefectMigError):
+    """The lease allocator could not do what was asked.
+
+    Attributes:
+        lease_id: the lease or request concerned, when there is one.
+    """
+
+    def __init__(self, message: str, *, lease_id: str | None = None) -> None:
+        super().__init__(message)
+        self.lease_id = lease_id
+
+
+class NoCapacity(AllocationError):
+    """Nothing fits now (all matching slices leased, or the tenant's quota is used up)."""
+
+    def __init__(self, message: str, *, reason: str, **kw) -> None:
+        super().__init__(message, **kw)
+        self.reason = reason
+
+
+class Unsatisfiable(AllocationError):
+    """No GPU in the inventory offers a slice the request accepts, so waiting would never end."""
+
+    def __init__(self, message: str, *, offered: list[str], **kw) -> None:
+        super().__init__(message, **kw)
+        self.offered = offered
+
+
+class WaitTimeout(AllocationError):
+    """The wait for a slice ran out; the request was withdrawn from the queue."""
+
+
+class LeaseNotOwned(AllocationError):
+    """Renew or release with a fencing token that is not the lease's current one."""
+
+
+class LeaseLost(AllocationError):
+    """The lease ended without its holder releasing it: expired, revoked (preempted) or unknown.
+
+    Attributes:
+        reason: ``expired``, ``revoked`` or ``gone``.
+    """
+
+    def __init__(self, message: str, *, reason: str, **kw) -> None:
+        super().__init__(message, **kw)
+        self.reason = reason
+
+
+class RedisUnavailable(AllocationError):
+    """Redis did not answer (down, unreachable or too slow)."""
 
 
 # --------------------------------------------------------------------------- GPU backend

@@ -1,0 +1,443 @@
+"""The lease allocator: Python over one Lua script per transition, Redis as the only truth.
+
+Policy, stated once:
+
+- **Placement (best fit against fragmentation).** A request lists the slice kinds it accepts,
+  smallest first; the first kind with a free slice wins. Among free slices of that kind, those on a
+  GPU that already has leases come first (then lower start), so idle GPUs stay whole and the
+  planner can re-carve them.
+- **Order.** Waiting requests are ordered by ``enqueue time - priority x aging``: strict priority
+  between requests enqueued within ``aging`` of each other, FIFO within a priority, and a request
+  that waited ``aging`` longer beats one a level higher, so no wait is endless.
+- **No head-of-line blocking, backfill by kind.** There is one queue per slice kind. A freed slice
+  goes to the best waiter that accepts its kind (and whose node constraint and quota allow it); a
+  queued 3g request never holds back a free 1g. Big requests are protected from small ones by the
+  order above: a small request that also accepts big slices only gets one ahead of a big request
+  when it is better ordered. There is no reservation: aging bounds every wait.
+- **Preemption.** A queued request may revoke the lowest-priority *preemptible* lease of strictly
+  lower priority on a kind it accepts. The holder learns it at its next renewal and keeps the slice
+  for a grace period; then the lease expires and the slice goes to the best waiter.
+- **Fencing.** Every grant takes the next value of one counter; renew and release must present it.
+
+Examples:
+    ```python
+    from prefect_mig.allocator import Allocator, SliceRequest
+    from prefect_mig.testing.redis_server import RedisServer
+
+    with RedisServer() as server:
+        alloc = Allocator(server.client(), namespace="doc")
+        alloc.publish_fleet("node-a=1xA30-24GB", layouts={"node-a": ["2g.12gb@0 + 1g.6gb@2 + 1g.6gb@3"]})
+        grant = alloc.try_acquire(SliceRequest(profile="1g.6gb"))
+        assert grant.slice.profile == "1g.6gb" and grant.fence == 1
+        assert alloc.release(grant.lease_id, grant.fence) is True
+    ```
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, Protocol
+
+import redis
+
+from prefect_mig.allocator.keys import Keys
+from prefect_mig.allocator.models import LeaseInfo, Quota, SliceRecord, SliceRequest, decode, pkey
+from prefect_mig.allocator.scripts import Scripts
+from prefect_mig.errors import (
+    AllocationError,
+    LeaseLost,
+    LeaseNotOwned,
+    NoCapacity,
+    RedisUnavailable,
+    Unsatisfiable,
+    WaitTimeout,
+)
+from prefect_mig.model import FleetSpec, Layout, get_model
+
+
+class Clock(Protocol):
+    def now_ms(self) -> int: ...
+
+
+class Queued:
+    """A request that joined the wait queue."""
+
+    def __init__(self, request_id: str, queue_length: int) -> None:
+        self.request_id = request_id
+        self.queue_length = queue_length
+
+    def __repr__(self) -> str:
+        return f"Queued({self.request_id!r}, queue_length={self.queue_length})"
+
+
+@contextmanager
+def redis_errors(action: str) -> Iterator[None]:
+    """Turn a Redis connection failure into `RedisUnavailable` that names what was being done."""
+    try:
+        yield
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        raise RedisUnavailable(
+            f"Redis did not answer while trying to {action} ({exc.__class__.__name__}: {exc}). "
+            "Check PREFECT_MIG_REDIS_URL and that redis-server runs."
+        ) from exc
+
+
+class Allocator:
+    """Leases on MIG slices, kept in Redis.
+
+    Args:
+        client: a ``redis.Redis`` (decode_responses either way).
+        namespace: the cluster's namespace; all its keys share the hash tag ``{namespace}``.
+        clock: a virtual clock (`ManualClock`); default: Redis ``TIME``.
+        aging_s: waiting this long is worth one priority level.
+        wait_ttl_s: a waiting request nobody touches for this long is dropped (dead waiter).
+        grace_s: how long a preempted holder keeps its slice; ``None`` turns preemption off.
+    """
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        namespace: str = "default",
+        *,
+        clock: Clock | None = None,
+        aging_s: float = 60.0,
+        wait_ttl_s: float = 30.0,
+        grace_s: float | None = 10.0,
+        events_maxlen: int = 100_000,
+    ) -> None:
+        self.redis = client
+        self.keys = Keys(namespace)
+        self.clock = clock
+        self.aging_ms = int(aging_s * 1000)
+        self.wait_ttl_ms = int(wait_ttl_s * 1000)
+        self.grace_ms = None if grace_s is None else int(grace_s * 1000)
+        self.scripts = Scripts(client, self.keys, events_maxlen=events_maxlen)
+        self._models: tuple[float, list[str]] = (0.0, [])
+
+    def _run(self, name: str, *args: Any, action: str) -> list:
+        now = self.clock.now_ms() if self.clock is not None else None
+        with redis_errors(action):
+            reply = self.scripts.run(name, *args, now_ms=now)
+        return [decode(x) for x in reply] if isinstance(reply, list) else reply
+
+    # ------------------------------------------------------------------ inventory
+
+    def publish(
+        self,
+        node: str,
+        gpus: Sequence[dict],
+        slices: Sequence[SliceRecord],
+        *,
+        docker_url: str | None = None,
+        heartbeat_ttl_s: float = 30.0,
+    ) -> tuple[int, int, int]:
+        """Publish a node's whole inventory; slices it leaves out are removed (leased ones when
+        their lease ends). Returns (published, removed, handed to waiters)."""
+        node_json = json.dumps({"node": node, "docker_url": docker_url, "published_at": time.time()})
+        reply = self._run(
+            "publish",
+            node,
+            node_json,
+            int(heartbeat_ttl_s * 1000),
+            json.dumps(list(gpus)),
+            json.dumps([s.model_dump() for s in slices]),
+            action=f"publish the inventory of node {node}",
+        )
+        return tuple(int(x) for x in reply)  # type: ignore[return-value]
+
+    def publish_fleet(
+        self, fleet: str | FleetSpec, *, layouts: dict[str, list[str]], heartbeat_ttl_s: float = 30.0
+    ) -> list[SliceRecord]:
+        """Publish an inventory straight from a fleet spec and layout strings (simulator, tests,
+        benchmarks): no GPU backend involved. ``layouts[node][i]`` is GPU i's layout."""
+        spec = fleet if isinstance(fleet, FleetSpec) else FleetSpec.parse(fleet)
+        published = []
+        for node in spec.nodes:
+            gpus, slices = [], []
+            for index, model_name in enumerate(node.gpus):
+                model = get_model(model_name)
+                gpu_uuid = "GPU-" + str(uuid.uuid5(uuid.NAMESPACE_URL, f"{spec}:{node.name}:{index}"))
+                gpus.append({"uuid": gpu_uuid, "index": index, "gpu_model": model.name})
+                texts = layouts.get(node.name, [])
+                layout = Layout.parse(model.name, texts[index] if index < len(texts) else "").validate_on(model)
+                for gi, placement in enumerate(layout.instances, start=1):
+                    prof = model.profile(placement.profile)
+                    mig = "MIG-" + str(uuid.uuid5(uuid.NAMESPACE_URL, f"{gpu_uuid}:{placement}"))
+                    slices.append(
+                        SliceRecord(
+                            id=mig,
+                            node=node.name,
+                            gpu_uuid=gpu_uuid,
+                            gpu_index=index,
+                            gpu_model=model.name,
+                            profile=prof.name,
+                            pkey=pkey(model.name, prof.name),
+                            start=placement.start,
+                            size=prof.placement_size,
+                            gpu_instance_id=gi,
+                            mig_uuid=mig,
+                            compute_slices=prof.compute_slices,
+                            memory_mib=prof.memory_mib,
+                        )
+                    )
+            self.publish(node.name, gpus, slices, heartbeat_ttl_s=heartbeat_ttl_s)
+            published.extend(slices)
+        return published
+
+    def heartbeat(self, node: str, *, ttl_s: float = 30.0) -> str:
+        """Keep a node in service; returns ``ok``, ``back`` (was lost) or ``unknown``."""
+        return self._run("heartbeat", node, int(ttl_s * 1000), action=f"heartbeat node {node}")[0]
+
+    def gpu_models(self, *, max_age_s: float = 5.0) -> list[str]:
+        """GPU models present in the inventory (cached for `max_age_s`)."""
+        at, models = self._models
+        if time.monotonic() - at > max_age_s or not models:
+            with redis_errors("read the inventory's GPU models"):
+                kinds = [decode(k) for k in self.redis.smembers(self.keys.pkeys)]
+            models = sorted({k.split("/", 1)[0] for k in kinds})
+            self._models = (time.monotonic(), models)
+        return models
+
+    # ------------------------------------------------------------------ leases
+
+    def _request_json(self, request: SliceRequest, request_id: str) -> str:
+        pkeys = request.candidate_pkeys(self.gpu_models() or [request.gpu_model or "H100-80GB"])
+        return json.dumps(
+            {
+                "id": request_id,
+                "pkeys": pkeys,
+                "node": request.node or "",
+                "priority": request.priority,
+                "tenant": request.tenant,
+                "holder": request.holder,
+                "ttl_ms": int(request.ttl_s * 1000),
+                "preemptible": request.preemptible,
+            }
+        )
+
+    def try_acquire(
+        self, request: SliceRequest, *, wait: bool = False, request_id: str | None = None
+    ) -> LeaseInfo | Queued:
+        """Grant a slice now, or (with `wait`) join the queue and return `Queued`.
+
+        Raises:
+            NoCapacity: nothing fits now and `wait` is false.
+            Unsatisfiable: no GPU in the inventory offers a slice the request accepts.
+        """
+        request_id = request_id or uuid.uuid4().hex
+        reply = self._run(
+            "acquire",
+            self._request_json(request, request_id),
+            "1" if wait else "0",
+            self.wait_ttl_ms,
+            self.aging_ms,
+            "" if self.grace_ms is None else self.grace_ms,
+            action="acquire a slice",
+        )
+        code = reply[0]
+        if code == "granted":
+            _, lease_id, fence, expires, _slice_id, slice_json = reply
+            return LeaseInfo(
+                lease_id=lease_id,
+                fence=int(fence),
+                slice=SliceRecord.model_validate_json(slice_json),
+                expires_at_ms=int(expires),
+                holder=request.holder,
+                tenant=request.tenant,
+                priority=request.priority,
+                ttl_ms=int(request.ttl_s * 1000),
+            )
+        if code == "queued":
+            return Queued(reply[1], int(reply[2]))
+        if code == "no_capacity":
+            why = "the tenant's quota is used up" if reply[1] == "quota" else "every matching slice is leased"
+            raise NoCapacity(f"no slice for {request.requirement} now: {why}.", reason=reply[1], lease_id=request_id)
+        if code == "unsatisfiable":
+            offered = sorted(x for x in reply[1].split(",") if x)
+            raise Unsatisfiable(
+                f"no GPU in the inventory offers a slice for {request.requirement}"
+                + (f" on {request.gpu_model}" if request.gpu_model else "")
+                + f"; the inventory has: {', '.join(offered) or 'no slices at all (is an agent running?)'}.",
+                offered=offered,
+                lease_id=request_id,
+            )
+        if code == "exists":
+            raise AllocationError(f"request {request_id} was already submitted ({reply[1]}).", lease_id=request_id)
+        raise AllocationError(f"unexpected reply from acquire: {reply!r}")
+
+    def wait_for_grant(self, request_id: str, timeout_s: float | None) -> LeaseInfo:
+        """Block (pushed, not polled) until the queued request is granted, or withdraw it.
+
+        Raises:
+            WaitTimeout: `timeout_s` passed; the request left the queue (a grant that raced the
+                timeout is released, so nothing is held).
+            LeaseLost: the request was dropped (e.g. the reaper took it for a dead waiter).
+        """
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        waiter = self.keys.waiter(request_id)
+        touch_every = max(0.05, min(2.0, self.wait_ttl_ms / 3000))
+        while True:
+            chunk = touch_every if deadline is None else min(touch_every, deadline - time.monotonic())
+            if chunk <= 0:
+                break
+            with redis_errors("wait for a slice"):
+                got = self.redis.blpop([waiter], timeout=chunk)
+            if got:
+                return self.lease(request_id)
+            state = self._run("touch_wait", request_id, self.wait_ttl_ms, action="keep waiting")[0]
+            if state == "granted":
+                return self.lease(request_id)
+            if state == "gone":
+                raise LeaseLost(
+                    f"request {request_id} is no longer queued (dropped as abandoned?).",
+                    reason="gone",
+                    lease_id=request_id,
+                )
+        reply = self._run("cancel", request_id, action="withdraw a request")
+        if reply[0] == "granted":  # granted in the last instant: give it back
+            self.release(request_id, int(reply[1]))
+        raise WaitTimeout(
+            f"no slice within {timeout_s:g} s; the request was withdrawn from the queue.", lease_id=request_id
+        )
+
+    def acquire(self, request: SliceRequest, *, timeout_s: float | None = None) -> LeaseInfo:
+        """Grant a slice, waiting up to `timeout_s` (``None``: as long as it takes; 0: no wait)."""
+        got = self.try_acquire(request, wait=timeout_s != 0)
+        if isinstance(got, LeaseInfo):
+            return got
+        return self.wait_for_grant(got.request_id, timeout_s)
+
+    def lease(self, lease_id: str) -> LeaseInfo:
+        """The lease as Redis holds it.
+
+        Raises:
+            LeaseLost: no such lease (released, expired or never granted).
+        """
+        with redis_errors("read a lease"):
+            raw = {decode(k): decode(v) for k, v in self.redis.hgetall(self.keys.lease(lease_id)).items()}
+            slice_json = self.redis.hget(self.keys.slices, raw.get("slice", "")) if raw else None
+        if not raw or not slice_json:
+            raise LeaseLost(f"lease {lease_id} does not exist (released or expired).", reason="gone", lease_id=lease_id)
+        return LeaseInfo(
+            lease_id=lease_id,
+            fence=int(raw["fence"]),
+            slice=SliceRecord.model_validate_json(decode(slice_json)),
+            expires_at_ms=int(raw["expires_at"]),
+            holder=raw.get("holder", ""),
+            tenant=raw.get("tenant", "default"),
+            priority=int(raw.get("priority", 0)),
+            ttl_ms=int(raw.get("ttl_ms", 60_000)),
+            waited_ms=int(raw.get("waited_ms", 0)),
+            revoked="revoked_at" in raw,
+        )
+
+    def renew(self, lease_id: str, fence: int, ttl_s: float) -> int:
+        """Extend the lease to now + `ttl_s`; returns the new expiry (ms).
+
+        Raises:
+            LeaseNotOwned: `fence` is not the lease's token.
+            LeaseLost: the lease expired, was revoked (preempted) or is gone.
+        """
+        reply = self._run("renew", lease_id, fence, int(ttl_s * 1000), action="renew a lease")
+        code = reply[0]
+        if code == "ok":
+            return int(reply[1])
+        if code == "stale":
+            raise LeaseNotOwned(
+                f"lease {lease_id}: fencing token {fence} is stale (current {reply[1]}); another holder owns it.",
+                lease_id=lease_id,
+            )
+        if code == "revoked":
+            raise LeaseLost(
+                f"lease {lease_id} was revoked for a higher-priority request; the slice must be free "
+                f"by {int(reply[1])} ms (epoch).",
+                reason="revoked",
+                lease_id=lease_id,
+            )
+        reason = "expired" if code == "expired" else "gone"
+        raise LeaseLost(f"lease {lease_id} {reason}: renew came too late.", reason=reason, lease_id=lease_id)
+
+    def release(self, lease_id: str, fence: int) -> bool:
+        """Give the slice back. Idempotent: False when the lease was already gone.
+
+        Raises:
+            LeaseNotOwned: `fence` is not the lease's token (the slice belongs to someone else now).
+        """
+        reply = self._run("release", lease_id, fence, action="release a lease")
+        if reply[0] == "stale":
+            raise LeaseNotOwned(
+                f"lease {lease_id}: fencing token {fence} is stale (current {reply[1]}); not released.",
+                lease_id=lease_id,
+            )
+        return reply[0] == "ok"
+
+    def cancel(self, request_id: str) -> str:
+        """Withdraw a waiting request: ``cancelled``, ``granted`` (it won meanwhile) or ``gone``."""
+        return self._run("cancel", request_id, action="withdraw a request")[0]
+
+    def reap(self, *, limit: int = 100) -> tuple[int, int, int]:
+        """Expire overdue leases, drop abandoned requests, take lost nodes out of service.
+        Returns (expired, dropped, nodes lost)."""
+        return tuple(int(x) for x in self._run("reap", limit, action="reap"))  # type: ignore[return-value]
+
+    # ------------------------------------------------------------------ operations
+
+    def drain(self, gpu_uuid: str) -> int:
+        """Stop granting on a GPU; returns how many of its slices are still leased."""
+        reply = self._run("drain", gpu_uuid, "1", action=f"drain GPU {gpu_uuid}")
+        if reply[0] == "unknown":
+            raise AllocationError(f"GPU {gpu_uuid} is not in the inventory.")
+        return int(reply[1])
+
+    def resume(self, gpu_uuid: str) -> int:
+        reply = self._run("drain", gpu_uuid, "0", action=f"resume GPU {gpu_uuid}")
+        if reply[0] == "unknown":
+            raise AllocationError(f"GPU {gpu_uuid} is not in the inventory.")
+        return int(reply[1])
+
+    def set_quota(self, tenant: str, quota: Quota | None) -> None:
+        """Limit a tenant's concurrent slices and compute slices (``None`` removes the limit)."""
+        body = "" if quota is None else quota.model_dump_json()
+        self._run("set_quota", tenant, body, action=f"set the quota of {tenant}")
+
+    def status(self) -> dict[str, Any]:
+        """A snapshot for people and scripts: slices with their state and lease, and the queue."""
+        k = self.keys
+        with redis_errors("read the status"):
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.hgetall(k.slices).hgetall(k.slice_state).hgetall(k.slice_lease).zrange(k.leases, 0, -1)
+            pipe.zrange(k.waiting, 0, -1).hgetall(k.requests).hgetall(k.nodes).zrange(k.node_deadline, 0, -1)
+            slices, states, owners, leases, waiting, requests, nodes, alive = pipe.execute()
+        d = lambda m: {decode(a): decode(b) for a, b in m.items()}  # noqa: E731
+        slices, states, owners, requests = d(slices), d(states), d(owners), d(requests)
+        alive = {decode(n) for n in alive}
+        rows = []
+        for sid, raw in sorted(slices.items(), key=lambda kv: (json.loads(kv[1])["node"], json.loads(kv[1])["gpu_index"], json.loads(kv[1])["start"])):
+            rec = json.loads(raw)
+            rows.append({**rec, "state": states.get(sid, "?"), "lease": owners.get(sid)})
+        queue = []
+        for rid in (decode(r) for r in waiting):
+            if rid in requests:
+                r = json.loads(requests[rid])
+                queue.append({k2: r.get(k2) for k2 in ("id", "priority", "tenant", "holder", "pkeys", "enqueued_at")})
+        return {
+            "nodes": {name: {**json.loads(body), "alive": name in alive} for name, body in d(nodes).items()},
+            "slices": rows,
+            "leases": [self._lease_row(decode(lid)) for lid in leases],
+            "queue": queue,
+        }
+
+    def _lease_row(self, lease_id: str) -> dict[str, Any]:
+        raw = {decode(a): decode(b) for a, b in self.redis.hgetall(self.keys.lease(lease_id)).items()}
+        raw.pop("request", None)
+        return {"lease_id": lease_id, **raw}
+
+    def events(self, count: int | None = None) -> list[dict[str, str]]:
+        """The transition log, oldest first."""
+        with redis_errors("read events"):
+            entries = self.redis.xrange(self.keys.events, count=count)
+        return [{"id": decode(i), **{decode(a): decode(b) for a, b in f.items()}} for i, f in entries]

@@ -1,0 +1,82 @@
+"""Every Redis key the allocator uses, in one place.
+
+All keys of one cluster share the prefix ``pmig:{<namespace>}:``; the braces are a Redis Cluster
+hash tag, so every script's keys live in one slot.
+
+Fixed keys reach the scripts in ``KEYS``. Keys named after an entity the script itself picks (the
+waiter a release hands a slice to, the wait queue of the freed profile, the slices of one GPU) cannot
+be known by the caller beforehand, so scripts receive the prefix in ``ARGV[1]`` and append the same
+suffixes this module documents (``lease:<id>``, ``waiter:<id>``, ``waitq:<pkey>``, ``free:<pkey>``,
+``gpu_slices:<gpu_uuid>``). Those suffix functions below are the only other place these names appear.
+"""
+
+from __future__ import annotations
+
+import re
+
+_NAMESPACE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+def prefix(namespace: str) -> str:
+    """``pmig:{ns}:``; the namespace must be letters, digits, ``_ . -`` (validated by Settings too)."""
+    if not _NAMESPACE.match(namespace):
+        raise ValueError(f"namespace: {namespace!r} must be 1-64 letters, digits, '_', '.' or '-'")
+    return f"pmig:{{{namespace}}}:"
+
+
+class Keys:
+    """The keys of one namespace.
+
+    Examples:
+        ```python
+        from prefect_mig.allocator.keys import Keys
+
+        k = Keys("prod")
+        assert k.lease("abc") == "pmig:{prod}:lease:abc"
+        assert k.free("H100-80GB/1g.10gb") == "pmig:{prod}:free:H100-80GB/1g.10gb"
+        ```
+    """
+
+    def __init__(self, namespace: str) -> None:
+        self.namespace = namespace
+        self.prefix = prefix(namespace)
+        p = self.prefix
+        # fixed keys
+        self.slices = p + "slices"  # HASH slice_id -> SliceRecord JSON
+        self.slice_state = p + "slice_state"  # HASH slice_id -> free | leased | draining | unavailable
+        self.slice_lease = p + "slice_lease"  # HASH slice_id -> lease_id
+        self.slice_fence = p + "slice_fence"  # HASH slice_id -> last fencing token granted on it
+        self.gpus = p + "gpus"  # HASH gpu_uuid -> GPU JSON (node, model, index, draining)
+        self.gpu_busy = p + "gpu_busy"  # HASH gpu_uuid -> number of leased slices
+        self.nodes = p + "nodes"  # HASH node -> NodeRecord JSON
+        self.node_deadline = p + "node_deadline"  # ZSET node -> heartbeat deadline (ms)
+        self.pkeys = p + "pkeys"  # SET of "<gpu model>/<profile>" present in the inventory
+        self.leases = p + "leases"  # ZSET lease_id -> expiry (ms)
+        self.fence = p + "fence"  # STRING counter: fencing tokens
+        self.seq = p + "seq"  # STRING counter: request order
+        self.requests = p + "requests"  # HASH request_id -> waiting request JSON
+        self.waiting = p + "waiting"  # ZSET request_id -> order score (all waiting requests)
+        self.wait_deadline = p + "wait_deadline"  # ZSET request_id -> give up at (ms)
+        self.tenant_slices = p + "tenant_slices"  # HASH tenant -> slices held
+        self.tenant_compute = p + "tenant_compute"  # HASH tenant -> compute slices held
+        self.quotas = p + "quotas"  # HASH tenant -> {"slices": n, "compute": n} JSON
+        self.events = p + "events"  # STREAM of transitions
+
+    # per-entity keys (scripts build the same names from the prefix)
+    def lease(self, lease_id: str) -> str:
+        return f"{self.prefix}lease:{lease_id}"
+
+    def waiter(self, request_id: str) -> str:
+        return f"{self.prefix}waiter:{request_id}"
+
+    def waitq(self, pkey: str) -> str:
+        return f"{self.prefix}waitq:{pkey}"
+
+    def free(self, pkey: str) -> str:
+        return f"{self.prefix}free:{pkey}"
+
+    def gpu_slices(self, gpu_uuid: str) -> str:
+        return f"{self.prefix}gpu_slices:{gpu_uuid}"
+
+    def all_fixed(self) -> list[str]:
+        return [v for k, v in vars(self).items() if k not in ("namespace", "prefix")]

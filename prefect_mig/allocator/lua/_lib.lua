@@ -1,0 +1,210 @@
+-- Shared by every allocator script (scripts.py prepends it).
+-- KEYS: the fixed keys, in the order of prefect_mig.allocator.scripts.FIXED_KEYS.
+-- ARGV[1] - key prefix "pmig:{ns}:"; per-entity keys are built from it with the suffixes in keys.py
+-- ARGV[2] - now in ms from an injected clock, or '' to use Redis TIME
+-- ARGV[3] - approximate max length of the events stream
+-- ARGV[4..] - the script's own arguments
+local K = {
+  slices = KEYS[1], slice_state = KEYS[2], slice_lease = KEYS[3], slice_fence = KEYS[4],
+  gpus = KEYS[5], gpu_busy = KEYS[6], nodes = KEYS[7], node_deadline = KEYS[8], pkeys = KEYS[9],
+  leases = KEYS[10], fence = KEYS[11], seq = KEYS[12], requests = KEYS[13], waiting = KEYS[14],
+  wait_deadline = KEYS[15], tenant_slices = KEYS[16], tenant_compute = KEYS[17], quotas = KEYS[18],
+  events = KEYS[19],
+}
+local P = ARGV[1]
+local NOW
+if ARGV[2] ~= '' then
+  NOW = tonumber(ARGV[2])
+else
+  local t = redis.call('TIME')
+  NOW = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local MAXLEN = tonumber(ARGV[3])
+local A = {}
+for i = 4, #ARGV do A[#A + 1] = ARGV[i] end
+
+local function lease_key(id) return P .. 'lease:' .. id end
+local function waiter_key(id) return P .. 'waiter:' .. id end
+local function waitq_key(pkey) return P .. 'waitq:' .. pkey end
+local function free_key(pkey) return P .. 'free:' .. pkey end
+local function gpu_slices_key(uuid) return P .. 'gpu_slices:' .. uuid end
+local function node_slices_key(node) return P .. 'node_slices:' .. node end
+local function tenant_waiting_key(tenant) return P .. 'tenant_waiting:' .. tenant end
+local function preemptible_key(pkey) return P .. 'preemptible:' .. pkey end
+
+local function event(kind, fields)
+  local args = {'XADD', K.events, 'MAXLEN', '~', MAXLEN, '*', 'type', kind, 'at', NOW}
+  for i = 1, #fields do args[#args + 1] = fields[i] end
+  redis.call(unpack(args))
+end
+
+local function slice(id)
+  local raw = redis.call('HGET', K.slices, id)
+  if not raw then return nil end
+  return cjson.decode(raw)
+end
+
+local function gpu_draining(uuid)
+  local raw = redis.call('HGET', K.gpus, uuid)
+  return raw ~= false and cjson.decode(raw).draining == true
+end
+
+local function node_alive(node)
+  return redis.call('ZSCORE', K.node_deadline, node) ~= false
+end
+
+-- Free slices of a GPU that already has leases come first (idle GPUs stay whole, so the planner can
+-- re-carve them), then by start: lower score wins.
+local function free_score(s)
+  local busy = tonumber(redis.call('HGET', K.gpu_busy, s.gpu_uuid) or '0')
+  return (64 - busy) * 16 + s.start
+end
+
+local function rescore_gpu(uuid)
+  for _, id in ipairs(redis.call('SMEMBERS', gpu_slices_key(uuid))) do
+    if redis.call('HGET', K.slice_state, id) == 'free' then
+      local s = slice(id)
+      redis.call('ZADD', free_key(s.pkey), 'XX', free_score(s), id)
+    end
+  end
+end
+
+local function quota_blocks(tenant, compute)
+  local raw = redis.call('HGET', K.quotas, tenant)
+  if not raw then return false end
+  local q = cjson.decode(raw)
+  local used = tonumber(redis.call('HGET', K.tenant_slices, tenant) or '0')
+  local used_c = tonumber(redis.call('HGET', K.tenant_compute, tenant) or '0')
+  if q.slices and q.slices ~= cjson.null and used + 1 > q.slices then return true end
+  if q.compute and q.compute ~= cjson.null and used_c + compute > q.compute then return true end
+  return false
+end
+
+local function dequeue(r)
+  for _, pkey in ipairs(r.pkeys) do redis.call('ZREM', waitq_key(pkey), r.id) end
+  redis.call('ZREM', K.waiting, r.id)
+  redis.call('ZREM', K.wait_deadline, r.id)
+  redis.call('ZREM', tenant_waiting_key(r.tenant), r.id)
+  redis.call('HDEL', K.requests, r.id)
+end
+
+local function grant(r, id, s)
+  local fence = redis.call('INCR', K.fence)
+  local expires = NOW + r.ttl_ms
+  local waited = NOW - (r.enqueued_at or NOW)
+  redis.call('HSET', lease_key(r.id),
+    'slice', id, 'fence', fence, 'holder', r.holder, 'tenant', r.tenant, 'priority', r.priority,
+    'ttl_ms', r.ttl_ms, 'granted_at', NOW, 'expires_at', expires, 'preemptible', r.preemptible and 1 or 0,
+    'waited_ms', waited, 'pkey', s.pkey, 'request', cjson.encode(r))
+  if r.preemptible then redis.call('ZADD', preemptible_key(s.pkey), r.priority, r.id) end
+  redis.call('ZADD', K.leases, expires, r.id)
+  redis.call('HSET', K.slice_state, id, 'leased')
+  redis.call('HSET', K.slice_lease, id, r.id)
+  redis.call('HSET', K.slice_fence, id, fence)
+  redis.call('ZREM', free_key(s.pkey), id)
+  redis.call('HINCRBY', K.gpu_busy, s.gpu_uuid, 1)
+  redis.call('HINCRBY', K.tenant_slices, r.tenant, 1)
+  redis.call('HINCRBY', K.tenant_compute, r.tenant, s.compute_slices)
+  rescore_gpu(s.gpu_uuid)
+  event('lease.granted', {'lease', r.id, 'slice', id, 'fence', fence, 'priority', r.priority,
+    'tenant', r.tenant, 'holder', r.holder, 'order', r.order or '', 'waited_ms', waited,
+    'node', s.node, 'gpu', s.gpu_uuid, 'profile', s.profile, 'pkey', s.pkey})
+  return fence, expires
+end
+
+local function eligible(r, s)
+  return (r.node == '' or r.node == s.node) and not quota_blocks(r.tenant, s.compute_slices)
+end
+
+-- Give a slice that just became available to the best waiter that accepts it, or mark it free.
+-- Waiters are ordered by (enqueue time - priority * aging), so priority is strict until aging wins.
+local function offer(id, s)
+  if gpu_draining(s.gpu_uuid) then
+    redis.call('HSET', K.slice_state, id, 'draining')
+    return nil
+  end
+  if not node_alive(s.node) then
+    redis.call('HSET', K.slice_state, id, 'unavailable')
+    return nil
+  end
+  local q = waitq_key(s.pkey)
+  for _, rid in ipairs(redis.call('ZRANGE', q, 0, 63)) do
+    local raw = redis.call('HGET', K.requests, rid)
+    if not raw then
+      redis.call('ZREM', q, rid)
+    else
+      local r = cjson.decode(raw)
+      if eligible(r, s) then
+        dequeue(r)
+        grant(r, id, s)
+        redis.call('RPUSH', waiter_key(rid), 'granted')
+        redis.call('PEXPIRE', waiter_key(rid), 600000)
+        return rid
+      end
+    end
+  end
+  redis.call('HSET', K.slice_state, id, 'free')
+  redis.call('ZADD', free_key(s.pkey), free_score(s), id)
+  return nil
+end
+
+-- After a tenant's usage drops, its quota-blocked waiters may fit a slice that is already free.
+local function retry_tenant(tenant)
+  if not redis.call('HEXISTS', K.quotas, tenant) then return end
+  for _, rid in ipairs(redis.call('ZRANGE', tenant_waiting_key(tenant), 0, 15)) do
+    local raw = redis.call('HGET', K.requests, rid)
+    if raw then
+      local r = cjson.decode(raw)
+      for _, pkey in ipairs(r.pkeys) do
+        local best = redis.call('ZRANGE', free_key(pkey), 0, 0)[1]
+        if best then
+          local s = slice(best)
+          if eligible(r, s) then
+            dequeue(r)
+            grant(r, best, s)
+            redis.call('RPUSH', waiter_key(rid), 'granted')
+            redis.call('PEXPIRE', waiter_key(rid), 600000)
+            break
+          end
+        end
+      end
+    end
+  end
+end
+
+-- End a lease (released, expired, revoked): free its slice for the next waiter.
+local function end_lease(lease_id, reason)
+  local f = redis.call('HMGET', lease_key(lease_id), 'slice', 'fence', 'tenant', 'holder', 'pkey')
+  local id, fence, tenant = f[1], f[2], f[3]
+  if f[5] then redis.call('ZREM', preemptible_key(f[5]), lease_id) end
+  redis.call('DEL', lease_key(lease_id))
+  redis.call('ZREM', K.leases, lease_id)
+  local s = slice(id)
+  local compute = s and s.compute_slices or 0
+  redis.call('HINCRBY', K.tenant_slices, tenant, -1)
+  redis.call('HINCRBY', K.tenant_compute, tenant, -compute)
+  event('lease.' .. reason, {'lease', lease_id, 'slice', id, 'fence', fence, 'tenant', tenant, 'holder', f[4]})
+  if s and redis.call('HGET', K.slice_lease, id) == lease_id then
+    redis.call('HDEL', K.slice_lease, id)
+    redis.call('HINCRBY', K.gpu_busy, s.gpu_uuid, -1)
+    if s.gone then
+      redis.call('HDEL', K.slices, id)
+      redis.call('HDEL', K.slice_state, id)
+      redis.call('SREM', gpu_slices_key(s.gpu_uuid), id)
+      redis.call('SREM', node_slices_key(s.node), id)
+    else
+      offer(id, s)
+    end
+    rescore_gpu(s.gpu_uuid)
+  end
+  retry_tenant(tenant)
+end
+
+local function reap_expired(limit)
+  local n = 0
+  for _, lid in ipairs(redis.call('ZRANGEBYSCORE', K.leases, '-inf', '(' .. NOW, 'LIMIT', 0, limit)) do
+    end_lease(lid, 'expired')
+    n = n + 1
+  end
+  return n
+end

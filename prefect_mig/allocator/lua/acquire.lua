@@ -1,0 +1,93 @@
+-- Acquire a slice or join the wait queue.
+-- A[1] - request JSON: id, pkeys (acceptable "<model>/<profile>", best fit first), node ('' = any),
+--        priority, tenant, holder, ttl_ms, preemptible
+-- A[2] - '1' to wait when nothing fits now, '0' to fail instead
+-- A[3] - ms a waiting request lives without being touched (a dead waiter's request is reaped then)
+-- A[4] - aging: ms of waiting worth one priority level
+-- A[5] - grace in ms a preempted holder gets, or '' to never preempt for this request
+-- returns {'granted', lease_id, fence, expires_at, slice_id, slice_json}
+--       | {'queued', request_id, queue_length}
+--       | {'no_capacity', 'busy' | 'quota'}
+--       | {'unsatisfiable', pkeys in the inventory (comma-separated)}
+--       | {'exists', 'leased' | 'waiting'}   (the same request id was seen before)
+local r = cjson.decode(A[1])
+local wait = A[2] == '1'
+reap_expired(10)
+
+if redis.call('EXISTS', lease_key(r.id)) == 1 then return {'exists', 'leased'} end
+if redis.call('HEXISTS', K.requests, r.id) == 1 then return {'exists', 'waiting'} end
+
+local offered = false
+for _, pkey in ipairs(r.pkeys) do
+  if redis.call('SISMEMBER', K.pkeys, pkey) == 1 then offered = true end
+end
+if not offered then
+  return {'unsatisfiable', table.concat(redis.call('SMEMBERS', K.pkeys), ',')}
+end
+
+local quota_hit = false
+local function try_grant(id)
+  local s = slice(id)
+  if r.node ~= '' and s.node ~= r.node then return nil end
+  if quota_blocks(r.tenant, s.compute_slices) then quota_hit = true; return nil end
+  local fence, expires = grant(r, id, s)
+  return {'granted', r.id, fence, expires, id, cjson.encode(s)}
+end
+
+for _, pkey in ipairs(r.pkeys) do
+  if r.node == '' then
+    local best = redis.call('ZRANGE', free_key(pkey), 0, 0)[1]
+    if best then
+      local got = try_grant(best)
+      if got then return got end
+    end
+  else
+    -- a node constraint: look only at that node's slices (at most a few dozen)
+    local best, best_score = nil, nil
+    for _, id in ipairs(redis.call('SMEMBERS', node_slices_key(r.node))) do
+      local score = redis.call('ZSCORE', free_key(pkey), id)
+      if score and (not best_score or tonumber(score) < best_score) then best, best_score = id, tonumber(score) end
+    end
+    if best then
+      local got = try_grant(best)
+      if got then return got end
+    end
+  end
+end
+
+if not wait then return {'no_capacity', quota_hit and 'quota' or 'busy'} end
+
+local seq = redis.call('INCR', K.seq)
+local order = (NOW - r.priority * tonumber(A[4])) * 1024 + (seq % 1024)
+r.enqueued_at = NOW
+r.order = string.format('%.0f', order)
+for _, pkey in ipairs(r.pkeys) do redis.call('ZADD', waitq_key(pkey), order, r.id) end
+redis.call('ZADD', K.waiting, order, r.id)
+redis.call('ZADD', K.wait_deadline, NOW + tonumber(A[3]), r.id)
+redis.call('ZADD', tenant_waiting_key(r.tenant), order, r.id)
+redis.call('HSET', K.requests, r.id, cjson.encode(r))
+event('lease.queued', {'request', r.id, 'priority', r.priority, 'tenant', r.tenant, 'holder', r.holder,
+  'order', order, 'pkeys', table.concat(r.pkeys, ',')})
+
+-- Preemption: revoke the lowest-priority preemptible lease on a slice this request accepts, if its
+-- priority is strictly lower. The holder learns it on its next renewal and keeps the slice for the
+-- grace period; then the lease expires and the slice goes to the best waiter (normally this one).
+if A[5] ~= '' then
+  local victim, victim_prio = nil, nil
+  for _, pkey in ipairs(r.pkeys) do
+    local low = redis.call('ZRANGE', preemptible_key(pkey), 0, 0, 'WITHSCORES')
+    if low[1] and tonumber(low[2]) < r.priority and (not victim_prio or tonumber(low[2]) < victim_prio) then
+      local node = redis.call('HGET', lease_key(low[1]), 'slice')
+      if r.node == '' or (node and slice(node).node == r.node) then victim, victim_prio = low[1], tonumber(low[2]) end
+    end
+  end
+  if victim then
+    local deadline = NOW + tonumber(A[5])
+    local pkey = redis.call('HGET', lease_key(victim), 'pkey')
+    redis.call('ZREM', preemptible_key(pkey), victim)
+    redis.call('HSET', lease_key(victim), 'revoked_at', NOW, 'revoked_for', r.id, 'expires_at', deadline)
+    redis.call('ZADD', K.leases, deadline, victim)
+    event('lease.revoked', {'lease', victim, 'for', r.id, 'priority', victim_prio, 'deadline', deadline})
+  end
+end
+return {'queued', r.id, redis.call('ZCARD', K.waiting)}

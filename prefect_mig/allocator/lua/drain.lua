@@ -1,0 +1,24 @@
+-- Stop (or resume) granting the slices of one GPU. Leases already held run on.
+-- A[1] - GPU UUID
+-- A[2] - '1' drain, '0' resume
+-- returns {'ok', slices still leased on the GPU} | {'unknown'}
+local uuid = A[1]
+local raw = redis.call('HGET', K.gpus, uuid)
+if not raw then return {'unknown'} end
+local g = cjson.decode(raw)
+g.draining = A[2] == '1'
+redis.call('HSET', K.gpus, uuid, cjson.encode(g))
+local leased = 0
+for _, id in ipairs(redis.call('SMEMBERS', gpu_slices_key(uuid))) do
+  local state = redis.call('HGET', K.slice_state, id)
+  if state == 'leased' then
+    leased = leased + 1
+  elseif g.draining and state == 'free' then
+    redis.call('ZREM', free_key(slice(id).pkey), id)
+    redis.call('HSET', K.slice_state, id, 'draining')
+  elseif not g.draining and state == 'draining' then
+    offer(id, slice(id))
+  end
+end
+event(g.draining and 'gpu.drained' or 'gpu.resumed', {'gpu', uuid, 'leased', leased})
+return {'ok', leased}

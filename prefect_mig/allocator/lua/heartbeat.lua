@@ -1,0 +1,18 @@
+-- A node agent is alive. A node that was lost gets its idle slices back into service.
+-- A[1] - node name
+-- A[2] - heartbeat TTL in ms
+-- returns {'ok'} | {'back', slices offered} | {'unknown'} (never published: publish first)
+local node = A[1]
+if redis.call('HEXISTS', K.nodes, node) == 0 then return {'unknown'} end
+local was_alive = node_alive(node)
+redis.call('ZADD', K.node_deadline, NOW + tonumber(A[2]), node)
+if was_alive then return {'ok'} end
+local n = 0
+for _, id in ipairs(redis.call('SMEMBERS', node_slices_key(node))) do
+  if redis.call('HGET', K.slice_state, id) == 'unavailable' then
+    offer(id, slice(id))
+    n = n + 1
+  end
+end
+event('node.back', {'node', node})
+return {'back', n}

@@ -1,0 +1,56 @@
+-- A node agent publishes its GPUs and MIG slices (the whole node: what it leaves out is gone).
+-- A[1] - node name
+-- A[2] - node JSON (docker_url, agent info)
+-- A[3] - heartbeat TTL in ms: no heartbeat for that long and the node gets no new grants
+-- A[4] - GPUs JSON list: {uuid, index, gpu_model, ...}
+-- A[5] - slices JSON list: {id, node, gpu_uuid, gpu_model, profile, pkey, start, size, mig_uuid,
+--        compute_slices, memory_mib, generation, ...}
+-- returns {slices published, slices removed, slices handed to waiters}
+local node = A[1]
+redis.call('HSET', K.nodes, node, A[2])
+redis.call('ZADD', K.node_deadline, NOW + tonumber(A[3]), node)
+
+for _, g in ipairs(cjson.decode(A[4])) do
+  local old = redis.call('HGET', K.gpus, g.uuid)
+  g.draining = old ~= false and cjson.decode(old).draining == true
+  g.node = node
+  redis.call('HSET', K.gpus, g.uuid, cjson.encode(g))
+end
+
+local listed = cjson.decode(A[5])
+local new = {}
+for _, s in ipairs(listed) do new[s.id] = true end
+
+local removed = 0
+for _, id in ipairs(redis.call('SMEMBERS', node_slices_key(node))) do
+  if not new[id] then
+    local s = slice(id)
+    if redis.call('HGET', K.slice_state, id) == 'leased' then
+      s.gone = true  -- deleted when its lease ends
+      redis.call('HSET', K.slices, id, cjson.encode(s))
+    else
+      redis.call('HDEL', K.slices, id)
+      redis.call('HDEL', K.slice_state, id)
+      redis.call('ZREM', free_key(s.pkey), id)
+      redis.call('SREM', gpu_slices_key(s.gpu_uuid), id)
+      redis.call('SREM', node_slices_key(node), id)
+      removed = removed + 1
+    end
+  end
+end
+
+local handed = 0
+for _, s in ipairs(listed) do
+  redis.call('HSET', K.slices, s.id, cjson.encode(s))
+  redis.call('SADD', node_slices_key(node), s.id)
+  redis.call('SADD', gpu_slices_key(s.gpu_uuid), s.id)
+  redis.call('SADD', K.pkeys, s.pkey)
+  local state = redis.call('HGET', K.slice_state, s.id)
+  if state ~= 'leased' and state ~= 'free' then
+    if offer(s.id, s) then handed = handed + 1 end
+  elseif state == 'free' then
+    redis.call('ZADD', free_key(s.pkey), free_score(s), s.id)
+  end
+end
+event('inventory.published', {'node', node, 'slices', #listed, 'removed', removed})
+return {#listed, removed, handed}

@@ -1,0 +1,299 @@
+"""Allocator semantics on a real redis-server: placement, order, fencing, expiry, quotas, preemption."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from pydantic import ValidationError
+
+from prefect_mig.allocator import Allocator, LeaseInfo, Queued, Quota, SliceRequest
+from prefect_mig.allocator.invariants import check_events
+from prefect_mig.errors import (
+    LeaseLost,
+    LeaseNotOwned,
+    NoCapacity,
+    RedisUnavailable,
+    Unsatisfiable,
+    UnknownProfile,
+    WaitTimeout,
+)
+
+from .allocator_fixtures import H100_MIXED
+
+
+def one(profile="1g.10gb", **kw) -> SliceRequest:
+    return SliceRequest(profile=profile, **kw)
+
+
+def test_grant_returns_a_concrete_slice_with_a_fencing_token(one_h100):
+    lease = one_h100.try_acquire(one("1g.10gb", holder="flow/1"))
+    assert isinstance(lease, LeaseInfo)
+    assert (lease.slice.profile, lease.slice.node, lease.fence) == ("1g.10gb", "node-a", 1)
+    assert lease.slice.mig_uuid.startswith("MIG-")
+    assert one_h100.lease(lease.lease_id).holder == "flow/1"
+
+
+def test_minimum_request_gets_the_smallest_slice_that_satisfies(one_h100):
+    assert one_h100.try_acquire(SliceRequest(min_memory_gb=5)).slice.profile == "1g.10gb"
+    assert one_h100.try_acquire(SliceRequest(min_compute_slices=2)).slice.profile == "3g.40gb"
+
+
+def test_placement_prefers_a_gpu_that_already_has_leases(alloc):
+    alloc.publish_fleet("node-a=2xH100-80GB", layouts={"node-a": ["7g.80gb@0", H100_MIXED]})
+    first = alloc.try_acquire(SliceRequest(min_memory_gb=5))
+    assert first.slice.profile == "1g.10gb"
+    second = alloc.try_acquire(SliceRequest(min_memory_gb=5))
+    assert second.slice.gpu_uuid == first.slice.gpu_uuid and second.slice.profile == "1g.10gb"
+
+
+def test_fencing_tokens_strictly_increase(one_h100):
+    fences = []
+    for _ in range(5):
+        lease = one_h100.try_acquire(one())
+        fences.append(lease.fence)
+        one_h100.release(lease.lease_id, lease.fence)
+    assert fences == sorted(set(fences)) and len(fences) == 5
+
+
+def test_double_release_is_idempotent(one_h100):
+    lease = one_h100.try_acquire(one())
+    assert one_h100.release(lease.lease_id, lease.fence) is True
+    assert one_h100.release(lease.lease_id, lease.fence) is False
+
+
+def test_release_with_a_stale_token_is_refused_and_frees_nothing(one_h100):
+    lease = one_h100.try_acquire(one("3g.40gb"))
+    with pytest.raises(LeaseNotOwned) as refused:
+        one_h100.release(lease.lease_id, lease.fence + 7)
+    assert refused.value.lease_id == lease.lease_id
+    with pytest.raises(NoCapacity):
+        one_h100.try_acquire(one("3g.40gb"))
+
+
+def test_renew_extends_and_a_stale_token_is_refused(one_h100, clock):
+    lease = one_h100.try_acquire(one(ttl_s=10))
+    clock.advance(8)
+    assert one_h100.renew(lease.lease_id, lease.fence, 10) == clock.now_ms() + 10_000
+    with pytest.raises(LeaseNotOwned):
+        one_h100.renew(lease.lease_id, 999, 10)
+
+
+def test_renew_after_expiry_is_refused_and_the_slice_is_free_again(one_h100, clock):
+    lease = one_h100.try_acquire(one("3g.40gb", ttl_s=5))
+    clock.advance(6)
+    with pytest.raises(LeaseLost) as lost:
+        one_h100.renew(lease.lease_id, lease.fence, 5)
+    assert lost.value.reason == "expired"
+    again = one_h100.try_acquire(one("3g.40gb"))
+    assert again.slice.id == lease.slice.id and again.fence > lease.fence
+    assert one_h100.release(lease.lease_id, lease.fence) is False
+
+
+def test_an_expired_lease_is_reaped_by_the_next_acquire(one_h100, clock):
+    lease = one_h100.try_acquire(one("3g.40gb", ttl_s=5))
+    clock.advance(5.5)
+    again = one_h100.try_acquire(one("3g.40gb"))
+    assert again.slice.id == lease.slice.id
+    assert [e["type"] for e in one_h100.events()].count("lease.expired") == 1
+
+
+def test_flushed_script_cache_is_reloaded(one_h100, redis_client):
+    redis_client.script_flush()
+    assert one_h100.try_acquire(one()).slice.profile == "1g.10gb"
+
+
+def test_waiters_are_served_by_priority_then_fifo(one_h100):
+    holder = one_h100.try_acquire(one("3g.40gb"))
+    low = one_h100.try_acquire(one("3g.40gb", priority=1), wait=True)
+    high_a = one_h100.try_acquire(one("3g.40gb", priority=5), wait=True)
+    high_b = one_h100.try_acquire(one("3g.40gb", priority=5), wait=True)
+    served = []
+    current = holder
+    for _ in range(3):
+        one_h100.release(current.lease_id, current.fence)
+        current = next(one_h100.lease(q.request_id) for q in (low, high_a, high_b) if _holds(one_h100, q))
+        served.append(current.lease_id)
+        one_h100.reap()
+    assert served == [high_a.request_id, high_b.request_id, low.request_id]
+    assert check_events(one_h100.events()).violations == []
+
+
+def _holds(alloc, queued) -> bool:
+    try:
+        alloc.lease(queued.request_id)
+    except LeaseLost:
+        return False
+    return True
+
+
+def test_aging_lets_a_long_wait_beat_a_newer_higher_priority(one_h100, clock):
+    holder = one_h100.try_acquire(one("3g.40gb"))
+    old_low = one_h100.try_acquire(one("3g.40gb", priority=1), wait=True)
+    clock.advance(3 * 60 + 1)  # 3 levels of aging
+    new_high = one_h100.try_acquire(one("3g.40gb", priority=3), wait=True)
+    one_h100.release(holder.lease_id, holder.fence)
+    assert _holds(one_h100, old_low) and not _holds(one_h100, new_high)
+
+
+def test_a_queued_big_request_does_not_block_a_small_one(one_h100):
+    big = one_h100.try_acquire(one("3g.40gb"))
+    waiting = one_h100.try_acquire(one("3g.40gb", priority=9), wait=True)
+    assert isinstance(waiting, Queued)
+    small = one_h100.try_acquire(one("1g.10gb", priority=0))
+    assert small.slice.profile == "1g.10gb"
+    one_h100.release(big.lease_id, big.fence)
+    assert _holds(one_h100, waiting)
+
+
+def test_waiting_is_pushed_to_the_waiter(one_h100):
+    holder = one_h100.try_acquire(one("3g.40gb"))
+    queued = one_h100.try_acquire(one("3g.40gb"), wait=True)
+    threading.Timer(0.2, lambda: one_h100.release(holder.lease_id, holder.fence)).start()
+    started = time.monotonic()
+    lease = one_h100.wait_for_grant(queued.request_id, timeout_s=10)
+    assert lease.slice.id == holder.slice.id and lease.waited_ms >= 0
+    assert time.monotonic() - started < 1.5
+
+
+def test_a_wait_that_times_out_leaves_the_queue(one_h100):
+    one_h100.try_acquire(one("3g.40gb"))
+    with pytest.raises(WaitTimeout):
+        one_h100.acquire(one("3g.40gb"), timeout_s=0.3)
+    assert one_h100.status()["queue"] == []
+
+
+def test_without_waiting_a_busy_profile_raises_no_capacity(one_h100):
+    one_h100.try_acquire(one("3g.40gb"))
+    with pytest.raises(NoCapacity) as refused:
+        one_h100.acquire(one("3g.40gb"), timeout_s=0)
+    assert refused.value.reason == "busy" and "3g.40gb" in str(refused.value)
+
+
+def test_a_profile_no_gpu_offers_is_unsatisfiable_with_what_exists(one_h100):
+    with pytest.raises(Unsatisfiable) as refused:
+        one_h100.acquire(one("7g.80gb"), timeout_s=None)
+    assert "H100-80GB/1g.10gb" in refused.value.offered and "7g.80gb" in str(refused.value)
+    assert one_h100.status()["queue"] == []
+
+
+def test_a_profile_the_models_lack_lists_their_profiles(one_h100):
+    with pytest.raises(UnknownProfile) as refused:
+        one_h100.try_acquire(one("1g.6gb"))
+    assert "3g.40gb" in str(refused.value)
+
+
+def test_quota_holds_a_tenant_back_until_it_releases(one_h100):
+    one_h100.set_quota("team-a", Quota(slices=1))
+    first = one_h100.try_acquire(one(tenant="team-a"))
+    with pytest.raises(NoCapacity) as refused:
+        one_h100.try_acquire(one(tenant="team-a"))
+    assert refused.value.reason == "quota"
+    queued = one_h100.try_acquire(one(tenant="team-a"), wait=True)
+    other = one_h100.try_acquire(one(tenant="team-b"))  # other tenants are not held back
+    assert other.slice.profile == "1g.10gb"
+    one_h100.release(first.lease_id, first.fence)
+    assert _holds(one_h100, queued)
+
+
+def test_compute_quota_counts_compute_slices(one_h100):
+    one_h100.set_quota("team-a", Quota(compute=3))
+    one_h100.try_acquire(one("1g.10gb", tenant="team-a"))
+    with pytest.raises(NoCapacity):
+        one_h100.try_acquire(one("3g.40gb", tenant="team-a"))
+
+
+def test_preemption_revokes_a_lower_priority_preemptible_lease_after_grace(one_h100, clock):
+    victim = one_h100.try_acquire(one("3g.40gb", priority=1, preemptible=True))
+    urgent = one_h100.try_acquire(one("3g.40gb", priority=9), wait=True)
+    with pytest.raises(LeaseLost) as told:
+        one_h100.renew(victim.lease_id, victim.fence, 60)
+    assert told.value.reason == "revoked"
+    assert not _holds(one_h100, urgent)  # the holder keeps it for the grace period
+    clock.advance(5.1)
+    one_h100.reap()
+    got = one_h100.lease(urgent.request_id)
+    assert got.slice.id == victim.slice.id and got.fence > victim.fence
+    types = [e["type"] for e in one_h100.events()]
+    assert types.index("lease.revoked") < types.index("lease.expired")
+
+
+def test_a_non_preemptible_or_higher_priority_lease_is_never_revoked(one_h100):
+    keep = one_h100.try_acquire(one("3g.40gb", priority=1, preemptible=False))
+    one_h100.try_acquire(one("3g.40gb", priority=9), wait=True)
+    one_h100.renew(keep.lease_id, keep.fence, 60)
+    one_h100.release(keep.lease_id, keep.fence)
+    high = one_h100.try_acquire(one("1g.10gb", priority=9, preemptible=True))
+    one_h100.try_acquire(one("1g.10gb", priority=9), wait=True)  # same priority: no revocation
+    one_h100.renew(high.lease_id, high.fence, 60)
+
+
+def test_a_drained_gpu_grants_nothing_until_resumed(one_h100):
+    held = one_h100.try_acquire(one("1g.10gb"))
+    assert one_h100.drain(held.slice.gpu_uuid) == 1
+    with pytest.raises(NoCapacity):
+        one_h100.try_acquire(one("3g.40gb"))
+    queued = one_h100.try_acquire(one("3g.40gb"), wait=True)
+    one_h100.renew(held.lease_id, held.fence, 60)  # running work is not disturbed
+    one_h100.resume(held.slice.gpu_uuid)
+    assert _holds(one_h100, queued)
+
+
+def test_a_node_whose_heartbeat_stops_gets_no_new_grants_until_back(alloc, clock):
+    alloc.publish_fleet("node-a=1xH100-80GB", layouts={"node-a": [H100_MIXED]}, heartbeat_ttl_s=10)
+    clock.advance(11)
+    assert alloc.reap()[2] == 1
+    with pytest.raises(NoCapacity):
+        alloc.try_acquire(one())
+    assert alloc.heartbeat("node-a", ttl_s=10) == "back"
+    assert alloc.try_acquire(one()).slice.node == "node-a"
+
+
+def test_republishing_without_a_leased_slice_removes_it_when_released(alloc):
+    alloc.publish_fleet("node-a=1xH100-80GB", layouts={"node-a": [H100_MIXED]})
+    held = alloc.try_acquire(one("3g.40gb"))
+    alloc.publish_fleet("node-a=1xH100-80GB", layouts={"node-a": ["1g.10gb@4 + 1g.10gb@5 + 1g.10gb@6"]})
+    assert held.slice.id in {s["id"] for s in alloc.status()["slices"]}
+    alloc.release(held.lease_id, held.fence)
+    assert held.slice.id not in {s["id"] for s in alloc.status()["slices"]}
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"profile": "1g.10gb", "priority": 101}, "priority"),
+        ({"profile": "1g.10gb", "priority": -1}, "priority"),
+        ({"profile": "1g.10gb", "ttl_s": 0}, "ttl_s"),
+        ({"profile": "1g.10gb", "tenant": "team a"}, "tenant"),
+        ({"profile": "1g.10gb", "node": ""}, "node"),
+        ({"profile": "ten gigs"}, "profile"),
+        ({"min_memory_gb": 0}, "min_memory_gb"),
+        ({"min_compute_slices": 9}, "min_compute_slices"),
+        ({"profile": "1g.10gb", "min_memory_gb": 10}, "not both"),
+        ({}, "give an exact profile"),
+        ({"profile": "1g.10gb", "holder": "x" * 300}, "holder"),
+        ({"profile": "1g.10gb", "colour": "red"}, "colour"),
+    ],
+)
+def test_each_request_field_is_validated_and_named(fields, field):
+    with pytest.raises(ValidationError) as refused:
+        SliceRequest(**fields)
+    assert field in str(refused.value)
+
+
+def test_an_unknown_gpu_model_constraint_lists_the_models():
+    with pytest.raises(ValidationError) as refused:
+        SliceRequest(profile="1g.10gb", gpu_model="H999")
+    assert "unknown GPU model 'H999'" in str(refused.value) and "H100-80GB" in str(refused.value)
+
+
+def test_unreachable_redis_is_a_clear_error_within_the_timeout():
+    import redis as redis_lib
+
+    client = redis_lib.Redis(host="127.0.0.1", port=1, socket_connect_timeout=1, socket_timeout=1)
+    started = time.monotonic()
+    with pytest.raises(RedisUnavailable) as refused:
+        Allocator(client, "x").try_acquire(one())
+    assert time.monotonic() - started < 5
+    assert "PREFECT_MIG_REDIS_URL" in str(refused.value)
