@@ -1,0 +1,152 @@
+"""LeaseClient and Lease across threads and real processes: renewal, loss, SIGKILL, SIGSTOP,
+Redis restarts."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from prefect_mig.allocator import Allocator, LeaseClient, SliceRequest
+from prefect_mig.allocator.invariants import check_events
+from prefect_mig.errors import LeaseLost, RedisUnavailable
+
+from .allocator_fixtures import H100_MIXED
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def client(redis_server, namespace):
+    c = LeaseClient(redis_server.url, namespace, grace_s=1)
+    c.allocator.publish_fleet("node-a=1xH100-80GB", layouts={"node-a": [H100_MIXED]})
+    return c
+
+
+def test_lease_context_releases_on_exception(client):
+    with pytest.raises(RuntimeError), client.lease(SliceRequest(profile="3g.40gb")) as lease:
+        assert lease.mig_uuid.startswith("MIG-")
+        raise RuntimeError("task body failed")
+    assert client.allocator.status()["leases"] == []
+    assert [e["type"] for e in client.allocator.events()][-1] == "lease.released"
+
+
+def test_a_lease_renews_itself_past_its_ttl(client):
+    with client.lease(SliceRequest(profile="1g.10gb", ttl_s=1)) as lease:
+        time.sleep(1.6)
+        client.allocator.reap()
+        assert client.allocator.lease(lease.lease_id).fence == lease.fence
+        assert not lease.lost.is_set()
+
+
+def test_a_preempted_holder_is_told_through_on_lost(client):
+    told = []
+    lease = client.acquire(
+        SliceRequest(profile="3g.40gb", priority=1, preemptible=True, ttl_s=1.5),
+        on_lost=lambda held, exc: told.append(exc),
+    )
+    waiter = threading.Thread(
+        target=lambda: client.acquire(SliceRequest(profile="3g.40gb", priority=9), timeout_s=10).release()
+    )
+    waiter.start()
+    assert lease.lost.wait(3)
+    assert isinstance(told[0], LeaseLost) and told[0].reason == "revoked"
+    lease.release()  # hand it over before the grace period ends
+    waiter.join(10)
+    assert not waiter.is_alive()
+
+
+def test_a_lease_that_cannot_reach_redis_is_declared_lost_by_its_ttl(fresh_redis_server, namespace):
+    client = LeaseClient(fresh_redis_server.url, namespace)
+    client.allocator.publish_fleet("node-a=1xA30-24GB", layouts={"node-a": ["4g.24gb@0"]})
+    lease = client.acquire(SliceRequest(profile="4g.24gb", ttl_s=1.2))
+    fresh_redis_server.kill()
+    assert lease.lost.wait(3)
+    assert isinstance(lease.lost_reason, LeaseLost) and lease.lost_reason.reason == "expired"
+    fresh_redis_server.start()
+
+
+def test_redis_down_gives_a_clear_error_within_the_timeout(fresh_redis_server, namespace):
+    client = LeaseClient(fresh_redis_server.url, namespace)
+    fresh_redis_server.kill()
+    started = time.monotonic()
+    with pytest.raises(RedisUnavailable):
+        client.acquire(SliceRequest(profile="1g.10gb"), timeout_s=1)
+    assert time.monotonic() - started < 5
+    fresh_redis_server.start()
+
+
+def test_acknowledged_leases_survive_a_redis_restart(fresh_redis_server, namespace):
+    alloc = Allocator(fresh_redis_server.client(), namespace)
+    alloc.publish_fleet("node-a=1xH100-80GB", layouts={"node-a": [H100_MIXED]})
+    lease = alloc.try_acquire(SliceRequest(profile="3g.40gb", ttl_s=60))
+    time.sleep(1.2)  # appendfsync everysec
+    fresh_redis_server.restart()
+    after = Allocator(fresh_redis_server.client(), namespace)
+    assert after.lease(lease.lease_id).fence == lease.fence
+    assert after.renew(lease.lease_id, lease.fence, 60) > 0  # NOSCRIPT after restart is handled
+    nxt = after.try_acquire(SliceRequest(min_memory_gb=5))
+    assert nxt.slice.id != lease.slice.id and nxt.fence > lease.fence
+
+
+def _worker(url, ns, *args, stdin=subprocess.PIPE):
+    return subprocess.Popen(
+        [sys.executable, "-m", "tests.lease_worker", *args[:1], url, ns, *args[1:]],
+        cwd=ROOT,
+        stdin=stdin,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_a_holder_paused_past_its_ttl_is_fenced_out_after_resuming(client, redis_server, namespace):
+    holder = _worker(redis_server.url, namespace, "hold", "3g.40gb", "1")
+    granted = holder.stdout.readline().split()
+    assert granted[0] == "granted", holder.stderr.read()
+    os.kill(holder.pid, signal.SIGSTOP)
+    try:
+        time.sleep(1.5)
+        taker = client.acquire(SliceRequest(profile="3g.40gb"), timeout_s=5)
+        assert taker.slice.id == granted[3] and taker.fence > int(granted[2])
+    finally:
+        os.kill(holder.pid, signal.SIGCONT)
+    assert holder.stdout.readline().strip() in ("lost expired", "lost gone")
+    holder.stdin.write("\n")
+    holder.stdin.flush()
+    assert holder.stdout.readline().strip() == "released False"
+    assert client.allocator.lease(taker.lease_id).fence == taker.fence  # the new holder keeps it
+    taker.release()
+    holder.wait(10)
+
+
+def test_holders_killed_at_random_never_cause_a_double_grant(client, redis_server, namespace):
+    rng = random.Random(7)
+    procs = [_worker(redis_server.url, namespace, "churn", "1g.10gb", "1", "400", stdin=subprocess.DEVNULL) for _ in range(6)]
+    deadline = time.monotonic() + 6
+    killed = 0
+    while time.monotonic() < deadline:
+        time.sleep(rng.uniform(0.2, 0.6))
+        victim = rng.choice(procs)
+        if victim.poll() is None:
+            victim.send_signal(signal.SIGKILL)
+            killed += 1
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+        p.wait(10)
+    assert killed >= 3
+    # every slice is back within TTL + 1 s
+    time.sleep(2.0)
+    client.allocator.reap()
+    states = {s["state"] for s in client.allocator.status()["slices"] if s["profile"] == "1g.10gb"}
+    assert states == {"free"}
+    report = check_events(client.allocator.events())
+    assert report.violations == []
+    assert report.grants > 50 and report.live == set()
