@@ -11,6 +11,7 @@ This is the one place that reads the environment; everything else receives a `Se
 | ``PREFECT_MIG_NODE`` | this host's node name (with the simulated backend: which fleet node it is) |
 | ``PREFECT_MIG_STATE_DIR`` | where state lives: embedded Redis data, the simulated NVML's state file |
 | ``PREFECT_MIG_DOCKER_HOST`` | Docker engine URL for task containers; unset = ``DOCKER_HOST`` or the local socket |
+| ``PREFECT_MIG_API_TOKEN`` | bearer token of the HTTP lease API (``prefect-mig api serve``) |
 
 Examples:
     ```python
@@ -28,7 +29,7 @@ import socket
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from prefect_mig.errors import ConfigError
@@ -78,6 +79,11 @@ class Settings(BaseSettings):
     docker_host: str | None = Field(
         default=None,
         description="Docker engine URL for task containers; unset uses DOCKER_HOST or the local socket.",
+    )
+    api_token: SecretStr | None = Field(
+        default=None,
+        min_length=16,
+        description="Bearer token the HTTP lease API requires (at least 16 characters).",
     )
 
     @field_validator("redis_url")

@@ -8,7 +8,7 @@ import typer
 
 from prefect_mig import __version__
 from prefect_mig.cli import demo as demo_cmd
-from prefect_mig.cli import inventory, layouts
+from prefect_mig.cli import inventory, layouts, leases
 from prefect_mig.cli.output import print_json
 
 app = typer.Typer(
@@ -22,6 +22,11 @@ app.command("gpus")(inventory.gpus)
 app.command("layouts")(layouts.layouts)
 app.command("models")(layouts.models)
 app.command("demo")(demo_cmd.demo)
+app.command("status")(leases.status)
+app.command("agent")(leases.agent)
+app.add_typer(leases.lease_app, name="lease")
+app.add_typer(leases.redis_app, name="redis")
+app.add_typer(leases.api_app, name="api")
 
 
 @app.command("version")

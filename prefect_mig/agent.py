@@ -1,0 +1,133 @@
+"""The node agent: publishes this node's GPUs and MIG slices to Redis and keeps them in service.
+
+It reads the layout through the GPU backend, publishes it (a new layout generation per GPU whenever
+the layout changed), heartbeats so the allocator keeps granting on this node, and reaps expired
+leases. Repartitioning (issue 5) will add applying desired layouts here.
+
+Examples:
+    ```python
+    import tempfile
+    from prefect_mig.agent import NodeAgent
+    from prefect_mig.allocator import Allocator
+    from prefect_mig.gpu import GpuBackend, SimulatedNvml
+    from prefect_mig.model import Layout
+    from prefect_mig.testing.redis_server import RedisServer
+
+    nvml = SimulatedNvml("node-a=1xA30-24GB", state_dir=tempfile.mkdtemp())
+    with RedisServer() as server, GpuBackend(nvml) as backend:
+        backend.apply_layout(0, Layout.parse("A30-24GB", "2g.12gb@0 + 2g.12gb@2"))
+        agent = NodeAgent(backend, Allocator(server.client(), "doc"), node="node-a")
+        assert agent.publish() == (2, 0, 0)
+    ```
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+from prefect_mig.allocator import Allocator, SliceRecord
+from prefect_mig.allocator.models import decode, pkey
+from prefect_mig.gpu import GpuBackend
+
+
+class NodeAgent:
+    """Publishes one node's inventory and heartbeats it.
+
+    Args:
+        backend: the opened GPU backend of this node.
+        allocator: the cluster's allocator.
+        node: this node's name.
+        docker_url: how runners reach this node's Docker engine (``None``: the local socket).
+        heartbeat_ttl_s: without a heartbeat for this long, the node gets no new grants.
+    """
+
+    def __init__(
+        self,
+        backend: GpuBackend,
+        allocator: Allocator,
+        *,
+        node: str,
+        docker_url: str | None = None,
+        heartbeat_ttl_s: float = 30.0,
+    ) -> None:
+        self.backend = backend
+        self.allocator = allocator
+        self.node = node
+        self.docker_url = docker_url
+        self.heartbeat_ttl_s = heartbeat_ttl_s
+        self._published: str | None = None
+
+    def inventory(self) -> tuple[list[dict], list[SliceRecord]]:
+        """This node's GPUs and the MIG slices that are ready to lease (with a compute instance)."""
+        known = {}
+        raw = self.allocator.redis.hgetall(self.allocator.keys.gpus)
+        for uuid, body in raw.items():
+            known[decode(uuid)] = json.loads(decode(body))
+        gpus, slices = [], []
+        for gpu in self.backend.gpus():
+            if not gpu.mig_enabled:
+                continue
+            model = self.backend.gpu_model(gpu.index)
+            instances = self.backend.instances(gpu.index)
+            layout = " + ".join(str(m) for m in instances)
+            before = known.get(gpu.uuid, {})
+            generation = int(before.get("generation", 0)) + (before.get("layout") != layout)
+            gpus.append(
+                {"uuid": gpu.uuid, "index": gpu.index, "gpu_model": model.name, "layout": layout, "generation": generation}
+            )
+            for m in instances:
+                if not m.mig_uuid:
+                    continue
+                prof = model.profile(m.profile)
+                slices.append(
+                    SliceRecord(
+                        id=m.mig_uuid,
+                        node=self.node,
+                        gpu_uuid=gpu.uuid,
+                        gpu_index=gpu.index,
+                        gpu_model=model.name,
+                        profile=m.profile,
+                        pkey=pkey(model.name, m.profile),
+                        start=m.start,
+                        size=m.size,
+                        gpu_instance_id=m.gpu_instance_id,
+                        mig_uuid=m.mig_uuid,
+                        compute_slices=prof.compute_slices,
+                        memory_mib=prof.memory_mib,
+                        generation=generation,
+                    )
+                )
+        return gpus, slices
+
+    def publish(self) -> tuple[int, int, int]:
+        """Publish the whole inventory now: (published, removed, handed to waiters)."""
+        gpus, slices = self.inventory()
+        result = self.allocator.publish(
+            self.node, gpus, slices, docker_url=self.docker_url, heartbeat_ttl_s=self.heartbeat_ttl_s
+        )
+        self._published = json.dumps([s.id for s in slices])
+        return result
+
+    def tick(self) -> str:
+        """One round: republish if the layout changed, else heartbeat; then reap. Returns what it did."""
+        _, slices = self.inventory()
+        if json.dumps([s.id for s in slices]) != self._published:
+            self.publish()
+            did = "published"
+        else:
+            did = self.allocator.heartbeat(self.node, ttl_s=self.heartbeat_ttl_s)
+            if did == "unknown":
+                self.publish()
+                did = "published"
+        self.allocator.reap()
+        return did
+
+    def run(self, *, interval_s: float = 5.0, stop: threading.Event | None = None) -> None:
+        """Tick every `interval_s` until `stop` is set."""
+        stop = stop or threading.Event()
+        while not stop.is_set():
+            started = time.monotonic()
+            self.tick()
+            stop.wait(max(0.0, interval_s - (time.monotonic() - started)))

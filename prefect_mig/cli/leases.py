@@ -1,0 +1,200 @@
+"""``prefect-mig lease acquire|renew|release|list``, ``prefect-mig status`` and ``prefect-mig agent``.
+
+With no ``PREFECT_MIG_REDIS_URL`` they use the embedded redis-server under the state dir (started on
+first use, stopped by ``prefect-mig redis stop``).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Annotated
+
+import typer
+from pydantic import ValidationError
+from rich.table import Table
+
+from prefect_mig.allocator import Allocator, SliceRequest
+from prefect_mig.allocator.embedded import redis_url, stop_embedded_redis
+from prefect_mig.cli.output import cli_errors, console, errors, print_json
+from prefect_mig.errors import ConfigError
+from prefect_mig.settings import load_settings
+
+lease_app = typer.Typer(help="Acquire, renew, release and list leases.", no_args_is_help=True)
+redis_app = typer.Typer(help="The embedded redis-server (used when PREFECT_MIG_REDIS_URL is unset).")
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+
+
+def _allocator() -> Allocator:
+    import redis
+
+    settings = load_settings()
+    client = redis.Redis.from_url(redis_url(settings), socket_connect_timeout=2, socket_timeout=10)
+    return Allocator(client, settings.namespace)
+
+
+def _request(**fields) -> SliceRequest:
+    try:
+        return SliceRequest(**{k: v for k, v in fields.items() if v is not None})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(x) for x in first["loc"]) or "request"
+        raise ConfigError(
+            f"--{where.replace('_', '-')}={first.get('input')!r}: {first['msg'].removeprefix('Value error, ')}",
+            field=where,
+            value=first.get("input"),
+        ) from exc
+
+
+@lease_app.command("acquire")
+def acquire(
+    profile: Annotated[str | None, typer.Option(help="Exact MIG profile, e.g. 1g.10gb.")] = None,
+    min_memory_gb: Annotated[float | None, typer.Option(help="At least this much memory (GB).")] = None,
+    min_compute: Annotated[int | None, typer.Option(help="At least this many compute slices.")] = None,
+    gpu_model: Annotated[str | None, typer.Option(help="Only this GPU model.")] = None,
+    node: Annotated[str | None, typer.Option(help="Only this node.")] = None,
+    priority: Annotated[int, typer.Option(help="0 to 100; higher is served first.")] = 0,
+    tenant: Annotated[str, typer.Option(help="Tenant charged for the slice.")] = "default",
+    holder: Annotated[str, typer.Option(help="Who holds it.")] = "cli",
+    ttl: Annotated[float, typer.Option(help="Lease TTL in seconds; renew with `lease renew`.")] = 300,
+    preemptible: Annotated[bool, typer.Option(help="May be revoked for higher priority.")] = False,
+    timeout: Annotated[float | None, typer.Option(help="Seconds to wait; 0 = fail if busy.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Acquire a slice and print its lease id and fencing token (the lease lives for --ttl)."""
+    with cli_errors():
+        request = _request(
+            profile=profile, min_memory_gb=min_memory_gb, min_compute_slices=min_compute, gpu_model=gpu_model,
+            node=node, priority=priority, tenant=tenant, holder=holder, ttl_s=ttl, preemptible=preemptible,
+        )
+        lease = _allocator().acquire(request, timeout_s=timeout)
+        if as_json:
+            print_json(lease.model_dump())
+            return
+        s = lease.slice
+        console.print(
+            f"lease {lease.lease_id} fence {lease.fence}: {s.profile}@{s.start} on {s.node} GPU {s.gpu_index} "
+            f"({s.mig_uuid}), expires in {ttl:g} s",
+            highlight=False,
+        )
+
+
+@lease_app.command("renew")
+def renew(
+    lease_id: Annotated[str, typer.Argument(help="Lease id.")],
+    fence: Annotated[int, typer.Option(help="The fencing token you were granted.")],
+    ttl: Annotated[float, typer.Option(help="New TTL in seconds.")] = 300,
+    as_json: JsonOpt = False,
+) -> None:
+    """Extend a lease."""
+    with cli_errors():
+        expires = _allocator().renew(lease_id, fence, ttl)
+        print_json({"lease_id": lease_id, "expires_at_ms": expires}) if as_json else console.print(f"renewed {lease_id}")
+
+
+@lease_app.command("release")
+def release(
+    lease_id: Annotated[str, typer.Argument(help="Lease id.")],
+    fence: Annotated[int, typer.Option(help="The fencing token you were granted.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Release a lease (idempotent)."""
+    with cli_errors():
+        released = _allocator().release(lease_id, fence)
+        if as_json:
+            print_json({"lease_id": lease_id, "released": released})
+        else:
+            console.print(f"released {lease_id}" if released else f"{lease_id} was already gone")
+
+
+@lease_app.command("list")
+def list_leases(as_json: JsonOpt = False) -> None:
+    """List live leases."""
+    with cli_errors():
+        leases = _allocator().status()["leases"]
+        if as_json:
+            print_json(leases)
+            return
+        table = Table(title=f"{len(leases)} live lease(s)")
+        for col in ("lease", "fence", "slice", "tenant", "holder", "priority", "expires_at"):
+            table.add_column(col)
+        for row in leases:
+            table.add_row(row["lease_id"][:12], row["fence"], row["slice"][:20], row["tenant"], row["holder"], row["priority"], row["expires_at"])
+        console.print(table)
+
+
+def status(as_json: JsonOpt = False) -> None:
+    """Slices and their state, live leases and the wait queue."""
+    with cli_errors():
+        snap = _allocator().status()
+        if as_json:
+            print_json(snap)
+            return
+        table = Table(title="slices")
+        for col in ("node", "gpu", "slice", "state", "lease"):
+            table.add_column(col)
+        for s in snap["slices"]:
+            table.add_row(s["node"], str(s["gpu_index"]), f"{s['profile']}@{s['start']}", s["state"], (s["lease"] or "")[:12])
+        console.print(table)
+        console.print(f"{len(snap['leases'])} live lease(s), {len(snap['queue'])} waiting request(s)")
+        for r in snap["queue"]:
+            console.print(f"  waiting {r['id'][:12]} priority {r['priority']} tenant {r['tenant']} for {', '.join(r['pkeys'])}", highlight=False)
+
+
+def agent(
+    node: Annotated[str | None, typer.Option(help="Node name (default PREFECT_MIG_NODE).")] = None,
+    interval: Annotated[float, typer.Option(help="Seconds between heartbeats.")] = 5.0,
+    once: Annotated[bool, typer.Option(help="Publish once and exit.")] = False,
+) -> None:
+    """Publish this node's MIG slices to Redis and keep them in service."""
+    from prefect_mig.agent import NodeAgent
+    from prefect_mig.gpu import backend_from_settings
+
+    with cli_errors():
+        settings = load_settings()
+        if settings.backend != "nvml":
+            fleet = settings.fleet()
+            node = node or (settings.node if settings.node in fleet.node_names else fleet.node_names[0])
+        node = node or settings.node
+        backend = backend_from_settings(settings, node=node)
+        with backend:
+            worker = NodeAgent(backend, _allocator(), node=node, docker_url=settings.docker_host)
+            published = worker.publish()
+            console.print(f"agent {node}: published {published[0]} slice(s)")
+            if not once:
+                try:
+                    worker.run(interval_s=interval, stop=threading.Event())
+                except KeyboardInterrupt:
+                    errors.print("agent stopped")
+
+
+@redis_app.command("stop")
+def redis_stop() -> None:
+    """Stop the embedded redis-server."""
+    stopped = stop_embedded_redis(load_settings().state_dir)
+    console.print("stopped the embedded redis-server" if stopped else "no embedded redis-server was running")
+
+
+api_app = typer.Typer(help="The HTTP lease API.", no_args_is_help=True)
+
+
+@api_app.command("serve")
+def api_serve(
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8765,
+) -> None:
+    """Serve the HTTP lease API (bearer token from PREFECT_MIG_API_TOKEN; OpenAPI at /docs)."""
+    import uvicorn
+
+    from prefect_mig.api import create_app
+
+    with cli_errors():
+        settings = load_settings()
+        if settings.api_token is None:
+            raise ConfigError(
+                "PREFECT_MIG_API_TOKEN is not set: the API refuses to run without a bearer token "
+                "(at least 16 characters).",
+                field="api_token",
+            )
+        app = create_app(_allocator(), token=settings.api_token.get_secret_value())
+    uvicorn.run(app, host=host, port=port, log_level="info")

@@ -1,0 +1,84 @@
+"""The node agent on the simulated NVML, and the lease commands as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from prefect_mig.agent import NodeAgent
+from prefect_mig.allocator import SliceRequest
+from prefect_mig.gpu import GpuBackend, SimulatedNvml
+from prefect_mig.model import Layout
+
+
+def test_agent_publishes_the_backend_layout_and_republishes_when_it_changes(alloc, tmp_path):
+    nvml = SimulatedNvml("node-a=1xH100-80GB", state_dir=tmp_path)
+    with GpuBackend(nvml) as backend:
+        backend.apply_layout(0, Layout.parse("H100-80GB", "3g.40gb@0 + 3g.40gb@4"))
+        agent = NodeAgent(backend, alloc, node="node-a", docker_url="tcp://127.0.0.1:2375")
+        assert agent.publish() == (2, 0, 0)
+        lease = alloc.try_acquire(SliceRequest(profile="3g.40gb"))
+        assert lease.slice.mig_uuid in {m.mig_uuid for m in backend.instances(0)}
+        assert agent.tick() == "ok"
+        free = next(m for m in backend.instances(0) if m.mig_uuid != lease.slice.mig_uuid)
+        backend.destroy(0, free.gpu_instance_id)
+        backend.create(0, "1g.10gb", 4)
+        assert agent.tick() == "published"
+        kinds = {s["profile"]: s["generation"] for s in alloc.status()["slices"]}
+        assert kinds == {"3g.40gb": 2, "1g.10gb": 2}  # the GPU's second layout
+        assert alloc.status()["nodes"]["node-a"]["docker_url"] == "tcp://127.0.0.1:2375"
+
+
+def _cli(*args, env):
+    return subprocess.run([sys.executable, "-m", "prefect_mig.cli.main", *args], capture_output=True, text=True, env=env, timeout=60)
+
+
+@pytest.fixture
+def cli_env(redis_server, namespace, tmp_path):
+    return {
+        **os.environ,
+        "PREFECT_MIG_REDIS_URL": redis_server.url,
+        "PREFECT_MIG_NAMESPACE": namespace,
+        "PREFECT_MIG_BACKEND": "simulated",
+        "PREFECT_MIG_SIMULATED_FLEET": "node-a=1xA30-24GB",
+        "PREFECT_MIG_STATE_DIR": str(tmp_path),
+        "COLUMNS": "150",
+    }
+
+
+def test_lease_commands_acquire_list_renew_and_release(cli_env, tmp_path):
+    nvml = SimulatedNvml("node-a=1xA30-24GB", state_dir=tmp_path)
+    with GpuBackend(nvml) as backend:
+        backend.apply_layout(0, Layout.parse("A30-24GB", "2g.12gb@0 + 1g.6gb@2 + 1g.6gb@3"))
+    assert _cli("agent", "--once", env=cli_env).returncode == 0
+    got = _cli("lease", "acquire", "--min-memory-gb", "10", "--priority", "3", "--json", env=cli_env)
+    assert got.returncode == 0, got.stderr
+    lease = json.loads(got.stdout)
+    assert lease["slice"]["profile"] == "2g.12gb"
+    listed = json.loads(_cli("lease", "list", "--json", env=cli_env).stdout)
+    assert [row["lease_id"] for row in listed] == [lease["lease_id"]]
+    assert _cli("lease", "renew", lease["lease_id"], "--fence", str(lease["fence"]), env=cli_env).returncode == 0
+    stale = _cli("lease", "release", lease["lease_id"], "--fence", "999", env=cli_env)
+    assert stale.returncode == 1 and "stale" in stale.stderr
+    done = json.loads(_cli("lease", "release", lease["lease_id"], "--fence", str(lease["fence"]), "--json", env=cli_env).stdout)
+    assert done == {"lease_id": lease["lease_id"], "released": True}
+    status = json.loads(_cli("status", "--json", env=cli_env).stdout)
+    assert {s["state"] for s in status["slices"]} == {"free"} and status["queue"] == []
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["--profile", "1g.10gb", "--priority", "101"], "--priority"),
+        (["--profile", "ten"], "--profile"),
+        (["--profile", "1g.6gb", "--tenant", "a b"], "--tenant"),
+        (["--profile", "1g.6gb", "--ttl", "0"], "--ttl"),
+    ],
+)
+def test_lease_acquire_with_a_bad_field_exits_2_naming_it(cli_env, args, named):
+    done = _cli("lease", "acquire", *args, env=cli_env)
+    assert done.returncode == 2 and named.replace("--", "").replace("-", "_")[:4] in done.stderr.replace("-", "_")
