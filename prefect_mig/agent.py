@@ -71,6 +71,7 @@ class NodeAgent:
                 continue
             model = self.backend.gpu_model(gpu.index)
             instances = self.backend.instances(gpu.index)
+            running = self.backend.processes(gpu.index)
             layout = " + ".join(str(m) for m in instances)
             before = known.get(gpu.uuid, {})
             generation = int(before.get("generation", 0)) + (before.get("layout") != layout)
@@ -97,6 +98,7 @@ class NodeAgent:
                         compute_slices=prof.compute_slices,
                         memory_mib=prof.memory_mib,
                         generation=generation,
+                        busy=bool(running.get(m.mig_uuid)),
                     )
                 )
         return gpus, slices
@@ -107,13 +109,17 @@ class NodeAgent:
         result = self.allocator.publish(
             self.node, gpus, slices, docker_url=self.docker_url, heartbeat_ttl_s=self.heartbeat_ttl_s
         )
-        self._published = json.dumps([s.id for s in slices])
+        self._published = self._signature(slices)
         return result
+
+    @staticmethod
+    def _signature(slices: list[SliceRecord]) -> str:
+        return json.dumps([(s.id, s.busy) for s in slices])
 
     def tick(self) -> str:
         """One round: republish if the layout changed, else heartbeat; then reap. Returns what it did."""
         _, slices = self.inventory()
-        if json.dumps([s.id for s in slices]) != self._published:
+        if self._signature(slices) != self._published:
             self.publish()
             did = "published"
         else:

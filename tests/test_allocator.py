@@ -30,7 +30,7 @@ def one(profile="1g.10gb", **kw) -> SliceRequest:
 def test_grant_returns_a_concrete_slice_with_a_fencing_token(one_h100):
     lease = one_h100.try_acquire(one("1g.10gb", holder="flow/1"))
     assert isinstance(lease, LeaseInfo)
-    assert (lease.slice.profile, lease.slice.node, lease.fence) == ("1g.10gb", "node-a", 1)
+    assert (lease.slice.profile, lease.slice.node) == ("1g.10gb", "node-a") and lease.fence > 0
     assert lease.slice.mig_uuid.startswith("MIG-")
     assert one_h100.lease(lease.lease_id).holder == "flow/1"
 

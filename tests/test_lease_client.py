@@ -150,3 +150,35 @@ def test_holders_killed_at_random_never_cause_a_double_grant(client, redis_serve
     report = check_events(client.allocator.events())
     assert report.violations == []
     assert report.grants > 50 and report.live == set()
+
+
+def test_after_redis_loses_its_state_tokens_keep_growing_and_busy_slices_are_not_granted(
+    fresh_redis_server, namespace, tmp_path
+):
+    from prefect_mig.agent import NodeAgent
+    from prefect_mig.gpu import GpuBackend, SimulatedNvml
+    from prefect_mig.model import Layout
+
+    nvml = SimulatedNvml("node-a=1xH100-80GB", state_dir=tmp_path)
+    with GpuBackend(nvml) as backend:
+        backend.apply_layout(0, Layout.parse("H100-80GB", "3g.40gb@0 + 3g.40gb@4"))
+        alloc = Allocator(fresh_redis_server.client(), namespace)
+        agent = NodeAgent(backend, alloc, node="node-a")
+        agent.publish()
+        before = alloc.try_acquire(SliceRequest(profile="3g.40gb"))
+        nvml.attach_process(before.slice.mig_uuid, pid=4321)  # the holder's work runs on it
+        fresh_redis_server.client().flushall()  # Redis comes back empty
+        fresh_redis_server.restart()
+        alloc = Allocator(fresh_redis_server.client(), namespace)
+        agent = NodeAgent(backend, alloc, node="node-a")
+        agent.publish()  # nodes re-publish; the busy slice is not free
+        states = {s["id"]: s["state"] for s in alloc.status()["slices"]}
+        assert states[before.slice.id] == "unavailable"
+        after = alloc.try_acquire(SliceRequest(profile="3g.40gb"))
+        assert after.slice.id != before.slice.id and after.fence > before.fence
+        with pytest.raises(LeaseLost):
+            alloc.renew(before.lease_id, before.fence, 60)  # the old holder learns and stops
+        nvml.detach_process(before.slice.mig_uuid, pid=4321)
+        assert agent.tick() == "published"
+        states = {s["id"]: s["state"] for s in alloc.status()["slices"]}
+        assert states[before.slice.id] == "free"

@@ -118,6 +118,7 @@ class SliceRecord(BaseModel):
     compute_slices: int
     memory_mib: int
     generation: int = 0
+    busy: bool = False  # NVML shows processes on it (reported by the node agent)
     gone: bool = False
 
 

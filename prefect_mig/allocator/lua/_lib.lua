@@ -88,8 +88,15 @@ local function dequeue(r)
   redis.call('HDEL', K.requests, r.id)
 end
 
+-- Fencing tokens must keep growing even if Redis lost its data: a counter that is missing is
+-- seeded from the clock (1024 tokens per ms), above any token handed out before the loss.
+local function next_fence()
+  if redis.call('EXISTS', K.fence) == 0 then redis.call('SET', K.fence, string.format('%.0f', NOW * 1024)) end
+  return redis.call('INCR', K.fence)
+end
+
 local function grant(r, id, s)
-  local fence = redis.call('INCR', K.fence)
+  local fence = next_fence()
   local expires = NOW + r.ttl_ms
   local waited = NOW - (r.enqueued_at or NOW)
   redis.call('HSET', lease_key(r.id),
@@ -119,6 +126,12 @@ end
 -- Give a slice that just became available to the best waiter that accepts it, or mark it free.
 -- Waiters are ordered by (enqueue time - priority * aging), so priority is strict until aging wins.
 local function offer(id, s)
+  if s.busy then
+    -- processes run on it that no lease here accounts for (e.g. Redis lost its state): not granted
+    -- until the agent reports it idle
+    redis.call('HSET', K.slice_state, id, 'unavailable')
+    return nil
+  end
   if gpu_draining(s.gpu_uuid) then
     redis.call('HSET', K.slice_state, id, 'draining')
     return nil

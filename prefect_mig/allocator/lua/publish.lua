@@ -4,7 +4,9 @@
 -- A[3] - heartbeat TTL in ms: no heartbeat for that long and the node gets no new grants
 -- A[4] - GPUs JSON list: {uuid, index, gpu_model, ...}
 -- A[5] - slices JSON list: {id, node, gpu_uuid, gpu_model, profile, pkey, start, size, mig_uuid,
---        compute_slices, memory_mib, generation, ...}
+--        compute_slices, memory_mib, generation, busy, ...}; busy = NVML shows processes on it.
+--        A busy slice without a lease here (Redis lost its state, or work outside prefect-mig)
+--        is 'unavailable' until a later publish reports it idle.
 -- returns {slices published, slices removed, slices handed to waiters}
 local node = A[1]
 redis.call('HSET', K.nodes, node, A[2])
@@ -41,15 +43,19 @@ end
 
 local handed = 0
 for _, s in ipairs(listed) do
+  local state = redis.call('HGET', K.slice_state, s.id)
+  if state == 'leased' then s.busy = false end  -- its processes are the holder's own
   redis.call('HSET', K.slices, s.id, cjson.encode(s))
   redis.call('SADD', node_slices_key(node), s.id)
   redis.call('SADD', gpu_slices_key(s.gpu_uuid), s.id)
   redis.call('SADD', K.pkeys, s.pkey)
-  local state = redis.call('HGET', K.slice_state, s.id)
-  if state ~= 'leased' and state ~= 'free' then
-    if offer(s.id, s) then handed = handed + 1 end
+  if state == 'free' and s.busy then
+    redis.call('ZREM', free_key(s.pkey), s.id)
+    redis.call('HSET', K.slice_state, s.id, 'unavailable')
   elseif state == 'free' then
     redis.call('ZADD', free_key(s.pkey), free_score(s), s.id)
+  elseif state ~= 'leased' then
+    if offer(s.id, s) then handed = handed + 1 end
   end
 end
 event('inventory.published', {'node', node, 'slices', #listed, 'removed', removed})
