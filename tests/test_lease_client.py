@@ -182,3 +182,26 @@ def test_after_redis_loses_its_state_tokens_keep_growing_and_busy_slices_are_not
         assert agent.tick() == "published"
         states = {s["id"]: s["state"] for s in alloc.status()["slices"]}
         assert states[before.slice.id] == "free"
+
+
+def test_async_client_leases_and_a_cancelled_waiter_leaves_nothing_behind(redis_server, namespace):
+    import asyncio
+
+    from prefect_mig.allocator import AsyncLeaseClient
+
+    client = AsyncLeaseClient(redis_server.url, namespace)
+    client.allocator.publish_fleet("node-a=1xH100-80GB", layouts={"node-a": [H100_MIXED]})
+
+    async def scenario():
+        async with client.lease(SliceRequest(profile="3g.40gb")) as held:
+            waiter = asyncio.ensure_future(client.acquire(SliceRequest(profile="3g.40gb")))
+            await asyncio.sleep(0.3)
+            assert client.allocator.status()["queue"] != []
+            waiter.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiter
+            return held.slice.profile
+
+    assert asyncio.run(scenario()) == "3g.40gb"
+    status = client.allocator.status()
+    assert status["queue"] == [] and status["leases"] == []

@@ -36,6 +36,7 @@ Examples:
 from __future__ import annotations
 
 import json
+import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -269,25 +270,32 @@ class Allocator:
             raise AllocationError(f"request {request_id} was already submitted ({reply[1]}).", lease_id=request_id)
         raise AllocationError(f"unexpected reply from acquire: {reply!r}")
 
-    def wait_for_grant(self, request_id: str, timeout_s: float | None) -> LeaseInfo:
+    def wait_for_grant(
+        self, request_id: str, timeout_s: float | None, *, stop: threading.Event | None = None
+    ) -> LeaseInfo:
         """Block (pushed, not polled) until the queued request is granted, or withdraw it.
 
         Raises:
             WaitTimeout: `timeout_s` passed; the request left the queue (a grant that raced the
                 timeout is released, so nothing is held).
             LeaseLost: the request was dropped (e.g. the reaper took it for a dead waiter).
+
+        `stop` (set from another thread, e.g. when an asyncio task is cancelled) ends the wait like
+        a timeout, within one wake-up interval (at most 2 s).
         """
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         waiter = self.keys.waiter(request_id)
         touch_every = max(0.05, min(2.0, self.wait_ttl_ms / 3000))
         while True:
             chunk = touch_every if deadline is None else min(touch_every, deadline - time.monotonic())
-            if chunk <= 0:
+            if chunk <= 0 or (stop is not None and stop.is_set()):
                 break
             with redis_errors("wait for a slice"):
                 got = self.redis.blpop([waiter], timeout=chunk)
-            if got:
+            if got and not (stop is not None and stop.is_set()):
                 return self.lease(request_id)
+            if got:
+                break
             state = self._run("touch_wait", request_id, self.wait_ttl_ms, action="keep waiting")[0]
             if state == "granted":
                 return self.lease(request_id)
@@ -300,9 +308,8 @@ class Allocator:
         reply = self._run("cancel", request_id, action="withdraw a request")
         if reply[0] == "granted":  # granted in the last instant: give it back
             self.release(request_id, int(reply[1]))
-        raise WaitTimeout(
-            f"no slice within {timeout_s:g} s; the request was withdrawn from the queue.", lease_id=request_id
-        )
+        waited = "the wait was stopped" if stop is not None and stop.is_set() else f"no slice within {timeout_s:g} s"
+        raise WaitTimeout(f"{waited}; the request was withdrawn from the queue.", lease_id=request_id)
 
     def acquire(self, request: SliceRequest, *, timeout_s: float | None = None) -> LeaseInfo:
         """Grant a slice, waiting up to `timeout_s` (``None``: as long as it takes; 0: no wait)."""

@@ -31,8 +31,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 
 import redis
 
@@ -176,3 +176,70 @@ class LeaseClient:
             yield held
         finally:
             held.release()
+
+
+class AsyncLeaseClient:
+    """The asyncio face of `LeaseClient`: ``async with client.lease(request) as lease:``.
+
+    Redis calls run in worker threads (the same Lua transitions as the sync client); a cancelled
+    task withdraws its request, and a grant that races the cancellation is released.
+
+    Examples:
+        ```python
+        import asyncio
+        from prefect_mig.allocator import AsyncLeaseClient, SliceRequest
+        from prefect_mig.testing.redis_server import RedisServer
+
+        async def main(url):
+            client = AsyncLeaseClient(url, namespace="doc-async")
+            client.allocator.publish_fleet("node-a=1xA30-24GB", layouts={"node-a": ["4g.24gb@0"]})
+            async with client.lease(SliceRequest(profile="4g.24gb")) as lease:
+                return lease.slice.profile
+
+        with RedisServer() as server:
+            assert asyncio.run(main(server.url)) == "4g.24gb"
+        ```
+    """
+
+    def __init__(self, client: redis.Redis | str, namespace: str = "default", **allocator_options) -> None:
+        self._sync = LeaseClient(client, namespace, **allocator_options)
+        self.allocator = self._sync.allocator
+
+    async def acquire(
+        self, request: SliceRequest, *, timeout_s: float | None = None, on_lost: LostCallback | None = None
+    ) -> Lease:
+        import asyncio
+
+        from prefect_mig.allocator.allocator import Queued
+
+        got = await asyncio.to_thread(self.allocator.try_acquire, request, wait=timeout_s != 0)
+        if isinstance(got, Queued):
+            stop = threading.Event()
+            waiting = asyncio.ensure_future(
+                asyncio.to_thread(self.allocator.wait_for_grant, got.request_id, timeout_s, stop=stop)
+            )
+            try:
+                got = await asyncio.shield(waiting)
+            except asyncio.CancelledError:
+                stop.set()
+                try:
+                    await waiting  # withdraws the request, releases a grant that raced us
+                except Exception:  # noqa: BLE001 - the WaitTimeout that stopping produces
+                    pass
+                raise
+        return Lease(self.allocator, got, on_lost=on_lost).start_renewing()
+
+    async def release(self, lease: Lease) -> bool:
+        import asyncio
+
+        return await asyncio.to_thread(lease.release)
+
+    @asynccontextmanager
+    async def lease(
+        self, request: SliceRequest, *, timeout_s: float | None = None, on_lost: LostCallback | None = None
+    ) -> AsyncIterator[Lease]:
+        held = await self.acquire(request, timeout_s=timeout_s, on_lost=on_lost)
+        try:
+            yield held
+        finally:
+            await self.release(held)
