@@ -56,14 +56,14 @@ class AllocatorMachine(RuleBasedStateMachine):
     def release(self, data):
         self._collect()
         if self.held:
-            lease_id = data.draw(st.sampled_from(sorted(self.held)))
+            lease_id = list(self.held)[data.draw(st.integers(0, len(self.held) - 1))]
             lease = self.held.pop(lease_id)
             self.alloc.release(lease.lease_id, lease.fence)
 
     @rule(data=st.data())
     def cancel(self, data):
         if self.queued:
-            rid = data.draw(st.sampled_from(self.queued))
+            rid = self.queued[data.draw(st.integers(0, len(self.queued) - 1))]
             if self.alloc.cancel(rid) != "granted":
                 self.queued.remove(rid)
 
@@ -75,7 +75,7 @@ class AllocatorMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def renew(self, data):
         if self.held:
-            lease = self.held[data.draw(st.sampled_from(sorted(self.held)))]
+            lease = list(self.held.values())[data.draw(st.integers(0, len(self.held) - 1))]
             try:
                 self.alloc.renew(lease.lease_id, lease.fence, 10)
             except LeaseLost:

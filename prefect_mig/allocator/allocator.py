@@ -3,9 +3,10 @@
 Policy, stated once:
 
 - **Placement (best fit against fragmentation).** A request lists the slice kinds it accepts,
-  smallest first; the first kind with a free slice wins. Among free slices of that kind, those on a
-  GPU that already has leases come first (then lower start), so idle GPUs stay whole and the
-  planner can re-carve them.
+  smallest first; the first kind with a free slice wins. Among free slices of that kind, first fit
+  over a fixed GPU order (each GPU's ordinal from its first publish), then lower start: leases pack
+  onto the first GPUs, which are the ones already in use, and the last GPUs stay idle and whole for
+  the planner to re-carve. Scores are static, so a grant never re-scores other slices.
 - **Order.** Waiting requests are ordered by ``enqueue time - priority x aging``: strict priority
   between requests enqueued within ``aging`` of each other, FIFO within a priority, and a request
   that waited ``aging`` longer beats one a level higher, so no wait is endless.
@@ -118,6 +119,7 @@ class Allocator:
         self.grace_ms = None if grace_s is None else int(grace_s * 1000)
         self.scripts = Scripts(client, self.keys, events_maxlen=events_maxlen)
         self._models: tuple[float, list[str]] = (0.0, [])
+        self._templates: dict[tuple, str] = {}  # request JSON per (request, inventory models)
 
     def _run(self, name: str, *args: Any, action: str) -> list:
         now = self.clock.now_ms() if self.clock is not None else None
@@ -206,11 +208,12 @@ class Allocator:
     # ------------------------------------------------------------------ leases
 
     def _request_json(self, request: SliceRequest, request_id: str) -> str:
-        pkeys = request.candidate_pkeys(self.gpu_models() or [request.gpu_model or "H100-80GB"])
-        return json.dumps(
-            {
-                "id": request_id,
-                "pkeys": pkeys,
+        models = tuple(self.gpu_models()) or (request.gpu_model or "H100-80GB",)
+        template = self._templates.get((request, models))
+        if template is None:
+            body = {
+                "id": "@ID@",
+                "pkeys": request.candidate_pkeys(models),
                 "node": request.node or "",
                 "priority": request.priority,
                 "tenant": request.tenant,
@@ -218,7 +221,11 @@ class Allocator:
                 "ttl_ms": int(request.ttl_s * 1000),
                 "preemptible": request.preemptible,
             }
-        )
+            template = json.dumps(body)
+            if len(self._templates) > 1024:
+                self._templates.clear()
+            self._templates[(request, models)] = template
+        return template.replace('"@ID@"', json.dumps(request_id), 1)
 
     def try_acquire(
         self, request: SliceRequest, *, wait: bool = False, request_id: str | None = None

@@ -47,7 +47,7 @@ class Keys:
         self.slice_lease = p + "slice_lease"  # HASH slice_id -> lease_id
         self.slice_fence = p + "slice_fence"  # HASH slice_id -> last fencing token granted on it
         self.gpus = p + "gpus"  # HASH gpu_uuid -> GPU JSON (node, model, index, draining)
-        self.gpu_busy = p + "gpu_busy"  # HASH gpu_uuid -> number of leased slices
+        self.draining = p + "draining"  # SET of GPU UUIDs that get no new grants
         self.nodes = p + "nodes"  # HASH node -> NodeRecord JSON
         self.node_deadline = p + "node_deadline"  # ZSET node -> heartbeat deadline (ms)
         self.pkeys = p + "pkeys"  # SET of "<gpu model>/<profile>" present in the inventory
@@ -75,7 +75,7 @@ class Keys:
     def free(self, pkey: str) -> str:
         return f"{self.prefix}free:{pkey}"
 
-    def gpu_slices(self, gpu_uuid: str) -> str:
+    def gpu_slices(self, gpu_uuid: str) -> str:  # HASH slice_id -> "<start>|<pkey>"
         return f"{self.prefix}gpu_slices:{gpu_uuid}"
 
     def all_fixed(self) -> list[str]:

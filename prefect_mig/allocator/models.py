@@ -119,6 +119,7 @@ class SliceRecord(BaseModel):
     memory_mib: int
     generation: int = 0
     busy: bool = False  # NVML shows processes on it (reported by the node agent)
+    ordinal: int = 0  # the GPU's place in first-fit order (set when published)
     gone: bool = False
 
 

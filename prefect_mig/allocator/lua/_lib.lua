@@ -6,7 +6,7 @@
 -- ARGV[4..] - the script's own arguments
 local K = {
   slices = KEYS[1], slice_state = KEYS[2], slice_lease = KEYS[3], slice_fence = KEYS[4],
-  gpus = KEYS[5], gpu_busy = KEYS[6], nodes = KEYS[7], node_deadline = KEYS[8], pkeys = KEYS[9],
+  gpus = KEYS[5], draining = KEYS[6], nodes = KEYS[7], node_deadline = KEYS[8], pkeys = KEYS[9],
   leases = KEYS[10], fence = KEYS[11], seq = KEYS[12], requests = KEYS[13], waiting = KEYS[14],
   wait_deadline = KEYS[15], tenant_slices = KEYS[16], tenant_compute = KEYS[17], quotas = KEYS[18],
   events = KEYS[19],
@@ -45,28 +45,18 @@ local function slice(id)
 end
 
 local function gpu_draining(uuid)
-  local raw = redis.call('HGET', K.gpus, uuid)
-  return raw ~= false and cjson.decode(raw).draining == true
+  return redis.call('SISMEMBER', K.draining, uuid) == 1
 end
 
 local function node_alive(node)
   return redis.call('ZSCORE', K.node_deadline, node) ~= false
 end
 
--- Free slices of a GPU that already has leases come first (idle GPUs stay whole, so the planner can
--- re-carve them), then by start: lower score wins.
+-- First fit over a fixed GPU order (each GPU gets an ordinal when first published): leases pack
+-- onto the first GPUs, so the last ones stay idle and whole for the planner to re-carve. Static
+-- scores mean a grant or release never re-scores other slices. Lower score wins.
 local function free_score(s)
-  local busy = tonumber(redis.call('HGET', K.gpu_busy, s.gpu_uuid) or '0')
-  return (64 - busy) * 16 + s.start
-end
-
-local function rescore_gpu(uuid)
-  for _, id in ipairs(redis.call('SMEMBERS', gpu_slices_key(uuid))) do
-    if redis.call('HGET', K.slice_state, id) == 'free' then
-      local s = slice(id)
-      redis.call('ZADD', free_key(s.pkey), 'XX', free_score(s), id)
-    end
-  end
+  return (s.ordinal or 0) * 16 + s.start
 end
 
 local function quota_blocks(tenant, compute)
@@ -91,8 +81,12 @@ end
 -- Fencing tokens must keep growing even if Redis lost its data: a counter that is missing is
 -- seeded from the clock (1024 tokens per ms), above any token handed out before the loss.
 local function next_fence()
-  if redis.call('EXISTS', K.fence) == 0 then redis.call('SET', K.fence, string.format('%.0f', NOW * 1024)) end
-  return redis.call('INCR', K.fence)
+  local fence = redis.call('INCR', K.fence)
+  if fence == 1 then
+    redis.call('SET', K.fence, string.format('%.0f', NOW * 1024))
+    fence = redis.call('INCR', K.fence)
+  end
+  return fence
 end
 
 local function grant(r, id, s)
@@ -102,20 +96,18 @@ local function grant(r, id, s)
   redis.call('HSET', lease_key(r.id),
     'slice', id, 'fence', fence, 'holder', r.holder, 'tenant', r.tenant, 'priority', r.priority,
     'ttl_ms', r.ttl_ms, 'granted_at', NOW, 'expires_at', expires, 'preemptible', r.preemptible and 1 or 0,
-    'waited_ms', waited, 'pkey', s.pkey, 'request', cjson.encode(r))
+    'waited_ms', waited, 'pkey', s.pkey)
+  if r.preemptible then redis.call('HSET', lease_key(r.id), 'preemptible_pkey', s.pkey) end
   if r.preemptible then redis.call('ZADD', preemptible_key(s.pkey), r.priority, r.id) end
   redis.call('ZADD', K.leases, expires, r.id)
   redis.call('HSET', K.slice_state, id, 'leased')
   redis.call('HSET', K.slice_lease, id, r.id)
   redis.call('HSET', K.slice_fence, id, fence)
   redis.call('ZREM', free_key(s.pkey), id)
-  redis.call('HINCRBY', K.gpu_busy, s.gpu_uuid, 1)
   redis.call('HINCRBY', K.tenant_slices, r.tenant, 1)
   redis.call('HINCRBY', K.tenant_compute, r.tenant, s.compute_slices)
-  rescore_gpu(s.gpu_uuid)
   event('lease.granted', {'lease', r.id, 'slice', id, 'fence', fence, 'priority', r.priority,
-    'tenant', r.tenant, 'holder', r.holder, 'order', r.order or '', 'waited_ms', waited,
-    'node', s.node, 'gpu', s.gpu_uuid, 'profile', s.profile, 'pkey', s.pkey})
+    'tenant', r.tenant, 'holder', r.holder, 'order', r.order or '', 'waited_ms', waited, 'pkey', s.pkey})
   return fence, expires
 end
 
@@ -187,7 +179,7 @@ end
 
 -- End a lease (released, expired, revoked): free its slice for the next waiter.
 local function end_lease(lease_id, reason)
-  local f = redis.call('HMGET', lease_key(lease_id), 'slice', 'fence', 'tenant', 'holder', 'pkey')
+  local f = redis.call('HMGET', lease_key(lease_id), 'slice', 'fence', 'tenant', 'holder', 'preemptible_pkey')
   local id, fence, tenant = f[1], f[2], f[3]
   if f[5] then redis.call('ZREM', preemptible_key(f[5]), lease_id) end
   redis.call('DEL', lease_key(lease_id))
@@ -199,16 +191,14 @@ local function end_lease(lease_id, reason)
   event('lease.' .. reason, {'lease', lease_id, 'slice', id, 'fence', fence, 'tenant', tenant, 'holder', f[4]})
   if s and redis.call('HGET', K.slice_lease, id) == lease_id then
     redis.call('HDEL', K.slice_lease, id)
-    redis.call('HINCRBY', K.gpu_busy, s.gpu_uuid, -1)
     if s.gone then
       redis.call('HDEL', K.slices, id)
       redis.call('HDEL', K.slice_state, id)
-      redis.call('SREM', gpu_slices_key(s.gpu_uuid), id)
+      redis.call('HDEL', gpu_slices_key(s.gpu_uuid), id)
       redis.call('SREM', node_slices_key(s.node), id)
     else
       offer(id, s)
     end
-    rescore_gpu(s.gpu_uuid)
   end
   retry_tenant(tenant)
 end

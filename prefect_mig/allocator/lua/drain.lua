@@ -5,11 +5,10 @@
 local uuid = A[1]
 local raw = redis.call('HGET', K.gpus, uuid)
 if not raw then return {'unknown'} end
-local g = cjson.decode(raw)
-g.draining = A[2] == '1'
-redis.call('HSET', K.gpus, uuid, cjson.encode(g))
+local g = {draining = A[2] == '1'}
+if g.draining then redis.call('SADD', K.draining, uuid) else redis.call('SREM', K.draining, uuid) end
 local leased = 0
-for _, id in ipairs(redis.call('SMEMBERS', gpu_slices_key(uuid))) do
+for _, id in ipairs(redis.call('HKEYS', gpu_slices_key(uuid))) do
   local state = redis.call('HGET', K.slice_state, id)
   if state == 'leased' then
     leased = leased + 1

@@ -12,10 +12,12 @@ local node = A[1]
 redis.call('HSET', K.nodes, node, A[2])
 redis.call('ZADD', K.node_deadline, NOW + tonumber(A[3]), node)
 
+local ordinal = {}
 for _, g in ipairs(cjson.decode(A[4])) do
   local old = redis.call('HGET', K.gpus, g.uuid)
-  g.draining = old ~= false and cjson.decode(old).draining == true
+  g.ordinal = old and cjson.decode(old).ordinal or redis.call('INCR', K.seq)
   g.node = node
+  ordinal[g.uuid] = g.ordinal
   redis.call('HSET', K.gpus, g.uuid, cjson.encode(g))
 end
 
@@ -34,7 +36,7 @@ for _, id in ipairs(redis.call('SMEMBERS', node_slices_key(node))) do
       redis.call('HDEL', K.slices, id)
       redis.call('HDEL', K.slice_state, id)
       redis.call('ZREM', free_key(s.pkey), id)
-      redis.call('SREM', gpu_slices_key(s.gpu_uuid), id)
+      redis.call('HDEL', gpu_slices_key(s.gpu_uuid), id)
       redis.call('SREM', node_slices_key(node), id)
       removed = removed + 1
     end
@@ -45,9 +47,10 @@ local handed = 0
 for _, s in ipairs(listed) do
   local state = redis.call('HGET', K.slice_state, s.id)
   if state == 'leased' then s.busy = false end  -- its processes are the holder's own
+  s.ordinal = ordinal[s.gpu_uuid] or 0
   redis.call('HSET', K.slices, s.id, cjson.encode(s))
   redis.call('SADD', node_slices_key(node), s.id)
-  redis.call('SADD', gpu_slices_key(s.gpu_uuid), s.id)
+  redis.call('HSET', gpu_slices_key(s.gpu_uuid), s.id, s.start .. '|' .. s.pkey)
   redis.call('SADD', K.pkeys, s.pkey)
   if state == 'free' and s.busy then
     redis.call('ZREM', free_key(s.pkey), s.id)
