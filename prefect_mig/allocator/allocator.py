@@ -273,8 +273,6 @@ class Allocator:
                 offered=offered,
                 lease_id=request_id,
             )
-        if code == "exists":
-            raise AllocationError(f"request {request_id} was already submitted ({reply[1]}).", lease_id=request_id)
         raise AllocationError(f"unexpected reply from acquire: {reply!r}")
 
     def wait_for_grant(
@@ -423,16 +421,17 @@ class Allocator:
         k = self.keys
         with redis_errors("read the status"):
             pipe = self.redis.pipeline(transaction=True)
-            pipe.hgetall(k.slices).hgetall(k.slice_state).hgetall(k.slice_lease).zrange(k.leases, 0, -1)
+            pipe.hgetall(k.slices).hgetall(k.slice_state).zrange(k.leases, 0, -1)
             pipe.zrange(k.waiting, 0, -1).hgetall(k.requests).hgetall(k.nodes).zrange(k.node_deadline, 0, -1)
-            slices, states, owners, leases, waiting, requests, nodes, alive = pipe.execute()
+            slices, states, leases, waiting, requests, nodes, alive = pipe.execute()
         d = lambda m: {decode(a): decode(b) for a, b in m.items()}  # noqa: E731
-        slices, states, owners, requests = d(slices), d(states), d(owners), d(requests)
+        slices, states, requests = d(slices), d(states), d(requests)
         alive = {decode(n) for n in alive}
         rows = []
         for sid, raw in sorted(slices.items(), key=lambda kv: (json.loads(kv[1])["node"], json.loads(kv[1])["gpu_index"], json.loads(kv[1])["start"])):
             rec = json.loads(raw)
-            rows.append({**rec, "state": states.get(sid, "?"), "lease": owners.get(sid)})
+            state, _, owner = states.get(sid, "?").partition("|")
+            rows.append({**rec, "state": state, "lease": owner or None})
         queue = []
         for rid in (decode(r) for r in waiting):
             if rid in requests:

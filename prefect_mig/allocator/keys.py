@@ -43,9 +43,8 @@ class Keys:
         p = self.prefix
         # fixed keys
         self.slices = p + "slices"  # HASH slice_id -> SliceRecord JSON
-        self.slice_state = p + "slice_state"  # HASH slice_id -> free | leased | draining | unavailable
-        self.slice_lease = p + "slice_lease"  # HASH slice_id -> lease_id
-        self.slice_fence = p + "slice_fence"  # HASH slice_id -> last fencing token granted on it
+        # HASH slice_id -> free | draining | unavailable | leased|<lease_id>
+        self.slice_state = p + "slice_state"
         self.gpus = p + "gpus"  # HASH gpu_uuid -> GPU JSON (node, model, index, draining)
         self.draining = p + "draining"  # SET of GPU UUIDs that get no new grants
         self.nodes = p + "nodes"  # HASH node -> NodeRecord JSON
@@ -57,8 +56,8 @@ class Keys:
         self.requests = p + "requests"  # HASH request_id -> waiting request JSON
         self.waiting = p + "waiting"  # ZSET request_id -> order score (all waiting requests)
         self.wait_deadline = p + "wait_deadline"  # ZSET request_id -> give up at (ms)
-        self.tenant_slices = p + "tenant_slices"  # HASH tenant -> slices held
-        self.tenant_compute = p + "tenant_compute"  # HASH tenant -> compute slices held
+        self.tenant_slices = p + "tenant_slices"  # HASH tenant -> slices held (tenants with a quota)
+        self.tenant_compute = p + "tenant_compute"  # HASH tenant -> compute slices held (same)
         self.quotas = p + "quotas"  # HASH tenant -> {"slices": n, "compute": n} JSON
         self.events = p + "events"  # STREAM of transitions
 

@@ -36,8 +36,6 @@ NAMES = (
 FIXED_KEYS = (
     "slices",
     "slice_state",
-    "slice_lease",
-    "slice_fence",
     "gpus",
     "draining",
     "nodes",

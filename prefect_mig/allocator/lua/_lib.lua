@@ -5,11 +5,10 @@
 -- ARGV[3] - approximate max length of the events stream
 -- ARGV[4..] - the script's own arguments
 local K = {
-  slices = KEYS[1], slice_state = KEYS[2], slice_lease = KEYS[3], slice_fence = KEYS[4],
-  gpus = KEYS[5], draining = KEYS[6], nodes = KEYS[7], node_deadline = KEYS[8], pkeys = KEYS[9],
-  leases = KEYS[10], fence = KEYS[11], seq = KEYS[12], requests = KEYS[13], waiting = KEYS[14],
-  wait_deadline = KEYS[15], tenant_slices = KEYS[16], tenant_compute = KEYS[17], quotas = KEYS[18],
-  events = KEYS[19],
+  slices = KEYS[1], slice_state = KEYS[2], gpus = KEYS[3], draining = KEYS[4], nodes = KEYS[5],
+  node_deadline = KEYS[6], pkeys = KEYS[7], leases = KEYS[8], fence = KEYS[9], seq = KEYS[10],
+  requests = KEYS[11], waiting = KEYS[12], wait_deadline = KEYS[13], tenant_slices = KEYS[14],
+  tenant_compute = KEYS[15], quotas = KEYS[16], events = KEYS[17],
 }
 local P = ARGV[1]
 local NOW
@@ -41,7 +40,9 @@ end
 local function slice(id)
   local raw = redis.call('HGET', K.slices, id)
   if not raw then return nil end
-  return cjson.decode(raw)
+  local s = cjson.decode(raw)
+  s._raw = raw
+  return s
 end
 
 local function gpu_draining(uuid)
@@ -59,15 +60,22 @@ local function free_score(s)
   return (s.ordinal or 0) * 16 + s.start
 end
 
+-- Slice state: 'free', 'draining', 'unavailable', or 'leased|<lease id>'.
+local function leased_by(state)
+  if state and string.sub(state, 1, 7) == 'leased|' then return string.sub(state, 8) end
+  return nil
+end
+
+-- Usage is counted only for tenants with a quota (set_quota recounts when one is set).
 local function quota_blocks(tenant, compute)
   local raw = redis.call('HGET', K.quotas, tenant)
-  if not raw then return false end
+  if not raw then return false, false end
   local q = cjson.decode(raw)
   local used = tonumber(redis.call('HGET', K.tenant_slices, tenant) or '0')
   local used_c = tonumber(redis.call('HGET', K.tenant_compute, tenant) or '0')
-  if q.slices and q.slices ~= cjson.null and used + 1 > q.slices then return true end
-  if q.compute and q.compute ~= cjson.null and used_c + compute > q.compute then return true end
-  return false
+  if q.slices and q.slices ~= cjson.null and used + 1 > q.slices then return true, true end
+  if q.compute and q.compute ~= cjson.null and used_c + compute > q.compute then return true, true end
+  return false, true
 end
 
 local function dequeue(r)
@@ -89,30 +97,37 @@ local function next_fence()
   return fence
 end
 
-local function grant(r, id, s)
+local function grant(r, id, s, counted)
   local fence = next_fence()
   local expires = NOW + r.ttl_ms
   local waited = NOW - (r.enqueued_at or NOW)
   redis.call('HSET', lease_key(r.id),
     'slice', id, 'fence', fence, 'holder', r.holder, 'tenant', r.tenant, 'priority', r.priority,
-    'ttl_ms', r.ttl_ms, 'granted_at', NOW, 'expires_at', expires, 'preemptible', r.preemptible and 1 or 0,
-    'waited_ms', waited, 'pkey', s.pkey)
-  if r.preemptible then redis.call('HSET', lease_key(r.id), 'preemptible_pkey', s.pkey) end
-  if r.preemptible then redis.call('ZADD', preemptible_key(s.pkey), r.priority, r.id) end
+    'ttl_ms', r.ttl_ms, 'granted_at', NOW, 'expires_at', expires, 'waited_ms', waited,
+    'compute', s.compute_slices)
+  if r.preemptible then
+    redis.call('HSET', lease_key(r.id), 'preemptible_pkey', s.pkey)
+    redis.call('ZADD', preemptible_key(s.pkey), r.priority, r.id)
+  end
   redis.call('ZADD', K.leases, expires, r.id)
-  redis.call('HSET', K.slice_state, id, 'leased')
-  redis.call('HSET', K.slice_lease, id, r.id)
-  redis.call('HSET', K.slice_fence, id, fence)
+  redis.call('HSET', K.slice_state, id, 'leased|' .. r.id)
   redis.call('ZREM', free_key(s.pkey), id)
-  redis.call('HINCRBY', K.tenant_slices, r.tenant, 1)
-  redis.call('HINCRBY', K.tenant_compute, r.tenant, s.compute_slices)
+  if counted then
+    redis.call('HSET', lease_key(r.id), 'counted', 1)
+    redis.call('HINCRBY', K.tenant_slices, r.tenant, 1)
+    redis.call('HINCRBY', K.tenant_compute, r.tenant, s.compute_slices)
+  end
   event('lease.granted', {'lease', r.id, 'slice', id, 'fence', fence, 'priority', r.priority,
-    'tenant', r.tenant, 'holder', r.holder, 'order', r.order or '', 'waited_ms', waited, 'pkey', s.pkey})
+    'pkey', s.pkey, 'order', r.order or '', 'waited_ms', waited})
   return fence, expires
 end
 
+-- nil when the request may not take the slice, else whether its tenant's usage is counted
 local function eligible(r, s)
-  return (r.node == '' or r.node == s.node) and not quota_blocks(r.tenant, s.compute_slices)
+  if r.node ~= '' and r.node ~= s.node then return nil end
+  local blocked, counted = quota_blocks(r.tenant, s.compute_slices)
+  if blocked then return nil end
+  return counted
 end
 
 -- Give a slice that just became available to the best waiter that accepts it, or mark it free.
@@ -139,9 +154,10 @@ local function offer(id, s)
       redis.call('ZREM', q, rid)
     else
       local r = cjson.decode(raw)
-      if eligible(r, s) then
+      local counted = eligible(r, s)
+      if counted ~= nil then
         dequeue(r)
-        grant(r, id, s)
+        grant(r, id, s, counted)
         redis.call('RPUSH', waiter_key(rid), 'granted')
         redis.call('PEXPIRE', waiter_key(rid), 600000)
         return rid
@@ -155,7 +171,6 @@ end
 
 -- After a tenant's usage drops, its quota-blocked waiters may fit a slice that is already free.
 local function retry_tenant(tenant)
-  if not redis.call('HEXISTS', K.quotas, tenant) then return end
   for _, rid in ipairs(redis.call('ZRANGE', tenant_waiting_key(tenant), 0, 15)) do
     local raw = redis.call('HGET', K.requests, rid)
     if raw then
@@ -164,9 +179,10 @@ local function retry_tenant(tenant)
         local best = redis.call('ZRANGE', free_key(pkey), 0, 0)[1]
         if best then
           local s = slice(best)
-          if eligible(r, s) then
+          local counted = eligible(r, s)
+          if counted ~= nil then
             dequeue(r)
-            grant(r, best, s)
+            grant(r, best, s, counted)
             redis.call('RPUSH', waiter_key(rid), 'granted')
             redis.call('PEXPIRE', waiter_key(rid), 600000)
             break
@@ -179,18 +195,18 @@ end
 
 -- End a lease (released, expired, revoked): free its slice for the next waiter.
 local function end_lease(lease_id, reason)
-  local f = redis.call('HMGET', lease_key(lease_id), 'slice', 'fence', 'tenant', 'holder', 'preemptible_pkey')
+  local f = redis.call('HMGET', lease_key(lease_id), 'slice', 'fence', 'tenant', 'compute', 'preemptible_pkey', 'counted')
   local id, fence, tenant = f[1], f[2], f[3]
   if f[5] then redis.call('ZREM', preemptible_key(f[5]), lease_id) end
   redis.call('DEL', lease_key(lease_id))
   redis.call('ZREM', K.leases, lease_id)
-  local s = slice(id)
-  local compute = s and s.compute_slices or 0
-  redis.call('HINCRBY', K.tenant_slices, tenant, -1)
-  redis.call('HINCRBY', K.tenant_compute, tenant, -compute)
-  event('lease.' .. reason, {'lease', lease_id, 'slice', id, 'fence', fence, 'tenant', tenant, 'holder', f[4]})
-  if s and redis.call('HGET', K.slice_lease, id) == lease_id then
-    redis.call('HDEL', K.slice_lease, id)
+  if f[6] then
+    redis.call('HINCRBY', K.tenant_slices, tenant, -1)
+    redis.call('HINCRBY', K.tenant_compute, tenant, -tonumber(f[4] or '0'))
+  end
+  event('lease.' .. reason, {'lease', lease_id, 'slice', id, 'fence', fence})
+  if leased_by(redis.call('HGET', K.slice_state, id)) == lease_id then
+    local s = slice(id)
     if s.gone then
       redis.call('HDEL', K.slices, id)
       redis.call('HDEL', K.slice_state, id)
@@ -200,7 +216,7 @@ local function end_lease(lease_id, reason)
       offer(id, s)
     end
   end
-  retry_tenant(tenant)
+  if f[6] then retry_tenant(tenant) end
 end
 
 local function reap_expired(limit)

@@ -9,36 +9,29 @@
 --       | {'queued', request_id, queue_length}
 --       | {'no_capacity', 'busy' | 'quota'}
 --       | {'unsatisfiable', pkeys in the inventory (comma-separated)}
---       | {'exists', 'leased' | 'waiting'}   (the same request id was seen before)
+-- Request ids are fresh random ids from the client (never reused), so no duplicate check.
 local r = cjson.decode(A[1])
 local wait = A[2] == '1'
 reap_expired(10)
 
-if redis.call('EXISTS', lease_key(r.id)) == 1 then return {'exists', 'leased'} end
-if redis.call('HEXISTS', K.requests, r.id) == 1 then return {'exists', 'waiting'} end
-
-local offered = false
-for _, pkey in ipairs(r.pkeys) do
-  if redis.call('SISMEMBER', K.pkeys, pkey) == 1 then offered = true end
-end
-if not offered then
-  return {'unsatisfiable', table.concat(redis.call('SMEMBERS', K.pkeys), ',')}
-end
 
 local quota_hit = false
-local function try_grant(id)
-  local s = slice(id)
-  if r.node ~= '' and s.node ~= r.node then return nil end
-  if quota_blocks(r.tenant, s.compute_slices) then quota_hit = true; return nil end
-  local fence, expires = grant(r, id, s)
-  return {'granted', r.id, fence, expires, id, cjson.encode(s)}
+local function try_grant(id, pkey)
+  -- The hot path needs only the kind and its compute slices (the 'g' in the profile name), so it
+  -- does not decode the slice's JSON; the raw JSON goes back to the caller.
+  local s = {pkey = pkey, compute_slices = tonumber(string.match(pkey, '/(%d+)g')),
+    _raw = redis.call('HGET', K.slices, id)}
+  local blocked, counted = quota_blocks(r.tenant, s.compute_slices)
+  if blocked then quota_hit = true; return nil end
+  local fence, expires = grant(r, id, s, counted)
+  return {'granted', r.id, fence, expires, id, s._raw}
 end
 
 for _, pkey in ipairs(r.pkeys) do
   if r.node == '' then
     local best = redis.call('ZRANGE', free_key(pkey), 0, 0)[1]
     if best then
-      local got = try_grant(best)
+      local got = try_grant(best, pkey)
       if got then return got end
     end
   else
@@ -49,10 +42,18 @@ for _, pkey in ipairs(r.pkeys) do
       if score and (not best_score or tonumber(score) < best_score) then best, best_score = id, tonumber(score) end
     end
     if best then
-      local got = try_grant(best)
+      local got = try_grant(best, pkey)
       if got then return got end
     end
   end
+end
+
+local offered = false
+for _, pkey in ipairs(r.pkeys) do
+  if redis.call('SISMEMBER', K.pkeys, pkey) == 1 then offered = true; break end
+end
+if not offered then
+  return {'unsatisfiable', table.concat(redis.call('SMEMBERS', K.pkeys), ',')}
 end
 
 if not wait then return {'no_capacity', quota_hit and 'quota' or 'busy'} end
@@ -77,13 +78,13 @@ if A[5] ~= '' then
   for _, pkey in ipairs(r.pkeys) do
     local low = redis.call('ZRANGE', preemptible_key(pkey), 0, 0, 'WITHSCORES')
     if low[1] and tonumber(low[2]) < r.priority and (not victim_prio or tonumber(low[2]) < victim_prio) then
-      local node = redis.call('HGET', lease_key(low[1]), 'slice')
-      if r.node == '' or (node and slice(node).node == r.node) then victim, victim_prio = low[1], tonumber(low[2]) end
+      local sid = redis.call('HGET', lease_key(low[1]), 'slice')
+      if r.node == '' or (sid and slice(sid).node == r.node) then victim, victim_prio = low[1], tonumber(low[2]) end
     end
   end
   if victim then
     local deadline = NOW + tonumber(A[5])
-    local pkey = redis.call('HGET', lease_key(victim), 'pkey')
+    local pkey = redis.call('HGET', lease_key(victim), 'preemptible_pkey')
     redis.call('ZREM', preemptible_key(pkey), victim)
     redis.call('HSET', lease_key(victim), 'revoked_at', NOW, 'revoked_for', r.id, 'expires_at', deadline)
     redis.call('ZADD', K.leases, deadline, victim)

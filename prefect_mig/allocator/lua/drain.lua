@@ -10,7 +10,7 @@ if g.draining then redis.call('SADD', K.draining, uuid) else redis.call('SREM', 
 local leased = 0
 for _, id in ipairs(redis.call('HKEYS', gpu_slices_key(uuid))) do
   local state = redis.call('HGET', K.slice_state, id)
-  if state == 'leased' then
+  if leased_by(state) then
     leased = leased + 1
   elseif g.draining and state == 'free' then
     redis.call('ZREM', free_key(slice(id).pkey), id)

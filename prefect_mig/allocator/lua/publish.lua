@@ -29,8 +29,9 @@ local removed = 0
 for _, id in ipairs(redis.call('SMEMBERS', node_slices_key(node))) do
   if not new[id] then
     local s = slice(id)
-    if redis.call('HGET', K.slice_state, id) == 'leased' then
+    if leased_by(redis.call('HGET', K.slice_state, id)) then
       s.gone = true  -- deleted when its lease ends
+      s._raw = nil
       redis.call('HSET', K.slices, id, cjson.encode(s))
     else
       redis.call('HDEL', K.slices, id)
@@ -46,7 +47,7 @@ end
 local handed = 0
 for _, s in ipairs(listed) do
   local state = redis.call('HGET', K.slice_state, s.id)
-  if state == 'leased' then s.busy = false end  -- its processes are the holder's own
+  if leased_by(state) then s.busy = false end  -- its processes are the holder's own
   s.ordinal = ordinal[s.gpu_uuid] or 0
   redis.call('HSET', K.slices, s.id, cjson.encode(s))
   redis.call('SADD', node_slices_key(node), s.id)
@@ -57,7 +58,7 @@ for _, s in ipairs(listed) do
     redis.call('HSET', K.slice_state, s.id, 'unavailable')
   elseif state == 'free' then
     redis.call('ZADD', free_key(s.pkey), free_score(s), s.id)
-  elseif state ~= 'leased' then
+  elseif not leased_by(state) then
     if offer(s.id, s) then handed = handed + 1 end
   end
 end
