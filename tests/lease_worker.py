@@ -4,7 +4,8 @@ Modes:
   hold URL NS PROFILE TTL        acquire, print "granted <lease> <fence> <slice>", renew until stdin
                                  closes or the lease is lost ("lost <reason>"), then release
                                  and print "released <True|False>"
-  churn URL NS PROFILE TTL N     acquire + hold ~5 ms + release, N times (killed at random by the test)
+  churn URL NS PROFILE TTL N     acquire + hold ~5 ms + release, N times (killed at random by the test);
+                                 a waiting request is dropped 1 s after its waiter dies
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from prefect_mig.allocator import LeaseClient, SliceRequest
 
 def main() -> None:
     mode, url, ns, profile, ttl = sys.argv[1:6]
-    client = LeaseClient(url, ns)
+    client = LeaseClient(url, ns, wait_ttl_s=1.0)
     if mode == "hold":
         lost = threading.Event()
 
