@@ -297,3 +297,24 @@ def test_unreachable_redis_is_a_clear_error_within_the_timeout():
         Allocator(client, "x").try_acquire(one())
     assert time.monotonic() - started < 5
     assert "PREFECT_MIG_REDIS_URL" in str(refused.value)
+
+
+def test_every_key_the_lua_builds_is_named_in_the_keys_module():
+    import re
+    from pathlib import Path
+
+    from prefect_mig.allocator.keys import Keys
+
+    lua = Path(Allocator.__module__.replace(".", "/")).parent
+    lib = (Path(__file__).parents[1] / "prefect_mig" / "allocator" / "lua" / "_lib.lua").read_text()
+    built = set(re.findall(r"return P \.\. '([a-z_]+):' \.\. \w+ end", lib))
+    keys = Keys("n")
+    assert built and all(getattr(keys, name)("x") == f"pmig:{{n}}:{name}:x" for name in built), built
+    assert lua  # the modules live beside it
+
+
+def test_a_retried_acquire_with_the_same_request_id_returns_the_same_lease(one_h100):
+    first = one_h100.try_acquire(one("3g.40gb"), request_id="retry-me")
+    again = one_h100.try_acquire(one("3g.40gb"), request_id="retry-me")
+    assert (again.lease_id, again.fence, again.slice.id) == (first.lease_id, first.fence, first.slice.id)
+    assert len(one_h100.status()["leases"]) == 1

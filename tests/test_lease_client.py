@@ -211,3 +211,15 @@ def test_async_client_leases_and_a_cancelled_waiter_leaves_nothing_behind(redis_
     assert asyncio.run(scenario()) == "3g.40gb"
     status = client.allocator.status()
     assert status["queue"] == [] and status["leases"] == []
+
+
+def test_a_held_lease_keeps_renewing_across_a_redis_restart(fresh_redis_server, namespace):
+    client = LeaseClient(fresh_redis_server.url, namespace)
+    client.allocator.publish_fleet("node-a=1xH100-80GB", layouts={"node-a": [H100_MIXED]})
+    lease = client.acquire(SliceRequest(profile="3g.40gb", ttl_s=3))
+    time.sleep(1.2)  # appendfsync everysec
+    fresh_redis_server.restart()
+    time.sleep(2.5)  # renewals at TTL/3 reconnect and go on
+    assert not lease.lost.is_set()
+    assert client.allocator.lease(lease.lease_id).fence == lease.fence
+    assert lease.release() is True

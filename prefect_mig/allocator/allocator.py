@@ -261,6 +261,8 @@ class Allocator:
             )
         if code == "queued":
             return Queued(reply[1], int(reply[2]))
+        if code == "exists":  # our own call, retried after a dropped connection
+            return self.lease(request_id) if reply[1] == "leased" else Queued(request_id, 0)
         if code == "no_capacity":
             why = "the tenant's quota is used up" if reply[1] == "quota" else "every matching slice is leased"
             raise NoCapacity(f"no slice for {request.requirement} now: {why}.", reason=reply[1], lease_id=request_id)

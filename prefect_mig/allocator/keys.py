@@ -7,7 +7,9 @@ Fixed keys reach the scripts in ``KEYS``. Keys named after an entity the script 
 waiter a release hands a slice to, the wait queue of the freed profile, the slices of one GPU) cannot
 be known by the caller beforehand, so scripts receive the prefix in ``ARGV[1]`` and append the same
 suffixes this module documents (``lease:<id>``, ``waiter:<id>``, ``waitq:<pkey>``, ``free:<pkey>``,
-``gpu_slices:<gpu_uuid>``). Those suffix functions below are the only other place these names appear.
+``gpu_slices:<gpu_uuid>``, ``node_slices:<node>``, ``tenant_waiting:<tenant>``,
+``preemptible:<pkey>``). The functions below are the only other place these names appear; a test
+checks that every suffix the Lua builds has one.
 """
 
 from __future__ import annotations
@@ -76,6 +78,15 @@ class Keys:
 
     def gpu_slices(self, gpu_uuid: str) -> str:  # HASH slice_id -> "<start>|<pkey>"
         return f"{self.prefix}gpu_slices:{gpu_uuid}"
+
+    def node_slices(self, node: str) -> str:  # SET of the node's slice ids
+        return f"{self.prefix}node_slices:{node}"
+
+    def tenant_waiting(self, tenant: str) -> str:  # ZSET request_id -> order (the tenant's waiters)
+        return f"{self.prefix}tenant_waiting:{tenant}"
+
+    def preemptible(self, pkey: str) -> str:  # ZSET lease_id -> priority (revocable leases of a kind)
+        return f"{self.prefix}preemptible:{pkey}"
 
     def all_fixed(self) -> list[str]:
         return [v for k, v in vars(self).items() if k not in ("namespace", "prefix")]

@@ -106,19 +106,28 @@ class Scripts:
     def _run_packed(self, name: str, argv: list):
         encoded = [a if isinstance(a, bytes) else str(a).encode() for a in argv]
         body = b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in encoded)
-        conn = self._connection()
-        try:
-            conn.send_packed_command([self._head(name, len(encoded)) + body])
+        for attempt in (1, 2):
+            conn = self._connection()
             try:
-                return conn.read_response()
-            except NoScriptError:
-                script = self._scripts[name]
-                script.sha = self._client.script_load(script.script)
                 conn.send_packed_command([self._head(name, len(encoded)) + body])
-                return conn.read_response()
-        except redis.ResponseError:
-            raise
-        except BaseException:
-            conn.disconnect()  # a half-read reply must not be read by the next call
-            self._local.conn = None
-            raise
+                try:
+                    return conn.read_response()
+                except NoScriptError:
+                    script = self._scripts[name]
+                    script.sha = self._client.script_load(script.script)
+                    conn.send_packed_command([self._head(name, len(encoded)) + body])
+                    return conn.read_response()
+            except redis.ResponseError:
+                raise
+            except (redis.ConnectionError, redis.TimeoutError):
+                conn.disconnect()  # a half-read reply must not be read by the next call
+                self._local.conn = None
+                # A connection that went stale (Redis restarted) fails once; every script is
+                # safe to run again (acquire recognises its own request id), so retry once.
+                if attempt == 2:
+                    raise
+            except BaseException:
+                conn.disconnect()
+                self._local.conn = None
+                raise
+        raise AssertionError("unreachable")

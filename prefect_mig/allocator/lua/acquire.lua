@@ -9,10 +9,13 @@
 --       | {'queued', request_id, queue_length}
 --       | {'no_capacity', 'busy' | 'quota'}
 --       | {'unsatisfiable', pkeys in the inventory (comma-separated)}
--- Request ids are fresh random ids from the client (never reused), so no duplicate check.
+--       | {'exists', 'leased' | 'waiting'}   (this request id was seen: a retried call)
 local r = cjson.decode(A[1])
 local wait = A[2] == '1'
 reap_expired(10)
+
+if redis.call('EXISTS', lease_key(r.id)) == 1 then return {'exists', 'leased'} end
+if redis.call('HEXISTS', K.requests, r.id) == 1 then return {'exists', 'waiting'} end
 
 
 local quota_hit = false
