@@ -109,7 +109,7 @@ def _handoff_waiter(url, ns, request_ids, out):
 
     alloc = Allocator(redis.Redis.from_url(url), ns)
     for rid in request_ids:
-        lease = alloc.wait_for_grant(rid, 30)
+        lease = alloc.wait_for_grant(rid, 30, request=SliceRequest(profile="4g.24gb"))
         out.put(time.monotonic())
         alloc.release(lease.lease_id, lease.fence)
 

@@ -278,7 +278,12 @@ class Allocator:
         raise AllocationError(f"unexpected reply from acquire: {reply!r}")
 
     def wait_for_grant(
-        self, request_id: str, timeout_s: float | None, *, stop: threading.Event | None = None
+        self,
+        request_id: str,
+        timeout_s: float | None,
+        *,
+        stop: threading.Event | None = None,
+        request: SliceRequest | None = None,
     ) -> LeaseInfo:
         """Block (pushed, not polled) until the queued request is granted, or withdraw it.
 
@@ -300,7 +305,19 @@ class Allocator:
             with redis_errors("wait for a slice"):
                 got = self.redis.blpop([waiter], timeout=chunk)
             if got and not (stop is not None and stop.is_set()):
-                return self.lease(request_id)
+                if request is None:
+                    return self.lease(request_id)
+                fence, expires, slice_json = decode(got[1]).split("|", 2)
+                return LeaseInfo(
+                    lease_id=request_id,
+                    fence=int(fence),
+                    slice=SliceRecord.model_validate_json(slice_json),
+                    expires_at_ms=int(expires),
+                    holder=request.holder,
+                    tenant=request.tenant,
+                    priority=request.priority,
+                    ttl_ms=int(request.ttl_s * 1000),
+                )
             if got:
                 break
             state = self._run("touch_wait", request_id, self.wait_ttl_ms, action="keep waiting")[0]
@@ -323,7 +340,7 @@ class Allocator:
         got = self.try_acquire(request, wait=timeout_s != 0)
         if isinstance(got, LeaseInfo):
             return got
-        return self.wait_for_grant(got.request_id, timeout_s)
+        return self.wait_for_grant(got.request_id, timeout_s, request=request)
 
     def lease(self, lease_id: str) -> LeaseInfo:
         """The lease as Redis holds it.

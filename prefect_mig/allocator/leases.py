@@ -216,7 +216,9 @@ class AsyncLeaseClient:
         if isinstance(got, Queued):
             stop = threading.Event()
             waiting = asyncio.ensure_future(
-                asyncio.to_thread(self.allocator.wait_for_grant, got.request_id, timeout_s, stop=stop)
+                asyncio.to_thread(
+                    self.allocator.wait_for_grant, got.request_id, timeout_s, stop=stop, request=request
+                )
             )
             try:
                 got = await asyncio.shield(waiting)

@@ -157,8 +157,9 @@ local function offer(id, s)
       local counted = eligible(r, s)
       if counted ~= nil then
         dequeue(r)
-        grant(r, id, s, counted)
-        redis.call('RPUSH', waiter_key(rid), 'granted')
+        local fence, expires = grant(r, id, s, counted)
+        -- the waiter learns everything it needs from the push: no read after waking up
+        redis.call('RPUSH', waiter_key(rid), string.format('%.0f|%.0f|', fence, expires) .. s._raw)
         redis.call('PEXPIRE', waiter_key(rid), 600000)
         return rid
       end
@@ -182,8 +183,8 @@ local function retry_tenant(tenant)
           local counted = eligible(r, s)
           if counted ~= nil then
             dequeue(r)
-            grant(r, best, s, counted)
-            redis.call('RPUSH', waiter_key(rid), 'granted')
+            local fence, expires = grant(r, best, s, counted)
+            redis.call('RPUSH', waiter_key(rid), string.format('%.0f|%.0f|', fence, expires) .. s._raw)
             redis.call('PEXPIRE', waiter_key(rid), 600000)
             break
           end
