@@ -19,6 +19,12 @@ PrefectMigError
 │   ├── LeaseNotOwned           renew/release with a fencing token that is not the lease's
 │   ├── LeaseLost               the lease is gone: expired, revoked (preempted) or never granted
 │   └── RedisUnavailable        Redis did not answer within the timeout
+├── LaunchError                 a task container could not run the body to an outcome
+│   ├── DockerUnavailable       the Docker engine does not answer
+│   ├── ImageNotFound           the image is not on that engine (no registry is pulled from)
+│   ├── ImagePythonMismatch     the image's Python minor version differs from the flow's
+│   ├── ContainerFailed         the container ended without writing an outcome
+│   └── ContainerStopped        the container was stopped: timeout, cancellation or a lost lease
 └── BackendError                the GPU backend (NVML, real or simulated) refused or failed
     ├── NvmlUnavailable         no NVML library / driver, or the GPU index does not exist
     ├── MigDisabled             MIG mode is off on the GPU
@@ -167,6 +173,63 @@ class LeaseLost(AllocationError):
 
 class RedisUnavailable(AllocationError):
     """Redis did not answer (down, unreachable or too slow)."""
+
+
+# --------------------------------------------------------------------------- launcher
+
+
+class LaunchError(PrefectMigError):
+    """A task container could not run the body to an outcome.
+
+    Attributes:
+        image: the image concerned.
+        container_id: the container, when one was created (it has been removed).
+    """
+
+    def __init__(self, message: str, *, image: str | None = None, container_id: str | None = None) -> None:
+        super().__init__(message)
+        self.image = image
+        self.container_id = container_id
+
+
+class DockerUnavailable(LaunchError):
+    """The Docker engine does not answer."""
+
+
+class ImageNotFound(LaunchError):
+    """The image is not on the engine that owns the slice."""
+
+
+class ImagePythonMismatch(LaunchError):
+    """The image's Python minor version differs from the flow's, so cloudpickle cannot be trusted."""
+
+
+class ContainerFailed(LaunchError):
+    """The container ended without writing an outcome (killed, out of memory, no python3...)."""
+
+    def __init__(self, message: str, *, exit_code: int | None = None, output: str = "", **kw) -> None:
+        super().__init__(message, **kw)
+        self.exit_code = exit_code
+        self.output = output
+
+
+class ContainerStopped(LaunchError):
+    """The container was stopped before the body finished (timeout, cancellation, lost lease)."""
+
+
+class RemoteTraceback(Exception):
+    """The traceback of an exception raised inside a task container (set as ``__cause__``)."""
+
+    def __init__(self, tb: str) -> None:
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return "\n--- raised in the task container ---\n" + self.tb
+
+
+class TaskBodyError(PrefectMigError):
+    """The task body raised an exception that could not be pickled; its traceback is the message."""
 
 
 # --------------------------------------------------------------------------- GPU backend

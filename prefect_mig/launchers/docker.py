@@ -1,0 +1,303 @@
+"""Run one function call in a Docker container bound to one MIG slice.
+
+Only the function body runs in the container (design decision 1). The call ``(fn, args, kwargs)``
+is cloudpickled; a small runtime (``runtime_entry.py`` and the host's cloudpickle) and the payload
+go in with ``put_archive`` and the outcome comes back with ``get_archive``, so a remote engine
+(``DOCKER_HOST``, one per GPU node) works like the local one: nothing is bind-mounted from the
+client's disk. The container is removed on every path.
+
+Binding: with real GPUs a ``DeviceRequest(driver="nvidia", device_ids=[MIG UUID])`` plus
+``NVIDIA_VISIBLE_DEVICES``; without (simulated NVML) the same environment
+(``NVIDIA_VISIBLE_DEVICES`` and ``CUDA_VISIBLE_DEVICES`` = the MIG UUID) and no device request.
+
+Examples:
+    ```python
+    from prefect_mig.launchers.docker import ContainerSettings, DockerLauncher
+
+    def body(x):
+        import os
+        return x * 2, os.environ["CUDA_VISIBLE_DEVICES"]
+
+    launcher = DockerLauncher(ContainerSettings(image="prefect-mig-python:bookworm"))
+    assert launcher.run(body, (21,), {}, mig_uuid="MIG-demo") == (42, "MIG-demo")
+    ```
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+import tarfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import cloudpickle
+import docker
+import docker.errors
+import requests.exceptions
+from docker.types import DeviceRequest
+from pydantic import BaseModel, ConfigDict, Field
+
+from prefect_mig.errors import (
+    ContainerFailed,
+    ContainerStopped,
+    DockerUnavailable,
+    ImageNotFound,
+    ImagePythonMismatch,
+    RemoteTraceback,
+    TaskBodyError,
+)
+
+HOME = "/opt/prefect-mig"
+LABEL_PREFIX = "prefect-mig."
+_VERSIONS: dict[tuple[str, str], tuple[int, int]] = {}  # (engine, image id) -> python (major, minor)
+
+
+class ContainerSettings(BaseModel):
+    """How task containers are made (mirrored by the MigCluster block's fields)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    image: str = Field(default="prefect-mig-python:bookworm", min_length=1, description="Image with python3 of the flow's minor version.")
+    docker_host: str | None = Field(default=None, description="Docker engine URL; None = DOCKER_HOST or the local socket.")
+    env: dict[str, str] = Field(default_factory=dict, description="Extra environment variables.")
+    volumes: list[str] = Field(default_factory=list, description="Volumes as 'host_or_name:/container/path[:ro|rw]'.")
+    network: str | None = Field(default=None, description="Docker network; None = networking off.")
+    cpus: float | None = Field(default=None, gt=0, le=1024, description="CPU limit (cores).")
+    mem_limit: str | None = Field(default=None, pattern=r"^\d+[bkmgBKMG]?$", description="Memory limit, e.g. '4g'.")
+    gpu_runtime: Literal["nvidia", "none"] = Field(
+        default="none", description="'nvidia' adds a DeviceRequest for the MIG UUID (real GPUs)."
+    )
+
+
+def _runtime_archive(payload: bytes) -> bytes:
+    """A tar of /opt/prefect-mig: the entry script, the host's cloudpickle, and the payload."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        def add_bytes(name: str, data: bytes) -> None:
+            info = tarfile.TarInfo(name)
+            info.size, info.mode, info.mtime = len(data), 0o644, int(time.time())
+            tar.addfile(info, io.BytesIO(data))
+
+        add_bytes(f"{HOME[1:]}/entry.py", (Path(__file__).parent / "runtime_entry.py").read_bytes())
+        add_bytes(f"{HOME[1:]}/payload.pkl", payload)
+        package = Path(cloudpickle.__file__).parent
+        for path in sorted(package.rglob("*.py")):
+            add_bytes(f"{HOME[1:]}/site/cloudpickle/{path.relative_to(package)}", path.read_bytes())
+    return buf.getvalue()
+
+
+def _pickle_call(fn: Callable, args: tuple, kwargs: dict) -> bytes:
+    """Cloudpickle the call; the function's own module travels by value when it is user code (not
+    installed), so the container needs no copy of the user's project."""
+    module = sys.modules.get(getattr(fn, "__module__", "") or "")
+    registered = False
+    if module is not None and module.__name__ != "__main__":
+        origin = getattr(module, "__file__", "") or ""
+        installed = "site-packages" in origin or "dist-packages" in origin or origin.startswith(sys.base_prefix)
+        if origin and not installed:
+            cloudpickle.register_pickle_by_value(module)
+            registered = True
+    try:
+        return cloudpickle.dumps((fn, tuple(args), dict(kwargs)))
+    finally:
+        if registered:
+            cloudpickle.unregister_pickle_by_value(module)
+
+
+class DockerLauncher:
+    """Runs calls in containers on one Docker engine.
+
+    Args:
+        settings: image, engine, limits, network, volumes, GPU runtime.
+    """
+
+    def __init__(self, settings: ContainerSettings | None = None) -> None:
+        self.settings = settings or ContainerSettings()
+        self._client: docker.DockerClient | None = None
+
+    @property
+    def client(self) -> docker.DockerClient:
+        if self._client is None:
+            url = self.settings.docker_host or os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+            try:
+                client = docker.DockerClient(base_url=url, timeout=30)
+                client.ping()
+            except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+                raise DockerUnavailable(
+                    f"the Docker engine at {url} does not answer ({exc.__class__.__name__}). Start dockerd "
+                    "on that node, or point PREFECT_MIG_DOCKER_HOST / the node's docker_url at a running engine.",
+                    image=self.settings.image,
+                ) from exc
+            self._client = client
+        return self._client
+
+    def python_version(self) -> tuple[int, int]:
+        """The image's Python (major, minor), probed once per engine and image id.
+
+        Raises:
+            ImageNotFound: the image is not on the engine.
+        """
+        image = self._image()
+        key = (self.client.api.base_url, image.id)
+        if key not in _VERSIONS:
+            out = self.client.containers.run(
+                image.id,
+                ["python3", "-c", "import sys; print(*sys.version_info[:2])"],
+                network_disabled=True,
+                remove=True,
+                stdout=True,
+                stderr=True,
+            )
+            major, minor = (int(x) for x in out.decode().split()[:2])
+            _VERSIONS[key] = (major, minor)
+        return _VERSIONS[key]
+
+    def _image(self):
+        try:
+            return self.client.images.get(self.settings.image)
+        except docker.errors.ImageNotFound as exc:
+            raise ImageNotFound(
+                f"image {self.settings.image!r} is not on the Docker engine at {self.client.api.base_url}; "
+                "no registry is pulled from. Build or load it there (e.g. `make image` builds "
+                "prefect-mig-python:bookworm), or set the image to one the engine has.",
+                image=self.settings.image,
+            ) from exc
+        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+            raise DockerUnavailable(f"the Docker engine failed to look up the image: {exc}", image=self.settings.image) from exc
+
+    def check_python(self) -> None:
+        """Refuse an image whose Python minor version differs from this process's."""
+        theirs, ours = self.python_version(), tuple(sys.version_info[:2])
+        if theirs != ours:
+            raise ImagePythonMismatch(
+                f"image {self.settings.image!r} runs Python {theirs[0]}.{theirs[1]} but the flow runs "
+                f"{ours[0]}.{ours[1]}; cloudpickle needs the same minor version. Use an image with "
+                f"python{ours[0]}.{ours[1]}.",
+                image=self.settings.image,
+            )
+
+    def run(
+        self,
+        fn: Callable,
+        args: tuple = (),
+        kwargs: dict | None = None,
+        *,
+        mig_uuid: str,
+        labels: dict[str, str] | None = None,
+        on_log: Callable[[str], None] | None = None,
+        stop: threading.Event | None = None,
+        poll_s: float = 0.25,
+    ) -> Any:
+        """Run ``fn(*args, **kwargs)`` in a fresh container that sees only `mig_uuid`; return its
+        value or raise its exception (with the container's traceback as ``__cause__``).
+
+        `stop` (set by another thread: timeout, cancellation, lost lease) kills the container and
+        raises `ContainerStopped`. The container is removed on every path.
+
+        Raises:
+            ImageNotFound, ImagePythonMismatch, DockerUnavailable, ContainerFailed, ContainerStopped.
+        """
+        self.check_python()
+        payload = _pickle_call(fn, args, kwargs or {})
+        s = self.settings
+        env = {**s.env, "NVIDIA_VISIBLE_DEVICES": mig_uuid, "CUDA_VISIBLE_DEVICES": mig_uuid, "PYTHONUNBUFFERED": "1"}
+        create: dict[str, Any] = {
+            "command": ["python3", f"{HOME}/entry.py"],
+            "environment": env,
+            "labels": {f"{LABEL_PREFIX}mig-uuid": mig_uuid, **{LABEL_PREFIX + k: str(v) for k, v in (labels or {}).items()}},
+            "detach": True,
+            "working_dir": HOME,
+        }
+        if s.network is None:
+            create["network_disabled"] = True
+        else:
+            create["network"] = s.network
+        if s.cpus:
+            create["nano_cpus"] = int(s.cpus * 1e9)
+        if s.mem_limit:
+            create["mem_limit"] = s.mem_limit
+        if s.volumes:
+            create["volumes"] = list(s.volumes)
+        if s.gpu_runtime == "nvidia":
+            create["device_requests"] = [DeviceRequest(driver="nvidia", device_ids=[mig_uuid], capabilities=[["gpu"]])]
+        try:
+            container = self.client.containers.create(s.image, **create)
+        except docker.errors.ImageNotFound as exc:
+            raise ImageNotFound(f"image {s.image!r} is not on the engine: {exc}", image=s.image) from exc
+        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+            raise DockerUnavailable(f"could not create the task container: {exc}", image=s.image) from exc
+        logger: threading.Thread | None = None
+        try:
+            container.put_archive("/", _runtime_archive(payload))
+            container.start()
+            if on_log is not None:
+                logger = threading.Thread(target=self._stream_logs, args=(container, on_log), daemon=True)
+                logger.start()
+            exit_code = self._wait(container, stop, poll_s)
+            if logger is not None:
+                logger.join(timeout=5)
+            outcome = self._outcome(container)
+            if outcome is None:
+                output = container.logs(tail=50).decode(errors="replace")
+                raise ContainerFailed(
+                    f"the task container exited with code {exit_code} without an outcome "
+                    f"(out of memory? killed?). Its last output:\n{output}",
+                    exit_code=exit_code,
+                    output=output,
+                    image=s.image,
+                    container_id=container.id,
+                )
+        finally:
+            try:
+                container.remove(force=True)
+            except docker.errors.NotFound:
+                pass
+        kind, value, tb = outcome
+        if kind == "ok":
+            return value
+        if value is None:
+            raise TaskBodyError(tb)
+        raise value from RemoteTraceback(tb)
+
+    @staticmethod
+    def _wait(container, stop: threading.Event | None, poll_s: float) -> int:
+        # Short waits, so a timeout or cancellation raised into this thread lands between them.
+        while True:
+            if stop is not None and stop.is_set():
+                container.kill()
+                raise ContainerStopped(
+                    "the task container was stopped before the body finished.", container_id=container.id
+                )
+            try:
+                return int(container.wait(timeout=poll_s)["StatusCode"])
+            except (requests.exceptions.ReadTimeout, requests.exceptions.ConnectionError):
+                continue
+
+    @staticmethod
+    def _outcome(container) -> tuple | None:
+        try:
+            stream, _ = container.get_archive(f"{HOME}/result.pkl")
+        except docker.errors.NotFound:
+            return None
+        with tarfile.open(fileobj=io.BytesIO(b"".join(stream))) as tar:
+            member = tar.extractfile("result.pkl")
+            return cloudpickle.loads(member.read()) if member else None
+
+    @staticmethod
+    def _stream_logs(container, on_log: Callable[[str], None]) -> None:
+        pending = ""
+        try:
+            for chunk in container.logs(stream=True, follow=True):
+                pending += chunk.decode(errors="replace")
+                *lines, pending = pending.split("\n")
+                for line in lines:
+                    on_log(line)
+        except (docker.errors.DockerException, requests.exceptions.RequestException):
+            pass
+        if pending:
+            on_log(pending)

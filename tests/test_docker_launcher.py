@@ -1,0 +1,161 @@
+"""The Docker launcher on the real engine and the local test image."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import docker
+import pytest
+
+from prefect_mig.errors import (
+    ContainerFailed,
+    ContainerStopped,
+    DockerUnavailable,
+    ImageNotFound,
+    ImagePythonMismatch,
+    RemoteTraceback,
+)
+from prefect_mig.launchers import ContainerSettings, DockerLauncher
+from prefect_mig.launchers.docker import LABEL_PREFIX
+
+
+def _ours(docker_client, run_id):
+    return docker_client.containers.list(all=True, filters={"label": f"{LABEL_PREFIX}run={run_id}"})
+
+
+def see_environment():
+    import os
+
+    return os.environ["CUDA_VISIBLE_DEVICES"], os.environ["NVIDIA_VISIBLE_DEVICES"], sorted(os.listdir("/sys/class/net"))
+
+
+def raise_value_error(n):
+    raise ValueError(f"bad input {n}")
+
+
+def sleep_long():
+    import time
+
+    time.sleep(60)
+
+
+def print_lines():
+    for i in range(3):
+        print(f"line {i}", flush=True)
+    return "done"
+
+
+def exit_hard():
+    import os
+
+    os._exit(9)
+
+
+@pytest.fixture
+def launcher(python_image):
+    return DockerLauncher(ContainerSettings(image=python_image))
+
+
+def test_the_body_sees_exactly_its_mig_uuid_and_no_network(launcher, docker_client):
+    cuda, nvidia, nets = launcher.run(see_environment, mig_uuid="MIG-1234", labels={"run": "env"})
+    assert (cuda, nvidia) == ("MIG-1234", "MIG-1234")
+    assert nets == ["lo"]
+    assert _ours(docker_client, "env") == []
+
+
+def test_arguments_and_return_values_travel_with_cloudpickle(launcher):
+    assert launcher.run(lambda a, b=1: {"sum": a + b}, (2,), {"b": 40}, mig_uuid="MIG-x") == {"sum": 42}
+
+
+def test_a_body_that_raises_raises_here_with_the_remote_traceback(launcher, docker_client):
+    with pytest.raises(ValueError, match="bad input 7") as raised:
+        launcher.run(raise_value_error, (7,), mig_uuid="MIG-x", labels={"run": "raise"})
+    assert isinstance(raised.value.__cause__, RemoteTraceback)
+    assert "raise_value_error" in raised.value.__cause__.tb
+    assert _ours(docker_client, "raise") == []
+
+
+def test_container_output_streams_line_by_line(launcher):
+    lines = []
+    assert launcher.run(print_lines, mig_uuid="MIG-x", on_log=lines.append) == "done"
+    assert lines == ["line 0", "line 1", "line 2"]
+
+
+def test_stop_kills_the_container_and_removes_it(launcher, docker_client):
+    event = threading.Event()
+    threading.Timer(1.0, event.set).start()
+    started = time.monotonic()
+    with pytest.raises(ContainerStopped):
+        launcher.run(sleep_long, mig_uuid="MIG-x", labels={"run": "stop"}, stop=event)
+    assert time.monotonic() - started < 15
+    assert _ours(docker_client, "stop") == []
+
+
+def test_a_container_that_dies_without_an_outcome_is_reported_and_removed(launcher, docker_client):
+    with pytest.raises(ContainerFailed) as failed:
+        launcher.run(exit_hard, mig_uuid="MIG-x", labels={"run": "die"})
+    assert failed.value.exit_code == 9
+    assert _ours(docker_client, "die") == []
+
+
+def test_a_missing_image_is_a_clear_error_and_leaves_nothing(docker_client):
+    launcher = DockerLauncher(ContainerSettings(image="prefect-mig-no-such-image:1"))
+    with pytest.raises(ImageNotFound) as missing:
+        launcher.run(print_lines, mig_uuid="MIG-x", labels={"run": "missing"})
+    assert "no registry" in str(missing.value) and missing.value.image == "prefect-mig-no-such-image:1"
+    assert _ours(docker_client, "missing") == []
+
+
+def test_a_docker_engine_that_is_down_is_a_clear_error():
+    launcher = DockerLauncher(ContainerSettings(docker_host="tcp://127.0.0.1:1"))
+    with pytest.raises(DockerUnavailable) as down:
+        launcher.run(print_lines, mig_uuid="MIG-x")
+    assert "tcp://127.0.0.1:1" in str(down.value)
+
+
+@pytest.fixture
+def wrong_python_image(docker_client, python_image):
+    """The test image with a python3 that reports 3.7."""
+    tag = "prefect-mig-test-wrong-python:1"
+    try:
+        docker_client.images.get(tag)
+    except docker.errors.ImageNotFound:
+        c = docker_client.containers.run(
+            python_image,
+            ["sh", "-c", "rm /usr/bin/python3 && printf '#!/bin/sh\\necho 3 7\\n' > /usr/bin/python3 && chmod +x /usr/bin/python3"],
+            detach=True,
+            network_disabled=True,
+        )
+        c.wait()
+        c.commit(repository="prefect-mig-test-wrong-python", tag="1")
+        c.remove()
+    return tag
+
+
+def test_an_image_with_another_python_minor_is_refused(wrong_python_image, docker_client):
+    launcher = DockerLauncher(ContainerSettings(image=wrong_python_image))
+    with pytest.raises(ImagePythonMismatch) as refused:
+        launcher.run(print_lines, mig_uuid="MIG-x", labels={"run": "wrongpy"})
+    assert "Python 3.7" in str(refused.value)
+    assert _ours(docker_client, "wrongpy") == []
+
+
+def test_limits_env_and_volumes_are_applied(python_image, docker_client):
+    def read():
+        import os
+
+        return os.environ["EXTRA"], open("/data/hello.txt").read()
+
+    volume = docker_client.volumes.create()
+    try:
+        seed = docker_client.containers.run(
+            python_image, ["sh", "-c", "echo hi > /data/hello.txt"], volumes=[f"{volume.name}:/data"], remove=True, network_disabled=True
+        )
+        del seed
+        launcher = DockerLauncher(
+            ContainerSettings(image=python_image, env={"EXTRA": "1"}, volumes=[f"{volume.name}:/data:ro"], cpus=0.5, mem_limit="256m")
+        )
+        assert launcher.run(read, mig_uuid="MIG-x") == ("1", "hi\n")
+    finally:
+        volume.remove(force=True)
