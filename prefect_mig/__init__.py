@@ -16,7 +16,13 @@ except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0+unknown"
 
 _LAZY = {
+    "AsyncLeaseClient": "prefect_mig.allocator",
     "FleetSpec": "prefect_mig.model",
+    "Lease": "prefect_mig.allocator",
+    "LeaseClient": "prefect_mig.allocator",
+    "MigTaskRunner": "prefect_mig.integrations.prefect",
+    "SliceRequest": "prefect_mig.allocator",
+    "task": "prefect_mig.integrations.prefect",
     "GpuBackend": "prefect_mig.gpu",
     "Layout": "prefect_mig.model",
     "Placement": "prefect_mig.model",

@@ -195,6 +195,12 @@ class Allocator:
         """Keep a node in service; returns ``ok``, ``back`` (was lost) or ``unknown``."""
         return self._run("heartbeat", node, int(ttl_s * 1000), action=f"heartbeat node {node}")[0]
 
+    def node_docker_url(self, node: str) -> str | None:
+        """The Docker engine URL the node's agent published (None: the local engine)."""
+        with redis_errors("read a node"):
+            raw = self.redis.hget(self.keys.nodes, node)
+        return json.loads(decode(raw)).get("docker_url") if raw else None
+
     def gpu_models(self, *, max_age_s: float = 5.0) -> list[str]:
         """GPU models present in the inventory (cached for `max_age_s`)."""
         at, models = self._models
@@ -307,7 +313,7 @@ class Allocator:
             if got and not (stop is not None and stop.is_set()):
                 if request is None:
                     return self.lease(request_id)
-                fence, expires, slice_json = decode(got[1]).split("|", 2)
+                fence, expires, waited, slice_json = decode(got[1]).split("|", 3)
                 return LeaseInfo(
                     lease_id=request_id,
                     fence=int(fence),
@@ -317,6 +323,7 @@ class Allocator:
                     tenant=request.tenant,
                     priority=request.priority,
                     ttl_ms=int(request.ttl_s * 1000),
+                    waited_ms=int(waited),
                 )
             if got:
                 break

@@ -119,7 +119,7 @@ local function grant(r, id, s, counted)
   end
   event('lease.granted', {'lease', r.id, 'slice', id, 'fence', fence, 'priority', r.priority,
     'pkey', s.pkey, 'order', r.order or '', 'waited_ms', waited})
-  return fence, expires
+  return fence, expires, waited
 end
 
 -- nil when the request may not take the slice, else whether its tenant's usage is counted
@@ -157,9 +157,9 @@ local function offer(id, s)
       local counted = eligible(r, s)
       if counted ~= nil then
         dequeue(r)
-        local fence, expires = grant(r, id, s, counted)
+        local fence, expires, waited = grant(r, id, s, counted)
         -- the waiter learns everything it needs from the push: no read after waking up
-        redis.call('RPUSH', waiter_key(rid), string.format('%.0f|%.0f|', fence, expires) .. s._raw)
+        redis.call('RPUSH', waiter_key(rid), string.format('%.0f|%.0f|%.0f|', fence, expires, waited) .. s._raw)
         redis.call('PEXPIRE', waiter_key(rid), 600000)
         return rid
       end
@@ -183,8 +183,8 @@ local function retry_tenant(tenant)
           local counted = eligible(r, s)
           if counted ~= nil then
             dequeue(r)
-            local fence, expires = grant(r, best, s, counted)
-            redis.call('RPUSH', waiter_key(rid), string.format('%.0f|%.0f|', fence, expires) .. s._raw)
+            local fence, expires, waited = grant(r, best, s, counted)
+            redis.call('RPUSH', waiter_key(rid), string.format('%.0f|%.0f|%.0f|', fence, expires, waited) .. s._raw)
             redis.call('PEXPIRE', waiter_key(rid), 600000)
             break
           end

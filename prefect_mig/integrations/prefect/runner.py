@@ -1,0 +1,332 @@
+"""`MigTaskRunner`: run Prefect task bodies in containers bound to leased MIG slices.
+
+Per task, with the drop-in decorator::
+
+    from prefect_mig import task, MigTaskRunner
+
+    @task(task_runner=MigTaskRunner(profile="1g.10gb", priority=5))
+    def infer(batch): ...
+
+Per flow: ``@flow(task_runner=MigTaskRunner())`` sends every submitted task tagged ``mig:<profile>``
+(or ``mig:>=20gb``) to a lease + container and runs the others as the thread pool does. Tags
+``mig:<profile>``, ``mig-priority:<n>`` and ``mig-tenant:<name>`` override the runner per call.
+
+Only the body runs in the container; Prefect's engine (states, retries, caching, timeouts, logs)
+stays in the flow's process. Each try takes a fresh lease, renewed while the body runs and
+released on every exit path. While a task waits for its slice, its run shows the state
+``AwaitingMIG``; once leased, a log line and the Running state's message say which slice on which
+GPU and node. If the lease is lost (expired or revoked for a higher priority), the container is
+stopped and the task fails saying so.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import threading
+from typing import Any
+
+import redis
+from prefect.context import TaskRunContext
+from prefect.logging import get_run_logger
+from prefect.states import Pending, Running
+from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.utilities.engine import emit_task_run_state_change_event
+
+from prefect_mig.allocator import Allocator, Lease, SliceRequest
+from prefect_mig.allocator.embedded import redis_url
+from prefect_mig.errors import ConfigError, ContainerStopped, LeaseLost
+from prefect_mig.launchers import ContainerSettings, DockerLauncher
+from prefect_mig.settings import load_settings
+
+AWAITING_MIG = "AwaitingMIG"
+_PROFILE_TAG, _PRIORITY_TAG, _TENANT_TAG = "mig:", "mig-priority:", "mig-tenant:"
+_ALLOCATORS: dict[tuple[str, str], Allocator] = {}
+_ALLOCATORS_LOCK = threading.Lock()
+
+
+def _allocator(url: str, namespace: str) -> Allocator:
+    with _ALLOCATORS_LOCK:
+        key = (url, namespace)
+        if key not in _ALLOCATORS:
+            client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=10)
+            _ALLOCATORS[key] = Allocator(client, namespace)
+        return _ALLOCATORS[key]
+
+
+class MigTaskRunner(ThreadPoolTaskRunner):
+    """A task runner that leases a MIG slice per task try and runs the body in a container there.
+
+    Args:
+        profile: exact MIG profile (``1g.10gb``) or minimums (``>=20gb``, ``>=3g``); None at flow
+            level means "only tasks tagged ``mig:...``".
+        priority: 0-100, higher first.
+        tenant: charged for the slices (quotas).
+        preemptible: a higher-priority request may revoke the lease (the task then fails).
+        image, env, volumes, network, cpus, mem_limit: the container (see `ContainerSettings`).
+        cluster: a `MigCluster` block (Redis URL, namespace and defaults); else the settings.
+        lease_ttl_s: lease TTL, renewed every third of it.
+        wait_timeout_s: how long a try may wait for a slice (None: as long as it takes).
+        max_workers: thread-pool size, as for `ThreadPoolTaskRunner`.
+
+    Examples:
+        ```python
+        from prefect_mig import MigTaskRunner
+
+        runner = MigTaskRunner(profile="1g.10gb", priority=5, image="prefect-mig-python:bookworm")
+        assert runner.duplicate() == runner
+        ```
+    """
+
+    def __init__(
+        self,
+        profile: str | None = None,
+        *,
+        priority: int | None = None,
+        tenant: str | None = None,
+        preemptible: bool = False,
+        image: str | None = None,
+        env: dict[str, str] | None = None,
+        volumes: list[str] | None = None,
+        network: str | None = None,
+        cpus: float | None = None,
+        mem_limit: str | None = None,
+        cluster: Any = None,
+        lease_ttl_s: float | None = None,
+        wait_timeout_s: float | None = None,
+        max_workers: int | None = None,
+    ) -> None:
+        super().__init__(max_workers=max_workers)
+        self.profile = profile
+        self.priority = priority
+        self.tenant = tenant
+        self.preemptible = preemptible
+        self.image = image
+        self.env = dict(env or {})
+        self.volumes = list(volumes or [])
+        self.network = network
+        self.cpus = cpus
+        self.mem_limit = mem_limit
+        self.cluster = cluster
+        self.lease_ttl_s = lease_ttl_s
+        self.wait_timeout_s = wait_timeout_s
+        if profile is not None:
+            self.request_for(profile, priority or 0, tenant or "default")  # validates early
+
+    # configuration only, as RayTaskRunner does
+    def _config(self) -> dict[str, Any]:
+        return {
+            k: getattr(self, k)
+            for k in ("profile", "priority", "tenant", "preemptible", "image", "env", "volumes", "network",
+                      "cpus", "mem_limit", "cluster", "lease_ttl_s", "wait_timeout_s")
+        } | {"max_workers": self._max_workers}
+
+    def duplicate(self) -> MigTaskRunner:
+        return type(self)(**self._config())
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, MigTaskRunner) and self._config() == other._config()
+
+    __hash__ = None  # type: ignore[assignment]
+
+    # ------------------------------------------------------------------ what to ask for
+
+    def request_for(self, profile: str, priority: int, tenant: str, holder: str = "") -> SliceRequest:
+        """The `SliceRequest` for one try (``profile`` may be ``>=20gb``-style minimums)."""
+        from pydantic import ValidationError
+
+        from prefect_mig.model import SliceRequirement
+
+        try:
+            need = SliceRequirement.parse(profile, field="profile")
+            return SliceRequest(
+                **need.model_dump(exclude_none=True),
+                priority=priority,
+                tenant=tenant,
+                holder=holder[:256],
+                ttl_s=self._ttl(),
+                preemptible=self.preemptible,
+            )
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            raise ConfigError(
+                f"MigTaskRunner {'.'.join(map(str, first['loc']))}={first.get('input')!r}: "
+                f"{first['msg'].removeprefix('Value error, ')}",
+                field=str(first["loc"][0]) if first["loc"] else None,
+                value=first.get("input"),
+            ) from exc
+
+    def _ttl(self) -> float:
+        if self.lease_ttl_s is not None:
+            return self.lease_ttl_s
+        return float(getattr(self.cluster, "lease_ttl_s", None) or 60.0)
+
+    def _resolved(self, tags: set[str]) -> tuple[str | None, int, str]:
+        profile, priority, tenant = self.profile, self.priority, self.tenant
+        for tag in tags:
+            if tag.startswith(_PRIORITY_TAG):
+                priority = int(tag[len(_PRIORITY_TAG):])
+            elif tag.startswith(_TENANT_TAG):
+                tenant = tag[len(_TENANT_TAG):]
+            elif tag.startswith(_PROFILE_TAG):
+                profile = tag[len(_PROFILE_TAG):]
+        if priority is None:
+            priority = int(getattr(self.cluster, "default_priority", 0) or 0)
+        return profile, priority, tenant or "default"
+
+    def _allocator(self) -> Allocator:
+        if self.cluster is not None:
+            return _allocator(self.cluster.redis_url.get_secret_value(), self.cluster.namespace)
+        settings = load_settings()
+        return _allocator(redis_url(settings), settings.namespace)
+
+    def _launcher(self, docker_url: str | None) -> DockerLauncher:
+        settings = load_settings()
+        cluster = self.cluster
+        return DockerLauncher(
+            ContainerSettings(
+                image=self.image or getattr(cluster, "image", None) or "prefect-mig-python:bookworm",
+                docker_host=docker_url or getattr(cluster, "docker_host", None) or settings.docker_host,
+                env=self.env,
+                volumes=self.volumes,
+                network=self.network,
+                cpus=self.cpus,
+                mem_limit=self.mem_limit,
+                gpu_runtime=getattr(cluster, "gpu_runtime", None) or ("nvidia" if settings.backend == "nvml" else "none"),
+            )
+        )
+
+    # ------------------------------------------------------------------ one try
+
+    def run_in_slice(self, fn, args: tuple, kwargs: dict) -> Any:
+        """Lease a slice, run ``fn(*args, **kwargs)`` in a container bound to it, release."""
+        ctx = TaskRunContext.get()
+        tags = set(ctx.task_run.tags) if ctx else set()
+        profile, priority, tenant = self._resolved(tags)
+        if profile is None:
+            raise ConfigError(
+                "this task asks for no MIG slice: give MigTaskRunner(profile=...) or tag it 'mig:<profile>'.",
+                field="profile",
+            )
+        holder = f"{ctx.task_run.flow_run_id}/{ctx.task_run.id}" if ctx else "local"
+        request = self.request_for(profile, priority, tenant, holder)
+        logger = get_run_logger() if ctx else None
+        allocator = self._allocator()
+        launcher_ready = self._launcher(None)
+        launcher_ready.check_python()  # a bad image fails before any lease is taken
+
+        got = allocator.try_acquire(request, wait=self.wait_timeout_s != 0)
+        from prefect_mig.allocator import LeaseInfo
+
+        if not isinstance(got, LeaseInfo):
+            if logger:
+                logger.info("waiting for a %s slice (priority %s, tenant %s)", request.requirement, priority, tenant)
+            with _awaiting_state(ctx, f"waiting for a {request.requirement} slice"):
+                got = allocator.wait_for_grant(got.request_id, self.wait_timeout_s, request=request)
+        lost = threading.Event()
+        lease = Lease(allocator, got, on_lost=lambda held, exc: lost.set()).start_renewing()
+        try:
+            s = lease.slice
+            where = f"{s.profile}@{s.start} on {s.node} GPU {s.gpu_index} ({s.mig_uuid})"
+            _running_message(ctx, f"leased {where}, fence {lease.fence}")
+            if logger:
+                logger.info("leased %s, waited %.2f s, fence %s", where, got.waited_ms / 1000, lease.fence)
+            docker_url = allocator.node_docker_url(s.node)  # the engine on the node that owns the slice
+            launcher = self._launcher(docker_url) if docker_url else launcher_ready
+            labels = {
+                "lease-id": lease.lease_id,
+                "fence": lease.fence,
+                "slice": f"{s.node}/{s.gpu_index}/{s.profile}@{s.start}",
+                "flow-run-id": ctx.task_run.flow_run_id if ctx else "",
+                "task-run-id": ctx.task_run.id if ctx else "",
+            }
+            try:
+                return launcher.run(
+                    fn, args, kwargs, mig_uuid=s.mig_uuid, labels=labels,
+                    on_log=(logger.info if logger else None), stop=lost,
+                )
+            except ContainerStopped as exc:
+                reason = getattr(lease.lost_reason, "reason", "lost")
+                raise LeaseLost(
+                    f"the lease on {where} was {reason} while the task ran: its container was stopped. "
+                    + ("A higher-priority request revoked it (the task is preemptible)." if reason == "revoked" else
+                       "It could not be renewed in time (Redis unreachable or the process paused)."),
+                    reason=reason,
+                    lease_id=lease.lease_id,
+                ) from exc
+        finally:
+            lease.release()
+
+    # ------------------------------------------------------------------ flow level
+
+    def submit(self, task, parameters, wait_for=None, dependencies=None):
+        wants = any(t.startswith(_PROFILE_TAG) for t in task.tags) or getattr(task.fn, "__prefect_mig__", None)
+        if wants and not getattr(task.fn, "__prefect_mig__", None):
+            task = _with_body(task, slice_body(task.fn, self))
+        return super().submit(task, parameters, wait_for=wait_for, dependencies=dependencies)
+
+
+def slice_body(fn, runner: MigTaskRunner):
+    """Wrap `fn` so that each call runs in a container on a leased slice (sync or async `fn`)."""
+    if inspect.iscoroutinefunction(fn):
+        @functools.wraps(fn)
+        async def proxy(*args, **kwargs):
+            import anyio
+
+            return await anyio.to_thread.run_sync(functools.partial(runner.run_in_slice, _sync_twin(fn), args, kwargs))
+    else:
+        @functools.wraps(fn)
+        def proxy(*args, **kwargs):
+            return runner.run_in_slice(fn, args, kwargs)
+    proxy.__prefect_mig__ = runner
+    return proxy
+
+
+def _sync_twin(fn):
+    def run(*args, **kwargs):
+        import asyncio
+
+        return asyncio.run(fn(*args, **kwargs))
+
+    run.__module__, run.__qualname__ = fn.__module__, fn.__qualname__
+    return run
+
+
+def _with_body(task, body):
+    import copy
+
+    clone = copy.copy(task)
+    clone.fn = body
+    return clone
+
+
+class _awaiting_state:
+    """Show ``AwaitingMIG`` (a Pending state) while waiting, then Running again."""
+
+    def __init__(self, ctx, message: str) -> None:
+        self.ctx, self.message = ctx, message
+
+    def __enter__(self):
+        if self.ctx is not None:
+            _emit(self.ctx, Pending(name=AWAITING_MIG, message=self.message))
+        return self
+
+    def __exit__(self, *exc):
+        if self.ctx is not None and exc[0] is not None:  # on success the lease message follows
+            _emit(self.ctx, Running(message=f"stopped waiting: {exc[1]}"))
+        return False
+
+
+def _running_message(ctx, message: str) -> None:
+    if ctx is not None:
+        _emit(ctx, Running(message=message))
+
+
+def _emit(ctx, state) -> None:
+    run = ctx.task_run
+    last = run.state
+    state.state_details.task_run_id = run.id
+    state.state_details.flow_run_id = run.flow_run_id
+    run.state = state
+    run.state_id, run.state_type, run.state_name = state.id, state.type, state.name
+    emit_task_run_state_change_event(task_run=run, initial_state=last, validated_state=state)
