@@ -1,0 +1,184 @@
+"""Prefect tasks on leased MIG slices: a real Prefect API (temporary server), real Redis, real Docker."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import redis
+from prefect import flow
+from prefect import task as prefect_task
+
+from prefect_mig import MigTaskRunner, task
+from prefect_mig.allocator import Allocator
+from prefect_mig.allocator.invariants import check_events
+from prefect_mig.launchers.docker import LABEL_PREFIX
+
+from .allocator_fixtures import H100_MIXED
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture
+def cluster(prefect_api, redis_server, namespace, monkeypatch, python_image, docker_client):
+    monkeypatch.setenv("PREFECT_MIG_REDIS_URL", redis_server.url)
+    monkeypatch.setenv("PREFECT_MIG_NAMESPACE", namespace)
+    monkeypatch.setenv("PREFECT_MIG_BACKEND", "simulated")
+    alloc = Allocator(redis.Redis.from_url(redis_server.url), namespace)
+    alloc.publish_fleet("node-a=1xH100-80GB", layouts={"node-a": [H100_MIXED]})
+    yield alloc
+    leftovers = docker_client.containers.list(all=True, filters={"label": f"{LABEL_PREFIX}mig-uuid"})
+    assert leftovers == [], "a task container was left behind"
+    assert alloc.status()["leases"] == [], "a lease was left behind"
+
+
+def env_of_slice(i):
+    import os
+    import time
+
+    time.sleep(0.3)
+    return i, os.environ.get("CUDA_VISIBLE_DEVICES")
+
+
+def test_fan_out_runs_each_task_in_a_container_that_sees_only_its_slice(cluster):
+    infer = task(task_runner=MigTaskRunner(profile="1g.10gb"))(env_of_slice)
+
+    @flow
+    def pipeline():
+        return [f.result() for f in infer.map(range(6))]
+
+    results = pipeline()
+    slices = {s["mig_uuid"] for s in cluster.status()["slices"] if s["profile"] == "1g.10gb"}
+    assert [i for i, _ in results] == list(range(6))
+    assert {uuid for _, uuid in results} <= slices
+    report = check_events(cluster.events())
+    assert report.violations == [] and report.grants == 6 and report.live == set()
+
+
+def raise_boom():
+    raise RuntimeError("boom in the container")
+
+
+def test_a_failing_body_fails_the_task_with_the_remote_traceback_and_retries_take_fresh_leases(cluster):
+    failing = task(task_runner=MigTaskRunner(profile="3g.40gb"), retries=1, retry_delay_seconds=0)(raise_boom)
+
+    @flow
+    def pipeline():
+        try:
+            failing()
+        except RuntimeError as exc:
+            return exc
+        return None
+
+    raised = pipeline()
+    assert isinstance(raised, RuntimeError) and "boom in the container" in str(raised)
+    assert "raise_boom" in str(raised.__cause__)
+    granted = [e for e in cluster.events() if e["type"] == "lease.granted"]
+    assert len(granted) == 2 and granted[0]["fence"] != granted[1]["fence"]
+
+
+def sleep_forever():
+    import time
+
+    time.sleep(120)
+
+
+def test_a_timeout_kills_the_container_and_frees_the_slice(cluster):
+    slow = task(task_runner=MigTaskRunner(profile="3g.40gb"), timeout_seconds=2)(sleep_forever)
+
+    @flow
+    def pipeline():
+        state = slow(return_state=True)
+        return state.is_failed(), state.message
+
+    started = time.monotonic()
+    failed, message = pipeline()
+    assert failed and "exceeded timeout" in message
+    assert time.monotonic() - started < 30
+    assert {s["state"] for s in cluster.status()["slices"]} == {"free"}
+
+
+def test_a_waiting_task_shows_awaiting_mig_then_runs(cluster):
+    from prefect.client.orchestration import get_client
+
+    from prefect_mig.allocator import SliceRequest
+
+    holder = cluster.try_acquire(SliceRequest(profile="3g.40gb"))
+    big = task(task_runner=MigTaskRunner(profile="3g.40gb"))(env_of_slice)
+
+    @flow
+    def pipeline():
+        future = big.submit(1)
+        time.sleep(1.5)
+        cluster.release(holder.lease_id, holder.fence)
+        return future.task_run_id, future.result()
+
+    task_run_id, (_, uuid) = pipeline()
+    assert uuid == holder.slice.mig_uuid
+    names: list[str] = []
+    with get_client(sync_client=True) as client:
+        deadline = time.monotonic() + 20
+        while "AwaitingMIG" not in names and time.monotonic() < deadline:
+            names = [s.name for s in client.read_task_run_states(task_run_id)]
+            time.sleep(0.5)
+    assert "AwaitingMIG" in names
+    assert names[-1] == "Completed"
+
+
+def test_a_missing_image_fails_clearly_and_takes_no_lease(cluster):
+    t = task(task_runner=MigTaskRunner(profile="1g.10gb", image="prefect-mig-no-such-image:1"))(env_of_slice)
+
+    @flow
+    def pipeline():
+        state = t(1, return_state=True)
+        return state.is_failed(), state.message
+
+    failed, message = pipeline()
+    assert failed and "no registry" in message
+    assert [e for e in cluster.events() if e["type"] == "lease.granted"] == []
+
+
+@pytest.mark.parametrize(("profile", "complaint"), [("5g.1gb", "has no MIG profile"), ("7g.80gb", "no GPU in the inventory")])
+def test_an_unknown_or_unoffered_profile_fails_clearly_and_leaves_nothing(cluster, profile, complaint):
+    t = task(task_runner=MigTaskRunner(profile=profile))(env_of_slice)
+
+    @flow
+    def pipeline():
+        state = t(1, return_state=True)
+        return state.is_failed(), state.message
+
+    failed, message = pipeline()
+    assert failed and complaint in message
+    assert cluster.status()["queue"] == []
+
+
+def test_a_flow_level_runner_sends_only_tagged_tasks_to_slices(cluster):
+    @prefect_task(tags=["mig:1g.10gb", "mig-priority:7"])
+    def on_gpu():
+        import os
+
+        return os.environ.get("CUDA_VISIBLE_DEVICES")
+
+    @prefect_task
+    def on_cpu():
+        import os
+
+        return os.environ.get("CUDA_VISIBLE_DEVICES")
+
+    @flow(task_runner=MigTaskRunner())
+    def pipeline():
+        return on_gpu.submit().result(), on_cpu.submit().result()
+
+    gpu, cpu = pipeline()
+    assert gpu and gpu.startswith("MIG-") and cpu is None
+    granted = [e for e in cluster.events() if e["type"] == "lease.granted"]
+    assert [e["priority"] for e in granted] == ["7"]
