@@ -32,6 +32,6 @@ test: system venv image
 	@echo ">>> Running the tests: pytest -q $(PYTEST_ARGS)"
 	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
 
-demo: system venv
+demo: system venv image
 	@echo ">>> Running the demo"
 	$(VENV)/bin/prefect-mig demo

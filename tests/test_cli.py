@@ -85,11 +85,27 @@ def test_version_json_names_prefect_mig_and_its_libraries():
     assert {"prefect-mig", "prefect", "nvidia-ml-py"} <= set(data)
 
 
-def test_demo_carves_the_simulated_fleet_and_refuses_to_destroy_a_busy_slice(tmp_path):
-    done = prefect_mig("demo", state_dir=tmp_path)
+def test_demo_carves_the_fleet_and_refuses_to_destroy_a_busy_slice(tmp_path):
+    done = prefect_mig("demo", "--no-pipeline", state_dir=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "simulated fleet" in done.stdout
     assert "GPU 0: 3g.40gb@0 + 1g.10gb@4 + 1g.10gb@5 + 1g.10gb@6" in done.stdout
     assert "A busy slice is never destroyed" in done.stdout
-    again = prefect_mig("demo", state_dir=tmp_path)  # a second run finds the layout in place
+    again = prefect_mig("demo", "--no-pipeline", state_dir=tmp_path)  # the layout is already in place
     assert "(0 created, 0 destroyed, the rest kept)" in again.stdout
+
+
+def test_demo_runs_the_pipeline_and_reports_where_each_task_ran(tmp_path, python_image):
+    env_free = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    done = subprocess.run(
+        [sys.executable, "-m", "prefect_mig.cli.main", "demo", "--batches", "4"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**env_free, "PREFECT_MIG_BACKEND": "simulated", "PREFECT_MIG_STATE_DIR": str(tmp_path), "COLUMNS": "120"},
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = done.stdout
+    assert "fine_tune" in out and "3g.40gb@" in out
+    assert all(f"infer[{i}]" in out for i in range(4))
+    assert "slice utilization" in out and "leases left: 0, waiting: 0" in out

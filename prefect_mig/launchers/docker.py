@@ -191,6 +191,7 @@ class DockerLauncher:
         labels: dict[str, str] | None = None,
         on_log: Callable[[str], None] | None = None,
         stop: threading.Event | None = None,
+        env: dict[str, str] | None = None,
         poll_s: float = 0.25,
     ) -> Any:
         """Run ``fn(*args, **kwargs)`` in a fresh container that sees only `mig_uuid`; return its
@@ -205,7 +206,7 @@ class DockerLauncher:
         self.check_python()
         payload = _pickle_call(fn, args, kwargs or {})
         s = self.settings
-        env = {**s.env, "NVIDIA_VISIBLE_DEVICES": mig_uuid, "CUDA_VISIBLE_DEVICES": mig_uuid, "PYTHONUNBUFFERED": "1"}
+        env = {**s.env, **(env or {}), "NVIDIA_VISIBLE_DEVICES": mig_uuid, "CUDA_VISIBLE_DEVICES": mig_uuid, "PYTHONUNBUFFERED": "1"}
         create: dict[str, Any] = {
             "command": ["python3", f"{HOME}/entry.py"],
             "environment": env,

@@ -16,7 +16,9 @@ stays in the flow's process. Each try takes a fresh lease, renewed while the bod
 released on every exit path. While a task waits for its slice, its run shows the state
 ``AwaitingMIG``; once leased, a log line and the Running state's message say which slice on which
 GPU and node. If the lease is lost (expired or revoked for a higher priority), the container is
-stopped and the task fails saying so.
+stopped and the task fails saying so. The body sees ``CUDA_VISIBLE_DEVICES`` /
+``NVIDIA_VISIBLE_DEVICES`` (the MIG UUID) and ``PREFECT_MIG_LEASE_ID``, ``PREFECT_MIG_FENCE``,
+``PREFECT_MIG_TASK_RUN_ID`` and ``PREFECT_MIG_FLOW_RUN_ID``.
 """
 
 from __future__ import annotations
@@ -244,6 +246,12 @@ class MigTaskRunner(ThreadPoolTaskRunner):
                 return launcher.run(
                     fn, args, kwargs, mig_uuid=s.mig_uuid, labels=labels,
                     on_log=(logger.info if logger else None), stop=lost,
+                    env={  # what the body may use to fence its own side effects
+                        "PREFECT_MIG_LEASE_ID": lease.lease_id,
+                        "PREFECT_MIG_FENCE": str(lease.fence),
+                        "PREFECT_MIG_TASK_RUN_ID": str(labels["task-run-id"]),
+                        "PREFECT_MIG_FLOW_RUN_ID": str(labels["flow-run-id"]),
+                    },
                 )
             except ContainerStopped as exc:
                 reason = getattr(lease.lost_reason, "reason", "lost")
