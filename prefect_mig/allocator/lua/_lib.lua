@@ -118,7 +118,7 @@ local function grant(r, id, s, counted)
     redis.call('HINCRBY', K.tenant_compute, r.tenant, s.compute_slices)
   end
   event('lease.granted', {'lease', r.id, 'slice', id, 'fence', fence, 'priority', r.priority,
-    'pkey', s.pkey, 'order', r.order or '', 'waited_ms', waited, 'holder', r.holder})
+    'pkey', s.pkey, 'order', r.order or '', 'waited_ms', waited, 'holder', r.holder, 'tenant', r.tenant})
   return fence, expires, waited
 end
 
