@@ -119,6 +119,7 @@ class DockerLauncher:
     def __init__(self, settings: ContainerSettings | None = None) -> None:
         self.settings = settings or ContainerSettings()
         self._client: docker.DockerClient | None = None
+        self._checked = False
 
     @property
     def client(self) -> docker.DockerClient:
@@ -171,7 +172,10 @@ class DockerLauncher:
             raise DockerUnavailable(f"the Docker engine failed to look up the image: {exc}", image=self.settings.image) from exc
 
     def check_python(self) -> None:
-        """Refuse an image whose Python minor version differs from this process's."""
+        """Refuse an image whose Python minor version differs from this process's (checked once
+        per launcher; an image replaced under the same tag is checked again by a new launcher)."""
+        if self._checked:
+            return
         theirs, ours = self.python_version(), tuple(sys.version_info[:2])
         if theirs != ours:
             raise ImagePythonMismatch(
@@ -180,6 +184,7 @@ class DockerLauncher:
                 f"python{ours[0]}.{ours[1]}.",
                 image=self.settings.image,
             )
+        self._checked = True
 
     def run(
         self,

@@ -183,6 +183,13 @@ class MigTaskRunner(ThreadPoolTaskRunner):
         return _allocator(redis_url(settings), settings.namespace)
 
     def _launcher(self, docker_url: str | None) -> DockerLauncher:
+        # runtime state, not configuration: one launcher (one Docker client) per engine
+        launchers = self.__dict__.setdefault("_launchers", {})
+        if docker_url not in launchers:
+            launchers[docker_url] = self._new_launcher(docker_url)
+        return launchers[docker_url]
+
+    def _new_launcher(self, docker_url: str | None) -> DockerLauncher:
         settings = load_settings()
         cluster = self.cluster
         return DockerLauncher(
