@@ -41,6 +41,8 @@ class NodeAgent:
         node: this node's name.
         docker_url: how runners reach this node's Docker engine (``None``: the local socket).
         heartbeat_ttl_s: without a heartbeat for this long, the node gets no new grants.
+        docker_client: this node's Docker engine; when given, each tick stops task containers whose
+            lease is gone or whose fencing token is stale (a killed flow process, a lost lease).
     """
 
     def __init__(
@@ -51,12 +53,14 @@ class NodeAgent:
         node: str,
         docker_url: str | None = None,
         heartbeat_ttl_s: float = 30.0,
+        docker_client=None,
     ) -> None:
         self.backend = backend
         self.allocator = allocator
         self.node = node
         self.docker_url = docker_url
         self.heartbeat_ttl_s = heartbeat_ttl_s
+        self.docker = docker_client
         self._published: str | None = None
 
     def inventory(self) -> tuple[list[dict], list[SliceRecord]]:
@@ -128,7 +132,28 @@ class NodeAgent:
                 self.publish()
                 did = "published"
         self.allocator.reap()
+        if self.docker is not None:
+            self.fence_containers()
         return did
+
+    def fence_containers(self) -> list[str]:
+        """Stop and remove task containers whose lease no longer exists or has another fencing
+        token; returns their ids. Containers of live leases are left alone."""
+        from prefect_mig.errors import LeaseLost
+        from prefect_mig.launchers.docker import LABEL_PREFIX
+
+        stopped = []
+        for container in self.docker.containers.list(all=True, filters={"label": f"{LABEL_PREFIX}lease-id"}):
+            labels = container.labels
+            lease_id, fence = labels.get(f"{LABEL_PREFIX}lease-id", ""), labels.get(f"{LABEL_PREFIX}fence", "")
+            try:
+                alive = str(self.allocator.lease(lease_id).fence) == fence
+            except LeaseLost:
+                alive = False
+            if not alive:
+                container.remove(force=True)
+                stopped.append(container.id)
+        return stopped
 
     def run(self, *, interval_s: float = 5.0, stop: threading.Event | None = None) -> None:
         """Tick every `interval_s` until `stop` is set."""

@@ -82,3 +82,34 @@ def test_lease_commands_acquire_list_renew_and_release(cli_env, tmp_path):
 def test_lease_acquire_with_a_bad_field_exits_2_naming_it(cli_env, args, named):
     done = _cli("lease", "acquire", *args, env=cli_env)
     assert done.returncode == 2 and named.replace("--", "").replace("-", "_")[:4] in done.stderr.replace("-", "_")
+
+
+def test_agent_stops_task_containers_whose_lease_is_gone_and_keeps_live_ones(alloc, tmp_path, docker_client, python_image):
+    from prefect_mig.launchers.docker import LABEL_PREFIX
+
+    nvml = SimulatedNvml("node-a=1xA30-24GB", state_dir=tmp_path)
+    with GpuBackend(nvml) as backend:
+        backend.apply_layout(0, Layout.parse("A30-24GB", "2g.12gb@0 + 2g.12gb@2"))
+        agent = NodeAgent(backend, alloc, node="node-a", docker_client=docker_client)
+        agent.publish()
+        live = alloc.try_acquire(SliceRequest(profile="2g.12gb"))
+
+        def start(lease_id, fence):
+            return docker_client.containers.run(
+                python_image, ["sleep", "60"], detach=True, network_disabled=True,
+                labels={f"{LABEL_PREFIX}lease-id": lease_id, f"{LABEL_PREFIX}fence": str(fence)},
+            )
+
+        kept = start(live.lease_id, live.fence)
+        orphan = start("lease-that-ended", 1)  # e.g. its flow process was killed
+        stale = start(live.lease_id, live.fence - 1)  # an older holder of the same lease id
+        try:
+            assert set(agent.fence_containers()) == {orphan.id, stale.id}
+            remaining = {c.id for c in docker_client.containers.list(all=True, filters={"label": f"{LABEL_PREFIX}lease-id"})}
+            assert remaining == {kept.id}
+        finally:
+            for c in (kept, orphan, stale):
+                try:
+                    c.remove(force=True)
+                except Exception:  # noqa: BLE001 - already gone
+                    pass

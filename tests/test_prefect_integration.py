@@ -182,3 +182,50 @@ def test_a_flow_level_runner_sends_only_tagged_tasks_to_slices(cluster):
     assert gpu and gpu.startswith("MIG-") and cpu is None
     granted = [e for e in cluster.events() if e["type"] == "lease.granted"]
     assert [e["priority"] for e in granted] == ["7"]
+
+
+def test_a_killed_flow_process_leaves_no_container_and_no_lease(redis_server, namespace, tmp_path, docker_client, python_image):
+    import signal
+    import subprocess
+    import sys
+
+    from prefect_mig.agent import NodeAgent
+    from prefect_mig.gpu import GpuBackend, SimulatedNvml
+    from prefect_mig.model import Layout
+
+    alloc = Allocator(redis.Redis.from_url(redis_server.url), namespace)
+    nvml = SimulatedNvml("node-a=1xA30-24GB", state_dir=tmp_path)
+    with GpuBackend(nvml) as backend:
+        backend.apply_layout(0, Layout.parse("A30-24GB", "4g.24gb@0"))
+        agent = NodeAgent(backend, alloc, node="node-a", docker_client=docker_client)
+        agent.publish()
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")},
+            "PREFECT_MIG_REDIS_URL": redis_server.url,
+            "PREFECT_MIG_NAMESPACE": namespace,
+            "PREFECT_HOME": str(tmp_path / "prefect"),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        }
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        proc = subprocess.Popen([sys.executable, "-m", "tests.flow_to_kill"], cwd=root, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        label = {"label": f"{LABEL_PREFIX}lease-id"}
+        try:
+            deadline = time.monotonic() + 120
+            while not docker_client.containers.list(filters=label) and time.monotonic() < deadline:
+                assert proc.poll() is None, proc.stdout.read()
+                time.sleep(0.3)
+            assert docker_client.containers.list(filters=label), "the task container never started"
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(30)
+        # the lease expires within its TTL (2 s); the agent's next ticks stop the orphan container
+        deadline = time.monotonic() + 2 + 5
+        while time.monotonic() < deadline:
+            agent.tick()
+            if not docker_client.containers.list(all=True, filters=label) and not alloc.status()["leases"]:
+                break
+            time.sleep(0.5)
+        assert docker_client.containers.list(all=True, filters=label) == []
+        assert alloc.status()["leases"] == []
+        assert {s["state"] for s in alloc.status()["slices"]} == {"free"}

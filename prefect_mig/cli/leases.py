@@ -16,7 +16,7 @@ from rich.table import Table
 from prefect_mig.allocator import Allocator, SliceRequest
 from prefect_mig.allocator.embedded import redis_url, stop_embedded_redis
 from prefect_mig.cli.output import cli_errors, console, errors, print_json
-from prefect_mig.errors import ConfigError
+from prefect_mig.errors import ConfigError, PrefectMigError
 from prefect_mig.settings import load_settings
 
 lease_app = typer.Typer(help="Acquire, renew, release and list leases.", no_args_is_help=True)
@@ -158,7 +158,16 @@ def agent(
         node = node or settings.node
         backend = backend_from_settings(settings, node=node)
         with backend:
-            worker = NodeAgent(backend, _allocator(), node=node, docker_url=settings.docker_host)
+            docker_client = None
+            try:
+                from prefect_mig.launchers import ContainerSettings, DockerLauncher
+
+                docker_client = DockerLauncher(ContainerSettings(docker_host=settings.docker_host)).client
+            except PrefectMigError as exc:
+                errors.print(f"no Docker engine for fencing task containers: {exc}")
+            worker = NodeAgent(
+                backend, _allocator(), node=node, docker_url=settings.docker_host, docker_client=docker_client
+            )
             published = worker.publish()
             console.print(f"agent {node}: published {published[0]} slice(s)")
             if not once:
