@@ -32,3 +32,18 @@ def cluster(namespace: str = "examples"):
             yield alloc
         finally:
             del os.environ["PREFECT_MIG_REDIS_URL"], os.environ["PREFECT_MIG_NAMESPACE"]
+
+
+def wait_for_lease(tenant: str, profile: str, timeout_s: float = 60.0) -> None:
+    """Block until `tenant` holds a `profile` slice on the configured cluster."""
+    import time
+
+    alloc = Allocator(redis.Redis.from_url(os.environ["PREFECT_MIG_REDIS_URL"]), os.environ.get("PREFECT_MIG_NAMESPACE", "default"))
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = alloc.status()
+        profiles = {s["id"]: s["profile"] for s in status["slices"]}
+        if any(row.get("tenant") == tenant and profiles.get(row.get("slice")) == profile for row in status["leases"]):
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"{tenant} never got a {profile} slice")

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _cluster import cluster  # noqa: E402
+from _cluster import cluster, wait_for_lease  # noqa: E402
 from prefect import flow  # noqa: E402
 
 from prefect_mig import MigTaskRunner, task  # noqa: E402
@@ -35,9 +34,11 @@ def explore(i: int) -> str:
 @task(task_runner=MigTaskRunner(profile="3g.40gb", priority=2, tenant="research", preemptible=True, lease_ttl_s=3),
       retries=1, retry_delay_seconds=0)
 def long_sweep() -> str:
+    import os
     import time
 
-    time.sleep(4)
+    # the first try is revoked for prod long before it would end; the retry is short
+    time.sleep(60 if os.environ["PREFECT_MIG_RUN_COUNT"] == "1" else 1)
     return "sweep done"
 
 
@@ -52,7 +53,7 @@ def serve_model() -> str:
 def two_tenants() -> dict:
     sweep = long_sweep.submit()
     explored = explore.map(range(4))
-    time.sleep(2.0)  # the sweep holds the 3g slice by now
+    wait_for_lease("research", "3g.40gb")  # the sweep holds the only 3g slice
     served = serve_model.submit()
     return {
         "research_1g": [f.result() for f in explored],

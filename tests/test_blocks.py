@@ -13,7 +13,7 @@ from prefect.testing.standard_test_suites import BlockStandardTestSuite
 from prefect_mig import MigTaskRunner
 from prefect_mig.blocks import MigCluster
 
-from .test_prefect_integration import cluster, env_of_slice, prefect_api  # noqa: F401 - fixtures
+from .test_prefect_integration import env_of_slice
 
 ROOT = Path(__file__).resolve().parents[1]
 

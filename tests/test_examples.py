@@ -9,13 +9,13 @@ import pytest
 
 from prefect_mig.allocator.invariants import check_events
 
-from .test_prefect_integration import prefect_api  # noqa: F401 - fixture
+
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 @pytest.fixture
-def private_cluster(prefect_api, monkeypatch, python_image):  # noqa: F811
+def private_cluster(prefect_api, monkeypatch, python_image):
     monkeypatch.delenv("PREFECT_MIG_REDIS_URL", raising=False)
     monkeypatch.delenv("PREFECT_MIG_NAMESPACE", raising=False)
 

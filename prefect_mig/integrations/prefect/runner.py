@@ -18,7 +18,8 @@ released on every exit path. While a task waits for its slice, its run shows the
 GPU and node. If the lease is lost (expired or revoked for a higher priority), the container is
 stopped and the task fails saying so. The body sees ``CUDA_VISIBLE_DEVICES`` /
 ``NVIDIA_VISIBLE_DEVICES`` (the MIG UUID) and ``PREFECT_MIG_LEASE_ID``, ``PREFECT_MIG_FENCE``,
-``PREFECT_MIG_TASK_RUN_ID`` and ``PREFECT_MIG_FLOW_RUN_ID``.
+``PREFECT_MIG_TASK_RUN_ID``, ``PREFECT_MIG_FLOW_RUN_ID`` and ``PREFECT_MIG_RUN_COUNT`` (1 on the
+first try).
 """
 
 from __future__ import annotations
@@ -258,6 +259,7 @@ class MigTaskRunner(ThreadPoolTaskRunner):
                         "PREFECT_MIG_FENCE": str(lease.fence),
                         "PREFECT_MIG_TASK_RUN_ID": str(labels["task-run-id"]),
                         "PREFECT_MIG_FLOW_RUN_ID": str(labels["flow-run-id"]),
+                        "PREFECT_MIG_RUN_COUNT": str(ctx.task_run.run_count if ctx else 1),
                     },
                 )
             except ContainerStopped as exc:

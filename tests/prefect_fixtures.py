@@ -1,0 +1,40 @@
+"""Fixtures for Prefect tests: one temporary Prefect API for the session, and a cluster (a fresh
+namespace on the session's redis-server with a simulated H100 published) that checks nothing was
+left behind. Registered once in conftest.py, so every module shares the same API."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import redis
+
+from prefect_mig.allocator import Allocator
+from prefect_mig.launchers.docker import LABEL_PREFIX
+
+from .allocator_fixtures import H100_MIXED
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture
+def cluster(prefect_api, redis_server, namespace, monkeypatch, python_image, docker_client):
+    monkeypatch.setenv("PREFECT_MIG_REDIS_URL", redis_server.url)
+    monkeypatch.setenv("PREFECT_MIG_NAMESPACE", namespace)
+    monkeypatch.setenv("PREFECT_MIG_BACKEND", "simulated")
+    alloc = Allocator(redis.Redis.from_url(redis_server.url), namespace)
+    alloc.publish_fleet("node-a=1xH100-80GB", layouts={"node-a": [H100_MIXED]})
+    yield alloc
+    leftovers = docker_client.containers.list(all=True, filters={"label": f"{LABEL_PREFIX}mig-uuid"})
+    assert leftovers == [], "a task container was left behind"
+    assert alloc.status()["leases"] == [], "a lease was left behind"
+
+
