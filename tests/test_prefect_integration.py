@@ -205,3 +205,44 @@ def test_a_killed_flow_process_leaves_no_container_and_no_lease(redis_server, na
         assert docker_client.containers.list(all=True, filters=label) == []
         assert alloc.status()["leases"] == []
         assert {s["state"] for s in alloc.status()["slices"]} == {"free"}
+
+
+def test_wait_for_and_direct_calls_and_caching_behave_as_with_prefect(cluster):
+    from prefect.cache_policies import INPUTS
+
+    cached = task(task_runner=MigTaskRunner(profile="1g.10gb"), cache_policy=INPUTS, persist_result=True)(env_of_slice)
+    plain = task(task_runner=MigTaskRunner(profile="1g.10gb"))(env_of_slice)
+
+    @flow
+    def pipeline():
+        first = plain.submit(1)
+        second = plain.submit(2, wait_for=[first])
+        direct = plain(3)
+        return first.result(), second.result(), direct, cached(42), cached(42)
+
+    first, second, direct, c1, c2 = pipeline()
+    assert [first[0], second[0], direct[0]] == [1, 2, 3]
+    assert c1 == c2
+    granted = [e for e in cluster.events() if e["type"] == "lease.granted"]
+    assert len(granted) == 4  # the second cached(42) took no lease
+
+
+def test_a_revoked_lease_stops_the_container_and_fails_the_task_saying_so(cluster):
+    from prefect_mig.allocator import SliceRequest
+
+    victim = task(task_runner=MigTaskRunner(profile="3g.40gb", priority=1, preemptible=True, lease_ttl_s=3))(sleep_forever)
+
+    @flow
+    def pipeline():
+        future = victim.submit()
+        deadline = time.monotonic() + 60
+        while not cluster.status()["leases"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        urgent = cluster.try_acquire(SliceRequest(profile="3g.40gb", priority=9), wait=True)
+        state = future.wait(60) or future.state
+        return state.is_failed(), state.message, urgent.request_id
+
+    failed, message, urgent_id = pipeline()
+    assert failed and "revoked" in message
+    lease = cluster.lease(urgent_id)  # the slice went to the higher priority
+    cluster.release(lease.lease_id, lease.fence)
