@@ -76,6 +76,20 @@ class Queued:
         return f"Queued({self.request_id!r}, queue_length={self.queue_length})"
 
 
+def _grant_info(request: SliceRequest, lease_id: str, fence, expires, slice_json: str, waited=0) -> LeaseInfo:
+    return LeaseInfo(
+        lease_id=lease_id,
+        fence=int(fence),
+        slice=SliceRecord.model_validate_json(slice_json),
+        expires_at_ms=int(expires),
+        holder=request.holder,
+        tenant=request.tenant,
+        priority=request.priority,
+        ttl_ms=int(request.ttl_s * 1000),
+        waited_ms=int(waited),
+    )
+
+
 @contextmanager
 def redis_errors(action: str) -> Iterator[None]:
     """Turn a Redis connection failure into `RedisUnavailable` that names what was being done."""
@@ -255,16 +269,7 @@ class Allocator:
         code = reply[0]
         if code == "granted":
             _, lease_id, fence, expires, _slice_id, slice_json = reply
-            return LeaseInfo(
-                lease_id=lease_id,
-                fence=int(fence),
-                slice=SliceRecord.model_validate_json(slice_json),
-                expires_at_ms=int(expires),
-                holder=request.holder,
-                tenant=request.tenant,
-                priority=request.priority,
-                ttl_ms=int(request.ttl_s * 1000),
-            )
+            return _grant_info(request, lease_id, fence, expires, slice_json)
         if code == "queued":
             return Queued(reply[1], int(reply[2]))
         if code == "exists":  # our own call, retried after a dropped connection
@@ -314,17 +319,7 @@ class Allocator:
                 if request is None:
                     return self.lease(request_id)
                 fence, expires, waited, slice_json = decode(got[1]).split("|", 3)
-                return LeaseInfo(
-                    lease_id=request_id,
-                    fence=int(fence),
-                    slice=SliceRecord.model_validate_json(slice_json),
-                    expires_at_ms=int(expires),
-                    holder=request.holder,
-                    tenant=request.tenant,
-                    priority=request.priority,
-                    ttl_ms=int(request.ttl_s * 1000),
-                    waited_ms=int(waited),
-                )
+                return _grant_info(request, request_id, fence, expires, slice_json, waited)
             if got:
                 break
             state = self._run("touch_wait", request_id, self.wait_ttl_ms, action="keep waiting")[0]

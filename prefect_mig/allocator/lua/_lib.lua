@@ -130,6 +130,15 @@ local function eligible(r, s)
   return counted
 end
 
+-- Grant a slice to a waiting request and push the grant onto its waiter's key: the waiter learns
+-- everything it needs from the push (fence, expiry, waited ms, slice), with no read after waking.
+local function hand_over(r, id, s, counted)
+  dequeue(r)
+  local fence, expires, waited = grant(r, id, s, counted)
+  redis.call('RPUSH', waiter_key(r.id), string.format('%.0f|%.0f|%.0f|', fence, expires, waited) .. s._raw)
+  redis.call('PEXPIRE', waiter_key(r.id), 600000)
+end
+
 -- Give a slice that just became available to the best waiter that accepts it, or mark it free.
 -- Waiters are ordered by (enqueue time - priority * aging), so priority is strict until aging wins.
 local function offer(id, s)
@@ -156,11 +165,7 @@ local function offer(id, s)
       local r = cjson.decode(raw)
       local counted = eligible(r, s)
       if counted ~= nil then
-        dequeue(r)
-        local fence, expires, waited = grant(r, id, s, counted)
-        -- the waiter learns everything it needs from the push: no read after waking up
-        redis.call('RPUSH', waiter_key(rid), string.format('%.0f|%.0f|%.0f|', fence, expires, waited) .. s._raw)
-        redis.call('PEXPIRE', waiter_key(rid), 600000)
+        hand_over(r, id, s, counted)
         return rid
       end
     end
@@ -182,10 +187,7 @@ local function retry_tenant(tenant)
           local s = slice(best)
           local counted = eligible(r, s)
           if counted ~= nil then
-            dequeue(r)
-            local fence, expires, waited = grant(r, best, s, counted)
-            redis.call('RPUSH', waiter_key(rid), string.format('%.0f|%.0f|%.0f|', fence, expires, waited) .. s._raw)
-            redis.call('PEXPIRE', waiter_key(rid), 600000)
+            hand_over(r, best, s, counted)
             break
           end
         end
