@@ -246,3 +246,32 @@ def test_a_revoked_lease_stops_the_container_and_fails_the_task_saying_so(cluste
     assert failed and "revoked" in message
     lease = cluster.lease(urgent_id)  # the slice went to the higher priority
     cluster.release(lease.lease_id, lease.fence)
+
+
+def test_cancelling_the_flows_tasks_stops_their_containers_and_releases_the_leases(cluster, docker_client):
+    from prefect.context import FlowRunContext
+
+    from prefect_mig.allocator import SliceRequest
+
+    holder = cluster.try_acquire(SliceRequest(profile="3g.40gb"))  # so that one task waits
+    slow = task(task_runner=MigTaskRunner(profile="1g.10gb"))(sleep_forever)
+    waiting = task(task_runner=MigTaskRunner(profile="3g.40gb"))(sleep_forever)
+
+    @flow
+    def pipeline():
+        running, queued = slow.submit(), waiting.submit()
+        label = {"label": f"{LABEL_PREFIX}mig-uuid"}
+        deadline = time.monotonic() + 60
+        while not docker_client.containers.list(filters=label) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        started = time.monotonic()
+        FlowRunContext.get().task_runner.cancel_all()  # what the engine does when the run is cancelled
+        for f in (running, queued):
+            f.wait(30)
+        return time.monotonic() - started
+
+    took = pipeline(return_state=True).result(raise_on_failure=False)
+    cluster.release(holder.lease_id, holder.fence)
+    assert isinstance(took, float) and took < 30  # stopped promptly, not after the body's 120 s
+    assert docker_client.containers.list(all=True, filters={"label": f"{LABEL_PREFIX}mig-uuid"}) == []
+    assert cluster.status()["leases"] == [] and cluster.status()["queue"] == []

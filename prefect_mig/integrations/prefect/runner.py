@@ -225,6 +225,7 @@ class MigTaskRunner(ThreadPoolTaskRunner):
         launcher_ready = self._launcher(None)
         launcher_ready.check_python()  # a bad image fails before any lease is taken
 
+        cancelled = _cancel_event(ctx)
         got = allocator.try_acquire(request, wait=self.wait_timeout_s != 0)
         from prefect_mig.allocator import LeaseInfo
 
@@ -232,7 +233,7 @@ class MigTaskRunner(ThreadPoolTaskRunner):
             if logger:
                 logger.info("waiting for a %s slice (priority %s, tenant %s)", request.requirement, priority, tenant)
             with _awaiting_state(ctx, f"waiting for a {request.requirement} slice"):
-                got = allocator.wait_for_grant(got.request_id, self.wait_timeout_s, request=request)
+                got = allocator.wait_for_grant(got.request_id, self.wait_timeout_s, request=request, stop=cancelled)
         lost = threading.Event()
         lease = Lease(allocator, got, on_lost=lambda held, exc: lost.set()).start_renewing()
         try:
@@ -253,7 +254,7 @@ class MigTaskRunner(ThreadPoolTaskRunner):
             try:
                 return launcher.run(
                     fn, args, kwargs, mig_uuid=s.mig_uuid, labels=labels,
-                    on_log=(logger.info if logger else None), stop=lost,
+                    on_log=(logger.info if logger else None), stop=_AnyEvent(lost, cancelled),
                     env={  # what the body may use to fence its own side effects
                         "PREFECT_MIG_LEASE_ID": lease.lease_id,
                         "PREFECT_MIG_FENCE": str(lease.fence),
@@ -263,6 +264,11 @@ class MigTaskRunner(ThreadPoolTaskRunner):
                     },
                 )
             except ContainerStopped as exc:
+                if cancelled is not None and cancelled.is_set():
+                    raise ContainerStopped(
+                        f"the flow run was cancelled: the container on {where} was stopped and the lease released.",
+                        container_id=exc.container_id,
+                    ) from exc
                 reason = getattr(lease.lost_reason, "reason", "lost")
                 raise LeaseLost(
                     f"the lease on {where} was {reason} while the task ran: its container was stopped. "
@@ -315,6 +321,29 @@ def _with_body(task, body):
     clone = copy.copy(task)
     clone.fn = body
     return clone
+
+
+class _AnyEvent:
+    """Set when any of its events is set (the launcher and the wait only call ``is_set``)."""
+
+    def __init__(self, *events) -> None:
+        self.events = [e for e in events if e is not None]
+
+    def is_set(self) -> bool:
+        return any(e.is_set() for e in self.events)
+
+
+def _cancel_event(ctx):
+    """The flow's task runner's cancel event for this task run: set when the flow is cancelled
+    (Prefect's engine calls ``cancel_all`` on SIGTERM with a cancel intent)."""
+    from prefect.context import FlowRunContext
+
+    flow_ctx = FlowRunContext.get()
+    runner = getattr(flow_ctx, "task_runner", None)
+    events = getattr(runner, "_cancel_events", None)
+    if ctx is None or not isinstance(events, dict):
+        return None
+    return events.get(ctx.task_run.id)
 
 
 class _awaiting_state:
