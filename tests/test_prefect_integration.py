@@ -213,18 +213,22 @@ def test_wait_for_and_direct_calls_and_caching_behave_as_with_prefect(cluster):
     cached = task(task_runner=MigTaskRunner(profile="1g.10gb"), cache_policy=INPUTS, persist_result=True)(env_of_slice)
     plain = task(task_runner=MigTaskRunner(profile="1g.10gb"))(env_of_slice)
 
+    import random
+
+    fresh = random.randrange(10**9)  # results persist across runs: a new input, a new cache key
+
     @flow
     def pipeline():
         first = plain.submit(1)
         second = plain.submit(2, wait_for=[first])
         direct = plain(3)
-        return first.result(), second.result(), direct, cached(42), cached(42)
+        return first.result(), second.result(), direct, cached(fresh), cached(fresh)
 
     first, second, direct, c1, c2 = pipeline()
     assert [first[0], second[0], direct[0]] == [1, 2, 3]
     assert c1 == c2
     granted = [e for e in cluster.events() if e["type"] == "lease.granted"]
-    assert len(granted) == 4  # the second cached(42) took no lease
+    assert len(granted) == 4  # the second cached call took no lease
 
 
 def test_a_revoked_lease_stops_the_container_and_fails_the_task_saying_so(cluster):
