@@ -99,9 +99,9 @@ def test_nvml_device_names_identify_the_catalog_model():
     assert cat.identify("Tesla T4", 15360) is None
 
 
-def test_importing_the_model_pulls_in_no_redis_docker_or_nvml():
+def test_importing_the_model_and_planner_pulls_in_no_redis_docker_or_nvml():
     code = (
-        "import sys, prefect_mig.model, prefect_mig.model.layout;"
+        "import sys, prefect_mig.model, prefect_mig.model.layout, prefect_mig.repartition.planner;"
         "bad = {'redis', 'docker', 'pynvml', 'prefect'} & set(sys.modules);"
         "print(sorted(bad)); sys.exit(1 if bad else 0)"
     )

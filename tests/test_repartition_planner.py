@@ -1,0 +1,100 @@
+"""The repartitioning planner: valid layouts, busy slices untouched, drains only when they pay."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from prefect_mig.gpu import GpuBackend, SimulatedNvml
+from prefect_mig.model import Layout, Placement, creatable, get_model, validate_layout
+from prefect_mig.repartition import DemandBook, GpuState, Knobs, plan
+
+SEVEN = Layout.parse("H100-80GB", " + ".join(f"1g.10gb@{i}" for i in range(7)))
+
+
+def test_planner_returns_an_empty_plan_when_nothing_is_wanted():
+    (p,) = plan([GpuState(gpu_uuid="g", layout=SEVEN)], demand={})
+    assert (p.kind, p.steps, p.target) == ("none", 0, SEVEN)
+
+
+def test_queued_3g_demand_re_carves_the_idle_part_of_a_7x1g_gpu_around_running_1g_leases():
+    busy = frozenset(Placement(profile="1g.10gb", start=s) for s in (4, 5, 6))
+    (p,) = plan([GpuState(gpu_uuid="g", layout=SEVEN, busy=busy)], demand={"H100-80GB/3g.40gb": 2.0})
+    assert p.kind == "incremental"
+    assert str(p.target) == "3g.40gb@0 + 1g.10gb@4 + 1g.10gb@5 + 1g.10gb@6"
+    assert set(p.destroy) == {Placement(profile="1g.10gb", start=s) for s in range(4)}
+    assert not busy & set(p.destroy)
+
+
+def test_a_fully_busy_gpu_is_drained_only_when_the_gain_beats_the_drain_cost():
+    busy = frozenset(SEVEN.instances)
+    gpu = GpuState(gpu_uuid="g", layout=SEVEN, busy=busy)
+    (kept,) = plan([gpu], demand={"H100-80GB/7g.80gb": 1.0}, knobs=Knobs(drain_cost=2.0))
+    assert kept.kind == "none"
+    (drained,) = plan([gpu], demand={"H100-80GB/7g.80gb": 1.0, "H100-80GB/1g.10gb": 0.0}, knobs=Knobs(drain_cost=0.1))
+    assert drained.kind == "drain" and str(drained.target) == "7g.80gb@0"
+
+
+def test_demand_served_by_one_gpu_is_not_chased_by_every_other():
+    gpus = [GpuState(gpu_uuid=f"g{i}", layout=SEVEN) for i in range(3)]
+    plans = plan(gpus, demand={"H100-80GB/3g.40gb": 2.0, "H100-80GB/1g.10gb": 10.0})
+    threes = sum(p.target.profile_counts().get("3g.40gb", 0) for p in plans)
+    assert threes == 2  # exactly the demand, the rest stays 1g for the 1g demand
+
+
+def test_demand_book_weights_priority_and_history():
+    book = DemandBook(history_weight=0.5)
+    book.add_queued(["H100-80GB/3g.40gb", "H100-80GB/4g.40gb"], priority=10)
+    book.add_history("H100-80GB/1g.10gb", priority=0)
+    assert book.demand == {"H100-80GB/3g.40gb": 2.0, "H100-80GB/1g.10gb": 0.5}
+
+
+MODELS = ["H100-80GB", "A30-24GB", "A100-40GB"]
+
+
+@st.composite
+def gpu_states(draw, index=0):
+    model = get_model(draw(st.sampled_from(MODELS)))
+    current: list[Placement] = []
+    for _ in range(draw(st.integers(0, 8))):
+        options = creatable(model, current, "classic")
+        if not options:
+            break
+        current.append(draw(st.sampled_from(options)))
+    layout = Layout.of(model, current)
+    busy = frozenset(p for p in current if draw(st.booleans()))
+    return GpuState(gpu_uuid=f"GPU-{draw(st.uuids())}", layout=layout, busy=busy)
+
+
+@st.composite
+def demands(draw):
+    keys = [f"{m}/{p.name}" for m in MODELS for p in get_model(m).classic_profiles]
+    return {k: draw(st.floats(0, 5)) for k in draw(st.lists(st.sampled_from(keys), max_size=6, unique=True))}
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(gpu_states(), min_size=1, max_size=6), demands())
+def test_plans_are_valid_layouts_that_never_touch_busy_slices(gpus, demand):
+    for gpu, p in zip(gpus, plan(gpus, demand)):
+        model = get_model(gpu.layout.gpu_model)
+        validate_layout(model, p.target.instances)
+        after = (set(gpu.layout.instances) - set(p.destroy)) | set(p.create)
+        assert after == set(p.target.instances)
+        if p.kind != "drain":
+            assert not gpu.busy & set(p.destroy), (str(gpu.layout), [str(b) for b in gpu.busy])
+        if p.kind == "none":
+            assert p.steps == 0
+
+
+def test_applying_a_plan_on_the_simulated_nvml_yields_exactly_the_planned_layout(tmp_path):
+    nvml = SimulatedNvml("node-a=1xH100-80GB", state_dir=tmp_path)
+    with GpuBackend(nvml) as backend:
+        backend.apply_layout(0, SEVEN)
+        running = [m for m in backend.instances(0) if m.start >= 4]
+        for m in running:  # work runs on 1g@4..6: the driver would refuse to destroy those
+            nvml.attach_process(m.mig_uuid, pid=1000 + m.start)
+        busy = frozenset(m.placement for m in running)
+        (p,) = plan([GpuState(gpu_uuid="g", layout=backend.layout(0), busy=busy)], demand={"H100-80GB/3g.40gb": 1.0})
+        backend.apply_layout(0, p.target)
+        assert backend.layout(0) == p.target
+        assert {m.mig_uuid for m in backend.instances(0)} >= {m.mig_uuid for m in running}
