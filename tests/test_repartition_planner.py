@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -98,3 +99,23 @@ def test_applying_a_plan_on_the_simulated_nvml_yields_exactly_the_planned_layout
         backend.apply_layout(0, p.target)
         assert backend.layout(0) == p.target
         assert {m.mig_uuid for m in backend.instances(0)} >= {m.mig_uuid for m in running}
+
+
+def test_the_dry_run_plans_from_the_live_queue_and_never_touches_leased_slices(alloc):
+    from prefect_mig.allocator import SliceRequest
+    from prefect_mig.errors import Unsatisfiable
+    from prefect_mig.repartition.service import plan_from_allocator
+
+    alloc.publish_fleet("node-a=1xH100-80GB", layouts={"node-a": [str(SEVEN)]})
+    held = [alloc.try_acquire(SliceRequest(profile="1g.10gb")) for _ in range(3)]
+    with pytest.raises(Unsatisfiable):  # no repartitioner: nobody would ever carve a 3g
+        alloc.try_acquire(SliceRequest(min_memory_gb=30), wait=True)
+    alloc.queue_uncarved = True  # a repartitioner runs: the request waits for it to carve a 3g
+    queued = alloc.try_acquire(SliceRequest(min_memory_gb=30), wait=True)
+    assert queued.request_id
+    (p,) = plan_from_allocator(alloc)
+    leased = {Placement(profile=h.slice.profile, start=h.slice.start) for h in held} | {
+        Placement(profile="1g.10gb", start=s["start"]) for s in alloc.status()["slices"] if s["state"] == "leased"
+    }
+    assert p.kind == "incremental" and "3g.40gb" in str(p.target)
+    assert not leased & set(p.destroy)

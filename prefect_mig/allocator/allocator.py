@@ -112,6 +112,8 @@ class Allocator:
         aging_s: waiting this long is worth one priority level.
         wait_ttl_s: a waiting request nobody touches for this long is dropped (dead waiter).
         grace_s: how long a preempted holder keeps its slice; ``None`` turns preemption off.
+        queue_uncarved: let requests wait for a kind of slice no GPU is carved into yet (when a
+            repartitioner runs, it will carve it); otherwise such a request is `Unsatisfiable`.
     """
 
     def __init__(
@@ -124,6 +126,7 @@ class Allocator:
         wait_ttl_s: float = 30.0,
         grace_s: float | None = 10.0,
         events_maxlen: int = 100_000,
+        queue_uncarved: bool = False,
     ) -> None:
         self.redis = client
         self.keys = Keys(namespace)
@@ -131,6 +134,7 @@ class Allocator:
         self.aging_ms = int(aging_s * 1000)
         self.wait_ttl_ms = int(wait_ttl_s * 1000)
         self.grace_ms = None if grace_s is None else int(grace_s * 1000)
+        self.queue_uncarved = queue_uncarved
         self.scripts = Scripts(client, self.keys, events_maxlen=events_maxlen)
         self._models: tuple[float, list[str]] = (0.0, [])
         self._templates: dict[tuple, str] = {}  # request JSON per (request, inventory models)
@@ -264,6 +268,7 @@ class Allocator:
             self.wait_ttl_ms,
             self.aging_ms,
             "" if self.grace_ms is None else self.grace_ms,
+            "1" if self.queue_uncarved else "0",
             action="acquire a slice",
         )
         code = reply[0]

@@ -207,3 +207,37 @@ def api_serve(
             )
         app = create_app(_allocator(), token=settings.api_token.get_secret_value())
     uvicorn.run(app, host=host, port=port, log_level="info")
+
+
+repartition_app = typer.Typer(help="Make MIG layouts follow the demand.", no_args_is_help=True)
+
+
+@repartition_app.command("plan")
+def repartition_plan(
+    drain_cost: Annotated[float, typer.Option(help="Demand units a drain must gain.")] = 2.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Dry run: what the planner would change on each GPU, given the queue and recent grants."""
+    from prefect_mig.repartition import Knobs
+    from prefect_mig.repartition.service import plan_from_allocator
+
+    with cli_errors():
+        plans = plan_from_allocator(_allocator(), knobs=Knobs(drain_cost=drain_cost))
+        if as_json:
+            print_json(
+                [
+                    {
+                        "gpu_uuid": p.gpu_uuid, "node": p.node, "kind": p.kind, "current": str(p.current),
+                        "target": str(p.target), "destroy": [str(x) for x in p.destroy],
+                        "create": [str(x) for x in p.create], "served": p.served,
+                    }
+                    for p in plans
+                ]
+            )
+            return
+        table = Table(title="repartition plan (dry run)")
+        for col in ("node", "gpu", "kind", "current", "target"):
+            table.add_column(col)
+        for p in plans:
+            table.add_row(p.node, p.gpu_uuid[:12], p.kind, str(p.current), str(p.target))
+        console.print(table)

@@ -27,6 +27,7 @@ app.command("agent")(leases.agent)
 app.add_typer(leases.lease_app, name="lease")
 app.add_typer(leases.redis_app, name="redis")
 app.add_typer(leases.api_app, name="api")
+app.add_typer(leases.repartition_app, name="repartition")
 
 
 @app.command("version")

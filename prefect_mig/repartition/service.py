@@ -1,0 +1,66 @@
+"""Reading what the planner needs from the allocator's inventory (the dry-run half of the service).
+
+`plan_from_allocator` turns the live inventory into `GpuState`s (a slice that is leased, or that
+the agent reported busy, is busy) and the wait queue plus recent grants into demand, then plans.
+Applying plans through the node agents is the next step (issue 5).
+
+Examples:
+    ```python
+    from prefect_mig.allocator import Allocator
+    from prefect_mig.repartition.service import plan_from_allocator
+    from prefect_mig.testing.redis_server import RedisServer
+
+    with RedisServer() as server:
+        alloc = Allocator(server.client(), "doc")
+        alloc.publish_fleet("n=1xH100-80GB", layouts={"n": [" + ".join(f"1g.10gb@{i}" for i in range(7))]})
+        plans = plan_from_allocator(alloc, extra_demand={"H100-80GB/3g.40gb": 1.0})
+        assert "3g.40gb" in str(plans[0].target) and plans[0].kind == "incremental"
+    ```
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from prefect_mig.allocator import Allocator
+from prefect_mig.model import Layout, Placement
+from prefect_mig.repartition.planner import DemandBook, GpuPlan, GpuState, Knobs, plan
+
+
+def gpu_states(status: dict) -> list[GpuState]:
+    """GPU states from `Allocator.status()`: layouts from the published slices, busy = leased or
+    unavailable (processes the agent saw, or a lost node)."""
+    by_gpu: dict[str, list[dict]] = defaultdict(list)
+    for s in status["slices"]:
+        by_gpu[s["gpu_uuid"]].append(s)
+    states = []
+    for uuid, slices in sorted(by_gpu.items()):
+        model = slices[0]["gpu_model"]
+        placements = [Placement(profile=s["profile"], start=s["start"]) for s in slices if not s.get("gone")]
+        busy = frozenset(
+            Placement(profile=s["profile"], start=s["start"]) for s in slices if s["state"] in ("leased", "unavailable")
+        )
+        states.append(GpuState(gpu_uuid=uuid, layout=Layout(gpu_model=model, instances=tuple(sorted(placements, key=lambda p: p.start))), busy=busy, node=slices[0]["node"]))
+    return states
+
+
+def demand_of(status: dict, events: list[dict], *, history: int = 1000) -> dict[str, float]:
+    """Priority-weighted demand: every queued request, and the last `history` grants."""
+    book = DemandBook()
+    for r in status["queue"]:
+        book.add_queued(r.get("pkeys") or [], int(r.get("priority") or 0))
+    for e in [e for e in events if e.get("type") == "lease.granted"][-history:]:
+        if e.get("pkey"):
+            book.add_history(e["pkey"], int(e.get("priority") or 0))
+    return book.demand
+
+
+def plan_from_allocator(
+    allocator: Allocator, *, knobs: Knobs = Knobs(), extra_demand: dict[str, float] | None = None
+) -> list[GpuPlan]:
+    """Plan every GPU in the inventory against the live queue and recent history."""
+    status = allocator.status()
+    demand = demand_of(status, allocator.events(count=20_000))
+    for k, v in (extra_demand or {}).items():
+        demand[k] = demand.get(k, 0.0) + v
+    return plan(gpu_states(status), demand, knobs)
