@@ -1,8 +1,18 @@
 """The node agent: publishes this node's GPUs and MIG slices to Redis and keeps them in service.
 
 It reads the layout through the GPU backend, publishes it (a new layout generation per GPU whenever
-the layout changed), heartbeats so the allocator keeps granting on this node, and reaps expired
-leases. Repartitioning (issue 5) will add applying desired layouts here.
+the layout changed), heartbeats so the allocator keeps granting on this node, reaps expired leases,
+stops task containers whose lease is gone, and applies the desired layouts the repartitioner writes:
+
+- incremental: the instances that go are withdrawn from service first (all or nothing, refused if
+  one got leased meanwhile), NVML is checked for processes, the GPU is re-carved with explicit
+  placements, and the new inventory is published, which hands new slices to waiting requests;
+- drain: the GPU gets no new grants until its leases end (or `drain_timeout_s` passes: then the
+  change is skipped and the GPU resumes), then it is re-carved and resumed.
+
+An agent killed half way converges when it restarts: it publishes what NVML shows (withdrawn slices
+that still exist go back into service) and applies the desired layout again, keeping what is
+already in place.
 
 Examples:
     ```python
@@ -54,6 +64,7 @@ class NodeAgent:
         docker_url: str | None = None,
         heartbeat_ttl_s: float = 30.0,
         docker_client=None,
+        drain_timeout_s: float = 600.0,
     ) -> None:
         self.backend = backend
         self.allocator = allocator
@@ -61,7 +72,9 @@ class NodeAgent:
         self.docker_url = docker_url
         self.heartbeat_ttl_s = heartbeat_ttl_s
         self.docker = docker_client
+        self.drain_timeout_s = drain_timeout_s
         self._published: str | None = None
+        self._draining_since: dict[str, float] = {}
 
     def inventory(self) -> tuple[list[dict], list[SliceRecord]]:
         """This node's GPUs and the MIG slices that are ready to lease (with a compute instance)."""
@@ -134,7 +147,54 @@ class NodeAgent:
         self.allocator.reap()
         if self.docker is not None:
             self.fence_containers()
+        for gpu in self.backend.gpus():
+            if gpu.mig_enabled and self.apply_desired(gpu.index, gpu.uuid) == "applied":
+                did = "applied"
         return did
+
+    def apply_desired(self, index: int, gpu_uuid: str) -> str:
+        """Apply the GPU's desired layout if there is one: ``none``, ``applied``, ``draining`` or
+        ``skipped``."""
+        from prefect_mig.errors import InstanceBusy, PrefectMigError
+        from prefect_mig.model import Layout
+
+        desired = self.allocator.desired(gpu_uuid)
+        if desired is None:
+            return "none"
+        model = self.backend.gpu_model(index)
+        target = Layout.parse(model.name, desired["layout"])
+        current = self.backend.instances(index)
+        if {m.placement for m in current} == set(target.instances):
+            self.allocator.clear_desired(gpu_uuid, outcome="applied", detail="already in place")
+            return "applied"
+        doomed = [m for m in current if m.placement not in set(target.instances)]
+        if desired["kind"] == "drain":
+            leased = self.allocator.drain(gpu_uuid)
+            started = self._draining_since.setdefault(gpu_uuid, time.monotonic())
+            if leased:
+                if time.monotonic() - started < self.drain_timeout_s:
+                    return "draining"
+                self._draining_since.pop(gpu_uuid, None)
+                self.allocator.resume(gpu_uuid)
+                self.allocator.clear_desired(gpu_uuid, outcome="skipped", detail=f"{leased} lease(s) outlived the drain")
+                return "skipped"
+        else:
+            busy = self.allocator.withdraw([m.mig_uuid for m in doomed if m.mig_uuid])
+            if busy is not None:
+                self.allocator.clear_desired(gpu_uuid, outcome="skipped", detail=f"slice {busy} was leased")
+                return "skipped"
+        try:
+            self.backend.apply_layout(index, target)
+            outcome, detail = "applied", desired["layout"]
+        except (InstanceBusy, PrefectMigError) as exc:
+            outcome, detail = "skipped", str(exc)
+        finally:
+            self.publish()  # what NVML shows now; withdrawn slices that still exist come back
+            if desired["kind"] == "drain":
+                self._draining_since.pop(gpu_uuid, None)
+                self.allocator.resume(gpu_uuid)
+        self.allocator.clear_desired(gpu_uuid, outcome=outcome, detail=detail)
+        return outcome
 
     def fence_containers(self) -> list[str]:
         """Stop and remove task containers whose lease no longer exists or has another fencing

@@ -119,3 +119,103 @@ def test_the_dry_run_plans_from_the_live_queue_and_never_touches_leased_slices(a
     }
     assert p.kind == "incremental" and "3g.40gb" in str(p.target)
     assert not leased & set(p.destroy)
+
+
+def test_queued_3g_requests_are_served_after_the_service_re_carves_while_1g_leases_keep_running(alloc, tmp_path):
+    from prefect_mig.agent import NodeAgent
+    from prefect_mig.allocator import SliceRequest
+    from prefect_mig.repartition.service import run_once
+
+    alloc.queue_uncarved = True  # a repartitioner runs
+    nvml = SimulatedNvml("node-a=1xH100-80GB", state_dir=tmp_path)
+    with GpuBackend(nvml) as backend:
+        backend.apply_layout(0, SEVEN)
+        agent = NodeAgent(backend, alloc, node="node-a")
+        agent.publish()
+        ones = [alloc.try_acquire(SliceRequest(profile="1g.10gb")) for _ in range(3)]  # 1g@0,1,2
+        for lease in ones:
+            nvml.attach_process(lease.slice.mig_uuid, pid=lease.slice.start + 100)
+        waiting = [alloc.try_acquire(SliceRequest(profile="3g.40gb", priority=5), wait=True) for _ in range(2)]
+
+        changes = run_once(alloc)
+        assert [p.kind for p in changes] == ["incremental"]
+        assert alloc.desired(changes[0].gpu_uuid)["layout"] == str(changes[0].target)
+        assert agent.tick() == "applied"
+
+        layout = backend.layout(0)
+        assert "3g.40gb@4" in str(layout)
+        for lease in ones:  # the running 1g leases and their MIG devices are untouched
+            assert alloc.lease(lease.lease_id).fence == lease.fence
+            assert lease.slice.mig_uuid in {m.mig_uuid for m in backend.instances(0)}
+        served = [w for w in waiting if _granted(alloc, w.request_id)]
+        assert len(served) == 1  # one 3g fits next to the busy 1g slices; the other keeps waiting
+        assert alloc.desired(changes[0].gpu_uuid) is None
+        assert "layout.applied" in [e["type"] for e in alloc.events()]
+
+
+def _granted(alloc, request_id) -> bool:
+    from prefect_mig.errors import LeaseLost
+
+    try:
+        alloc.lease(request_id)
+    except LeaseLost:
+        return False
+    return True
+
+
+def test_an_agent_killed_half_way_converges_when_it_restarts(alloc, tmp_path):
+    from prefect_mig.agent import NodeAgent
+
+    nvml = SimulatedNvml("node-a=1xH100-80GB", state_dir=tmp_path)
+    with GpuBackend(nvml) as backend:
+        backend.apply_layout(0, SEVEN)
+        NodeAgent(backend, alloc, node="node-a").publish()
+        gpu = backend.gpu(0).uuid
+        target = Layout.parse("H100-80GB", "3g.40gb@0 + 3g.40gb@4")
+        alloc.set_desired(gpu, str(target), kind="incremental")
+        # the first agent withdrew the 1g slices and destroyed some of them, then died
+        alloc.withdraw([m.mig_uuid for m in backend.instances(0)])
+        for m in backend.instances(0)[:3]:
+            backend.destroy(0, m.gpu_instance_id)
+        restarted = NodeAgent(backend, alloc, node="node-a")
+        assert restarted.tick() == "applied"
+        assert backend.layout(0) == target
+        states = {s["profile"]: s["state"] for s in alloc.status()["slices"]}
+        assert states == {"3g.40gb": "free"}
+
+
+def test_a_drain_plan_waits_for_leases_then_re_carves_and_resumes(alloc, tmp_path):
+    from prefect_mig.agent import NodeAgent
+    from prefect_mig.allocator import SliceRequest
+    from prefect_mig.errors import NoCapacity
+
+    nvml = SimulatedNvml("node-a=1xH100-80GB", state_dir=tmp_path)
+    with GpuBackend(nvml) as backend:
+        backend.apply_layout(0, SEVEN)
+        agent = NodeAgent(backend, alloc, node="node-a")
+        agent.publish()
+        held = alloc.try_acquire(SliceRequest(profile="1g.10gb"))
+        gpu = backend.gpu(0).uuid
+        alloc.set_desired(gpu, "7g.80gb@0", kind="drain")
+        assert agent.apply_desired(0, gpu) == "draining"
+        with pytest.raises(NoCapacity):  # no new grants while draining
+            alloc.try_acquire(SliceRequest(profile="1g.10gb"))
+        alloc.release(held.lease_id, held.fence)
+        assert agent.apply_desired(0, gpu) == "applied"
+        assert str(backend.layout(0)) == "7g.80gb@0"
+        assert alloc.try_acquire(SliceRequest(profile="7g.80gb")).slice.profile == "7g.80gb"
+
+
+def test_the_repartition_flow_desires_the_change(alloc, prefect_api, redis_server, namespace):
+    import runpy
+    from pathlib import Path
+
+    from prefect_mig.allocator import SliceRequest
+
+    alloc.queue_uncarved = True
+    alloc.publish_fleet("node-a=1xH100-80GB", layouts={"node-a": [str(SEVEN)]})
+    alloc.try_acquire(SliceRequest(profile="3g.40gb"), wait=True)
+    flow_file = Path(__file__).resolve().parents[1] / "flows" / "repartition.py"
+    changes = runpy.run_path(str(flow_file), run_name="flow")["repartition"](redis_url=redis_server.url, namespace=namespace)
+    assert [c["kind"] for c in changes] == ["incremental"] and "3g.40gb" in changes[0]["target"]
+    assert alloc.desired(changes[0]["gpu_uuid"])["layout"] == changes[0]["target"]

@@ -439,6 +439,36 @@ class Allocator:
             raise AllocationError(f"GPU {gpu_uuid} is not in the inventory.")
         return int(reply[1])
 
+    def withdraw(self, slice_ids: Sequence[str]) -> str | None:
+        """Take idle slices out of service before destroying them; None when done, else the id of
+        a slice that is leased (then nothing was withdrawn)."""
+        reply = self._run("withdraw", json.dumps(list(slice_ids)), action="withdraw slices")
+        return None if reply[0] == "ok" else reply[1]
+
+    def set_desired(self, gpu_uuid: str, layout: str, *, kind: str) -> None:
+        """Ask the GPU's agent to carve `layout` (``kind``: incremental or drain)."""
+        body = json.dumps({"layout": layout, "kind": kind, "at": time.time()})
+        with redis_errors("write a desired layout"):
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.hset(self.keys.desired, gpu_uuid, body)
+            pipe.xadd(self.keys.events, {"type": "layout.desired", "gpu": gpu_uuid, "layout": layout, "kind": kind},
+                      maxlen=self.scripts._events_maxlen, approximate=True)
+            pipe.execute()
+
+    def desired(self, gpu_uuid: str) -> dict | None:
+        with redis_errors("read a desired layout"):
+            raw = self.redis.hget(self.keys.desired, gpu_uuid)
+        return json.loads(decode(raw)) if raw else None
+
+    def clear_desired(self, gpu_uuid: str, *, outcome: str, detail: str = "") -> None:
+        """The agent is done with the GPU's desired layout: ``applied`` or ``skipped`` (why)."""
+        with redis_errors("clear a desired layout"):
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.hdel(self.keys.desired, gpu_uuid)
+            pipe.xadd(self.keys.events, {"type": f"layout.{outcome}", "gpu": gpu_uuid, "detail": detail},
+                      maxlen=self.scripts._events_maxlen, approximate=True)
+            pipe.execute()
+
     def set_quota(self, tenant: str, quota: Quota | None) -> None:
         """Limit a tenant's concurrent slices and compute slices (``None`` removes the limit)."""
         body = "" if quota is None else quota.model_dump_json()

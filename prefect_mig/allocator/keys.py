@@ -62,6 +62,7 @@ class Keys:
         self.tenant_compute = p + "tenant_compute"  # HASH tenant -> compute slices held (same)
         self.quotas = p + "quotas"  # HASH tenant -> {"slices": n, "compute": n} JSON
         self.events = p + "events"  # STREAM of transitions
+        self.desired = p + "desired"  # HASH gpu_uuid -> desired layout JSON (the repartitioner's)
 
     # per-entity keys (scripts build the same names from the prefix)
     def lease(self, lease_id: str) -> str:

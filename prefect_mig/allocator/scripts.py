@@ -33,6 +33,7 @@ NAMES = (
     "heartbeat",
     "drain",
     "set_quota",
+    "withdraw",
 )
 
 #: KEYS order every script expects (see _lib.lua).

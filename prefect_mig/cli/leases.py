@@ -241,3 +241,45 @@ def repartition_plan(
         for p in plans:
             table.add_row(p.node, p.gpu_uuid[:12], p.kind, str(p.current), str(p.target))
         console.print(table)
+
+
+@repartition_app.command("apply")
+def repartition_apply(
+    drain_cost: Annotated[float, typer.Option(help="Demand units a drain must gain.")] = 2.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Plan once and write the changes as desired layouts; the node agents apply them."""
+    from prefect_mig.repartition import Knobs
+    from prefect_mig.repartition.service import run_once
+
+    with cli_errors():
+        changes = run_once(_allocator(), knobs=Knobs(drain_cost=drain_cost))
+        rows = [{"gpu_uuid": p.gpu_uuid, "node": p.node, "kind": p.kind, "target": str(p.target)} for p in changes]
+        if as_json:
+            print_json(rows)
+        else:
+            console.print(f"{len(rows)} change(s) desired" + "".join(f"\n  {r['node']} {r['gpu_uuid'][:12]} {r['kind']}: {r['target']}" for r in rows))
+
+
+@repartition_app.command("serve")
+def repartition_serve(
+    interval: Annotated[float, typer.Option(help="Seconds between planning rounds.")] = 30.0,
+    drain_cost: Annotated[float, typer.Option(help="Demand units a drain must gain.")] = 2.0,
+) -> None:
+    """Plan every --interval seconds and desire the changes (the agents apply them)."""
+    import time
+
+    from prefect_mig.repartition import Knobs
+    from prefect_mig.repartition.service import run_once
+
+    with cli_errors():
+        allocator = _allocator()
+        allocator.queue_uncarved = True
+        console.print(f"repartitioning every {interval:g} s (Ctrl-C stops)")
+        try:
+            while True:
+                for p in run_once(allocator, knobs=Knobs(drain_cost=drain_cost)):
+                    console.print(f"desired {p.kind} on {p.node} {p.gpu_uuid[:12]}: {p.target}")
+                time.sleep(interval)
+        except KeyboardInterrupt:
+            errors.print("repartitioning stopped")

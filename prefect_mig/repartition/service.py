@@ -2,7 +2,8 @@
 
 `plan_from_allocator` turns the live inventory into `GpuState`s (a slice that is leased, or that
 the agent reported busy, is busy) and the wait queue plus recent grants into demand, then plans.
-Applying plans through the node agents is the next step (issue 5).
+`desire` writes the plans that change something as desired layouts; each node's agent applies
+its GPUs' (see `prefect_mig.agent`). `run_once` is one round of the service.
 
 Examples:
     ```python
@@ -64,3 +65,23 @@ def plan_from_allocator(
     for k, v in (extra_demand or {}).items():
         demand[k] = demand.get(k, 0.0) + v
     return plan(gpu_states(status), demand, knobs)
+
+
+def desire(allocator: Allocator, plans: list[GpuPlan]) -> list[GpuPlan]:
+    """Write the plans that change something as desired layouts; returns those plans."""
+    changing = [p for p in plans if p.kind != "none" and p.steps]
+    for p in changing:
+        allocator.set_desired(p.gpu_uuid, str(p.target), kind=p.kind)
+    return changing
+
+
+def run_once(allocator: Allocator, *, knobs: Knobs = Knobs()) -> list[GpuPlan]:
+    """One round of the repartitioning service: plan against the live demand, desire the changes
+    (skipping GPUs that still have a change pending: one change at a time per GPU)."""
+    pending = {decode_key(k) for k in allocator.redis.hkeys(allocator.keys.desired)}
+    plans = [p for p in plan_from_allocator(allocator, knobs=knobs) if p.gpu_uuid not in pending]
+    return desire(allocator, plans)
+
+
+def decode_key(value) -> str:
+    return value.decode() if isinstance(value, bytes) else value

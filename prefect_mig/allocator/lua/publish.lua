@@ -49,7 +49,9 @@ for _, s in ipairs(listed) do
   local state = redis.call('HGET', K.slice_state, s.id)
   if leased_by(state) then s.busy = false end  -- its processes are the holder's own
   s.ordinal = ordinal[s.gpu_uuid] or 0
-  redis.call('HSET', K.slices, s.id, cjson.encode(s))
+  local raw = cjson.encode(s)
+  redis.call('HSET', K.slices, s.id, raw)
+  s._raw = raw  -- a hand-over pushes the slice's JSON to the waiter
   redis.call('SADD', node_slices_key(node), s.id)
   redis.call('HSET', gpu_slices_key(s.gpu_uuid), s.id, s.start .. '|' .. s.pkey)
   redis.call('SADD', K.pkeys, s.pkey)
