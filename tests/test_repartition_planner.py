@@ -219,3 +219,14 @@ def test_the_repartition_flow_desires_the_change(alloc, prefect_api, redis_serve
     changes = runpy.run_path(str(flow_file), run_name="flow")["repartition"](redis_url=redis_server.url, namespace=namespace)
     assert [c["kind"] for c in changes] == ["incremental"] and "3g.40gb" in changes[0]["target"]
     assert alloc.desired(changes[0]["gpu_uuid"])["layout"] == changes[0]["target"]
+
+
+def test_while_a_repartitioner_runs_requests_wait_for_kinds_it_will_carve(alloc):
+    from prefect_mig.allocator import Queued, SliceRequest
+    from prefect_mig.errors import Unsatisfiable
+
+    alloc.publish_fleet("node-a=1xH100-80GB", layouts={"node-a": [str(SEVEN)]})
+    with pytest.raises(Unsatisfiable):
+        alloc.try_acquire(SliceRequest(profile="3g.40gb"), wait=True)
+    alloc.announce_repartitioner(60)
+    assert isinstance(alloc.try_acquire(SliceRequest(profile="3g.40gb"), wait=True), Queued)

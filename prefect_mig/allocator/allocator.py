@@ -455,6 +455,12 @@ class Allocator:
                       maxlen=self.scripts._events_maxlen, approximate=True)
             pipe.execute()
 
+    def announce_repartitioner(self, ttl_s: float) -> None:
+        """Say a repartitioner runs for the next `ttl_s` seconds: meanwhile requests may wait for
+        kinds of slices no GPU is carved into yet, instead of failing as `Unsatisfiable`."""
+        with redis_errors("announce the repartitioner"):
+            self.redis.set(self.keys.repartitioner, str(time.time()), px=int(ttl_s * 1000))
+
     def desired(self, gpu_uuid: str) -> dict | None:
         with redis_errors("read a desired layout"):
             raw = self.redis.hget(self.keys.desired, gpu_uuid)

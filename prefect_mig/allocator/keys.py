@@ -63,6 +63,7 @@ class Keys:
         self.quotas = p + "quotas"  # HASH tenant -> {"slices": n, "compute": n} JSON
         self.events = p + "events"  # STREAM of transitions
         self.desired = p + "desired"  # HASH gpu_uuid -> desired layout JSON (the repartitioner's)
+        self.repartitioner = p + "repartitioner"  # STRING with a TTL: a repartitioner is running
 
     # per-entity keys (scripts build the same names from the prefix)
     def lease(self, lease_id: str) -> str:

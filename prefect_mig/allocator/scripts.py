@@ -55,6 +55,7 @@ FIXED_KEYS = (
     "tenant_compute",
     "quotas",
     "events",
+    "repartitioner",
 )
 
 

@@ -274,11 +274,10 @@ def repartition_serve(
 
     with cli_errors():
         allocator = _allocator()
-        allocator.queue_uncarved = True
         console.print(f"repartitioning every {interval:g} s (Ctrl-C stops)")
         try:
             while True:
-                for p in run_once(allocator, knobs=Knobs(drain_cost=drain_cost)):
+                for p in run_once(allocator, knobs=Knobs(drain_cost=drain_cost), announce_s=3 * interval):
                     console.print(f"desired {p.kind} on {p.node} {p.gpu_uuid[:12]}: {p.target}")
                 time.sleep(interval)
         except KeyboardInterrupt:

@@ -75,9 +75,11 @@ def desire(allocator: Allocator, plans: list[GpuPlan]) -> list[GpuPlan]:
     return changing
 
 
-def run_once(allocator: Allocator, *, knobs: Knobs = Knobs()) -> list[GpuPlan]:
-    """One round of the repartitioning service: plan against the live demand, desire the changes
-    (skipping GPUs that still have a change pending: one change at a time per GPU)."""
+def run_once(allocator: Allocator, *, knobs: Knobs = Knobs(), announce_s: float = 900.0) -> list[GpuPlan]:
+    """One round of the repartitioning service: announce itself for `announce_s` (so requests may
+    wait for kinds it will carve), plan against the live demand, desire the changes (skipping GPUs
+    that still have a change pending: one change at a time per GPU)."""
+    allocator.announce_repartitioner(announce_s)
     pending = {decode_key(k) for k in allocator.redis.hkeys(allocator.keys.desired)}
     plans = [p for p in plan_from_allocator(allocator, knobs=knobs) if p.gpu_uuid not in pending]
     return desire(allocator, plans)

@@ -8,7 +8,7 @@ local K = {
   slices = KEYS[1], slice_state = KEYS[2], gpus = KEYS[3], draining = KEYS[4], nodes = KEYS[5],
   node_deadline = KEYS[6], pkeys = KEYS[7], leases = KEYS[8], fence = KEYS[9], seq = KEYS[10],
   requests = KEYS[11], waiting = KEYS[12], wait_deadline = KEYS[13], tenant_slices = KEYS[14],
-  tenant_compute = KEYS[15], quotas = KEYS[16], events = KEYS[17],
+  tenant_compute = KEYS[15], quotas = KEYS[16], events = KEYS[17], repartitioner = KEYS[18],
 }
 local P = ARGV[1]
 local NOW

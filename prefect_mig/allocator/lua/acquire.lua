@@ -5,7 +5,8 @@
 -- A[3] - ms a waiting request lives without being touched (a dead waiter's request is reaped then)
 -- A[4] - aging: ms of waiting worth one priority level
 -- A[5] - grace in ms a preempted holder gets, or '' to never preempt for this request
--- A[6] - '1' to queue for kinds no GPU is carved into yet (a repartitioner will carve them)
+-- A[6] - '1' to queue for kinds no GPU is carved into yet; they also queue while a repartitioner
+--        announces itself (KEYS repartitioner), since it will carve them
 -- returns {'granted', lease_id, fence, expires_at, slice_id, slice_json}
 --       | {'queued', request_id, queue_length}
 --       | {'no_capacity', 'busy' | 'quota'}
@@ -52,7 +53,7 @@ for _, pkey in ipairs(r.pkeys) do
   end
 end
 
-local offered = A[6] == '1'
+local offered = A[6] == '1' or redis.call('EXISTS', K.repartitioner) == 1
 for _, pkey in ipairs(r.pkeys) do
   if redis.call('SISMEMBER', K.pkeys, pkey) == 1 then offered = true; break end
 end
