@@ -26,7 +26,7 @@ system:
 
 image: system venv
 	@echo ">>> Ensuring the Python test image (the first build runs debootstrap: about a minute)"
-	$(VENV)/bin/python -m prefect_mig.testing.docker_engine ensure-image
+	$(VENV)/bin/python -m prefect_mig.launchers.images ensure-image
 
 test: system venv image
 	@echo ">>> Running the tests: pytest -q $(PYTEST_ARGS)"

@@ -35,7 +35,7 @@ from rich.table import Table  # noqa: E402
 from prefect_mig import MigTaskRunner, task  # noqa: E402
 from prefect_mig.allocator import Allocator  # noqa: E402
 from prefect_mig.launchers.docker import HOME, _pickle_call, _runtime_archive  # noqa: E402
-from prefect_mig.testing.docker_engine import ensure_python_image  # noqa: E402
+from prefect_mig.launchers.images import ensure_python_image  # noqa: E402
 from prefect_mig.testing.redis_server import RedisServer  # noqa: E402
 
 console = Console()

@@ -20,7 +20,7 @@ import docker
 import pytest
 import redis
 
-from prefect_mig.testing import docker_engine
+from prefect_mig.launchers import images as docker_engine
 from prefect_mig.testing.redis_server import RedisServer, RedisServerNotInstalled
 
 pytest_plugins = ["pytester", "tests.allocator_fixtures", "tests.prefect_fixtures"]  # pytester: tests of these fixtures

@@ -1,6 +1,6 @@
 """The services every other test stands on: private redis-servers, the Docker engine, the test image.
 
-Mirrors ``prefect_mig/testing/redis_server.py``, ``prefect_mig/testing/docker_engine.py`` and the
+Mirrors ``prefect_mig/testing/redis_server.py``, ``prefect_mig/launchers/images.py`` and the
 fixtures in ``tests/conftest.py``.
 """
 
@@ -22,8 +22,8 @@ import docker
 import pytest
 import redis
 
-from prefect_mig.testing import docker_engine
-from prefect_mig.testing.docker_engine import ContainerFailed, DockerEngineUnavailable, run_python
+from prefect_mig.launchers import images as docker_engine
+from prefect_mig.launchers.images import ContainerFailed, DockerEngineUnavailable, run_python
 from prefect_mig.testing.redis_server import RedisServer, RedisServerNotInstalled
 
 CONFTEST = Path(__file__).with_name("conftest.py")

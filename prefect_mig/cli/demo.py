@@ -93,7 +93,7 @@ def _carve(backend) -> None:
 def _run_pipeline(backend, node: str, settings, batches: int) -> None:
     from prefect_mig.agent import NodeAgent
     from prefect_mig.allocator import Allocator
-    from prefect_mig.testing.docker_engine import DockerEngineError, docker_client, ensure_python_image
+    from prefect_mig.launchers.images import DockerEngineError, docker_client, ensure_python_image
     from prefect_mig.testing.redis_server import RedisServer
 
     if not PIPELINE.exists():

@@ -1,4 +1,4 @@
-"""The Docker engine and the Python test image, for tests and the demo.
+"""The Docker engine and the local Python image that task containers run (tests, demo, benchmarks).
 
 No registry can be reached, so the image that runs task code in containers is built locally: a
 minimal Debian root file system with ``python3`` from ``debootstrap``, imported into the engine as
@@ -9,7 +9,7 @@ Every container this module starts has networking disabled and is removed afterw
 
 Command line (used by ``make image`` and CI)::
 
-    python -m prefect_mig.testing.docker_engine ensure-image [--tag TAG] [--suite SUITE] [--mirror URL]
+    python -m prefect_mig.launchers.images ensure-image [--tag TAG] [--suite SUITE] [--mirror URL]
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ class PythonVersionMismatch(PythonImageError):
             f"Image {tag} runs Python {image} but this host runs Python {host}; code pickled on the "
             f"host needs the same minor version in the container. Rebuild the image from a "
             f"distribution release with Python {host}: `docker rmi {tag}` then "
-            f"`python -m prefect_mig.testing.docker_engine ensure-image --tag {tag} --suite SUITE "
+            f"`python -m prefect_mig.launchers.images ensure-image --tag {tag} --suite SUITE "
             f"--mirror URL` (e.g. --suite noble --mirror http://archive.ubuntu.com/ubuntu for 3.12), "
             f"or run the tests with a Python {image} virtual environment.",
             tag=tag,
@@ -149,7 +149,7 @@ def docker_client(base_url: str | None = None) -> docker.DockerClient:
 
     Examples:
         ```python
-        from prefect_mig.testing.docker_engine import docker_client
+        from prefect_mig.launchers.images import docker_client
 
         client = docker_client()  # or docker_client("unix:///var/run/docker.sock")
         assert client.ping()
@@ -225,7 +225,7 @@ def run_python(
 
     Examples:
         ```python
-        from prefect_mig.testing.docker_engine import docker_client, ensure_python_image, run_python
+        from prefect_mig.launchers.images import docker_client, ensure_python_image, run_python
 
         client = docker_client()
         output = run_python(client, ensure_python_image(client), "print(6 * 7)")
@@ -310,7 +310,7 @@ def _build_python_image(
     if os.geteuid() != 0:
         raise PythonImageError(
             f"Image {tag} is missing and building it with debootstrap needs root. Run "
-            "`sudo .venv/bin/python -m prefect_mig.testing.docker_engine ensure-image` once.",
+            "`sudo .venv/bin/python -m prefect_mig.launchers.images ensure-image` once.",
             tag=tag,
         )
     # /var/tmp, not /tmp: the root file system is ~260 MB and /tmp may be a small tmpfs.
@@ -351,8 +351,8 @@ def _build_python_image(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m prefect_mig.testing.docker_engine``."""
-    parser = argparse.ArgumentParser(prog="python -m prefect_mig.testing.docker_engine")
+    """Entry point of ``python -m prefect_mig.launchers.images``."""
+    parser = argparse.ArgumentParser(prog="python -m prefect_mig.launchers.images")
     commands = parser.add_subparsers(dest="command", required=True)
     ensure = commands.add_parser(
         "ensure-image", help="build the Python test image if missing and check its Python version"
