@@ -89,6 +89,3 @@ class Keys:
 
     def preemptible(self, pkey: str) -> str:  # ZSET lease_id -> priority (revocable leases of a kind)
         return f"{self.prefix}preemptible:{pkey}"
-
-    def all_fixed(self) -> list[str]:
-        return [v for k, v in vars(self).items() if k not in ("namespace", "prefix")]

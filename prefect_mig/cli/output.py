@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -33,8 +33,3 @@ def cli_errors() -> Iterator[None]:
     except PrefectMigError as exc:
         errors.print(f"[red]error:[/red] {exc}", highlight=False)
         raise typer.Exit(1) from exc
-
-
-def run(fn: Callable[[], None]) -> None:
-    with cli_errors():
-        fn()
