@@ -492,10 +492,10 @@ class Allocator:
         slices, states, requests = d(slices), d(states), d(requests)
         alive = {decode(n) for n in alive}
         rows = []
-        for sid, raw in sorted(slices.items(), key=lambda kv: (json.loads(kv[1])["node"], json.loads(kv[1])["gpu_index"], json.loads(kv[1])["start"])):
-            rec = json.loads(raw)
+        for sid, raw in slices.items():
             state, _, owner = states.get(sid, "?").partition("|")
-            rows.append({**rec, "state": state, "lease": owner or None})
+            rows.append({**json.loads(raw), "state": state, "lease": owner or None})
+        rows.sort(key=lambda r: (r["node"], r["gpu_index"], r["start"]))
         queue = []
         for rid in (decode(r) for r in waiting):
             if rid in requests:

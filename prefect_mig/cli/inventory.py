@@ -36,7 +36,9 @@ def node_backends(settings: Settings, node: str | None) -> tuple[str, list[tuple
     if kind == "nvml":
         return kind, [(settings.node, GpuBackend())]
     fleet = settings.fleet()
-    names = [fleet.gpu_models(node) and node] if node else fleet.node_names
+    if node is not None:
+        fleet.gpu_models(node)  # raises InvalidFleetSpec naming the fleet's nodes
+    names = [node] if node else fleet.node_names
     return kind, [(n, backend_from_settings(settings.model_copy(update={"backend": "simulated"}), node=n)) for n in names]
 
 

@@ -33,15 +33,20 @@ def _allocator() -> Allocator:
     return Allocator(client, settings.namespace)
 
 
+#: SliceRequest field -> the `lease acquire` option that sets it
+_OPTION = {"min_compute_slices": "--min-compute", "ttl_s": "--ttl"}
+
+
 def _request(**fields) -> SliceRequest:
     try:
         return SliceRequest(**{k: v for k, v in fields.items() if v is not None})
     except ValidationError as exc:
         first = exc.errors()[0]
-        where = ".".join(str(x) for x in first["loc"]) or "request"
+        field = str(first["loc"][0]) if first["loc"] else "request"
+        option = _OPTION.get(field, "--" + field.replace("_", "-"))
         raise ConfigError(
-            f"--{where.replace('_', '-')}={first.get('input')!r}: {first['msg'].removeprefix('Value error, ')}",
-            field=where,
+            f"{option}={first.get('input')!r}: {first['msg'].removeprefix('Value error, ')}",
+            field=field,
             value=first.get("input"),
         ) from exc
 
