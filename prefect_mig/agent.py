@@ -38,7 +38,7 @@ import threading
 import time
 
 from prefect_mig.allocator import Allocator, SliceRecord
-from prefect_mig.allocator.models import decode, pkey
+from prefect_mig.allocator.models import decode, slice_record
 from prefect_mig.gpu import GpuBackend
 
 
@@ -98,24 +98,12 @@ class NodeAgent:
             for m in instances:
                 if not m.mig_uuid:
                     continue
-                prof = model.profile(m.profile)
                 slices.append(
-                    SliceRecord(
-                        id=m.mig_uuid,
-                        node=self.node,
-                        gpu_uuid=gpu.uuid,
-                        gpu_index=gpu.index,
-                        gpu_model=model.name,
-                        profile=m.profile,
-                        pkey=pkey(model.name, m.profile),
-                        start=m.start,
-                        size=m.size,
-                        gpu_instance_id=m.gpu_instance_id,
-                        mig_uuid=m.mig_uuid,
-                        compute_slices=prof.compute_slices,
-                        memory_mib=prof.memory_mib,
-                        generation=generation,
-                        busy=bool(running.get(m.mig_uuid)),
+                    slice_record(
+                        model, m.profile, m.start,
+                        node=self.node, gpu_uuid=gpu.uuid, gpu_index=gpu.index,
+                        gpu_instance_id=m.gpu_instance_id, mig_uuid=m.mig_uuid,
+                        generation=generation, busy=bool(running.get(m.mig_uuid)),
                     )
                 )
         return gpus, slices

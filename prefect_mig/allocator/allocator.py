@@ -47,7 +47,7 @@ from typing import Any, Protocol
 import redis
 
 from prefect_mig.allocator.keys import Keys
-from prefect_mig.allocator.models import LeaseInfo, Quota, SliceRecord, SliceRequest, decode, pkey
+from prefect_mig.allocator.models import LeaseInfo, Quota, SliceRecord, SliceRequest, decode, slice_record
 from prefect_mig.allocator.scripts import Scripts
 from prefect_mig.errors import (
     AllocationError,
@@ -186,23 +186,11 @@ class Allocator:
                 texts = layouts.get(node.name, [])
                 layout = Layout.parse(model.name, texts[index] if index < len(texts) else "").validate_on(model)
                 for gi, placement in enumerate(layout.instances, start=1):
-                    prof = model.profile(placement.profile)
                     mig = "MIG-" + str(uuid.uuid5(uuid.NAMESPACE_URL, f"{gpu_uuid}:{placement}"))
                     slices.append(
-                        SliceRecord(
-                            id=mig,
-                            node=node.name,
-                            gpu_uuid=gpu_uuid,
-                            gpu_index=index,
-                            gpu_model=model.name,
-                            profile=prof.name,
-                            pkey=pkey(model.name, prof.name),
-                            start=placement.start,
-                            size=prof.placement_size,
-                            gpu_instance_id=gi,
-                            mig_uuid=mig,
-                            compute_slices=prof.compute_slices,
-                            memory_mib=prof.memory_mib,
+                        slice_record(
+                            model, placement.profile, placement.start,
+                            node=node.name, gpu_uuid=gpu_uuid, gpu_index=index, gpu_instance_id=gi, mig_uuid=mig,
                         )
                     )
             self.publish(node.name, gpus, slices, heartbeat_ttl_s=heartbeat_ttl_s)

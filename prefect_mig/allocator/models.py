@@ -19,7 +19,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from prefect_mig.errors import InvalidRequirement, UnknownProfile
-from prefect_mig.model import MigProfileName, SliceRequirement, catalog, get_model
+from prefect_mig.model import GpuModel, MigProfileName, SliceRequirement, catalog, get_model
 
 PRIORITY_MIN, PRIORITY_MAX = 0, 100
 Name = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:@-]+$")]
@@ -121,6 +121,38 @@ class SliceRecord(BaseModel):
     busy: bool = False  # NVML shows processes on it (reported by the node agent)
     ordinal: int = 0  # the GPU's place in first-fit order (set when published)
     gone: bool = False
+
+
+def slice_record(
+    model: GpuModel,
+    profile: str,
+    start: int,
+    *,
+    node: str,
+    gpu_uuid: str,
+    gpu_index: int,
+    gpu_instance_id: int,
+    mig_uuid: str,
+    **extra: Any,
+) -> SliceRecord:
+    """The inventory record of one MIG device, its size and kind derived from the model."""
+    prof = model.profile(profile)
+    return SliceRecord(
+        id=mig_uuid,
+        node=node,
+        gpu_uuid=gpu_uuid,
+        gpu_index=gpu_index,
+        gpu_model=model.name,
+        profile=prof.name,
+        pkey=pkey(model.name, prof.name),
+        start=start,
+        size=prof.placement_size,
+        gpu_instance_id=gpu_instance_id,
+        mig_uuid=mig_uuid,
+        compute_slices=prof.compute_slices,
+        memory_mib=prof.memory_mib,
+        **extra,
+    )
 
 
 class LeaseInfo(BaseModel):
