@@ -279,3 +279,28 @@ def test_cancelling_the_flows_tasks_stops_their_containers_and_releases_the_leas
     assert isinstance(took, float) and took < 30  # stopped promptly, not after the body's 120 s
     assert docker_client.containers.list(all=True, filters={"label": f"{LABEL_PREFIX}mig-uuid"}) == []
     assert cluster.status()["leases"] == [] and cluster.status()["queue"] == []
+
+
+def test_the_body_runs_on_the_docker_engine_of_the_node_that_owns_the_slice(
+    prefect_api, redis_server, namespace, monkeypatch, tmp_path, docker_client, python_image
+):
+    from prefect_mig.agent import NodeAgent
+    from prefect_mig.gpu import GpuBackend, SimulatedNvml
+    from prefect_mig.model import Layout
+
+    # the flow's own host has no engine; the node's agent published the engine that owns its GPU
+    monkeypatch.setenv("PREFECT_MIG_DOCKER_HOST", "tcp://127.0.0.1:1")
+    monkeypatch.setenv("PREFECT_MIG_REDIS_URL", redis_server.url)
+    monkeypatch.setenv("PREFECT_MIG_NAMESPACE", namespace)
+    alloc = Allocator(redis.Redis.from_url(redis_server.url), namespace)
+    with GpuBackend(SimulatedNvml("gpu-node=1xA30-24GB", state_dir=tmp_path)) as backend:
+        backend.apply_layout(0, Layout.parse("A30-24GB", "4g.24gb@0"))
+        NodeAgent(backend, alloc, node="gpu-node", docker_url="unix:///var/run/docker.sock").publish()
+    t = task(task_runner=MigTaskRunner(profile="4g.24gb"))(env_of_slice)
+
+    @flow
+    def pipeline():
+        return t(7)
+
+    assert pipeline()[1].startswith("MIG-")
+    assert alloc.status()["leases"] == []

@@ -36,9 +36,9 @@ from prefect.states import Pending, Running
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.engine import emit_task_run_state_change_event
 
-from prefect_mig.allocator import Allocator, Lease, SliceRequest
+from prefect_mig.allocator import Allocator, Lease, LeaseInfo, SliceRequest
 from prefect_mig.allocator.embedded import redis_url
-from prefect_mig.errors import ConfigError, ContainerStopped, LeaseLost
+from prefect_mig.errors import ConfigError, ContainerStopped, DockerUnavailable, LeaseLost
 from prefect_mig.launchers import ContainerSettings, DockerLauncher
 from prefect_mig.settings import load_settings
 
@@ -113,6 +113,7 @@ class MigTaskRunner(ThreadPoolTaskRunner):
         self.cluster = cluster
         self.lease_ttl_s = lease_ttl_s
         self.wait_timeout_s = wait_timeout_s
+        self._launchers: dict[str | None, DockerLauncher] = {}  # runtime state: one per Docker engine
         if profile is not None:
             self.request_for(profile, priority or 0, tenant or "default")  # validates early
 
@@ -184,11 +185,9 @@ class MigTaskRunner(ThreadPoolTaskRunner):
         return _allocator(redis_url(settings), settings.namespace)
 
     def _launcher(self, docker_url: str | None) -> DockerLauncher:
-        # runtime state, not configuration: one launcher (one Docker client) per engine
-        launchers = self.__dict__.setdefault("_launchers", {})
-        if docker_url not in launchers:
-            launchers[docker_url] = self._new_launcher(docker_url)
-        return launchers[docker_url]
+        if docker_url not in self._launchers:
+            self._launchers[docker_url] = self._new_launcher(docker_url)
+        return self._launchers[docker_url]
 
     def _new_launcher(self, docker_url: str | None) -> DockerLauncher:
         settings = load_settings()
@@ -222,13 +221,13 @@ class MigTaskRunner(ThreadPoolTaskRunner):
         request = self.request_for(profile, priority, tenant, holder)
         logger = get_run_logger() if ctx else None
         allocator = self._allocator()
-        launcher_ready = self._launcher(None)
-        launcher_ready.check_python()  # a bad image fails before any lease is taken
+        try:  # a bad image fails before any lease is taken (launcher.run checks the slice's engine again)
+            self._launcher(None).check_python()
+        except DockerUnavailable:
+            pass  # no engine here: the slices live on nodes with engines of their own
 
         cancelled = _cancel_event(ctx)
         got = allocator.try_acquire(request, wait=self.wait_timeout_s != 0)
-        from prefect_mig.allocator import LeaseInfo
-
         if not isinstance(got, LeaseInfo):
             if logger:
                 logger.info("waiting for a %s slice (priority %s, tenant %s)", request.requirement, priority, tenant)
@@ -243,7 +242,7 @@ class MigTaskRunner(ThreadPoolTaskRunner):
             if logger:
                 logger.info("leased %s, waited %.2f s, fence %s", where, got.waited_ms / 1000, lease.fence)
             docker_url = allocator.node_docker_url(s.node)  # the engine on the node that owns the slice
-            launcher = self._launcher(docker_url) if docker_url else launcher_ready
+            launcher = self._launcher(docker_url)
             labels = {
                 "lease-id": lease.lease_id,
                 "fence": lease.fence,
