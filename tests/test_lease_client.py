@@ -223,3 +223,19 @@ def test_a_held_lease_keeps_renewing_across_a_redis_restart(fresh_redis_server, 
     assert not lease.lost.is_set()
     assert client.allocator.lease(lease.lease_id).fence == lease.fence
     assert lease.release() is True
+
+
+def test_lease_client_from_settings_uses_the_configured_redis_or_says_what_to_set(redis_server, namespace, monkeypatch):
+    from prefect_mig.errors import ConfigError
+
+    monkeypatch.delenv("PREFECT_MIG_REDIS_URL", raising=False)
+    with pytest.raises(ConfigError) as refused:
+        LeaseClient.from_settings()
+    assert "PREFECT_MIG_REDIS_URL" in str(refused.value)
+    monkeypatch.setenv("PREFECT_MIG_REDIS_URL", redis_server.url)
+    monkeypatch.setenv("PREFECT_MIG_NAMESPACE", namespace)
+    client = LeaseClient.from_settings()
+    client.allocator.publish_fleet("node-a=1xA30-24GB", layouts={"node-a": ["4g.24gb@0"]})
+    with client.lease(SliceRequest(profile="4g.24gb")) as lease:
+        assert lease.slice.profile == "4g.24gb"
+    assert client.allocator.keys.namespace == namespace
