@@ -117,18 +117,18 @@ def test_a_docker_engine_that_is_down_is_a_clear_error():
 @pytest.fixture
 def wrong_python_image(docker_client, python_image):
     """The test image with a python3 that reports 3.7."""
-    tag = "prefect-mig-test-wrong-python:1"
+    tag = "prefect-mig-test-wrong-python:2"
     try:
         docker_client.images.get(tag)
     except docker.errors.ImageNotFound:
         c = docker_client.containers.run(
             python_image,
-            ["sh", "-c", "rm /usr/bin/python3 && printf '#!/bin/sh\\necho 3 7\\n' > /usr/bin/python3 && chmod +x /usr/bin/python3"],
+            ["sh", "-c", "rm /usr/bin/python3 && printf '#!/bin/sh\\necho \"(3, 7)\"\\n' > /usr/bin/python3 && chmod +x /usr/bin/python3"],
             detach=True,
             network_disabled=True,
         )
         c.wait()
-        c.commit(repository="prefect-mig-test-wrong-python", tag="1")
+        c.commit(repository="prefect-mig-test-wrong-python", tag="2")
         c.remove()
     return tag
 

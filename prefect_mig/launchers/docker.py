@@ -146,16 +146,9 @@ class DockerLauncher:
         image = self._image()
         key = (self.client.api.base_url, image.id)
         if key not in _VERSIONS:
-            out = self.client.containers.run(
-                image.id,
-                ["python3", "-c", "import sys; print(*sys.version_info[:2])"],
-                network_disabled=True,
-                remove=True,
-                stdout=True,
-                stderr=True,
-            )
-            major, minor = (int(x) for x in out.decode().split()[:2])
-            _VERSIONS[key] = (major, minor)
+            from prefect_mig.launchers.images import image_python_version
+
+            _VERSIONS[key] = image_python_version(self.client, image.id)
         return _VERSIONS[key]
 
     def _image(self):
