@@ -7,12 +7,14 @@ stops task containers whose lease is gone, and applies the desired layouts the r
 - incremental: the instances that go are withdrawn from service first (all or nothing, refused if
   one got leased meanwhile), NVML is checked for processes, the GPU is re-carved with explicit
   placements, and the new inventory is published, which hands new slices to waiting requests;
-- drain: the GPU gets no new grants until its leases end (or `drain_timeout_s` passes: then the
-  change is skipped and the GPU resumes), then it is re-carved and resumed.
+- drain (a range drain): the slices the new layout replaces get no new grants; idle ones leave
+  service at once, leased ones when their lease ends, while the rest of the GPU keeps granting.
+  When all are out (or `drain_timeout_s` passes: then the change is skipped and the slices go back
+  into service) the GPU is re-carved.
 
-An agent killed half way converges when it restarts: it publishes what NVML shows (withdrawn slices
-that still exist go back into service) and applies the desired layout again, keeping what is
-already in place.
+Withdrawn slices stay out of service until the publish that no longer lists them. An agent killed
+half way converges when it restarts: it publishes what NVML shows and applies the desired layout
+again, keeping what is already in place; a change that fails puts the slices back into service.
 
 Examples:
     ```python
@@ -36,6 +38,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Callable
 
 from prefect_mig.allocator import Allocator, SliceRecord
 from prefect_mig.allocator.models import decode, slice_record
@@ -53,6 +56,8 @@ class NodeAgent:
         heartbeat_ttl_s: without a heartbeat for this long, the node gets no new grants.
         docker_client: this node's Docker engine; when given, each tick stops task containers whose
             lease is gone or whose fencing token is stale (a killed flow process, a lost lease).
+        drain_timeout_s: a drain whose leases outlive this is given up (the GPU resumes).
+        clock: seconds, for the drain timeout (the simulator passes its virtual clock).
     """
 
     def __init__(
@@ -65,6 +70,7 @@ class NodeAgent:
         heartbeat_ttl_s: float = 30.0,
         docker_client=None,
         drain_timeout_s: float = 600.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.backend = backend
         self.allocator = allocator
@@ -73,6 +79,7 @@ class NodeAgent:
         self.heartbeat_ttl_s = heartbeat_ttl_s
         self.docker = docker_client
         self.drain_timeout_s = drain_timeout_s
+        self.clock = clock
         self._published: str | None = None
         self._draining_since: dict[str, float] = {}
 
@@ -143,7 +150,15 @@ class NodeAgent:
     def apply_desired(self, index: int, gpu_uuid: str) -> str:
         """Apply the GPU's desired layout if there is one: ``none``, ``applied``, ``draining`` or
         ``skipped``."""
-        from prefect_mig.errors import InstanceBusy, PrefectMigError
+        began = self.begin_desired(index, gpu_uuid)
+        return self.finish_desired(index, gpu_uuid) if began == "ready" else began
+
+    def begin_desired(self, index: int, gpu_uuid: str) -> str:
+        """First half of applying a desired layout: take what goes out of service. Returns
+        ``none`` (nothing desired), ``applied`` (already in place), ``draining`` (leases still
+        run on a GPU being drained), ``skipped`` (a doomed slice got leased, or the drain timed
+        out), or ``ready``: call `finish_desired` to re-carve. The simulator calls the two halves
+        a reconfiguration time apart; `apply_desired` calls them back to back."""
         from prefect_mig.model import Layout
 
         desired = self.allocator.desired(gpu_uuid)
@@ -156,31 +171,44 @@ class NodeAgent:
             self.allocator.clear_desired(gpu_uuid, outcome="applied", detail="already in place")
             return "applied"
         doomed = [m for m in current if m.placement not in set(target.instances)]
+        doomed_ids = [m.mig_uuid for m in doomed if m.mig_uuid]
         if desired["kind"] == "drain":
-            leased = self.allocator.drain(gpu_uuid)
-            started = self._draining_since.setdefault(gpu_uuid, time.monotonic())
+            leased = self.allocator.withdraw_when_idle(doomed_ids)
+            started = self._draining_since.setdefault(gpu_uuid, self.clock())
             if leased:
-                if time.monotonic() - started < self.drain_timeout_s:
+                if self.clock() - started < self.drain_timeout_s:
                     return "draining"
                 self._draining_since.pop(gpu_uuid, None)
-                self.allocator.resume(gpu_uuid)
+                self.allocator.restore(doomed_ids)
                 self.allocator.clear_desired(gpu_uuid, outcome="skipped", detail=f"{leased} lease(s) outlived the drain")
                 return "skipped"
         else:
-            busy = self.allocator.withdraw([m.mig_uuid for m in doomed if m.mig_uuid])
+            busy = self.allocator.withdraw(doomed_ids)
             if busy is not None:
                 self.allocator.clear_desired(gpu_uuid, outcome="skipped", detail=f"slice {busy} was leased")
                 return "skipped"
+        return "ready"
+
+    def finish_desired(self, index: int, gpu_uuid: str) -> str:
+        """Second half: re-carve through the backend (which checks NVML for processes first),
+        publish what NVML shows, resume a drained GPU. Returns ``applied`` or ``skipped``."""
+        from prefect_mig.errors import InstanceBusy, PrefectMigError
+        from prefect_mig.model import Layout
+
+        desired = self.allocator.desired(gpu_uuid)
+        if desired is None:
+            return "none"
+        target = Layout.parse(self.backend.gpu_model(index).name, desired["layout"])
+        doomed_ids = [m.mig_uuid for m in self.backend.instances(index) if m.placement not in set(target.instances) and m.mig_uuid]
+        self._draining_since.pop(gpu_uuid, None)
         try:
             self.backend.apply_layout(index, target)
             outcome, detail = "applied", desired["layout"]
         except (InstanceBusy, PrefectMigError) as exc:
             outcome, detail = "skipped", str(exc)
+            self.allocator.restore(doomed_ids)  # what still exists goes back into service
         finally:
-            self.publish()  # what NVML shows now; withdrawn slices that still exist come back
-            if desired["kind"] == "drain":
-                self._draining_since.pop(gpu_uuid, None)
-                self.allocator.resume(gpu_uuid)
+            self.publish()  # what NVML shows now: new slices go to waiters, destroyed ones leave
         self.allocator.clear_desired(gpu_uuid, outcome=outcome, detail=detail)
         return outcome
 

@@ -30,7 +30,7 @@ def test_queued_3g_demand_re_carves_the_idle_part_of_a_7x1g_gpu_around_running_1
 def test_a_fully_busy_gpu_is_drained_only_when_the_gain_beats_the_drain_cost():
     busy = frozenset(SEVEN.instances)
     gpu = GpuState(gpu_uuid="g", layout=SEVEN, busy=busy)
-    (kept,) = plan([gpu], demand={"H100-80GB/7g.80gb": 1.0}, knobs=Knobs(drain_cost=2.0))
+    (kept,) = plan([gpu], demand={"H100-80GB/7g.80gb": 1.0}, knobs=Knobs(drain_cost=8.0))
     assert kept.kind == "none"
     (drained,) = plan([gpu], demand={"H100-80GB/7g.80gb": 1.0, "H100-80GB/1g.10gb": 0.0}, knobs=Knobs(drain_cost=0.1))
     assert drained.kind == "drain" and str(drained.target) == "7g.80gb@0"
@@ -47,7 +47,7 @@ def test_demand_book_weights_priority_and_history():
     book = DemandBook(history_weight=0.5)
     book.add_queued(["H100-80GB/3g.40gb", "H100-80GB/4g.40gb"], priority=10)
     book.add_history("H100-80GB/1g.10gb", priority=0)
-    assert book.demand == {"H100-80GB/3g.40gb": 2.0, "H100-80GB/1g.10gb": 0.5}
+    assert book.demand == {"H100-80GB/3g.40gb": [2.0], "H100-80GB/1g.10gb": [0.5]}
 
 
 MODELS = ["H100-80GB", "A30-24GB", "A100-40GB"]

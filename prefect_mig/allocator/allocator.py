@@ -429,9 +429,20 @@ class Allocator:
 
     def withdraw(self, slice_ids: Sequence[str]) -> str | None:
         """Take idle slices out of service before destroying them; None when done, else the id of
-        a slice that is leased (then nothing was withdrawn)."""
-        reply = self._run("withdraw", json.dumps(list(slice_ids)), action="withdraw slices")
+        a slice that is leased (then nothing was withdrawn). They stay out of service until the
+        publish that no longer lists them, or `restore`."""
+        reply = self._run("withdraw", json.dumps(list(slice_ids)), "now", action="withdraw slices")
         return None if reply[0] == "ok" else reply[1]
+
+    def withdraw_when_idle(self, slice_ids: Sequence[str]) -> int:
+        """The range drain: take the idle slices out of service now and the leased ones as soon as
+        their leases end (their leases run on untouched). Returns how many are still leased."""
+        reply = self._run("withdraw", json.dumps(list(slice_ids)), "drain", action="drain slices")
+        return int(reply[2])
+
+    def restore(self, slice_ids: Sequence[str]) -> None:
+        """Put withdrawn slices back into service (a re-carve was given up)."""
+        self._run("withdraw", json.dumps(list(slice_ids)), "restore", action="restore slices")
 
     def set_desired(self, gpu_uuid: str, layout: str, *, kind: str) -> None:
         """Ask the GPU's agent to carve `layout` (``kind``: incremental or drain)."""
@@ -492,14 +503,28 @@ class Allocator:
         return {
             "nodes": {name: {**json.loads(body), "alive": name in alive} for name, body in d(nodes).items()},
             "slices": rows,
-            "leases": [self._lease_row(decode(lid)) for lid in leases],
+            "leases": self._lease_rows([decode(lid) for lid in leases]),
             "queue": queue,
         }
 
-    def _lease_row(self, lease_id: str) -> dict[str, Any]:
-        raw = {decode(a): decode(b) for a, b in self.redis.hgetall(self.keys.lease(lease_id)).items()}
-        raw.pop("request", None)
-        return {"lease_id": lease_id, **raw}
+    def _lease_rows(self, lease_ids: list[str]) -> list[dict[str, Any]]:
+        with redis_errors("read the leases"):
+            pipe = self.redis.pipeline(transaction=False)
+            for lease_id in lease_ids:
+                pipe.hgetall(self.keys.lease(lease_id))
+            rows = pipe.execute() if lease_ids else []
+        out = []
+        for lease_id, raw in zip(lease_ids, rows):
+            fields = {decode(a): decode(b) for a, b in raw.items()}
+            fields.pop("request", None)
+            out.append({"lease_id": lease_id, **fields})
+        return out
+
+    def recent_events(self, count: int) -> list[dict[str, str]]:
+        """The newest `count` transitions, oldest first."""
+        with redis_errors("read events"):
+            entries = self.redis.xrevrange(self.keys.events, count=count)
+        return [{"id": decode(i), **{decode(a): decode(b) for a, b in f.items()}} for i, f in reversed(entries)]
 
     def events(self, count: int | None = None) -> list[dict[str, str]]:
         """The transition log, oldest first."""

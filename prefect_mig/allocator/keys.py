@@ -45,7 +45,7 @@ class Keys:
         p = self.prefix
         # fixed keys
         self.slices = p + "slices"  # HASH slice_id -> SliceRecord JSON
-        # HASH slice_id -> free | draining | unavailable | leased|<lease_id>
+        # HASH slice_id -> free | draining | unavailable | withdrawn | leased|<lease_id>
         self.slice_state = p + "slice_state"
         self.gpus = p + "gpus"  # HASH gpu_uuid -> GPU JSON (node, model, index, draining)
         self.draining = p + "draining"  # SET of GPU UUIDs that get no new grants
@@ -64,6 +64,7 @@ class Keys:
         self.events = p + "events"  # STREAM of transitions
         self.desired = p + "desired"  # HASH gpu_uuid -> desired layout JSON (the repartitioner's)
         self.repartitioner = p + "repartitioner"  # STRING with a TTL: a repartitioner is running
+        self.withholding = p + "withholding"  # SET of slice ids withdrawn for a re-carve (see withdraw.lua)
 
     # per-entity keys (scripts build the same names from the prefix)
     def lease(self, lease_id: str) -> str:

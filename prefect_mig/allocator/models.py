@@ -201,6 +201,10 @@ class ManualClock:
     def advance(self, seconds: float) -> None:
         self._now += int(seconds * 1000)
 
+    def set_ms(self, now_ms: int) -> None:
+        """Jump to `now_ms` (never backwards: scripts assume time only grows)."""
+        self._now = max(self._now, int(now_ms))
+
     def __repr__(self) -> str:
         return f"ManualClock(now_ms={self._now})"
 

@@ -56,6 +56,7 @@ FIXED_KEYS = (
     "quotas",
     "events",
     "repartitioner",
+    "withholding",
 )
 
 

@@ -101,6 +101,7 @@ class SimulatedNvml:
         self.state_path = self.state_dir / f"simulated-nvml-{digest}.json"
         self.driver_version = driver_version
         self._initialized = 0
+        self._cache: tuple[tuple, dict] | None = None
 
     # ------------------------------------------------------------------ state file
 
@@ -111,17 +112,28 @@ class SimulatedNvml:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         with open(self.state_path.with_suffix(".lock"), "a+") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX if write else fcntl.LOCK_SH)
-            state = self._load()
+            state = self._load(fresh=write)
             yield state
             if write:
                 tmp = self.state_path.with_suffix(f".tmp{os.getpid()}")
                 tmp.write_text(json.dumps(state))
                 os.replace(tmp, self.state_path)
 
-    def _load(self) -> dict:
-        if self.state_path.exists():
-            return json.loads(self.state_path.read_text())
-        return self._fresh_state()
+    def _load(self, *, fresh: bool = True) -> dict:
+        """The state; reads reuse the last parse while the file is the same one (every write
+        replaces the file, so a new inode or mtime means another process or call changed it).
+        Callers never mutate a state they read without `write`."""
+        try:
+            st = os.stat(self.state_path)
+        except FileNotFoundError:
+            return self._fresh_state()
+        stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+        if not fresh and self._cache is not None and self._cache[0] == stamp:
+            return self._cache[1]
+        state = json.loads(self.state_path.read_text())
+        if not fresh:
+            self._cache = (stamp, state)
+        return state
 
     def _fresh_state(self) -> dict:
         gpus = {}

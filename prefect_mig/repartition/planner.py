@@ -8,7 +8,8 @@ For each GPU it picks a target layout and the fewest create/destroy steps to rea
   plan (stop granting on the GPU, wait for its leases to end, then apply) only when its gain over
   the best incremental layout exceeds ``drain_cost``.
 - **Objective**, per GPU in turn (GPUs that already serve most demand first): most
-  priority-weighted demand served, then least churn (steps), then least fragmentation (free memory
+  priority-weighted demand served, counted in compute slices (a served 7g request is worth seven
+  served 1g requests, so many small requests do not starve a big one), then least churn (steps), then least fragmentation (free memory
   slices that no profile could use). Demand a GPU serves is taken off what later GPUs see, so the
   fleet as a whole follows the demand rather than every GPU chasing the same profile.
 - **Search.** Exact over the enumerated maximal layouts of the GPU's model that contain its busy
@@ -31,12 +32,15 @@ Examples:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
+from itertools import accumulate
 from typing import Literal
 
-from prefect_mig.model import Layout, Placement, enumerate_layouts, free_slices, get_model, creatable
+from prefect_mig.model import Layout, Placement, creatable, enumerate_layouts, free_slices, get_model
+from prefect_mig.model.layout import select_profiles
 
 PlanKind = Literal["none", "incremental", "drain"]
 
@@ -74,14 +78,16 @@ class Knobs:
     """Policy knobs.
 
     Attributes:
-        churn_cost: demand units one create or destroy step is worth (a re-carve takes ~1-2 s).
-        drain_cost: demand units a drain must gain over the best incremental plan.
-        fragmentation_cost: demand units one unusable free memory slice costs.
+        churn_cost: served compute slices one create or destroy step is worth (a re-carve takes
+            ~1-2 s).
+        drain_cost: served compute slices a drain must gain over the best incremental plan (its
+            range serves nothing until its leases end).
+        fragmentation_cost: served compute slices one unusable free memory slice costs.
         profiles: the profiles layouts are built from ("classic", "all", or names).
     """
 
     churn_cost: float = 0.05
-    drain_cost: float = 2.0
+    drain_cost: float = 6.0
     fragmentation_cost: float = 0.01
     profiles: str | tuple[str, ...] = "classic"
 
@@ -89,6 +95,20 @@ class Knobs:
 @lru_cache(maxsize=256)
 def _candidates(model_name: str, profiles) -> tuple[Layout, ...]:
     return tuple(enumerate_layouts(get_model(model_name), profiles if isinstance(profiles, str) else list(profiles)))
+
+
+@lru_cache(maxsize=256)
+def _profile_names(model_name: str, profiles) -> frozenset[str]:
+    model = get_model(model_name)
+    if isinstance(profiles, str):
+        return frozenset(p.name for p in select_profiles(model, profiles))
+    return frozenset(p for p in profiles if p in model.profile_names)
+
+
+def carvable(pkey: str, profiles: str | tuple[str, ...] = "classic") -> bool:
+    """Whether layouts built from `profiles` can hold the slice kind ``"<model>/<profile>"``."""
+    model_name, _, profile = pkey.partition("/")
+    return profile in _profile_names(model_name, profiles)
 
 
 @lru_cache(maxsize=4096)
@@ -101,34 +121,81 @@ def _fragmentation(layout: Layout) -> int:
 
 
 @lru_cache(maxsize=4096)
-def _counts(layout: Layout) -> tuple[tuple[str, int], ...]:
-    return tuple(layout.profile_counts().items())
+def _counts(layout: Layout) -> tuple[tuple[str, int, int], ...]:
+    """(profile, instances, compute slices per instance) of a layout."""
+    model = get_model(layout.gpu_model)
+    return tuple((name, n, model.profile(name).compute_slices) for name, n in layout.profile_counts().items())
 
 
-def _served(layout: Layout, remaining: Mapping[str, float]) -> tuple[float, dict[str, int]]:
-    served, used = 0.0, {}
-    for profile, n in _counts(layout):
-        want = remaining.get(f"{layout.gpu_model}/{profile}", 0.0)
-        take = min(float(n), want)
-        if take > 0:
-            served += take
-            used[profile] = take
-    return served, used
+class Remaining:
+    """Demand not yet served: per slice kind, unit weights best first (prefix sums, an offset).
+
+    A float ``d`` is ``d`` units of weight 1 (the fraction as a last, lighter unit); a sequence
+    lists each unit's weight (a queued high-priority request weighs more than a recent grant).
+    """
+
+    def __init__(self, demand: Mapping[str, float | Sequence[float]]) -> None:
+        self.prefix: dict[str, list[float]] = {}
+        self.offset: dict[str, int] = {}
+        for key, value in demand.items():
+            if isinstance(value, (int, float)):
+                whole = int(value)
+                units = [1.0] * whole + ([value - whole] if value - whole > 1e-9 else [])
+            else:
+                units = sorted((float(u) for u in value if u > 0), reverse=True)
+            if units:
+                self.prefix[key] = list(accumulate(units, initial=0.0))
+                self.offset[key] = 0
+
+    def value(self, key: str, n: int) -> float:
+        """The weight the best `n` remaining units of `key` add up to."""
+        prefix = self.prefix.get(key)
+        if prefix is None or n <= 0:
+            return 0.0
+        o = self.offset[key]
+        return prefix[min(len(prefix) - 1, o + n)] - prefix[o]
+
+    def take(self, key: str, n: int) -> None:
+        if key in self.prefix:
+            self.offset[key] = min(len(self.prefix[key]) - 1, self.offset[key] + n)
 
 
+def _served(layout: Layout, remaining: Remaining, busy: frozenset[Placement] = frozenset()) -> float:
+    """Demand the layout's *idle* slices serve, in compute slices x weight: a busy slice serves
+    nobody new, and a 7g slice serving one request is worth seven 1g slices serving seven, so big
+    requests are not starved by many small ones."""
+    taken = _taken(layout, busy) if busy else {}
+    served = 0.0
+    for profile, n, compute in _counts(layout):
+        served += remaining.value(f"{layout.gpu_model}/{profile}", n - taken.get(profile, 0)) * compute
+    return served
+
+
+@lru_cache(maxsize=65536)
+def _taken(layout: Layout, busy: frozenset[Placement]) -> dict[str, int]:
+    """Busy instances the layout keeps, per profile."""
+    return dict(Counter(b.profile for b in busy & _instance_set(layout)))
+
+
+@lru_cache(maxsize=65536)
+def _instance_set(layout: Layout) -> frozenset[Placement]:
+    return frozenset(layout.instances)
+
+
+@lru_cache(maxsize=65536)
 def _diff(current: Layout, target: Layout) -> tuple[tuple[Placement, ...], tuple[Placement, ...]]:
-    have, want = set(current.instances), set(target.instances)
+    have, want = _instance_set(current), _instance_set(target)
     return tuple(sorted(have - want, key=lambda p: p.start)), tuple(sorted(want - have, key=lambda p: p.start))
 
 
-def plan_gpu(gpu: GpuState, remaining: Mapping[str, float], knobs: Knobs = Knobs()) -> GpuPlan:
+def plan_gpu(gpu: GpuState, remaining: Remaining, knobs: Knobs = Knobs()) -> GpuPlan:
     """The best plan for one GPU against the demand not yet served elsewhere."""
     model = get_model(gpu.layout.gpu_model)
     busy = set(gpu.busy)
     options: list[tuple[float, Layout, PlanKind]] = []
     for candidate in (gpu.layout, *_candidates(model.name, knobs.profiles)):
-        keeps_busy = busy <= set(candidate.instances)
-        served, _ = _served(candidate, remaining)
+        keeps_busy = busy <= _instance_set(candidate)
+        served = _served(candidate, remaining, gpu.busy)
         destroy, create = _diff(gpu.layout, candidate)
         score = (
             served
@@ -154,46 +221,56 @@ def plan_gpu(gpu: GpuState, remaining: Mapping[str, float], knobs: Knobs = Knobs
         target=best,
         destroy=destroy,
         create=create,
-        served=_served(best, remaining)[0],
+        served=_served(best, remaining, gpu.busy),
         node=gpu.node,
     )
 
 
-def plan(gpus: Iterable[GpuState], demand: Mapping[str, float], knobs: Knobs = Knobs()) -> list[GpuPlan]:
-    """Plan every GPU against `demand` (priority-weighted units per ``"<model>/<profile>"``).
+def plan(
+    gpus: Iterable[GpuState], demand: Mapping[str, float | Sequence[float]], knobs: Knobs = Knobs()
+) -> list[GpuPlan]:
+    """Plan every GPU against `demand` per ``"<model>/<profile>"``: a number of units of weight 1,
+    or each unit's weight (see `Remaining`).
 
     GPUs whose current layout already serves the most demand are planned first, and the demand
-    each plan serves is taken off for the next GPU.
+    each plan's idle slices serve is taken off for the next GPU.
     """
-    remaining = {k: float(v) for k, v in demand.items() if v > 0}
+    remaining = Remaining(demand)
     states = list(gpus)
-    order = sorted(states, key=lambda g: (-_served(g.layout, remaining)[0], g.gpu_uuid))
+    order = sorted(states, key=lambda g: (-_served(g.layout, remaining, g.busy), g.gpu_uuid))
     plans = {}
     for gpu in order:
         p = plan_gpu(gpu, remaining, knobs)
         plans[gpu.gpu_uuid] = p
-        for profile, n in _counts(p.target):
-            key = f"{p.target.gpu_model}/{profile}"
-            if key in remaining:
-                remaining[key] = max(0.0, remaining[key] - n)
+        taken = _taken(p.target, gpu.busy)
+        for profile, n, _ in _counts(p.target):
+            remaining.take(f"{p.target.gpu_model}/{profile}", n - taken.get(profile, 0))
     return [plans[g.gpu_uuid] for g in states]
 
 
 @dataclass
 class DemandBook:
-    """Demand per slice kind from queued requests and recent grants, weighted by priority.
+    """Demand per slice kind from queued requests and recent grants, as unit weights for `plan`.
 
-    ``weight(priority) = 1 + priority / 10``; recent history counts ``history_weight`` of a queued
-    request, so the layout leans toward what was used lately even when nothing waits right now.
+    A queued request is one unit of ``1 + priority / 10``. A recent grant is one unit of
+    ``history_weight`` times that, so idle slices lean toward what was used lately while queued
+    requests always come first. A running lease is no demand: its slice is busy and stays.
     """
 
     history_weight: float = 0.25
-    demand: dict[str, float] = field(default_factory=dict)
+    profiles: str | tuple[str, ...] = "classic"
+    demand: dict[str, list[float]] = field(default_factory=dict)
+
+    def _add(self, pkeys: Iterable[str], weight: float) -> None:
+        """A request that accepts several kinds (best fit first) counts for the first kind the
+        planner can carve: ``>=16gb`` lists ``1g.20gb`` first, which the classic profiles lack."""
+        pkeys = [k for k in pkeys if k]
+        if pkeys:
+            key = next((k for k in pkeys if carvable(k, self.profiles)), pkeys[0])
+            self.demand.setdefault(key, []).append(weight)
 
     def add_queued(self, pkeys: Iterable[str], priority: int) -> None:
-        pkeys = list(pkeys)
-        if pkeys:  # a request that accepts several kinds counts for its best fit (listed first)
-            self.demand[pkeys[0]] = self.demand.get(pkeys[0], 0.0) + 1 + priority / 10
+        self._add(pkeys, 1 + priority / 10)
 
-    def add_history(self, pkey: str, priority: int) -> None:
-        self.demand[pkey] = self.demand.get(pkey, 0.0) + self.history_weight * (1 + priority / 10)
+    def add_history(self, pkeys: Iterable[str] | str, priority: int) -> None:
+        self._add([pkeys] if isinstance(pkeys, str) else pkeys, self.history_weight * (1 + priority / 10))

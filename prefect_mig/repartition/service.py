@@ -45,25 +45,36 @@ def gpu_states(status: dict) -> list[GpuState]:
     return states
 
 
-def demand_of(status: dict, events: list[dict], *, history: int = 1000) -> dict[str, float]:
-    """Priority-weighted demand: every queued request, and the last `history` grants."""
-    book = DemandBook()
+def demand_of(
+    status: dict, events: list[dict], *, history: int | None = None, profiles: str | tuple[str, ...] = "classic"
+) -> dict[str, list[float]]:
+    """Priority-weighted demand: every queued request, and the last `history` grants in `events`
+    (oldest first; default: as many as the inventory has slices, so history can at most re-shape
+    the fleet once). A request counts for the first kind it asked for that `profiles` carve."""
+    book = DemandBook(profiles=profiles)
+    history = len(status["slices"]) if history is None else history
     for r in status["queue"]:
         book.add_queued(r.get("pkeys") or [], int(r.get("priority") or 0))
-    for e in [e for e in events if e.get("type") == "lease.granted"][-history:]:
-        if e.get("pkey"):
-            book.add_history(e["pkey"], int(e.get("priority") or 0))
+    for e in [e for e in events if e.get("type") == "lease.granted"][-history:] if history else []:
+        wants = [k for k in (e.get("wants") or "").split(",") if k] or [e.get("pkey", "")]
+        book.add_history(wants, int(e.get("priority") or 0))
     return book.demand
 
 
 def plan_from_allocator(
-    allocator: Allocator, *, knobs: Knobs = Knobs(), extra_demand: dict[str, float] | None = None
+    allocator: Allocator,
+    *,
+    knobs: Knobs = Knobs(),
+    extra_demand: dict[str, float] | None = None,
+    history: int | None = None,
 ) -> list[GpuPlan]:
-    """Plan every GPU in the inventory against the live queue and recent history."""
+    """Plan every GPU in the inventory against the live queue and recent grants (see `demand_of`)."""
     status = allocator.status()
-    demand = demand_of(status, allocator.events(count=20_000))
+    wanted = len(status["slices"]) if history is None else history
+    events = allocator.recent_events(max(100, wanted * 3)) if wanted else []
+    demand = demand_of(status, events, history=wanted, profiles=knobs.profiles)
     for k, v in (extra_demand or {}).items():
-        demand[k] = demand.get(k, 0.0) + v
+        demand.setdefault(k, []).extend([1.0] * int(v) + ([v - int(v)] if v - int(v) > 1e-9 else []))
     return plan(gpu_states(status), demand, knobs)
 
 

@@ -9,6 +9,7 @@ local K = {
   node_deadline = KEYS[6], pkeys = KEYS[7], leases = KEYS[8], fence = KEYS[9], seq = KEYS[10],
   requests = KEYS[11], waiting = KEYS[12], wait_deadline = KEYS[13], tenant_slices = KEYS[14],
   tenant_compute = KEYS[15], quotas = KEYS[16], events = KEYS[17], repartitioner = KEYS[18],
+  withholding = KEYS[19],
 }
 local P = ARGV[1]
 local NOW
@@ -104,7 +105,7 @@ local function grant(r, id, s, counted)
   redis.call('HSET', lease_key(r.id),
     'slice', id, 'fence', fence, 'holder', r.holder, 'tenant', r.tenant, 'priority', r.priority,
     'ttl_ms', r.ttl_ms, 'granted_at', NOW, 'expires_at', expires, 'waited_ms', waited,
-    'compute', s.compute_slices)
+    'compute', s.compute_slices, 'wants', table.concat(r.pkeys, ','))
   if r.preemptible then
     redis.call('HSET', lease_key(r.id), 'preemptible_pkey', s.pkey)
     redis.call('ZADD', preemptible_key(s.pkey), r.priority, r.id)
@@ -118,7 +119,8 @@ local function grant(r, id, s, counted)
     redis.call('HINCRBY', K.tenant_compute, r.tenant, s.compute_slices)
   end
   event('lease.granted', {'lease', r.id, 'slice', id, 'fence', fence, 'priority', r.priority,
-    'pkey', s.pkey, 'order', r.order or '', 'waited_ms', waited, 'holder', r.holder, 'tenant', r.tenant})
+    'pkey', s.pkey, 'order', r.order or '', 'waited_ms', waited, 'holder', r.holder, 'tenant', r.tenant,
+    'wants', table.concat(r.pkeys, ',')})
   return fence, expires, waited
 end
 
@@ -146,6 +148,12 @@ local function offer(id, s)
     -- processes run on it that no lease here accounts for (e.g. Redis lost its state): not granted
     -- until the agent reports it idle
     redis.call('HSET', K.slice_state, id, 'unavailable')
+    return nil
+  end
+  if redis.call('SISMEMBER', K.withholding, id) == 1 then
+    -- a re-carve will destroy it: out of service until the publish that removes it
+    redis.call('ZREM', free_key(s.pkey), id)
+    redis.call('HSET', K.slice_state, id, 'withdrawn')
     return nil
   end
   if gpu_draining(s.gpu_uuid) then
@@ -215,6 +223,7 @@ local function end_lease(lease_id, reason)
       redis.call('HDEL', K.slice_state, id)
       redis.call('HDEL', gpu_slices_key(s.gpu_uuid), id)
       redis.call('SREM', node_slices_key(s.node), id)
+      redis.call('SREM', K.withholding, id)
     else
       offer(id, s)
     end

@@ -39,6 +39,7 @@ for _, id in ipairs(redis.call('SMEMBERS', node_slices_key(node))) do
       redis.call('ZREM', free_key(s.pkey), id)
       redis.call('HDEL', gpu_slices_key(s.gpu_uuid), id)
       redis.call('SREM', node_slices_key(node), id)
+      redis.call('SREM', K.withholding, id)
       removed = removed + 1
     end
   end

@@ -1,17 +1,40 @@
--- Take idle slices out of service before the agent destroys them (a re-carve), so no grant can race
--- the destroy. All or nothing.
+-- Take slices out of service before the agent destroys them (a re-carve), so no grant can race
+-- the destroy. A withdrawn slice stays out of service (even across publishes) until the publish
+-- that no longer lists it, or a restore.
 -- A[1] - JSON list of slice ids
--- returns {'ok', n} | {'busy', slice id} (one is leased: nothing was withdrawn)
+-- A[2] - mode: 'now'     all or nothing: refused if one is leased
+--               'drain'   idle ones now, leased ones as soon as their lease ends (the range drain)
+--               'restore' back into service (the re-carve was given up)
+-- returns {'ok', withdrawn, still leased} | {'busy', slice id} ('now' only: nothing was withdrawn)
 local ids = cjson.decode(A[1])
-for _, id in ipairs(ids) do
-  if leased_by(redis.call('HGET', K.slice_state, id)) then return {'busy', id} end
+local mode = A[2] or 'now'
+if mode == 'restore' then
+  for _, id in ipairs(ids) do
+    redis.call('SREM', K.withholding, id)
+    local s = slice(id)
+    if s and redis.call('HGET', K.slice_state, id) == 'withdrawn' then offer(id, s) end
+  end
+  event('layout.restored', {'slices', table.concat(ids, ',')})
+  return {'ok', 0, 0}
 end
+if mode == 'now' then
+  for _, id in ipairs(ids) do
+    if leased_by(redis.call('HGET', K.slice_state, id)) then return {'busy', id} end
+  end
+end
+local withdrawn, leased = 0, 0
 for _, id in ipairs(ids) do
   local s = slice(id)
   if s then
-    redis.call('ZREM', free_key(s.pkey), id)
-    redis.call('HSET', K.slice_state, id, 'withdrawn')
+    redis.call('SADD', K.withholding, id)
+    if leased_by(redis.call('HGET', K.slice_state, id)) then
+      leased = leased + 1
+    else
+      redis.call('ZREM', free_key(s.pkey), id)
+      redis.call('HSET', K.slice_state, id, 'withdrawn')
+      withdrawn = withdrawn + 1
+    end
   end
 end
-event('layout.withdrawn', {'slices', table.concat(ids, ',')})
-return {'ok', #ids}
+event('layout.withdrawn', {'slices', table.concat(ids, ','), 'mode', mode, 'leased', leased})
+return {'ok', withdrawn, leased}

@@ -1,0 +1,137 @@
+"""The policies a simulation compares: whole GPUs, static MIG layouts, and dynamic repartitioning.
+
+- ``whole-gpu``: no MIG; every GPU is one slice of its biggest profile and every job takes a whole
+  GPU (what a counting concurrency limit or ``nvidia.com/gpu: 1`` gives).
+- ``static:<name>``: a fixed layout that never changes. ``smallest`` carves every GPU into as many
+  slices as the profiles allow (7x ``1g.10gb`` on an H100); ``mixed`` cycles the GPUs through four
+  layouts from whole to smallest; ``fitted`` is the layout mix the planner picks for the whole
+  workload's work per slice kind, in hindsight (the strongest static baseline); any layout text
+  (``static:3g.40gb@0+3g.40gb@4``) carves every GPU that way.
+- ``dynamic``: starts as ``mixed`` and lets the repartitioner re-carve as the demand moves.
+
+Examples:
+    ```python
+    from prefect_mig.simulation.policies import parse_policy
+
+    assert parse_policy("whole-gpu", "H100-80GB").layout_for(3) == "7g.80gb@0"
+    p = parse_policy("static:smallest", "H100-80GB")
+    assert p.layout_for(0).count("1g.10gb") == 7 and not p.dynamic
+    assert parse_policy("dynamic", "H100-80GB").dynamic
+    ```
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from prefect_mig.errors import ConfigError, PrefectMigError
+from prefect_mig.model import Layout, enumerate_layouts, get_model
+from prefect_mig.model.layout import select_profiles
+from prefect_mig.repartition.planner import GpuState, Knobs, plan
+from prefect_mig.simulation.workload import Job, best_fit
+
+STATIC_NAMES = ("smallest", "mixed", "fitted")
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A name, the layouts GPUs start with (GPU i gets ``layouts[i % len]``), and whether the
+    repartitioner runs."""
+
+    name: str
+    layouts: tuple[str, ...]
+    dynamic: bool = False
+
+    def layout_for(self, index: int) -> str:
+        return self.layouts[index % len(self.layouts)]
+
+
+def _biggest(model_name: str) -> str:
+    model = get_model(model_name)
+    p = max(model.classic_profiles, key=lambda p: (p.compute_slices, p.memory_mib))
+    return f"{p.name}@0"
+
+
+def _mixed(model_name: str, profiles) -> tuple[str, ...]:
+    layouts = sorted(enumerate_layouts(get_model(model_name), profiles), key=lambda l: (len(l.instances), str(l)))
+    picks = [layouts[round(i * (len(layouts) - 1) / 3)] for i in range(4)]
+    return tuple(dict.fromkeys(str(l) for l in picks))
+
+
+def fitted_layouts(jobs: Sequence[Job], model_name: str, gpus: int, knobs: Knobs) -> tuple[str, ...]:
+    """The static layout mix for `gpus` GPUs that serves the workload's work per slice kind best,
+    as the planner sees it with the whole workload known in advance."""
+    names = [p.name for p in select_profiles(get_model(model_name), knobs.profiles)]
+    work: dict[str, float] = defaultdict(float)
+    for job in jobs:
+        for part in job.parts:
+            work[best_fit(part, model_name, names)] += job.duration_s
+    model = get_model(model_name)
+    compute = {p.name: p.compute_slices for p in model.profiles}
+    per_gpu_compute = max(p.compute_slices for p in model.profiles)
+    # slices of each kind the fleet would keep busy, in proportion to its share of the work
+    weighted = {k: w * compute[k] for k, w in work.items()}
+    scale = gpus * per_gpu_compute / (sum(weighted.values()) or 1.0)
+    demand = {f"{model_name}/{k}": weighted[k] * scale / compute[k] for k in work}
+    whole = Layout.parse(model_name, _biggest(model_name))
+    states = [GpuState(gpu_uuid=f"gpu-{i:05d}", layout=whole) for i in range(gpus)]
+    fitted = plan(states, demand, Knobs(churn_cost=0.0, fragmentation_cost=knobs.fragmentation_cost, profiles=knobs.profiles))
+    layouts = [str(p.target) for p in fitted]
+    # every job must fit somewhere: give the biggest kind a whole GPU if the mix left it out
+    offered = {inst.profile for text in layouts for inst in Layout.parse(model_name, text).instances}
+    needed = {best_fit(part, model_name, names) for job in jobs for part in job.parts}
+    if any(not _held(kind, offered, model_name) for kind in needed) and layouts:
+        layouts[-1] = _biggest(model_name)
+    return tuple(layouts)
+
+
+def _held(kind: str, offered: set[str], model_name: str) -> bool:
+    """Whether a slice of some offered profile is at least as big as `kind` (memory and compute)."""
+    model = get_model(model_name)
+    k = model.profile(kind)
+    return any(
+        (p := model.profile(o)).memory_mib >= k.memory_mib and p.compute_slices >= k.compute_slices for o in offered
+    )
+
+
+def parse_policy(
+    text: str,
+    model_name: str,
+    *,
+    jobs: Sequence[Job] = (),
+    gpus: int = 1,
+    knobs: Knobs = Knobs(),
+) -> Policy:
+    """A policy from its name: ``whole-gpu``, ``static:<smallest|mixed|fitted|layout>``, ``dynamic``.
+
+    Raises:
+        ConfigError: an unknown policy or an invalid layout (names what is allowed).
+    """
+    text = text.strip()
+    if text == "whole-gpu":
+        return Policy("whole-gpu", (_biggest(model_name),))
+    if text == "dynamic":
+        return Policy("dynamic", _mixed(model_name, knobs.profiles), dynamic=True)
+    if text.startswith("static:"):
+        name = text.split(":", 1)[1]
+        if name == "smallest":
+            layouts = enumerate_layouts(get_model(model_name), knobs.profiles)
+            best = max(layouts, key=lambda l: (len(l.instances), str(l)))
+            return Policy(text, (str(best),))
+        if name == "mixed":
+            return Policy(text, _mixed(model_name, knobs.profiles))
+        if name == "fitted":
+            return Policy(text, fitted_layouts(jobs, model_name, gpus, knobs))
+        try:
+            layout = Layout.parse(model_name, name.replace("+", " + ")).validate_on(get_model(model_name))
+        except PrefectMigError as exc:
+            raise ConfigError(
+                f"policy: {text!r} is neither static:{'|'.join(STATIC_NAMES)} nor a valid {model_name} layout ({exc})."
+            ) from exc
+        return Policy(text, (str(layout),))
+    raise ConfigError(
+        f"policy: {text!r} is not a policy; choose whole-gpu, dynamic, static:smallest, static:mixed, "
+        "static:fitted, or static:<layout> (e.g. static:3g.40gb@0+3g.40gb@4)."
+    )

@@ -1,0 +1,193 @@
+"""Workloads for the simulator: jobs read from an Alibaba-2023-format trace, or made up.
+
+A trace pod asks for a share of a GPU of *its* cluster (V100/T4-class), not for a MIG profile, so
+every run states a **mapping** from the pod to what it needs of a fleet GPU:
+
+- ``v100`` (default): a trace GPU is a V100 with 16 GB. A pod needs ``16 GB x gpus x share`` of
+  memory and ``gpus x share`` V100s of compute; one compute slice of an H100 is worth
+  ``V100_PER_H100_SLICE`` V100s (989 dense FP16 tensor TFLOPS / 7 slices = 141, against the V100's
+  125). So a whole-V100 pod needs 16 GB and one compute slice (``1g.20gb`` or bigger), a
+  ``gpu_milli=470`` pod 7.5 GB (``1g.10gb``), a 4-GPU pod 64 GB (``7g.80gb``).
+- ``share``: the trace's GPU is the fleet's GPU. A pod needs ``share`` of its compute slices
+  (rounded up) and of its memory; a multi-GPU pod needs that many whole GPUs.
+
+**Multi-GPU pods**: a pod whose need is bigger than the fleet model's largest slice is split into
+equal parts, each one request for a slice; the pod completes when its last part does. Parts are
+leased independently (no gang scheduling), which flatters no policy: every policy sees the same parts.
+
+Pods that ask no GPU, or that the trace never scheduled (no ``scheduled_time``: their run time is
+unknown), are skipped. Run time is ``deletion_time - scheduled_time``; arrival is ``creation_time``.
+A job's run time does not change with the size of the slice it gets (no speedup model).
+
+Priority from the pod's QoS class: ``LS`` and ``Guaranteed`` 10, ``Burstable`` 5, ``BE`` 0.
+
+Examples:
+    ```python
+    from prefect_mig.simulation.workload import need_of
+
+    assert need_of(num_gpu=1, gpu_milli=1000, mapping="v100", gpu_model="H100-80GB") == [(16.0, 1)]
+    assert need_of(num_gpu=1, gpu_milli=470, mapping="v100", gpu_model="H100-80GB") == [(7.6, 1)]
+    assert need_of(num_gpu=8, gpu_milli=1000, mapping="v100", gpu_model="H100-80GB") == [(64.0, 4), (64.0, 4)]
+    assert need_of(num_gpu=1, gpu_milli=320, mapping="share", gpu_model="H100-80GB") == [(25.6, 3)]
+    ```
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from prefect_mig.errors import ConfigError
+from prefect_mig.model import SliceRequirement, get_model
+
+Mapping = Literal["v100", "share"]
+MAPPINGS: tuple[str, ...] = ("v100", "share")
+V100_MEMORY_GB = 16.0
+V100_PER_H100_SLICE = 989 / 7 / 125
+PRIORITY_BY_QOS = {"LS": 10, "Guaranteed": 10, "Burstable": 5, "BE": 0}
+TRACE_COLUMNS = ("name", "num_gpu", "gpu_milli", "qos", "creation_time", "deletion_time", "scheduled_time")
+
+
+@dataclass(frozen=True)
+class Job:
+    """One pod: when it arrives, how long it runs, and the slices it needs (one per part)."""
+
+    name: str
+    arrival_s: float
+    duration_s: float
+    parts: tuple[tuple[float, int], ...]  # (min memory GB, min compute slices) per part
+    priority: int = 0
+    qos: str = "LS"
+
+    def work(self) -> float:
+        """Compute-slice seconds the job needs (what the makespan lower bound divides)."""
+        return sum(c for _, c in self.parts) * self.duration_s
+
+
+def _round_up(x: float, step: float = 0.1) -> float:
+    return round(math.ceil(round(x / step, 6)) * step, 6)
+
+
+def need_of(*, num_gpu: int, gpu_milli: int, mapping: str, gpu_model: str) -> list[tuple[float, int]]:
+    """The (memory GB, compute slices) parts a trace pod needs on `gpu_model` under `mapping`."""
+    if mapping not in MAPPINGS:
+        raise ConfigError(f"mapping: {mapping!r} is not a mapping; choose one of {', '.join(MAPPINGS)}.")
+    model = get_model(gpu_model, field="gpu_model")
+    biggest = max(model.profiles, key=lambda p: (p.compute_slices, p.memory_mib))
+    big_gb, big_c = _gb(biggest.name), biggest.compute_slices
+    share = gpu_milli / 1000 if num_gpu == 1 else 1.0
+    if mapping == "share":
+        if num_gpu == 1:
+            return [(_round_up(share * big_gb), max(1, math.ceil(round(share * big_c, 6))))]
+        return [(big_gb, big_c)] * num_gpu
+    memory = V100_MEMORY_GB * num_gpu * share
+    compute = num_gpu * share / V100_PER_H100_SLICE
+    parts = max(math.ceil(round(memory / big_gb, 6)), math.ceil(round(compute / big_c, 6)), 1)
+    part = (_round_up(memory / parts), max(1, math.ceil(round(compute / parts, 6))))
+    return [part] * parts
+
+
+def _gb(profile: str) -> float:
+    return float(profile.split(".")[1].split("gb")[0])
+
+
+def best_fit(need: tuple[float, int], gpu_model: str, profiles: Iterable[str] | None = None) -> str:
+    """The smallest profile of `gpu_model` (among `profiles`, if given) that holds `need`."""
+    model = get_model(gpu_model)
+    allowed = None if profiles is None else set(profiles)
+    requirement = SliceRequirement(min_memory_gb=need[0], min_compute_slices=need[1])
+    for p in sorted(requirement.candidates(model), key=lambda p: (p.memory_mib, p.compute_slices)):
+        if allowed is None or p.name in allowed:
+            return p.name
+    raise ConfigError(f"no profile of {gpu_model} holds {need[0]:g} GB and {need[1]} compute slices.")
+
+
+def load_trace(
+    path: str | Path,
+    *,
+    mapping: str = "v100",
+    gpu_model: str = "H100-80GB",
+    start_s: float = 0.0,
+    jobs: int | None = None,
+    max_duration_s: float | None = None,
+) -> list[Job]:
+    """Jobs from an Alibaba-2023-format pod list: GPU pods arriving at or after `start_s` (trace
+    seconds), the first `jobs` of them, arrivals shifted so the first is at 0, run times capped at
+    `max_duration_s` when given.
+
+    Raises:
+        ConfigError: the file is missing or lacks a column (names the file and the columns).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"trace: {str(path)!r} is not a file; pass a pod list CSV in the Alibaba 2023 format.")
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in TRACE_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ConfigError(
+                f"trace: {str(path)!r} lacks the column(s) {', '.join(missing)}; "
+                f"an Alibaba 2023 pod list has {', '.join(TRACE_COLUMNS)} (and more)."
+            )
+        rows = [r for r in reader if int(r["num_gpu"] or 0) > 0 and r["scheduled_time"] and r["deletion_time"]]
+    rows.sort(key=lambda r: (float(r["creation_time"]), r["name"]))
+    rows = [r for r in rows if float(r["creation_time"]) >= start_s][:jobs]
+    if not rows:
+        return []
+    t0 = float(rows[0]["creation_time"])
+    out = []
+    for r in rows:
+        duration = max(1.0, float(r["deletion_time"]) - float(r["scheduled_time"]))
+        if max_duration_s is not None:
+            duration = min(duration, max_duration_s)
+        parts = need_of(num_gpu=int(r["num_gpu"]), gpu_milli=int(r["gpu_milli"] or 1000), mapping=mapping, gpu_model=gpu_model)
+        out.append(
+            Job(
+                name=r["name"],
+                arrival_s=float(r["creation_time"]) - t0,
+                duration_s=duration,
+                parts=tuple(parts),
+                priority=PRIORITY_BY_QOS.get(r["qos"], 0),
+                qos=r["qos"] or "LS",
+            )
+        )
+    return out
+
+
+def synthetic(
+    *,
+    jobs: int = 500,
+    gpu_model: str = "H100-80GB",
+    mean_interarrival_s: float = 30.0,
+    mean_duration_s: float = 600.0,
+    phases: int = 3,
+    seed: int = 0,
+) -> list[Job]:
+    """A made-up workload whose mix of slice sizes shifts between `phases` (first mostly small
+    inference steps, then mostly mid-size, then big ones): the case a fixed layout cannot follow."""
+    rng = random.Random(seed)
+    model = get_model(gpu_model)
+    sizes = sorted({(_gb(p.name), p.compute_slices) for p in model.profiles if not p.name.endswith("+me")})
+    out, t = [], 0.0
+    for i in range(jobs):
+        phase = min(phases - 1, i * phases // jobs)
+        # weights tilt from the small end to the big end across phases
+        weights = [math.exp(-abs(k - phase * (len(sizes) - 1) / max(1, phases - 1))) for k in range(len(sizes))]
+        need = rng.choices(sizes, weights)[0]
+        t += rng.expovariate(1 / mean_interarrival_s)
+        out.append(
+            Job(
+                name=f"synthetic-{i:05d}",
+                arrival_s=round(t, 3),
+                duration_s=round(rng.expovariate(1 / mean_duration_s) + 1, 3),
+                parts=(need,),
+                priority=rng.choice((0, 0, 5, 10)),
+                qos="synthetic",
+            )
+        )
+    return out
