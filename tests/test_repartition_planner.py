@@ -230,3 +230,28 @@ def test_while_a_repartitioner_runs_requests_wait_for_kinds_it_will_carve(alloc)
         alloc.try_acquire(SliceRequest(profile="3g.40gb"), wait=True)
     alloc.announce_repartitioner(60)
     assert isinstance(alloc.try_acquire(SliceRequest(profile="3g.40gb"), wait=True), Queued)
+
+
+def test_a_range_drain_keeps_the_rest_of_the_gpu_granting(alloc, tmp_path):
+    from prefect_mig.agent import NodeAgent
+    from prefect_mig.allocator import SliceRequest
+
+    nvml = SimulatedNvml("node-a=1xH100-80GB", state_dir=tmp_path)
+    with GpuBackend(nvml) as backend:
+        backend.apply_layout(0, SEVEN)
+        agent = NodeAgent(backend, alloc, node="node-a")
+        agent.publish()
+        held = alloc.try_acquire(SliceRequest(profile="1g.10gb"))
+        assert held.slice.start == 0
+        gpu = backend.gpu(0).uuid
+        target = "3g.40gb@0 + 1g.10gb@4 + 1g.10gb@5 + 1g.10gb@6"
+        alloc.set_desired(gpu, target, kind="drain")
+        assert agent.apply_desired(0, gpu) == "draining"
+        # the range being re-carved (slices 0-3) grants nothing; 4-6 go on granting
+        starts = {alloc.try_acquire(SliceRequest(profile="1g.10gb")).slice.start for _ in range(3)}
+        assert starts == {4, 5, 6}
+        alloc.release(held.lease_id, held.fence)
+        assert {s["start"]: s["state"] for s in alloc.status()["slices"]}[0] == "withdrawn"
+        assert agent.apply_desired(0, gpu) == "applied"
+        assert str(backend.layout(0)) == target
+        assert alloc.try_acquire(SliceRequest(profile="3g.40gb")).slice.start == 0

@@ -8,7 +8,7 @@ import typer
 
 from prefect_mig import __version__
 from prefect_mig.cli import demo as demo_cmd
-from prefect_mig.cli import inventory, layouts, leases
+from prefect_mig.cli import inventory, layouts, leases, simulate
 from prefect_mig.cli.output import print_json
 
 app = typer.Typer(
@@ -24,6 +24,7 @@ app.command("models")(layouts.models)
 app.command("demo")(demo_cmd.demo)
 app.command("status")(leases.status)
 app.command("agent")(leases.agent)
+app.command("simulate")(simulate.simulate)
 app.add_typer(leases.lease_app, name="lease")
 app.add_typer(leases.redis_app, name="redis")
 app.add_typer(leases.api_app, name="api")

@@ -1,0 +1,109 @@
+"""``prefect-mig simulate``: replay a trace (or a synthetic workload) under several policies."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tempfile
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from prefect_mig.cli.output import cli_errors, console, print_json
+from prefect_mig.errors import ConfigError
+
+DEFAULT_TRACE = "../shared/traces/alibaba-gpu-v2023/openb_pod_list_default.csv"
+EXTENDED_PROFILES = ("1g.10gb", "1g.20gb", "2g.20gb", "3g.40gb", "4g.40gb", "7g.80gb")
+
+
+def simulate(
+    trace: Annotated[Path | None, typer.Option(help="Pod list CSV in the Alibaba 2023 format.")] = None,
+    synthetic_jobs: Annotated[int, typer.Option("--synthetic", help="Use N made-up jobs instead of a trace.")] = 0,
+    fleet: Annotated[str, typer.Option(help="Fleet spec: node=NxMODEL,...")] = "sim-0=8xH100-80GB",
+    policy: Annotated[
+        list[str] | None,
+        typer.Option("--policy", help="whole-gpu, static:smallest|mixed|fitted|<layout>, dynamic (repeat it)."),
+    ] = None,
+    jobs: Annotated[int, typer.Option(help="How many GPU pods of the trace to replay.")] = 500,
+    start_day: Annotated[float, typer.Option(help="Replay pods created from this trace day on.")] = 115.0,
+    max_duration: Annotated[float | None, typer.Option(help="Cap each run time at this many seconds.")] = 7200.0,
+    speedup: Annotated[float, typer.Option(help="Replay arrivals this many times faster (load the fleet).")] = 8.0,
+    mapping: Annotated[str, typer.Option(help="Pod share to MIG slice: v100 or share.")] = "v100",
+    profiles: Annotated[str, typer.Option(help="Profiles layouts use: classic or extended (adds 1g.20gb).")] = "extended",
+    reconfig_cost: Annotated[float, typer.Option(help="Seconds a re-carved range is out of service.")] = 10.0,
+    out: Annotated[Path, typer.Option(help="Folder for simulation.json and simulation.png.")] = Path("simulation-out"),
+    as_json: Annotated[bool, typer.Option("--json", help="Print the JSON summary only.")] = False,
+) -> None:
+    """Replay a workload on a simulated fleet under each policy, on the real allocator and planner.
+
+    Prints mean job completion time, queue wait, makespan and utilization per policy, writes
+    simulation.json and simulation.png (utilization and queue depth over time) into --out.
+    """
+    from prefect_mig.repartition.planner import Knobs
+    from prefect_mig.simulation.report import DEFAULT_POLICIES, compare, plot, summary
+    from prefect_mig.simulation.workload import load_trace, synthetic
+    from prefect_mig.testing.redis_server import RedisServer
+
+    with cli_errors():
+        if profiles not in ("classic", "extended"):
+            raise ConfigError(f"--profiles: {profiles!r} is not allowed; choose classic or extended.")
+        if speedup <= 0:
+            raise ConfigError(f"--speedup: {speedup!r} must be above 0.")
+        knobs = Knobs(profiles="classic" if profiles == "classic" else EXTENDED_PROFILES)
+        from prefect_mig.model import FleetSpec
+
+        spec = FleetSpec.parse(fleet)
+        model = spec.nodes[0].gpus[0]
+        if synthetic_jobs:
+            workload = synthetic(jobs=synthetic_jobs, gpu_model=model)
+            source = f"synthetic ({synthetic_jobs} jobs)"
+        else:
+            path = trace or Path(DEFAULT_TRACE)
+            workload = load_trace(
+                path, mapping=mapping, gpu_model=model, start_s=start_day * 86400, jobs=jobs, max_duration_s=max_duration
+            )
+            workload = [dataclasses.replace(j, arrival_s=j.arrival_s / speedup) for j in workload]
+            source = str(path)
+        if not workload:
+            raise ConfigError("the workload is empty: no GPU pod in the trace window (check --trace and --start-day).")
+        names = policy or list(DEFAULT_POLICIES)
+        with Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            console=console, disable=as_json, transient=False,
+        ) as bar, RedisServer() as server, tempfile.TemporaryDirectory() as state_dir:
+            tasks = {n: bar.add_task(f"{n:<18}", total=len(workload)) for n in names}
+            results = compare(
+                server.client(), workload, fleet=str(spec), policies=names, knobs=knobs, state_dir=state_dir,
+                reconfig_cost_s=reconfig_cost,
+                progress=lambda n, done, total: bar.update(tasks[n], completed=done),
+            )
+            for n in names:
+                bar.update(tasks[n], completed=len(workload))
+        doc = summary(
+            results, workload=source, jobs=len(workload), fleet=str(spec), mapping=mapping,
+            speedup=speedup, max_duration_s=max_duration, profiles=profiles, reconfig_cost_s=reconfig_cost,
+        )
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "simulation.json").write_text(json.dumps(doc, indent=2))
+        plot(results, out / "simulation.png", title=f"{source} on {spec}")
+    if as_json:
+        print_json(doc)
+        return
+    table = Table(title=f"{len(workload)} jobs from {source} on {spec}")
+    for col in ("policy", "mean JCT s", "p95 JCT s", "mean wait s", "makespan / LB", "leased util", "re-carves", "rejected"):
+        table.add_column(col, justify="right" if col != "policy" else "left")
+    for row in doc["policies"]:
+        table.add_row(
+            row["policy"], f"{row['jct_mean_s'] or 0:,.0f}", f"{row['jct_p95_s'] or 0:,.0f}",
+            f"{row['wait_mean_s'] or 0:,.0f}", f"{row['makespan_vs_lower_bound'] or 0:.3f}",
+            f"{row['utilization_leased']:.2f}", str(row["reconfigurations"]), str(row["rejected"]),
+        )
+    console.print(table)
+    console.print(
+        f"dynamic / whole-gpu JCT: {doc['jct_ratio_vs_whole_gpu']}   dynamic / best static ({doc['best_static']}): "
+        f"{doc['jct_ratio_vs_best_static']}   makespan / lower bound: {doc['makespan_vs_lower_bound']}"
+    )
+    console.print(f"wrote {out / 'simulation.json'} and {out / 'simulation.png'}")

@@ -1,0 +1,156 @@
+"""The simulator: trace mapping, policies, and runs on the real allocator, planner and agent."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from prefect_mig.errors import ConfigError
+from prefect_mig.simulation.engine import SimConfig, Simulator, lower_bound
+from prefect_mig.simulation.policies import Policy, parse_policy
+from prefect_mig.simulation.report import compare, ratios
+from prefect_mig.simulation.workload import Job, best_fit, load_trace, need_of, synthetic
+
+ROOT = Path(__file__).resolve().parents[1]
+TRACE = ROOT.parent / "shared" / "traces" / "alibaba-gpu-v2023" / "openb_pod_list_default.csv"
+HEADER = "name,cpu_milli,memory_mib,num_gpu,gpu_milli,gpu_spec,qos,pod_phase,creation_time,deletion_time,scheduled_time\n"
+
+
+def test_the_v100_mapping_sizes_pods_by_memory_and_compute():
+    assert best_fit(need_of(num_gpu=1, gpu_milli=1000, mapping="v100", gpu_model="H100-80GB")[0], "H100-80GB") == "1g.20gb"
+    assert best_fit(need_of(num_gpu=1, gpu_milli=320, mapping="v100", gpu_model="H100-80GB")[0], "H100-80GB") == "1g.10gb"
+    classic = ("1g.10gb", "2g.20gb", "3g.40gb", "4g.40gb", "7g.80gb")
+    assert best_fit((16.0, 1), "H100-80GB", classic) == "2g.20gb"
+    assert need_of(num_gpu=2, gpu_milli=1000, mapping="v100", gpu_model="H100-80GB") == [(32.0, 2)]
+    # 8 V100s need 128 GB: more than one H100 holds, so two parts of half each
+    assert need_of(num_gpu=8, gpu_milli=1000, mapping="v100", gpu_model="H100-80GB") == [(64.0, 4), (64.0, 4)]
+    assert need_of(num_gpu=4, gpu_milli=1000, mapping="share", gpu_model="H100-80GB") == [(80.0, 7)] * 4
+    with pytest.raises(ConfigError, match="mapping: 'memory'.*v100, share"):
+        need_of(num_gpu=1, gpu_milli=500, mapping="memory", gpu_model="H100-80GB")
+
+
+def test_a_trace_file_is_read_skipping_cpu_pods_and_unscheduled_ones(tmp_path):
+    trace = tmp_path / "pods.csv"
+    trace.write_text(
+        HEADER
+        + "p-cpu,1000,1024,0,0,,BE,Succeeded,10,20,10\n"
+        + "p-never,1000,1024,1,500,,LS,Pending,11,50,\n"
+        + "p-a,1000,1024,1,470,,LS,Succeeded,100,700,160\n"
+        + "p-b,1000,1024,8,1000,,BE,Running,130,1130,130\n"
+    )
+    jobs = load_trace(trace)
+    assert [j.name for j in jobs] == ["p-a", "p-b"]
+    assert (jobs[0].arrival_s, jobs[0].duration_s, jobs[0].priority) == (0.0, 540.0, 10)
+    assert (jobs[1].arrival_s, len(jobs[1].parts), jobs[1].priority) == (30.0, 2, 0)
+    assert load_trace(trace, max_duration_s=100)[1].duration_s == 100
+
+
+def test_a_trace_without_the_columns_is_refused_by_name(tmp_path):
+    trace = tmp_path / "bad.csv"
+    trace.write_text("name,num_gpu\nx,1\n")
+    with pytest.raises(ConfigError, match="lacks the column.*gpu_milli"):
+        load_trace(trace)
+    with pytest.raises(ConfigError, match="is not a file"):
+        load_trace(tmp_path / "missing.csv")
+
+
+def test_policies_by_name_and_bad_names_list_what_is_allowed():
+    assert parse_policy("static:3g.40gb@0+3g.40gb@4", "H100-80GB").layout_for(5) == "3g.40gb@0 + 3g.40gb@4"
+    with pytest.raises(ConfigError, match="whole-gpu, dynamic, static:smallest"):
+        parse_policy("round-robin", "H100-80GB")
+    with pytest.raises(ConfigError, match="neither static:smallest"):
+        parse_policy("static:3g.40gb@1", "H100-80GB")
+    jobs = [Job("big", 0, 100, ((80.0, 7),)), *[Job(f"s{i}", 0, 100, ((10.0, 1),)) for i in range(30)]]
+    fitted = parse_policy("static:fitted", "H100-80GB", jobs=jobs, gpus=3)
+    assert "7g.80gb@0" in fitted.layouts  # the fitted mix still holds the biggest job
+
+
+def _run(server, jobs, policy, fleet="n=1xH100-80GB", tmp_path=None, **config):
+    return Simulator(
+        server.client(), jobs, SimConfig(fleet=fleet, policy=parse_policy(policy, "H100-80GB", jobs=jobs, gpus=1), **config),
+        state_dir=tmp_path,
+    ).run()
+
+
+def test_whole_gpus_serialize_small_jobs_that_mig_slices_run_side_by_side(redis_server, tmp_path):
+    jobs = [Job(f"j{i}", 0, 100, ((10.0, 1),)) for i in range(7)]
+    whole = _run(redis_server, jobs, "whole-gpu", tmp_path=tmp_path / "w")
+    sliced = _run(redis_server, jobs, "static:smallest", tmp_path=tmp_path / "s")
+    assert whole.makespan_s == 700 and sliced.makespan_s == 100
+    assert [j.wait_s for j in whole.jobs] == [0, 100, 200, 300, 400, 500, 600]  # FIFO, one at a time
+    assert sliced.summary()["utilization_leased"] == 1.0
+    # the simulator leaves nothing behind in Redis
+    assert not list(redis_server.client().scan_iter(match="pmig:{sim-*"))
+
+
+def test_priority_and_order_come_from_the_allocator(redis_server, tmp_path):
+    jobs = [Job("first", 0, 100, ((10.0, 1),)), Job("low", 1, 10, ((10.0, 1),), priority=0),
+            Job("high", 2, 10, ((10.0, 1),), priority=10)]
+    result = _run(redis_server, jobs, "whole-gpu", tmp_path=tmp_path)
+    ends = {j.name: j.end_s for j in result.jobs}
+    assert ends == {"first": 100, "high": 110, "low": 120}
+
+
+def test_a_static_layout_rejects_jobs_no_slice_can_hold(redis_server, tmp_path):
+    jobs = [Job("big", 0, 50, ((40.0, 3),)), Job("small", 0, 50, ((10.0, 1),))]
+    result = _run(redis_server, jobs, "static:smallest", tmp_path=tmp_path)
+    assert result.rejected == ["big"] and [j.name for j in result.finished] == ["small"]
+
+
+def test_dynamic_re_carves_for_the_queue_and_beats_a_layout_that_does_not_fit(redis_server, tmp_path):
+    """7x1g is the wrong layout for a queue of 3g jobs: the service re-carves it (through the
+    agent and the simulated NVML), and the 3g jobs run two at a time instead of one by one on
+    whatever the allocator finds."""
+    jobs = [Job(f"t{i}", 0, 600, ((40.0, 3),)) for i in range(4)]
+    config = dict(reconfig_cost_s=10.0, plan_interval_s=30.0)
+    start = "static:1g.10gb@0+1g.10gb@1+1g.10gb@2+1g.10gb@3+1g.10gb@4+1g.10gb@5+1g.10gb@6"
+    dyn = Simulator(
+        redis_server.client(), jobs,
+        SimConfig(fleet="n=1xH100-80GB", policy=Policy("dynamic", parse_policy(start, "H100-80GB").layouts, dynamic=True),
+                  **config),
+        state_dir=tmp_path,
+    ).run()
+    assert not dyn.unfinished and dyn.reconfigurations >= 1
+    assert dyn.layouts_end == ["3g.40gb@0 + 3g.40gb@4"]
+    # two at a time: 10 s re-carve, then two rounds of 600 s
+    assert dyn.makespan_s == pytest.approx(30 + 10 + 1200, abs=31)
+    assert dyn.makespan_s / dyn.lower_bound_s < 1.25
+
+
+def test_compare_on_a_slice_of_the_alibaba_trace(redis_server, tmp_path):
+    if not TRACE.is_file():
+        pytest.fail(f"the Alibaba trace is missing at {TRACE} (../shared must sit beside the project)")
+    jobs = load_trace(TRACE, start_s=115 * 86400, jobs=120, max_duration_s=3600)
+    assert len(jobs) == 120 and lower_bound(jobs, 7) > 0
+    results = compare(redis_server.client(), jobs, fleet="n=2xH100-80GB",
+                      policies=["whole-gpu", "static:mixed", "dynamic"], state_dir=tmp_path)
+    figures = ratios(results)
+    assert all(not r.unfinished for r in results)
+    assert figures["jct_ratio_vs_whole_gpu"] < 0.5
+    assert figures["makespan_vs_lower_bound"] >= 1.0
+    json.dumps([r.summary() for r in results])  # the summary is JSON-ready
+
+
+def test_synthetic_workloads_shift_their_mix():
+    jobs = synthetic(jobs=300, seed=3)
+    first = sum(p[1] for j in jobs[:100] for p in j.parts)
+    last = sum(p[1] for j in jobs[-100:] for p in j.parts)
+    assert last > 2 * first and jobs == synthetic(jobs=300, seed=3)
+
+
+def test_the_simulate_command_writes_json_and_png(tmp_path):
+    from typer.testing import CliRunner
+
+    from prefect_mig.cli.main import app
+
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["simulate", "--synthetic", "60", "--fleet", "n=2xH100-80GB",
+                                      "--policy", "whole-gpu", "--policy", "dynamic", "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads((out / "simulation.json").read_text())
+    assert [p["policy"] for p in doc["policies"]] == ["whole-gpu", "dynamic"]
+    assert (out / "simulation.png").read_bytes()[:4] == b"\x89PNG"
+    bad = CliRunner().invoke(app, ["simulate", "--synthetic", "5", "--policy", "nope", "--out", str(out)])
+    assert bad.exit_code == 2 and "policy: 'nope'" in bad.output
