@@ -112,7 +112,7 @@ def test_dynamic_re_carves_for_the_queue_and_beats_a_layout_that_does_not_fit(re
                   **config),
         state_dir=tmp_path,
     ).run()
-    assert not dyn.unfinished and dyn.reconfigurations >= 1
+    assert not dyn.unfinished and not dyn.violations and dyn.reconfigurations >= 1
     assert dyn.layouts_end == ["3g.40gb@0 + 3g.40gb@4"]
     # two at a time: 10 s re-carve, then two rounds of 600 s
     assert dyn.makespan_s == pytest.approx(30 + 10 + 1200, abs=31)
@@ -127,7 +127,7 @@ def test_compare_on_a_slice_of_the_alibaba_trace(redis_server, tmp_path):
     results = compare(redis_server.client(), jobs, fleet="n=2xH100-80GB",
                       policies=["whole-gpu", "static:mixed", "dynamic"], state_dir=tmp_path)
     figures = ratios(results)
-    assert all(not r.unfinished for r in results)
+    assert all(not r.unfinished and not r.violations for r in results)
     assert figures["jct_ratio_vs_whole_gpu"] < 0.5
     assert figures["makespan_vs_lower_bound"] >= 1.0
     json.dumps([r.summary() for r in results])  # the summary is JSON-ready

@@ -4,9 +4,10 @@ For each GPU it picks a target layout and the fewest create/destroy steps to rea
 
 - **Never touches busy slices.** Every instance that is leased or has processes stays in the target
   layout, at the same place. Only idle ranges are re-carved (incremental).
-- **Drain only when it pays.** A layout that would need a busy slice gone is proposed as a *drain*
-  plan (stop granting on the GPU, wait for its leases to end, then apply) only when its gain over
-  the best incremental layout exceeds ``drain_cost``.
+- **Drain only when it pays.** A layout that would need busy slices gone is proposed as a *drain*
+  plan (a range drain: the slices it replaces take no new grants and leave as their leases end,
+  then it is applied) only when its gain over the best incremental layout exceeds ``drain_cost``
+  per lease it must wait for.
 - **Objective**, per GPU in turn (GPUs that already serve most demand first): most
   priority-weighted demand served, counted in compute slices (a served 7g request is worth seven
   served 1g requests, so many small requests do not starve a big one), then least churn (steps), then least fragmentation (free memory
@@ -32,7 +33,6 @@ Examples:
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -80,14 +80,14 @@ class Knobs:
     Attributes:
         churn_cost: served compute slices one create or destroy step is worth (a re-carve takes
             ~1-2 s).
-        drain_cost: served compute slices a drain must gain over the best incremental plan (its
-            range serves nothing until its leases end).
+        drain_cost: served compute slices a drain must gain over the best incremental plan, per
+            busy slice it waits for (its range serves nothing until those leases end).
         fragmentation_cost: served compute slices one unusable free memory slice costs.
         profiles: the profiles layouts are built from ("classic", "all", or names).
     """
 
     churn_cost: float = 0.05
-    drain_cost: float = 6.0
+    drain_cost: float = 5.0
     fragmentation_cost: float = 0.01
     profiles: str | tuple[str, ...] = "classic"
 
@@ -118,13 +118,6 @@ def _fragmentation(layout: Layout) -> int:
     free = set(free_slices(model, layout.instances))
     usable = {s for p in creatable(model, layout.instances, "all") for s in p.span(model)}
     return len(free - usable)
-
-
-@lru_cache(maxsize=4096)
-def _counts(layout: Layout) -> tuple[tuple[str, int, int], ...]:
-    """(profile, instances, compute slices per instance) of a layout."""
-    model = get_model(layout.gpu_model)
-    return tuple((name, n, model.profile(name).compute_slices) for name, n in layout.profile_counts().items())
 
 
 class Remaining:
@@ -160,68 +153,101 @@ class Remaining:
             self.offset[key] = min(len(self.prefix[key]) - 1, self.offset[key] + n)
 
 
+@dataclass(frozen=True)
+class _Shape:
+    """A layout reduced to what the search compares, on plain tuples (hashing pydantic models
+    dominated the planner's time)."""
+
+    layout: Layout
+    text: str
+    instances: frozenset[tuple[str, int]]
+    counts: tuple[tuple[str, str, int, int], ...]  # (profile, pkey, instances, compute slices)
+    fragmentation: int
+
+
+@lru_cache(maxsize=8192)
+def _shape_of(text: str, layout: Layout) -> _Shape:
+    model = get_model(layout.gpu_model)
+    return _Shape(
+        layout=layout,
+        text=text,
+        instances=frozenset((p.profile, p.start) for p in layout.instances),
+        counts=tuple(
+            (name, f"{model.name}/{name}", n, model.profile(name).compute_slices)
+            for name, n in layout.profile_counts().items()
+        ),
+        fragmentation=_fragmentation(layout),
+    )
+
+
+def _shape(layout: Layout) -> _Shape:
+    return _shape_of(f"{layout.gpu_model}:{layout}", layout)
+
+
+@lru_cache(maxsize=256)
+def _candidate_shapes(model_name: str, profiles) -> tuple[_Shape, ...]:
+    return tuple(_shape(layout) for layout in _candidates(model_name, profiles))
+
+
+def _served_shape(shape: _Shape, remaining: Remaining, busy: frozenset[tuple[str, int]]) -> float:
+    taken: dict[str, int] = {}
+    for profile, start in busy:
+        if (profile, start) in shape.instances:
+            taken[profile] = taken.get(profile, 0) + 1
+    served = 0.0
+    for profile, pkey, n, compute in shape.counts:
+        served += remaining.value(pkey, n - taken.get(profile, 0)) * compute
+    return served
+
+
 def _served(layout: Layout, remaining: Remaining, busy: frozenset[Placement] = frozenset()) -> float:
     """Demand the layout's *idle* slices serve, in compute slices x weight: a busy slice serves
     nobody new, and a 7g slice serving one request is worth seven 1g slices serving seven, so big
     requests are not starved by many small ones."""
-    taken = _taken(layout, busy) if busy else {}
-    served = 0.0
-    for profile, n, compute in _counts(layout):
-        served += remaining.value(f"{layout.gpu_model}/{profile}", n - taken.get(profile, 0)) * compute
-    return served
+    return _served_shape(_shape(layout), remaining, frozenset((b.profile, b.start) for b in busy))
 
 
-@lru_cache(maxsize=65536)
-def _taken(layout: Layout, busy: frozenset[Placement]) -> dict[str, int]:
-    """Busy instances the layout keeps, per profile."""
-    return dict(Counter(b.profile for b in busy & _instance_set(layout)))
-
-
-@lru_cache(maxsize=65536)
-def _instance_set(layout: Layout) -> frozenset[Placement]:
-    return frozenset(layout.instances)
-
-
-@lru_cache(maxsize=65536)
-def _diff(current: Layout, target: Layout) -> tuple[tuple[Placement, ...], tuple[Placement, ...]]:
-    have, want = _instance_set(current), _instance_set(target)
-    return tuple(sorted(have - want, key=lambda p: p.start)), tuple(sorted(want - have, key=lambda p: p.start))
+def _placements(items) -> tuple[Placement, ...]:
+    return tuple(Placement(profile=p, start=s) for p, s in sorted(items, key=lambda x: x[1]))
 
 
 def plan_gpu(gpu: GpuState, remaining: Remaining, knobs: Knobs = Knobs()) -> GpuPlan:
     """The best plan for one GPU against the demand not yet served elsewhere."""
-    model = get_model(gpu.layout.gpu_model)
-    busy = set(gpu.busy)
-    options: list[tuple[float, Layout, PlanKind]] = []
-    for candidate in (gpu.layout, *_candidates(model.name, knobs.profiles)):
-        keeps_busy = busy <= _instance_set(candidate)
-        served = _served(candidate, remaining, gpu.busy)
-        destroy, create = _diff(gpu.layout, candidate)
+    current = _shape(gpu.layout)
+    busy = frozenset((b.profile, b.start) for b in gpu.busy)
+    best_key: tuple | None = None
+    best: tuple[_Shape, PlanKind, float] | None = None
+    current_score = 0.0
+    for i, candidate in enumerate((current, *_candidate_shapes(current.layout.gpu_model, knobs.profiles))):
+        steps = len(current.instances ^ candidate.instances)
         score = (
-            served
-            - knobs.churn_cost * (len(destroy) + len(create))
-            - knobs.fragmentation_cost * _fragmentation(candidate)
+            _served_shape(candidate, remaining, busy)
+            - knobs.churn_cost * steps
+            - knobs.fragmentation_cost * candidate.fragmentation
         )
-        if keeps_busy:
-            options.append((score, candidate, "incremental"))
+        if busy <= candidate.instances:
+            kind: PlanKind = "incremental"
         else:
-            options.append((score - knobs.drain_cost, candidate, "drain"))
-    # deterministic: best score, then fewer steps, then the layout text
-    options.sort(key=lambda o: (-o[0], sum(map(len, _diff(gpu.layout, o[1]))), str(o[1])))
-    best_score, best, kind = options[0]
-    current_score = next(o[0] for o in options if o[1] == gpu.layout)
-    if best == gpu.layout or best_score <= current_score:
-        best, kind = gpu.layout, "none"
-    destroy, create = _diff(gpu.layout, best)
-    assert kind == "drain" or busy <= set(best.instances), "a plan may never destroy a busy slice"
+            kind = "drain"
+            score -= knobs.drain_cost * len(busy - candidate.instances)  # leases the drain must outlast
+        if i == 0:
+            current_score = score
+        key = (-score, steps, candidate.text)  # deterministic: best score, fewer steps, the text
+        if best_key is None or key < best_key:
+            best_key, best = key, (candidate, kind, score)
+    assert best is not None
+    target, kind, best_score = best
+    if target.instances == current.instances or best_score <= current_score:
+        target, kind = current, "none"
+    assert kind == "drain" or busy <= target.instances, "a plan may never destroy a busy slice"
     return GpuPlan(
         gpu_uuid=gpu.gpu_uuid,
         kind=kind,
         current=gpu.layout,
-        target=best,
-        destroy=destroy,
-        create=create,
-        served=_served(best, remaining, gpu.busy),
+        target=target.layout,
+        destroy=_placements(current.instances - target.instances),
+        create=_placements(target.instances - current.instances),
+        served=_served_shape(target, remaining, busy),
         node=gpu.node,
     )
 
@@ -242,9 +268,13 @@ def plan(
     for gpu in order:
         p = plan_gpu(gpu, remaining, knobs)
         plans[gpu.gpu_uuid] = p
-        taken = _taken(p.target, gpu.busy)
-        for profile, n, _ in _counts(p.target):
-            remaining.take(f"{p.target.gpu_model}/{profile}", n - taken.get(profile, 0))
+        shape = _shape(p.target)
+        busy = frozenset((b.profile, b.start) for b in gpu.busy)
+        taken: dict[str, int] = {}
+        for profile, start in busy & shape.instances:
+            taken[profile] = taken.get(profile, 0) + 1
+        for profile, pkey, n, _ in shape.counts:
+            remaining.take(pkey, n - taken.get(profile, 0))
     return [plans[g.gpu_uuid] for g in states]
 
 

@@ -5,7 +5,8 @@ Lua on a real Redis (with a `ManualClock`, so waits, aging and expiries follow v
 re-carve is the repartitioning service's `run_once` (the real planner) followed by each node's
 `NodeAgent` applying it through the `GpuBackend` on the simulated NVML. The simulator only decides
 *when* things happen: a job arrives, its parts get slices (read back from the allocator's event
-stream), each part holds its slice for the job's run time and releases it.
+stream), each part holds its slice for the job's run time and releases it. At the end the event
+stream is replayed through the allocator's invariant checker (`SimResult.violations`).
 
 Timing model, stated once:
 
@@ -48,6 +49,7 @@ import redis
 
 from prefect_mig.agent import NodeAgent
 from prefect_mig.allocator import Allocator, ManualClock, SliceRequest
+from prefect_mig.allocator.invariants import check_events
 from prefect_mig.allocator.models import decode
 from prefect_mig.errors import Unsatisfiable
 from prefect_mig.gpu import GpuBackend, SimulatedNvml
@@ -73,7 +75,7 @@ class SimConfig:
         reconfig_cost_s: seconds a re-carved range is out of service (mig.md: ~2-6 s measured by
             others; the default adds the agent's polling).
         plan_interval_s: how often the service plans while requests wait.
-        drain_timeout_s: a range drain whose leases outlive this is given up.
+        drain_timeout_s: a range drain whose leases outlive this is given up (the agent's default).
         aging_s: waiting this long is worth one priority level (the allocator's aging).
         history: recent grants the planner weighs next to the queue (default: one per slice).
     """
@@ -83,7 +85,7 @@ class SimConfig:
     knobs: Knobs = Knobs()
     reconfig_cost_s: float = 10.0
     plan_interval_s: float = 60.0
-    drain_timeout_s: float = 3_600.0
+    drain_timeout_s: float = 600.0
     aging_s: float = 600.0
     history: int | None = None
 
@@ -126,6 +128,7 @@ class SimResult:
     lower_bound_s: float
     wall_s: float = 0.0
     layouts_end: list[str] = field(default_factory=list)
+    violations: list[str] = field(default_factory=list)  # the allocator's invariants, replayed
 
     @property
     def finished(self) -> list[JobResult]:
@@ -179,6 +182,7 @@ class SimResult:
             "skipped_changes": self.skipped_changes,
             "rejected": len(self.rejected),
             "unfinished": len(self.unfinished),
+            "invariant_violations": len(self.violations),
             "wall_s": round(self.wall_s, 2),
         }
 
@@ -439,7 +443,7 @@ class Simulator:
             plans = service.plan_from_allocator(self.allocator, knobs=self.config.knobs, history=self.config.history)
             for p in service.desire(self.allocator, [p for p in plans if p.gpu_uuid not in pending]):
                 self._begin(p.gpu_uuid)
-            for gpu in list(self._draining):
+            for gpu in sorted(self._draining):
                 self._begin(gpu)
             self._dirty = False
         if self._done < len(self.jobs):
@@ -474,6 +478,7 @@ class Simulator:
                 elif kind == "plan":
                     self._plan()
             layouts = [str(agent.backend.layout(i)) for agent, i in self._gpus.values()]
+            violations = check_events(self.allocator.events()).violations
         finally:
             self._teardown()
         unfinished = [r.name for r in self._results if r.end_s is None and r.parts_left != -1]
@@ -491,4 +496,5 @@ class Simulator:
             lower_bound_s=self.lower_bound_s,
             wall_s=time.perf_counter() - started,
             layouts_end=layouts,
+            violations=violations,
         )
