@@ -42,14 +42,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from prefect_mig.model import Layout, Placement, enumerate_layouts, get_model  # noqa: E402
-from prefect_mig.repartition.planner import GpuState, Knobs, plan  # noqa: E402
+from prefect_mig.repartition.planner import EXTENDED_PROFILES, GpuState, Knobs, plan  # noqa: E402
 from prefect_mig.simulation.report import compare, plot, summary  # noqa: E402
 from prefect_mig.simulation.workload import load_trace  # noqa: E402
 from prefect_mig.testing.redis_server import RedisServer  # noqa: E402
 
 TRACE = ROOT.parent / "shared" / "traces" / "alibaba-gpu-v2023" / "openb_pod_list_default.csv"
 FLEET = "sim-0=8xH100-80GB"
-PROFILES = ("1g.10gb", "1g.20gb", "2g.20gb", "3g.40gb", "4g.40gb", "7g.80gb")
+PROFILES = EXTENDED_PROFILES
 POLICIES = ("whole-gpu", "static:smallest", "static:mixed", "static:fitted", "dynamic")
 SPEEDUP, MAX_DURATION_S, JOBS = 8.0, 7200.0, 1000
 WINDOWS = (115, 125, 135)  # start days

@@ -2,8 +2,16 @@
 
     prefect deploy flows/repartition.py:repartition --name mig-repartition --cron "*/5 * * * *"
 
+To re-carve when pipeline runs end, add a trigger to the deployment (prefect.yaml):
+
+    triggers:
+      - type: event
+        match: {"prefect.resource.id": "prefect.flow-run.*"}
+        expect: ["prefect.flow-run.Completed"]
+
 One run plans every GPU against the live queue and recent grants and writes the changes as desired
-layouts; each node's ``prefect-mig agent`` applies its GPUs'. Busy slices are never destroyed.
+layouts; each node's ``prefect-mig agent`` applies its GPUs'. Busy slices are never destroyed; while
+nothing waits, only slices idle for ``idle_window_s`` change and nothing is drained.
 """
 
 from __future__ import annotations
@@ -16,7 +24,12 @@ from prefect_mig.repartition.service import run_once
 
 
 @flow(name="mig-repartition")
-def repartition(redis_url: str | None = None, namespace: str | None = None, drain_cost: float = 2.0) -> list[dict]:
+def repartition(
+    redis_url: str | None = None,
+    namespace: str | None = None,
+    drain_cost: float = Knobs.drain_cost,
+    idle_window_s: float = Knobs.idle_window_s,
+) -> list[dict]:
     import redis
 
     from prefect_mig.allocator.embedded import redis_url as configured_url
@@ -24,7 +37,7 @@ def repartition(redis_url: str | None = None, namespace: str | None = None, drai
 
     settings = load_settings()
     allocator = Allocator(redis.Redis.from_url(redis_url or configured_url(settings)), namespace or settings.namespace)
-    changes = run_once(allocator, knobs=Knobs(drain_cost=drain_cost))
+    changes = run_once(allocator, knobs=Knobs(drain_cost=drain_cost, idle_window_s=idle_window_s))
     logger = get_run_logger()
     for p in changes:
         logger.info("desired %s on %s %s: %s -> %s", p.kind, p.node, p.gpu_uuid, p.current, p.target)

@@ -115,3 +115,21 @@ def test_agent_stops_task_containers_whose_lease_is_gone_and_keeps_live_ones(all
                     c.remove(force=True)
                 except Exception:  # noqa: BLE001 - already gone
                     pass
+
+
+def test_repartition_commands_plan_a_dry_run_then_desire_the_change(cli_env, namespace, redis_client):
+    from prefect_mig.allocator import Allocator
+
+    cluster = Allocator(redis_client, namespace, queue_uncarved=True)
+    cluster.publish_fleet("node-a=1xA30-24GB", layouts={"node-a": ["1g.6gb@0 + 1g.6gb@1 + 1g.6gb@2 + 1g.6gb@3"]})
+    cluster.try_acquire(SliceRequest(profile="2g.12gb"), wait=True)
+    planned = _cli("repartition", "plan", "--json", env=cli_env)
+    assert planned.returncode == 0, planned.stderr
+    (row,) = json.loads(planned.stdout)
+    assert row["kind"] == "incremental" and "2g.12gb" in row["target"]
+    assert cluster.desired(row["gpu_uuid"]) is None  # a dry run desires nothing
+    applied = json.loads(_cli("repartition", "apply", "--json", env=cli_env).stdout)
+    assert [r["target"] for r in applied] == [row["target"]]
+    assert cluster.desired(row["gpu_uuid"])["layout"] == row["target"]
+    bad = _cli("repartition", "plan", "--profiles", "tiny", env=cli_env)
+    assert bad.returncode == 2 and "--profiles: 'tiny'" in bad.stderr and "classic, extended or all" in bad.stderr

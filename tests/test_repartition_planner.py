@@ -255,3 +255,45 @@ def test_a_range_drain_keeps_the_rest_of_the_gpu_granting(alloc, tmp_path):
         assert agent.apply_desired(0, gpu) == "applied"
         assert str(backend.layout(0)) == target
         assert alloc.try_acquire(SliceRequest(profile="3g.40gb")).slice.start == 0
+
+
+def test_between_pipeline_runs_only_slices_idle_for_the_idle_window_are_re_carved(alloc, clock):
+    """With nothing waiting, a layout is re-shaped toward recent demand only where slices have
+    been idle for the idle window: the gaps between a pipeline's steps do not churn it. A waiting
+    request re-carves at once."""
+    from prefect_mig.allocator import SliceRequest
+    from prefect_mig.repartition.service import plan_from_allocator
+
+    alloc.queue_uncarved = True
+    alloc.publish_fleet("node-a=1xH100-80GB", layouts={"node-a": [str(SEVEN)]})
+    leases = [alloc.try_acquire(SliceRequest(profile="1g.10gb")) for _ in range(7)]
+    clock.advance(5)
+    for lease in leases:  # a pipeline step just ended
+        alloc.release(lease.lease_id, lease.fence)
+    recent = {"H100-80GB/3g.40gb": 2.0}
+    knobs = Knobs(idle_window_s=300)
+    assert plan_from_allocator(alloc, knobs=knobs, extra_demand=recent)[0].kind == "none"
+    assert plan_from_allocator(alloc, knobs=Knobs(idle_window_s=0), extra_demand=recent)[0].kind == "incremental"
+    clock.advance(301)  # the window passed: this is a pause between runs
+    assert "3g.40gb" in str(plan_from_allocator(alloc, knobs=knobs, extra_demand=recent)[0].target)
+    # a request waiting for a 3g re-carves warm slices right away
+    again = [alloc.try_acquire(SliceRequest(profile="1g.10gb")) for _ in range(7)]
+    clock.advance(1)
+    for lease in again:
+        alloc.release(lease.lease_id, lease.fence)
+    alloc.try_acquire(SliceRequest(profile="3g.40gb"), wait=True)
+    (p,) = plan_from_allocator(alloc, knobs=knobs)
+    assert p.kind == "incremental" and "3g.40gb" in str(p.target)
+
+
+def test_nothing_is_drained_while_nothing_waits(alloc):
+    from prefect_mig.allocator import SliceRequest
+    from prefect_mig.repartition.service import plan_from_allocator
+
+    alloc.publish_fleet("node-a=1xH100-80GB", layouts={"node-a": [str(SEVEN)]})
+    for _ in range(7):
+        alloc.try_acquire(SliceRequest(profile="1g.10gb"))
+    wanted = {"H100-80GB/7g.80gb": 10.0}
+    assert plan_from_allocator(alloc, knobs=Knobs(drain_cost=0.1), extra_demand=wanted)[0].kind == "none"
+    assert plan([GpuState(gpu_uuid="g", layout=SEVEN, busy=frozenset(SEVEN.instances))], wanted,
+                Knobs(drain_cost=0.1))[0].kind == "drain"

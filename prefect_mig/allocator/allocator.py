@@ -520,6 +520,14 @@ class Allocator:
             out.append({"lease_id": lease_id, **fields})
         return out
 
+    def now_ms(self) -> int:
+        """The allocator's time: the injected clock's, else Redis ``TIME`` (what scripts use)."""
+        if self.clock is not None:
+            return self.clock.now_ms()
+        with redis_errors("read the time"):
+            seconds, micros = self.redis.time()
+        return int(seconds) * 1000 + int(micros) // 1000
+
     def recent_events(self, count: int) -> list[dict[str, str]]:
         """The newest `count` transitions, oldest first."""
         with redis_errors("read events"):

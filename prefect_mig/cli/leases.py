@@ -215,19 +215,40 @@ def api_serve(
 
 
 repartition_app = typer.Typer(help="Make MIG layouts follow the demand.", no_args_is_help=True)
+DrainCostOpt = Annotated[
+    float, typer.Option(help="Served compute slices a drain must gain per lease it waits for.")
+]
+ProfilesOpt = Annotated[str, typer.Option(help="Profiles layouts use: classic, extended (adds 1g.20gb), all.")]
+IdleWindowOpt = Annotated[
+    float, typer.Option(help="While nothing waits, re-carve only slices idle this many seconds.")
+]
+
+
+def _knobs(drain_cost: float, profiles: str, idle_window: float):
+    from prefect_mig.repartition import Knobs
+    from prefect_mig.repartition.planner import EXTENDED_PROFILES
+
+    if profiles not in ("classic", "extended", "all"):
+        raise ConfigError(f"--profiles: {profiles!r} is not allowed; choose classic, extended or all.")
+    if drain_cost < 0 or idle_window < 0:
+        raise ConfigError(f"--drain-cost and --idle-window must be 0 or more (got {drain_cost:g} and {idle_window:g}).")
+    chosen = EXTENDED_PROFILES if profiles == "extended" else profiles
+    return Knobs(drain_cost=drain_cost, profiles=chosen, idle_window_s=idle_window)
+
 
 
 @repartition_app.command("plan")
 def repartition_plan(
-    drain_cost: Annotated[float, typer.Option(help="Demand units a drain must gain.")] = 2.0,
+    drain_cost: DrainCostOpt = 5.0,
+    profiles: ProfilesOpt = "classic",
+    idle_window: IdleWindowOpt = 300.0,
     as_json: JsonOpt = False,
 ) -> None:
     """Dry run: what the planner would change on each GPU, given the queue and recent grants."""
-    from prefect_mig.repartition import Knobs
     from prefect_mig.repartition.service import plan_from_allocator
 
     with cli_errors():
-        plans = plan_from_allocator(_allocator(), knobs=Knobs(drain_cost=drain_cost))
+        plans = plan_from_allocator(_allocator(), knobs=_knobs(drain_cost, profiles, idle_window))
         if as_json:
             print_json(
                 [
@@ -250,15 +271,16 @@ def repartition_plan(
 
 @repartition_app.command("apply")
 def repartition_apply(
-    drain_cost: Annotated[float, typer.Option(help="Demand units a drain must gain.")] = 2.0,
+    drain_cost: DrainCostOpt = 5.0,
+    profiles: ProfilesOpt = "classic",
+    idle_window: IdleWindowOpt = 300.0,
     as_json: JsonOpt = False,
 ) -> None:
     """Plan once and write the changes as desired layouts; the node agents apply them."""
-    from prefect_mig.repartition import Knobs
     from prefect_mig.repartition.service import run_once
 
     with cli_errors():
-        changes = run_once(_allocator(), knobs=Knobs(drain_cost=drain_cost))
+        changes = run_once(_allocator(), knobs=_knobs(drain_cost, profiles, idle_window))
         rows = [{"gpu_uuid": p.gpu_uuid, "node": p.node, "kind": p.kind, "target": str(p.target)} for p in changes]
         if as_json:
             print_json(rows)
@@ -269,12 +291,13 @@ def repartition_apply(
 @repartition_app.command("serve")
 def repartition_serve(
     interval: Annotated[float, typer.Option(help="Seconds between planning rounds.")] = 30.0,
-    drain_cost: Annotated[float, typer.Option(help="Demand units a drain must gain.")] = 2.0,
+    drain_cost: DrainCostOpt = 5.0,
+    profiles: ProfilesOpt = "classic",
+    idle_window: IdleWindowOpt = 300.0,
 ) -> None:
     """Plan every --interval seconds and desire the changes (the agents apply them)."""
     import time
 
-    from prefect_mig.repartition import Knobs
     from prefect_mig.repartition.service import run_once
 
     with cli_errors():
@@ -282,7 +305,7 @@ def repartition_serve(
         console.print(f"repartitioning every {interval:g} s (Ctrl-C stops)")
         try:
             while True:
-                for p in run_once(allocator, knobs=Knobs(drain_cost=drain_cost), announce_s=3 * interval):
+                for p in run_once(allocator, knobs=_knobs(drain_cost, profiles, idle_window), announce_s=3 * interval):
                     console.print(f"desired {p.kind} on {p.node} {p.gpu_uuid[:12]}: {p.target}")
                 time.sleep(interval)
         except KeyboardInterrupt:

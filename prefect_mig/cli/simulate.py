@@ -16,7 +16,6 @@ from prefect_mig.cli.output import cli_errors, console, print_json
 from prefect_mig.errors import ConfigError
 
 DEFAULT_TRACE = "../shared/traces/alibaba-gpu-v2023/openb_pod_list_default.csv"
-EXTENDED_PROFILES = ("1g.10gb", "1g.20gb", "2g.20gb", "3g.40gb", "4g.40gb", "7g.80gb")
 
 
 def simulate(
@@ -42,7 +41,7 @@ def simulate(
     Prints mean job completion time, queue wait, makespan and utilization per policy, writes
     simulation.json and simulation.png (utilization and queue depth over time) into --out.
     """
-    from prefect_mig.repartition.planner import Knobs
+    from prefect_mig.repartition.planner import EXTENDED_PROFILES, Knobs
     from prefect_mig.simulation.report import DEFAULT_POLICIES, compare, plot, summary
     from prefect_mig.simulation.workload import load_trace, synthetic
     from prefect_mig.testing.redis_server import RedisServer

@@ -43,6 +43,7 @@ from prefect_mig.model import Layout, Placement, creatable, enumerate_layouts, f
 from prefect_mig.model.layout import select_profiles
 
 PlanKind = Literal["none", "incremental", "drain"]
+EXTENDED_PROFILES = ("1g.10gb", "1g.20gb", "2g.20gb", "3g.40gb", "4g.40gb", "7g.80gb")  # classic + 1g.20gb
 
 
 @dataclass(frozen=True)
@@ -84,12 +85,17 @@ class Knobs:
             busy slice it waits for (its range serves nothing until those leases end).
         fragmentation_cost: served compute slices one unusable free memory slice costs.
         profiles: the profiles layouts are built from ("classic", "all", or names).
+        drains: whether plans may drain at all (the service turns them off while nothing waits).
+        idle_window_s: while nothing waits, a slice freed less than this long ago counts as busy,
+            so the layout changes between pipeline runs, not in the gaps between their steps.
     """
 
     churn_cost: float = 0.05
     drain_cost: float = 5.0
     fragmentation_cost: float = 0.01
     profiles: str | tuple[str, ...] = "classic"
+    drains: bool = True
+    idle_window_s: float = 300.0
 
 
 @lru_cache(maxsize=256)
@@ -227,6 +233,8 @@ def plan_gpu(gpu: GpuState, remaining: Remaining, knobs: Knobs = Knobs()) -> Gpu
         )
         if busy <= candidate.instances:
             kind: PlanKind = "incremental"
+        elif not knobs.drains:
+            continue
         else:
             kind = "drain"
             score -= knobs.drain_cost * len(busy - candidate.instances)  # leases the drain must outlast

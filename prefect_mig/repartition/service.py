@@ -22,15 +22,16 @@ Examples:
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import replace
 
 from prefect_mig.allocator import Allocator
 from prefect_mig.model import Layout, Placement
 from prefect_mig.repartition.planner import DemandBook, GpuPlan, GpuState, Knobs, plan
 
 
-def gpu_states(status: dict) -> list[GpuState]:
+def gpu_states(status: dict, warm: set[str] | frozenset[str] = frozenset()) -> list[GpuState]:
     """GPU states from `Allocator.status()`: layouts from the published slices, busy = leased or
-    unavailable (processes the agent saw, or a lost node)."""
+    unavailable (processes the agent saw, or a lost node), or listed in `warm`."""
     by_gpu: dict[str, list[dict]] = defaultdict(list)
     for s in status["slices"]:
         by_gpu[s["gpu_uuid"]].append(s)
@@ -39,7 +40,9 @@ def gpu_states(status: dict) -> list[GpuState]:
         model = slices[0]["gpu_model"]
         placements = [Placement(profile=s["profile"], start=s["start"]) for s in slices if not s.get("gone")]
         busy = frozenset(
-            Placement(profile=s["profile"], start=s["start"]) for s in slices if s["state"] in ("leased", "unavailable")
+            Placement(profile=s["profile"], start=s["start"])
+            for s in slices
+            if s["state"] in ("leased", "unavailable") or s["id"] in warm
         )
         states.append(GpuState(gpu_uuid=uuid, layout=Layout(gpu_model=model, instances=tuple(sorted(placements, key=lambda p: p.start))), busy=busy, node=slices[0]["node"]))
     return states
@@ -61,6 +64,22 @@ def demand_of(
     return book.demand
 
 
+def warm_slices(status: dict, events: list[dict], *, now_ms: int, window_s: float) -> set[str]:
+    """Free slices whose last lease ended less than `window_s` ago (per `events`, oldest first)."""
+    if window_s <= 0:
+        return set()
+    last: dict[str, tuple[str, int]] = {}
+    for e in events:
+        if e.get("type") in ("lease.granted", "lease.released", "lease.expired", "lease.revoked") and e.get("slice"):
+            last[e["slice"]] = (e["type"], int(e.get("at") or 0))
+    free = {s["id"] for s in status["slices"] if s["state"] == "free"}
+    return {
+        sid
+        for sid, (kind, at) in last.items()
+        if sid in free and kind != "lease.granted" and now_ms - at < window_s * 1000
+    }
+
+
 def plan_from_allocator(
     allocator: Allocator,
     *,
@@ -68,14 +87,23 @@ def plan_from_allocator(
     extra_demand: dict[str, float] | None = None,
     history: int | None = None,
 ) -> list[GpuPlan]:
-    """Plan every GPU in the inventory against the live queue and recent grants (see `demand_of`)."""
+    """Plan every GPU in the inventory against the live queue and recent grants (see `demand_of`).
+
+    Idle windows: while requests wait, any idle range may be re-carved and drains are allowed.
+    While nothing waits (between pipeline runs), only slices idle for `knobs.idle_window_s` are
+    re-shaped toward recent demand, and nothing is drained.
+    """
     status = allocator.status()
     wanted = len(status["slices"]) if history is None else history
-    events = allocator.recent_events(max(100, wanted * 3)) if wanted else []
+    events = allocator.recent_events(max(100, wanted * 3, 3 * len(status["slices"])))
     demand = demand_of(status, events, history=wanted, profiles=knobs.profiles)
+    warm: set[str] = set()
+    if not status["queue"]:
+        warm = warm_slices(status, events, now_ms=allocator.now_ms(), window_s=knobs.idle_window_s)
+        knobs = replace(knobs, drains=False)
     for k, v in (extra_demand or {}).items():
         demand.setdefault(k, []).extend([1.0] * int(v) + ([v - int(v)] if v - int(v) > 1e-9 else []))
-    return plan(gpu_states(status), demand, knobs)
+    return plan(gpu_states(status, warm), demand, knobs)
 
 
 def desire(allocator: Allocator, plans: list[GpuPlan]) -> list[GpuPlan]:
