@@ -83,8 +83,19 @@ def run_window(start_day: float, knobs: Knobs, state_dir: str):
         return compare(server.client(), jobs, fleet=FLEET, policies=POLICIES, knobs=knobs, state_dir=state_dir)
 
 
-def geomean(values: list[float]) -> float:
-    return math.exp(sum(math.log(v) for v in values) / len(values))
+def geomean(values: list[float | None]) -> float | None:
+    """None when a window has no ratio (a policy did not run every job to the end)."""
+    if not values or any(v is None for v in values):
+        return None
+    return math.exp(sum(math.log(v) for v in values) / len(values))  # type: ignore[arg-type]
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
 
 
 def main() -> None:
@@ -126,17 +137,18 @@ def main() -> None:
     console.print(table)
     vs_whole = geomean([w["jct_ratio_vs_whole_gpu"] for w in per_window])
     vs_static = geomean([w["jct_ratio_vs_best_static"] for w in per_window])
-    makespan = max(w["makespan_vs_lower_bound"] for w in per_window)
+    makespans = [w["makespan_vs_lower_bound"] for w in per_window]
+    makespan = None if None in makespans else max(makespans)
     console.print(
-        f"dynamic / whole-gpu mean JCT {vs_whole:.3f} (target <= 0.5); dynamic / best static {vs_static:.3f} "
+        f"dynamic / whole-gpu mean JCT {_fmt(vs_whole)} (target <= 0.5); dynamic / best static {_fmt(vs_static)} "
         f"(target <= 0.85; per window {', '.join(str(w['jct_ratio_vs_best_static']) for w in per_window)}); "
-        f"worst makespan / lower bound {makespan:.3f} (target <= 1.25); plan 1,000 GPUs {plan_s:.3f} s with "
+        f"worst makespan / lower bound {_fmt(makespan)} (target <= 1.25); plan 1,000 GPUs {plan_s:.3f} s with "
         f"1g.20gb layouts, {plan_classic_s:.3f} s classic (target < 1 s); plot: {args.png}"
     )
     figures = {
-        "jct_ratio_vs_whole_gpu": round(vs_whole, 4),
-        "jct_ratio_vs_best_static": round(vs_static, 4),
-        "makespan_vs_lower_bound": round(makespan, 4),
+        "jct_ratio_vs_whole_gpu": _round(vs_whole),
+        "jct_ratio_vs_best_static": _round(vs_static),
+        "makespan_vs_lower_bound": _round(makespan),
         "plan_time_1000_gpus_s": round(plan_s, 4),
         "plan_time_1000_gpus_classic_s": round(plan_classic_s, 4),
         "fleet": FLEET,

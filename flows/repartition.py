@@ -2,12 +2,15 @@
 
     prefect deploy flows/repartition.py:repartition --name mig-repartition --cron "*/5 * * * *"
 
-To re-carve when pipeline runs end, add a trigger to the deployment (prefect.yaml):
+To re-carve when pipeline runs end, add a trigger to the deployment (prefect.yaml). The run that
+just ended freed its slices a moment ago, so a triggered run passes ``idle_window_s: 0`` (the end
+of the pipeline run *is* the idle window; scheduled runs keep the default):
 
     triggers:
       - type: event
         match: {"prefect.resource.id": "prefect.flow-run.*"}
         expect: ["prefect.flow-run.Completed"]
+        parameters: {"idle_window_s": 0}
 
 One run plans every GPU against the live queue and recent grants and writes the changes as desired
 layouts; each node's ``prefect-mig agent`` applies its GPUs'. Busy slices are never destroyed; while
@@ -19,7 +22,9 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 
 from prefect_mig.allocator import Allocator
+from prefect_mig.errors import ConfigError
 from prefect_mig.repartition import Knobs
+from prefect_mig.repartition.planner import EXTENDED_PROFILES
 from prefect_mig.repartition.service import run_once
 
 
@@ -29,7 +34,9 @@ def repartition(
     namespace: str | None = None,
     drain_cost: float = Knobs.drain_cost,
     idle_window_s: float = Knobs.idle_window_s,
+    profiles: str = "classic",
 ) -> list[dict]:
+    """Plan once and desire the changes; `profiles`: classic, extended (adds 1g.20gb) or all."""
     import redis
 
     from prefect_mig.allocator.embedded import redis_url as configured_url
@@ -37,7 +44,11 @@ def repartition(
 
     settings = load_settings()
     allocator = Allocator(redis.Redis.from_url(redis_url or configured_url(settings)), namespace or settings.namespace)
-    changes = run_once(allocator, knobs=Knobs(drain_cost=drain_cost, idle_window_s=idle_window_s))
+    if profiles not in ("classic", "extended", "all"):
+        raise ConfigError(f"profiles: {profiles!r} is not allowed; choose classic, extended or all.")
+    chosen = EXTENDED_PROFILES if profiles == "extended" else profiles
+    knobs = Knobs(drain_cost=drain_cost, idle_window_s=idle_window_s, profiles=chosen)
+    changes = run_once(allocator, knobs=knobs)
     logger = get_run_logger()
     for p in changes:
         logger.info("desired %s on %s %s: %s -> %s", p.kind, p.node, p.gpu_uuid, p.current, p.target)

@@ -56,7 +56,8 @@ class NodeAgent:
         heartbeat_ttl_s: without a heartbeat for this long, the node gets no new grants.
         docker_client: this node's Docker engine; when given, each tick stops task containers whose
             lease is gone or whose fencing token is stale (a killed flow process, a lost lease).
-        drain_timeout_s: a drain whose leases outlive this is given up (the GPU resumes).
+        drain_timeout_s: a range drain whose leases outlive this is given up (its slices go back
+            into service).
         clock: seconds, for the drain timeout (the simulator passes its virtual clock).
     """
 
@@ -190,8 +191,9 @@ class NodeAgent:
         return "ready"
 
     def finish_desired(self, index: int, gpu_uuid: str) -> str:
-        """Second half: re-carve through the backend (which checks NVML for processes first),
-        publish what NVML shows, resume a drained GPU. Returns ``applied`` or ``skipped``."""
+        """Second half: re-carve through the backend (which checks NVML for processes first) and
+        publish what NVML shows; on failure the withdrawn slices that still exist go back into
+        service. Returns ``applied``, ``skipped`` or ``none``."""
         from prefect_mig.errors import InstanceBusy, PrefectMigError
         from prefect_mig.model import Layout
 

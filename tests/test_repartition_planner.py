@@ -254,6 +254,7 @@ def test_a_range_drain_keeps_the_rest_of_the_gpu_granting(alloc, tmp_path):
         assert {s["start"]: s["state"] for s in alloc.status()["slices"]}[0] == "withdrawn"
         assert agent.apply_desired(0, gpu) == "applied"
         assert str(backend.layout(0)) == target
+        assert alloc.redis.smembers(alloc.keys.withholding) == set()  # the publish removed them
         assert alloc.try_acquire(SliceRequest(profile="3g.40gb")).slice.start == 0
 
 
@@ -297,3 +298,38 @@ def test_nothing_is_drained_while_nothing_waits(alloc):
     assert plan_from_allocator(alloc, knobs=Knobs(drain_cost=0.1), extra_demand=wanted)[0].kind == "none"
     assert plan([GpuState(gpu_uuid="g", layout=SEVEN, busy=frozenset(SEVEN.instances))], wanted,
                 Knobs(drain_cost=0.1))[0].kind == "drain"
+
+
+def test_a_drain_that_outlives_its_timeout_puts_the_slices_back_and_is_not_retried_at_once(alloc, clock, tmp_path):
+    from prefect_mig.agent import NodeAgent
+    from prefect_mig.allocator import SliceRequest
+    from prefect_mig.repartition.service import run_once
+
+    nvml = SimulatedNvml("node-a=1xH100-80GB", state_dir=tmp_path)
+    with GpuBackend(nvml) as backend:
+        backend.apply_layout(0, SEVEN)
+        agent = NodeAgent(backend, alloc, node="node-a", drain_timeout_s=60, clock=lambda: clock.now_ms() / 1000)
+        agent.publish()
+        held = alloc.try_acquire(SliceRequest(profile="1g.10gb"))
+        gpu = backend.gpu(0).uuid
+        alloc.set_desired(gpu, "3g.40gb@0 + 1g.10gb@4 + 1g.10gb@5 + 1g.10gb@6", kind="drain")
+        assert agent.apply_desired(0, gpu) == "draining"
+        clock.advance(61)
+        assert agent.apply_desired(0, gpu) == "skipped"
+        states = {s["start"]: s["state"] for s in alloc.status()["slices"]}
+        assert states == {0: "leased", 1: "free", 2: "free", 3: "free", 4: "free", 5: "free", 6: "free"}
+        assert alloc.redis.smembers(alloc.keys.withholding) == set()
+        assert str(backend.layout(0)) == str(SEVEN)
+        # the same drain is not desired again before retry_after_s
+        alloc.queue_uncarved = True
+        alloc.try_acquire(SliceRequest(profile="7g.80gb", priority=10), wait=True)
+        assert run_once(alloc, knobs=Knobs(drain_cost=0.1, retry_after_s=600)) == []
+        clock.advance(601)
+        assert [p.gpu_uuid for p in run_once(alloc, knobs=Knobs(drain_cost=0.1, retry_after_s=600))] == [gpu]
+        alloc.release(held.lease_id, held.fence)
+
+
+def test_without_drains_a_busy_slice_the_layout_lost_does_not_break_the_plan():
+    gone = frozenset({Placement(profile="1g.10gb", start=0), Placement(profile="2g.20gb", start=0)})
+    (p,) = plan([GpuState(gpu_uuid="g", layout=SEVEN, busy=gone)], {"H100-80GB/3g.40gb": 1.0}, Knobs(drains=False))
+    assert p.kind in ("none", "incremental") and Placement(profile="1g.10gb", start=0) in p.target.instances

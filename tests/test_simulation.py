@@ -129,7 +129,7 @@ def test_compare_on_a_slice_of_the_alibaba_trace(redis_server, tmp_path):
     figures = ratios(results)
     assert all(not r.unfinished and not r.violations for r in results)
     assert figures["jct_ratio_vs_whole_gpu"] < 0.5
-    assert figures["makespan_vs_lower_bound"] >= 1.0
+    assert 1.0 <= figures["makespan_vs_lower_bound"] <= 1.25
     json.dumps([r.summary() for r in results])  # the summary is JSON-ready
 
 
@@ -154,3 +154,17 @@ def test_the_simulate_command_writes_json_and_png(tmp_path):
     assert (out / "simulation.png").read_bytes()[:4] == b"\x89PNG"
     bad = CliRunner().invoke(app, ["simulate", "--synthetic", "5", "--policy", "nope", "--out", str(out)])
     assert bad.exit_code == 2 and "policy: 'nope'" in bad.output
+    negative = CliRunner().invoke(app, ["simulate", "--synthetic", "5", "--reconfig-cost", "-1", "--out", str(out)])
+    assert negative.exit_code == 2 and "--reconfig-cost: -1.0 must be 0 seconds or more" in negative.output
+
+
+def test_a_policy_that_rejects_jobs_is_not_a_baseline(redis_server, tmp_path):
+    jobs = [Job("big", 0, 50, ((40.0, 3),)), *[Job(f"s{i}", 0, 50, ((10.0, 1),)) for i in range(6)]]
+    results = compare(redis_server.client(), jobs, fleet="n=1xH100-80GB",
+                      policies=["whole-gpu", "static:smallest", "static:mixed", "dynamic"], state_dir=tmp_path)
+    by = {r.policy: r for r in results}
+    assert by["static:smallest"].rejected == ["big"]
+    # static:smallest finished its jobs fastest, but it rejected one: static:mixed is the best static
+    assert ratios(results)["best_static"] == "static:mixed"
+    # the lower bound counts only the jobs that ran
+    assert by["static:smallest"].lower_bound_s == 50

@@ -450,7 +450,7 @@ class Allocator:
         with redis_errors("write a desired layout"):
             pipe = self.redis.pipeline(transaction=True)
             pipe.hset(self.keys.desired, gpu_uuid, body)
-            pipe.xadd(self.keys.events, {"type": "layout.desired", "gpu": gpu_uuid, "layout": layout, "kind": kind},
+            pipe.xadd(self.keys.events, {"type": "layout.desired", "at": self.now_ms(), "gpu": gpu_uuid, "layout": layout, "kind": kind},
                       maxlen=self.scripts._events_maxlen, approximate=True)
             pipe.execute()
 
@@ -470,7 +470,7 @@ class Allocator:
         with redis_errors("clear a desired layout"):
             pipe = self.redis.pipeline(transaction=True)
             pipe.hdel(self.keys.desired, gpu_uuid)
-            pipe.xadd(self.keys.events, {"type": f"layout.{outcome}", "gpu": gpu_uuid, "detail": detail},
+            pipe.xadd(self.keys.events, {"type": f"layout.{outcome}", "at": self.now_ms(), "gpu": gpu_uuid, "detail": detail},
                       maxlen=self.scripts._events_maxlen, approximate=True)
             pipe.execute()
 

@@ -51,6 +51,12 @@ def simulate(
             raise ConfigError(f"--profiles: {profiles!r} is not allowed; choose classic or extended.")
         if speedup <= 0:
             raise ConfigError(f"--speedup: {speedup!r} must be above 0.")
+        if jobs < 1 or synthetic_jobs < 0:
+            raise ConfigError(f"--jobs and --synthetic: {jobs!r} and {synthetic_jobs!r} must be at least 1 and 0.")
+        if max_duration is not None and max_duration <= 0:
+            raise ConfigError(f"--max-duration: {max_duration!r} must be above 0 seconds.")
+        if reconfig_cost < 0:
+            raise ConfigError(f"--reconfig-cost: {reconfig_cost!r} must be 0 seconds or more.")
         knobs = Knobs(profiles="classic" if profiles == "classic" else EXTENDED_PROFILES)
         from prefect_mig.model import FleetSpec
 
@@ -101,6 +107,19 @@ def simulate(
             f"{row['utilization_leased']:.2f}", str(row["reconfigurations"]), str(row["rejected"]),
         )
     console.print(table)
+    classes = sorted({int(k) for row in doc["policies"] for k in row["by_priority"]}, reverse=True)
+    by_class = Table(title="mean JCT s (mean wait s) by priority class")
+    by_class.add_column("policy")
+    for c in classes:
+        by_class.add_column(f"priority {c}", justify="right")
+    for row in doc["policies"]:
+        cells = []
+        for c in classes:
+            got = row["by_priority"].get(str(c))
+            cells.append(f"{got['jct_mean_s']:,.0f} ({got['wait_mean_s']:,.0f})" if got and got["jobs"] else "-")
+        by_class.add_row(row["policy"], *cells)
+    console.print(by_class)
+    console.print(f"mapping: {mapping} (see prefect_mig/simulation/workload.py); multi-GPU pods run as independent parts")
     console.print(
         f"dynamic / whole-gpu JCT: {doc['jct_ratio_vs_whole_gpu']}   dynamic / best static ({doc['best_static']}): "
         f"{doc['jct_ratio_vs_best_static']}   makespan / lower bound: {doc['makespan_vs_lower_bound']}"

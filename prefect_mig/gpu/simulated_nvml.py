@@ -115,6 +115,7 @@ class SimulatedNvml:
             state = self._load(fresh=write)
             yield state
             if write:
+                self._cache = None
                 tmp = self.state_path.with_suffix(f".tmp{os.getpid()}")
                 tmp.write_text(json.dumps(state))
                 os.replace(tmp, self.state_path)

@@ -95,7 +95,8 @@ def plan_from_allocator(
     """
     status = allocator.status()
     wanted = len(status["slices"]) if history is None else history
-    events = allocator.recent_events(max(100, wanted * 3, 3 * len(status["slices"])))
+    # each lease adds queued, granted and released events, agents add layout events: read enough
+    events = allocator.recent_events(max(200, wanted * 6, 6 * len(status["slices"])))
     demand = demand_of(status, events, history=wanted, profiles=knobs.profiles)
     warm: set[str] = set()
     if not status["queue"]:
@@ -114,13 +115,20 @@ def desire(allocator: Allocator, plans: list[GpuPlan]) -> list[GpuPlan]:
     return changing
 
 
-def run_once(allocator: Allocator, *, knobs: Knobs = Knobs(), announce_s: float = 900.0) -> list[GpuPlan]:
+def run_once(
+    allocator: Allocator, *, knobs: Knobs = Knobs(), announce_s: float = 900.0, history: int | None = None
+) -> list[GpuPlan]:
     """One round of the repartitioning service: announce itself for `announce_s` (so requests may
-    wait for kinds it will carve), plan against the live demand, desire the changes (skipping GPUs
-    that still have a change pending: one change at a time per GPU)."""
+    wait for kinds it will carve), plan against the live demand, desire the changes. A GPU with a
+    change still pending is left alone (one change at a time per GPU), and so is a GPU whose last
+    change was skipped less than `knobs.retry_after_s` ago."""
     allocator.announce_repartitioner(announce_s)
     pending = {decode_key(k) for k in allocator.redis.hkeys(allocator.keys.desired)}
-    plans = [p for p in plan_from_allocator(allocator, knobs=knobs) if p.gpu_uuid not in pending]
+    now = allocator.now_ms()
+    for e in allocator.recent_events(2_000):
+        if e.get("type") == "layout.skipped" and now - int(e.get("at") or 0) < knobs.retry_after_s * 1000:
+            pending.add(e.get("gpu", ""))
+    plans = [p for p in plan_from_allocator(allocator, knobs=knobs, history=history) if p.gpu_uuid not in pending]
     return desire(allocator, plans)
 
 

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import heapq
 import json
+import math
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -150,7 +151,8 @@ class SimResult:
         return leased / (self.capacity * span), needed / (self.capacity * span)
 
     def summary(self) -> dict:
-        """JSON-ready figures: JCT and wait (mean, p50, p95) overall and per priority class."""
+        """JSON-ready figures: JCT and wait (mean, p50, p95) overall and per priority class, over
+        the jobs that finished (see `rejected` and `unfinished` for the others)."""
         done = self.finished
 
         def stats(rows: Sequence[JobResult]) -> dict:
@@ -190,7 +192,7 @@ class SimResult:
 def _pct(values: Sequence[float], p: float) -> float | None:
     if not values:
         return None
-    return round(values[min(len(values) - 1, int(len(values) * p / 100))], 2)
+    return round(values[max(0, math.ceil(len(values) * p / 100) - 1)], 2)  # nearest rank
 
 
 def lower_bound(jobs: Sequence[Job], capacity: int) -> float:
@@ -385,8 +387,12 @@ class Simulator:
                     other = self._parts.pop(f"{index}.{m}")
                     if other.fence:
                         self.allocator.release(other.request_id, other.fence)
+                        self._leased -= other.compute
+                        self._needed -= other.need_compute
                     else:
                         self.allocator.cancel(other.request_id)
+                        self._waiting -= 1
+                    self._read_events()  # a release may hand the slice to a waiter now
                 self._rejected.append(job.name)
                 self._results[index].parts_left = -1
                 self._done += 1
@@ -438,10 +444,7 @@ class Simulator:
 
     def _plan(self) -> None:
         if self._dirty and self._waiting > 0:
-            self.allocator.announce_repartitioner(10**6)
-            pending = {service.decode_key(k) for k in self.client.hkeys(self.allocator.keys.desired)}
-            plans = service.plan_from_allocator(self.allocator, knobs=self.config.knobs, history=self.config.history)
-            for p in service.desire(self.allocator, [p for p in plans if p.gpu_uuid not in pending]):
+            for p in service.run_once(self.allocator, knobs=self.config.knobs, announce_s=10**6, history=self.config.history):
                 self._begin(p.gpu_uuid)
             for gpu in sorted(self._draining):
                 self._begin(gpu)
@@ -482,6 +485,7 @@ class Simulator:
         finally:
             self._teardown()
         unfinished = [r.name for r in self._results if r.end_s is None and r.parts_left != -1]
+        ran = [j for j in self.jobs if j.name not in set(self._rejected)]
         return SimResult(
             policy=self.config.policy.name,
             fleet=str(self.fleet),
@@ -493,7 +497,7 @@ class Simulator:
             reconfigurations=self._counts["applied"],
             range_drains=self._counts["drains"],
             skipped_changes=self._counts["skipped"],
-            lower_bound_s=self.lower_bound_s,
+            lower_bound_s=lower_bound(ran, self.capacity) if ran else 0.0,
             wall_s=time.perf_counter() - started,
             layouts_end=layouts,
             violations=violations,

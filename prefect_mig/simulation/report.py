@@ -61,25 +61,27 @@ def compare(
     return results
 
 
-def _jct(result: SimResult) -> float | None:
-    return result.summary()["jct_mean_s"]
+def _jct(result: SimResult | None) -> float | None:
+    """Mean JCT of a policy that ran every job to the end, else None (a policy that rejects or
+    strands jobs would look faster than it is)."""
+    if result is None or result.rejected or result.unfinished:
+        return None
+    return result.summary()["jct_mean_s"] or None
 
 
 def ratios(results: Sequence[SimResult]) -> dict:
-    """Dynamic's mean JCT over whole-GPU's and over the best static's (among statics that served
-    every job and finished), and dynamic's makespan over its lower bound. None where a policy is
-    missing."""
+    """Dynamic's mean JCT over whole-GPU's and over the best static's, and dynamic's makespan over
+    its lower bound; only policies that ran every job to the end count. None where one is missing."""
     by = {r.policy: r for r in results}
-    dyn = by.get("dynamic")
-    whole = by.get("whole-gpu")
-    statics = [r for r in results if r.policy.startswith("static:") and not r.rejected and not r.unfinished]
-    best = min(statics, key=lambda r: _jct(r) or float("inf"), default=None)
-    ok = dyn is not None and not dyn.unfinished and _jct(dyn)
+    dyn, whole = _jct(by.get("dynamic")), _jct(by.get("whole-gpu"))
+    statics = [r for r in results if r.policy.startswith("static:") and _jct(r)]
+    best = min(statics, key=lambda r: _jct(r), default=None)  # type: ignore[arg-type,return-value]
+    d = by.get("dynamic")
     return {
-        "jct_ratio_vs_whole_gpu": round(_jct(dyn) / _jct(whole), 4) if ok and whole and _jct(whole) else None,
-        "jct_ratio_vs_best_static": round(_jct(dyn) / _jct(best), 4) if ok and best and _jct(best) else None,
+        "jct_ratio_vs_whole_gpu": round(dyn / whole, 4) if dyn and whole else None,
+        "jct_ratio_vs_best_static": round(dyn / _jct(best), 4) if dyn and best else None,
         "best_static": best.policy if best else None,
-        "makespan_vs_lower_bound": round(dyn.makespan_s / dyn.lower_bound_s, 4) if ok and dyn.lower_bound_s else None,
+        "makespan_vs_lower_bound": round(d.makespan_s / d.lower_bound_s, 4) if dyn and d and d.lower_bound_s else None,
     }
 
 

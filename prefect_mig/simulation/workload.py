@@ -7,7 +7,7 @@ every run states a **mapping** from the pod to what it needs of a fleet GPU:
   memory and ``gpus x share`` V100s of compute; one compute slice of an H100 is worth
   ``V100_PER_H100_SLICE`` V100s (989 dense FP16 tensor TFLOPS / 7 slices = 141, against the V100's
   125). So a whole-V100 pod needs 16 GB and one compute slice (``1g.20gb`` or bigger), a
-  ``gpu_milli=470`` pod 7.5 GB (``1g.10gb``), a 4-GPU pod 64 GB (``7g.80gb``).
+  ``gpu_milli=470`` pod 7.6 GB (``1g.10gb``; needs are rounded up to 0.1 GB), a 4-GPU pod 64 GB (``7g.80gb``).
 - ``share``: the trace's GPU is the fleet's GPU. A pod needs ``share`` of its compute slices
   (rounded up) and of its memory; a multi-GPU pod needs that many whole GPUs.
 
@@ -19,7 +19,8 @@ Pods that ask no GPU, or that the trace never scheduled (no ``scheduled_time``: 
 unknown), are skipped. Run time is ``deletion_time - scheduled_time``; arrival is ``creation_time``.
 A job's run time does not change with the size of the slice it gets (no speedup model).
 
-Priority from the pod's QoS class: ``LS`` and ``Guaranteed`` 10, ``Burstable`` 5, ``BE`` 0.
+Priority from the pod's QoS class: ``LS`` and ``Guaranteed`` 10, ``Burstable`` 5, ``BE`` and
+anything else 0.
 
 Examples:
     ```python
@@ -153,7 +154,7 @@ def load_trace(
                 duration_s=duration,
                 parts=tuple(parts),
                 priority=PRIORITY_BY_QOS.get(r["qos"], 0),
-                qos=r["qos"] or "LS",
+                qos=r["qos"] or "unknown",
             )
         )
     return out
