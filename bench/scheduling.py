@@ -41,7 +41,7 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from prefect_mig.model import Layout, Placement, enumerate_layouts, get_model  # noqa: E402
+from prefect_mig.model import enumerate_layouts, get_model  # noqa: E402
 from prefect_mig.repartition.planner import EXTENDED_PROFILES, GpuState, Knobs, plan  # noqa: E402
 from prefect_mig.simulation.report import compare, plot, summary  # noqa: E402
 from prefect_mig.simulation.workload import load_trace  # noqa: E402

@@ -22,9 +22,8 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 
 from prefect_mig.allocator import Allocator
-from prefect_mig.errors import ConfigError
 from prefect_mig.repartition import Knobs
-from prefect_mig.repartition.planner import EXTENDED_PROFILES
+from prefect_mig.repartition.planner import profile_set
 from prefect_mig.repartition.service import run_once
 
 
@@ -44,10 +43,7 @@ def repartition(
 
     settings = load_settings()
     allocator = Allocator(redis.Redis.from_url(redis_url or configured_url(settings)), namespace or settings.namespace)
-    if profiles not in ("classic", "extended", "all"):
-        raise ConfigError(f"profiles: {profiles!r} is not allowed; choose classic, extended or all.")
-    chosen = EXTENDED_PROFILES if profiles == "extended" else profiles
-    knobs = Knobs(drain_cost=drain_cost, idle_window_s=idle_window_s, profiles=chosen)
+    knobs = Knobs(drain_cost=drain_cost, idle_window_s=idle_window_s, profiles=profile_set(profiles))
     changes = run_once(allocator, knobs=knobs)
     logger = get_run_logger()
     for p in changes:

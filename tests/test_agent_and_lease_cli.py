@@ -132,4 +132,4 @@ def test_repartition_commands_plan_a_dry_run_then_desire_the_change(cli_env, nam
     assert [r["target"] for r in applied] == [row["target"]]
     assert cluster.desired(row["gpu_uuid"])["layout"] == row["target"]
     bad = _cli("repartition", "plan", "--profiles", "tiny", env=cli_env)
-    assert bad.returncode == 2 and "--profiles: 'tiny'" in bad.stderr and "classic, extended or all" in bad.stderr
+    assert bad.returncode == 2 and "--profiles: 'tiny'" in bad.stderr and "classic, extended, all" in bad.stderr

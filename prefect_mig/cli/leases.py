@@ -17,6 +17,7 @@ from prefect_mig.allocator import Allocator, SliceRequest
 from prefect_mig.allocator.embedded import redis_url, stop_embedded_redis
 from prefect_mig.cli.output import cli_errors, console, errors, print_json
 from prefect_mig.errors import ConfigError, PrefectMigError
+from prefect_mig.repartition.planner import Knobs, profile_set
 from prefect_mig.settings import load_settings
 
 lease_app = typer.Typer(help="Acquire, renew, release and list leases.", no_args_is_help=True)
@@ -225,23 +226,18 @@ IdleWindowOpt = Annotated[
 
 
 def _knobs(drain_cost: float, profiles: str, idle_window: float):
-    from prefect_mig.repartition import Knobs
-    from prefect_mig.repartition.planner import EXTENDED_PROFILES
-
-    if profiles not in ("classic", "extended", "all"):
-        raise ConfigError(f"--profiles: {profiles!r} is not allowed; choose classic, extended or all.")
     if drain_cost < 0 or idle_window < 0:
         raise ConfigError(f"--drain-cost and --idle-window must be 0 or more (got {drain_cost:g} and {idle_window:g}).")
-    chosen = EXTENDED_PROFILES if profiles == "extended" else profiles
+    chosen = profile_set(profiles, field="--profiles")
     return Knobs(drain_cost=drain_cost, profiles=chosen, idle_window_s=idle_window)
 
 
 
 @repartition_app.command("plan")
 def repartition_plan(
-    drain_cost: DrainCostOpt = 5.0,
+    drain_cost: DrainCostOpt = Knobs.drain_cost,
     profiles: ProfilesOpt = "classic",
-    idle_window: IdleWindowOpt = 300.0,
+    idle_window: IdleWindowOpt = Knobs.idle_window_s,
     as_json: JsonOpt = False,
 ) -> None:
     """Dry run: what the planner would change on each GPU, given the queue and recent grants."""
@@ -271,9 +267,9 @@ def repartition_plan(
 
 @repartition_app.command("apply")
 def repartition_apply(
-    drain_cost: DrainCostOpt = 5.0,
+    drain_cost: DrainCostOpt = Knobs.drain_cost,
     profiles: ProfilesOpt = "classic",
-    idle_window: IdleWindowOpt = 300.0,
+    idle_window: IdleWindowOpt = Knobs.idle_window_s,
     as_json: JsonOpt = False,
 ) -> None:
     """Plan once and write the changes as desired layouts; the node agents apply them."""
@@ -291,9 +287,9 @@ def repartition_apply(
 @repartition_app.command("serve")
 def repartition_serve(
     interval: Annotated[float, typer.Option(help="Seconds between planning rounds.")] = 30.0,
-    drain_cost: DrainCostOpt = 5.0,
+    drain_cost: DrainCostOpt = Knobs.drain_cost,
     profiles: ProfilesOpt = "classic",
-    idle_window: IdleWindowOpt = 300.0,
+    idle_window: IdleWindowOpt = Knobs.idle_window_s,
 ) -> None:
     """Plan every --interval seconds and desire the changes (the agents apply them)."""
     import time

@@ -31,7 +31,7 @@ def simulate(
     max_duration: Annotated[float | None, typer.Option(help="Cap each run time at this many seconds.")] = 7200.0,
     speedup: Annotated[float, typer.Option(help="Replay arrivals this many times faster (load the fleet).")] = 8.0,
     mapping: Annotated[str, typer.Option(help="Pod share to MIG slice: v100 or share.")] = "v100",
-    profiles: Annotated[str, typer.Option(help="Profiles layouts use: classic or extended (adds 1g.20gb).")] = "extended",
+    profiles: Annotated[str, typer.Option(help="Profiles layouts use: classic, extended (adds 1g.20gb) or all.")] = "extended",
     reconfig_cost: Annotated[float, typer.Option(help="Seconds a re-carved range is out of service.")] = 10.0,
     out: Annotated[Path, typer.Option(help="Folder for simulation.json and simulation.png.")] = Path("simulation-out"),
     as_json: Annotated[bool, typer.Option("--json", help="Print the JSON summary only.")] = False,
@@ -41,14 +41,12 @@ def simulate(
     Prints mean job completion time, queue wait, makespan and utilization per policy, writes
     simulation.json and simulation.png (utilization and queue depth over time) into --out.
     """
-    from prefect_mig.repartition.planner import EXTENDED_PROFILES, Knobs
+    from prefect_mig.repartition.planner import Knobs, profile_set
     from prefect_mig.simulation.report import DEFAULT_POLICIES, compare, plot, summary
     from prefect_mig.simulation.workload import load_trace, synthetic
     from prefect_mig.testing.redis_server import RedisServer
 
     with cli_errors():
-        if profiles not in ("classic", "extended"):
-            raise ConfigError(f"--profiles: {profiles!r} is not allowed; choose classic or extended.")
         if speedup <= 0:
             raise ConfigError(f"--speedup: {speedup!r} must be above 0.")
         if jobs < 1 or synthetic_jobs < 0:
@@ -57,7 +55,7 @@ def simulate(
             raise ConfigError(f"--max-duration: {max_duration!r} must be above 0 seconds.")
         if reconfig_cost < 0:
             raise ConfigError(f"--reconfig-cost: {reconfig_cost!r} must be 0 seconds or more.")
-        knobs = Knobs(profiles="classic" if profiles == "classic" else EXTENDED_PROFILES)
+        knobs = Knobs(profiles=profile_set(profiles, field="--profiles"))
         from prefect_mig.model import FleetSpec
 
         spec = FleetSpec.parse(fleet)

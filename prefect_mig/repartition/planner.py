@@ -20,7 +20,8 @@ For each GPU it picks a target layout and the fewest create/destroy steps to rea
 
 Examples:
     ```python
-    from prefect_mig.model import Layout, Placement
+    from prefect_mig.errors import ConfigError
+from prefect_mig.model import Layout, Placement
     from prefect_mig.repartition.planner import GpuState, plan
 
     ones = Layout.parse("H100-80GB", " + ".join(f"1g.10gb@{i}" for i in range(7)))
@@ -40,11 +41,25 @@ from functools import lru_cache
 from itertools import accumulate
 from typing import Literal
 
+from prefect_mig.errors import ConfigError
 from prefect_mig.model import Layout, Placement, creatable, enumerate_layouts, free_slices, get_model
 from prefect_mig.model.layout import select_profiles
 
 PlanKind = Literal["none", "incremental", "drain"]
 EXTENDED_PROFILES = ("1g.10gb", "1g.20gb", "2g.20gb", "3g.40gb", "4g.40gb", "7g.80gb")  # classic + 1g.20gb
+PROFILE_SETS = ("classic", "extended", "all")
+
+
+def profile_set(name: str, *, field: str = "profiles") -> str | tuple[str, ...]:
+    """`Knobs.profiles` from what a user types: ``classic``, ``extended`` (adds ``1g.20gb``) or
+    ``all``.
+
+    Raises:
+        ConfigError: any other name (names `field` and the allowed values).
+    """
+    if name not in PROFILE_SETS:
+        raise ConfigError(f"{field}: {name!r} is not allowed; choose {', '.join(PROFILE_SETS)}.", field=field, value=name)
+    return EXTENDED_PROFILES if name == "extended" else name
 
 
 @dataclass(frozen=True)
