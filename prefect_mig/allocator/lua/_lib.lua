@@ -105,7 +105,7 @@ local function grant(r, id, s, counted)
   redis.call('HSET', lease_key(r.id),
     'slice', id, 'fence', fence, 'holder', r.holder, 'tenant', r.tenant, 'priority', r.priority,
     'ttl_ms', r.ttl_ms, 'granted_at', NOW, 'expires_at', expires, 'waited_ms', waited,
-    'compute', s.compute_slices, 'wants', table.concat(r.pkeys, ','))
+    'compute', s.compute_slices)
   if r.preemptible then
     redis.call('HSET', lease_key(r.id), 'preemptible_pkey', s.pkey)
     redis.call('ZADD', preemptible_key(s.pkey), r.priority, r.id)
