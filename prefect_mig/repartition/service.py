@@ -86,12 +86,17 @@ def plan_from_allocator(
     knobs: Knobs = Knobs(),
     extra_demand: dict[str, float] | None = None,
     history: int | None = None,
+    hold_back: bool = False,
 ) -> list[GpuPlan]:
     """Plan every GPU in the inventory against the live queue and recent grants (see `demand_of`).
 
     Idle windows: while requests wait, any idle range may be re-carved and drains are allowed.
     While nothing waits (between pipeline runs), only slices idle for `knobs.idle_window_s` are
     re-shaped toward recent demand, and nothing is drained.
+
+    With `hold_back`, GPUs the service must leave alone get no plan: one with a change still
+    pending (one change at a time per GPU), and one whose last change was skipped less than
+    `knobs.retry_after_s` ago (so a drain that timed out does not repeat back to back).
     """
     status = allocator.status()
     wanted = len(status["slices"]) if history is None else history
@@ -104,7 +109,15 @@ def plan_from_allocator(
         knobs = replace(knobs, drains=False)
     for k, v in (extra_demand or {}).items():
         demand.setdefault(k, []).extend([1.0] * int(v) + ([v - int(v)] if v - int(v) > 1e-9 else []))
-    return plan(gpu_states(status, warm), demand, knobs)
+    plans = plan(gpu_states(status, warm), demand, knobs)
+    if hold_back:
+        held = {decode_key(k) for k in allocator.redis.hkeys(allocator.keys.desired)}
+        now = allocator.now_ms()
+        for e in events:
+            if e.get("type") == "layout.skipped" and now - int(e.get("at") or 0) < knobs.retry_after_s * 1000:
+                held.add(e.get("gpu", ""))
+        plans = [p for p in plans if p.gpu_uuid not in held]
+    return plans
 
 
 def desire(allocator: Allocator, plans: list[GpuPlan]) -> list[GpuPlan]:
@@ -119,17 +132,10 @@ def run_once(
     allocator: Allocator, *, knobs: Knobs = Knobs(), announce_s: float = 900.0, history: int | None = None
 ) -> list[GpuPlan]:
     """One round of the repartitioning service: announce itself for `announce_s` (so requests may
-    wait for kinds it will carve), plan against the live demand, desire the changes. A GPU with a
-    change still pending is left alone (one change at a time per GPU), and so is a GPU whose last
-    change was skipped less than `knobs.retry_after_s` ago."""
+    wait for kinds it will carve), plan against the live demand, desire the changes of the GPUs
+    it need not leave alone (see `plan_from_allocator`'s `hold_back`)."""
     allocator.announce_repartitioner(announce_s)
-    pending = {decode_key(k) for k in allocator.redis.hkeys(allocator.keys.desired)}
-    now = allocator.now_ms()
-    for e in allocator.recent_events(2_000):
-        if e.get("type") == "layout.skipped" and now - int(e.get("at") or 0) < knobs.retry_after_s * 1000:
-            pending.add(e.get("gpu", ""))
-    plans = [p for p in plan_from_allocator(allocator, knobs=knobs, history=history) if p.gpu_uuid not in pending]
-    return desire(allocator, plans)
+    return desire(allocator, plan_from_allocator(allocator, knobs=knobs, history=history, hold_back=True))
 
 
 def decode_key(value) -> str:
