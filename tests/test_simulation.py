@@ -154,6 +154,8 @@ def test_the_simulate_command_writes_json_and_png(tmp_path):
     assert (out / "simulation.png").read_bytes()[:4] == b"\x89PNG"
     bad = CliRunner().invoke(app, ["simulate", "--synthetic", "5", "--policy", "nope", "--out", str(out)])
     assert bad.exit_code == 2 and "policy: 'nope'" in bad.output
+    mixed = CliRunner().invoke(app, ["simulate", "--synthetic", "5", "--fleet", "a=1xH100-80GB,b=1xA30-24GB", "--out", str(out)])
+    assert mixed.exit_code == 2 and "mixes GPU models (A30-24GB, H100-80GB)" in " ".join(mixed.output.split())
     negative = CliRunner().invoke(app, ["simulate", "--synthetic", "5", "--reconfig-cost", "-1", "--out", str(out)])
     assert negative.exit_code == 2 and "--reconfig-cost: -1.0 must be 0 seconds or more" in negative.output
 

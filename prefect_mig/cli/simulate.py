@@ -42,7 +42,7 @@ def simulate(
     simulation.json and simulation.png (utilization and queue depth over time) into --out.
     """
     from prefect_mig.repartition.planner import Knobs, profile_set
-    from prefect_mig.simulation.report import DEFAULT_POLICIES, compare, plot, summary
+    from prefect_mig.simulation.report import DEFAULT_POLICIES, compare, fleet_model, plot, summary
     from prefect_mig.simulation.workload import load_trace, synthetic
     from prefect_mig.testing.redis_server import RedisServer
 
@@ -59,7 +59,7 @@ def simulate(
         from prefect_mig.model import FleetSpec
 
         spec = FleetSpec.parse(fleet)
-        model = spec.nodes[0].gpus[0]
+        model = fleet_model(spec)
         if synthetic_jobs:
             workload = synthetic(jobs=synthetic_jobs, gpu_model=model)
             source = f"synthetic ({synthetic_jobs} jobs)"

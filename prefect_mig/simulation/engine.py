@@ -100,7 +100,8 @@ class JobResult:
     duration_s: float
     start_s: float | None = None  # when its last part got a slice
     end_s: float | None = None
-    parts_left: int = 0
+    parts_left: int = 0  # parts not granted yet
+    rejected: bool = False  # no slice in the fleet can hold it
 
     @property
     def wait_s(self) -> float:
@@ -394,7 +395,7 @@ class Simulator:
                         self._waiting -= 1
                     self._read_events()  # a release may hand the slice to a waiter now
                 self._rejected.append(job.name)
-                self._results[index].parts_left = -1
+                self._results[index].rejected = True
                 self._done += 1
                 break
             self._read_events()
@@ -484,8 +485,8 @@ class Simulator:
             violations = check_events(self.allocator.events()).violations
         finally:
             self._teardown()
-        unfinished = [r.name for r in self._results if r.end_s is None and r.parts_left != -1]
-        ran = [j for j in self.jobs if j.name not in set(self._rejected)]
+        unfinished = [r.name for r in self._results if r.end_s is None and not r.rejected]
+        ran = [j for j, r in zip(self.jobs, self._results) if not r.rejected]
         return SimResult(
             policy=self.config.policy.name,
             fleet=str(self.fleet),

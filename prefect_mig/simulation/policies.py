@@ -69,12 +69,11 @@ def fitted_layouts(jobs: Sequence[Job], model_name: str, gpus: int, knobs: Knobs
         for part in job.parts:
             work[best_fit(part, model_name, names)] += job.duration_s
     model = get_model(model_name)
-    compute = {p.name: p.compute_slices for p in model.profiles}
-    per_gpu_compute = max(p.compute_slices for p in model.profiles)
-    # slices of each kind the fleet would keep busy, in proportion to its share of the work
-    weighted = {k: w * compute[k] for k, w in work.items()}
-    scale = gpus * per_gpu_compute / (sum(weighted.values()) or 1.0)
-    demand = {f"{model_name}/{k}": weighted[k] * scale / compute[k] for k in work}
+    # slices of each kind the fleet keeps busy are in proportion to the kind's work (slice-seconds);
+    # scaled so that they fill the fleet's compute
+    used = sum(w * model.profile(k).compute_slices for k, w in work.items()) or 1.0
+    scale = gpus * max(p.compute_slices for p in model.profiles) / used
+    demand = {f"{model_name}/{k}": w * scale for k, w in work.items()}
     whole = Layout.parse(model_name, _biggest(model_name))
     states = [GpuState(gpu_uuid=f"gpu-{i:05d}", layout=whole) for i in range(gpus)]
     fitted = plan(states, demand, Knobs(churn_cost=0.0, fragmentation_cost=knobs.fragmentation_cost, profiles=knobs.profiles))

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import redis
 
+from prefect_mig.errors import ConfigError
 from prefect_mig.model import FleetSpec
 from prefect_mig.repartition.planner import Knobs
 from prefect_mig.simulation.engine import SimConfig, SimResult, Simulator
@@ -34,6 +35,22 @@ from prefect_mig.simulation.policies import parse_policy
 from prefect_mig.simulation.workload import Job
 
 DEFAULT_POLICIES = ("whole-gpu", "static:smallest", "static:mixed", "static:fitted", "dynamic")
+
+
+def fleet_model(spec: FleetSpec) -> str:
+    """The fleet's one GPU model.
+
+    Raises:
+        ConfigError: the fleet mixes models (policies are layouts of one model).
+    """
+    models = sorted({m for node in spec.nodes for m in node.gpus})
+    if len(models) != 1:
+        raise ConfigError(
+            f"fleet: {str(spec)!r} mixes GPU models ({', '.join(models)}); the simulator compares policies on one model.",
+            field="fleet",
+            value=str(spec),
+        )
+    return models[0]
 
 
 def compare(
@@ -49,11 +66,11 @@ def compare(
 ) -> list[SimResult]:
     """Run every policy on the same jobs and fleet; `progress(policy, done, total)` as they go."""
     spec = FleetSpec.parse(fleet)
-    models = sorted({m for node in spec.nodes for m in node.gpus})
+    model = fleet_model(spec)
     gpus = sum(len(node.gpus) for node in spec.nodes)
     results = []
     for name in policies:
-        policy = parse_policy(name, models[0], jobs=jobs, gpus=gpus, knobs=knobs)
+        policy = parse_policy(name, model, jobs=jobs, gpus=gpus, knobs=knobs)
         config = SimConfig(fleet=str(spec), policy=policy, knobs=knobs, reconfig_cost_s=reconfig_cost_s)
         report = None if progress is None else (lambda done, total, n=name: progress(n, done, total))
         sub = Path(state_dir) / name.replace(":", "-").replace("@", "_").replace(" ", "")[:60]
