@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -11,6 +13,19 @@ from prefect_mig.model import Layout, Placement, creatable, get_model, validate_
 from prefect_mig.repartition import DemandBook, GpuState, Knobs, plan
 
 SEVEN = Layout.parse("H100-80GB", " + ".join(f"1g.10gb@{i}" for i in range(7)))
+
+
+@contextmanager
+def seven_ones_agent(alloc, tmp_path, **agent_options):
+    """One simulated H100 carved 7x 1g.10gb, its node agent, the inventory published."""
+    from prefect_mig.agent import NodeAgent
+
+    nvml = SimulatedNvml("node-a=1xH100-80GB", state_dir=tmp_path)
+    with GpuBackend(nvml) as backend:
+        backend.apply_layout(0, SEVEN)
+        agent = NodeAgent(backend, alloc, node="node-a", **agent_options)
+        agent.publish()
+        yield backend, agent
 
 
 def test_planner_returns_an_empty_plan_when_nothing_is_wanted():
@@ -122,19 +137,14 @@ def test_the_dry_run_plans_from_the_live_queue_and_never_touches_leased_slices(a
 
 
 def test_queued_3g_requests_are_served_after_the_service_re_carves_while_1g_leases_keep_running(alloc, tmp_path):
-    from prefect_mig.agent import NodeAgent
     from prefect_mig.allocator import SliceRequest
     from prefect_mig.repartition.service import run_once
 
     alloc.queue_uncarved = True  # a repartitioner runs
-    nvml = SimulatedNvml("node-a=1xH100-80GB", state_dir=tmp_path)
-    with GpuBackend(nvml) as backend:
-        backend.apply_layout(0, SEVEN)
-        agent = NodeAgent(backend, alloc, node="node-a")
-        agent.publish()
+    with seven_ones_agent(alloc, tmp_path) as (backend, agent):
         ones = [alloc.try_acquire(SliceRequest(profile="1g.10gb")) for _ in range(3)]  # 1g@0,1,2
         for lease in ones:
-            nvml.attach_process(lease.slice.mig_uuid, pid=lease.slice.start + 100)
+            backend.nvml.attach_process(lease.slice.mig_uuid, pid=lease.slice.start + 100)
         waiting = [alloc.try_acquire(SliceRequest(profile="3g.40gb", priority=5), wait=True) for _ in range(2)]
 
         changes = run_once(alloc)
@@ -184,16 +194,11 @@ def test_an_agent_killed_half_way_converges_when_it_restarts(alloc, tmp_path):
         assert states == {"3g.40gb": "free"}
 
 
-def test_a_drain_plan_waits_for_leases_then_re_carves_and_resumes(alloc, tmp_path):
-    from prefect_mig.agent import NodeAgent
+def test_a_drain_plan_waits_for_the_leases_of_the_range_then_re_carves(alloc, tmp_path):
     from prefect_mig.allocator import SliceRequest
     from prefect_mig.errors import NoCapacity
 
-    nvml = SimulatedNvml("node-a=1xH100-80GB", state_dir=tmp_path)
-    with GpuBackend(nvml) as backend:
-        backend.apply_layout(0, SEVEN)
-        agent = NodeAgent(backend, alloc, node="node-a")
-        agent.publish()
+    with seven_ones_agent(alloc, tmp_path) as (backend, agent):
         held = alloc.try_acquire(SliceRequest(profile="1g.10gb"))
         gpu = backend.gpu(0).uuid
         alloc.set_desired(gpu, "7g.80gb@0", kind="drain")
@@ -233,14 +238,9 @@ def test_while_a_repartitioner_runs_requests_wait_for_kinds_it_will_carve(alloc)
 
 
 def test_a_range_drain_keeps_the_rest_of_the_gpu_granting(alloc, tmp_path):
-    from prefect_mig.agent import NodeAgent
     from prefect_mig.allocator import SliceRequest
 
-    nvml = SimulatedNvml("node-a=1xH100-80GB", state_dir=tmp_path)
-    with GpuBackend(nvml) as backend:
-        backend.apply_layout(0, SEVEN)
-        agent = NodeAgent(backend, alloc, node="node-a")
-        agent.publish()
+    with seven_ones_agent(alloc, tmp_path) as (backend, agent):
         held = alloc.try_acquire(SliceRequest(profile="1g.10gb"))
         assert held.slice.start == 0
         gpu = backend.gpu(0).uuid
@@ -301,15 +301,10 @@ def test_nothing_is_drained_while_nothing_waits(alloc):
 
 
 def test_a_drain_that_outlives_its_timeout_puts_the_slices_back_and_is_not_retried_at_once(alloc, clock, tmp_path):
-    from prefect_mig.agent import NodeAgent
     from prefect_mig.allocator import SliceRequest
     from prefect_mig.repartition.service import run_once
 
-    nvml = SimulatedNvml("node-a=1xH100-80GB", state_dir=tmp_path)
-    with GpuBackend(nvml) as backend:
-        backend.apply_layout(0, SEVEN)
-        agent = NodeAgent(backend, alloc, node="node-a", drain_timeout_s=60, clock=lambda: clock.now_ms() / 1000)
-        agent.publish()
+    with seven_ones_agent(alloc, tmp_path, drain_timeout_s=60, clock=lambda: clock.now_ms() / 1000) as (backend, agent):
         held = alloc.try_acquire(SliceRequest(profile="1g.10gb"))
         gpu = backend.gpu(0).uuid
         alloc.set_desired(gpu, "3g.40gb@0 + 1g.10gb@4 + 1g.10gb@5 + 1g.10gb@6", kind="drain")
