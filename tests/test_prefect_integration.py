@@ -15,7 +15,6 @@ from prefect_mig.allocator import Allocator
 from prefect_mig.allocator.invariants import check_events
 from prefect_mig.launchers.docker import LABEL_PREFIX
 
-from .allocator_fixtures import H100_MIXED
 
 def env_of_slice(i):
     import os

@@ -308,7 +308,7 @@ class SimulatedNvml:
             return pynvml.NVML_SUCCESS
 
     def nvmlDeviceIsMigDeviceHandle(self, device):
-        with self._state() as state:
+        with self._state():  # refuses before nvmlInit, like the driver
             return int(self._decode(device)[0] == _KIND_MIG)
 
     # ------------------------------------------------------------------ GPU-instance profiles
