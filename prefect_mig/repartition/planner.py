@@ -20,8 +20,7 @@ For each GPU it picks a target layout and the fewest create/destroy steps to rea
 
 Examples:
     ```python
-    from prefect_mig.errors import ConfigError
-from prefect_mig.model import Layout, Placement
+    from prefect_mig.model import Layout, Placement
     from prefect_mig.repartition.planner import GpuState, plan
 
     ones = Layout.parse("H100-80GB", " + ".join(f"1g.10gb@{i}" for i in range(7)))
