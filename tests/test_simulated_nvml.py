@@ -26,13 +26,24 @@ def nvml(tmp_path):
 
 
 def _place(start: int, size: int):
+    """A placement as NVML takes it: ``const nvmlGpuInstancePlacement_t *`` (a pointer)."""
     p = pynvml.c_nvmlGpuInstancePlacement_t()
     p.start, p.size = start, size
-    return p
+    return ctypes.byref(p)
 
 
 def _create(nvml, gpu: int, profile_id: int, start: int, size: int):
     return nvml.nvmlDeviceCreateGpuInstanceWithPlacement(nvml.nvmlDeviceGetHandleByIndex(gpu), profile_id, _place(start, size))
+
+
+def test_a_placement_passed_by_value_is_refused_like_the_c_abi_would(nvml):
+    # pynvml sets no argtypes: a struct goes by value, and NVML reads its bytes as an address
+    by_value = pynvml.c_nvmlGpuInstancePlacement_t()
+    by_value.start, by_value.size = 4, 4
+    with pytest.raises(TypeError, match="by value"):
+        nvml.nvmlDeviceCreateGpuInstanceWithPlacement(nvml.nvmlDeviceGetHandleByIndex(0), 9, by_value)
+    gi = _create(nvml, 0, 9, 4, 4)
+    assert nvml.nvmlGpuInstanceGetInfo(gi).placement.start == 4
 
 
 def test_every_pynvml_function_the_simulation_offers_has_pynvml_signature():
@@ -179,7 +190,7 @@ def test_state_is_shared_with_another_process(nvml, tmp_path):
         info = lib.nvmlGpuInstanceGetInfo(arr[0])
         print(count.value, info.placement.start)
         p = pynvml.c_nvmlGpuInstancePlacement_t(); p.start, p.size = 0, 4
-        lib.nvmlDeviceCreateGpuInstanceWithPlacement(h, 9, p)
+        lib.nvmlDeviceCreateGpuInstanceWithPlacement(h, 9, ctypes.byref(p))
         """
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)

@@ -346,7 +346,8 @@ class GpuBackend:
         placement = self.nvml.c_nvmlGpuInstancePlacement_t()
         placement.start, placement.size = start, prof.placement_size
         try:
-            gi = self.nvml.nvmlDeviceCreateGpuInstanceWithPlacement(h, prof.id, placement)
+            # nvml.h: `const nvmlGpuInstancePlacement_t *placement`; pynvml passes it on unchanged
+            gi = self.nvml.nvmlDeviceCreateGpuInstanceWithPlacement(h, prof.id, ctypes.byref(placement))
         except self.nvml.NVMLError as exc:
             raise self._create_error(exc, index, gpu_uuid, model, prof, start) from exc
         try:

@@ -19,6 +19,7 @@ It refuses what the driver refuses:
 | destroy a compute instance with processes, a GPU instance with compute instances or processes | ``NVMLError_InUse`` |
 | disable MIG mode while GPU instances exist | ``NVMLError_InUse`` |
 | a handle whose instance was destroyed (stale) | ``NVMLError_InvalidArgument`` |
+| a placement structure passed by value instead of ``ctypes.byref`` (the C ABI takes a pointer) | ``TypeError`` |
 
 Tests attach fake processes to a MIG device with `attach_process` / `detach_process`, and inject a
 fault by overriding one method on an instance (``sim.nvmlGpuInstanceDestroy = failing``).
@@ -73,6 +74,22 @@ _CI_PROFILE_FOR_SLICES = {1: 0x0, 2: 0x1, 3: 0x2, 4: 0x3, 7: 0x4, 8: 0x5, 6: 0x6
 
 def _raise(code: int) -> None:
     raise pynvml.NVMLError(code)
+
+
+def _pointed_to(ref: Any, struct: type) -> Any:
+    """The structure behind a ``const T *`` argument, refusing what the C ABI would not take.
+
+    pynvml sets no ``argtypes``, so a structure passed as is goes *by value*: the driver reads its
+    bytes as an address and crashes. Only ``ctypes.byref(s)`` or ``ctypes.pointer(s)`` is a pointer.
+    """
+    if isinstance(ref, ctypes._Pointer) and isinstance(ref.contents, struct):
+        return ref.contents
+    if type(ref).__name__ == "CArgObject" and isinstance(getattr(ref, "_obj", None), struct):
+        return ref._obj
+    raise TypeError(
+        f"expected a pointer to {struct.__name__} (ctypes.byref(...)), got {type(ref).__name__}: a "
+        "structure passed by value reaches NVML as a bogus address"
+    )
 
 
 class SimulatedNvml:
@@ -396,6 +413,7 @@ class SimulatedNvml:
     # ------------------------------------------------------------------ GPU instances
 
     def nvmlDeviceCreateGpuInstanceWithPlacement(self, device, profileId, placement):
+        placement = _pointed_to(placement, pynvml.c_nvmlGpuInstancePlacement_t)
         with self._state(write=True) as state:
             gpu, record, _, _ = self._device(state, device)
             self._require_mig(record)
