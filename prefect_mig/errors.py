@@ -294,3 +294,32 @@ class InstanceNotFound(BackendError):
 
 class NoPermission(BackendError):
     """The process may not change MIG instances (needs root or the MIG config capability)."""
+
+
+class LayoutNotApplied(BackendError):
+    """Changing a GPU's layout failed half-way; what was changed was undone where possible.
+
+    Attributes:
+        cause: the error that stopped the change (e.g. `InstanceBusy`).
+        destroyed / created: placements (``3g.40gb@4``) destroyed and created before it stopped.
+        rolled_back: every destroyed instance is back (with a new MIG UUID) and every created one gone.
+        rollback_error: what went wrong while undoing, if anything did (the cause still comes first).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        cause: BackendError,
+        destroyed: list[str],
+        created: list[str],
+        rolled_back: bool,
+        rollback_error: str | None = None,
+        **kw,
+    ) -> None:
+        super().__init__(message, **kw)
+        self.cause = cause
+        self.destroyed = destroyed
+        self.created = created
+        self.rolled_back = rolled_back
+        self.rollback_error = rollback_error

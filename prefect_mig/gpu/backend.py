@@ -24,8 +24,10 @@ Examples:
 from __future__ import annotations
 
 import ctypes
+import functools
+from collections.abc import Callable
 from types import ModuleType
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
@@ -33,10 +35,12 @@ from prefect_mig.errors import (
     BackendError,
     InstanceBusy,
     InstanceNotFound,
+    LayoutNotApplied,
     MigDisabled,
     NoPermission,
     NvmlUnavailable,
     PlacementConflict,
+    PrefectMigError,
     ProfileNotSupported,
 )
 from prefect_mig.model import GpuModel, GpuProfile, Layout, Placement, catalog, creatable
@@ -96,6 +100,33 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _nvml_errors(action: str) -> Callable[[_F], _F]:
+    """Turn any NVML error that escapes the method into a typed prefect-mig error.
+
+    `action` is formatted with the method's arguments: ``"list instances on GPU {0}"``.
+    """
+
+    def wrap(method: _F) -> _F:
+        @functools.wraps(method)
+        def translated(self: GpuBackend, *args, **kw):
+            try:
+                return method(self, *args, **kw)
+            except PrefectMigError:
+                raise
+            except Exception as exc:
+                error = self._translate(exc, action.format(*args, **kw))
+                if error is None:
+                    raise
+                raise error from exc
+
+        return translated  # type: ignore[return-value]
+
+    return wrap
+
+
 class GpuBackend:
     """Discover GPUs, read and change MIG layouts, and list processes, through NVML.
 
@@ -145,12 +176,15 @@ class GpuBackend:
             )
         return self.nvml.nvmlDeviceGetHandleByIndex(index)
 
+    @_nvml_errors("count GPUs")
     def gpu_count(self) -> int:
         return self.nvml.nvmlDeviceGetCount()
 
+    @_nvml_errors("read the driver version")
     def driver_version(self) -> str:
         return _text(self.nvml.nvmlSystemGetDriverVersion())
 
+    @_nvml_errors("read GPU {0}")
     def gpu(self, index: int) -> GpuInfo:
         h = self._handle(index)
         name = _text(self.nvml.nvmlDeviceGetName(h))
@@ -190,6 +224,7 @@ class GpuBackend:
             )
         return uuid
 
+    @_nvml_errors("read the MIG profiles and placements of GPU {0}")
     def gpu_model(self, index: int) -> GpuModel:
         """The GPU's MIG geometry as NVML reports it: profiles, ids, sizes and placements."""
         if index in self._models:
@@ -210,8 +245,9 @@ class GpuBackend:
             if not starts:
                 continue
             name = _text(getattr(p, "name", b"")).removeprefix("MIG ")
-            if not name and known and any(k.id == p.id for k in known.profiles):
-                name = known.profile(p.id).name
+            listed = next((k for k in known.profiles if k.id == p.id), None) if known else None
+            if not name and listed:
+                name = listed.name
             profiles.append(
                 GpuProfile(
                     id=p.id,
@@ -221,7 +257,9 @@ class GpuBackend:
                     memory_slices=size,
                     memory_mib=p.memorySizeMB,
                     sm_count=p.multiprocessorCount or None,
-                    max_instances=p.instanceCount,
+                    # NVML misreports instanceCount on A30 (nvidia-mig-parted hard-codes it): a
+                    # model the catalog lists keeps the catalog's count
+                    max_instances=listed.max_instances if listed else p.instanceCount,
                     placement_starts=tuple(starts),
                     placement_size=size,
                 )
@@ -254,7 +292,8 @@ class GpuBackend:
         handles = []
         for p in model.profiles:
             count = ctypes.c_uint(0)
-            array = (self.nvml.c_nvmlGpuInstance_t * p.max_instances)()
+            # never fewer entries than instances can exist: the driver fills as many as there are
+            array = (self.nvml.c_nvmlGpuInstance_t * max(p.max_instances, model.memory_slices))()
             self.nvml.nvmlDeviceGetGpuInstances(h, p.id, array, ctypes.byref(count))
             handles.extend(array[i] for i in range(count.value))
         return handles
@@ -286,6 +325,7 @@ class GpuBackend:
             found[key] = _text(self.nvml.nvmlDeviceGetUUID(mig))
         return found
 
+    @_nvml_errors("list the MIG instances of GPU {0}")
     def instances(self, index: int) -> list[MigInstance]:
         """The GPU's MIG instances, by start: placement, profile, compute instance and MIG UUID."""
         h = self._handle(index)
@@ -314,6 +354,7 @@ class GpuBackend:
             )
         return sorted(found, key=lambda m: m.start)
 
+    @_nvml_errors("read the layout of GPU {0}")
     def layout(self, index: int) -> Layout:
         """The GPU's current layout as a pure `Layout` value."""
         model = self.gpu_model(index)
@@ -321,6 +362,7 @@ class GpuBackend:
 
     # ------------------------------------------------------------------ changes
 
+    @_nvml_errors("create {1}@{2} on GPU {0}")
     def create(self, index: int, profile: str, start: int) -> MigInstance:
         """Create a GPU instance of `profile` at memory slice `start`, and one compute instance over
         all of it. If the compute instance fails, the GPU instance is destroyed again.
@@ -351,12 +393,7 @@ class GpuBackend:
         except self.nvml.NVMLError as exc:
             raise self._create_error(exc, index, gpu_uuid, model, prof, start) from exc
         try:
-            ci_info = self.nvml.nvmlGpuInstanceGetComputeInstanceProfileInfoV(
-                gi,
-                _CI_PROFILE_FOR_SLICES[prof.compute_slices],
-                self.nvml.NVML_COMPUTE_INSTANCE_ENGINE_PROFILE_SHARED,
-            )
-            self.nvml.nvmlGpuInstanceCreateComputeInstance(gi, ci_info.id)
+            self._create_ci(gi, prof)
         except self.nvml.NVMLError as exc:
             self.nvml.nvmlGpuInstanceDestroy(gi)  # leave no half-created instance behind
             raise BackendError(
@@ -397,14 +434,40 @@ class GpuBackend:
                 gpu_uuid=gpu_uuid,
                 nvml_code=code,
             )
-        return self._common_error(exc, f"create {prof.name}@{start} on GPU {index}", gpu_uuid)
+        return self._translate(exc, f"create {prof.name}@{start} on GPU {index}", gpu_uuid)
 
-    def _common_error(self, exc, action: str, gpu_uuid: str | None) -> BackendError:
+    def _translate(self, exc: BaseException, action: str, gpu_uuid: str | None = None) -> BackendError | None:
+        """The typed error for an NVML failure while doing `action` (None: not an NVML error)."""
+        mismatch = getattr(self.nvml, "NVMLLibraryMismatchError", None)
+        if mismatch is not None and isinstance(exc, mismatch):
+            return NvmlUnavailable(
+                f"could not {action}: the NVIDIA driver is older than the installed nvidia-ml-py "
+                f"({exc}). Upgrade the driver, or install the nvidia-ml-py release that matches it.",
+                gpu_uuid=gpu_uuid,
+            )
+        if not isinstance(exc, self.nvml.NVMLError):
+            return None
         code = exc.value
         if code == self.nvml.NVML_ERROR_NO_PERMISSION:
             return NoPermission(
-                f"not allowed to {action}: changing MIG instances needs root or the "
-                "nvidia-capabilities mig/config capability.",
+                f"not allowed to {action}: reading MIG placements and instances, and changing them, "
+                "needs root (or access to /proc/driver/nvidia/capabilities/mig/config and "
+                "capabilities/mig/monitor). Run the agent as root; `prefect-mig doctor` checks this.",
+                gpu_uuid=gpu_uuid,
+                nvml_code=code,
+            )
+        if code == self.nvml.NVML_ERROR_FUNCTION_NOT_FOUND:
+            return NvmlUnavailable(
+                f"could not {action}: the NVIDIA driver lacks the NVML function for it. prefect-mig "
+                "needs driver R460 or newer (explicit MIG placements; R510+ for 4g+3g together); "
+                "`prefect-mig doctor` shows the driver version.",
+                gpu_uuid=gpu_uuid,
+                nvml_code=code,
+            )
+        if code in (self.nvml.NVML_ERROR_LIB_RM_VERSION_MISMATCH, self.nvml.NVML_ERROR_DRIVER_NOT_LOADED):
+            return NvmlUnavailable(
+                f"could not {action}: the NVML library and the loaded kernel driver differ "
+                f"({exc.__class__.__name__}); a driver upgrade needs a reboot or a module reload.",
                 gpu_uuid=gpu_uuid,
                 nvml_code=code,
             )
@@ -414,6 +477,7 @@ class GpuBackend:
             nvml_code=code,
         )
 
+    @_nvml_errors("list the processes on GPU {0}")
     def processes(self, index: int) -> dict[str, list[ProcessInfo]]:
         """Processes per MIG device UUID on the GPU (every MIG device appears, maybe with none)."""
         h = self._handle(index)
@@ -430,6 +494,7 @@ class GpuBackend:
             ]
         return found
 
+    @_nvml_errors("destroy GPU instance {1} on GPU {0}")
     def destroy(self, index: int, gpu_instance_id: int) -> None:
         """Destroy a GPU instance and its compute instances, after checking no process runs on it.
 
@@ -452,36 +517,73 @@ class GpuBackend:
             if busy:
                 raise self._busy(target, busy, gpu_uuid)
         gi = self.nvml.nvmlDeviceGetGpuInstanceById(h, gpu_instance_id)
+        cis_gone = False
         try:
             for ci in self._compute_instances(gi):
                 self.nvml.nvmlComputeInstanceDestroy(ci)
+            cis_gone = True
             self.nvml.nvmlGpuInstanceDestroy(gi)
-        except self.nvml.NVMLError_InUse as exc:
-            busy = self.processes(index).get(target.mig_uuid or "", [])
-            raise self._busy(target, busy, gpu_uuid) from exc
         except self.nvml.NVMLError as exc:
-            raise self._common_error(exc, f"destroy {target} on GPU {index}", gpu_uuid) from exc
+            # A GPU instance without a compute instance has no MIG UUID: never leasable again.
+            repaired = self._repair(gi, target) if cis_gone else ""
+            if exc.value == self.nvml.NVML_ERROR_IN_USE:
+                busy = self.processes(index).get(target.mig_uuid or "", [])
+                raise self._busy(target, busy, gpu_uuid, repaired) from exc
+            error = self._translate(exc, f"destroy {target} on GPU {index}", gpu_uuid)
+            error.args = (f"{error.args[0]}{repaired}",)
+            raise error from exc
+
+    def _repair(self, gi, target: MigInstance) -> str:
+        """Give a GPU instance whose compute instances are gone one over all of it again; say so."""
+        try:
+            self._create_ci(gi, self.gpu_model(target.gpu_index).profile(target.profile))
+        except self.nvml.NVMLError as exc:
+            return (
+                f" Its compute instance was destroyed and could not be re-created "
+                f"({exc.__class__.__name__}): the next layout change re-creates it."
+            )
+        return " Its compute instance was re-created (with a new MIG UUID)."
+
+    def _create_ci(self, gi, prof: GpuProfile) -> None:
+        ci_info = self.nvml.nvmlGpuInstanceGetComputeInstanceProfileInfoV(
+            gi,
+            _CI_PROFILE_FOR_SLICES[prof.compute_slices],
+            self.nvml.NVML_COMPUTE_INSTANCE_ENGINE_PROFILE_SHARED,
+        )
+        self.nvml.nvmlGpuInstanceCreateComputeInstance(gi, ci_info.id)
 
     @staticmethod
-    def _busy(target: MigInstance, busy: list[ProcessInfo], gpu_uuid: str) -> InstanceBusy:
-        pids = ", ".join(str(p.pid) for p in busy) or "unknown (the driver says in use)"
+    def _busy(target: MigInstance, busy: list[ProcessInfo], gpu_uuid: str, note: str = "") -> InstanceBusy:
+        if busy:
+            holder = f"process(es) {', '.join(str(p.pid) for p in busy)}; stop them (or let their leases end)"
+        else:
+            holder = (
+                "another NVML client (no process is listed: DCGM / nv-hostengine, dcgm-exporter, nvsm, "
+                "or a process outside this PID namespace); stop it, as nvidia-mig-parted does,"
+            )
         return InstanceBusy(
-            f"{target} ({target.mig_uuid}) on GPU {target.gpu_index} is in use by process(es) "
-            f"{pids}; stop them (or let their leases end) before destroying it.",
+            f"{target} ({target.mig_uuid}) on GPU {target.gpu_index} is in use by {holder} before "
+            f"destroying it.{note}",
             gpu_instance_id=target.gpu_instance_id,
             gpu_uuid=gpu_uuid,
         )
 
+    @_nvml_errors("apply a layout to GPU {0}")
     def apply_layout(self, index: int, target: Layout) -> tuple[list[MigInstance], list[MigInstance]]:
         """Make the GPU's layout equal `target`: destroy what is not in it, create what is missing.
 
         The target is validated and every instance to destroy is checked for processes before
         anything changes, so bad input or a busy slice leaves the GPU as it was. Instances already
-        in place are kept untouched. Returns (destroyed, created).
+        in place are kept untouched (one that lost its compute instance gets one back, and is
+        counted as created). If the driver refuses half-way (an NVML client that is no process,
+        such as DCGM, holds an instance), what was done is undone and `LayoutNotApplied` says what
+        changed. Returns (destroyed, created).
 
         Raises:
             InvalidLayout / UnknownProfile: `target` is not a valid layout of this GPU.
             InstanceBusy: an instance that would go has processes; nothing was changed.
+            LayoutNotApplied: the change stopped half-way; `.cause` says why, `.rolled_back`
+                whether every instance is back (restored ones have new MIG UUIDs).
         """
         model = self.gpu_model(index)
         target.validate_on(model)
@@ -492,8 +594,56 @@ class GpuBackend:
         for m in doomed:
             if running.get(m.mig_uuid or ""):
                 raise self._busy(m, running[m.mig_uuid], m.gpu_uuid)
-        for m in doomed:
-            self.destroy(index, m.gpu_instance_id)
-        have = {m.placement for m in current} - {m.placement for m in doomed}
-        created = [self.create(index, p.profile, p.start) for p in target.instances if p not in have]
-        return doomed, created
+        destroyed: list[MigInstance] = []
+        created: list[MigInstance] = []
+        try:
+            for m in doomed:
+                self.destroy(index, m.gpu_instance_id)
+                destroyed.append(m)
+            have = {m.placement for m in current} - {m.placement for m in doomed}
+            for p in target.instances:
+                if p not in have:
+                    created.append(self.create(index, p.profile, p.start))
+            for m in current:  # a kept GPU instance without compute instance gets one
+                if m.placement in wanted and m.compute_instance_id is None:
+                    h = self.nvml.nvmlDeviceGetHandleByIndex(index)
+                    self._create_ci(self.nvml.nvmlDeviceGetGpuInstanceById(h, m.gpu_instance_id), model.profile(m.profile))
+                    created.append(next(n for n in self.instances(index) if n.gpu_instance_id == m.gpu_instance_id))
+        except BackendError as exc:
+            if not destroyed and not created:
+                raise  # nothing changed: the error as it is
+            raise self._roll_back(index, exc, destroyed, created) from exc
+        return destroyed, created
+
+    def _roll_back(
+        self, index: int, cause: BackendError, destroyed: list[MigInstance], created: list[MigInstance]
+    ) -> LayoutNotApplied:
+        """Undo a half-applied layout (created ones go, destroyed ones come back); never raises."""
+        problems = []
+        for m in reversed(created):
+            try:
+                self.destroy(index, m.gpu_instance_id)
+            except PrefectMigError as exc:
+                problems.append(f"{m} could not be removed again ({exc})")
+        for m in destroyed:
+            try:
+                self.create(index, m.profile, m.start)
+            except PrefectMigError as exc:
+                problems.append(f"{m} could not be restored ({exc})")
+        undone = (
+            f" The change was undone: {', '.join(map(str, destroyed)) or 'nothing'} restored (new MIG UUIDs), "
+            f"{', '.join(map(str, created)) or 'nothing'} removed again."
+            if not problems
+            else f" Undoing it failed: {'; '.join(problems)}."
+        )
+        return LayoutNotApplied(
+            f"the layout of GPU {index} was not applied: {cause} Before it stopped, "
+            f"{', '.join(map(str, destroyed)) or 'nothing'} had been destroyed and "
+            f"{', '.join(map(str, created)) or 'nothing'} created.{undone}",
+            cause=cause,
+            destroyed=[str(m) for m in destroyed],
+            created=[str(m) for m in created],
+            rolled_back=not problems,
+            rollback_error="; ".join(problems) or None,
+            gpu_uuid=cause.gpu_uuid,
+        )

@@ -160,7 +160,17 @@ static int fault(const char *fn) {
 
 /* ------------------------------------------------------------------ configuration */
 
+static struct profile *profile_by_id(struct gpu *g, unsigned id);
+static struct gi *new_gi(int gpu, struct profile *p, unsigned start);
+static struct ci *new_ci(struct gi *gi, unsigned profile, unsigned slices);
+
+/* The hardware file; without stubConfigure, NVML_STUB_CONFIG names it (so a subprocess run with
+ * LD_LIBRARY_PATH=<stub dir> loads it), and NVML_STUB_NONROOT / NVML_STUB_HIDE_PIDS set the faults. */
 static int load_config(void) {
+    if (!config_path[0] && getenv("NVML_STUB_CONFIG"))
+        snprintf(config_path, sizeof config_path, "%.4095s", getenv("NVML_STUB_CONFIG"));
+    if (getenv("NVML_STUB_NONROOT")) nonroot = atoi(getenv("NVML_STUB_NONROOT"));
+    if (getenv("NVML_STUB_HIDE_PIDS")) hide_pids = atoi(getenv("NVML_STUB_HIDE_PIDS"));
     FILE *f = fopen(config_path, "r");
     if (!f) return NVML_ERROR_UNKNOWN;
     char line[1024];
@@ -188,6 +198,13 @@ static int load_config(void) {
             char *rest = line + used;
             for (unsigned i = 0; i < p->nstarts; i++) p->starts[i] = (unsigned)strtoul(rest, &rest, 10);
             sscanf(rest, "%31s", p->name);
+        } else if (!strncmp(line, "instance ", 9) && ngpus) { /* an instance present at load */
+            unsigned id, start;
+            struct profile *p;
+            if (sscanf(line, "instance %u %u", &id, &start) < 2 || !(p = profile_by_id(&gpus[ngpus - 1], id)))
+                goto bad;
+            static const unsigned ci_enum[9] = {0, 0, 1, 2, 3, 0, 6, 4, 5}; /* slices -> CI profile */
+            new_ci(new_gi(ngpus - 1, p, start), ci_enum[p->slices], p->slices);
         }
     }
     fclose(f);
@@ -436,26 +453,31 @@ nvmlReturn_t nvmlDeviceCreateGpuInstanceWithPlacement(nvmlDevice_t device, unsig
     if (!ok || placement->size != p->size) return NVML_ERROR_INVALID_ARGUMENT;
     int gpu = gpu_index(g);
     if (occupied(gpu) & (((1ull << p->size) - 1) << placement->start)) return NVML_ERROR_INSUFFICIENT_RESOURCES;
-    unsigned same = 0, media = 0, used_ids = 0;
+    unsigned same = 0, media = 0;
     for (int i = 0; i < ngis; i++)
         if (gis[i].alive && gis[i].gpu == gpu) {
             same += gis[i].p->id == p->id;
             media |= gis[i].p->media;
-            used_ids |= 1u << gis[i].id;
         }
     if (same >= p->count) return NVML_ERROR_INSUFFICIENT_RESOURCES;
     if (media && p->media) return NVML_ERROR_INSUFFICIENT_RESOURCES;
     if (ngis == MAX_GIS) return NVML_ERROR_INSUFFICIENT_RESOURCES;
+    *gpuInstance = new_gi(gpu, p, placement->start);
+    return NVML_SUCCESS;
+}
+static struct gi *new_gi(int gpu, struct profile *p, unsigned start) {
+    unsigned used_ids = 0;
+    for (int i = 0; i < ngis; i++)
+        if (gis[i].alive && gis[i].gpu == gpu) used_ids |= 1u << gis[i].id;
     struct gi *gi = &gis[ngis++];
     memset(gi, 0, sizeof *gi);
     gi->tag = TAG_GI;
     gi->alive = 1;
     gi->gpu = gpu;
     gi->p = p;
-    gi->start = placement->start;
+    gi->start = start;
     for (gi->id = 1; used_ids & (1u << gi->id); gi->id++) {}
-    *gpuInstance = gi;
-    return NVML_SUCCESS;
+    return gi;
 }
 nvmlReturn_t nvmlGpuInstanceDestroy(nvmlGpuInstance_t gpuInstance) {
     ENTER(1);
@@ -476,15 +498,7 @@ nvmlReturn_t nvmlDeviceGetGpuInstances(nvmlDevice_t device, unsigned int profile
     if (!p || !count || !gpuInstances) return NVML_ERROR_INVALID_ARGUMENT;
     unsigned n = 0;
     for (int i = 0; i < ngis; i++)
-        if (gis[i].alive && gis[i].gpu == gpu_index(g) && gis[i].p == p) {
-            /* a caller that sizes the array by the reported instanceCount gets it overrun
-             * where the driver under-reports (A30); the stub refuses instead of corrupting */
-            if (n >= p->reported) {
-                fprintf(stderr, "nvml stub: more instances than the reported instanceCount %u\n", p->reported);
-                return NVML_ERROR_INSUFFICIENT_SIZE;
-            }
-            gpuInstances[n++] = &gis[i];
-        }
+        if (gis[i].alive && gis[i].gpu == gpu_index(g) && gis[i].p == p) gpuInstances[n++] = &gis[i];
     *count = n;
     return NVML_SUCCESS;
 }
@@ -560,18 +574,27 @@ nvmlReturn_t nvmlGpuInstanceCreateComputeInstance(nvmlGpuInstance_t gpuInstance,
         else if (slot < 0) slot = c;
     }
     if (slot < 0 || used + (unsigned)n > gi->p->slices) return NVML_ERROR_INSUFFICIENT_RESOURCES;
+    *computeInstance = new_ci(gi, profileId, (unsigned)n);
+    return NVML_SUCCESS;
+}
+static struct ci *new_ci(struct gi *gi, unsigned profile, unsigned slices) {
+    unsigned used = 0;
+    int slot = -1;
+    for (int c = 0; c < MAX_CIS; c++) {
+        if (gi->ci[c].alive) used += gi->ci[c].slices;
+        else if (slot < 0) slot = c;
+    }
     struct ci *ci = &gi->ci[slot];
     memset(ci, 0, sizeof *ci);
     ci->tag = TAG_CI;
     ci->alive = 1;
     ci->id = (unsigned)slot;
-    ci->profile = profileId;
-    ci->slices = (unsigned)n;
+    ci->profile = profile;
+    ci->slices = slices;
     ci->start = used;
     ci->gi = (int)(gi - gis);
     snprintf(ci->uuid, sizeof ci->uuid, "MIG-5dfa0000-0000-4000-8000-%012x", ++uuid_serial);
-    *computeInstance = ci;
-    return NVML_SUCCESS;
+    return ci;
 }
 nvmlReturn_t nvmlComputeInstanceDestroy(nvmlComputeInstance_t computeInstance) {
     ENTER(1);

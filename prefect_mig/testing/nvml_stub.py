@@ -39,7 +39,7 @@ from types import ModuleType
 
 import pynvml
 
-from prefect_mig.model import FleetSpec, get_model
+from prefect_mig.model import FleetSpec, Layout, get_model
 
 SOURCE = Path(__file__).with_name("nvml_stub.c")
 _SERIAL = itertools.count()
@@ -86,6 +86,8 @@ class NvmlStub:
         reported_instance_count: ``{profile name: count}`` that ``instanceCount`` reports instead
             of the real limit (NVML misreports it on A30).
         driver_version: what ``nvmlSystemGetDriverVersion`` says.
+        layouts: ``{gpu index: "3g.40gb@0 + 1g.10gb@4"}``, instances present from the start.
+        mig_modes: ``{gpu index: (current, pending)}`` (default: MIG on, ``(1, 1)``).
     """
 
     def __init__(
@@ -97,25 +99,31 @@ class NvmlStub:
         node: str | None = None,
         reported_instance_count: dict[str, int] | None = None,
         driver_version: str = "570.133.20",
+        layouts: dict[int, str] | None = None,
+        mig_modes: dict[int, tuple[int, int]] | None = None,
     ) -> None:
         self.fleet = fleet if isinstance(fleet, FleetSpec) else FleetSpec.parse(fleet)
         self.node = node or self.fleet.node_names[0]
         self.dir = Path(work_dir) / f"nvml-stub-{next(_SERIAL)}-{uuid.uuid4().hex[:8]}"
         self.dir.mkdir(parents=True)
         config = self.dir / "hardware.txt"
-        config.write_text(self._hardware(reported_instance_count or {}, driver_version))
+        config.write_text(self._hardware(reported_instance_count or {}, driver_version, layouts or {}, mig_modes or {}))
+        self.config = config
         copy = self.dir / "libnvidia-ml.so.1"
         shutil.copyfile(library, copy)
         self.lib = ctypes.CDLL(str(copy))
         self.lib.stubConfigure(str(config).encode())
         self.pynvml = self._private_pynvml()
 
-    def _hardware(self, reported: dict[str, int], driver_version: str) -> str:
+    def _hardware(self, reported: dict[str, int], driver_version: str, layouts: dict[int, str], modes: dict) -> str:
         lines = [f"driver {driver_version}"]
         for index, name in enumerate(self.fleet.gpu_models(self.node)):
             model = get_model(name)
             gpu_uuid = "GPU-" + str(uuid.uuid5(uuid.NAMESPACE_URL, f"prefect-mig-stub:{self.fleet}:{self.node}/{index}"))
-            lines.append(f"gpu {gpu_uuid} 1 1 {model.total_memory_mib} {model.compute_slices} {model.device_name}")
+            current, pending = modes.get(index, (1, 1))
+            lines.append(
+                f"gpu {gpu_uuid} {current} {pending} {model.total_memory_mib} {model.compute_slices} {model.device_name}"
+            )
             for p in model.profiles:
                 starts = " ".join(map(str, p.placement_starts))
                 lines.append(
@@ -123,7 +131,21 @@ class NvmlStub:
                     f"{reported.get(p.name, p.max_instances)} {p.sm_count or 0} {int(p.media_engines)} "
                     f"{p.memory_mib} {p.placement_size} {len(p.placement_starts)} {starts} {p.name}"
                 )
+            if index in layouts:
+                for placement in Layout.parse(model.name, layouts[index]).instances:
+                    lines.append(f"instance {model.profile(placement.profile).id} {placement.start}")
         return "\n".join(lines) + "\n"
+
+    def env(self, *, non_root: bool = False, hide_pids: bool = False) -> dict[str, str]:
+        """Environment for a subprocess whose plain ``pynvml`` loads this stub (its own state,
+        starting from the hardware file), e.g. to run the ``prefect-mig`` CLI on it."""
+        return {
+            "LD_LIBRARY_PATH": str(self.dir),
+            "NVML_STUB_CONFIG": str(self.config),
+            "NVML_STUB_NONROOT": str(int(non_root)),
+            "NVML_STUB_HIDE_PIDS": str(int(hide_pids)),
+            "PREFECT_MIG_BACKEND": "nvml",
+        }
 
     def _private_pynvml(self) -> ModuleType:
         name = "_pynvml_on_" + self.dir.name.replace("-", "_")
