@@ -12,6 +12,7 @@ import sys
 
 from prefect_mig.allocator.embedded import redis_url
 from prefect_mig.blocks import MigCluster
+from prefect_mig.gpu import default_gpu_runtime
 from prefect_mig.settings import load_settings
 
 
@@ -22,7 +23,7 @@ def create_default(name: str = "default") -> MigCluster:
         redis_url=redis_url(settings),
         namespace=settings.namespace,
         docker_host=settings.docker_host,
-        gpu_runtime="nvidia" if settings.backend == "nvml" else "none",
+        gpu_runtime=default_gpu_runtime(settings),
     )
     block.save(name, overwrite=True)
     return block

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 import typer
 
 from prefect_mig.cli.output import cli_errors, console, print_json
-from prefect_mig.gpu import GpuBackend, backend_from_settings, nvml_available
+from prefect_mig.gpu import GpuBackend, backend_from_settings, resolve_backend
 from prefect_mig.model import creatable_profiles, render_bar
 from prefect_mig.settings import Settings, load_settings
 
@@ -30,9 +30,7 @@ def inventory(backend: GpuBackend, node: str) -> list[dict[str, Any]]:
 
 def node_backends(settings: Settings, node: str | None) -> tuple[str, list[tuple[str, GpuBackend]]]:
     """("nvml" | "simulated", [(node name, backend)]) for the nodes the command should show."""
-    kind = settings.backend
-    if kind == "auto":
-        kind = "nvml" if nvml_available() else "simulated"
+    kind = resolve_backend(settings)
     if kind == "nvml":
         return kind, [(settings.node, GpuBackend())]
     fleet = settings.fleet()

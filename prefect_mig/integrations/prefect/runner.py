@@ -39,6 +39,7 @@ from prefect.utilities.engine import emit_task_run_state_change_event
 from prefect_mig.allocator import Allocator, Lease, LeaseInfo, SliceRequest
 from prefect_mig.allocator.embedded import redis_url
 from prefect_mig.errors import ConfigError, ContainerStopped, DockerUnavailable, LeaseLost
+from prefect_mig.gpu import default_gpu_runtime
 from prefect_mig.launchers import ContainerSettings, DockerLauncher
 from prefect_mig.settings import load_settings
 
@@ -201,7 +202,7 @@ class MigTaskRunner(ThreadPoolTaskRunner):
                 network=self.network,
                 cpus=self.cpus,
                 mem_limit=self.mem_limit,
-                gpu_runtime=getattr(cluster, "gpu_runtime", None) or ("nvidia" if settings.backend == "nvml" else "none"),
+                gpu_runtime=getattr(cluster, "gpu_runtime", None) or default_gpu_runtime(settings),
             )
         )
 
