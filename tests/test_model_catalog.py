@@ -11,10 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from prefect_mig.errors import UnknownGpuModel, UnknownProfile
-from prefect_mig.model import catalog, get_model
+from prefect_mig.errors import ConfigError, UnknownGpuModel, UnknownProfile
+from prefect_mig.model import catalog, get_model, register_model
 
 REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "mig-profiles.json"
+#: Where the catalog knowingly differs from the reference table: real `nvidia-smi mig -lgip`
+#: listings of A100-80GB show 1g.10gb at 9.50 GiB (twice A100-40GB's 1g.5gb, 4,864 MiB).
+CORRECTED_MIB = {("A100-80GB", "1g.10gb"): 9728, ("A100-80GB", "1g.10gb+me"): 9728}
 REQUIRED = ["A100-40GB", "A100-80GB", "A30-24GB", "H100-80GB", "H100-94GB", "H200-141GB"]
 
 
@@ -57,10 +60,30 @@ def test_each_catalog_profile_matches_the_reference_table(reference):
             assert list(mine.placement_starts) == theirs["placement_starts"], (name, mine.name)
             assert mine.placement_size == theirs["placement_size"]
             assert mine.memory_gb == theirs["memory_gb"]
-            if theirs.get("memory_mib"):
+            if (name, mine.name) in CORRECTED_MIB:
+                assert mine.memory_mib == CORRECTED_MIB[name, mine.name]
+            elif theirs.get("memory_mib"):
                 assert (mine.memory_mib, mine.memory_mib_estimated) == (theirs["memory_mib"], False)
             else:
                 assert mine.memory_mib_estimated
+
+
+def test_profiles_on_the_same_memory_slices_have_the_same_memory():
+    for model in catalog().models.values():
+        by_slices: dict[int, set[int]] = {}
+        for p in model.profiles:
+            by_slices.setdefault(p.memory_slices, set()).add(p.memory_mib)
+        assert all(len(sizes) == 1 for sizes in by_slices.values()), (model.name, by_slices)
+
+
+def test_a_model_read_from_nvml_can_be_registered_and_is_then_known_by_name():
+    base = get_model("H100-80GB")
+    odd = base.model_copy(update={"name": "RTX-PRO-6000-Test", "confidence": "read from NVML (not in the catalog)"})
+    register_model(odd)
+    assert get_model("rtx-pro-6000-test") is odd
+    assert "RTX-PRO-6000-Test" not in catalog().models  # the shipped catalog stays as it is
+    with pytest.raises(ConfigError):
+        register_model(base.model_copy(update={"name": "H100-80GB", "confidence": "read from NVML"}))
 
 
 def test_profile_ids_differ_between_families_and_are_looked_up_per_model():
@@ -88,15 +111,27 @@ def test_unknown_profile_error_lists_the_models_profiles():
     assert refused.value.gpu_model == "A30-24GB"
 
 
-def test_nvml_device_names_identify_the_catalog_model():
-    cat = catalog()
-    assert cat.identify("NVIDIA H100 80GB HBM3", 81559).name == "H100-80GB"
-    assert cat.identify("NVIDIA H100 NVL", 95830).name == "H100-94GB"
-    assert cat.identify("NVIDIA A100-SXM4-40GB", 40960).name == "A100-40GB"
-    assert cat.identify("NVIDIA A100 80GB PCIe", 81920).name == "A100-80GB"
-    assert cat.identify("NVIDIA A30", 24576).name == "A30-24GB"
-    assert cat.identify("NVIDIA H200", 143771).name == "H200-141GB"
-    assert cat.identify("Tesla T4", 15360) is None
+@pytest.mark.parametrize(
+    ("device_name", "memory_mib", "expected"),
+    [
+        ("NVIDIA H100 80GB HBM3", 81559, "H100-80GB"),
+        ("NVIDIA H100 NVL", 95830, "H100-94GB"),
+        ("NVIDIA A100-SXM4-40GB", 40960, "A100-40GB"),
+        ("NVIDIA A100 80GB PCIe", 81920, "A100-80GB"),
+        ("NVIDIA A30", 24576, "A30-24GB"),
+        ("NVIDIA H200", 143771, "H200-141GB"),  # H20 below must not swallow H200
+        ("Tesla T4", 15360, None),
+        # renamed and export variants share their family's MIG geometry
+        ("NVIDIA A800-SXM4-80GB", 81920, "A100-80GB"),
+        ("NVIDIA A800 40GB Active", 40960, "A100-40GB"),
+        ("NVIDIA H800", 81559, "H100-80GB"),
+        ("NVIDIA H800 NVL", 95830, "H100-94GB"),
+        ("NVIDIA H20", 97871, "GH200-96GB"),
+    ],
+)
+def test_nvml_device_names_identify_the_catalog_model(device_name, memory_mib, expected):
+    found = catalog().identify(device_name, memory_mib)
+    assert (found.name if found else None) == expected
 
 
 def test_importing_the_model_and_planner_pulls_in_no_redis_docker_or_nvml():

@@ -5,7 +5,10 @@ It talks to any library with pynvml's interface: nvidia-ml-py's ``pynvml`` on a 
 exceptions (`prefect_mig.errors`) whose messages say what to do.
 
 Profiles and placements are read from NVML, not from the catalog: the driver is the authority on
-a real GPU. The catalog only names the model (``H100-80GB``) when the device name matches one.
+a real GPU. The catalog names the model (``H100-80GB``) when the device name matches one (renamed
+variants included: A800, H800, H20) and keeps its instance counts (NVML misreports them on A30); a
+GPU outside the catalog gets a model built from NVML alone, marked so in its ``confidence`` and
+registered by name (`prefect_mig.model.register_model`).
 
 Examples:
     ```python
@@ -43,7 +46,7 @@ from prefect_mig.errors import (
     PrefectMigError,
     ProfileNotSupported,
 )
-from prefect_mig.model import GpuModel, GpuProfile, Layout, Placement, catalog, creatable
+from prefect_mig.model import GpuModel, GpuProfile, Layout, Placement, catalog, creatable, register_model
 
 _MIB = 1024 * 1024
 
@@ -98,6 +101,11 @@ class MigInstance(BaseModel):
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _model_name(device_name: str) -> str:
+    """A model name for a GPU outside the catalog: ``NVIDIA RTX PRO 6000`` -> ``RTX-PRO-6000``."""
+    return "-".join(device_name.removeprefix("NVIDIA ").split())
 
 
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -266,14 +274,16 @@ class GpuBackend:
             )
         memory_slices = max((max(p.placement_starts) + p.placement_size for p in profiles), default=0)
         model = GpuModel(
-            name=known.name if known else info.device_name,
+            name=known.name if known else _model_name(info.device_name),
             device_name=info.device_name,
             total_memory_mib=info.memory_total_mib,
             memory_slices=memory_slices,
             compute_slices=max((p.compute_slices for p in profiles), default=0),
-            confidence="read from NVML",
+            confidence="read from NVML" if known else "read from NVML (not in the catalog)",
             profiles=tuple(profiles),
         )
+        if not known:  # so layouts and requests in this process can name it
+            register_model(model)
         self._models[index] = model
         return model
 

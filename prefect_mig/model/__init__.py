@@ -11,6 +11,7 @@ from prefect_mig.model.catalog import (
     GpuProfile,
     catalog,
     get_model,
+    register_model,
 )
 from prefect_mig.model.fleet import FleetSpec, NodeSpec
 from prefect_mig.model.layout import (
@@ -52,6 +53,7 @@ __all__ = [
     "get_model",
     "is_valid_layout",
     "parse_profile_name",
+    "register_model",
     "render_bar",
     "select_profiles",
     "validate_layout",

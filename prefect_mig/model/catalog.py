@@ -24,7 +24,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from prefect_mig.errors import UnknownGpuModel, UnknownProfile
+from prefect_mig.errors import ConfigError, UnknownGpuModel, UnknownProfile
 
 #: NVML_GPU_INSTANCE_PROFILE_* values of the "classic" profiles: 1, 2, 3, 4 and 7 compute slices,
 #: without media-engine or half-compute variants. 19 maximal layouts on 8-slice GPUs use only these.
@@ -138,7 +138,9 @@ class Catalog(BaseModel):
         for key, model in self.models.items():
             if key.lower() == str(name).lower():
                 return model
-        raise UnknownGpuModel(str(name), self.models, field=field)
+        if str(name).lower() in _REGISTERED:
+            return _REGISTERED[str(name).lower()]
+        raise UnknownGpuModel(str(name), [*self.models, *(m.name for m in _REGISTERED.values())], field=field)
 
     def identify(self, device_name: str, total_memory_mib: int) -> GpuModel | None:
         """The catalog model that an NVML device name and memory size describe, if any.
@@ -153,9 +155,37 @@ class Catalog(BaseModel):
         return min(candidates, key=lambda m: abs(m.total_memory_mib - total_memory_mib))
 
 
+#: NVML names of renamed and export variants -> the family whose MIG geometry they share
+#: (A800 = A100, H800 = H100; H20 shares GH200-96GB's profile names, per mig-profiles.json).
+_FAMILY_ALIASES = {"A800": "A100", "H800": "H100", "H20": "GH200"}
+
+
 def _family(device_name: str) -> str:
-    found = re.search(r"\b(GH200|GB200|A100|A30|H100|H200|B200|B300)\b", device_name.replace("-", " "))
-    return found.group(1) if found else device_name
+    found = re.search(r"\b(GH200|GB200|A100|A800|A30|H100|H800|H200|H20|B200|B300)\b", device_name.replace("-", " "))
+    if not found:
+        return device_name
+    return _FAMILY_ALIASES.get(found.group(1), found.group(1))
+
+
+#: Models read from NVML for GPUs the catalog does not list (`register_model`), by lower-case name.
+_REGISTERED: dict[str, GpuModel] = {}
+
+
+def register_model(model: GpuModel) -> GpuModel:
+    """Make a model the catalog does not list (built from NVML's own profile and placement
+    queries) known by name in this process, so layouts and requests can name it.
+
+    Raises:
+        ConfigError: the name is a catalog model's (the catalog's geometry stays authoritative).
+    """
+    if any(key.lower() == model.name.lower() for key in catalog().models):
+        raise ConfigError(
+            f"gpu_model: {model.name!r} is a catalog model; only GPUs outside the catalog are registered.",
+            field="gpu_model",
+            value=model.name,
+        )
+    _REGISTERED[model.name.lower()] = model
+    return model
 
 
 def _load(data: dict) -> Catalog:

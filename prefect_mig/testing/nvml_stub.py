@@ -88,6 +88,8 @@ class NvmlStub:
         driver_version: what ``nvmlSystemGetDriverVersion`` says.
         layouts: ``{gpu index: "3g.40gb@0 + 1g.10gb@4"}``, instances present from the start.
         mig_modes: ``{gpu index: (current, pending)}`` (default: MIG on, ``(1, 1)``).
+        device_names: ``{gpu index: "NVIDIA H800"}``: another name for the model's geometry (a
+            renamed variant, or a GPU the catalog does not list).
     """
 
     def __init__(
@@ -101,13 +103,16 @@ class NvmlStub:
         driver_version: str = "570.133.20",
         layouts: dict[int, str] | None = None,
         mig_modes: dict[int, tuple[int, int]] | None = None,
+        device_names: dict[int, str] | None = None,
     ) -> None:
         self.fleet = fleet if isinstance(fleet, FleetSpec) else FleetSpec.parse(fleet)
         self.node = node or self.fleet.node_names[0]
         self.dir = Path(work_dir) / f"nvml-stub-{next(_SERIAL)}-{uuid.uuid4().hex[:8]}"
         self.dir.mkdir(parents=True)
         config = self.dir / "hardware.txt"
-        config.write_text(self._hardware(reported_instance_count or {}, driver_version, layouts or {}, mig_modes or {}))
+        config.write_text(self._hardware(
+            reported_instance_count or {}, driver_version, layouts or {}, mig_modes or {}, device_names or {}
+        ))
         self.config = config
         copy = self.dir / "libnvidia-ml.so.1"
         shutil.copyfile(library, copy)
@@ -115,14 +120,15 @@ class NvmlStub:
         self.lib.stubConfigure(str(config).encode())
         self.pynvml = self._private_pynvml()
 
-    def _hardware(self, reported: dict[str, int], driver_version: str, layouts: dict[int, str], modes: dict) -> str:
+    def _hardware(self, reported: dict, driver_version: str, layouts: dict, modes: dict, names: dict) -> str:
         lines = [f"driver {driver_version}"]
         for index, name in enumerate(self.fleet.gpu_models(self.node)):
             model = get_model(name)
             gpu_uuid = "GPU-" + str(uuid.uuid5(uuid.NAMESPACE_URL, f"prefect-mig-stub:{self.fleet}:{self.node}/{index}"))
             current, pending = modes.get(index, (1, 1))
             lines.append(
-                f"gpu {gpu_uuid} {current} {pending} {model.total_memory_mib} {model.compute_slices} {model.device_name}"
+                f"gpu {gpu_uuid} {current} {pending} {model.total_memory_mib} {model.compute_slices} "
+                f"{names.get(index, model.device_name)}"
             )
             for p in model.profiles:
                 starts = " ".join(map(str, p.placement_starts))
