@@ -323,3 +323,15 @@ class LayoutNotApplied(BackendError):
         self.created = created
         self.rolled_back = rolled_back
         self.rollback_error = rollback_error
+
+
+class NotInHostPidNamespace(PrefectMigError):
+    """This process cannot see the host's processes, so it must not decide whether a slice is busy.
+
+    Attributes:
+        detail: the namespace found (``pid:[4026532252] is not the host's PID namespace``).
+    """
+
+    def __init__(self, message: str, *, detail: str) -> None:
+        super().__init__(message)
+        self.detail = detail

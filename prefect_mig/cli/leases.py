@@ -17,6 +17,7 @@ from prefect_mig.allocator import Allocator, SliceRequest
 from prefect_mig.allocator.embedded import redis_url, stop_embedded_redis
 from prefect_mig.cli.output import cli_errors, console, errors, print_json
 from prefect_mig.errors import ConfigError, PrefectMigError
+from prefect_mig.gpu.host import require_host_pid_namespace
 from prefect_mig.repartition.planner import Knobs, profile_set
 from prefect_mig.settings import load_settings
 
@@ -163,6 +164,7 @@ def agent(
             node = node or (settings.node if settings.node in fleet.node_names else fleet.node_names[0])
         node = node or settings.node
         backend = backend_from_settings(settings, node=node)
+        require_host_pid_namespace(backend)  # NVML hides other PID namespaces' processes
         with backend:
             docker_client = None
             try:

@@ -8,6 +8,7 @@ import typer
 
 from prefect_mig import __version__
 from prefect_mig.cli import demo as demo_cmd
+from prefect_mig.cli import doctor as doctor_cmd
 from prefect_mig.cli import inventory, layouts, leases, simulate
 from prefect_mig.cli.output import print_json
 
@@ -22,6 +23,7 @@ app.command("gpus")(inventory.gpus)
 app.command("layouts")(layouts.layouts)
 app.command("models")(layouts.models)
 app.command("demo")(demo_cmd.demo)
+app.command("doctor")(doctor_cmd.doctor)
 app.command("status")(leases.status)
 app.command("agent")(leases.agent)
 app.command("simulate")(simulate.simulate)

@@ -150,6 +150,10 @@ static int fault(const char *fn) {
         }
     return 0;
 }
+/* Calls that would change the GPU (create, destroy, MIG mode), counted: doctor must make none. */
+static int mutations;
+int stubMutations(void) { return mutations; }
+
 #define ENTER(privileged)                                             \
     do {                                                              \
         if (!initialized) return NVML_ERROR_UNINITIALIZED;            \
@@ -157,6 +161,9 @@ static int fault(const char *fn) {
         if (injected_) return injected_;                              \
         if ((privileged) && nonroot) return NVML_ERROR_NO_PERMISSION; \
     } while (0)
+#define MUTATE(privileged) \
+    ENTER(privileged);     \
+    mutations++
 
 /* ------------------------------------------------------------------ configuration */
 
@@ -349,7 +356,7 @@ nvmlReturn_t nvmlDeviceGetMigMode(nvmlDevice_t device, unsigned int *currentMode
     return NVML_SUCCESS;
 }
 nvmlReturn_t nvmlDeviceSetMigMode(nvmlDevice_t device, unsigned int mode, nvmlReturn_t *activationStatus) {
-    ENTER(1);
+    MUTATE(1);
     struct gpu *g = as_gpu(device);
     if (!g || mode > 1 || !activationStatus) return NVML_ERROR_INVALID_ARGUMENT;
     for (int i = 0; i < ngis && mode == 0; i++)
@@ -438,7 +445,7 @@ static unsigned long long occupied(int gpu) {
 nvmlReturn_t nvmlDeviceCreateGpuInstanceWithPlacement(nvmlDevice_t device, unsigned int profileId,
                                                       const nvmlGpuInstancePlacement_t *placement,
                                                       nvmlGpuInstance_t *gpuInstance) {
-    ENTER(1);
+    MUTATE(1);
     struct gpu *g;
     CHECK(mig_gpu(device, &g));
     struct profile *p = profile_by_id(g, profileId);
@@ -480,7 +487,7 @@ static struct gi *new_gi(int gpu, struct profile *p, unsigned start) {
     return gi;
 }
 nvmlReturn_t nvmlGpuInstanceDestroy(nvmlGpuInstance_t gpuInstance) {
-    ENTER(1);
+    MUTATE(1);
     struct gi *gi = as_gi(gpuInstance);
     if (!gi) return NVML_ERROR_INVALID_ARGUMENT;
     if (gi->held) return NVML_ERROR_IN_USE;
@@ -562,7 +569,7 @@ nvmlReturn_t nvmlGpuInstanceGetComputeInstanceProfileInfoV(nvmlGpuInstance_t gpu
 }
 nvmlReturn_t nvmlGpuInstanceCreateComputeInstance(nvmlGpuInstance_t gpuInstance, unsigned int profileId,
                                                   nvmlComputeInstance_t *computeInstance) {
-    ENTER(1);
+    MUTATE(1);
     struct gi *gi = as_gi(gpuInstance);
     if (!gi || !computeInstance) return NVML_ERROR_INVALID_ARGUMENT;
     int n = ci_profile_slices(gi, profileId);
@@ -597,7 +604,7 @@ static struct ci *new_ci(struct gi *gi, unsigned profile, unsigned slices) {
     return ci;
 }
 nvmlReturn_t nvmlComputeInstanceDestroy(nvmlComputeInstance_t computeInstance) {
-    ENTER(1);
+    MUTATE(1);
     struct ci *ci = as_ci(computeInstance);
     if (!ci) return NVML_ERROR_INVALID_ARGUMENT;
     if (ci->nproc || gis[ci->gi].held) return NVML_ERROR_IN_USE;

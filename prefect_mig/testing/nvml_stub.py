@@ -191,6 +191,10 @@ class NvmlStub:
         """Process listings come back empty, as for a caller outside the host PID namespace."""
         self.lib.stubHidePids(int(on))
 
+    def mutations(self) -> int:
+        """How many calls that change the GPU (create, destroy, set MIG mode) reached the stub."""
+        return self.lib.stubMutations()
+
     def fail_next(self, function: str, code: int, times: int = 1) -> None:
         """The next `times` calls of C function `function` return NVML error `code`."""
         self.lib.stubFailNext(function.encode(), int(code), int(times))
