@@ -9,7 +9,11 @@ from prefect_mig.model import Layout, get_model
 
 
 def test_a_gpu_outside_the_catalog_gets_a_model_from_nvml_that_layouts_can_name(make_nvml_stub):
-    stub = make_nvml_stub("node-a=1xH100-80GB", device_names={0: "NVIDIA RTX PRO 6000 Blackwell Server Edition"})
+    stub = make_nvml_stub(
+        "node-a=1xH100-80GB",
+        device_names={0: "NVIDIA RTX PRO 6000 Blackwell Server Edition"},
+        pci_device_ids={0: 0x2BB510DE},  # not listed in the catalog
+    )
     with GpuBackend(stub.pynvml) as backend:
         assert backend.gpu(0).gpu_model is None  # not a catalog model
         model = backend.gpu_model(0)
@@ -27,3 +31,13 @@ def test_renamed_variants_are_their_catalog_family(make_nvml_stub):
     with GpuBackend(stub.pynvml) as backend:
         assert [g.gpu_model for g in backend.gpus()] == ["H100-80GB", "A100-80GB"]
         assert backend.gpu_model(0).name == "H100-80GB" and backend.gpu_model(0).confidence == "read from NVML"
+
+
+def test_the_pci_device_id_names_the_model_when_the_driver_does_not_know_the_name(make_nvml_stub):
+    stub = make_nvml_stub(
+        "node-a=1xGH200-96GB", device_names={0: "NVIDIA Graphics Device"}, pci_device_ids={0: 0x232910DE}  # an H20
+    )
+    with GpuBackend(stub.pynvml) as backend:
+        (gpu,) = backend.gpus()
+        assert (gpu.gpu_model, gpu.pci_device_id) == ("GH200-96GB", 0x232910DE)
+        assert backend.gpu_model(0).name == "GH200-96GB"

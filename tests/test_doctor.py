@@ -64,7 +64,10 @@ def test_a_non_root_caller_is_told_to_run_as_root(make_nvml_stub):
 
 def test_a_gpu_outside_the_catalog_and_a_half_made_instance_are_warnings(make_nvml_stub):
     stub = make_nvml_stub(
-        "node-a=2xH100-80GB", device_names={1: "NVIDIA RTX PRO 6000 Blackwell"}, layouts={0: "1g.10gb@0"}
+        "node-a=2xH100-80GB",
+        device_names={1: "NVIDIA RTX PRO 6000 Blackwell"},
+        pci_device_ids={1: 0x2BB510DE},
+        layouts={0: "1g.10gb@0"},
     )
     with GpuBackend(stub.pynvml) as backend:
         gi = backend.nvml.nvmlDeviceGetGpuInstanceById(backend.nvml.nvmlDeviceGetHandleByIndex(0), 1)

@@ -76,6 +76,18 @@ def test_profiles_on_the_same_memory_slices_have_the_same_memory():
         assert all(len(sizes) == 1 for sizes in by_slices.values()), (model.name, by_slices)
 
 
+def test_pci_device_ids_match_the_reference_and_identify_the_model_whatever_the_name(reference):
+    for name, ref in reference.items():
+        ids = {int(i, 16) for entry in ref.get("pci_device_ids", []) for i in re.findall(r"0x[0-9A-Fa-f]{8}", entry)}
+        assert set(get_model(name).pci_device_ids) == ids, name
+    cat = catalog()
+    # a driver that does not know the marketing name says "NVIDIA Graphics Device"
+    assert cat.identify("NVIDIA Graphics Device", 97871, pci_device_id=0x232910DE).name == "GH200-96GB"  # H20
+    assert cat.identify("NVIDIA Graphics Device", 81920, pci_device_id=0x20F310DE).name == "A100-80GB"  # A800
+    assert cat.identify("NVIDIA Graphics Device", 81559, pci_device_id=0x232210DE).name == "H100-80GB"  # H800
+    assert cat.identify("NVIDIA Graphics Device", 81559, pci_device_id=0x12345678) is None
+
+
 def test_a_model_read_from_nvml_can_be_registered_and_is_then_known_by_name():
     base = get_model("H100-80GB")
     odd = base.model_copy(update={"name": "RTX-PRO-6000-Test", "confidence": "read from NVML (not in the catalog)"})

@@ -73,7 +73,7 @@ def nvml_checks(backend: GpuBackend) -> list[Check]:
                 f"sudo nvidia-smi -i {gpu.index} -mig 1",
             )
         )
-        checks.append(_model_check(backend, gpu.index, name, gpu.device_name, gpu.memory_total_mib))
+        checks.append(_model_check(backend, gpu.index, name, gpu.gpu_model))
     return checks
 
 
@@ -91,14 +91,14 @@ def _driver_check(version: str) -> Check:
     return Check(name="driver version", status=status, detail=version, fix=fix)
 
 
-def _model_check(backend: GpuBackend, index: int, name: str, device_name: str, memory_mib: int) -> Check:
+def _model_check(backend: GpuBackend, index: int, name: str, catalog_name: str | None) -> Check:
     check = f"{name}: profiles and placements"
     try:
         nvml = backend.gpu_model(index)
         half_made = [str(m) for m in backend.instances(index) if m.mig_uuid is None]
     except PrefectMigError as exc:
         return Check(name=check, status="fail", detail=str(exc), fix="run as root (or grant the MIG capabilities)")
-    known = catalog().identify(device_name, memory_mib)
+    known = catalog().get(catalog_name) if catalog_name else None
     if known is None:
         return Check(
             name=check,

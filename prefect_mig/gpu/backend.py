@@ -64,6 +64,7 @@ class GpuInfo(BaseModel):
     device_name: str
     gpu_model: str | None  # catalog name, e.g. "H100-80GB"; None when the catalog has no match
     memory_total_mib: int
+    pci_device_id: int | None = None  # (device << 16) | 0x10DE; names the model when the name does not
     mig_enabled: bool
     mig_pending: bool
 
@@ -201,13 +202,18 @@ class GpuBackend:
             current, pending = self.nvml.nvmlDeviceGetMigMode(h)
         except self.nvml.NVMLError_NotSupported:  # a GPU without MIG at all
             current = pending = 0
-        known = catalog().identify(name, total)
+        try:
+            pci = self.nvml.nvmlDeviceGetPciInfo(h).pciDeviceId
+        except self.nvml.NVMLError:
+            pci = None
+        known = catalog().identify(name, total, pci_device_id=pci)
         return GpuInfo(
             index=index,
             uuid=_text(self.nvml.nvmlDeviceGetUUID(h)),
             device_name=name,
             gpu_model=known.name if known else None,
             memory_total_mib=total,
+            pci_device_id=pci,
             mig_enabled=current == self.nvml.NVML_DEVICE_MIG_ENABLE,
             mig_pending=pending == self.nvml.NVML_DEVICE_MIG_ENABLE,
         )
@@ -240,7 +246,7 @@ class GpuBackend:
         h = self._handle(index)
         self._require_mig(index, h)
         info = self.gpu(index)
-        known = catalog().identify(info.device_name, info.memory_total_mib)
+        known = catalog().get(info.gpu_model) if info.gpu_model else None
         profiles: list[GpuProfile] = []
         for enum in range(self.nvml.NVML_GPU_INSTANCE_PROFILE_COUNT):
             try:

@@ -309,6 +309,14 @@ class SimulatedNvml:
             mem.total, mem.used, mem.free = total, used, total - used
             return mem
 
+    def nvmlDeviceGetPciInfo(self, handle):
+        with self._state() as state:
+            gpu, _, _, _ = self._device(state, handle)
+            info = pynvml.nvmlPciInfo_t()
+            info.pciDeviceId = (self._models[gpu].pci_device_ids or (0,))[0]
+            info.bus, info.busId = gpu + 1, f"00000000:{gpu + 1:02X}:00.0".encode()
+            return info
+
     def nvmlDeviceGetMigMode(self, device):
         with self._state() as state:
             _, record, _, _ = self._device(state, device)

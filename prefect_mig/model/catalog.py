@@ -94,6 +94,8 @@ class GpuModel(BaseModel):
     compute_slices: Annotated[int, Field(ge=1, le=8)]
     confidence: str = "high"
     reference_key: str | None = None
+    #: NVML ``pciDeviceId`` values ((device << 16) | 0x10DE) of this model and its renamed variants
+    pci_device_ids: tuple[int, ...] = ()
     profiles: tuple[GpuProfile, ...]
 
     @property
@@ -142,14 +144,18 @@ class Catalog(BaseModel):
             return _REGISTERED[str(name).lower()]
         raise UnknownGpuModel(str(name), [*self.models, *(m.name for m in _REGISTERED.values())], field=field)
 
-    def identify(self, device_name: str, total_memory_mib: int) -> GpuModel | None:
+    def identify(self, device_name: str, total_memory_mib: int, *, pci_device_id: int | None = None) -> GpuModel | None:
         """The catalog model that an NVML device name and memory size describe, if any.
 
-        The device name picks the family (``H100``, ``A100``, ...); the memory size picks the model
-        within it (closest total memory).
+        The PCI device id, when given and listed, picks the models first (it survives renames: a
+        driver that does not know a marketing name says "NVIDIA Graphics Device"). Otherwise the
+        device name picks the family (``H100``, ``A100``; A800, H800 and H20 map to theirs). The
+        memory size picks the model among the candidates (closest total memory).
         """
-        family = _family(device_name)
-        candidates = [m for m in self.models.values() if _family(m.device_name) == family]
+        candidates = [m for m in self.models.values() if pci_device_id is not None and pci_device_id in m.pci_device_ids]
+        if not candidates:
+            family = _family(device_name)
+            candidates = [m for m in self.models.values() if _family(m.device_name) == family]
         if not candidates:
             return None
         return min(candidates, key=lambda m: abs(m.total_memory_mib - total_memory_mib))

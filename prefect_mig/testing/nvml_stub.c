@@ -61,7 +61,7 @@ struct profile {
     char name[32];
 };
 struct gpu {
-    unsigned int tag, mig, pending, max_mig;
+    unsigned int tag, mig, pending, max_mig, pci_device_id;
     unsigned long long total_mib;
     int nprof;
     struct profile prof[MAX_PROFILES];
@@ -192,8 +192,8 @@ static int load_config(void) {
         } else if (!strncmp(line, "gpu ", 4) && ngpus < MAX_GPUS) {
             struct gpu *g = &gpus[ngpus++];
             g->tag = TAG_GPU;
-            if (sscanf(line, "gpu %95s %u %u %llu %u %n", g->uuid, &g->mig, &g->pending, &g->total_mib,
-                       &g->max_mig, &used) < 5)
+            if (sscanf(line, "gpu %95s %u %u %llu %u %x %n", g->uuid, &g->mig, &g->pending, &g->total_mib,
+                       &g->max_mig, &g->pci_device_id, &used) < 6)
                 goto bad;
             snprintf(g->name, sizeof g->name, "%.95s", line + used);
         } else if (!strncmp(line, "profile ", 8) && ngpus && gpus[ngpus - 1].nprof < MAX_PROFILES) {
@@ -344,6 +344,22 @@ nvmlReturn_t nvmlDeviceGetMemoryInfo(nvmlDevice_t device, nvmlMemory_t *memory) 
     memory->total = (g ? g->total_mib : gis[ci->gi].p->mem) * 1024ull * 1024ull;
     memory->used = 0;
     memory->free = memory->total;
+    return NVML_SUCCESS;
+}
+typedef struct {
+    char busIdLegacy[16];
+    unsigned int domain, bus, device, pciDeviceId, pciSubSystemId;
+    char busId[32];
+} nvmlPciInfo_t;
+nvmlReturn_t nvmlDeviceGetPciInfo_v3(nvmlDevice_t device, nvmlPciInfo_t *pci) {
+    ENTER(0);
+    struct gpu *g = as_gpu(device);
+    if (!g || !pci) return NVML_ERROR_INVALID_ARGUMENT;
+    memset(pci, 0, sizeof *pci);
+    pci->bus = (unsigned)gpu_index(g) + 1;
+    pci->pciDeviceId = g->pci_device_id;
+    snprintf(pci->busId, sizeof pci->busId, "00000000:%02X:00.0", pci->bus);
+    snprintf(pci->busIdLegacy, sizeof pci->busIdLegacy, "0000:%02X:00.0", pci->bus);
     return NVML_SUCCESS;
 }
 nvmlReturn_t nvmlDeviceGetMigMode(nvmlDevice_t device, unsigned int *currentMode, unsigned int *pendingMode) {

@@ -90,6 +90,7 @@ class NvmlStub:
         mig_modes: ``{gpu index: (current, pending)}`` (default: MIG on, ``(1, 1)``).
         device_names: ``{gpu index: "NVIDIA H800"}``: another name for the model's geometry (a
             renamed variant, or a GPU the catalog does not list).
+        pci_device_ids: ``{gpu index: 0x232910DE}`` (default: the model's first listed id, or 0).
     """
 
     def __init__(
@@ -104,6 +105,7 @@ class NvmlStub:
         layouts: dict[int, str] | None = None,
         mig_modes: dict[int, tuple[int, int]] | None = None,
         device_names: dict[int, str] | None = None,
+        pci_device_ids: dict[int, int] | None = None,
     ) -> None:
         self.fleet = fleet if isinstance(fleet, FleetSpec) else FleetSpec.parse(fleet)
         self.node = node or self.fleet.node_names[0]
@@ -111,7 +113,8 @@ class NvmlStub:
         self.dir.mkdir(parents=True)
         config = self.dir / "hardware.txt"
         config.write_text(self._hardware(
-            reported_instance_count or {}, driver_version, layouts or {}, mig_modes or {}, device_names or {}
+            reported_instance_count or {}, driver_version, layouts or {}, mig_modes or {},
+            device_names or {}, pci_device_ids or {},
         ))
         self.config = config
         copy = self.dir / "libnvidia-ml.so.1"
@@ -120,7 +123,9 @@ class NvmlStub:
         self.lib.stubConfigure(str(config).encode())
         self.pynvml = self._private_pynvml()
 
-    def _hardware(self, reported: dict, driver_version: str, layouts: dict, modes: dict, names: dict) -> str:
+    def _hardware(
+        self, reported: dict, driver_version: str, layouts: dict, modes: dict, names: dict, pci_ids: dict
+    ) -> str:
         lines = [f"driver {driver_version}"]
         for index, name in enumerate(self.fleet.gpu_models(self.node)):
             model = get_model(name)
@@ -128,7 +133,7 @@ class NvmlStub:
             current, pending = modes.get(index, (1, 1))
             lines.append(
                 f"gpu {gpu_uuid} {current} {pending} {model.total_memory_mib} {model.compute_slices} "
-                f"{names.get(index, model.device_name)}"
+                f"{pci_ids.get(index, (*model.pci_device_ids, 0)[0]):x} {names.get(index, model.device_name)}"
             )
             for p in model.profiles:
                 starts = " ".join(map(str, p.placement_starts))
