@@ -87,7 +87,7 @@ def test_lease_acquire_with_a_bad_field_exits_2_naming_it(cli_env, args, named):
 
 
 def test_agent_stops_task_containers_whose_lease_is_gone_and_keeps_live_ones(alloc, tmp_path, docker_client, python_image):
-    from prefect_mig.launchers.docker import LABEL_PREFIX
+    from tests.agent_fixtures import start_task_container
 
     nvml = SimulatedNvml("node-a=1xA30-24GB", state_dir=tmp_path)
     with GpuBackend(nvml) as backend:
@@ -95,25 +95,23 @@ def test_agent_stops_task_containers_whose_lease_is_gone_and_keeps_live_ones(all
         agent = NodeAgent(backend, alloc, node="node-a", docker_client=docker_client)
         agent.publish()
         live = alloc.try_acquire(SliceRequest(profile="2g.12gb"))
+        containers = []
 
         def start(lease_id, fence):
-            return docker_client.containers.run(
-                python_image, ["sleep", "60"], detach=True, network_disabled=True,
-                labels={f"{LABEL_PREFIX}lease-id": lease_id, f"{LABEL_PREFIX}fence": str(fence)},
-            )
+            containers.append(start_task_container(docker_client, python_image, alloc, lease_id=lease_id, fence=fence))
+            return containers[-1]
 
-        kept = start(live.lease_id, live.fence)
-        orphan = start("lease-that-ended", 1)  # e.g. its flow process was killed
-        stale = start(live.lease_id, live.fence - 1)  # an older holder of the same lease id
         try:
+            kept = start(live.lease_id, live.fence)
+            orphan = start("lease-that-ended", 1)  # e.g. its flow process was killed
+            stale = start(live.lease_id, live.fence - 1)  # an older holder of the same lease id
             assert set(agent.fence_containers()) == {orphan.id, stale.id}
-            remaining = {c.id for c in docker_client.containers.list(all=True, filters={"label": f"{LABEL_PREFIX}lease-id"})}
-            assert remaining == {kept.id}
+            assert {c.id for c in agent.own_containers()} == {kept.id}
         finally:
-            for c in (kept, orphan, stale):
+            for c in containers:
                 try:
                     c.remove(force=True)
-                except Exception:  # noqa: BLE001 - already gone
+                except Exception:  # noqa: BLE001 - the agent removed it
                     pass
 
 

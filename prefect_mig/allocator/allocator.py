@@ -138,6 +138,7 @@ class Allocator:
         self.scripts = Scripts(client, self.keys, events_maxlen=events_maxlen)
         self._models: tuple[float, list[str]] = (0.0, [])
         self._templates: dict[tuple, str] = {}  # request JSON per (request, inventory models)
+        self._cluster_id: str | None = None
 
     def _run(self, name: str, *args: Any, action: str) -> list:
         now = self.clock.now_ms() if self.clock is not None else None
@@ -453,6 +454,20 @@ class Allocator:
             pipe.xadd(self.keys.events, {"type": "layout.desired", "at": self.now_ms(), "gpu": gpu_uuid, "layout": layout, "kind": kind},
                       maxlen=self.scripts._events_maxlen, approximate=True)
             pipe.execute()
+
+    def cluster_id(self) -> str:
+        """This cluster's id (Redis plus namespace), which task containers carry in their labels.
+
+        The first caller makes it with ``SET NX``; every call puts back the id this client already
+        knew, the same way, so the labels of running containers stay valid if Redis lost its data.
+        """
+        candidate = self._cluster_id or uuid.uuid4().hex[:16]
+        with redis_errors("read the cluster id"):
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.set(self.keys.cluster_id, candidate, nx=True).get(self.keys.cluster_id)
+            _, current = pipe.execute()
+        self._cluster_id = decode(current)
+        return self._cluster_id
 
     def announce_repartitioner(self, ttl_s: float) -> None:
         """Say a repartitioner runs for the next `ttl_s` seconds: meanwhile requests may wait for

@@ -153,9 +153,12 @@ def agent(
     once: Annotated[bool, typer.Option(help="Publish once and exit.")] = False,
 ) -> None:
     """Publish this node's MIG slices to Redis and keep them in service."""
+    import logging
+
     from prefect_mig.agent import NodeAgent
     from prefect_mig.gpu import backend_from_settings
 
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     with cli_errors():
         settings = load_settings()
         if settings.backend != "nvml":

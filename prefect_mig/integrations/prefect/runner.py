@@ -38,8 +38,9 @@ from prefect.utilities.engine import emit_task_run_state_change_event
 
 from prefect_mig.allocator import Allocator, Lease, LeaseInfo, SliceRequest
 from prefect_mig.allocator.embedded import redis_url
-from prefect_mig.errors import ConfigError, ContainerStopped, DockerUnavailable, LeaseLost
+from prefect_mig.errors import ConfigError, ContainerFailed, ContainerStopped, DockerUnavailable, LeaseLost, PrefectMigError
 from prefect_mig.launchers import ContainerSettings, DockerLauncher
+from prefect_mig.launchers.docker import cluster_labels
 from prefect_mig.settings import load_settings
 
 AWAITING_MIG = "AwaitingMIG"
@@ -244,6 +245,7 @@ class MigTaskRunner(ThreadPoolTaskRunner):
             docker_url = allocator.node_docker_url(s.node)  # the engine on the node that owns the slice
             launcher = self._launcher(docker_url)
             labels = {
+                **cluster_labels(cluster_id=allocator.cluster_id(), namespace=allocator.keys.namespace, node=s.node),
                 "lease-id": lease.lease_id,
                 "fence": lease.fence,
                 "slice": f"{s.node}/{s.gpu_index}/{s.profile}@{s.start}",
@@ -262,17 +264,19 @@ class MigTaskRunner(ThreadPoolTaskRunner):
                         "PREFECT_MIG_RUN_COUNT": str(ctx.task_run.run_count if ctx else 1),
                     },
                 )
-            except ContainerStopped as exc:
+            except (ContainerStopped, ContainerFailed) as exc:
                 if cancelled is not None and cancelled.is_set():
                     raise ContainerStopped(
                         f"the flow run was cancelled: the container on {where} was stopped and the lease released.",
                         container_id=exc.container_id,
                     ) from exc
-                reason = getattr(lease.lost_reason, "reason", "lost")
+                reason = _lost_reason(allocator, lease)
+                if reason is None and isinstance(exc, ContainerFailed):
+                    raise  # the body's container died with its lease intact
+                reason = reason or "lost"
                 raise LeaseLost(
                     f"the lease on {where} was {reason} while the task ran: its container was stopped. "
-                    + ("A higher-priority request revoked it (the task is preemptible)." if reason == "revoked" else
-                       "It could not be renewed in time (Redis unreachable or the process paused)."),
+                    + _LOST_WHY.get(reason, "It could not be renewed in time (Redis unreachable or the process paused)."),
                     reason=reason,
                     lease_id=lease.lease_id,
                 ) from exc
@@ -286,6 +290,28 @@ class MigTaskRunner(ThreadPoolTaskRunner):
         if wants and not getattr(task.fn, "__prefect_mig__", None):
             task = _with_body(task, slice_body(task.fn, self))
         return super().submit(task, parameters, wait_for=wait_for, dependencies=dependencies)
+
+
+_LOST_WHY = {
+    "revoked": "A higher-priority request revoked it (the task is preemptible).",
+    "fenced": "Its fencing token is stale: the node agent removed the container of an older holder.",
+    "gone": "Redis no longer holds it (expired, or Redis lost its data), so the node agent removed the container.",
+    "removed": "The lease is intact, so something outside prefect-mig removed the container.",
+}
+
+
+def _lost_reason(allocator: Allocator, lease: Lease) -> str | None:
+    """Why the container of a still-held lease may have been stopped: the renewal's verdict, else
+    what Redis says now (``gone``, ``fenced``); ``None`` when the lease is intact."""
+    if lease.lost_reason is not None:
+        return getattr(lease.lost_reason, "reason", "lost")
+    try:
+        current = allocator.lease(lease.lease_id)
+    except LeaseLost as exc:
+        return exc.reason
+    except PrefectMigError:
+        return "lost"
+    return None if current.fence == lease.fence else "fenced"
 
 
 def slice_body(fn, runner: MigTaskRunner):
