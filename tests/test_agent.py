@@ -10,7 +10,7 @@ import pytest
 import redis
 
 from prefect_mig.agent import NodeAgent
-from prefect_mig.allocator import Allocator, SliceRequest
+from prefect_mig.allocator import Allocator
 from prefect_mig.gpu import GpuBackend, SimulatedNvml
 from prefect_mig.launchers.docker import task_containers
 from prefect_mig.model import Layout
