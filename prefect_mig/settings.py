@@ -12,6 +12,7 @@ This is the one place that reads the environment; everything else receives a `Se
 | ``PREFECT_MIG_STATE_DIR`` | where state lives: embedded Redis data, the simulated NVML's state file |
 | ``PREFECT_MIG_DOCKER_HOST`` | Docker engine URL for task containers; unset = ``DOCKER_HOST`` or the local socket |
 | ``PREFECT_MIG_API_TOKEN`` | bearer token of the HTTP lease API (``prefect-mig api serve``) |
+| ``PREFECT_MIG_WAIT_TIMEOUT_S`` | how long a task waits for a slice unless its runner says (default 3600) |
 
 Examples:
     ```python
@@ -79,6 +80,11 @@ class Settings(BaseSettings):
     docker_host: str | None = Field(
         default=None,
         description="Docker engine URL for task containers; unset uses DOCKER_HOST or the local socket.",
+    )
+    wait_timeout_s: float = Field(
+        default=3600.0,
+        gt=0,
+        description="Seconds a task may wait for a slice when MigTaskRunner(wait_timeout_s=...) is not given.",
     )
     api_token: SecretStr | None = Field(
         default=None,

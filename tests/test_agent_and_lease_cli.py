@@ -131,3 +131,20 @@ def test_repartition_commands_plan_a_dry_run_then_desire_the_change(cli_env, nam
     assert cluster.desired(row["gpu_uuid"])["layout"] == row["target"]
     bad = _cli("repartition", "plan", "--profiles", "tiny", env=cli_env)
     assert bad.returncode == 2 and "--profiles: 'tiny'" in bad.stderr and "classic, extended, all" in bad.stderr
+
+
+def test_status_shows_each_agents_heartbeat_age_and_flags_stale_ones(cli_env, namespace, redis_client):
+    import time
+
+    from prefect_mig.allocator import Allocator
+
+    cluster = Allocator(redis_client, namespace)
+    cluster.publish_fleet("node-a=1xA30-24GB", layouts={"node-a": ["4g.24gb@0"]}, heartbeat_ttl_s=0.5)
+    cluster.publish_fleet("node-b=1xA30-24GB", layouts={"node-b": ["4g.24gb@0"]}, heartbeat_ttl_s=300)
+    time.sleep(1.5)
+    shown = _cli("status", env=cli_env)
+    assert shown.returncode == 0, shown.stderr
+    lines = {line.split(":")[0]: line for line in shown.stdout.splitlines() if line.startswith("agent ")}
+    assert "STALE" in lines["agent node-a"] and "STALE" not in lines["agent node-b"]
+    agents = json.loads(_cli("status", "--json", env=cli_env).stdout)["agents"]
+    assert agents["node-a"]["stale"] and agents["node-a"]["age_s"] >= 1 and not agents["node-b"]["stale"]

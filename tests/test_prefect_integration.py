@@ -331,3 +331,31 @@ def test_a_task_whose_container_the_agent_fenced_fails_with_lease_lost_naming_wh
     error = state.result(raise_on_failure=False)
     assert isinstance(error, LeaseLost) and error.reason == "gone"
     assert "node agent removed the container" in str(error)
+
+
+def test_a_task_waiting_on_a_lapsed_agent_says_so_and_ends_at_the_default_wait_timeout(cluster, monkeypatch):
+    from prefect.client.orchestration import get_client
+
+    from prefect_mig.errors import WaitTimeout
+
+    from .allocator_fixtures import H100_MIXED
+
+    monkeypatch.setenv("PREFECT_MIG_WAIT_TIMEOUT_S", "4")  # no wait_timeout_s given: the setting applies
+    cluster.publish_fleet("node-a=1xH100-80GB", layouts={"node-a": [H100_MIXED]}, heartbeat_ttl_s=1)
+    time.sleep(2)
+    cluster.reap()  # node-a's agent went quiet: its slices get no grants
+    stuck = task(task_runner=MigTaskRunner(profile="1g.10gb"))(env_of_slice)
+
+    @flow
+    def pipeline():
+        future = stuck.submit(1)
+        return future.task_run_id, future.wait(60) or future.state
+
+    task_run_id, state = pipeline()
+    error = state.result(raise_on_failure=False)
+    assert isinstance(error, WaitTimeout)
+    assert "no slice within 4 s" in str(error) and "node-a's agent last heartbeated" in str(error)
+    with get_client(sync_client=True) as client:
+        messages = [s.message or "" for s in client.read_task_run_states(task_run_id) if s.name == "AwaitingMIG"]
+    assert messages and "node-a's agent last heartbeated" in messages[0]
+    assert cluster.status()["queue"] == []

@@ -130,9 +130,10 @@ def list_leases(as_json: JsonOpt = False) -> None:
 
 
 def status(as_json: JsonOpt = False) -> None:
-    """Slices and their state, live leases and the wait queue."""
+    """Slices and their state, live leases, the wait queue, and each node agent's heartbeat age."""
     with cli_errors():
-        snap = _allocator().status()
+        allocator = _allocator()
+        snap = allocator.status() | {"agents": allocator.agents()}
         if as_json:
             print_json(snap)
             return
@@ -142,6 +143,12 @@ def status(as_json: JsonOpt = False) -> None:
         for s in snap["slices"]:
             table.add_row(s["node"], str(s["gpu_index"]), f"{s['profile']}@{s['start']}", s["state"], (s["lease"] or "")[:12])
         console.print(table)
+        for node, a in snap["agents"].items():
+            age = "never" if a["age_s"] is None else f"{a['age_s']:.0f} s ago"
+            flag = " [red]STALE: its slices get no new grants (is `prefect-mig agent` running there?)[/red]" if a["stale"] else ""
+            console.print(f"agent {node}: last heartbeat {age}{flag}", highlight=False)
+        if not snap["agents"]:
+            console.print("[red]no node agent has published any GPU[/red] (start `prefect-mig up` or `prefect-mig agent`)")
         console.print(f"{len(snap['leases'])} live lease(s), {len(snap['queue'])} waiting request(s)")
         for r in snap["queue"]:
             console.print(f"  waiting {r['id'][:12]} priority {r['priority']} tenant {r['tenant']} for {', '.join(r['pkeys'])}", highlight=False)

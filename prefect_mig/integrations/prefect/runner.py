@@ -38,7 +38,15 @@ from prefect.utilities.engine import emit_task_run_state_change_event
 
 from prefect_mig.allocator import Allocator, Lease, LeaseInfo, SliceRequest
 from prefect_mig.allocator.embedded import redis_url
-from prefect_mig.errors import ConfigError, ContainerFailed, ContainerStopped, DockerUnavailable, LeaseLost, PrefectMigError
+from prefect_mig.errors import (
+    ConfigError,
+    ContainerFailed,
+    ContainerStopped,
+    DockerUnavailable,
+    LeaseLost,
+    PrefectMigError,
+    WaitTimeout,
+)
 from prefect_mig.launchers import ContainerSettings, DockerLauncher
 from prefect_mig.launchers.docker import cluster_labels
 from prefect_mig.settings import load_settings
@@ -70,7 +78,8 @@ class MigTaskRunner(ThreadPoolTaskRunner):
         image, env, volumes, network, cpus, mem_limit: the container (see `ContainerSettings`).
         cluster: a `MigCluster` block (Redis URL, namespace and defaults); else the settings.
         lease_ttl_s: lease TTL, renewed every third of it.
-        wait_timeout_s: how long a try may wait for a slice (None: as long as it takes).
+        wait_timeout_s: how long a try may wait for a slice (None: ``PREFECT_MIG_WAIT_TIMEOUT_S``,
+            default an hour); the error then says why it waited.
         max_workers: thread-pool size, as for `ThreadPoolTaskRunner`.
 
     Examples:
@@ -228,12 +237,20 @@ class MigTaskRunner(ThreadPoolTaskRunner):
             pass  # no engine here: the slices live on nodes with engines of their own
 
         cancelled = _cancel_event(ctx)
-        got = allocator.try_acquire(request, wait=self.wait_timeout_s != 0)
+        timeout_s = self.wait_timeout_s if self.wait_timeout_s is not None else load_settings().wait_timeout_s
+        got = allocator.try_acquire(request, wait=timeout_s != 0)
         if not isinstance(got, LeaseInfo):
-            if logger:
-                logger.info("waiting for a %s slice (priority %s, tenant %s)", request.requirement, priority, tenant)
-            with _awaiting_state(ctx, f"waiting for a {request.requirement} slice"):
-                got = allocator.wait_for_grant(got.request_id, self.wait_timeout_s, request=request, stop=cancelled)
+            with _awaiting_state(ctx, allocator, got.request_id, request, logger) as waiting:
+                try:
+                    got = allocator.wait_for_grant(got.request_id, timeout_s, request=request, stop=cancelled)
+                except WaitTimeout as exc:
+                    if cancelled is not None and cancelled.is_set():
+                        raise
+                    raise WaitTimeout(
+                        f"{exc} It waited because: {waiting.text}. A longer wait: MigTaskRunner(wait_timeout_s=...) "
+                        "or PREFECT_MIG_WAIT_TIMEOUT_S.",
+                        lease_id=exc.lease_id,
+                    ) from exc
         lost = threading.Event()
         lease = Lease(allocator, got, on_lost=lambda held, exc: lost.set()).start_renewing()
         try:
@@ -372,17 +389,47 @@ def _cancel_event(ctx):
 
 
 class _awaiting_state:
-    """Show ``AwaitingMIG`` (a Pending state) while waiting, then Running again."""
+    """Show ``AwaitingMIG`` (a Pending state) while waiting, with why it waits (queue position,
+    agents whose heartbeat lapsed, kinds no GPU is carved into) in the state's message and the run
+    log, refreshed every `refresh_s` while it waits; then Running again."""
 
-    def __init__(self, ctx, message: str) -> None:
-        self.ctx, self.message = ctx, message
+    def __init__(self, ctx, allocator: Allocator, request_id: str, request: SliceRequest, logger, refresh_s: float = 15.0) -> None:
+        self.ctx, self.allocator, self.request_id, self.request = ctx, allocator, request_id, request
+        self.logger, self.refresh_s = logger, refresh_s
+        self.text = ""
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._refresh, daemon=True, name="prefect-mig-awaiting")
+
+    def _explain(self) -> None:
+        try:
+            reasons = self.allocator.wait_reasons(self.request_id)
+        except PrefectMigError as exc:
+            reasons = [f"Redis did not answer ({exc.__class__.__name__})"]
+        text = "; ".join(reasons) or "every matching slice is leased"
+        if text == self.text:
+            return
+        self.text = text
+        message = f"waiting for a {self.request.requirement} slice: {text}"
+        if self.ctx is not None:
+            _emit(self.ctx, Pending(name=AWAITING_MIG, message=message))
+        if self.logger is not None:
+            stale = any("agent" in r for r in reasons)
+            (self.logger.warning if stale else self.logger.info)(
+                "%s (priority %s, tenant %s)", message, self.request.priority, self.request.tenant
+            )
+
+    def _refresh(self) -> None:
+        while not self._done.wait(self.refresh_s):
+            self._explain()
 
     def __enter__(self):
-        if self.ctx is not None:
-            _emit(self.ctx, Pending(name=AWAITING_MIG, message=self.message))
+        self._explain()
+        self._thread.start()
         return self
 
     def __exit__(self, *exc):
+        self._done.set()
+        self._thread.join(timeout=5)
         if self.ctx is not None and exc[0] is not None:  # on success the lease message follows
             _emit(self.ctx, Running(message=f"stopped waiting: {exc[1]}"))
         return False
