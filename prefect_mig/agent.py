@@ -127,6 +127,23 @@ class NodeAgent:
                 )
         return gpus, slices
 
+    def carve_empty(self, configs, name: str) -> list[str]:
+        """Carve each GPU that has MIG on and no instances to layout config `name` of `configs`
+        (a `LayoutConfigs`); GPUs with instances are left as they are. Returns what it carved."""
+        carved = []
+        for gpu in self.backend.gpus():
+            if not gpu.mig_enabled or self.backend.instances(gpu.index):
+                continue
+            model = self.backend.gpu_model(gpu.index)
+            layout = configs.layout_for(name, gpu_model=model.name, node=self.node, gpu_index=gpu.index)
+            if layout is None:
+                log.info("GPU %d (%s) has no instances and config %r has no entry for it", gpu.index, model.name, name)
+                continue
+            self.backend.apply_layout(gpu.index, layout)
+            log.info("carved GPU %d (%s) to %s: %s", gpu.index, model.name, name, layout)
+            carved.append(f"GPU {gpu.index} ({model.name}): {layout}")
+        return carved
+
     def publish(self) -> tuple[int, int, int]:
         """Publish the whole inventory now: (published, removed, handed to waiters)."""
         gpus, slices = self.inventory()

@@ -148,3 +148,28 @@ def test_status_shows_each_agents_heartbeat_age_and_flags_stale_ones(cli_env, na
     assert "STALE" in lines["agent node-a"] and "STALE" not in lines["agent node-b"]
     agents = json.loads(_cli("status", "--json", env=cli_env).stdout)["agents"]
     assert agents["node-a"]["stale"] and agents["node-a"]["age_s"] >= 1 and not agents["node-b"]["stale"]
+
+
+def test_the_agent_carves_an_empty_gpu_to_the_default_config_and_layout_apply_keeps_busy_slices(cli_env, namespace, redis_client):
+    from prefect_mig.allocator import Allocator
+
+    carved = _cli("agent", "--once", env=cli_env)  # a fresh simulated A30: MIG on, no instances
+    assert carved.returncode == 0, carved.stderr
+    cluster = Allocator(redis_client, namespace)
+    assert sorted(s["profile"] for s in cluster.status()["slices"]) == ["1g.6gb", "1g.6gb", "2g.12gb"]  # balanced
+    first, second = (cluster.try_acquire(SliceRequest(profile="1g.6gb")) for _ in range(2))
+    busy, idle = (first, second) if first.slice.start == 3 else (second, first)
+    cluster.release(idle.lease_id, idle.fence)  # the 1g.6gb at memory slice 3 stays leased
+    dry = _cli("layout", "apply", "-c", "half", "--dry-run", "--json", env=cli_env)
+    assert dry.returncode == 0, dry.stderr
+    (row,) = json.loads(dry.stdout)["gpus"]
+    assert row["kept"] == ["1g.6gb@3"] and row["left_out"] == ["2g.12gb@2"]
+    assert row["carve"] == "2g.12gb@0 + 1g.6gb@3"
+    assert cluster.desired(row["gpu_uuid"]) is None  # a dry run desires nothing
+    applied = _cli("layout", "apply", "-c", "half", env=cli_env)
+    assert applied.returncode == 0 and "kept (busy, not in half): 1g.6gb@3" in applied.stdout
+    assert _cli("agent", "--once", env=cli_env).returncode == 0  # the agent carves it
+    assert sorted((s["profile"], s["start"]) for s in cluster.status()["slices"]) == [("1g.6gb", 3), ("2g.12gb", 0)]
+    assert cluster.lease(busy.lease_id).fence == busy.fence  # the busy slice's lease lives on
+    unknown = _cli("layout", "apply", "-c", "nope", env=cli_env)
+    assert unknown.returncode == 2 and "'nope'" in unknown.stderr and "balanced" in unknown.stderr

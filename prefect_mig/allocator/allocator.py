@@ -265,6 +265,12 @@ class Allocator:
                 )
         return reasons
 
+    def gpus(self) -> list[dict[str, Any]]:
+        """The published GPUs (uuid, node, index, gpu_model, layout, ...), by node and index."""
+        with redis_errors("read the GPUs"):
+            raw = self.redis.hgetall(self.keys.gpus)
+        return sorted((json.loads(decode(v)) for v in raw.values()), key=lambda g: (g.get("node", ""), g.get("index", 0)))
+
     def node_docker_url(self, node: str) -> str | None:
         """The Docker engine URL the node's agent published (None: the local engine)."""
         with redis_errors("read a node"):

@@ -157,7 +157,12 @@ def status(as_json: JsonOpt = False) -> None:
 def agent(
     node: Annotated[str | None, typer.Option(help="Node name (default PREFECT_MIG_NODE).")] = None,
     interval: Annotated[float, typer.Option(help="Seconds between heartbeats.")] = 5.0,
-    once: Annotated[bool, typer.Option(help="Publish once and exit.")] = False,
+    once: Annotated[bool, typer.Option(help="Publish (and apply a desired layout) once and exit.")] = False,
+    layout: Annotated[
+        str | None,
+        typer.Option(help="Carve GPUs that have MIG on and no instances to this layout config (default "
+                     "PREFECT_MIG_LAYOUT or the layouts file's default; 'none': carve nothing)."),
+    ] = None,
 ) -> None:
     """Publish this node's MIG slices to Redis and keep them in service."""
     import logging
@@ -184,9 +189,16 @@ def agent(
             worker = NodeAgent(
                 backend, _allocator(), node=node, docker_url=settings.docker_host, docker_client=docker_client
             )
+            chosen = layout or settings.layout
+            if chosen != "none":
+                configs = settings.layout_configs()
+                for line in worker.carve_empty(configs, chosen or configs.default):
+                    console.print(f"agent {node}: carved {line}", highlight=False)
             published = worker.publish()
             console.print(f"agent {node}: published {published[0]} slice(s)")
-            if not once:
+            if once:
+                worker.tick()  # and apply a desired layout, if one waits
+            else:
                 try:
                     worker.run(interval_s=interval, stop=threading.Event())
                 except KeyboardInterrupt:

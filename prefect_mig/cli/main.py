@@ -8,7 +8,7 @@ import typer
 
 from prefect_mig import __version__
 from prefect_mig.cli import demo as demo_cmd
-from prefect_mig.cli import inventory, layouts, leases, simulate
+from prefect_mig.cli import inventory, layout_configs, layouts, leases, simulate
 from prefect_mig.cli.output import print_json
 
 app = typer.Typer(
@@ -29,6 +29,7 @@ app.add_typer(leases.lease_app, name="lease")
 app.add_typer(leases.redis_app, name="redis")
 app.add_typer(leases.api_app, name="api")
 app.add_typer(leases.repartition_app, name="repartition")
+app.add_typer(layout_configs.layout_app, name="layout")
 
 
 @app.command("version")
