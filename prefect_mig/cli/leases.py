@@ -207,8 +207,13 @@ def agent(
 
 @redis_app.command("stop")
 def redis_stop() -> None:
-    """Stop the embedded redis-server."""
-    stopped = stop_embedded_redis(load_settings().state_dir)
+    """Stop the embedded redis-server (and the background agents that use it: see `prefect-mig down`)."""
+    from prefect_mig.local_cluster import LocalCluster
+
+    settings = load_settings()
+    if LocalCluster(settings).stop():
+        console.print("stopped the background agent(s) and repartitioner")
+    stopped = stop_embedded_redis(settings.state_dir)
     console.print("stopped the embedded redis-server" if stopped else "no embedded redis-server was running")
 
 

@@ -8,7 +8,7 @@ import typer
 
 from prefect_mig import __version__
 from prefect_mig.cli import demo as demo_cmd
-from prefect_mig.cli import inventory, layout_configs, layouts, leases, simulate
+from prefect_mig.cli import inventory, layout_configs, layouts, leases, local, simulate
 from prefect_mig.cli.output import print_json
 
 app = typer.Typer(
@@ -18,6 +18,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+app.command("up")(local.up)
+app.command("down")(local.down)
 app.command("gpus")(inventory.gpus)
 app.command("layouts")(layouts.layouts)
 app.command("models")(layouts.models)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 import threading
 from typing import Any
 
@@ -55,6 +56,8 @@ AWAITING_MIG = "AwaitingMIG"
 _PROFILE_TAG, _PRIORITY_TAG, _TENANT_TAG = "mig:", "mig-priority:", "mig-tenant:"
 _ALLOCATORS: dict[tuple[str, str], Allocator] = {}
 _ALLOCATORS_LOCK = threading.Lock()
+_LOCAL_CHECKED: dict[str, float] = {}  # state dir -> when a live local agent was last confirmed
+_LOCAL_LOCK = threading.Lock()
 
 
 def _allocator(url: str, namespace: str) -> Allocator:
@@ -64,6 +67,32 @@ def _allocator(url: str, namespace: str) -> Allocator:
             client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=10)
             _ALLOCATORS[key] = Allocator(client, namespace)
         return _ALLOCATORS[key]
+
+
+def _ensure_local_agent(settings, allocator: Allocator, logger) -> None:
+    """On the embedded default, start this host's background agent (`prefect_mig.local_cluster`,
+    as ``prefect-mig up`` does) unless a live one heartbeats; checked at most every 10 s."""
+    import time
+
+    from prefect_mig.local_cluster import LocalCluster, local_nodes
+
+    key = str(settings.state_dir)
+    with _LOCAL_LOCK:
+        if time.monotonic() - _LOCAL_CHECKED.get(key, float("-inf")) < 10:
+            return
+        nodes = local_nodes(settings)
+        agents = allocator.agents()
+        if not all(n in agents and not agents[n]["stale"] for n in nodes):
+            local = LocalCluster(settings)
+            pid, started = local.ensure()
+            if started:
+                message = (
+                    f"no live node agent for this host: started the local cluster in the background (pid {pid}; "
+                    f"log {local.log_file}; `prefect-mig status` shows it, `prefect-mig down` stops it)"
+                )
+                (logger or logging.getLogger("prefect_mig")).warning(message)
+            local.wait_for_agents(allocator, nodes)
+        _LOCAL_CHECKED[key] = time.monotonic()
 
 
 class MigTaskRunner(ThreadPoolTaskRunner):
@@ -188,11 +217,14 @@ class MigTaskRunner(ThreadPoolTaskRunner):
             priority = int(getattr(self.cluster, "default_priority", 0) or 0)
         return profile, priority, tenant or "default"
 
-    def _allocator(self) -> Allocator:
+    def _allocator(self, logger=None) -> Allocator:
         if self.cluster is not None:
             return _allocator(self.cluster.redis_url.get_secret_value(), self.cluster.namespace)
         settings = load_settings()
-        return _allocator(redis_url(settings), settings.namespace)
+        allocator = _allocator(redis_url(settings), settings.namespace)
+        if settings.redis_url is None:  # the embedded default: this host is the cluster
+            _ensure_local_agent(settings, allocator, logger)
+        return allocator
 
     def _launcher(self, docker_url: str | None) -> DockerLauncher:
         if docker_url not in self._launchers:
@@ -230,7 +262,7 @@ class MigTaskRunner(ThreadPoolTaskRunner):
         holder = f"{ctx.task_run.flow_run_id}/{ctx.task_run.id}" if ctx else "local"
         request = self.request_for(profile, priority, tenant, holder)
         logger = get_run_logger() if ctx else None
-        allocator = self._allocator()
+        allocator = self._allocator(logger)
         try:  # a bad image fails before any lease is taken (launcher.run checks the slice's engine again)
             self._launcher(None).check_python()
         except DockerUnavailable:
