@@ -107,6 +107,13 @@ class LocalCluster:
                 time.sleep(0.05)
             return pid, True
 
+    def runs_repartitioner(self) -> bool:
+        """Whether the supervisor was started with the repartition service."""
+        try:
+            return bool(json.loads(self.config_file.read_text()).get("repartition", True))
+        except (OSError, ValueError):
+            return False
+
     def stop(self, timeout_s: float = 30.0) -> bool:
         """Stop the supervisor and its children; False if none ran."""
         with state_lock(self.home, "start"):
@@ -124,7 +131,8 @@ class LocalCluster:
             return True
 
     def wait_for_agents(self, allocator, nodes: list[str], timeout_s: float = 120.0) -> None:
-        """Block until each of `nodes` has a live agent heartbeat.
+        """Block until each of `nodes` has a live agent heartbeat, and the repartitioner (if this
+        supervisor runs one) has announced itself, so kinds no GPU is carved into queue at once.
 
         Raises:
             ConfigError: not within `timeout_s` (points at the log).
@@ -132,12 +140,14 @@ class LocalCluster:
         deadline = time.monotonic() + timeout_s
         while True:
             agents = allocator.agents()
-            if all(n in agents and not agents[n]["stale"] for n in nodes):
+            if all(n in agents and not agents[n]["stale"] for n in nodes) and (
+                not self.runs_repartitioner() or allocator.repartitioner_running()
+            ):
                 return
             if time.monotonic() > deadline:
                 raise ConfigError(
-                    f"the node agent for {', '.join(nodes)} did not heartbeat within {timeout_s:g} s; "
-                    f"see {self.log_file}."
+                    f"the node agent for {', '.join(nodes)} did not heartbeat (or the repartitioner did not "
+                    f"announce itself) within {timeout_s:g} s; see {self.log_file}."
                 )
             time.sleep(0.2)
 

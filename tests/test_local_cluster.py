@@ -114,3 +114,12 @@ def test_the_readme_first_flow_runs_as_written_with_nothing_started_before_it(fr
     assert sorted(int(v) for v, _ in rows) == sorted(x * x for x in range(10))
     assert len({m for _, m in rows}) >= 2  # spread over several slices
     assert "started the local cluster in the background" in done.stdout + done.stderr
+
+
+def test_with_up_a_kind_no_gpu_is_carved_into_queues_and_gets_carved(fresh_env):
+    assert _cli("up", env=fresh_env).returncode == 0
+    got = _cli("lease", "acquire", "--profile", "7g.80gb", "--timeout", "240", "--json", env=fresh_env, timeout=300)
+    assert got.returncode == 0, got.stderr
+    lease = json.loads(got.stdout)
+    assert lease["slice"]["profile"] == "7g.80gb"
+    assert _cli("lease", "release", lease["lease_id"], "--fence", str(lease["fence"]), env=fresh_env).returncode == 0

@@ -544,6 +544,11 @@ class Allocator:
         with redis_errors("announce the repartitioner"):
             self.redis.set(self.keys.repartitioner, str(time.time()), px=int(ttl_s * 1000))
 
+    def repartitioner_running(self) -> bool:
+        """Whether a repartitioner announced itself and its announcement has not lapsed."""
+        with redis_errors("look for a repartitioner"):
+            return bool(self.redis.exists(self.keys.repartitioner))
+
     def desired(self, gpu_uuid: str) -> dict | None:
         with redis_errors("read a desired layout"):
             raw = self.redis.hget(self.keys.desired, gpu_uuid)

@@ -46,7 +46,7 @@ def up(
             "started": started,
             "log": str(local.log_file),
             "nodes": nodes,
-            "repartitioner": _supervised_repartitioner(local),
+            "repartitioner": local.runs_repartitioner(),
             "gpus": [{"node": g.get("node"), "index": g.get("index"), "gpu_model": g.get("gpu_model"), "layout": g.get("layout")} for g in gpus],
         }
         if as_json:
@@ -63,15 +63,6 @@ def up(
         for g in report["gpus"]:
             console.print(f"  {g['node']} GPU {g['index']} {g['gpu_model']}: {g['layout'] or '(no instances)'}", highlight=False)
         console.print("see it: prefect-mig status; stop it: prefect-mig down", highlight=False)
-
-
-def _supervised_repartitioner(local) -> bool:
-    import json
-
-    try:
-        return bool(json.loads(local.config_file.read_text()).get("repartition", True))
-    except (OSError, ValueError):
-        return False
 
 
 def down(as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False) -> None:
