@@ -322,10 +322,11 @@ class MigTaskRunner(ThreadPoolTaskRunner):
                 reason = _lost_reason(allocator, lease)
                 if reason is None and isinstance(exc, ContainerFailed):
                     raise  # the body's container died with its lease intact
-                reason = reason or "lost"
+                reason = reason or "removed"
+                what = (f"the container of the lease on {where} was removed while the task ran. " if reason == "removed"
+                        else f"the lease on {where} was {reason} while the task ran: its container was stopped. ")
                 raise LeaseLost(
-                    f"the lease on {where} was {reason} while the task ran: its container was stopped. "
-                    + _LOST_WHY.get(reason, "It could not be renewed in time (Redis unreachable or the process paused)."),
+                    what + _LOST_WHY.get(reason, "It could not be renewed in time (Redis unreachable or the process paused)."),
                     reason=reason,
                     lease_id=lease.lease_id,
                 ) from exc
@@ -345,7 +346,8 @@ _LOST_WHY = {
     "revoked": "A higher-priority request revoked it (the task is preemptible).",
     "fenced": "Its fencing token is stale: the node agent removed the container of an older holder.",
     "gone": "Redis no longer holds it (expired, or Redis lost its data), so the node agent removed the container.",
-    "removed": "The lease is intact, so something outside prefect-mig removed the container.",
+    "removed": "The lease is intact, so something else removed the container (docker rm, or an agent of "
+    "another prefect-mig version that does not keep to its own cluster).",
 }
 
 
