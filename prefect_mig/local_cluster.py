@@ -41,6 +41,7 @@ import sys
 import time
 from pathlib import Path
 
+from prefect_mig.allocator import health
 from prefect_mig.allocator.embedded import state_lock
 from prefect_mig.errors import ConfigError
 from prefect_mig.settings import Settings
@@ -139,7 +140,7 @@ class LocalCluster:
         """
         deadline = time.monotonic() + timeout_s
         while True:
-            agents = allocator.agents()
+            agents = health.agents(allocator)
             if all(n in agents and not agents[n]["stale"] for n in nodes) and (
                 not self.runs_repartitioner() or allocator.repartitioner_running()
             ):

@@ -212,59 +212,6 @@ class Allocator:
         with redis_errors("record a heartbeat"):
             self.redis.hset(self.keys.heartbeats, node, body)
 
-    def agents(self) -> dict[str, dict[str, Any]]:
-        """Each published node's agent: seconds since its last heartbeat (``age_s``, None if never
-        recorded), its heartbeat TTL, and whether it is ``stale`` (silent past that TTL)."""
-        with redis_errors("read the agents' heartbeats"):
-            pipe = self.redis.pipeline(transaction=True)
-            pipe.hkeys(self.keys.nodes).hgetall(self.keys.heartbeats)
-            nodes, beats = pipe.execute()
-        now = self.now_ms()
-        out: dict[str, dict[str, Any]] = {}
-        for node in sorted(decode(n) for n in nodes):
-            raw = beats.get(node) or beats.get(node.encode())
-            if raw is None:
-                out[node] = {"age_s": None, "ttl_s": None, "stale": True}
-                continue
-            beat = json.loads(decode(raw))
-            age_ms = max(0, now - int(beat["at"]))
-            out[node] = {"age_s": age_ms / 1000, "ttl_s": beat["ttl_ms"] / 1000, "stale": age_ms > beat["ttl_ms"]}
-        return out
-
-    def wait_reasons(self, request_id: str) -> list[str]:
-        """Why a queued request still waits, in words: its place in the queue, agents whose
-        heartbeat lapsed, kinds of slices no GPU is carved into (and whether a repartitioner runs)."""
-        k = self.keys
-        with redis_errors("read why a request waits"):
-            pipe = self.redis.pipeline(transaction=True)
-            pipe.zrank(k.waiting, request_id).zcard(k.waiting).hget(k.requests, request_id)
-            pipe.smembers(k.pkeys).exists(k.repartitioner)
-            rank, queued, raw, carved, repartitioner = pipe.execute()
-        reasons = []
-        if rank is not None:
-            reasons.append(f"position {rank + 1} of {queued} in the queue")
-        wanted = json.loads(decode(raw)).get("pkeys", []) if raw else []
-        if wanted and not set(wanted) & {decode(c) for c in carved}:
-            kinds = ", ".join(sorted({p.split("/", 1)[-1] for p in wanted}))
-            reasons.append(
-                f"no GPU carved for {kinds}; a repartitioner "
-                + ("is running and will carve one" if repartitioner else
-                   "is not running (start one with `prefect-mig up` or `prefect-mig repartition serve`, "
-                   "or carve one with `prefect-mig layout apply`)")
-            )
-        agents = self.agents()
-        if not agents:
-            reasons.append("no node agent has published any GPU (start `prefect-mig agent` or `prefect-mig up`)")
-        elif all(a["stale"] for a in agents.values()):
-            reasons.append("no node agent is alive")
-        for node, a in agents.items():
-            if a["stale"]:
-                reasons.append(
-                    f"{node}'s agent last heartbeated {a['age_s']:.0f} s ago" if a["age_s"] is not None
-                    else f"{node}'s agent has not heartbeated"
-                )
-        return reasons
-
     def gpus(self) -> list[dict[str, Any]]:
         """The published GPUs (uuid, node, index, gpu_model, layout, ...), by node and index."""
         with redis_errors("read the GPUs"):

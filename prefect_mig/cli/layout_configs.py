@@ -102,7 +102,9 @@ def layout_apply(
                 field="node" if node else "gpu",
                 value=node or gpu,
             )
-        agents = allocator.agents()
+        from prefect_mig.allocator.health import agents as agent_health
+
+        agents = agent_health(allocator)
         for r in rows:
             if r["action"] == "desire" and not dry_run:
                 allocator.set_desired(r["gpu_uuid"], r["carve"], kind="incremental")

@@ -13,7 +13,7 @@ import typer
 from pydantic import ValidationError
 from rich.table import Table
 
-from prefect_mig.allocator import Allocator, SliceRequest
+from prefect_mig.allocator import Allocator, SliceRequest, health
 from prefect_mig.allocator.embedded import redis_url, stop_embedded_redis
 from prefect_mig.cli.output import cli_errors, console, errors, print_json
 from prefect_mig.errors import ConfigError, PrefectMigError
@@ -133,7 +133,7 @@ def status(as_json: JsonOpt = False) -> None:
     """Slices and their state, live leases, the wait queue, and each node agent's heartbeat age."""
     with cli_errors():
         allocator = _allocator()
-        snap = allocator.status() | {"agents": allocator.agents()}
+        snap = allocator.status() | {"agents": health.agents(allocator)}
         if as_json:
             print_json(snap)
             return

@@ -37,7 +37,7 @@ from prefect.states import Pending, Running
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.engine import emit_task_run_state_change_event
 
-from prefect_mig.allocator import Allocator, Lease, LeaseInfo, SliceRequest
+from prefect_mig.allocator import Allocator, Lease, LeaseInfo, SliceRequest, health
 from prefect_mig.allocator.embedded import redis_url
 from prefect_mig.errors import (
     ConfigError,
@@ -81,7 +81,7 @@ def _ensure_local_agent(settings, allocator: Allocator, logger) -> None:
         if time.monotonic() - _LOCAL_CHECKED.get(key, float("-inf")) < 10:
             return
         nodes = local_nodes(settings)
-        agents = allocator.agents()
+        agents = health.agents(allocator)
         if not all(n in agents and not agents[n]["stale"] for n in nodes):
             local = LocalCluster(settings)
             pid, started = local.ensure()
@@ -436,7 +436,7 @@ class _awaiting_state:
 
     def _explain(self) -> None:
         try:
-            reasons = self.allocator.wait_reasons(self.request_id)
+            reasons = health.wait_reasons(self.allocator, self.request_id)
         except PrefectMigError as exc:
             reasons = [f"Redis did not answer ({exc.__class__.__name__})"]
         text = "; ".join(reasons) or "every matching slice is leased"
