@@ -65,7 +65,7 @@ def _wait_until(check, timeout_s: float = 120.0) -> None:
 def test_up_starts_a_supervised_agent_carved_to_the_default_and_down_stops_everything(fresh_env):
     state = Path(fresh_env["PREFECT_MIG_STATE_DIR"])
     first = _cli("up", "--json", env=fresh_env)
-    assert first.returncode == 0, first.stderr
+    assert first.returncode == 0, first.stdout + first.stderr
     report = json.loads(first.stdout)
     assert report["started"] and report["repartitioner"] and report["nodes"] == ["node-a"]
     assert [g["layout"] for g in report["gpus"]] == ["2g.20gb@0 + 1g.10gb@2 + 1g.10gb@3 + 3g.40gb@4"] * 2  # balanced
@@ -74,8 +74,8 @@ def test_up_starts_a_supervised_agent_carved_to_the_default_and_down_stops_every
     assert again["started"] is False and again["supervisor_pid"] == supervisor
     status = json.loads(_cli("status", "--json", env=fresh_env).stdout)
     assert status["agents"]["node-a"]["stale"] is False
+    _wait_until(lambda: len(_children(supervisor)) == 2)  # the agent and the repartitioner
     children = _children(supervisor)
-    assert len(children) == 2  # the agent and the repartitioner
     os.kill(children[0], signal.SIGKILL)  # a child dies: the supervisor starts it again
     _wait_until(lambda: "restarting" in Path(report["log"]).read_text() and len(_children(supervisor)) == 2)
     down = _cli("down", env=fresh_env)
