@@ -12,6 +12,13 @@ stops task containers whose lease is gone, and applies the desired layouts the r
   When all are out (or `drain_timeout_s` passes: then the change is skipped and the slices go back
   into service) the GPU is re-carved.
 
+Fencing touches only this cluster's task containers on this node (their labels carry the cluster
+id kept in Redis, the namespace and the node), so clusters can share a Docker engine; each removal
+is logged with the lease id, fence and reason, and a container that vanished meanwhile is fine. A
+slice that a running task container of this cluster uses (by its labels) counts as busy whatever
+NVML says. `run` outlives Redis and Docker errors (logs, backs off, heartbeats again as soon as it
+can). `carve_empty` carves GPUs that have MIG on and no instances to a named layout config.
+
 Withdrawn slices stay out of service until the publish that no longer lists them. An agent killed
 half way converges when it restarts: it publishes what NVML shows and applies the desired layout
 again, keeping what is already in place; a change that fails puts the slices back into service.
@@ -57,8 +64,9 @@ class NodeAgent:
         node: this node's name.
         docker_url: how runners reach this node's Docker engine (``None``: the local socket).
         heartbeat_ttl_s: without a heartbeat for this long, the node gets no new grants.
-        docker_client: this node's Docker engine; when given, each tick stops task containers whose
-            lease is gone or whose fencing token is stale (a killed flow process, a lost lease).
+        docker_client: this node's Docker engine; when given, each tick stops this cluster's task
+            containers on this node whose lease is gone or whose fencing token is stale (a killed
+            flow process, a lost lease), and slices its running task containers use count as busy.
         drain_timeout_s: a range drain whose leases outlive this is given up (its slices go back
             into service).
         clock: seconds, for the drain timeout (the simulator passes its virtual clock).

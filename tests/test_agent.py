@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 
+import docker.errors
 import pytest
 import redis
 
@@ -97,8 +98,12 @@ def test_the_agent_loop_outlives_vanishing_containers_and_a_redis_restart(
         _wait_until(lambda: alloc.status()["nodes"].get("node-a", {}).get("alive"))
         cluster_id = alloc.cluster_id()
         for i in range(5):  # containers of ended leases come and go while the agent fences
-            c = start_task_container(docker_client, python_image, alloc, lease_id=f"gone-{i}", fence=1, command=("sleep", "0.3"))
-            containers.append(c)
+            try:
+                containers.append(
+                    start_task_container(docker_client, python_image, alloc, lease_id=f"gone-{i}", fence=1, command=("sleep", "0.3"))
+                )
+            except docker.errors.APIError:  # the agent removed it between create and start
+                pass
         fresh_redis_server.kill()
         time.sleep(1.0)  # a few failing ticks
         assert loop.is_alive()

@@ -180,6 +180,7 @@ def test_a_killed_flow_process_leaves_no_container_and_no_lease(redis_server, na
             "PREFECT_MIG_NAMESPACE": namespace,
             "PREFECT_HOME": str(tmp_path / "prefect"),
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",  # a loaded 2-core machine
         }
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         proc = subprocess.Popen([sys.executable, "-m", "tests.flow_to_kill"], cwd=root, env=env,
