@@ -334,7 +334,7 @@ def test_a_task_whose_container_the_agent_fenced_fails_with_lease_lost_naming_wh
     assert "node agent removed the container" in str(error)
 
 
-def test_a_task_waiting_on_a_lapsed_agent_says_so_and_ends_at_the_default_wait_timeout(cluster, monkeypatch):
+def test_a_task_waiting_on_a_lapsed_agent_says_so_and_ends_at_the_default_wait_timeout(cluster, monkeypatch, tmp_path):
     from prefect.client.orchestration import get_client
 
     from prefect_mig.errors import WaitTimeout
@@ -342,6 +342,7 @@ def test_a_task_waiting_on_a_lapsed_agent_says_so_and_ends_at_the_default_wait_t
     from .allocator_fixtures import H100_MIXED
 
     monkeypatch.setenv("PREFECT_MIG_WAIT_TIMEOUT_S", "4")  # no wait_timeout_s given: the setting applies
+    monkeypatch.setenv("PREFECT_MIG_STATE_DIR", str(tmp_path))
     cluster.publish_fleet("node-a=1xH100-80GB", layouts={"node-a": [H100_MIXED]}, heartbeat_ttl_s=1)
     time.sleep(2)
     cluster.reap()  # node-a's agent went quiet: its slices get no grants
@@ -360,3 +361,4 @@ def test_a_task_waiting_on_a_lapsed_agent_says_so_and_ends_at_the_default_wait_t
         messages = [s.message or "" for s in client.read_task_run_states(task_run_id) if s.name == "AwaitingMIG"]
     assert messages and "node-a's agent last heartbeated" in messages[0]
     assert cluster.status()["queue"] == []
+    assert list(tmp_path.iterdir()) == []  # a configured Redis: no local agent or redis-server was started
