@@ -12,6 +12,13 @@ stops task containers whose lease is gone, and applies the desired layouts the r
   When all are out (or `drain_timeout_s` passes: then the change is skipped and the slices go back
   into service) the GPU is re-carved.
 
+Fencing touches only this cluster's task containers on this node (their labels carry the cluster
+id kept in Redis, the namespace and the node), so clusters can share a Docker engine; each removal
+is logged with the lease id, fence and reason, and a container that vanished meanwhile is fine. A
+slice that a running task container of this cluster uses (by its labels) counts as busy whatever
+NVML says. `run` outlives Redis and Docker errors (logs, backs off, heartbeats again as soon as it
+can). `carve_empty` carves GPUs that have MIG on and no instances to a named layout config.
+
 Withdrawn slices stay out of service until the publish that no longer lists them. An agent killed
 half way converges when it restarts: it publishes what NVML shows and applies the desired layout
 again, keeping what is already in place; a change that fails puts the slices back into service.
@@ -36,6 +43,7 @@ Examples:
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -43,6 +51,8 @@ from collections.abc import Callable
 from prefect_mig.allocator import Allocator, SliceRecord
 from prefect_mig.allocator.models import decode, slice_record
 from prefect_mig.gpu import GpuBackend
+
+log = logging.getLogger("prefect_mig.agent")
 
 
 class NodeAgent:
@@ -54,8 +64,9 @@ class NodeAgent:
         node: this node's name.
         docker_url: how runners reach this node's Docker engine (``None``: the local socket).
         heartbeat_ttl_s: without a heartbeat for this long, the node gets no new grants.
-        docker_client: this node's Docker engine; when given, each tick stops task containers whose
-            lease is gone or whose fencing token is stale (a killed flow process, a lost lease).
+        docker_client: this node's Docker engine; when given, each tick stops this cluster's task
+            containers on this node whose lease is gone or whose fencing token is stale (a killed
+            flow process, a lost lease), and slices its running task containers use count as busy.
         drain_timeout_s: a range drain whose leases outlive this is given up (its slices go back
             into service).
         clock: seconds, for the drain timeout (the simulator passes its virtual clock).
@@ -83,20 +94,28 @@ class NodeAgent:
         self.clock = clock
         self._published: str | None = None
         self._draining_since: dict[str, float] = {}
+        self._known_ids: list[str] = []  # cluster ids seen, newest last
+        self._busy_by_labels: set[str] = set()
 
     def inventory(self) -> tuple[list[dict], list[SliceRecord]]:
-        """This node's GPUs and the MIG slices that are ready to lease (with a compute instance)."""
+        """This node's GPUs and the MIG slices that are ready to lease (with a compute instance).
+
+        A slice is busy when NVML shows processes on it or a running task container of this
+        cluster carries its MIG UUID in its labels (so it stays out of service after Redis lost
+        the lease, until that container ends)."""
         known = {}
         raw = self.allocator.redis.hgetall(self.allocator.keys.gpus)
         for uuid, body in raw.items():
             known[decode(uuid)] = json.loads(decode(body))
         gpus, slices = [], []
+        labelled: set[str] | None = None
         for gpu in self.backend.gpus():
             if not gpu.mig_enabled:
                 continue
             model = self.backend.gpu_model(gpu.index)
             instances = self.backend.instances(gpu.index)
             running = self.backend.processes(gpu.index)
+            labelled = self._labelled_busy() if labelled is None else labelled
             layout = " + ".join(str(m) for m in instances)
             before = known.get(gpu.uuid, {})
             generation = int(before.get("generation", 0)) + (before.get("layout") != layout)
@@ -111,10 +130,27 @@ class NodeAgent:
                         model, m.profile, m.start,
                         node=self.node, gpu_uuid=gpu.uuid, gpu_index=gpu.index,
                         gpu_instance_id=m.gpu_instance_id, mig_uuid=m.mig_uuid,
-                        generation=generation, busy=bool(running.get(m.mig_uuid)),
+                        generation=generation, busy=bool(running.get(m.mig_uuid)) or m.mig_uuid in labelled,
                     )
                 )
         return gpus, slices
+
+    def carve_empty(self, configs, name: str) -> list[str]:
+        """Carve each GPU that has MIG on and no instances to layout config `name` of `configs`
+        (a `LayoutConfigs`); GPUs with instances are left as they are. Returns what it carved."""
+        carved = []
+        for gpu in self.backend.gpus():
+            if not gpu.mig_enabled or self.backend.instances(gpu.index):
+                continue
+            model = self.backend.gpu_model(gpu.index)
+            layout = configs.layout_for(name, gpu_model=model.name, node=self.node, gpu_index=gpu.index)
+            if layout is None:
+                log.info("GPU %d (%s) has no instances and config %r has no entry for it", gpu.index, model.name, name)
+                continue
+            self.backend.apply_layout(gpu.index, layout)
+            log.info("carved GPU %d (%s) to %s: %s", gpu.index, model.name, name, layout)
+            carved.append(f"GPU {gpu.index} ({model.name}): {layout}")
+        return carved
 
     def publish(self) -> tuple[int, int, int]:
         """Publish the whole inventory now: (published, removed, handed to waiters)."""
@@ -142,7 +178,13 @@ class NodeAgent:
                 did = "published"
         self.allocator.reap()
         if self.docker is not None:
-            self.fence_containers()
+            import docker.errors
+            import requests.exceptions
+
+            try:
+                self.fence_containers()
+            except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+                log.warning("fencing skipped this round, the Docker engine failed: %s", exc)
         for gpu in self.backend.gpus():
             if gpu.mig_enabled and self.apply_desired(gpu.index, gpu.uuid) == "applied":
                 did = "applied"
@@ -214,29 +256,102 @@ class NodeAgent:
         self.allocator.clear_desired(gpu_uuid, outcome=outcome, detail=detail)
         return outcome
 
+    def _cluster_ids(self) -> list[str]:
+        """The ids this agent's cluster had: Redis's now (the allocator puts its cached one back if
+        Redis lost it) and any earlier one, so containers labelled before a change stay its own."""
+        current = self.allocator.cluster_id()
+        if current not in self._known_ids:
+            if self._known_ids:
+                log.warning("cluster id changed in Redis (%s -> %s): Redis lost its data?", self._known_ids[-1], current)
+            self._known_ids.append(current)
+        return list(self._known_ids)
+
+    def own_containers(self, *, running_only: bool = False) -> list:
+        """This node's task containers of this cluster (never another cluster's on the same engine)."""
+        from prefect_mig.launchers.docker import task_containers
+
+        return [
+            c
+            for cid in self._cluster_ids()
+            for c in task_containers(
+                self.docker, cluster_id=cid, namespace=self.allocator.keys.namespace, node=self.node,
+                running_only=running_only,
+            )
+        ]
+
+    def _labelled_busy(self) -> set[str]:
+        """MIG UUIDs that a running task container of this cluster uses (by its labels): busy
+        whatever NVML says. If the engine does not answer, the last answer stands."""
+        import docker.errors
+        import requests.exceptions
+
+        from prefect_mig.launchers.docker import LABEL_PREFIX
+
+        if self.docker is None:
+            return set()
+        try:
+            self._busy_by_labels = {
+                c.labels.get(f"{LABEL_PREFIX}mig-uuid", "") for c in self.own_containers(running_only=True)
+            } - {""}
+        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+            log.warning("could not list task containers (%s); keeping the last %d busy slice(s)", exc, len(self._busy_by_labels))
+        return self._busy_by_labels
+
     def fence_containers(self) -> list[str]:
-        """Stop and remove task containers whose lease no longer exists or has another fencing
-        token; returns their ids. Containers of live leases are left alone."""
+        """Stop and remove this node's task containers (of this cluster only) whose lease no longer
+        exists or has another fencing token; returns their ids. Containers of live leases are left
+        alone; each removal is logged with the lease id, fence and reason."""
+        return [c.id for c in self.own_containers() if self.fence(c)]
+
+    def fence(self, container) -> bool:
+        """Remove one task container if its lease is gone or its fence stale; True if removed now.
+        A container that vanished meanwhile (or whose removal is under way) is fine."""
+        import docker.errors
+
         from prefect_mig.errors import LeaseLost
         from prefect_mig.launchers.docker import LABEL_PREFIX
 
-        stopped = []
-        for container in self.docker.containers.list(all=True, filters={"label": f"{LABEL_PREFIX}lease-id"}):
-            labels = container.labels
-            lease_id, fence = labels.get(f"{LABEL_PREFIX}lease-id", ""), labels.get(f"{LABEL_PREFIX}fence", "")
-            try:
-                alive = str(self.allocator.lease(lease_id).fence) == fence
-            except LeaseLost:
-                alive = False
-            if not alive:
-                container.remove(force=True)
-                stopped.append(container.id)
-        return stopped
+        labels = container.labels
+        lease_id, fence = labels.get(f"{LABEL_PREFIX}lease-id", ""), labels.get(f"{LABEL_PREFIX}fence", "")
+        try:
+            current = str(self.allocator.lease(lease_id).fence)
+            reason = None if current == fence else f"fence {fence} is stale (the lease's is {current})"
+        except LeaseLost as exc:
+            reason = f"the lease is {exc.reason} (released, expired or never granted here)"
+        if reason is None:
+            return False
+        try:
+            container.remove(force=True)
+        except docker.errors.NotFound:
+            return False
+        except docker.errors.APIError as exc:
+            if exc.status_code == 409:  # someone else's removal is under way
+                return False
+            raise
+        log.warning(
+            "removed task container %s of lease %s fence %s on %s: %s",
+            container.short_id, lease_id, fence, labels.get(f"{LABEL_PREFIX}mig-uuid", "?"), reason,
+        )
+        return True
 
-    def run(self, *, interval_s: float = 5.0, stop: threading.Event | None = None) -> None:
-        """Tick every `interval_s` until `stop` is set."""
+    def run(self, *, interval_s: float = 5.0, stop: threading.Event | None = None, max_backoff_s: float = 60.0) -> None:
+        """Tick every `interval_s` until `stop` is set.
+
+        A failing tick (Redis or the Docker engine down, a container gone) is logged and retried
+        after a backoff that doubles up to `max_backoff_s`, but never past a third of the heartbeat
+        TTL, so the node heartbeats again as soon as Redis answers. It never ends the loop.
+        """
         stop = stop or threading.Event()
+        failures = 0
         while not stop.is_set():
             started = time.monotonic()
-            self.tick()
-            stop.wait(max(0.0, interval_s - (time.monotonic() - started)))
+            try:
+                self.tick()
+                failures = 0
+                pause = interval_s - (time.monotonic() - started)
+            except Exception as exc:  # noqa: BLE001 - the agent outlives whatever one round hits
+                failures += 1
+                pause = min(interval_s * 2 ** (failures - 1), max_backoff_s, max(interval_s, self.heartbeat_ttl_s / 3))
+                log.warning("agent tick failed (%d in a row), retrying in %.1f s: %s", failures, pause, exc,
+                            exc_info=failures == 1)
+            stop.wait(max(0.0, pause))

@@ -12,6 +12,9 @@ This is the one place that reads the environment; everything else receives a `Se
 | ``PREFECT_MIG_STATE_DIR`` | where state lives: embedded Redis data, the simulated NVML's state file |
 | ``PREFECT_MIG_DOCKER_HOST`` | Docker engine URL for task containers; unset = ``DOCKER_HOST`` or the local socket |
 | ``PREFECT_MIG_API_TOKEN`` | bearer token of the HTTP lease API (``prefect-mig api serve``) |
+| ``PREFECT_MIG_LAYOUTS_FILE`` | YAML file of named layout configs; unset = the shipped defaults |
+| ``PREFECT_MIG_LAYOUT`` | config the agent carves GPUs without instances to (unset: the file's default; ``none``) |
+| ``PREFECT_MIG_WAIT_TIMEOUT_S`` | how long a task waits for a slice unless its runner says (default 3600) |
 
 Examples:
     ```python
@@ -80,6 +83,21 @@ class Settings(BaseSettings):
         default=None,
         description="Docker engine URL for task containers; unset uses DOCKER_HOST or the local socket.",
     )
+    wait_timeout_s: float = Field(
+        default=3600.0,
+        gt=0,
+        description="Seconds a task may wait for a slice when MigTaskRunner(wait_timeout_s=...) is not given.",
+    )
+    layouts_file: Path | None = Field(
+        default=None,
+        description="YAML file of named MIG layout configs (mig-parted style); unset uses the shipped defaults.",
+    )
+    layout: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Layout config the agent carves GPUs with MIG on and no instances to; unset = the "
+        "file's default; 'none' carves nothing.",
+    )
     api_token: SecretStr | None = Field(
         default=None,
         min_length=16,
@@ -101,6 +119,12 @@ class Settings(BaseSettings):
 
     def fleet(self) -> FleetSpec:
         return FleetSpec.parse(self.simulated_fleet)
+
+    def layout_configs(self):
+        """The layout configs: `layouts_file`, or the shipped defaults."""
+        from prefect_mig.model.layout_configs import LayoutConfigs
+
+        return LayoutConfigs.load(self.layouts_file)
 
 
 def load_settings(**overrides) -> Settings:

@@ -10,7 +10,7 @@ import pytest
 import redis
 
 from prefect_mig.allocator import Allocator
-from prefect_mig.launchers.docker import LABEL_PREFIX
+from prefect_mig.launchers.docker import task_containers
 
 from .allocator_fixtures import H100_MIXED
 
@@ -33,7 +33,7 @@ def cluster(prefect_api, redis_server, namespace, monkeypatch, python_image, doc
     alloc = Allocator(redis.Redis.from_url(redis_server.url), namespace)
     alloc.publish_fleet("node-a=1xH100-80GB", layouts={"node-a": [H100_MIXED]})
     yield alloc
-    leftovers = docker_client.containers.list(all=True, filters={"label": f"{LABEL_PREFIX}mig-uuid"})
+    leftovers = task_containers(docker_client, cluster_id=alloc.cluster_id(), namespace=namespace)
     assert leftovers == [], "a task container was left behind"
     assert alloc.status()["leases"] == [], "a lease was left behind"
 

@@ -87,7 +87,7 @@ def test_lease_acquire_with_a_bad_field_exits_2_naming_it(cli_env, args, named):
 
 
 def test_agent_stops_task_containers_whose_lease_is_gone_and_keeps_live_ones(alloc, tmp_path, docker_client, python_image):
-    from prefect_mig.launchers.docker import LABEL_PREFIX
+    from tests.agent_fixtures import start_task_container
 
     nvml = SimulatedNvml("node-a=1xA30-24GB", state_dir=tmp_path)
     with GpuBackend(nvml) as backend:
@@ -95,25 +95,23 @@ def test_agent_stops_task_containers_whose_lease_is_gone_and_keeps_live_ones(all
         agent = NodeAgent(backend, alloc, node="node-a", docker_client=docker_client)
         agent.publish()
         live = alloc.try_acquire(SliceRequest(profile="2g.12gb"))
+        containers = []
 
         def start(lease_id, fence):
-            return docker_client.containers.run(
-                python_image, ["sleep", "60"], detach=True, network_disabled=True,
-                labels={f"{LABEL_PREFIX}lease-id": lease_id, f"{LABEL_PREFIX}fence": str(fence)},
-            )
+            containers.append(start_task_container(docker_client, python_image, alloc, lease_id=lease_id, fence=fence))
+            return containers[-1]
 
-        kept = start(live.lease_id, live.fence)
-        orphan = start("lease-that-ended", 1)  # e.g. its flow process was killed
-        stale = start(live.lease_id, live.fence - 1)  # an older holder of the same lease id
         try:
+            kept = start(live.lease_id, live.fence)
+            orphan = start("lease-that-ended", 1)  # e.g. its flow process was killed
+            stale = start(live.lease_id, live.fence - 1)  # an older holder of the same lease id
             assert set(agent.fence_containers()) == {orphan.id, stale.id}
-            remaining = {c.id for c in docker_client.containers.list(all=True, filters={"label": f"{LABEL_PREFIX}lease-id"})}
-            assert remaining == {kept.id}
+            assert {c.id for c in agent.own_containers()} == {kept.id}
         finally:
-            for c in (kept, orphan, stale):
+            for c in containers:
                 try:
                     c.remove(force=True)
-                except Exception:  # noqa: BLE001 - already gone
+                except Exception:  # noqa: BLE001 - the agent removed it
                     pass
 
 
@@ -133,3 +131,45 @@ def test_repartition_commands_plan_a_dry_run_then_desire_the_change(cli_env, nam
     assert cluster.desired(row["gpu_uuid"])["layout"] == row["target"]
     bad = _cli("repartition", "plan", "--profiles", "tiny", env=cli_env)
     assert bad.returncode == 2 and "--profiles: 'tiny'" in bad.stderr and "classic, extended, all" in bad.stderr
+
+
+def test_status_shows_each_agents_heartbeat_age_and_flags_stale_ones(cli_env, namespace, redis_client):
+    import time
+
+    from prefect_mig.allocator import Allocator
+
+    cluster = Allocator(redis_client, namespace)
+    cluster.publish_fleet("node-a=1xA30-24GB", layouts={"node-a": ["4g.24gb@0"]}, heartbeat_ttl_s=0.5)
+    cluster.publish_fleet("node-b=1xA30-24GB", layouts={"node-b": ["4g.24gb@0"]}, heartbeat_ttl_s=300)
+    time.sleep(1.5)
+    shown = _cli("status", env=cli_env)
+    assert shown.returncode == 0, shown.stderr
+    lines = {line.split(":")[0]: line for line in shown.stdout.splitlines() if line.startswith("agent ")}
+    assert "STALE" in lines["agent node-a"] and "STALE" not in lines["agent node-b"]
+    agents = json.loads(_cli("status", "--json", env=cli_env).stdout)["agents"]
+    assert agents["node-a"]["stale"] and agents["node-a"]["age_s"] >= 1 and not agents["node-b"]["stale"]
+
+
+def test_the_agent_carves_an_empty_gpu_to_the_default_config_and_layout_apply_keeps_busy_slices(cli_env, namespace, redis_client):
+    from prefect_mig.allocator import Allocator
+
+    carved = _cli("agent", "--once", env=cli_env)  # a fresh simulated A30: MIG on, no instances
+    assert carved.returncode == 0, carved.stderr
+    cluster = Allocator(redis_client, namespace)
+    assert sorted(s["profile"] for s in cluster.status()["slices"]) == ["1g.6gb", "1g.6gb", "2g.12gb"]  # balanced
+    first, second = (cluster.try_acquire(SliceRequest(profile="1g.6gb")) for _ in range(2))
+    busy, idle = (first, second) if first.slice.start == 3 else (second, first)
+    cluster.release(idle.lease_id, idle.fence)  # the 1g.6gb at memory slice 3 stays leased
+    dry = _cli("layout", "apply", "-c", "half", "--dry-run", "--json", env=cli_env)
+    assert dry.returncode == 0, dry.stderr
+    (row,) = json.loads(dry.stdout)["gpus"]
+    assert row["kept"] == ["1g.6gb@3"] and row["left_out"] == ["2g.12gb@2"]
+    assert row["carve"] == "2g.12gb@0 + 1g.6gb@3"
+    assert cluster.desired(row["gpu_uuid"]) is None  # a dry run desires nothing
+    applied = _cli("layout", "apply", "-c", "half", env=cli_env)
+    assert applied.returncode == 0 and "kept (busy, not in half): 1g.6gb@3" in applied.stdout
+    assert _cli("agent", "--once", env=cli_env).returncode == 0  # the agent carves it
+    assert sorted((s["profile"], s["start"]) for s in cluster.status()["slices"]) == [("1g.6gb", 3), ("2g.12gb", 0)]
+    assert cluster.lease(busy.lease_id).fence == busy.fence  # the busy slice's lease lives on
+    unknown = _cli("layout", "apply", "-c", "nope", env=cli_env)
+    assert unknown.returncode == 2 and "'nope'" in unknown.stderr and "balanced" in unknown.stderr

@@ -316,3 +316,22 @@ def test_a_retried_acquire_with_the_same_request_id_returns_the_same_lease(one_h
     again = one_h100.try_acquire(one("3g.40gb"), request_id="retry-me")
     assert (again.lease_id, again.fence, again.slice.id) == (first.lease_id, first.fence, first.slice.id)
     assert len(one_h100.status()["leases"]) == 1
+
+
+def test_a_waiting_request_says_why_it_waits_queue_position_stale_agents_and_uncarved_kinds(one_h100, clock):
+    from prefect_mig.allocator import SliceRequest
+    from prefect_mig.allocator.health import agents, wait_reasons
+
+    one_h100.try_acquire(SliceRequest(profile="3g.40gb"))
+    queued = one_h100.try_acquire(SliceRequest(profile="3g.40gb"), wait=True)
+    assert wait_reasons(one_h100, queued.request_id) == ["position 1 of 1 in the queue"]
+    clock.advance(45)  # the agent of node-a stops heartbeating (TTL 30 s)
+    assert agents(one_h100)["node-a"] == {"age_s": 45.0, "ttl_s": 30.0, "stale": True}
+    assert "node-a's agent last heartbeated 45 s ago" in wait_reasons(one_h100, queued.request_id)
+    one_h100.heartbeat("node-a")
+    assert agents(one_h100)["node-a"]["stale"] is False
+    one_h100.queue_uncarved = True
+    big = one_h100.try_acquire(SliceRequest(profile="7g.80gb"), wait=True)
+    assert "no GPU carved for 7g.80gb; a repartitioner is not running" in " ".join(wait_reasons(one_h100, big.request_id))
+    one_h100.announce_repartitioner(60)
+    assert "a repartitioner is running" in " ".join(wait_reasons(one_h100, big.request_id))

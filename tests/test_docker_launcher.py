@@ -21,7 +21,7 @@ from prefect_mig.launchers.docker import LABEL_PREFIX
 
 
 def _ours(docker_client, run_id):
-    return docker_client.containers.list(all=True, filters={"label": f"{LABEL_PREFIX}run={run_id}"})
+    return docker_client.containers.list(all=True, filters={"label": f"{LABEL_PREFIX}run={run_id}"}, ignore_removed=True)
 
 
 def see_environment():

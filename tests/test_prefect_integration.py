@@ -13,7 +13,7 @@ from prefect import task as prefect_task
 from prefect_mig import MigTaskRunner, task
 from prefect_mig.allocator import Allocator
 from prefect_mig.allocator.invariants import check_events
-from prefect_mig.launchers.docker import LABEL_PREFIX
+from prefect_mig.launchers.docker import task_containers
 
 
 def env_of_slice(i):
@@ -180,17 +180,20 @@ def test_a_killed_flow_process_leaves_no_container_and_no_lease(redis_server, na
             "PREFECT_MIG_NAMESPACE": namespace,
             "PREFECT_HOME": str(tmp_path / "prefect"),
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",  # a loaded 2-core machine
         }
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         proc = subprocess.Popen([sys.executable, "-m", "tests.flow_to_kill"], cwd=root, env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        label = {"label": f"{LABEL_PREFIX}lease-id"}
+        def ours():
+            return task_containers(docker_client, cluster_id=alloc.cluster_id(), namespace=namespace)
+
         try:
             deadline = time.monotonic() + 120
-            while not docker_client.containers.list(filters=label) and time.monotonic() < deadline:
+            while not ours() and time.monotonic() < deadline:
                 assert proc.poll() is None, proc.stdout.read()
                 time.sleep(0.3)
-            assert docker_client.containers.list(filters=label), "the task container never started"
+            assert ours(), "the task container never started"
         finally:
             proc.send_signal(signal.SIGKILL)
             proc.wait(30)
@@ -198,10 +201,10 @@ def test_a_killed_flow_process_leaves_no_container_and_no_lease(redis_server, na
         deadline = time.monotonic() + 2 + 5
         while time.monotonic() < deadline:
             agent.tick()
-            if not docker_client.containers.list(all=True, filters=label) and not alloc.status()["leases"]:
+            if not ours() and not alloc.status()["leases"]:
                 break
             time.sleep(0.5)
-        assert docker_client.containers.list(all=True, filters=label) == []
+        assert ours() == []
         assert alloc.status()["leases"] == []
         assert {s["state"] for s in alloc.status()["slices"]} == {"free"}
 
@@ -257,15 +260,15 @@ def test_cancelling_the_flows_tasks_stops_their_containers_and_releases_the_leas
     from prefect_mig.allocator import SliceRequest
 
     holder = cluster.try_acquire(SliceRequest(profile="3g.40gb"))  # so that one task waits
+    ours = {"cluster_id": cluster.cluster_id(), "namespace": cluster.keys.namespace}
     slow = task(task_runner=MigTaskRunner(profile="1g.10gb"))(sleep_forever)
     waiting = task(task_runner=MigTaskRunner(profile="3g.40gb"))(sleep_forever)
 
     @flow
     def pipeline():
         running, queued = slow.submit(), waiting.submit()
-        label = {"label": f"{LABEL_PREFIX}mig-uuid"}
         deadline = time.monotonic() + 60
-        while not docker_client.containers.list(filters=label) and time.monotonic() < deadline:
+        while not task_containers(docker_client, **ours, running_only=True) and time.monotonic() < deadline:
             time.sleep(0.2)
         started = time.monotonic()
         FlowRunContext.get().task_runner.cancel_all()  # what the engine does when the run is cancelled
@@ -276,7 +279,7 @@ def test_cancelling_the_flows_tasks_stops_their_containers_and_releases_the_leas
     took = pipeline(return_state=True).result(raise_on_failure=False)
     cluster.release(holder.lease_id, holder.fence)
     assert isinstance(took, float) and took < 30  # stopped promptly, not after the body's 120 s
-    assert docker_client.containers.list(all=True, filters={"label": f"{LABEL_PREFIX}mig-uuid"}) == []
+    assert task_containers(docker_client, **ours) == []
     assert cluster.status()["leases"] == [] and cluster.status()["queue"] == []
 
 
@@ -303,3 +306,59 @@ def test_the_body_runs_on_the_docker_engine_of_the_node_that_owns_the_slice(
 
     assert pipeline()[1].startswith("MIG-")
     assert alloc.status()["leases"] == []
+
+
+def test_a_task_whose_container_the_agent_fenced_fails_with_lease_lost_naming_why(cluster, docker_client):
+    from prefect_mig.agent import NodeAgent
+    from prefect_mig.errors import LeaseLost
+
+    victim = task(task_runner=MigTaskRunner(profile="3g.40gb"))(sleep_forever)
+    ours = {"cluster_id": cluster.cluster_id(), "namespace": cluster.keys.namespace}
+
+    @flow
+    def pipeline():
+        future = victim.submit()
+        deadline = time.monotonic() + 60
+        while not task_containers(docker_client, **ours, running_only=True) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        (lease,) = cluster.status()["leases"]
+        cluster.release(lease["lease_id"], int(lease["fence"]))  # the lease ends behind the holder's back
+        fenced = NodeAgent(None, cluster, node="node-a", docker_client=docker_client).fence_containers()
+        state = future.wait(60) or future.state
+        return fenced, state
+
+    fenced, state = pipeline()
+    assert len(fenced) == 1
+    error = state.result(raise_on_failure=False)
+    assert isinstance(error, LeaseLost) and error.reason == "gone"
+    assert "node agent removed the container" in str(error)
+
+
+def test_a_task_waiting_on_a_lapsed_agent_says_so_and_ends_at_the_default_wait_timeout(cluster, monkeypatch, tmp_path):
+    from prefect.client.orchestration import get_client
+
+    from prefect_mig.errors import WaitTimeout
+
+    from .allocator_fixtures import H100_MIXED
+
+    monkeypatch.setenv("PREFECT_MIG_WAIT_TIMEOUT_S", "4")  # no wait_timeout_s given: the setting applies
+    monkeypatch.setenv("PREFECT_MIG_STATE_DIR", str(tmp_path))
+    cluster.publish_fleet("node-a=1xH100-80GB", layouts={"node-a": [H100_MIXED]}, heartbeat_ttl_s=1)
+    time.sleep(2)
+    cluster.reap()  # node-a's agent went quiet: its slices get no grants
+    stuck = task(task_runner=MigTaskRunner(profile="1g.10gb"))(env_of_slice)
+
+    @flow
+    def pipeline():
+        future = stuck.submit(1)
+        return future.task_run_id, future.wait(60) or future.state
+
+    task_run_id, state = pipeline()
+    error = state.result(raise_on_failure=False)
+    assert isinstance(error, WaitTimeout)
+    assert "no slice within 4 s" in str(error) and "node-a's agent last heartbeated" in str(error)
+    with get_client(sync_client=True) as client:
+        messages = [s.message or "" for s in client.read_task_run_states(task_run_id) if s.name == "AwaitingMIG"]
+    assert messages and "node-a's agent last heartbeated" in messages[0]
+    assert cluster.status()["queue"] == []
+    assert list(tmp_path.iterdir()) == []  # a configured Redis: no local agent or redis-server was started

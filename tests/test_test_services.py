@@ -31,7 +31,7 @@ CONFTEST = Path(__file__).with_name("conftest.py")
 
 def containers_labelled(client: docker.DockerClient, labels: dict[str, str]) -> list:
     """All containers, running or not, that carry every one of ``labels``."""
-    return client.containers.list(all=True, filters={"label": [f"{k}={v}" for k, v in labels.items()]})
+    return client.containers.list(all=True, filters={"label": [f"{k}={v}" for k, v in labels.items()]}, ignore_removed=True)
 
 
 def answers_on(port: int) -> bool:

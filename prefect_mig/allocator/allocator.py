@@ -138,6 +138,7 @@ class Allocator:
         self.scripts = Scripts(client, self.keys, events_maxlen=events_maxlen)
         self._models: tuple[float, list[str]] = (0.0, [])
         self._templates: dict[tuple, str] = {}  # request JSON per (request, inventory models)
+        self._cluster_id: str | None = None
 
     def _run(self, name: str, *args: Any, action: str) -> list:
         now = self.clock.now_ms() if self.clock is not None else None
@@ -168,6 +169,7 @@ class Allocator:
             json.dumps([s.model_dump() for s in slices]),
             action=f"publish the inventory of node {node}",
         )
+        self._note_heartbeat(node, heartbeat_ttl_s)
         return tuple(int(x) for x in reply)  # type: ignore[return-value]
 
     def publish_fleet(
@@ -199,7 +201,22 @@ class Allocator:
 
     def heartbeat(self, node: str, *, ttl_s: float = 30.0) -> str:
         """Keep a node in service; returns ``ok``, ``back`` (was lost) or ``unknown``."""
-        return self._run("heartbeat", node, int(ttl_s * 1000), action=f"heartbeat node {node}")[0]
+        did = self._run("heartbeat", node, int(ttl_s * 1000), action=f"heartbeat node {node}")[0]
+        if did != "unknown":
+            self._note_heartbeat(node, ttl_s)
+        return did
+
+    def _note_heartbeat(self, node: str, ttl_s: float) -> None:
+        # kept apart from node_deadline, which the reaper clears: "last heartbeated 45 s ago"
+        body = json.dumps({"at": self.now_ms(), "ttl_ms": int(ttl_s * 1000)})
+        with redis_errors("record a heartbeat"):
+            self.redis.hset(self.keys.heartbeats, node, body)
+
+    def gpus(self) -> list[dict[str, Any]]:
+        """The published GPUs (uuid, node, index, gpu_model, layout, ...), by node and index."""
+        with redis_errors("read the GPUs"):
+            raw = self.redis.hgetall(self.keys.gpus)
+        return sorted((json.loads(decode(v)) for v in raw.values()), key=lambda g: (g.get("node", ""), g.get("index", 0)))
 
     def node_docker_url(self, node: str) -> str | None:
         """The Docker engine URL the node's agent published (None: the local engine)."""
@@ -454,11 +471,30 @@ class Allocator:
                       maxlen=self.scripts._events_maxlen, approximate=True)
             pipe.execute()
 
+    def cluster_id(self) -> str:
+        """This cluster's id (Redis plus namespace), which task containers carry in their labels.
+
+        The first caller makes it with ``SET NX``; every call puts back the id this client already
+        knew, the same way, so the labels of running containers stay valid if Redis lost its data.
+        """
+        candidate = self._cluster_id or uuid.uuid4().hex[:16]
+        with redis_errors("read the cluster id"):
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.set(self.keys.cluster_id, candidate, nx=True).get(self.keys.cluster_id)
+            _, current = pipe.execute()
+        self._cluster_id = decode(current)
+        return self._cluster_id
+
     def announce_repartitioner(self, ttl_s: float) -> None:
         """Say a repartitioner runs for the next `ttl_s` seconds: meanwhile requests may wait for
         kinds of slices no GPU is carved into yet, instead of failing as `Unsatisfiable`."""
         with redis_errors("announce the repartitioner"):
             self.redis.set(self.keys.repartitioner, str(time.time()), px=int(ttl_s * 1000))
+
+    def repartitioner_running(self) -> bool:
+        """Whether a repartitioner announced itself and its announcement has not lapsed."""
+        with redis_errors("look for a repartitioner"):
+            return bool(self.redis.exists(self.keys.repartitioner))
 
     def desired(self, gpu_uuid: str) -> dict | None:
         with redis_errors("read a desired layout"):

@@ -1,15 +1,21 @@
 """The embedded default: a private redis-server under the state dir when no Redis URL is set.
 
 It runs daemonized (AOF on, bound to 127.0.0.1) so leases taken by one ``prefect-mig`` command are
-still there for the next; ``prefect-mig redis stop`` stops it.
+still there for the next; ``prefect-mig redis stop`` (or ``prefect-mig down``) stops it. However many
+threads and processes ask for it at once, one server starts per state dir (a lock file decides).
 """
 
 from __future__ import annotations
 
+import fcntl
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import redis
@@ -34,8 +40,42 @@ def embedded_dir(state_dir: Path) -> Path:
     return Path(state_dir) / "redis"
 
 
+@contextmanager
+def state_lock(state_dir: Path, name: str) -> Iterator[None]:
+    """An exclusive lock on ``<state_dir>/<name>.lock`` across threads and processes.
+
+    ``flock`` locks belong to an open file, and each call opens its own, so two threads of one
+    process exclude each other as two processes do; the lock goes with the process if it dies.
+    """
+    path = Path(state_dir) / f"{name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _live_url(url_file: Path) -> str | None:
+    url = url_file.read_text().strip() if url_file.exists() else ""
+    return url if url and _answers(url) else None
+
+
+def _pid_alive(pid_file: Path) -> int | None:
+    try:
+        pid = int(pid_file.read_text().strip())
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return None
+    return pid
+
+
 def ensure_embedded_redis(state_dir: Path) -> str:
     """The URL of the embedded redis-server, started if it is not running.
+
+    Any number of threads and processes may call this at once for one state dir: they start one
+    server (under a lock file in the state dir) and all get its URL.
 
     Raises:
         ConfigError: ``redis-server`` is not installed (says what to install, or to set a URL).
@@ -43,8 +83,17 @@ def ensure_embedded_redis(state_dir: Path) -> str:
     """
     home = embedded_dir(state_dir)
     url_file = home / "url"
-    if url_file.exists() and _answers(url_file.read_text().strip()):
-        return url_file.read_text().strip()
+    url = _live_url(url_file)
+    if url:
+        return url
+    with state_lock(home, "start"):
+        url = _live_url(url_file)  # another thread or process started it while we waited
+        if url:
+            return url
+        return _start(home, url_file)
+
+
+def _start(home: Path, url_file: Path) -> str:
     binary = shutil.which("redis-server")
     if binary is None:
         raise ConfigError(
@@ -52,7 +101,7 @@ def ensure_embedded_redis(state_dir: Path) -> str:
             "default: install it (apt-get install redis-server) or set PREFECT_MIG_REDIS_URL.",
             field="redis_url",
         )
-    home.mkdir(parents=True, exist_ok=True)
+    _terminate(home / "redis.pid")  # one that no longer answers
     port = _free_port()
     url = f"redis://127.0.0.1:{port}/0"
     subprocess.run(
@@ -73,23 +122,39 @@ def ensure_embedded_redis(state_dir: Path) -> str:
     deadline = time.monotonic() + 10
     while not _answers(url):
         if time.monotonic() > deadline:
+            _terminate(home / "redis.pid")
             raise RedisUnavailable(f"the embedded redis-server did not start; see {home / 'redis.log'}.")
         time.sleep(0.05)
     url_file.write_text(url)
     return url
 
 
+def _terminate(pid_file: Path, timeout_s: float = 10.0) -> bool:
+    """SIGTERM the process named in `pid_file` (if alive) and wait for it to end."""
+    pid = _pid_alive(pid_file)
+    if pid is None:
+        return False
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    while _pid_alive(pid_file) == pid and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return True
+
+
 def stop_embedded_redis(state_dir: Path) -> bool:
     """Stop the embedded server (after an AOF rewrite); False if none was running."""
-    url_file = embedded_dir(state_dir) / "url"
-    if not url_file.exists() or not _answers(url_file.read_text().strip()):
-        return False
-    try:
-        redis.Redis.from_url(url_file.read_text().strip()).shutdown(save=False)
-    except redis.ConnectionError:
-        pass
-    url_file.unlink(missing_ok=True)
-    return True
+    home = embedded_dir(state_dir)
+    url_file = home / "url"
+    with state_lock(home, "start"):
+        url = _live_url(url_file)
+        if url:
+            try:
+                redis.Redis.from_url(url).shutdown(save=False)
+            except redis.ConnectionError:
+                pass
+        stopped = _terminate(home / "redis.pid") or url is not None
+        url_file.unlink(missing_ok=True)
+    return stopped
 
 
 def redis_url(settings) -> str:

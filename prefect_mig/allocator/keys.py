@@ -65,6 +65,9 @@ class Keys:
         self.desired = p + "desired"  # HASH gpu_uuid -> desired layout JSON (the repartitioner's)
         self.repartitioner = p + "repartitioner"  # STRING with a TTL: a repartitioner is running
         self.withholding = p + "withholding"  # SET of slice ids withdrawn for a re-carve (see withdraw.lua)
+        # STRING: this cluster's id, made with SET NX on first use; task containers carry it in a label
+        self.cluster_id = p + "cluster_id"
+        self.heartbeats = p + "heartbeats"  # HASH node -> {"at": ms, "ttl_ms": ms} of its agent's last heartbeat
 
     # per-entity keys (scripts build the same names from the prefix)
     def lease(self, lease_id: str) -> str:

@@ -13,7 +13,7 @@ import typer
 from pydantic import ValidationError
 from rich.table import Table
 
-from prefect_mig.allocator import Allocator, SliceRequest
+from prefect_mig.allocator import Allocator, SliceRequest, health
 from prefect_mig.allocator.embedded import redis_url, stop_embedded_redis
 from prefect_mig.cli.output import cli_errors, console, errors, print_json
 from prefect_mig.errors import ConfigError, PrefectMigError
@@ -131,9 +131,10 @@ def list_leases(as_json: JsonOpt = False) -> None:
 
 
 def status(as_json: JsonOpt = False) -> None:
-    """Slices and their state, live leases and the wait queue."""
+    """Slices and their state, live leases, the wait queue, and each node agent's heartbeat age."""
     with cli_errors():
-        snap = _allocator().status()
+        allocator = _allocator()
+        snap = allocator.status() | {"agents": health.agents(allocator)}
         if as_json:
             print_json(snap)
             return
@@ -143,6 +144,12 @@ def status(as_json: JsonOpt = False) -> None:
         for s in snap["slices"]:
             table.add_row(s["node"], str(s["gpu_index"]), f"{s['profile']}@{s['start']}", s["state"], (s["lease"] or "")[:12])
         console.print(table)
+        for node, a in snap["agents"].items():
+            age = "never" if a["age_s"] is None else f"{a['age_s']:.0f} s ago"
+            flag = " [red]STALE: its slices get no new grants (is `prefect-mig agent` running there?)[/red]" if a["stale"] else ""
+            console.print(f"agent {node}: last heartbeat {age}{flag}", highlight=False)
+        if not snap["agents"]:
+            console.print("[red]no node agent has published any GPU[/red] (start `prefect-mig up` or `prefect-mig agent`)")
         console.print(f"{len(snap['leases'])} live lease(s), {len(snap['queue'])} waiting request(s)")
         for r in snap["queue"]:
             console.print(f"  waiting {r['id'][:12]} priority {r['priority']} tenant {r['tenant']} for {', '.join(r['pkeys'])}", highlight=False)
@@ -151,12 +158,20 @@ def status(as_json: JsonOpt = False) -> None:
 def agent(
     node: Annotated[str | None, typer.Option(help="Node name (default PREFECT_MIG_NODE).")] = None,
     interval: Annotated[float, typer.Option(help="Seconds between heartbeats.")] = 5.0,
-    once: Annotated[bool, typer.Option(help="Publish once and exit.")] = False,
+    once: Annotated[bool, typer.Option(help="Publish (and apply a desired layout) once and exit.")] = False,
+    layout: Annotated[
+        str | None,
+        typer.Option(help="Carve GPUs that have MIG on and no instances to this layout config (default "
+                     "PREFECT_MIG_LAYOUT or the layouts file's default; 'none': carve nothing)."),
+    ] = None,
 ) -> None:
     """Publish this node's MIG slices to Redis and keep them in service."""
+    import logging
+
     from prefect_mig.agent import NodeAgent
     from prefect_mig.gpu import backend_from_settings
 
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     with cli_errors():
         settings = load_settings()
         if settings.backend != "nvml":
@@ -176,9 +191,16 @@ def agent(
             worker = NodeAgent(
                 backend, _allocator(), node=node, docker_url=settings.docker_host, docker_client=docker_client
             )
+            chosen = layout or settings.layout
+            if chosen != "none":
+                configs = settings.layout_configs()
+                for line in worker.carve_empty(configs, chosen or configs.default):
+                    console.print(f"agent {node}: carved {line}", highlight=False)
             published = worker.publish()
             console.print(f"agent {node}: published {published[0]} slice(s)")
-            if not once:
+            if once:
+                worker.tick()  # and apply a desired layout, if one waits
+            else:
                 try:
                     worker.run(interval_s=interval, stop=threading.Event())
                 except KeyboardInterrupt:
@@ -187,8 +209,13 @@ def agent(
 
 @redis_app.command("stop")
 def redis_stop() -> None:
-    """Stop the embedded redis-server."""
-    stopped = stop_embedded_redis(load_settings().state_dir)
+    """Stop the embedded redis-server (and the background agents that use it: see `prefect-mig down`)."""
+    from prefect_mig.local_cluster import LocalCluster
+
+    settings = load_settings()
+    if LocalCluster(settings).stop():
+        console.print("stopped the background agent(s) and repartitioner")
+    stopped = stop_embedded_redis(settings.state_dir)
     console.print("stopped the embedded redis-server" if stopped else "no embedded redis-server was running")
 
 

@@ -9,7 +9,7 @@ import typer
 from prefect_mig import __version__
 from prefect_mig.cli import demo as demo_cmd
 from prefect_mig.cli import doctor as doctor_cmd
-from prefect_mig.cli import inventory, layouts, leases, simulate
+from prefect_mig.cli import inventory, layout_configs, layouts, leases, local, simulate
 from prefect_mig.cli.output import print_json
 
 app = typer.Typer(
@@ -19,6 +19,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+app.command("up")(local.up)
+app.command("down")(local.down)
 app.command("gpus")(inventory.gpus)
 app.command("layouts")(layouts.layouts)
 app.command("models")(layouts.models)
@@ -31,6 +33,7 @@ app.add_typer(leases.lease_app, name="lease")
 app.add_typer(leases.redis_app, name="redis")
 app.add_typer(leases.api_app, name="api")
 app.add_typer(leases.repartition_app, name="repartition")
+app.add_typer(layout_configs.layout_app, name="layout")
 
 
 @app.command("version")

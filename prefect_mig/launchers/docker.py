@@ -31,7 +31,8 @@ import sys
 import tarfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -55,6 +56,41 @@ from prefect_mig.errors import (
 HOME = "/opt/prefect-mig"
 LABEL_PREFIX = "prefect-mig."
 _VERSIONS: dict[tuple[str, str], tuple[int, int]] = {}  # (engine, image id) -> python (major, minor)
+
+
+def cluster_labels(*, cluster_id: str, namespace: str, node: str) -> dict[str, str]:
+    """The labels (without the ``prefect-mig.`` prefix) that tie a task container to its cluster
+    (the id kept in Redis plus the namespace) and to the node whose slice it uses."""
+    return {"cluster": cluster_id, "namespace": namespace, "node": node}
+
+
+def task_containers(
+    client: docker.DockerClient,
+    *,
+    cluster_id: str,
+    namespace: str,
+    node: str | None = None,
+    running_only: bool = False,
+) -> list:
+    """The task containers of one cluster (and of one of its nodes) on `client`'s engine.
+
+    This is the one way prefect-mig code and tests find task containers: an engine may be shared by
+    several clusters, and each touches only its own. Containers that vanish while being listed are
+    left out.
+
+    Examples:
+        ```python
+        import docker
+        from prefect_mig.launchers.docker import task_containers
+
+        assert task_containers(docker.from_env(), cluster_id="nobody", namespace="none") == []
+        ```
+    """
+    wanted = {"cluster": cluster_id, "namespace": namespace} | ({"node": node} if node else {})
+    filters: dict[str, Any] = {"label": [f"{LABEL_PREFIX}{k}={v}" for k, v in wanted.items()]}
+    if running_only:
+        filters["status"] = "running"
+    return client.containers.list(all=not running_only, filters=filters, ignore_removed=True)
 
 
 class ContainerSettings(BaseModel):
@@ -107,6 +143,24 @@ def _pickle_call(fn: Callable, args: tuple, kwargs: dict) -> bytes:
     finally:
         if registered:
             cloudpickle.unregister_pickle_by_value(module)
+
+
+@contextmanager
+def _removed_means_stopped(container) -> Iterator[None]:
+    """A container removed under us (the node agent fences containers whose lease ended) is a
+    stopped container, not a Docker error."""
+    try:
+        yield
+    except docker.errors.NotFound as exc:
+        raise ContainerStopped(
+            "the task container was removed while it ran (the node agent removes containers whose "
+            "lease ended or whose fencing token is stale).",
+            container_id=container.id,
+        ) from exc
+    except docker.errors.APIError as exc:
+        if exc.status_code != 409:  # 409: its removal is under way
+            raise
+        raise ContainerStopped("the task container is being removed.", container_id=container.id) from exc
 
 
 class DockerLauncher:
@@ -230,19 +284,12 @@ class DockerLauncher:
             raise ImageNotFound(f"image {s.image!r} is not on the engine: {exc}", image=s.image) from exc
         except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
             raise DockerUnavailable(f"could not create the task container: {exc}", image=s.image) from exc
-        logger: threading.Thread | None = None
         try:
-            container.put_archive("/", _runtime_archive(payload))
-            container.start()
-            if on_log is not None:
-                logger = threading.Thread(target=self._stream_logs, args=(container, on_log), daemon=True)
-                logger.start()
-            exit_code = self._wait(container, stop, poll_s)
-            if logger is not None:
-                logger.join(timeout=5)
-            outcome = self._outcome(container)
+            with _removed_means_stopped(container):
+                outcome, exit_code = self._start_and_wait(container, payload, on_log, stop, poll_s)
             if outcome is None:
-                output = container.logs(tail=50).decode(errors="replace")
+                with _removed_means_stopped(container):
+                    output = container.logs(tail=50).decode(errors="replace")
                 raise ContainerFailed(
                     f"the task container exited with code {exit_code} without an outcome "
                     f"(out of memory? killed?). Its last output:\n{output}",
@@ -256,12 +303,28 @@ class DockerLauncher:
                 container.remove(force=True)
             except docker.errors.NotFound:
                 pass
+            except docker.errors.APIError as exc:
+                if exc.status_code != 409:  # 409: someone else's removal is under way
+                    raise
         kind, value, tb = outcome
         if kind == "ok":
             return value
         if value is None:
             raise TaskBodyError(tb)
         raise value from RemoteTraceback(tb)
+
+    def _start_and_wait(self, container, payload: bytes, on_log, stop, poll_s: float) -> tuple[tuple | None, int]:
+        """Copy the runtime in, start, wait (or stop); the outcome (None: none written) and exit code."""
+        container.put_archive("/", _runtime_archive(payload))
+        container.start()
+        logger: threading.Thread | None = None
+        if on_log is not None:
+            logger = threading.Thread(target=self._stream_logs, args=(container, on_log), daemon=True)
+            logger.start()
+        exit_code = self._wait(container, stop, poll_s)
+        if logger is not None:
+            logger.join(timeout=5)
+        return self._outcome(container), exit_code
 
     @staticmethod
     def _wait(container, stop: threading.Event | None, poll_s: float) -> int:

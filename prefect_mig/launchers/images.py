@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import argparse
 import ast
-import fcntl
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import docker
@@ -280,16 +278,11 @@ def _image_exists(client: docker.DockerClient, tag: str) -> bool:
     return True
 
 
-@contextmanager
-def _build_lock(tag: str) -> Iterator[None]:
+def _build_lock(tag: str):
+    from prefect_mig.allocator.embedded import state_lock
+
     safe_tag = "".join(c if c.isalnum() else "_" for c in tag)
-    path = Path(tempfile.gettempdir()) / f"prefect-mig-image-{safe_tag}.lock"
-    with open(path, "a") as lock_file:
-        fcntl.flock(lock_file, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock_file, fcntl.LOCK_UN)
+    return state_lock(Path(tempfile.gettempdir()), f"prefect-mig-image-{safe_tag}")
 
 
 def _build_python_image(

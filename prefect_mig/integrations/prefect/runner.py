@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 import threading
 from typing import Any
 
@@ -36,17 +37,28 @@ from prefect.states import Pending, Running
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.engine import emit_task_run_state_change_event
 
-from prefect_mig.allocator import Allocator, Lease, LeaseInfo, SliceRequest
+from prefect_mig.allocator import Allocator, Lease, LeaseInfo, SliceRequest, health
 from prefect_mig.allocator.embedded import redis_url
-from prefect_mig.errors import ConfigError, ContainerStopped, DockerUnavailable, LeaseLost
+from prefect_mig.errors import (
+    ConfigError,
+    ContainerFailed,
+    ContainerStopped,
+    DockerUnavailable,
+    LeaseLost,
+    PrefectMigError,
+    WaitTimeout,
+)
 from prefect_mig.gpu import default_gpu_runtime
 from prefect_mig.launchers import ContainerSettings, DockerLauncher
+from prefect_mig.launchers.docker import cluster_labels
 from prefect_mig.settings import load_settings
 
 AWAITING_MIG = "AwaitingMIG"
 _PROFILE_TAG, _PRIORITY_TAG, _TENANT_TAG = "mig:", "mig-priority:", "mig-tenant:"
 _ALLOCATORS: dict[tuple[str, str], Allocator] = {}
 _ALLOCATORS_LOCK = threading.Lock()
+_LOCAL_CHECKED: dict[str, float] = {}  # state dir -> when a live local agent was last confirmed
+_LOCAL_LOCK = threading.Lock()
 
 
 def _allocator(url: str, namespace: str) -> Allocator:
@@ -56,6 +68,32 @@ def _allocator(url: str, namespace: str) -> Allocator:
             client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=10)
             _ALLOCATORS[key] = Allocator(client, namespace)
         return _ALLOCATORS[key]
+
+
+def _ensure_local_agent(settings, allocator: Allocator, logger) -> None:
+    """On the embedded default, start this host's background agent (`prefect_mig.local_cluster`,
+    as ``prefect-mig up`` does) unless a live one heartbeats; checked at most every 10 s."""
+    import time
+
+    from prefect_mig.local_cluster import LocalCluster, local_nodes
+
+    key = str(settings.state_dir)
+    with _LOCAL_LOCK:
+        if time.monotonic() - _LOCAL_CHECKED.get(key, float("-inf")) < 10:
+            return
+        nodes = local_nodes(settings)
+        agents = health.agents(allocator)
+        if not all(n in agents and not agents[n]["stale"] for n in nodes):
+            local = LocalCluster(settings)
+            pid, started = local.ensure()
+            if started:
+                message = (
+                    f"no live node agent for this host: started the local cluster in the background (pid {pid}; "
+                    f"log {local.log_file}; `prefect-mig status` shows it, `prefect-mig down` stops it)"
+                )
+                (logger or logging.getLogger("prefect_mig")).warning(message)
+            local.wait_for_agents(allocator, nodes)
+        _LOCAL_CHECKED[key] = time.monotonic()
 
 
 class MigTaskRunner(ThreadPoolTaskRunner):
@@ -70,7 +108,8 @@ class MigTaskRunner(ThreadPoolTaskRunner):
         image, env, volumes, network, cpus, mem_limit: the container (see `ContainerSettings`).
         cluster: a `MigCluster` block (Redis URL, namespace and defaults); else the settings.
         lease_ttl_s: lease TTL, renewed every third of it.
-        wait_timeout_s: how long a try may wait for a slice (None: as long as it takes).
+        wait_timeout_s: how long a try may wait for a slice (None: ``PREFECT_MIG_WAIT_TIMEOUT_S``,
+            default an hour); the error then says why it waited.
         max_workers: thread-pool size, as for `ThreadPoolTaskRunner`.
 
     Examples:
@@ -179,11 +218,14 @@ class MigTaskRunner(ThreadPoolTaskRunner):
             priority = int(getattr(self.cluster, "default_priority", 0) or 0)
         return profile, priority, tenant or "default"
 
-    def _allocator(self) -> Allocator:
+    def _allocator(self, logger=None) -> Allocator:
         if self.cluster is not None:
             return _allocator(self.cluster.redis_url.get_secret_value(), self.cluster.namespace)
         settings = load_settings()
-        return _allocator(redis_url(settings), settings.namespace)
+        allocator = _allocator(redis_url(settings), settings.namespace)
+        if settings.redis_url is None:  # the embedded default: this host is the cluster
+            _ensure_local_agent(settings, allocator, logger)
+        return allocator
 
     def _launcher(self, docker_url: str | None) -> DockerLauncher:
         if docker_url not in self._launchers:
@@ -221,19 +263,27 @@ class MigTaskRunner(ThreadPoolTaskRunner):
         holder = f"{ctx.task_run.flow_run_id}/{ctx.task_run.id}" if ctx else "local"
         request = self.request_for(profile, priority, tenant, holder)
         logger = get_run_logger() if ctx else None
-        allocator = self._allocator()
+        allocator = self._allocator(logger)
         try:  # a bad image fails before any lease is taken (launcher.run checks the slice's engine again)
             self._launcher(None).check_python()
         except DockerUnavailable:
             pass  # no engine here: the slices live on nodes with engines of their own
 
         cancelled = _cancel_event(ctx)
-        got = allocator.try_acquire(request, wait=self.wait_timeout_s != 0)
+        timeout_s = self.wait_timeout_s if self.wait_timeout_s is not None else load_settings().wait_timeout_s
+        got = allocator.try_acquire(request, wait=timeout_s != 0)
         if not isinstance(got, LeaseInfo):
-            if logger:
-                logger.info("waiting for a %s slice (priority %s, tenant %s)", request.requirement, priority, tenant)
-            with _awaiting_state(ctx, f"waiting for a {request.requirement} slice"):
-                got = allocator.wait_for_grant(got.request_id, self.wait_timeout_s, request=request, stop=cancelled)
+            with _awaiting_state(ctx, allocator, got.request_id, request, logger) as waiting:
+                try:
+                    got = allocator.wait_for_grant(got.request_id, timeout_s, request=request, stop=cancelled)
+                except WaitTimeout as exc:
+                    if cancelled is not None and cancelled.is_set():
+                        raise
+                    raise WaitTimeout(
+                        f"{exc} It waited because: {waiting.text}. A longer wait: MigTaskRunner(wait_timeout_s=...) "
+                        "or PREFECT_MIG_WAIT_TIMEOUT_S.",
+                        lease_id=exc.lease_id,
+                    ) from exc
         lost = threading.Event()
         lease = Lease(allocator, got, on_lost=lambda held, exc: lost.set()).start_renewing()
         try:
@@ -245,6 +295,7 @@ class MigTaskRunner(ThreadPoolTaskRunner):
             docker_url = allocator.node_docker_url(s.node)  # the engine on the node that owns the slice
             launcher = self._launcher(docker_url)
             labels = {
+                **cluster_labels(cluster_id=allocator.cluster_id(), namespace=allocator.keys.namespace, node=s.node),
                 "lease-id": lease.lease_id,
                 "fence": lease.fence,
                 "slice": f"{s.node}/{s.gpu_index}/{s.profile}@{s.start}",
@@ -263,17 +314,20 @@ class MigTaskRunner(ThreadPoolTaskRunner):
                         "PREFECT_MIG_RUN_COUNT": str(ctx.task_run.run_count if ctx else 1),
                     },
                 )
-            except ContainerStopped as exc:
+            except (ContainerStopped, ContainerFailed) as exc:
                 if cancelled is not None and cancelled.is_set():
                     raise ContainerStopped(
                         f"the flow run was cancelled: the container on {where} was stopped and the lease released.",
                         container_id=exc.container_id,
                     ) from exc
-                reason = getattr(lease.lost_reason, "reason", "lost")
+                reason = _lost_reason(allocator, lease)
+                if reason is None and isinstance(exc, ContainerFailed):
+                    raise  # the body's container died with its lease intact
+                reason = reason or "removed"
+                what = (f"the container of the lease on {where} was removed while the task ran. " if reason == "removed"
+                        else f"the lease on {where} was {reason} while the task ran: its container was stopped. ")
                 raise LeaseLost(
-                    f"the lease on {where} was {reason} while the task ran: its container was stopped. "
-                    + ("A higher-priority request revoked it (the task is preemptible)." if reason == "revoked" else
-                       "It could not be renewed in time (Redis unreachable or the process paused)."),
+                    what + _LOST_WHY.get(reason, "It could not be renewed in time (Redis unreachable or the process paused)."),
                     reason=reason,
                     lease_id=lease.lease_id,
                 ) from exc
@@ -287,6 +341,29 @@ class MigTaskRunner(ThreadPoolTaskRunner):
         if wants and not getattr(task.fn, "__prefect_mig__", None):
             task = _with_body(task, slice_body(task.fn, self))
         return super().submit(task, parameters, wait_for=wait_for, dependencies=dependencies)
+
+
+_LOST_WHY = {
+    "revoked": "A higher-priority request revoked it (the task is preemptible).",
+    "fenced": "Its fencing token is stale: the node agent removed the container of an older holder.",
+    "gone": "Redis no longer holds it (expired, or Redis lost its data), so the node agent removed the container.",
+    "removed": "The lease is intact, so something else removed the container (docker rm, or an agent of "
+    "another prefect-mig version that does not keep to its own cluster).",
+}
+
+
+def _lost_reason(allocator: Allocator, lease: Lease) -> str | None:
+    """Why the container of a still-held lease may have been stopped: the renewal's verdict, else
+    what Redis says now (``gone``, ``fenced``); ``None`` when the lease is intact."""
+    if lease.lost_reason is not None:
+        return getattr(lease.lost_reason, "reason", "lost")
+    try:
+        current = allocator.lease(lease.lease_id)
+    except LeaseLost as exc:
+        return exc.reason
+    except PrefectMigError:
+        return "lost"
+    return None if current.fence == lease.fence else "fenced"
 
 
 def slice_body(fn, runner: MigTaskRunner):
@@ -347,17 +424,47 @@ def _cancel_event(ctx):
 
 
 class _awaiting_state:
-    """Show ``AwaitingMIG`` (a Pending state) while waiting, then Running again."""
+    """Show ``AwaitingMIG`` (a Pending state) while waiting, with why it waits (queue position,
+    agents whose heartbeat lapsed, kinds no GPU is carved into) in the state's message and the run
+    log, refreshed every `refresh_s` while it waits; then Running again."""
 
-    def __init__(self, ctx, message: str) -> None:
-        self.ctx, self.message = ctx, message
+    def __init__(self, ctx, allocator: Allocator, request_id: str, request: SliceRequest, logger, refresh_s: float = 15.0) -> None:
+        self.ctx, self.allocator, self.request_id, self.request = ctx, allocator, request_id, request
+        self.logger, self.refresh_s = logger, refresh_s
+        self.text = ""
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._refresh, daemon=True, name="prefect-mig-awaiting")
+
+    def _explain(self) -> None:
+        try:
+            reasons = health.wait_reasons(self.allocator, self.request_id)
+        except PrefectMigError as exc:
+            reasons = [f"Redis did not answer ({exc.__class__.__name__})"]
+        text = "; ".join(reasons) or "every matching slice is leased"
+        if text == self.text:
+            return
+        self.text = text
+        message = f"waiting for a {self.request.requirement} slice: {text}"
+        if self.ctx is not None:
+            _emit(self.ctx, Pending(name=AWAITING_MIG, message=message))
+        if self.logger is not None:
+            stale = any("agent" in r for r in reasons)
+            (self.logger.warning if stale else self.logger.info)(
+                "%s (priority %s, tenant %s)", message, self.request.priority, self.request.tenant
+            )
+
+    def _refresh(self) -> None:
+        while not self._done.wait(self.refresh_s):
+            self._explain()
 
     def __enter__(self):
-        if self.ctx is not None:
-            _emit(self.ctx, Pending(name=AWAITING_MIG, message=self.message))
+        self._explain()
+        self._thread.start()
         return self
 
     def __exit__(self, *exc):
+        self._done.set()
+        self._thread.join(timeout=5)
         if self.ctx is not None and exc[0] is not None:  # on success the lease message follows
             _emit(self.ctx, Running(message=f"stopped waiting: {exc[1]}"))
         return False

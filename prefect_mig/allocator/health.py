@@ -1,0 +1,83 @@
+"""How a cluster is doing, in words people act on: each node agent's heartbeat age (stale ones
+flagged), and why a queued request still waits.
+
+The agents' last heartbeats are kept apart from the reaper's deadlines (``Keys.heartbeats``), so
+"node-a's agent last heartbeated 45 s ago" can be said after the reaper took the node out of service.
+
+Examples:
+    ```python
+    from prefect_mig.allocator import Allocator, SliceRequest
+    from prefect_mig.allocator.health import agents, wait_reasons
+    from prefect_mig.testing.redis_server import RedisServer
+
+    with RedisServer() as server:
+        alloc = Allocator(server.client(), "doc")
+        alloc.publish_fleet("node-a=1xA30-24GB", layouts={"node-a": ["4g.24gb@0"]})
+        assert agents(alloc)["node-a"]["stale"] is False
+        alloc.try_acquire(SliceRequest(profile="4g.24gb"))
+        queued = alloc.try_acquire(SliceRequest(profile="4g.24gb"), wait=True)
+        assert wait_reasons(alloc, queued.request_id) == ["position 1 of 1 in the queue"]
+    ```
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from prefect_mig.allocator.allocator import Allocator, redis_errors
+from prefect_mig.allocator.models import decode
+
+
+def agents(allocator: Allocator) -> dict[str, dict[str, Any]]:
+    """Each published node's agent: seconds since its last heartbeat (``age_s``, None if never
+    recorded), its heartbeat TTL, and whether it is ``stale`` (silent past that TTL)."""
+    with redis_errors("read the agents' heartbeats"):
+        pipe = allocator.redis.pipeline(transaction=True)
+        pipe.hkeys(allocator.keys.nodes).hgetall(allocator.keys.heartbeats)
+        nodes, beats = pipe.execute()
+    now = allocator.now_ms()
+    out: dict[str, dict[str, Any]] = {}
+    for node in sorted(decode(n) for n in nodes):
+        raw = beats.get(node) or beats.get(node.encode())
+        if raw is None:
+            out[node] = {"age_s": None, "ttl_s": None, "stale": True}
+            continue
+        beat = json.loads(decode(raw))
+        age_ms = max(0, now - int(beat["at"]))
+        out[node] = {"age_s": age_ms / 1000, "ttl_s": beat["ttl_ms"] / 1000, "stale": age_ms > beat["ttl_ms"]}
+    return out
+
+def wait_reasons(allocator: Allocator, request_id: str) -> list[str]:
+    """Why a queued request still waits, in words: its place in the queue, agents whose
+    heartbeat lapsed, kinds of slices no GPU is carved into (and whether a repartitioner runs)."""
+    k = allocator.keys
+    with redis_errors("read why a request waits"):
+        pipe = allocator.redis.pipeline(transaction=True)
+        pipe.zrank(k.waiting, request_id).zcard(k.waiting).hget(k.requests, request_id)
+        pipe.smembers(k.pkeys).exists(k.repartitioner)
+        rank, queued, raw, carved, repartitioner = pipe.execute()
+    reasons = []
+    if rank is not None:
+        reasons.append(f"position {rank + 1} of {queued} in the queue")
+    wanted = json.loads(decode(raw)).get("pkeys", []) if raw else []
+    if wanted and not set(wanted) & {decode(c) for c in carved}:
+        kinds = ", ".join(sorted({p.split("/", 1)[-1] for p in wanted}))
+        reasons.append(
+            f"no GPU carved for {kinds}; a repartitioner "
+            + ("is running and will carve one" if repartitioner else
+               "is not running (start one with `prefect-mig up` or `prefect-mig repartition serve`, "
+               "or carve one with `prefect-mig layout apply`)")
+        )
+    beats = agents(allocator)
+    if not beats:
+        reasons.append("no node agent has published any GPU (start `prefect-mig agent` or `prefect-mig up`)")
+    elif all(a["stale"] for a in beats.values()):
+        reasons.append("no node agent is alive")
+    for node, a in beats.items():
+        if a["stale"]:
+            reasons.append(
+                f"{node}'s agent last heartbeated {a['age_s']:.0f} s ago" if a["age_s"] is not None
+                else f"{node}'s agent has not heartbeated"
+            )
+    return reasons

@@ -1,0 +1,226 @@
+"""The local cluster: this machine's node agent(s) and the repartitioner, supervised in the background.
+
+``prefect-mig up`` (or, on the embedded default, the first `MigTaskRunner` that finds no live agent
+for this host) starts one detached *supervisor* process per state dir. It runs ``prefect-mig agent``
+for each node of this host (the simulated fleet's nodes, or this host with real GPUs) and, unless
+turned off, ``prefect-mig repartition serve``; a child that exits is restarted (backoff up to 30 s).
+Its pid file and the children's log are under ``<state dir>/local/``; ``prefect-mig down`` stops it
+(and the embedded redis-server). However many threads and processes ask at once, one supervisor
+starts (a lock file in the state dir decides), as for the embedded redis-server.
+
+Timeline of a start::
+
+    starter                          intermediate                 supervisor (detached)
+    lock local.lock
+    spawn ------------------------>  fork, exit  ---------------> write supervisor.pid
+    wait for the intermediate                                     start agent(s), repartitioner
+    wait for supervisor.pid                                       restart what exits; on SIGTERM
+    unlock                                                        stop children, remove the pid file
+
+The intermediate process exits at once, so the supervisor is nobody's child (no zombie) and
+outlives the starter.
+
+Examples:
+    ```python
+    import tempfile
+    from prefect_mig.local_cluster import LocalCluster
+    from prefect_mig.settings import Settings
+
+    local = LocalCluster(Settings(state_dir=tempfile.mkdtemp(), backend="simulated"))
+    assert local.pid() is None and local.log_file.name == "cluster.log"
+    ```
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from prefect_mig.allocator import health
+from prefect_mig.allocator.embedded import state_lock
+from prefect_mig.errors import ConfigError
+from prefect_mig.settings import Settings
+
+_MODULE = "prefect_mig.local_cluster"
+
+
+def local_nodes(settings: Settings) -> list[str]:
+    """The node names this host's agents publish: the simulated fleet's nodes, or this host."""
+    from prefect_mig.gpu import nvml_available
+
+    kind = settings.backend
+    if kind == "auto":
+        kind = "nvml" if nvml_available() else "simulated"
+    return settings.fleet().node_names if kind == "simulated" else [settings.node]
+
+
+class LocalCluster:
+    """The background supervisor of one state dir.
+
+    Args:
+        settings: whose state dir, nodes and Redis the supervisor uses (its children read the same
+            environment).
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.home = Path(settings.state_dir) / "local"
+        self.pid_file = self.home / "supervisor.pid"
+        self.log_file = self.home / "cluster.log"
+        self.config_file = self.home / "supervisor.json"
+
+    def pid(self) -> int | None:
+        """The running supervisor's pid, or None."""
+        try:
+            pid = int(self.pid_file.read_text().strip())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (OSError, ValueError):
+            return None
+        return pid if _MODULE.encode() in cmdline else None  # not a reused pid
+
+    def ensure(self, *, repartition: bool = True, layout: str | None = None, interval_s: float = 5.0) -> tuple[int, bool]:
+        """Start the supervisor unless one runs: (its pid, whether this call started it)."""
+        pid = self.pid()
+        if pid is not None:
+            return pid, False
+        with state_lock(self.home, "start"):
+            pid = self.pid()
+            if pid is not None:
+                return pid, False
+            self.home.mkdir(parents=True, exist_ok=True)
+            self.config_file.write_text(json.dumps({"repartition": repartition, "layout": layout, "interval_s": interval_s}))
+            self.pid_file.unlink(missing_ok=True)
+            with open(self.log_file, "ab") as log:
+                subprocess.run(
+                    [sys.executable, "-m", _MODULE, str(self.home)],
+                    stdin=subprocess.DEVNULL, stdout=log, stderr=log, check=True, start_new_session=True,
+                    env=os.environ | {"PREFECT_MIG_STATE_DIR": str(self.settings.state_dir)},
+                )
+            deadline = time.monotonic() + 30
+            while (pid := self.pid()) is None:
+                if time.monotonic() > deadline:
+                    raise ConfigError(f"the prefect-mig supervisor did not start; see {self.log_file}.")
+                time.sleep(0.05)
+            return pid, True
+
+    def runs_repartitioner(self) -> bool:
+        """Whether the supervisor was started with the repartition service."""
+        try:
+            return bool(json.loads(self.config_file.read_text()).get("repartition", True))
+        except (OSError, ValueError):
+            return False
+
+    def stop(self, timeout_s: float = 30.0) -> bool:
+        """Stop the supervisor and its children; False if none ran."""
+        with state_lock(self.home, "start"):
+            pid = self.pid()
+            if pid is None:
+                self.pid_file.unlink(missing_ok=True)
+                return False
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + timeout_s
+            while self.pid() == pid and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if self.pid() == pid:
+                os.kill(pid, signal.SIGKILL)
+            self.pid_file.unlink(missing_ok=True)
+            return True
+
+    def wait_for_agents(self, allocator, nodes: list[str], timeout_s: float = 120.0) -> None:
+        """Block until each of `nodes` has a live agent heartbeat, and the repartitioner (if this
+        supervisor runs one) has announced itself, so kinds no GPU is carved into queue at once.
+
+        Raises:
+            ConfigError: not within `timeout_s` (points at the log).
+        """
+        deadline = time.monotonic() + timeout_s
+        while True:
+            agents = health.agents(allocator)
+            if all(n in agents and not agents[n]["stale"] for n in nodes) and (
+                not self.runs_repartitioner() or allocator.repartitioner_running()
+            ):
+                return
+            if time.monotonic() > deadline:
+                raise ConfigError(
+                    f"the node agent for {', '.join(nodes)} did not heartbeat (or the repartitioner did not "
+                    f"announce itself) within {timeout_s:g} s; see {self.log_file}."
+                )
+            time.sleep(0.2)
+
+
+# ---------------------------------------------------------------------------- the supervisor process
+
+
+def _children(settings: Settings, config: dict) -> dict[str, list[str]]:
+    cli = [sys.executable, "-m", "prefect_mig.cli.main"]
+    interval = str(config.get("interval_s", 5.0))
+    layout = ["--layout", config["layout"]] if config.get("layout") else []
+    found = {f"agent {node}": [*cli, "agent", "--node", node, "--interval", interval, *layout] for node in local_nodes(settings)}
+    if config.get("repartition", True):
+        found["repartitioner"] = [*cli, "repartition", "serve", "--interval", "10"]
+    return found
+
+
+def _supervise(home: Path) -> None:
+    from prefect_mig.settings import load_settings
+
+    settings = load_settings()
+    config = json.loads((home / "supervisor.json").read_text())
+    commands = _children(settings, config)
+    stopping = False
+
+    def on_term(signum, frame) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    (home / "supervisor.pid").write_text(str(os.getpid()))
+    running: dict[str, subprocess.Popen] = {}
+    failures: dict[str, int] = {}
+    next_start: dict[str, float] = {}
+    say = lambda msg: print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} supervisor: {msg}", flush=True)  # noqa: E731
+    say(f"pid {os.getpid()}, state dir {settings.state_dir}: {', '.join(commands)}")
+    try:
+        while not stopping:
+            for name, cmd in commands.items():
+                proc = running.get(name)
+                if proc is not None and proc.poll() is not None:
+                    failures[name] = failures.get(name, 0) + 1
+                    delay = min(30.0, 2.0 ** failures[name])
+                    say(f"{name} exited with {proc.returncode}; restarting in {delay:g} s")
+                    next_start[name] = time.monotonic() + delay
+                    running.pop(name)
+                    proc = None
+                if proc is None and time.monotonic() >= next_start.get(name, 0):
+                    running[name] = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
+                    say(f"started {name} (pid {running[name].pid})")
+            time.sleep(0.5)
+    finally:
+        for proc in running.values():
+            proc.terminate()
+        for proc in running.values():
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        say("stopped")
+        (home / "supervisor.pid").unlink(missing_ok=True)
+
+
+def main(argv: list[str]) -> None:
+    home = Path(argv[0])
+    if os.fork() > 0:  # the intermediate exits at once: the supervisor is nobody's child
+        os._exit(0)
+    os.setsid()
+    _supervise(home)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,64 @@
+"""The embedded redis-server: one per state dir whatever the concurrency, and `redis stop` stops it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from prefect_mig.allocator.embedded import embedded_dir, ensure_embedded_redis, stop_embedded_redis
+
+_START = "import sys; from pathlib import Path; from prefect_mig.allocator.embedded import ensure_embedded_redis as e; print(e(Path(sys.argv[1])))"
+
+
+def redis_servers_of(state_dir: Path) -> list[int]:
+    """Pids of the redis-server processes whose data dir is under `state_dir` (read from /proc)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if (proc / "comm").read_text().strip() != "redis-server":
+                continue
+            if (proc / "cwd").resolve() == embedded_dir(state_dir).resolve():
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.fixture
+def state_dir(tmp_path, redis_server):  # redis_server: skips (or fails under CI) without redis-server
+    yield tmp_path
+    stop_embedded_redis(tmp_path)
+
+
+def test_many_threads_and_processes_starting_it_at_once_start_one_server(state_dir):
+    procs = [
+        subprocess.Popen([sys.executable, "-c", _START, str(state_dir)], stdout=subprocess.PIPE, text=True)
+        for _ in range(4)
+    ]
+    urls: list[str] = []
+    threads = [threading.Thread(target=lambda: urls.append(ensure_embedded_redis(state_dir))) for _ in range(10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for p in procs:
+        out, _ = p.communicate(timeout=60)
+        assert p.returncode == 0
+        urls.append(out.strip())
+    assert len(urls) == 14 and len(set(urls)) == 1
+    assert len(redis_servers_of(state_dir)) == 1
+
+
+def test_redis_stop_stops_what_was_started_and_leaves_nothing(state_dir):
+    first = ensure_embedded_redis(state_dir)
+    assert ensure_embedded_redis(state_dir) == first  # found, not started again
+    assert len(redis_servers_of(state_dir)) == 1
+    assert stop_embedded_redis(state_dir) is True
+    assert redis_servers_of(state_dir) == []
+    assert stop_embedded_redis(state_dir) is False

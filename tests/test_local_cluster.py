@@ -1,0 +1,125 @@
+"""The local cluster: `prefect-mig up`/`down`, the supervised background agent, and the README's
+first flow run exactly as written in a fresh state dir with nothing started before it."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from prefect_mig.local_cluster import LocalCluster
+from prefect_mig.settings import Settings
+from tests.test_embedded_redis import redis_servers_of
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+@pytest.fixture
+def fresh_env(tmp_path, redis_server):  # redis_server: skips (or fails under CI) without redis-server
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "PREFECT_MIG_"))}
+    env |= {
+        "PREFECT_MIG_STATE_DIR": str(tmp_path / "state"),
+        "PREFECT_MIG_BACKEND": "simulated",
+        "PREFECT_HOME": str(tmp_path / "prefect"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",  # a loaded 2-core machine
+        "COLUMNS": "150",
+    }
+    yield env
+    subprocess.run([sys.executable, "-m", "prefect_mig.cli.main", "down"], env=env, capture_output=True, timeout=120)
+
+
+def _cli(*args, env, timeout=180):
+    return subprocess.run([sys.executable, "-m", "prefect_mig.cli.main", *args], capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def _wait_until(check, timeout_s: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.3)
+
+
+def test_up_starts_a_supervised_agent_carved_to_the_default_and_down_stops_everything(fresh_env):
+    state = Path(fresh_env["PREFECT_MIG_STATE_DIR"])
+    first = _cli("up", "--json", env=fresh_env)
+    assert first.returncode == 0, first.stdout + first.stderr
+    report = json.loads(first.stdout)
+    assert report["started"] and report["repartitioner"] and report["nodes"] == ["node-a"]
+    assert [g["layout"] for g in report["gpus"]] == ["2g.20gb@0 + 1g.10gb@2 + 1g.10gb@3 + 3g.40gb@4"] * 2  # balanced
+    supervisor = report["supervisor_pid"]
+    again = json.loads(_cli("up", "--json", env=fresh_env).stdout)
+    assert again["started"] is False and again["supervisor_pid"] == supervisor
+    status = json.loads(_cli("status", "--json", env=fresh_env).stdout)
+    assert status["agents"]["node-a"]["stale"] is False
+    _wait_until(lambda: len(_children(supervisor)) == 2)  # the agent and the repartitioner
+    children = _children(supervisor)
+    os.kill(children[0], signal.SIGKILL)  # a child dies: the supervisor starts it again
+    _wait_until(lambda: "restarting" in Path(report["log"]).read_text() and len(_children(supervisor)) == 2)
+    down = _cli("down", env=fresh_env)
+    assert down.returncode == 0 and "stopped the background agent" in down.stdout and "redis-server" in down.stdout
+    assert not _alive(supervisor) and not any(_alive(c) for c in _children(supervisor) + children)
+    assert redis_servers_of(state) == []
+
+
+def test_many_threads_asking_for_the_local_cluster_at_once_start_one_supervisor(fresh_env, monkeypatch):
+    for key, value in fresh_env.items():
+        monkeypatch.setenv(key, value)
+    local = LocalCluster(Settings(state_dir=fresh_env["PREFECT_MIG_STATE_DIR"], backend="simulated"))
+    got: list[tuple[int, bool]] = []
+    threads = [threading.Thread(target=lambda: got.append(local.ensure(repartition=False))) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert len({pid for pid, _ in got}) == 1 and sum(started for _, started in got) == 1
+    assert local.stop() is True and local.pid() is None
+
+
+def _readme_first_flow() -> str:
+    text = README.read_text()
+    section = text[text.index("## Your first flow"):]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def test_the_readme_first_flow_runs_as_written_with_nothing_started_before_it(fresh_env, tmp_path, python_image):
+    script = tmp_path / "first_flow.py"
+    script.write_text(_readme_first_flow())
+    assert "square.map(range(10))" in script.read_text()
+    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=fresh_env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = [line.split() for line in done.stdout.splitlines() if re.match(r"^\d+ MIG-", line)]
+    assert sorted(int(v) for v, _ in rows) == sorted(x * x for x in range(10))
+    assert len({m for _, m in rows}) >= 2  # spread over several slices
+    assert "started the local cluster in the background" in done.stdout + done.stderr
+
+
+def test_with_up_a_kind_no_gpu_is_carved_into_queues_and_gets_carved(fresh_env):
+    assert _cli("up", env=fresh_env).returncode == 0
+    got = _cli("lease", "acquire", "--profile", "7g.80gb", "--timeout", "240", "--json", env=fresh_env, timeout=300)
+    assert got.returncode == 0, got.stderr
+    lease = json.loads(got.stdout)
+    assert lease["slice"]["profile"] == "7g.80gb"
+    assert _cli("lease", "release", lease["lease_id"], "--fence", str(lease["fence"]), env=fresh_env).returncode == 0
