@@ -12,6 +12,7 @@ This is the one place that reads the environment; everything else receives a `Se
 | ``PREFECT_MIG_STATE_DIR`` | where state lives: embedded Redis data, the simulated NVML's state file |
 | ``PREFECT_MIG_DOCKER_HOST`` | Docker engine URL for task containers; unset = ``DOCKER_HOST`` or the local socket |
 | ``PREFECT_MIG_API_TOKEN`` | bearer token of the HTTP lease API (``prefect-mig api serve``) |
+| ``PREFECT_MIG_LEASE_MAX_TTL_S`` | the cluster's longest lease TTL (default 900 s); also how long a node keeps its idle slices quarantined after Redis lost its state |
 
 Examples:
     ```python
@@ -84,6 +85,13 @@ class Settings(BaseSettings):
         default=None,
         min_length=16,
         description="Bearer token the HTTP lease API requires (at least 16 characters).",
+    )
+    lease_max_ttl_s: float = Field(
+        default=900.0,
+        ge=1,
+        le=86_400,
+        description="The cluster's longest lease TTL in seconds: longer acquires and renewals are refused, "
+        "and after Redis lost its state a node keeps its idle slices out of service this long.",
     )
 
     @field_validator("redis_url")

@@ -16,8 +16,17 @@ Policy, stated once:
   order above: a small request that also accepts big slices only gets one ahead of a big request
   when it is better ordered. There is no reservation: aging bounds every wait.
 - **Preemption.** A queued request may revoke the lowest-priority *preemptible* lease of strictly
-  lower priority on a kind it accepts. The holder learns it at its next renewal and keeps the slice
-  for a grace period; then the lease expires and the slice goes to the best waiter.
+  lower priority on a kind it accepts, if its quota would let it take that slice. The holder is told
+  at once (a push its `Lease` watches) and its error says "revoked for a priority-N request". Its
+  lease keeps its expiry until it acknowledges; then it has at most the cluster's grace
+  (`configure_cluster`, floor 2 s) -- a revocation never lengthens a lease. The slice goes to the
+  best waiter when the holder releases it or its lease truly expires. A request that leaves the
+  queue before the holder acknowledged undoes the revocation.
+- **No idle slice while an eligible request waits.** A freed slice looks past any number of
+  waiters it cannot serve (quota, node); `reap` re-offers free slices to waiting requests.
+- **Epochs.** A missing epoch key means Redis lost the cluster's state; the next script writes a new
+  epoch and a ``cluster.epoch`` event. A node agent that published under the old epoch gets its
+  idle slices quarantined until every holder from before has had to stop (`max_ttl_s`).
 - **Fencing.** Every grant takes the next value of one counter; renew and release must present it.
 
 Examples:
@@ -37,6 +46,7 @@ Examples:
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 import uuid
@@ -51,6 +61,7 @@ from prefect_mig.allocator.models import LeaseInfo, Quota, SliceRecord, SliceReq
 from prefect_mig.allocator.scripts import Scripts
 from prefect_mig.errors import (
     AllocationError,
+    ConfigError,
     LeaseLost,
     LeaseNotOwned,
     NoCapacity,
@@ -92,7 +103,9 @@ def _grant_info(request: SliceRequest, lease_id: str, fence, expires, slice_json
 
 @contextmanager
 def redis_errors(action: str) -> Iterator[None]:
-    """Turn a Redis connection failure into `RedisUnavailable` that names what was being done."""
+    """Turn any Redis failure into `RedisUnavailable` that names what was being done: no answer,
+    and refusals too (OOM under ``maxmemory``, BUSY, READONLY after a failover, NOPERM), which a
+    holder must treat like an outage rather than die on."""
     try:
         yield
     except (redis.ConnectionError, redis.TimeoutError) as exc:
@@ -100,6 +113,31 @@ def redis_errors(action: str) -> Iterator[None]:
             f"Redis did not answer while trying to {action} ({exc.__class__.__name__}: {exc}). "
             "Check PREFECT_MIG_REDIS_URL and that redis-server runs."
         ) from exc
+    except redis.RedisError as exc:
+        raise RedisUnavailable(
+            f"Redis refused to {action} ({exc.__class__.__name__}: {exc}). "
+            "Check the server's memory (maxmemory), long scripts, and that it is a primary."
+        ) from exc
+
+
+#: The shortest preemption grace a cluster may set: a revoked holder needs time to stop its container.
+GRACE_FLOOR_S = 2.0
+
+
+def check_ttl(ttl_s: float, max_ttl_s: float, *, field: str = "ttl_s") -> float:
+    """A lease TTL must be a finite number of seconds in [1, max_ttl_s]."""
+    try:
+        value = float(ttl_s)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not (math.isfinite(value) and 1 <= value <= max_ttl_s):
+        raise ConfigError(
+            f"{field}={ttl_s!r}: a lease TTL must be a finite number of seconds from 1 to {max_ttl_s:g} "
+            "(the cluster's maximum, PREFECT_MIG_LEASE_MAX_TTL_S).",
+            field=field,
+            value=ttl_s,
+        )
+    return value
 
 
 class Allocator:
@@ -111,7 +149,10 @@ class Allocator:
         clock: a virtual clock (`ManualClock`); default: Redis ``TIME``.
         aging_s: waiting this long is worth one priority level.
         wait_ttl_s: a waiting request nobody touches for this long is dropped (dead waiter).
-        grace_s: how long a preempted holder keeps its slice; ``None`` turns preemption off.
+        grace_s: ``None`` turns preemption off for this client's requests; any number turns it on.
+            The grace itself is the cluster's (`configure_cluster`), not the requester's.
+        max_ttl_s: the cluster's longest lease TTL: longer requests and renewals are refused, and
+            after Redis lost its state, nodes that outlived it wait this long before granting.
         queue_uncarved: let requests wait for a kind of slice no GPU is carved into yet (when a
             repartitioner runs, it will carve it); otherwise such a request is `Unsatisfiable`.
     """
@@ -127,13 +168,16 @@ class Allocator:
         grace_s: float | None = 10.0,
         events_maxlen: int = 100_000,
         queue_uncarved: bool = False,
+        max_ttl_s: float = 900.0,
     ) -> None:
         self.redis = client
         self.keys = Keys(namespace)
         self.clock = clock
         self.aging_ms = int(aging_s * 1000)
         self.wait_ttl_ms = int(wait_ttl_s * 1000)
-        self.grace_ms = None if grace_s is None else int(grace_s * 1000)
+        self.preempt = grace_s is not None
+        self.max_ttl_s = float(max_ttl_s)
+        self._epoch = ""  # the cluster epoch the last publish saw
         self.queue_uncarved = queue_uncarved
         self.scripts = Scripts(client, self.keys, events_maxlen=events_maxlen)
         self._models: tuple[float, list[str]] = (0.0, [])
@@ -166,9 +210,12 @@ class Allocator:
             int(heartbeat_ttl_s * 1000),
             json.dumps(list(gpus)),
             json.dumps([s.model_dump() for s in slices]),
+            self._epoch,
+            int(self.max_ttl_s * 1000),
             action=f"publish the inventory of node {node}",
         )
-        return tuple(int(x) for x in reply)  # type: ignore[return-value]
+        self._epoch = str(reply[3])
+        return tuple(int(x) for x in reply[:3])  # type: ignore[return-value]
 
     def publish_fleet(
         self, fleet: str | FleetSpec, *, layouts: dict[str, list[str]], heartbeat_ttl_s: float = 30.0
@@ -248,6 +295,7 @@ class Allocator:
             NoCapacity: nothing fits now and `wait` is false.
             Unsatisfiable: no GPU in the inventory offers a slice the request accepts.
         """
+        check_ttl(request.ttl_s, self.max_ttl_s)
         request_id = request_id or uuid.uuid4().hex
         reply = self._run(
             "acquire",
@@ -255,7 +303,7 @@ class Allocator:
             "1" if wait else "0",
             self.wait_ttl_ms,
             self.aging_ms,
-            "" if self.grace_ms is None else self.grace_ms,
+            "1" if self.preempt else "",
             "1" if self.queue_uncarved else "0",
             action="acquire a slice",
         )
@@ -370,6 +418,7 @@ class Allocator:
             LeaseNotOwned: `fence` is not the lease's token.
             LeaseLost: the lease expired, was revoked (preempted) or is gone.
         """
+        ttl_s = check_ttl(ttl_s, self.max_ttl_s)
         reply = self._run("renew", lease_id, fence, int(ttl_s * 1000), action="renew a lease")
         code = reply[0]
         if code == "ok":
@@ -381,8 +430,8 @@ class Allocator:
             )
         if code == "revoked":
             raise LeaseLost(
-                f"lease {lease_id} was revoked for a higher-priority request; the slice must be free "
-                f"by {int(reply[1])} ms (epoch).",
+                f"lease {lease_id} was revoked for a priority-{reply[2]} request; stop using the slice "
+                f"and release it (it is taken back within {int(reply[3]) / 1000:g} s).",
                 reason="revoked",
                 lease_id=lease_id,
             )
@@ -473,6 +522,19 @@ class Allocator:
             pipe.xadd(self.keys.events, {"type": f"layout.{outcome}", "at": self.now_ms(), "gpu": gpu_uuid, "detail": detail},
                       maxlen=self.scripts._events_maxlen, approximate=True)
             pipe.execute()
+
+    def configure_cluster(self, *, grace_s: float) -> None:
+        """Set the cluster's preemption grace (kept in Redis, for every client): how long a revoked
+        holder may keep its slice after it was told. At least `GRACE_FLOOR_S`."""
+        if not (isinstance(grace_s, (int, float)) and math.isfinite(grace_s) and grace_s >= GRACE_FLOOR_S):
+            raise ConfigError(
+                f"grace_s={grace_s!r}: the preemption grace must be a finite number of seconds, at least "
+                f"{GRACE_FLOOR_S:g} (a revoked holder needs time to stop its container).",
+                field="grace_s",
+                value=grace_s,
+            )
+        with redis_errors("configure the cluster"):
+            self.redis.hset(self.keys.config, "grace_ms", int(grace_s * 1000))
 
     def set_quota(self, tenant: str, quota: Quota | None) -> None:
         """Limit a tenant's concurrent slices and compute slices (``None`` removes the limit)."""

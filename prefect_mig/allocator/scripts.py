@@ -57,6 +57,9 @@ FIXED_KEYS = (
     "events",
     "repartitioner",
     "withholding",
+    "config",
+    "epoch",
+    "quarantine",
 )
 
 
