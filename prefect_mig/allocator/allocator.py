@@ -58,7 +58,7 @@ import redis
 
 from prefect_mig.allocator.keys import Keys
 from prefect_mig.allocator.models import LeaseInfo, Quota, SliceRecord, SliceRequest, decode, slice_record
-from prefect_mig.allocator.scripts import Scripts
+from prefect_mig.allocator.scripts import DeadlinePassed, Scripts, read_by
 from prefect_mig.errors import (
     AllocationError,
     ConfigError,
@@ -108,6 +108,8 @@ def redis_errors(action: str) -> Iterator[None]:
     holder must treat like an outage rather than die on."""
     try:
         yield
+    except DeadlinePassed:
+        raise  # the caller's own deadline, not an outage
     except (redis.ConnectionError, redis.TimeoutError) as exc:
         raise RedisUnavailable(
             f"Redis did not answer while trying to {action} ({exc.__class__.__name__}: {exc}). "
@@ -148,7 +150,8 @@ class Allocator:
         namespace: the cluster's namespace; all its keys share the hash tag ``{namespace}``.
         clock: a virtual clock (`ManualClock`); default: Redis ``TIME``.
         aging_s: waiting this long is worth one priority level.
-        wait_ttl_s: a waiting request nobody touches for this long is dropped (dead waiter).
+        wait_ttl_s: a waiting request nobody touches for this long is dropped (dead waiter); a
+            waiter touches it every third of this.
         grace_s: ``None`` turns preemption off for this client's requests; any number turns it on.
             The grace itself is the cluster's (`configure_cluster`), not the requester's.
         max_ttl_s: the cluster's longest lease TTL: longer requests and renewals are refused, and
@@ -164,7 +167,7 @@ class Allocator:
         *,
         clock: Clock | None = None,
         aging_s: float = 60.0,
-        wait_ttl_s: float = 30.0,
+        wait_ttl_s: float = 3.0,
         grace_s: float | None = 10.0,
         events_maxlen: int = 100_000,
         queue_uncarved: bool = False,
@@ -183,10 +186,10 @@ class Allocator:
         self._models: tuple[float, list[str]] = (0.0, [])
         self._templates: dict[tuple, str] = {}  # request JSON per (request, inventory models)
 
-    def _run(self, name: str, *args: Any, action: str) -> list:
+    def _run(self, name: str, *args: Any, action: str, deadline: float | None = None) -> list:
         now = self.clock.now_ms() if self.clock is not None else None
         with redis_errors(action):
-            reply = self.scripts.run(name, *args, now_ms=now)
+            reply = self.scripts.run(name, *args, now_ms=now, deadline=deadline)
         return [decode(x) for x in reply] if isinstance(reply, list) else reply
 
     # ------------------------------------------------------------------ inventory
@@ -287,7 +290,8 @@ class Allocator:
         return template.replace('"@ID@"', json.dumps(request_id), 1)
 
     def try_acquire(
-        self, request: SliceRequest, *, wait: bool = False, request_id: str | None = None
+        self, request: SliceRequest, *, wait: bool = False, request_id: str | None = None,
+        deadline: float | None = None,
     ) -> LeaseInfo | Queued:
         """Grant a slice now, or (with `wait`) join the queue and return `Queued`.
 
@@ -306,6 +310,7 @@ class Allocator:
             "1" if self.preempt else "",
             "1" if self.queue_uncarved else "0",
             action="acquire a slice",
+            deadline=deadline,
         )
         code = reply[0]
         if code == "granted":
@@ -339,53 +344,142 @@ class Allocator:
     ) -> LeaseInfo:
         """Block (pushed, not polled) until the queued request is granted, or withdraw it.
 
+        The grant is claimed (renewed to the full TTL) before it is returned: a grant that reaches a
+        waiter too late to claim it went back, and the request queues again.
+
         Raises:
-            WaitTimeout: `timeout_s` passed; the request left the queue (a grant that raced the
-                timeout is released, so nothing is held).
+            WaitTimeout: `timeout_s` passed (honoured within about 100 ms whatever Redis does); the
+                request left the queue (a grant that raced the timeout is released, so nothing is held).
             LeaseLost: the request was dropped (e.g. the reaper took it for a dead waiter).
+            RedisUnavailable: Redis failed; the request is withdrawn as soon as Redis answers.
 
         `stop` (set from another thread, e.g. when an asyncio task is cancelled) ends the wait like
         a timeout, within one wake-up interval (at most 2 s).
         """
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        try:
+            got = self._wait(request_id, deadline, stop, request)
+        except DeadlinePassed:
+            got = None
+        except BaseException:
+            self._abandon(request_id)  # RedisUnavailable, KeyboardInterrupt, ...: leave the queue
+            raise
+        if got is not None:
+            return got
+        try:
+            reply = self._run("cancel", request_id, action="withdraw a request", deadline=time.monotonic() + 0.05)
+            if reply[0] == "granted":  # granted in the last instant: give it back
+                self.release(request_id, int(reply[1]))
+        except (DeadlinePassed, RedisUnavailable):
+            self._abandon(request_id)
+        waited = "the wait was stopped" if stop is not None and stop.is_set() else f"no slice within {timeout_s:g} s"
+        raise WaitTimeout(f"{waited}; the request was withdrawn from the queue.", lease_id=request_id)
+
+    def _wait(self, request_id, deadline, stop, request) -> LeaseInfo | None:
+        """The wait itself: a LeaseInfo, or None when the deadline passed or `stop` was set."""
         waiter = self.keys.waiter(request_id)
         touch_every = max(0.05, min(2.0, self.wait_ttl_ms / 3000))
         while True:
             chunk = touch_every if deadline is None else min(touch_every, deadline - time.monotonic())
             if chunk <= 0 or (stop is not None and stop.is_set()):
-                break
-            with redis_errors("wait for a slice"):
-                got = self.redis.blpop([waiter], timeout=chunk)
-            if got and not (stop is not None and stop.is_set()):
-                if request is None:
-                    return self.lease(request_id)
-                fence, expires, waited, slice_json = decode(got[1]).split("|", 3)
-                return _grant_info(request, request_id, fence, expires, slice_json, waited)
+                return None
+            got = self._blpop(waiter, chunk, deadline)
+            if got and stop is not None and stop.is_set():
+                return None
             if got:
-                break
-            state = self._run("touch_wait", request_id, self.wait_ttl_ms, action="keep waiting")[0]
+                fence, expires, waited, slice_json = decode(got).split("|", 3)
+                info = (
+                    self.lease(request_id) if request is None
+                    else _grant_info(request, request_id, fence, expires, slice_json, waited)
+                )
+                claimed = self._claim(info, request)
+                if claimed is not None:
+                    return claimed
+                continue  # it went back before we could claim it: we are queued again
+            state = self._run("touch_wait", request_id, self.wait_ttl_ms, action="keep waiting", deadline=deadline)[0]
             if state == "waiting":
-                self.reap(limit=10)  # expiry makes progress even where no agent runs a reaper
+                self._run("reap", 10, action="reap", deadline=deadline)  # progress where no agent reaps
             if state == "granted":
-                return self.lease(request_id)
+                claimed = self._claim(self.lease(request_id), request)
+                if claimed is not None:
+                    return claimed
+                continue
             if state == "gone":
                 raise LeaseLost(
                     f"request {request_id} is no longer queued (dropped as abandoned?).",
                     reason="gone",
                     lease_id=request_id,
                 )
-        reply = self._run("cancel", request_id, action="withdraw a request")
-        if reply[0] == "granted":  # granted in the last instant: give it back
-            self.release(request_id, int(reply[1]))
-        waited = "the wait was stopped" if stop is not None and stop.is_set() else f"no slice within {timeout_s:g} s"
-        raise WaitTimeout(f"{waited}; the request was withdrawn from the queue.", lease_id=request_id)
+
+    def _claim(self, info: LeaseInfo, request: SliceRequest | None) -> LeaseInfo | None:
+        """Renew a handed-over lease to its full TTL; None (and queued again) if it already went back.
+
+        Raises:
+            LeaseLost: it went back and, without the request, cannot queue again."""
+        try:
+            expires = self.renew(info.lease_id, info.fence, info.ttl_ms / 1000)
+        except (LeaseLost, LeaseNotOwned):
+            if request is None:
+                raise
+            again = self.try_acquire(request, wait=True, request_id=info.lease_id)
+            return again if isinstance(again, LeaseInfo) else None
+        return info.model_copy(update={"expires_at_ms": expires})
+
+    def _blpop(self, key: str, timeout_s: float, deadline: float | None):
+        """BLPOP that returns (None) by `deadline` even when Redis does not answer at all."""
+        if type(self.redis) is not redis.Redis:
+            with redis_errors("wait for a slice"):
+                got = self.redis.blpop([key], timeout=timeout_s)
+            return got[1] if got else None
+        conn = self.scripts._connection()
+        limit = time.monotonic() + timeout_s + 2.0  # Redis answers a BLPOP by its timeout
+        with redis_errors("wait for a slice"):
+            try:
+                conn.send_command("BLPOP", key, f"{timeout_s:.3f}")
+                got = read_by(conn, limit if deadline is None else min(limit, deadline))
+            except DeadlinePassed:
+                if deadline is not None and time.monotonic() >= deadline - 0.001:
+                    raise
+                raise redis.TimeoutError(f"no reply to BLPOP within {timeout_s + 2:.1f} s") from None
+            except BaseException:
+                conn.disconnect()
+                raise
+        return got[1] if got else None
+
+    def _abandon(self, request_id: str) -> None:
+        """Withdraw a request whose caller is leaving, in the background until Redis answers
+        (at most a minute): cancelled, or released if it was granted meanwhile."""
+
+        def withdraw() -> None:
+            end = time.monotonic() + 60
+            while time.monotonic() < end:
+                try:
+                    reply = self._run("cancel", request_id, action="withdraw a request")
+                    if reply[0] == "granted":
+                        self.release(request_id, int(reply[1]))
+                    return
+                except (RedisUnavailable, LeaseNotOwned):
+                    time.sleep(0.5)
+
+        threading.Thread(target=withdraw, name=f"withdraw-{request_id[:8]}", daemon=True).start()
 
     def acquire(self, request: SliceRequest, *, timeout_s: float | None = None) -> LeaseInfo:
-        """Grant a slice, waiting up to `timeout_s` (``None``: as long as it takes; 0: no wait)."""
-        got = self.try_acquire(request, wait=timeout_s != 0)
+        """Grant a slice, waiting up to `timeout_s` (``None``: as long as it takes; 0: no wait).
+        The timeout holds within about 100 ms even while Redis does not answer."""
+        deadline = None if not timeout_s else time.monotonic() + timeout_s
+        request_id = uuid.uuid4().hex
+        try:
+            got = self.try_acquire(request, wait=timeout_s != 0, request_id=request_id, deadline=deadline)
+        except DeadlinePassed:
+            self._abandon(request_id)
+            raise WaitTimeout(
+                f"no slice within {timeout_s:g} s (Redis did not answer); the request is withdrawn.",
+                lease_id=request_id,
+            ) from None
         if isinstance(got, LeaseInfo):
             return got
-        return self.wait_for_grant(got.request_id, timeout_s, request=request)
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        return self.wait_for_grant(got.request_id, left if left is None else left, request=request)
 
     def lease(self, lease_id: str) -> LeaseInfo:
         """The lease as Redis holds it.

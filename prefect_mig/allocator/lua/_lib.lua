@@ -165,9 +165,17 @@ end
 
 -- Grant a slice to a waiting request and push the grant onto its waiter's key: the waiter learns
 -- everything it needs from the push (fence, expiry, waited ms, slice), with no read after waking.
+-- A handed-over lease lives only CLAIM_MS until its waiter claims it (renews it, on waking): a grant
+-- to a waiter that died in the meantime comes back within that time instead of a whole TTL.
+local CLAIM_MS = 1000
 local function hand_over(r, id, s, counted)
   dequeue(r)
   local fence, expires, waited = grant(r, id, s, counted)
+  if expires > NOW + CLAIM_MS then
+    expires = NOW + CLAIM_MS
+    redis.call('HSET', lease_key(r.id), 'expires_at', expires)
+    redis.call('ZADD', K.leases, expires, r.id)
+  end
   redis.call('RPUSH', waiter_key(r.id), string.format('%.0f|%.0f|%.0f|', fence, expires, waited) .. s._raw)
   redis.call('PEXPIRE', waiter_key(r.id), 600000)
 end
