@@ -154,6 +154,9 @@ class Allocator:
             waiter touches it every third of this.
         grace_s: ``None`` turns preemption off for this client's requests; any number turns it on.
             The grace itself is the cluster's (`configure_cluster`), not the requester's.
+        claim_s: a lease handed to a waiting request lives this long until `wait_for_grant` claims
+            it (so a grant to a waiter that died comes back quickly); ``None``: the whole TTL at
+            once (for callers that do not wait with `wait_for_grant`, e.g. the simulator).
         max_ttl_s: the cluster's longest lease TTL: longer requests and renewals are refused, and
             after Redis lost its state, nodes that outlived it wait this long before granting.
         queue_uncarved: let requests wait for a kind of slice no GPU is carved into yet (when a
@@ -172,6 +175,7 @@ class Allocator:
         events_maxlen: int = 100_000,
         queue_uncarved: bool = False,
         max_ttl_s: float = 900.0,
+        claim_s: float | None = 1.0,
     ) -> None:
         self.redis = client
         self.keys = Keys(namespace)
@@ -180,6 +184,7 @@ class Allocator:
         self.wait_ttl_ms = int(wait_ttl_s * 1000)
         self.preempt = grace_s is not None
         self.max_ttl_s = float(max_ttl_s)
+        self.claim_ms = None if claim_s is None else int(claim_s * 1000)
         self._epoch = ""  # the cluster epoch the last publish saw
         self.queue_uncarved = queue_uncarved
         self.scripts = Scripts(client, self.keys, events_maxlen=events_maxlen)
@@ -283,6 +288,8 @@ class Allocator:
                 "ttl_ms": int(request.ttl_s * 1000),
                 "preemptible": request.preemptible,
             }
+            if self.claim_ms is not None:
+                body["claim_ms"] = self.claim_ms
             template = json.dumps(body)
             if len(self._templates) > 1024:
                 self._templates.clear()

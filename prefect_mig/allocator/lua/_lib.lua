@@ -165,14 +165,14 @@ end
 
 -- Grant a slice to a waiting request and push the grant onto its waiter's key: the waiter learns
 -- everything it needs from the push (fence, expiry, waited ms, slice), with no read after waking.
--- A handed-over lease lives only CLAIM_MS until its waiter claims it (renews it, on waking): a grant
--- to a waiter that died in the meantime comes back within that time instead of a whole TTL.
-local CLAIM_MS = 1000
+-- A handed-over lease lives only r.claim_ms (when the request has one) until its waiter claims it
+-- (renews it, on waking): a grant to a waiter that died meanwhile comes back within that time
+-- instead of a whole TTL.
 local function hand_over(r, id, s, counted)
   dequeue(r)
   local fence, expires, waited = grant(r, id, s, counted)
-  if expires > NOW + CLAIM_MS then
-    expires = NOW + CLAIM_MS
+  if r.claim_ms and expires > NOW + r.claim_ms then
+    expires = NOW + r.claim_ms
     redis.call('HSET', lease_key(r.id), 'expires_at', expires)
     redis.call('ZADD', K.leases, expires, r.id)
   end
