@@ -486,7 +486,7 @@ class Allocator:
         if isinstance(got, LeaseInfo):
             return got
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
-        return self.wait_for_grant(got.request_id, left if left is None else left, request=request)
+        return self.wait_for_grant(got.request_id, left, request=request)
 
     def lease(self, lease_id: str) -> LeaseInfo:
         """The lease as Redis holds it.

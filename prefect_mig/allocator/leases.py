@@ -286,7 +286,7 @@ class AsyncLeaseClient:
                 except Exception:  # noqa: BLE001 - the WaitTimeout that stopping produces
                     pass
                 raise
-        return Lease(self.allocator, got, on_lost=on_lost).start_renewing()
+        return await asyncio.to_thread(Lease(self.allocator, got, on_lost=on_lost).start_renewing)
 
     async def release(self, lease: Lease) -> bool:
         import asyncio
