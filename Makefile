@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 # Touched after a successful install; pip runs again only when pyproject.toml changes.
 VENV_STAMP := $(VENV)/.installed-stamp
 
-.PHONY: venv system image test demo
+.PHONY: venv system image test demo faults
 # The prerequisites below must run in order (system packages before the venv, the venv before the image).
 .NOTPARALLEL:
 
@@ -35,3 +35,10 @@ test: system venv image
 demo: system venv image
 	@echo ">>> Running the demo"
 	$(VENV)/bin/prefect-mig demo
+
+# A randomized fault campaign against the allocator (its own redis-server on 127.0.0.1, about
+# FAULTS_SECONDS + 10 s); fails when two holders used one slice at once.
+FAULTS_SECONDS ?= 180
+faults: system venv
+	@echo ">>> Running the allocator fault campaign for $(FAULTS_SECONDS) s (tests/faults/campaign.py)"
+	$(VENV)/bin/python -m tests.faults.campaign --seconds $(FAULTS_SECONDS)

@@ -15,6 +15,7 @@ This is the one place that reads the environment; everything else receives a `Se
 | ``PREFECT_MIG_LAYOUTS_FILE`` | YAML file of named layout configs; unset = the shipped defaults |
 | ``PREFECT_MIG_LAYOUT`` | config the agent carves GPUs without instances to (unset: the file's default; ``none``) |
 | ``PREFECT_MIG_WAIT_TIMEOUT_S`` | how long a task waits for a slice unless its runner says (default 3600) |
+| ``PREFECT_MIG_LEASE_MAX_TTL_S`` | the cluster's longest lease TTL (default 900 s); also how long a node keeps its idle slices quarantined after Redis lost its state |
 
 Examples:
     ```python
@@ -102,6 +103,13 @@ class Settings(BaseSettings):
         default=None,
         min_length=16,
         description="Bearer token the HTTP lease API requires (at least 16 characters).",
+    )
+    lease_max_ttl_s: float = Field(
+        default=900.0,
+        ge=1,
+        le=86_400,
+        description="The cluster's longest lease TTL in seconds: longer acquires and renewals are refused, "
+        "and after Redis lost its state a node keeps its idle slices out of service this long.",
     )
 
     @field_validator("redis_url")

@@ -24,8 +24,10 @@ def clock() -> ManualClock:
 
 @pytest.fixture
 def alloc(redis_client, namespace, clock) -> Allocator:
-    """An allocator on a fresh namespace, with a virtual clock, aging 60 s, grace 5 s."""
-    return Allocator(redis_client, namespace, clock=clock, aging_s=60, wait_ttl_s=30, grace_s=5)
+    """An allocator on a fresh namespace, with a virtual clock, aging 60 s, a cluster grace of 5 s."""
+    allocator = Allocator(redis_client, namespace, clock=clock, aging_s=60, wait_ttl_s=30, grace_s=5)
+    allocator.configure_cluster(grace_s=5)
+    return allocator
 
 
 @pytest.fixture

@@ -16,8 +16,17 @@ Policy, stated once:
   order above: a small request that also accepts big slices only gets one ahead of a big request
   when it is better ordered. There is no reservation: aging bounds every wait.
 - **Preemption.** A queued request may revoke the lowest-priority *preemptible* lease of strictly
-  lower priority on a kind it accepts. The holder learns it at its next renewal and keeps the slice
-  for a grace period; then the lease expires and the slice goes to the best waiter.
+  lower priority on a kind it accepts, if its quota would let it take that slice. The holder is told
+  at once (a push its `Lease` watches) and its error says "revoked for a priority-N request". Its
+  lease keeps its expiry until it acknowledges; then it has at most the cluster's grace
+  (`configure_cluster`, floor 2 s) -- a revocation never lengthens a lease. The slice goes to the
+  best waiter when the holder releases it or its lease truly expires. A request that leaves the
+  queue before the holder acknowledged undoes the revocation.
+- **No idle slice while an eligible request waits.** A freed slice looks past any number of
+  waiters it cannot serve (quota, node); `reap` re-offers free slices to waiting requests.
+- **Epochs.** A missing epoch key means Redis lost the cluster's state; the next script writes a new
+  epoch and a ``cluster.epoch`` event. A node agent that published under the old epoch gets its
+  idle slices quarantined until every holder from before has had to stop (`max_ttl_s`).
 - **Fencing.** Every grant takes the next value of one counter; renew and release must present it.
 
 Examples:
@@ -37,6 +46,7 @@ Examples:
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 import uuid
@@ -48,9 +58,10 @@ import redis
 
 from prefect_mig.allocator.keys import Keys
 from prefect_mig.allocator.models import LeaseInfo, Quota, SliceRecord, SliceRequest, decode, slice_record
-from prefect_mig.allocator.scripts import Scripts
+from prefect_mig.allocator.scripts import DeadlinePassed, Scripts, read_by
 from prefect_mig.errors import (
     AllocationError,
+    ConfigError,
     LeaseLost,
     LeaseNotOwned,
     NoCapacity,
@@ -92,14 +103,43 @@ def _grant_info(request: SliceRequest, lease_id: str, fence, expires, slice_json
 
 @contextmanager
 def redis_errors(action: str) -> Iterator[None]:
-    """Turn a Redis connection failure into `RedisUnavailable` that names what was being done."""
+    """Turn any Redis failure into `RedisUnavailable` that names what was being done: no answer,
+    and refusals too (OOM under ``maxmemory``, BUSY, READONLY after a failover, NOPERM), which a
+    holder must treat like an outage rather than die on."""
     try:
         yield
+    except DeadlinePassed:
+        raise  # the caller's own deadline, not an outage
     except (redis.ConnectionError, redis.TimeoutError) as exc:
         raise RedisUnavailable(
             f"Redis did not answer while trying to {action} ({exc.__class__.__name__}: {exc}). "
             "Check PREFECT_MIG_REDIS_URL and that redis-server runs."
         ) from exc
+    except redis.RedisError as exc:
+        raise RedisUnavailable(
+            f"Redis refused to {action} ({exc.__class__.__name__}: {exc}). "
+            "Check the server's memory (maxmemory), long scripts, and that it is a primary."
+        ) from exc
+
+
+#: The shortest preemption grace a cluster may set: a revoked holder needs time to stop its container.
+GRACE_FLOOR_S = 2.0
+
+
+def check_ttl(ttl_s: float, max_ttl_s: float, *, field: str = "ttl_s") -> float:
+    """A lease TTL must be a finite number of seconds in [1, max_ttl_s]."""
+    try:
+        value = float(ttl_s)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not (math.isfinite(value) and 1 <= value <= max_ttl_s):
+        raise ConfigError(
+            f"{field}={ttl_s!r}: a lease TTL must be a finite number of seconds from 1 to {max_ttl_s:g} "
+            "(the cluster's maximum, PREFECT_MIG_LEASE_MAX_TTL_S).",
+            field=field,
+            value=ttl_s,
+        )
+    return value
 
 
 class Allocator:
@@ -110,8 +150,15 @@ class Allocator:
         namespace: the cluster's namespace; all its keys share the hash tag ``{namespace}``.
         clock: a virtual clock (`ManualClock`); default: Redis ``TIME``.
         aging_s: waiting this long is worth one priority level.
-        wait_ttl_s: a waiting request nobody touches for this long is dropped (dead waiter).
-        grace_s: how long a preempted holder keeps its slice; ``None`` turns preemption off.
+        wait_ttl_s: a waiting request nobody touches for this long is dropped (dead waiter); a
+            waiter touches it every third of this.
+        grace_s: ``None`` turns preemption off for this client's requests; any number turns it on.
+            The grace itself is the cluster's (`configure_cluster`), not the requester's.
+        claim_s: a lease handed to a waiting request lives this long until `wait_for_grant` claims
+            it (so a grant to a waiter that died comes back quickly); ``None``: the whole TTL at
+            once (for callers that do not wait with `wait_for_grant`, e.g. the simulator).
+        max_ttl_s: the cluster's longest lease TTL: longer requests and renewals are refused, and
+            after Redis lost its state, nodes that outlived it wait this long before granting.
         queue_uncarved: let requests wait for a kind of slice no GPU is carved into yet (when a
             repartitioner runs, it will carve it); otherwise such a request is `Unsatisfiable`.
     """
@@ -123,27 +170,32 @@ class Allocator:
         *,
         clock: Clock | None = None,
         aging_s: float = 60.0,
-        wait_ttl_s: float = 30.0,
+        wait_ttl_s: float = 3.0,
         grace_s: float | None = 10.0,
         events_maxlen: int = 100_000,
         queue_uncarved: bool = False,
+        max_ttl_s: float = 900.0,
+        claim_s: float | None = 1.0,
     ) -> None:
         self.redis = client
         self.keys = Keys(namespace)
         self.clock = clock
         self.aging_ms = int(aging_s * 1000)
         self.wait_ttl_ms = int(wait_ttl_s * 1000)
-        self.grace_ms = None if grace_s is None else int(grace_s * 1000)
+        self.preempt = grace_s is not None
+        self.max_ttl_s = float(max_ttl_s)
+        self.claim_ms = None if claim_s is None else int(claim_s * 1000)
+        self._epoch = ""  # the cluster epoch the last publish saw
         self.queue_uncarved = queue_uncarved
         self.scripts = Scripts(client, self.keys, events_maxlen=events_maxlen)
         self._models: tuple[float, list[str]] = (0.0, [])
         self._templates: dict[tuple, str] = {}  # request JSON per (request, inventory models)
         self._cluster_id: str | None = None
 
-    def _run(self, name: str, *args: Any, action: str) -> list:
+    def _run(self, name: str, *args: Any, action: str, deadline: float | None = None) -> list:
         now = self.clock.now_ms() if self.clock is not None else None
         with redis_errors(action):
-            reply = self.scripts.run(name, *args, now_ms=now)
+            reply = self.scripts.run(name, *args, now_ms=now, deadline=deadline)
         return [decode(x) for x in reply] if isinstance(reply, list) else reply
 
     # ------------------------------------------------------------------ inventory
@@ -167,10 +219,13 @@ class Allocator:
             int(heartbeat_ttl_s * 1000),
             json.dumps(list(gpus)),
             json.dumps([s.model_dump() for s in slices]),
+            self._epoch,
+            int(self.max_ttl_s * 1000),
             action=f"publish the inventory of node {node}",
         )
         self._note_heartbeat(node, heartbeat_ttl_s)
-        return tuple(int(x) for x in reply)  # type: ignore[return-value]
+        self._epoch = str(reply[3])
+        return tuple(int(x) for x in reply[:3])  # type: ignore[return-value]
 
     def publish_fleet(
         self, fleet: str | FleetSpec, *, layouts: dict[str, list[str]], heartbeat_ttl_s: float = 30.0
@@ -250,6 +305,8 @@ class Allocator:
                 "ttl_ms": int(request.ttl_s * 1000),
                 "preemptible": request.preemptible,
             }
+            if self.claim_ms is not None:
+                body["claim_ms"] = self.claim_ms
             template = json.dumps(body)
             if len(self._templates) > 1024:
                 self._templates.clear()
@@ -257,7 +314,8 @@ class Allocator:
         return template.replace('"@ID@"', json.dumps(request_id), 1)
 
     def try_acquire(
-        self, request: SliceRequest, *, wait: bool = False, request_id: str | None = None
+        self, request: SliceRequest, *, wait: bool = False, request_id: str | None = None,
+        deadline: float | None = None,
     ) -> LeaseInfo | Queued:
         """Grant a slice now, or (with `wait`) join the queue and return `Queued`.
 
@@ -265,6 +323,7 @@ class Allocator:
             NoCapacity: nothing fits now and `wait` is false.
             Unsatisfiable: no GPU in the inventory offers a slice the request accepts.
         """
+        check_ttl(request.ttl_s, self.max_ttl_s)
         request_id = request_id or uuid.uuid4().hex
         reply = self._run(
             "acquire",
@@ -272,9 +331,10 @@ class Allocator:
             "1" if wait else "0",
             self.wait_ttl_ms,
             self.aging_ms,
-            "" if self.grace_ms is None else self.grace_ms,
+            "1" if self.preempt else "",
             "1" if self.queue_uncarved else "0",
             action="acquire a slice",
+            deadline=deadline,
         )
         code = reply[0]
         if code == "granted":
@@ -308,53 +368,142 @@ class Allocator:
     ) -> LeaseInfo:
         """Block (pushed, not polled) until the queued request is granted, or withdraw it.
 
+        The grant is claimed (renewed to the full TTL) before it is returned: a grant that reaches a
+        waiter too late to claim it went back, and the request queues again.
+
         Raises:
-            WaitTimeout: `timeout_s` passed; the request left the queue (a grant that raced the
-                timeout is released, so nothing is held).
+            WaitTimeout: `timeout_s` passed (honoured within about 100 ms whatever Redis does); the
+                request left the queue (a grant that raced the timeout is released, so nothing is held).
             LeaseLost: the request was dropped (e.g. the reaper took it for a dead waiter).
+            RedisUnavailable: Redis failed; the request is withdrawn as soon as Redis answers.
 
         `stop` (set from another thread, e.g. when an asyncio task is cancelled) ends the wait like
         a timeout, within one wake-up interval (at most 2 s).
         """
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        try:
+            got = self._wait(request_id, deadline, stop, request)
+        except DeadlinePassed:
+            got = None
+        except BaseException:
+            self._abandon(request_id)  # RedisUnavailable, KeyboardInterrupt, ...: leave the queue
+            raise
+        if got is not None:
+            return got
+        try:
+            reply = self._run("cancel", request_id, action="withdraw a request", deadline=time.monotonic() + 0.05)
+            if reply[0] == "granted":  # granted in the last instant: give it back
+                self.release(request_id, int(reply[1]))
+        except (DeadlinePassed, RedisUnavailable):
+            self._abandon(request_id)
+        waited = "the wait was stopped" if stop is not None and stop.is_set() else f"no slice within {timeout_s:g} s"
+        raise WaitTimeout(f"{waited}; the request was withdrawn from the queue.", lease_id=request_id)
+
+    def _wait(self, request_id, deadline, stop, request) -> LeaseInfo | None:
+        """The wait itself: a LeaseInfo, or None when the deadline passed or `stop` was set."""
         waiter = self.keys.waiter(request_id)
         touch_every = max(0.05, min(2.0, self.wait_ttl_ms / 3000))
         while True:
             chunk = touch_every if deadline is None else min(touch_every, deadline - time.monotonic())
             if chunk <= 0 or (stop is not None and stop.is_set()):
-                break
-            with redis_errors("wait for a slice"):
-                got = self.redis.blpop([waiter], timeout=chunk)
-            if got and not (stop is not None and stop.is_set()):
-                if request is None:
-                    return self.lease(request_id)
-                fence, expires, waited, slice_json = decode(got[1]).split("|", 3)
-                return _grant_info(request, request_id, fence, expires, slice_json, waited)
+                return None
+            got = self._blpop(waiter, chunk, deadline)
+            if got and stop is not None and stop.is_set():
+                return None
             if got:
-                break
-            state = self._run("touch_wait", request_id, self.wait_ttl_ms, action="keep waiting")[0]
+                fence, expires, waited, slice_json = decode(got).split("|", 3)
+                info = (
+                    self.lease(request_id) if request is None
+                    else _grant_info(request, request_id, fence, expires, slice_json, waited)
+                )
+                claimed = self._claim(info, request)
+                if claimed is not None:
+                    return claimed
+                continue  # it went back before we could claim it: we are queued again
+            state = self._run("touch_wait", request_id, self.wait_ttl_ms, action="keep waiting", deadline=deadline)[0]
             if state == "waiting":
-                self.reap(limit=10)  # expiry makes progress even where no agent runs a reaper
+                self._run("reap", 10, action="reap", deadline=deadline)  # progress where no agent reaps
             if state == "granted":
-                return self.lease(request_id)
+                claimed = self._claim(self.lease(request_id), request)
+                if claimed is not None:
+                    return claimed
+                continue
             if state == "gone":
                 raise LeaseLost(
                     f"request {request_id} is no longer queued (dropped as abandoned?).",
                     reason="gone",
                     lease_id=request_id,
                 )
-        reply = self._run("cancel", request_id, action="withdraw a request")
-        if reply[0] == "granted":  # granted in the last instant: give it back
-            self.release(request_id, int(reply[1]))
-        waited = "the wait was stopped" if stop is not None and stop.is_set() else f"no slice within {timeout_s:g} s"
-        raise WaitTimeout(f"{waited}; the request was withdrawn from the queue.", lease_id=request_id)
+
+    def _claim(self, info: LeaseInfo, request: SliceRequest | None) -> LeaseInfo | None:
+        """Renew a handed-over lease to its full TTL; None (and queued again) if it already went back.
+
+        Raises:
+            LeaseLost: it went back and, without the request, cannot queue again."""
+        try:
+            expires = self.renew(info.lease_id, info.fence, info.ttl_ms / 1000)
+        except (LeaseLost, LeaseNotOwned):
+            if request is None:
+                raise
+            again = self.try_acquire(request, wait=True, request_id=info.lease_id)
+            return again if isinstance(again, LeaseInfo) else None
+        return info.model_copy(update={"expires_at_ms": expires})
+
+    def _blpop(self, key: str, timeout_s: float, deadline: float | None):
+        """BLPOP that returns (None) by `deadline` even when Redis does not answer at all."""
+        if type(self.redis) is not redis.Redis:
+            with redis_errors("wait for a slice"):
+                got = self.redis.blpop([key], timeout=timeout_s)
+            return got[1] if got else None
+        conn = self.scripts._connection()
+        limit = time.monotonic() + timeout_s + 2.0  # Redis answers a BLPOP by its timeout
+        with redis_errors("wait for a slice"):
+            try:
+                conn.send_command("BLPOP", key, f"{timeout_s:.3f}")
+                got = read_by(conn, limit if deadline is None else min(limit, deadline))
+            except DeadlinePassed:
+                if deadline is not None and time.monotonic() >= deadline - 0.001:
+                    raise
+                raise redis.TimeoutError(f"no reply to BLPOP within {timeout_s + 2:.1f} s") from None
+            except BaseException:
+                conn.disconnect()
+                raise
+        return got[1] if got else None
+
+    def _abandon(self, request_id: str) -> None:
+        """Withdraw a request whose caller is leaving, in the background until Redis answers
+        (at most a minute): cancelled, or released if it was granted meanwhile."""
+
+        def withdraw() -> None:
+            end = time.monotonic() + 60
+            while time.monotonic() < end:
+                try:
+                    reply = self._run("cancel", request_id, action="withdraw a request")
+                    if reply[0] == "granted":
+                        self.release(request_id, int(reply[1]))
+                    return
+                except (RedisUnavailable, LeaseNotOwned):
+                    time.sleep(0.5)
+
+        threading.Thread(target=withdraw, name=f"withdraw-{request_id[:8]}", daemon=True).start()
 
     def acquire(self, request: SliceRequest, *, timeout_s: float | None = None) -> LeaseInfo:
-        """Grant a slice, waiting up to `timeout_s` (``None``: as long as it takes; 0: no wait)."""
-        got = self.try_acquire(request, wait=timeout_s != 0)
+        """Grant a slice, waiting up to `timeout_s` (``None``: as long as it takes; 0: no wait).
+        The timeout holds within about 100 ms even while Redis does not answer."""
+        deadline = None if not timeout_s else time.monotonic() + timeout_s
+        request_id = uuid.uuid4().hex
+        try:
+            got = self.try_acquire(request, wait=timeout_s != 0, request_id=request_id, deadline=deadline)
+        except DeadlinePassed:
+            self._abandon(request_id)
+            raise WaitTimeout(
+                f"no slice within {timeout_s:g} s (Redis did not answer); the request is withdrawn.",
+                lease_id=request_id,
+            ) from None
         if isinstance(got, LeaseInfo):
             return got
-        return self.wait_for_grant(got.request_id, timeout_s, request=request)
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        return self.wait_for_grant(got.request_id, left, request=request)
 
     def lease(self, lease_id: str) -> LeaseInfo:
         """The lease as Redis holds it.
@@ -387,6 +536,7 @@ class Allocator:
             LeaseNotOwned: `fence` is not the lease's token.
             LeaseLost: the lease expired, was revoked (preempted) or is gone.
         """
+        ttl_s = check_ttl(ttl_s, self.max_ttl_s)
         reply = self._run("renew", lease_id, fence, int(ttl_s * 1000), action="renew a lease")
         code = reply[0]
         if code == "ok":
@@ -398,8 +548,8 @@ class Allocator:
             )
         if code == "revoked":
             raise LeaseLost(
-                f"lease {lease_id} was revoked for a higher-priority request; the slice must be free "
-                f"by {int(reply[1])} ms (epoch).",
+                f"lease {lease_id} was revoked for a priority-{reply[2]} request; stop using the slice "
+                f"and release it (it is taken back within {int(reply[3]) / 1000:g} s).",
                 reason="revoked",
                 lease_id=lease_id,
             )
@@ -509,6 +659,19 @@ class Allocator:
             pipe.xadd(self.keys.events, {"type": f"layout.{outcome}", "at": self.now_ms(), "gpu": gpu_uuid, "detail": detail},
                       maxlen=self.scripts._events_maxlen, approximate=True)
             pipe.execute()
+
+    def configure_cluster(self, *, grace_s: float) -> None:
+        """Set the cluster's preemption grace (kept in Redis, for every client): how long a revoked
+        holder may keep its slice after it was told. At least `GRACE_FLOOR_S`."""
+        if not (isinstance(grace_s, (int, float)) and math.isfinite(grace_s) and grace_s >= GRACE_FLOOR_S):
+            raise ConfigError(
+                f"grace_s={grace_s!r}: the preemption grace must be a finite number of seconds, at least "
+                f"{GRACE_FLOOR_S:g} (a revoked holder needs time to stop its container).",
+                field="grace_s",
+                value=grace_s,
+            )
+        with redis_errors("configure the cluster"):
+            self.redis.hset(self.keys.config, "grace_ms", int(grace_s * 1000))
 
     def set_quota(self, tenant: str, quota: Quota | None) -> None:
         """Limit a tenant's concurrent slices and compute slices (``None`` removes the limit)."""

@@ -6,6 +6,11 @@
   (priority, FIFO, aging), unless a quota or node constraint excused it;
 - every lease ends by release, expiry or revocation (or is still live at the end of the log).
 
+A ``cluster.epoch`` event means Redis lost its state and the log restarted: leases of the old epoch
+are gone from Redis (their holders learn it at renewal; nodes quarantine their slices meanwhile), so
+the replay forgets them; `Report.epochs` counts the epochs seen (logs read before and after a wipe
+can be replayed one after the other).
+
 Examples:
     ```python
     from prefect_mig.allocator.invariants import check_events
@@ -30,6 +35,7 @@ class Report:
     grants: int = 0
     ended: dict[str, int] = field(default_factory=dict)
     live: set[str] = field(default_factory=set)
+    epochs: int = 0
 
 
 def check_events(events: Iterable[dict[str, str]], *, excused_order: bool = False) -> Report:
@@ -46,7 +52,12 @@ def check_events(events: Iterable[dict[str, str]], *, excused_order: bool = Fals
     waiting: dict[str, tuple[int, set[str]]] = {}  # request -> (order, pkeys)
     for e in events:
         kind = e.get("type", "")
-        if kind == "lease.queued":
+        if kind == "cluster.epoch":
+            report.epochs += 1
+            holder_of.clear()
+            slice_of.clear()
+            waiting.clear()
+        elif kind == "lease.queued":
             waiting[e["request"]] = (int(e["order"]), set(e.get("pkeys", "").split(",")))
         elif kind in ("lease.cancelled", "lease.abandoned"):
             waiting.pop(e["request"], None)

@@ -8,7 +8,7 @@ waiter a release hands a slice to, the wait queue of the freed profile, the slic
 be known by the caller beforehand, so scripts receive the prefix in ``ARGV[1]`` and append the same
 suffixes this module documents (``lease:<id>``, ``waiter:<id>``, ``waitq:<pkey>``, ``free:<pkey>``,
 ``gpu_slices:<gpu_uuid>``, ``node_slices:<node>``, ``tenant_waiting:<tenant>``,
-``preemptible:<pkey>``). The functions below are the only other place these names appear; a test
+``preemptible:<pkey>``, ``notice:<lease_id>``). The functions below are the only other place these names appear; a test
 checks that every suffix the Lua builds has one.
 """
 
@@ -68,6 +68,11 @@ class Keys:
         # STRING: this cluster's id, made with SET NX on first use; task containers carry it in a label
         self.cluster_id = p + "cluster_id"
         self.heartbeats = p + "heartbeats"  # HASH node -> {"at": ms, "ttl_ms": ms} of its agent's last heartbeat
+        self.config = p + "config"  # HASH cluster settings kept in Redis: grace_ms (preemption grace)
+        # STRING: when this Redis state began (ms). Missing = Redis lost everything (FLUSHALL, a new
+        # server without AOF); the next script writes a new one and a cluster.epoch event.
+        self.epoch = p + "epoch"
+        self.quarantine = p + "quarantine"  # ZSET slice_id -> settles at (ms): published after a new epoch
 
     # per-entity keys (scripts build the same names from the prefix)
     def lease(self, lease_id: str) -> str:
@@ -90,6 +95,9 @@ class Keys:
 
     def tenant_waiting(self, tenant: str) -> str:  # ZSET request_id -> order (the tenant's waiters)
         return f"{self.prefix}tenant_waiting:{tenant}"
+
+    def notice(self, lease_id: str) -> str:  # LIST pushed to the holder: revoked|<priority of the request>
+        return f"{self.prefix}notice:{lease_id}"
 
     def preemptible(self, pkey: str) -> str:  # ZSET lease_id -> priority (revocable leases of a kind)
         return f"{self.prefix}preemptible:{pkey}"

@@ -1,17 +1,22 @@
 """`LeaseClient` and `Lease`: what a process uses to hold a MIG slice.
 
-A `Lease` renews itself on a background thread every TTL/3. If it cannot renew before its TTL runs
-out (Redis unreachable, the process was paused, the lease was revoked for a higher-priority
-request), it calls ``on_lost`` once, so the holder can stop the work that uses the slice: after that
-moment another holder may own it, and the fencing token proves who does.
+A `Lease` renews itself on a background thread every TTL/3 and watches its notice key, where a
+revocation is pushed. It calls ``on_lost`` once, so the holder can stop the work that uses the
+slice, when:
 
-Timeline of a holder paused past its TTL (SIGSTOP)::
+- the lease was revoked for a higher-priority request (at once, from the push);
+- a renewal says the lease is gone, expired or owned by a newer fence;
+- it cannot prove the lease alive: every renewal failed (no answer, or Redis refused: OOM, BUSY,
+  READONLY, ...) and the lease could expire on the server within the safety margin. A watchdog
+  fires at ``last successful renewal's start + TTL - margin``, whatever the renewal call is doing,
+  so the holder is told *before* the server can hand the slice to someone else.
 
-    t0       granted (fence 7), renewals every TTL/3
-    t1       process paused
-    t1+TTL   lease expires in Redis; the next acquire reaps it and grants the slice (fence 8)
-    t2       process resumes; its renewal presents fence 7 -> LeaseLost -> on_lost(...)
-             and its release with fence 7 frees nothing (the lease is gone)
+Timeline of a holder whose Redis stops answering (TTL 60 s, margin 5 s)::
+
+    t0       renewal sent, succeeds: the server's expiry is at least t0 + 60
+    t0+20    renewal fails, retried at shorter intervals while time is left
+    t0+55    watchdog: on_lost(...) -> the holder stops its container
+    t0+60    earliest moment the server may expire the lease and grant the slice again
 
 Examples:
     ```python
@@ -29,6 +34,7 @@ Examples:
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -36,15 +42,24 @@ from contextlib import asynccontextmanager, contextmanager
 
 import redis
 
-from prefect_mig.allocator.allocator import Allocator
+from prefect_mig.allocator.allocator import Allocator, redis_errors
 from prefect_mig.allocator.models import LeaseInfo, SliceRecord, SliceRequest
-from prefect_mig.errors import LeaseLost, LeaseNotOwned, RedisUnavailable
+from prefect_mig.errors import LeaseLost, LeaseNotOwned
 
 LostCallback = Callable[["Lease", Exception], None]
 
+#: the longest a notice wait blocks in Redis (below any client's socket timeout)
+NOTICE_WAIT_S = 2.0
+
+
+def safety_margin_s(ttl_s: float) -> float:
+    """How long before the lease could expire on the server its holder is told it is lost: a fifth
+    of the TTL, between 0.2 s and 5 s (time to stop a container, and for clocks to disagree)."""
+    return min(5.0, max(0.2, ttl_s / 5))
+
 
 class Lease:
-    """A held slice: its identity, its fencing token, and the thread that keeps it alive.
+    """A held slice: its identity, its fencing token, and the threads that keep it alive.
 
     Attributes:
         lease_id, fence, slice, mig_uuid: what was granted.
@@ -58,14 +73,19 @@ class Lease:
         self.fence = info.fence
         self.slice: SliceRecord = info.slice
         self.ttl_s = info.ttl_ms / 1000
+        self.margin_s = safety_margin_s(self.ttl_s)
         self.on_lost = on_lost
         self.lost = threading.Event()
         self.lost_reason: Exception | None = None
+        self.renewals = 0
         self._stop = threading.Event()
         self._released = False
-        # The local deadline is measured from before the grant reached us, so it errs early.
-        self._deadline = time.monotonic() + self.ttl_s
+        self._lock = threading.Lock()
+        # Until the first renewal proves better, assume the grant is as old as a whole wake-up
+        # interval could make it (start_renewing renews at once and moves this on).
+        self._deadline = time.monotonic() + self.ttl_s - self.margin_s - NOTICE_WAIT_S
         self._thread = threading.Thread(target=self._renew_loop, name=f"lease-renew-{self.lease_id[:8]}", daemon=True)
+        self._watchdog = threading.Thread(target=self._watch, name=f"lease-watch-{self.lease_id[:8]}", daemon=True)
 
     @property
     def mig_uuid(self) -> str:
@@ -75,49 +95,86 @@ class Lease:
         return f"Lease({self.lease_id[:8]}, {self.slice.profile}@{self.slice.start} on {self.slice.node}, fence={self.fence})"
 
     def start_renewing(self) -> Lease:
+        """Renew once now (so the local deadline is measured from a renewal this process sent),
+        then keep renewing in the background. A lease already lost raises here."""
+        try:
+            self.renew()
+        except (LeaseLost, LeaseNotOwned):
+            self._stop.set()
+            raise
+        except Exception:  # noqa: BLE001 - Redis trouble: the background thread retries until the deadline
+            pass
         self._thread.start()
+        self._watchdog.start()
         return self
 
     def renew(self) -> None:
         """Renew now (the background thread does this every TTL/3)."""
+        started = time.monotonic()
         self.allocator.renew(self.lease_id, self.fence, self.ttl_s)
-        self._deadline = time.monotonic() + self.ttl_s
+        self.renewals += 1
+        self._deadline = max(self._deadline, started + self.ttl_s - self.margin_s)
+
+    def _watch(self) -> None:
+        """Fire on_lost at the local deadline, even while a renewal call hangs."""
+        while not self._stop.is_set() and not self.lost.is_set():
+            left = self._deadline - time.monotonic()
+            if left <= 0:
+                why = getattr(self, "_last_error", None)
+                self._mark_lost(
+                    LeaseLost(
+                        f"lease {self.lease_id} could not be renewed and could expire within "
+                        f"{self.margin_s:g} s; stop using the slice now"
+                        + (f" (last error: {why})" if why else "."),
+                        reason="expired",
+                        lease_id=self.lease_id,
+                    )
+                )
+                return
+            self._stop.wait(min(left, 1.0))
 
     def _renew_loop(self) -> None:
-        interval = self.ttl_s / 3
-        while not self._stop.wait(interval):
+        next_renewal = time.monotonic() + self.ttl_s / 3
+        notice = self.allocator.keys.notice(self.lease_id)
+        while not self._stop.is_set() and not self.lost.is_set():
+            now = time.monotonic()
+            if now < next_renewal:
+                try:
+                    with redis_errors("watch for a revocation"):
+                        pushed = self.allocator.redis.blpop([notice], timeout=min(NOTICE_WAIT_S, next_renewal - now))
+                except Exception as exc:  # noqa: BLE001 - any Redis trouble: renewals decide
+                    self._last_error = exc
+                    self._stop.wait(min(0.2, max(0.0, next_renewal - time.monotonic())))
+                    continue
+                if not pushed:
+                    continue
             started = time.monotonic()
             try:
-                self.allocator.renew(self.lease_id, self.fence, self.ttl_s)
-                self._deadline = started + self.ttl_s
+                self.renew()
+                next_renewal = started + self.ttl_s / 3
             except (LeaseLost, LeaseNotOwned) as exc:
                 self._mark_lost(exc)
                 return
-            except RedisUnavailable as exc:
-                if time.monotonic() >= self._deadline:
-                    self._mark_lost(
-                        LeaseLost(
-                            f"lease {self.lease_id} could not be renewed before its TTL ran out: {exc}",
-                            reason="expired",
-                            lease_id=self.lease_id,
-                        )
-                    )
-                    return
-                interval = min(interval, max(0.05, (self._deadline - time.monotonic()) / 3))
+            except Exception as exc:  # noqa: BLE001 - every Redis error: retry while time is left
+                self._last_error = exc
+                left = self._deadline - time.monotonic()
+                next_renewal = time.monotonic() + max(0.05, min(self.ttl_s / 3, left / 3))
 
     def _mark_lost(self, exc: Exception) -> None:
-        if self.lost.is_set() or self._stop.is_set():
-            return
-        self.lost_reason = exc
-        self.lost.set()
+        with self._lock:
+            if self.lost.is_set() or self._stop.is_set():
+                return
+            self.lost_reason = exc
+            self.lost.set()
         if self.on_lost is not None:
-            self.on_lost(self, exc)
+            try:
+                self.on_lost(self, exc)
+            except Exception as callback_error:  # noqa: BLE001 - a failing callback must not hide the loss
+                print(f"prefect-mig: on_lost of {self!r} failed: {callback_error!r}", file=sys.stderr)
 
     def release(self) -> bool:
         """Stop renewing and give the slice back; idempotent. False if it was already gone."""
         self._stop.set()
-        if self._thread.is_alive() and self._thread is not threading.current_thread():
-            self._thread.join(timeout=self.ttl_s)
         if self._released:
             return False
         self._released = True
@@ -153,7 +210,7 @@ class LeaseClient:
                 "(e.g. redis://localhost:6379/0).",
                 field="redis_url",
             )
-        return cls(settings.redis_url, settings.namespace)
+        return cls(settings.redis_url, settings.namespace, max_ttl_s=settings.lease_max_ttl_s)
 
     def acquire(
         self, request: SliceRequest, *, timeout_s: float | None = None, on_lost: LostCallback | None = None
@@ -229,7 +286,7 @@ class AsyncLeaseClient:
                 except Exception:  # noqa: BLE001 - the WaitTimeout that stopping produces
                     pass
                 raise
-        return Lease(self.allocator, got, on_lost=on_lost).start_renewing()
+        return await asyncio.to_thread(Lease(self.allocator, got, on_lost=on_lost).start_renewing)
 
     async def release(self, lease: Lease) -> bool:
         import asyncio

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from functools import cache
 from importlib import resources
 
@@ -57,6 +58,9 @@ FIXED_KEYS = (
     "events",
     "repartitioner",
     "withholding",
+    "config",
+    "epoch",
+    "quarantine",
 )
 
 
@@ -64,6 +68,19 @@ FIXED_KEYS = (
 def source(name: str) -> str:
     lua = resources.files("prefect_mig.allocator").joinpath("lua")
     return lua.joinpath("_lib.lua").read_text() + "\n" + lua.joinpath(f"{name}.lua").read_text()
+
+
+class DeadlinePassed(redis.TimeoutError):
+    """No reply came before the caller's deadline (the connection was dropped; the command may still
+    run on the server)."""
+
+
+def read_by(conn, deadline: float | None):
+    """Read a reply on `conn`, waiting no later than `deadline` (monotonic) when one is given."""
+    if deadline is not None and not conn.can_read(timeout=max(0.0, deadline - time.monotonic())):
+        conn.disconnect()
+        raise DeadlinePassed("no reply before the deadline")
+    return conn.read_response()
 
 
 class Scripts:
@@ -80,10 +97,12 @@ class Scripts:
         self._heads: dict[tuple, bytes] = {}
         self._local = threading.local()
 
-    def run(self, name: str, *args, now_ms: int | None = None, client=None):
+    def run(self, name: str, *args, now_ms: int | None = None, client=None, deadline: float | None = None):
+        """Run a script; with `deadline` (monotonic) raise `DeadlinePassed` rather than wait longer
+        for the reply (on a plain ``redis.Redis``; other clients keep their socket timeouts)."""
         argv = [self._prefix, b"" if now_ms is None else int(now_ms), self._events_maxlen, *args]
         if client is None and type(self._client) is redis.Redis:
-            return self._run_packed(name, argv)
+            return self._run_packed(name, argv, deadline)
         return self._scripts[name](keys=self._key_list, args=argv, client=client)
 
     def _head(self, name: str, nargs: int) -> bytes:
@@ -106,7 +125,7 @@ class Scripts:
             self._local.conn, self._local.pid = conn, os.getpid()
         return conn
 
-    def _run_packed(self, name: str, argv: list):
+    def _run_packed(self, name: str, argv: list, deadline: float | None = None):
         encoded = [a if isinstance(a, bytes) else str(a).encode() for a in argv]
         body = b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in encoded)
         for attempt in (1, 2):
@@ -114,14 +133,14 @@ class Scripts:
             try:
                 conn.send_packed_command([self._head(name, len(encoded)) + body])
                 try:
-                    return conn.read_response()
+                    return read_by(conn, deadline)
                 except NoScriptError:
                     script = self._scripts[name]
                     script.sha = self._client.script_load(script.script)
                     conn.send_packed_command([self._head(name, len(encoded)) + body])
-                    return conn.read_response()
-            except redis.ResponseError:
-                raise
+                    return read_by(conn, deadline)
+            except (redis.ResponseError, DeadlinePassed):
+                raise  # a refusal, or a deadline (read_by dropped the connection; it reconnects)
             except (redis.ConnectionError, redis.TimeoutError):
                 conn.disconnect()  # a half-read reply must not be read by the next call
                 self._local.conn = None

@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from rich.table import Table
 
 from prefect_mig.allocator import Allocator, SliceRequest, health
+from prefect_mig.allocator.allocator import check_ttl
 from prefect_mig.allocator.embedded import redis_url, stop_embedded_redis
 from prefect_mig.cli.output import cli_errors, console, errors, print_json
 from prefect_mig.errors import ConfigError, PrefectMigError
@@ -32,7 +33,7 @@ def _allocator() -> Allocator:
 
     settings = load_settings()
     client = redis.Redis.from_url(redis_url(settings), socket_connect_timeout=2, socket_timeout=10)
-    return Allocator(client, settings.namespace)
+    return Allocator(client, settings.namespace, max_ttl_s=settings.lease_max_ttl_s)
 
 
 #: SliceRequest field -> the `lease acquire` option that sets it
@@ -90,12 +91,14 @@ def acquire(
 def renew(
     lease_id: Annotated[str, typer.Argument(help="Lease id.")],
     fence: Annotated[int, typer.Option(help="The fencing token you were granted.")],
-    ttl: Annotated[float, typer.Option(help="New TTL in seconds.")] = 300,
+    ttl: Annotated[float, typer.Option(help="New TTL in seconds (1 to PREFECT_MIG_LEASE_MAX_TTL_S).")] = 300,
     as_json: JsonOpt = False,
 ) -> None:
     """Extend a lease."""
     with cli_errors():
-        expires = _allocator().renew(lease_id, fence, ttl)
+        allocator = _allocator()
+        check_ttl(ttl, allocator.max_ttl_s, field="--ttl")
+        expires = allocator.renew(lease_id, fence, ttl)
         print_json({"lease_id": lease_id, "expires_at_ms": expires}) if as_json else console.print(f"renewed {lease_id}")
 
 

@@ -257,6 +257,8 @@ class Simulator:
             wait_ttl_s=10**8,
             grace_s=None,
             queue_uncarved=config.policy.dynamic,
+            max_ttl_s=86_400,  # simulated jobs hold their slice for their whole (virtual) run
+            claim_s=None,  # grants are read from the events, nobody claims them
         )
         self._heap: list[tuple[float, int, str, object]] = []
         self._seq = 0

@@ -9,7 +9,7 @@ local K = {
   node_deadline = KEYS[6], pkeys = KEYS[7], leases = KEYS[8], fence = KEYS[9], seq = KEYS[10],
   requests = KEYS[11], waiting = KEYS[12], wait_deadline = KEYS[13], tenant_slices = KEYS[14],
   tenant_compute = KEYS[15], quotas = KEYS[16], events = KEYS[17], repartitioner = KEYS[18],
-  withholding = KEYS[19],
+  withholding = KEYS[19], config = KEYS[20], epoch = KEYS[21], quarantine = KEYS[22],
 }
 local P = ARGV[1]
 local NOW
@@ -31,11 +31,31 @@ local function gpu_slices_key(uuid) return P .. 'gpu_slices:' .. uuid end
 local function node_slices_key(node) return P .. 'node_slices:' .. node end
 local function tenant_waiting_key(tenant) return P .. 'tenant_waiting:' .. tenant end
 local function preemptible_key(pkey) return P .. 'preemptible:' .. pkey end
+local function notice_key(id) return P .. 'notice:' .. id end
 
 local function event(kind, fields)
   local args = {'XADD', K.events, 'MAXLEN', '~', MAXLEN, '*', 'type', kind, 'at', NOW}
   for i = 1, #fields do args[#args + 1] = fields[i] end
   redis.call(unpack(args))
+end
+
+-- A missing epoch means this Redis lost the cluster's state (FLUSHALL, a new server without AOF):
+-- start a new epoch and say so in the (new) events stream, so a checker knows the log restarted.
+local EPOCH = redis.call('GET', K.epoch)
+local NEW_EPOCH = false
+if not EPOCH then
+  EPOCH = string.format('%.0f', NOW)
+  NEW_EPOCH = true
+  redis.call('SET', K.epoch, EPOCH)
+  event('cluster.epoch', {'epoch', EPOCH})
+end
+
+-- Preemption grace is the cluster's (HASH config, field grace_ms), never shorter than the floor
+-- a holder needs to stop its container.
+local GRACE_FLOOR_MS = 2000
+local function grace_ms()
+  local v = tonumber(redis.call('HGET', K.config, 'grace_ms') or '')
+  return math.max(v or 10000, GRACE_FLOOR_MS)
 end
 
 local function slice(id)
@@ -79,7 +99,18 @@ local function quota_blocks(tenant, compute)
   return false, true
 end
 
+-- A request that leaves the queue before its victim acknowledged the revocation undoes it.
+local function undo_revocation(r)
+  if not r.revoked then return end
+  local f = redis.call('HMGET', lease_key(r.revoked), 'revoked_for', 'acked', 'preemptible_pkey', 'priority')
+  if f[1] ~= r.id or f[2] then return end
+  redis.call('HDEL', lease_key(r.revoked), 'revoked_at', 'revoked_for', 'revoked_priority')
+  if f[3] then redis.call('ZADD', preemptible_key(f[3]), f[4], r.revoked) end
+  event('lease.unrevoked', {'lease', r.revoked, 'for', r.id})
+end
+
 local function dequeue(r)
+  undo_revocation(r)
   for _, pkey in ipairs(r.pkeys) do redis.call('ZREM', waitq_key(pkey), r.id) end
   redis.call('ZREM', K.waiting, r.id)
   redis.call('ZREM', K.wait_deadline, r.id)
@@ -134,9 +165,17 @@ end
 
 -- Grant a slice to a waiting request and push the grant onto its waiter's key: the waiter learns
 -- everything it needs from the push (fence, expiry, waited ms, slice), with no read after waking.
+-- A handed-over lease lives only r.claim_ms (when the request has one) until its waiter claims it
+-- (renews it, on waking): a grant to a waiter that died meanwhile comes back within that time
+-- instead of a whole TTL.
 local function hand_over(r, id, s, counted)
   dequeue(r)
   local fence, expires, waited = grant(r, id, s, counted)
+  if r.claim_ms and expires > NOW + r.claim_ms then
+    expires = NOW + r.claim_ms
+    redis.call('HSET', lease_key(r.id), 'expires_at', expires)
+    redis.call('ZADD', K.leases, expires, r.id)
+  end
   redis.call('RPUSH', waiter_key(r.id), string.format('%.0f|%.0f|%.0f|', fence, expires, waited) .. s._raw)
   redis.call('PEXPIRE', waiter_key(r.id), 600000)
 end
@@ -149,6 +188,16 @@ local function offer(id, s)
     -- until the agent reports it idle
     redis.call('HSET', K.slice_state, id, 'unavailable')
     return nil
+  end
+  local settles = redis.call('ZSCORE', K.quarantine, id)
+  if settles then
+    if tonumber(settles) > NOW then
+      -- published after Redis lost its state: an old holder may still use it until settled
+      redis.call('ZREM', free_key(s.pkey), id)
+      redis.call('HSET', K.slice_state, id, 'quarantined')
+      return nil
+    end
+    redis.call('ZREM', K.quarantine, id)
   end
   if redis.call('SISMEMBER', K.withholding, id) == 1 then
     -- a re-carve will destroy it: out of service until the publish that removes it
@@ -165,18 +214,32 @@ local function offer(id, s)
     return nil
   end
   local q = waitq_key(s.pkey)
-  for _, rid in ipairs(redis.call('ZRANGE', q, 0, 63)) do
-    local raw = redis.call('HGET', K.requests, rid)
-    if not raw then
-      redis.call('ZREM', q, rid)
-    else
-      local r = cjson.decode(raw)
-      local counted = eligible(r, s)
-      if counted ~= nil then
-        hand_over(r, id, s, counted)
-        return rid
+  -- Look past any number of waiters this slice cannot serve (another node, a quota used up): a
+  -- tenant found blocked once is not asked again for this slice.
+  local blocked_tenant = {}
+  local from = 0
+  while true do
+    local batch = redis.call('ZRANGE', q, from, from + 63)
+    if #batch == 0 then break end
+    local removed = 0
+    for _, rid in ipairs(batch) do
+      local raw = redis.call('HGET', K.requests, rid)
+      if not raw then
+        redis.call('ZREM', q, rid)
+        removed = removed + 1
+      else
+        local r = cjson.decode(raw)
+        if not blocked_tenant[r.tenant] then
+          local counted = eligible(r, s)
+          if counted ~= nil then
+            hand_over(r, id, s, counted)
+            return rid
+          end
+          if r.node == '' or r.node == s.node then blocked_tenant[r.tenant] = true end
+        end
       end
     end
+    from = from + #batch - removed
   end
   redis.call('HSET', K.slice_state, id, 'free')
   redis.call('ZADD', free_key(s.pkey), free_score(s), id)
@@ -185,7 +248,7 @@ end
 
 -- After a tenant's usage drops, its quota-blocked waiters may fit a slice that is already free.
 local function retry_tenant(tenant)
-  for _, rid in ipairs(redis.call('ZRANGE', tenant_waiting_key(tenant), 0, 15)) do
+  for _, rid in ipairs(redis.call('ZRANGE', tenant_waiting_key(tenant), 0, -1)) do
     local raw = redis.call('HGET', K.requests, rid)
     if raw then
       local r = cjson.decode(raw)
@@ -210,6 +273,7 @@ local function end_lease(lease_id, reason)
   local id, fence, tenant = f[1], f[2], f[3]
   if f[5] then redis.call('ZREM', preemptible_key(f[5]), lease_id) end
   redis.call('DEL', lease_key(lease_id))
+  redis.call('DEL', notice_key(lease_id))
   redis.call('ZREM', K.leases, lease_id)
   if f[6] then
     redis.call('HINCRBY', K.tenant_slices, tenant, -1)

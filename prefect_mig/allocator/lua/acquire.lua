@@ -4,7 +4,7 @@
 -- A[2] - '1' to wait when nothing fits now, '0' to fail instead
 -- A[3] - ms a waiting request lives without being touched (a dead waiter's request is reaped then)
 -- A[4] - aging: ms of waiting worth one priority level
--- A[5] - grace in ms a preempted holder gets, or '' to never preempt for this request
+-- A[5] - '1' to let this request revoke a lower-priority preemptible lease (the grace is the cluster's)
 -- A[6] - '1' to queue for kinds no GPU is carved into yet; they also queue while a repartitioner
 --        announces itself (KEYS repartitioner), since it will carve them
 -- returns {'granted', lease_id, fence, expires_at, slice_id, slice_json}
@@ -76,24 +76,33 @@ event('lease.queued', {'request', r.id, 'priority', r.priority, 'tenant', r.tena
   'order', order, 'pkeys', table.concat(r.pkeys, ',')})
 
 -- Preemption: revoke the lowest-priority preemptible lease on a slice this request accepts, if its
--- priority is strictly lower. The holder learns it on its next renewal and keeps the slice for the
--- grace period; then the lease expires and the slice goes to the best waiter (normally this one).
-if A[5] ~= '' then
+-- priority is strictly lower and the request's quota would let it take that slice. The holder is
+-- told at once (a push on its notice key); its lease keeps its expiry until the holder acknowledges
+-- (renews), which shortens it to at most the cluster's grace. The slice goes to the best waiter when
+-- the holder releases it or the lease expires; leaving the queue before the holder acknowledged
+-- undoes the revocation.
+if A[5] == '1' then
   local victim, victim_prio = nil, nil
   for _, pkey in ipairs(r.pkeys) do
     local low = redis.call('ZRANGE', preemptible_key(pkey), 0, 0, 'WITHSCORES')
     if low[1] and tonumber(low[2]) < r.priority and (not victim_prio or tonumber(low[2]) < victim_prio) then
-      local sid = redis.call('HGET', lease_key(low[1]), 'slice')
-      if r.node == '' or (sid and slice(sid).node == r.node) then victim, victim_prio = low[1], tonumber(low[2]) end
+      local f = redis.call('HMGET', lease_key(low[1]), 'slice', 'tenant', 'compute')
+      local s = f[1] and slice(f[1])
+      local fits = s and (r.node == '' or s.node == r.node)
+      if fits and f[2] ~= r.tenant and quota_blocks(r.tenant, tonumber(f[3] or '0')) then fits = false end
+      if fits then victim, victim_prio = low[1], tonumber(low[2]) end
     end
   end
   if victim then
-    local deadline = NOW + tonumber(A[5])
     local pkey = redis.call('HGET', lease_key(victim), 'preemptible_pkey')
     redis.call('ZREM', preemptible_key(pkey), victim)
-    redis.call('HSET', lease_key(victim), 'revoked_at', NOW, 'revoked_for', r.id, 'expires_at', deadline)
-    redis.call('ZADD', K.leases, deadline, victim)
-    event('lease.revoked', {'lease', victim, 'for', r.id, 'priority', victim_prio, 'deadline', deadline})
+    redis.call('HSET', lease_key(victim), 'revoked_at', NOW, 'revoked_for', r.id, 'revoked_priority', r.priority)
+    redis.call('RPUSH', notice_key(victim), 'revoked|' .. r.priority)
+    redis.call('PEXPIRE', notice_key(victim), 600000)
+    r.revoked = victim
+    redis.call('HSET', K.requests, r.id, cjson.encode(r))
+    event('lease.revoked', {'lease', victim, 'for', r.id, 'priority', victim_prio,
+      'deadline', redis.call('HGET', lease_key(victim), 'expires_at')})
   end
 end
 return {'queued', r.id, redis.call('ZCARD', K.waiting)}

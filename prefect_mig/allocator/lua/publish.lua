@@ -7,8 +7,17 @@
 --        compute_slices, memory_mib, generation, busy, ...}; busy = NVML shows processes on it.
 --        A busy slice without a lease here (Redis lost its state, or work outside prefect-mig)
 --        is 'unavailable' until a later publish reports it idle.
--- returns {slices published, slices removed, slices handed to waiters}
+-- A[6] - the cluster epoch this publisher saw before ('' = none): if Redis has a newer one, it lost
+--        its state while this node ran, and slices not leased here stay 'quarantined' (granted to
+--        nobody) until the new epoch is A[7] ms old, so every holder from before has stopped
+-- A[7] - settle time in ms (the cluster's longest lease TTL)
+-- returns {slices published, slices removed, slices handed to waiters, current epoch}
 local node = A[1]
+local settle_until = nil
+if (A[6] or '') ~= '' and A[6] ~= EPOCH then
+  settle_until = tonumber(EPOCH) + tonumber(A[7])
+  if settle_until <= NOW then settle_until = nil end
+end
 redis.call('HSET', K.nodes, node, A[2])
 redis.call('ZADD', K.node_deadline, NOW + tonumber(A[3]), node)
 
@@ -56,6 +65,11 @@ for _, s in ipairs(listed) do
   redis.call('SADD', node_slices_key(node), s.id)
   redis.call('HSET', gpu_slices_key(s.gpu_uuid), s.id, s.start .. '|' .. s.pkey)
   redis.call('SADD', K.pkeys, s.pkey)
+  if settle_until and not leased_by(state) then
+    redis.call('ZADD', K.quarantine, 'GT', settle_until, s.id)
+    redis.call('ZADD', K.quarantine, 'NX', settle_until, s.id)
+    if state == 'free' then state = 'quarantined' end
+  end
   if state == 'free' and s.busy then
     redis.call('ZREM', free_key(s.pkey), s.id)
     redis.call('HSET', K.slice_state, s.id, 'unavailable')
@@ -65,5 +79,6 @@ for _, s in ipairs(listed) do
     if offer(s.id, s) then handed = handed + 1 end
   end
 end
+if settle_until then event('slices.quarantined', {'node', node, 'until', settle_until}) end
 event('inventory.published', {'node', node, 'slices', #listed, 'removed', removed})
-return {#listed, removed, handed}
+return {#listed, removed, handed, EPOCH}

@@ -27,4 +27,21 @@ for _, node in ipairs(redis.call('ZRANGEBYSCORE', K.node_deadline, '-inf', '(' .
   event('node.lost', {'node', node})
   lost = lost + 1
 end
+-- slices quarantined after a new epoch whose settle time has passed
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', K.quarantine, '-inf', NOW, 'LIMIT', 0, limit)) do
+  local s = slice(id)
+  redis.call('ZREM', K.quarantine, id)
+  if s and redis.call('HGET', K.slice_state, id) == 'quarantined' then offer(id, s) end
+end
+-- Re-offer: a free slice while requests of its kind wait (a hand-off that found nobody eligible
+-- then, before a quota or node constraint changed) goes to the best eligible waiter now.
+for _, pkey in ipairs(redis.call('SMEMBERS', K.pkeys)) do
+  if redis.call('ZCARD', waitq_key(pkey)) > 0 then
+    for _, id in ipairs(redis.call('ZRANGE', free_key(pkey), 0, 3)) do
+      local s = slice(id)
+      redis.call('ZREM', free_key(pkey), id)
+      if s then offer(id, s) end
+    end
+  end
+end
 return {expired, dropped, lost}
