@@ -15,6 +15,9 @@ from prefect_mig.launchers.docker import task_containers
 from .allocator_fixtures import H100_MIXED
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# Subprocesses (the CLI, `prefect block register`, the demo) start temporary Prefect APIs of their
+# own; on a loaded 2-core machine the 20 s default is not always enough.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 
 @pytest.fixture(scope="session")
