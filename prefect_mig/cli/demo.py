@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import runpy
+import threading
 import time
 from pathlib import Path
 from typing import Annotated
@@ -109,8 +110,16 @@ def _run_pipeline(backend, node: str, settings, batches: int) -> None:
         for key in client.scan_iter(match=f"pmig:{{{namespace}}}:*"):
             client.delete(key)  # a fresh run every time
         allocator = Allocator(client, namespace)
-        published = NodeAgent(backend, allocator, node=node, docker_url=settings.docker_host).publish()
+        agent = NodeAgent(backend, allocator, node=node, docker_url=settings.docker_host)
+        published = agent.publish()
         console.print(f"node agent published {published[0]} slices of {node}")
+        # The agent keeps heartbeating while the pipeline runs, as `prefect-mig agent` does on a real
+        # host: a node whose heartbeat lapses gets no grants (Prefect's API alone may take 30 s to start).
+        stop_agent = threading.Event()
+        heartbeat = threading.Thread(
+            target=agent.run, kwargs={"interval_s": 2.0, "stop": stop_agent}, name="demo-agent", daemon=True
+        )
+        heartbeat.start()
         os.environ.update(
             {
                 "PREFECT_MIG_REDIS_URL": server.url,
@@ -121,11 +130,17 @@ def _run_pipeline(backend, node: str, settings, batches: int) -> None:
         )
         if not os.environ.get("PREFECT_API_URL"):
             os.environ.setdefault("PREFECT_HOME", str(Path(settings.state_dir) / "prefect-home"))
+            # Prefect's 20 s default is too short for a first start on a small, busy machine.
+            os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
             console.print("no PREFECT_API_URL: Prefect starts an ephemeral API for this run")
         flow_module = runpy.run_path(str(PIPELINE), run_name="mig_demo_pipeline")
         console.print(f"running the pipeline: 1 fine-tune on 3g.40gb (priority 9), {batches} inference batches on 1g.10gb (priority 3)")
         started = time.time()
-        results = flow_module["demo_pipeline"](batches=batches)
+        try:
+            results = flow_module["demo_pipeline"](batches=batches)
+        finally:
+            stop_agent.set()
+            heartbeat.join(timeout=30)
         wall = time.time() - started
         status = allocator.status()
         rows, utilization, span = flow_module["summarize"](results, status["slices"], allocator.events())
