@@ -48,9 +48,9 @@ from prefect_mig.errors import (
     DockerUnavailable,
     ImageNotFound,
     ImagePythonMismatch,
-    RemoteTraceback,
-    TaskBodyError,
 )
+from prefect_mig.launchers.outcome import value_of
+from prefect_mig.launchers.runtime import probe_python, runtime_files, runtime_packages
 
 HOME = "/opt/prefect-mig"
 LABEL_PREFIX = "prefect-mig."
@@ -85,9 +85,12 @@ def _runtime_archive(payload: bytes) -> bytes:
 
         add_bytes(f"{HOME[1:]}/entry.py", (Path(__file__).parent / "runtime_entry.py").read_bytes())
         add_bytes(f"{HOME[1:]}/payload.pkl", payload)
-        package = Path(cloudpickle.__file__).parent
-        for path in sorted(package.rglob("*.py")):
-            add_bytes(f"{HOME[1:]}/site/cloudpickle/{path.relative_to(package)}", path.read_bytes())
+        for module in runtime_packages():
+            package = Path(module.__file__).parent
+            for path in sorted(package.rglob("*.py")):
+                add_bytes(f"{HOME[1:]}/site/{module.__name__}/{path.relative_to(package)}", path.read_bytes())
+        for name, data in runtime_files().items():
+            add_bytes(f"{HOME[1:]}/{name}", data)
     return buf.getvalue()
 
 
@@ -146,9 +149,7 @@ class DockerLauncher:
         image = self._image()
         key = (self.client.api.base_url, image.id)
         if key not in _VERSIONS:
-            from prefect_mig.launchers.images import image_python_version
-
-            _VERSIONS[key] = image_python_version(self.client, image.id)
+            _VERSIONS[key] = probe_python(self.client, image.id, self.settings.image)
         return _VERSIONS[key]
 
     def _image(self):
@@ -256,12 +257,7 @@ class DockerLauncher:
                 container.remove(force=True)
             except docker.errors.NotFound:
                 pass
-        kind, value, tb = outcome
-        if kind == "ok":
-            return value
-        if value is None:
-            raise TaskBodyError(tb)
-        raise value from RemoteTraceback(tb)
+        return value_of(outcome)
 
     @staticmethod
     def _wait(container, stop: threading.Event | None, poll_s: float) -> int:

@@ -39,6 +39,8 @@ from prefect.utilities.engine import emit_task_run_state_change_event
 from prefect_mig.allocator import Allocator, Lease, LeaseInfo, SliceRequest
 from prefect_mig.allocator.embedded import redis_url
 from prefect_mig.errors import ConfigError, ContainerStopped, DockerUnavailable, LeaseLost
+from prefect_mig.integrations.prefect.context import body_context, flow_cancelled, log_sink
+from prefect_mig.integrations.prefect.context import picklable_state as _picklable_state
 from prefect_mig.launchers import ContainerSettings, DockerLauncher
 from prefect_mig.settings import load_settings
 
@@ -114,6 +116,8 @@ class MigTaskRunner(ThreadPoolTaskRunner):
         self.lease_ttl_s = lease_ttl_s
         self.wait_timeout_s = wait_timeout_s
         self._launchers: dict[str | None, DockerLauncher] = {}  # runtime state: one per Docker engine
+        self._flow_cancelled = threading.Event()  # runtime state: cancel_all meant a cancellation
+        self._exiting_normally = False
         if profile is not None:
             self.request_for(profile, priority or 0, tenant or "default")  # validates early
 
@@ -132,6 +136,31 @@ class MigTaskRunner(ThreadPoolTaskRunner):
         return isinstance(other, MigTaskRunner) and self._config() == other._config()
 
     __hash__ = None  # type: ignore[assignment]
+
+    # ------------------------------------------------------------------ runtime state
+
+    def cancel_all(self) -> None:
+        """Prefect calls this from every ``__exit__``; only outside a normal exit does it stop
+        the containers (see `prefect_mig.integrations.prefect.context`)."""
+        if not self._exiting_normally:
+            self._flow_cancelled.set()
+        super().cancel_all()
+
+    def __exit__(self, exc_type, exc_value, traceback) -> None:
+        # A flow that returns or raises an ordinary exception lets running tasks finish, as
+        # ThreadPoolTaskRunner does; a TerminationSignal/KeyboardInterrupt is a cancellation.
+        self._exiting_normally = exc_type is None or issubclass(exc_type, Exception)
+        try:
+            super().__exit__(exc_type, exc_value, traceback)
+        finally:
+            self._exiting_normally = False
+
+    def __getstate__(self) -> dict[str, Any]:
+        return _picklable_state(super().__getstate__())
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._launchers, self._flow_cancelled, self._exiting_normally = {}, threading.Event(), False
 
     # ------------------------------------------------------------------ what to ask for
 
@@ -253,13 +282,14 @@ class MigTaskRunner(ThreadPoolTaskRunner):
             try:
                 return launcher.run(
                     fn, args, kwargs, mig_uuid=s.mig_uuid, labels=labels,
-                    on_log=(logger.info if logger else None), stop=_AnyEvent(lost, cancelled),
+                    on_log=(log_sink(logger) if logger else None), stop=_AnyEvent(lost, cancelled),
                     env={  # what the body may use to fence its own side effects
                         "PREFECT_MIG_LEASE_ID": lease.lease_id,
                         "PREFECT_MIG_FENCE": str(lease.fence),
                         "PREFECT_MIG_TASK_RUN_ID": str(labels["task-run-id"]),
                         "PREFECT_MIG_FLOW_RUN_ID": str(labels["flow-run-id"]),
                         "PREFECT_MIG_RUN_COUNT": str(ctx.task_run.run_count if ctx else 1),
+                        "PREFECT_MIG_RUN_CONTEXT": body_context(ctx),
                     },
                 )
             except ContainerStopped as exc:
@@ -333,16 +363,8 @@ class _AnyEvent:
 
 
 def _cancel_event(ctx):
-    """The flow's task runner's cancel event for this task run: set when the flow is cancelled
-    (Prefect's engine calls ``cancel_all`` on SIGTERM with a cancel intent)."""
-    from prefect.context import FlowRunContext
-
-    flow_ctx = FlowRunContext.get()
-    runner = getattr(flow_ctx, "task_runner", None)
-    events = getattr(runner, "_cancel_events", None)
-    if ctx is None or not isinstance(events, dict):
-        return None
-    return events.get(ctx.task_run.id)
+    """Set when this task run's flow run is really cancelled, not on a normal exit (context.py)."""
+    return flow_cancelled(ctx)
 
 
 class _awaiting_state:

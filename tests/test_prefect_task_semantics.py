@@ -1,0 +1,70 @@
+"""A task on a slice behaves like a Prefect task (issue 11): flow exits, pickling, timeouts,
+exceptions, run context. Real Prefect API, real Redis, real Docker."""
+
+from __future__ import annotations
+
+import time
+
+import cloudpickle
+import pytest
+from prefect import flow
+from prefect import task as prefect_task
+
+from prefect_mig import MigTaskRunner, task
+
+
+def nap_then_answer():
+    import time
+
+    time.sleep(2)
+    return 42
+
+
+def _task_run_state(task_run_id):
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return client.read_task_run(task_run_id).state
+
+
+@pytest.mark.parametrize("mode", ["flow-level", "task-level"])
+def test_a_task_still_running_when_the_flow_returns_normally_finishes(cluster, mode):
+    # ThreadPoolTaskRunner.__exit__ calls cancel_all() on every exit and lets running tasks finish.
+    if mode == "flow-level":
+        napper, runner = prefect_task(tags=["mig:1g.10gb"])(nap_then_answer), MigTaskRunner()
+    else:
+        napper, runner = task(task_runner=MigTaskRunner(profile="1g.10gb"))(nap_then_answer), None
+
+    @flow(**({"task_runner": runner} if runner else {}))
+    def pipeline():
+        future = napper.submit()
+        deadline = time.monotonic() + 60
+        while not cluster.status()["leases"] and time.monotonic() < deadline:
+            time.sleep(0.1)  # the body is in its container when the flow returns
+        return future.task_run_id
+
+    state = pipeline(return_state=True)
+    assert state.is_completed()
+    task_state = _task_run_state(state.result())
+    assert task_state.is_completed(), task_state.message
+
+
+def double(x):
+    return 2 * x
+
+
+def test_a_mig_task_pickles_after_its_first_run(cluster):
+    doubler = task(task_runner=MigTaskRunner(profile="1g.10gb"))(double)
+
+    @flow
+    def pipeline():
+        return doubler(21)
+
+    assert pipeline() == 42
+    clone = cloudpickle.loads(cloudpickle.dumps(doubler))
+
+    @flow
+    def again():
+        return clone(4)
+
+    assert again() == 8
