@@ -68,3 +68,35 @@ def test_a_mig_task_pickles_after_its_first_run(cluster):
         return clone(4)
 
     assert again() == 8
+
+
+async def sleep_async_30s():
+    import asyncio
+
+    await asyncio.sleep(30)
+
+
+@pytest.mark.parametrize("mode", ["flow-level", "task-level"])
+def test_an_async_task_timeout_stops_its_container_and_frees_the_slice_when_it_hits(cluster, docker_client, mode):
+    if mode == "flow-level":
+        slow, runner = prefect_task(tags=["mig:3g.40gb"], timeout_seconds=2)(sleep_async_30s), MigTaskRunner()
+    else:
+        slow, runner = task(task_runner=MigTaskRunner(profile="3g.40gb"), timeout_seconds=2)(sleep_async_30s), None
+
+    @flow(**({"task_runner": runner} if runner else {}))
+    def pipeline():
+        started = time.monotonic()
+        if runner:
+            future = slow.submit()
+            future.wait(60)
+            state = future.state
+        else:
+            import asyncio
+
+            state = asyncio.run(slow(return_state=True))
+        return time.monotonic() - started, state.is_failed(), state.message, cluster.status()
+
+    took, failed, message, status = pipeline()
+    assert failed and "exceeded timeout" in message
+    assert took < 20  # not the body's 30 s
+    assert status["leases"] == [] and {s["state"] for s in status["slices"]} == {"free"}  # when the timeout hit

@@ -134,3 +134,29 @@ def log_sink(logger):
         logger.info(line)
 
     return on_log
+
+
+async def run_in_slice_async(runner, fn, args: tuple, kwargs: dict) -> Any:
+    """``runner.run_in_slice`` from a coroutine, cancellable: when Prefect's timeout (or any
+    cancellation) cancels the coroutine, the try's wait or container is stopped and its lease
+    released before the cancellation goes on (bounded by `_CLEANUP_S`)."""
+    import anyio
+
+    stop, finished = threading.Event(), threading.Event()
+
+    def call() -> Any:
+        try:
+            return runner.run_in_slice(fn, args, kwargs, stop=stop)
+        finally:
+            finished.set()
+
+    try:
+        return await anyio.to_thread.run_sync(call, abandon_on_cancel=True)
+    except anyio.get_cancelled_exc_class():
+        stop.set()
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(finished.wait, _CLEANUP_S)
+        raise
+
+
+_CLEANUP_S = 60.0  # how long a cancelled async try waits for its container to go and its lease to be released

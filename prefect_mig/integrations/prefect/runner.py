@@ -39,7 +39,7 @@ from prefect.utilities.engine import emit_task_run_state_change_event
 from prefect_mig.allocator import Allocator, Lease, LeaseInfo, SliceRequest
 from prefect_mig.allocator.embedded import redis_url
 from prefect_mig.errors import ConfigError, ContainerStopped, DockerUnavailable, LeaseLost
-from prefect_mig.integrations.prefect.context import body_context, flow_cancelled, log_sink
+from prefect_mig.integrations.prefect.context import body_context, flow_cancelled, log_sink, run_in_slice_async
 from prefect_mig.integrations.prefect.context import picklable_state as _picklable_state
 from prefect_mig.launchers import ContainerSettings, DockerLauncher
 from prefect_mig.settings import load_settings
@@ -236,8 +236,11 @@ class MigTaskRunner(ThreadPoolTaskRunner):
 
     # ------------------------------------------------------------------ one try
 
-    def run_in_slice(self, fn, args: tuple, kwargs: dict) -> Any:
-        """Lease a slice, run ``fn(*args, **kwargs)`` in a container bound to it, release."""
+    def run_in_slice(self, fn, args: tuple, kwargs: dict, stop: threading.Event | None = None) -> Any:
+        """Lease a slice, run ``fn(*args, **kwargs)`` in a container bound to it, release.
+
+        `stop` (set by another thread: an async task's timeout or cancellation) ends the wait
+        for a slice or kills the container, like a cancellation of the flow run."""
         ctx = TaskRunContext.get()
         tags = set(ctx.task_run.tags) if ctx else set()
         profile, priority, tenant = self._resolved(tags)
@@ -255,7 +258,7 @@ class MigTaskRunner(ThreadPoolTaskRunner):
         except DockerUnavailable:
             pass  # no engine here: the slices live on nodes with engines of their own
 
-        cancelled = _cancel_event(ctx)
+        cancelled = _AnyEvent(_cancel_event(ctx), stop)
         got = allocator.try_acquire(request, wait=self.wait_timeout_s != 0)
         if not isinstance(got, LeaseInfo):
             if logger:
@@ -323,9 +326,7 @@ def slice_body(fn, runner: MigTaskRunner):
     if inspect.iscoroutinefunction(fn):
         @functools.wraps(fn)
         async def proxy(*args, **kwargs):
-            import anyio
-
-            return await anyio.to_thread.run_sync(functools.partial(runner.run_in_slice, _sync_twin(fn), args, kwargs))
+            return await run_in_slice_async(runner, _sync_twin(fn), args, kwargs)
     else:
         @functools.wraps(fn)
         def proxy(*args, **kwargs):
