@@ -3,6 +3,7 @@ exceptions, run context. Real Prefect API, real Redis, real Docker."""
 
 from __future__ import annotations
 
+import os
 import time
 
 import cloudpickle
@@ -100,3 +101,29 @@ def test_an_async_task_timeout_stops_its_container_and_frees_the_slice_when_it_h
     assert failed and "exceeded timeout" in message
     assert took < 20  # not the body's 30 s
     assert status["leases"] == [] and {s["state"] for s in status["slices"]} == {"free"}  # when the timeout hit
+
+
+def gpu_env(i):
+    import os
+
+    return i, os.environ.get("CUDA_VISIBLE_DEVICES")
+
+
+def test_call_time_tags_and_direct_calls_under_a_flow_level_runner_run_on_a_slice(cluster):
+    from prefect import tags
+
+    untagged = prefect_task(gpu_env)
+    tagged = prefect_task(tags=["mig:1g.10gb"])(gpu_env)
+
+    @flow(task_runner=MigTaskRunner())
+    def pipeline():
+        with tags("mig:1g.10gb"):
+            submitted = untagged.submit(1).result()
+            called = untagged(2)
+        return submitted, called, tagged(3), untagged(4)
+
+    submitted, called, direct, host = pipeline()
+    for i, uuid in (submitted, called, direct):
+        assert uuid is not None and uuid.startswith("MIG-"), (i, uuid)
+    assert host == (4, os.environ.get("CUDA_VISIBLE_DEVICES"))  # no mig: tag: the host, as before
+    assert len([e for e in cluster.events() if e["type"] == "lease.granted"]) == 3

@@ -41,6 +41,7 @@ from prefect_mig.allocator.embedded import redis_url
 from prefect_mig.errors import ConfigError, ContainerStopped, DockerUnavailable, LeaseLost
 from prefect_mig.integrations.prefect.context import body_context, flow_cancelled, log_sink, run_in_slice_async
 from prefect_mig.integrations.prefect.context import picklable_state as _picklable_state
+from prefect_mig.integrations.prefect.direct_calls import route_direct_calls, wants_slice
 from prefect_mig.launchers import ContainerSettings, DockerLauncher
 from prefect_mig.settings import load_settings
 
@@ -315,10 +316,21 @@ class MigTaskRunner(ThreadPoolTaskRunner):
     # ------------------------------------------------------------------ flow level
 
     def submit(self, task, parameters, wait_for=None, dependencies=None):
-        wants = any(t.startswith(_PROFILE_TAG) for t in task.tags) or getattr(task.fn, "__prefect_mig__", None)
+        wants = wants_slice(task) or getattr(task.fn, "__prefect_mig__", None)
         if wants and not getattr(task.fn, "__prefect_mig__", None):
             task = _with_body(task, slice_body(task.fn, self))
         return super().submit(task, parameters, wait_for=wait_for, dependencies=dependencies)
+
+    def slice_task(self, task):
+        """`task`, with its body sent to a slice when it asks for one (direct calls, see
+        `prefect_mig.integrations.prefect.direct_calls`)."""
+        if getattr(task.fn, "__prefect_mig__", None) or not wants_slice(task):
+            return task
+        return _with_body(task, slice_body(task.fn, self))
+
+    def __enter__(self):
+        route_direct_calls()
+        return super().__enter__()
 
 
 def slice_body(fn, runner: MigTaskRunner):
