@@ -127,3 +127,31 @@ def test_call_time_tags_and_direct_calls_under_a_flow_level_runner_run_on_a_slic
         assert uuid is not None and uuid.startswith("MIG-"), (i, uuid)
     assert host == (4, os.environ.get("CUDA_VISIBLE_DEVICES"))  # no mig: tag: the host, as before
     assert len([e for e in cluster.events() if e["type"] == "lease.granted"]) == 3
+
+
+def _state_names(task_run_id):
+    from prefect.client.orchestration import get_client
+
+    names: list[str] = []
+    with get_client(sync_client=True) as client:
+        deadline = time.monotonic() + 30
+        while (not names or names[-1] != "Completed") and time.monotonic() < deadline:
+            names = [s.name for s in sorted(client.read_task_run_states(task_run_id), key=lambda s: s.timestamp)]
+            time.sleep(0.3)
+    return names
+
+
+def test_a_try_on_a_slice_has_the_state_history_of_a_thread_pool_task(cluster, caplog):
+    on_slice = task(task_runner=MigTaskRunner(profile="1g.10gb"))(double)
+    on_host = prefect_task(double)
+
+    @flow
+    def pipeline():
+        futures = on_slice.submit(1), on_host.submit(1)
+        for f in futures:
+            f.wait()  # else a task not yet started when the flow returns is cancelled (Crashed), as in Prefect
+        return tuple(f.task_run_id for f in futures)
+
+    slice_run, host_run = pipeline()
+    assert _state_names(slice_run) == _state_names(host_run) == ["Pending", "Running", "Completed"]
+    assert any("leased 1g.10gb@" in r.getMessage() for r in caplog.records)  # the slice is in the logs

@@ -160,3 +160,20 @@ async def run_in_slice_async(runner, fn, args: tuple, kwargs: dict) -> Any:
 
 
 _CLEANUP_S = 60.0  # how long a cancelled async try waits for its container to go and its lease to be released
+
+
+def announce_lease(ctx, lease, where: str) -> None:
+    """A ``prefect-mig.slice.leased`` event about the task run (the slice, fence, lease id), instead
+    of an extra client-side Running state that would change the run's state history."""
+    if ctx is None:
+        return
+    from prefect.events import emit_event
+
+    run = ctx.task_run
+    emit_event(
+        event="prefect-mig.slice.leased",
+        resource={"prefect.resource.id": f"prefect-mig.lease.{lease.lease_id}", "prefect-mig.slice": where,
+                  "prefect-mig.fence": str(lease.fence)},
+        related=[{"prefect.resource.id": f"prefect.task-run.{run.id}", "prefect.resource.role": "task-run"},
+                 {"prefect.resource.id": f"prefect.flow-run.{run.flow_run_id}", "prefect.resource.role": "flow-run"}],
+    )

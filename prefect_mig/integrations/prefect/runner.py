@@ -39,7 +39,7 @@ from prefect.utilities.engine import emit_task_run_state_change_event
 from prefect_mig.allocator import Allocator, Lease, LeaseInfo, SliceRequest
 from prefect_mig.allocator.embedded import redis_url
 from prefect_mig.errors import ConfigError, ContainerStopped, DockerUnavailable, LeaseLost
-from prefect_mig.integrations.prefect.context import body_context, flow_cancelled, log_sink, run_in_slice_async
+from prefect_mig.integrations.prefect.context import announce_lease, body_context, flow_cancelled, log_sink, run_in_slice_async
 from prefect_mig.integrations.prefect.context import picklable_state as _picklable_state
 from prefect_mig.integrations.prefect.direct_calls import route_direct_calls, wants_slice
 from prefect_mig.launchers import ContainerSettings, DockerLauncher
@@ -261,6 +261,7 @@ class MigTaskRunner(ThreadPoolTaskRunner):
 
         cancelled = _AnyEvent(_cancel_event(ctx), stop)
         got = allocator.try_acquire(request, wait=self.wait_timeout_s != 0)
+        waited = not isinstance(got, LeaseInfo)
         if not isinstance(got, LeaseInfo):
             if logger:
                 logger.info("waiting for a %s slice (priority %s, tenant %s)", request.requirement, priority, tenant)
@@ -271,7 +272,9 @@ class MigTaskRunner(ThreadPoolTaskRunner):
         try:
             s = lease.slice
             where = f"{s.profile}@{s.start} on {s.node} GPU {s.gpu_index} ({s.mig_uuid})"
-            _running_message(ctx, f"leased {where}, fence {lease.fence}")
+            if waited:  # back from AwaitingMIG; otherwise the engine's own Running state stands
+                _running_message(ctx, f"leased {where}, fence {lease.fence}")
+            announce_lease(ctx, lease, where)
             if logger:
                 logger.info("leased %s, waited %.2f s, fence %s", where, got.waited_ms / 1000, lease.fence)
             docker_url = allocator.node_docker_url(s.node)  # the engine on the node that owns the slice
