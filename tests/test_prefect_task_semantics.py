@@ -155,3 +155,20 @@ def test_a_try_on_a_slice_has_the_state_history_of_a_thread_pool_task(cluster, c
     slice_run, host_run = pipeline()
     assert _state_names(slice_run) == _state_names(host_run) == ["Pending", "Running", "Completed"]
     assert any("leased 1g.10gb@" in r.getMessage() for r in caplog.records)  # the slice is in the logs
+
+
+@pytest.mark.parametrize(
+    ("make", "field"),
+    [
+        (lambda: MigTaskRunner(profile="5g.1gb"), "profile"),
+        (lambda: MigTaskRunner(profile=">=500gb"), "profile"),
+        (lambda: task(task_runner=MigTaskRunner(profile="1g.10gb"), tags=["mig:9g.99gb"])(double), "tags"),
+    ],
+    ids=["unknown-profile", "unsatisfiable-minimum", "unknown-profile-tag"],
+)
+def test_a_profile_no_known_gpu_model_offers_fails_at_decoration_time(make, field):
+    from prefect_mig.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="no GPU model prefect-mig knows") as caught:
+        make()
+    assert caught.value.field == field and "1g.10gb" in str(caught.value)  # says what is allowed

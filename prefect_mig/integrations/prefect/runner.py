@@ -42,6 +42,7 @@ from prefect_mig.errors import ConfigError, ContainerStopped, DockerUnavailable,
 from prefect_mig.integrations.prefect.context import announce_lease, body_context, flow_cancelled, log_sink, run_in_slice_async
 from prefect_mig.integrations.prefect.context import picklable_state as _picklable_state
 from prefect_mig.integrations.prefect.direct_calls import route_direct_calls, wants_slice
+from prefect_mig.integrations.prefect.profiles import check_known
 from prefect_mig.launchers import ContainerSettings, DockerLauncher
 from prefect_mig.settings import load_settings
 
@@ -121,6 +122,7 @@ class MigTaskRunner(ThreadPoolTaskRunner):
         self._exiting_normally = False
         if profile is not None:
             self.request_for(profile, priority or 0, tenant or "default")  # validates early
+            check_known(profile)  # against the catalog: a typo fails here, not at the first run
 
     # configuration only, as RayTaskRunner does
     def _config(self) -> dict[str, Any]:
