@@ -172,3 +172,37 @@ def test_a_profile_no_known_gpu_model_offers_fails_at_decoration_time(make, fiel
     with pytest.raises(ConfigError, match="no GPU model prefect-mig knows") as caught:
         make()
     assert caught.value.field == field and "1g.10gb" in str(caught.value)  # says what is allowed
+
+
+def body_using_prefect(n):
+    from prefect import get_run_logger
+    from prefect.runtime import flow_run, task_run
+
+    logger = get_run_logger()
+    logger.warning("careful with %s", n)
+    logger.error("details %s", n)
+    try:
+        from prefect import task  # noqa: F401 - not in the stand-in
+    except ImportError as exc:
+        refused = str(exc)
+    return task_run.name, task_run.run_count, task_run.parameters, flow_run.name, flow_run.flow_name, refused
+
+
+def test_a_body_in_an_image_without_prefect_gets_run_values_and_a_logger_that_keeps_levels(cluster, caplog):
+    import logging
+
+    caplog.set_level(logging.DEBUG)
+    uses_prefect = task(task_runner=MigTaskRunner(profile="1g.10gb"), retries=1)(body_using_prefect)
+
+    @flow(name="shim-check")
+    def pipeline():
+        from prefect.runtime import flow_run
+
+        return uses_prefect(5), flow_run.name
+
+    (name, run_count, parameters, flow_name, flow_fn_name, refused), expected_flow_name = pipeline()
+    assert name.startswith("body_using_prefect") and run_count == 1 and parameters == {"n": 5}
+    assert (flow_name, flow_fn_name) == (expected_flow_name, "shim-check")
+    assert "use an image with Prefect" in refused
+    levels = {r.getMessage(): r.levelno for r in caplog.records if r.name == "prefect.task_runs"}
+    assert levels.get("careful with 5") == logging.WARNING and levels.get("details 5") == logging.ERROR
