@@ -182,7 +182,9 @@ def body_using_prefect(n):
     logger.warning("careful with %s", n)
     logger.error("details %s", n)
     try:
-        from prefect import task  # noqa: F401 - not in the stand-in
+        from prefect import task  # not in the stand-in
+
+        refused = f"imported {task}"
     except ImportError as exc:
         refused = str(exc)
     return task_run.name, task_run.run_count, task_run.parameters, flow_run.name, flow_run.flow_name, refused

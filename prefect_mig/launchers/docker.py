@@ -31,6 +31,7 @@ import sys
 import tarfile
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -50,7 +51,7 @@ from prefect_mig.errors import (
     ImagePythonMismatch,
 )
 from prefect_mig.launchers.outcome import value_of
-from prefect_mig.launchers.runtime import probe_python, runtime_files, runtime_packages
+from prefect_mig.launchers.runtime import probe_python, remove_launched, runtime_files, runtime_packages
 
 HOME = "/opt/prefect-mig"
 LABEL_PREFIX = "prefect-mig."
@@ -225,12 +226,17 @@ class DockerLauncher:
             create["volumes"] = list(s.volumes)
         if s.gpu_runtime == "nvidia":
             create["device_requests"] = [DeviceRequest(driver="nvidia", device_ids=[mig_uuid], capabilities=[["gpu"]])]
+        launch_id = uuid.uuid4().hex  # finds the container if a timeout lands while it is being created
+        create["labels"][f"{LABEL_PREFIX}launch-id"] = launch_id
         try:
             container = self.client.containers.create(s.image, **create)
         except docker.errors.ImageNotFound as exc:
             raise ImageNotFound(f"image {s.image!r} is not on the engine: {exc}", image=s.image) from exc
         except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
             raise DockerUnavailable(f"could not create the task container: {exc}", image=s.image) from exc
+        except BaseException:  # a timeout or cancellation raised into this thread mid-create
+            remove_launched(self.client, launch_id)
+            raise
         logger: threading.Thread | None = None
         try:
             container.put_archive("/", _runtime_archive(payload))
