@@ -14,12 +14,12 @@ Per flow: ``@flow(task_runner=MigTaskRunner())`` sends every submitted task tagg
 Only the body runs in the container; Prefect's engine (states, retries, caching, timeouts, logs)
 stays in the flow's process. Each try takes a fresh lease, renewed while the body runs and
 released on every exit path. While a task waits for its slice, its run shows the state
-``AwaitingMIG``; once leased, a log line and the Running state's message say which slice on which
-GPU and node. If the lease is lost (expired or revoked for a higher priority), the container is
+``AwaitingMIG``; once leased, a log line and a ``prefect-mig.slice.leased`` event say which slice
+on which GPU and node (no extra Running state unless the try waited). If the lease is lost (expired or revoked for a higher priority), the container is
 stopped and the task fails saying so. The body sees ``CUDA_VISIBLE_DEVICES`` /
 ``NVIDIA_VISIBLE_DEVICES`` (the MIG UUID) and ``PREFECT_MIG_LEASE_ID``, ``PREFECT_MIG_FENCE``,
 ``PREFECT_MIG_TASK_RUN_ID``, ``PREFECT_MIG_FLOW_RUN_ID`` and ``PREFECT_MIG_RUN_COUNT`` (1 on the
-first try).
+first try), and ``PREFECT_MIG_RUN_CONTEXT`` (JSON behind the ``prefect.runtime`` stand-in).
 """
 
 from __future__ import annotations
