@@ -208,3 +208,65 @@ def test_a_body_in_an_image_without_prefect_gets_run_values_and_a_logger_that_ke
     assert "use an image with Prefect" in refused
     levels = {r.getMessage(): r.levelno for r in caplog.records if r.name == "prefect.task_runs"}
     assert levels.get("careful with 5") == logging.WARNING and levels.get("details 5") == logging.ERROR
+
+
+def sleep_two_minutes():
+    import time
+
+    time.sleep(120)
+
+
+def test_an_explicit_cancel_all_on_a_flow_level_runner_stops_its_container_and_frees_the_slice(cluster):
+    from prefect.context import FlowRunContext
+
+    slow = prefect_task(tags=["mig:1g.10gb"])(sleep_two_minutes)
+    took: list[float] = []
+
+    @flow(task_runner=MigTaskRunner())
+    def pipeline():
+        future = slow.submit()
+        deadline = time.monotonic() + 60
+        while not cluster.status()["leases"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        started = time.monotonic()
+        FlowRunContext.get().task_runner.cancel_all()  # not from __exit__: a cancellation
+        future.wait(60)
+        took.append(time.monotonic() - started)
+        return future.state
+
+    state = pipeline(return_state=True)
+    task_state = state.result(raise_on_failure=False)
+    assert took and took[0] < 30  # stopped promptly, not after the body's 120 s
+    assert task_state.is_failed() and "cancelled" in task_state.message
+    assert cluster.status()["leases"] == []
+
+
+def test_a_timeout_raised_into_the_thread_mid_acquire_neither_stops_it_halfway_nor_keeps_what_it_got():
+    # Prefect's sync timeouts raise into the task's thread wherever it is (PyThreadState_SetAsyncExc):
+    # the slice's grant and its release must not be cut in half by it.
+    import ctypes
+    import threading
+
+    from prefect_mig.integrations.prefect.context import shielded
+
+    started, finished, undone, outcome = threading.Event(), threading.Event(), [], []
+
+    def grant():
+        started.set()
+        time.sleep(0.5)  # the "Redis round trip" the timeout lands in
+        finished.set()
+        return "lease"
+
+    def try_():
+        try:
+            shielded(grant, undo=undone.append)
+        except TimeoutError as exc:
+            outcome.append(exc)
+
+    worker = threading.Thread(target=try_)
+    worker.start()
+    assert started.wait(10)
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(worker.ident), ctypes.py_object(TimeoutError))
+    worker.join(10)
+    assert finished.is_set() and undone == ["lease"]  # it ran to its end, then what it got was given back
+    assert len(outcome) == 1 and isinstance(outcome[0], TimeoutError)  # and the timeout still raised

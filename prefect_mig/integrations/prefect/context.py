@@ -177,3 +177,56 @@ def announce_lease(ctx, lease, where: str) -> None:
         related=[{"prefect.resource.id": f"prefect.task-run.{run.id}", "prefect.resource.role": "task-run"},
                  {"prefect.resource.id": f"prefect.flow-run.{run.flow_run_id}", "prefect.resource.role": "flow-run"}],
     )
+
+
+def shielded(fn, *args: Any, undo=None, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)`` in a helper thread, so that an exception Prefect raises into this
+    thread (a sync task's timeout) cannot stop it halfway (a slice granted but never recorded, a
+    lease never released). If one lands, wait for `fn` to end, pass its result to `undo`, and raise
+    the exception then."""
+    box: dict[str, Any] = {}
+    done = threading.Event()
+
+    def target() -> None:
+        try:
+            box["value"] = fn(*args, **kwargs)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the calling thread
+            box["error"] = exc
+        finally:
+            done.set()
+
+    helper = threading.Thread(target=target, name="prefect-mig-shielded", daemon=True)
+    interrupted: BaseException | None = None
+    while True:  # the exception lands between any two bytecodes: every one of them is in the try
+        try:
+            if helper.ident is None:
+                helper.start()
+            while not done.is_set():
+                time.sleep(0.005)  # not Thread.join: an exception raised into join breaks is_alive()
+            break
+        except BaseException as exc:  # noqa: BLE001 - Prefect's timeout, raised once into this thread
+            interrupted = exc
+    if interrupted is not None:
+        if undo is not None and "value" in box:
+            try:
+                undo(box["value"])
+            except Exception:  # noqa: BLE001 - the lease's TTL and the agent's fencing clean up
+                pass
+        raise interrupted
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
+def undo_acquire(allocator):
+    """Give back what ``try_acquire`` got when the try was interrupted: release a grant, cancel a
+    queued request."""
+    from prefect_mig.allocator import LeaseInfo
+
+    def undo(got) -> None:
+        if isinstance(got, LeaseInfo):
+            allocator.release(got.lease_id, got.fence)
+        else:
+            allocator.cancel(got.request_id)
+
+    return undo

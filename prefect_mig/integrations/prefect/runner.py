@@ -41,6 +41,7 @@ from prefect_mig.allocator.embedded import redis_url
 from prefect_mig.errors import ConfigError, ContainerStopped, DockerUnavailable, LeaseLost
 from prefect_mig.integrations.prefect.context import announce_lease, body_context, flow_cancelled, log_sink, run_in_slice_async
 from prefect_mig.integrations.prefect.context import picklable_state as _picklable_state
+from prefect_mig.integrations.prefect.context import shielded, undo_acquire
 from prefect_mig.integrations.prefect.direct_calls import route_direct_calls, wants_slice
 from prefect_mig.integrations.prefect.profiles import check_known
 from prefect_mig.launchers import ContainerSettings, DockerLauncher
@@ -262,7 +263,7 @@ class MigTaskRunner(ThreadPoolTaskRunner):
             pass  # no engine here: the slices live on nodes with engines of their own
 
         cancelled = _AnyEvent(_cancel_event(ctx), stop)
-        got = allocator.try_acquire(request, wait=self.wait_timeout_s != 0)
+        got = shielded(allocator.try_acquire, request, wait=self.wait_timeout_s != 0, undo=undo_acquire(allocator))
         waited = not isinstance(got, LeaseInfo)
         if not isinstance(got, LeaseInfo):
             if logger:
@@ -316,7 +317,7 @@ class MigTaskRunner(ThreadPoolTaskRunner):
                     lease_id=lease.lease_id,
                 ) from exc
         finally:
-            lease.release()
+            shielded(lease.release)  # a timeout raised into this thread must not skip the release
 
     # ------------------------------------------------------------------ flow level
 
