@@ -229,7 +229,24 @@ class RemoteTraceback(Exception):
 
 
 class TaskBodyError(PrefectMigError):
-    """The task body raised an exception that could not be pickled; its traceback is the message."""
+    """The task body raised an exception whose type cannot be rebuilt in the flow's process (not
+    picklable, or defined only in the image); the message names the type and says what it said.
+
+    Attributes:
+        type_name: the original exception's ``module.QualName``.
+        original_message: its ``str()``.
+        traceback: the container's traceback text.
+    """
+
+    def __init__(self, message: str, *, type_name: str = "", original_message: str = "", traceback: str = "") -> None:
+        super().__init__(message)
+        self.type_name = type_name
+        self.original_message = original_message
+        self.traceback = traceback
+
+
+class ImageWithoutPython(LaunchError):
+    """The image has no ``python3`` on its PATH, so no task body can run in it."""
 
 
 # --------------------------------------------------------------------------- GPU backend

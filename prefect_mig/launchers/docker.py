@@ -31,6 +31,7 @@ import sys
 import tarfile
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -49,9 +50,9 @@ from prefect_mig.errors import (
     DockerUnavailable,
     ImageNotFound,
     ImagePythonMismatch,
-    RemoteTraceback,
-    TaskBodyError,
 )
+from prefect_mig.launchers.outcome import value_of
+from prefect_mig.launchers.runtime import probe_python, remove_launched, runtime_files, runtime_packages
 
 HOME = "/opt/prefect-mig"
 LABEL_PREFIX = "prefect-mig."
@@ -121,9 +122,12 @@ def _runtime_archive(payload: bytes) -> bytes:
 
         add_bytes(f"{HOME[1:]}/entry.py", (Path(__file__).parent / "runtime_entry.py").read_bytes())
         add_bytes(f"{HOME[1:]}/payload.pkl", payload)
-        package = Path(cloudpickle.__file__).parent
-        for path in sorted(package.rglob("*.py")):
-            add_bytes(f"{HOME[1:]}/site/cloudpickle/{path.relative_to(package)}", path.read_bytes())
+        for module in runtime_packages():
+            package = Path(module.__file__).parent
+            for path in sorted(package.rglob("*.py")):
+                add_bytes(f"{HOME[1:]}/site/{module.__name__}/{path.relative_to(package)}", path.read_bytes())
+        for name, data in runtime_files().items():
+            add_bytes(f"{HOME[1:]}/{name}", data)
     return buf.getvalue()
 
 
@@ -200,9 +204,7 @@ class DockerLauncher:
         image = self._image()
         key = (self.client.api.base_url, image.id)
         if key not in _VERSIONS:
-            from prefect_mig.launchers.images import image_python_version
-
-            _VERSIONS[key] = image_python_version(self.client, image.id)
+            _VERSIONS[key] = probe_python(self.client, image.id, self.settings.image)
         return _VERSIONS[key]
 
     def _image(self):
@@ -278,12 +280,17 @@ class DockerLauncher:
             create["volumes"] = list(s.volumes)
         if s.gpu_runtime == "nvidia":
             create["device_requests"] = [DeviceRequest(driver="nvidia", device_ids=[mig_uuid], capabilities=[["gpu"]])]
+        launch_id = uuid.uuid4().hex  # finds the container if a timeout lands while it is being created
+        create["labels"][f"{LABEL_PREFIX}launch-id"] = launch_id
         try:
             container = self.client.containers.create(s.image, **create)
         except docker.errors.ImageNotFound as exc:
             raise ImageNotFound(f"image {s.image!r} is not on the engine: {exc}", image=s.image) from exc
         except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
             raise DockerUnavailable(f"could not create the task container: {exc}", image=s.image) from exc
+        except BaseException:  # a timeout or cancellation raised into this thread mid-create
+            remove_launched(self.client, launch_id)
+            raise
         try:
             with _removed_means_stopped(container):
                 outcome, exit_code = self._start_and_wait(container, payload, on_log, stop, poll_s)
@@ -306,12 +313,7 @@ class DockerLauncher:
             except docker.errors.APIError as exc:
                 if exc.status_code != 409:  # 409: someone else's removal is under way
                     raise
-        kind, value, tb = outcome
-        if kind == "ok":
-            return value
-        if value is None:
-            raise TaskBodyError(tb)
-        raise value from RemoteTraceback(tb)
+        return value_of(outcome)
 
     def _start_and_wait(self, container, payload: bytes, on_log, stop, poll_s: float) -> tuple[tuple | None, int]:
         """Copy the runtime in, start, wait (or stop); the outcome (None: none written) and exit code."""

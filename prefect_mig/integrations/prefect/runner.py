@@ -14,12 +14,12 @@ Per flow: ``@flow(task_runner=MigTaskRunner())`` sends every submitted task tagg
 Only the body runs in the container; Prefect's engine (states, retries, caching, timeouts, logs)
 stays in the flow's process. Each try takes a fresh lease, renewed while the body runs and
 released on every exit path. While a task waits for its slice, its run shows the state
-``AwaitingMIG``; once leased, a log line and the Running state's message say which slice on which
-GPU and node. If the lease is lost (expired or revoked for a higher priority), the container is
+``AwaitingMIG``; once leased, a log line and a ``prefect-mig.slice.leased`` event say which slice
+on which GPU and node (no extra Running state unless the try waited). If the lease is lost (expired or revoked for a higher priority), the container is
 stopped and the task fails saying so. The body sees ``CUDA_VISIBLE_DEVICES`` /
 ``NVIDIA_VISIBLE_DEVICES`` (the MIG UUID) and ``PREFECT_MIG_LEASE_ID``, ``PREFECT_MIG_FENCE``,
 ``PREFECT_MIG_TASK_RUN_ID``, ``PREFECT_MIG_FLOW_RUN_ID`` and ``PREFECT_MIG_RUN_COUNT`` (1 on the
-first try).
+first try), and ``PREFECT_MIG_RUN_CONTEXT`` (JSON behind the ``prefect.runtime`` stand-in).
 """
 
 from __future__ import annotations
@@ -49,6 +49,11 @@ from prefect_mig.errors import (
     WaitTimeout,
 )
 from prefect_mig.gpu import default_gpu_runtime
+from prefect_mig.integrations.prefect.context import announce_lease, body_context, flow_cancelled, log_sink, run_in_slice_async
+from prefect_mig.integrations.prefect.context import picklable_state as _picklable_state
+from prefect_mig.integrations.prefect.context import shielded, undo_acquire
+from prefect_mig.integrations.prefect.direct_calls import route_direct_calls, wants_slice
+from prefect_mig.integrations.prefect.profiles import check_known
 from prefect_mig.launchers import ContainerSettings, DockerLauncher
 from prefect_mig.launchers.docker import cluster_labels
 from prefect_mig.settings import load_settings
@@ -154,8 +159,11 @@ class MigTaskRunner(ThreadPoolTaskRunner):
         self.lease_ttl_s = lease_ttl_s
         self.wait_timeout_s = wait_timeout_s
         self._launchers: dict[str | None, DockerLauncher] = {}  # runtime state: one per Docker engine
+        self._flow_cancelled = threading.Event()  # runtime state: cancel_all meant a cancellation
+        self._exiting_normally = False
         if profile is not None:
             self.request_for(profile, priority or 0, tenant or "default")  # validates early
+            check_known(profile)  # against the catalog: a typo fails here, not at the first run
 
     # configuration only, as RayTaskRunner does
     def _config(self) -> dict[str, Any]:
@@ -172,6 +180,31 @@ class MigTaskRunner(ThreadPoolTaskRunner):
         return isinstance(other, MigTaskRunner) and self._config() == other._config()
 
     __hash__ = None  # type: ignore[assignment]
+
+    # ------------------------------------------------------------------ runtime state
+
+    def cancel_all(self) -> None:
+        """Prefect calls this from every ``__exit__``; only outside a normal exit does it stop
+        the containers (see `prefect_mig.integrations.prefect.context`)."""
+        if not self._exiting_normally:
+            self._flow_cancelled.set()
+        super().cancel_all()
+
+    def __exit__(self, exc_type, exc_value, traceback) -> None:
+        # A flow that returns or raises an ordinary exception lets running tasks finish, as
+        # ThreadPoolTaskRunner does; a TerminationSignal/KeyboardInterrupt is a cancellation.
+        self._exiting_normally = exc_type is None or issubclass(exc_type, Exception)
+        try:
+            super().__exit__(exc_type, exc_value, traceback)
+        finally:
+            self._exiting_normally = False
+
+    def __getstate__(self) -> dict[str, Any]:
+        return _picklable_state(super().__getstate__())
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._launchers, self._flow_cancelled, self._exiting_normally = {}, threading.Event(), False
 
     # ------------------------------------------------------------------ what to ask for
 
@@ -250,8 +283,11 @@ class MigTaskRunner(ThreadPoolTaskRunner):
 
     # ------------------------------------------------------------------ one try
 
-    def run_in_slice(self, fn, args: tuple, kwargs: dict) -> Any:
-        """Lease a slice, run ``fn(*args, **kwargs)`` in a container bound to it, release."""
+    def run_in_slice(self, fn, args: tuple, kwargs: dict, stop: threading.Event | None = None) -> Any:
+        """Lease a slice, run ``fn(*args, **kwargs)`` in a container bound to it, release.
+
+        `stop` (set by another thread: an async task's timeout or cancellation) ends the wait
+        for a slice or kills the container, like a cancellation of the flow run."""
         ctx = TaskRunContext.get()
         tags = set(ctx.task_run.tags) if ctx else set()
         profile, priority, tenant = self._resolved(tags)
@@ -269,9 +305,10 @@ class MigTaskRunner(ThreadPoolTaskRunner):
         except DockerUnavailable:
             pass  # no engine here: the slices live on nodes with engines of their own
 
-        cancelled = _cancel_event(ctx)
+        cancelled = _AnyEvent(_cancel_event(ctx), stop)
         timeout_s = self.wait_timeout_s if self.wait_timeout_s is not None else load_settings().wait_timeout_s
-        got = allocator.try_acquire(request, wait=timeout_s != 0)
+        got = shielded(allocator.try_acquire, request, wait=timeout_s != 0, undo=undo_acquire(allocator))
+        waited = not isinstance(got, LeaseInfo)
         if not isinstance(got, LeaseInfo):
             with _awaiting_state(ctx, allocator, got.request_id, request, logger) as waiting:
                 try:
@@ -289,7 +326,9 @@ class MigTaskRunner(ThreadPoolTaskRunner):
         try:
             s = lease.slice
             where = f"{s.profile}@{s.start} on {s.node} GPU {s.gpu_index} ({s.mig_uuid})"
-            _running_message(ctx, f"leased {where}, fence {lease.fence}")
+            if waited:  # back from AwaitingMIG; otherwise the engine's own Running state stands
+                _running_message(ctx, f"leased {where}, fence {lease.fence}")
+            announce_lease(ctx, lease, where)
             if logger:
                 logger.info("leased %s, waited %.2f s, fence %s", where, got.waited_ms / 1000, lease.fence)
             docker_url = allocator.node_docker_url(s.node)  # the engine on the node that owns the slice
@@ -305,13 +344,14 @@ class MigTaskRunner(ThreadPoolTaskRunner):
             try:
                 return launcher.run(
                     fn, args, kwargs, mig_uuid=s.mig_uuid, labels=labels,
-                    on_log=(logger.info if logger else None), stop=_AnyEvent(lost, cancelled),
+                    on_log=(log_sink(logger) if logger else None), stop=_AnyEvent(lost, cancelled),
                     env={  # what the body may use to fence its own side effects
                         "PREFECT_MIG_LEASE_ID": lease.lease_id,
                         "PREFECT_MIG_FENCE": str(lease.fence),
                         "PREFECT_MIG_TASK_RUN_ID": str(labels["task-run-id"]),
                         "PREFECT_MIG_FLOW_RUN_ID": str(labels["flow-run-id"]),
                         "PREFECT_MIG_RUN_COUNT": str(ctx.task_run.run_count if ctx else 1),
+                        "PREFECT_MIG_RUN_CONTEXT": body_context(ctx),
                     },
                 )
             except (ContainerStopped, ContainerFailed) as exc:
@@ -332,15 +372,26 @@ class MigTaskRunner(ThreadPoolTaskRunner):
                     lease_id=lease.lease_id,
                 ) from exc
         finally:
-            lease.release()
+            shielded(lease.release)  # a timeout raised into this thread must not skip the release
 
     # ------------------------------------------------------------------ flow level
 
     def submit(self, task, parameters, wait_for=None, dependencies=None):
-        wants = any(t.startswith(_PROFILE_TAG) for t in task.tags) or getattr(task.fn, "__prefect_mig__", None)
+        wants = wants_slice(task) or getattr(task.fn, "__prefect_mig__", None)
         if wants and not getattr(task.fn, "__prefect_mig__", None):
             task = _with_body(task, slice_body(task.fn, self))
         return super().submit(task, parameters, wait_for=wait_for, dependencies=dependencies)
+
+    def slice_task(self, task):
+        """`task`, with its body sent to a slice when it asks for one (direct calls, see
+        `prefect_mig.integrations.prefect.direct_calls`)."""
+        if getattr(task.fn, "__prefect_mig__", None) or not wants_slice(task):
+            return task
+        return _with_body(task, slice_body(task.fn, self))
+
+    def __enter__(self):
+        route_direct_calls()
+        return super().__enter__()
 
 
 _LOST_WHY = {
@@ -371,9 +422,7 @@ def slice_body(fn, runner: MigTaskRunner):
     if inspect.iscoroutinefunction(fn):
         @functools.wraps(fn)
         async def proxy(*args, **kwargs):
-            import anyio
-
-            return await anyio.to_thread.run_sync(functools.partial(runner.run_in_slice, _sync_twin(fn), args, kwargs))
+            return await run_in_slice_async(runner, _sync_twin(fn), args, kwargs)
     else:
         @functools.wraps(fn)
         def proxy(*args, **kwargs):
@@ -411,16 +460,8 @@ class _AnyEvent:
 
 
 def _cancel_event(ctx):
-    """The flow's task runner's cancel event for this task run: set when the flow is cancelled
-    (Prefect's engine calls ``cancel_all`` on SIGTERM with a cancel intent)."""
-    from prefect.context import FlowRunContext
-
-    flow_ctx = FlowRunContext.get()
-    runner = getattr(flow_ctx, "task_runner", None)
-    events = getattr(runner, "_cancel_events", None)
-    if ctx is None or not isinstance(events, dict):
-        return None
-    return events.get(ctx.task_run.id)
+    """Set when this task run's flow run is really cancelled, not on a normal exit (context.py)."""
+    return flow_cancelled(ctx)
 
 
 class _awaiting_state:

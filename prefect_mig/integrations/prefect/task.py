@@ -23,6 +23,7 @@ from typing import Any
 
 import prefect
 
+from prefect_mig.integrations.prefect.profiles import check_tags
 from prefect_mig.integrations.prefect.runner import MigTaskRunner, slice_body
 
 
@@ -37,6 +38,8 @@ def task(__fn=None, *, task_runner: MigTaskRunner | None = None, **task_kwargs: 
             f"task_runner must be a MigTaskRunner, not {type(task_runner).__name__}; Prefect's own task "
             "runners are set on the flow (@flow(task_runner=...))."
         )
+
+    check_tags(task_kwargs.get("tags") or ())
 
     def decorate(fn):
         if task_runner is None:

@@ -1,0 +1,232 @@
+"""What a task try on a slice reads from Prefect's run context: is the flow run really cancelled?
+
+Prefect's ``ThreadPoolTaskRunner.__exit__`` calls ``cancel_all()`` on *every* exit, also when the
+flow returns normally, and then lets running tasks finish. So a set cancel event alone does not
+mean "stop the container". It means so only when
+
+- a `MigTaskRunner` saw ``cancel_all()`` outside a normal exit (an explicit call, or its
+  ``__exit__`` unwinding a ``TerminationSignal``/``KeyboardInterrupt``): ``_flow_cancelled``; or
+- another runner set the event and the flow run is being cancelled or terminated: Prefect's control
+  listener holds a termination intent, or the API shows the flow run ``Cancelling``/``Cancelled``.
+
+Examples:
+    ```python
+    import threading
+
+    from prefect_mig.integrations.prefect.context import FlowCancelled
+
+    assert not FlowCancelled(runner=None, event=threading.Event(), flow_run_id=None).is_set()
+    ```
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+_RECHECK_S = 2.0  # how often a set foreign cancel event makes us ask the API again
+
+
+class FlowCancelled:
+    """Event-like (``is_set``): the flow run of this task try is really being cancelled."""
+
+    def __init__(self, runner: Any, event: threading.Event | None, flow_run_id: Any) -> None:
+        self.runner, self.event, self.flow_run_id = runner, event, flow_run_id
+        self._verdict = False
+        self._checked_at = -_RECHECK_S
+
+    def is_set(self) -> bool:
+        own = getattr(self.runner, "_flow_cancelled", None)
+        if own is not None:  # a MigTaskRunner knows why cancel_all was called
+            return own.is_set()
+        if self.event is None or not self.event.is_set():
+            return False
+        now = time.monotonic()
+        if not self._verdict and now - self._checked_at >= _RECHECK_S:
+            self._checked_at = now
+            self._verdict = _flow_run_is_cancelled(self.flow_run_id)
+        return self._verdict
+
+
+def flow_cancelled(ctx) -> FlowCancelled | None:
+    """The cancellation signal for task run context `ctx` (None outside a flow's task runner)."""
+    from prefect.context import FlowRunContext
+
+    flow_ctx = FlowRunContext.get()
+    runner = getattr(flow_ctx, "task_runner", None)
+    events = getattr(runner, "_cancel_events", None)
+    if ctx is None or not isinstance(events, dict):
+        return None
+    return FlowCancelled(runner, events.get(ctx.task_run.id), ctx.task_run.flow_run_id)
+
+
+def _flow_run_is_cancelled(flow_run_id) -> bool:
+    try:
+        from prefect._internal.control_listener import get_intent
+
+        if get_intent() is not None:  # the runner told this process to cancel or terminate
+            return True
+    except ImportError:  # older Prefect: no control listener; the API answers below
+        pass
+    if flow_run_id is None:
+        return False
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import StateType
+
+    try:
+        with get_client(sync_client=True) as client:
+            state = client.read_flow_run(flow_run_id).state
+    except Exception:  # noqa: BLE001 - an API hiccup is not a cancellation; asked again later
+        return False
+    return state is not None and state.type in (StateType.CANCELLING, StateType.CANCELLED)
+
+
+def picklable_state(state: dict[str, Any]) -> dict[str, Any]:
+    """A `MigTaskRunner`'s ``__dict__`` without its runtime state (Docker clients, thread pool,
+    events, locks), so a task that ran once still pickles; ``__setstate__`` rebuilds it empty."""
+    runtime = ("_launchers", "_flow_cancelled", "_exiting_normally", "_executor", "_cancel_events",
+               "_submission_lock", "_worker_thread_ids")
+    clean = {k: v for k, v in state.items() if k not in runtime}
+    clean.update(_executor=None, _cancel_events={}, _worker_thread_ids=set(), _started=False)
+    return clean
+
+
+def body_context(ctx) -> str:
+    """JSON of the run values a body reads through ``prefect.runtime`` in an image without Prefect
+    (``PREFECT_MIG_RUN_CONTEXT``; see `prefect_mig.launchers.runtime_shim`)."""
+    import json
+
+    from prefect.context import FlowRunContext
+
+    if ctx is None:
+        return "{}"
+    run = ctx.task_run
+    values: dict[str, Any] = {"task_run": {
+        "id": str(run.id), "name": run.name, "task_name": ctx.task.name, "tags": sorted(run.tags),
+        "run_count": run.run_count, "parameters": dict(ctx.parameters or {}),
+    }}
+    flow_ctx = FlowRunContext.get()
+    if flow_ctx is not None and flow_ctx.flow_run is not None:
+        values["flow_run"] = {
+            "id": str(flow_ctx.flow_run.id), "name": flow_ctx.flow_run.name,
+            "flow_name": flow_ctx.flow.name if flow_ctx.flow else None,
+            "run_count": flow_ctx.flow_run.run_count, "parameters": dict(flow_ctx.parameters or {}),
+        }
+    return json.dumps(values, default=repr)
+
+
+def log_sink(logger):
+    """The launcher's ``on_log``: the shim's marked lines go to `logger` at their own level, any
+    other output line at INFO."""
+    import json
+
+    from prefect_mig.launchers.runtime_shim import LOG_MARK
+
+    def on_log(line: str) -> None:
+        if line.startswith(LOG_MARK):
+            try:
+                record = json.loads(line[len(LOG_MARK):])
+                logger.log(int(record["level"]), record["message"])
+                return
+            except (ValueError, KeyError, TypeError):
+                pass
+        logger.info(line)
+
+    return on_log
+
+
+async def run_in_slice_async(runner, fn, args: tuple, kwargs: dict) -> Any:
+    """``runner.run_in_slice`` from a coroutine, cancellable: when Prefect's timeout (or any
+    cancellation) cancels the coroutine, the try's wait or container is stopped and its lease
+    released before the cancellation goes on (bounded by `_CLEANUP_S`)."""
+    import anyio
+
+    stop, finished = threading.Event(), threading.Event()
+
+    def call() -> Any:
+        try:
+            return runner.run_in_slice(fn, args, kwargs, stop=stop)
+        finally:
+            finished.set()
+
+    try:
+        return await anyio.to_thread.run_sync(call, abandon_on_cancel=True)
+    except anyio.get_cancelled_exc_class():
+        stop.set()
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(finished.wait, _CLEANUP_S)
+        raise
+
+
+_CLEANUP_S = 60.0  # how long a cancelled async try waits for its container to go and its lease to be released
+
+
+def announce_lease(ctx, lease, where: str) -> None:
+    """A ``prefect-mig.slice.leased`` event about the task run (the slice, fence, lease id), instead
+    of an extra client-side Running state that would change the run's state history."""
+    if ctx is None:
+        return
+    from prefect.events import emit_event
+
+    run = ctx.task_run
+    emit_event(
+        event="prefect-mig.slice.leased",
+        resource={"prefect.resource.id": f"prefect-mig.lease.{lease.lease_id}", "prefect-mig.slice": where,
+                  "prefect-mig.fence": str(lease.fence)},
+        related=[{"prefect.resource.id": f"prefect.task-run.{run.id}", "prefect.resource.role": "task-run"},
+                 {"prefect.resource.id": f"prefect.flow-run.{run.flow_run_id}", "prefect.resource.role": "flow-run"}],
+    )
+
+
+def shielded(fn, *args: Any, undo=None, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)`` in a helper thread, so that an exception Prefect raises into this
+    thread (a sync task's timeout) cannot stop it halfway (a slice granted but never recorded, a
+    lease never released). If one lands, wait for `fn` to end, pass its result to `undo`, and raise
+    the exception then."""
+    box: dict[str, Any] = {}
+    done = threading.Event()
+
+    def target() -> None:
+        try:
+            box["value"] = fn(*args, **kwargs)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the calling thread
+            box["error"] = exc
+        finally:
+            done.set()
+
+    helper = threading.Thread(target=target, name="prefect-mig-shielded", daemon=True)
+    interrupted: BaseException | None = None
+    while True:  # the exception lands between any two bytecodes: every one of them is in the try
+        try:
+            if helper.ident is None:
+                helper.start()
+            while not done.is_set():
+                time.sleep(0.005)  # not Thread.join: an exception raised into join breaks is_alive()
+            break
+        except BaseException as exc:  # noqa: BLE001 - Prefect's timeout, raised once into this thread
+            interrupted = exc
+    if interrupted is not None:
+        if undo is not None and "value" in box:
+            try:
+                undo(box["value"])
+            except Exception:  # noqa: BLE001 - the lease's TTL and the agent's fencing clean up
+                pass
+        raise interrupted
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
+def undo_acquire(allocator):
+    """Give back what ``try_acquire`` got when the try was interrupted: release a grant, cancel a
+    queued request."""
+    from prefect_mig.allocator import LeaseInfo
+
+    def undo(got) -> None:
+        if isinstance(got, LeaseInfo):
+            allocator.release(got.lease_id, got.fence)
+        else:
+            allocator.cancel(got.request_id)
+
+    return undo

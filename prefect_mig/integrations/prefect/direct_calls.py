@@ -1,0 +1,65 @@
+"""Send *direct* calls of ``mig:``-tagged tasks to a slice when the flow's runner is a `MigTaskRunner`.
+
+Prefect runs a direct call (``infer(batch)``, not ``.submit``) in the flow's own thread without
+asking the flow's task runner, so a flow-level `MigTaskRunner` never sees it and the body would
+silently run on the host. While a `MigTaskRunner` is in use, ``prefect.task_engine.run_task`` (what
+``Task.__call__`` imports at each call) is wrapped once: under a flow whose task runner is a
+`MigTaskRunner`, a task that asks for a slice (a ``mig:`` tag on the task or from a surrounding
+``with tags(...)``) runs its body on a slice; every other call goes through unchanged.
+
+Examples:
+    ```python
+    from prefect import task
+
+    from prefect_mig.integrations.prefect.direct_calls import wants_slice
+
+    assert wants_slice(task(tags=["mig:1g.10gb"])(lambda: 1))
+    assert not wants_slice(task(lambda: 1))
+    ```
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from typing import Any
+
+PROFILE_TAG = "mig:"
+_LOCK = threading.Lock()
+_installed = False
+
+
+def wants_slice(task) -> bool:
+    """Whether `task` asks for a slice: a ``mig:`` tag of its own or from ``with tags(...)``."""
+    from prefect.context import TagsContext
+
+    tags = set(task.tags) | set(TagsContext.get().current_tags)
+    return any(t.startswith(PROFILE_TAG) for t in tags)
+
+
+def route_direct_calls() -> None:
+    """Wrap ``prefect.task_engine.run_task`` once per process (idempotent)."""
+    global _installed
+    import prefect.task_engine as engine
+
+    with _LOCK:
+        if _installed:
+            return
+        engine.run_task = _routed(engine.run_task)
+        _installed = True
+
+
+def _routed(run_task):
+    @functools.wraps(run_task)
+    def run(*args: Any, **kwargs: Any):
+        from prefect.context import FlowRunContext
+
+        slice_task = getattr(getattr(FlowRunContext.get(), "task_runner", None), "slice_task", None)
+        if slice_task is not None:
+            if "task" in kwargs:
+                kwargs["task"] = slice_task(kwargs["task"])
+            elif args:
+                args = (slice_task(args[0]), *args[1:])
+        return run_task(*args, **kwargs)
+
+    return run

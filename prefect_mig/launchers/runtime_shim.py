@@ -1,0 +1,101 @@
+"""Runs inside the task container: Prefect's run context for a body, in an image without Prefect.
+
+When the image has no ``prefect`` package, ``install()`` puts a small stand-in into ``sys.modules``
+so that a body's own ``from prefect import get_run_logger`` and ``prefect.runtime.task_run`` /
+``prefect.runtime.flow_run`` work unchanged:
+
+- ``get_run_logger()`` returns a logger whose records go back to the task run's logs in the flow's
+  process, with their levels (one marked line each on stdout, see `LOG_MARK`);
+- ``prefect.runtime.task_run``: ``id``, ``name``, ``task_name``, ``tags``, ``run_count``,
+  ``parameters``; ``prefect.runtime.flow_run``: ``id``, ``name``, ``flow_name``, ``run_count``,
+  ``parameters`` (from ``PREFECT_MIG_RUN_CONTEXT``, JSON written by the flow's process).
+
+Anything else from Prefect (``from prefect import task``, ``import prefect.context``) fails with an
+``ImportError`` saying to use an image with Prefect installed. Only the standard library is used.
+"""
+
+import json
+import logging
+import os
+import sys
+import types
+
+LOG_MARK = "\x1eprefect-mig-log "
+_ADVICE = (
+    "this task container's image has no Prefect: prefect-mig supplies only get_run_logger() and "
+    "prefect.runtime.task_run/flow_run (id, name, tags, run_count, parameters). For {what}, use an "
+    "image with Prefect installed (pip install prefect of the flow's version)."
+)
+
+
+class _RecordsToFlow(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = json.dumps({"level": record.levelno, "message": record.getMessage()})
+            sys.stdout.write(LOG_MARK + line + "\n")
+            sys.stdout.flush()
+        except Exception:  # noqa: BLE001 - logging must never break the body
+            self.handleError(record)
+
+
+def get_run_logger(context=None, **kwargs) -> logging.LoggerAdapter:
+    logger = logging.getLogger("prefect.task_runs")
+    if not any(isinstance(h, _RecordsToFlow) for h in logger.handlers):
+        logger.addHandler(_RecordsToFlow())
+        logger.setLevel(logging.DEBUG)
+        logger.propagate = False
+    return logging.LoggerAdapter(logger, kwargs)
+
+
+class _RunValues(types.ModuleType):
+    def __init__(self, name: str, values: dict) -> None:
+        super().__init__(name)
+        self.__dict__.update(values)
+
+    def __getattr__(self, attr: str):
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        raise AttributeError(_ADVICE.format(what=f"{self.__name__}.{attr}"))
+
+
+class _Prefect(types.ModuleType):
+    def __getattr__(self, attr: str):
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        raise ImportError(_ADVICE.format(what=f"prefect.{attr}"), name="prefect")
+
+
+class _NoMorePrefect:
+    """Meta path finder: any ``prefect.*`` module the stand-in lacks fails saying what to do."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname.startswith("prefect.") and fullname not in sys.modules:
+            raise ModuleNotFoundError(_ADVICE.format(what=f"import {fullname}"), name=fullname)
+        return None
+
+
+def _image_has_prefect() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("prefect") is not None
+
+
+def install() -> None:
+    """Put the stand-in in ``sys.modules`` unless the image has Prefect."""
+    if _image_has_prefect():
+        return
+    values = json.loads(os.environ.get("PREFECT_MIG_RUN_CONTEXT") or "{}")
+    prefect = _Prefect("prefect")
+    prefect.__path__ = []  # a package, so that `import prefect.runtime` looks in sys.modules
+    prefect.get_run_logger = get_run_logger
+    logging_module = _RunValues("prefect.logging", {"get_run_logger": get_run_logger})
+    runtime = _RunValues("prefect.runtime", {"__path__": []})
+    task_run = _RunValues("prefect.runtime.task_run", values.get("task_run", {}))
+    flow_run = _RunValues("prefect.runtime.flow_run", values.get("flow_run", {}))
+    runtime.task_run, runtime.flow_run = task_run, flow_run
+    prefect.logging, prefect.runtime = logging_module, runtime
+    sys.modules.update({
+        "prefect": prefect, "prefect.logging": logging_module, "prefect.logging.loggers": logging_module, "prefect.runtime": runtime,
+        "prefect.runtime.task_run": task_run, "prefect.runtime.flow_run": flow_run,
+    })
+    sys.meta_path.insert(0, _NoMorePrefect())

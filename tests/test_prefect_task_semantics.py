@@ -1,0 +1,272 @@
+"""A task on a slice behaves like a Prefect task (issue 11): flow exits, pickling, timeouts,
+exceptions, run context. Real Prefect API, real Redis, real Docker."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import cloudpickle
+import pytest
+from prefect import flow
+from prefect import task as prefect_task
+
+from prefect_mig import MigTaskRunner, task
+
+
+def nap_then_answer():
+    import time
+
+    time.sleep(2)
+    return 42
+
+
+def _task_run_state(task_run_id):
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return client.read_task_run(task_run_id).state
+
+
+@pytest.mark.parametrize("mode", ["flow-level", "task-level"])
+def test_a_task_still_running_when_the_flow_returns_normally_finishes(cluster, mode):
+    # ThreadPoolTaskRunner.__exit__ calls cancel_all() on every exit and lets running tasks finish.
+    if mode == "flow-level":
+        napper, runner = prefect_task(tags=["mig:1g.10gb"])(nap_then_answer), MigTaskRunner()
+    else:
+        napper, runner = task(task_runner=MigTaskRunner(profile="1g.10gb"))(nap_then_answer), None
+
+    @flow(**({"task_runner": runner} if runner else {}))
+    def pipeline():
+        future = napper.submit()
+        deadline = time.monotonic() + 60
+        while not cluster.status()["leases"] and time.monotonic() < deadline:
+            time.sleep(0.1)  # the body is in its container when the flow returns
+        return future.task_run_id
+
+    state = pipeline(return_state=True)
+    assert state.is_completed()
+    task_state = _task_run_state(state.result())
+    assert task_state.is_completed(), task_state.message
+
+
+def double(x):
+    return 2 * x
+
+
+def test_a_mig_task_pickles_after_its_first_run(cluster):
+    doubler = task(task_runner=MigTaskRunner(profile="1g.10gb"))(double)
+
+    @flow
+    def pipeline():
+        return doubler(21)
+
+    assert pipeline() == 42
+    clone = cloudpickle.loads(cloudpickle.dumps(doubler))
+
+    @flow
+    def again():
+        return clone(4)
+
+    assert again() == 8
+
+
+async def sleep_async_30s():
+    import asyncio
+
+    await asyncio.sleep(30)
+
+
+@pytest.mark.parametrize("mode", ["flow-level", "task-level"])
+def test_an_async_task_timeout_stops_its_container_and_frees_the_slice_when_it_hits(cluster, docker_client, mode):
+    if mode == "flow-level":
+        slow, runner = prefect_task(tags=["mig:3g.40gb"], timeout_seconds=2)(sleep_async_30s), MigTaskRunner()
+    else:
+        slow, runner = task(task_runner=MigTaskRunner(profile="3g.40gb"), timeout_seconds=2)(sleep_async_30s), None
+
+    @flow(**({"task_runner": runner} if runner else {}))
+    def pipeline():
+        started = time.monotonic()
+        if runner:
+            future = slow.submit()
+            future.wait(60)
+            state = future.state
+        else:
+            import asyncio
+
+            state = asyncio.run(slow(return_state=True))
+        return time.monotonic() - started, state.is_failed(), state.message, cluster.status()
+
+    took, failed, message, status = pipeline()
+    assert failed and "exceeded timeout" in message
+    assert took < 20  # not the body's 30 s
+    assert status["leases"] == [] and {s["state"] for s in status["slices"]} == {"free"}  # when the timeout hit
+
+
+def gpu_env(i):
+    import os
+
+    return i, os.environ.get("CUDA_VISIBLE_DEVICES")
+
+
+def test_call_time_tags_and_direct_calls_under_a_flow_level_runner_run_on_a_slice(cluster):
+    from prefect import tags
+
+    untagged = prefect_task(gpu_env)
+    tagged = prefect_task(tags=["mig:1g.10gb"])(gpu_env)
+
+    @flow(task_runner=MigTaskRunner())
+    def pipeline():
+        with tags("mig:1g.10gb"):
+            submitted = untagged.submit(1).result()
+            called = untagged(2)
+        return submitted, called, tagged(3), untagged(4)
+
+    submitted, called, direct, host = pipeline()
+    for i, uuid in (submitted, called, direct):
+        assert uuid is not None and uuid.startswith("MIG-"), (i, uuid)
+    assert host == (4, os.environ.get("CUDA_VISIBLE_DEVICES"))  # no mig: tag: the host, as before
+    assert len([e for e in cluster.events() if e["type"] == "lease.granted"]) == 3
+
+
+def _state_names(task_run_id):
+    from prefect.client.orchestration import get_client
+
+    names: list[str] = []
+    with get_client(sync_client=True) as client:
+        deadline = time.monotonic() + 30
+        while (not names or names[-1] != "Completed") and time.monotonic() < deadline:
+            names = [s.name for s in sorted(client.read_task_run_states(task_run_id), key=lambda s: s.timestamp)]
+            time.sleep(0.3)
+    return names
+
+
+def test_a_try_on_a_slice_has_the_state_history_of_a_thread_pool_task(cluster, caplog):
+    on_slice = task(task_runner=MigTaskRunner(profile="1g.10gb"))(double)
+    on_host = prefect_task(double)
+
+    @flow
+    def pipeline():
+        futures = on_slice.submit(1), on_host.submit(1)
+        for f in futures:
+            f.wait()  # else a task not yet started when the flow returns is cancelled (Crashed), as in Prefect
+        return tuple(f.task_run_id for f in futures)
+
+    slice_run, host_run = pipeline()
+    assert _state_names(slice_run) == _state_names(host_run) == ["Pending", "Running", "Completed"]
+    assert any("leased 1g.10gb@" in r.getMessage() for r in caplog.records)  # the slice is in the logs
+
+
+@pytest.mark.parametrize(
+    ("make", "field"),
+    [
+        (lambda: MigTaskRunner(profile="5g.1gb"), "profile"),
+        (lambda: MigTaskRunner(profile=">=500gb"), "profile"),
+        (lambda: task(task_runner=MigTaskRunner(profile="1g.10gb"), tags=["mig:9g.99gb"])(double), "tags"),
+    ],
+    ids=["unknown-profile", "unsatisfiable-minimum", "unknown-profile-tag"],
+)
+def test_a_profile_no_known_gpu_model_offers_fails_at_decoration_time(make, field):
+    from prefect_mig.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="no GPU model prefect-mig knows") as caught:
+        make()
+    assert caught.value.field == field and "1g.10gb" in str(caught.value)  # says what is allowed
+
+
+def body_using_prefect(n):
+    from prefect import get_run_logger
+    from prefect.runtime import flow_run, task_run
+
+    logger = get_run_logger()
+    logger.warning("careful with %s", n)
+    logger.error("details %s", n)
+    try:
+        from prefect import task  # not in the stand-in
+
+        refused = f"imported {task}"
+    except ImportError as exc:
+        refused = str(exc)
+    return task_run.name, task_run.run_count, task_run.parameters, flow_run.name, flow_run.flow_name, refused
+
+
+def test_a_body_in_an_image_without_prefect_gets_run_values_and_a_logger_that_keeps_levels(cluster, caplog):
+    import logging
+
+    caplog.set_level(logging.DEBUG)
+    uses_prefect = task(task_runner=MigTaskRunner(profile="1g.10gb"), retries=1)(body_using_prefect)
+
+    @flow(name="shim-check")
+    def pipeline():
+        from prefect.runtime import flow_run
+
+        return uses_prefect(5), flow_run.name
+
+    (name, run_count, parameters, flow_name, flow_fn_name, refused), expected_flow_name = pipeline()
+    assert name.startswith("body_using_prefect") and run_count == 1 and parameters == {"n": 5}
+    assert (flow_name, flow_fn_name) == (expected_flow_name, "shim-check")
+    assert "use an image with Prefect" in refused
+    levels = {r.getMessage(): r.levelno for r in caplog.records if r.name == "prefect.task_runs"}
+    assert levels.get("careful with 5") == logging.WARNING and levels.get("details 5") == logging.ERROR
+
+
+def sleep_two_minutes():
+    import time
+
+    time.sleep(120)
+
+
+def test_an_explicit_cancel_all_on_a_flow_level_runner_stops_its_container_and_frees_the_slice(cluster):
+    from prefect.context import FlowRunContext
+
+    slow = prefect_task(tags=["mig:1g.10gb"])(sleep_two_minutes)
+    took: list[float] = []
+
+    @flow(task_runner=MigTaskRunner())
+    def pipeline():
+        future = slow.submit()
+        deadline = time.monotonic() + 60
+        while not cluster.status()["leases"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        started = time.monotonic()
+        FlowRunContext.get().task_runner.cancel_all()  # not from __exit__: a cancellation
+        future.wait(60)
+        took.append(time.monotonic() - started)
+        return future.state
+
+    state = pipeline(return_state=True)
+    task_state = state.result(raise_on_failure=False)
+    assert took and took[0] < 30  # stopped promptly, not after the body's 120 s
+    assert task_state.is_failed() and "cancelled" in task_state.message
+    assert cluster.status()["leases"] == []
+
+
+def test_a_timeout_raised_into_the_thread_mid_acquire_neither_stops_it_halfway_nor_keeps_what_it_got():
+    # Prefect's sync timeouts raise into the task's thread wherever it is (PyThreadState_SetAsyncExc):
+    # the slice's grant and its release must not be cut in half by it.
+    import ctypes
+    import threading
+
+    from prefect_mig.integrations.prefect.context import shielded
+
+    started, finished, undone, outcome = threading.Event(), threading.Event(), [], []
+
+    def grant():
+        started.set()
+        time.sleep(0.5)  # the "Redis round trip" the timeout lands in
+        finished.set()
+        return "lease"
+
+    def try_():
+        try:
+            shielded(grant, undo=undone.append)
+        except TimeoutError as exc:
+            outcome.append(exc)
+
+    worker = threading.Thread(target=try_)
+    worker.start()
+    assert started.wait(10)
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(worker.ident), ctypes.py_object(TimeoutError))
+    worker.join(10)
+    assert finished.is_set() and undone == ["lease"]  # it ran to its end, then what it got was given back
+    assert len(outcome) == 1 and isinstance(outcome[0], TimeoutError)  # and the timeout still raised
