@@ -11,7 +11,10 @@ This is the one place that reads the environment; everything else receives a `Se
 | ``PREFECT_MIG_NODE`` | this host's node name (with the simulated backend: which fleet node it is) |
 | ``PREFECT_MIG_STATE_DIR`` | where state lives: embedded Redis data, the simulated NVML's state file |
 | ``PREFECT_MIG_DOCKER_HOST`` | Docker engine URL for task containers; unset = ``DOCKER_HOST`` or the local socket |
-| ``PREFECT_MIG_API_TOKEN`` | bearer token of the HTTP lease API (``prefect-mig api serve``) |
+| ``PREFECT_MIG_API_TOKEN`` | admin bearer token of the HTTP lease API (``prefect-mig api serve``) |
+| ``PREFECT_MIG_API_MAX_WAIT_S`` | longest an HTTP acquire waits for a slice (default 300) |
+| ``PREFECT_MIG_API_MAX_BODY_BYTES`` | larger HTTP request bodies get 413 (default 65536) |
+| ``PREFECT_MIG_API_DOCS`` | serve ``/docs``, ``/redoc``, ``/openapi.json`` (behind the token; default off) |
 | ``PREFECT_MIG_LAYOUTS_FILE`` | YAML file of named layout configs; unset = the shipped defaults |
 | ``PREFECT_MIG_LAYOUT`` | config the agent carves GPUs without instances to (unset: the file's default; ``none``) |
 | ``PREFECT_MIG_WAIT_TIMEOUT_S`` | how long a task waits for a slice unless its runner says (default 3600) |
@@ -101,8 +104,16 @@ class Settings(BaseSettings):
     api_token: SecretStr | None = Field(
         default=None,
         min_length=16,
-        description="Bearer token the HTTP lease API requires (at least 16 characters).",
+        description="Admin bearer token of the HTTP lease API (at least 16 characters); clients get "
+        "their own with `prefect-mig api token create`.",
     )
+    api_max_wait_s: float = Field(
+        default=300.0, gt=0, le=86_400, description="Longest an HTTP acquire waits for a slice (seconds)."
+    )
+    api_max_body_bytes: int = Field(
+        default=65_536, ge=1024, le=16 * 1024 * 1024, description="Larger HTTP request bodies are refused (413)."
+    )
+    api_docs: bool = Field(default=False, description="Serve /docs, /redoc and /openapi.json (behind the token).")
 
     @field_validator("redis_url")
     @classmethod

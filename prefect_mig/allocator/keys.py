@@ -68,6 +68,8 @@ class Keys:
         # STRING: this cluster's id, made with SET NX on first use; task containers carry it in a label
         self.cluster_id = p + "cluster_id"
         self.heartbeats = p + "heartbeats"  # HASH node -> {"at": ms, "ttl_ms": ms} of its agent's last heartbeat
+        # HASH token_id -> {"tenant", "max_priority", "admin", "sha256", "created_at"} JSON (HTTP API clients)
+        self.api_tokens = p + "api_tokens"
 
     # per-entity keys (scripts build the same names from the prefix)
     def lease(self, lease_id: str) -> str:
