@@ -244,7 +244,8 @@ def create_app(
     async def wait_for_grant(request_id: str, timeout_s: float, receive) -> LeaseInfo:  # noqa: ANN001
         deadline = time.monotonic() + timeout_s
         waiter = allocator.keys.waiter(request_id)
-        touch_every = max(0.05, min(2.0, allocator.wait_ttl_ms / 3000))
+        # a disconnect interrupts the BLPOP below, so wake only to keep the request alive (TTL/3)
+        touch_every = max(0.05, min(5.0, allocator.wait_ttl_ms / 3000))  # under the client socket timeout
         gone = asyncio.ensure_future(_disconnected(receive))
         try:
             while not gone.done():
