@@ -5,6 +5,8 @@ This is the one place that reads the environment; everything else receives a `Se
 | variable | meaning |
 |---|---|
 | ``PREFECT_MIG_REDIS_URL`` | Redis holding leases; unset = a private embedded redis-server |
+| ``PREFECT_MIG_REDIS_TLS_CA_FILE`` | with ``rediss://``: CA bundle that signed the server's certificate |
+| ``PREFECT_MIG_REDIS_TLS_CERT_FILE`` / ``..._KEY_FILE`` | with ``rediss://``: client certificate and key (mutual TLS) |
 | ``PREFECT_MIG_NAMESPACE`` | key namespace (hash tag) of one cluster inside that Redis |
 | ``PREFECT_MIG_BACKEND`` | ``nvml`` (real GPUs), ``simulated`` or ``auto`` (nvml when a driver answers) |
 | ``PREFECT_MIG_SIMULATED_FLEET`` | the simulated hardware, e.g. ``node-a=2xH100-80GB,node-b=1xA30-24GB`` |
@@ -56,6 +58,9 @@ class Settings(BaseSettings):
         description="Redis URL (redis:// or rediss://) of the lease store; unset starts a private "
         "redis-server under the state dir.",
     )
+    redis_tls_ca_file: Path | None = Field(default=None, description="rediss://: CA file of the server's certificate.")
+    redis_tls_cert_file: Path | None = Field(default=None, description="rediss://: client certificate (mutual TLS).")
+    redis_tls_key_file: Path | None = Field(default=None, description="rediss://: key of the client certificate.")
     namespace: str = Field(
         default="default",
         min_length=1,

@@ -149,7 +149,7 @@ def _start(home: Path, url_file: Path) -> str:
         "daemonize yes",
         f'pidfile "{home / "redis.pid"}"',
         f'logfile "{home / "redis.log"}"',
-        "user default off",
+        "user default off ~* &* +@all",  # off for clients; Redis 7.0 replays the AOF with its rights
         f"user {USER} on >{password} ~* &* +@all",
         "",
     ]))

@@ -14,7 +14,8 @@ from pydantic import ValidationError
 from rich.table import Table
 
 from prefect_mig.allocator import Allocator, SliceRequest, health
-from prefect_mig.allocator.embedded import redis_url, stop_embedded_redis
+from prefect_mig.allocator.connection import connect
+from prefect_mig.allocator.embedded import stop_embedded_redis
 from prefect_mig.cli.output import cli_errors, console, errors, print_json
 from prefect_mig.errors import ConfigError, PrefectMigError
 from prefect_mig.gpu.host import require_host_pid_namespace
@@ -28,11 +29,8 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")
 
 
 def _allocator() -> Allocator:
-    import redis
-
     settings = load_settings()
-    client = redis.Redis.from_url(redis_url(settings), socket_connect_timeout=2, socket_timeout=10)
-    return Allocator(client, settings.namespace)
+    return Allocator(connect(settings), settings.namespace)
 
 
 #: SliceRequest field -> the `lease acquire` option that sets it
