@@ -31,6 +31,11 @@ from redis.connection import parse_url
 from prefect_mig.allocator.embedded import embedded_dir, ensure_embedded_redis
 
 
+#: The rights prefect-mig needs on a shared Redis (append ``>password``): its keys only, the commands
+#: its scripts and reads use, nothing dangerous (no FLUSHALL, CONFIG, KEYS, DEBUG, SHUTDOWN).
+MINIMAL_ACL = "on ~pmig:* resetchannels -@all +@read +@write +@scripting +@connection +@transaction +blpop +time -@dangerous"
+
+
 class FollowingPool(redis.ConnectionPool):
     """A pool whose connections go to the embedded server's current URL (re-read per connection)."""
 
