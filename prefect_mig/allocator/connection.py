@@ -36,6 +36,24 @@ from prefect_mig.allocator.embedded import embedded_dir, ensure_embedded_redis
 MINIMAL_ACL = "on ~pmig:* resetchannels -@all +@read +@write +@scripting +@connection +@transaction +blpop +time -@dangerous"
 
 
+def redacted(url: str) -> str:
+    """`url` with its password replaced by ``***``, for printing.
+
+    Examples:
+        ```python
+        from prefect_mig.allocator.connection import redacted
+
+        assert redacted("redis://prefect-mig:s3cret@127.0.0.1:6379/0") == "redis://prefect-mig:***@127.0.0.1:6379/0"
+        ```
+    """
+    scheme, sep, rest = url.partition("://")
+    creds, at, host = rest.rpartition("@")
+    if not sep or not at:
+        return url
+    user, colon, _ = creds.partition(":")
+    return f"{scheme}://{user}:***@{host}" if colon else f"{scheme}://***@{host}"
+
+
 class FollowingPool(redis.ConnectionPool):
     """A pool whose connections go to the embedded server's current URL (re-read per connection)."""
 

@@ -42,3 +42,23 @@ def test_everything_under_the_state_dir_is_private_and_the_password_is_not_on_a_
         assert mode & 0o077 == 0, f"{path} is {oct(mode)}"
     for pid in redis_servers_of(state_dir):
         assert password not in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+
+
+def test_up_does_not_print_the_password(state_dir):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PREFECT_MIG_STATE_DIR": str(state_dir), "PREFECT_MIG_BACKEND": "simulated",
+           "PREFECT_MIG_SIMULATED_FLEET": "node-a=1xA30-24GB"}
+    env.pop("PREFECT_MIG_REDIS_URL", None)
+    run = lambda *a: subprocess.run([sys.executable, "-m", "prefect_mig.cli.main", *a], capture_output=True, text=True, env=env, timeout=180)  # noqa: E731
+    try:
+        up = run("up", "--json")
+        assert up.returncode == 0, up.stderr
+        password = (embedded_dir(state_dir) / "password").read_text().strip()
+        assert password not in up.stdout + up.stderr
+        assert json.loads(up.stdout)["redis_url"].startswith("redis://prefect-mig:***@127.0.0.1:")
+    finally:
+        run("down")
