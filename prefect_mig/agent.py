@@ -321,7 +321,7 @@ class NodeAgent:
         if reason is None:
             return False
         try:
-            container.remove(force=True)
+            container.remove(force=True, v=True)  # v: with its runtime volume
         except docker.errors.NotFound:
             return False
         except docker.errors.APIError as exc:

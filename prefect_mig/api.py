@@ -1,7 +1,13 @@
-"""The HTTP lease API (FastAPI, OpenAPI at ``/docs``), for processes that are not Python.
+"""The HTTP lease API (FastAPI), for processes that are not Python.
 
-Every route needs ``Authorization: Bearer <PREFECT_MIG_API_TOKEN>``. Served by
-``prefect-mig api serve``. A client that is not Python acquires, renews every TTL/3, and releases:
+Every request needs ``Authorization: Bearer <token>``, checked before its body is read. A token is
+either the shared admin token ``PREFECT_MIG_API_TOKEN`` or a per-client token made with
+``prefect-mig api token create --tenant team-a --max-priority 50``: a client token leases only as its
+tenant, up to its priority ceiling, and may renew or release only the leases it took (with their
+fence); the admin token may do anything, including revoking a lease without its fence. Fences appear
+only in the acquire reply to the client that took the lease; listings and errors never show them.
+
+Served by ``prefect-mig api serve``. A client acquires, renews every TTL/3, and releases:
 
 ```
 POST   /v1/leases                 {"request": {"profile": "1g.10gb", "priority": 5}, "timeout_s": 30}
@@ -9,6 +15,9 @@ POST   /v1/leases/{id}/renew      {"fence": 7, "ttl_s": 60}
 DELETE /v1/leases/{id}?fence=7
 GET    /v1/leases                 GET /v1/status
 ```
+
+A waiting acquire holds no server thread; it waits at most ``max_wait_s`` (``PREFECT_MIG_API_MAX_WAIT_S``)
+and is withdrawn the moment its client disconnects (a grant that races the disconnect is released).
 
 Examples:
     ```python
@@ -20,25 +29,35 @@ Examples:
     with RedisServer() as server:
         alloc = Allocator(server.client(), "doc")
         alloc.publish_fleet("node-a=1xA30-24GB", layouts={"node-a": ["4g.24gb@0"]})
-        http = TestClient(create_app(alloc, token="s3cret-token-for-docs"))
-        auth = {"Authorization": "Bearer s3cret-token-for-docs"}
-        got = http.post("/v1/leases", json={"request": {"profile": "4g.24gb"}}, headers=auth).json()
-        assert got["slice"]["profile"] == "4g.24gb"
-        assert http.delete(f"/v1/leases/{got['lease_id']}", params={"fence": got["fence"]}, headers=auth).json() == {"released": True}
+        with TestClient(create_app(alloc, token="s3cret-token-for-docs")) as http:
+            auth = {"Authorization": "Bearer s3cret-token-for-docs"}
+            got = http.post("/v1/leases", json={"request": {"profile": "4g.24gb"}}, headers=auth).json()
+            assert got["slice"]["profile"] == "4g.24gb"
+            gone = http.delete(f"/v1/leases/{got['lease_id']}", params={"fence": got["fence"]}, headers=auth)
+            assert gone.json() == {"released": True}
     ```
 """
 
+from __future__ import annotations
 
+import asyncio
+import json
 import secrets
+import time
+from contextlib import suppress
+from functools import partial
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, HTTPException, Query
+import anyio
+import redis.asyncio
+from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
 
 from prefect_mig import __version__
 from prefect_mig.allocator import Allocator, LeaseInfo, SliceRequest
+from prefect_mig.allocator.allocator import redis_errors
+from prefect_mig.allocator.tokens import TokenGrant, check, split_token
 from prefect_mig.errors import (
     ConfigError,
     LeaseLost,
@@ -50,10 +69,14 @@ from prefect_mig.errors import (
     WaitTimeout,
 )
 
+ADMIN = TokenGrant(token_id="admin", tenant="default", max_priority=100, admin=True)
+
 
 class AcquireBody(BaseModel):
     request: SliceRequest
-    timeout_s: float | None = Field(default=30.0, ge=0, le=3600, description="Seconds to wait; 0 = no wait.")
+    timeout_s: float | None = Field(
+        default=30.0, ge=0, le=86_400, description="Seconds to wait (capped by the server's maximum); 0 = no wait."
+    )
 
 
 class RenewBody(BaseModel):
@@ -72,45 +95,244 @@ _STATUS = {
 }
 
 
-def create_app(allocator: Allocator, *, token: str) -> FastAPI:
-    """The API over `allocator`, guarded by bearer `token`."""
+def _detail(exc: PrefectMigError) -> str:
+    if isinstance(exc, LeaseNotOwned):  # never echo a fence: it is what a release needs
+        return f"lease {exc.lease_id}: stale or not yours."
+    if isinstance(exc, RedisUnavailable):  # the store's address is not the client's business
+        return "the lease store did not answer; try again shortly."
+    return str(exc)
+
+
+async def _reply(send, status: int, detail: str, **headers: str) -> None:  # noqa: ANN001
+    body = json.dumps({"error": "Refused", "detail": detail}).encode()
+    extra = [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), *extra]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class _Gate:
+    """ASGI middleware: the token is checked, and the body capped, before anything reads the body."""
+
+    def __init__(self, app, *, authenticate, max_body_bytes: int) -> None:  # noqa: ANN001
+        self.app = app
+        self.authenticate = authenticate
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        scheme, _, credential = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
+        if scheme.lower() != "bearer" or not credential.strip():
+            return await _reply(send, 401, "missing bearer token", **{"WWW-Authenticate": "Bearer"})
+        try:
+            grant = await self.authenticate(credential.strip())
+        except RedisUnavailable as exc:
+            return await _reply(send, 503, _detail(exc))
+        if grant is None:
+            return await _reply(send, 403, "unknown or revoked bearer token")
+        declared = headers.get(b"content-length", b"0")
+        if not declared.isdigit() or int(declared) > self.max_body_bytes:
+            return await _reply(send, 413, f"request body over {self.max_body_bytes} bytes")
+        body, more = b"", True
+        while more:  # read at most the limit (a chunked body may not declare its length)
+            message = await receive()
+            if message["type"] != "http.request":
+                return None
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.max_body_bytes:
+                return await _reply(send, 413, f"request body over {self.max_body_bytes} bytes")
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        scope.setdefault("state", {})["grant"] = grant
+        await self.app(scope, replay, send)
+
+
+def _async_client(client) -> redis.asyncio.Redis:  # noqa: ANN001
+    """An asyncio client to the same server (same address, credentials and TLS) as `client`."""
+    pool = client.connection_pool
+    kwargs = dict(pool.connection_kwargs)
+    kind = getattr(redis.asyncio.connection, pool.connection_class.__name__, redis.asyncio.Connection)
+    return redis.asyncio.Redis(connection_pool=redis.asyncio.ConnectionPool(connection_class=kind, **kwargs))
+
+
+async def _disconnected(receive) -> None:  # noqa: ANN001
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+def create_app(
+    allocator: Allocator,
+    *,
+    token: str,
+    max_wait_s: float = 300.0,
+    max_body_bytes: int = 65_536,
+    docs: bool = False,
+) -> FastAPI:
+    """The API over `allocator`; `token` is the admin token (see the module docstring)."""
     if not token or len(token) < 16:
         raise ConfigError("api_token: a bearer token of at least 16 characters is required.", field="api_token")
-    app = FastAPI(title="prefect-mig lease API", version=__version__)
-    bearer = HTTPBearer(auto_error=False)
+    app = FastAPI(
+        title="prefect-mig lease API",
+        version=__version__,
+        docs_url="/docs" if docs else None,
+        redoc_url="/redoc" if docs else None,
+        openapi_url="/openapi.json" if docs else None,
+    )
+    aredis = _async_client(allocator.redis)
+    tokens_key = allocator.keys.api_tokens
+    # acquires run their short Redis calls on their own few threads, so renew/release never queue behind them
+    acquire_threads = anyio.CapacityLimiter(8)
 
-    def authorized(creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
-        if creds is None:
-            raise HTTPException(401, "missing bearer token", headers={"WWW-Authenticate": "Bearer"})
-        if not secrets.compare_digest(creds.credentials.encode(), token.encode()):
-            raise HTTPException(403, "wrong bearer token")
+    async def off_thread(fn, *args, **kwargs):  # noqa: ANN001, ANN202
+        return await anyio.to_thread.run_sync(partial(fn, *args, **kwargs), limiter=acquire_threads)
+
+    async def authenticate(credential: str) -> TokenGrant | None:
+        if secrets.compare_digest(credential.encode(), token.encode()):
+            return ADMIN
+        parts = split_token(credential)
+        if parts is None:
+            return None
+        with redis_errors("check an API token"):
+            record = await aredis.hget(tokens_key, parts[0])
+        return check(record, parts[1], parts[0])
+
+    app.add_middleware(_Gate, authenticate=authenticate, max_body_bytes=max_body_bytes)
 
     @app.exception_handler(PrefectMigError)
     async def _mig_error(request, exc: PrefectMigError):  # noqa: ANN001
         code = next((c for cls, c in _STATUS.items() if isinstance(exc, cls)), 500)
-        return JSONResponse({"error": type(exc).__name__, "detail": str(exc)}, status_code=code)
+        return JSONResponse({"error": type(exc).__name__, "detail": _detail(exc)}, status_code=code)
 
-    guarded = [Depends(authorized)]
+    def grant_of(request: Request) -> TokenGrant:
+        return request.scope["state"]["grant"]
 
-    @app.post("/v1/leases", dependencies=guarded, status_code=201, response_model=LeaseInfo)
-    def acquire(body: AcquireBody) -> LeaseInfo:
-        """Acquire a slice, waiting up to timeout_s (pushed, not polled)."""
-        return allocator.acquire(body.request, timeout_s=body.timeout_s)
+    def holder(grant: TokenGrant, client_holder: str) -> str:
+        return f"api:{grant.token_id}" + (f"/{client_holder}" if client_holder else "")
 
-    @app.post("/v1/leases/{lease_id}/renew", dependencies=guarded)
-    def renew(lease_id: str, body: RenewBody) -> dict[str, int]:
+    def owned(grant: TokenGrant, lease_holder: str) -> bool:
+        return grant.admin or lease_holder == f"api:{grant.token_id}" or lease_holder.startswith(f"api:{grant.token_id}/")
+
+    def as_client(grant: TokenGrant, request: SliceRequest) -> SliceRequest:
+        if not grant.admin:
+            if "tenant" in request.model_fields_set and request.tenant != grant.tenant:
+                raise HTTPException(
+                    403, f"request.tenant={request.tenant!r}: this token leases only as tenant {grant.tenant!r}."
+                )
+            if request.priority > grant.max_priority:
+                raise HTTPException(
+                    403, f"request.priority={request.priority}: this token's ceiling is {grant.max_priority}."
+                )
+        tenant = request.tenant if grant.admin else grant.tenant
+        return request.model_copy(update={"tenant": tenant, "holder": holder(grant, request.holder)})
+
+    async def withdraw(request_id: str) -> None:
+        if await off_thread(allocator.cancel, request_id) == "granted":  # granted in the last instant
+            with suppress(LeaseLost, LeaseNotOwned):
+                lease = await off_thread(allocator.lease, request_id)
+                await off_thread(allocator.release, request_id, lease.fence)
+
+    async def wait_for_grant(request_id: str, timeout_s: float, receive, wanted: SliceRequest) -> LeaseInfo:  # noqa: ANN001
+        deadline = time.monotonic() + timeout_s
+        waiter = allocator.keys.waiter(request_id)
+        # a disconnect interrupts the BLPOP below, so wake only to keep the request alive (TTL/3)
+        touch_every = max(0.05, min(5.0, allocator.wait_ttl_ms / 3000))  # under the client socket timeout
+        gone = asyncio.ensure_future(_disconnected(receive))
+        try:
+            while not gone.done():
+                chunk = min(touch_every, deadline - time.monotonic())
+                if chunk <= 0:
+                    break
+                pop = asyncio.ensure_future(aredis.blpop([waiter], timeout=chunk))
+                await asyncio.wait({pop, gone}, return_when=asyncio.FIRST_COMPLETED)
+                if not pop.done():  # the client left: withdraw below
+                    pop.cancel()
+                    with suppress(BaseException):
+                        await pop
+                    break
+                with redis_errors("wait for a slice"):
+                    popped = pop.result()
+                if popped:
+                    if gone.done():
+                        break
+                    claimed = await off_thread(allocator.claim, request_id, wanted)  # a hand-over lives 1 s unclaimed
+                    if claimed is not None:
+                        return claimed
+                    continue  # it went back before the claim: queued again
+                # the same keep-alive Allocator.wait_for_grant sends (its one Redis script call)
+                state = (await off_thread(allocator._run, "touch_wait", request_id, allocator.wait_ttl_ms, action="keep waiting"))[0]
+                if state == "granted":
+                    claimed = await off_thread(allocator.claim, request_id, wanted)
+                    if claimed is not None:
+                        return claimed
+                if state == "gone":
+                    raise LeaseLost(f"request {request_id} is no longer queued.", reason="gone", lease_id=request_id)
+        except asyncio.CancelledError:
+            await asyncio.shield(withdraw(request_id))
+            raise
+        finally:
+            gone.cancel()
+        await withdraw(request_id)
+        why = "the client disconnected" if gone.done() and not gone.cancelled() else f"no slice within {timeout_s:g} s"
+        raise WaitTimeout(f"{why}; the request was withdrawn from the queue.", lease_id=request_id)
+
+    @app.post("/v1/leases", status_code=201, response_model=LeaseInfo)
+    async def acquire(request: Request, body: AcquireBody) -> LeaseInfo:
+        """Acquire a slice, waiting up to timeout_s (pushed, not polled; capped by the server)."""
+        wanted = as_client(grant_of(request), body.request)
+        timeout_s = max_wait_s if body.timeout_s is None else min(body.timeout_s, max_wait_s)
+        got = await off_thread(allocator.try_acquire, wanted, wait=timeout_s > 0)
+        if isinstance(got, LeaseInfo):
+            return got
+        return await wait_for_grant(got.request_id, timeout_s, request.receive, wanted)
+
+    def own_lease(request: Request, lease_id: str) -> LeaseInfo:
+        lease = allocator.lease(lease_id)
+        if not owned(grant_of(request), lease.holder):
+            raise LeaseNotOwned("not yours", lease_id=lease_id)
+        return lease
+
+    @app.post("/v1/leases/{lease_id}/renew")
+    def renew(request: Request, lease_id: str, body: RenewBody) -> dict[str, int]:
+        own_lease(request, lease_id)
         return {"expires_at_ms": allocator.renew(lease_id, body.fence, body.ttl_s)}
 
-    @app.delete("/v1/leases/{lease_id}", dependencies=guarded)
-    def release(lease_id: str, fence: Annotated[int, Query(ge=1)]) -> dict[str, bool]:
+    @app.delete("/v1/leases/{lease_id}")
+    def release(
+        request: Request, lease_id: str, fence: Annotated[int | None, Query(ge=1, description="Admins may omit it.")] = None
+    ) -> dict[str, bool]:
+        try:
+            lease = own_lease(request, lease_id)
+        except LeaseLost:
+            return {"released": False}
+        if fence is None:
+            if not grant_of(request).admin:
+                raise HTTPException(422, "fence: required (only an admin token may revoke a lease without it).")
+            fence = lease.fence
         return {"released": allocator.release(lease_id, fence)}
 
-    @app.get("/v1/leases", dependencies=guarded)
-    def leases() -> list[dict[str, Any]]:
-        return allocator.status()["leases"]
+    def visible(request: Request, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        grant = grant_of(request)
+        shown = [{k: v for k, v in row.items() if k != "fence"} for row in rows]
+        return shown if grant.admin else [row for row in shown if row.get("tenant", "default") == grant.tenant]
 
-    @app.get("/v1/status", dependencies=guarded)
-    def status() -> dict[str, Any]:
-        return allocator.status()
+    @app.get("/v1/leases")
+    def leases(request: Request) -> list[dict[str, Any]]:
+        """The leases this token may see (its tenant's; all for an admin), without fences."""
+        return visible(request, allocator.status()["leases"])
+
+    @app.get("/v1/status")
+    def status(request: Request) -> dict[str, Any]:
+        snapshot = allocator.status()
+        return {**snapshot, "leases": visible(request, snapshot["leases"])}
 
     return app

@@ -5,13 +5,18 @@ This is the one place that reads the environment; everything else receives a `Se
 | variable | meaning |
 |---|---|
 | ``PREFECT_MIG_REDIS_URL`` | Redis holding leases; unset = a private embedded redis-server |
+| ``PREFECT_MIG_REDIS_TLS_CA_FILE`` | with ``rediss://``: CA bundle that signed the server's certificate |
+| ``PREFECT_MIG_REDIS_TLS_CERT_FILE`` / ``..._KEY_FILE`` | with ``rediss://``: client certificate and key (mutual TLS) |
 | ``PREFECT_MIG_NAMESPACE`` | key namespace (hash tag) of one cluster inside that Redis |
 | ``PREFECT_MIG_BACKEND`` | ``nvml`` (real GPUs), ``simulated`` or ``auto`` (nvml when a driver answers) |
 | ``PREFECT_MIG_SIMULATED_FLEET`` | the simulated hardware, e.g. ``node-a=2xH100-80GB,node-b=1xA30-24GB`` |
 | ``PREFECT_MIG_NODE`` | this host's node name (with the simulated backend: which fleet node it is) |
 | ``PREFECT_MIG_STATE_DIR`` | where state lives: embedded Redis data, the simulated NVML's state file |
 | ``PREFECT_MIG_DOCKER_HOST`` | Docker engine URL for task containers; unset = ``DOCKER_HOST`` or the local socket |
-| ``PREFECT_MIG_API_TOKEN`` | bearer token of the HTTP lease API (``prefect-mig api serve``) |
+| ``PREFECT_MIG_API_TOKEN`` | admin bearer token of the HTTP lease API (``prefect-mig api serve``) |
+| ``PREFECT_MIG_API_MAX_WAIT_S`` | longest an HTTP acquire waits for a slice (default 300) |
+| ``PREFECT_MIG_API_MAX_BODY_BYTES`` | larger HTTP request bodies get 413 (default 65536) |
+| ``PREFECT_MIG_API_DOCS`` | serve ``/docs``, ``/redoc``, ``/openapi.json`` (behind the token; default off) |
 | ``PREFECT_MIG_LAYOUTS_FILE`` | YAML file of named layout configs; unset = the shipped defaults |
 | ``PREFECT_MIG_LAYOUT`` | config the agent carves GPUs without instances to (unset: the file's default; ``none``) |
 | ``PREFECT_MIG_WAIT_TIMEOUT_S`` | how long a task waits for a slice unless its runner says (default 3600) |
@@ -54,6 +59,9 @@ class Settings(BaseSettings):
         description="Redis URL (redis:// or rediss://) of the lease store; unset starts a private "
         "redis-server under the state dir.",
     )
+    redis_tls_ca_file: Path | None = Field(default=None, description="rediss://: CA file of the server's certificate.")
+    redis_tls_cert_file: Path | None = Field(default=None, description="rediss://: client certificate (mutual TLS).")
+    redis_tls_key_file: Path | None = Field(default=None, description="rediss://: key of the client certificate.")
     namespace: str = Field(
         default="default",
         min_length=1,
@@ -102,7 +110,8 @@ class Settings(BaseSettings):
     api_token: SecretStr | None = Field(
         default=None,
         min_length=16,
-        description="Bearer token the HTTP lease API requires (at least 16 characters).",
+        description="Admin bearer token of the HTTP lease API (at least 16 characters); clients get "
+        "their own with `prefect-mig api token create`.",
     )
     lease_max_ttl_s: float = Field(
         default=900.0,
@@ -111,6 +120,13 @@ class Settings(BaseSettings):
         description="The cluster's longest lease TTL in seconds: longer acquires and renewals are refused, "
         "and after Redis lost its state a node keeps its idle slices out of service this long.",
     )
+    api_max_wait_s: float = Field(
+        default=300.0, gt=0, le=86_400, description="Longest an HTTP acquire waits for a slice (seconds)."
+    )
+    api_max_body_bytes: int = Field(
+        default=65_536, ge=1024, le=16 * 1024 * 1024, description="Larger HTTP request bodies are refused (413)."
+    )
+    api_docs: bool = Field(default=False, description="Serve /docs, /redoc and /openapi.json (behind the token).")
 
     @field_validator("redis_url")
     @classmethod

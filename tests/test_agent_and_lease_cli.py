@@ -173,3 +173,24 @@ def test_the_agent_carves_an_empty_gpu_to_the_default_config_and_layout_apply_ke
     assert cluster.lease(busy.lease_id).fence == busy.fence  # the busy slice's lease lives on
     unknown = _cli("layout", "apply", "-c", "nope", env=cli_env)
     assert unknown.returncode == 2 and "'nope'" in unknown.stderr and "balanced" in unknown.stderr
+
+
+def test_api_token_commands_create_list_without_secret_and_revoke(cli_env, redis_server, namespace):
+    from prefect_mig.allocator import Keys
+    from prefect_mig.allocator.tokens import TokenStore
+
+    made = _cli("api", "token", "create", "--tenant", "team-a", "--max-priority", "50", "--json", env=cli_env)
+    assert made.returncode == 0, made.stderr
+    token = json.loads(made.stdout)
+    store = TokenStore(redis_server.client(), namespace)
+    assert store.verify(token["token"]).tenant == "team-a"
+    listed = _cli("api", "token", "list", "--json", env=cli_env)
+    assert [row["token_id"] for row in json.loads(listed.stdout)] == [token["token_id"]]
+    assert token["token"].split(".", 1)[1] not in listed.stdout
+    assert token["token"].split(".", 1)[1] not in str(redis_server.client().hgetall(Keys(namespace).api_tokens))
+    assert _cli("api", "token", "revoke", token["token_id"], env=cli_env).returncode == 0
+    assert store.verify(token["token"]) is None
+    again = _cli("api", "token", "revoke", token["token_id"], env=cli_env)
+    assert again.returncode == 2 and token["token_id"] in again.stderr
+    bad = _cli("api", "token", "create", "--tenant", "team-a", "--max-priority", "101", env=cli_env)
+    assert bad.returncode == 2 and "--max-priority" in bad.stderr and "101" in bad.stderr

@@ -2,6 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import os
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 
@@ -9,9 +19,11 @@ from prefect_mig.api import create_app
 from prefect_mig.errors import ConfigError
 
 from .allocator_fixtures import H100_MIXED
+from .api_fixtures import ADMIN_TOKEN
 
 TOKEN = "a-test-token-of-some-length"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
+AUTH_ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
 @pytest.fixture
@@ -66,11 +78,98 @@ def test_bad_request_fields_are_422_with_the_field_named(http):
     assert bad.status_code == 422 and "priority" in bad.text
 
 
-def test_openapi_describes_the_routes(http):
-    paths = http.get("/openapi.json").json()["paths"]
+def test_openapi_describes_the_routes_when_docs_are_on(alloc):
+    http = TestClient(create_app(alloc, token=TOKEN, docs=True))
+    assert http.get("/openapi.json").status_code == 401
+    paths = http.get("/openapi.json", headers=AUTH).json()["paths"]
     assert {"/v1/leases", "/v1/leases/{lease_id}/renew", "/v1/leases/{lease_id}", "/v1/status"} <= set(paths)
 
 
 def test_a_short_or_missing_token_refuses_to_build_the_app(alloc):
     with pytest.raises(ConfigError):
         create_app(alloc, token="short")
+
+
+def _wait_until(check, what: str, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, f"not within {timeout_s} s: {what}"
+        time.sleep(0.05)
+
+
+def test_a_client_that_leaves_while_waiting_is_withdrawn_and_never_granted(served_api):
+    admin = served_api.client()
+    held = admin.post("/v1/leases", json={"request": {"profile": "3g.40gb"}}).json()
+    body = json.dumps({"request": {"profile": "3g.40gb"}, "timeout_s": None}).encode()
+    with socket.create_connection(("127.0.0.1", served_api.port), timeout=30) as sock:
+        sock.sendall(
+            b"POST /v1/leases HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + ADMIN_TOKEN.encode()
+            + b"\r\nContent-Type: application/json\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+        )
+        _wait_until(lambda: len(served_api.alloc.status()["queue"]) == 1, "the acquire is queued")
+    _wait_until(lambda: served_api.alloc.status()["queue"] == [], "the departed client's request is withdrawn")
+    assert admin.delete(f"/v1/leases/{held['lease_id']}", params={"fence": held["fence"]}).json() == {"released": True}
+    assert served_api.alloc.status()["leases"] == []
+
+
+@pytest.mark.parametrize("api_settings", [{"max_wait_s": 1.0}])
+def test_a_wait_is_capped_by_the_servers_maximum(served_api, api_settings):
+    admin = served_api.client()
+    admin.post("/v1/leases", json={"request": {"profile": "3g.40gb"}})
+    late = admin.post("/v1/leases", json={"request": {"profile": "3g.40gb"}, "timeout_s": None})
+    assert late.status_code == 408
+    assert served_api.alloc.status()["queue"] == []
+
+
+def test_renew_does_not_queue_behind_waiting_acquires(served_api):
+    admin = served_api.client()
+    held = admin.post("/v1/leases", json={"request": {"profile": "3g.40gb"}}).json()
+    waiters = 60  # more than the 40 threads a sync route may hold
+
+    def wait_for_slice() -> None:
+        with served_api.client(timeout=120) as c:
+            c.post("/v1/leases", json={"request": {"profile": "3g.40gb"}, "timeout_s": 20})
+
+    threads = [threading.Thread(target=wait_for_slice, daemon=True) for _ in range(waiters)]
+    for t in threads:
+        t.start()
+    _wait_until(lambda: len(served_api.alloc.status()["queue"]) == waiters, "every acquire is queued", 90)
+    with served_api.client(timeout=10) as quick:
+        renewed = quick.post(f"/v1/leases/{held['lease_id']}/renew", json={"fence": held["fence"], "ttl_s": 60})
+    assert renewed.status_code == 200
+    admin.delete(f"/v1/leases/{held['lease_id']}", params={"fence": held["fence"]})
+    for t in threads:
+        t.join(120)
+
+
+def test_api_serve_speaks_https_with_certfile_and_keyfile(redis_server, namespace, tmp_path):
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True, timeout=60,
+    )
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PREFECT_MIG_REDIS_URL": redis_server.url, "PREFECT_MIG_NAMESPACE": namespace,
+           "PREFECT_MIG_API_TOKEN": ADMIN_TOKEN}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "prefect_mig.cli.main", "api", "serve", "--port", str(port),
+         "--certfile", str(cert), "--keyfile", str(key)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        with httpx.Client(base_url=f"https://127.0.0.1:{port}", verify=ssl.create_default_context(cafile=str(cert)), timeout=10) as https:
+            def answers() -> bool:
+                try:
+                    return https.get("/v1/leases", headers=AUTH_ADMIN).status_code == 200
+                except httpx.TransportError:
+                    return False
+
+            _wait_until(answers, "the HTTPS API answers")
+        with pytest.raises(httpx.TransportError):  # plain HTTP is not served
+            httpx.get(f"http://127.0.0.1:{port}/v1/leases", headers=AUTH_ADMIN, timeout=10)
+    finally:
+        server.terminate()
+        server.wait(30)

@@ -62,3 +62,18 @@ def test_redis_stop_stops_what_was_started_and_leaves_nothing(state_dir):
     assert stop_embedded_redis(state_dir) is True
     assert redis_servers_of(state_dir) == []
     assert stop_embedded_redis(state_dir) is False
+
+
+def test_a_long_running_client_follows_the_server_to_its_new_port(state_dir, monkeypatch):
+    from prefect_mig.cli.leases import _allocator
+
+    monkeypatch.delenv("PREFECT_MIG_REDIS_URL", raising=False)
+    monkeypatch.setenv("PREFECT_MIG_STATE_DIR", str(state_dir))
+    alloc = _allocator()  # as `api serve` and `agent` hold it for their lifetime
+    alloc.publish_fleet("node-a=1xA30-24GB", layouts={"node-a": ["4g.24gb@0"]})
+    first = ensure_embedded_redis(state_dir)
+    stop_embedded_redis(state_dir)
+    second = ensure_embedded_redis(state_dir)  # restarted, by anyone, on a new port
+    assert second != first
+    # the client needed no restart, and what it wrote came back from the AOF under the locked-down ACL
+    assert [s["profile"] for s in alloc.status()["slices"]] == ["4g.24gb"]

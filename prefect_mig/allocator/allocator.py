@@ -435,6 +435,17 @@ class Allocator:
                     lease_id=request_id,
                 )
 
+    def claim(self, request_id: str, request: SliceRequest) -> LeaseInfo | None:
+        """Claim the lease handed over to a queued request (for waiters other than
+        `wait_for_grant`, such as the HTTP API's async wait): its full TTL, or None when it went
+        back before the claim (the request is queued again)."""
+        try:
+            info = self.lease(request_id)
+        except LeaseLost:
+            again = self.try_acquire(request, wait=True, request_id=request_id)
+            return again if isinstance(again, LeaseInfo) else None
+        return self._claim(info, request)
+
     def _claim(self, info: LeaseInfo, request: SliceRequest | None) -> LeaseInfo | None:
         """Renew a handed-over lease to its full TTL; None (and queued again) if it already went back.
 

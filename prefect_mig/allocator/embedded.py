@@ -3,12 +3,18 @@
 It runs daemonized (AOF on, bound to 127.0.0.1) so leases taken by one ``prefect-mig`` command are
 still there for the next; ``prefect-mig redis stop`` (or ``prefect-mig down``) stops it. However many
 threads and processes ask for it at once, one server starts per state dir (a lock file decides).
+
+Other local users cannot use it: the default user is off and the project's ACL user ``prefect-mig``
+has a generated password, kept (with the URL that carries it) in files only the owner may read;
+the password reaches redis-server through a 0600 config file, never its command line; everything
+under ``<state_dir>/redis`` is created 0600 (files) and 0700 (dirs).
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -40,6 +46,32 @@ def embedded_dir(state_dir: Path) -> Path:
     return Path(state_dir) / "redis"
 
 
+USER = "prefect-mig"
+
+
+def _private_dir(path: Path) -> None:
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path.chmod(0o700)
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write `text` to a file only its owner may read (created 0600, never readable in between)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    os.replace(tmp, path)
+
+
+def _password(home: Path) -> str:
+    """The project user's password, generated once per state dir."""
+    path = home / "password"
+    if not path.exists():
+        _write_private(path, secrets.token_urlsafe(32))
+    return path.read_text().strip()
+
+
 @contextmanager
 def state_lock(state_dir: Path, name: str) -> Iterator[None]:
     """An exclusive lock on ``<state_dir>/<name>.lock`` across threads and processes.
@@ -48,8 +80,8 @@ def state_lock(state_dir: Path, name: str) -> Iterator[None]:
     process exclude each other as two processes do; the lock goes with the process if it dies.
     """
     path = Path(state_dir) / f"{name}.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as handle:
+    _private_dir(path.parent)
+    with open(os.open(path, os.O_RDWR | os.O_CREAT, 0o600), "a+") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
@@ -103,29 +135,32 @@ def _start(home: Path, url_file: Path) -> str:
         )
     _terminate(home / "redis.pid")  # one that no longer answers
     port = _free_port()
-    url = f"redis://127.0.0.1:{port}/0"
-    subprocess.run(
-        [
-            binary,
-            "--port", str(port),
-            "--bind", "127.0.0.1",
-            "--dir", str(home),
-            "--appendonly", "yes",
-            "--appendfsync", "everysec",
-            "--save", "",
-            "--daemonize", "yes",
-            "--pidfile", str(home / "redis.pid"),
-            "--logfile", str(home / "redis.log"),
-        ],
-        check=True,
-    )
+    password = _password(home)
+    url = f"redis://{USER}:{password}@127.0.0.1:{port}/0"
+    config = home / "redis.conf"
+    _write_private(config, "\n".join([
+        f"port {port}",
+        "bind 127.0.0.1",
+        "protected-mode yes",
+        f'dir "{home}"',
+        "appendonly yes",
+        "appendfsync everysec",
+        'save ""',
+        "daemonize yes",
+        f'pidfile "{home / "redis.pid"}"',
+        f'logfile "{home / "redis.log"}"',
+        "user default off ~* &* +@all",  # off for clients; Redis 7.0 replays the AOF with its rights
+        f"user {USER} on >{password} ~* &* +@all",
+        "",
+    ]))
+    subprocess.run([binary, str(config)], check=True, umask=0o077)
     deadline = time.monotonic() + 10
     while not _answers(url):
         if time.monotonic() > deadline:
             _terminate(home / "redis.pid")
             raise RedisUnavailable(f"the embedded redis-server did not start; see {home / 'redis.log'}.")
         time.sleep(0.05)
-    url_file.write_text(url)
+    _write_private(url_file, url)
     return url
 
 

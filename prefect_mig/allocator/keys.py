@@ -73,6 +73,8 @@ class Keys:
         # server without AOF); the next script writes a new one and a cluster.epoch event.
         self.epoch = p + "epoch"
         self.quarantine = p + "quarantine"  # ZSET slice_id -> settles at (ms): published after a new epoch
+        # HASH token_id -> {"tenant", "max_priority", "admin", "sha256", "created_at"} JSON (HTTP API clients)
+        self.api_tokens = p + "api_tokens"
 
     # per-entity keys (scripts build the same names from the prefix)
     def lease(self, lease_id: str) -> str:

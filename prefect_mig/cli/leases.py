@@ -15,7 +15,8 @@ from rich.table import Table
 
 from prefect_mig.allocator import Allocator, SliceRequest, health
 from prefect_mig.allocator.allocator import check_ttl
-from prefect_mig.allocator.embedded import redis_url, stop_embedded_redis
+from prefect_mig.allocator.connection import connect
+from prefect_mig.allocator.embedded import stop_embedded_redis
 from prefect_mig.cli.output import cli_errors, console, errors, print_json
 from prefect_mig.errors import ConfigError, PrefectMigError
 from prefect_mig.gpu.host import require_host_pid_namespace
@@ -29,11 +30,8 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")
 
 
 def _allocator() -> Allocator:
-    import redis
-
     settings = load_settings()
-    client = redis.Redis.from_url(redis_url(settings), socket_connect_timeout=2, socket_timeout=10)
-    return Allocator(client, settings.namespace, max_ttl_s=settings.lease_max_ttl_s)
+    return Allocator(connect(settings), settings.namespace, max_ttl_s=settings.lease_max_ttl_s)
 
 
 #: SliceRequest field -> the `lease acquire` option that sets it
@@ -229,8 +227,10 @@ api_app = typer.Typer(help="The HTTP lease API.", no_args_is_help=True)
 def api_serve(
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port.")] = 8765,
+    certfile: Annotated[str | None, typer.Option(help="PEM certificate: serve HTTPS (with --keyfile).")] = None,
+    keyfile: Annotated[str | None, typer.Option(help="PEM private key of --certfile.")] = None,
 ) -> None:
-    """Serve the HTTP lease API (bearer token from PREFECT_MIG_API_TOKEN; OpenAPI at /docs)."""
+    """Serve the HTTP lease API (admin token PREFECT_MIG_API_TOKEN; clients: `api token create`)."""
     import uvicorn
 
     from prefect_mig.api import create_app
@@ -243,8 +243,78 @@ def api_serve(
                 "(at least 16 characters).",
                 field="api_token",
             )
-        app = create_app(_allocator(), token=settings.api_token.get_secret_value())
-    uvicorn.run(app, host=host, port=port, log_level="info")
+        if (certfile is None) != (keyfile is None):
+            raise ConfigError("--certfile and --keyfile go together (HTTPS needs both).", field="certfile")
+        app = create_app(
+            _allocator(),
+            token=settings.api_token.get_secret_value(),
+            max_wait_s=settings.api_max_wait_s,
+            max_body_bytes=settings.api_max_body_bytes,
+            docs=settings.api_docs,
+        )
+    uvicorn.run(app, host=host, port=port, log_level="info", ssl_certfile=certfile, ssl_keyfile=keyfile)
+
+
+token_app = typer.Typer(help="Per-client tokens of the HTTP lease API.", no_args_is_help=True)
+api_app.add_typer(token_app, name="token")
+
+
+def _tokens():
+    from prefect_mig.allocator.tokens import TokenStore
+
+    return TokenStore(_allocator().redis, load_settings().namespace)
+
+
+@token_app.command("create")
+def token_create(
+    tenant: Annotated[str, typer.Option(help="The tenant this token leases as (quotas are charged to it).")],
+    max_priority: Annotated[int, typer.Option(help="Highest priority it may ask for (0-100).")] = 50,
+    admin: Annotated[bool, typer.Option("--admin", help="May see and revoke every lease, any tenant.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Make a token; its secret is printed once (Redis keeps only its hash)."""
+    from prefect_mig.allocator.tokens import TokenGrant
+
+    with cli_errors():
+        try:
+            TokenGrant(token_id="new", tenant=tenant, max_priority=max_priority)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            raise ConfigError(
+                f"--{str(first['loc'][0]).replace('_', '-')}={first.get('input')!r}: {first['msg']}",
+                field=str(first["loc"][0]),
+                value=first.get("input"),
+            ) from exc
+        secret, grant = _tokens().create(tenant=tenant, max_priority=max_priority, admin=admin)
+    if as_json:
+        print_json({"token": secret, **grant.model_dump()})
+    else:
+        console.print(f"token {grant.token_id} for tenant {tenant} (max priority {max_priority}"
+                      f"{', admin' if admin else ''}); shown once:")
+        console.print(secret, soft_wrap=True, highlight=False)
+
+
+@token_app.command("list")
+def token_list(as_json: JsonOpt = False) -> None:
+    """The tokens (id, tenant, ceiling, admin), never their secrets."""
+    with cli_errors():
+        grants = _tokens().list()
+    if as_json:
+        print_json([g.model_dump() for g in grants])
+        return
+    table = Table("id", "tenant", "max priority", "admin")
+    for g in grants:
+        table.add_row(g.token_id, g.tenant, str(g.max_priority), "yes" if g.admin else "")
+    console.print(table)
+
+
+@token_app.command("revoke")
+def token_revoke(token_id: Annotated[str, typer.Argument(help="The id `api token list` shows.")]) -> None:
+    """Revoke a token: requests with it are refused from now on."""
+    with cli_errors():
+        if not _tokens().revoke(token_id):
+            raise ConfigError(f"token id {token_id!r}: no such token (see `prefect-mig api token list`).", field="token_id", value=token_id)
+    console.print(f"revoked token {token_id}")
 
 
 repartition_app = typer.Typer(help="Make MIG layouts follow the demand.", no_args_is_help=True)

@@ -20,6 +20,7 @@ def up(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
 ) -> None:
     """Start (or find) the embedded Redis, this host's node agent and the repartitioner in the background."""
+    from prefect_mig.allocator.connection import redacted
     from prefect_mig.allocator.embedded import embedded_dir, redis_url
     from prefect_mig.cli.leases import _allocator
     from prefect_mig.local_cluster import LocalCluster, local_nodes
@@ -30,7 +31,7 @@ def up(
         chosen = layout or settings.layout or configs.default
         if chosen != "none":
             configs.layout_for(chosen, gpu_model="A30-24GB", node="", gpu_index=0)  # an unknown name fails first
-        url = redis_url(settings)
+        url = redacted(redis_url(settings))  # the embedded URL carries its password
         allocator = _allocator()
         local = LocalCluster(settings)
         pid, started = local.ensure(repartition=not no_repartition, layout=layout, interval_s=interval)

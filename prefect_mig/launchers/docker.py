@@ -41,7 +41,7 @@ import cloudpickle
 import docker
 import docker.errors
 import requests.exceptions
-from docker.types import DeviceRequest
+from docker.types import DeviceRequest, Mount
 from pydantic import BaseModel, ConfigDict, Field
 
 from prefect_mig.errors import (
@@ -109,6 +109,39 @@ class ContainerSettings(BaseModel):
     gpu_runtime: Literal["nvidia", "none"] = Field(
         default="none", description="'nvidia' adds a DeviceRequest for the MIG UUID (real GPUs)."
     )
+    # hardening: on by default; each can be loosened for a body that needs it
+    read_only_root: bool = Field(
+        default=True,
+        description="Read-only root file system; /tmp is a tmpfs and the runtime's dir a private volume.",
+    )
+    tmp_size: str = Field(default="1g", pattern=r"^\d+[kmgKMG]?$", description="Size of the /tmp tmpfs.")
+    no_new_privileges: bool = Field(default=True, description="no-new-privileges: setuid binaries gain nothing.")
+    cap_add: list[str] = Field(
+        default_factory=list, description="Capabilities kept; all others are dropped (e.g. ['CHOWN']); ['ALL'] = Docker's defaults."
+    )
+    pids_limit: int | None = Field(default=4096, ge=16, description="Most processes/threads in the container; None = no limit.")
+    user: str | None = Field(default=None, description="Run as this 'uid[:gid]' (e.g. '65534:65534'); None = the image's user.")
+
+
+def _hardening(s: ContainerSettings) -> dict[str, Any]:
+    """Container create arguments that confine the body (see the ContainerSettings fields)."""
+    create: dict[str, Any] = {
+        # the runtime is copied into HOME before start and its outcome read after exit, so HOME is an
+        # anonymous volume (a tmpfs exists only while the container runs); removed with the container
+        "mounts": [Mount(HOME, None, type="volume")],
+        "cap_drop": [] if s.cap_add == ["ALL"] else ["ALL"],
+        "cap_add": [] if s.cap_add == ["ALL"] else list(s.cap_add),
+    }
+    if s.read_only_root:
+        create["read_only"] = True
+        create["tmpfs"] = {"/tmp": f"rw,nosuid,nodev,size={s.tmp_size}"}
+    if s.no_new_privileges:
+        create["security_opt"] = ["no-new-privileges:true"]
+    if s.pids_limit is not None:
+        create["pids_limit"] = s.pids_limit
+    if s.user is not None:
+        create["user"] = s.user
+    return create
 
 
 def _runtime_archive(payload: bytes) -> bytes:
@@ -120,14 +153,17 @@ def _runtime_archive(payload: bytes) -> bytes:
             info.size, info.mode, info.mtime = len(data), 0o644, int(time.time())
             tar.addfile(info, io.BytesIO(data))
 
-        add_bytes(f"{HOME[1:]}/entry.py", (Path(__file__).parent / "runtime_entry.py").read_bytes())
-        add_bytes(f"{HOME[1:]}/payload.pkl", payload)
+        home = tarfile.TarInfo("")  # HOME itself (its own volume), made writable for any --user
+        home.type, home.mode, home.mtime = tarfile.DIRTYPE, 0o1777, int(time.time())
+        tar.addfile(home)
+        add_bytes("entry.py", (Path(__file__).parent / "runtime_entry.py").read_bytes())
+        add_bytes("payload.pkl", payload)
         for module in runtime_packages():
             package = Path(module.__file__).parent
             for path in sorted(package.rglob("*.py")):
-                add_bytes(f"{HOME[1:]}/site/{module.__name__}/{path.relative_to(package)}", path.read_bytes())
+                add_bytes(f"site/{module.__name__}/{path.relative_to(package)}", path.read_bytes())
         for name, data in runtime_files().items():
-            add_bytes(f"{HOME[1:]}/{name}", data)
+            add_bytes(name, data)
     return buf.getvalue()
 
 
@@ -278,6 +314,7 @@ class DockerLauncher:
             create["mem_limit"] = s.mem_limit
         if s.volumes:
             create["volumes"] = list(s.volumes)
+        create.update(_hardening(s))
         if s.gpu_runtime == "nvidia":
             create["device_requests"] = [DeviceRequest(driver="nvidia", device_ids=[mig_uuid], capabilities=[["gpu"]])]
         launch_id = uuid.uuid4().hex  # finds the container if a timeout lands while it is being created
@@ -307,7 +344,7 @@ class DockerLauncher:
                 )
         finally:
             try:
-                container.remove(force=True)
+                container.remove(force=True, v=True)  # v: with its runtime volume
             except docker.errors.NotFound:
                 pass
             except docker.errors.APIError as exc:
@@ -317,7 +354,7 @@ class DockerLauncher:
 
     def _start_and_wait(self, container, payload: bytes, on_log, stop, poll_s: float) -> tuple[tuple | None, int]:
         """Copy the runtime in, start, wait (or stop); the outcome (None: none written) and exit code."""
-        container.put_archive("/", _runtime_archive(payload))
+        container.put_archive(HOME, _runtime_archive(payload))
         container.start()
         logger: threading.Thread | None = None
         if on_log is not None:

@@ -59,6 +59,6 @@ def remove_launched(client: docker.DockerClient, launch_id: str) -> None:
     """Remove the container of one launch (label ``prefect-mig.launch-id``), if the engine made it."""
     try:
         for container in client.containers.list(all=True, filters={"label": f"prefect-mig.launch-id={launch_id}"}):
-            container.remove(force=True)
+            container.remove(force=True, v=True)
     except docker.errors.DockerException:  # best effort: the agent's fencing removes what is left
         pass

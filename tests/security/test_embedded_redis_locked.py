@@ -1,0 +1,64 @@
+"""The embedded redis-server as another local user sees it: no way in without the password, and no
+file under the state dir it may read."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+import pytest
+import redis
+
+from prefect_mig.allocator.embedded import embedded_dir, ensure_embedded_redis, stop_embedded_redis
+from tests.test_embedded_redis import redis_servers_of
+
+
+@pytest.fixture
+def state_dir(tmp_path, redis_server):  # redis_server: skips (or fails under CI) without redis-server
+    yield tmp_path
+    stop_embedded_redis(tmp_path)
+
+
+def test_without_the_password_nobody_gets_in(state_dir):
+    url = ensure_embedded_redis(state_dir)
+    owner = redis.Redis.from_url(url)
+    assert owner.ping() and owner.set("probe", "1")
+    port = owner.connection_pool.connection_kwargs["port"]
+    for stranger in (redis.Redis(host="127.0.0.1", port=port), redis.Redis(host="127.0.0.1", port=port, password="guess")):
+        with pytest.raises(redis.exceptions.AuthenticationError):
+            stranger.flushall()
+    assert owner.get("probe") == b"1"
+
+
+def test_everything_under_the_state_dir_is_private_and_the_password_is_not_on_a_command_line(state_dir):
+    url = ensure_embedded_redis(state_dir)
+    redis.Redis.from_url(url).set("k", "v")  # makes the AOF write something
+    password = redis.Redis.from_url(url).connection_pool.connection_kwargs["password"]
+    home = embedded_dir(state_dir)
+    paths = [home, *home.rglob("*")]
+    assert any(p.name == "url" for p in paths) and any("appendonly" in p.name for p in paths)
+    for path in paths:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        assert mode & 0o077 == 0, f"{path} is {oct(mode)}"
+    for pid in redis_servers_of(state_dir):
+        assert password not in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+
+
+def test_up_does_not_print_the_password(state_dir):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PREFECT_MIG_STATE_DIR": str(state_dir), "PREFECT_MIG_BACKEND": "simulated",
+           "PREFECT_MIG_SIMULATED_FLEET": "node-a=1xA30-24GB"}
+    env.pop("PREFECT_MIG_REDIS_URL", None)
+    run = lambda *a: subprocess.run([sys.executable, "-m", "prefect_mig.cli.main", *a], capture_output=True, text=True, env=env, timeout=180)  # noqa: E731
+    try:
+        up = run("up", "--json")
+        assert up.returncode == 0, up.stderr
+        password = (embedded_dir(state_dir) / "password").read_text().strip()
+        assert password not in up.stdout + up.stderr
+        assert json.loads(up.stdout)["redis_url"].startswith("redis://prefect-mig:***@127.0.0.1:")
+    finally:
+        run("down")
