@@ -112,6 +112,31 @@ def test_a_client_that_leaves_while_waiting_is_withdrawn_and_never_granted(serve
     assert served_api.alloc.status()["leases"] == []
 
 
+def test_a_waiting_acquire_is_handed_the_freed_slice_with_its_full_ttl(served_api):
+    """A hand-over lives only a moment unclaimed (a departed waiter must not idle the slice); the
+    API's async wait claims it, so the client gets its whole TTL, not a lease about to lapse."""
+    admin = served_api.client()
+    held = admin.post("/v1/leases", json={"request": {"profile": "3g.40gb"}}).json()
+    answer: dict = {}
+
+    def wait_for_slice() -> None:
+        with served_api.client(timeout=60) as c:
+            answer["reply"] = c.post("/v1/leases", json={"request": {"profile": "3g.40gb", "ttl_s": 120}, "timeout_s": 30})
+
+    waiter = threading.Thread(target=wait_for_slice, daemon=True)
+    waiter.start()
+    _wait_until(lambda: len(served_api.alloc.status()["queue"]) == 1, "the acquire is queued")
+    admin.delete(f"/v1/leases/{held['lease_id']}", params={"fence": held["fence"]})
+    waiter.join(60)
+    reply = answer["reply"]
+    assert reply.status_code == 201, reply.text
+    granted = reply.json()
+    time.sleep(2.5)  # longer than a hand-over may stay unclaimed
+    lease = served_api.alloc.lease(granted["lease_id"])
+    assert lease.expires_at_ms - served_api.alloc.now_ms() > 100_000
+    assert admin.delete(f"/v1/leases/{granted['lease_id']}", params={"fence": lease.fence}).json() == {"released": True}
+
+
 @pytest.mark.parametrize("api_settings", [{"max_wait_s": 1.0}])
 def test_a_wait_is_capped_by_the_servers_maximum(served_api, api_settings):
     admin = served_api.client()
