@@ -69,23 +69,31 @@ class Api:
     def __init__(self, url: str) -> None:
         self.http = httpx.Client(base_url=url, timeout=30)
 
+    def _call(self, method: str, path: str, **kwargs) -> httpx.Response:
+        """One call; a 503 (SQLite busy on a loaded machine) is tried again, as Prefect's client does."""
+        for _ in range(10):
+            got = self.http.request(method, path, **kwargs)
+            if got.status_code != 503:
+                return got.raise_for_status()
+            time.sleep(2)
+        return got.raise_for_status()
+
     def run(self, deployment_id: str, parameters: dict | None = None, **job_variables) -> str:
-        got = self.http.post(f"/deployments/{deployment_id}/create_flow_run",
-                             json={"job_variables": job_variables, "parameters": parameters or {}})
-        got.raise_for_status()
+        got = self._call("POST", f"/deployments/{deployment_id}/create_flow_run",
+                         json={"job_variables": job_variables, "parameters": parameters or {}})
         return got.json()["id"]
 
     def flow_run(self, run_id: str) -> dict:
-        return self.http.get(f"/flow_runs/{run_id}").raise_for_status().json()
+        return self._call("GET", f"/flow_runs/{run_id}").json()
 
     def states(self, run_id: str) -> list[dict]:
-        return self.http.get("/flow_run_states/", params={"flow_run_id": run_id}).raise_for_status().json()
+        return self._call("GET", "/flow_run_states/", params={"flow_run_id": run_id}).json()
 
     def state_of(self, run_id: str) -> dict:
         return self.flow_run(run_id)["state"]
 
     def cancel(self, run_id: str) -> None:
-        self.http.post(f"/flow_runs/{run_id}/set_state", json={"state": {"type": "CANCELLING"}, "force": True}).raise_for_status()
+        self._call("POST", f"/flow_runs/{run_id}/set_state", json={"state": {"type": "CANCELLING"}, "force": True})
 
 
 @pytest.fixture(scope="module")

@@ -39,19 +39,16 @@ from typing import Any, Literal, Optional, Union
 
 import anyio
 import anyio.to_thread
-import docker.errors
-import requests.exceptions
 from prefect.client.schemas.objects import StateType
-from prefect.exceptions import InfrastructureNotFound
 from prefect.states import Cancelled, Crashed, Failed, Pending
 from prefect.workers.base import BaseJobConfiguration, BaseVariables, BaseWorker, BaseWorkerResult
 from pydantic import Field
 
-from prefect_mig.allocator import Lease, LeaseInfo, health
 from prefect_mig.errors import ConfigError, LaunchError, PrefectMigError, WaitTimeout
-from prefect_mig.integrations.prefect.runner import AWAITING_MIG, MigTaskRunner
-from prefect_mig.launchers.docker import LABEL_PREFIX, cluster_labels, slice_bound_options
 from prefect_mig.model.catalog import catalog
+
+# Prefect imports this module in every process it starts (the `prefect.collections` entry point,
+# the server's included), so Docker, Redis and the task runner are imported where they are used.
 
 _FINAL = {StateType.COMPLETED, StateType.FAILED, StateType.CRASHED, StateType.CANCELLED}
 _CANCEL = {StateType.CANCELLING, StateType.CANCELLED}
@@ -116,13 +113,15 @@ class MigDockerJobConfiguration(BaseJobConfiguration):
     cpus: Any = Field(default=None, json_schema_extra={"template": "{{ cpus }}"})
     mem_limit: Any = Field(default=None, json_schema_extra={"template": "{{ mem_limit }}"})
 
-    def runner(self) -> MigTaskRunner:
+    def runner(self):
         """A `MigTaskRunner` holding this job's slice request and container settings (it checks
         them), whose allocator and launchers the worker uses.
 
         Raises:
             ConfigError: a job variable cannot be used; ``field`` names it.
         """
+        from prefect_mig.integrations.prefect.runner import MigTaskRunner
+
         if not isinstance(self.profile, str) or not self.profile.strip():
             raise ConfigError(f"job variable profile={self.profile!r}: give a MIG profile or minimums. {_PROFILE_HELP}", field="profile", value=self.profile)
         profile = self.profile.strip()
@@ -211,6 +210,11 @@ class MigDockerWorker(BaseWorker):
                 watchers.cancel_scope.cancel()
 
     async def _run_leased(self, flow_run, configuration, runner, request, cancelled, logger, task_status):
+        import docker.errors
+
+        from prefect_mig.allocator import Lease, LeaseInfo
+        from prefect_mig.launchers.docker import LABEL_PREFIX, cluster_labels
+
         allocator = await anyio.to_thread.run_sync(runner._allocator, logger)
         got = await anyio.to_thread.run_sync(lambda: allocator.try_acquire(request, wait=runner.wait_timeout_s != 0))
         if not isinstance(got, LeaseInfo):
@@ -270,8 +274,11 @@ class MigDockerWorker(BaseWorker):
                 await anyio.to_thread.run_sync(_remove, container)
             lease.release()
 
-    async def _wait(self, flow_run, allocator, request_id, request, runner, cancelled, logger) -> LeaseInfo | None:
-        """Wait for the grant in a thread while the flow run shows AwaitingMIG with why it waits."""
+    async def _wait(self, flow_run, allocator, request_id, request, runner, cancelled, logger):
+        """Wait for the grant in a thread while the flow run shows AwaitingMIG with why it waits;
+        None when the run was cancelled (the wait is then withdrawn)."""
+        from prefect_mig.allocator import health
+        from prefect_mig.integrations.prefect.runner import AWAITING_MIG
         from prefect_mig.settings import load_settings
 
         timeout_s = runner.wait_timeout_s if runner.wait_timeout_s is not None else load_settings().wait_timeout_s
@@ -330,6 +337,11 @@ class MigDockerWorker(BaseWorker):
     async def kill_infrastructure(self, infrastructure_pid: str, configuration: MigDockerJobConfiguration, grace_seconds: int = 30) -> None:
         """Stop a flow run's container (``infrastructure_pid`` is ``<engine url>:<container id>``)
         and release its lease (read from the container's labels)."""
+        import docker.errors
+        from prefect.exceptions import InfrastructureNotFound
+
+        from prefect_mig.launchers.docker import LABEL_PREFIX
+
         base_url, _, container_id = infrastructure_pid.rpartition(":")
         runner = configuration.runner()
         launcher = runner._launcher(base_url.replace("http+docker://localhost", "unix:///var/run/docker.sock") or None)
@@ -350,6 +362,10 @@ class MigDockerWorker(BaseWorker):
 
 def _start_container(launcher, command: str | None, env: dict, labels: dict, mig_uuid: str, network: str | None):
     """Create and start the flow run's container on the launcher's engine, bound to `mig_uuid`."""
+    import docker.errors
+
+    from prefect_mig.launchers.docker import slice_bound_options
+
     s = launcher.settings
     launcher.client  # noqa: B018 - a clear DockerUnavailable before anything else
     try:
@@ -381,6 +397,9 @@ def _start_container(launcher, command: str | None, env: dict, labels: dict, mig
 def _wait_container(container, cancelled: threading.Event, lost: threading.Event) -> int:
     """The container's exit code; a cancelled run's container gets SIGTERM (then SIGKILL after
     10 s), a lost lease's is killed at once."""
+    import docker.errors
+    import requests.exceptions
+
     while True:
         if cancelled.is_set() or lost.is_set():
             try:
@@ -398,6 +417,8 @@ def _wait_container(container, cancelled: threading.Event, lost: threading.Event
 
 
 def _remove(container) -> None:
+    import docker.errors
+
     try:
         container.remove(force=True)
     except docker.errors.NotFound:
