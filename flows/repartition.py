@@ -1,14 +1,18 @@
 """The repartitioning service as a Prefect flow, to deploy on a schedule or on pipeline-run events.
 
-    prefect deploy flows/repartition.py:repartition --name mig-repartition --cron "*/5 * * * *"
+    prefect work-pool create mig-process --type process
+    prefect deploy flows/repartition.py:repartition --name mig-repartition --pool mig-process --cron "*/5 * * * *"
 
-To re-carve when pipeline runs end, add a trigger to the deployment (prefect.yaml). The run that
-just ended freed its slices a moment ago, so a triggered run passes ``idle_window_s: 0`` (the end
-of the pipeline run *is* the idle window; scheduled runs keep the default):
+(or ``prefect deploy --name mig-repartition`` with the repository's ``prefect.yaml``, which has both
+the schedule and the trigger). To re-carve when pipeline runs end, add a trigger to the deployment.
+The run that just ended freed its slices a moment ago, so a triggered run passes ``idle_window_s: 0``
+(the end of the pipeline run *is* the idle window; scheduled runs keep the default). The
+``match_related`` filter leaves out this flow's own runs, which would otherwise trigger the next:
 
     triggers:
       - type: event
         match: {"prefect.resource.id": "prefect.flow-run.*"}
+        match_related: {"prefect.resource.role": "flow", "prefect.resource.name": "!mig-repartition"}
         expect: ["prefect.flow-run.Completed"]
         parameters: {"idle_window_s": 0}
 

@@ -21,6 +21,7 @@ _LAZY = {
     "Lease": "prefect_mig.allocator",
     "LeaseClient": "prefect_mig.allocator",
     "MigTaskRunner": "prefect_mig.integrations.prefect",
+    "mig": "prefect_mig.integrations.prefect.infra",
     "SliceRequest": "prefect_mig.allocator",
     "task": "prefect_mig.integrations.prefect",
     "GpuBackend": "prefect_mig.gpu",

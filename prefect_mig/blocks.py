@@ -9,10 +9,12 @@ Register it so that it appears in the Prefect UI with a form built from its fiel
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from prefect.blocks.core import Block
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, ValidationError
+
+from prefect_mig.errors import ConfigError
 
 
 class MigCluster(Block):
@@ -28,6 +30,22 @@ class MigCluster(Block):
         runner = MigTaskRunner(profile="1g.10gb", cluster=cluster)
         assert runner.cluster.namespace == "prod"
         ```
+
+        Lease a slice for work outside a container (``async with`` works too), and see the cluster:
+        ```python
+        import subprocess
+        from prefect_mig.blocks import MigCluster
+        from prefect_mig.testing.redis_server import RedisServer
+
+        with RedisServer() as server:
+            cluster = MigCluster(redis_url=server.url, namespace="doc-block")
+            cluster.lease_client().allocator.publish_fleet("node-a=1xA30-24GB", layouts={"node-a": ["4g.24gb@0"]})
+            with cluster.lease("4g.24gb", priority=5, tenant="team-a") as lease:
+                env = {"CUDA_VISIBLE_DEVICES": lease.mig_uuid}
+                subprocess.run(["true"], env=env, check=True)
+                assert len(cluster.status()["leases"]) == 1
+            assert cluster.status()["leases"] == []
+        ```
     """
 
     _block_type_name = "MIG Cluster"
@@ -40,6 +58,9 @@ class MigCluster(Block):
     _documentation_url = "https://github.com/prefect-mig/prefect-mig#readme"
     _code_example = """
 ```python
+import os
+import subprocess
+
 from prefect_mig import MigTaskRunner, task
 from prefect_mig.blocks import MigCluster
 
@@ -48,6 +69,12 @@ cluster = MigCluster.load("BLOCK_NAME")
 @task(task_runner=MigTaskRunner(profile="1g.10gb", cluster=cluster))
 def infer(batch):
     ...
+
+# work outside a container: a subprocess given the slice (renewed, released on exit)
+with cluster.lease("1g.10gb", priority=5, tenant="team-a") as lease:
+    subprocess.run(["python", "train.py"], env={**os.environ, "CUDA_VISIBLE_DEVICES": lease.mig_uuid})
+
+print(cluster.status()["leases"])
 ```
 """
 
@@ -73,3 +100,74 @@ def infer(batch):
     gpu_runtime: Literal["nvidia", "none"] = Field(
         default="nvidia", description="'nvidia' binds containers to the MIG device; 'none' only sets the environment."
     )
+
+    def lease_client(self):
+        """A `LeaseClient` on this cluster's Redis and namespace."""
+        from prefect_mig.allocator import LeaseClient
+
+        return LeaseClient(self.redis_url.get_secret_value(), self.namespace)
+
+    def lease(
+        self,
+        profile: str,
+        *,
+        priority: int | None = None,
+        tenant: str = "default",
+        preemptible: bool = False,
+        timeout_s: float | None = None,
+        holder: str = "",
+    ) -> _BlockLease:
+        """Lease a slice (``1g.10gb`` or minimums such as ``>=20gb``) for the body of a ``with`` or
+        ``async with``: renewed every third of `lease_ttl_s` while it runs, released on every exit.
+        The `Lease` it yields has ``mig_uuid`` to hand to a subprocess (``CUDA_VISIBLE_DEVICES``).
+
+        Raises:
+            ConfigError: a bad profile, priority or tenant (naming it); WaitTimeout after `timeout_s`.
+        """
+        from prefect_mig.allocator import SliceRequest
+        from prefect_mig.model import SliceRequirement
+
+        need = SliceRequirement.parse(profile, field="profile")
+        try:
+            request = SliceRequest(
+                **need.model_dump(exclude_none=True),
+                priority=self.default_priority if priority is None else priority,
+                tenant=tenant, preemptible=preemptible, ttl_s=self.lease_ttl_s, holder=holder[:256],
+            )
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            field = str(first["loc"][0]) if first["loc"] else None
+            raise ConfigError(
+                f"MigCluster.lease {field}={first.get('input')!r}: {first['msg'].removeprefix('Value error, ')}",
+                field=field, value=first.get("input"),
+            ) from exc
+        return _BlockLease(self, request, timeout_s)
+
+    def status(self) -> dict[str, Any]:
+        """The cluster now: nodes, slices with their state and lease, leases, and the queue."""
+        return self.lease_client().allocator.status()
+
+
+class _BlockLease:
+    """The context manager `MigCluster.lease` returns: ``with`` or ``async with``."""
+
+    def __init__(self, cluster: MigCluster, request, timeout_s: float | None) -> None:
+        self.cluster, self.request, self.timeout_s = cluster, request, timeout_s
+        self._context: Any = None
+
+    def __enter__(self):
+        self._context = self.cluster.lease_client().lease(self.request, timeout_s=self.timeout_s)
+        return self._context.__enter__()
+
+    def __exit__(self, *exc):
+        return self._context.__exit__(*exc)
+
+    async def __aenter__(self):
+        from prefect_mig.allocator import AsyncLeaseClient
+
+        client = AsyncLeaseClient(self.cluster.redis_url.get_secret_value(), self.cluster.namespace)
+        self._context = client.lease(self.request, timeout_s=self.timeout_s)
+        return await self._context.__aenter__()
+
+    async def __aexit__(self, *exc):
+        return await self._context.__aexit__(*exc)

@@ -10,6 +10,7 @@ from prefect_mig import __version__
 from prefect_mig.cli import demo as demo_cmd
 from prefect_mig.cli import doctor as doctor_cmd
 from prefect_mig.cli import inventory, layout_configs, layouts, leases, local, simulate
+from prefect_mig.cli.image import image_app
 from prefect_mig.cli.output import print_json
 
 app = typer.Typer(
@@ -34,6 +35,7 @@ app.add_typer(leases.redis_app, name="redis")
 app.add_typer(leases.api_app, name="api")
 app.add_typer(leases.repartition_app, name="repartition")
 app.add_typer(layout_configs.layout_app, name="layout")
+app.add_typer(image_app, name="image")
 
 
 @app.command("version")

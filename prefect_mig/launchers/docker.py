@@ -94,6 +94,21 @@ def task_containers(
     return client.containers.list(all=not running_only, filters=filters, ignore_removed=True)
 
 
+def slice_bound_options(s: ContainerSettings, mig_uuid: str) -> dict[str, Any]:
+    """``containers.create`` options of `s` that any container on a slice gets (limits, volumes,
+    the GPU device request); shared by task containers and the mig-docker worker's flow runs."""
+    create: dict[str, Any] = {}
+    if s.cpus:
+        create["nano_cpus"] = int(s.cpus * 1e9)
+    if s.mem_limit:
+        create["mem_limit"] = s.mem_limit
+    if s.volumes:
+        create["volumes"] = list(s.volumes)
+    if s.gpu_runtime == "nvidia":
+        create["device_requests"] = [DeviceRequest(driver="nvidia", device_ids=[mig_uuid], capabilities=[["gpu"]])]
+    return create
+
+
 class ContainerSettings(BaseModel):
     """How task containers are made (mirrored by the MigCluster block's fields)."""
 
@@ -308,15 +323,8 @@ class DockerLauncher:
             create["network_disabled"] = True
         else:
             create["network"] = s.network
-        if s.cpus:
-            create["nano_cpus"] = int(s.cpus * 1e9)
-        if s.mem_limit:
-            create["mem_limit"] = s.mem_limit
-        if s.volumes:
-            create["volumes"] = list(s.volumes)
+        create.update(slice_bound_options(s, mig_uuid))
         create.update(_hardening(s))
-        if s.gpu_runtime == "nvidia":
-            create["device_requests"] = [DeviceRequest(driver="nvidia", device_ids=[mig_uuid], capabilities=[["gpu"]])]
         launch_id = uuid.uuid4().hex  # finds the container if a timeout lands while it is being created
         create["labels"][f"{LABEL_PREFIX}launch-id"] = launch_id
         try:

@@ -9,7 +9,9 @@ Per task, with the drop-in decorator::
 
 Per flow: ``@flow(task_runner=MigTaskRunner())`` sends every submitted task tagged ``mig:<profile>``
 (or ``mig:>=20gb``) to a lease + container and runs the others as the thread pool does. Tags
-``mig:<profile>``, ``mig-priority:<n>`` and ``mig-tenant:<name>`` override the runner per call.
+``mig:<profile>``, ``mig-priority:<n>`` and ``mig-tenant:<name>`` override the runner per call; on a
+flow run (or its deployment) they apply to its tasks that set none themselves (the task's tags, then
+the runner's arguments, then the flow run's tags).
 
 Only the body runs in the container; Prefect's engine (states, retries, caching, timeouts, logs)
 stays in the flow's process. Each try takes a fresh lease, renewed while the body runs and
@@ -28,10 +30,11 @@ import functools
 import inspect
 import logging
 import threading
+from collections.abc import Iterable
 from typing import Any
 
 import redis
-from prefect.context import TaskRunContext
+from prefect.context import FlowRunContext, TaskRunContext
 from prefect.logging import get_run_logger
 from prefect.states import Pending, Running
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -238,18 +241,17 @@ class MigTaskRunner(ThreadPoolTaskRunner):
             return self.lease_ttl_s
         return float(getattr(self.cluster, "lease_ttl_s", None) or 60.0)
 
-    def _resolved(self, tags: set[str]) -> tuple[str | None, int, str]:
-        profile, priority, tenant = self.profile, self.priority, self.tenant
-        for tag in tags:
-            if tag.startswith(_PRIORITY_TAG):
-                priority = int(tag[len(_PRIORITY_TAG):])
-            elif tag.startswith(_TENANT_TAG):
-                tenant = tag[len(_TENANT_TAG):]
-            elif tag.startswith(_PROFILE_TAG):
-                profile = tag[len(_PROFILE_TAG):]
+    def _resolved(self, tags: set[str], flow_run_tags: Iterable[str] = ()) -> tuple[str | None, int, str]:
+        """Profile, priority and tenant of one try; most specific wins: the task's tags, then this
+        runner's arguments, then the flow run's tags (a deployment's tags are its runs'), then the
+        cluster's default priority."""
+        own, run = _tag_values(tags), _tag_values(flow_run_tags)
+        profile = own.get("profile") or self.profile or run.get("profile")
+        priority = own.get("priority", self.priority if self.priority is not None else run.get("priority"))
+        tenant = own.get("tenant") or self.tenant or run.get("tenant")
         if priority is None:
             priority = int(getattr(self.cluster, "default_priority", 0) or 0)
-        return profile, priority, tenant or "default"
+        return profile, int(priority), tenant or "default"
 
     def _allocator(self, logger=None) -> Allocator:
         if self.cluster is not None:
@@ -290,7 +292,8 @@ class MigTaskRunner(ThreadPoolTaskRunner):
         for a slice or kills the container, like a cancellation of the flow run."""
         ctx = TaskRunContext.get()
         tags = set(ctx.task_run.tags) if ctx else set()
-        profile, priority, tenant = self._resolved(tags)
+        flow_ctx = FlowRunContext.get()
+        profile, priority, tenant = self._resolved(tags, getattr(getattr(flow_ctx, "flow_run", None), "tags", None) or ())
         if profile is None:
             raise ConfigError(
                 "this task asks for no MIG slice: give MigTaskRunner(profile=...) or tag it 'mig:<profile>'.",
@@ -392,6 +395,19 @@ class MigTaskRunner(ThreadPoolTaskRunner):
     def __enter__(self):
         route_direct_calls()
         return super().__enter__()
+
+
+def _tag_values(tags: Iterable[str]) -> dict[str, Any]:
+    """``mig:``, ``mig-priority:`` and ``mig-tenant:`` tags as {profile, priority, tenant}."""
+    out: dict[str, Any] = {}
+    for tag in tags:
+        if tag.startswith(_PRIORITY_TAG):
+            out["priority"] = int(tag[len(_PRIORITY_TAG):])
+        elif tag.startswith(_TENANT_TAG):
+            out["tenant"] = tag[len(_TENANT_TAG):]
+        elif tag.startswith(_PROFILE_TAG):
+            out["profile"] = tag[len(_PROFILE_TAG):]
+    return out
 
 
 _LOST_WHY = {

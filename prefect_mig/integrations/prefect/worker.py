@@ -1,0 +1,428 @@
+"""`MigDockerWorker`: the ``mig-docker`` work pool type. Each flow run leases a MIG slice and runs in a
+Docker container bound to it, on the engine of the node that owns the slice.
+
+Create a pool and start a worker (the type is registered through the ``prefect.collections`` entry
+point of this package)::
+
+    prefect work-pool create gpu --type mig-docker
+    prefect worker start --pool gpu --type mig-docker
+
+Per flow run the worker: checks the job variables (a bad one fails the run naming it, before any
+lease is taken); queues for a slice, the flow run showing the Pending state ``AwaitingMIG`` with
+why it waits (queue position, agents whose heartbeat lapsed, kinds no GPU is carved into); once
+leased, says which slice in a Pending state's message and the run log; starts the flow run's
+container (``prefect flow-run execute``) with ``CUDA_VISIBLE_DEVICES`` / ``NVIDIA_VISIBLE_DEVICES``
+set to the MIG UUID and the lease's labels, so the node agent fences it like a task container;
+renews the lease while the container runs; and releases the lease on every exit path. The
+container id is the flow run's ``infrastructure_pid``. A flow run cancelled from the UI (also while
+it waits) has its wait withdrawn or its container stopped, its lease released, and ends Cancelled.
+
+The container reaches the Prefect API with the worker's ``PREFECT_API_URL``; the default network
+``host`` makes a ``127.0.0.1`` API reachable. The image needs Prefect and the flow's code (a pull
+step, a volume, or baked in): ``prefect-mig image build`` builds one offline.
+
+Examples:
+    ```python
+    from prefect_mig.integrations.prefect.worker import MigDockerWorker
+
+    template = MigDockerWorker.get_default_base_job_template()
+    assert {"profile", "priority", "tenant", "image"} <= set(template["variables"]["properties"])
+    assert MigDockerWorker.type == "mig-docker"
+    ```
+"""
+
+from __future__ import annotations
+
+import shlex
+import threading
+from typing import Any, Literal, Optional, Union
+
+import anyio
+import anyio.to_thread
+from prefect.client.schemas.objects import StateType
+from prefect.states import Cancelled, Crashed, Failed, Pending
+from prefect.workers.base import BaseJobConfiguration, BaseVariables, BaseWorker, BaseWorkerResult
+from pydantic import Field
+
+from prefect_mig.errors import ConfigError, LaunchError, PrefectMigError, WaitTimeout
+from prefect_mig.model.catalog import catalog
+
+# Prefect imports this module in every process it starts (the `prefect.collections` entry point,
+# the server's included), so Docker, Redis and the task runner are imported where they are used.
+
+_FINAL = {StateType.COMPLETED, StateType.FAILED, StateType.CRASHED, StateType.CANCELLED}
+_CANCEL = {StateType.CANCELLING, StateType.CANCELLED}
+
+
+def known_profiles() -> list[str]:
+    """Every MIG profile name of the catalog's GPU models (the job variable's choices)."""
+    return sorted({p.name for m in catalog().models.values() for p in m.profiles})
+
+
+_PROFILE_HELP = (
+    "The MIG slice the flow run needs: a profile such as 1g.10gb, or minimums such as >=20gb, >=3g "
+    "or >=3g,>=40gb (the smallest free slice that meets them)."
+)
+
+
+class MigDockerVariables(BaseVariables):
+    """The job variables a deployment or a flow run may set (rendered as a form in the UI)."""
+
+    profile: Union[Literal[tuple(known_profiles())], str] = Field(  # type: ignore[valid-type]
+        default="1g.10gb", title="MIG profile", description=_PROFILE_HELP, examples=["1g.10gb", ">=20gb"]
+    )
+    priority: int = Field(default=0, ge=0, le=100, title="Priority", description="0 to 100; higher is served first.")
+    tenant: str = Field(default="default", min_length=1, title="Tenant", description="Charged for the slice (quotas).")
+    preemptible: bool = Field(
+        default=False, title="Preemptible", description="A higher-priority request may revoke the lease (the run then crashes)."
+    )
+    wait_timeout_s: Optional[float] = Field(
+        default=None, ge=0, title="Wait timeout (s)",
+        description="How long the run may wait for a slice; unset: PREFECT_MIG_WAIT_TIMEOUT_S (an hour).",
+    )
+    image: str = Field(
+        default=..., title="Image",
+        description="Image with Prefect and the flow's code (`prefect-mig image build` makes one offline).",
+    )
+    volumes: list[str] = Field(
+        default_factory=list, title="Volumes", description="As 'host_path_or_volume:/container/path[:ro|rw]'.",
+    )
+    network: Optional[str] = Field(
+        default="host", title="Network",
+        description="Docker network of the container; 'host' reaches an API on 127.0.0.1; 'none' cuts it off.",
+    )
+    cpus: Optional[float] = Field(default=None, gt=0, title="CPUs", description="CPU limit in cores.")
+    mem_limit: Optional[str] = Field(default=None, pattern=r"^\d+[bkmgBKMG]?$", title="Memory limit", description="E.g. 4g.")
+
+
+class MigDockerJobConfiguration(BaseJobConfiguration):
+    """One flow run's job, rendered from the pool's base job template and the job variables.
+
+    Its fields are loosely typed on purpose: a value the template or a flow run got wrong reaches
+    the worker, which fails the run with a message naming the variable.
+    """
+
+    profile: Any = Field(default="1g.10gb", json_schema_extra={"template": "{{ profile }}"})
+    priority: Any = Field(default=0, json_schema_extra={"template": "{{ priority }}"})
+    tenant: Any = Field(default="default", json_schema_extra={"template": "{{ tenant }}"})
+    preemptible: Any = Field(default=False, json_schema_extra={"template": "{{ preemptible }}"})
+    wait_timeout_s: Any = Field(default=None, json_schema_extra={"template": "{{ wait_timeout_s }}"})
+    image: Any = Field(default=None, json_schema_extra={"template": "{{ image }}"})
+    volumes: Any = Field(default_factory=list, json_schema_extra={"template": "{{ volumes }}"})
+    network: Any = Field(default="host", json_schema_extra={"template": "{{ network }}"})
+    cpus: Any = Field(default=None, json_schema_extra={"template": "{{ cpus }}"})
+    mem_limit: Any = Field(default=None, json_schema_extra={"template": "{{ mem_limit }}"})
+
+    def runner(self):
+        """A `MigTaskRunner` holding this job's slice request and container settings (it checks
+        them), whose allocator and launchers the worker uses.
+
+        Raises:
+            ConfigError: a job variable cannot be used; ``field`` names it.
+        """
+        from prefect_mig.integrations.prefect.runner import MigTaskRunner
+
+        if not isinstance(self.profile, str) or not self.profile.strip():
+            raise ConfigError(f"job variable profile={self.profile!r}: give a MIG profile or minimums. {_PROFILE_HELP}", field="profile", value=self.profile)
+        profile = self.profile.strip()
+        if not profile.startswith(">="):
+            known = known_profiles()
+            if profile not in known:
+                raise ConfigError(
+                    f"job variable profile={profile!r} is not a MIG profile of any known GPU model; use one of "
+                    f"{', '.join(known[:8])}, ... or minimums such as '>=20gb'.",
+                    field="profile", value=profile,
+                )
+        if not isinstance(self.image, str) or not self.image:
+            raise ConfigError(
+                "job variable image is not set: the flow run's container needs an image with Prefect and the "
+                "flow's code (`prefect-mig image build` makes one); set it on the pool, deployment or run.",
+                field="image", value=self.image,
+            )
+        for field, value in (("priority", self.priority), ("tenant", self.tenant), ("wait_timeout_s", self.wait_timeout_s)):
+            bad = (field == "priority" and (isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 100)) or (
+                field == "tenant" and (not isinstance(value, str) or not value)) or (
+                field == "wait_timeout_s" and value is not None and (not isinstance(value, (int, float)) or value < 0))
+            if bad:
+                allowed = {"priority": "an integer from 0 to 100", "tenant": "a non-empty name",
+                           "wait_timeout_s": "seconds >= 0, or unset"}[field]
+                raise ConfigError(f"job variable {field}={value!r} is not allowed: give {allowed}.", field=field, value=value)
+        try:
+            runner = MigTaskRunner(
+                profile, priority=self.priority, tenant=self.tenant, preemptible=bool(self.preemptible),
+                image=self.image, volumes=list(self.volumes or []), cpus=self.cpus, mem_limit=self.mem_limit,
+                wait_timeout_s=self.wait_timeout_s,
+            )
+            runner._new_launcher(None)  # validates volumes, cpus and mem_limit as ContainerSettings does
+        except ConfigError as exc:
+            raise ConfigError(f"job variable {exc}", field=exc.field, value=exc.value) from exc
+        except ValueError as exc:  # pydantic's ValidationError of ContainerSettings
+            first = exc.errors()[0] if hasattr(exc, "errors") else {"loc": ("?",), "msg": str(exc), "input": None}
+            field = str(first["loc"][0]) if first["loc"] else "?"
+            raise ConfigError(f"job variable {field}={first.get('input')!r}: {first['msg']}", field=field, value=first.get("input")) from exc
+        return runner
+
+
+class MigDockerWorkerResult(BaseWorkerResult):
+    """The outcome of one flow run's container (``identifier``: its infrastructure pid)."""
+
+
+class MigDockerWorker(BaseWorker):
+    """Runs each flow run in a Docker container bound to a leased MIG slice (work pool type ``mig-docker``).
+
+    Examples:
+        ```python
+        from prefect_mig.integrations.prefect.worker import MigDockerWorker
+
+        assert MigDockerWorker.get_default_base_job_template()["variables"]["required"] == ["image"]
+        ```
+    """
+
+    type = "mig-docker"
+    job_configuration = MigDockerJobConfiguration
+    job_configuration_variables = MigDockerVariables
+    _display_name = "MIG Docker"
+    _description = (
+        "Runs each flow run in a Docker container bound to a NVIDIA MIG slice leased from a prefect-mig "
+        "cluster, with priorities, tenants and fencing; the flow run waits in AwaitingMIG until its slice is free."
+    )
+    _documentation_url = "https://github.com/prefect-mig/prefect-mig#deploy-and-run-from-the-prefect-ui"
+    _logo_url = "https://images.ctfassets.net/gm98wzqotmnx/4nGlDhE3Hd9kE2lVSPHvBe/9b6a4a5e15c13bd2e2f6c9e0d4c3b4c5/gpu.png"  # noqa: E501
+
+    async def run(self, flow_run, configuration: MigDockerJobConfiguration, task_status=None) -> MigDockerWorkerResult:
+        logger = self.get_flow_run_logger(flow_run)
+        try:
+            runner = configuration.runner()
+            request = runner.request_for(runner.profile, runner.priority, runner.tenant, f"flow-run/{flow_run.id}")
+        except ConfigError as exc:
+            logger.error("%s", exc)
+            await self.client.set_flow_run_state(flow_run.id, Failed(message=str(exc)), force=True)
+            if task_status is not None:
+                task_status.started("")
+            return MigDockerWorkerResult(status_code=0, identifier="")
+
+        cancelled = threading.Event()
+        async with anyio.create_task_group() as watchers:
+            watchers.start_soon(self._watch_cancel, flow_run.id, cancelled)
+            try:
+                return await self._run_leased(flow_run, configuration, runner, request, cancelled, logger, task_status)
+            finally:
+                watchers.cancel_scope.cancel()
+
+    async def _run_leased(self, flow_run, configuration, runner, request, cancelled, logger, task_status):
+        import docker.errors
+
+        from prefect_mig.allocator import Lease, LeaseInfo
+        from prefect_mig.launchers.docker import LABEL_PREFIX, cluster_labels
+
+        allocator = await anyio.to_thread.run_sync(runner._allocator, logger)
+        got = await anyio.to_thread.run_sync(lambda: allocator.try_acquire(request, wait=runner.wait_timeout_s != 0))
+        if not isinstance(got, LeaseInfo):
+            got = await self._wait(flow_run, allocator, got.request_id, request, runner, cancelled, logger)
+            if got is None:  # cancelled while waiting: the wait is withdrawn, nothing is held
+                await self._end_cancelled(flow_run.id, "cancelled while waiting for a MIG slice; the wait was withdrawn.")
+                if task_status is not None:
+                    task_status.started("")
+                return MigDockerWorkerResult(status_code=0, identifier="")
+        lost = threading.Event()
+        lease = Lease(allocator, got, on_lost=lambda held, exc: lost.set()).start_renewing()
+        container = None
+        try:
+            s = lease.slice
+            where = f"{s.profile}@{s.start} on {s.node} GPU {s.gpu_index} ({s.mig_uuid})"
+            logger.info("leased %s, waited %.2f s, fence %s", where, got.waited_ms / 1000, lease.fence)
+            await self.client.set_flow_run_state(flow_run.id, Pending(message=f"leased {where}, fence {lease.fence}"), force=True)
+            docker_url = allocator.node_docker_url(s.node)
+            labels = {
+                **configuration.labels,
+                **{LABEL_PREFIX + k: str(v) for k, v in {
+                    **cluster_labels(cluster_id=allocator.cluster_id(), namespace=allocator.keys.namespace, node=s.node),
+                    "mig-uuid": s.mig_uuid, "lease-id": lease.lease_id, "fence": lease.fence,
+                    "slice": f"{s.node}/{s.gpu_index}/{s.profile}@{s.start}", "flow-run-id": flow_run.id,
+                }.items()},
+            }
+            env = {
+                **{k: v for k, v in configuration.env.items() if v is not None},
+                "NVIDIA_VISIBLE_DEVICES": s.mig_uuid, "CUDA_VISIBLE_DEVICES": s.mig_uuid,
+                "PREFECT_MIG_LEASE_ID": lease.lease_id, "PREFECT_MIG_FENCE": str(lease.fence),
+                "PREFECT_MIG_FLOW_RUN_ID": str(flow_run.id),
+            }
+            launcher = runner._launcher(docker_url)
+            container = await anyio.to_thread.run_sync(
+                lambda: _start_container(launcher, configuration.command, env, labels, s.mig_uuid, configuration.network)
+            )
+            pid = f"{launcher.client.api.base_url}:{container.id}"
+            if task_status is not None:
+                task_status.started(pid)
+            status = await anyio.to_thread.run_sync(_wait_container, container, cancelled, lost, abandon_on_cancel=True)
+            if cancelled.is_set():
+                await self._end_cancelled(flow_run.id, f"cancelled: the container on {where} was stopped and the lease released.")
+                status = 0
+            elif lost.is_set():
+                reason = getattr(lease.lost_reason, "reason", "lost")
+                await self.client.set_flow_run_state(
+                    flow_run.id, Crashed(message=f"the lease on {where} was {reason} while the flow ran: its container was stopped."),
+                    force=True,
+                )
+                status = 0
+            return MigDockerWorkerResult(status_code=status, identifier=pid)
+        except (LaunchError, docker.errors.DockerException) as exc:
+            logger.error("could not run the flow run's container on %s: %s", lease.slice.node, exc)
+            raise
+        finally:
+            if container is not None:
+                await anyio.to_thread.run_sync(_remove, container)
+            lease.release()
+
+    async def _wait(self, flow_run, allocator, request_id, request, runner, cancelled, logger):
+        """Wait for the grant in a thread while the flow run shows AwaitingMIG with why it waits;
+        None when the run was cancelled (the wait is then withdrawn)."""
+        from prefect_mig.allocator import health
+        from prefect_mig.integrations.prefect.runner import AWAITING_MIG
+        from prefect_mig.settings import load_settings
+
+        timeout_s = runner.wait_timeout_s if runner.wait_timeout_s is not None else load_settings().wait_timeout_s
+        shown = ""
+
+        async def explain() -> None:
+            nonlocal shown
+            while True:
+                try:
+                    reasons = await anyio.to_thread.run_sync(health.wait_reasons, allocator, request_id)
+                except PrefectMigError as exc:
+                    reasons = [f"Redis did not answer ({exc.__class__.__name__})"]
+                text = "; ".join(reasons) or "every matching slice is leased"
+                if text != shown:
+                    shown = text
+                    message = f"waiting for a {request.requirement} slice: {text}"
+                    logger.info("%s (priority %s, tenant %s)", message, request.priority, request.tenant)
+                    if not cancelled.is_set():
+                        await self.client.set_flow_run_state(flow_run.id, Pending(name=AWAITING_MIG, message=message), force=True)
+                await anyio.sleep(15)
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(explain)
+            try:
+                got = await anyio.to_thread.run_sync(
+                    lambda: allocator.wait_for_grant(request_id, timeout_s, request=request, stop=cancelled)
+                )
+            except WaitTimeout as exc:
+                if cancelled.is_set():
+                    return None
+                message = (f"{exc} It waited because: {shown}. A longer wait: job variable wait_timeout_s "
+                           "or PREFECT_MIG_WAIT_TIMEOUT_S.")
+                await self.client.set_flow_run_state(flow_run.id, Failed(message=message), force=True)
+                raise WaitTimeout(message, lease_id=exc.lease_id) from exc
+            finally:
+                group.cancel_scope.cancel()
+        return got
+
+    async def _watch_cancel(self, flow_run_id, cancelled: threading.Event) -> None:
+        """Set `cancelled` when the flow run is cancelled (from the UI or the API)."""
+        while not cancelled.is_set():
+            try:
+                state = (await self.client.read_flow_run(flow_run_id)).state
+            except Exception:  # the API may blink; the next poll tries again
+                state = None
+            if state is not None and state.type in _CANCEL:
+                cancelled.set()
+                return
+            await anyio.sleep(2)
+
+    async def _end_cancelled(self, flow_run_id, message: str) -> None:
+        state = (await self.client.read_flow_run(flow_run_id)).state
+        if state is None or state.type not in _FINAL:
+            await self.client.set_flow_run_state(flow_run_id, Cancelled(message=message), force=True)
+
+    async def kill_infrastructure(self, infrastructure_pid: str, configuration: MigDockerJobConfiguration, grace_seconds: int = 30) -> None:
+        """Stop a flow run's container (``infrastructure_pid`` is ``<engine url>:<container id>``)
+        and release its lease (read from the container's labels)."""
+        import docker.errors
+        from prefect.exceptions import InfrastructureNotFound
+
+        from prefect_mig.launchers.docker import LABEL_PREFIX
+
+        base_url, _, container_id = infrastructure_pid.rpartition(":")
+        runner = configuration.runner()
+        launcher = runner._launcher(base_url.replace("http+docker://localhost", "unix:///var/run/docker.sock") or None)
+
+        def kill() -> None:
+            try:
+                container = launcher.client.containers.get(container_id)
+            except docker.errors.NotFound as exc:
+                raise InfrastructureNotFound(f"container {container_id} of this flow run is gone") from exc
+            container.stop(timeout=grace_seconds)
+            _remove(container)
+            lease_id, fence = container.labels.get(f"{LABEL_PREFIX}lease-id"), container.labels.get(f"{LABEL_PREFIX}fence")
+            if lease_id and fence:
+                runner._allocator().release(lease_id, int(fence))
+
+        await anyio.to_thread.run_sync(kill)
+
+
+def _start_container(launcher, command: str | None, env: dict, labels: dict, mig_uuid: str, network: str | None):
+    """Create and start the flow run's container on the launcher's engine, bound to `mig_uuid`."""
+    import docker.errors
+
+    from prefect_mig.launchers.docker import slice_bound_options
+
+    s = launcher.settings
+    launcher.client  # noqa: B018 - a clear DockerUnavailable before anything else
+    try:
+        launcher.client.images.get(s.image)
+    except docker.errors.ImageNotFound:
+        launcher._image()  # raises ImageNotFound with what to do
+    create: dict[str, Any] = {
+        "command": shlex.split(command or "prefect flow-run execute"),
+        "environment": {**s.env, **env},
+        "labels": labels,
+        "detach": True,
+    }
+    if network in (None, "none"):
+        create["network_disabled"] = True
+    elif network == "host":
+        create["network_mode"] = "host"
+    else:
+        create["network"] = network
+    create.update(slice_bound_options(s, mig_uuid))
+    container = launcher.client.containers.create(s.image, **create)
+    try:
+        container.start()
+    except BaseException:
+        _remove(container)
+        raise
+    return container
+
+
+def _wait_container(container, cancelled: threading.Event, lost: threading.Event) -> int:
+    """The container's exit code; a cancelled run's container gets SIGTERM (then SIGKILL after
+    10 s), a lost lease's is killed at once."""
+    import docker.errors
+    import requests.exceptions
+
+    while True:
+        if cancelled.is_set() or lost.is_set():
+            try:
+                container.stop(timeout=0 if lost.is_set() else 10)
+            except docker.errors.NotFound:
+                pass
+            return -1
+        try:
+            return int(container.wait(timeout=1)["StatusCode"])
+        except (requests.exceptions.ReadTimeout, requests.exceptions.ConnectionError):
+            continue
+        except docker.errors.NotFound:  # removed under us: the node agent fenced it
+            lost.set()
+            return -1
+
+
+def _remove(container) -> None:
+    import docker.errors
+
+    try:
+        container.remove(force=True)
+    except docker.errors.NotFound:
+        pass
+    except docker.errors.APIError as exc:
+        if exc.status_code != 409:  # 409: its removal is under way
+            raise

@@ -1,0 +1,257 @@
+"""The ``mig-docker`` work pool end to end, as a UI user drives it: a real ``prefect server start``
+process (SQLite, its own PREFECT_HOME), the pool created by type through the CLI, a deployment made
+with ``prefect deploy``, ``prefect worker start`` as a subprocess, the session's redis-server with a
+simulated H100 published, and flow runs in containers of a flow-run image built offline
+(``prefect-mig image build``). One server, pool, deployment and worker for the module."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from pathlib import Path
+
+import docker.errors
+import httpx
+import pytest
+import redis
+
+from prefect_mig.allocator import Allocator, SliceRequest
+from prefect_mig.launchers.docker import task_containers
+
+from .allocator_fixtures import H100_MIXED
+
+pytestmark = [pytest.mark.docker, pytest.mark.redis]
+
+FLOW_IMAGE = "prefect-mig-flow:test"
+BIN = Path(sys.executable).parent
+FLOW_SOURCE = '''
+import os
+import time
+from pathlib import Path
+
+from prefect import flow
+from prefect.runtime import flow_run
+
+
+@flow
+def gpu_flow(sleep_s: float = 0.0) -> None:
+    """Say which MIG device it saw (in a file of the mounted project), then maybe sleep."""
+    Path(__file__).parent.joinpath("out", f"{flow_run.id}.txt").write_text(os.environ["CUDA_VISIBLE_DEVICES"])
+    time.sleep(sleep_s)
+'''
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_until(what: str, check, timeout_s: float = 180.0, every_s: float = 0.5):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        got = check()
+        if got:
+            return got
+        time.sleep(every_s)
+    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
+class Api:
+    """The few REST calls the tests make, as the UI does them."""
+
+    def __init__(self, url: str) -> None:
+        self.http = httpx.Client(base_url=url, timeout=30)
+
+    def _call(self, method: str, path: str, **kwargs) -> httpx.Response:
+        """One call; a 503 (SQLite busy on a loaded machine) is tried again, as Prefect's client does."""
+        for _ in range(10):
+            got = self.http.request(method, path, **kwargs)
+            if got.status_code != 503:
+                return got.raise_for_status()
+            time.sleep(2)
+        return got.raise_for_status()
+
+    def run(self, deployment_id: str, parameters: dict | None = None, **job_variables) -> str:
+        got = self._call("POST", f"/deployments/{deployment_id}/create_flow_run",
+                         json={"job_variables": job_variables, "parameters": parameters or {}})
+        return got.json()["id"]
+
+    def flow_run(self, run_id: str) -> dict:
+        return self._call("GET", f"/flow_runs/{run_id}").json()
+
+    def states(self, run_id: str) -> list[dict]:
+        return self._call("GET", "/flow_run_states/", params={"flow_run_id": run_id}).json()
+
+    def state_of(self, run_id: str) -> dict:
+        return self.flow_run(run_id)["state"]
+
+    def cancel(self, run_id: str) -> None:
+        self._call("POST", f"/flow_runs/{run_id}/set_state", json={"state": {"type": "CANCELLING"}, "force": True})
+
+
+@pytest.fixture(scope="module")
+def flow_image(docker_client, python_image) -> str:
+    """Built by the command users run (once per engine and Prefect version: it takes a minute)."""
+    import prefect
+
+    try:
+        if docker_client.images.get(FLOW_IMAGE).labels.get("prefect-mig.prefect-version") == prefect.__version__:
+            return FLOW_IMAGE
+    except docker.errors.ImageNotFound:
+        pass
+    subprocess.run([str(BIN / "prefect-mig"), "image", "build", "--tag", FLOW_IMAGE], check=True, timeout=600)
+    return FLOW_IMAGE
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory, redis_server, flow_image, docker_client):
+    """A server, a mig-docker pool, a deployment of gpu_flow and a worker; yields what tests use."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    namespace = "w" + uuid.uuid4().hex[:10]
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(home),
+        "PREFECT_API_URL": url,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_UI_ENABLED": "false",
+        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home}/prefect.db",
+        "PREFECT_WORKER_QUERY_SECONDS": "1",
+        "PREFECT_MIG_REDIS_URL": redis_server.url,
+        "PREFECT_MIG_NAMESPACE": namespace,
+        "PREFECT_MIG_BACKEND": "simulated",
+    }
+    env.pop("PREFECT_PROFILE", None)
+    alloc = Allocator(redis.Redis.from_url(redis_server.url), namespace)
+    alloc.publish_fleet("node-a=1xH100-80GB", layouts={"node-a": [H100_MIXED]}, heartbeat_ttl_s=3600)
+    logs = home / "logs"
+    logs.mkdir()
+    server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                              env=env, stdout=open(logs / "server.log", "w"), stderr=subprocess.STDOUT)
+    worker = None
+    try:
+        def healthy():
+            try:
+                return httpx.get(f"{url}/health", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        _wait_until("the Prefect server to answer", healthy, timeout_s=180)
+        cli = lambda *args: subprocess.run([str(BIN / "prefect"), *args], env=env, check=True, timeout=300,  # noqa: E731
+                                           capture_output=True, text=True)
+        cli("work-pool", "create", "gpu", "--type", "mig-docker")
+        project = tmp_path_factory.mktemp("project")
+        (project / "out").mkdir()
+        (project / "gpu_flow.py").write_text(textwrap.dedent(FLOW_SOURCE))
+        (project / "prefect.yaml").write_text(json.dumps({  # YAML is a superset of JSON
+            "name": "gpu-project",
+            "pull": [{"prefect.deployments.steps.set_working_directory": {"directory": str(project)}}],
+            "deployments": [{
+                "name": "gpu", "entrypoint": "gpu_flow.py:gpu_flow",
+                "work_pool": {"name": "gpu", "job_variables": {"image": flow_image, "volumes": [f"{project}:{project}"]}},
+            }],
+        }))
+        deployed = subprocess.run([str(BIN / "prefect"), "--no-prompt", "deploy", "--all"],
+                                  env=env, timeout=300, cwd=project, capture_output=True, text=True)
+        assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+        api = Api(url)
+        deployment = api.http.get("/deployments/name/gpu-flow/gpu").raise_for_status().json()
+        worker = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", "gpu", "--type", "mig-docker"],
+                                  env=env, stdout=open(logs / "worker.log", "w"), stderr=subprocess.STDOUT)
+        yield {"api": api, "deployment": deployment["id"], "alloc": alloc, "project": project, "logs": logs}
+    finally:
+        for proc in (worker, server):
+            if proc is not None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+
+
+@pytest.fixture
+def clean(pool, docker_client):
+    """Checks after each test that no lease and no flow-run container of this cluster is left."""
+    yield pool
+    alloc = pool["alloc"]
+    assert _wait_until("the leases to be released", lambda: alloc.status()["leases"] == [] or None, 60)
+    assert task_containers(docker_client, cluster_id=alloc.cluster_id(), namespace=alloc.keys.namespace) == []
+
+
+def _final(api: Api, run_id: str, timeout_s: float = 300) -> dict:
+    return _wait_until(f"flow run {run_id} to end", lambda: (s := api.state_of(run_id)) and s["type"] in
+                       {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"} and s, timeout_s)
+
+
+def _names(api: Api, run_id: str) -> list[tuple[str, str]]:
+    return [(s["name"], s.get("message") or "") for s in sorted(api.states(run_id), key=lambda s: s["timestamp"])]
+
+
+def test_a_flow_run_waits_for_its_slice_then_runs_bound_to_it_and_leaves_nothing(clean):
+    api, alloc = clean["api"], clean["alloc"]
+    held = alloc.try_acquire(SliceRequest(profile="3g.40gb", holder="someone else"))  # the only 3g.40gb
+    run_id = api.run(clean["deployment"], profile="3g.40gb", priority=7, tenant="team-a")
+    _wait_until("AwaitingMIG", lambda: api.state_of(run_id)["name"] == "AwaitingMIG", 300)
+    assert "position 1 of 1 in the queue" in api.state_of(run_id)["message"]
+    assert alloc.release(held.lease_id, held.fence)
+    final = _final(api, run_id)
+    history = _names(api, run_id)
+    assert final["type"] == "COMPLETED", (history, (clean["logs"] / "worker.log").read_text()[-3000:])
+    names = [n for n, _ in history]
+    assert names.index("AwaitingMIG") < names.index("Running") < names.index("Completed")
+    leased = [m for n, m in history if m.startswith("leased 3g.40gb@0 on node-a GPU 0")]
+    assert leased, history
+    mig_uuid = leased[0].split("(")[1].split(")")[0]
+    assert (clean["project"] / "out" / f"{run_id}.txt").read_text() == mig_uuid
+    assert api.flow_run(run_id)["infrastructure_pid"]
+
+
+def test_cancelling_a_running_flow_run_stops_its_container_and_releases_its_lease(clean, docker_client):
+    api, alloc = clean["api"], clean["alloc"]
+    run_id = api.run(clean["deployment"], profile="1g.10gb", parameters={"sleep_s": 600})
+    _wait_until("Running", lambda: api.state_of(run_id)["type"] == "RUNNING", 300)
+    assert len(alloc.status()["leases"]) == 1
+    api.cancel(run_id)
+    final = _final(api, run_id, 240)
+    assert final["type"] == "CANCELLED", _names(api, run_id)
+
+
+def test_cancelling_a_waiting_flow_run_withdraws_its_wait(clean):
+    api, alloc = clean["api"], clean["alloc"]
+    held = alloc.try_acquire(SliceRequest(profile="3g.40gb", holder="someone else"))
+    try:
+        run_id = api.run(clean["deployment"], profile="3g.40gb")
+        _wait_until("AwaitingMIG", lambda: api.state_of(run_id)["name"] == "AwaitingMIG", 300)
+        api.cancel(run_id)
+        assert _final(api, run_id, 240)["type"] == "CANCELLED"
+        _wait_until("the wait to be withdrawn", lambda: alloc.status()["queue"] == [] or None, 60)
+    finally:
+        alloc.release(held.lease_id, held.fence)
+
+
+@pytest.mark.parametrize(
+    ("variables", "named"),
+    [({"profile": "9g.999gb"}, "profile"), ({"profile": ">=9tb"}, "profile"), ({"image": ""}, "image")],
+)
+def test_a_bad_job_variable_fails_the_run_naming_it(clean, variables, named):
+    api = clean["api"]
+    run_id = api.run(clean["deployment"], **variables)
+    final = _final(api, run_id, 240)
+    assert final["type"] == "FAILED", _names(api, run_id)
+    assert f"job variable {named}" in final["message"]
+
+
+def test_the_server_refuses_a_run_whose_priority_is_out_of_range_naming_it(clean):
+    """The pool's variables carry their bounds, so the API (and the UI's form) refuses priority 500
+    before a run exists; the worker's own check covers a base job template edited to a bad value."""
+    got = clean["api"].http.post(f"/deployments/{clean['deployment']}/create_flow_run", json={"job_variables": {"priority": 500}})
+    assert got.status_code == 422
+    assert "priority" in got.text and "500" in got.text, got.text
