@@ -42,14 +42,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from prefect_mig.model import enumerate_layouts, get_model  # noqa: E402
-from prefect_mig.repartition.planner import EXTENDED_PROFILES, GpuState, Knobs, plan  # noqa: E402
+from prefect_mig.repartition.planner import GpuState, Knobs, model_profiles, plan  # noqa: E402
 from prefect_mig.simulation.report import compare, plot, summary  # noqa: E402
 from prefect_mig.simulation.workload import load_trace  # noqa: E402
 from prefect_mig.testing.redis_server import RedisServer  # noqa: E402
 
 TRACE = ROOT.parent / "shared" / "traces" / "alibaba-gpu-v2023" / "openb_pod_list_default.csv"
 FLEET = "sim-0=8xH100-80GB"
-PROFILES = EXTENDED_PROFILES
+PROFILES = "extended"
 POLICIES = ("whole-gpu", "static:smallest", "static:mixed", "static:fitted", "dynamic")
 SPEEDUP, MAX_DURATION_S, JOBS = 8.0, 7200.0, 1000
 WINDOWS = (115, 125, 135)  # start days
@@ -66,7 +66,9 @@ def plan_time_1000_gpus(knobs: Knobs, seed: int = 1) -> float:
         layout = rng.choice(layouts)
         busy = frozenset(p for p in layout.instances if rng.random() < 0.3)
         gpus.append(GpuState(gpu_uuid=f"GPU-{i:04d}", layout=layout, busy=busy))
-    demand = {f"H100-80GB/{p}": [1.0 + rng.random()] * rng.randint(50, 400) for p in knobs.profiles}
+    names = model_profiles("H100-80GB", knobs.profiles)
+    names = [p.name for p in model.classic_profiles] if isinstance(names, str) else names
+    demand = {f"H100-80GB/{p}": [1.0 + rng.random()] * rng.randint(50, 400) for p in names}
     times = []
     for _ in range(3):
         started = time.perf_counter()

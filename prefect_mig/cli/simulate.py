@@ -31,7 +31,7 @@ def simulate(
     max_duration: Annotated[float | None, typer.Option(help="Cap each run time at this many seconds.")] = 7200.0,
     speedup: Annotated[float, typer.Option(help="Replay arrivals this many times faster (load the fleet).")] = 8.0,
     mapping: Annotated[str, typer.Option(help="Pod share to MIG slice: v100 or share.")] = "v100",
-    profiles: Annotated[str, typer.Option(help="Profiles layouts use: classic, extended (adds 1g.20gb) or all.")] = "extended",
+    profiles: Annotated[str, typer.Option(help="Profiles layouts use: classic, extended (each model's classic ones plus its 2-slice 1g, e.g. 1g.20gb) or all.")] = "extended",
     reconfig_cost: Annotated[float, typer.Option(help="Seconds a re-carved range is out of service.")] = 10.0,
     out: Annotated[Path, typer.Option(help="Folder for simulation.json and simulation.png.")] = Path("simulation-out"),
     as_json: Annotated[bool, typer.Option("--json", help="Print the JSON summary only.")] = False,
@@ -96,13 +96,14 @@ def simulate(
         print_json(doc)
         return
     table = Table(title=f"{len(workload)} jobs from {source} on {spec}")
-    for col in ("policy", "mean JCT s", "p95 JCT s", "mean wait s", "makespan / LB", "leased util", "re-carves", "rejected"):
+    for col in ("policy", "mean JCT s", "p95 JCT s", "mean wait s", "makespan / LB", "leased util", "re-carves", "rejected %"):
         table.add_column(col, justify="right" if col != "policy" else "left")
     for row in doc["policies"]:
         table.add_row(
             row["policy"], f"{row['jct_mean_s'] or 0:,.0f}", f"{row['jct_p95_s'] or 0:,.0f}",
             f"{row['wait_mean_s'] or 0:,.0f}", f"{row['makespan_vs_lower_bound'] or 0:.3f}",
-            f"{row['utilization_leased']:.2f}", str(row["reconfigurations"]), str(row["rejected"]),
+            f"{row['utilization_leased']:.2f}", str(row["reconfigurations"]),
+            f"{100 * row['rejection_rate']:.0f} % (not a baseline)" if row["rejected"] else "0",
         )
     console.print(table)
     classes = sorted({int(k) for row in doc["policies"] for k in row["by_priority"]}, reverse=True)

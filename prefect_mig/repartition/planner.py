@@ -45,20 +45,43 @@ from prefect_mig.model import Layout, Placement, creatable, enumerate_layouts, f
 from prefect_mig.model.layout import select_profiles
 
 PlanKind = Literal["none", "incremental", "drain"]
-EXTENDED_PROFILES = ("1g.10gb", "1g.20gb", "2g.20gb", "3g.40gb", "4g.40gb", "7g.80gb")  # classic + 1g.20gb
 PROFILE_SETS = ("classic", "extended", "all")
 
 
-def profile_set(name: str, *, field: str = "profiles") -> str | tuple[str, ...]:
-    """`Knobs.profiles` from what a user types: ``classic``, ``extended`` (adds ``1g.20gb``) or
-    ``all``.
+def profile_set(name: str, *, field: str = "profiles") -> str:
+    """`Knobs.profiles` from what a user types: ``classic``, ``extended`` (each model's classic
+    profiles plus its other profiles without media engines, e.g. ``1g.20gb`` on an H100; see
+    `model_profiles`) or ``all``.
 
     Raises:
         ConfigError: any other name (names `field` and the allowed values).
     """
     if name not in PROFILE_SETS:
         raise ConfigError(f"{field}: {name!r} is not allowed; choose {', '.join(PROFILE_SETS)}.", field=field, value=name)
-    return EXTENDED_PROFILES if name == "extended" else name
+    return name
+
+
+@lru_cache(maxsize=256)
+def model_profiles(model_name: str, profiles: str | tuple[str, ...] = "classic") -> str | tuple[str, ...]:
+    """`profiles` as `enumerate_layouts` takes them on `model_name`: ``extended`` becomes that
+    model's own names (classic plus the 2-memory-slice ``1g`` profiles; no ``+me``), and a list of
+    names keeps those the model has, so one profile set serves every model of a fleet.
+
+    Examples:
+        ```python
+        from prefect_mig.repartition.planner import model_profiles
+
+        assert "1g.20gb" in model_profiles("H100-80GB", "extended")
+        assert "1g.10gb" in model_profiles("A100-40GB", "extended")  # A100-40GB's 2-slice 1g
+        assert model_profiles("A30-24GB", "extended") == ("1g.6gb", "2g.12gb", "4g.24gb")
+        ```
+    """
+    if profiles == "extended":
+        return tuple(p.name for p in get_model(model_name).profiles if p.classic or not p.media_engines)
+    if isinstance(profiles, str):
+        return profiles
+    model = get_model(model_name)
+    return tuple(p for p in profiles if model.has_profile(p))
 
 
 @dataclass(frozen=True)
@@ -99,7 +122,8 @@ class Knobs:
         drain_cost: served compute slices a drain must gain over the best incremental plan, per
             busy slice it waits for (its range serves nothing until those leases end).
         fragmentation_cost: served compute slices one unusable free memory slice costs.
-        profiles: the profiles layouts are built from ("classic", "all", or names).
+        profiles: the profiles layouts are built from: "classic", "extended" (per model, see
+            `model_profiles`), "all", or names.
         drains: whether plans may drain at all (the service turns them off while nothing waits).
         idle_window_s: while nothing waits, a slice freed less than this long ago counts as busy,
             so the layout changes between pipeline runs, not in the gaps between their steps.
@@ -118,15 +142,14 @@ class Knobs:
 
 @lru_cache(maxsize=256)
 def _candidates(model_name: str, profiles) -> tuple[Layout, ...]:
-    return tuple(enumerate_layouts(get_model(model_name), profiles if isinstance(profiles, str) else list(profiles)))
+    chosen = model_profiles(model_name, profiles)
+    return tuple(enumerate_layouts(get_model(model_name), chosen if isinstance(chosen, str) else list(chosen)))
 
 
 @lru_cache(maxsize=256)
 def _profile_names(model_name: str, profiles) -> frozenset[str]:
-    model = get_model(model_name)
-    if isinstance(profiles, str):
-        return frozenset(p.name for p in select_profiles(model, profiles))
-    return frozenset(p for p in profiles if p in model.profile_names)
+    chosen = model_profiles(model_name, profiles)
+    return frozenset(p.name for p in select_profiles(get_model(model_name), chosen if isinstance(chosen, str) else list(chosen)))
 
 
 def carvable(pkey: str, profiles: str | tuple[str, ...] = "classic") -> bool:

@@ -184,6 +184,7 @@ class SimResult:
             "range_drains": self.range_drains,
             "skipped_changes": self.skipped_changes,
             "rejected": len(self.rejected),
+            "rejection_rate": round(len(self.rejected) / len(self.jobs), 4) if self.jobs else 0.0,
             "unfinished": len(self.unfinished),
             "invariant_violations": len(self.violations),
             "wall_s": round(self.wall_s, 2),
@@ -196,11 +197,24 @@ def _pct(values: Sequence[float], p: float) -> float | None:
     return round(values[max(0, math.ceil(len(values) * p / 100) - 1)], 2)  # nearest rank
 
 
-def lower_bound(jobs: Sequence[Job], capacity: int) -> float:
-    """No schedule finishes before all slice-work fits the capacity, nor before a job that arrives
-    late and runs long could finish."""
+def lower_bound(jobs: Sequence[Job], capacity: int, memory_gb: float = 0.0) -> float:
+    """No schedule finishes before all compute-slice work fits the compute capacity, nor before
+    all memory work (GB x seconds) fits the fleet's memory (`memory_gb`, when given), nor before a
+    job that arrives late and runs long could finish."""
     work = sum(j.work() for j in jobs) / capacity if capacity else 0.0
-    return max([work] + [j.arrival_s + j.duration_s for j in jobs])
+    memory = sum(j.memory_work() for j in jobs) / memory_gb if memory_gb else 0.0
+    return max([work, memory] + [j.arrival_s + j.duration_s for j in jobs])
+
+
+def fleet_capacity(fleet: FleetSpec) -> tuple[int, float]:
+    """Compute slices and memory GB (the biggest profile's, as jobs count it) of a fleet."""
+    compute = memory = 0.0
+    for node in fleet.nodes:
+        for m in node.gpus:
+            biggest = max(get_model(m).profiles, key=lambda p: (p.compute_slices, p.memory_mib))
+            compute += biggest.compute_slices
+            memory += biggest.memory_gb
+    return int(compute), memory
 
 
 @dataclass
@@ -242,10 +256,8 @@ class Simulator:
         self.state_dir = Path(state_dir)
         self.progress = progress
         self.fleet = FleetSpec.parse(config.fleet)
-        self.capacity = sum(
-            max(p.compute_slices for p in get_model(m).profiles) for node in self.fleet.nodes for m in node.gpus
-        )
-        self.lower_bound_s = lower_bound(self.jobs, self.capacity)
+        self.capacity, self.memory_gb = fleet_capacity(self.fleet)
+        self.lower_bound_s = lower_bound(self.jobs, self.capacity, self.memory_gb)
         self.max_virtual_s = max_virtual_s or 100 * max(self.lower_bound_s, 1.0)
         self.clock = ManualClock(start_ms=T0_MS)
         self.namespace = "sim-" + uuid.uuid4().hex[:12]
@@ -498,7 +510,7 @@ class Simulator:
             reconfigurations=self._counts["applied"],
             range_drains=self._counts["drains"],
             skipped_changes=self._counts["skipped"],
-            lower_bound_s=lower_bound(ran, self.capacity) if ran else 0.0,
+            lower_bound_s=lower_bound(ran, self.capacity, self.memory_gb) if ran else 0.0,
             wall_s=time.perf_counter() - started,
             layouts_end=layouts,
             violations=violations,

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from prefect_mig.errors import ConfigError, PrefectMigError
 from prefect_mig.model import Layout, enumerate_layouts, get_model
 from prefect_mig.model.layout import select_profiles
-from prefect_mig.repartition.planner import GpuState, Knobs, plan
+from prefect_mig.repartition.planner import GpuState, Knobs, model_profiles, plan
 from prefect_mig.simulation.workload import Job, best_fit
 
 STATIC_NAMES = ("smallest", "mixed", "fitted")
@@ -54,8 +54,19 @@ def _biggest(model_name: str) -> str:
     return f"{p.name}@0"
 
 
+def layouts_of(model_name: str, profiles) -> list[Layout]:
+    """The maximal layouts of `model_name` built from `profiles` (``extended`` per model)."""
+    chosen = model_profiles(model_name, profiles)
+    return enumerate_layouts(get_model(model_name), chosen if isinstance(chosen, str) else list(chosen))
+
+
+def profile_names(model_name: str, profiles) -> list[str]:
+    chosen = model_profiles(model_name, profiles)
+    return [p.name for p in select_profiles(get_model(model_name), chosen if isinstance(chosen, str) else list(chosen))]
+
+
 def _mixed(model_name: str, profiles) -> tuple[str, ...]:
-    layouts = sorted(enumerate_layouts(get_model(model_name), profiles), key=lambda l: (len(l.instances), str(l)))
+    layouts = sorted(layouts_of(model_name, profiles), key=lambda l: (len(l.instances), str(l)))
     picks = [layouts[round(i * (len(layouts) - 1) / 3)] for i in range(4)]
     return tuple(dict.fromkeys(str(l) for l in picks))
 
@@ -63,7 +74,7 @@ def _mixed(model_name: str, profiles) -> tuple[str, ...]:
 def fitted_layouts(jobs: Sequence[Job], model_name: str, gpus: int, knobs: Knobs) -> tuple[str, ...]:
     """The static layout mix for `gpus` GPUs that serves the workload's work per slice kind best,
     as the planner sees it with the whole workload known in advance."""
-    names = [p.name for p in select_profiles(get_model(model_name), knobs.profiles)]
+    names = profile_names(model_name, knobs.profiles)
     work: dict[str, float] = defaultdict(float)
     for job in jobs:
         for part in job.parts:
@@ -116,7 +127,7 @@ def parse_policy(
     if text.startswith("static:"):
         name = text.split(":", 1)[1]
         if name == "smallest":
-            layouts = enumerate_layouts(get_model(model_name), knobs.profiles)
+            layouts = layouts_of(model_name, knobs.profiles)
             best = max(layouts, key=lambda l: (len(l.instances), str(l)))
             return Policy(text, (str(best),))
         if name == "mixed":
