@@ -52,13 +52,13 @@ from prefect_mig.agent import NodeAgent
 from prefect_mig.allocator import Allocator, ManualClock, SliceRequest
 from prefect_mig.allocator.invariants import check_events
 from prefect_mig.allocator.models import decode
-from prefect_mig.errors import Unsatisfiable
+from prefect_mig.errors import ConfigError, Unsatisfiable
 from prefect_mig.gpu import GpuBackend, SimulatedNvml
 from prefect_mig.model import FleetSpec, Layout, get_model
 from prefect_mig.repartition import service
 from prefect_mig.repartition.planner import Knobs
 from prefect_mig.simulation.policies import Policy
-from prefect_mig.simulation.workload import Job
+from prefect_mig.simulation.workload import Job, best_fit
 
 T0_MS = 1_700_000_000_000
 LEASE_TTL_S = 86_400.0
@@ -131,6 +131,8 @@ class SimResult:
     wall_s: float = 0.0
     layouts_end: list[str] = field(default_factory=list)
     violations: list[str] = field(default_factory=list)  # the allocator's invariants, replayed
+    #: requests waiting per slice kind (the smallest profile that holds them): (t, count) rows
+    queue_by_kind: dict[str, list[tuple[float, int]]] = field(default_factory=dict)
 
     @property
     def finished(self) -> list[JobResult]:
@@ -217,12 +219,21 @@ def fleet_capacity(fleet: FleetSpec) -> tuple[int, float]:
     return int(compute), memory
 
 
+def queue_kind(need: tuple[float, int], fleet: FleetSpec) -> str:
+    """The slice kind a need waits as: the smallest profile of the fleet's first model holding it."""
+    try:
+        return best_fit(need, fleet.nodes[0].gpus[0])
+    except ConfigError:
+        return f"{need[0]:g}gb/{need[1]}c"
+
+
 @dataclass
 class _Part:
     job: int
     request_id: str
     duration_s: float
     need_compute: int
+    kind: str = ""
     fence: int = 0
     compute: int = 0
     gpu: str = ""
@@ -287,6 +298,7 @@ class Simulator:
         self._done = 0
         self._counts = {"applied": 0, "drains": 0, "skipped": 0}
         self._backends: list[GpuBackend] = []
+        self._queue_by_kind: dict[str, list[tuple[float, int]]] = {}
 
     # ------------------------------------------------------------------ plumbing
 
@@ -297,6 +309,14 @@ class Simulator:
     def _at(self, t: float, kind: str, data: object = None) -> None:
         self._seq += 1
         heapq.heappush(self._heap, (t, self._seq, kind, data))
+
+    def _queue_kind(self, kind: str, delta: int) -> None:
+        rows = self._queue_by_kind.setdefault(kind, [(0.0, 0)])
+        row = (self.now, rows[-1][1] + delta)
+        if rows[-1][0] == row[0]:
+            rows[-1] = row
+        else:
+            rows.append(row)
 
     def _mark(self) -> None:
         row = (self.now, self._leased, self._needed, self._waiting)
@@ -363,6 +383,7 @@ class Simulator:
         part.fence = fence
         part.gpu, part.compute = self._slice(slice_id)
         self._waiting -= 1
+        self._queue_kind(part.kind, -1)
         self._leased += part.compute
         self._needed += part.need_compute
         result = self._results[part.job]
@@ -380,7 +401,7 @@ class Simulator:
         self._dirty = True
         for n, (memory_gb, compute) in enumerate(job.parts):
             rid = f"{index}.{n}"
-            part = _Part(index, rid, job.duration_s, compute)
+            part = _Part(index, rid, job.duration_s, compute, kind=queue_kind((memory_gb, compute), self.fleet))
             request = SliceRequest(
                 min_memory_gb=memory_gb,
                 min_compute_slices=compute,
@@ -391,10 +412,12 @@ class Simulator:
             )
             self._parts[rid] = part
             self._waiting += 1
+            self._queue_kind(part.kind, +1)
             try:
                 self.allocator.try_acquire(request, wait=True, request_id=rid)
             except Unsatisfiable:
                 self._waiting -= 1
+                self._queue_kind(part.kind, -1)
                 del self._parts[rid]
                 for m in range(n):  # parts already queued or granted give way
                     other = self._parts.pop(f"{index}.{m}")
@@ -405,6 +428,7 @@ class Simulator:
                     else:
                         self.allocator.cancel(other.request_id)
                         self._waiting -= 1
+                        self._queue_kind(other.kind, -1)
                     self._read_events()  # a release may hand the slice to a waiter now
                 self._rejected.append(job.name)
                 self._results[index].rejected = True
@@ -514,4 +538,5 @@ class Simulator:
             wall_s=time.perf_counter() - started,
             layouts_end=layouts,
             violations=violations,
+            queue_by_kind=self._queue_by_kind,
         )

@@ -143,5 +143,6 @@ def parse_policy(
         return Policy(text, (str(layout),))
     raise ConfigError(
         f"policy: {text!r} is not a policy; choose whole-gpu, dynamic, static:smallest, static:mixed, "
-        "static:fitted, or static:<layout> (e.g. static:3g.40gb@0+3g.40gb@4)."
+        "static:fitted, static:<layout> (e.g. static:3g.40gb@0+3g.40gb@4), or, in a comparison, "
+        "static:searched or sharing."
     )
