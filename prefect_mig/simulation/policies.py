@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from prefect_mig.errors import ConfigError, PrefectMigError
 from prefect_mig.model import Layout, enumerate_layouts, get_model
 from prefect_mig.model.layout import select_profiles
-from prefect_mig.repartition.planner import GpuState, Knobs, model_profiles, plan
+from prefect_mig.repartition.planner import GpuState, Knobs, model_profiles, plan, slice_value
 from prefect_mig.simulation.workload import Job, best_fit
 
 STATIC_NAMES = ("smallest", "mixed", "fitted")
@@ -81,9 +81,10 @@ def fitted_layouts(jobs: Sequence[Job], model_name: str, gpus: int, knobs: Knobs
             work[best_fit(part, model_name, names)] += job.duration_s
     model = get_model(model_name)
     # slices of each kind the fleet keeps busy are in proportion to the kind's work (slice-seconds);
-    # scaled so that they fill the fleet's compute
-    used = sum(w * model.profile(k).compute_slices for k, w in work.items()) or 1.0
-    scale = gpus * max(p.compute_slices for p in model.profiles) / used
+    # scaled so that they fill the fleet by each slice's dominant share (memory or compute: four
+    # 1g.20gb fill an H100's memory while using four of its seven compute slices)
+    used = sum(w * slice_value(model_name, k) for k, w in work.items()) or 1.0
+    scale = gpus * model.compute_slices / used
     demand = {f"{model_name}/{k}": w * scale for k, w in work.items()}
     whole = Layout.parse(model_name, _biggest(model_name))
     states = [GpuState(gpu_uuid=f"gpu-{i:05d}", layout=whole) for i in range(gpus)]
