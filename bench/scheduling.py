@@ -20,7 +20,8 @@ Anchors (same run, per window and load): whole-gpu; ``sharing`` (fractional GPU 
 isolation, best fit by memory, 30 % co-location slowdown; `prefect_mig.simulation.baselines`);
 ``static:fitted`` (the planner's mix for the whole window, in hindsight) and ``static:searched``
 (the best mix a search in hindsight finds, replayed through the real simulator: MISO's "optimal
-static partition"). A policy that rejects or strands a job is never a baseline (rejection column).
+static partition"); ``proportional`` (a second dynamic anchor: periodic demand-proportional
+re-partitioning, see `prefect_mig.simulation.policies`). A policy that rejects or strands a job is never a baseline (rejection column).
 The JSON gives, over the held-out windows at each load, the geometric mean and worst of dynamic /
 searched static and the geometric mean of dynamic / sharing; the headline keys pool the loads from
 2x up. Targets (issue 14): geomean <= 0.85 and worst <= 1.05 against the searched static mix.
@@ -59,7 +60,7 @@ from prefect_mig.testing.redis_server import RedisServer  # noqa: E402
 TRACE = ROOT.parent / "shared" / "traces" / "alibaba-gpu-v2023" / "openb_pod_list_default.csv"
 FLEET = "sim-0=8xH100-80GB"
 PROFILES = "extended"
-POLICIES = ("whole-gpu", "sharing", "static:fitted", "static:searched", "dynamic")
+POLICIES = ("whole-gpu", "sharing", "static:fitted", "static:searched", "proportional", "dynamic")
 MAX_DURATION_S, JOBS = 7200.0, 600
 LOADS = (1.0, 2.0, 4.0, 8.0, 16.0)
 TUNING = (115.0, 125.0, 135.0)  # start days
@@ -178,7 +179,7 @@ def main() -> None:
             rows.append({
                 "window": role, "start_day": round(day, 3), "load": load,
                 **{k: doc[k] for k in ("jct_ratio_vs_whole_gpu", "jct_ratio_vs_best_static", "best_static",
-                                       "jct_ratio_vs_best_searched_static", "jct_ratio_vs_sharing",
+                                       "jct_ratio_vs_best_searched_static", "jct_ratio_vs_sharing", "jct_ratio_vs_proportional",
                                        "best_searched_static_layouts", "makespan_vs_lower_bound")},
                 "jct_mean_s": {r["policy"]: r["jct_mean_s"] for r in doc["policies"]},
                 "rejection_rate": {r["policy"]: r["rejection_rate"] for r in doc["policies"]},
@@ -201,6 +202,7 @@ def main() -> None:
                 "vs_best_searched_static_geomean": pooled(role, "jct_ratio_vs_best_searched_static", geomean, load),
                 "vs_best_searched_static_worst": pooled(role, "jct_ratio_vs_best_searched_static", worst, load),
                 "vs_sharing_geomean": pooled(role, "jct_ratio_vs_sharing", geomean, load),
+                "vs_proportional_geomean": pooled(role, "jct_ratio_vs_proportional", geomean, load),
                 "vs_whole_gpu_geomean": pooled(role, "jct_ratio_vs_whole_gpu", geomean, load),
             }
             for role in ("tuning", "held-out") if any(r["window"] == role for r in rows)
@@ -212,6 +214,7 @@ def main() -> None:
         "jct_ratio_vs_best_searched_static_geomean": pooled("held-out", "jct_ratio_vs_best_searched_static", geomean),
         "jct_ratio_vs_best_searched_static_worst": pooled("held-out", "jct_ratio_vs_best_searched_static", worst),
         "jct_ratio_vs_sharing_geomean": pooled("held-out", "jct_ratio_vs_sharing", geomean),
+        "jct_ratio_vs_proportional_geomean": pooled("held-out", "jct_ratio_vs_proportional", geomean),
         "jct_ratio_vs_whole_gpu": pooled("held-out", "jct_ratio_vs_whole_gpu", geomean),
         "jct_ratio_vs_best_static": pooled("held-out", "jct_ratio_vs_best_static", geomean),
         "makespan_vs_lower_bound": _round(worst(makespans)),

@@ -146,3 +146,14 @@ def test_sharing_packs_by_memory_and_slows_co_runners_by_the_stated_interference
     assert three.lower_bound_s <= three.makespan_s
     # a job bigger than any GPU's memory is rejected, not queued forever
     assert share([Job("huge", 0, 10, ((90.0, 7),))], "n=1xH100-80GB").rejected == ["huge"]
+
+
+def test_the_proportional_anchor_re_partitions_toward_the_live_demand(redis_server, tmp_path):
+    from prefect_mig.simulation.workload import synthetic
+
+    jobs = synthetic(jobs=60, mean_interarrival_s=20, mean_duration_s=600, seed=5)
+    (result,) = compare(redis_server.client(), jobs, fleet="n=2xH100-80GB", policies=["proportional"],
+                        knobs=parse_knobs(), state_dir=tmp_path)
+    assert result.reconfigurations > 0 and not result.violations
+    assert not result.unfinished and not result.rejected
+    assert result.lower_bound_s <= result.makespan_s

@@ -57,7 +57,7 @@ from prefect_mig.gpu import GpuBackend, SimulatedNvml
 from prefect_mig.model import FleetSpec, Layout, get_model
 from prefect_mig.repartition import service
 from prefect_mig.repartition.planner import Knobs
-from prefect_mig.simulation.policies import Policy
+from prefect_mig.simulation.policies import Policy, mix_for, profile_names
 from prefect_mig.simulation.workload import Job, best_fit
 
 T0_MS = 1_700_000_000_000
@@ -300,6 +300,7 @@ class Simulator:
         self._backends: list[GpuBackend] = []
         self._queue_by_kind: dict[str, list[tuple[float, int]]] = {}
         self._drain_timeout: dict[str, float] = {}  # per GPU: the planner's timeout for its drain
+        self._next_period = 0.0  # the proportional policy's next re-partitioning
 
     # ------------------------------------------------------------------ plumbing
 
@@ -483,8 +484,38 @@ class Simulator:
         self._read_events()
         self._mark()
 
+    def _proportional(self) -> None:
+        """The periodic demand-proportional anchor (`policies`): drain every GPU toward the mix
+        in proportion to the parts queued and running now, per slice kind."""
+        model = self.fleet.nodes[0].gpus[0]
+        names = profile_names(model, self.config.knobs.profiles)
+        work: dict[str, float] = {}
+        for rid, part in self._parts.items():
+            kind = best_fit(self.jobs[part.job].parts[int(rid.split(".")[1])], model, names)
+            work[kind] = work.get(kind, 0.0) + 1.0
+        targets = list(mix_for(work, model, len(self._gpus), self.config.knobs))
+        current = {gpu: str(agent.backend.layout(i)) for gpu, (agent, i) in self._gpus.items()}
+        changing = []
+        for gpu, layout in sorted(current.items()):
+            if layout in targets:
+                targets.remove(layout)
+            else:
+                changing.append(gpu)
+        for gpu, target in zip(changing, targets):
+            self.allocator.set_desired(gpu, target, kind="drain")
+            self._drain_timeout.pop(gpu, None)
+            self._begin(gpu)
+
     def _plan(self) -> None:
-        if self._dirty and self._waiting > 0:
+        period = self.config.policy.period_s
+        if period is not None:
+            self.allocator.announce_repartitioner(10**6)
+            if self.now >= self._next_period and self._parts:
+                self._next_period = self.now + period
+                self._proportional()
+            for gpu in sorted(self._draining):
+                self._begin(gpu)
+        elif self._dirty and self._waiting > 0:
             for p in service.run_once(self.allocator, knobs=self.config.knobs, announce_s=10**6, history=self.config.history):
                 if p.drain_timeout_s is not None:
                     self._drain_timeout[p.gpu_uuid] = max(self.config.plan_interval_s, p.drain_timeout_s)

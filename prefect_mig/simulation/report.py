@@ -42,7 +42,8 @@ from prefect_mig.simulation.policies import Policy, fitted_layouts, parse_policy
 from prefect_mig.simulation.workload import Job
 
 DEFAULT_POLICIES = (
-    "whole-gpu", "sharing", "static:smallest", "static:mixed", "static:fitted", "static:searched", "dynamic",
+    "whole-gpu", "sharing", "static:smallest", "static:mixed", "static:fitted", "static:searched", "proportional",
+    "dynamic",
 )
 #: policies `compare` runs itself (see `prefect_mig.simulation.baselines`), not through `parse_policy`
 COMPARISON_POLICIES = ("sharing", "static:searched")
@@ -146,6 +147,7 @@ def ratios(results: Sequence[SimResult]) -> dict:
         "jct_ratio_vs_best_searched_static": over(searched),
         "best_searched_static_layouts": by["static:searched"].layouts_end if searched else None,
         "jct_ratio_vs_sharing": over(sharing),
+        "jct_ratio_vs_proportional": over(_jct(by.get("proportional"))),
         "makespan_vs_lower_bound": round(d.makespan_s / d.lower_bound_s, 4) if dyn and d and d.lower_bound_s else None,
     }
 
