@@ -373,3 +373,14 @@ def test_expected_remaining_run_time_comes_from_the_lease_history():
     # c is 200 s old: only the 1,000 s lease ran longer, so 800 s more; d (1,200 s) outlived all
     assert expected_remaining(status, events, now_ms=1_200_000) == {"s1": 800.0, "s2": 1200.0}
     assert expected_remaining(status, events[4:], now_ms=1_200_000) == {}
+
+
+def test_memory_bound_demand_moves_a_gpu_from_2g_20gb_to_1g_20gb_slices():
+    # the held-out window where dynamic lost ended on 2g.20gb slices while 16 GB pods queued: with
+    # the extended profiles those pods count for 1g.20gb, and four of them fill the memory
+    twos = GpuState(gpu_uuid="GPU-0", layout=Layout.parse("H100-80GB", "2g.20gb@0 + 2g.20gb@2 + 2g.20gb@4 + 1g.10gb@6"))
+    book = DemandBook(profiles="extended")
+    for _ in range(6):
+        book.add_queued(["H100-80GB/1g.20gb", "H100-80GB/2g.20gb"], priority=0)
+    (p,) = plan([twos], book.demand, Knobs(profiles="extended"))
+    assert p.target.profile_counts() == {"1g.20gb": 4} and p.kind == "incremental"
