@@ -328,3 +328,59 @@ def test_without_drains_a_busy_slice_the_layout_lost_does_not_break_the_plan():
     gone = frozenset({Placement(profile="1g.10gb", start=0), Placement(profile="2g.20gb", start=0)})
     (p,) = plan([GpuState(gpu_uuid="g", layout=SEVEN, busy=gone)], {"H100-80GB/3g.40gb": 1.0}, Knobs(drains=False))
     assert p.kind in ("none", "incremental") and Placement(profile="1g.10gb", start=0) in p.target.instances
+
+
+def test_a_served_request_counts_its_memory_as_well_as_its_compute():
+    from prefect_mig.repartition.planner import slice_value
+
+    assert slice_value("H100-80GB", "1g.10gb") == 1
+    assert slice_value("H100-80GB", "1g.20gb") == 1.75  # two of eight memory slices
+    assert slice_value("H100-80GB", "3g.40gb") == 3.5 and slice_value("H100-80GB", "7g.80gb") == 7
+    # four 1g.20gb requests fill the GPU's memory: serving them is worth the whole GPU, not 4 of 7
+    fresh = GpuState(gpu_uuid="GPU-0", layout=Layout.parse("H100-80GB", "7g.80gb@0"))
+    (p,) = plan([fresh], {"H100-80GB/1g.20gb": 4.0}, Knobs(profiles="extended"))
+    assert p.target.profile_counts() == {"1g.20gb": 4} and p.served == 7
+
+
+def test_a_drain_is_priced_by_the_expected_remaining_run_time_of_the_leases_in_its_way():
+    ones = Layout.parse("H100-80GB", " + ".join(f"1g.10gb@{i}" for i in range(7)))
+    busy = frozenset({Placement(profile="1g.10gb", start=0)})
+    demand = {"H100-80GB/7g.80gb": 1.0}
+
+    def planned(remaining_s):
+        gpu = GpuState(gpu_uuid="GPU-0", layout=ones, busy=busy, remaining_s=remaining_s)
+        return plan([gpu], demand)[0]
+
+    soon = planned(((("1g.10gb", 0), 60.0),))
+    assert soon.kind == "drain" and soon.drain_timeout_s == 120  # twice the expected 60 s
+    assert planned(((("1g.10gb", 0), 7200.0),)).kind == "none"  # two more hours: not worth the wait
+    assert planned(()).kind == "drain" and planned(()).drain_timeout_s is None  # no history: the flat cost
+
+
+def test_expected_remaining_run_time_comes_from_the_lease_history():
+    from prefect_mig.repartition.service import expected_remaining
+
+    events = [
+        {"type": "lease.granted", "lease": "a", "at": 0},
+        {"type": "lease.released", "lease": "a", "at": 100_000},  # ran 100 s
+        {"type": "lease.granted", "lease": "b", "at": 0},
+        {"type": "lease.released", "lease": "b", "at": 1_000_000},  # ran 1,000 s
+        {"type": "lease.granted", "lease": "c", "at": 1_000_000},
+        {"type": "lease.granted", "lease": "d", "at": 0},
+    ]
+    status = {"slices": [{"id": "s1", "state": "leased", "lease": "c"}, {"id": "s2", "state": "leased", "lease": "d"},
+                         {"id": "s3", "state": "free", "lease": None}]}
+    # c is 200 s old: only the 1,000 s lease ran longer, so 800 s more; d (1,200 s) outlived all
+    assert expected_remaining(status, events, now_ms=1_200_000) == {"s1": 800.0, "s2": 1200.0}
+    assert expected_remaining(status, events[4:], now_ms=1_200_000) == {}
+
+
+def test_memory_bound_demand_moves_a_gpu_from_2g_20gb_to_1g_20gb_slices():
+    # the held-out window where dynamic lost ended on 2g.20gb slices while 16 GB pods queued: with
+    # the extended profiles those pods count for 1g.20gb, and four of them fill the memory
+    twos = GpuState(gpu_uuid="GPU-0", layout=Layout.parse("H100-80GB", "2g.20gb@0 + 2g.20gb@2 + 2g.20gb@4 + 1g.10gb@6"))
+    book = DemandBook(profiles="extended")
+    for _ in range(6):
+        book.add_queued(["H100-80GB/1g.20gb", "H100-80GB/2g.20gb"], priority=0)
+    (p,) = plan([twos], book.demand, Knobs(profiles="extended"))
+    assert p.target.profile_counts() == {"1g.20gb": 4} and p.kind == "incremental"

@@ -21,17 +21,21 @@ DEFAULT_TRACE = "../shared/traces/alibaba-gpu-v2023/openb_pod_list_default.csv"
 def simulate(
     trace: Annotated[Path | None, typer.Option(help="Pod list CSV in the Alibaba 2023 format.")] = None,
     synthetic_jobs: Annotated[int, typer.Option("--synthetic", help="Use N made-up jobs instead of a trace.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the synthetic workload (a trace replay draws nothing).")] = 0,
     fleet: Annotated[str, typer.Option(help="Fleet spec: node=NxMODEL,...")] = "sim-0=8xH100-80GB",
     policy: Annotated[
         list[str] | None,
-        typer.Option("--policy", help="whole-gpu, static:smallest|mixed|fitted|<layout>, dynamic (repeat it)."),
+        typer.Option(
+            "--policy",
+            help="whole-gpu, sharing, static:smallest|mixed|fitted|searched|<layout>, proportional, dynamic (repeat it).",
+        ),
     ] = None,
     jobs: Annotated[int, typer.Option(help="How many GPU pods of the trace to replay.")] = 500,
     start_day: Annotated[float, typer.Option(help="Replay pods created from this trace day on.")] = 115.0,
     max_duration: Annotated[float | None, typer.Option(help="Cap each run time at this many seconds.")] = 7200.0,
     speedup: Annotated[float, typer.Option(help="Replay arrivals this many times faster (load the fleet).")] = 8.0,
     mapping: Annotated[str, typer.Option(help="Pod share to MIG slice: v100 or share.")] = "v100",
-    profiles: Annotated[str, typer.Option(help="Profiles layouts use: classic, extended (adds 1g.20gb) or all.")] = "extended",
+    profiles: Annotated[str, typer.Option(help="Profiles layouts use: classic, extended (each model's classic ones plus its 2-slice 1g, e.g. 1g.20gb) or all.")] = "extended",
     reconfig_cost: Annotated[float, typer.Option(help="Seconds a re-carved range is out of service.")] = 10.0,
     out: Annotated[Path, typer.Option(help="Folder for simulation.json and simulation.png.")] = Path("simulation-out"),
     as_json: Annotated[bool, typer.Option("--json", help="Print the JSON summary only.")] = False,
@@ -39,10 +43,11 @@ def simulate(
     """Replay a workload on a simulated fleet under each policy, on the real allocator and planner.
 
     Prints mean job completion time, queue wait, makespan and utilization per policy, writes
-    simulation.json and simulation.png (utilization and queue depth over time) into --out.
+    simulation.json (with the command, seed, knobs and the trace's SHA-256) and simulation.png
+    (utilization, and queue depth per slice kind for each policy) into --out.
     """
     from prefect_mig.repartition.planner import Knobs, profile_set
-    from prefect_mig.simulation.report import DEFAULT_POLICIES, compare, fleet_model, plot, summary
+    from prefect_mig.simulation.report import DEFAULT_POLICIES, compare, fleet_model, plot, provenance, summary
     from prefect_mig.simulation.workload import load_trace, synthetic
     from prefect_mig.testing.redis_server import RedisServer
 
@@ -61,7 +66,7 @@ def simulate(
         spec = FleetSpec.parse(fleet)
         model = fleet_model(spec)
         if synthetic_jobs:
-            workload = synthetic(jobs=synthetic_jobs, gpu_model=model)
+            workload = synthetic(jobs=synthetic_jobs, gpu_model=model, seed=seed)
             source = f"synthetic ({synthetic_jobs} jobs)"
         else:
             path = trace or Path(DEFAULT_TRACE)
@@ -88,6 +93,19 @@ def simulate(
         doc = summary(
             results, workload=source, jobs=len(workload), fleet=str(spec), mapping=mapping,
             speedup=speedup, max_duration_s=max_duration, profiles=profiles, reconfig_cost_s=reconfig_cost,
+            **provenance(
+                command=[
+                    "prefect-mig", "simulate",
+                    *(["--synthetic", str(synthetic_jobs), "--seed", str(seed)] if synthetic_jobs else
+                      ["--trace", source, "--jobs", str(jobs), "--start-day", f"{start_day:g}"]),
+                    "--fleet", str(spec), *[a for n in names for a in ("--policy", n)],
+                    *(["--max-duration", f"{max_duration:g}"] if max_duration is not None else []),
+                    "--speedup", f"{speedup:g}", "--mapping", mapping, "--profiles", profiles,
+                    "--reconfig-cost", f"{reconfig_cost:g}", "--out", str(out),
+                ],
+                seed=seed if synthetic_jobs else None, knobs=knobs, trace=None if synthetic_jobs else source,
+                start_day=start_day,
+            ),
         )
         out.mkdir(parents=True, exist_ok=True)
         (out / "simulation.json").write_text(json.dumps(doc, indent=2))
@@ -96,13 +114,14 @@ def simulate(
         print_json(doc)
         return
     table = Table(title=f"{len(workload)} jobs from {source} on {spec}")
-    for col in ("policy", "mean JCT s", "p95 JCT s", "mean wait s", "makespan / LB", "leased util", "re-carves", "rejected"):
+    for col in ("policy", "mean JCT s", "p95 JCT s", "mean wait s", "makespan / LB", "leased util", "re-carves", "rejected %"):
         table.add_column(col, justify="right" if col != "policy" else "left")
     for row in doc["policies"]:
         table.add_row(
             row["policy"], f"{row['jct_mean_s'] or 0:,.0f}", f"{row['jct_p95_s'] or 0:,.0f}",
             f"{row['wait_mean_s'] or 0:,.0f}", f"{row['makespan_vs_lower_bound'] or 0:.3f}",
-            f"{row['utilization_leased']:.2f}", str(row["reconfigurations"]), str(row["rejected"]),
+            f"{row['utilization_leased']:.2f}", str(row["reconfigurations"]),
+            f"{100 * row['rejection_rate']:.0f} % (not a baseline)" if row["rejected"] else "0",
         )
     console.print(table)
     classes = sorted({int(k) for row in doc["policies"] for k in row["by_priority"]}, reverse=True)
@@ -120,6 +139,7 @@ def simulate(
     console.print(f"mapping: {mapping} (see prefect_mig/simulation/workload.py); multi-GPU pods run as independent parts")
     console.print(
         f"dynamic / whole-gpu JCT: {doc['jct_ratio_vs_whole_gpu']}   dynamic / best static ({doc['best_static']}): "
-        f"{doc['jct_ratio_vs_best_static']}   makespan / lower bound: {doc['makespan_vs_lower_bound']}"
+        f"{doc['jct_ratio_vs_best_static']}   dynamic / searched static: {doc['jct_ratio_vs_best_searched_static']}   "
+        f"dynamic / sharing: {doc['jct_ratio_vs_sharing']}   makespan / lower bound: {doc['makespan_vs_lower_bound']}"
     )
     console.print(f"wrote {out / 'simulation.json'} and {out / 'simulation.png'}")

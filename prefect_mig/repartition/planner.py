@@ -7,11 +7,16 @@ For each GPU it picks a target layout and the fewest create/destroy steps to rea
 - **Drain only when it pays.** A layout that would need busy slices gone is proposed as a *drain*
   plan (a range drain: the slices it replaces take no new grants and leave as their leases end,
   then it is applied) only when its gain over the best incremental layout exceeds ``drain_cost``
-  per lease it must wait for.
+  per lease it must wait for, scaled by that lease's expected remaining run time (from the lease
+  history, `GpuState.remaining_s`) over ``drain_reference_s``: waiting for a lease that will run two
+  more hours costs twelve times one that ends in ten minutes. A drain plan carries a timeout in
+  the same terms (``drain_timeout_factor`` x the longest expected remaining run time in the way).
 - **Objective**, per GPU in turn (GPUs that already serve most demand first): most
-  priority-weighted demand served, counted in compute slices (a served 7g request is worth seven
-  served 1g requests, so many small requests do not starve a big one), then least churn (steps), then least fragmentation (free memory
-  slices that no profile could use). Demand a GPU serves is taken off what later GPUs see, so the
+  priority-weighted demand served, each served request counted by its slice's dominant share of
+  the GPU in compute slices: ``max(compute / compute slices, memory / memory slices) x compute
+  slices`` (a served 7g request is worth seven served 1g.10gb ones, so many small requests do not
+  starve a big one, and a 1g.20gb request, which takes two of eight memory slices, 1.75), then
+  least churn (steps), then least fragmentation (free memory slices that no profile could use). Demand a GPU serves is taken off what later GPUs see, so the
   fleet as a whole follows the demand rather than every GPU chasing the same profile.
 - **Search.** Exact over the enumerated maximal layouts of the GPU's model (19 for the classic
   8-slice profiles, 78 with ``1g.20gb``) plus the current layout: those that keep every busy
@@ -45,20 +50,43 @@ from prefect_mig.model import Layout, Placement, creatable, enumerate_layouts, f
 from prefect_mig.model.layout import select_profiles
 
 PlanKind = Literal["none", "incremental", "drain"]
-EXTENDED_PROFILES = ("1g.10gb", "1g.20gb", "2g.20gb", "3g.40gb", "4g.40gb", "7g.80gb")  # classic + 1g.20gb
 PROFILE_SETS = ("classic", "extended", "all")
 
 
-def profile_set(name: str, *, field: str = "profiles") -> str | tuple[str, ...]:
-    """`Knobs.profiles` from what a user types: ``classic``, ``extended`` (adds ``1g.20gb``) or
-    ``all``.
+def profile_set(name: str, *, field: str = "profiles") -> str:
+    """`Knobs.profiles` from what a user types: ``classic``, ``extended`` (each model's classic
+    profiles plus its other profiles without media engines, e.g. ``1g.20gb`` on an H100; see
+    `model_profiles`) or ``all``.
 
     Raises:
         ConfigError: any other name (names `field` and the allowed values).
     """
     if name not in PROFILE_SETS:
         raise ConfigError(f"{field}: {name!r} is not allowed; choose {', '.join(PROFILE_SETS)}.", field=field, value=name)
-    return EXTENDED_PROFILES if name == "extended" else name
+    return name
+
+
+@lru_cache(maxsize=256)
+def model_profiles(model_name: str, profiles: str | tuple[str, ...] = "classic") -> str | tuple[str, ...]:
+    """`profiles` as `enumerate_layouts` takes them on `model_name`: ``extended`` becomes that
+    model's own names (classic plus the 2-memory-slice ``1g`` profiles; no ``+me``), and a list of
+    names keeps those the model has, so one profile set serves every model of a fleet.
+
+    Examples:
+        ```python
+        from prefect_mig.repartition.planner import model_profiles
+
+        assert "1g.20gb" in model_profiles("H100-80GB", "extended")
+        assert "1g.10gb" in model_profiles("A100-40GB", "extended")  # A100-40GB's 2-slice 1g
+        assert model_profiles("A30-24GB", "extended") == ("1g.6gb", "2g.12gb", "4g.24gb")
+        ```
+    """
+    if profiles == "extended":
+        return tuple(p.name for p in get_model(model_name).profiles if p.classic or not p.media_engines)
+    if isinstance(profiles, str):
+        return profiles
+    model = get_model(model_name)
+    return tuple(p for p in profiles if model.has_profile(p))
 
 
 @dataclass(frozen=True)
@@ -69,6 +97,8 @@ class GpuState:
     layout: Layout
     busy: frozenset[Placement] = frozenset()
     node: str = ""
+    #: expected remaining run time (s) of busy instances' leases, where the lease history tells
+    remaining_s: tuple[tuple[tuple[str, int], float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -83,6 +113,7 @@ class GpuPlan:
     create: tuple[Placement, ...] = ()
     served: float = 0.0
     node: str = ""
+    drain_timeout_s: float | None = None  # for a drain: give up after this (None: the agent's own)
 
     @property
     def steps(self) -> int:
@@ -97,9 +128,15 @@ class Knobs:
         churn_cost: served compute slices one create or destroy step is worth (a re-carve takes
             ~1-2 s).
         drain_cost: served compute slices a drain must gain over the best incremental plan, per
-            busy slice it waits for (its range serves nothing until those leases end).
+            busy slice it waits for (its range serves nothing until those leases end) whose lease
+            is expected to run `drain_reference_s` more; scaled by the expected remaining time
+            (at least a tenth of it) where the lease history tells.
+        drain_reference_s: the expected remaining run time `drain_cost` is priced at.
+        drain_timeout_factor: a drain gives up after this many times the longest expected
+            remaining run time of the leases it waits for.
         fragmentation_cost: served compute slices one unusable free memory slice costs.
-        profiles: the profiles layouts are built from ("classic", "all", or names).
+        profiles: the profiles layouts are built from: "classic", "extended" (per model, see
+            `model_profiles`), "all", or names.
         drains: whether plans may drain at all (the service turns them off while nothing waits).
         idle_window_s: while nothing waits, a slice freed less than this long ago counts as busy,
             so the layout changes between pipeline runs, not in the gaps between their steps.
@@ -109,6 +146,8 @@ class Knobs:
 
     churn_cost: float = 0.05
     drain_cost: float = 5.0
+    drain_reference_s: float = 600.0
+    drain_timeout_factor: float = 2.0
     fragmentation_cost: float = 0.01
     profiles: str | tuple[str, ...] = "classic"
     drains: bool = True
@@ -118,15 +157,14 @@ class Knobs:
 
 @lru_cache(maxsize=256)
 def _candidates(model_name: str, profiles) -> tuple[Layout, ...]:
-    return tuple(enumerate_layouts(get_model(model_name), profiles if isinstance(profiles, str) else list(profiles)))
+    chosen = model_profiles(model_name, profiles)
+    return tuple(enumerate_layouts(get_model(model_name), chosen if isinstance(chosen, str) else list(chosen)))
 
 
 @lru_cache(maxsize=256)
 def _profile_names(model_name: str, profiles) -> frozenset[str]:
-    model = get_model(model_name)
-    if isinstance(profiles, str):
-        return frozenset(p.name for p in select_profiles(model, profiles))
-    return frozenset(p for p in profiles if p in model.profile_names)
+    chosen = model_profiles(model_name, profiles)
+    return frozenset(p.name for p in select_profiles(get_model(model_name), chosen if isinstance(chosen, str) else list(chosen)))
 
 
 def carvable(pkey: str, profiles: str | tuple[str, ...] = "classic") -> bool:
@@ -185,7 +223,7 @@ class _Shape:
     layout: Layout
     text: str
     instances: frozenset[tuple[str, int]]
-    counts: tuple[tuple[str, str, int, int], ...]  # (profile, pkey, instances, compute slices)
+    counts: tuple[tuple[str, str, int, float], ...]  # (profile, pkey, instances, dominant share in compute slices)
     fragmentation: int
 
 
@@ -196,16 +234,22 @@ def _shape_of(text: str, layout: Layout) -> _Shape:
         layout=layout,
         text=text,
         instances=frozenset((p.profile, p.start) for p in layout.instances),
-        counts=tuple(
-            (name, f"{model.name}/{name}", n, model.profile(name).compute_slices)
-            for name, n in layout.profile_counts().items()
-        ),
+        counts=tuple((name, f"{model.name}/{name}", n, slice_value(model.name, name)) for name, n in layout.profile_counts().items()),
         fragmentation=_fragmentation(layout),
     )
 
 
 def _shape(layout: Layout) -> _Shape:
     return _shape_of(f"{layout.gpu_model}:{layout}", layout)
+
+
+@lru_cache(maxsize=1024)
+def slice_value(model_name: str, profile: str) -> float:
+    """What serving one request on a `profile` slice is worth: its dominant share of the GPU
+    (compute or memory, whichever is larger) in compute slices."""
+    model = get_model(model_name)
+    p = model.profile(profile)
+    return max(p.compute_slices / model.compute_slices, p.memory_slices / model.memory_slices) * model.compute_slices
 
 
 @lru_cache(maxsize=256)
@@ -219,8 +263,8 @@ def _served_shape(shape: _Shape, remaining: Remaining, busy: frozenset[tuple[str
         if (profile, start) in shape.instances:
             taken[profile] = taken.get(profile, 0) + 1
     served = 0.0
-    for profile, pkey, n, compute in shape.counts:
-        served += remaining.value(pkey, n - taken.get(profile, 0)) * compute
+    for profile, pkey, n, value in shape.counts:
+        served += remaining.value(pkey, n - taken.get(profile, 0)) * value
     return served
 
 
@@ -241,6 +285,13 @@ def plan_gpu(gpu: GpuState, remaining: Remaining, knobs: Knobs = Knobs()) -> Gpu
     # a busy slice the layout no longer lists (its GPU instance is gone; the lease ends soon)
     # holds nothing the planner could re-carve around
     busy = frozenset((b.profile, b.start) for b in gpu.busy) & current.instances
+    expected = dict(gpu.remaining_s)
+
+    def wait_cost(slices: frozenset[tuple[str, int]]) -> float:
+        """drain_cost per lease in the way, scaled by its expected remaining run time."""
+        return sum(
+            knobs.drain_cost * (max(0.1, expected[s] / knobs.drain_reference_s) if s in expected else 1.0) for s in slices
+        )
 
     def score_of(candidate: _Shape) -> tuple[float, int]:
         steps = len(current.instances ^ candidate.instances)
@@ -258,7 +309,7 @@ def plan_gpu(gpu: GpuState, remaining: Remaining, knobs: Knobs = Knobs()) -> Gpu
             continue
         else:
             kind = "drain"
-            score -= knobs.drain_cost * len(busy - candidate.instances)  # leases the drain must outlast
+            score -= wait_cost(busy - candidate.instances)  # leases the drain must outlast
         key = (-score, steps, candidate.text)  # deterministic: best score, fewer steps, the text
         if key < best_key:
             best_key, best = key, (candidate, kind, score)
@@ -266,6 +317,8 @@ def plan_gpu(gpu: GpuState, remaining: Remaining, knobs: Knobs = Knobs()) -> Gpu
     if target.instances == current.instances or best_score <= current_score:
         target, kind = current, "none"
     assert kind == "drain" or busy <= target.instances, "a plan may never destroy a busy slice"
+    in_the_way = [expected[s] for s in busy - target.instances if s in expected]
+    timeout = knobs.drain_timeout_factor * max(in_the_way) if kind == "drain" and in_the_way else None
     return GpuPlan(
         gpu_uuid=gpu.gpu_uuid,
         kind=kind,
@@ -275,6 +328,7 @@ def plan_gpu(gpu: GpuState, remaining: Remaining, knobs: Knobs = Knobs()) -> Gpu
         create=_placements(target.instances - current.instances),
         served=_served_shape(target, remaining, busy),
         node=gpu.node,
+        drain_timeout_s=timeout,
     )
 
 

@@ -29,9 +29,13 @@ from prefect_mig.model import Layout, Placement
 from prefect_mig.repartition.planner import DemandBook, GpuPlan, GpuState, Knobs, plan
 
 
-def gpu_states(status: dict, warm: set[str] | frozenset[str] = frozenset()) -> list[GpuState]:
+def gpu_states(
+    status: dict, warm: set[str] | frozenset[str] = frozenset(), remaining: dict[str, float] | None = None
+) -> list[GpuState]:
     """GPU states from `Allocator.status()`: layouts from the published slices, busy = leased or
-    unavailable (processes the agent saw, or a lost node), or listed in `warm`."""
+    unavailable (processes the agent saw, or a lost node), or listed in `warm`; `remaining` gives
+    leased slices' expected remaining run time (see `expected_remaining`)."""
+    remaining = remaining or {}
     by_gpu: dict[str, list[dict]] = defaultdict(list)
     for s in status["slices"]:
         by_gpu[s["gpu_uuid"]].append(s)
@@ -44,7 +48,8 @@ def gpu_states(status: dict, warm: set[str] | frozenset[str] = frozenset()) -> l
             for s in slices
             if s["state"] in ("leased", "unavailable") or s["id"] in warm
         )
-        states.append(GpuState(gpu_uuid=uuid, layout=Layout(gpu_model=model, instances=tuple(sorted(placements, key=lambda p: p.start))), busy=busy, node=slices[0]["node"]))
+        left = tuple(((s["profile"], s["start"]), remaining[s["id"]]) for s in slices if s["id"] in remaining)
+        states.append(GpuState(gpu_uuid=uuid, layout=Layout(gpu_model=model, instances=tuple(sorted(placements, key=lambda p: p.start))), busy=busy, node=slices[0]["node"], remaining_s=left))
     return states
 
 
@@ -62,6 +67,30 @@ def demand_of(
         wants = [k for k in (e.get("wants") or "").split(",") if k] or [e.get("pkey", "")]
         book.add_history(wants, int(e.get("priority") or 0))
     return book.demand
+
+
+def expected_remaining(status: dict, events: list[dict], *, now_ms: int) -> dict[str, float]:
+    """Per leased slice: its lease's expected remaining run time in seconds, from the lease history
+    in `events` (oldest first): the mean of ``d - age`` over the finished leases' durations ``d``
+    longer than the lease's age (a lease older than every finished one: its age again). Empty
+    without finished leases, and for leases granted before `events` begins."""
+    granted: dict[str, int] = {}
+    durations: list[float] = []
+    for e in events:
+        kind, lease = e.get("type"), e.get("lease")
+        if kind == "lease.granted" and lease:
+            granted[lease] = int(e.get("at") or 0)
+        elif kind in ("lease.released", "lease.expired") and lease in granted:
+            durations.append((int(e.get("at") or 0) - granted.pop(lease)) / 1000)
+    if not durations:
+        return {}
+    out = {}
+    for s in status["slices"]:
+        if s["state"] == "leased" and s.get("lease") in granted:
+            age = (now_ms - granted[s["lease"]]) / 1000
+            longer = [d - age for d in durations if d > age]
+            out[s["id"]] = sum(longer) / len(longer) if longer else age
+    return out
 
 
 def warm_slices(status: dict, events: list[dict], *, now_ms: int, window_s: float) -> set[str]:
@@ -109,7 +138,8 @@ def plan_from_allocator(
         knobs = replace(knobs, drains=False)
     for k, v in (extra_demand or {}).items():
         demand.setdefault(k, []).extend([1.0] * int(v) + ([v - int(v)] if v - int(v) > 1e-9 else []))
-    plans = plan(gpu_states(status, warm), demand, knobs)
+    remaining = expected_remaining(status, events, now_ms=allocator.now_ms())
+    plans = plan(gpu_states(status, warm, remaining), demand, knobs)
     if hold_back:
         held = {decode_key(k) for k in allocator.redis.hkeys(allocator.keys.desired)}
         now = allocator.now_ms()

@@ -52,13 +52,13 @@ from prefect_mig.agent import NodeAgent
 from prefect_mig.allocator import Allocator, ManualClock, SliceRequest
 from prefect_mig.allocator.invariants import check_events
 from prefect_mig.allocator.models import decode
-from prefect_mig.errors import Unsatisfiable
+from prefect_mig.errors import ConfigError, Unsatisfiable
 from prefect_mig.gpu import GpuBackend, SimulatedNvml
 from prefect_mig.model import FleetSpec, Layout, get_model
 from prefect_mig.repartition import service
 from prefect_mig.repartition.planner import Knobs
-from prefect_mig.simulation.policies import Policy
-from prefect_mig.simulation.workload import Job
+from prefect_mig.simulation.policies import Policy, mix_for, profile_names
+from prefect_mig.simulation.workload import Job, best_fit
 
 T0_MS = 1_700_000_000_000
 LEASE_TTL_S = 86_400.0
@@ -131,6 +131,8 @@ class SimResult:
     wall_s: float = 0.0
     layouts_end: list[str] = field(default_factory=list)
     violations: list[str] = field(default_factory=list)  # the allocator's invariants, replayed
+    #: requests waiting per slice kind (the smallest profile that holds them): (t, count) rows
+    queue_by_kind: dict[str, list[tuple[float, int]]] = field(default_factory=dict)
 
     @property
     def finished(self) -> list[JobResult]:
@@ -184,6 +186,7 @@ class SimResult:
             "range_drains": self.range_drains,
             "skipped_changes": self.skipped_changes,
             "rejected": len(self.rejected),
+            "rejection_rate": round(len(self.rejected) / len(self.jobs), 4) if self.jobs else 0.0,
             "unfinished": len(self.unfinished),
             "invariant_violations": len(self.violations),
             "wall_s": round(self.wall_s, 2),
@@ -196,11 +199,32 @@ def _pct(values: Sequence[float], p: float) -> float | None:
     return round(values[max(0, math.ceil(len(values) * p / 100) - 1)], 2)  # nearest rank
 
 
-def lower_bound(jobs: Sequence[Job], capacity: int) -> float:
-    """No schedule finishes before all slice-work fits the capacity, nor before a job that arrives
-    late and runs long could finish."""
+def lower_bound(jobs: Sequence[Job], capacity: int, memory_gb: float = 0.0) -> float:
+    """No schedule finishes before all compute-slice work fits the compute capacity, nor before
+    all memory work (GB x seconds) fits the fleet's memory (`memory_gb`, when given), nor before a
+    job that arrives late and runs long could finish."""
     work = sum(j.work() for j in jobs) / capacity if capacity else 0.0
-    return max([work] + [j.arrival_s + j.duration_s for j in jobs])
+    memory = sum(j.memory_work() for j in jobs) / memory_gb if memory_gb else 0.0
+    return max([work, memory] + [j.arrival_s + j.duration_s for j in jobs])
+
+
+def fleet_capacity(fleet: FleetSpec) -> tuple[int, float]:
+    """Compute slices and memory GB (the biggest profile's, as jobs count it) of a fleet."""
+    compute = memory = 0.0
+    for node in fleet.nodes:
+        for m in node.gpus:
+            biggest = max(get_model(m).profiles, key=lambda p: (p.compute_slices, p.memory_mib))
+            compute += biggest.compute_slices
+            memory += biggest.memory_gb
+    return int(compute), memory
+
+
+def queue_kind(need: tuple[float, int], fleet: FleetSpec) -> str:
+    """The slice kind a need waits as: the smallest profile of the fleet's first model holding it."""
+    try:
+        return best_fit(need, fleet.nodes[0].gpus[0])
+    except ConfigError:
+        return f"{need[0]:g}gb/{need[1]}c"
 
 
 @dataclass
@@ -209,6 +233,7 @@ class _Part:
     request_id: str
     duration_s: float
     need_compute: int
+    kind: str = ""
     fence: int = 0
     compute: int = 0
     gpu: str = ""
@@ -242,10 +267,8 @@ class Simulator:
         self.state_dir = Path(state_dir)
         self.progress = progress
         self.fleet = FleetSpec.parse(config.fleet)
-        self.capacity = sum(
-            max(p.compute_slices for p in get_model(m).profiles) for node in self.fleet.nodes for m in node.gpus
-        )
-        self.lower_bound_s = lower_bound(self.jobs, self.capacity)
+        self.capacity, self.memory_gb = fleet_capacity(self.fleet)
+        self.lower_bound_s = lower_bound(self.jobs, self.capacity, self.memory_gb)
         self.max_virtual_s = max_virtual_s or 100 * max(self.lower_bound_s, 1.0)
         self.clock = ManualClock(start_ms=T0_MS)
         self.namespace = "sim-" + uuid.uuid4().hex[:12]
@@ -277,6 +300,9 @@ class Simulator:
         self._done = 0
         self._counts = {"applied": 0, "drains": 0, "skipped": 0}
         self._backends: list[GpuBackend] = []
+        self._queue_by_kind: dict[str, list[tuple[float, int]]] = {}
+        self._drain_timeout: dict[str, float] = {}  # per GPU: the planner's timeout for its drain
+        self._next_period = 0.0  # the proportional policy's next re-partitioning
 
     # ------------------------------------------------------------------ plumbing
 
@@ -287,6 +313,14 @@ class Simulator:
     def _at(self, t: float, kind: str, data: object = None) -> None:
         self._seq += 1
         heapq.heappush(self._heap, (t, self._seq, kind, data))
+
+    def _queue_kind(self, kind: str, delta: int) -> None:
+        rows = self._queue_by_kind.setdefault(kind, [(0.0, 0)])
+        row = (self.now, rows[-1][1] + delta)
+        if rows[-1][0] == row[0]:
+            rows[-1] = row
+        else:
+            rows.append(row)
 
     def _mark(self) -> None:
         row = (self.now, self._leased, self._needed, self._waiting)
@@ -353,6 +387,7 @@ class Simulator:
         part.fence = fence
         part.gpu, part.compute = self._slice(slice_id)
         self._waiting -= 1
+        self._queue_kind(part.kind, -1)
         self._leased += part.compute
         self._needed += part.need_compute
         result = self._results[part.job]
@@ -370,7 +405,7 @@ class Simulator:
         self._dirty = True
         for n, (memory_gb, compute) in enumerate(job.parts):
             rid = f"{index}.{n}"
-            part = _Part(index, rid, job.duration_s, compute)
+            part = _Part(index, rid, job.duration_s, compute, kind=queue_kind((memory_gb, compute), self.fleet))
             request = SliceRequest(
                 min_memory_gb=memory_gb,
                 min_compute_slices=compute,
@@ -381,10 +416,12 @@ class Simulator:
             )
             self._parts[rid] = part
             self._waiting += 1
+            self._queue_kind(part.kind, +1)
             try:
                 self.allocator.try_acquire(request, wait=True, request_id=rid)
             except Unsatisfiable:
                 self._waiting -= 1
+                self._queue_kind(part.kind, -1)
                 del self._parts[rid]
                 for m in range(n):  # parts already queued or granted give way
                     other = self._parts.pop(f"{index}.{m}")
@@ -395,6 +432,7 @@ class Simulator:
                     else:
                         self.allocator.cancel(other.request_id)
                         self._waiting -= 1
+                        self._queue_kind(other.kind, -1)
                     self._read_events()  # a release may hand the slice to a waiter now
                 self._rejected.append(job.name)
                 self._results[index].rejected = True
@@ -425,6 +463,9 @@ class Simulator:
 
     def _begin(self, gpu: str) -> None:
         agent, index = self._gpus[gpu]
+        # the agent gives up a drain after the planner's timeout for it (scaled to the expected
+        # remaining run time of the leases in the way), or its default
+        agent.drain_timeout_s = self._drain_timeout.get(gpu, self.config.drain_timeout_s)
         began = agent.begin_desired(index, gpu)
         if began == "draining":
             if gpu not in self._draining:
@@ -445,9 +486,43 @@ class Simulator:
         self._read_events()
         self._mark()
 
+    def _proportional(self) -> None:
+        """The periodic demand-proportional anchor (`policies`): drain every GPU toward the mix
+        in proportion to the parts queued and running now, per slice kind."""
+        model = self.fleet.nodes[0].gpus[0]
+        names = profile_names(model, self.config.knobs.profiles)
+        work: dict[str, float] = {}
+        for rid, part in self._parts.items():
+            kind = best_fit(self.jobs[part.job].parts[int(rid.split(".")[1])], model, names)
+            work[kind] = work.get(kind, 0.0) + 1.0
+        targets = list(mix_for(work, model, len(self._gpus), self.config.knobs))
+        current = {gpu: str(agent.backend.layout(i)) for gpu, (agent, i) in self._gpus.items()}
+        changing = []
+        for gpu, layout in sorted(current.items()):
+            if layout in targets:
+                targets.remove(layout)
+            else:
+                changing.append(gpu)
+        for gpu, target in zip(changing, targets):
+            self.allocator.set_desired(gpu, target, kind="drain")
+            self._drain_timeout.pop(gpu, None)
+            self._begin(gpu)
+
     def _plan(self) -> None:
-        if self._dirty and self._waiting > 0:
+        period = self.config.policy.period_s
+        if period is not None:
+            self.allocator.announce_repartitioner(10**6)
+            if self.now >= self._next_period and self._parts:
+                self._next_period = self.now + period
+                self._proportional()
+            for gpu in sorted(self._draining):
+                self._begin(gpu)
+        elif self._dirty and self._waiting > 0:
             for p in service.run_once(self.allocator, knobs=self.config.knobs, announce_s=10**6, history=self.config.history):
+                if p.drain_timeout_s is not None:
+                    self._drain_timeout[p.gpu_uuid] = max(self.config.plan_interval_s, p.drain_timeout_s)
+                else:
+                    self._drain_timeout.pop(p.gpu_uuid, None)
                 self._begin(p.gpu_uuid)
             for gpu in sorted(self._draining):
                 self._begin(gpu)
@@ -500,8 +575,9 @@ class Simulator:
             reconfigurations=self._counts["applied"],
             range_drains=self._counts["drains"],
             skipped_changes=self._counts["skipped"],
-            lower_bound_s=lower_bound(ran, self.capacity) if ran else 0.0,
+            lower_bound_s=lower_bound(ran, self.capacity, self.memory_gb) if ran else 0.0,
             wall_s=time.perf_counter() - started,
             layouts_end=layouts,
             violations=violations,
+            queue_by_kind=self._queue_by_kind,
         )

@@ -8,6 +8,12 @@
   workload's work per slice kind, in hindsight (the strongest static baseline); any layout text
   (``static:3g.40gb@0+3g.40gb@4``) carves every GPU that way.
 - ``dynamic``: starts as ``mixed`` and lets the repartitioner re-carve as the demand moves.
+- ``proportional``: a second, simpler dynamic anchor: starts as ``mixed`` and every
+  ``PROPORTIONAL_PERIOD_S`` (virtual) drains every GPU toward the mix in proportion to the parts
+  queued and running at that moment per slice kind (`mix_for`), ignoring what is busy. It is the
+  periodic re-partitioning baseline of Klavik et al., "Energy Efficient Scheduling of AI/ML
+  Workloads on Multi Instance GPUs with Dynamic Repartitioning" (arXiv:2606.25082, 2026), who
+  re-partition twice a day; here the period is shorter and the mix follows the live demand.
 
 Examples:
     ```python
@@ -29,20 +35,23 @@ from dataclasses import dataclass
 from prefect_mig.errors import ConfigError, PrefectMigError
 from prefect_mig.model import Layout, enumerate_layouts, get_model
 from prefect_mig.model.layout import select_profiles
-from prefect_mig.repartition.planner import GpuState, Knobs, plan
+from prefect_mig.repartition.planner import GpuState, Knobs, model_profiles, plan, slice_value
 from prefect_mig.simulation.workload import Job, best_fit
 
 STATIC_NAMES = ("smallest", "mixed", "fitted")
+PROPORTIONAL_PERIOD_S = 1800.0
 
 
 @dataclass(frozen=True)
 class Policy:
-    """A name, the layouts GPUs start with (GPU i gets ``layouts[i % len]``), and whether the
-    repartitioner runs."""
+    """A name, the layouts GPUs start with (GPU i gets ``layouts[i % len]``), whether the
+    repartitioner runs, and (``proportional``) the period of demand-proportional re-partitioning
+    instead."""
 
     name: str
     layouts: tuple[str, ...]
     dynamic: bool = False
+    period_s: float | None = None
 
     def layout_for(self, index: int) -> str:
         return self.layouts[index % len(self.layouts)]
@@ -54,8 +63,19 @@ def _biggest(model_name: str) -> str:
     return f"{p.name}@0"
 
 
+def layouts_of(model_name: str, profiles) -> list[Layout]:
+    """The maximal layouts of `model_name` built from `profiles` (``extended`` per model)."""
+    chosen = model_profiles(model_name, profiles)
+    return enumerate_layouts(get_model(model_name), chosen if isinstance(chosen, str) else list(chosen))
+
+
+def profile_names(model_name: str, profiles) -> list[str]:
+    chosen = model_profiles(model_name, profiles)
+    return [p.name for p in select_profiles(get_model(model_name), chosen if isinstance(chosen, str) else list(chosen))]
+
+
 def _mixed(model_name: str, profiles) -> tuple[str, ...]:
-    layouts = sorted(enumerate_layouts(get_model(model_name), profiles), key=lambda l: (len(l.instances), str(l)))
+    layouts = sorted(layouts_of(model_name, profiles), key=lambda l: (len(l.instances), str(l)))
     picks = [layouts[round(i * (len(layouts) - 1) / 3)] for i in range(4)]
     return tuple(dict.fromkeys(str(l) for l in picks))
 
@@ -63,16 +83,23 @@ def _mixed(model_name: str, profiles) -> tuple[str, ...]:
 def fitted_layouts(jobs: Sequence[Job], model_name: str, gpus: int, knobs: Knobs) -> tuple[str, ...]:
     """The static layout mix for `gpus` GPUs that serves the workload's work per slice kind best,
     as the planner sees it with the whole workload known in advance."""
-    names = [p.name for p in select_profiles(get_model(model_name), knobs.profiles)]
+    names = profile_names(model_name, knobs.profiles)
     work: dict[str, float] = defaultdict(float)
     for job in jobs:
         for part in job.parts:
             work[best_fit(part, model_name, names)] += job.duration_s
+    return mix_for(work, model_name, gpus, knobs)
+
+
+def mix_for(work: dict[str, float], model_name: str, gpus: int, knobs: Knobs) -> tuple[str, ...]:
+    """The layouts of `gpus` GPUs whose slices are in proportion to `work` per slice kind (any
+    unit), every kind held by some slice."""
     model = get_model(model_name)
     # slices of each kind the fleet keeps busy are in proportion to the kind's work (slice-seconds);
-    # scaled so that they fill the fleet's compute
-    used = sum(w * model.profile(k).compute_slices for k, w in work.items()) or 1.0
-    scale = gpus * max(p.compute_slices for p in model.profiles) / used
+    # scaled so that they fill the fleet by each slice's dominant share (memory or compute: four
+    # 1g.20gb fill an H100's memory while using four of its seven compute slices)
+    used = sum(w * slice_value(model_name, k) for k, w in work.items()) or 1.0
+    scale = gpus * model.compute_slices / used
     demand = {f"{model_name}/{k}": w * scale for k, w in work.items()}
     whole = Layout.parse(model_name, _biggest(model_name))
     states = [GpuState(gpu_uuid=f"gpu-{i:05d}", layout=whole) for i in range(gpus)]
@@ -80,7 +107,7 @@ def fitted_layouts(jobs: Sequence[Job], model_name: str, gpus: int, knobs: Knobs
     layouts = [str(p.target) for p in fitted]
     # every job must fit somewhere: give the biggest kind a whole GPU if the mix left it out
     offered = {inst.profile for text in layouts for inst in Layout.parse(model_name, text).instances}
-    needed = {best_fit(part, model_name, names) for job in jobs for part in job.parts}
+    needed = {kind for kind, w in work.items() if w > 0}
     if any(not _held(kind, offered, model_name) for kind in needed) and layouts:
         layouts[-1] = _biggest(model_name)
     return tuple(layouts)
@@ -103,7 +130,8 @@ def parse_policy(
     gpus: int = 1,
     knobs: Knobs = Knobs(),
 ) -> Policy:
-    """A policy from its name: ``whole-gpu``, ``static:<smallest|mixed|fitted|layout>``, ``dynamic``.
+    """A policy from its name: ``whole-gpu``, ``static:<smallest|mixed|fitted|layout>``, ``dynamic``,
+    ``proportional``.
 
     Raises:
         ConfigError: an unknown policy or an invalid layout (names what is allowed).
@@ -113,10 +141,12 @@ def parse_policy(
         return Policy("whole-gpu", (_biggest(model_name),))
     if text == "dynamic":
         return Policy("dynamic", _mixed(model_name, knobs.profiles), dynamic=True)
+    if text == "proportional":
+        return Policy("proportional", _mixed(model_name, knobs.profiles), dynamic=True, period_s=PROPORTIONAL_PERIOD_S)
     if text.startswith("static:"):
         name = text.split(":", 1)[1]
         if name == "smallest":
-            layouts = enumerate_layouts(get_model(model_name), knobs.profiles)
+            layouts = layouts_of(model_name, knobs.profiles)
             best = max(layouts, key=lambda l: (len(l.instances), str(l)))
             return Policy(text, (str(best),))
         if name == "mixed":
@@ -132,5 +162,6 @@ def parse_policy(
         return Policy(text, (str(layout),))
     raise ConfigError(
         f"policy: {text!r} is not a policy; choose whole-gpu, dynamic, static:smallest, static:mixed, "
-        "static:fitted, or static:<layout> (e.g. static:3g.40gb@0+3g.40gb@4)."
+        "static:fitted, static:<layout> (e.g. static:3g.40gb@0+3g.40gb@4), proportional, or, in a "
+        "comparison, static:searched or sharing."
     )

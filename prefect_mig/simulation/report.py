@@ -1,9 +1,12 @@
 """Running several policies on one workload and fleet, and writing what they measured.
 
-`compare` runs each policy on the same jobs and fleet (a fresh namespace each), `ratios` gives the
+`compare` runs each policy on the same jobs and fleet (a fresh namespace each; ``sharing`` and
+``static:searched`` are the baselines of `prefect_mig.simulation.baselines`), `ratios` gives the
 headline figures (dynamic against whole GPUs, against the best static layout that serves every job,
-and the makespan against its lower bound), `plot` draws utilization and queue depth over time
-into a PNG (matplotlib, headless), and `summary` is the JSON document.
+against the searched static mix and against fractional sharing, and the makespan against its lower
+bound; a policy that rejects or strands a job is never a baseline), `plot` draws utilization and
+queue depth per slice kind over time into a PNG (matplotlib, headless), `summary` is the JSON
+document and `provenance` what it records to repeat the run.
 
 Examples:
     ```python
@@ -22,6 +25,9 @@ Examples:
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import shlex
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -31,10 +37,16 @@ from prefect_mig.errors import ConfigError
 from prefect_mig.model import FleetSpec
 from prefect_mig.repartition.planner import Knobs
 from prefect_mig.simulation.engine import SimConfig, SimResult, Simulator
-from prefect_mig.simulation.policies import parse_policy
+from prefect_mig.simulation.baselines import search_static, share
+from prefect_mig.simulation.policies import Policy, fitted_layouts, parse_policy
 from prefect_mig.simulation.workload import Job
 
-DEFAULT_POLICIES = ("whole-gpu", "static:smallest", "static:mixed", "static:fitted", "dynamic")
+DEFAULT_POLICIES = (
+    "whole-gpu", "sharing", "static:smallest", "static:mixed", "static:fitted", "static:searched", "proportional",
+    "dynamic",
+)
+#: policies `compare` runs itself (see `prefect_mig.simulation.baselines`), not through `parse_policy`
+COMPARISON_POLICIES = ("sharing", "static:searched")
 
 
 def fleet_model(spec: FleetSpec) -> str:
@@ -63,19 +75,48 @@ def compare(
     state_dir: str | Path,
     reconfig_cost_s: float = 10.0,
     progress: Callable[[str, int, int], None] | None = None,
+    finalists: int = 3,
 ) -> list[SimResult]:
-    """Run every policy on the same jobs and fleet; `progress(policy, done, total)` as they go."""
+    """Run every policy on the same jobs and fleet; `progress(policy, done, total)` as they go.
+    ``static:searched`` replays its `finalists` best-scored mixes and ``fitted`` (see
+    `searched_static`)."""
     spec = FleetSpec.parse(fleet)
     model = fleet_model(spec)
     gpus = sum(len(node.gpus) for node in spec.nodes)
     results = []
-    for name in policies:
-        policy = parse_policy(name, model, jobs=jobs, gpus=gpus, knobs=knobs)
+
+    def run(name: str, policy: Policy) -> SimResult:
         config = SimConfig(fleet=str(spec), policy=policy, knobs=knobs, reconfig_cost_s=reconfig_cost_s)
         report = None if progress is None else (lambda done, total, n=name: progress(n, done, total))
-        sub = Path(state_dir) / name.replace(":", "-").replace("@", "_").replace(" ", "")[:60]
-        results.append(Simulator(client, jobs, config, state_dir=sub, progress=report).run())
+        sub = Path(state_dir) / f"{len(results)}-{name.replace(':', '-').replace('@', '_').replace(' ', '')[:60]}"
+        return Simulator(client, jobs, config, state_dir=sub, progress=report).run()
+
+    for name in policies:
+        if name == "sharing":
+            results.append(share(jobs, str(spec)))
+        elif name == "static:searched":
+            results.append(searched_static(jobs, model, gpus, knobs, run, finalists=finalists))
+        else:
+            results.append(run(name, parse_policy(name, model, jobs=jobs, gpus=gpus, knobs=knobs)))
     return results
+
+
+def searched_static(
+    jobs: Sequence[Job], model: str, gpus: int, knobs: Knobs, run: Callable[[str, Policy], SimResult], *, finalists: int = 3
+) -> SimResult:
+    """The best static mix in hindsight: `search_static`'s `finalists` best mixes and ``fitted``,
+    each replayed by `run` (the real simulator); the lowest mean JCT among those that ran every job
+    wins, named ``static:searched`` (its layouts are in `layouts_end`)."""
+    fitted = fitted_layouts(jobs, model, gpus, knobs) if jobs else ()
+    start = [tuple(fitted[i % len(fitted)] for i in range(gpus))] if fitted else []
+    mixes = search_static(jobs, model, gpus=gpus, profiles=knobs.profiles, start=start, keep=finalists)
+    for mix in start:
+        if tuple(sorted(mix)) not in mixes:
+            mixes.append(tuple(sorted(mix)))
+    if not mixes:  # nothing serves every job: the whole GPU is the fallback
+        mixes = [tuple(parse_policy("whole-gpu", model).layouts)]
+    tried = [run("static:searched", Policy("static:searched", mix)) for mix in mixes]
+    return min(tried, key=lambda r: (_jct(r) is None, _jct(r) or 0.0))
 
 
 def _jct(result: SimResult | None) -> float | None:
@@ -91,13 +132,22 @@ def ratios(results: Sequence[SimResult]) -> dict:
     its lower bound; only policies that ran every job to the end count. None where one is missing."""
     by = {r.policy: r for r in results}
     dyn, whole = _jct(by.get("dynamic")), _jct(by.get("whole-gpu"))
+    searched, sharing = _jct(by.get("static:searched")), _jct(by.get("sharing"))
     statics = [r for r in results if r.policy.startswith("static:") and _jct(r)]
     best = min(statics, key=lambda r: _jct(r), default=None)  # type: ignore[arg-type,return-value]
     d = by.get("dynamic")
+
+    def over(x: float | None) -> float | None:
+        return round(dyn / x, 4) if dyn and x else None
+
     return {
-        "jct_ratio_vs_whole_gpu": round(dyn / whole, 4) if dyn and whole else None,
-        "jct_ratio_vs_best_static": round(dyn / _jct(best), 4) if dyn and best else None,
+        "jct_ratio_vs_whole_gpu": over(whole),
+        "jct_ratio_vs_best_static": over(_jct(best)),
         "best_static": best.policy if best else None,
+        "jct_ratio_vs_best_searched_static": over(searched),
+        "best_searched_static_layouts": by["static:searched"].layouts_end if searched else None,
+        "jct_ratio_vs_sharing": over(sharing),
+        "jct_ratio_vs_proportional": over(_jct(by.get("proportional"))),
         "makespan_vs_lower_bound": round(d.makespan_s / d.lower_bound_s, 4) if dyn and d and d.lower_bound_s else None,
     }
 
@@ -107,29 +157,43 @@ def summary(results: Sequence[SimResult], **context) -> dict:
     return {**context, **ratios(results), "policies": [r.summary() for r in results]}
 
 
+def provenance(*, command: Sequence[str], seed: int | None, knobs: Knobs, trace: str | Path | None, **settings) -> dict:
+    """What a run needs to be repeated exactly: the command line, the seed, the planner's knobs and
+    the other settings, and the trace file's SHA-256 (None for a synthetic workload)."""
+    checksum = None
+    if trace is not None and Path(trace).is_file():
+        checksum = hashlib.sha256(Path(trace).read_bytes()).hexdigest()
+    knob_values = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(knobs).items()}
+    return {"command": shlex.join(command), "seed": seed, "knobs": knob_values, "trace_sha256": checksum, **settings}
+
+
 def plot(results: Sequence[SimResult], path: str | Path, *, title: str = "") -> Path:
-    """Utilization (leased and needed compute over capacity) and queue depth over time, one line
-    per policy, into a PNG at `path`."""
+    """Compute leased over capacity for every policy, then for each policy the requests waiting
+    per slice kind over time, into a PNG at `path`."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_use, ax_queue) = plt.subplots(2, 1, figsize=(11, 7), sharex=True)
-    for r in results:
+    fig, axes = plt.subplots(1 + len(results), 1, figsize=(11, 2.2 * (1 + len(results)) + 1), sharex=True, squeeze=False)
+    ax_use = axes[0][0]
+    for r, (ax,) in zip(results, axes[1:]):
         t = [row[0] / 3600 for row in r.timeline]
-        ax_use.step(t, [row[1] / r.capacity for row in r.timeline], where="post", label=f"{r.policy} (leased)", linewidth=1)
-        ax_queue.step(t, [row[3] for row in r.timeline], where="post", label=r.policy, linewidth=1)
+        ax_use.step(t, [row[1] / r.capacity for row in r.timeline], where="post", label=r.policy, linewidth=1)
+        for kind, rows in sorted(r.queue_by_kind.items()):
+            ax.step([row[0] / 3600 for row in rows], [row[1] for row in rows], where="post", label=kind, linewidth=1)
+        ax.set_ylabel("waiting")
+        ax.set_title(f"{r.policy}: requests waiting per slice kind", fontsize=9)
+        if r.queue_by_kind:
+            ax.legend(fontsize=7, loc="upper right", ncol=2)
     ax_use.set_ylabel("compute leased / capacity")
     ax_use.set_ylim(0, 1.05)
-    ax_use.legend(fontsize=8, loc="upper right")
-    ax_queue.set_ylabel("requests waiting")
-    ax_queue.set_xlabel("hours (virtual)")
-    ax_queue.legend(fontsize=8, loc="upper right")
+    ax_use.legend(fontsize=8, loc="upper right", ncol=2)
+    axes[-1][0].set_xlabel("hours (virtual)")
     fig.suptitle(title or "prefect-mig simulation")
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=90)
     plt.close(fig)
     return path

@@ -4,10 +4,13 @@ A trace pod asks for a share of a GPU of *its* cluster (V100/T4-class), not for 
 every run states a **mapping** from the pod to what it needs of a fleet GPU:
 
 - ``v100`` (default): a trace GPU is a V100 with 16 GB. A pod needs ``16 GB x gpus x share`` of
-  memory and ``gpus x share`` V100s of compute; one compute slice of an H100 is worth
-  ``V100_PER_H100_SLICE`` V100s (989 dense FP16 tensor TFLOPS / 7 slices = 141, against the V100's
-  125). So a whole-V100 pod needs 16 GB and one compute slice (``1g.20gb`` or bigger), a
-  ``gpu_milli=470`` pod 7.6 GB (``1g.10gb``; needs are rounded up to 0.1 GB), a 4-GPU pod 64 GB (``7g.80gb``).
+  memory and ``gpus x share`` V100s of compute; one compute slice of the fleet's model is worth
+  `v100_per_slice` V100s: the model's dense FP16 tensor TFLOPS (NVIDIA datasheets,
+  `DENSE_FP16_TFLOPS`) over its compute slices, against the V100's 125. On an H100 a slice is
+  989 / 7 = 141 TFLOPS (1.13 V100s), so a whole-V100 pod needs 16 GB and one compute slice
+  (``1g.20gb`` or bigger), a ``gpu_milli=470`` pod 7.6 GB (``1g.10gb``; needs are rounded up to
+  0.1 GB), a 4-GPU pod 64 GB (``7g.80gb``). On an A100 a slice is 312 / 7 = 45 TFLOPS, so a
+  whole-V100 pod needs three slices (``3g.40gb``); on an A30, 165 / 4 = 41, so four.
 - ``share``: the trace's GPU is the fleet's GPU. A pod needs ``share`` of its compute slices
   (rounded up) and of its memory; a multi-GPU pod needs that many whole GPUs.
 
@@ -30,6 +33,7 @@ Examples:
     assert need_of(num_gpu=1, gpu_milli=470, mapping="v100", gpu_model="H100-80GB") == [(7.6, 1)]
     assert need_of(num_gpu=8, gpu_milli=1000, mapping="v100", gpu_model="H100-80GB") == [(64.0, 4), (64.0, 4)]
     assert need_of(num_gpu=1, gpu_milli=320, mapping="share", gpu_model="H100-80GB") == [(25.6, 3)]
+    assert need_of(num_gpu=1, gpu_milli=1000, mapping="v100", gpu_model="A100-80GB") == [(16.0, 3)]
     ```
 """
 
@@ -49,7 +53,36 @@ from prefect_mig.model import SliceRequirement, get_model
 Mapping = Literal["v100", "share"]
 MAPPINGS: tuple[str, ...] = ("v100", "share")
 V100_MEMORY_GB = 16.0
-V100_PER_H100_SLICE = 989 / 7 / 125
+V100_FP16_TFLOPS = 125.0
+#: dense (no sparsity) FP16 tensor TFLOPS of the whole GPU, from NVIDIA's datasheets (V100 125,
+#: A100 312, A30 165, H100 SXM 989, H100 NVL 835, H200 989, B200 2,250, GB200 2,500). Models not
+#: listed scale the H100's figure by their SM count, or take it as is when the catalog has none.
+DENSE_FP16_TFLOPS = {
+    "A100-40GB": 312.0,
+    "A100-80GB": 312.0,
+    "A30-24GB": 165.0,
+    "H100-80GB": 989.0,
+    "H100-94GB": 835.0,
+    "GH200-96GB": 989.0,
+    "GH200-144GB": 989.0,
+    "H200-141GB": 989.0,
+    "B200-180GB": 2250.0,
+    "GB200-186GB": 2500.0,
+    "B300-269GB": 2250.0,
+}
+
+
+def v100_per_slice(gpu_model: str) -> float:
+    """V100s of dense FP16 tensor compute one compute slice of `gpu_model` is worth."""
+    model = get_model(gpu_model, field="gpu_model")
+    tflops = DENSE_FP16_TFLOPS.get(model.name)
+    if tflops is None:
+        whole = max(model.profiles, key=lambda p: p.compute_slices)
+        tflops = DENSE_FP16_TFLOPS["H100-80GB"] * (whole.sm_count / 132 if whole.sm_count else 1.0)
+    return tflops / model.compute_slices / V100_FP16_TFLOPS
+
+
+V100_PER_H100_SLICE = 989 / 7 / 125  # v100_per_slice("H100-80GB"), kept for callers that name it
 PRIORITY_BY_QOS = {"LS": 10, "Guaranteed": 10, "Burstable": 5, "BE": 0}
 TRACE_COLUMNS = ("name", "num_gpu", "gpu_milli", "qos", "creation_time", "deletion_time", "scheduled_time")
 
@@ -69,6 +102,10 @@ class Job:
         """Compute-slice seconds the job needs (what the makespan lower bound divides)."""
         return sum(c for _, c in self.parts) * self.duration_s
 
+    def memory_work(self) -> float:
+        """GB-seconds of memory the job holds (what the memory lower bound divides)."""
+        return sum(m for m, _ in self.parts) * self.duration_s
+
 
 def _round_up(x: float, step: float = 0.1) -> float:
     return round(math.ceil(round(x / step, 6)) * step, 6)
@@ -87,7 +124,7 @@ def need_of(*, num_gpu: int, gpu_milli: int, mapping: str, gpu_model: str) -> li
             return [(_round_up(share * big_gb), max(1, math.ceil(round(share * big_c, 6))))]
         return [(big_gb, big_c)] * num_gpu
     memory = V100_MEMORY_GB * num_gpu * share
-    compute = num_gpu * share / V100_PER_H100_SLICE
+    compute = num_gpu * share / v100_per_slice(model.name)
     parts = max(math.ceil(round(memory / big_gb, 6)), math.ceil(round(compute / big_c, 6)), 1)
     part = (_round_up(memory / parts), max(1, math.ceil(round(compute / parts, 6))))
     return [part] * parts
