@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -97,13 +98,21 @@ def test_demo_carves_the_fleet_and_refuses_to_destroy_a_busy_slice(tmp_path):
 
 def test_demo_runs_the_pipeline_and_reports_where_each_task_ran(tmp_path, python_image):
     env_free = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
-    done = subprocess.run(
+    proc = subprocess.Popen(
         [sys.executable, "-m", "prefect_mig.cli.main", "demo", "--batches", "4"],
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=300,
         env={**env_free, "PREFECT_MIG_BACKEND": "simulated", "PREFECT_MIG_STATE_DIR": str(tmp_path), "COLUMNS": "120"},
+        start_new_session=True,  # a timeout kills the demo with its Prefect API server: no orphan
     )
+    try:
+        stdout, stderr = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"the demo took more than 300 s:\n{stdout[-3000:]}{stderr[-3000:]}")
+    done = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     out = done.stdout
     assert "fine_tune" in out and "3g.40gb@" in out

@@ -184,8 +184,10 @@ def test_a_killed_flow_process_leaves_no_container_and_no_lease(redis_server, na
             "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",  # a loaded 2-core machine
         }
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        # its own session, so that the kill takes the flow process with its children (Prefect's
+        # temporary API server), as a crashed host would, and leaves no orphan behind
         proc = subprocess.Popen([sys.executable, "-m", "tests.flow_to_kill"], cwd=root, env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
         def ours():
             return task_containers(docker_client, cluster_id=alloc.cluster_id(), namespace=namespace)
 
@@ -196,7 +198,7 @@ def test_a_killed_flow_process_leaves_no_container_and_no_lease(redis_server, na
                 time.sleep(0.3)
             assert ours(), "the task container never started"
         finally:
-            proc.send_signal(signal.SIGKILL)
+            os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(30)
         # the lease expires within its TTL (2 s); the agent's next ticks stop the orphan container
         deadline = time.monotonic() + 2 + 5
