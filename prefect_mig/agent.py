@@ -304,8 +304,10 @@ class NodeAgent:
         return [c.id for c in self.own_containers() if self.fence(c)]
 
     def fence(self, container) -> bool:
-        """Remove one task container if its lease is gone or its fence stale; True if removed now.
-        A container that vanished meanwhile (or whose removal is under way) is fine."""
+        """Remove one task container if its lease is gone, its fence stale, or its lease revoked
+        longer than the cluster's grace ago (then the lease is released once the container is gone,
+        so the revoking request need not wait for the lease to expire); True if removed now. A
+        container that vanished meanwhile (or whose removal is under way) is fine."""
         import docker.errors
 
         from prefect_mig.errors import LeaseLost
@@ -313,26 +315,39 @@ class NodeAgent:
 
         labels = container.labels
         lease_id, fence = labels.get(f"{LABEL_PREFIX}lease-id", ""), labels.get(f"{LABEL_PREFIX}fence", "")
+        overdue = False
         try:
             current = str(self.allocator.lease(lease_id).fence)
             reason = None if current == fence else f"fence {fence} is stale (the lease's is {current})"
+            if reason is None and self.allocator.revocation_overdue(lease_id):
+                overdue, reason = True, "its lease was revoked and the holder did not stop within the grace"
         except LeaseLost as exc:
             reason = f"the lease is {exc.reason} (released, expired or never granted here)"
         if reason is None:
             return False
+        removed = True
         try:
             container.remove(force=True, v=True)  # v: with its runtime volume
         except docker.errors.NotFound:
-            return False
+            removed = False
         except docker.errors.APIError as exc:
             if exc.status_code == 409:  # someone else's removal is under way
                 return False
             raise
-        log.warning(
-            "removed task container %s of lease %s fence %s on %s: %s",
-            container.short_id, lease_id, fence, labels.get(f"{LABEL_PREFIX}mig-uuid", "?"), reason,
-        )
-        return True
+        if removed:
+            log.warning(
+                "removed task container %s of lease %s fence %s on %s: %s",
+                container.short_id, lease_id, fence, labels.get(f"{LABEL_PREFIX}mig-uuid", "?"), reason,
+            )
+        if overdue:  # the holder's container is confirmed gone: the slice may go to the revoking request
+            from prefect_mig.errors import LeaseNotOwned
+
+            try:
+                self.allocator.release(lease_id, int(fence))
+                log.warning("released revoked lease %s fence %s for the request that revoked it", lease_id, fence)
+            except (LeaseLost, LeaseNotOwned):
+                pass  # released or re-granted meanwhile
+        return removed
 
     def run(self, *, interval_s: float = 5.0, stop: threading.Event | None = None, max_backoff_s: float = 60.0) -> None:
         """Tick every `interval_s` until `stop` is set.

@@ -118,3 +118,35 @@ def test_the_agent_loop_outlives_vanishing_containers_and_a_redis_restart(
         stop.set()
         loop.join(30)
     assert not loop.is_alive()
+
+
+def test_a_revoked_holder_that_outlives_the_grace_is_stopped_by_the_agent_and_its_slice_handed_over(
+    alloc, clock, a30, docker_client, python_image, containers
+):
+    """A revoked holder whose process died never releases: without the agent its slice would idle
+    until the lease expired (here 600 s). Past the cluster's grace (5 s) the agent stops the
+    holder's container and then releases the lease, and the revoking request gets the slice."""
+    from prefect_mig.allocator import LeaseInfo, SliceRequest
+
+    agent = NodeAgent(a30, alloc, node="node-a", docker_client=docker_client)
+    agent.publish()
+    kept = alloc.try_acquire(SliceRequest(profile="2g.12gb", priority=5, ttl_s=600))
+    victim = alloc.try_acquire(SliceRequest(profile="2g.12gb", priority=1, preemptible=True, ttl_s=600))
+    for lease in (kept, victim):
+        containers.append(start_task_container(
+            docker_client, python_image, alloc, lease_id=lease.lease_id, fence=lease.fence, mig_uuid=lease.slice.mig_uuid
+        ))
+    urgent = alloc.try_acquire(SliceRequest(profile="2g.12gb", priority=9, ttl_s=60), wait=True)
+    assert not isinstance(urgent, LeaseInfo)
+    assert alloc.lease(victim.lease_id).revoked
+
+    assert agent.fence_containers() == []  # within the grace the holder may still stop by itself
+    clock.advance(6)
+    (stopped,) = agent.fence_containers()
+    assert stopped == containers[1].id
+    with pytest.raises(docker.errors.NotFound):
+        docker_client.containers.get(stopped)
+    docker_client.containers.get(containers[0].id)  # the holder that was not revoked runs on
+    granted = alloc.lease(urgent.request_id)
+    assert granted.slice.mig_uuid == victim.slice.mig_uuid
+    assert {row["lease_id"] for row in alloc.status()["leases"]} == {kept.lease_id, urgent.request_id}

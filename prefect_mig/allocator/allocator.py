@@ -124,6 +124,8 @@ def redis_errors(action: str) -> Iterator[None]:
 
 #: The shortest preemption grace a cluster may set: a revoked holder needs time to stop its container.
 GRACE_FLOOR_S = 2.0
+#: The grace of a cluster that never set one (as in _lib.lua).
+DEFAULT_GRACE_MS = 10_000
 
 
 def check_ttl(ttl_s: float, max_ttl_s: float, *, field: str = "ttl_s") -> float:
@@ -683,6 +685,20 @@ class Allocator:
             )
         with redis_errors("configure the cluster"):
             self.redis.hset(self.keys.config, "grace_ms", int(grace_s * 1000))
+
+    def revocation_overdue(self, lease_id: str) -> bool:
+        """Whether the lease was revoked longer than the cluster's grace ago: its holder was told and
+        had the grace to stop. The node agent then stops the holder's container itself and releases
+        the lease, so the slice goes to the request that revoked it without waiting for the lease to
+        expire (a dead holder never releases)."""
+        with redis_errors("read a revocation"):
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.hget(self.keys.lease(lease_id), "revoked_at").hget(self.keys.config, "grace_ms")
+            revoked_at, grace = pipe.execute()
+        if revoked_at is None:
+            return False
+        grace_ms = max(int(decode(grace)) if grace else DEFAULT_GRACE_MS, int(GRACE_FLOOR_S * 1000))
+        return self.now_ms() >= int(decode(revoked_at)) + grace_ms
 
     def set_quota(self, tenant: str, quota: Quota | None) -> None:
         """Limit a tenant's concurrent slices and compute slices (``None`` removes the limit)."""
