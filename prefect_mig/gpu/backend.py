@@ -511,20 +511,26 @@ class GpuBackend:
         return found
 
     @_nvml_errors("destroy GPU instance {1} on GPU {0}")
-    def destroy(self, index: int, gpu_instance_id: int) -> None:
+    def destroy(self, index: int, gpu_instance_id: int, *, expected: Placement | None = None) -> None:
         """Destroy a GPU instance and its compute instances, after checking no process runs on it.
 
+        GPU instance ids are reused: after another process re-carved the GPU, an id read earlier
+        may name another instance. With `expected` (the placement read with the id), an instance
+        that is no longer that placement is left alone.
+
         Raises:
-            InstanceNotFound: no GPU instance with that id.
+            InstanceNotFound: no GPU instance with that id (or it is not `expected` any more).
             InstanceBusy: processes run on it (checked first, and again by the driver).
         """
         h = self._handle(index)
         gpu_uuid = self._require_mig(index, h)
         target = next((m for m in self.instances(index) if m.gpu_instance_id == gpu_instance_id), None)
-        if target is None:
+        if target is None or (expected is not None and target.placement != expected):
+            now = "" if target is None else f" (it is now {target.placement}, not {expected}: re-carved elsewhere?)"
             raise InstanceNotFound(
-                f"GPU {index} ({gpu_uuid}) has no GPU instance {gpu_instance_id}; it may have been "
-                "destroyed already. `prefect-mig gpus` shows the current layout.",
+                f"GPU {index} ({gpu_uuid}) has no GPU instance {gpu_instance_id}"
+                + (f" holding {expected}" if expected is not None else "")
+                + f"{now}; it may have been destroyed already. `prefect-mig gpus` shows the current layout.",
                 gpu_instance_id=gpu_instance_id,
                 gpu_uuid=gpu_uuid,
             )
@@ -614,7 +620,7 @@ class GpuBackend:
         created: list[MigInstance] = []
         try:
             for m in doomed:
-                self.destroy(index, m.gpu_instance_id)
+                self.destroy(index, m.gpu_instance_id, expected=m.placement)
                 destroyed.append(m)
             have = {m.placement for m in current} - {m.placement for m in doomed}
             for p in target.instances:
@@ -638,7 +644,7 @@ class GpuBackend:
         problems = []
         for m in reversed(created):
             try:
-                self.destroy(index, m.gpu_instance_id)
+                self.destroy(index, m.gpu_instance_id, expected=m.placement)
             except PrefectMigError as exc:
                 problems.append(f"{m} could not be removed again ({exc})")
         for m in destroyed:
