@@ -100,6 +100,11 @@ print(cluster.status()["leases"])
     gpu_runtime: Literal["nvidia", "none"] = Field(
         default="nvidia", description="'nvidia' binds containers to the MIG device; 'none' only sets the environment."
     )
+    container_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Task containers' confinement, loosened for bodies that need it: read_only_root, tmp_size, "
+        "no_new_privileges, cap_add, pids_limit, user (empty: read-only root, no capabilities, 4096 processes).",
+    )
 
     def lease_client(self):
         """A `LeaseClient` on this cluster's Redis and namespace."""

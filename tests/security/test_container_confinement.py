@@ -94,3 +94,43 @@ def test_each_hardening_can_be_loosened_for_a_body_that_needs_it(python_image):
     assert seen["pids_max"] in (None, "max")
     kept = DockerLauncher(ContainerSettings(image=python_image, cap_add=["CHOWN"])).run(probe, mig_uuid="MIG-x")
     assert kept["cap_eff"] == 1 << 0  # CAP_CHOWN is bit 0
+
+
+def test_a_task_runner_and_its_block_loosen_the_confinement_with_container_options(cluster):
+    """Root is read-only for a body by default; `container_options` (on the runner, or the
+    MigCluster block) gives it back, and a wrong option fails when the runner is made, naming it."""
+    import pytest
+    from prefect import flow
+
+    from prefect_mig import MigTaskRunner, task
+    from prefect_mig.errors import ConfigError
+
+    def write_root() -> str:
+        try:
+            with open("/written-by-the-body", "w") as f:
+                f.write("x")
+            return "written"
+        except OSError as exc:
+            return type(exc).__name__
+
+    confined = task(task_runner=MigTaskRunner(profile="1g.10gb"))(write_root)
+    loosened = task(task_runner=MigTaskRunner(profile="1g.10gb", container_options={"read_only_root": False}))(write_root)
+
+    @flow
+    def pipeline():
+        return confined(), loosened()
+
+    assert pipeline() == ("OSError", "written")
+    with pytest.raises(ConfigError, match="read_only_rot"):
+        MigTaskRunner(profile="1g.10gb", container_options={"read_only_rot": False})
+    with pytest.raises(ConfigError, match="pids_limit"):
+        MigTaskRunner(profile="1g.10gb", container_options={"pids_limit": 1})
+
+
+def test_the_blocks_container_options_reach_the_runners_containers_and_the_runners_own_win(redis_server, docker_client):
+    from prefect_mig import MigTaskRunner
+    from prefect_mig.blocks import MigCluster
+
+    block = MigCluster(redis_url=redis_server.url, container_options={"read_only_root": False, "pids_limit": 256})
+    settings = MigTaskRunner(profile="1g.10gb", cluster=block, container_options={"pids_limit": 512})._new_launcher(None).settings
+    assert (settings.read_only_root, settings.pids_limit) == (False, 512)

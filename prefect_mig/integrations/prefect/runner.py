@@ -119,6 +119,10 @@ class MigTaskRunner(ThreadPoolTaskRunner):
         wait_timeout_s: how long a try may wait for a slice (None: ``PREFECT_MIG_WAIT_TIMEOUT_S``,
             default an hour); the error then says why it waited.
         max_workers: thread-pool size, as for `ThreadPoolTaskRunner`.
+        container_options: loosen the task container's confinement for a body that needs it:
+            ``read_only_root``, ``tmp_size``, ``no_new_privileges``, ``cap_add``, ``pids_limit``,
+            ``user`` (see `ContainerSettings`; by default the root file system is read-only, every
+            capability is dropped, no-new-privileges is on and processes are limited to 4096).
 
     Examples:
         ```python
@@ -146,6 +150,7 @@ class MigTaskRunner(ThreadPoolTaskRunner):
         lease_ttl_s: float | None = None,
         wait_timeout_s: float | None = None,
         max_workers: int | None = None,
+        container_options: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(max_workers=max_workers)
         self.profile = profile
@@ -161,6 +166,8 @@ class MigTaskRunner(ThreadPoolTaskRunner):
         self.cluster = cluster
         self.lease_ttl_s = lease_ttl_s
         self.wait_timeout_s = wait_timeout_s
+        self.container_options = dict(container_options or {})
+        _check_container_options(self.container_options)
         self._launchers: dict[str | None, DockerLauncher] = {}  # runtime state: one per Docker engine
         self._flow_cancelled = threading.Event()  # runtime state: cancel_all meant a cancellation
         self._exiting_normally = False
@@ -173,7 +180,7 @@ class MigTaskRunner(ThreadPoolTaskRunner):
         return {
             k: getattr(self, k)
             for k in ("profile", "priority", "tenant", "preemptible", "image", "env", "volumes", "network",
-                      "cpus", "mem_limit", "cluster", "lease_ttl_s", "wait_timeout_s")
+                      "cpus", "mem_limit", "cluster", "lease_ttl_s", "wait_timeout_s", "container_options")
         } | {"max_workers": self._max_workers}
 
     def duplicate(self) -> MigTaskRunner:
@@ -280,6 +287,8 @@ class MigTaskRunner(ThreadPoolTaskRunner):
                 cpus=self.cpus,
                 mem_limit=self.mem_limit,
                 gpu_runtime=getattr(cluster, "gpu_runtime", None) or default_gpu_runtime(settings),
+                # the container's confinement (read-only root, capabilities, pids, user): the block's, then ours
+                **{**(getattr(cluster, "container_options", None) or {}), **self.container_options},
             )
         )
 
@@ -463,6 +472,33 @@ def _with_body(task, body):
     clone = copy.copy(task)
     clone.fn = body
     return clone
+
+
+#: ContainerSettings fields MigTaskRunner(container_options=...) and the block may set
+CONTAINER_OPTIONS = ("read_only_root", "tmp_size", "no_new_privileges", "cap_add", "pids_limit", "user")
+
+
+def _check_container_options(options: dict[str, Any]) -> None:
+    """Refuse an unknown or invalid container option now, naming it (not at the first task's run)."""
+    from pydantic import ValidationError
+
+    unknown = sorted(set(options) - set(CONTAINER_OPTIONS))
+    if unknown:
+        raise ConfigError(
+            f"MigTaskRunner container_options {unknown[0]!r} is not a container option; allowed: "
+            f"{', '.join(CONTAINER_OPTIONS)}.",
+            field="container_options",
+            value=unknown[0],
+        )
+    try:
+        ContainerSettings(**options)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise ConfigError(
+            f"MigTaskRunner container_options {first['loc'][0]}={first.get('input')!r}: {first['msg']}",
+            field="container_options",
+            value=first.get("input"),
+        ) from exc
 
 
 class _AnyEvent:
