@@ -27,6 +27,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 import docker  # noqa: E402
+from docker.types import Mount  # noqa: E402
 from prefect import flow  # noqa: E402
 from prefect import task as prefect_task  # noqa: E402
 from rich.console import Console  # noqa: E402
@@ -48,17 +49,19 @@ def body(x: int) -> int:
 
 def bare_docker(client: docker.DockerClient) -> float:
     started = time.perf_counter()
+    # the runtime archive is laid out relative to HOME, a volume of the container's own (as the launcher does)
     container = client.containers.create(IMAGE, ["python3", f"{HOME}/entry.py"], network_disabled=True, detach=True,
-                                         environment={"CUDA_VISIBLE_DEVICES": "MIG-bench"})
+                                         environment={"CUDA_VISIBLE_DEVICES": "MIG-bench"},
+                                         mounts=[Mount(HOME, None, type="volume")])
     try:
-        container.put_archive("/", _runtime_archive(_pickle_call(body, (3,), {})))
+        container.put_archive(HOME, _runtime_archive(_pickle_call(body, (3,), {})))
         container.start()
         container.wait()
         stream, _ = container.get_archive(f"{HOME}/result.pkl")
         with tarfile.open(fileobj=io.BytesIO(b"".join(stream))) as tar:
             tar.extractfile("result.pkl").read()
     finally:
-        container.remove(force=True)
+        container.remove(force=True, v=True)
     return time.perf_counter() - started
 
 
