@@ -213,7 +213,9 @@ def _removed_means_stopped(container) -> Iterator[None]:
             container_id=container.id,
         ) from exc
     except docker.errors.APIError as exc:
-        if exc.status_code != 409:  # 409: its removal is under way
+        # 409: its removal is under way; a 500 "RWLayer ... unexpectedly nil": the engine tore down its
+        # file system mid-read (Docker 20.10 answers so while a forced removal runs)
+        if exc.status_code != 409 and "unexpectedly nil" not in str(exc):
             raise
         raise ContainerStopped("the task container is being removed.", container_id=container.id) from exc
 
