@@ -1,7 +1,7 @@
 """The node agent: publishes this node's GPUs and MIG slices to Redis and keeps them in service.
 
 It reads the layout through the GPU backend, publishes it (a new layout generation per GPU whenever
-the layout changed), heartbeats so the allocator keeps granting on this node, reaps expired leases,
+the layout changed, and the models it built from NVML for GPUs outside the catalog), heartbeats so the allocator keeps granting on this node, reaps expired leases,
 stops task containers whose lease is gone, and applies the desired layouts the repartitioner writes:
 
 - incremental: the instances that go are withdrawn from service first (all or nothing, refused if
@@ -153,8 +153,11 @@ class NodeAgent:
         return carved
 
     def publish(self) -> tuple[int, int, int]:
-        """Publish the whole inventory now: (published, removed, handed to waiters)."""
+        """Publish the whole inventory now: (published, removed, handed to waiters). The models
+        of GPUs outside the catalog, built from NVML, go first, so every process that sees their
+        slices can look them up."""
         gpus, slices = self.inventory()
+        self.allocator.publish_models([self.backend.gpu_model(g["index"]) for g in gpus])
         result = self.allocator.publish(
             self.node, gpus, slices, docker_url=self.docker_url, heartbeat_ttl_s=self.heartbeat_ttl_s
         )

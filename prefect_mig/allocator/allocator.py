@@ -46,6 +46,7 @@ Examples:
 from __future__ import annotations
 
 import json
+import logging
 import math
 import threading
 import time
@@ -66,10 +67,21 @@ from prefect_mig.errors import (
     LeaseNotOwned,
     NoCapacity,
     RedisUnavailable,
+    UnknownGpuModel,
     Unsatisfiable,
     WaitTimeout,
 )
-from prefect_mig.model import FleetSpec, Layout, get_model
+from prefect_mig.model import FleetSpec, GpuModel, Layout, catalog, get_model, register_model
+
+log = logging.getLogger("prefect_mig.allocator")
+
+
+def _known(model_name: str) -> bool:
+    try:
+        get_model(model_name)
+    except UnknownGpuModel:
+        return False
+    return True
 
 
 class Clock(Protocol):
@@ -282,14 +294,47 @@ class Allocator:
         return json.loads(decode(raw)).get("docker_url") if raw else None
 
     def gpu_models(self, *, max_age_s: float = 5.0) -> list[str]:
-        """GPU models present in the inventory (cached for `max_age_s`)."""
+        """GPU models present in the inventory (cached for `max_age_s`). Models that node agents
+        built from NVML are made known in this process (`load_models`) when one is listed."""
         at, models = self._models
         if time.monotonic() - at > max_age_s or not models:
             with redis_errors("read the inventory's GPU models"):
                 kinds = [decode(k) for k in self.redis.smembers(self.keys.pkeys)]
             models = sorted({k.split("/", 1)[0] for k in kinds})
+            if not all(_known(m) for m in models):
+                self.load_models()
             self._models = (time.monotonic(), models)
         return models
+
+    def publish_models(self, models: Sequence[GpuModel]) -> int:
+        """Publish models built from NVML for GPUs outside the catalog (``built_from_nvml``), so the
+        planner, requesters and ``prefect-mig status`` in any process know them; catalog models
+        are left out (the catalog ships with every process). Returns how many were published."""
+        built = {m.name: m.model_dump_json() for m in models if m.built_from_nvml}
+        if built:
+            with redis_errors("publish the GPU models built from NVML"):
+                self.redis.hset(self.keys.models, mapping=built)
+        return len(built)
+
+    def load_models(self) -> dict[str, GpuModel]:
+        """The models node agents built from NVML (`publish_models`), by name, each registered in
+        this process (`prefect_mig.model.register_model`) so layouts, requests and plans can name
+        it. A record that names a catalog model or does not parse is skipped, with a warning."""
+        with redis_errors("read the GPU models built from NVML"):
+            raw = self.redis.hgetall(self.keys.models)
+        found = {}
+        cataloged = {name.lower() for name in catalog().models}
+        for name, body in ((decode(k), decode(v)) for k, v in raw.items()):
+            try:
+                model = GpuModel.model_validate_json(body)
+            except ValueError as exc:
+                log.warning("skipping the published GPU model %r: %s", name, exc)
+                continue
+            if model.name.lower() in cataloged or not model.built_from_nvml:
+                log.warning("skipping the published GPU model %r: the catalog's is authoritative", name)
+                continue
+            found[model.name] = register_model(model)
+        return found
 
     # ------------------------------------------------------------------ leases
 
@@ -706,7 +751,9 @@ class Allocator:
         self._run("set_quota", tenant, body, action=f"set the quota of {tenant}")
 
     def status(self) -> dict[str, Any]:
-        """A snapshot for people and scripts: slices with their state and lease, and the queue."""
+        """A snapshot for people and scripts: slices with their state and lease, the queue, and the
+        GPU models node agents built from NVML (``models``; registered in this process, so plans
+        made from this snapshot can name them)."""
         k = self.keys
         with redis_errors("read the status"):
             pipe = self.redis.pipeline(transaction=True)
@@ -731,6 +778,14 @@ class Allocator:
             "slices": rows,
             "leases": self._lease_rows([decode(lid) for lid in leases]),
             "queue": queue,
+            "models": {
+                name: {
+                    "device_name": m.device_name, "built_from_nvml": m.built_from_nvml,
+                    "memory_slices": m.memory_slices, "compute_slices": m.compute_slices,
+                    "profiles": list(m.profile_names),
+                }
+                for name, m in sorted(self.load_models().items())
+            },
         }
 
     def _lease_rows(self, lease_ids: list[str]) -> list[dict[str, Any]]:

@@ -62,6 +62,8 @@ class Keys:
         self.tenant_compute = p + "tenant_compute"  # HASH tenant -> compute slices held (same)
         self.quotas = p + "quotas"  # HASH tenant -> {"slices": n, "compute": n} JSON
         self.events = p + "events"  # STREAM of transitions
+        # HASH model name -> GpuModel JSON: models node agents built from NVML (GPUs outside the catalog)
+        self.models = p + "models"
         self.desired = p + "desired"  # HASH gpu_uuid -> desired layout JSON (the repartitioner's)
         self.repartitioner = p + "repartitioner"  # STRING with a TTL: a repartitioner is running
         self.withholding = p + "withholding"  # SET of slice ids withdrawn for a re-carve (see withdraw.lua)

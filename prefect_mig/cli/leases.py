@@ -69,11 +69,14 @@ def acquire(
 ) -> None:
     """Acquire a slice and print its lease id and fencing token (the lease lives for --ttl)."""
     with cli_errors():
+        allocator = _allocator()
+        if gpu_model is not None:
+            allocator.load_models()  # --gpu-model may name a model a node agent built from NVML
         request = _request(
             profile=profile, min_memory_gb=min_memory_gb, min_compute_slices=min_compute, gpu_model=gpu_model,
             node=node, priority=priority, tenant=tenant, holder=holder, ttl_s=ttl, preemptible=preemptible,
         )
-        lease = _allocator().acquire(request, timeout_s=timeout)
+        lease = allocator.acquire(request, timeout_s=timeout)
         if as_json:
             print_json(lease.model_dump())
             return
@@ -151,6 +154,12 @@ def status(as_json: JsonOpt = False) -> None:
             console.print(f"agent {node}: last heartbeat {age}{flag}", highlight=False)
         if not snap["agents"]:
             console.print("[red]no node agent has published any GPU[/red] (start `prefect-mig up` or `prefect-mig agent`)")
+        for name, m in snap["models"].items():
+            console.print(
+                f"GPU model {name} ({m['device_name']}): not in the catalog, built from NVML by its node agent; "
+                f"profiles {', '.join(m['profiles'])}",
+                highlight=False,
+            )
         console.print(f"{len(snap['leases'])} live lease(s), {len(snap['queue'])} waiting request(s)")
         for r in snap["queue"]:
             console.print(f"  waiting {r['id'][:12]} priority {r['priority']} tenant {r['tenant']} for {', '.join(r['pkeys'])}", highlight=False)

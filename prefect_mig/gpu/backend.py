@@ -7,8 +7,10 @@ exceptions (`prefect_mig.errors`) whose messages say what to do.
 Profiles and placements are read from NVML, not from the catalog: the driver is the authority on
 a real GPU. The catalog names the model (``H100-80GB``) when the device name matches one (renamed
 variants included: A800, H800, H20) and keeps its instance counts (NVML misreports them on A30); a
-GPU outside the catalog gets a model built from NVML alone, marked so in its ``confidence`` and
-registered by name (`prefect_mig.model.register_model`).
+GPU outside the catalog gets a model built from NVML alone, marked so (``built_from_nvml``, and its
+``confidence``) and registered by name in this process (`prefect_mig.model.register_model`); the node
+agent publishes it to Redis with the node's inventory, so the planner, requesters and
+``prefect-mig status`` in other processes know it too.
 
 Examples:
     ```python
@@ -286,6 +288,7 @@ class GpuBackend:
             memory_slices=memory_slices,
             compute_slices=max((p.compute_slices for p in profiles), default=0),
             confidence="read from NVML" if known else "read from NVML (not in the catalog)",
+            built_from_nvml=not known,
             profiles=tuple(profiles),
         )
         if not known:  # so layouts and requests in this process can name it

@@ -96,6 +96,10 @@ class GpuModel(BaseModel):
     reference_key: str | None = None
     #: NVML ``pciDeviceId`` values ((device << 16) | 0x10DE) of this model and its renamed variants
     pci_device_ids: tuple[int, ...] = ()
+    #: a model the catalog does not list, built from NVML's own profile and placement queries on a
+    #: node (`prefect_mig.gpu.GpuBackend.gpu_model`); its node agent publishes it to Redis so other
+    #: processes know it (`prefect_mig.allocator.Allocator.load_models`)
+    built_from_nvml: bool = False
     profiles: tuple[GpuProfile, ...]
 
     @property
@@ -179,7 +183,8 @@ _REGISTERED: dict[str, GpuModel] = {}
 
 def register_model(model: GpuModel) -> GpuModel:
     """Make a model the catalog does not list (built from NVML's own profile and placement
-    queries) known by name in this process, so layouts and requests can name it.
+    queries) known by name in this process, so layouts and requests can name it. Registering the
+    same name again replaces the model (the driver that reported it last is the authority).
 
     Raises:
         ConfigError: the name is a catalog model's (the catalog's geometry stays authoritative).
