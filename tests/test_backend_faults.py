@@ -146,8 +146,9 @@ def test_a_driver_without_placement_calls_says_which_driver_is_needed(stub, back
     assert "R460" in str(refused.value)
 
 
-def test_a30_keeps_the_catalog_instance_count_when_nvml_misreports_it(make_nvml_stub):
-    stub = make_nvml_stub("node-a=1xA30-24GB", reported_instance_count={"1g.6gb": 1})
+@pytest.mark.parametrize("reported", [1, 0])
+def test_a30_keeps_the_catalog_instance_count_when_nvml_misreports_it(make_nvml_stub, reported):
+    stub = make_nvml_stub("node-a=1xA30-24GB", reported_instance_count={"1g.6gb": reported})
     with GpuBackend(stub.pynvml) as backend:
         assert backend.gpu_model(0).profile("1g.6gb").max_instances == 4
         four = Layout.parse("A30-24GB", "1g.6gb@0 + 1g.6gb@1 + 1g.6gb@2 + 1g.6gb@3")
@@ -164,3 +165,32 @@ def test_unexpected_nvml_errors_are_backend_errors_naming_the_call(stub, backend
 
 def _base_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_MIG_")}
+
+
+def test_a_compute_instance_that_fails_whose_gpu_instance_will_not_go_says_both_and_is_repaired_later(make_nvml_stub):
+    stub = make_nvml_stub(H100)
+    with GpuBackend(stub.pynvml) as backend:
+        stub.fail_next("nvmlGpuInstanceCreateComputeInstance", INSUFFICIENT_RESOURCES)
+        stub.fail_next("nvmlGpuInstanceDestroy", IN_USE)  # DCGM grabbed the new GPU instance meanwhile
+        with pytest.raises(BackendError) as refused:
+            backend.create(0, "3g.40gb", 4)
+        assert refused.value.nvml_code == INSUFFICIENT_RESOURCES, "the compute instance's failure is the cause"
+        assert "3g.40gb@4" in str(refused.value) and "without a compute instance" in str(refused.value)
+        (half,) = backend.instances(0)
+        assert (str(half), half.mig_uuid) == ("3g.40gb@4", None)
+        backend.apply_layout(0, backend.layout(0))  # the next layout change repairs it
+        (whole,) = backend.instances(0)
+        assert whole.mig_uuid and whole.gpu_instance_id == half.gpu_instance_id
+
+
+def test_a_layout_change_whose_repair_of_a_kept_instance_fails_is_rolled_back_and_says_what_changed(stub, backend):
+    kept = next(m for m in backend.instances(0) if str(m) == "1g.10gb@6")
+    gi = backend.nvml.nvmlDeviceGetGpuInstanceById(backend.nvml.nvmlDeviceGetHandleByIndex(0), kept.gpu_instance_id)
+    for ci in backend._compute_instances(gi):  # left so by a crash or another tool
+        backend.nvml.nvmlComputeInstanceDestroy(ci)
+    stub.fail_next("nvmlGpuInstanceCreateComputeInstance", INSUFFICIENT_RESOURCES)  # the repair fails once
+    with pytest.raises(LayoutNotApplied) as refused:
+        backend.apply_layout(0, Layout.parse(backend.gpu_model(0).name, "3g.40gb@0 + 1g.10gb@6"))
+    assert refused.value.destroyed == ["2g.20gb@4"] and refused.value.rolled_back
+    assert refused.value.cause.nvml_code == INSUFFICIENT_RESOURCES
+    assert "2g.20gb@4" in {str(m) for m in backend.instances(0)}, "what went was restored"

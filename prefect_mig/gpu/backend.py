@@ -255,13 +255,13 @@ class GpuBackend:
                 p = self.nvml.nvmlDeviceGetGpuInstanceProfileInfoV(h, enum)
             except (self.nvml.NVMLError_NotSupported, self.nvml.NVMLError_InvalidArgument):
                 continue
-            if p.instanceCount == 0:
+            listed = next((k for k in known.profiles if k.id == p.id), None) if known else None
+            if p.instanceCount == 0 and not listed:  # a listed profile's count may be misreported
                 continue
             starts, size = self._placements(h, p.id)
             if not starts:
                 continue
             name = _text(getattr(p, "name", b"")).removeprefix("MIG ")
-            listed = next((k for k in known.profiles if k.id == p.id), None) if known else None
             if not name and listed:
                 name = listed.name
             profiles.append(
@@ -414,10 +414,18 @@ class GpuBackend:
         try:
             self._create_ci(gi, prof)
         except self.nvml.NVMLError as exc:
-            self.nvml.nvmlGpuInstanceDestroy(gi)  # leave no half-created instance behind
+            try:
+                self.nvml.nvmlGpuInstanceDestroy(gi)  # leave no half-created instance behind
+                left = "the GPU instance was destroyed again"
+            except self.nvml.NVMLError as kept:  # e.g. DCGM holds it: say so, keep the first cause
+                left = (
+                    f"the GPU instance could not be destroyed again ({kept.__class__.__name__}), so it stays "
+                    "without a compute instance (no MIG UUID, never leased) until the next layout change "
+                    "repairs it"
+                )
             raise BackendError(
                 f"created {prof.name}@{start} on GPU {index} but its compute instance failed "
-                f"({exc.__class__.__name__}); the GPU instance was destroyed again.",
+                f"({exc.__class__.__name__}); {left}.",
                 gpu_uuid=gpu_uuid,
                 nvml_code=exc.value,
             ) from exc
@@ -631,14 +639,18 @@ class GpuBackend:
                     created.append(self.create(index, p.profile, p.start))
             for m in current:  # a kept GPU instance without compute instance gets one
                 if m.placement in wanted and m.compute_instance_id is None:
-                    h = self.nvml.nvmlDeviceGetHandleByIndex(index)
-                    self._create_ci(self.nvml.nvmlDeviceGetGpuInstanceById(h, m.gpu_instance_id), model.profile(m.profile))
-                    created.append(next(n for n in self.instances(index) if n.gpu_instance_id == m.gpu_instance_id))
+                    created.append(self._repair_kept(index, m))
         except BackendError as exc:
             if not destroyed and not created:
                 raise  # nothing changed: the error as it is
             raise self._roll_back(index, exc, destroyed, created) from exc
         return destroyed, created
+
+    @_nvml_errors("give {1} on GPU {0} its compute instance back")
+    def _repair_kept(self, index: int, m: MigInstance) -> MigInstance:
+        h = self.nvml.nvmlDeviceGetHandleByIndex(index)
+        self._create_ci(self.nvml.nvmlDeviceGetGpuInstanceById(h, m.gpu_instance_id), self.gpu_model(index).profile(m.profile))
+        return next(n for n in self.instances(index) if n.gpu_instance_id == m.gpu_instance_id)
 
     def _roll_back(
         self, index: int, cause: BackendError, destroyed: list[MigInstance], created: list[MigInstance]
