@@ -149,6 +149,10 @@ def test_the_doctor_command_prints_json_from_the_real_pynvml_on_the_stub(make_nv
     assert checks["GPU 0 (NVIDIA H100 80GB HBM3): profiles and placements"]["status"] == "pass"
     assert checks["GPU 1 (NVIDIA A30): MIG mode"]["status"] == "fail"
     assert {"permissions", "PID namespace", "other NVML clients", "CDI devices"} <= set(checks)
+    assert {"Docker GPU support", "Docker engine"} & set(checks)
+    for check in report["checks"]:  # the fields scripts read, and a fix for every failure
+        assert set(check) == {"name", "status", "detail", "fix"} and check["status"] in ("pass", "warn", "fail")
+        assert check["detail"] and (check["status"] != "fail" or check["fix"]), check
 
 
 def test_the_agent_check_refuses_real_gpus_outside_the_host_pid_namespace(make_nvml_stub, tmp_path):
