@@ -21,7 +21,9 @@ can). `carve_empty` carves GPUs that have MIG on and no instances to a named lay
 
 Withdrawn slices stay out of service until the publish that no longer lists them. An agent killed
 half way converges when it restarts: it publishes what NVML shows and applies the desired layout
-again, keeping what is already in place; a change that fails puts the slices back into service.
+again, keeping what is already in place; a change that fails puts the slices back into service. A
+GPU instance left without its compute instance (killed between the two creates) is never leased
+(it has no MIG UUID); each tick gives it its compute instance back (`repair`).
 
 Examples:
     ```python
@@ -168,8 +170,30 @@ class NodeAgent:
     def _signature(slices: list[SliceRecord]) -> str:
         return json.dumps([(s.id, s.busy) for s in slices])
 
+    def repair(self) -> list[str]:
+        """Give each GPU instance left without a compute instance (an agent killed between the two
+        creates, another tool) its compute instance back, so its slice comes back into service;
+        until then it has no MIG UUID and is never published. Returns what it repaired; one that
+        cannot be repaired now is logged and tried again next round."""
+        from prefect_mig.errors import PrefectMigError
+
+        repaired = []
+        for gpu in self.backend.gpus():
+            if not gpu.mig_enabled or all(m.mig_uuid for m in self.backend.instances(gpu.index)):
+                continue
+            try:
+                _, created = self.backend.apply_layout(gpu.index, self.backend.layout(gpu.index))
+            except PrefectMigError as exc:
+                log.warning("GPU %d has a GPU instance without compute instance and repairing it failed: %s", gpu.index, exc)
+                continue
+            log.warning("GPU %d: gave %s its compute instance back", gpu.index, ", ".join(map(str, created)))
+            repaired.extend(f"GPU {gpu.index}: {m}" for m in created)
+        return repaired
+
     def tick(self) -> str:
-        """One round: republish if the layout changed, else heartbeat; then reap. Returns what it did."""
+        """One round: repair half-made slices, republish if the layout changed, else heartbeat;
+        then reap. Returns what it did."""
+        self.repair()
         _, slices = self.inventory()
         if self._signature(slices) != self._published:
             self.publish()
@@ -213,7 +237,7 @@ class NodeAgent:
         model = self.backend.gpu_model(index)
         target = Layout.parse(model.name, desired["layout"])
         current = self.backend.instances(index)
-        if {m.placement for m in current} == set(target.instances):
+        if {m.placement for m in current} == set(target.instances) and all(m.mig_uuid for m in current):
             self.allocator.clear_desired(gpu_uuid, outcome="applied", detail="already in place")
             return "applied"
         doomed = [m for m in current if m.placement not in set(target.instances)]

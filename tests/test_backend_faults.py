@@ -12,6 +12,7 @@ import sys
 
 import pytest
 
+from prefect_mig.agent import NodeAgent
 from prefect_mig.errors import (
     BackendError,
     InstanceBusy,
@@ -194,3 +195,30 @@ def test_a_layout_change_whose_repair_of_a_kept_instance_fails_is_rolled_back_an
     assert refused.value.destroyed == ["2g.20gb@4"] and refused.value.rolled_back
     assert refused.value.cause.nvml_code == INSUFFICIENT_RESOURCES
     assert "2g.20gb@4" in {str(m) for m in backend.instances(0)}, "what went was restored"
+
+
+def _drop_compute_instance(backend, placement: str):
+    """Leave a GPU instance without its compute instance, as an agent killed between the two creates."""
+    half = next(m for m in backend.instances(0) if str(m) == placement)
+    gi = backend.nvml.nvmlDeviceGetGpuInstanceById(backend.nvml.nvmlDeviceGetHandleByIndex(0), half.gpu_instance_id)
+    for ci in backend._compute_instances(gi):
+        backend.nvml.nvmlComputeInstanceDestroy(ci)
+
+
+def test_the_agent_gives_a_half_made_slice_its_compute_instance_back_and_publishes_it(stub, backend, alloc):
+    _drop_compute_instance(backend, "1g.10gb@6")
+    agent = NodeAgent(backend, alloc, node="node-a")
+    agent.publish()
+    assert "1g.10gb" not in {s["profile"] for s in alloc.status()["slices"]}  # no MIG UUID: not leasable
+    agent.tick()
+    assert {(s["profile"], s["start"]) for s in alloc.status()["slices"]} == {("3g.40gb", 0), ("2g.20gb", 4), ("1g.10gb", 6)}
+
+
+def test_a_desired_layout_already_in_place_but_half_made_is_applied_not_skipped(stub, backend, alloc):
+    agent = NodeAgent(backend, alloc, node="node-a")
+    agent.publish()
+    gpu = backend.gpu(0)
+    _drop_compute_instance(backend, "2g.20gb@4")  # the agent died half way through this layout
+    alloc.set_desired(gpu.uuid, str(backend.layout(0)), kind="incremental")
+    assert agent.apply_desired(0, gpu.uuid) == "applied"
+    assert all(m.mig_uuid for m in backend.instances(0)), "no GPU instance stays without a compute instance"
