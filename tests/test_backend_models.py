@@ -14,10 +14,12 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from prefect_mig.allocator import Allocator, SliceRequest
+from prefect_mig.allocator.models import slice_record
 from prefect_mig.errors import UnknownGpuModel
 from prefect_mig.gpu import GpuBackend
 from prefect_mig.gpu.host import pid_namespace
 from prefect_mig.model import Layout, get_model
+from prefect_mig.repartition.service import plan_from_allocator
 
 
 def test_a_gpu_outside_the_catalog_gets_a_model_from_nvml_that_layouts_can_name(make_nvml_stub):
@@ -128,3 +130,17 @@ def test_only_models_built_from_nvml_are_published_and_a_bad_record_is_skipped(r
     })
     assert set(cluster.load_models()) == {"Published-Test-GPU"}
     assert get_model("H100-80GB") is h100 and get_model("published-test-gpu").built_from_nvml
+
+
+def test_a_gpu_model_nobody_published_does_not_stop_requests_for_the_models_that_are_known(redis_client, namespace):
+    cluster = Allocator(redis_client, namespace)
+    cluster.publish_fleet("node-a=1xH100-80GB", layouts={"node-a": ["3g.40gb@0"]})
+    ghost = get_model("H100-80GB").model_copy(update={"name": "Unpublished-Test-GPU", "built_from_nvml": True})
+    record = slice_record(  # an agent that does not publish its models (an older version)
+        ghost, "1g.10gb", 0, node="node-b", gpu_uuid="GPU-ghost", gpu_index=0, gpu_instance_id=1, mig_uuid="MIG-ghost"
+    )
+    cluster.publish("node-b", [{"uuid": "GPU-ghost", "index": 0, "gpu_model": ghost.name}], [record])
+    lease = cluster.try_acquire(SliceRequest(profile="3g.40gb"))
+    assert lease.slice.gpu_model == "H100-80GB"
+    (plan,) = plan_from_allocator(cluster, extra_demand={"H100-80GB/1g.10gb": 2})  # the planner skips that GPU
+    assert plan.current.gpu_model == "H100-80GB"

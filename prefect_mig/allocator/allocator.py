@@ -203,6 +203,7 @@ class Allocator:
         self.queue_uncarved = queue_uncarved
         self.scripts = Scripts(client, self.keys, events_maxlen=events_maxlen)
         self._models: tuple[float, list[str]] = (0.0, [])
+        self._unknown_models: list[str] = []  # inventory models this process cannot look up (left out)
         self._templates: dict[tuple, str] = {}  # request JSON per (request, inventory models)
         self._cluster_id: str | None = None
 
@@ -303,6 +304,11 @@ class Allocator:
             models = sorted({k.split("/", 1)[0] for k in kinds})
             if not all(_known(m) for m in models):
                 self.load_models()
+            unknown = [m for m in models if not _known(m)]  # an agent that publishes no model (an older one)
+            if unknown and unknown != self._unknown_models:
+                log.warning("GPU model(s) %s in the inventory are unknown here (not in the catalog, not "
+                            "published): requests are matched against the others", unknown)
+            self._unknown_models = unknown
             self._models = (time.monotonic(), models)
         return models
 
@@ -339,7 +345,8 @@ class Allocator:
     # ------------------------------------------------------------------ leases
 
     def _request_json(self, request: SliceRequest, request_id: str) -> str:
-        models = tuple(self.gpu_models()) or (request.gpu_model or "H100-80GB",)
+        present = self.gpu_models()
+        models = tuple(m for m in present if m not in self._unknown_models) or (request.gpu_model or "H100-80GB",)
         template = self._templates.get((request, models))
         if template is None:
             body = {

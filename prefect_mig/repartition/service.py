@@ -21,12 +21,16 @@ Examples:
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from dataclasses import replace
 
 from prefect_mig.allocator import Allocator
-from prefect_mig.model import Layout, Placement
+from prefect_mig.errors import UnknownGpuModel
+from prefect_mig.model import Layout, Placement, get_model
 from prefect_mig.repartition.planner import DemandBook, GpuPlan, GpuState, Knobs, plan
+
+log = logging.getLogger("prefect_mig.repartition")
 
 
 def gpu_states(
@@ -139,7 +143,7 @@ def plan_from_allocator(
     for k, v in (extra_demand or {}).items():
         demand.setdefault(k, []).extend([1.0] * int(v) + ([v - int(v)] if v - int(v) > 1e-9 else []))
     remaining = expected_remaining(status, events, now_ms=allocator.now_ms())
-    plans = plan(gpu_states(status, warm, remaining), demand, knobs)
+    plans = plan(_known_models_only(gpu_states(status, warm, remaining)), demand, knobs)
     if hold_back:
         held = {decode_key(k) for k in allocator.redis.hkeys(allocator.keys.desired)}
         now = allocator.now_ms()
@@ -148,6 +152,21 @@ def plan_from_allocator(
                 held.add(e.get("gpu", ""))
         plans = [p for p in plans if p.gpu_uuid not in held]
     return plans
+
+
+def _known_models_only(states: list[GpuState]) -> list[GpuState]:
+    """The GPUs whose model this process knows (the catalog, or published by their agent: `status`
+    loads those); one of a model nobody published (an older agent) is left alone, with a warning."""
+    known = []
+    for state in states:
+        try:
+            get_model(state.layout.gpu_model)
+        except UnknownGpuModel:
+            log.warning("not planning GPU %s on %s: its model %r is neither in the catalog nor published by "
+                        "its agent", state.gpu_uuid, state.node, state.layout.gpu_model)
+            continue
+        known.append(state)
+    return known
 
 
 def desire(allocator: Allocator, plans: list[GpuPlan]) -> list[GpuPlan]:
