@@ -23,7 +23,8 @@ Withdrawn slices stay out of service until the publish that no longer lists them
 half way converges when it restarts: it publishes what NVML shows and applies the desired layout
 again, keeping what is already in place; a change that fails puts the slices back into service. A
 GPU instance left without its compute instance (killed between the two creates) is never leased
-(it has no MIG UUID); each tick gives it its compute instance back (`repair`).
+(it has no MIG UUID); the next tick that still finds it so gives it its compute instance back
+(`repair`).
 
 Examples:
     ```python
@@ -98,6 +99,7 @@ class NodeAgent:
         self._draining_since: dict[str, float] = {}
         self._known_ids: list[str] = []  # cluster ids seen, newest last
         self._busy_by_labels: set[str] = set()
+        self._half_made: set[tuple[str, int, str]] = set()  # GPU instances without compute instance, last seen
 
     def inventory(self) -> tuple[list[dict], list[SliceRecord]]:
         """This node's GPUs and the MIG slices that are ready to lease (with a compute instance).
@@ -173,13 +175,18 @@ class NodeAgent:
     def repair(self) -> list[str]:
         """Give each GPU instance left without a compute instance (an agent killed between the two
         creates, another tool) its compute instance back, so its slice comes back into service;
-        until then it has no MIG UUID and is never published. Returns what it repaired; one that
-        cannot be repaired now is logged and tried again next round."""
+        until then it has no MIG UUID and is never published. Only one already half-made at the
+        previous call is repaired, so a create under way in another process is not raced. Returns
+        what it repaired; one that cannot be repaired now is logged and tried again next time."""
         from prefect_mig.errors import PrefectMigError
 
-        repaired = []
+        repaired, seen = [], set()
         for gpu in self.backend.gpus():
-            if not gpu.mig_enabled or all(m.mig_uuid for m in self.backend.instances(gpu.index)):
+            if not gpu.mig_enabled:
+                continue
+            half = {(gpu.uuid, m.gpu_instance_id, str(m)) for m in self.backend.instances(gpu.index) if not m.mig_uuid}
+            seen |= half
+            if not half & self._half_made:
                 continue
             try:
                 _, created = self.backend.apply_layout(gpu.index, self.backend.layout(gpu.index))
@@ -188,6 +195,7 @@ class NodeAgent:
                 continue
             log.warning("GPU %d: gave %s its compute instance back", gpu.index, ", ".join(map(str, created)))
             repaired.extend(f"GPU {gpu.index}: {m}" for m in created)
+        self._half_made = seen
         return repaired
 
     def tick(self) -> str:

@@ -210,7 +210,9 @@ def test_the_agent_gives_a_half_made_slice_its_compute_instance_back_and_publish
     agent = NodeAgent(backend, alloc, node="node-a")
     agent.publish()
     assert "1g.10gb" not in {s["profile"] for s in alloc.status()["slices"]}  # no MIG UUID: not leasable
-    agent.tick()
+    agent.tick()  # sees it half-made (it may be a create under way in another process)
+    assert _by_placement(backend)["1g.10gb@6"][2] is None
+    agent.tick()  # still half-made: repairs it
     assert {(s["profile"], s["start"]) for s in alloc.status()["slices"]} == {("3g.40gb", 0), ("2g.20gb", 4), ("1g.10gb", 6)}
 
 
