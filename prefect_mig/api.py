@@ -50,9 +50,10 @@ from typing import Annotated, Any
 
 import anyio
 import redis.asyncio
-from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
 from prefect_mig import __version__
 from prefect_mig.allocator import Allocator, LeaseInfo, SliceRequest
@@ -285,8 +286,29 @@ def create_app(
         why = "the client disconnected" if gone.done() and not gone.cancelled() else f"no slice within {timeout_s:g} s"
         raise WaitTimeout(f"{why}; the request was withdrawn from the queue.", lease_id=request_id)
 
-    @app.post("/v1/leases", status_code=201, response_model=LeaseInfo)
-    async def acquire(request: Request, body: AcquireBody) -> LeaseInfo:
+    async def acquire_body(request: Request) -> AcquireBody:
+        """The acquire body; a `gpu_model` this process does not know yet may be one a node agent
+        built from NVML and published since the server started: load those, then check again."""
+        try:
+            raw = await request.json()
+        except ValueError:
+            raise RequestValidationError([{"type": "json_invalid", "loc": ("body",), "msg": "the body is not JSON", "input": None}])
+        try:
+            return AcquireBody.model_validate(raw)
+        except ValidationError as exc:
+            if not any("gpu_model" in error["loc"] for error in exc.errors()):
+                raise RequestValidationError(exc.errors()) from None
+        await off_thread(allocator.load_models)
+        try:
+            return AcquireBody.model_validate(raw)
+        except ValidationError as exc:
+            raise RequestValidationError(exc.errors()) from None
+
+    @app.post(
+        "/v1/leases", status_code=201, response_model=LeaseInfo,
+        openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": AcquireBody.model_json_schema(ref_template="#/components/schemas/{model}")}}}},
+    )
+    async def acquire(request: Request, body: AcquireBody = Depends(acquire_body)) -> LeaseInfo:  # noqa: B008
         """Acquire a slice, waiting up to timeout_s (pushed, not polled; capped by the server)."""
         wanted = as_client(grant_of(request), body.request)
         timeout_s = max_wait_s if body.timeout_s is None else min(body.timeout_s, max_wait_s)

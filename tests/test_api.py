@@ -198,3 +198,40 @@ def test_api_serve_speaks_https_with_certfile_and_keyfile(redis_server, namespac
     finally:
         server.terminate()
         server.wait(30)
+
+
+def test_an_api_started_before_an_agent_published_its_nvml_built_model_leases_on_that_model(redis_server, redis_client, namespace):
+    """A node agent that comes up after `api serve` publishes a GPU model built from NVML: a request
+    naming it is checked against the published model, not refused as unknown (422)."""
+    from prefect_mig.allocator import Allocator
+    from prefect_mig.model import get_model, register_model
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PREFECT_MIG_REDIS_URL": redis_server.url, "PREFECT_MIG_NAMESPACE": namespace,
+           "PREFECT_MIG_API_TOKEN": ADMIN_TOKEN}
+    server = subprocess.Popen([sys.executable, "-m", "prefect_mig.cli.main", "api", "serve", "--port", str(port)],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=AUTH_ADMIN, timeout=30) as api:
+            def answers() -> bool:
+                try:
+                    return api.get("/v1/leases").status_code == 200
+                except httpx.TransportError:
+                    return False
+
+            _wait_until(answers, "the API answers")
+            name = "Late-Published-Test-GPU"
+            built = register_model(get_model("H100-80GB").model_copy(update={"name": name, "built_from_nvml": True}))
+            cluster = Allocator(redis_client, namespace)
+            cluster.publish_models([built])  # what the agent does before it publishes its inventory
+            cluster.publish_fleet(f"node-z=1x{name}", layouts={"node-z": ["3g.40gb@0"]})
+            got = api.post("/v1/leases", json={"request": {"profile": "3g.40gb", "gpu_model": name}, "timeout_s": 0})
+            assert got.status_code == 201, got.text
+            assert got.json()["slice"]["gpu_model"] == name
+            unknown = api.post("/v1/leases", json={"request": {"profile": "3g.40gb", "gpu_model": "No-Such-GPU"}})
+            assert unknown.status_code == 422 and "No-Such-GPU" in unknown.text
+    finally:
+        server.terminate()
+        server.wait(30)
