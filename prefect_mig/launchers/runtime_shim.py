@@ -31,7 +31,11 @@ _ADVICE = (
 class _RecordsToFlow(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            line = json.dumps({"level": record.levelno, "message": record.getMessage()})
+            fields = {"level": record.levelno, "message": record.getMessage()}
+            for key in ("task_run_id", "flow_run_id", "task_run_name", "task_name"):  # set by Prefect's run loggers
+                if getattr(record, key, None) is not None:
+                    fields[key] = str(getattr(record, key))
+            line = json.dumps(fields)
             sys.stdout.write(LOG_MARK + line + "\n")
             sys.stdout.flush()
         except Exception:  # noqa: BLE001 - logging must never break the body
@@ -80,10 +84,10 @@ def _image_has_prefect() -> bool:
     return importlib.util.find_spec("prefect") is not None
 
 
-def install() -> None:
-    """Put the stand-in in ``sys.modules`` unless the image has Prefect."""
+def install() -> bool:
+    """Put the stand-in in ``sys.modules`` unless the image has Prefect; True when it did."""
     if _image_has_prefect():
-        return
+        return False
     values = json.loads(os.environ.get("PREFECT_MIG_RUN_CONTEXT") or "{}")
     prefect = _Prefect("prefect")
     prefect.__path__ = []  # a package, so that `import prefect.runtime` looks in sys.modules
@@ -99,3 +103,4 @@ def install() -> None:
         "prefect.runtime.task_run": task_run, "prefect.runtime.flow_run": flow_run,
     })
     sys.meta_path.insert(0, _NoMorePrefect())
+    return True
