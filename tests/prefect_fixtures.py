@@ -42,8 +42,9 @@ def prefect_image(docker_client, python_image) -> str:
     import prefect
 
     try:
-        if docker_client.images.get(PREFECT_IMAGE).labels.get("prefect-mig.prefect-version") == prefect.__version__:
-            return PREFECT_IMAGE
+        labels = docker_client.images.get(PREFECT_IMAGE).labels
+        if labels.get("prefect-mig.prefect-version") == prefect.__version__ and labels.get("prefect-mig.flow-image") == "2":
+            return PREFECT_IMAGE  # "2": its sources are compiled
     except docker.errors.ImageNotFound:
         pass
     cli = Path(sys.executable).parent / "prefect-mig"
