@@ -39,14 +39,14 @@ def _records_to_flow() -> None:
     """Prefect's run loggers write marked lines for the flow's process instead of their console and
     API handlers (the flow's process sends them to the API, see the module docstring)."""
     from prefect.logging.configuration import ensure_logging_setup
-    from runtime_shim import _RecordsToFlow
+    from runtime_shim import RecordsToFlow
 
     ensure_logging_setup()
     for name in ("prefect.flow_runs", "prefect.task_runs"):
         logger = logging.getLogger(name)
         for handler in list(logger.handlers):
             logger.removeHandler(handler)
-        logger.addHandler(_RecordsToFlow())
+        logger.addHandler(RecordsToFlow())
         logger.setLevel(logging.DEBUG)
         logger.propagate = False
 

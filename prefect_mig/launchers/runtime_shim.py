@@ -28,7 +28,20 @@ _ADVICE = (
 )
 
 
-class _RecordsToFlow(logging.Handler):
+class RecordsToFlow(logging.Handler):
+    """Each record as one marked line on stdout (`LOG_MARK` + JSON: level, message, and the task run
+    and flow run ids Prefect's run loggers set), which the flow's process logs to the task run.
+
+    Examples:
+        ```python
+        import logging
+
+        from prefect_mig.launchers.runtime_shim import RecordsToFlow
+
+        logging.getLogger("example").addHandler(RecordsToFlow())
+        ```
+    """
+
     def emit(self, record: logging.LogRecord) -> None:
         try:
             fields = {"level": record.levelno, "message": record.getMessage()}
@@ -44,8 +57,8 @@ class _RecordsToFlow(logging.Handler):
 
 def get_run_logger(context=None, **kwargs) -> logging.LoggerAdapter:
     logger = logging.getLogger("prefect.task_runs")
-    if not any(isinstance(h, _RecordsToFlow) for h in logger.handlers):
-        logger.addHandler(_RecordsToFlow())
+    if not any(isinstance(h, RecordsToFlow) for h in logger.handlers):
+        logger.addHandler(RecordsToFlow())
         logger.setLevel(logging.DEBUG)
         logger.propagate = False
     return logging.LoggerAdapter(logger, kwargs)
