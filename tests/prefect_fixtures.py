@@ -5,7 +5,11 @@ left behind. Registered once in conftest.py, so every module shares the same API
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
+import docker.errors
 import pytest
 import redis
 
@@ -26,6 +30,26 @@ def prefect_api():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+PREFECT_IMAGE = "prefect-mig-flow:test"
+
+
+@pytest.fixture(scope="session")
+def prefect_image(docker_client, python_image) -> str:
+    """An image with the host's Prefect, built by the command users run (``prefect-mig image build``,
+    offline; once per engine and Prefect version: it takes a minute)."""
+    import prefect
+
+    try:
+        labels = docker_client.images.get(PREFECT_IMAGE).labels
+        if labels.get("prefect-mig.prefect-version") == prefect.__version__ and labels.get("prefect-mig.flow-image") == "2":
+            return PREFECT_IMAGE  # "2": its sources are compiled
+    except docker.errors.ImageNotFound:
+        pass
+    cli = Path(sys.executable).parent / "prefect-mig"
+    subprocess.run([str(cli), "image", "build", "--tag", PREFECT_IMAGE], check=True, timeout=600)
+    return PREFECT_IMAGE
 
 
 @pytest.fixture

@@ -16,7 +16,6 @@ import time
 import uuid
 from pathlib import Path
 
-import docker.errors
 import httpx
 import pytest
 import redis
@@ -28,7 +27,6 @@ from .allocator_fixtures import H100_MIXED
 
 pytestmark = [pytest.mark.docker, pytest.mark.redis]
 
-FLOW_IMAGE = "prefect-mig-flow:test"
 BIN = Path(sys.executable).parent
 FLOW_SOURCE = '''
 import os
@@ -97,17 +95,9 @@ class Api:
 
 
 @pytest.fixture(scope="module")
-def flow_image(docker_client, python_image) -> str:
-    """Built by the command users run (once per engine and Prefect version: it takes a minute)."""
-    import prefect
-
-    try:
-        if docker_client.images.get(FLOW_IMAGE).labels.get("prefect-mig.prefect-version") == prefect.__version__:
-            return FLOW_IMAGE
-    except docker.errors.ImageNotFound:
-        pass
-    subprocess.run([str(BIN / "prefect-mig"), "image", "build", "--tag", FLOW_IMAGE], check=True, timeout=600)
-    return FLOW_IMAGE
+def flow_image(prefect_image) -> str:
+    """Built by the command users run (see tests/prefect_fixtures.py)."""
+    return prefect_image
 
 
 @pytest.fixture(scope="module")

@@ -270,3 +270,67 @@ def test_a_timeout_raised_into_the_thread_mid_acquire_neither_stops_it_halfway_n
     worker.join(10)
     assert finished.is_set() and undone == ["lease"]  # it ran to its end, then what it got was given back
     assert len(outcome) == 1 and isinstance(outcome[0], TimeoutError)  # and the timeout still raised
+
+
+# Differences from ThreadPoolTaskRunner that the README lists, each a decision tested here.
+
+
+def prints_and_returns(n: int) -> int:
+    print(f"printed by the body {n}")
+    return n
+
+
+def test_a_bodys_output_lines_go_to_the_task_runs_logs_without_log_prints(cluster, caplog):
+    # In a thread a print() reaches the run's logs only with log_prints=True; a container's output
+    # always goes there (at INFO), since it has no other place to go.
+    import logging
+
+    caplog.set_level(logging.INFO)
+    body = task(task_runner=MigTaskRunner(profile="1g.10gb"))(prints_and_returns)
+
+    @flow
+    def pipeline():
+        return body(7)
+
+    assert pipeline() == 7
+    lines = [r for r in caplog.records if r.name == "prefect.task_runs" and r.getMessage() == "printed by the body 7"]
+    assert len(lines) == 1 and lines[0].levelno == logging.INFO
+
+
+def test_what_a_body_changes_in_its_closure_or_environment_does_not_come_back(cluster, monkeypatch):
+    # Arguments and results cross a process boundary with cloudpickle: the body works on copies.
+    monkeypatch.setenv("ONLY_IN_THE_FLOWS_PROCESS", "1")
+    seen: list[int] = []
+
+    def appends() -> tuple[list[int], str | None]:
+        import os
+
+        seen.append(1)
+        return seen, os.environ.get("ONLY_IN_THE_FLOWS_PROCESS")
+
+    body = task(task_runner=MigTaskRunner(profile="1g.10gb"))(appends)
+
+    @flow
+    def pipeline():
+        return body()
+
+    returned, env_value = pipeline()
+    assert returned == [1] and seen == [], "the body's copy changed, the flow's list did not"
+    assert env_value is None, "the flow's environment is not the container's (use MigTaskRunner(env=...))"
+
+
+def returns_a_lock():
+    import threading
+
+    return threading.Lock()
+
+
+def test_a_return_value_that_cannot_be_pickled_fails_the_task_saying_so(cluster):
+    body = task(task_runner=MigTaskRunner(profile="1g.10gb"))(returns_a_lock)
+
+    @flow
+    def pipeline():
+        return body()
+
+    with pytest.raises(Exception, match="return value cannot be pickled"):
+        pipeline()

@@ -1,15 +1,16 @@
 """What goes into a task container besides the call, and what the image must have.
 
 The runtime is ``entry.py`` (``runtime_entry.py``), the host's pure-Python ``cloudpickle`` and
-``tblib`` under ``site/``, and ``runtime_shim.py``: a stand-in for the few Prefect names a body may
-use in an image without Prefect. The image needs only ``python3`` of the flow's minor version.
+``tblib`` under ``site/``, ``runtime_shim.py``: a stand-in for the few Prefect names a body may
+use in an image without Prefect, and ``runtime_prefect.py``: Prefect's own run context for a body in
+an image with Prefect. The image needs only ``python3`` of the flow's minor version.
 
 Examples:
     ```python
     from prefect_mig.launchers.runtime import runtime_files, runtime_packages
 
     assert [m.__name__ for m in runtime_packages()] == ["cloudpickle", "tblib"]
-    assert set(runtime_files()) == {"runtime_shim.py"}
+    assert set(runtime_files()) == {"runtime_shim.py", "runtime_prefect.py"}
     ```
 """
 
@@ -35,7 +36,7 @@ def runtime_packages() -> list[ModuleType]:
 
 def runtime_files() -> dict[str, bytes]:
     """Files copied next to the payload (names relative to the runtime's home)."""
-    return {"runtime_shim.py": (_HERE / "runtime_shim.py").read_bytes()}  # entry.py: DockerLauncher
+    return {name: (_HERE / name).read_bytes() for name in ("runtime_shim.py", "runtime_prefect.py")}  # entry.py: DockerLauncher
 
 
 def probe_python(client: docker.DockerClient, image_id: str, image: str) -> tuple[int, int]:

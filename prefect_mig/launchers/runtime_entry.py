@@ -4,6 +4,10 @@ This file is copied into the container (with the host's cloudpickle and tblib) t
 API; it needs nothing but the Python standard library and those two. Exit codes: 0 when an outcome
 (a value or an exception) was written, 3 when not even that was possible.
 
+In an image with Prefect, the body runs inside Prefect's own flow run and task run context
+(``runtime_prefect.py``); without, a stand-in answers the few names a body may use
+(``runtime_shim.py``).
+
 The payload is unpickled inside the error handling, so a module the image lacks comes back as
 the ``ModuleNotFoundError`` it is. An exception travels as (type, args, ``__dict__``) plus its
 traceback (tblib) and text, so the host rebuilds the same type even when its ``__init__`` takes
@@ -22,10 +26,12 @@ import cloudpickle  # noqa: E402
 
 def main() -> int:
     try:
-        _install_shim()
+        stand_in = _install_shim()
         with open(os.path.join(HOME, "payload.pkl"), "rb") as f:
             fn, args, kwargs = cloudpickle.load(f)
-        outcome = ("ok", fn(*args, **kwargs), None)
+        with _prefect_context(stand_in, fn, args, kwargs):
+            value = fn(*args, **kwargs)
+        outcome = ("ok", value, None)
     except BaseException as exc:  # noqa: BLE001 - every outcome goes back to the flow
         outcome = _error_outcome(exc)
     try:
@@ -41,14 +47,27 @@ def main() -> int:
     return 0
 
 
-def _install_shim() -> None:
-    """Without Prefect in the image, a stand-in answers ``get_run_logger`` and ``prefect.runtime``."""
+def _install_shim() -> bool:
+    """Without Prefect in the image, a stand-in answers ``get_run_logger`` and ``prefect.runtime``
+    (True when it was installed)."""
     path = os.path.join(HOME, "runtime_shim.py")
     if os.path.exists(path):
         sys.path.insert(0, HOME)
         import runtime_shim
 
-        runtime_shim.install()
+        return runtime_shim.install()
+    return False
+
+
+def _prefect_context(stand_in: bool, fn, args, kwargs):
+    """With Prefect in the image, its own flow run and task run context around the body."""
+    if stand_in or not os.path.exists(os.path.join(HOME, "runtime_prefect.py")):
+        import contextlib
+
+        return contextlib.nullcontext()
+    import runtime_prefect
+
+    return runtime_prefect.hydrated(fn, args, kwargs)
 
 
 def _error_outcome(exc: BaseException) -> tuple:

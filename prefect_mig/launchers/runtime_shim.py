@@ -28,10 +28,27 @@ _ADVICE = (
 )
 
 
-class _RecordsToFlow(logging.Handler):
+class RecordsToFlow(logging.Handler):
+    """Each record as one marked line on stdout (`LOG_MARK` + JSON: level, message, and the task run
+    and flow run ids Prefect's run loggers set), which the flow's process logs to the task run.
+
+    Examples:
+        ```python
+        import logging
+
+        from prefect_mig.launchers.runtime_shim import RecordsToFlow
+
+        logging.getLogger("example").addHandler(RecordsToFlow())
+        ```
+    """
+
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            line = json.dumps({"level": record.levelno, "message": record.getMessage()})
+            fields = {"level": record.levelno, "message": record.getMessage()}
+            for key in ("task_run_id", "flow_run_id", "task_run_name", "task_name"):  # set by Prefect's run loggers
+                if getattr(record, key, None) is not None:
+                    fields[key] = str(getattr(record, key))
+            line = json.dumps(fields)
             sys.stdout.write(LOG_MARK + line + "\n")
             sys.stdout.flush()
         except Exception:  # noqa: BLE001 - logging must never break the body
@@ -40,8 +57,8 @@ class _RecordsToFlow(logging.Handler):
 
 def get_run_logger(context=None, **kwargs) -> logging.LoggerAdapter:
     logger = logging.getLogger("prefect.task_runs")
-    if not any(isinstance(h, _RecordsToFlow) for h in logger.handlers):
-        logger.addHandler(_RecordsToFlow())
+    if not any(isinstance(h, RecordsToFlow) for h in logger.handlers):
+        logger.addHandler(RecordsToFlow())
         logger.setLevel(logging.DEBUG)
         logger.propagate = False
     return logging.LoggerAdapter(logger, kwargs)
@@ -80,10 +97,10 @@ def _image_has_prefect() -> bool:
     return importlib.util.find_spec("prefect") is not None
 
 
-def install() -> None:
-    """Put the stand-in in ``sys.modules`` unless the image has Prefect."""
+def install() -> bool:
+    """Put the stand-in in ``sys.modules`` unless the image has Prefect; True when it did."""
     if _image_has_prefect():
-        return
+        return False
     values = json.loads(os.environ.get("PREFECT_MIG_RUN_CONTEXT") or "{}")
     prefect = _Prefect("prefect")
     prefect.__path__ = []  # a package, so that `import prefect.runtime` looks in sys.modules
@@ -99,3 +116,4 @@ def install() -> None:
         "prefect.runtime.task_run": task_run, "prefect.runtime.flow_run": flow_run,
     })
     sys.meta_path.insert(0, _NoMorePrefect())
+    return True

@@ -93,11 +93,13 @@ def picklable_state(state: dict[str, Any]) -> dict[str, Any]:
 
 
 def body_context(ctx) -> str:
-    """JSON of the run values a body reads through ``prefect.runtime`` in an image without Prefect
-    (``PREFECT_MIG_RUN_CONTEXT``; see `prefect_mig.launchers.runtime_shim`)."""
+    """JSON of what a body's Prefect context is made of (``PREFECT_MIG_RUN_CONTEXT``): the run values
+    the stand-in answers in an image without Prefect (`prefect_mig.launchers.runtime_shim`), and under
+    ``prefect`` the task run and flow run models, names and current tags that an image with Prefect
+    hydrates Prefect's own context from (`prefect_mig.launchers.runtime_prefect`)."""
     import json
 
-    from prefect.context import FlowRunContext
+    from prefect.context import FlowRunContext, TagsContext
 
     if ctx is None:
         return "{}"
@@ -106,6 +108,10 @@ def body_context(ctx) -> str:
         "id": str(run.id), "name": run.name, "task_name": ctx.task.name, "tags": sorted(run.tags),
         "run_count": run.run_count, "parameters": dict(ctx.parameters or {}),
     }}
+    models: dict[str, Any] = {
+        "task_run": run.model_dump(mode="json"), "task_name": ctx.task.name, "log_prints": ctx.log_prints,
+        "tags": sorted(TagsContext.get().current_tags),
+    }
     flow_ctx = FlowRunContext.get()
     if flow_ctx is not None and flow_ctx.flow_run is not None:
         values["flow_run"] = {
@@ -113,12 +119,35 @@ def body_context(ctx) -> str:
             "flow_name": flow_ctx.flow.name if flow_ctx.flow else None,
             "run_count": flow_ctx.flow_run.run_count, "parameters": dict(flow_ctx.parameters or {}),
         }
+        models["flow_run"] = flow_ctx.flow_run.model_dump(mode="json")
+        models["flow_name"] = flow_ctx.flow.name if flow_ctx.flow else None
+    values["prefect"] = models
     return json.dumps(values, default=repr)
 
 
+def prefect_env(ctx, network: str | None, own: dict[str, str]) -> dict[str, str]:
+    """Prefect settings for a body in an image with Prefect: the flow's API URL (and key, only when
+    the container has a network), no temporary API of its own, a writable ``PREFECT_HOME``, and no
+    direct API logging (records go through the flow's process). The user's own `env` wins."""
+    from prefect.settings import get_current_settings
+
+    settings = get_current_settings()
+    client = getattr(ctx, "client", None)
+    url = str(getattr(client, "api_url", "") or settings.api.url or "")
+    env = {
+        "PREFECT_HOME": "/tmp/.prefect", "PREFECT_SERVER_ALLOW_EPHEMERAL_MODE": "false",
+        "PREFECT_LOGGING_TO_API_ENABLED": "false", "PREFECT_MIG_PREFECT_API": "1" if network else "0",
+    }
+    if url:
+        env["PREFECT_API_URL"] = url.rstrip("/")
+    if network and settings.api.key is not None:
+        env["PREFECT_API_KEY"] = settings.api.key.get_secret_value()
+    return {k: v for k, v in env.items() if k not in own}
+
+
 def log_sink(logger):
-    """The launcher's ``on_log``: the shim's marked lines go to `logger` at their own level, any
-    other output line at INFO."""
+    """The launcher's ``on_log``: the runtime's marked lines go to `logger` at their own level (and
+    under their own task run, for tasks a body submitted), any other output line at INFO."""
     import json
 
     from prefect_mig.launchers.runtime_shim import LOG_MARK
@@ -127,7 +156,8 @@ def log_sink(logger):
         if line.startswith(LOG_MARK):
             try:
                 record = json.loads(line[len(LOG_MARK):])
-                logger.log(int(record["level"]), record["message"])
+                extra = {k: record[k] for k in ("task_run_id", "flow_run_id", "task_run_name", "task_name") if k in record}
+                logger.log(int(record["level"]), record["message"], extra=extra)
                 return
             except (ValueError, KeyError, TypeError):
                 pass

@@ -21,7 +21,16 @@ on which GPU and node (no extra Running state unless the try waited). If the lea
 stopped and the task fails saying so. The body sees ``CUDA_VISIBLE_DEVICES`` /
 ``NVIDIA_VISIBLE_DEVICES`` (the MIG UUID) and ``PREFECT_MIG_LEASE_ID``, ``PREFECT_MIG_FENCE``,
 ``PREFECT_MIG_TASK_RUN_ID``, ``PREFECT_MIG_FLOW_RUN_ID`` and ``PREFECT_MIG_RUN_COUNT`` (1 on the
-first try), and ``PREFECT_MIG_RUN_CONTEXT`` (JSON behind the ``prefect.runtime`` stand-in).
+first try), and ``PREFECT_MIG_RUN_CONTEXT`` (JSON behind the body's Prefect context).
+
+What a body sees of Prefect: in an image with only python3, a stand-in answers ``get_run_logger()``
+and ``prefect.runtime`` (`prefect_mig.launchers.runtime_shim`); in an image with Prefect, Prefect's
+own ``FlowRunContext`` / ``TaskRunContext`` hydrated from the engine's task run and flow run
+(`prefect_mig.launchers.runtime_prefect`). Either way ``get_run_logger()`` records reach the task
+run's logs through the flow's process, with networking off. Submitting tasks from a body needs the
+Prefect API, so it needs ``network=`` (``"host"`` when the API is on the flow's host): networking
+stays off unless the user asks, because the container is confined by default and only the user
+knows whether its body may reach anything.
 """
 
 from __future__ import annotations
@@ -52,7 +61,8 @@ from prefect_mig.errors import (
     WaitTimeout,
 )
 from prefect_mig.gpu import default_gpu_runtime
-from prefect_mig.integrations.prefect.context import announce_lease, body_context, flow_cancelled, log_sink, run_in_slice_async
+from prefect_mig.integrations.prefect.context import announce_lease, body_context, flow_cancelled, log_sink, prefect_env
+from prefect_mig.integrations.prefect.context import run_in_slice_async
 from prefect_mig.integrations.prefect.context import picklable_state as _picklable_state
 from prefect_mig.integrations.prefect.context import shielded, undo_acquire
 from prefect_mig.integrations.prefect.direct_calls import route_direct_calls, wants_slice
@@ -114,6 +124,8 @@ class MigTaskRunner(ThreadPoolTaskRunner):
         tenant: charged for the slices (quotas).
         preemptible: a higher-priority request may revoke the lease (the task then fails).
         image, env, volumes, network, cpus, mem_limit: the container (see `ContainerSettings`).
+            ``network`` None (the default) keeps networking off; a body in an image with Prefect
+            that submits tasks needs one from which the Prefect API is reachable (``"host"``).
         cluster: a `MigCluster` block (Redis URL, namespace and defaults); else the settings.
         lease_ttl_s: lease TTL, renewed every third of it.
         wait_timeout_s: how long a try may wait for a slice (None: ``PREFECT_MIG_WAIT_TIMEOUT_S``,
@@ -364,6 +376,7 @@ class MigTaskRunner(ThreadPoolTaskRunner):
                         "PREFECT_MIG_FLOW_RUN_ID": str(labels["flow-run-id"]),
                         "PREFECT_MIG_RUN_COUNT": str(ctx.task_run.run_count if ctx else 1),
                         "PREFECT_MIG_RUN_CONTEXT": body_context(ctx),
+                        **(prefect_env(ctx, launcher.settings.network, launcher.settings.env) if ctx else {}),
                     },
                 )
             except (ContainerStopped, ContainerFailed) as exc:
@@ -463,6 +476,7 @@ def _sync_twin(fn):
         return asyncio.run(fn(*args, **kwargs))
 
     run.__module__, run.__qualname__ = fn.__module__, fn.__qualname__
+    run.__signature__ = inspect.signature(fn)  # the task run's parameters, in an image with Prefect
     return run
 
 

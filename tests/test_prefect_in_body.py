@@ -1,0 +1,140 @@
+"""A body in an image with Prefect runs inside Prefect's own run context (issue 11, What to build 2):
+the engine's task run and flow run, ``get_run_logger()`` records in the task run's logs on the API,
+and tasks submitted from the body. Real Prefect API, real Redis, real Docker, an image built by
+``prefect-mig image build``."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+from prefect import flow
+
+from prefect_mig import MigTaskRunner, task
+
+pytestmark = [pytest.mark.docker, pytest.mark.redis]
+
+
+def reads_its_context(n: int, scale: float = 1.0):
+    from prefect import runtime
+    from prefect.context import FlowRunContext, TagsContext, TaskRunContext
+
+    ctx = TaskRunContext.get()
+    return {
+        "task_run_id": ctx.task_run.id, "run_count": ctx.task_run.run_count, "parameters": ctx.parameters,
+        "flow_run_id": FlowRunContext.get().flow_run.id, "runtime_task_run_id": runtime.task_run.id,
+        "runtime_flow_name": runtime.flow_run.flow_name, "tags": set(TagsContext.get().current_tags),
+    }
+
+
+def test_a_body_in_an_image_with_prefect_runs_in_the_engines_task_run_context(cluster, prefect_image):
+    from prefect.context import tags
+
+    body = task(task_runner=MigTaskRunner(profile="1g.10gb", image=prefect_image))(reads_its_context)
+
+    @flow(name="context-check")
+    def pipeline():
+        with tags("caller-tag"):
+            future = body.submit(3)
+        return future.result(), future.task_run_id
+
+    seen, engine_task_run_id = pipeline()
+    assert seen["task_run_id"] == engine_task_run_id == uuid.UUID(str(seen["runtime_task_run_id"]))
+    assert seen["run_count"] == 1 and seen["parameters"] == {"n": 3, "scale": 1.0}
+    assert seen["runtime_flow_name"] == "context-check"
+    assert "caller-tag" in seen["tags"]
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        assert client.read_task_run(engine_task_run_id).flow_run_id == seen["flow_run_id"]
+
+
+def logs_a_line(marker: str) -> int:
+    from prefect import get_run_logger
+
+    get_run_logger().warning("from the body %s", marker)
+    return 1
+
+
+def _task_run_logs(task_run_id, needle: str, timeout_s: float = 60.0) -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterTaskRunId
+
+    found: list = []
+    deadline = time.monotonic() + timeout_s
+    with get_client(sync_client=True) as client:
+        while time.monotonic() < deadline:
+            logs = client.read_logs(LogFilter(task_run_id=LogFilterTaskRunId(any_=[task_run_id])))
+            found = [log for log in logs if needle in log.message]
+            if found:
+                break
+            time.sleep(0.5)
+    return found
+
+
+def test_a_bodys_get_run_logger_record_is_readable_from_the_api_under_its_task_run(cluster, prefect_image):
+    # networking stays off: records reach the API through the flow's process
+    body = task(task_runner=MigTaskRunner(profile="1g.10gb", image=prefect_image))(logs_a_line)
+    marker = uuid.uuid4().hex
+
+    @flow
+    def pipeline():
+        future = body.submit(marker)
+        future.result()
+        return future.task_run_id
+
+    task_run_id = pipeline()
+    found = _task_run_logs(task_run_id, f"from the body {marker}")
+    assert len(found) == 1, "the record is in the task run's logs exactly once"
+    assert found[0].level == 30  # WARNING
+
+
+def submits_a_task(x: int):
+    from prefect import get_run_logger, task
+
+    @task(name="nested-in-a-slice")
+    def add_one(y: int) -> int:
+        get_run_logger().info("nested task ran with %s", y)
+        return y + 1
+
+    future = add_one.submit(x)
+    return future.result(), str(future.task_run_id)
+
+
+def test_a_nested_submit_from_a_body_runs_and_its_result_comes_back(cluster, prefect_image):
+    # the API is on the flow's host (127.0.0.1): the container needs the host's network for it
+    body = task(task_runner=MigTaskRunner(profile="1g.10gb", image=prefect_image, network="host"))(submits_a_task)
+
+    @flow
+    def pipeline():
+        future = body.submit(41)
+        return future.result(), future.task_run_id
+
+    (value, nested_id), outer_id = pipeline()
+    assert value == 42
+    from prefect.client.orchestration import get_client
+
+    nested = None
+    deadline = time.monotonic() + 60
+    with get_client(sync_client=True) as client:
+        while time.monotonic() < deadline:
+            nested = client.read_task_run(uuid.UUID(nested_id))
+            if nested.state is not None and nested.state.is_completed():
+                break
+            time.sleep(0.5)
+        outer = client.read_task_run(outer_id)
+    assert nested.name.startswith("nested-in-a-slice") and nested.state.is_completed()
+    assert nested.flow_run_id == outer.flow_run_id
+    assert _task_run_logs(nested.id, "nested task ran with 41"), "the nested task's record is under its own run"
+
+
+def test_a_nested_submit_with_networking_off_fails_saying_to_give_the_runner_a_network(cluster, prefect_image):
+    body = task(task_runner=MigTaskRunner(profile="1g.10gb", image=prefect_image))(submits_a_task)
+
+    @flow
+    def pipeline():
+        return body.submit(41).result()
+
+    with pytest.raises(RuntimeError, match=r"networking off.*network='host'"):
+        pipeline()
