@@ -81,8 +81,9 @@ def _image_has_prefect() -> bool:
 
 
 def install() -> None:
-    """Put the stand-in in ``sys.modules`` unless the image has Prefect."""
-    if _image_has_prefect():
+    """Put the stand-in in ``sys.modules`` unless the image has Prefect; called again (a warm
+    process, before each call), it replaces the run values with this call's."""
+    if not isinstance(sys.modules.get("prefect"), _Prefect) and _image_has_prefect():
         return
     values = json.loads(os.environ.get("PREFECT_MIG_RUN_CONTEXT") or "{}")
     prefect = _Prefect("prefect")
@@ -98,4 +99,5 @@ def install() -> None:
         "prefect": prefect, "prefect.logging": logging_module, "prefect.logging.loggers": logging_module, "prefect.runtime": runtime,
         "prefect.runtime.task_run": task_run, "prefect.runtime.flow_run": flow_run,
     })
-    sys.meta_path.insert(0, _NoMorePrefect())
+    if not any(isinstance(finder, _NoMorePrefect) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _NoMorePrefect())
