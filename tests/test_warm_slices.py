@@ -81,6 +81,20 @@ def test_a_new_flow_run_never_reuses_the_last_runs_process(cluster):
     assert first[1] != second[1]
 
 
+def test_share_warm_tenant_lets_the_next_flow_run_of_the_tenant_reuse_the_process(cluster):
+    from prefect_mig.launchers.warm_pool import POOL
+
+    @flow(task_runner=_warm_runner(share_warm="tenant", tenant="vision"))
+    def pipeline():
+        return count.submit().result()
+
+    try:
+        first, second = pipeline(), pipeline()
+    finally:
+        POOL.close()
+    assert (first[0], second[0]) == (1, 2) and first[1] == second[1]
+
+
 def test_after_a_crash_the_next_task_gets_a_fresh_process(cluster):
     crash = prefect_task(tags=["mig:1g.10gb"])(exit_hard)
 

@@ -22,6 +22,9 @@ stopped and the task fails saying so. The body sees ``CUDA_VISIBLE_DEVICES`` /
 ``NVIDIA_VISIBLE_DEVICES`` (the MIG UUID) and ``PREFECT_MIG_LEASE_ID``, ``PREFECT_MIG_FENCE``,
 ``PREFECT_MIG_TASK_RUN_ID``, ``PREFECT_MIG_FLOW_RUN_ID`` and ``PREFECT_MIG_RUN_COUNT`` (1 on the
 first try), and ``PREFECT_MIG_RUN_CONTEXT`` (JSON behind the ``prefect.runtime`` stand-in).
+
+With ``keep_warm_s``, a try's container and process stay on the leased slice for the next try of
+the same runner in the flow run (`prefect_mig.integrations.prefect.warm`).
 """
 
 from __future__ import annotations
