@@ -93,6 +93,12 @@ def test_a_re_carve_of_a_warm_slice_asks_its_holder_to_hand_it_over(alloc):
     assert alloc.redis.lpop(alloc.keys.notice(held.lease_id)).decode() == HANDOVER_NOTICE
 
 
+def test_draining_a_gpu_asks_its_warm_leases_to_hand_over(alloc):
+    held = _warm_1g(alloc)
+    assert alloc.drain(held.slice.gpu_uuid) == 1
+    assert alloc.redis.lpop(alloc.keys.notice(held.lease_id)).decode() == HANDOVER_NOTICE
+
+
 def test_warm_leases_count_against_the_quota_and_end_like_any_lease(alloc):
     alloc.set_quota("team", Quota(slices=1))
     held = _warm_1g(alloc, tenant="team")
