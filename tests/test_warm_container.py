@@ -115,3 +115,12 @@ def test_a_stopped_call_kills_the_container_and_breaks_it(warm):
     with pytest.raises(ContainerStopped):
         warm.call(sleep_long, stop=stop)
     assert warm.broken
+
+
+def test_the_process_exits_by_itself_when_its_client_goes_away(warm):
+    assert warm.call(talk, (0,)) == 0
+    import socket
+
+    assert warm.container.attrs["Config"]["StdinOnce"] is True
+    getattr(warm._sock, "_sock", warm._sock).shutdown(socket.SHUT_RDWR)  # as when the flow process dies
+    assert warm.container.wait(timeout=60)["StatusCode"] == 0

@@ -31,6 +31,7 @@ Examples:
 from __future__ import annotations
 
 import queue
+import socket
 import struct
 import threading
 from collections.abc import Callable
@@ -87,7 +88,11 @@ class WarmContainer:
             ImageNotFound, ImagePythonMismatch, DockerUnavailable.
         """
         launcher.check_python()
-        container = launcher.create(mig_uuid=mig_uuid, labels=labels, env=env, command=("--serve",), stdin_open=True)
+        # detach=False with stdin_open sets StdinOnce: stdin closes when this client's attach ends,
+        # so the serving process of a flow process that died exits by itself
+        container = launcher.create(
+            mig_uuid=mig_uuid, labels=labels, env=env, command=("--serve",), stdin_open=True, detach=False
+        )
         try:
             container.put_archive(HOME, _runtime_archive(None))
             sock = container.attach_socket(params={"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1})
@@ -138,6 +143,7 @@ class WarmContainer:
         """Kill and remove the container (idempotent)."""
         self.broken = True
         try:
+            getattr(self._sock, "_sock", self._sock).shutdown(socket.SHUT_RDWR)  # ends the reader too
             self._sock.close()
         except OSError:
             pass
