@@ -109,6 +109,26 @@ def test_after_a_crash_the_next_task_gets_a_fresh_process(cluster):
     assert after[0] == 1 and after[1] != before[1]
 
 
+def sleep_long():
+    import time
+
+    time.sleep(120)
+
+
+def test_after_a_timeout_the_next_task_gets_a_fresh_process(cluster):
+    slow = prefect_task(tags=["mig:1g.10gb"], timeout_seconds=3)(sleep_long)
+
+    @flow(task_runner=_warm_runner())
+    def pipeline():
+        before = count.submit().result()
+        slow.submit().wait(90)
+        after = count.submit().result()
+        return before, after
+
+    before, after = pipeline()
+    assert after[0] == 1 and after[1] != before[1]
+
+
 def test_a_retry_gets_a_fresh_container(cluster):
     flaky = prefect_task(tags=["mig:1g.10gb"], retries=1, retry_delay_seconds=0)(fail_on_first_try)
 
