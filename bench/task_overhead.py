@@ -137,7 +137,8 @@ def main() -> None:
 
     with RedisServer() as server:
         os.environ.update(PREFECT_MIG_REDIS_URL=server.url, PREFECT_MIG_NAMESPACE="bench")
-        Allocator(server.client(), "bench").publish_fleet("n=1xH100-80GB", layouts={"n": ["7g.80gb@0"]}, heartbeat_ttl_s=3600)
+        # two slices: the warm task (d) keeps one; with one, (a) would ask it back every round
+        Allocator(server.client(), "bench").publish_fleet("n=2xH100-80GB", layouts={"n": ["7g.80gb@0", "7g.80gb@0"]}, heartbeat_ttl_s=3600)
 
         @flow
         def measure(n: int) -> tuple[list[float], list[float], list[float], list[float]]:

@@ -341,16 +341,17 @@ class MigTaskRunner(ThreadPoolTaskRunner):
         holder = f"{ctx.task_run.flow_run_id}/{ctx.task_run.id}" if ctx else "local"
         request = self.request_for(profile, priority, tenant, holder)
         logger = get_run_logger() if ctx else None
-        allocator = self._allocator(logger)
-        try:  # a bad image fails before any lease is taken (launcher.run checks the slice's engine again)
-            self._launcher(None).check_python()
-        except DockerUnavailable:
-            pass  # no engine here: the slices live on nodes with engines of their own
-
-        cancelled = _AnyEvent(_cancel_event(ctx), stop)
-        timeout_s = self.wait_timeout_s if self.wait_timeout_s is not None else load_settings().wait_timeout_s
         warm_key = self._warm_key(request, ctx, flow_ctx)
         slot = shielded(POOL.take, warm_key, keep_warm_s=self.keep_warm_s, undo=discard_taken) if warm_key else None
+        allocator = slot.lease.allocator if slot else self._allocator(logger)  # a warm hit skips the settings
+        if slot is None:
+            try:  # a bad image fails before any lease is taken (launcher.run checks the slice's engine again)
+                self._launcher(None).check_python()
+            except DockerUnavailable:
+                pass  # no engine here: the slices live on nodes with engines of their own
+            timeout_s = self.wait_timeout_s if self.wait_timeout_s is not None else load_settings().wait_timeout_s
+
+        cancelled = _AnyEvent(_cancel_event(ctx), stop)
         got = None if slot else shielded(allocator.try_acquire, request, wait=timeout_s != 0, undo=undo_acquire(allocator))
         waited = slot is None and not isinstance(got, LeaseInfo)
         if waited:
@@ -384,21 +385,21 @@ class MigTaskRunner(ThreadPoolTaskRunner):
                 logger.info("reusing the warm process on %s (call %d in it), fence %s", where, slot.container.calls + 1, lease.fence)
             elif logger:
                 logger.info("leased %s, waited %.2f s, fence %s", where, got.waited_ms / 1000, lease.fence)
-            docker_url = allocator.node_docker_url(s.node)  # the engine on the node that owns the slice
-            launcher = self._launcher(docker_url)
-            labels = {
-                **cluster_labels(cluster_id=allocator.cluster_id(), namespace=allocator.keys.namespace, node=s.node),
-                "lease-id": lease.lease_id,
-                "fence": lease.fence,
-                "slice": f"{s.node}/{s.gpu_index}/{s.profile}@{s.start}",
-                "flow-run-id": ctx.task_run.flow_run_id if ctx else "",
-                "task-run-id": ctx.task_run.id if ctx else "",
-            }
+            run_ids = {"flow-run-id": ctx.task_run.flow_run_id if ctx else "", "task-run-id": ctx.task_run.id if ctx else ""}
+            if slot is None:  # a new container: on the engine of the node that owns the slice
+                launcher = self._launcher(allocator.node_docker_url(s.node))
+                labels = {
+                    **cluster_labels(cluster_id=allocator.cluster_id(), namespace=allocator.keys.namespace, node=s.node),
+                    "lease-id": lease.lease_id,
+                    "fence": lease.fence,
+                    "slice": f"{s.node}/{s.gpu_index}/{s.profile}@{s.start}",
+                    **run_ids,
+                }
             env = {  # what the body may use to fence its own side effects
                 "PREFECT_MIG_LEASE_ID": lease.lease_id,
                 "PREFECT_MIG_FENCE": str(lease.fence),
-                "PREFECT_MIG_TASK_RUN_ID": str(labels["task-run-id"]),
-                "PREFECT_MIG_FLOW_RUN_ID": str(labels["flow-run-id"]),
+                "PREFECT_MIG_TASK_RUN_ID": str(run_ids["task-run-id"]),
+                "PREFECT_MIG_FLOW_RUN_ID": str(run_ids["flow-run-id"]),
                 "PREFECT_MIG_RUN_COUNT": str(ctx.task_run.run_count if ctx else 1),
                 "PREFECT_MIG_RUN_CONTEXT": body_context(ctx),
             }
