@@ -6,9 +6,16 @@ the docker SDK, and as a ThreadPoolTaskRunner task, in one run.
 - (b) ``bare_docker_s``: what any container launch of that body needs, with the docker SDK alone:
   create, ``put_archive`` (runtime + payload), start, wait, ``get_archive``, remove.
 - (c) ``threadpool_task_s``: the body as an ordinary Prefect task in the thread pool.
+- (d) ``warm_task_s``: the same task with ``MigTaskRunner(keep_warm_s=...)``: after the first call,
+  each runs in the warm process on the still-leased slice (no container start, no lease).
+- ``map100_cold_s`` / ``map100_warm_s``: a 100-task map over 3 slices, cold and warm; and
+  ``map100_heavy_import_cold_s`` / ``..._warm_s``: the same with a body that imports a module taking
+  2 s to import (a stand-in for ``import torch``; an image built FROM the test image with it).
 
-Target: (a)/(b) <= 1.15. Usage: ``.venv/bin/python bench/task_overhead.py [--quick]``; the last line is
-one JSON object.
+Targets: (a)/(b) <= 1.15; warm overhead over the thread pool (``warm_overhead_vs_threadpool_s``)
+<= 25 ms per task; ``map100_warm_s`` <= 0.2x ``map100_cold_s``; with the heavy import <= 0.1x.
+Usage: ``.venv/bin/python bench/task_overhead.py [--quick] [--no-map]``; the last line is one JSON
+object.
 """
 
 from __future__ import annotations
@@ -25,8 +32,10 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")  # a loaded machine
 
 import docker  # noqa: E402
+import redis  # noqa: E402
 from docker.types import Mount  # noqa: E402
 from prefect import flow  # noqa: E402
 from prefect import task as prefect_task  # noqa: E402
@@ -65,26 +74,77 @@ def bare_docker(client: docker.DockerClient) -> float:
     return time.perf_counter() - started
 
 
+HEAVY_IMAGE = "prefect-mig-bench-heavy:latest"
+SLICES = "1g.10gb@0 + 1g.10gb@1 + 1g.10gb@2"
+
+
+def heavy_body(x: int) -> int:
+    import heavy_stub  # 2 s to import, once per process
+
+    return heavy_stub.work(x)
+
+
+def heavy_image(client: docker.DockerClient) -> str:
+    """The test image plus a module that takes 2 s to import (built locally, no registry)."""
+    files = {
+        "Dockerfile": f"FROM {IMAGE}\nCOPY heavy_stub.py /usr/lib/python3/dist-packages/heavy_stub.py\n".encode(),
+        "heavy_stub.py": b"import time\ntime.sleep(2)\n\ndef work(x):\n    return x * 2\n",
+    }
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    buf.seek(0)
+    client.images.build(fileobj=buf, custom_context=True, tag=HEAVY_IMAGE, rm=True)
+    return HEAVY_IMAGE
+
+
+def map100(fn, image: str, keep_warm_s: float, namespace: str, url: str, n: int = 100) -> float:
+    """Seconds for an n-task map over 3 1g slices, each task leasing one (cold or warm)."""
+    from prefect_mig.launchers.warm_pool import POOL
+
+    Allocator(redis.Redis.from_url(url), namespace).publish_fleet("n=1xH100-80GB", layouts={"n": [SLICES]}, heartbeat_ttl_s=3600)
+    os.environ["PREFECT_MIG_NAMESPACE"] = namespace
+    mapped = task(task_runner=MigTaskRunner(profile="1g.10gb", image=image, keep_warm_s=keep_warm_s, max_workers=8))(fn)
+
+    @flow
+    def fan_out() -> float:
+        t0 = time.perf_counter()
+        results = [f.result() for f in mapped.map(range(n))]
+        assert len(results) == n
+        return time.perf_counter() - t0
+
+    try:
+        return fan_out()
+    finally:
+        POOL.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--no-map", action="store_true", help="skip the 100-task maps (minutes with the heavy import)")
     args = parser.parse_args()
     rounds = 5 if args.quick else 15
     client = docker.from_env()
     ensure_python_image(client)
 
     mig_body = task(task_runner=MigTaskRunner(profile="7g.80gb", image=IMAGE))(body)
+    warm_body = task(task_runner=MigTaskRunner(profile="7g.80gb", image=IMAGE, keep_warm_s=120))(body)
     pool_body = prefect_task(body)
 
     with RedisServer() as server:
         os.environ.update(PREFECT_MIG_REDIS_URL=server.url, PREFECT_MIG_NAMESPACE="bench")
-        Allocator(server.client(), "bench").publish_fleet("n=1xH100-80GB", layouts={"n": ["7g.80gb@0"]})
+        # two slices: the warm task (d) keeps one; with one, (a) would ask it back every round
+        Allocator(server.client(), "bench").publish_fleet("n=2xH100-80GB", layouts={"n": ["7g.80gb@0", "7g.80gb@0"]}, heartbeat_ttl_s=3600)
 
         @flow
-        def measure(n: int) -> tuple[list[float], list[float], list[float]]:
-            a, b, c = [], [], []
-            mig_body(3), pool_body(3), bare_docker(client)  # warm up
-            for _ in range(n):  # interleaved, so machine noise hits all three alike
+        def measure(n: int) -> tuple[list[float], list[float], list[float], list[float]]:
+            a, b, c, d = [], [], [], []
+            mig_body(3), pool_body(3), bare_docker(client), warm_body(3)  # warm up (d: its process)
+            for _ in range(n):  # interleaved, so machine noise hits all four alike
                 t0 = time.perf_counter()
                 mig_body(3)
                 a.append(time.perf_counter() - t0)
@@ -92,19 +152,47 @@ def main() -> None:
                 t0 = time.perf_counter()
                 pool_body(3)
                 c.append(time.perf_counter() - t0)
-            return a, b, c
+                t0 = time.perf_counter()
+                warm_body(3)
+                d.append(time.perf_counter() - t0)
+            return a, b, c, d
 
-        a, b, c = measure(rounds)
-    mig, bare, pool = statistics.median(a), statistics.median(b), statistics.median(c)
-    table = Table(title=f"per-task time, median of {rounds}")
-    for col in ("run", "seconds", "vs bare docker"):
-        table.add_column(col)
-    table.add_row("(a) MigTaskRunner task", f"{mig:.3f}", f"{mig / bare:.2f}x (target <= 1.15)")
-    table.add_row("(b) bare docker SDK run", f"{bare:.3f}", "1.00x")
-    table.add_row("(c) ThreadPoolTaskRunner task", f"{pool:.4f}", f"{pool / bare:.3f}x")
-    console.print(table)
+        from prefect_mig.launchers.warm_pool import POOL
+
+        try:
+            a, b, c, d = measure(rounds)
+        finally:
+            POOL.close()
+        mig, bare, pool, warm = (statistics.median(x) for x in (a, b, c, d))
+        table = Table(title=f"per-task time, median of {rounds}")
+        for col in ("run", "seconds", "vs bare docker"):
+            table.add_column(col)
+        table.add_row("(a) MigTaskRunner task", f"{mig:.3f}", f"{mig / bare:.2f}x (target <= 1.15)")
+        table.add_row("(b) bare docker SDK run", f"{bare:.3f}", "1.00x")
+        table.add_row("(c) ThreadPoolTaskRunner task", f"{pool:.4f}", f"{pool / bare:.3f}x")
+        table.add_row("(d) warm MigTaskRunner task", f"{warm:.4f}",
+                      f"{warm / bare:.3f}x; {1000 * (warm - pool):.1f} ms over (c) (target <= 25 ms)")
+        console.print(table)
+        maps: dict[str, float] = {}
+        if not args.no_map:
+            n = 30 if args.quick else 100
+            heavy = heavy_image(client)
+            maps["map100_cold_s"] = map100(body, IMAGE, 0, "bench-map-cold", server.url, n)
+            maps["map100_warm_s"] = map100(body, IMAGE, 60, "bench-map-warm", server.url, n)
+            maps["map100_heavy_import_cold_s"] = map100(heavy_body, heavy, 0, "bench-heavy-cold", server.url, n)
+            maps["map100_heavy_import_warm_s"] = map100(heavy_body, heavy, 60, "bench-heavy-warm", server.url, n)
+    if maps:
+        table = Table(title=f"{30 if args.quick else 100}-task map over 3 slices")
+        for col in ("body", "cold s", "warm s", "warm / cold"):
+            table.add_column(col)
+        for label, key, target in (("small", "map100", 0.2), ("2 s import", "map100_heavy_import", 0.1)):
+            cold, hot = maps[f"{key}_cold_s"], maps[f"{key}_warm_s"]
+            table.add_row(label, f"{cold:.2f}", f"{hot:.2f}", f"{hot / cold:.3f} (target <= {target})")
+        console.print(table)
     print(json.dumps({"mig_task_s": round(mig, 4), "bare_docker_s": round(bare, 4), "threadpool_task_s": round(pool, 5),
-                      "ratio_vs_bare_docker": round(mig / bare, 3)}))
+                      "ratio_vs_bare_docker": round(mig / bare, 3), "warm_task_s": round(warm, 5),
+                      "warm_overhead_vs_threadpool_s": round(warm - pool, 5), "map_tasks": 30 if args.quick else 100,
+                      **{k: round(v, 3) for k, v in maps.items()}}))
 
 
 if __name__ == "__main__":

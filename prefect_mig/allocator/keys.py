@@ -8,7 +8,7 @@ waiter a release hands a slice to, the wait queue of the freed profile, the slic
 be known by the caller beforehand, so scripts receive the prefix in ``ARGV[1]`` and append the same
 suffixes this module documents (``lease:<id>``, ``waiter:<id>``, ``waitq:<pkey>``, ``free:<pkey>``,
 ``gpu_slices:<gpu_uuid>``, ``node_slices:<node>``, ``tenant_waiting:<tenant>``,
-``preemptible:<pkey>``, ``notice:<lease_id>``). The functions below are the only other place these names appear; a test
+``preemptible:<pkey>``, ``notice:<lease_id>``, ``warm:<pkey>``). The functions below are the only other place these names appear; a test
 checks that every suffix the Lua builds has one.
 """
 
@@ -105,3 +105,6 @@ class Keys:
 
     def preemptible(self, pkey: str) -> str:  # ZSET lease_id -> priority (revocable leases of a kind)
         return f"{self.prefix}preemptible:{pkey}"
+
+    def warm(self, pkey: str) -> str:  # ZSET lease_id -> warm since (ms): idle warm leases of a kind
+        return f"{self.prefix}warm:{pkey}"

@@ -66,7 +66,10 @@ class Lease:
         lost: set once the lease is known (or must be assumed) to be gone.
     """
 
-    def __init__(self, allocator: Allocator, info: LeaseInfo, *, on_lost: LostCallback | None = None) -> None:
+    def __init__(
+        self, allocator: Allocator, info: LeaseInfo, *, on_lost: LostCallback | None = None,
+        on_notice: Callable[[Lease, str], None] | None = None,
+    ) -> None:
         self.allocator = allocator
         self.info = info
         self.lease_id = info.lease_id
@@ -75,6 +78,7 @@ class Lease:
         self.ttl_s = info.ttl_ms / 1000
         self.margin_s = safety_margin_s(self.ttl_s)
         self.on_lost = on_lost
+        self.on_notice = on_notice  # other pushes than a revocation: 'handover' (a warm lease, see warmth.py)
         self.lost = threading.Event()
         self.lost_reason: Exception | None = None
         self.renewals = 0
@@ -147,6 +151,13 @@ class Lease:
                     self._stop.wait(min(0.2, max(0.0, next_renewal - time.monotonic())))
                     continue
                 if not pushed:
+                    continue
+                text = pushed[1].decode() if isinstance(pushed[1], bytes) else str(pushed[1])
+                if not text.startswith("revoked") and self.on_notice is not None:
+                    try:
+                        self.on_notice(self, text)
+                    except Exception as callback_error:  # noqa: BLE001 - renewals go on
+                        print(f"prefect-mig: on_notice of {self!r} failed: {callback_error!r}", file=sys.stderr)
                     continue
             started = time.monotonic()
             try:

@@ -35,6 +35,7 @@ NAMES = (
     "drain",
     "set_quota",
     "withdraw",
+    "warm",
 )
 
 #: KEYS order every script expects (see _lib.lua).

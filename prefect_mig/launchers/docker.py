@@ -159,8 +159,9 @@ def _hardening(s: ContainerSettings) -> dict[str, Any]:
     return create
 
 
-def _runtime_archive(payload: bytes) -> bytes:
-    """A tar of /opt/prefect-mig: the entry script, the host's cloudpickle, and the payload."""
+def _runtime_archive(payload: bytes | None) -> bytes:
+    """A tar of /opt/prefect-mig: the entry script, the host's cloudpickle, and the payload (none
+    for a warm container, whose calls come over stdin)."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
         def add_bytes(name: str, data: bytes) -> None:
@@ -172,7 +173,8 @@ def _runtime_archive(payload: bytes) -> bytes:
         home.type, home.mode, home.mtime = tarfile.DIRTYPE, 0o1777, int(time.time())
         tar.addfile(home)
         add_bytes("entry.py", (Path(__file__).parent / "runtime_entry.py").read_bytes())
-        add_bytes("payload.pkl", payload)
+        if payload is not None:
+            add_bytes("payload.pkl", payload)
         for module in runtime_packages():
             package = Path(module.__file__).parent
             for path in sorted(package.rglob("*.py")):
@@ -218,6 +220,31 @@ def _removed_means_stopped(container) -> Iterator[None]:
         if exc.status_code != 409 and "unexpectedly nil" not in str(exc):
             raise
         raise ContainerStopped("the task container is being removed.", container_id=container.id) from exc
+
+
+def died_without_outcome(container, exit_code: int, image: str) -> ContainerFailed:
+    """The error for a task container that exited before it wrote an outcome (with its last output)."""
+    with _removed_means_stopped(container):
+        output = container.logs(tail=50).decode(errors="replace")
+    return ContainerFailed(
+        f"the task container exited with code {exit_code} without an outcome "
+        f"(out of memory? killed?). Its last output:\n{output}",
+        exit_code=exit_code,
+        output=output,
+        image=image,
+        container_id=container.id,
+    )
+
+
+def remove_container(container) -> None:
+    """Remove a task container with its runtime volume; one already gone (or going) is fine."""
+    try:
+        container.remove(force=True, v=True)  # v: with its runtime volume
+    except docker.errors.NotFound:
+        pass
+    except docker.errors.APIError as exc:
+        if exc.status_code != 409:  # 409: someone else's removal is under way
+            raise
 
 
 class DockerLauncher:
@@ -313,13 +340,40 @@ class DockerLauncher:
         self.check_python()
         payload = _pickle_call(fn, args, kwargs or {})
         s = self.settings
+        container = self.create(mig_uuid=mig_uuid, labels=labels, env=env)
+        try:
+            with _removed_means_stopped(container):
+                outcome, exit_code = self._start_and_wait(container, payload, on_log, stop, poll_s)
+            if outcome is None:
+                raise died_without_outcome(container, exit_code, s.image)
+        finally:
+            remove_container(container)
+        return value_of(outcome)
+
+    def create(
+        self,
+        *,
+        mig_uuid: str,
+        labels: dict[str, str] | None = None,
+        env: dict[str, str] | None = None,
+        command: tuple[str, ...] = (),
+        **extra: Any,
+    ):
+        """Create (not start) a task container bound to `mig_uuid`, confined as the settings say;
+        `command` adds arguments to the runtime's entry script, `extra` to ``containers.create``.
+
+        Raises:
+            ImageNotFound, DockerUnavailable.
+        """
+        s = self.settings
         env = {**s.env, **(env or {}), "NVIDIA_VISIBLE_DEVICES": mig_uuid, "CUDA_VISIBLE_DEVICES": mig_uuid, "PYTHONUNBUFFERED": "1"}
         create: dict[str, Any] = {
-            "command": ["python3", f"{HOME}/entry.py"],
+            "command": ["python3", f"{HOME}/entry.py", *command],
             "environment": env,
             "labels": {f"{LABEL_PREFIX}mig-uuid": mig_uuid, **{LABEL_PREFIX + k: str(v) for k, v in (labels or {}).items()}},
             "detach": True,
             "working_dir": HOME,
+            **extra,
         }
         if s.network is None:
             create["network_disabled"] = True
@@ -330,7 +384,7 @@ class DockerLauncher:
         launch_id = uuid.uuid4().hex  # finds the container if a timeout lands while it is being created
         create["labels"][f"{LABEL_PREFIX}launch-id"] = launch_id
         try:
-            container = self.client.containers.create(s.image, **create)
+            return self.client.containers.create(s.image, **create)
         except docker.errors.ImageNotFound as exc:
             raise ImageNotFound(f"image {s.image!r} is not on the engine: {exc}", image=s.image) from exc
         except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
@@ -338,29 +392,6 @@ class DockerLauncher:
         except BaseException:  # a timeout or cancellation raised into this thread mid-create
             remove_launched(self.client, launch_id)
             raise
-        try:
-            with _removed_means_stopped(container):
-                outcome, exit_code = self._start_and_wait(container, payload, on_log, stop, poll_s)
-            if outcome is None:
-                with _removed_means_stopped(container):
-                    output = container.logs(tail=50).decode(errors="replace")
-                raise ContainerFailed(
-                    f"the task container exited with code {exit_code} without an outcome "
-                    f"(out of memory? killed?). Its last output:\n{output}",
-                    exit_code=exit_code,
-                    output=output,
-                    image=s.image,
-                    container_id=container.id,
-                )
-        finally:
-            try:
-                container.remove(force=True, v=True)  # v: with its runtime volume
-            except docker.errors.NotFound:
-                pass
-            except docker.errors.APIError as exc:
-                if exc.status_code != 409:  # 409: someone else's removal is under way
-                    raise
-        return value_of(outcome)
 
     def _start_and_wait(self, container, payload: bytes, on_log, stop, poll_s: float) -> tuple[tuple | None, int]:
         """Copy the runtime in, start, wait (or stop); the outcome (None: none written) and exit code."""

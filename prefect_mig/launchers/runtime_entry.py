@@ -8,6 +8,14 @@ In an image with Prefect, the body runs inside Prefect's own flow run and task r
 (``runtime_prefect.py``); without, a stand-in answers the few names a body may use
 (``runtime_shim.py``).
 
+With ``--serve`` it stays up for a warm slice (``prefect_mig.launchers.warm``): it reads calls from
+stdin, each a frame (8-byte big-endian length, then cloudpickled ``{"env": ..., "call": payload}``),
+and writes each outcome as a frame to the stdout it was started with. Everything the body prints
+goes to stderr instead (fd 1 is pointed there), followed by `END_MARK` once the call is done, so the
+host knows that a call's log lines are all in. The per-call environment replaces the previous
+call's. Functions that travel by value get the globals the first call of their module left, so
+module globals (a loaded model, a ``functools.cache``) persist between calls.
+
 The payload is unpickled inside the error handling, so a module the image lacks comes back as
 the ``ModuleNotFoundError`` it is. An exception travels as (type, args, ``__dict__``) plus its
 traceback (tblib) and text, so the host rebuilds the same type even when its ``__init__`` takes
@@ -15,11 +23,14 @@ other arguments than its ``args`` (see ``prefect_mig.launchers.outcome``).
 """
 
 import os
+import struct
 import sys
 import traceback
+import types
 
 HOME = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HOME, "site"))
+if __name__ == "__main__":  # in the container; the host imports END_MARK from here
+    sys.path.insert(0, os.path.join(HOME, "site"))
 
 import cloudpickle  # noqa: E402
 
@@ -34,11 +45,7 @@ def main() -> int:
         outcome = ("ok", value, None)
     except BaseException as exc:  # noqa: BLE001 - every outcome goes back to the flow
         outcome = _error_outcome(exc)
-    try:
-        data = cloudpickle.dumps(outcome)
-    except Exception:  # noqa: BLE001 - an unpicklable return value
-        text = "the task's return value cannot be pickled:\n" + traceback.format_exc()
-        data = cloudpickle.dumps(("error", None, text, "an unpicklable return value", text.splitlines()[-1], None))
+    data = _dumps(outcome)
     tmp = os.path.join(HOME, "result.pkl.tmp")
     with open(tmp, "wb") as f:
         f.write(data)
@@ -47,12 +54,74 @@ def main() -> int:
     return 0
 
 
+END_MARK = "\x1eprefect-mig-call-end"
+_MODULE_GLOBALS: dict = {}  # module name -> the globals its by-value functions share in this process
+
+
+def serve() -> int:
+    """The warm loop: one call per frame on stdin until stdin closes."""
+    results = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)  # the body's prints (and the shim's log lines) go to stderr, the protocol stays clean
+    calls = sys.stdin.buffer
+    previous: set = set()
+    while True:
+        head = calls.read(8)
+        if len(head) < 8:
+            return 0
+        message = calls.read(struct.unpack(">Q", head)[0])
+        try:
+            request = cloudpickle.loads(message)
+            env = request["env"]
+            for name in previous - set(env):
+                os.environ.pop(name, None)
+            os.environ.update(env)
+            previous = set(env)
+            stand_in = _install_shim()
+            fn, args, kwargs = cloudpickle.loads(request["call"])
+            with _prefect_context(stand_in, fn, args, kwargs):
+                value = _with_kept_globals(fn)(*args, **kwargs)
+            outcome = ("ok", value, None)
+        except BaseException as exc:  # noqa: BLE001 - every outcome goes back to the flow
+            outcome = _error_outcome(exc)
+        data = _dumps(outcome)
+        sys.stdout.flush()
+        sys.stderr.write(END_MARK + "\n")
+        sys.stderr.flush()
+        results.write(struct.pack(">Q", len(data)) + data)
+        results.flush()
+
+
+def _with_kept_globals(fn):
+    """`fn` bound to the globals earlier calls of its module left (a function pickled by value comes
+    with fresh globals each time); names new in this call are added, existing ones kept."""
+    if not isinstance(fn, types.FunctionType) or fn.__module__ in sys.modules:
+        return fn  # importable here: its module's globals persist anyway
+    kept = _MODULE_GLOBALS.setdefault(fn.__module__, fn.__globals__)
+    if kept is fn.__globals__:
+        return fn
+    for name, value in fn.__globals__.items():
+        kept.setdefault(name, value)
+    again = types.FunctionType(fn.__code__, kept, fn.__name__, fn.__defaults__, fn.__closure__)
+    again.__kwdefaults__, again.__qualname__ = fn.__kwdefaults__, fn.__qualname__
+    again.__dict__.update(fn.__dict__)
+    return again
+
+
+def _dumps(outcome: tuple) -> bytes:
+    try:
+        return cloudpickle.dumps(outcome)
+    except Exception:  # noqa: BLE001 - an unpicklable return value
+        text = "the task's return value cannot be pickled:\n" + traceback.format_exc()
+        return cloudpickle.dumps(("error", None, text, "an unpicklable return value", text.splitlines()[-1], None))
+
+
 def _install_shim() -> bool:
     """Without Prefect in the image, a stand-in answers ``get_run_logger`` and ``prefect.runtime``
     (True when it was installed)."""
     path = os.path.join(HOME, "runtime_shim.py")
     if os.path.exists(path):
-        sys.path.insert(0, HOME)
+        if HOME not in sys.path:
+            sys.path.insert(0, HOME)
         import runtime_shim
 
         return runtime_shim.install()
@@ -92,4 +161,4 @@ def _error_outcome(exc: BaseException) -> tuple:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(serve() if sys.argv[1:] == ["--serve"] else main())

@@ -98,8 +98,9 @@ def _image_has_prefect() -> bool:
 
 
 def install() -> bool:
-    """Put the stand-in in ``sys.modules`` unless the image has Prefect; True when it did."""
-    if _image_has_prefect():
+    """Put the stand-in in ``sys.modules`` unless the image has Prefect; True when it did. Called
+    again (a warm process, before each call), it replaces the run values with this call's."""
+    if not isinstance(sys.modules.get("prefect"), _Prefect) and _image_has_prefect():
         return False
     values = json.loads(os.environ.get("PREFECT_MIG_RUN_CONTEXT") or "{}")
     prefect = _Prefect("prefect")
@@ -115,5 +116,6 @@ def install() -> bool:
         "prefect": prefect, "prefect.logging": logging_module, "prefect.logging.loggers": logging_module, "prefect.runtime": runtime,
         "prefect.runtime.task_run": task_run, "prefect.runtime.flow_run": flow_run,
     })
-    sys.meta_path.insert(0, _NoMorePrefect())
+    if not any(isinstance(finder, _NoMorePrefect) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _NoMorePrefect())
     return True

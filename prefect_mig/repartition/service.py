@@ -36,10 +36,13 @@ log = logging.getLogger("prefect_mig.repartition")
 def gpu_states(
     status: dict, warm: set[str] | frozenset[str] = frozenset(), remaining: dict[str, float] | None = None
 ) -> list[GpuState]:
-    """GPU states from `Allocator.status()`: layouts from the published slices, busy = leased or
-    unavailable (processes the agent saw, or a lost node), or listed in `warm`; `remaining` gives
+    """GPU states from `Allocator.status()`: layouts from the published slices, busy = leased (but
+    not by an idle warm lease, which hands its slice over when asked) or unavailable (processes the
+    agent saw, or a lost node), or listed in `warm` (recently released); `remaining` gives
     leased slices' expected remaining run time (see `expected_remaining`)."""
     remaining = remaining or {}
+    # a warm lease's process is idle and hands its slice over when asked (allocator/warmth.py)
+    kept_warm = {row.get("slice") for row in status.get("leases", []) if row.get("warm_at")}
     by_gpu: dict[str, list[dict]] = defaultdict(list)
     for s in status["slices"]:
         by_gpu[s["gpu_uuid"]].append(s)
@@ -50,7 +53,7 @@ def gpu_states(
         busy = frozenset(
             Placement(profile=s["profile"], start=s["start"])
             for s in slices
-            if s["state"] in ("leased", "unavailable") or s["id"] in warm
+            if (s["state"] in ("leased", "unavailable") and s["id"] not in kept_warm) or s["id"] in warm
         )
         left = tuple(((s["profile"], s["start"]), remaining[s["id"]]) for s in slices if s["id"] in remaining)
         states.append(GpuState(gpu_uuid=uuid, layout=Layout(gpu_model=model, instances=tuple(sorted(placements, key=lambda p: p.start))), busy=busy, node=slices[0]["node"], remaining_s=left))

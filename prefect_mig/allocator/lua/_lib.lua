@@ -32,6 +32,7 @@ local function node_slices_key(node) return P .. 'node_slices:' .. node end
 local function tenant_waiting_key(tenant) return P .. 'tenant_waiting:' .. tenant end
 local function preemptible_key(pkey) return P .. 'preemptible:' .. pkey end
 local function notice_key(id) return P .. 'notice:' .. id end
+local function warm_key(pkey) return P .. 'warm:' .. pkey end
 
 local function event(kind, fields)
   local args = {'XADD', K.events, 'MAXLEN', '~', MAXLEN, '*', 'type', kind, 'at', NOW}
@@ -272,6 +273,8 @@ local function end_lease(lease_id, reason)
   local f = redis.call('HMGET', lease_key(lease_id), 'slice', 'fence', 'tenant', 'compute', 'preemptible_pkey', 'counted')
   local id, fence, tenant = f[1], f[2], f[3]
   if f[5] then redis.call('ZREM', preemptible_key(f[5]), lease_id) end
+  local warm_pkey = redis.call('HGET', lease_key(lease_id), 'warm_pkey')
+  if warm_pkey then redis.call('ZREM', warm_key(warm_pkey), lease_id) end
   redis.call('DEL', lease_key(lease_id))
   redis.call('DEL', notice_key(lease_id))
   redis.call('ZREM', K.leases, lease_id)
@@ -302,4 +305,32 @@ local function reap_expired(limit)
     n = n + 1
   end
   return n
+end
+
+-- Warm leases (warm.lua): a holder keeps its idle task process on the slice for the next task of its
+-- runner, but warmth never blocks anyone. When a request that could use a warm lease's slice queues
+-- (or a re-carve wants the range), the holder is told at once on its notice key ('handover'); it
+-- stops its container and releases. A lease told so is never reused (warm.lua 'take' refuses it).
+local function ask_handover(lease_id)
+  if redis.call('HSETNX', lease_key(lease_id), 'handover', NOW) == 1 then
+    redis.call('RPUSH', notice_key(lease_id), 'handover')
+    redis.call('PEXPIRE', notice_key(lease_id), 600000)
+    event('lease.handover', {'lease', lease_id})
+  end
+end
+
+-- Ask the first warm lease on a kind request r accepts (on r's node) to hand its slice over;
+-- returns its id, or nil when none is warm.
+local function nudge_warm(r)
+  for _, pkey in ipairs(r.pkeys) do
+    for _, lid in ipairs(redis.call('ZRANGE', warm_key(pkey), 0, -1)) do
+      local f = redis.call('HMGET', lease_key(lid), 'slice', 'handover')
+      local s = f[1] and slice(f[1])
+      if s and not f[2] and (r.node == '' or r.node == s.node) then
+        ask_handover(lid)
+        return lid
+      end
+    end
+  end
+  return nil
 end

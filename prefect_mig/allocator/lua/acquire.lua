@@ -81,7 +81,9 @@ event('lease.queued', {'request', r.id, 'priority', r.priority, 'tenant', r.tena
 -- (renews), which shortens it to at most the cluster's grace. The slice goes to the best waiter when
 -- the holder releases it or the lease expires; leaving the queue before the holder acknowledged
 -- undoes the revocation.
-if A[5] == '1' then
+-- A warm (idle) lease on a kind this request accepts is handed over before anyone is revoked.
+local nudged = nudge_warm(r)
+if A[5] == '1' and not nudged then
   local victim, victim_prio = nil, nil
   for _, pkey in ipairs(r.pkeys) do
     local low = redis.call('ZRANGE', preemptible_key(pkey), 0, 0, 'WITHSCORES')

@@ -1,4 +1,5 @@
--- Stop (or resume) granting the slices of one GPU. Leases already held run on.
+-- Stop (or resume) granting the slices of one GPU. Leases already held run on; warm (idle) leases
+-- are asked to hand over at once.
 -- A[1] - GPU UUID
 -- A[2] - '1' drain, '0' resume
 -- returns {'ok', slices still leased on the GPU} | {'unknown'}
@@ -10,8 +11,11 @@ if g.draining then redis.call('SADD', K.draining, uuid) else redis.call('SREM', 
 local leased = 0
 for _, id in ipairs(redis.call('HKEYS', gpu_slices_key(uuid))) do
   local state = redis.call('HGET', K.slice_state, id)
-  if leased_by(state) then
+  local holder = leased_by(state)
+  if holder then
     leased = leased + 1
+    -- a warm lease's process is idle: it hands the slice over for the drain at once
+    if g.draining and redis.call('HEXISTS', lease_key(holder), 'warm_at') == 1 then ask_handover(holder) end
   elseif g.draining and state == 'free' then
     redis.call('ZREM', free_key(slice(id).pkey), id)
     redis.call('HSET', K.slice_state, id, 'draining')

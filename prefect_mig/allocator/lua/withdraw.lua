@@ -3,7 +3,8 @@
 -- that no longer lists it, or a restore.
 -- A[1] - JSON list of slice ids
 -- A[2] - mode: 'now'     all or nothing: refused if one is leased
---               'drain'   idle ones now, leased ones as soon as their lease ends (the range drain)
+--               'drain'   idle ones now, leased ones as soon as their lease ends (the range drain;
+--                         warm leases among them are asked to hand over at once)
 --               'restore' back into service (the re-carve was given up)
 -- returns {'ok', withdrawn, still leased} | {'busy', slice id} ('now' only: nothing was withdrawn)
 local ids = cjson.decode(A[1])
@@ -27,8 +28,11 @@ for _, id in ipairs(ids) do
   local s = slice(id)
   if s then
     redis.call('SADD', K.withholding, id)
-    if leased_by(redis.call('HGET', K.slice_state, id)) then
+    local holder = leased_by(redis.call('HGET', K.slice_state, id))
+    if holder then
       leased = leased + 1
+      -- a warm lease's process is idle: it hands the slice over for the re-carve at once
+      if redis.call('HEXISTS', lease_key(holder), 'warm_at') == 1 then ask_handover(holder) end
     else
       redis.call('ZREM', free_key(s.pkey), id)
       redis.call('HSET', K.slice_state, id, 'withdrawn')

@@ -31,6 +31,9 @@ run's logs through the flow's process, with networking off. Submitting tasks fro
 Prefect API, so it needs ``network=`` (``"host"`` when the API is on the flow's host): networking
 stays off unless the user asks, because the container is confined by default and only the user
 knows whether its body may reach anything.
+
+With ``keep_warm_s``, a try's container and process stay on the leased slice for the next try of
+the same runner in the flow run (`prefect_mig.integrations.prefect.warm`).
 """
 
 from __future__ import annotations
@@ -67,8 +70,18 @@ from prefect_mig.integrations.prefect.context import picklable_state as _picklab
 from prefect_mig.integrations.prefect.context import shielded, undo_acquire
 from prefect_mig.integrations.prefect.direct_calls import route_direct_calls, wants_slice
 from prefect_mig.integrations.prefect.profiles import check_known
+from prefect_mig.integrations.prefect.warm import (
+    check_warm,
+    close_flow_run_slots,
+    discard_taken,
+    local_waiter,
+    passed_slot,
+    start_warm,
+    warm_key,
+)
 from prefect_mig.launchers import ContainerSettings, DockerLauncher
 from prefect_mig.launchers.docker import cluster_labels
+from prefect_mig.launchers.warm_pool import POOL
 from prefect_mig.settings import load_settings
 
 AWAITING_MIG = "AwaitingMIG"
@@ -135,6 +148,15 @@ class MigTaskRunner(ThreadPoolTaskRunner):
             ``read_only_root``, ``tmp_size``, ``no_new_privileges``, ``cap_add``, ``pids_limit``,
             ``user`` (see `ContainerSettings`; by default the root file system is read-only, every
             capability is dropped, no-new-privileges is on and processes are limited to 4096).
+        keep_warm_s: keep a task's container and Python process on its slice (lease held) for up
+            to this long after its body ends, for the next task of this runner in the same flow run
+            (same profile, priority, tenant, image, env, volumes): that body then runs in the same
+            process, with no new container or lease. 0 (default): a fresh container per try. A
+            warm slice is handed over at once when anyone else could use it; a try that failed,
+            timed out or was cancelled is never reused, and retries get a fresh container (see
+            `prefect_mig.integrations.prefect.warm`).
+        share_warm: widen reuse beyond one flow run: ``"deployment"`` (runs of the same
+            deployment) or ``"tenant"`` (any run of the same tenant in this process).
 
     Examples:
         ```python
@@ -163,6 +185,8 @@ class MigTaskRunner(ThreadPoolTaskRunner):
         wait_timeout_s: float | None = None,
         max_workers: int | None = None,
         container_options: dict[str, Any] | None = None,
+        keep_warm_s: float = 0,
+        share_warm: str | None = None,
     ) -> None:
         super().__init__(max_workers=max_workers)
         self.profile = profile
@@ -180,9 +204,11 @@ class MigTaskRunner(ThreadPoolTaskRunner):
         self.wait_timeout_s = wait_timeout_s
         self.container_options = dict(container_options or {})
         _check_container_options(self.container_options)
+        self.keep_warm_s, self.share_warm = check_warm(keep_warm_s, share_warm)
         self._launchers: dict[str | None, DockerLauncher] = {}  # runtime state: one per Docker engine
         self._flow_cancelled = threading.Event()  # runtime state: cancel_all meant a cancellation
         self._exiting_normally = False
+        self._warm_scopes: set = set()  # runtime state: the flow runs whose warm slots this runner made
         if profile is not None:
             self.request_for(profile, priority or 0, tenant or "default")  # validates early
             check_known(profile)  # against the catalog: a typo fails here, not at the first run
@@ -192,7 +218,8 @@ class MigTaskRunner(ThreadPoolTaskRunner):
         return {
             k: getattr(self, k)
             for k in ("profile", "priority", "tenant", "preemptible", "image", "env", "volumes", "network",
-                      "cpus", "mem_limit", "cluster", "lease_ttl_s", "wait_timeout_s", "container_options")
+                      "cpus", "mem_limit", "cluster", "lease_ttl_s", "wait_timeout_s", "container_options",
+                      "keep_warm_s", "share_warm")
         } | {"max_workers": self._max_workers}
 
     def duplicate(self) -> MigTaskRunner:
@@ -220,6 +247,8 @@ class MigTaskRunner(ThreadPoolTaskRunner):
             super().__exit__(exc_type, exc_value, traceback)
         finally:
             self._exiting_normally = False
+            if self._warm_scopes:
+                close_flow_run_slots(self._warm_scopes)
 
     def __getstate__(self) -> dict[str, Any]:
         return _picklable_state(super().__getstate__())
@@ -227,6 +256,7 @@ class MigTaskRunner(ThreadPoolTaskRunner):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._launchers, self._flow_cancelled, self._exiting_normally = {}, threading.Event(), False
+        self._warm_scopes = set()
 
     # ------------------------------------------------------------------ what to ask for
 
@@ -323,62 +353,78 @@ class MigTaskRunner(ThreadPoolTaskRunner):
         holder = f"{ctx.task_run.flow_run_id}/{ctx.task_run.id}" if ctx else "local"
         request = self.request_for(profile, priority, tenant, holder)
         logger = get_run_logger() if ctx else None
-        allocator = self._allocator(logger)
-        try:  # a bad image fails before any lease is taken (launcher.run checks the slice's engine again)
-            self._launcher(None).check_python()
-        except DockerUnavailable:
-            pass  # no engine here: the slices live on nodes with engines of their own
+        warm_key = self._warm_key(request, ctx, flow_ctx)
+        slot = shielded(POOL.take, warm_key, keep_warm_s=self.keep_warm_s, undo=discard_taken) if warm_key else None
+        allocator = slot.lease.allocator if slot else self._allocator(logger)  # a warm hit skips the settings
+        if slot is None:
+            try:  # a bad image fails before any lease is taken (launcher.run checks the slice's engine again)
+                self._launcher(None).check_python()
+            except DockerUnavailable:
+                pass  # no engine here: the slices live on nodes with engines of their own
+            timeout_s = self.wait_timeout_s if self.wait_timeout_s is not None else load_settings().wait_timeout_s
 
         cancelled = _AnyEvent(_cancel_event(ctx), stop)
-        timeout_s = self.wait_timeout_s if self.wait_timeout_s is not None else load_settings().wait_timeout_s
-        got = shielded(allocator.try_acquire, request, wait=timeout_s != 0, undo=undo_acquire(allocator))
-        waited = not isinstance(got, LeaseInfo)
-        if not isinstance(got, LeaseInfo):
-            with _awaiting_state(ctx, allocator, got.request_id, request, logger) as waiting:
+        got = None if slot else shielded(allocator.try_acquire, request, wait=timeout_s != 0, undo=undo_acquire(allocator))
+        waited = slot is None and not isinstance(got, LeaseInfo)
+        if waited:
+            with _awaiting_state(ctx, allocator, got.request_id, request, logger) as waiting, \
+                    local_waiter(warm_key, got.request_id) as passed:
                 try:
-                    got = allocator.wait_for_grant(got.request_id, timeout_s, request=request, stop=cancelled)
-                except WaitTimeout as exc:
-                    if cancelled is not None and cancelled.is_set():
+                    got = allocator.wait_for_grant(got.request_id, timeout_s, request=request, stop=_AnyEvent(cancelled, passed.stop))
+                except (WaitTimeout, LeaseLost) as exc:
+                    slot = passed_slot(passed)
+                    if slot is None and (isinstance(exc, LeaseLost) or cancelled.is_set()):
                         raise
-                    raise WaitTimeout(
-                        f"{exc} It waited because: {waiting.text}. A longer wait: MigTaskRunner(wait_timeout_s=...) "
-                        "or PREFECT_MIG_WAIT_TIMEOUT_S.",
-                        lease_id=exc.lease_id,
-                    ) from exc
-        lost = threading.Event()
-        lease = Lease(allocator, got, on_lost=lambda held, exc: lost.set()).start_renewing()
+                    if slot is None:
+                        raise WaitTimeout(
+                            f"{exc} It waited because: {waiting.text}. A longer wait: MigTaskRunner(wait_timeout_s=...) "
+                            "or PREFECT_MIG_WAIT_TIMEOUT_S.",
+                            lease_id=exc.lease_id,
+                        ) from exc
+        if slot is not None:
+            lease = slot.lease
+        else:
+            lease = Lease(allocator, got, on_lost=POOL.lost if warm_key else None,
+                          on_notice=POOL.notice if warm_key else None).start_renewing()
+        lost, reusable = lease.lost, False
         try:
             s = lease.slice
             where = f"{s.profile}@{s.start} on {s.node} GPU {s.gpu_index} ({s.mig_uuid})"
             if waited:  # back from AwaitingMIG; otherwise the engine's own Running state stands
                 _running_message(ctx, f"leased {where}, fence {lease.fence}")
             announce_lease(ctx, lease, where)
-            if logger:
+            if logger and slot is not None:
+                logger.info("reusing the warm process on %s (call %d in it), fence %s", where, slot.container.calls + 1, lease.fence)
+            elif logger:
                 logger.info("leased %s, waited %.2f s, fence %s", where, got.waited_ms / 1000, lease.fence)
-            docker_url = allocator.node_docker_url(s.node)  # the engine on the node that owns the slice
-            launcher = self._launcher(docker_url)
-            labels = {
-                **cluster_labels(cluster_id=allocator.cluster_id(), namespace=allocator.keys.namespace, node=s.node),
-                "lease-id": lease.lease_id,
-                "fence": lease.fence,
-                "slice": f"{s.node}/{s.gpu_index}/{s.profile}@{s.start}",
-                "flow-run-id": ctx.task_run.flow_run_id if ctx else "",
-                "task-run-id": ctx.task_run.id if ctx else "",
+            run_ids = {"flow-run-id": ctx.task_run.flow_run_id if ctx else "", "task-run-id": ctx.task_run.id if ctx else ""}
+            if slot is None:  # a new container: on the engine of the node that owns the slice
+                launcher = self._launcher(allocator.node_docker_url(s.node))
+                labels = {
+                    **cluster_labels(cluster_id=allocator.cluster_id(), namespace=allocator.keys.namespace, node=s.node),
+                    "lease-id": lease.lease_id,
+                    "fence": lease.fence,
+                    "slice": f"{s.node}/{s.gpu_index}/{s.profile}@{s.start}",
+                    **run_ids,
+                }
+            env = {  # what the body may use to fence its own side effects
+                "PREFECT_MIG_LEASE_ID": lease.lease_id,
+                "PREFECT_MIG_FENCE": str(lease.fence),
+                "PREFECT_MIG_TASK_RUN_ID": str(run_ids["task-run-id"]),
+                "PREFECT_MIG_FLOW_RUN_ID": str(run_ids["flow-run-id"]),
+                "PREFECT_MIG_RUN_COUNT": str(ctx.task_run.run_count if ctx else 1),
+                "PREFECT_MIG_RUN_CONTEXT": body_context(ctx),
+                **(prefect_env(ctx, self.network, self.env) if ctx else {}),
             }
+            on_log, stopped = (log_sink(logger) if logger else None), _AnyEvent(lost, cancelled)
             try:
-                return launcher.run(
-                    fn, args, kwargs, mig_uuid=s.mig_uuid, labels=labels,
-                    on_log=(log_sink(logger) if logger else None), stop=_AnyEvent(lost, cancelled),
-                    env={  # what the body may use to fence its own side effects
-                        "PREFECT_MIG_LEASE_ID": lease.lease_id,
-                        "PREFECT_MIG_FENCE": str(lease.fence),
-                        "PREFECT_MIG_TASK_RUN_ID": str(labels["task-run-id"]),
-                        "PREFECT_MIG_FLOW_RUN_ID": str(labels["flow-run-id"]),
-                        "PREFECT_MIG_RUN_COUNT": str(ctx.task_run.run_count if ctx else 1),
-                        "PREFECT_MIG_RUN_CONTEXT": body_context(ctx),
-                        **(prefect_env(ctx, launcher.settings.network, launcher.settings.env) if ctx else {}),
-                    },
-                )
+                if warm_key is None:
+                    return launcher.run(fn, args, kwargs, mig_uuid=s.mig_uuid, labels=labels, on_log=on_log, stop=stopped, env=env)
+                if slot is None:
+                    slot = POOL.adopt(warm_key, lease, start_warm(launcher, s.mig_uuid, labels), keep_warm_s=self.keep_warm_s)
+                value = slot.container.call(fn, args, kwargs, env=env, on_log=on_log, stop=stopped)
+                reusable = True
+                return value
             except (ContainerStopped, ContainerFailed) as exc:
                 if cancelled is not None and cancelled.is_set():
                     raise ContainerStopped(
@@ -396,8 +442,18 @@ class MigTaskRunner(ThreadPoolTaskRunner):
                     reason=reason,
                     lease_id=lease.lease_id,
                 ) from exc
-        finally:
-            shielded(lease.release)  # a timeout raised into this thread must not skip the release
+        finally:  # a timeout raised into this thread must not skip the release
+            if slot is not None:
+                shielded(POOL.finish, slot, reusable=reusable)
+            else:
+                shielded(lease.release)
+
+    def _warm_key(self, request: SliceRequest, ctx, flow_ctx):
+        """Which warm slots a try may reuse (None: none, a fresh container; see `warm_key`)."""
+        key = warm_key(self, request, ctx, flow_ctx) if self.keep_warm_s else None
+        if key is not None and key[0][0] == "flow-run":
+            self._warm_scopes.add(key[0])
+        return key
 
     # ------------------------------------------------------------------ flow level
 

@@ -1,0 +1,103 @@
+"""Warm slices for `MigTaskRunner(keep_warm_s=...)`: which tries may share a task process.
+
+A try may run in the warm process another try of the same runner left on its slice when both have
+the same key: the sharing scope (the flow run by default; the deployment or the tenant with
+``share_warm``), the slice request (profile, priority, tenant, TTL, preemptible) and the runner's
+configuration (image, env, volumes, network, limits, cluster). Retries (``run_count > 1``) always
+get a fresh container, and so does any try after one that raised, crashed, timed out or was
+cancelled (`prefect_mig.launchers.warm_pool` never keeps those). The slots themselves, and how
+warmth gives way to anyone else who waits, are in `prefect_mig.launchers.warm_pool` and
+`prefect_mig.allocator.warmth`.
+
+Examples:
+    ```python
+    from prefect_mig.integrations.prefect.warm import check_warm
+
+    assert check_warm(30, None) == (30.0, None)
+    assert check_warm(0, "tenant") == (0.0, "tenant")
+    ```
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from prefect_mig.errors import ConfigError
+from prefect_mig.launchers import DockerLauncher
+from prefect_mig.launchers.warm import WarmContainer
+from prefect_mig.launchers.warm_pool import POOL, LocalWaiter, WarmSlot
+
+#: the longest a runner may keep an idle process warm
+MAX_KEEP_WARM_S = 3600.0
+SHARE_WARM = ("deployment", "tenant")
+
+
+def check_warm(keep_warm_s: Any, share_warm: Any) -> tuple[float, str | None]:
+    """Refuse a bad ``keep_warm_s`` / ``share_warm`` now, naming it."""
+    try:
+        value = float(keep_warm_s)
+    except (TypeError, ValueError):
+        value = math.nan
+    if isinstance(keep_warm_s, bool) or not (math.isfinite(value) and 0 <= value <= MAX_KEEP_WARM_S):
+        raise ConfigError(
+            f"MigTaskRunner keep_warm_s={keep_warm_s!r}: give seconds from 0 (no warm slices) to {MAX_KEEP_WARM_S:g}.",
+            field="keep_warm_s",
+            value=keep_warm_s,
+        )
+    if share_warm is not None and share_warm not in SHARE_WARM:
+        raise ConfigError(
+            f"MigTaskRunner share_warm={share_warm!r}: allowed are None (one flow run), "
+            + " or ".join(repr(x) for x in SHARE_WARM) + ".",
+            field="share_warm",
+            value=share_warm,
+        )
+    return value, share_warm
+
+
+def warm_key(runner, request, ctx, flow_ctx) -> Hashable | None:
+    """The key of the warm slots a try may use; None for a retry or outside a flow run."""
+    if ctx is None or ctx.task_run.run_count > 1:
+        return None
+    flow_run = getattr(flow_ctx, "flow_run", None)
+    run_id = str(ctx.task_run.flow_run_id)
+    if runner.share_warm == "tenant":
+        scope: tuple = ("tenant", request.tenant)
+    elif runner.share_warm == "deployment" and getattr(flow_run, "deployment_id", None):
+        scope = ("deployment", str(flow_run.deployment_id))
+    else:
+        scope = ("flow-run", run_id)
+    config = {k: v for k, v in runner._config().items() if k not in ("max_workers", "keep_warm_s")}
+    return scope, request.model_copy(update={"holder": ""}), repr(sorted(config.items(), key=lambda kv: kv[0]))
+
+
+def close_flow_run_slots(scopes: set) -> int:
+    """Stop and release the idle slots kept for these flow-run scopes (their task runner exits)."""
+    return POOL.close(lambda key: key[0] in scopes)
+
+
+@contextmanager
+def local_waiter(key: Hashable | None, request_id: str) -> Iterator[LocalWaiter]:
+    """While a queued try waits, a finishing slot of its key may be passed to it (key None: never)."""
+    if key is None:
+        yield LocalWaiter(key=None, request_id=request_id, stop=None)  # type: ignore[arg-type]
+        return
+    with POOL.waiting(key, request_id) as waiter:
+        yield waiter
+
+
+def passed_slot(waiter: LocalWaiter) -> WarmSlot | None:
+    """The slot passed to the wait, now the caller's (the waiter no longer holds it)."""
+    return POOL.claim_passed(waiter) if waiter.key is not None else None
+
+
+def discard_taken(slot: WarmSlot | None) -> None:
+    """`shielded`'s undo for a take that a timeout interrupted."""
+    if slot is not None:
+        POOL.discard(slot)
+
+
+def start_warm(launcher: DockerLauncher, mig_uuid: str, labels: dict[str, str]) -> WarmContainer:
+    return WarmContainer.start(launcher, mig_uuid=mig_uuid, labels=labels)

@@ -1,0 +1,214 @@
+"""Warm slots: a lease and its warm task container, kept for the next task of the same runner.
+
+A slot is (`Lease`, `WarmContainer`) under a key chosen by the caller (the task runner's
+configuration, the slice request and the sharing scope, e.g. the flow run). When a call ends well,
+`WarmPool.finish` asks the allocator what happens to the slice (``warmth.park``, one Lua transition):
+
+- the best waiter for the slice is one of this pool's own queued requests of the same key: the slot
+  passes to it directly (its request leaves the queue; the lease stays busy);
+- someone else waits for it: the container is stopped and the lease released (hand-over);
+- nobody waits: the slot is kept warm for `keep_warm_s`, then stopped and released. Meanwhile a
+  ``handover`` push on the lease (a request that could use the slice queued, or a re-carve wants
+  it) stops and releases it at once, and `take` reuses it for the next call of the same key.
+
+A slot whose call failed, was stopped or whose lease is lost is never kept: it is stopped, then
+its lease released (the container first, so the slice is never used by two holders).
+
+Examples:
+    ```python
+    from prefect_mig.launchers.warm_pool import WarmPool
+
+    pool = WarmPool()
+    assert pool.take(("flow-run-1", "1g.10gb"), keep_warm_s=30) is None
+    pool.close()
+    ```
+"""
+
+from __future__ import annotations
+
+import atexit
+import threading
+import time
+from collections.abc import Hashable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from prefect_mig.allocator import Lease
+from prefect_mig.allocator.warmth import HANDOVER_NOTICE, park, take
+from prefect_mig.errors import PrefectMigError
+from prefect_mig.launchers.warm import WarmContainer
+
+
+@dataclass(eq=False)
+class WarmSlot:
+    """A held lease and the warm container running on its slice."""
+
+    key: Hashable
+    lease: Lease
+    container: WarmContainer
+    keep_warm_s: float = 30.0
+    idle_since: float | None = None
+    timer: threading.Timer | None = field(default=None, repr=False)
+
+
+@dataclass(eq=False)
+class LocalWaiter:
+    """A queued request of this process that a finishing slot of its key may be passed to."""
+
+    key: Hashable
+    request_id: str
+    stop: threading.Event = field(default_factory=threading.Event)
+    slot: WarmSlot | None = None
+
+
+class WarmPool:
+    """Idle warm slots by key, and this process's queued requests that could take one."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._idle: dict[Hashable, list[WarmSlot]] = {}
+        self._waiters: dict[Hashable, list[LocalWaiter]] = {}
+        self._by_lease: dict[str, WarmSlot] = {}
+
+    def take(self, key: Hashable, *, keep_warm_s: float) -> WarmSlot | None:
+        """An idle slot of `key`, taken back into use; None when there is none (or each one was
+        asked back meanwhile: those are stopped and released)."""
+        while True:
+            with self._lock:
+                slots = self._idle.get(key) or []
+                slot = slots.pop() if slots else None
+                if slot is not None and slot.timer is not None:
+                    slot.timer.cancel()
+            if slot is None:
+                return None
+            try:
+                ok = not slot.lease.lost.is_set() and not slot.container.broken and take(
+                    slot.lease.allocator, slot.lease.lease_id, slot.lease.fence
+                )
+            except PrefectMigError:
+                ok = False
+            if ok:
+                slot.idle_since, slot.keep_warm_s = None, keep_warm_s
+                return slot
+            self.discard(slot)
+
+    def adopt(self, key: Hashable, lease: Lease, container: WarmContainer, *, keep_warm_s: float) -> WarmSlot:
+        """A new slot for a lease just granted and its freshly started container."""
+        slot = WarmSlot(key=key, lease=lease, container=container, keep_warm_s=keep_warm_s)
+        with self._lock:
+            self._by_lease[lease.lease_id] = slot
+        return slot
+
+    @contextmanager
+    def waiting(self, key: Hashable, request_id: str) -> Iterator[LocalWaiter]:
+        """While inside, a finishing slot of `key` may be passed to `request_id` (see
+        `LocalWaiter`: its ``stop`` is set and its ``slot`` filled); leaving is atomic with that."""
+        waiter = LocalWaiter(key=key, request_id=request_id)
+        with self._lock:
+            self._waiters.setdefault(key, []).append(waiter)
+        try:
+            yield waiter
+        finally:
+            with self._lock:
+                self._waiters[key].remove(waiter)
+                unused, waiter.slot = waiter.slot, None
+            if unused is not None:  # passed to a wait that ended otherwise (an error, a timeout)
+                self.discard(unused)
+
+    def claim_passed(self, waiter: LocalWaiter) -> WarmSlot | None:
+        """The slot passed to `waiter` (now the caller's), or None. Under the pool's lock, so a
+        wait that ended while a slot was being passed to it sees the slot."""
+        with self._lock:
+            slot, waiter.slot = waiter.slot, None
+        return slot
+
+    def finish(self, slot: WarmSlot, *, reusable: bool) -> None:
+        """A call on `slot` ended: pass it on, keep it warm, or stop and release it."""
+        if not reusable or slot.lease.lost.is_set() or slot.container.broken:
+            self.discard(slot)
+            return
+        allocator = slot.lease.allocator
+        with self._lock:
+            own = {w.request_id: w for w in self._waiters.get(slot.key, []) if w.slot is None}
+            try:
+                verdict, request_id = park(allocator, slot.lease.lease_id, slot.lease.fence, list(own))
+            except PrefectMigError:
+                verdict, request_id = "gone", None
+            if verdict == "pass" and request_id in own:
+                waiter = own[request_id]
+                waiter.slot = slot
+                waiter.stop.set()
+                try:  # wake its wait at once (it sees `stop` and returns)
+                    allocator.redis.rpush(allocator.keys.waiter(request_id), "warm")
+                    allocator.redis.pexpire(allocator.keys.waiter(request_id), 60_000)
+                except Exception:  # noqa: BLE001 - the wait wakes by itself within its interval
+                    pass
+                return
+            if verdict == "warm":
+                slot.idle_since = time.monotonic()
+                slot.timer = threading.Timer(slot.keep_warm_s, self._expire, args=(slot,))
+                slot.timer.daemon = True
+                self._idle.setdefault(slot.key, []).append(slot)
+                slot.timer.start()
+                return
+        self.discard(slot)
+
+    def notice(self, lease: Lease, text: str) -> None:
+        """`Lease.on_notice`: a warm lease asked back is stopped and released at once."""
+        if text == HANDOVER_NOTICE:
+            self._drop_idle(self._by_lease.get(lease.lease_id))
+
+    def lost(self, lease: Lease, exc: Exception) -> None:
+        """`Lease.on_lost` for an idle slot: stop its container now (a busy one is stopped by its call)."""
+        self._drop_idle(self._by_lease.get(lease.lease_id))
+
+    def _expire(self, slot: WarmSlot) -> None:
+        self._drop_idle(slot)
+
+    def _drop_idle(self, slot: WarmSlot | None) -> None:
+        if slot is None:
+            return
+        with self._lock:
+            slots = self._idle.get(slot.key) or []
+            if slot not in slots:
+                return  # busy (or already gone): its call's end decides
+            slots.remove(slot)
+            if slot.timer is not None:
+                slot.timer.cancel()
+        threading.Thread(target=self.discard, args=(slot,), daemon=True, name="warm-discard").start()
+
+    def discard(self, slot: WarmSlot) -> None:
+        """Stop the slot's container, then release its lease."""
+        with self._lock:
+            self._by_lease.pop(slot.lease.lease_id, None)
+        try:
+            slot.container.stop()
+        except Exception:  # noqa: BLE001 - the node agent fences a container whose lease ended
+            pass
+        try:
+            slot.lease.release()
+        except PrefectMigError:
+            pass  # Redis trouble: the lease expires by itself
+
+    def idle(self, key: Hashable | None = None) -> list[WarmSlot]:
+        """The idle slots (of `key`)."""
+        with self._lock:
+            return [s for k, slots in self._idle.items() if key is None or k == key for s in slots]
+
+    def close(self, match=lambda key: True) -> int:
+        """Stop and release the idle slots whose key `match` accepts; returns how many."""
+        with self._lock:
+            doomed = [s for k, slots in self._idle.items() if match(k) for s in slots]
+            for k in [k for k in self._idle if match(k)]:
+                self._idle[k] = []
+            for s in doomed:
+                if s.timer is not None:
+                    s.timer.cancel()
+        for s in doomed:
+            self.discard(s)
+        return len(doomed)
+
+
+#: The process's pool (task runners share it: a runner duplicated per flow run finds its slots).
+POOL = WarmPool()
+atexit.register(POOL.close)

@@ -1,0 +1,126 @@
+"""A warm task container (launchers/warm.py) on the real engine: call after call in one process."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from prefect_mig.errors import ContainerFailed, ContainerStopped
+from prefect_mig.launchers import ContainerSettings, DockerLauncher
+from prefect_mig.launchers.docker import LABEL_PREFIX
+from prefect_mig.launchers.warm import WarmContainer
+
+CALLS = 0
+
+
+def count_calls():
+    """A module global kept by the warm process between calls (this module travels by value)."""
+    import os
+    import socket
+
+    global CALLS
+    CALLS += 1
+    return CALLS, socket.gethostname(), os.getpid()
+
+
+def see_env():
+    import os
+
+    return os.environ.get("PREFECT_MIG_RUN_COUNT"), os.environ.get("ONLY_FIRST"), os.environ["CUDA_VISIBLE_DEVICES"]
+
+
+def talk(n):
+    for i in range(n):
+        print(f"call says {i}")
+    return n
+
+
+class BadBatch(Exception):
+    def __init__(self, batch_id, reason):
+        super().__init__(f"batch {batch_id}: {reason}")
+        self.batch_id = batch_id
+
+
+def fail(batch_id):
+    raise BadBatch(batch_id, "no good")
+
+
+def exit_hard():
+    import os
+
+    os._exit(7)
+
+
+def sleep_long():
+    import time
+
+    time.sleep(60)
+
+
+@pytest.fixture
+def warm(python_image, docker_client):
+    run = f"warm-{threading.get_ident()}"
+    container = WarmContainer.start(
+        DockerLauncher(ContainerSettings(image=python_image)), mig_uuid="MIG-warm", labels={"run": run}
+    )
+    yield container
+    container.stop()
+    assert docker_client.containers.list(all=True, filters={"label": f"{LABEL_PREFIX}run={run}"}) == []
+
+
+def test_calls_run_in_one_process_that_keeps_its_module_globals(warm):
+    got = [warm.call(count_calls) for _ in range(3)]
+    assert [n for n, _, _ in got] == [1, 2, 3]
+    assert len({(host, pid) for _, host, pid in got}) == 1
+    assert got[0][1] == warm.container.id[:12]
+
+
+def test_each_call_gets_its_own_environment(warm):
+    first = warm.call(see_env, env={"PREFECT_MIG_RUN_COUNT": "1", "ONLY_FIRST": "yes"})
+    second = warm.call(see_env, env={"PREFECT_MIG_RUN_COUNT": "1"})
+    assert first == ("1", "yes", "MIG-warm")
+    assert second == ("1", None, "MIG-warm")
+
+
+def test_each_calls_output_goes_to_that_calls_log(warm):
+    first: list[str] = []
+    second: list[str] = []
+    assert warm.call(talk, (2,), on_log=first.append) == 2
+    assert warm.call(talk, (1,), on_log=second.append) == 1
+    assert first == ["call says 0", "call says 1"]
+    assert second == ["call says 0"]
+
+
+def test_an_exception_comes_back_as_itself_and_the_process_serves_on(warm):
+    with pytest.raises(BadBatch) as caught:
+        warm.call(fail, ("b7",))
+    assert caught.value.batch_id == "b7"
+    assert "no good" in str(caught.value)
+    assert warm.call(talk, (0,)) == 0
+
+
+def test_a_process_that_dies_fails_the_call_and_never_serves_again(warm):
+    with pytest.raises(ContainerFailed) as caught:
+        warm.call(exit_hard)
+    assert caught.value.exit_code == 7
+    assert warm.broken
+    with pytest.raises(ContainerStopped):
+        warm.call(talk, (0,))
+
+
+def test_a_stopped_call_kills_the_container_and_breaks_it(warm):
+    stop = threading.Event()
+    threading.Timer(1.0, stop.set).start()
+    with pytest.raises(ContainerStopped):
+        warm.call(sleep_long, stop=stop)
+    assert warm.broken
+
+
+def test_the_process_exits_by_itself_when_its_client_goes_away(warm):
+    assert warm.call(talk, (0,)) == 0
+    import socket
+
+    assert warm.container.attrs["Config"]["StdinOnce"] is True
+    getattr(warm._sock, "_sock", warm._sock).shutdown(socket.SHUT_RDWR)  # as when the flow process dies
+    assert warm.container.wait(timeout=60)["StatusCode"] == 0

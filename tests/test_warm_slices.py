@@ -1,0 +1,190 @@
+"""MigTaskRunner(keep_warm_s=...): tasks of one flow run reuse a warm task process on their slice;
+warmth never blocks anyone else. Real Prefect API, Redis and Docker."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from prefect import flow
+from prefect import task as prefect_task
+
+from prefect_mig import MigTaskRunner
+from prefect_mig.allocator import SliceRequest
+from prefect_mig.allocator.invariants import check_events
+from prefect_mig.errors import ConfigError
+from prefect_mig.launchers.docker import task_containers
+
+CALLS = 0
+
+
+def count_calls(i=0):
+    """How many calls this process ran, in which container, for which task run and try."""
+    import os
+    import socket
+
+    global CALLS
+    CALLS += 1
+    return CALLS, socket.gethostname(), os.environ["PREFECT_MIG_TASK_RUN_ID"], os.environ["PREFECT_MIG_RUN_COUNT"]
+
+
+def exit_hard():
+    import os
+
+    os._exit(5)
+
+
+def fail_on_first_try():
+    """Fails its first try (after counting it); a retry reports its process's count and host."""
+    import os
+    import socket
+
+    global CALLS
+    CALLS += 1
+    if os.environ["PREFECT_MIG_RUN_COUNT"] == "1":
+        raise RuntimeError(f"first try fails (call {CALLS} in {socket.gethostname()})")
+    return CALLS, socket.gethostname()
+
+
+def _grants(cluster) -> int:
+    return sum(1 for e in cluster.events() if e["type"] == "lease.granted")
+
+
+def _warm_runner(**options) -> MigTaskRunner:
+    return MigTaskRunner(keep_warm_s=options.pop("keep_warm_s", 60), **options)
+
+
+count = prefect_task(tags=["mig:1g.10gb"])(count_calls)
+
+
+def test_tasks_of_one_flow_run_run_in_one_warm_process_with_their_own_run_ids(cluster):
+    @flow(task_runner=_warm_runner())
+    def pipeline():
+        return [count.submit(i).result() for i in range(3)]
+
+    results = pipeline()
+    assert [n for n, _, _, _ in results] == [1, 2, 3]  # module globals persisted
+    assert len({host for _, host, _, _ in results}) == 1  # one container
+    assert len({run_id for _, _, run_id, _ in results}) == 3  # each call saw its own task run
+    assert {run_count for _, _, _, run_count in results} == {"1"}
+    assert _grants(cluster) == 1
+    assert check_events(cluster.events()).violations == []
+
+
+def test_a_new_flow_run_never_reuses_the_last_runs_process(cluster):
+    @flow(task_runner=_warm_runner())
+    def pipeline():
+        return count.submit().result()
+
+    first, second = pipeline(), pipeline()
+    assert first[0] == 1 and second[0] == 1
+    assert first[1] != second[1]
+
+
+def test_share_warm_tenant_lets_the_next_flow_run_of_the_tenant_reuse_the_process(cluster):
+    from prefect_mig.launchers.warm_pool import POOL
+
+    @flow(task_runner=_warm_runner(share_warm="tenant", tenant="vision"))
+    def pipeline():
+        return count.submit().result()
+
+    try:
+        first, second = pipeline(), pipeline()
+    finally:
+        POOL.close()
+    assert (first[0], second[0]) == (1, 2) and first[1] == second[1]
+
+
+def test_after_a_crash_the_next_task_gets_a_fresh_process(cluster):
+    crash = prefect_task(tags=["mig:1g.10gb"])(exit_hard)
+
+    @flow(task_runner=_warm_runner())
+    def pipeline():
+        before = count.submit().result()
+        crash.submit().wait()
+        after = count.submit().result()
+        return before, after
+
+    before, after = pipeline()
+    assert after[0] == 1 and after[1] != before[1]
+
+
+def sleep_long():
+    import time
+
+    time.sleep(120)
+
+
+def test_after_a_timeout_the_next_task_gets_a_fresh_process(cluster):
+    slow = prefect_task(tags=["mig:1g.10gb"], timeout_seconds=3)(sleep_long)
+
+    @flow(task_runner=_warm_runner())
+    def pipeline():
+        before = count.submit().result()
+        slow.submit().wait(90)
+        after = count.submit().result()
+        return before, after
+
+    before, after = pipeline()
+    assert after[0] == 1 and after[1] != before[1]
+
+
+def test_a_retry_gets_a_fresh_container(cluster):
+    flaky = prefect_task(tags=["mig:1g.10gb"], retries=1, retry_delay_seconds=0)(fail_on_first_try)
+
+    @flow(task_runner=_warm_runner())
+    def pipeline():
+        warmed = count.submit().result()
+        return warmed, flaky.submit().result()
+
+    warmed, retried = pipeline()
+    assert retried[0] == 1 and retried[1] != warmed[1]  # the retry's process saw no earlier call
+    failed_try = [e for e in cluster.events() if e["type"] == "lease.reused"]
+    assert len(failed_try) == 1  # the first try ran in the warm process, the retry did not
+
+
+def test_a_map_over_three_slices_reuses_warm_processes(cluster):
+    @flow(task_runner=_warm_runner())
+    def pipeline():
+        return [f.result() for f in count.map(range(9))]
+
+    results = pipeline()
+    assert len(results) == 9
+    assert _grants(cluster) < 9
+    assert max(n for n, _, _, _ in results) > 1
+    assert check_events(cluster.events()).violations == []
+
+
+def test_a_warm_slice_is_handed_over_at_once_to_a_request_that_waits_for_it(cluster, docker_client):
+    others = [cluster.try_acquire(SliceRequest(profile="1g.10gb")) for _ in range(2)]  # one 1g left
+    ours = {"cluster_id": cluster.cluster_id(), "namespace": cluster.keys.namespace}
+
+    @flow(task_runner=_warm_runner(keep_warm_s=600))
+    def pipeline():
+        count.submit().result()  # its process stays warm on the last 1g
+        assert len(task_containers(docker_client, **ours)) == 1
+        asked = time.monotonic()
+        queued = cluster.try_acquire(SliceRequest(profile="1g.10gb", priority=0, holder="another run"), wait=True)
+        got = cluster.wait_for_grant(queued.request_id, 60)
+        took = time.monotonic() - asked
+        gone = task_containers(docker_client, **ours) == []
+        cluster.release(got.lease_id, got.fence)
+        return took, gone
+
+    took, gone = pipeline()
+    for held in others:
+        cluster.release(held.lease_id, held.fence)
+    assert took < 30  # handed over when asked, not after keep_warm_s (600 s)
+    assert gone  # its container was stopped before the slice was granted again
+    assert check_events(cluster.events()).violations == []
+
+
+@pytest.mark.parametrize(
+    ("options", "field"),
+    [({"keep_warm_s": -1}, "keep_warm_s"), ({"keep_warm_s": "long"}, "keep_warm_s"), ({"share_warm": "everyone"}, "share_warm")],
+)
+def test_bad_warm_options_fail_when_the_runner_is_made_naming_the_field(options, field):
+    with pytest.raises(ConfigError) as caught:
+        MigTaskRunner(**options)
+    assert caught.value.field == field
+    assert field in str(caught.value)
