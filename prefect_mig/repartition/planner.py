@@ -133,7 +133,9 @@ class Knobs:
             (at least a tenth of it) where the lease history tells.
         drain_reference_s: the expected remaining run time `drain_cost` is priced at.
         drain_timeout_factor: a drain gives up after this many times the longest expected
-            remaining run time of the leases it waits for.
+            remaining run time of the leases it waits for (at least `drain_timeout_min_s`).
+        drain_timeout_min_s: the shortest drain timeout the planner sets (a lease about to end
+            still needs the agent to notice).
         fragmentation_cost: served compute slices one unusable free memory slice costs.
         profiles: the profiles layouts are built from: "classic", "extended" (per model, see
             `model_profiles`), "all", or names.
@@ -148,6 +150,7 @@ class Knobs:
     drain_cost: float = 5.0
     drain_reference_s: float = 600.0
     drain_timeout_factor: float = 2.0
+    drain_timeout_min_s: float = 60.0
     fragmentation_cost: float = 0.01
     profiles: str | tuple[str, ...] = "classic"
     drains: bool = True
@@ -318,7 +321,9 @@ def plan_gpu(gpu: GpuState, remaining: Remaining, knobs: Knobs = Knobs()) -> Gpu
         target, kind = current, "none"
     assert kind == "drain" or busy <= target.instances, "a plan may never destroy a busy slice"
     in_the_way = [expected[s] for s in busy - target.instances if s in expected]
-    timeout = knobs.drain_timeout_factor * max(in_the_way) if kind == "drain" and in_the_way else None
+    timeout = (
+        max(knobs.drain_timeout_min_s, knobs.drain_timeout_factor * max(in_the_way)) if kind == "drain" and in_the_way else None
+    )
     return GpuPlan(
         gpu_uuid=gpu.gpu_uuid,
         kind=kind,

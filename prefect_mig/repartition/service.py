@@ -151,10 +151,11 @@ def plan_from_allocator(
 
 
 def desire(allocator: Allocator, plans: list[GpuPlan]) -> list[GpuPlan]:
-    """Write the plans that change something as desired layouts; returns those plans."""
+    """Write the plans that change something as desired layouts, a drain with the planner's
+    timeout for it (`GpuPlan.drain_timeout_s`, which the agent applies); returns those plans."""
     changing = [p for p in plans if p.kind != "none" and p.steps]
     for p in changing:
-        allocator.set_desired(p.gpu_uuid, str(p.target), kind=p.kind)
+        allocator.set_desired(p.gpu_uuid, str(p.target), kind=p.kind, drain_timeout_s=p.drain_timeout_s)
     return changing
 
 

@@ -301,7 +301,6 @@ class Simulator:
         self._counts = {"applied": 0, "drains": 0, "skipped": 0}
         self._backends: list[GpuBackend] = []
         self._queue_by_kind: dict[str, list[tuple[float, int]]] = {}
-        self._drain_timeout: dict[str, float] = {}  # per GPU: the planner's timeout for its drain
         self._next_period = 0.0  # the proportional policy's next re-partitioning
 
     # ------------------------------------------------------------------ plumbing
@@ -463,9 +462,6 @@ class Simulator:
 
     def _begin(self, gpu: str) -> None:
         agent, index = self._gpus[gpu]
-        # the agent gives up a drain after the planner's timeout for it (scaled to the expected
-        # remaining run time of the leases in the way), or its default
-        agent.drain_timeout_s = self._drain_timeout.get(gpu, self.config.drain_timeout_s)
         began = agent.begin_desired(index, gpu)
         if began == "draining":
             if gpu not in self._draining:
@@ -505,7 +501,6 @@ class Simulator:
                 changing.append(gpu)
         for gpu, target in zip(changing, targets):
             self.allocator.set_desired(gpu, target, kind="drain")
-            self._drain_timeout.pop(gpu, None)
             self._begin(gpu)
 
     def _plan(self) -> None:
@@ -518,11 +513,8 @@ class Simulator:
             for gpu in sorted(self._draining):
                 self._begin(gpu)
         elif self._dirty and self._waiting > 0:
+            # a drain carries the planner's timeout in its desired layout, as in the live service
             for p in service.run_once(self.allocator, knobs=self.config.knobs, announce_s=10**6, history=self.config.history):
-                if p.drain_timeout_s is not None:
-                    self._drain_timeout[p.gpu_uuid] = max(self.config.plan_interval_s, p.drain_timeout_s)
-                else:
-                    self._drain_timeout.pop(p.gpu_uuid, None)
                 self._begin(p.gpu_uuid)
             for gpu in sorted(self._draining):
                 self._begin(gpu)
