@@ -413,3 +413,26 @@ def test_the_live_service_gives_a_drain_the_timeout_the_lease_history_gives_it(a
         assert str(backend.layout(0)) == str(SEVEN)
         assert {s["state"] for s in alloc.status()["slices"]} == {"leased", "free"}
         alloc.release(held.lease_id, held.fence)
+
+
+def test_the_lease_history_reads_back_as_a_workload():
+    from prefect_mig.repartition.service import recent_leases
+
+    events = [
+        # a waited 50 s, then ran 100 s; b runs since 200 s ago (finished leases ran 100 s and 1,000 s)
+        {"type": "lease.granted", "lease": "a", "at": 50_000, "waited_ms": 50_000, "wants": "H100-80GB/1g.20gb,H100-80GB/2g.20gb"},
+        {"type": "lease.released", "lease": "a", "at": 150_000},
+        {"type": "lease.granted", "lease": "x", "at": 150_000, "wants": "H100-80GB/3g.40gb"},
+        {"type": "lease.released", "lease": "x", "at": 1_150_000},
+        {"type": "lease.granted", "lease": "b", "at": 1_000_000, "priority": "5", "wants": "H100-80GB/7g.80gb"},
+    ]
+    status = {"queue": [{"pkeys": ["H100-80GB/1g.10gb"], "priority": 2, "enqueued_at": 1_100_000}]}
+    rows = recent_leases(status, events, now_ms=1_200_000, profiles="extended")
+    assert rows == [
+        (-1200.0, 150.0, "H100-80GB/1g.20gb", 0),  # arrived at 0, done after its wait and run
+        (-1050.0, 1000.0, "H100-80GB/3g.40gb", 0),
+        (-200.0, 1000.0, "H100-80GB/7g.80gb", 5),  # 200 s old; the 1,000 s lease says 800 s more
+        (-100.0, 550.0, "H100-80GB/1g.10gb", 2),  # queued: the mean run time
+    ]
+    # with the classic profiles, a request for 1g.20gb or 2g.20gb counts as 2g.20gb
+    assert recent_leases(status, events, now_ms=1_200_000)[0][2] == "H100-80GB/2g.20gb"
