@@ -14,7 +14,9 @@ faster (the load on the fleet). Run times capped at 2 h, mapping ``v100`` (a tra
 V100-16GB; one compute slice is worth the fleet model's dense FP16 TFLOPS per slice over the
 V100's; see `prefect_mig.simulation.workload`), multi-GPU pods split into whole-slice parts.
 Fleet: 8x H100-80GB. Layouts use each model's extended profiles (1g.20gb on an H100). Re-carve:
-10 s.
+10 s. The dynamic policies (``dynamic``, ``proportional``) start from the best static mix of the
+HISTORY pods *before* the window (the past a service that ran before it has seen; the search of
+``static:searched``), not from an arbitrary layout; ``static:searched`` knows the window itself.
 
 Anchors (same run, per window and load): whole-gpu; ``sharing`` (fractional GPU sharing without
 isolation, best fit by memory, 30 % co-location slowdown; `prefect_mig.simulation.baselines`);
@@ -265,7 +267,9 @@ def main() -> None:
         "mapping": "v100 (trace GPU = V100-16GB; compute per the model's dense FP16 TFLOPS; multi-GPU pods split)",
         "jobs_per_window": JOBS,
         "windows": {"tuning": [f"day {starts[f'{d:g}'] / 86400:.2f}" for d in TUNING],
-                    "held_out": [f"day {starts[w] / 86400:.2f}" for w in HELD_OUT]},
+                    "held_out": [f"day {starts[w] / 86400:.2f}" for w in HELD_OUT],
+                    "run": [f"{role} day {starts[name] / 86400:.2f}" for role, name in windows]},
+        "history_pods": HISTORY,
         "max_duration_s": MAX_DURATION_S,
         "bench_wall_s": round(bench_s, 1),
         **provenance(command=["python", "bench/scheduling.py", *sys.argv[1:]], seed=None, knobs=knobs, trace=args.trace),
