@@ -71,28 +71,19 @@ def demand_of(
 
 def expected_remaining(status: dict, events: list[dict], *, now_ms: int) -> dict[str, float]:
     """Per leased slice: its lease's expected remaining run time in seconds, from the lease history
-    in `events` (oldest first): the mean of ``d - age`` over the finished leases' run times ``d``
-    longer than the lease's age (a lease older than every finished one: its age again). A finished
-    lease's run time is the ``held_ms`` its end event carries (so a long lease whose grant left the
-    stream still counts; else its grant in `events`), a lease's age comes from its ``granted_at``
-    in `status` (else its grant in `events`). Empty without finished leases."""
+    in `events` (oldest first): the mean of ``d - age`` over the finished leases' durations ``d``
+    longer than the lease's age (a lease older than every finished one: its age again). Empty
+    without finished leases, and for leases granted before `events` begins."""
     granted: dict[str, int] = {}
     durations: list[float] = []
     for e in events:
         kind, lease = e.get("type"), e.get("lease")
         if kind == "lease.granted" and lease:
             granted[lease] = int(e.get("at") or 0)
-        elif kind in ("lease.released", "lease.expired"):
-            start = granted.pop(lease, None)
-            if e.get("held_ms") not in (None, ""):
-                durations.append(int(e["held_ms"]) / 1000)
-            elif start is not None:
-                durations.append((int(e.get("at") or 0) - start) / 1000)
+        elif kind in ("lease.released", "lease.expired") and lease in granted:
+            durations.append((int(e.get("at") or 0) - granted.pop(lease)) / 1000)
     if not durations:
         return {}
-    for row in status.get("leases", []):
-        if row.get("granted_at") not in (None, ""):
-            granted[row["lease_id"]] = int(row["granted_at"])
     out = {}
     for s in status["slices"]:
         if s["state"] == "leased" and s.get("lease") in granted:

@@ -269,8 +269,7 @@ end
 
 -- End a lease (released, expired, revoked): free its slice for the next waiter.
 local function end_lease(lease_id, reason)
-  local f = redis.call('HMGET', lease_key(lease_id), 'slice', 'fence', 'tenant', 'compute', 'preemptible_pkey', 'counted',
-    'granted_at')
+  local f = redis.call('HMGET', lease_key(lease_id), 'slice', 'fence', 'tenant', 'compute', 'preemptible_pkey', 'counted')
   local id, fence, tenant = f[1], f[2], f[3]
   if f[5] then redis.call('ZREM', preemptible_key(f[5]), lease_id) end
   redis.call('DEL', lease_key(lease_id))
@@ -280,8 +279,7 @@ local function end_lease(lease_id, reason)
     redis.call('HINCRBY', K.tenant_slices, tenant, -1)
     redis.call('HINCRBY', K.tenant_compute, tenant, -tonumber(f[4] or '0'))
   end
-  -- how long it was held: the repartitioner's lease history, even when its grant left the stream
-  event('lease.' .. reason, {'lease', lease_id, 'slice', id, 'fence', fence, 'held_ms', NOW - tonumber(f[7] or NOW)})
+  event('lease.' .. reason, {'lease', lease_id, 'slice', id, 'fence', fence})
   if leased_by(redis.call('HGET', K.slice_state, id)) == lease_id then
     local s = slice(id)
     if s.gone then
