@@ -71,7 +71,8 @@ class NodeAgent:
             containers on this node whose lease is gone or whose fencing token is stale (a killed
             flow process, a lost lease), and slices its running task containers use count as busy.
         drain_timeout_s: a range drain whose leases outlive this is given up (its slices go back
-            into service).
+            into service), unless the desired layout carries the planner's own timeout (see
+            `Allocator.set_desired`).
         clock: seconds, for the drain timeout (the simulator passes its virtual clock).
     """
 
@@ -254,7 +255,9 @@ class NodeAgent:
             leased = self.allocator.withdraw_when_idle(doomed_ids)
             started = self._draining_since.setdefault(gpu_uuid, self.clock())
             if leased:
-                if self.clock() - started < self.drain_timeout_s:
+                # the planner's timeout for this drain (scaled to the leases in its way), else ours
+                timeout = desired.get("drain_timeout_s") or self.drain_timeout_s
+                if self.clock() - started < timeout:
                     return "draining"
                 self._draining_since.pop(gpu_uuid, None)
                 self.allocator.restore(doomed_ids)

@@ -384,3 +384,55 @@ def test_memory_bound_demand_moves_a_gpu_from_2g_20gb_to_1g_20gb_slices():
         book.add_queued(["H100-80GB/1g.20gb", "H100-80GB/2g.20gb"], priority=0)
     (p,) = plan([twos], book.demand, Knobs(profiles="extended"))
     assert p.target.profile_counts() == {"1g.20gb": 4} and p.kind == "incremental"
+
+
+def test_the_live_service_gives_a_drain_the_timeout_the_lease_history_gives_it(alloc, clock, tmp_path):
+    """Not the agent's fixed timeout: finished leases ran 100 s and 300 s, so a lease 50 s old is
+    expected to run 150 s more and the drain waits twice that for it, then gives up."""
+    from prefect_mig.allocator import SliceRequest
+    from prefect_mig.repartition.service import run_once
+
+    with seven_ones_agent(alloc, tmp_path, drain_timeout_s=600, clock=lambda: clock.now_ms() / 1000) as (backend, agent):
+        for ran_s in (100, 300):
+            done = alloc.try_acquire(SliceRequest(profile="1g.10gb"))
+            clock.advance(ran_s)
+            alloc.release(done.lease_id, done.fence)
+        held = alloc.try_acquire(SliceRequest(profile="1g.10gb"))
+        clock.advance(50)
+        alloc.queue_uncarved = True
+        alloc.try_acquire(SliceRequest(profile="7g.80gb", priority=10), wait=True)
+        gpu = backend.gpu(0).uuid
+        (p,) = run_once(alloc, knobs=Knobs(drain_cost=0.1))
+        assert (p.kind, p.drain_timeout_s) == ("drain", 300.0)
+        assert alloc.desired(gpu)["drain_timeout_s"] == 300.0
+        assert agent.apply_desired(0, gpu) == "draining"
+        clock.advance(299)
+        assert agent.apply_desired(0, gpu) == "draining"
+        clock.advance(2)  # past the planner's 300 s, long before the agent's own 600 s
+        assert agent.apply_desired(0, gpu) == "skipped"
+        assert str(backend.layout(0)) == str(SEVEN)
+        assert {s["state"] for s in alloc.status()["slices"]} == {"leased", "free"}
+        alloc.release(held.lease_id, held.fence)
+
+
+def test_the_lease_history_reads_back_as_a_workload():
+    from prefect_mig.repartition.service import recent_leases
+
+    events = [
+        # a waited 50 s, then ran 100 s; b runs since 200 s ago (finished leases ran 100 s and 1,000 s)
+        {"type": "lease.granted", "lease": "a", "at": 50_000, "waited_ms": 50_000, "wants": "H100-80GB/1g.20gb,H100-80GB/2g.20gb"},
+        {"type": "lease.released", "lease": "a", "at": 150_000},
+        {"type": "lease.granted", "lease": "x", "at": 150_000, "wants": "H100-80GB/3g.40gb"},
+        {"type": "lease.released", "lease": "x", "at": 1_150_000},
+        {"type": "lease.granted", "lease": "b", "at": 1_000_000, "priority": "5", "wants": "H100-80GB/7g.80gb"},
+    ]
+    status = {"queue": [{"pkeys": ["H100-80GB/1g.10gb"], "priority": 2, "enqueued_at": 1_100_000}]}
+    rows = recent_leases(status, events, now_ms=1_200_000, profiles="extended")
+    assert rows == [
+        (-1200.0, 150.0, "H100-80GB/1g.20gb", 0),  # arrived at 0, done after its wait and run
+        (-1050.0, 1000.0, "H100-80GB/3g.40gb", 0),
+        (-200.0, 1000.0, "H100-80GB/7g.80gb", 5),  # 200 s old; the 1,000 s lease says 800 s more
+        (-100.0, 550.0, "H100-80GB/1g.10gb", 2),  # queued: the mean run time
+    ]
+    # with the classic profiles, a request for 1g.20gb or 2g.20gb counts as 2g.20gb
+    assert recent_leases(status, events, now_ms=1_200_000)[0][2] == "H100-80GB/2g.20gb"

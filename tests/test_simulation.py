@@ -58,7 +58,7 @@ def test_a_trace_without_the_columns_is_refused_by_name(tmp_path):
 
 def test_policies_by_name_and_bad_names_list_what_is_allowed():
     assert parse_policy("static:3g.40gb@0+3g.40gb@4", "H100-80GB").layout_for(5) == "3g.40gb@0 + 3g.40gb@4"
-    with pytest.raises(ConfigError, match="whole-gpu, dynamic, static:smallest"):
+    with pytest.raises(ConfigError, match="whole-gpu, dynamic, dynamic:mix, static:smallest"):
         parse_policy("round-robin", "H100-80GB")
     with pytest.raises(ConfigError, match="neither static:smallest"):
         parse_policy("static:3g.40gb@1", "H100-80GB")
@@ -170,3 +170,31 @@ def test_a_policy_that_rejects_jobs_is_not_a_baseline(redis_server, tmp_path):
     assert ratios(results)["best_static"] == "static:mixed"
     # the lower bound counts only the jobs that ran
     assert by["static:smallest"].lower_bound_s == 50
+
+
+def test_dynamic_mix_follows_the_static_mix_the_lease_history_asks_for(redis_server, tmp_path):
+    """Started on 7x1g, a queue of 3g jobs (a kind the layout lacks) makes the dynamic policy
+    search the mix for what it has seen and carve it: the 3g jobs run two at a time."""
+    jobs = [Job(f"t{i}", 0, 600, ((40.0, 3),)) for i in range(4)]
+    start = parse_policy("static:" + "+".join(f"1g.10gb@{i}" for i in range(7)), "H100-80GB").layouts
+    policy = Policy("dynamic:mix", start, dynamic=True, mix_every=parse_policy("dynamic:mix", "H100-80GB").mix_every)
+    dyn = Simulator(redis_server.client(), jobs, SimConfig(fleet="n=1xH100-80GB", policy=policy, plan_interval_s=30.0),
+                    state_dir=tmp_path).run()
+    assert not dyn.unfinished and not dyn.violations and dyn.reconfigurations == 1
+    assert dyn.layouts_end == ["3g.40gb@0 + 3g.40gb@4"]
+    assert dyn.makespan_s == pytest.approx(30 + 10 + 1200, abs=31)
+
+
+def test_dynamic_policies_start_from_the_mix_of_the_history_before_the_window(redis_server, tmp_path):
+    """A service that ran before the window has seen its past: with `history` of 3g jobs, dynamic
+    starts carved for them and needs no re-carve, where from ``mixed`` it must re-carve first."""
+    jobs = [Job(f"t{i}", 0, 600, ((40.0, 3),)) for i in range(4)]
+    history = [Job(f"h{i}", 0, 600, ((40.0, 3),)) for i in range(4)]
+    cold, warm = (
+        compare(redis_server.client(), jobs, fleet="n=1xH100-80GB", policies=["dynamic"], state_dir=tmp_path / name,
+                history=past)[0]
+        for name, past in (("cold", ()), ("warm", history))
+    )
+    assert cold.reconfigurations >= 1
+    assert warm.reconfigurations == 0 and warm.layouts_end == ["3g.40gb@0 + 3g.40gb@4"]
+    assert warm.summary()["jct_mean_s"] < cold.summary()["jct_mean_s"]

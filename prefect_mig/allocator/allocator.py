@@ -676,9 +676,14 @@ class Allocator:
         """Put withdrawn slices back into service (a re-carve was given up)."""
         self._run("withdraw", json.dumps(list(slice_ids)), "restore", action="restore slices")
 
-    def set_desired(self, gpu_uuid: str, layout: str, *, kind: str) -> None:
-        """Ask the GPU's agent to carve `layout` (``kind``: incremental or drain)."""
-        body = json.dumps({"layout": layout, "kind": kind, "at": time.time()})
+    def set_desired(self, gpu_uuid: str, layout: str, *, kind: str, drain_timeout_s: float | None = None) -> None:
+        """Ask the GPU's agent to carve `layout` (``kind``: incremental or drain). A drain gives up
+        after `drain_timeout_s` (the planner's, from the expected remaining run time of the leases
+        in its way), or after the agent's own timeout when None."""
+        record = {"layout": layout, "kind": kind, "at": time.time()}
+        if drain_timeout_s is not None:
+            record["drain_timeout_s"] = float(drain_timeout_s)
+        body = json.dumps(record)
         with redis_errors("write a desired layout"):
             pipe = self.redis.pipeline(transaction=True)
             pipe.hset(self.keys.desired, gpu_uuid, body)

@@ -27,7 +27,7 @@ def simulate(
         list[str] | None,
         typer.Option(
             "--policy",
-            help="whole-gpu, sharing, static:smallest|mixed|fitted|searched|<layout>, proportional, dynamic (repeat it).",
+            help="whole-gpu, sharing, static:smallest|mixed|fitted|searched|<layout>, proportional, dynamic, dynamic:mix (repeat it).",
         ),
     ] = None,
     jobs: Annotated[int, typer.Option(help="How many GPU pods of the trace to replay.")] = 500,

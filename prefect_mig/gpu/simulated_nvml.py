@@ -126,6 +126,11 @@ class SimulatedNvml:
     def _state(self, *, write: bool = False) -> Iterator[dict]:
         if not self._initialized:
             _raise(pynvml.NVML_ERROR_UNINITIALIZED)
+        if not write:
+            # every write replaces the whole file at once (os.replace), so a read needs no lock: it
+            # sees the state before or after a write, never half of one (and reads are most calls)
+            yield self._load(fresh=False)
+            return
         self.state_dir.mkdir(parents=True, exist_ok=True)
         with open(self.state_path.with_suffix(".lock"), "a+") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX if write else fcntl.LOCK_SH)

@@ -8,8 +8,9 @@ For each GPU it picks a target layout and the fewest create/destroy steps to rea
   plan (a range drain: the slices it replaces take no new grants and leave as their leases end,
   then it is applied) only when its gain over the best incremental layout exceeds ``drain_cost``
   per lease it must wait for, scaled by that lease's expected remaining run time (from the lease
-  history, `GpuState.remaining_s`) over ``drain_reference_s``: waiting for a lease that will run two
-  more hours costs twelve times one that ends in ten minutes. A drain plan carries a timeout in
+  history, `GpuState.remaining_s`) over ``drain_reference_s`` (waiting for a lease that will run two
+  more hours costs twelve times one that ends in ten minutes), plus the slice-time it withholds:
+  what the idle slices it takes out of service would serve of the waiting demand, for that wait. A drain plan carries a timeout in
   the same terms (``drain_timeout_factor`` x the longest expected remaining run time in the way).
 - **Objective**, per GPU in turn (GPUs that already serve most demand first): most
   priority-weighted demand served, each served request counted by its slice's dominant share of
@@ -133,7 +134,9 @@ class Knobs:
             (at least a tenth of it) where the lease history tells.
         drain_reference_s: the expected remaining run time `drain_cost` is priced at.
         drain_timeout_factor: a drain gives up after this many times the longest expected
-            remaining run time of the leases it waits for.
+            remaining run time of the leases it waits for (at least `drain_timeout_min_s`).
+        drain_timeout_min_s: the shortest drain timeout the planner sets (a lease about to end
+            still needs the agent to notice).
         fragmentation_cost: served compute slices one unusable free memory slice costs.
         profiles: the profiles layouts are built from: "classic", "extended" (per model, see
             `model_profiles`), "all", or names.
@@ -148,6 +151,7 @@ class Knobs:
     drain_cost: float = 5.0
     drain_reference_s: float = 600.0
     drain_timeout_factor: float = 2.0
+    drain_timeout_min_s: float = 60.0
     fragmentation_cost: float = 0.01
     profiles: str | tuple[str, ...] = "classic"
     drains: bool = True
@@ -293,6 +297,20 @@ def plan_gpu(gpu: GpuState, remaining: Remaining, knobs: Knobs = Knobs()) -> Gpu
             knobs.drain_cost * (max(0.1, expected[s] / knobs.drain_reference_s) if s in expected else 1.0) for s in slices
         )
 
+    model_name = current.layout.gpu_model
+
+    def withheld(candidate: _Shape) -> float:
+        """The slice-time a drain loses: the idle slices it takes out of service would serve
+        waiting demand now, for as long as the longest lease in its way is expected to run
+        (in units of `drain_reference_s`)."""
+        in_way = busy - candidate.instances
+        wait = max((expected.get(s, knobs.drain_reference_s) for s in in_way), default=0.0)
+        idle: dict[str, int] = {}
+        for profile, start in current.instances - candidate.instances - busy:
+            idle[profile] = idle.get(profile, 0) + 1
+        now = sum(remaining.value(f"{model_name}/{p}", n) * slice_value(model_name, p) for p, n in idle.items())
+        return now * wait / knobs.drain_reference_s
+
     def score_of(candidate: _Shape) -> tuple[float, int]:
         steps = len(current.instances ^ candidate.instances)
         served = _served_shape(candidate, remaining, busy)
@@ -310,6 +328,7 @@ def plan_gpu(gpu: GpuState, remaining: Remaining, knobs: Knobs = Knobs()) -> Gpu
         else:
             kind = "drain"
             score -= wait_cost(busy - candidate.instances)  # leases the drain must outlast
+            score -= withheld(candidate)
         key = (-score, steps, candidate.text)  # deterministic: best score, fewer steps, the text
         if key < best_key:
             best_key, best = key, (candidate, kind, score)
@@ -318,7 +337,9 @@ def plan_gpu(gpu: GpuState, remaining: Remaining, knobs: Knobs = Knobs()) -> Gpu
         target, kind = current, "none"
     assert kind == "drain" or busy <= target.instances, "a plan may never destroy a busy slice"
     in_the_way = [expected[s] for s in busy - target.instances if s in expected]
-    timeout = knobs.drain_timeout_factor * max(in_the_way) if kind == "drain" and in_the_way else None
+    timeout = (
+        max(knobs.drain_timeout_min_s, knobs.drain_timeout_factor * max(in_the_way)) if kind == "drain" and in_the_way else None
+    )
     return GpuPlan(
         gpu_uuid=gpu.gpu_uuid,
         kind=kind,

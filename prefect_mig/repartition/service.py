@@ -28,7 +28,7 @@ from dataclasses import replace
 from prefect_mig.allocator import Allocator
 from prefect_mig.errors import UnknownGpuModel
 from prefect_mig.model import Layout, Placement, get_model
-from prefect_mig.repartition.planner import DemandBook, GpuPlan, GpuState, Knobs, plan
+from prefect_mig.repartition.planner import DemandBook, GpuPlan, GpuState, Knobs, carvable, plan
 
 log = logging.getLogger("prefect_mig.repartition")
 
@@ -98,6 +98,49 @@ def expected_remaining(status: dict, events: list[dict], *, now_ms: int) -> dict
             longer = [d - age for d in durations if d > age]
             out[s["id"]] = sum(longer) / len(longer) if longer else age
     return out
+
+
+def recent_leases(status: dict, events: list[dict], *, now_ms: int, profiles: str | tuple[str, ...] = "classic") -> list[tuple[float, float, str, int]]:
+    """The demand history as a workload: per lease granted in `events` (oldest first) and per
+    queued request, ``(arrival s, run time s, "<model>/<profile>", priority)``. A finished lease
+    ran what it ran; a running one its age plus its expected remaining run time (see
+    `expected_remaining`, else its age again); a queued request the mean finished run time. Times
+    are relative to `now_ms`; the kind is the first one asked for that `profiles` carve."""
+    granted: dict[str, tuple[float, str, int, int]] = {}
+    rows: list[tuple[float, float, str, int]] = []
+    durations: list[float] = []
+
+    def kind(wants: list[str]) -> str:
+        return first_carvable(wants, profiles)
+
+    for e in events:
+        t, lease = e.get("type"), e.get("lease")
+        if t == "lease.granted" and lease:
+            at = int(e.get("at") or 0)
+            arrival = (at - int(e.get("waited_ms") or 0) - now_ms) / 1000
+            wants = (e.get("wants") or "").split(",") or [e.get("pkey", "")]
+            granted[lease] = (arrival, kind(wants or [e.get("pkey", "")]), int(e.get("priority") or 0), at)
+        elif t in ("lease.released", "lease.expired", "lease.revoked") and lease in granted:
+            arrival, pkey, priority, at = granted.pop(lease)
+            run_s = (int(e.get("at") or 0) - at) / 1000
+            durations.append(run_s)
+            rows.append((arrival, (at - now_ms) / 1000 - arrival + run_s, pkey, priority))
+    mean = sum(durations) / len(durations) if durations else 600.0
+    for arrival, pkey, priority, at in granted.values():
+        age = (now_ms - at) / 1000
+        longer = [d - age for d in durations if d > age]
+        left = sum(longer) / len(longer) if longer else max(age, 1.0)
+        rows.append((arrival, (at - now_ms) / 1000 - arrival + age + left, pkey, priority))
+    for r in status["queue"]:
+        enqueued = float(r.get("enqueued_at") or now_ms)
+        rows.append(((enqueued - now_ms) / 1000, mean, kind(list(r.get("pkeys") or [])), int(r.get("priority") or 0)))
+    return sorted(r for r in rows if r[2])
+
+
+def first_carvable(pkeys, profiles: str | tuple[str, ...] = "classic") -> str:
+    """The first of a request's kinds (best fit first) that `profiles` carve, else its first."""
+    pkeys = [k for k in (pkeys.split(",") if isinstance(pkeys, str) else pkeys) if k]
+    return next((k for k in pkeys if carvable(k, profiles)), pkeys[0] if pkeys else "")
 
 
 def warm_slices(status: dict, events: list[dict], *, now_ms: int, window_s: float) -> set[str]:
@@ -173,10 +216,11 @@ def _known_models_only(states: list[GpuState]) -> list[GpuState]:
 
 
 def desire(allocator: Allocator, plans: list[GpuPlan]) -> list[GpuPlan]:
-    """Write the plans that change something as desired layouts; returns those plans."""
+    """Write the plans that change something as desired layouts, a drain with the planner's
+    timeout for it (`GpuPlan.drain_timeout_s`, which the agent applies); returns those plans."""
     changing = [p for p in plans if p.kind != "none" and p.steps]
     for p in changing:
-        allocator.set_desired(p.gpu_uuid, str(p.target), kind=p.kind)
+        allocator.set_desired(p.gpu_uuid, str(p.target), kind=p.kind, drain_timeout_s=p.drain_timeout_s)
     return changing
 
 

@@ -57,11 +57,12 @@ from prefect_mig.gpu import GpuBackend, SimulatedNvml
 from prefect_mig.model import FleetSpec, Layout, get_model
 from prefect_mig.repartition import service
 from prefect_mig.repartition.planner import Knobs
-from prefect_mig.simulation.policies import Policy, mix_for, profile_names
+from prefect_mig.simulation.policies import MIX_EVALS, MIX_HISTORY, MIX_HYSTERESIS, Policy, mix_for, mix_holds, profile_names
 from prefect_mig.simulation.workload import Job, best_fit
 
 T0_MS = 1_700_000_000_000
 LEASE_TTL_S = 86_400.0
+MIX_DRAIN_TIMEOUT_S = 30 * 86_400.0  # dynamic:mix's drains wait for their leases
 RENEW_EVERY_S = 43_200.0
 
 
@@ -301,8 +302,9 @@ class Simulator:
         self._counts = {"applied": 0, "drains": 0, "skipped": 0}
         self._backends: list[GpuBackend] = []
         self._queue_by_kind: dict[str, list[tuple[float, int]]] = {}
-        self._drain_timeout: dict[str, float] = {}  # per GPU: the planner's timeout for its drain
         self._next_period = 0.0  # the proportional policy's next re-partitioning
+        self._mix: tuple[str, ...] | None = None  # dynamic:mix's current static mix
+        self._grants_since_mix = 0
 
     # ------------------------------------------------------------------ plumbing
 
@@ -392,6 +394,7 @@ class Simulator:
         self._needed += part.need_compute
         result = self._results[part.job]
         result.parts_left -= 1
+        self._grants_since_mix += 1
         if result.parts_left == 0:
             result.start_s = self.now
         self._at(self.now + part.duration_s, "done", part.request_id)
@@ -463,9 +466,6 @@ class Simulator:
 
     def _begin(self, gpu: str) -> None:
         agent, index = self._gpus[gpu]
-        # the agent gives up a drain after the planner's timeout for it (scaled to the expected
-        # remaining run time of the leases in the way), or its default
-        agent.drain_timeout_s = self._drain_timeout.get(gpu, self.config.drain_timeout_s)
         began = agent.begin_desired(index, gpu)
         if began == "draining":
             if gpu not in self._draining:
@@ -505,12 +505,102 @@ class Simulator:
                 changing.append(gpu)
         for gpu, target in zip(changing, targets):
             self.allocator.set_desired(gpu, target, kind="drain")
-            self._drain_timeout.pop(gpu, None)
             self._begin(gpu)
+
+    def _mix_track(self) -> None:
+        """The ``dynamic:mix`` policy (`policies`): follow the best static mix of the recent lease
+        history, with hysteresis, carving it without hindsight (what the service can see)."""
+        from prefect_mig.simulation.baselines import quick_static, search_static  # baselines import this module
+
+        policy, knobs = self.config.policy, self.config.knobs
+        self.allocator.announce_repartitioner(10**6)
+        status = self.allocator.status()
+        model = get_model(self.fleet.nodes[0].gpus[0])
+        n = len(self._gpus)
+        if self._mix is None:
+            self._mix = tuple(sorted(policy.layout_for(i) for i in range(n)))
+        offered = {inst.profile for text in set(self._mix) for inst in Layout.parse(model.name, text).instances}
+        unheld = any(
+            not mix_holds(k.partition("/")[2], offered, model.name)
+            for r in status["queue"] for k in [service.first_carvable(r.get("pkeys") or [], knobs.profiles)] if k
+        )
+        events = None
+        every = policy.mix_every or 0
+        # sooner while requests wait: a queue is the sign the mix no longer fits the demand
+        if unheld or self._grants_since_mix >= (every // 5 if status["queue"] else every):
+            self._grants_since_mix = 0
+            events = self.allocator.recent_events(8 * MIX_HISTORY)
+            rows = service.recent_leases(status, events, now_ms=self.allocator.now_ms(), profiles=knobs.profiles)
+            rows = rows[-MIX_HISTORY:]
+            jobs = []
+            for i, (arrival, run_s, pkey, priority) in enumerate(rows):
+                p = model.profile(pkey.partition("/")[2])
+                jobs.append(Job(f"h{i}", arrival - rows[0][0], max(run_s, 1.0), ((float(p.memory_gb), p.compute_slices),), priority))
+            if jobs:
+                found = search_static(jobs, model.name, gpus=n, profiles=knobs.profiles, start=[self._mix], keep=1, max_evals=MIX_EVALS)
+                if found:
+                    now_score = quick_static(jobs, model.name, self._mix)
+                    new_score = quick_static(jobs, model.name, found[0])
+                    if now_score is None or (new_score is not None and new_score < (1 - MIX_HYSTERESIS) * now_score):
+                        self._mix = found[0]
+        # carve the mix: GPUs already in it stay; the others take the layouts left over
+        by_gpu: dict[str, list[str]] = {}
+        for sl in status["slices"]:
+            if not sl.get("gone"):
+                by_gpu.setdefault(sl["gpu_uuid"], []).append(f"{sl['profile']}@{sl['start']}")
+        if sorted(" + ".join(sorted(v, key=lambda x: int(x.split("@")[1]))) for v in by_gpu.values()) == sorted(self._mix):
+            return  # the fleet is carved as the mix
+        events = events if events is not None else self.allocator.recent_events(max(200, 6 * len(status["slices"])))
+        remaining = service.expected_remaining(status, events, now_ms=self.allocator.now_ms())
+        states = service.gpu_states(status, remaining=remaining)
+        left = list(self._mix)
+        moving = []
+        for state in states:
+            desired = self.allocator.desired(state.gpu_uuid)
+            text = desired["layout"] if desired else str(state.layout)
+            if text in left:
+                left.remove(text)
+            elif not desired:
+                moving.append(state)
+        draining = len(self._draining)
+        # soonest free first: no busy slice, then by the longest expected remaining run time in the way
+        moving.sort(key=lambda g: (max((t for _, t in g.remaining_s), default=0.0) if g.busy else -1.0, len(g.busy), g.gpu_uuid))
+        for state in moving:
+            if not left:
+                break
+            busy = {(b.profile, b.start) for b in state.busy}
+            expected = dict(state.remaining_s)
+
+            def cost(text: str) -> tuple[float, int, str]:
+                """Expected lease-seconds the change waits for, then steps: the cheapest target."""
+                inst = {(p.profile, p.start) for p in Layout.parse(model.name, text).instances}
+                wait = sum(expected.get(b, knobs.drain_reference_s) for b in busy - inst)
+                return wait, len(inst ^ {(p.profile, p.start) for p in state.layout.instances}), text
+
+            target = min(left, key=cost)
+            in_way = [expected.get(b, knobs.drain_reference_s) for b in busy - {(p.profile, p.start) for p in Layout.parse(model.name, target).instances}]
+            if not in_way:
+                kind, timeout = "incremental", None
+            elif draining < max(1, n // 4):
+                # a drain toward the mix is not given up: giving up wastes what it withheld so far,
+                # and the same change would be desired again at once
+                kind, timeout = "drain", MIX_DRAIN_TIMEOUT_S
+                draining += 1
+            else:
+                continue
+            left.remove(target)
+            self.allocator.set_desired(state.gpu_uuid, target, kind=kind, drain_timeout_s=timeout)
+            self._begin(state.gpu_uuid)
 
     def _plan(self) -> None:
         period = self.config.policy.period_s
-        if period is not None:
+        if self.config.policy.mix_every:
+            if self._dirty:
+                self._mix_track()
+                self._dirty = False
+            for gpu in sorted(self._draining):
+                self._begin(gpu)
+        elif period is not None:
             self.allocator.announce_repartitioner(10**6)
             if self.now >= self._next_period and self._parts:
                 self._next_period = self.now + period
@@ -518,11 +608,8 @@ class Simulator:
             for gpu in sorted(self._draining):
                 self._begin(gpu)
         elif self._dirty and self._waiting > 0:
+            # a drain carries the planner's timeout in its desired layout, as in the live service
             for p in service.run_once(self.allocator, knobs=self.config.knobs, announce_s=10**6, history=self.config.history):
-                if p.drain_timeout_s is not None:
-                    self._drain_timeout[p.gpu_uuid] = max(self.config.plan_interval_s, p.drain_timeout_s)
-                else:
-                    self._drain_timeout.pop(p.gpu_uuid, None)
                 self._begin(p.gpu_uuid)
             for gpu in sorted(self._draining):
                 self._begin(gpu)

@@ -7,7 +7,17 @@
   layouts from whole to smallest; ``fitted`` is the layout mix the planner picks for the whole
   workload's work per slice kind, in hindsight (the strongest static baseline); any layout text
   (``static:3g.40gb@0+3g.40gb@4``) carves every GPU that way.
-- ``dynamic``: starts as ``mixed`` and lets the repartitioner re-carve as the demand moves.
+- ``dynamic``: starts as ``mixed`` and lets the repartitioner (the live service's planner,
+  against the queue and recent grants) re-carve as the demand moves.
+- ``dynamic:mix`` (simulator only, an experiment): starts as ``mixed`` and follows the best static
+  mix *of the recent past*: every ``MIX_EVERY`` grants (a fifth of that while requests wait, and
+  whenever a queued kind has no slice in the mix) it searches the static mix that would have
+  served the last ``MIX_HISTORY`` leases and waiting requests best (the search of
+  ``static:searched``, on the workload the lease history shows: no hindsight), moves to it only
+  when it scores ``MIX_HYSTERESIS`` better than the current one, and carves it GPU by GPU: changes
+  that keep every busy slice at once, drains (which wait for their leases) on one GPU in four at
+  a time, the GPUs and targets whose leases in the way are expected to end soonest first (see
+  `prefect_mig.simulation.engine`).
 - ``proportional``: a second, simpler dynamic anchor: starts as ``mixed`` and every
   ``PROPORTIONAL_PERIOD_S`` (virtual) drains every GPU toward the mix in proportion to the parts
   queued and running at that moment per slice kind (`mix_for`), ignoring what is busy. It is the
@@ -40,6 +50,9 @@ from prefect_mig.simulation.workload import Job, best_fit
 
 STATIC_NAMES = ("smallest", "mixed", "fitted")
 PROPORTIONAL_PERIOD_S = 1800.0
+#: ``dynamic:mix`` (chosen a priori, not tuned): re-search the mix every MIX_EVERY grants over the last
+#: MIX_HISTORY leases and requests, and move to a new mix only when it scores MIX_HYSTERESIS better
+MIX_EVERY, MIX_HISTORY, MIX_HYSTERESIS, MIX_EVALS = 100, 300, 0.05, 150
 
 
 @dataclass(frozen=True)
@@ -52,6 +65,8 @@ class Policy:
     layouts: tuple[str, ...]
     dynamic: bool = False
     period_s: float | None = None
+    #: ``dynamic:mix``: re-search the static mix of the recent lease history every this many grants
+    mix_every: int | None = None
 
     def layout_for(self, index: int) -> str:
         return self.layouts[index % len(self.layouts)]
@@ -108,12 +123,12 @@ def mix_for(work: dict[str, float], model_name: str, gpus: int, knobs: Knobs) ->
     # every job must fit somewhere: give the biggest kind a whole GPU if the mix left it out
     offered = {inst.profile for text in layouts for inst in Layout.parse(model_name, text).instances}
     needed = {kind for kind, w in work.items() if w > 0}
-    if any(not _held(kind, offered, model_name) for kind in needed) and layouts:
+    if any(not mix_holds(kind, offered, model_name) for kind in needed) and layouts:
         layouts[-1] = _biggest(model_name)
     return tuple(layouts)
 
 
-def _held(kind: str, offered: set[str], model_name: str) -> bool:
+def mix_holds(kind: str, offered: set[str], model_name: str) -> bool:
     """Whether a slice of some offered profile is at least as big as `kind` (memory and compute)."""
     model = get_model(model_name)
     k = model.profile(kind)
@@ -131,7 +146,7 @@ def parse_policy(
     knobs: Knobs = Knobs(),
 ) -> Policy:
     """A policy from its name: ``whole-gpu``, ``static:<smallest|mixed|fitted|layout>``, ``dynamic``,
-    ``proportional``.
+    ``dynamic:mix``, ``proportional``.
 
     Raises:
         ConfigError: an unknown policy or an invalid layout (names what is allowed).
@@ -141,6 +156,8 @@ def parse_policy(
         return Policy("whole-gpu", (_biggest(model_name),))
     if text == "dynamic":
         return Policy("dynamic", _mixed(model_name, knobs.profiles), dynamic=True)
+    if text == "dynamic:mix":
+        return Policy("dynamic:mix", _mixed(model_name, knobs.profiles), dynamic=True, mix_every=MIX_EVERY)
     if text == "proportional":
         return Policy("proportional", _mixed(model_name, knobs.profiles), dynamic=True, period_s=PROPORTIONAL_PERIOD_S)
     if text.startswith("static:"):
@@ -161,7 +178,7 @@ def parse_policy(
             ) from exc
         return Policy(text, (str(layout),))
     raise ConfigError(
-        f"policy: {text!r} is not a policy; choose whole-gpu, dynamic, static:smallest, static:mixed, "
+        f"policy: {text!r} is not a policy; choose whole-gpu, dynamic, dynamic:mix, static:smallest, static:mixed, "
         "static:fitted, static:<layout> (e.g. static:3g.40gb@0+3g.40gb@4), proportional, or, in a "
         "comparison, static:searched or sharing."
     )

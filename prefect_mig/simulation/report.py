@@ -76,10 +76,13 @@ def compare(
     reconfig_cost_s: float = 10.0,
     progress: Callable[[str, int, int], None] | None = None,
     finalists: int = 3,
+    history: Sequence[Job] = (),
 ) -> list[SimResult]:
     """Run every policy on the same jobs and fleet; `progress(policy, done, total)` as they go.
     ``static:searched`` replays its `finalists` best-scored mixes and ``fitted`` (see
-    `searched_static`)."""
+    `searched_static`). With `history` (the jobs *before* these, which a running service has
+    seen), the dynamic policies start from the best static mix for that history instead of
+    ``mixed``: knowledge of the past only, where ``static:searched`` knows the future."""
     spec = FleetSpec.parse(fleet)
     model = fleet_model(spec)
     gpus = sum(len(node.gpus) for node in spec.nodes)
@@ -91,13 +94,27 @@ def compare(
         sub = Path(state_dir) / f"{len(results)}-{name.replace(':', '-').replace('@', '_').replace(' ', '')[:60]}"
         return Simulator(client, jobs, config, state_dir=sub, progress=report).run()
 
+    replayed: dict[tuple[str, ...], SimResult] = {}  # static mixes already run, by their sorted layouts
+
+    def run_static(name: str, policy: Policy) -> SimResult:
+        """A static mix runs once per comparison: ``static:searched`` reuses ``fitted``'s replay
+        when the search keeps that mix (the GPUs' order may differ; the multiset is the same)."""
+        key = tuple(sorted(policy.layout_for(i) for i in range(gpus)))
+        if key not in replayed:
+            replayed[key] = run(name, policy)
+        return dataclasses.replace(replayed[key], policy=name)
+
+    warm = search_static(history, model, gpus=gpus, profiles=knobs.profiles, keep=1) if history else []
     for name in policies:
         if name == "sharing":
             results.append(share(jobs, str(spec)))
         elif name == "static:searched":
-            results.append(searched_static(jobs, model, gpus, knobs, run, finalists=finalists))
+            results.append(searched_static(jobs, model, gpus, knobs, run_static, finalists=finalists))
         else:
-            results.append(run(name, parse_policy(name, model, jobs=jobs, gpus=gpus, knobs=knobs)))
+            policy = parse_policy(name, model, jobs=jobs, gpus=gpus, knobs=knobs)
+            if policy.dynamic and warm:
+                policy = dataclasses.replace(policy, layouts=warm[0])
+            results.append(run_static(name, policy) if not policy.dynamic else run(name, policy))
     return results
 
 
