@@ -339,6 +339,9 @@ class NodeAgent:
                 "removed task container %s of lease %s fence %s on %s: %s",
                 container.short_id, lease_id, fence, labels.get(f"{LABEL_PREFIX}mig-uuid", "?"), reason,
             )
+            self.allocator.record_event(
+                "container.fenced", node=self.node, lease=lease_id, fence=fence, container=container.short_id, reason=reason
+            )
         if overdue:  # the holder's container is confirmed gone: the slice may go to the revoking request
             from prefect_mig.errors import LeaseNotOwned
 

@@ -62,6 +62,9 @@ class Keys:
         self.tenant_compute = p + "tenant_compute"  # HASH tenant -> compute slices held (same)
         self.quotas = p + "quotas"  # HASH tenant -> {"slices": n, "compute": n} JSON
         self.events = p + "events"  # STREAM of transitions
+        # HASH event:<type> -> count (every transition, never trimmed), and the metrics' histograms:
+        # wait_ms:<bucket> / held_ms:<bucket> -> count, wait_ms:sum / held_ms:sum -> ms
+        self.counters = p + "counters"
         self.desired = p + "desired"  # HASH gpu_uuid -> desired layout JSON (the repartitioner's)
         self.repartitioner = p + "repartitioner"  # STRING with a TTL: a repartitioner is running
         self.withholding = p + "withholding"  # SET of slice ids withdrawn for a re-carve (see withdraw.lua)

@@ -61,6 +61,7 @@ FIXED_KEYS = (
     "config",
     "epoch",
     "quarantine",
+    "counters",
 )
 
 
