@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -224,3 +225,25 @@ def test_the_api_serves_metrics_to_the_admin_token_only(served_api):
         assert http.get("/metrics").status_code == 401
     served_api.alloc.release(lease.lease_id, lease.fence)
     assert ADMIN_TOKEN
+
+
+def test_status_watch_draws_each_gpu_with_its_holders_and_the_queue(redis_server, namespace, tmp_path):
+    alloc = Allocator(redis_server.client(), namespace, wait_ttl_s=120)
+    alloc.publish_fleet("node-a=1xA30-24GB", layouts={"node-a": ["2g.12gb@0 + 2g.12gb@2"]})
+    alloc.acquire(SliceRequest(profile="2g.12gb", tenant="team-a", holder="job-1"), timeout_s=0)
+    alloc.acquire(SliceRequest(profile="2g.12gb", tenant="team-b", holder="job-2"), timeout_s=0)
+    alloc.try_acquire(SliceRequest(profile="2g.12gb", priority=80), wait=True)
+    env = {**os.environ, "PREFECT_MIG_REDIS_URL": redis_server.url, "PREFECT_MIG_NAMESPACE": namespace,
+           "PREFECT_MIG_STATE_DIR": str(tmp_path), "COLUMNS": "150"}
+    done = subprocess.run(
+        [sys.executable, "-m", "prefect_mig.cli.main", "status", "--watch", "--interval", "0.2", "--refreshes", "2"],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert "node-a GPU 0" in out and "[##][##]" in out
+    assert "2g.12gb@0: team-a/job-1" in out and "2g.12gb@2: team-b/job-2" in out
+    assert "1 waiting request(s)" in out and "75-100" in out
+    as_json = subprocess.run([sys.executable, "-m", "prefect_mig.cli.main", "status", "--watch", "--json"],
+                             capture_output=True, text=True, env=env, timeout=120)
+    assert json.loads(as_json.stdout)["queue"][0]["priority"] == 80  # --json stays one-shot
