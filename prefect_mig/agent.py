@@ -74,6 +74,9 @@ class NodeAgent:
             into service), unless the desired layout carries the planner's own timeout (see
             `Allocator.set_desired`).
         clock: seconds, for the drain timeout (the simulator passes its virtual clock).
+        on_event: called as ``on_event(event_type, fields)`` after each ``layout.applied`` or
+            ``layout.skipped`` this agent records (``prefect-mig agent`` passes one that emits a Prefect
+            event, when a Prefect API is configured).
     """
 
     def __init__(
@@ -87,6 +90,7 @@ class NodeAgent:
         docker_client=None,
         drain_timeout_s: float = 600.0,
         clock: Callable[[], float] = time.monotonic,
+        on_event: Callable[[str, dict], None] | None = None,
     ) -> None:
         self.backend = backend
         self.allocator = allocator
@@ -96,6 +100,7 @@ class NodeAgent:
         self.docker = docker_client
         self.drain_timeout_s = drain_timeout_s
         self.clock = clock
+        self.on_event = on_event
         self._published: str | None = None
         self._draining_since: dict[str, float] = {}
         self._known_ids: list[str] = []  # cluster ids seen, newest last
@@ -247,7 +252,7 @@ class NodeAgent:
         target = Layout.parse(model.name, desired["layout"])
         current = self.backend.instances(index)
         if {m.placement for m in current} == set(target.instances) and all(m.mig_uuid for m in current):
-            self.allocator.clear_desired(gpu_uuid, outcome="applied", detail="already in place")
+            self._clear_desired(gpu_uuid, outcome="applied", detail="already in place")
             return "applied"
         doomed = [m for m in current if m.placement not in set(target.instances)]
         doomed_ids = [m.mig_uuid for m in doomed if m.mig_uuid]
@@ -261,12 +266,12 @@ class NodeAgent:
                     return "draining"
                 self._draining_since.pop(gpu_uuid, None)
                 self.allocator.restore(doomed_ids)
-                self.allocator.clear_desired(gpu_uuid, outcome="skipped", detail=f"{leased} lease(s) outlived the drain")
+                self._clear_desired(gpu_uuid, outcome="skipped", detail=f"{leased} lease(s) outlived the drain")
                 return "skipped"
         else:
             busy = self.allocator.withdraw(doomed_ids)
             if busy is not None:
-                self.allocator.clear_desired(gpu_uuid, outcome="skipped", detail=f"slice {busy} was leased")
+                self._clear_desired(gpu_uuid, outcome="skipped", detail=f"slice {busy} was leased")
                 return "skipped"
         return "ready"
 
@@ -291,8 +296,16 @@ class NodeAgent:
             self.allocator.restore(doomed_ids)  # what still exists goes back into service
         finally:
             self.publish()  # what NVML shows now: new slices go to waiters, destroyed ones leave
-        self.allocator.clear_desired(gpu_uuid, outcome=outcome, detail=detail)
+        self._clear_desired(gpu_uuid, outcome=outcome, detail=detail)
         return outcome
+
+    def _clear_desired(self, gpu_uuid: str, *, outcome: str, detail: str = "") -> None:
+        self.allocator.clear_desired(gpu_uuid, outcome=outcome, detail=detail)
+        if self.on_event is not None:
+            try:
+                self.on_event(f"layout.{outcome}", {"gpu": gpu_uuid, "node": self.node, "detail": detail})
+            except Exception as exc:  # noqa: BLE001 - a notification never stops the agent
+                log.warning("on_event(layout.%s) failed: %s", outcome, exc)
 
     def _cluster_ids(self) -> list[str]:
         """The ids this agent's cluster had: Redis's now (the allocator puts its cached one back if
@@ -376,6 +389,9 @@ class NodeAgent:
             log.warning(
                 "removed task container %s of lease %s fence %s on %s: %s",
                 container.short_id, lease_id, fence, labels.get(f"{LABEL_PREFIX}mig-uuid", "?"), reason,
+            )
+            self.allocator.record_event(
+                "container.fenced", node=self.node, lease=lease_id, fence=fence, container=container.short_id, reason=reason
             )
         if overdue:  # the holder's container is confirmed gone: the slice may go to the revoking request
             from prefect_mig.errors import LeaseNotOwned

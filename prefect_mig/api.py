@@ -14,6 +14,7 @@ POST   /v1/leases                 {"request": {"profile": "1g.10gb", "priority":
 POST   /v1/leases/{id}/renew      {"fence": 7, "ttl_s": 60}
 DELETE /v1/leases/{id}?fence=7
 GET    /v1/leases                 GET /v1/status
+GET    /metrics                   (Prometheus text format; admin token only, see prefect_mig.metrics)
 ```
 
 A waiting acquire holds no server thread; it waits at most ``max_wait_s`` (``PREFECT_MIG_API_MAX_WAIT_S``)
@@ -52,7 +53,7 @@ import anyio
 import redis.asyncio
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field, ValidationError
 
 from prefect_mig import __version__
@@ -69,6 +70,7 @@ from prefect_mig.errors import (
     Unsatisfiable,
     WaitTimeout,
 )
+from prefect_mig.metrics import CONTENT_TYPE_LATEST, registry_for, render
 
 ADMIN = TokenGrant(token_id="admin", tenant="default", max_priority=100, admin=True)
 
@@ -356,5 +358,14 @@ def create_app(
     def status(request: Request) -> dict[str, Any]:
         snapshot = allocator.status()
         return {**snapshot, "leases": visible(request, snapshot["leases"])}
+
+    metrics_registry = registry_for(allocator)
+
+    @app.get("/metrics", include_in_schema=False)
+    def metrics(request: Request) -> Response:
+        """The cluster's Prometheus metrics (`prefect_mig.metrics`); admin token only: they name every tenant."""
+        if not grant_of(request).admin:
+            raise HTTPException(403, "/metrics needs the admin token (the metrics name every tenant).")
+        return Response(render(allocator, metrics_registry), media_type=CONTENT_TYPE_LATEST)
 
     return app

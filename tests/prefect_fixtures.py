@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import docker.errors
@@ -65,3 +67,20 @@ def cluster(prefect_api, redis_server, namespace, monkeypatch, python_image, doc
     assert alloc.status()["leases"] == [], "a lease was left behind"
 
 
+def read_lease_events(flow_run_id, wanted: int, timeout_s: float = 120.0) -> list:
+    """The prefect-mig.lease.* events related to a flow run, oldest first, once `wanted` arrived."""
+    from prefect.client.orchestration import get_client
+    from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFilter, EventRelatedFilter
+
+    filt = EventFilter(
+        event=EventNameFilter(prefix=["prefect-mig.lease."]),
+        related=EventRelatedFilter(id=[f"prefect.flow-run.{flow_run_id}"]),
+        occurred=EventOccurredFilter(since=datetime.now(timezone.utc) - timedelta(hours=1)),
+    )
+    deadline = time.monotonic() + timeout_s
+    with get_client(sync_client=True) as client:
+        while True:
+            events = list(client.read_events(filter=filt, limit=50).events)
+            if len(events) >= wanted or time.monotonic() > deadline:
+                return sorted(events, key=lambda e: e.occurred)
+            time.sleep(1)

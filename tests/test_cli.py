@@ -118,3 +118,4 @@ def test_demo_runs_the_pipeline_and_reports_where_each_task_ran(tmp_path, python
     assert "fine_tune" in out and "3g.40gb@" in out
     assert all(f"infer[{i}]" in out for i in range(4))
     assert "slice utilization" in out and "leases left: 0, waiting: 0" in out
+    assert "the flow run's table artifact: prefect-mig-slices-" in out

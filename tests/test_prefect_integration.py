@@ -15,6 +15,8 @@ from prefect_mig.allocator import Allocator
 from prefect_mig.allocator.invariants import check_events
 from prefect_mig.launchers.docker import task_containers
 
+from .prefect_fixtures import read_lease_events
+
 
 def env_of_slice(i):
     import os
@@ -237,6 +239,8 @@ def test_wait_for_and_direct_calls_and_caching_behave_as_with_prefect(cluster):
 
 
 def test_a_revoked_lease_stops_the_container_and_fails_the_task_saying_so(cluster):
+    from prefect.context import FlowRunContext
+
     from prefect_mig.allocator import SliceRequest
 
     victim = task(task_runner=MigTaskRunner(profile="3g.40gb", priority=1, preemptible=True, lease_ttl_s=3))(sleep_forever)
@@ -249,12 +253,16 @@ def test_a_revoked_lease_stops_the_container_and_fails_the_task_saying_so(cluste
             time.sleep(0.1)
         urgent = cluster.try_acquire(SliceRequest(profile="3g.40gb", priority=9), wait=True)
         state = future.wait(60) or future.state
-        return state.is_failed(), state.message, urgent.request_id
+        return state.is_failed(), state.message, urgent.request_id, FlowRunContext.get().flow_run.id
 
-    failed, message, urgent_id = pipeline()
+    failed, message, urgent_id, flow_run_id = pipeline()
     assert failed and "revoked" in message
     lease = cluster.lease(urgent_id)  # the slice went to the higher priority
     cluster.release(lease.lease_id, lease.fence)
+    # what an automation sees (README: notify when a preemptible lease is revoked)
+    events = read_lease_events(flow_run_id, wanted=2)
+    assert [e.event for e in events] == ["prefect-mig.lease.granted", "prefect-mig.lease.revoked"]
+    assert events[1].payload["reason"] == "revoked" and events[1].resource.id == events[0].resource.id
 
 
 def test_cancelling_the_flows_tasks_stops_their_containers_and_releases_the_leases(cluster, docker_client):

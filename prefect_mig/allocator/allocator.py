@@ -687,8 +687,20 @@ class Allocator:
         with redis_errors("write a desired layout"):
             pipe = self.redis.pipeline(transaction=True)
             pipe.hset(self.keys.desired, gpu_uuid, body)
-            pipe.xadd(self.keys.events, {"type": "layout.desired", "at": self.now_ms(), "gpu": gpu_uuid, "layout": layout, "kind": kind},
-                      maxlen=self.scripts._events_maxlen, approximate=True)
+            self._event(pipe, "layout.desired", gpu=gpu_uuid, layout=layout, kind=kind)
+            pipe.execute()
+
+    def _event(self, pipe, event_type: str, /, **fields: Any) -> None:
+        """Append a transition made outside the scripts to the stream, and count it, as they do."""
+        pipe.xadd(self.keys.events, {"type": event_type, "at": self.now_ms(), **fields},
+                  maxlen=self.scripts._events_maxlen, approximate=True)
+        pipe.hincrby(self.keys.counters, f"event:{event_type}", 1)
+
+    def record_event(self, event_type: str, /, **fields: Any) -> None:
+        """Record a transition that happened outside Redis (e.g. ``container.fenced`` by an agent)."""
+        with redis_errors(f"record a {event_type} event"):
+            pipe = self.redis.pipeline(transaction=True)
+            self._event(pipe, event_type, **fields)
             pipe.execute()
 
     def cluster_id(self) -> str:
@@ -726,8 +738,7 @@ class Allocator:
         with redis_errors("clear a desired layout"):
             pipe = self.redis.pipeline(transaction=True)
             pipe.hdel(self.keys.desired, gpu_uuid)
-            pipe.xadd(self.keys.events, {"type": f"layout.{outcome}", "at": self.now_ms(), "gpu": gpu_uuid, "detail": detail},
-                      maxlen=self.scripts._events_maxlen, approximate=True)
+            self._event(pipe, f"layout.{outcome}", gpu=gpu_uuid, detail=detail)
             pipe.execute()
 
     def configure_cluster(self, *, grace_s: float) -> None:

@@ -64,6 +64,11 @@ class Keys:
         self.events = p + "events"  # STREAM of transitions
         # HASH model name -> GpuModel JSON: models node agents built from NVML (GPUs outside the catalog)
         self.models = p + "models"
+        # HASH event:<type> -> count (every transition, never trimmed), and the metrics' histograms:
+        # wait_ms:<bucket> / held_ms:<bucket> -> count, wait_ms:sum / held_ms:sum -> ms
+        self.counters = p + "counters"
+        self.usage_cursor = p + "usage_cursor"  # STRING: the last events-stream id folded into usage hours
+        self.usage_hours = p + "usage_hours"  # ZSET hour start (ms) -> same: the hours with a usage hash
         self.desired = p + "desired"  # HASH gpu_uuid -> desired layout JSON (the repartitioner's)
         self.repartitioner = p + "repartitioner"  # STRING with a TTL: a repartitioner is running
         self.withholding = p + "withholding"  # SET of slice ids withdrawn for a re-carve (see withdraw.lua)
@@ -102,6 +107,9 @@ class Keys:
 
     def notice(self, lease_id: str) -> str:  # LIST pushed to the holder: revoked|<priority of the request>
         return f"{self.prefix}notice:{lease_id}"
+
+    def usage(self, hour_ms: int) -> str:  # HASH "<by>=<value>|<metric>" -> sum (prefect_mig.usage)
+        return f"{self.prefix}usage:{hour_ms}"
 
     def preemptible(self, pkey: str) -> str:  # ZSET lease_id -> priority (revocable leases of a kind)
         return f"{self.prefix}preemptible:{pkey}"

@@ -62,6 +62,7 @@ FIXED_KEYS = (
     "config",
     "epoch",
     "quarantine",
+    "counters",
 )
 
 

@@ -144,6 +144,9 @@ def _run_pipeline(backend, node: str, settings, batches: int) -> None:
         wall = time.time() - started
         status = allocator.status()
         rows, utilization, span = flow_module["summarize"](results, status["slices"], allocator.events())
+        from prefect_mig.integrations.prefect.artifacts import latest_artifact_key
+
+        artifact = latest_artifact_key()
 
     table = Table(title=f"which task ran where (flow {wall:.1f} s, task bodies over {span:.1f} s)")
     for col in ("task", "slice", "waited s", "ran s"):
@@ -158,3 +161,5 @@ def _run_pipeline(backend, node: str, settings, batches: int) -> None:
         util.add_row(name, f"{share:.0%}")
     console.print(util)
     console.print(f"leases left: {len(status['leases'])}, waiting: {len(status['queue'])}; image {image}")
+    if artifact:
+        console.print(f"the flow run's table artifact: {artifact} (Prefect UI: Artifacts)", highlight=False)

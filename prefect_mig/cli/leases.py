@@ -134,10 +134,21 @@ def list_leases(as_json: JsonOpt = False) -> None:
         console.print(table)
 
 
-def status(as_json: JsonOpt = False) -> None:
+def status(
+    as_json: JsonOpt = False,
+    watch: Annotated[bool, typer.Option("--watch", help="A live view, redrawn in place until Ctrl-C (not with --json).")] = False,
+    interval: Annotated[float, typer.Option(help="Seconds between redraws with --watch.", min=0.1)] = 2.0,
+    refreshes: Annotated[int | None, typer.Option(hidden=True, help="Stop after this many redraws (tests).")] = None,
+) -> None:
     """Slices and their state, live leases, the wait queue, and each node agent's heartbeat age."""
     with cli_errors():
         allocator = _allocator()
+        if watch and not as_json:
+            from prefect_mig.cli.live import watch as live_watch
+
+            live_watch(lambda: allocator.status() | {"agents": health.agents(allocator)}, interval_s=interval,
+                       refreshes=refreshes, console=console)
+            return
         snap = allocator.status() | {"agents": health.agents(allocator)}
         if as_json:
             print_json(snap)
@@ -163,6 +174,17 @@ def status(as_json: JsonOpt = False) -> None:
         console.print(f"{len(snap['leases'])} live lease(s), {len(snap['queue'])} waiting request(s)")
         for r in snap["queue"]:
             console.print(f"  waiting {r['id'][:12]} priority {r['priority']} tenant {r['tenant']} for {', '.join(r['pkeys'])}", highlight=False)
+
+
+def _prefect_events():
+    """Emit layout events to Prefect when a Prefect API is configured (else None: no Prefect at all)."""
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():
+        return None
+    from prefect_mig.integrations.prefect.events import emit_cluster_event
+
+    return emit_cluster_event
 
 
 def agent(
@@ -199,7 +221,8 @@ def agent(
             except PrefectMigError as exc:
                 errors.print(f"no Docker engine for fencing task containers: {exc}")
             worker = NodeAgent(
-                backend, _allocator(), node=node, docker_url=settings.docker_host, docker_client=docker_client
+                backend, _allocator(), node=node, docker_url=settings.docker_host, docker_client=docker_client,
+                on_event=_prefect_events(),
             )
             chosen = layout or settings.layout
             if chosen != "none":

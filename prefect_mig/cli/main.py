@@ -11,6 +11,8 @@ from prefect_mig.cli import demo as demo_cmd
 from prefect_mig.cli import doctor as doctor_cmd
 from prefect_mig.cli import inventory, layout_configs, layouts, leases, local, simulate
 from prefect_mig.cli.image import image_app
+from prefect_mig.cli.metrics import metrics_app
+from prefect_mig.cli.report import report as report_cmd
 from prefect_mig.cli.output import print_json
 
 app = typer.Typer(
@@ -30,12 +32,14 @@ app.command("doctor")(doctor_cmd.doctor)
 app.command("status")(leases.status)
 app.command("agent")(leases.agent)
 app.command("simulate")(simulate.simulate)
+app.command("report")(report_cmd)
 app.add_typer(leases.lease_app, name="lease")
 app.add_typer(leases.redis_app, name="redis")
 app.add_typer(leases.api_app, name="api")
 app.add_typer(leases.repartition_app, name="repartition")
 app.add_typer(layout_configs.layout_app, name="layout")
 app.add_typer(image_app, name="image")
+app.add_typer(metrics_app, name="metrics")
 
 
 @app.command("version")

@@ -10,6 +10,7 @@ local K = {
   requests = KEYS[11], waiting = KEYS[12], wait_deadline = KEYS[13], tenant_slices = KEYS[14],
   tenant_compute = KEYS[15], quotas = KEYS[16], events = KEYS[17], repartitioner = KEYS[18],
   withholding = KEYS[19], config = KEYS[20], epoch = KEYS[21], quarantine = KEYS[22],
+  counters = KEYS[23],
 }
 local P = ARGV[1]
 local NOW
@@ -34,10 +35,25 @@ local function preemptible_key(pkey) return P .. 'preemptible:' .. pkey end
 local function notice_key(id) return P .. 'notice:' .. id end
 local function warm_key(pkey) return P .. 'warm:' .. pkey end
 
+-- Every transition is appended to the events stream and counted in K.counters ('event:<type>'),
+-- which outlives the stream's trimming: metrics read the counters, never the whole stream.
 local function event(kind, fields)
   local args = {'XADD', K.events, 'MAXLEN', '~', MAXLEN, '*', 'type', kind, 'at', NOW}
   for i = 1, #fields do args[#args + 1] = fields[i] end
   redis.call(unpack(args))
+  redis.call('HINCRBY', K.counters, 'event:' .. kind, 1)
+end
+
+-- Histograms of milliseconds in K.counters: '<name>:<i>' counts observations in bucket i (the first
+-- bound >= the value; #HIST_BOUNDS_MS + 1 is +Inf), '<name>:sum' their total. The bounds are
+-- prefect_mig.metrics.BUCKETS_MS (a test checks they agree).
+local HIST_BOUNDS_MS = {5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 300000,
+  900000, 3600000, 14400000}
+local function observe(name, ms)
+  local i = 1
+  while i <= #HIST_BOUNDS_MS and ms > HIST_BOUNDS_MS[i] do i = i + 1 end
+  redis.call('HINCRBY', K.counters, name .. ':' .. i, 1)
+  redis.call('HINCRBY', K.counters, name .. ':sum', ms)
 end
 
 -- A missing epoch means this Redis lost the cluster's state (FLUSHALL, a new server without AOF):
@@ -153,6 +169,7 @@ local function grant(r, id, s, counted)
   event('lease.granted', {'lease', r.id, 'slice', id, 'fence', fence, 'priority', r.priority,
     'pkey', s.pkey, 'order', r.order or '', 'waited_ms', waited, 'holder', r.holder, 'tenant', r.tenant,
     'wants', table.concat(r.pkeys, ',')})
+  observe('wait_ms', waited)
   return fence, expires, waited
 end
 
@@ -270,8 +287,10 @@ end
 
 -- End a lease (released, expired, revoked): free its slice for the next waiter.
 local function end_lease(lease_id, reason)
-  local f = redis.call('HMGET', lease_key(lease_id), 'slice', 'fence', 'tenant', 'compute', 'preemptible_pkey', 'counted')
+  local f = redis.call('HMGET', lease_key(lease_id), 'slice', 'fence', 'tenant', 'compute', 'preemptible_pkey', 'counted',
+    'granted_at')
   local id, fence, tenant = f[1], f[2], f[3]
+  local held = NOW - tonumber(f[7] or NOW)
   if f[5] then redis.call('ZREM', preemptible_key(f[5]), lease_id) end
   local warm_pkey = redis.call('HGET', lease_key(lease_id), 'warm_pkey')
   if warm_pkey then redis.call('ZREM', warm_key(warm_pkey), lease_id) end
@@ -282,7 +301,9 @@ local function end_lease(lease_id, reason)
     redis.call('HINCRBY', K.tenant_slices, tenant, -1)
     redis.call('HINCRBY', K.tenant_compute, tenant, -tonumber(f[4] or '0'))
   end
-  event('lease.' .. reason, {'lease', lease_id, 'slice', id, 'fence', fence})
+  event('lease.' .. reason, {'lease', lease_id, 'slice', id, 'fence', fence, 'tenant', tenant or '',
+    'compute', f[4] or '', 'held_ms', held})
+  if f[7] then observe('held_ms', held) end
   if leased_by(redis.call('HGET', K.slice_state, id)) == lease_id then
     local s = slice(id)
     if s.gone then

@@ -103,8 +103,9 @@ if A[5] == '1' and not nudged then
     redis.call('PEXPIRE', notice_key(victim), 600000)
     r.revoked = victim
     redis.call('HSET', K.requests, r.id, cjson.encode(r))
+    local v = redis.call('HMGET', lease_key(victim), 'expires_at', 'tenant', 'slice')
     event('lease.revoked', {'lease', victim, 'for', r.id, 'priority', victim_prio,
-      'deadline', redis.call('HGET', lease_key(victim), 'expires_at')})
+      'deadline', v[1], 'tenant', v[2] or '', 'slice', v[3] or ''})
   end
 end
 return {'queued', r.id, redis.call('ZCARD', K.waiting)}

@@ -193,19 +193,21 @@ _CLEANUP_S = 60.0  # how long a cancelled async try waits for its container to g
 
 
 def announce_lease(ctx, lease, where: str) -> None:
-    """A ``prefect-mig.slice.leased`` event about the task run (the slice, fence, lease id), instead
-    of an extra client-side Running state that would change the run's state history."""
-    if ctx is None:
-        return
-    from prefect.events import emit_event
+    """A ``prefect-mig.lease.granted`` event (see `events`) about the slice, with the task run, flow
+    run and tenant as related resources, instead of an extra client-side Running state that would
+    change the run's state history."""
+    if ctx is not None:
+        lease_event(ctx, lease, "granted", where=where, waited_s=lease.info.waited_ms / 1000, priority=lease.info.priority)
+
+
+def lease_event(ctx, lease, what: str, **payload: Any) -> None:
+    """Emit ``prefect-mig.lease.<what>`` about `lease`, related to the task run of `ctx`."""
+    from prefect_mig.integrations.prefect.events import emit_lease_event
 
     run = ctx.task_run
-    emit_event(
-        event="prefect-mig.slice.leased",
-        resource={"prefect.resource.id": f"prefect-mig.lease.{lease.lease_id}", "prefect-mig.slice": where,
-                  "prefect-mig.fence": str(lease.fence)},
-        related=[{"prefect.resource.id": f"prefect.task-run.{run.id}", "prefect.resource.role": "task-run"},
-                 {"prefect.resource.id": f"prefect.flow-run.{run.flow_run_id}", "prefect.resource.role": "flow-run"}],
+    emit_lease_event(
+        what, lease.slice, lease_id=lease.lease_id, tenant=lease.info.tenant,
+        task_run_id=run.id, flow_run_id=run.flow_run_id, payload=payload,
     )
 
 

@@ -16,7 +16,7 @@ the runner's arguments, then the flow run's tags).
 Only the body runs in the container; Prefect's engine (states, retries, caching, timeouts, logs)
 stays in the flow's process. Each try takes a fresh lease, renewed while the body runs and
 released on every exit path. While a task waits for its slice, its run shows the state
-``AwaitingMIG``; once leased, a log line and a ``prefect-mig.slice.leased`` event say which slice
+``AwaitingMIG``; once leased, a log line and a ``prefect-mig.lease.granted`` event say which slice
 on which GPU and node (no extra Running state unless the try waited). If the lease is lost (expired or revoked for a higher priority), the container is
 stopped and the task fails saying so. The body sees ``CUDA_VISIBLE_DEVICES`` /
 ``NVIDIA_VISIBLE_DEVICES`` (the MIG UUID) and ``PREFECT_MIG_LEASE_ID``, ``PREFECT_MIG_FENCE``,
@@ -42,6 +42,7 @@ import functools
 import inspect
 import logging
 import threading
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -64,10 +65,11 @@ from prefect_mig.errors import (
     WaitTimeout,
 )
 from prefect_mig.gpu import default_gpu_runtime
+from prefect_mig.integrations.prefect.artifacts import record_task_slice
 from prefect_mig.integrations.prefect.context import announce_lease, body_context, flow_cancelled, log_sink, prefect_env
 from prefect_mig.integrations.prefect.context import run_in_slice_async
 from prefect_mig.integrations.prefect.context import picklable_state as _picklable_state
-from prefect_mig.integrations.prefect.context import shielded, undo_acquire
+from prefect_mig.integrations.prefect.context import lease_event, shielded, undo_acquire
 from prefect_mig.integrations.prefect.direct_calls import route_direct_calls, wants_slice
 from prefect_mig.integrations.prefect.profiles import check_known
 from prefect_mig.integrations.prefect.warm import (
@@ -387,6 +389,8 @@ class MigTaskRunner(ThreadPoolTaskRunner):
             lease = Lease(allocator, got, on_lost=POOL.lost if warm_key else None,
                           on_notice=POOL.notice if warm_key else None).start_renewing()
         lost, reusable = lease.lost, False
+        ended = {"what": "released", "reason": ""}  # what the lease event at the end says
+        ran_from = time.monotonic()
         try:
             s = lease.slice
             where = f"{s.profile}@{s.start} on {s.node} GPU {s.gpu_index} ({s.mig_uuid})"
@@ -435,6 +439,7 @@ class MigTaskRunner(ThreadPoolTaskRunner):
                 if reason is None and isinstance(exc, ContainerFailed):
                     raise  # the body's container died with its lease intact
                 reason = reason or "removed"
+                ended.update(what="revoked" if reason == "revoked" else "lost", reason=reason)
                 what = (f"the container of the lease on {where} was removed while the task ran. " if reason == "removed"
                         else f"the lease on {where} was {reason} while the task ran: its container was stopped. ")
                 raise LeaseLost(
@@ -447,6 +452,11 @@ class MigTaskRunner(ThreadPoolTaskRunner):
                 shielded(POOL.finish, slot, reusable=reusable)
             else:
                 shielded(lease.release)
+            if ctx is not None:
+                ran_s = time.monotonic() - ran_from
+                if slot is None or not reusable:  # a warm slot keeps its lease for the next call
+                    lease_event(ctx, lease, ended["what"], reason=ended["reason"], ran_s=round(ran_s, 3))
+                record_task_slice(ctx, lease, outcome=ended["reason"] or ended["what"], ran_s=ran_s)
 
     def _warm_key(self, request: SliceRequest, ctx, flow_ctx):
         """Which warm slots a try may reuse (None: none, a fresh container; see `warm_key`)."""
