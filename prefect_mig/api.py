@@ -50,6 +50,8 @@ from typing import Annotated, Any
 
 import anyio
 import redis.asyncio
+import redis.asyncio.sentinel
+import redis.sentinel
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
@@ -157,9 +159,21 @@ class _Gate:
         await self.app(scope, replay, send)
 
 
+#: what an asyncio Sentinel client takes over from the sync one
+_ASYNC_SENTINEL_KWARGS = ("db", "username", "password", "socket_timeout", "socket_connect_timeout")
+
+
 def _async_client(client) -> redis.asyncio.Redis:  # noqa: ANN001
     """An asyncio client to the same server (same address, credentials and TLS) as `client`."""
     pool = client.connection_pool
+    if isinstance(pool, redis.sentinel.SentinelConnectionPool):  # the primary Sentinel names, followed
+        manager = pool.sentinel_manager
+        sentinels = [(s.connection_pool.connection_kwargs["host"], s.connection_pool.connection_kwargs["port"])
+                     for s in manager.sentinels]
+        kwargs = {k: v for k, v in pool.connection_kwargs.items() if k in _ASYNC_SENTINEL_KWARGS}
+        return redis.asyncio.sentinel.Sentinel(sentinels, sentinel_kwargs=manager.sentinel_kwargs).master_for(
+            pool.service_name, **kwargs
+        )
     kwargs = dict(pool.connection_kwargs)
     kind = getattr(redis.asyncio.connection, pool.connection_class.__name__, redis.asyncio.Connection)
     return redis.asyncio.Redis(connection_pool=redis.asyncio.ConnectionPool(connection_class=kind, **kwargs))
@@ -241,8 +255,9 @@ def create_app(
                 lease = await off_thread(allocator.lease, request_id)
                 await off_thread(allocator.release, request_id, lease.fence)
 
-    async def wait_for_grant(request_id: str, timeout_s: float, receive, wanted: SliceRequest) -> LeaseInfo:  # noqa: ANN001
-        deadline = time.monotonic() + timeout_s
+    async def wait_for_grant(
+        request_id: str, timeout_s: float, deadline: float, receive, wanted: SliceRequest  # noqa: ANN001
+    ) -> LeaseInfo:
         waiter = allocator.keys.waiter(request_id)
         # a disconnect interrupts the BLPOP below, so wake only to keep the request alive (TTL/3)
         touch_every = max(0.05, min(5.0, allocator.wait_ttl_ms / 3000))  # under the client socket timeout
@@ -268,8 +283,10 @@ def create_app(
                     if claimed is not None:
                         return claimed
                     continue  # it went back before the claim: queued again
-                # the same keep-alive Allocator.wait_for_grant sends (its one Redis script call)
-                state = (await off_thread(allocator._run, "touch_wait", request_id, allocator.wait_ttl_ms, action="keep waiting"))[0]
+                if time.monotonic() >= deadline:
+                    break  # the wait is over: withdraw below, no keep-alive
+                # the same keep-alive Allocator.wait_for_grant sends
+                state = await off_thread(allocator.keep_waiting, request_id)
                 if state == "granted":
                     claimed = await off_thread(allocator.claim, request_id, wanted)
                     if claimed is not None:
@@ -290,10 +307,11 @@ def create_app(
         """Acquire a slice, waiting up to timeout_s (pushed, not polled; capped by the server)."""
         wanted = as_client(grant_of(request), body.request)
         timeout_s = max_wait_s if body.timeout_s is None else min(body.timeout_s, max_wait_s)
-        got = await off_thread(allocator.try_acquire, wanted, wait=timeout_s > 0)
+        deadline = time.monotonic() + timeout_s  # Redis drops the request, never grants it, after this
+        got = await off_thread(allocator.try_acquire, wanted, wait=timeout_s > 0, wait_s=timeout_s)
         if isinstance(got, LeaseInfo):
             return got
-        return await wait_for_grant(got.request_id, timeout_s, request.receive, wanted)
+        return await wait_for_grant(got.request_id, timeout_s, deadline, request.receive, wanted)
 
     def own_lease(request: Request, lease_id: str) -> LeaseInfo:
         lease = allocator.lease(lease_id)
