@@ -255,25 +255,61 @@ def create_app(
                 lease = await off_thread(allocator.lease, request_id)
                 await off_thread(allocator.release, request_id, lease.fence)
 
+    # Every waiting acquire's request is kept alive by one task, in one round trip every TTL/3, instead
+    # of each waiter waking to touch its own: with 1,000 waiters that was 1,000 wake-ups a second that
+    # renew and release competed with. A waiter wakes when its grant is pushed, its client leaves, its
+    # deadline passes, or the keeper found its request granted or gone (`stirred`).
+    touch_every = max(0.05, allocator.wait_ttl_ms / 3000)
+    # a BLPOP must end before the async client's socket timeout gives up on its reply
+    socket_timeout = allocator.redis.connection_pool.connection_kwargs.get("socket_timeout") or 30.0
+    pop_every = max(0.05, min(25.0, float(socket_timeout) - 2.0))
+    stirred: dict[str, asyncio.Event] = {}
+    keeper: list[asyncio.Task] = []
+
+    async def keep_waiting() -> None:
+        while stirred:
+            await asyncio.sleep(touch_every)
+            ids = list(stirred)
+            try:
+                states = await off_thread(allocator.keep_many_waiting, ids)
+            except RedisUnavailable:
+                continue  # the waiters' own BLPOPs fail and end their waits
+            for request_id, state in states.items():
+                if state != "waiting" and request_id in stirred:
+                    stirred[request_id].set()
+
     async def wait_for_grant(
         request_id: str, timeout_s: float, deadline: float, receive, wanted: SliceRequest  # noqa: ANN001
     ) -> LeaseInfo:
         waiter = allocator.keys.waiter(request_id)
-        # a disconnect interrupts the BLPOP below, so wake only to keep the request alive (TTL/3)
-        touch_every = max(0.05, min(5.0, allocator.wait_ttl_ms / 3000))  # under the client socket timeout
         gone = asyncio.ensure_future(_disconnected(receive))
+        stir = stirred[request_id] = asyncio.Event()
+        if not keeper or keeper[0].done() or keeper[0].get_loop() is not asyncio.get_running_loop():
+            keeper[:] = [asyncio.ensure_future(keep_waiting())]
         try:
             while not gone.done():
-                chunk = min(touch_every, deadline - time.monotonic())
+                chunk = min(pop_every, deadline - time.monotonic())
                 if chunk <= 0:
                     break
                 pop = asyncio.ensure_future(aredis.blpop([waiter], timeout=chunk))
-                await asyncio.wait({pop, gone}, return_when=asyncio.FIRST_COMPLETED)
-                if not pop.done():  # the client left: withdraw below
+                stirring = asyncio.ensure_future(stir.wait())
+                await asyncio.wait({pop, gone, stirring}, return_when=asyncio.FIRST_COMPLETED)
+                stirring.cancel()
+                if not pop.done():  # the client left, or the keeper found the request granted or gone
                     pop.cancel()
                     with suppress(BaseException):
                         await pop
-                    break
+                    if gone.done():
+                        break
+                    stir.clear()
+                    state = await off_thread(allocator.keep_waiting, request_id)
+                    if state == "granted":
+                        claimed = await off_thread(allocator.claim, request_id, wanted)
+                        if claimed is not None:
+                            return claimed
+                    if state == "gone":
+                        raise LeaseLost(f"request {request_id} is no longer queued.", reason="gone", lease_id=request_id)
+                    continue
                 with redis_errors("wait for a slice"):
                     popped = pop.result()
                 if popped:
@@ -283,21 +319,12 @@ def create_app(
                     if claimed is not None:
                         return claimed
                     continue  # it went back before the claim: queued again
-                if time.monotonic() >= deadline:
-                    break  # the wait is over: withdraw below, no keep-alive
-                # the same keep-alive Allocator.wait_for_grant sends
-                state = await off_thread(allocator.keep_waiting, request_id)
-                if state == "granted":
-                    claimed = await off_thread(allocator.claim, request_id, wanted)
-                    if claimed is not None:
-                        return claimed
-                if state == "gone":
-                    raise LeaseLost(f"request {request_id} is no longer queued.", reason="gone", lease_id=request_id)
         except asyncio.CancelledError:
             await asyncio.shield(withdraw(request_id))
             raise
         finally:
             gone.cancel()
+            stirred.pop(request_id, None)
         await withdraw(request_id)
         why = "the client disconnected" if gone.done() and not gone.cancelled() else f"no slice within {timeout_s:g} s"
         raise WaitTimeout(f"{why}; the request was withdrawn from the queue.", lease_id=request_id)
