@@ -4,12 +4,14 @@ One run, one private redis-server, one ``prefect-mig api serve`` process (uvicor
 
 1. renew p50/p99 of a held lease with nobody waiting (the anchor);
 2. N clients each POST an acquire for the same busy slice and wait (default 1,000; one connection
-   each, held open), and the same renew is measured again while they wait.
+   each, held open), and the same renew is measured again while they wait;
+3. the API server's CPU use while they wait and nothing else happens (what keeping N waits alive
+   costs it: from /proc, over ``--idle-s`` seconds).
 
 Before waits were async, each waiting acquire held one of the server's 40 threads, so renew queued
 behind them (the issue measured 9.7 s with 45 waiters).
 
-Usage: ``.venv/bin/python bench/api.py [--waiters 1000] [--renews 300]``. Prints a table, then one JSON line.
+Usage: ``.venv/bin/python bench/api.py [--waiters 1000] [--renews 300] [--idle-s 10]``. Prints a table, then one JSON line.
 """
 
 from __future__ import annotations
@@ -51,7 +53,14 @@ async def renews(http: httpx.AsyncClient, lease: dict, count: int) -> list[float
     return took
 
 
-async def measure(url: str, alloc: Allocator, waiters: int, count: int) -> tuple[list[float], list[float]]:
+def cpu_s(pid: int) -> float:
+    fields = open(f"/proc/{pid}/stat").read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+async def measure(
+    url: str, alloc: Allocator, waiters: int, count: int, server_pid: int, idle_s: float
+) -> tuple[list[float], list[float], float]:
     limits = httpx.Limits(max_connections=waiters + 10, max_keepalive_connections=waiters + 10)
     async with httpx.AsyncClient(base_url=url, headers=AUTH, timeout=600, limits=limits) as http:
         lease = (await http.post("/v1/leases", json={"request": {"profile": "7g.80gb", "ttl_s": 600}})).json()
@@ -65,16 +74,20 @@ async def measure(url: str, alloc: Allocator, waiters: int, count: int) -> tuple
                 raise SystemExit(f"only {len(alloc.status()['queue'])} of {waiters} acquires queued within 300 s")
             await asyncio.sleep(0.2)
         loaded = await renews(http, lease, count)
+        before, started = cpu_s(server_pid), time.monotonic()
+        await asyncio.sleep(idle_s)
+        cpu_share = (cpu_s(server_pid) - before) / (time.monotonic() - started)
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
-    return idle, loaded
+    return idle, loaded, cpu_share
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--waiters", type=int, default=1000)
     parser.add_argument("--renews", type=int, default=300)
+    parser.add_argument("--idle-s", type=float, default=10.0, help="how long the server's CPU use is sampled")
     args = parser.parse_args()
     with RedisServer() as server:
         alloc = Allocator(server.client(), "bench-api")
@@ -96,7 +109,7 @@ def main() -> None:
                         break
                 except httpx.TransportError:
                     time.sleep(0.1)
-            idle, loaded = asyncio.run(measure(url, alloc, args.waiters, args.renews))
+            idle, loaded, cpu_share = asyncio.run(measure(url, alloc, args.waiters, args.renews, api.pid, args.idle_s))
         finally:
             api.terminate()
             api.wait(30)
@@ -107,11 +120,12 @@ def main() -> None:
     table.add_row("no waiters (anchor)", f"{p50_idle:.2f}", f"{p99_idle:.2f}", "1.00x")
     table.add_row(f"{args.waiters} clients waiting", f"{p50_loaded:.2f}", f"{p99_loaded:.2f}", f"{p99_loaded / p99_idle:.2f}x")
     Console().print(table)
+    print(f"API server CPU while {args.waiters} clients wait: {cpu_share * 100:.1f} % of one core")
     print(json.dumps({
         "bench": "api_renew_under_waiters", "waiters": args.waiters, "renews": args.renews,
         "renew_p50_ms_idle": round(p50_idle, 3), "renew_p99_ms_idle": round(p99_idle, 3),
         "renew_p50_ms_waiters": round(p50_loaded, 3), "renew_p99_ms_waiters": round(p99_loaded, 3),
-        "p99_ratio": round(p99_loaded / p99_idle, 3),
+        "p99_ratio": round(p99_loaded / p99_idle, 3), "server_cpu_share_waiting": round(cpu_share, 4),
     }))
 
 

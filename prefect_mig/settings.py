@@ -7,6 +7,8 @@ This is the one place that reads the environment; everything else receives a `Se
 | ``PREFECT_MIG_REDIS_URL`` | Redis holding leases; unset = a private embedded redis-server |
 | ``PREFECT_MIG_REDIS_TLS_CA_FILE`` | with ``rediss://``: CA bundle that signed the server's certificate |
 | ``PREFECT_MIG_REDIS_TLS_CERT_FILE`` / ``..._KEY_FILE`` | with ``rediss://``: client certificate and key (mutual TLS) |
+| ``PREFECT_MIG_REDIS_REPLICAS`` | grants and renewals wait until this many replicas have them (``WAIT``; default 0) |
+| ``PREFECT_MIG_REDIS_REPLICA_TIMEOUT_S`` | how long they wait for those replicas (default 1) |
 | ``PREFECT_MIG_NAMESPACE`` | key namespace (hash tag) of one cluster inside that Redis |
 | ``PREFECT_MIG_BACKEND`` | ``nvml`` (real GPUs), ``simulated`` or ``auto`` (nvml when a driver answers) |
 | ``PREFECT_MIG_SIMULATED_FLEET`` | the simulated hardware, e.g. ``node-a=2xH100-80GB,node-b=1xA30-24GB`` |
@@ -56,12 +58,21 @@ class Settings(BaseSettings):
 
     redis_url: str | None = Field(
         default=None,
-        description="Redis URL (redis:// or rediss://) of the lease store; unset starts a private "
+        description="Redis URL (redis://, rediss://, or redis+sentinel://host:port[,host:port...]/service[/db] "
+        "for a replicated Redis watched by Sentinel) of the lease store; unset starts a private "
         "redis-server under the state dir.",
     )
     redis_tls_ca_file: Path | None = Field(default=None, description="rediss://: CA file of the server's certificate.")
     redis_tls_cert_file: Path | None = Field(default=None, description="rediss://: client certificate (mutual TLS).")
     redis_tls_key_file: Path | None = Field(default=None, description="rediss://: key of the client certificate.")
+    redis_replicas: int = Field(
+        default=0, ge=0, le=16,
+        description="With a replicated Redis (Sentinel): a grant or renewal counts only once this many "
+        "replicas acknowledged it (WAIT), so a failover cannot lose a lease a holder was told about. 0: no wait.",
+    )
+    redis_replica_timeout_s: float = Field(
+        default=1.0, gt=0, le=60, description="How long a grant or renewal waits for its replicas before it fails."
+    )
     namespace: str = Field(
         default="default",
         min_length=1,
@@ -131,8 +142,8 @@ class Settings(BaseSettings):
     @field_validator("redis_url")
     @classmethod
     def _redis_scheme(cls, value: str | None) -> str | None:
-        if value is not None and not re.match(r"^(redis|rediss|unix)://", value):
-            raise ValueError("must start with redis://, rediss:// or unix://")
+        if value is not None and not re.match(r"^(redis|rediss|unix|redis\+sentinel)://", value):
+            raise ValueError("must start with redis://, rediss://, unix:// or redis+sentinel://")
         return value
 
     @field_validator("simulated_fleet")

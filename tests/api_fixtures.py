@@ -46,9 +46,15 @@ def api_settings() -> dict:
 
 
 @pytest.fixture
-def served_api(redis_client, namespace, api_settings) -> Iterator[ServedApi]:
+def api_allocator_options() -> dict:
+    """Keyword arguments for the served API's `Allocator` (override to change them)."""
+    return {"wait_ttl_s": 30, "grace_s": 5}
+
+
+@pytest.fixture
+def served_api(redis_client, namespace, api_settings, api_allocator_options) -> Iterator[ServedApi]:
     """The API (admin token `ADMIN_TOKEN`) on 127.0.0.1, one H100 carved 3g+2g+1g+1g, real clock."""
-    alloc = Allocator(redis_client, namespace, wait_ttl_s=30, grace_s=5)
+    alloc = Allocator(redis_client, namespace, **api_allocator_options)
     alloc.publish_fleet("node-a=1xH100-80GB", layouts={"node-a": [H100_MIXED]})
     port = _free_port()
     server = uvicorn.Server(

@@ -137,6 +137,46 @@ def test_a_waiting_acquire_is_handed_the_freed_slice_with_its_full_ttl(served_ap
     assert admin.delete(f"/v1/leases/{granted['lease_id']}", params={"fence": lease.fence}).json() == {"released": True}
 
 
+def _wait_in_thread(served_api, answer: dict, timeout_s: float) -> threading.Thread:
+    def wait_for_slice() -> None:
+        with served_api.client(timeout=120) as c:
+            answer["reply"] = c.post("/v1/leases", json={"request": {"profile": "3g.40gb"}, "timeout_s": timeout_s})
+            answer["at"] = time.monotonic()
+
+    waiter = threading.Thread(target=wait_for_slice, daemon=True)
+    waiter.start()
+    _wait_until(lambda: len(served_api.alloc.status()["queue"]) == 1, "the acquire is queued")
+    return waiter
+
+
+@pytest.mark.parametrize("api_allocator_options", [{"wait_ttl_s": 0.6}])
+def test_a_waiting_acquire_is_kept_alive_past_many_silences(served_api, api_allocator_options):
+    """The server keeps its waiting requests alive (a request untouched for 0.6 s is dropped)."""
+    admin = served_api.client()
+    held = admin.post("/v1/leases", json={"request": {"profile": "3g.40gb"}}).json()
+    answer: dict = {}
+    waiter = _wait_in_thread(served_api, answer, 60)
+    time.sleep(3.0)  # five silences long
+    served_api.alloc.reap()
+    assert len(served_api.alloc.status()["queue"]) == 1, "the waiting request was dropped as abandoned"
+    admin.delete(f"/v1/leases/{held['lease_id']}", params={"fence": held["fence"]})
+    waiter.join(60)
+    assert answer["reply"].status_code == 201, answer["reply"].text
+
+
+@pytest.mark.parametrize("api_allocator_options", [{"wait_ttl_s": 1.5}])
+def test_a_waiting_client_whose_request_was_dropped_is_told_soon(served_api, api_allocator_options):
+    answer: dict = {}
+    served_api.client().post("/v1/leases", json={"request": {"profile": "3g.40gb"}})
+    waiter = _wait_in_thread(served_api, answer, 60)
+    request_id = served_api.alloc.status()["queue"][0]["id"]
+    dropped = time.monotonic()
+    assert served_api.alloc.cancel(request_id) == "cancelled"  # as the reaper drops an abandoned one
+    waiter.join(60)
+    assert answer["reply"].status_code == 410, answer["reply"].text
+    assert answer["at"] - dropped < 10, "the client waited on for a request that was gone"
+
+
 @pytest.mark.parametrize("api_settings", [{"max_wait_s": 1.0}])
 def test_a_wait_is_capped_by_the_servers_maximum(served_api, api_settings):
     admin = served_api.client()

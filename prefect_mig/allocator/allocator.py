@@ -59,7 +59,7 @@ import redis
 
 from prefect_mig.allocator.keys import Keys
 from prefect_mig.allocator.models import LeaseInfo, Quota, SliceRecord, SliceRequest, decode, slice_record
-from prefect_mig.allocator.scripts import DeadlinePassed, Scripts, read_by
+from prefect_mig.allocator.scripts import DeadlinePassed, NotReplicated, Scripts, read_by
 from prefect_mig.errors import (
     AllocationError,
     ConfigError,
@@ -175,6 +175,10 @@ class Allocator:
             after Redis lost its state, nodes that outlived it wait this long before granting.
         queue_uncarved: let requests wait for a kind of slice no GPU is carved into yet (when a
             repartitioner runs, it will carve it); otherwise such a request is `Unsatisfiable`.
+        replicas: with a replicated Redis, a grant or renewal counts only once this many replicas
+            have it (``WAIT``), so a failover cannot lose a lease its holder was told about; one
+            that is not acknowledged within `replica_timeout_s` raises `RedisUnavailable` (a grant
+            is then given back). 0: no wait (a single Redis).
     """
 
     def __init__(
@@ -190,6 +194,8 @@ class Allocator:
         queue_uncarved: bool = False,
         max_ttl_s: float = 900.0,
         claim_s: float | None = 1.0,
+        replicas: int = 0,
+        replica_timeout_s: float = 1.0,
     ) -> None:
         self.redis = client
         self.keys = Keys(namespace)
@@ -206,11 +212,22 @@ class Allocator:
         self._unknown_models: list[str] = []  # inventory models this process cannot look up (left out)
         self._templates: dict[tuple, str] = {}  # request JSON per (request, inventory models)
         self._cluster_id: str | None = None
+        if replicas and type(client) is not redis.Redis:
+            raise ConfigError(
+                f"replicas={replicas}: waiting for replicas needs a plain redis.Redis client, not "
+                f"{type(client).__name__}.", field="replicas", value=replicas,
+            )
+        self.replicas = int(replicas)
+        self.replica_timeout_ms = max(1, int(replica_timeout_s * 1000))
 
     def _run(self, name: str, *args: Any, action: str, deadline: float | None = None) -> list:
         now = self.clock.now_ms() if self.clock is not None else None
+        # what a holder acts on (a grant, a claim, a renewal) must survive a failover
+        replicas = self.replicas if name in ("acquire", "renew") else 0
         with redis_errors(action):
-            reply = self.scripts.run(name, *args, now_ms=now, deadline=deadline)
+            reply = self.scripts.run(
+                name, *args, now_ms=now, deadline=deadline, replicas=replicas, replica_timeout_ms=self.replica_timeout_ms
+            )
         return [decode(x) for x in reply] if isinstance(reply, list) else reply
 
     # ------------------------------------------------------------------ inventory
@@ -369,9 +386,14 @@ class Allocator:
 
     def try_acquire(
         self, request: SliceRequest, *, wait: bool = False, request_id: str | None = None,
-        deadline: float | None = None,
+        deadline: float | None = None, wait_s: float | None = None,
     ) -> LeaseInfo | Queued:
         """Grant a slice now, or (with `wait`) join the queue and return `Queued`.
+
+        `wait_s` is how long the caller will wait for a queued request: past it Redis drops the
+        request instead of granting it, even if the caller's withdrawal never arrives (its process
+        stopped, Redis did not answer in time). `deadline` (monotonic) bounds the wait for this
+        call's reply.
 
         Raises:
             NoCapacity: nothing fits now and `wait` is false.
@@ -379,17 +401,22 @@ class Allocator:
         """
         check_ttl(request.ttl_s, self.max_ttl_s)
         request_id = request_id or uuid.uuid4().hex
-        reply = self._run(
-            "acquire",
+        try:
+            reply = self._run(
+                "acquire",
             self._request_json(request, request_id),
             "1" if wait else "0",
-            self.wait_ttl_ms,
-            self.aging_ms,
-            "1" if self.preempt else "",
-            "1" if self.queue_uncarved else "0",
-            action="acquire a slice",
-            deadline=deadline,
-        )
+                self.wait_ttl_ms,
+                self.aging_ms,
+                "1" if self.preempt else "",
+                "1" if self.queue_uncarved else "0",
+                "" if wait_s is None else max(1, int(wait_s * 1000)),
+                action="acquire a slice",
+                deadline=deadline,
+            )
+        except RedisUnavailable as exc:
+            self._give_back_unconfirmed(exc)
+            raise
         code = reply[0]
         if code == "granted":
             _, lease_id, fence, expires, _slice_id, slice_json = reply
@@ -411,6 +438,16 @@ class Allocator:
                 lease_id=request_id,
             )
         raise AllocationError(f"unexpected reply from acquire: {reply!r}")
+
+    def _give_back_unconfirmed(self, exc: RedisUnavailable) -> None:
+        """A grant no replica acknowledged is not handed to its caller: give it back (best effort;
+        if the primary is dying, the grant dies with it or expires unused)."""
+        cause = exc.__cause__
+        if isinstance(cause, NotReplicated) and cause.reply and decode(cause.reply[0]) == "granted":
+            try:
+                self.release(decode(cause.reply[1]), int(cause.reply[2]))
+            except (RedisUnavailable, LeaseNotOwned):
+                pass
 
     def wait_for_grant(
         self,
@@ -458,12 +495,14 @@ class Allocator:
         waiter = self.keys.waiter(request_id)
         touch_every = max(0.05, min(2.0, self.wait_ttl_ms / 3000))
         while True:
-            chunk = touch_every if deadline is None else min(touch_every, deadline - time.monotonic())
-            if chunk <= 0 or (stop is not None and stop.is_set()):
+            left = None if deadline is None else deadline - time.monotonic()
+            if (left is not None and left <= 0) or (stop is not None and stop.is_set()):
                 return None
-            got = self._blpop(waiter, chunk, deadline)
+            got = self._blpop(waiter, touch_every if left is None else min(touch_every, left), deadline)
             if got and stop is not None and stop.is_set():
                 return None
+            if not got and deadline is not None and time.monotonic() >= deadline:
+                return None  # the wait is over: withdraw rather than keep the request alive
             if got:
                 fence, expires, waited, slice_json = decode(got).split("|", 3)
                 info = (
@@ -474,7 +513,7 @@ class Allocator:
                 if claimed is not None:
                     return claimed
                 continue  # it went back before we could claim it: we are queued again
-            state = self._run("touch_wait", request_id, self.wait_ttl_ms, action="keep waiting", deadline=deadline)[0]
+            state = self.keep_waiting(request_id, deadline=deadline)
             if state == "waiting":
                 self._run("reap", 10, action="reap", deadline=deadline)  # progress where no agent reaps
             if state == "granted":
@@ -488,6 +527,24 @@ class Allocator:
                     reason="gone",
                     lease_id=request_id,
                 )
+
+    def keep_waiting(self, request_id: str, *, deadline: float | None = None) -> str:
+        """Tell Redis a queued request's waiter is still there (it is dropped after `wait_ttl_s` of
+        silence): ``waiting``, ``granted`` or ``gone``. `deadline` bounds the wait for the reply."""
+        return self._run("touch_wait", request_id, self.wait_ttl_ms, action="keep waiting", deadline=deadline)[0]
+
+    def keep_many_waiting(self, request_ids: Sequence[str]) -> dict[str, str]:
+        """`keep_waiting` for many requests in one round trip (a server holding many waits touches
+        them all at once instead of waking each): each id's ``waiting``, ``granted`` or ``gone``."""
+        if not request_ids:
+            return {}
+        now = self.clock.now_ms() if self.clock is not None else None
+        with redis_errors("keep requests waiting"):
+            pipe = self.redis.pipeline(transaction=False)
+            for request_id in request_ids:
+                self.scripts.run("touch_wait", request_id, self.wait_ttl_ms, now_ms=now, client=pipe)
+            replies = pipe.execute()
+        return {rid: decode(reply[0]) for rid, reply in zip(request_ids, replies)}
 
     def claim(self, request_id: str, request: SliceRequest) -> LeaseInfo | None:
         """Claim the lease handed over to a queued request (for waiters other than
@@ -520,9 +577,9 @@ class Allocator:
             with redis_errors("wait for a slice"):
                 got = self.redis.blpop([key], timeout=timeout_s)
             return got[1] if got else None
-        conn = self.scripts._connection()
         limit = time.monotonic() + timeout_s + 2.0  # Redis answers a BLPOP by its timeout
         with redis_errors("wait for a slice"):
+            conn = self.scripts._connection("pop")
             try:
                 conn.send_command("BLPOP", key, f"{timeout_s:.3f}")
                 got = read_by(conn, limit if deadline is None else min(limit, deadline))
@@ -558,7 +615,7 @@ class Allocator:
         deadline = None if not timeout_s else time.monotonic() + timeout_s
         request_id = uuid.uuid4().hex
         try:
-            got = self.try_acquire(request, wait=timeout_s != 0, request_id=request_id, deadline=deadline)
+            got = self.try_acquire(request, wait=timeout_s != 0, request_id=request_id, deadline=deadline, wait_s=timeout_s)
         except DeadlinePassed:
             self._abandon(request_id)
             raise WaitTimeout(

@@ -43,6 +43,7 @@ from contextlib import asynccontextmanager, contextmanager
 import redis
 
 from prefect_mig.allocator.allocator import Allocator, redis_errors
+from prefect_mig.allocator.connection import client_for_url
 from prefect_mig.allocator.models import LeaseInfo, SliceRecord, SliceRequest
 from prefect_mig.errors import LeaseLost, LeaseNotOwned
 
@@ -206,7 +207,7 @@ class LeaseClient:
 
     def __init__(self, client: redis.Redis | str, namespace: str = "default", **allocator_options) -> None:
         if isinstance(client, str):
-            client = redis.Redis.from_url(client, socket_connect_timeout=2.0, socket_timeout=5.0)
+            client = client_for_url(client, socket_connect_timeout=2.0, socket_timeout=5.0)
         self.allocator = Allocator(client, namespace, **allocator_options)
 
     @classmethod
@@ -221,7 +222,10 @@ class LeaseClient:
                 "(e.g. redis://localhost:6379/0).",
                 field="redis_url",
             )
-        return cls(settings.redis_url, settings.namespace, max_ttl_s=settings.lease_max_ttl_s)
+        return cls(
+            settings.redis_url, settings.namespace, max_ttl_s=settings.lease_max_ttl_s,
+            replicas=settings.redis_replicas, replica_timeout_s=settings.redis_replica_timeout_s,
+        )
 
     def acquire(
         self, request: SliceRequest, *, timeout_s: float | None = None, on_lost: LostCallback | None = None

@@ -72,6 +72,15 @@ def source(name: str) -> str:
     return lua.joinpath("_lib.lua").read_text() + "\n" + lua.joinpath(f"{name}.lua").read_text()
 
 
+class NotReplicated(redis.RedisError):
+    """The script ran on the primary, but fewer replicas than asked acknowledged it in time (a
+    failover now could lose it). `reply` is the script's reply."""
+
+    def __init__(self, message: str, reply) -> None:
+        super().__init__(message)
+        self.reply = reply
+
+
 class DeadlinePassed(redis.TimeoutError):
     """No reply came before the caller's deadline (the connection was dropped; the command may still
     run on the server)."""
@@ -99,13 +108,37 @@ class Scripts:
         self._heads: dict[tuple, bytes] = {}
         self._local = threading.local()
 
-    def run(self, name: str, *args, now_ms: int | None = None, client=None, deadline: float | None = None):
+    def run(
+        self, name: str, *args, now_ms: int | None = None, client=None, deadline: float | None = None,
+        replicas: int = 0, replica_timeout_ms: int = 1000,
+    ):
         """Run a script; with `deadline` (monotonic) raise `DeadlinePassed` rather than wait longer
-        for the reply (on a plain ``redis.Redis``; other clients keep their socket timeouts)."""
+        for the reply (on a plain ``redis.Redis``; other clients keep their socket timeouts). With
+        `replicas`, then wait (``WAIT``) until that many replicas have the script's writes, and raise
+        `NotReplicated` when fewer did within `replica_timeout_ms` (plain ``redis.Redis`` only)."""
         argv = [self._prefix, b"" if now_ms is None else int(now_ms), self._events_maxlen, *args]
         if client is None and type(self._client) is redis.Redis:
-            return self._run_packed(name, argv, deadline)
+            reply = self._run_packed(name, argv, deadline)
+            if replicas:
+                self._confirm(name, reply, replicas, replica_timeout_ms)
+            return reply
         return self._scripts[name](keys=self._key_list, args=argv, client=client)
+
+    def _confirm(self, name: str, reply, replicas: int, timeout_ms: int) -> None:
+        # WAIT on the connection that ran the script: it counts the replicas that have this
+        # connection's writes so far (and, the stream being ordered, everything written before them).
+        conn = self._connection()
+        try:
+            conn.send_command("WAIT", replicas, timeout_ms)
+            acked = int(conn.read_response())
+        except BaseException:
+            conn.disconnect()
+            raise
+        if acked < replicas:
+            raise NotReplicated(
+                f"{name}: {acked} of the {replicas} replica(s) asked for acknowledged it within {timeout_ms} ms",
+                reply,
+            )
 
     def _head(self, name: str, nargs: int) -> bytes:
         script = self._scripts[name]
@@ -117,15 +150,34 @@ class Scripts:
             self._heads[(name, script.sha, nargs)] = head
         return head
 
-    def _connection(self):
-        """This thread's own connection (made like the pool's): the pool's checkout and release
-        cost about as much as the command on a lease cycle's hot path."""
-        conn = getattr(self._local, "conn", None)
-        if conn is None or self._local.pid != os.getpid():
+    def _connection(self, purpose: str = "conn"):
+        """This thread's own connection for `purpose` (made like the pool's): the pool's checkout
+        and release cost about as much as the command on a lease cycle's hot path. Waits block on a
+        connection of their own (``"pop"``): one dropped at a wait's deadline leaves the scripts'
+        connection up for the withdrawal that follows (no reconnect, TLS handshake included)."""
+        if getattr(self._local, "pid", None) != os.getpid():
+            self._local.__dict__.clear()
+            self._local.pid = os.getpid()
+        conn = getattr(self._local, purpose, None)
+        if conn is None:
             pool = self._client.connection_pool
             conn = pool.connection_class(**pool.connection_kwargs)
-            self._local.conn, self._local.pid = conn, os.getpid()
+            setattr(self._local, purpose, conn)
+        if not conn.is_connected:
+            # connect() as the pool would: a Sentinel-managed connection asks the Sentinels for the
+            # primary there (sending on an unconnected one would go to its default address)
+            conn.connect()
         return conn
+
+    def _load_all(self, conn) -> None:
+        """Load every script on `conn` at once (Redis is new or restarted, or flushed its scripts): a
+        later first use of another script, such as a withdrawal under a short deadline, then costs
+        no extra round trip."""
+        for script in self._scripts.values():
+            conn.send_command("SCRIPT", "LOAD", script.script)
+        for script in self._scripts.values():
+            sha = conn.read_response()
+            script.sha = sha.decode() if isinstance(sha, bytes) else sha
 
     def _run_packed(self, name: str, argv: list, deadline: float | None = None):
         encoded = [a if isinstance(a, bytes) else str(a).encode() for a in argv]
@@ -137,8 +189,7 @@ class Scripts:
                 try:
                     return read_by(conn, deadline)
                 except NoScriptError:
-                    script = self._scripts[name]
-                    script.sha = self._client.script_load(script.script)
+                    self._load_all(conn)
                     conn.send_packed_command([self._head(name, len(encoded)) + body])
                     return read_by(conn, deadline)
             except (redis.ResponseError, DeadlinePassed):

@@ -31,7 +31,10 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")
 
 def _allocator() -> Allocator:
     settings = load_settings()
-    return Allocator(connect(settings), settings.namespace, max_ttl_s=settings.lease_max_ttl_s)
+    return Allocator(
+        connect(settings), settings.namespace, max_ttl_s=settings.lease_max_ttl_s,
+        replicas=settings.redis_replicas, replica_timeout_s=settings.redis_replica_timeout_s,
+    )
 
 
 #: SliceRequest field -> the `lease acquire` option that sets it

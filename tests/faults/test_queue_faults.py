@@ -89,6 +89,35 @@ def test_a_grant_to_a_killed_waiter_comes_back_within_a_second():
             waiter.wait()
 
 
+TIMED_WAITER = """
+import sys
+from prefect_mig.allocator import Allocator, SliceRequest
+import redis
+alloc = Allocator(redis.Redis.from_url(sys.argv[1]), "faults", wait_ttl_s=60)
+alloc.acquire(SliceRequest(profile="4g.24gb", ttl_s=30), timeout_s=float(sys.argv[2]))
+"""
+
+
+def test_a_request_whose_caller_gave_up_is_never_granted_even_if_its_withdrawal_never_came():
+    """The caller's timeout, not only its withdrawal, ends a request: a caller that stops at its
+    timeout (or whose withdrawal Redis never got) must not take the next freed slice."""
+    with RedisServer() as server:
+        alloc = cluster(server).allocator
+        held = alloc.try_acquire(SLICE)
+        waiter = subprocess.Popen([sys.executable, "-c", TIMED_WAITER, server.url, "2.0"])
+        try:
+            wait_until(lambda: len(alloc.status()["queue"]) == 1, 60, "the waiter joining the queue")
+            os.kill(waiter.pid, signal.SIGSTOP)  # frozen inside its wait: it will never withdraw
+            time.sleep(2.5)  # its 2 s wait is over (its request stays fresh: it may be silent 60 s)
+            alloc.release(held.lease_id, held.fence)
+            nxt = alloc.acquire(SLICE, timeout_s=0)  # NoCapacity if the slice went to the frozen waiter
+            assert nxt.slice.id == held.slice.id
+            assert alloc.status()["queue"] == []
+        finally:
+            waiter.kill()
+            waiter.wait()
+
+
 @pytest.mark.parametrize("timeout_s", [0.5, 2.0])
 def test_a_timeout_holds_within_100_ms_while_redis_is_paused(timeout_s):
     with RedisServer() as server:

@@ -135,12 +135,15 @@ local function dequeue(r)
   redis.call('HDEL', K.requests, r.id)
 end
 
--- Fencing tokens must keep growing even if Redis lost its data: a counter that is missing is
--- seeded from the clock (1024 tokens per ms), above any token handed out before the loss.
+-- Fencing tokens must keep growing even if Redis lost its data or a replica that missed the last
+-- grants was promoted: the counter never falls behind the clock (1024 tokens per ms), so a token
+-- handed out before the loss or failover is below any token handed out after it (when clocks agree
+-- to within the outage).
 local function next_fence()
   local fence = redis.call('INCR', K.fence)
-  if fence == 1 then
-    redis.call('SET', K.fence, string.format('%.0f', NOW * 1024))
+  local floor = NOW * 1024
+  if fence < floor then
+    redis.call('SET', K.fence, string.format('%.0f', floor))
     fence = redis.call('INCR', K.fence)
   end
   return fence
@@ -198,6 +201,15 @@ local function hand_over(r, id, s, counted)
   redis.call('PEXPIRE', waiter_key(r.id), 600000)
 end
 
+-- A waiting request whose caller's wait is over (r.gives_up_at) is dropped, never granted: its caller
+-- may have given up without its withdrawal reaching Redis. Returns true when it was dropped.
+local function drop_if_given_up(r)
+  if not r.gives_up_at or r.gives_up_at >= NOW then return false end
+  dequeue(r)
+  event('lease.abandoned', {'request', r.id})
+  return true
+end
+
 -- Give a slice that just became available to the best waiter that accepts it, or mark it free.
 -- Waiters are ordered by (enqueue time - priority * aging), so priority is strict until aging wins.
 local function offer(id, s)
@@ -247,7 +259,9 @@ local function offer(id, s)
         removed = removed + 1
       else
         local r = cjson.decode(raw)
-        if not blocked_tenant[r.tenant] then
+        if drop_if_given_up(r) then
+          removed = removed + 1
+        elseif not blocked_tenant[r.tenant] then
           local counted = eligible(r, s)
           if counted ~= nil then
             hand_over(r, id, s, counted)
@@ -268,8 +282,8 @@ end
 local function retry_tenant(tenant)
   for _, rid in ipairs(redis.call('ZRANGE', tenant_waiting_key(tenant), 0, -1)) do
     local raw = redis.call('HGET', K.requests, rid)
-    if raw then
-      local r = cjson.decode(raw)
+    local r = raw and cjson.decode(raw)
+    if r and not drop_if_given_up(r) then
       for _, pkey in ipairs(r.pkeys) do
         local best = redis.call('ZRANGE', free_key(pkey), 0, 0)[1]
         if best then

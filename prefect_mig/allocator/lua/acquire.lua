@@ -7,6 +7,7 @@
 -- A[5] - '1' to let this request revoke a lower-priority preemptible lease (the grace is the cluster's)
 -- A[6] - '1' to queue for kinds no GPU is carved into yet; they also queue while a repartitioner
 --        announces itself (KEYS repartitioner), since it will carve them
+-- A[7] - ms its caller waits at most ('' = no end): after that the request is dropped, never granted
 -- returns {'granted', lease_id, fence, expires_at, slice_id, slice_json}
 --       | {'queued', request_id, queue_length}
 --       | {'no_capacity', 'busy' | 'quota'}
@@ -66,6 +67,7 @@ if not wait then return {'no_capacity', quota_hit and 'quota' or 'busy'} end
 local seq = redis.call('INCR', K.seq)
 local order = (NOW - r.priority * tonumber(A[4])) * 1024 + (seq % 1024)
 r.enqueued_at = NOW
+if A[7] ~= '' then r.gives_up_at = NOW + tonumber(A[7]) end
 r.order = string.format('%.0f', order)
 for _, pkey in ipairs(r.pkeys) do redis.call('ZADD', waitq_key(pkey), order, r.id) end
 redis.call('ZADD', K.waiting, order, r.id)

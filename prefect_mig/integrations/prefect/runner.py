@@ -46,7 +46,6 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-import redis
 from prefect.context import FlowRunContext, TaskRunContext
 from prefect.logging import get_run_logger
 from prefect.states import Pending, Running
@@ -54,6 +53,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.engine import emit_task_run_state_change_event
 
 from prefect_mig.allocator import Allocator, Lease, LeaseInfo, SliceRequest, health
+from prefect_mig.allocator.connection import client_for_url
 from prefect_mig.allocator.embedded import redis_url
 from prefect_mig.errors import (
     ConfigError,
@@ -98,8 +98,11 @@ def _allocator(url: str, namespace: str) -> Allocator:
     with _ALLOCATORS_LOCK:
         key = (url, namespace)
         if key not in _ALLOCATORS:
-            client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=10)
-            _ALLOCATORS[key] = Allocator(client, namespace)
+            settings = load_settings()
+            client = client_for_url(url, socket_connect_timeout=2, socket_timeout=10)
+            _ALLOCATORS[key] = Allocator(
+                client, namespace, replicas=settings.redis_replicas, replica_timeout_s=settings.redis_replica_timeout_s
+            )
         return _ALLOCATORS[key]
 
 
