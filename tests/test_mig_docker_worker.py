@@ -169,7 +169,7 @@ def pool(tmp_path_factory, redis_server, flow_image, docker_client):
             except httpx.HTTPError:
                 return False
 
-        _wait_until("the Prefect server to answer", healthy, timeout_s=180)
+        _wait_until("the Prefect server to answer", healthy, timeout_s=400)
         cli = lambda *args: subprocess.run([str(BIN / "prefect"), *args], env=env, check=True, timeout=300,  # noqa: E731
                                            capture_output=True, text=True)
         cli("work-pool", "create", "gpu", "--type", "mig-docker")
@@ -381,6 +381,45 @@ def test_a_worker_killed_mid_run_lets_the_lease_end_within_its_ttl_and_the_next_
         assert "no worker runs it" in final["message"] and "lease" in final["message"]
     finally:
         alloc.release(granted.lease_id, granted.fence)
+
+
+MIG_CALLER = '''
+import sys
+
+from prefect import flow
+
+from prefect_mig import mig
+from prefect_mig.integrations.prefect.bundle_dir import use_directory_storage
+
+SHARED, IMAGE = sys.argv[1], sys.argv[2]
+
+
+@mig(work_pool="gpu", profile="1g.10gb", priority=3, image=IMAGE, volumes=[f"{SHARED}:{SHARED}"])
+@flow
+def where_am_i(x: int) -> str:
+    import os
+    return f"{x * 6} on {os.environ['CUDA_VISIBLE_DEVICES']}"
+
+
+if __name__ == "__main__":
+    use_directory_storage("gpu", SHARED)
+    print("RESULT", where_am_i(7))
+'''
+
+
+def test_calling_a_mig_bound_flow_runs_it_on_a_leased_slice_of_the_pool_and_returns_its_result(clean, tmp_path):
+    shared = tmp_path / "shared"
+    (tmp_path / "caller.py").write_text(MIG_CALLER)
+    # The caller's Prefect settings travel in the bundle; SSL_CERT_FILE (set on this machine) names
+    # a CA file the image lacks, and the API here is plain http.
+    env = {k: v for k, v in clean["env"].items() if k != "SSL_CERT_FILE"}
+    called = subprocess.run([str(BIN / "python"), str(tmp_path / "caller.py"), str(shared), FLOW_IMAGE],
+                            env=env, cwd=tmp_path, timeout=400, capture_output=True, text=True)
+    if called.returncode != 0:  # what the flow run logged (from its container) says why
+        logs = clean["api"]._call("POST", "/logs/filter", json={"sort": "TIMESTAMP_DESC", "limit": 30}).json()
+        raise AssertionError("\n".join(x["message"][-1500:] for x in reversed(logs)) + called.stderr[-2000:])
+    (line,) = [x for x in called.stdout.splitlines() if x.startswith("RESULT ")]
+    assert line.startswith("RESULT 42 on MIG-"), called.stdout
 
 
 def test_cancelling_a_flow_run_through_the_api_ends_its_tasks_on_slices_cancelled(clean, docker_client):

@@ -393,8 +393,29 @@ class MigDockerWorker(BaseWorker):
             # task, and the container must still go and the lease be released
             with anyio.CancelScope(shield=True):
                 if container is not None:
+                    await self._log_output_unless_completed(flow_run.id, container, logger)
                     await anyio.to_thread.run_sync(_remove, container)
                 await anyio.to_thread.run_sync(lease.release)
+
+    async def _log_output_unless_completed(self, flow_run_id, container, logger, lines: int = 40) -> None:
+        """Put the last `lines` of the container's output in the run log when the run did not end
+        Completed or Cancelled: what Prefect's engine printed before it could log to the API (an
+        import error, a bundle it could not load) is otherwise lost with the container."""
+        import docker.errors
+        import requests.exceptions
+
+        try:
+            state = (await self.client.read_flow_run(flow_run_id)).state
+        except Exception:  # noqa: BLE001 - without the state, log the output anyway
+            state = None
+        if state is not None and state.type in (StateType.COMPLETED, StateType.CANCELLED, StateType.CANCELLING):
+            return
+        try:
+            output = await anyio.to_thread.run_sync(lambda: container.logs(tail=lines).decode(errors="replace"))
+        except (docker.errors.DockerException, requests.exceptions.RequestException):
+            return
+        if output.strip():
+            logger.error("the flow run's container %s printed (last %d lines):\n%s", container.short_id, lines, output.rstrip())
 
     async def _wait(self, flow_run, allocator, request_id, request, runner, cancelled, logger):
         """Wait for the grant in a thread while the flow run shows AwaitingMIG with why it waits;
