@@ -238,7 +238,8 @@ class MigDockerWorker(BaseWorker):
 
     async def crash_orphaned_runs(self) -> list[str]:
         """Mark Crashed this pool's flow runs that no worker runs any more: Pending or Running with a
-        container (``infrastructure_pid``) that is gone or has exited, and not run by this worker.
+        container (``infrastructure_pid``) that is gone or has exited, no lease held for them, and
+        not run by this worker.
 
         That is what is left when a worker dies mid-run (SIGKILL, a lost host): nobody renews the
         run's lease, so it ends within its TTL (``lease_ttl_s``) and the node agent removes the
@@ -256,9 +257,18 @@ class MigDockerWorker(BaseWorker):
             limit=200,
         )
         mine = getattr(self, "_running_ids", set())
+        runs = [r for r in runs if r.id not in mine and r.infrastructure_pid and ":" in r.infrastructure_pid]
+        if not runs:
+            return []
+        # a run whose lease is still held is someone's (a live worker's on another host, whose local
+        # engine URL reads like ours): only a run without a lease and without a container is orphaned
+        from prefect_mig.integrations.prefect.runner import MigTaskRunner
+
+        allocator = await anyio.to_thread.run_sync(MigTaskRunner()._allocator, self._logger)
+        held = {row.get("holder") for row in (await anyio.to_thread.run_sync(allocator.status))["leases"]}
         crashed = []
         for run in runs:
-            if run.id in mine or not run.infrastructure_pid or ":" not in run.infrastructure_pid:
+            if f"flow-run/{run.id}" in held:
                 continue
             gone = await anyio.to_thread.run_sync(_container_gone, run.infrastructure_pid)
             if gone is None:
