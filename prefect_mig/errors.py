@@ -217,6 +217,11 @@ class ContainerStopped(LaunchError):
     """The container was stopped before the body finished (timeout, cancellation, lost lease)."""
 
 
+class TryCancelled(ContainerStopped):
+    """The flow run was cancelled: this task try's wait for a slice was withdrawn or its container
+    stopped, and its lease released. The task run then ends Cancelled, not Failed."""
+
+
 class RemoteTraceback(Exception):
     """The traceback of an exception raised inside a task container (set as ``__cause__``)."""
 

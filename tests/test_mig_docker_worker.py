@@ -20,7 +20,7 @@ import httpx
 import pytest
 import redis
 
-from prefect_mig.allocator import Allocator, SliceRequest
+from prefect_mig.allocator import Allocator, LeaseInfo, SliceRequest
 from prefect_mig.launchers.docker import task_containers
 
 from .allocator_fixtures import H100_MIXED
@@ -42,6 +42,31 @@ def gpu_flow(sleep_s: float = 0.0) -> None:
     """Say which MIG device it saw (in a file of the mounted project), then maybe sleep."""
     Path(__file__).parent.joinpath("out", f"{flow_run.id}.txt").write_text(os.environ["CUDA_VISIBLE_DEVICES"])
     time.sleep(sleep_s)
+'''
+
+SLICED_FLOW_SOURCE = '''
+import time
+
+from prefect import flow
+
+from prefect_mig import MigTaskRunner, task
+
+
+def _sleep_long():
+    import time
+    time.sleep(600)
+
+
+holding = task(task_runner=MigTaskRunner(profile="1g.10gb"), name="holding")(_sleep_long)
+waiting = task(task_runner=MigTaskRunner(profile="3g.40gb"), name="waiting")(_sleep_long)
+
+
+@flow
+def sliced_flow() -> None:
+    """Tasks on slices with task-level runners: one runs, one waits (the test holds the 3g.40gb)."""
+    futures = [holding.submit(), waiting.submit()]
+    for future in futures:
+        future.wait()
 '''
 
 
@@ -126,7 +151,7 @@ def pool(tmp_path_factory, redis_server, flow_image, docker_client):
     logs.mkdir()
     server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                               env=env, stdout=open(logs / "server.log", "w"), stderr=subprocess.STDOUT)
-    worker = None
+    workers: list[subprocess.Popen] = []
     try:
         def healthy():
             try:
@@ -134,19 +159,23 @@ def pool(tmp_path_factory, redis_server, flow_image, docker_client):
             except httpx.HTTPError:
                 return False
 
-        _wait_until("the Prefect server to answer", healthy, timeout_s=180)
+        _wait_until("the Prefect server to answer", healthy, timeout_s=400)
         cli = lambda *args: subprocess.run([str(BIN / "prefect"), *args], env=env, check=True, timeout=300,  # noqa: E731
                                            capture_output=True, text=True)
         cli("work-pool", "create", "gpu", "--type", "mig-docker")
+        cli("work-pool", "create", "procs", "--type", "process")
         project = tmp_path_factory.mktemp("project")
         (project / "out").mkdir()
         (project / "gpu_flow.py").write_text(textwrap.dedent(FLOW_SOURCE))
+        (project / "sliced_flow.py").write_text(textwrap.dedent(SLICED_FLOW_SOURCE))
         (project / "prefect.yaml").write_text(json.dumps({  # YAML is a superset of JSON
             "name": "gpu-project",
             "pull": [{"prefect.deployments.steps.set_working_directory": {"directory": str(project)}}],
             "deployments": [{
                 "name": "gpu", "entrypoint": "gpu_flow.py:gpu_flow",
                 "work_pool": {"name": "gpu", "job_variables": {"image": flow_image, "volumes": [f"{project}:{project}"]}},
+            }, {
+                "name": "procs", "entrypoint": "sliced_flow.py:sliced_flow", "work_pool": {"name": "procs"},
             }],
         }))
         deployed = subprocess.run([str(BIN / "prefect"), "--no-prompt", "deploy", "--all"],
@@ -154,11 +183,20 @@ def pool(tmp_path_factory, redis_server, flow_image, docker_client):
         assert deployed.returncode == 0, deployed.stdout + deployed.stderr
         api = Api(url)
         deployment = api.http.get("/deployments/name/gpu-flow/gpu").raise_for_status().json()
-        worker = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", "gpu", "--type", "mig-docker"],
-                                  env=env, stdout=open(logs / "worker.log", "w"), stderr=subprocess.STDOUT)
-        yield {"api": api, "deployment": deployment["id"], "alloc": alloc, "project": project, "logs": logs}
+
+        def start_worker() -> subprocess.Popen:
+            """A `prefect worker start` of the pool (one more, as a user restarts a dead one)."""
+            proc = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", "gpu", "--type", "mig-docker"],
+                                    env=env, stdout=open(logs / "worker.log", "a"), stderr=subprocess.STDOUT)
+            workers.append(proc)
+            return proc
+
+        start_worker()
+        sliced = api.http.get("/deployments/name/sliced-flow/procs").raise_for_status().json()
+        yield {"api": api, "deployment": deployment["id"], "alloc": alloc, "project": project, "logs": logs,
+               "workers": workers, "start_worker": start_worker, "env": env, "sliced_deployment": sliced["id"]}
     finally:
-        for proc in (worker, server):
+        for proc in (*workers, server):
             if proc is not None:
                 proc.terminate()
                 try:
@@ -188,7 +226,7 @@ def _names(api: Api, run_id: str) -> list[tuple[str, str]]:
 def test_a_flow_run_waits_for_its_slice_then_runs_bound_to_it_and_leaves_nothing(clean):
     api, alloc = clean["api"], clean["alloc"]
     held = alloc.try_acquire(SliceRequest(profile="3g.40gb", holder="someone else"))  # the only 3g.40gb
-    run_id = api.run(clean["deployment"], profile="3g.40gb", priority=7, tenant="team-a")
+    run_id = api.run(clean["deployment"], {"sleep_s": 8}, profile="3g.40gb", priority=7, tenant="team-a")
     _wait_until("AwaitingMIG", lambda: api.state_of(run_id)["name"] == "AwaitingMIG", 300)
     assert "position 1 of 1 in the queue" in api.state_of(run_id)["message"]
     assert alloc.release(held.lease_id, held.fence)
@@ -202,6 +240,8 @@ def test_a_flow_run_waits_for_its_slice_then_runs_bound_to_it_and_leaves_nothing
     mig_uuid = leased[0].split("(")[1].split(")")[0]
     assert (clean["project"] / "out" / f"{run_id}.txt").read_text() == mig_uuid
     assert api.flow_run(run_id)["infrastructure_pid"]
+    running = [m for n, m in history if n == "Running" and m]
+    assert running and running[0].startswith(f"running on 3g.40gb@0 on node-a GPU 0 ({mig_uuid}), fence "), history
 
 
 def test_cancelling_a_running_flow_run_stops_its_container_and_releases_its_lease(clean, docker_client):
@@ -229,7 +269,8 @@ def test_cancelling_a_waiting_flow_run_withdraws_its_wait(clean):
 
 @pytest.mark.parametrize(
     ("variables", "named"),
-    [({"profile": "9g.999gb"}, "profile"), ({"profile": ">=9tb"}, "profile"), ({"image": ""}, "image")],
+    [({"profile": "9g.999gb"}, "profile"), ({"profile": ">=9tb"}, "profile"), ({"image": ""}, "image"),
+     ({"container_options": {"privileged": True}}, "container_options")],
 )
 def test_a_bad_job_variable_fails_the_run_naming_it(clean, variables, named):
     api = clean["api"]
@@ -245,3 +286,157 @@ def test_the_server_refuses_a_run_whose_priority_is_out_of_range_naming_it(clean
     got = clean["api"].http.post(f"/deployments/{clean['deployment']}/create_flow_run", json={"job_variables": {"priority": 500}})
     assert got.status_code == 422
     assert "priority" in got.text and "500" in got.text, got.text
+
+
+def _flow_run_container(docker_client, alloc, run_id: str):
+    ours = task_containers(docker_client, cluster_id=alloc.cluster_id(), namespace=alloc.keys.namespace)
+    return next((c for c in ours if c.labels.get("prefect-mig.flow-run-id") == run_id), None)
+
+
+def test_a_flow_runs_container_is_confined_like_a_task_container_unless_its_job_variables_loosen_it(clean, docker_client):
+    api, alloc = clean["api"], clean["alloc"]
+    strict = api.run(clean["deployment"], {"sleep_s": 600}, profile="1g.10gb")
+    loose = api.run(clean["deployment"], {"sleep_s": 600}, profile="1g.10gb",
+                    container_options={"read_only_root": False, "cap_add": ["ALL"], "no_new_privileges": False, "pids_limit": None})
+    try:
+        for run_id in (strict, loose):  # Running: Prefect's engine starts under the confinement
+            _wait_until("Running", lambda: api.state_of(run_id)["type"] == "RUNNING", 300)
+        confined = _flow_run_container(docker_client, alloc, strict).attrs["HostConfig"]
+        assert confined["ReadonlyRootfs"] is True and "/tmp" in confined["Tmpfs"]
+        assert confined["CapDrop"] == ["ALL"] and "no-new-privileges:true" in confined["SecurityOpt"]
+        assert confined["PidsLimit"] == 4096
+        loosened = _flow_run_container(docker_client, alloc, loose).attrs["HostConfig"]
+        assert loosened["ReadonlyRootfs"] is False and not loosened["CapDrop"] and not loosened["SecurityOpt"]
+        assert not loosened["PidsLimit"]
+    finally:
+        for run_id in (strict, loose):
+            api.cancel(run_id)
+        for run_id in (strict, loose):
+            assert _final(api, run_id, 240)["type"] == "CANCELLED"
+
+
+def test_a_worker_killed_mid_run_lets_the_lease_end_within_its_ttl_and_the_next_worker_marks_the_run_crashed(
+    clean, docker_client
+):
+    """The flow run's container outlives a SIGKILLed worker, but nobody renews its lease: the lease
+    ends within its TTL (before that the slice goes to nobody else), the node agent removes the
+    container, and the worker started next marks the run Crashed."""
+    import threading
+
+    from prefect_mig.agent import NodeAgent
+
+    api, alloc = clean["api"], clean["alloc"]
+    ttl_s = 15
+    run_id = api.run(clean["deployment"], {"sleep_s": 600}, profile="3g.40gb", lease_ttl_s=ttl_s)  # the only 3g.40gb
+    _wait_until("Running", lambda: api.state_of(run_id)["type"] == "RUNNING", 300)
+    (lease,) = alloc.status()["leases"]
+    container = _flow_run_container(docker_client, alloc, run_id)
+    assert container is not None and container.labels["prefect-mig.lease-id"] == lease["lease_id"]
+    clean["workers"][-1].kill()
+    killed_at = time.monotonic()
+    clean["workers"][-1].wait(30)
+    queued = alloc.try_acquire(SliceRequest(profile="3g.40gb", holder="the next holder"), wait=True)
+    assert not isinstance(queued, LeaseInfo), "the slice was granted while the dead worker's lease still held it"
+
+    stop, gone_at = threading.Event(), {}
+    agent = NodeAgent(None, alloc, node="node-a", docker_client=docker_client)
+
+    def node_agent() -> None:  # the node agent's reap and fencing rounds, as `prefect-mig agent` runs them
+        while not stop.wait(0.5):
+            alloc.reap()
+            if lease["lease_id"] not in {x["lease_id"] for x in alloc.status()["leases"]}:
+                gone_at.setdefault("lease", time.monotonic())
+            if agent.fence_containers():
+                gone_at.setdefault("container", time.monotonic())
+
+    watcher = threading.Thread(target=node_agent, daemon=True)
+    watcher.start()
+    try:
+        granted = alloc.wait_for_grant(queued.request_id, 120, request=SliceRequest(profile="3g.40gb", holder="the next holder"))
+        granted_at = time.monotonic()
+        _wait_until("the node agent to remove the orphan container", lambda: "container" in gone_at, 60)
+    finally:
+        stop.set()
+        watcher.join(10)
+    try:
+        # renewed every third of the TTL: the lease ends between 2/3 TTL and a TTL (plus a reap round) after the kill
+        assert ttl_s * 2 / 3 - 1 <= gone_at["lease"] - killed_at <= ttl_s + 5, gone_at["lease"] - killed_at
+        assert granted_at >= gone_at["lease"] - 0.5
+        with pytest.raises(docker.errors.NotFound):
+            docker_client.containers.get(container.id)
+        assert api.state_of(run_id)["type"] == "RUNNING"  # nobody said otherwise yet
+        clean["start_worker"]()
+        final = _final(api, run_id, 240)
+        assert final["type"] == "CRASHED", _names(api, run_id)
+        assert "no worker runs it" in final["message"] and "lease" in final["message"]
+    finally:
+        alloc.release(granted.lease_id, granted.fence)
+
+
+MIG_CALLER = '''
+import sys
+
+from prefect import flow
+
+from prefect_mig import mig
+from prefect_mig.integrations.prefect.bundle_dir import use_directory_storage
+
+SHARED, IMAGE = sys.argv[1], sys.argv[2]
+
+
+@mig(work_pool="gpu", profile="1g.10gb", priority=3, image=IMAGE, volumes=[f"{SHARED}:{SHARED}"])
+@flow
+def where_am_i(x: int) -> str:
+    import os
+    return f"{x * 6} on {os.environ['CUDA_VISIBLE_DEVICES']}"
+
+
+if __name__ == "__main__":
+    use_directory_storage("gpu", SHARED)
+    print("RESULT", where_am_i(7))
+'''
+
+
+def test_calling_a_mig_bound_flow_runs_it_on_a_leased_slice_of_the_pool_and_returns_its_result(clean, tmp_path):
+    shared = tmp_path / "shared"
+    (tmp_path / "caller.py").write_text(MIG_CALLER)
+    # The caller's Prefect settings travel in the bundle; SSL_CERT_FILE (set on this machine) names
+    # a CA file the image lacks, and the API here is plain http.
+    env = {k: v for k, v in clean["env"].items() if k != "SSL_CERT_FILE"}
+    called = subprocess.run([str(BIN / "python"), str(tmp_path / "caller.py"), str(shared), FLOW_IMAGE],
+                            env=env, cwd=tmp_path, timeout=400, capture_output=True, text=True)
+    if called.returncode != 0:  # what the flow run logged (from its container) says why
+        logs = clean["api"]._call("POST", "/logs/filter", json={"sort": "TIMESTAMP_DESC", "limit": 30}).json()
+        raise AssertionError("\n".join(x["message"][-1500:] for x in reversed(logs)) + called.stderr[-2000:])
+    (line,) = [x for x in called.stdout.splitlines() if x.startswith("RESULT ")]
+    assert line.startswith("RESULT 42 on MIG-"), called.stdout
+
+
+def test_cancelling_a_flow_run_through_the_api_ends_its_tasks_on_slices_cancelled(clean, docker_client):
+    """A `process` pool's flow run whose tasks lease their own slices (MigTaskRunner per task),
+    cancelled through the API: Prefect's process worker terminates the flow's process, whose tasks
+    stop their containers, withdraw their waits, release their leases and end Cancelled."""
+    api, alloc = clean["api"], clean["alloc"]
+    held = alloc.try_acquire(SliceRequest(profile="3g.40gb", holder="someone else"))
+    logs = clean["logs"]
+    worker = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", "procs", "--type", "process"],
+                              env=clean["env"], stdout=open(logs / "process-worker.log", "a"), stderr=subprocess.STDOUT)
+    try:
+        run_id = api.run(clean["sliced_deployment"])
+        ours = {"cluster_id": alloc.cluster_id(), "namespace": alloc.keys.namespace}
+        _wait_until("a task container running and a task waiting",
+                    lambda: task_containers(docker_client, **ours, running_only=True) and alloc.status()["queue"], 300)
+        api.cancel(run_id)
+        final = _final(api, run_id, 240)
+        assert final["type"] == "CANCELLED", _names(api, run_id)
+        task_runs = api._call("POST", "/task_runs/filter", json={"flow_runs": {"id": {"any_": [run_id]}}}).json()
+        ended = {t["name"].split("-")[0]: (t["state"]["type"], t["state"]["message"] or "") for t in task_runs}
+        assert {name: kind for name, (kind, _) in ended.items()} == {"holding": "CANCELLED", "waiting": "CANCELLED"}, (
+            ended, (logs / "process-worker.log").read_text()[-3000:])
+        assert "was stopped and the lease released" in ended["holding"][1]
+        assert "the wait was withdrawn" in ended["waiting"][1]
+        _wait_until("the wait to be withdrawn", lambda: alloc.status()["queue"] == [] or None, 60)
+    finally:
+        worker.terminate()
+        worker.wait(30)
+        alloc.release(held.lease_id, held.fence)

@@ -294,12 +294,17 @@ def test_cancelling_the_flows_tasks_stops_their_containers_and_releases_the_leas
         for f in (running, queued):
             f.wait(30)
         took.append(time.monotonic() - started)
+        ended.extend((f.state.type.value, f.state.message) for f in (running, queued))
 
     took: list[float] = []  # the run ends Cancelling, which has no result to read
+    ended: list[tuple[str, str]] = []
     pipeline(return_state=True)
     cluster.release(holder.lease_id, holder.fence)
     took = took[0] if took else None
     assert isinstance(took, float) and took < 30  # stopped promptly, not after the body's 120 s
+    (running_type, running_why), (queued_type, queued_why) = ended
+    assert (running_type, queued_type) == ("CANCELLED", "CANCELLED"), ended  # not Failed or Crashed
+    assert "container on 1g.10gb" in running_why and "the wait was withdrawn" in queued_why
     assert task_containers(docker_client, **ours) == []
     assert cluster.status()["leases"] == [] and cluster.status()["queue"] == []
 

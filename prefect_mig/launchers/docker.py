@@ -140,10 +140,16 @@ class ContainerSettings(BaseModel):
 
 def _hardening(s: ContainerSettings) -> dict[str, Any]:
     """Container create arguments that confine the body (see the ContainerSettings fields)."""
+    # the runtime is copied into HOME before start and its outcome read after exit, so HOME is an
+    # anonymous volume (a tmpfs exists only while the container runs); removed with the container
+    return {"mounts": [Mount(HOME, None, type="volume")], **confinement_options(s)}
+
+
+def confinement_options(s: ContainerSettings) -> dict[str, Any]:
+    """``containers.create`` options that confine any container on a slice (read-only root with a
+    tmpfs /tmp, capabilities, no-new-privileges, pids, user); task containers and the mig-docker
+    worker's flow-run containers share them."""
     create: dict[str, Any] = {
-        # the runtime is copied into HOME before start and its outcome read after exit, so HOME is an
-        # anonymous volume (a tmpfs exists only while the container runs); removed with the container
-        "mounts": [Mount(HOME, None, type="volume")],
         "cap_drop": [] if s.cap_add == ["ALL"] else ["ALL"],
         "cap_add": [] if s.cap_add == ["ALL"] else list(s.cap_add),
     }

@@ -18,7 +18,8 @@ stays in the flow's process. Each try takes a fresh lease, renewed while the bod
 released on every exit path. While a task waits for its slice, its run shows the state
 ``AwaitingMIG``; once leased, a log line and a ``prefect-mig.lease.granted`` event say which slice
 on which GPU and node (no extra Running state unless the try waited). If the lease is lost (expired or revoked for a higher priority), the container is
-stopped and the task fails saying so. The body sees ``CUDA_VISIBLE_DEVICES`` /
+stopped and the task fails saying so. If the flow run is cancelled, a waiting try withdraws its
+request, a running one's container is stopped, its lease released, and the task run ends Cancelled. The body sees ``CUDA_VISIBLE_DEVICES`` /
 ``NVIDIA_VISIBLE_DEVICES`` (the MIG UUID) and ``PREFECT_MIG_LEASE_ID``, ``PREFECT_MIG_FENCE``,
 ``PREFECT_MIG_TASK_RUN_ID``, ``PREFECT_MIG_FLOW_RUN_ID`` and ``PREFECT_MIG_RUN_COUNT`` (1 on the
 first try), and ``PREFECT_MIG_RUN_CONTEXT`` (JSON behind the body's Prefect context).
@@ -48,7 +49,7 @@ from typing import Any
 
 from prefect.context import FlowRunContext, TaskRunContext
 from prefect.logging import get_run_logger
-from prefect.states import Pending, Running
+from prefect.states import Cancelled, Pending, Running
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.engine import emit_task_run_state_change_event
 
@@ -62,6 +63,7 @@ from prefect_mig.errors import (
     DockerUnavailable,
     LeaseLost,
     PrefectMigError,
+    TryCancelled,
     WaitTimeout,
 )
 from prefect_mig.gpu import default_gpu_runtime
@@ -378,6 +380,11 @@ class MigTaskRunner(ThreadPoolTaskRunner):
                     got = allocator.wait_for_grant(got.request_id, timeout_s, request=request, stop=_AnyEvent(cancelled, passed.stop))
                 except (WaitTimeout, LeaseLost) as exc:
                     slot = passed_slot(passed)
+                    if slot is None and isinstance(exc, WaitTimeout) and cancelled.is_set():
+                        raise TryCancelled(
+                            f"the flow run was cancelled while this task waited for a {request.requirement} slice: "
+                            "the wait was withdrawn."
+                        ) from exc
                     if slot is None and (isinstance(exc, LeaseLost) or cancelled.is_set()):
                         raise
                     if slot is None:
@@ -434,7 +441,7 @@ class MigTaskRunner(ThreadPoolTaskRunner):
                 return value
             except (ContainerStopped, ContainerFailed) as exc:
                 if cancelled is not None and cancelled.is_set():
-                    raise ContainerStopped(
+                    raise TryCancelled(
                         f"the flow run was cancelled: the container on {where} was stopped and the lease released.",
                         container_id=exc.container_id,
                     ) from exc
@@ -526,14 +533,22 @@ def _lost_reason(allocator: Allocator, lease: Lease) -> str | None:
 
 def slice_body(fn, runner: MigTaskRunner):
     """Wrap `fn` so that each call runs in a container on a leased slice (sync or async `fn`)."""
+    # A try that the flow run's cancellation stopped returns a Cancelled state, which Prefect's task
+    # engine takes as the task run's final state (an exception would make it Failed).
     if inspect.iscoroutinefunction(fn):
         @functools.wraps(fn)
         async def proxy(*args, **kwargs):
-            return await run_in_slice_async(runner, _sync_twin(fn), args, kwargs)
+            try:
+                return await run_in_slice_async(runner, _sync_twin(fn), args, kwargs)
+            except TryCancelled as exc:
+                return Cancelled(message=str(exc))
     else:
         @functools.wraps(fn)
         def proxy(*args, **kwargs):
-            return runner.run_in_slice(fn, args, kwargs)
+            try:
+                return runner.run_in_slice(fn, args, kwargs)
+            except TryCancelled as exc:
+                return Cancelled(message=str(exc))
     proxy.__prefect_mig__ = runner
     return proxy
 

@@ -12,10 +12,18 @@ lease is taken); queues for a slice, the flow run showing the Pending state ``Aw
 why it waits (queue position, agents whose heartbeat lapsed, kinds no GPU is carved into); once
 leased, says which slice in a Pending state's message and the run log; starts the flow run's
 container (``prefect flow-run execute``) with ``CUDA_VISIBLE_DEVICES`` / ``NVIDIA_VISIBLE_DEVICES``
-set to the MIG UUID and the lease's labels, so the node agent fences it like a task container;
-renews the lease while the container runs; and releases the lease on every exit path. The
-container id is the flow run's ``infrastructure_pid``. A flow run cancelled from the UI (also while
-it waits) has its wait withdrawn or its container stopped, its lease released, and ends Cancelled.
+set to the MIG UUID and the lease's labels, so the node agent fences it like a task container,
+and confined like one (read-only root, no capabilities, no-new-privileges, a pids limit; job
+variable ``container_options`` loosens it); names the slice in the Running state's message once
+Prefect's engine in the container has set Running; renews the lease while the container runs; and
+releases the lease on every exit path. The container id is the flow run's ``infrastructure_pid``. A
+flow run cancelled from the UI (also while it waits) has its wait withdrawn or its container
+stopped, its lease released, and ends Cancelled.
+
+A worker that dies mid-run leaves a container whose lease nobody renews: the lease ends within its
+TTL (job variable ``lease_ttl_s``), the node agent removes the container, and the next sweep of
+any worker of the pool (`MigDockerWorker.crash_orphaned_runs`, at start and every 30 s) marks the
+run Crashed.
 
 The container reaches the Prefect API with the worker's ``PREFECT_API_URL``; the default network
 ``host`` makes a ``127.0.0.1`` API reachable. The image needs Prefect and the flow's code (a pull
@@ -35,6 +43,7 @@ from __future__ import annotations
 
 import shlex
 import threading
+import time
 from typing import Any, Literal, Optional, Union
 
 import anyio
@@ -52,6 +61,7 @@ from prefect_mig.model.catalog import catalog
 
 _FINAL = {StateType.COMPLETED, StateType.FAILED, StateType.CRASHED, StateType.CANCELLED}
 _CANCEL = {StateType.CANCELLING, StateType.CANCELLED}
+_SWEEP_S = 30.0  # how often a worker looks for its pool's orphaned flow runs (crash_orphaned_runs)
 
 
 def known_profiles() -> list[str]:
@@ -62,6 +72,15 @@ def known_profiles() -> list[str]:
 _PROFILE_HELP = (
     "The MIG slice the flow run needs: a profile such as 1g.10gb, or minimums such as >=20gb, >=3g "
     "or >=3g,>=40gb (the smallest free slice that meets them)."
+)
+
+
+_CONFINEMENT_HELP = (
+    "The flow run's container is confined like a task container: read-only root file system with a "
+    "tmpfs /tmp (HOME and PREFECT_HOME then point into /tmp), every capability dropped, "
+    "no-new-privileges, at most 4096 processes. Loosen it with keys read_only_root (false), tmp_size "
+    "('1g'), no_new_privileges (false), cap_add (e.g. ['CHOWN'], or ['ALL'] for Docker's defaults), "
+    "pids_limit (a number, or null), user ('uid[:gid]')."
 )
 
 
@@ -93,6 +112,15 @@ class MigDockerVariables(BaseVariables):
     )
     cpus: Optional[float] = Field(default=None, gt=0, title="CPUs", description="CPU limit in cores.")
     mem_limit: Optional[str] = Field(default=None, pattern=r"^\d+[bkmgBKMG]?$", title="Memory limit", description="E.g. 4g.")
+    container_options: dict[str, Any] = Field(
+        default_factory=dict, title="Container confinement", description=_CONFINEMENT_HELP,
+        examples=[{"read_only_root": False}, {"cap_add": ["CHOWN"], "user": "65534:65534"}],
+    )
+    lease_ttl_s: Optional[float] = Field(
+        default=None, ge=5, le=3600, title="Lease TTL (s)",
+        description="The worker renews the slice's lease every third of this; if the worker dies, the lease ends "
+        "within it and the node agent stops the container. Unset: 60.",
+    )
 
 
 class MigDockerJobConfiguration(BaseJobConfiguration):
@@ -112,6 +140,8 @@ class MigDockerJobConfiguration(BaseJobConfiguration):
     network: Any = Field(default="host", json_schema_extra={"template": "{{ network }}"})
     cpus: Any = Field(default=None, json_schema_extra={"template": "{{ cpus }}"})
     mem_limit: Any = Field(default=None, json_schema_extra={"template": "{{ mem_limit }}"})
+    container_options: Any = Field(default_factory=dict, json_schema_extra={"template": "{{ container_options }}"})
+    lease_ttl_s: Any = Field(default=None, json_schema_extra={"template": "{{ lease_ttl_s }}"})
 
     def runner(self):
         """A `MigTaskRunner` holding this job's slice request and container settings (it checks
@@ -139,23 +169,29 @@ class MigDockerJobConfiguration(BaseJobConfiguration):
                 "flow's code (`prefect-mig image build` makes one); set it on the pool, deployment or run.",
                 field="image", value=self.image,
             )
-        for field, value in (("priority", self.priority), ("tenant", self.tenant), ("wait_timeout_s", self.wait_timeout_s)):
+        checks = (("priority", self.priority), ("tenant", self.tenant), ("wait_timeout_s", self.wait_timeout_s),
+                  ("lease_ttl_s", self.lease_ttl_s), ("container_options", self.container_options))
+        for field, value in checks:
             bad = (field == "priority" and (isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 100)) or (
                 field == "tenant" and (not isinstance(value, str) or not value)) or (
-                field == "wait_timeout_s" and value is not None and (not isinstance(value, (int, float)) or value < 0))
+                field == "wait_timeout_s" and value is not None and (not isinstance(value, (int, float)) or value < 0)) or (
+                field == "lease_ttl_s" and value is not None and (not isinstance(value, (int, float)) or not 5 <= value <= 3600)) or (
+                field == "container_options" and value is not None and not isinstance(value, dict))
             if bad:
                 allowed = {"priority": "an integer from 0 to 100", "tenant": "a non-empty name",
-                           "wait_timeout_s": "seconds >= 0, or unset"}[field]
+                           "wait_timeout_s": "seconds >= 0, or unset", "lease_ttl_s": "seconds from 5 to 3600, or unset",
+                           "container_options": "an object such as {\"read_only_root\": false}"}[field]
                 raise ConfigError(f"job variable {field}={value!r} is not allowed: give {allowed}.", field=field, value=value)
         try:
             runner = MigTaskRunner(
                 profile, priority=self.priority, tenant=self.tenant, preemptible=bool(self.preemptible),
                 image=self.image, volumes=list(self.volumes or []), cpus=self.cpus, mem_limit=self.mem_limit,
-                wait_timeout_s=self.wait_timeout_s,
+                wait_timeout_s=self.wait_timeout_s, lease_ttl_s=self.lease_ttl_s,
+                container_options=dict(self.container_options or {}),
             )
             runner._new_launcher(None)  # validates volumes, cpus and mem_limit as ContainerSettings does
         except ConfigError as exc:
-            raise ConfigError(f"job variable {exc}", field=exc.field, value=exc.value) from exc
+            raise ConfigError(f"job variable {str(exc).removeprefix('MigTaskRunner ')}", field=exc.field, value=exc.value) from exc
         except ValueError as exc:  # pydantic's ValidationError of ContainerSettings
             first = exc.errors()[0] if hasattr(exc, "errors") else {"loc": ("?",), "msg": str(exc), "input": None}
             field = str(first["loc"][0]) if first["loc"] else "?"
@@ -189,7 +225,91 @@ class MigDockerWorker(BaseWorker):
     _documentation_url = "https://github.com/prefect-mig/prefect-mig#deploy-and-run-from-the-prefect-ui"
     _logo_url = "https://images.ctfassets.net/gm98wzqotmnx/4nGlDhE3Hd9kE2lVSPHvBe/9b6a4a5e15c13bd2e2f6c9e0d4c3b4c5/gpu.png"  # noqa: E501
 
+    async def get_and_submit_flow_runs(self):
+        """Prefect's poll for scheduled runs, and every `_SWEEP_S` the sweep for orphaned runs."""
+        runs = await super().get_and_submit_flow_runs()
+        if self._has_successfully_synced and time.monotonic() - getattr(self, "_swept_at", float("-inf")) >= _SWEEP_S:
+            self._swept_at = time.monotonic()
+            try:
+                await self.crash_orphaned_runs()
+            except Exception as exc:  # noqa: BLE001 - a sweep that failed is tried again next time
+                self._logger.warning("could not look for orphaned flow runs of pool %s: %s", self._work_pool_name, exc)
+        return runs
+
+    async def crash_orphaned_runs(self) -> list[str]:
+        """Mark Crashed this pool's flow runs that no worker runs any more: Pending or Running with a
+        container (``infrastructure_pid``) that is gone or has exited, no lease held for them, and
+        not run by this worker.
+
+        That is what is left when a worker dies mid-run (SIGKILL, a lost host): nobody renews the
+        run's lease, so it ends within its TTL (``lease_ttl_s``) and the node agent removes the
+        container; the next sweep of any worker of the pool (every 30 s, and when one starts) marks
+        the run Crashed, so Prefect's retries and automations apply. Returns the ids marked.
+        """
+        from prefect.client.schemas.filters import (
+            FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType, WorkPoolFilter, WorkPoolFilterName,
+        )
+
+        runs = await self.client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(
+                any_=[StateType.PENDING, StateType.RUNNING]))),
+            work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[self._work_pool_name])),
+            limit=200,
+        )
+        mine = getattr(self, "_running_ids", set())
+        runs = [r for r in runs if r.id not in mine and r.infrastructure_pid and ":" in r.infrastructure_pid]
+        if not runs:
+            return []
+        # a run whose lease is still held is someone's (a live worker's on another host, whose local
+        # engine URL reads like ours): only a run without a lease and without a container is orphaned
+        from prefect_mig.integrations.prefect.runner import MigTaskRunner
+
+        allocator = await anyio.to_thread.run_sync(MigTaskRunner()._allocator, self._logger)
+        held = {row.get("holder") for row in (await anyio.to_thread.run_sync(allocator.status))["leases"]}
+        crashed = []
+        for run in runs:
+            if f"flow-run/{run.id}" in held:
+                continue
+            gone = await anyio.to_thread.run_sync(_container_gone, run.infrastructure_pid)
+            if gone is None:
+                continue
+            state = (await self.client.read_flow_run(run.id)).state
+            if state is None or state.type not in (StateType.PENDING, StateType.RUNNING) or run.id in mine:
+                continue
+            message = (f"its container {gone}, and no worker runs it (its worker stopped mid-run): the slice's lease "
+                       "ended within its TTL and the node agent removed the container.")
+            await self.client.set_flow_run_state(run.id, Crashed(message=message), force=True)
+            self._logger.warning("flow run %s: %s", run.id, message)
+            crashed.append(str(run.id))
+        return crashed
+
+    async def _submit_adhoc_run(self, flow, *args, **kwargs):
+        """An ``@mig`` flow's call: Prefect pickles the flow into the bundle the container runs. An
+        `InfrastructureBoundFlow` carries this worker's class, so unpickling it would need prefect-mig
+        in the image: the bundle gets the plain flow (with its launcher), and the pool's default
+        result storage set on it so that the caller can read the result."""
+        from prefect.flows import Flow, InfrastructureBoundFlow
+
+        if isinstance(flow, InfrastructureBoundFlow):
+            plain = Flow.__new__(Flow)
+            plain.__dict__.update({k: v for k, v in flow.__dict__.items() if k not in ("work_pool", "job_variables", "worker_cls")})
+            block_id = self.work_pool.storage_configuration.default_result_storage_block_id
+            if plain.result_storage is None and block_id is not None:
+                from prefect.results import aresolve_result_storage
+
+                plain.result_storage, plain.persist_result = await aresolve_result_storage(block_id), True
+            flow = plain
+        return await super()._submit_adhoc_run(flow, *args, **kwargs)
+
     async def run(self, flow_run, configuration: MigDockerJobConfiguration, task_status=None) -> MigDockerWorkerResult:
+        self._running_ids = getattr(self, "_running_ids", set())
+        self._running_ids.add(flow_run.id)
+        try:
+            return await self._run(flow_run, configuration, task_status)
+        finally:
+            self._running_ids.discard(flow_run.id)
+
+    async def _run(self, flow_run, configuration: MigDockerJobConfiguration, task_status=None) -> MigDockerWorkerResult:
         logger = self.get_flow_run_logger(flow_run)
         try:
             runner = configuration.runner()
@@ -248,13 +368,22 @@ class MigDockerWorker(BaseWorker):
                 "PREFECT_MIG_FLOW_RUN_ID": str(flow_run.id),
             }
             launcher = runner._launcher(docker_url)
+            workdir = None
+            if "prefect.bundles.execute" in (configuration.command or ""):  # an @mig flow's bundle
+                from prefect_mig.integrations.prefect.bundle_dir import bundle_directory
+
+                workdir = bundle_directory(getattr(self.work_pool, "storage_configuration", None))
             container = await anyio.to_thread.run_sync(
-                lambda: _start_container(launcher, configuration.command, env, labels, s.mig_uuid, configuration.network)
+                lambda: _start_container(launcher, configuration.command, env, labels, s.mig_uuid, configuration.network,
+                                         workdir)
             )
             pid = f"{launcher.client.api.base_url}:{container.id}"
             if task_status is not None:
                 task_status.started(pid)
-            status = await anyio.to_thread.run_sync(_wait_container, container, cancelled, lost, abandon_on_cancel=True)
+            async with anyio.create_task_group() as group:
+                group.start_soon(self._say_slice_when_running, flow_run.id, f"running on {where}, fence {lease.fence}")
+                status = await anyio.to_thread.run_sync(_wait_container, container, cancelled, lost, abandon_on_cancel=True)
+                group.cancel_scope.cancel()
             if cancelled.is_set():
                 await self._end_cancelled(flow_run.id, f"cancelled: the container on {where} was stopped and the lease released.")
                 status = 0
@@ -270,9 +399,33 @@ class MigDockerWorker(BaseWorker):
             logger.error("could not run the flow run's container on %s: %s", lease.slice.node, exc)
             raise
         finally:
-            if container is not None:
-                await anyio.to_thread.run_sync(_remove, container)
-            lease.release()
+            # shielded: an @mig caller leaving its worker's task group (its run ended) cancels this
+            # task, and the container must still go and the lease be released
+            with anyio.CancelScope(shield=True):
+                if container is not None:
+                    await self._log_output_unless_completed(flow_run.id, container, logger)
+                    await anyio.to_thread.run_sync(_remove, container)
+                await anyio.to_thread.run_sync(lease.release)
+
+    async def _log_output_unless_completed(self, flow_run_id, container, logger, lines: int = 40) -> None:
+        """Put the last `lines` of the container's output in the run log when the run did not end
+        Completed or Cancelled: what Prefect's engine printed before it could log to the API (an
+        import error, a bundle it could not load) is otherwise lost with the container."""
+        import docker.errors
+        import requests.exceptions
+
+        try:
+            state = (await self.client.read_flow_run(flow_run_id)).state
+        except Exception:  # noqa: BLE001 - without the state, log the output anyway
+            state = None
+        if state is not None and state.type in (StateType.COMPLETED, StateType.CANCELLED, StateType.CANCELLING):
+            return
+        try:
+            output = await anyio.to_thread.run_sync(lambda: container.logs(tail=lines).decode(errors="replace"))
+        except (docker.errors.DockerException, requests.exceptions.RequestException):
+            return
+        if output.strip():
+            logger.error("the flow run's container %s printed (last %d lines):\n%s", container.short_id, lines, output.rstrip())
 
     async def _wait(self, flow_run, allocator, request_id, request, runner, cancelled, logger):
         """Wait for the grant in a thread while the flow run shows AwaitingMIG with why it waits;
@@ -317,6 +470,32 @@ class MigDockerWorker(BaseWorker):
                 group.cancel_scope.cancel()
         return got
 
+    async def _say_slice_when_running(self, flow_run_id, message: str) -> None:
+        """Once the flow run's engine (in the container) has set Running, set Running again with
+        `message` (the slice), so the UI's Running state names it. Should the flow end between our
+        read and our write, its final state is put back."""
+        from prefect.states import Running
+
+        while True:
+            try:
+                state = (await self.client.read_flow_run(flow_run_id)).state
+            except Exception:  # noqa: BLE001 - the API may blink; the next poll tries again
+                state = None
+            if state is not None and (state.type in _FINAL or state.type in _CANCEL):
+                return
+            if state is not None and state.type == StateType.RUNNING:
+                if message in (state.message or ""):
+                    return
+                ours = (await self.client.set_flow_run_state(
+                    flow_run_id, Running(name=state.name, message=message), force=True)).state
+                history = sorted(await self.client.read_flow_run_states(flow_run_id), key=lambda st: st.timestamp)
+                before = [st for st in history if ours is not None and st.timestamp < ours.timestamp and st.id != ours.id]
+                latest = (await self.client.read_flow_run(flow_run_id)).state
+                if before and before[-1].type in _FINAL and latest is not None and latest.id == getattr(ours, "id", None):
+                    await self.client.set_flow_run_state(flow_run_id, before[-1].fresh_copy(), force=True)
+                return
+            await anyio.sleep(0.5)
+
     async def _watch_cancel(self, flow_run_id, cancelled: threading.Event) -> None:
         """Set `cancelled` when the flow run is cancelled (from the UI or the API)."""
         while not cancelled.is_set():
@@ -342,9 +521,9 @@ class MigDockerWorker(BaseWorker):
 
         from prefect_mig.launchers.docker import LABEL_PREFIX
 
-        base_url, _, container_id = infrastructure_pid.rpartition(":")
+        docker_url, container_id = _engine_and_container(infrastructure_pid)
         runner = configuration.runner()
-        launcher = runner._launcher(base_url.replace("http+docker://localhost", "unix:///var/run/docker.sock") or None)
+        launcher = runner._launcher(docker_url)
 
         def kill() -> None:
             try:
@@ -360,11 +539,45 @@ class MigDockerWorker(BaseWorker):
         await anyio.to_thread.run_sync(kill)
 
 
-def _start_container(launcher, command: str | None, env: dict, labels: dict, mig_uuid: str, network: str | None):
+def _engine_and_container(infrastructure_pid: str) -> tuple[str | None, str]:
+    """The Docker engine URL and container id of an ``infrastructure_pid`` (``<engine url>:<id>``)."""
+    base_url, _, container_id = infrastructure_pid.rpartition(":")
+    return base_url.replace("http+docker://localhost", "unix:///var/run/docker.sock") or None, container_id
+
+
+def _container_gone(infrastructure_pid: str) -> str | None:
+    """How a flow run's container is gone (``is gone``, ``exited with code N``), or None while it
+    runs or its engine does not answer (then nothing can be said)."""
+    import docker
+    import docker.errors
+    import requests.exceptions
+
+    docker_url, container_id = _engine_and_container(infrastructure_pid)
+    try:
+        client = docker.DockerClient(base_url=docker_url) if docker_url else docker.from_env()
+    except docker.errors.DockerException:
+        return None
+    try:
+        container = client.containers.get(container_id)
+        if container.status in ("created", "running", "restarting", "paused"):
+            return None
+        code = container.attrs.get("State", {}).get("ExitCode")
+        _remove(container)
+        return f"exited with code {code}"
+    except docker.errors.NotFound:
+        return "is gone"
+    except (docker.errors.DockerException, requests.exceptions.RequestException):
+        return None
+    finally:
+        client.close()
+
+
+def _start_container(launcher, command: str | None, env: dict, labels: dict, mig_uuid: str, network: str | None,
+                     working_dir: str | None = None):
     """Create and start the flow run's container on the launcher's engine, bound to `mig_uuid`."""
     import docker.errors
 
-    from prefect_mig.launchers.docker import slice_bound_options
+    from prefect_mig.launchers.docker import confinement_options, slice_bound_options
 
     s = launcher.settings
     launcher.client  # noqa: B018 - a clear DockerUnavailable before anything else
@@ -372,12 +585,16 @@ def _start_container(launcher, command: str | None, env: dict, labels: dict, mig
         launcher.client.images.get(s.image)
     except docker.errors.ImageNotFound:
         launcher._image()  # raises ImageNotFound with what to do
+    # a read-only root leaves /tmp writable: Prefect's home (profiles, local results) and HOME go there
+    writable = {"HOME": "/tmp", "PREFECT_HOME": "/tmp/.prefect"} if s.read_only_root else {}
     create: dict[str, Any] = {
         "command": shlex.split(command or "prefect flow-run execute"),
-        "environment": {**s.env, **env},
+        "environment": {**writable, **s.env, **env},
         "labels": labels,
         "detach": True,
     }
+    if working_dir:
+        create["working_dir"] = working_dir
     if network in (None, "none"):
         create["network_disabled"] = True
     elif network == "host":
@@ -385,6 +602,7 @@ def _start_container(launcher, command: str | None, env: dict, labels: dict, mig
     else:
         create["network"] = network
     create.update(slice_bound_options(s, mig_uuid))
+    create.update(confinement_options(s))
     container = launcher.client.containers.create(s.image, **create)
     try:
         container.start()
