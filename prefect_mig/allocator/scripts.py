@@ -35,6 +35,7 @@ NAMES = (
     "drain",
     "set_quota",
     "withdraw",
+    "drain_node",
 )
 
 #: KEYS order every script expects (see _lib.lua).
@@ -61,6 +62,7 @@ FIXED_KEYS = (
     "config",
     "epoch",
     "quarantine",
+    "drained_nodes",
 )
 
 

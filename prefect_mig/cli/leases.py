@@ -149,6 +149,10 @@ def status(as_json: JsonOpt = False) -> None:
             age = "never" if a["age_s"] is None else f"{a['age_s']:.0f} s ago"
             flag = " [red]STALE: its slices get no new grants (is `prefect-mig agent` running there?)[/red]" if a["stale"] else ""
             console.print(f"agent {node}: last heartbeat {age}{flag}", highlight=False)
+        for node, n in snap["nodes"].items():
+            if n.get("drained"):
+                console.print(f"node {node}: DRAINED for maintenance, no new grants "
+                              f"(`prefect-mig node resume {node}` puts it back)", highlight=False)
         if not snap["agents"]:
             console.print("[red]no node agent has published any GPU[/red] (start `prefect-mig up` or `prefect-mig agent`)")
         console.print(f"{len(snap['leases'])} live lease(s), {len(snap['queue'])} waiting request(s)")
