@@ -163,6 +163,9 @@ def status(as_json: JsonOpt = False) -> None:
 def agent(
     node: Annotated[str | None, typer.Option(help="Node name (default PREFECT_MIG_NODE).")] = None,
     interval: Annotated[float, typer.Option(help="Seconds between heartbeats.")] = 5.0,
+    heartbeat_ttl: Annotated[
+        float, typer.Option(help="Without a heartbeat for this many seconds, the node gets no new grants.", min=1)
+    ] = 30.0,
     once: Annotated[bool, typer.Option(help="Publish (and apply a desired layout) once and exit.")] = False,
     layout: Annotated[
         str | None,
@@ -194,7 +197,8 @@ def agent(
             except PrefectMigError as exc:
                 errors.print(f"no Docker engine for fencing task containers: {exc}")
             worker = NodeAgent(
-                backend, _allocator(), node=node, docker_url=settings.docker_host, docker_client=docker_client
+                backend, _allocator(), node=node, docker_url=settings.docker_host, docker_client=docker_client,
+                heartbeat_ttl_s=heartbeat_ttl,
             )
             chosen = layout or settings.layout
             if chosen != "none":

@@ -200,6 +200,10 @@ def _pickle_call(fn: Callable, args: tuple, kwargs: dict) -> bytes:
             cloudpickle.unregister_pickle_by_value(module)
 
 
+#: what requests raises when the engine itself goes away: refused, reset, or cut mid-answer
+_ENGINE_GONE = (requests.exceptions.ConnectionError, requests.exceptions.ChunkedEncodingError)
+
+
 @contextmanager
 def _removed_means_stopped(container) -> Iterator[None]:
     """A container removed under us (the node agent fences containers whose lease ended) is a
@@ -352,6 +356,8 @@ class DockerLauncher:
                     image=s.image,
                     container_id=container.id,
                 )
+        except _ENGINE_GONE as exc:
+            raise self._engine_gone(exc) from exc
         finally:
             try:
                 container.remove(force=True, v=True)  # v: with its runtime volume
@@ -360,6 +366,8 @@ class DockerLauncher:
             except docker.errors.APIError as exc:
                 if exc.status_code != 409:  # 409: someone else's removal is under way
                     raise
+            except _ENGINE_GONE:
+                pass  # the engine is gone; when it is back, the node's agent fences the container
         return value_of(outcome)
 
     def _start_and_wait(self, container, payload: bytes, on_log, stop, poll_s: float) -> tuple[tuple | None, int]:
@@ -375,9 +383,12 @@ class DockerLauncher:
             logger.join(timeout=5)
         return self._outcome(container), exit_code
 
-    @staticmethod
-    def _wait(container, stop: threading.Event | None, poll_s: float) -> int:
+    #: how long the engine of a running task container may refuse connections before the task fails
+    ENGINE_GONE_S = 10.0
+
+    def _wait(self, container, stop: threading.Event | None, poll_s: float) -> int:
         # Short waits, so a timeout or cancellation raised into this thread lands between them.
+        refused_since = None
         while True:
             if stop is not None and stop.is_set():
                 container.kill()
@@ -386,8 +397,21 @@ class DockerLauncher:
                 )
             try:
                 return int(container.wait(timeout=poll_s)["StatusCode"])
-            except (requests.exceptions.ReadTimeout, requests.exceptions.ConnectionError):
-                continue
+            except requests.exceptions.ReadTimeout:
+                refused_since = None
+            except _ENGINE_GONE as exc:
+                # the engine itself went away (stopped, crashed, its host down), not a slow wait
+                refused_since = refused_since or time.monotonic()
+                if time.monotonic() - refused_since >= self.ENGINE_GONE_S:
+                    raise self._engine_gone(exc) from exc
+                time.sleep(min(poll_s, 1.0))
+
+    def _engine_gone(self, exc: Exception) -> DockerUnavailable:
+        return DockerUnavailable(
+            f"the Docker engine at {self.settings.docker_host or 'the local socket'} stopped answering while "
+            f"the task container ran ({exc.__class__.__name__}); the body's outcome is lost. Run the task again.",
+            image=self.settings.image,
+        )
 
     @staticmethod
     def _outcome(container) -> tuple | None:

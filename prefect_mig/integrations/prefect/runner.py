@@ -366,6 +366,12 @@ class MigTaskRunner(ThreadPoolTaskRunner):
                         "PREFECT_MIG_RUN_CONTEXT": body_context(ctx),
                     },
                 )
+            except DockerUnavailable as exc:
+                raise DockerUnavailable(
+                    f"node {s.node}'s Docker engine failed: {exc} The lease on {where} was released; while the "
+                    f"engine is down the node's agent keeps {s.node} out of service, so new tasks go to other nodes.",
+                    image=exc.image,
+                ) from exc
             except (ContainerStopped, ContainerFailed) as exc:
                 if cancelled is not None and cancelled.is_set():
                     raise ContainerStopped(
