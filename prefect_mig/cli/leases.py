@@ -192,8 +192,11 @@ def agent(
             docker_client = None
             try:
                 from prefect_mig.launchers import ContainerSettings, DockerLauncher
+                from prefect_mig.launchers.engines import docker_tls_from
 
-                docker_client = DockerLauncher(ContainerSettings(docker_host=settings.docker_host)).client
+                docker_client = DockerLauncher(
+                    ContainerSettings(docker_host=settings.docker_host, docker_tls=docker_tls_from(settings))
+                ).client
             except PrefectMigError as exc:
                 errors.print(f"no Docker engine for fencing task containers: {exc}")
             worker = NodeAgent(

@@ -51,6 +51,7 @@ from prefect_mig.errors import (
     ImageNotFound,
     ImagePythonMismatch,
 )
+from prefect_mig.launchers.engines import DockerTls, engine_client
 from prefect_mig.launchers.outcome import value_of
 from prefect_mig.launchers.runtime import probe_python, remove_launched, runtime_files, runtime_packages
 
@@ -116,6 +117,7 @@ class ContainerSettings(BaseModel):
 
     image: str = Field(default="prefect-mig-python:bookworm", min_length=1, description="Image with python3 of the flow's minor version.")
     docker_host: str | None = Field(default=None, description="Docker engine URL; None = DOCKER_HOST or the local socket.")
+    docker_tls: DockerTls | None = Field(default=None, description="Client certificates for a tcp:// engine with --tlsverify.")
     env: dict[str, str] = Field(default_factory=dict, description="Extra environment variables.")
     volumes: list[str] = Field(default_factory=list, description="Volumes as 'host_or_name:/container/path[:ro|rw]'.")
     network: str | None = Field(default=None, description="Docker network; None = networking off.")
@@ -241,12 +243,18 @@ class DockerLauncher:
         if self._client is None:
             url = self.settings.docker_host or os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
             try:
-                client = docker.DockerClient(base_url=url, timeout=30)
+                client = engine_client(url, tls=self.settings.docker_tls)
                 client.ping()
             except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+                tls_hint = ""
+                if url.startswith("tcp://"):
+                    tls_hint = (" An engine on TCP with --tlsverify accepts only clients with a certificate its CA "
+                                "signed: PREFECT_MIG_DOCKER_TLS_CA_FILE, ..._CERT_FILE and ..._KEY_FILE"
+                                + (" (given, but refused)." if self.settings.docker_tls else " (not set)."))
                 raise DockerUnavailable(
                     f"the Docker engine at {url} does not answer ({exc.__class__.__name__}). Start dockerd "
-                    "on that node, or point PREFECT_MIG_DOCKER_HOST / the node's docker_url at a running engine.",
+                    "on that node, or point PREFECT_MIG_DOCKER_HOST / the node's docker_url at a running engine."
+                    + tls_hint,
                     image=self.settings.image,
                 ) from exc
             self._client = client

@@ -59,6 +59,7 @@ from prefect_mig.integrations.prefect.direct_calls import route_direct_calls, wa
 from prefect_mig.integrations.prefect.profiles import check_known
 from prefect_mig.launchers import ContainerSettings, DockerLauncher
 from prefect_mig.launchers.docker import cluster_labels
+from prefect_mig.launchers.engines import docker_tls_from
 from prefect_mig.settings import load_settings
 
 AWAITING_MIG = "AwaitingMIG"
@@ -281,6 +282,7 @@ class MigTaskRunner(ThreadPoolTaskRunner):
             ContainerSettings(
                 image=self.image or getattr(cluster, "image", None) or "prefect-mig-python:bookworm",
                 docker_host=docker_url or getattr(cluster, "docker_host", None) or settings.docker_host,
+                docker_tls=docker_tls_from(settings),
                 env=self.env,
                 volumes=self.volumes,
                 network=self.network,
