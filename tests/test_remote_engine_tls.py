@@ -11,6 +11,7 @@ from prefect import flow
 
 from prefect_mig import MigTaskRunner, task
 from prefect_mig.agent import NodeAgent
+from prefect_mig.blocks import MigCluster
 from prefect_mig.allocator import Allocator
 from prefect_mig.errors import ConfigError, DockerUnavailable
 from prefect_mig.gpu import GpuBackend, SimulatedNvml
@@ -76,11 +77,11 @@ def test_the_runner_reaches_a_nodes_published_tcp_engine_with_the_certificates_i
         backend.apply_layout(0, Layout.parse("A30-24GB", "4g.24gb@0"))
         NodeAgent(backend, alloc, node="node-t", docker_url=second_engine.tcp_url, heartbeat_ttl_s=600).publish()
 
-    def run_once():
+    def run_once(**runner):
         @flow
         def pipeline():
             try:
-                return task(task_runner=MigTaskRunner(profile="4g.24gb"))(report_slice)()
+                return task(task_runner=MigTaskRunner(profile="4g.24gb", **runner))(report_slice)()
             except DockerUnavailable as exc:
                 return exc
         return pipeline()
@@ -98,4 +99,11 @@ def test_the_runner_reaches_a_nodes_published_tcp_engine_with_the_certificates_i
         filters={"type": "container", "event": "create", "label": f"prefect-mig.namespace={namespace}"},
     )
     assert [e["Actor"]["Attributes"]["prefect-mig.node"] for e in created] == ["node-t"]
+
+    for var in ("CA_FILE", "CERT_FILE", "KEY_FILE"):  # the same certificates as secrets of a MigCluster block
+        monkeypatch.delenv(f"PREFECT_MIG_DOCKER_TLS_{var}")
+    block = MigCluster(redis_url=redis_server.url, namespace=namespace, gpu_runtime="none",
+                       **{f"docker_tls_{k}": engine_certs[f].read_text() for k, f in
+                          (("ca", "ca.pem"), ("cert", "client.pem"), ("key", "client.key"))})
+    assert run_once(cluster=block) == mig_uuid
     assert alloc.status()["leases"] == []

@@ -4,7 +4,8 @@ A GPU host's agent publishes the URL runners reach its engine at (``PREFECT_MIG_
 host): ``unix:///var/run/docker.sock`` on one machine, or ``tcp://gpu-3.internal:2376`` for an engine
 started with ``--tlsverify``. Runners and workers then present a client certificate signed by the
 engines' CA (``PREFECT_MIG_DOCKER_TLS_CA_FILE``, ``..._CERT_FILE``, ``..._KEY_FILE``), the same
-files ``docker --tlsverify`` uses; the engine refuses clients without one.
+files ``docker --tlsverify`` uses; the engine refuses clients without one. A ``MigCluster`` block can
+carry the same three as secrets instead (``docker_tls_ca``, ``docker_tls_cert``, ``docker_tls_key``).
 
 Examples:
     ```python
@@ -19,6 +20,11 @@ Examples:
 
 from __future__ import annotations
 
+import atexit
+import hashlib
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import docker
@@ -56,6 +62,26 @@ class DockerTls(BaseModel):
         return docker.tls.TLSConfig(client_cert=(str(self.cert_file), str(self.key_file)), ca_cert=str(self.ca_file), verify=True)
 
 
+def _all_or_none(values: dict[str, object], named: dict[str, str]) -> bool:
+    """Whether all of `values` are given (False: none is). `named` maps each key to the name a user
+    sets it by.
+
+    Raises:
+        ConfigError: only some are given, naming the missing ones.
+    """
+    missing = [k for k, v in values.items() if v is None]
+    if len(missing) == len(values):
+        return False
+    if missing:
+        raise ConfigError(
+            f"docker TLS: {', '.join(named[k] for k in missing)} not set; a TLS client needs the CA, its "
+            "certificate and its key.",
+            field=named[missing[0]],
+            value=None,
+        )
+    return True
+
+
 def docker_tls_from(settings) -> DockerTls | None:
     """The client certificates the settings name (all three, or none).
 
@@ -67,17 +93,38 @@ def docker_tls_from(settings) -> DockerTls | None:
         "cert_file": settings.docker_tls_cert_file,
         "key_file": settings.docker_tls_key_file,
     }
-    given = {k: v for k, v in files.items() if v is not None}
-    if not given:
+    if not _all_or_none(files, {k: f"PREFECT_MIG_DOCKER_TLS_{k.upper()}" for k in files}):
         return None
-    if len(given) < 3:
-        missing = ", ".join(f"PREFECT_MIG_DOCKER_TLS_{k.upper()}" for k in files if k not in given)
-        raise ConfigError(
-            f"docker TLS: {missing} not set; a TLS client needs the CA, its certificate and its key.",
-            field="docker_tls_" + next(k for k in files if k not in given),
-            value=None,
-        )
-    return DockerTls(**given)
+    return DockerTls(**files)
+
+
+_PEM_FILES: dict[str, DockerTls] = {}
+
+
+def docker_tls_from_pem(*, ca: str | None, cert: str | None, key: str | None) -> DockerTls | None:
+    """Client certificates kept as secrets (the ``MigCluster`` block's ``docker_tls_*`` fields), written
+    once per process to a private directory (mode 0700, files 0600) that is removed at exit, since
+    docker's `TLSConfig` reads files. None when none is given.
+
+    Raises:
+        ConfigError: only some of the three are given.
+    """
+    pems = {"ca_file": ca, "cert_file": cert, "key_file": key}
+    if not _all_or_none(pems, {"ca_file": "docker_tls_ca", "cert_file": "docker_tls_cert", "key_file": "docker_tls_key"}):
+        return None
+    digest = hashlib.sha256("\0".join((ca, cert, key)).encode()).hexdigest()  # type: ignore[arg-type]
+    if digest not in _PEM_FILES:
+        folder = Path(tempfile.mkdtemp(prefix="prefect-mig-docker-tls-"))
+        atexit.register(shutil.rmtree, folder, True)
+        paths = {}
+        for name, pem in pems.items():
+            path = folder / f"{name.removesuffix('_file')}.pem"
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(str(pem))
+            paths[name] = path
+        _PEM_FILES[digest] = DockerTls(**paths)
+    return _PEM_FILES[digest]
 
 
 def engine_client(url: str, *, tls: DockerTls | None = None, timeout: int = 30) -> docker.DockerClient:

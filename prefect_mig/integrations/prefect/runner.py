@@ -282,7 +282,7 @@ class MigTaskRunner(ThreadPoolTaskRunner):
             ContainerSettings(
                 image=self.image or getattr(cluster, "image", None) or "prefect-mig-python:bookworm",
                 docker_host=docker_url or getattr(cluster, "docker_host", None) or settings.docker_host,
-                docker_tls=docker_tls_from(settings),
+                docker_tls=(cluster.docker_tls() if hasattr(cluster, "docker_tls") else None) or docker_tls_from(settings),
                 env=self.env,
                 volumes=self.volumes,
                 network=self.network,
