@@ -33,7 +33,7 @@ def sleep_then_report():
     import os
     import time
 
-    time.sleep(4)  # both tasks hold their slices at once
+    time.sleep(6)  # both tasks hold their slices at once
     return os.environ.get("CUDA_VISIBLE_DEVICES")
 
 
