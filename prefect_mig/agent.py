@@ -106,6 +106,7 @@ class NodeAgent:
         self._known_ids: list[str] = []  # cluster ids seen, newest last
         self._busy_by_labels: set[str] = set()
         self._half_made: set[tuple[str, int, str]] = set()  # GPU instances without compute instance, last seen
+        self._engine_was_down = False
 
     def inventory(self) -> tuple[list[dict], list[SliceRecord]]:
         """This node's GPUs and the MIG slices that are ready to lease (with a compute instance).
@@ -206,7 +207,14 @@ class NodeAgent:
 
     def tick(self) -> str:
         """One round: repair half-made slices, republish if the layout changed, else heartbeat;
-        then reap. Returns what it did."""
+        then reap. Returns what it did (``engine down``: this node's Docker engine does not answer,
+        so the node was taken out of service; its next heartbeat once the engine answers puts it
+        back)."""
+        down = self._engine_down()
+        if down is not None:
+            self.allocator.node_down(self.node, why=down)
+            self.allocator.reap()
+            return "engine down"
         self.repair()
         _, slices = self.inventory()
         if self._signature(slices) != self._published:
@@ -230,6 +238,27 @@ class NodeAgent:
             if gpu.mig_enabled and self.apply_desired(gpu.index, gpu.uuid) == "applied":
                 did = "applied"
         return did
+
+    def _engine_down(self) -> str | None:
+        """Why this node's Docker engine cannot run task containers now, or None when it answers
+        (or the agent was given no engine)."""
+        if self.docker is None:
+            return None
+        import docker.errors
+        import requests.exceptions
+
+        try:
+            self.docker.ping()
+        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+            why = f"its Docker engine at {self.docker_url or 'the local socket'} does not answer ({exc.__class__.__name__})"
+            if not self._engine_was_down:
+                log.warning("node %s out of service: %s", self.node, why)
+            self._engine_was_down = True
+            return why
+        if self._engine_was_down:
+            log.warning("node %s: its Docker engine answers again", self.node)
+        self._engine_was_down = False
+        return None
 
     def apply_desired(self, index: int, gpu_uuid: str) -> str:
         """Apply the GPU's desired layout if there is one: ``none``, ``applied``, ``draining`` or

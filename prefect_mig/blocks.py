@@ -100,11 +100,26 @@ print(cluster.status()["leases"])
     gpu_runtime: Literal["nvidia", "none"] = Field(
         default="nvidia", description="'nvidia' binds containers to the MIG device; 'none' only sets the environment."
     )
+    docker_tls_ca: SecretStr | None = Field(
+        default=None,
+        description="PEM of the CA that signed the certificates of node engines on tcp:// with --tlsverify.",
+    )
+    docker_tls_cert: SecretStr | None = Field(
+        default=None, description="PEM of the Docker client certificate runners present (signed by that CA)."
+    )
+    docker_tls_key: SecretStr | None = Field(default=None, description="PEM of the key of that client certificate.")
     container_options: dict[str, Any] = Field(
         default_factory=dict,
         description="Task containers' confinement, loosened for bodies that need it: read_only_root, tmp_size, "
         "no_new_privileges, cap_add, pids_limit, user (empty: read-only root, no capabilities, 4096 processes).",
     )
+
+    def docker_tls(self):
+        """The block's Docker client certificates as files docker can read (`DockerTls`), or None."""
+        from prefect_mig.launchers.engines import docker_tls_from_pem
+
+        secret = lambda v: v.get_secret_value() if v is not None else None  # noqa: E731
+        return docker_tls_from_pem(ca=secret(self.docker_tls_ca), cert=secret(self.docker_tls_cert), key=secret(self.docker_tls_key))
 
     def lease_client(self):
         """A `LeaseClient` on this cluster's Redis and namespace."""

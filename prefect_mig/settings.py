@@ -15,6 +15,7 @@ This is the one place that reads the environment; everything else receives a `Se
 | ``PREFECT_MIG_NODE`` | this host's node name (with the simulated backend: which fleet node it is) |
 | ``PREFECT_MIG_STATE_DIR`` | where state lives: embedded Redis data, the simulated NVML's state file |
 | ``PREFECT_MIG_DOCKER_HOST`` | Docker engine URL for task containers; unset = ``DOCKER_HOST`` or the local socket |
+| ``PREFECT_MIG_DOCKER_TLS_CA_FILE`` / ``..._CERT_FILE`` / ``..._KEY_FILE`` | client certificates for ``tcp://`` engines started with ``--tlsverify`` |
 | ``PREFECT_MIG_API_TOKEN`` | admin bearer token of the HTTP lease API (``prefect-mig api serve``) |
 | ``PREFECT_MIG_API_MAX_WAIT_S`` | longest an HTTP acquire waits for a slice (default 300) |
 | ``PREFECT_MIG_API_MAX_BODY_BYTES`` | larger HTTP request bodies get 413 (default 65536) |
@@ -103,6 +104,13 @@ class Settings(BaseSettings):
         default=None,
         description="Docker engine URL for task containers; unset uses DOCKER_HOST or the local socket.",
     )
+    docker_tls_ca_file: Path | None = Field(
+        default=None, description="CA certificate (PEM) of Docker engines reached over tcp:// with --tlsverify."
+    )
+    docker_tls_cert_file: Path | None = Field(
+        default=None, description="Client certificate (PEM) presented to tcp:// Docker engines (signed by their CA)."
+    )
+    docker_tls_key_file: Path | None = Field(default=None, description="Key (PEM) of the Docker client certificate.")
     wait_timeout_s: float = Field(
         default=3600.0,
         gt=0,

@@ -293,6 +293,11 @@ class Allocator:
             self._note_heartbeat(node, ttl_s)
         return did
 
+    def node_down(self, node: str, *, why: str) -> str:
+        """Take a node out of service now although its agent lives (its Docker engine is down):
+        no new grants there until its next `heartbeat`, which returns ``back``."""
+        return self._run("heartbeat", node, 0, why, action=f"take node {node} out of service")[0]
+
     def _note_heartbeat(self, node: str, ttl_s: float) -> None:
         # kept apart from node_deadline, which the reaper clears: "last heartbeated 45 s ago"
         body = json.dumps({"at": self.now_ms(), "ttl_ms": int(ttl_s * 1000)})
@@ -716,6 +721,23 @@ class Allocator:
             raise AllocationError(f"GPU {gpu_uuid} is not in the inventory.")
         return int(reply[1])
 
+    def drain_node(self, node: str, *, drain: bool = True) -> list[str]:
+        """Stop granting on a node for maintenance (``drain=False``: resume it). Leases held there
+        run on; their slices stay out of service when they end. Returns the ids of the leases still
+        held on the node. Apart from the GPU drain the repartitioner uses: neither undoes the other."""
+        verb = "drain" if drain else "resume"
+        reply = self._run("drain_node", node, "1" if drain else "0", action=f"{verb} node {node}")
+        if reply[0] == "unknown":
+            with redis_errors("read the nodes"):
+                known = sorted(decode(n) for n in self.redis.hkeys(self.keys.nodes))
+            raise ConfigError(
+                f"node: {node!r} has never published an inventory to this cluster; published nodes: "
+                f"{', '.join(known) or 'none (start `prefect-mig agent` on each host)'}.",
+                field="node",
+                value=node,
+            )
+        return [str(x) for x in reply[1:]]
+
     def withdraw(self, slice_ids: Sequence[str]) -> str | None:
         """Take idle slices out of service before destroying them; None when done, else the id of
         a slice that is leased (then nothing was withdrawn). They stay out of service until the
@@ -839,10 +861,11 @@ class Allocator:
             pipe = self.redis.pipeline(transaction=True)
             pipe.hgetall(k.slices).hgetall(k.slice_state).zrange(k.leases, 0, -1)
             pipe.zrange(k.waiting, 0, -1).hgetall(k.requests).hgetall(k.nodes).zrange(k.node_deadline, 0, -1)
-            slices, states, leases, waiting, requests, nodes, alive = pipe.execute()
+            pipe.smembers(k.drained_nodes)
+            slices, states, leases, waiting, requests, nodes, alive, drained = pipe.execute()
         d = lambda m: {decode(a): decode(b) for a, b in m.items()}  # noqa: E731
         slices, states, requests = d(slices), d(states), d(requests)
-        alive = {decode(n) for n in alive}
+        alive, drained = {decode(n) for n in alive}, {decode(n) for n in drained}
         rows = []
         for sid, raw in slices.items():
             state, _, owner = states.get(sid, "?").partition("|")
@@ -854,7 +877,10 @@ class Allocator:
                 r = json.loads(requests[rid])
                 queue.append({k2: r.get(k2) for k2 in ("id", "priority", "tenant", "holder", "pkeys", "enqueued_at")})
         return {
-            "nodes": {name: {**json.loads(body), "alive": name in alive} for name, body in d(nodes).items()},
+            "nodes": {
+                name: {**json.loads(body), "alive": name in alive, "drained": name in drained}
+                for name, body in d(nodes).items()
+            },
             "slices": rows,
             "leases": self._lease_rows([decode(lid) for lid in leases]),
             "queue": queue,

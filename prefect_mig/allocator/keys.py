@@ -82,6 +82,7 @@ class Keys:
         self.quarantine = p + "quarantine"  # ZSET slice_id -> settles at (ms): published after a new epoch
         # HASH token_id -> {"tenant", "max_priority", "admin", "sha256", "created_at"} JSON (HTTP API clients)
         self.api_tokens = p + "api_tokens"
+        self.drained_nodes = p + "drained_nodes"  # SET of nodes drained for maintenance: no new grants
 
     # per-entity keys (scripts build the same names from the prefix)
     def lease(self, lease_id: str) -> str:

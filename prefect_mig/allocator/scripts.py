@@ -36,6 +36,7 @@ NAMES = (
     "set_quota",
     "withdraw",
     "warm",
+    "drain_node",
 )
 
 #: KEYS order every script expects (see _lib.lua).
@@ -63,6 +64,7 @@ FIXED_KEYS = (
     "epoch",
     "quarantine",
     "counters",
+    "drained_nodes",
 )
 
 

@@ -166,6 +166,10 @@ def status(
             age = "never" if a["age_s"] is None else f"{a['age_s']:.0f} s ago"
             flag = " [red]STALE: its slices get no new grants (is `prefect-mig agent` running there?)[/red]" if a["stale"] else ""
             console.print(f"agent {node}: last heartbeat {age}{flag}", highlight=False)
+        for node, n in snap["nodes"].items():
+            if n.get("drained"):
+                console.print(f"node {node}: DRAINED for maintenance, no new grants "
+                              f"(`prefect-mig node resume {node}` puts it back)", highlight=False)
         if not snap["agents"]:
             console.print("[red]no node agent has published any GPU[/red] (start `prefect-mig up` or `prefect-mig agent`)")
         for name, m in snap["models"].items():
@@ -193,6 +197,9 @@ def _prefect_events():
 def agent(
     node: Annotated[str | None, typer.Option(help="Node name (default PREFECT_MIG_NODE).")] = None,
     interval: Annotated[float, typer.Option(help="Seconds between heartbeats.")] = 5.0,
+    heartbeat_ttl: Annotated[
+        float, typer.Option(help="Without a heartbeat for this many seconds, the node gets no new grants.", min=1)
+    ] = 30.0,
     once: Annotated[bool, typer.Option(help="Publish (and apply a desired layout) once and exit.")] = False,
     layout: Annotated[
         str | None,
@@ -219,13 +226,17 @@ def agent(
             docker_client = None
             try:
                 from prefect_mig.launchers import ContainerSettings, DockerLauncher
+                from prefect_mig.launchers.engines import docker_tls_from
 
-                docker_client = DockerLauncher(ContainerSettings(docker_host=settings.docker_host)).client
+                docker_client = DockerLauncher(
+                    ContainerSettings(docker_host=settings.docker_host, docker_tls=docker_tls_from(settings))
+                ).client
             except PrefectMigError as exc:
                 errors.print(f"no Docker engine for fencing task containers: {exc}")
             worker = NodeAgent(
                 backend, _allocator(), node=node, docker_url=settings.docker_host, docker_client=docker_client,
                 on_event=_prefect_events(),
+                heartbeat_ttl_s=heartbeat_ttl,
             )
             chosen = layout or settings.layout
             if chosen != "none":

@@ -51,6 +51,7 @@ from prefect_mig.errors import (
     ImageNotFound,
     ImagePythonMismatch,
 )
+from prefect_mig.launchers.engines import DockerTls, engine_client
 from prefect_mig.launchers.outcome import value_of
 from prefect_mig.launchers.runtime import probe_python, remove_launched, runtime_files, runtime_packages
 
@@ -116,6 +117,7 @@ class ContainerSettings(BaseModel):
 
     image: str = Field(default="prefect-mig-python:bookworm", min_length=1, description="Image with python3 of the flow's minor version.")
     docker_host: str | None = Field(default=None, description="Docker engine URL; None = DOCKER_HOST or the local socket.")
+    docker_tls: DockerTls | None = Field(default=None, description="Client certificates for a tcp:// engine with --tlsverify.")
     env: dict[str, str] = Field(default_factory=dict, description="Extra environment variables.")
     volumes: list[str] = Field(default_factory=list, description="Volumes as 'host_or_name:/container/path[:ro|rw]'.")
     network: str | None = Field(default=None, description="Docker network; None = networking off.")
@@ -208,6 +210,10 @@ def _pickle_call(fn: Callable, args: tuple, kwargs: dict) -> bytes:
             cloudpickle.unregister_pickle_by_value(module)
 
 
+#: what requests raises when the engine itself goes away: refused, reset, or cut mid-answer
+_ENGINE_GONE = (requests.exceptions.ConnectionError, requests.exceptions.ChunkedEncodingError)
+
+
 @contextmanager
 def _removed_means_stopped(container) -> Iterator[None]:
     """A container removed under us (the node agent fences containers whose lease ended) is a
@@ -251,6 +257,8 @@ def remove_container(container) -> None:
     except docker.errors.APIError as exc:
         if exc.status_code != 409:  # 409: someone else's removal is under way
             raise
+    except _ENGINE_GONE:
+        pass  # the engine is gone; when it is back, the node's agent fences the container
 
 
 class DockerLauncher:
@@ -270,12 +278,18 @@ class DockerLauncher:
         if self._client is None:
             url = self.settings.docker_host or os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
             try:
-                client = docker.DockerClient(base_url=url, timeout=30)
+                client = engine_client(url, tls=self.settings.docker_tls)
                 client.ping()
             except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+                tls_hint = ""
+                if url.startswith("tcp://"):
+                    tls_hint = (" An engine on TCP with --tlsverify accepts only clients with a certificate its CA "
+                                "signed: PREFECT_MIG_DOCKER_TLS_CA_FILE, ..._CERT_FILE and ..._KEY_FILE"
+                                + (" (given, but refused)." if self.settings.docker_tls else " (not set)."))
                 raise DockerUnavailable(
                     f"the Docker engine at {url} does not answer ({exc.__class__.__name__}). Start dockerd "
-                    "on that node, or point PREFECT_MIG_DOCKER_HOST / the node's docker_url at a running engine.",
+                    "on that node, or point PREFECT_MIG_DOCKER_HOST / the node's docker_url at a running engine."
+                    + tls_hint,
                     image=self.settings.image,
                 ) from exc
             self._client = client
@@ -352,6 +366,8 @@ class DockerLauncher:
                 outcome, exit_code = self._start_and_wait(container, payload, on_log, stop, poll_s)
             if outcome is None:
                 raise died_without_outcome(container, exit_code, s.image)
+        except _ENGINE_GONE as exc:
+            raise self._engine_gone(exc) from exc
         finally:
             remove_container(container)
         return value_of(outcome)
@@ -412,9 +428,12 @@ class DockerLauncher:
             logger.join(timeout=5)
         return self._outcome(container), exit_code
 
-    @staticmethod
-    def _wait(container, stop: threading.Event | None, poll_s: float) -> int:
+    #: how long the engine of a running task container may refuse connections before the task fails
+    ENGINE_GONE_S = 10.0
+
+    def _wait(self, container, stop: threading.Event | None, poll_s: float) -> int:
         # Short waits, so a timeout or cancellation raised into this thread lands between them.
+        refused_since = None
         while True:
             if stop is not None and stop.is_set():
                 container.kill()
@@ -423,8 +442,21 @@ class DockerLauncher:
                 )
             try:
                 return int(container.wait(timeout=poll_s)["StatusCode"])
-            except (requests.exceptions.ReadTimeout, requests.exceptions.ConnectionError):
-                continue
+            except requests.exceptions.ReadTimeout:
+                refused_since = None
+            except _ENGINE_GONE as exc:
+                # the engine itself went away (stopped, crashed, its host down), not a slow wait
+                refused_since = refused_since or time.monotonic()
+                if time.monotonic() - refused_since >= self.ENGINE_GONE_S:
+                    raise self._engine_gone(exc) from exc
+                time.sleep(min(poll_s, 1.0))
+
+    def _engine_gone(self, exc: Exception) -> DockerUnavailable:
+        return DockerUnavailable(
+            f"the Docker engine at {self.settings.docker_host or 'the local socket'} stopped answering while "
+            f"the task container ran ({exc.__class__.__name__}); the body's outcome is lost. Run the task again.",
+            image=self.settings.image,
+        )
 
     @staticmethod
     def _outcome(container) -> tuple | None:

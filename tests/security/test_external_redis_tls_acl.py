@@ -16,28 +16,12 @@ from prefect_mig.allocator import Allocator, SliceRequest
 from prefect_mig.allocator.connection import MINIMAL_ACL, connect
 from prefect_mig.errors import WaitTimeout
 from prefect_mig.settings import Settings
-
-
-def _openssl(*args: str) -> None:
-    subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
-
-
-def _certs(d: Path) -> dict[str, Path]:
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=test-ca",
-             "-keyout", str(d / "ca.key"), "-out", str(d / "ca.pem"))
-    for name in ("server", "client"):
-        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}",
-                 "-keyout", str(d / f"{name}.key"), "-out", str(d / f"{name}.csr"))
-        ext = d / f"{name}.ext"
-        ext.write_text("subjectAltName=IP:127.0.0.1\n")
-        _openssl("x509", "-req", "-in", str(d / f"{name}.csr"), "-CA", str(d / "ca.pem"), "-CAkey", str(d / "ca.key"),
-                 "-CAcreateserial", "-days", "2", "-extfile", str(ext), "-out", str(d / f"{name}.pem"))
-    return {n: d / n for n in ("ca.pem", "server.pem", "server.key", "client.pem", "client.key")}
+from prefect_mig.testing.tls import make_certs
 
 
 @pytest.fixture
 def tls_redis(tmp_path, redis_server):  # redis_server: skips (or fails under CI) without redis-server
-    certs = _certs(tmp_path)
+    certs = make_certs(tmp_path)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

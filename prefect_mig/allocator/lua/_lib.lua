@@ -11,6 +11,7 @@ local K = {
   tenant_compute = KEYS[15], quotas = KEYS[16], events = KEYS[17], repartitioner = KEYS[18],
   withholding = KEYS[19], config = KEYS[20], epoch = KEYS[21], quarantine = KEYS[22],
   counters = KEYS[23],
+  drained_nodes = KEYS[24],
 }
 local P = ARGV[1]
 local NOW
@@ -85,6 +86,11 @@ end
 
 local function gpu_draining(uuid)
   return redis.call('SISMEMBER', K.draining, uuid) == 1
+end
+
+-- a node drained for maintenance (`prefect-mig node drain`): its slices get no new grants
+local function node_drained(node)
+  return redis.call('SISMEMBER', K.drained_nodes, node) == 1
 end
 
 local function node_alive(node)
@@ -235,7 +241,7 @@ local function offer(id, s)
     redis.call('HSET', K.slice_state, id, 'withdrawn')
     return nil
   end
-  if gpu_draining(s.gpu_uuid) then
+  if gpu_draining(s.gpu_uuid) or node_drained(s.node) then
     redis.call('HSET', K.slice_state, id, 'draining')
     return nil
   end
@@ -331,6 +337,19 @@ local function end_lease(lease_id, reason)
     end
   end
   if f[6] then retry_tenant(tenant) end
+end
+
+-- A node out of service (its heartbeat lapsed, or its agent says its Docker engine is down): its
+-- free slices get no grants until it heartbeats again; leased ones stay out as their leases end.
+local function node_lost(node, why)
+  redis.call('ZREM', K.node_deadline, node)
+  for _, id in ipairs(redis.call('SMEMBERS', node_slices_key(node))) do
+    if redis.call('HGET', K.slice_state, id) == 'free' then
+      redis.call('ZREM', free_key(slice(id).pkey), id)
+      redis.call('HSET', K.slice_state, id, 'unavailable')
+    end
+  end
+  event('node.lost', {'node', node, 'why', why})
 end
 
 local function reap_expired(limit)

@@ -92,7 +92,7 @@ if A[5] == '1' and not nudged then
     if low[1] and tonumber(low[2]) < r.priority and (not victim_prio or tonumber(low[2]) < victim_prio) then
       local f = redis.call('HMGET', lease_key(low[1]), 'slice', 'tenant', 'compute')
       local s = f[1] and slice(f[1])
-      local fits = s and (r.node == '' or s.node == r.node)
+      local fits = s and (r.node == '' or s.node == r.node) and not node_drained(s.node)
       if fits and f[2] ~= r.tenant and quota_blocks(r.tenant, tonumber(f[3] or '0')) then fits = false end
       if fits then victim, victim_prio = low[1], tonumber(low[2]) end
     end

@@ -1,9 +1,15 @@
 -- A node agent is alive. A node that was lost gets its idle slices back into service.
 -- A[1] - node name
 -- A[2] - heartbeat TTL in ms
--- returns {'ok'} | {'back', slices offered} | {'unknown'} (never published: publish first)
+-- A[3] - optional: why the node is out of service now (its agent is alive but its Docker engine is
+--        down): the node is taken out of service at once instead, as if its heartbeat had lapsed
+-- returns {'ok'} | {'back', slices offered} | {'down'} | {'unknown'} (never published: publish first)
 local node = A[1]
 if redis.call('HEXISTS', K.nodes, node) == 0 then return {'unknown'} end
+if (A[3] or '') ~= '' then
+  if node_alive(node) then node_lost(node, A[3]) end
+  return {'down'}
+end
 local was_alive = node_alive(node)
 redis.call('ZADD', K.node_deadline, NOW + tonumber(A[2]), node)
 if was_alive then return {'ok'} end

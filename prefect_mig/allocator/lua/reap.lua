@@ -17,14 +17,7 @@ for _, rid in ipairs(redis.call('ZRANGEBYSCORE', K.wait_deadline, '-inf', '(' ..
 end
 local lost = 0
 for _, node in ipairs(redis.call('ZRANGEBYSCORE', K.node_deadline, '-inf', '(' .. NOW, 'LIMIT', 0, limit)) do
-  redis.call('ZREM', K.node_deadline, node)
-  for _, id in ipairs(redis.call('SMEMBERS', node_slices_key(node))) do
-    if redis.call('HGET', K.slice_state, id) == 'free' then
-      redis.call('ZREM', free_key(slice(id).pkey), id)
-      redis.call('HSET', K.slice_state, id, 'unavailable')
-    end
-  end
-  event('node.lost', {'node', node})
+  node_lost(node, 'heartbeat')
   lost = lost + 1
 end
 -- slices quarantined after a new epoch whose settle time has passed

@@ -86,6 +86,7 @@ from prefect_mig.integrations.prefect.warm import (
 from prefect_mig.launchers import ContainerSettings, DockerLauncher
 from prefect_mig.launchers.docker import cluster_labels
 from prefect_mig.launchers.warm_pool import POOL
+from prefect_mig.launchers.engines import docker_tls_from
 from prefect_mig.settings import load_settings
 
 AWAITING_MIG = "AwaitingMIG"
@@ -330,6 +331,7 @@ class MigTaskRunner(ThreadPoolTaskRunner):
             ContainerSettings(
                 image=self.image or getattr(cluster, "image", None) or "prefect-mig-python:bookworm",
                 docker_host=docker_url or getattr(cluster, "docker_host", None) or settings.docker_host,
+                docker_tls=(cluster.docker_tls() if hasattr(cluster, "docker_tls") else None) or docker_tls_from(settings),
                 env=self.env,
                 volumes=self.volumes,
                 network=self.network,
@@ -439,6 +441,12 @@ class MigTaskRunner(ThreadPoolTaskRunner):
                 value = slot.container.call(fn, args, kwargs, env=env, on_log=on_log, stop=stopped)
                 reusable = True
                 return value
+            except DockerUnavailable as exc:
+                raise DockerUnavailable(
+                    f"node {s.node}'s Docker engine failed: {exc} The lease on {where} was released; while the "
+                    f"engine is down the node's agent keeps {s.node} out of service, so new tasks go to other nodes.",
+                    image=exc.image,
+                ) from exc
             except (ContainerStopped, ContainerFailed) as exc:
                 if cancelled is not None and cancelled.is_set():
                     raise TryCancelled(
