@@ -16,6 +16,7 @@ import time
 import uuid
 from pathlib import Path
 
+import docker.errors
 import httpx
 import pytest
 import redis
@@ -24,6 +25,7 @@ from prefect_mig.allocator import Allocator, LeaseInfo, SliceRequest
 from prefect_mig.launchers.docker import task_containers
 
 from .allocator_fixtures import H100_MIXED
+from .prefect_fixtures import PREFECT_IMAGE
 
 pytestmark = [pytest.mark.docker, pytest.mark.redis]
 
@@ -403,7 +405,7 @@ def test_calling_a_mig_bound_flow_runs_it_on_a_leased_slice_of_the_pool_and_retu
     # The caller's Prefect settings travel in the bundle; SSL_CERT_FILE (set on this machine) names
     # a CA file the image lacks, and the API here is plain http.
     env = {k: v for k, v in clean["env"].items() if k != "SSL_CERT_FILE"}
-    called = subprocess.run([str(BIN / "python"), str(tmp_path / "caller.py"), str(shared), FLOW_IMAGE],
+    called = subprocess.run([str(BIN / "python"), str(tmp_path / "caller.py"), str(shared), PREFECT_IMAGE],
                             env=env, cwd=tmp_path, timeout=400, capture_output=True, text=True)
     if called.returncode != 0:  # what the flow run logged (from its container) says why
         logs = clean["api"]._call("POST", "/logs/filter", json={"sort": "TIMESTAMP_DESC", "limit": 30}).json()

@@ -54,7 +54,7 @@ def summary_markdown(rows: list[dict[str, Any]]) -> str:
         "|---|---|",
         *(f"| {k} | {v} |" for k, v in sorted(ended.items())),
         "",
-        f"The table artifact `{{key}}` lists each task's slice, node, GPU, wait, run time and fence.",
+        "The table artifact `{key}` lists each task's slice, node, GPU, wait, run time and fence.",
     ]
     return "\n".join(lines)
 
