@@ -135,3 +135,38 @@ def test_node_bs_engine_down_fails_its_task_naming_node_and_engine_and_new_reque
     wait_until(lambda: not c.containers("node-b"), what="the crashed task's container to be fenced by node-b's agent")
     for lease in held[1:]:
         c.allocator.release(lease.lease_id, lease.fence)
+
+
+def test_a_flow_run_container_whose_engine_dies_ends_the_workers_wait_with_a_typed_error(second_engine, python_image):
+    """The mig-docker worker's wait on a flow run's container gives up, naming the engine, once the
+    engine has refused connections for `DockerLauncher.ENGINE_GONE_S`, instead of retrying forever
+    (and its cleanup does not fail on the dead engine, so the lease is still released)."""
+    from prefect_mig.integrations.prefect.worker import _remove, _wait_container
+
+    client = second_engine.client()
+    container = client.containers.run(python_image, ["python3", "-c", "import time; time.sleep(600)"],
+                                      detach=True, network_disabled=True)
+    outcome: list = []
+
+    def wait() -> None:
+        try:
+            outcome.append(_wait_container(container, threading.Event(), threading.Event()))
+        except Exception as exc:  # noqa: BLE001 - the test looks at what the wait raised
+            outcome.append(exc)
+
+    waiter = threading.Thread(target=wait, daemon=True)
+    waiter.start()
+    try:
+        time.sleep(2)
+        second_engine.kill()
+        waiter.join(timeout=90)
+        assert outcome, "the wait did not end after the engine died"
+        assert isinstance(outcome[0], DockerUnavailable), outcome[0]
+        assert "stopped answering" in str(outcome[0])
+        _remove(container)  # the worker's cleanup: no error on a dead engine
+    finally:
+        second_engine.restart()
+        try:
+            client.containers.get(container.id).remove(force=True)
+        except Exception:  # noqa: BLE001 - the restarted engine may have dropped it already
+            pass

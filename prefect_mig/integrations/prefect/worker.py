@@ -618,6 +618,10 @@ def _wait_container(container, cancelled: threading.Event, lost: threading.Event
     import docker.errors
     import requests.exceptions
 
+    from prefect_mig.errors import DockerUnavailable
+    from prefect_mig.launchers.docker import _ENGINE_GONE, DockerLauncher
+
+    refused_since = None
     while True:
         if cancelled.is_set() or lost.is_set():
             try:
@@ -627,8 +631,16 @@ def _wait_container(container, cancelled: threading.Event, lost: threading.Event
             return -1
         try:
             return int(container.wait(timeout=1)["StatusCode"])
-        except (requests.exceptions.ReadTimeout, requests.exceptions.ConnectionError):
-            continue
+        except requests.exceptions.ReadTimeout:
+            refused_since = None
+        except _ENGINE_GONE as exc:  # the engine itself went away, not a slow wait
+            refused_since = refused_since or time.monotonic()
+            if time.monotonic() - refused_since >= DockerLauncher.ENGINE_GONE_S:
+                raise DockerUnavailable(
+                    f"the Docker engine at {container.client.api.base_url} stopped answering while the flow run's "
+                    f"container ran ({exc.__class__.__name__}); the lease is released and the run ends."
+                ) from exc
+            time.sleep(1)
         except docker.errors.NotFound:  # removed under us: the node agent fenced it
             lost.set()
             return -1
@@ -637,9 +649,11 @@ def _wait_container(container, cancelled: threading.Event, lost: threading.Event
 def _remove(container) -> None:
     import docker.errors
 
+    from prefect_mig.launchers.docker import _ENGINE_GONE
+
     try:
         container.remove(force=True)
-    except docker.errors.NotFound:
+    except (docker.errors.NotFound, *_ENGINE_GONE):  # gone, or its engine is (the agent fences it later)
         pass
     except docker.errors.APIError as exc:
         if exc.status_code != 409:  # 409: its removal is under way
