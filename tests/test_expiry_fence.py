@@ -112,6 +112,30 @@ def test_a_slice_whose_container_is_never_confirmed_gone_waits_only_the_fallback
     assert [e["by"] for e in alloc.events() if e["type"] == "slice.settled"] == ["timeout"]
 
 
+def test_a_slice_awaiting_its_fence_on_a_lost_node_waits_for_the_agent_to_come_back_and_fence(
+    alloc, clock, a30, docker_client, python_image, containers
+):
+    """Nobody fences on a node whose agent stopped heartbeating, so the fallback does not run out
+    there: when the agent comes back, its heartbeat alone does not hand the slice out, its fencing
+    step does."""
+    agent = NodeAgent(a30, alloc, node="node-a", docker_client=docker_client, fence_settle_s=12, heartbeat_ttl_s=20)
+    dead, container, queued = _holder_dies_with_a_waiter(alloc, clock, agent, docker_client, python_image, containers)
+    alloc.reap()  # t=11: quarantined until t=23
+    clock.advance(13)
+    assert alloc.reap()[2] == 1  # t=24: the node is lost (no heartbeat since t=0) and the fallback is due
+    states = {s["mig_uuid"]: s["state"] for s in alloc.status()["slices"]}
+    assert states[dead.slice.mig_uuid] == "quarantined"
+    assert alloc.heartbeat("node-a", ttl_s=20) == "back"
+    alloc.reap()
+    assert _granted(alloc, queued.request_id) is None
+    agent.tick()
+    with pytest.raises(docker.errors.NotFound):
+        docker_client.containers.get(container.id)
+    granted = _granted(alloc, queued.request_id)
+    assert granted is not None and granted.slice.mig_uuid == dead.slice.mig_uuid
+    assert check_events(alloc.events()).violations == []
+
+
 def test_a_node_without_a_fencing_agent_hands_an_expired_slice_over_at_once(alloc, clock):
     alloc.publish_fleet("node-a=1xA30-24GB", layouts={"node-a": ["2g.12gb@0 + 2g.12gb@2"]})
     alloc.try_acquire(SliceRequest(profile="2g.12gb", ttl_s=600))
