@@ -19,6 +19,13 @@ slice that a running task container of this cluster uses (by its labels) counts 
 NVML says. `run` outlives Redis and Docker errors (logs, backs off, heartbeats again as soon as it
 can). `carve_empty` carves GPUs that have MIG on and no instances to a named layout config.
 
+A slice whose holder's lease expired (the holder died or hung: it neither renewed nor released)
+may still have that holder's task container running on it, so an agent with a Docker engine
+publishes a fallback settle time (`fence_settle_s`) and the allocator quarantines such a slice
+instead of handing it to the next waiter. Right after fencing, each tick tells the allocator which
+of those slices no task container of this cluster uses any more (`settle_quarantine`), and they go
+to waiters then; one whose container could not be removed waits until the fallback settle time.
+
 Withdrawn slices stay out of service until the publish that no longer lists them. An agent killed
 half way converges when it restarts: it publishes what NVML shows and applies the desired layout
 again, keeping what is already in place; a change that fails puts the slices back into service. A
@@ -70,6 +77,11 @@ class NodeAgent:
         docker_client: this node's Docker engine; when given, each tick stops this cluster's task
             containers on this node whose lease is gone or whose fencing token is stale (a killed
             flow process, a lost lease), and slices its running task containers use count as busy.
+        fence_settle_s: with a `docker_client`: a slice whose lease expired (its holder died) stays
+            quarantined until this agent, right after its fencing step, finds no task container of
+            the cluster on it (`settle_quarantine`), or at most this long (default: the heartbeat
+            TTL) when the engine keeps failing. Without a `docker_client` the agent fences nothing
+            and such a slice goes to the next waiter at once.
         drain_timeout_s: a range drain whose leases outlive this is given up (its slices go back
             into service), unless the desired layout carries the planner's own timeout (see
             `Allocator.set_desired`).
@@ -88,6 +100,7 @@ class NodeAgent:
         docker_url: str | None = None,
         heartbeat_ttl_s: float = 30.0,
         docker_client=None,
+        fence_settle_s: float | None = None,
         drain_timeout_s: float = 600.0,
         clock: Callable[[], float] = time.monotonic,
         on_event: Callable[[str, dict], None] | None = None,
@@ -98,6 +111,7 @@ class NodeAgent:
         self.docker_url = docker_url
         self.heartbeat_ttl_s = heartbeat_ttl_s
         self.docker = docker_client
+        self.fence_settle_s = fence_settle_s if fence_settle_s is not None else heartbeat_ttl_s
         self.drain_timeout_s = drain_timeout_s
         self.clock = clock
         self.on_event = on_event
@@ -170,10 +184,19 @@ class NodeAgent:
         gpus, slices = self.inventory()
         self.allocator.publish_models([self.backend.gpu_model(g["index"]) for g in gpus])
         result = self.allocator.publish(
-            self.node, gpus, slices, docker_url=self.docker_url, heartbeat_ttl_s=self.heartbeat_ttl_s
+            self.node, gpus, slices, docker_url=self.docker_url, heartbeat_ttl_s=self.heartbeat_ttl_s,
+            fence_settle_s=self.fence_settle_s if self.docker is not None else None,
         )
         self._published = self._signature(slices)
         return result
+
+    def _publish_if_changed(self) -> bool:
+        """Publish if the inventory (slices, busy flags) changed since the last publish."""
+        _, slices = self.inventory()
+        if self._signature(slices) == self._published:
+            return False
+        self.publish()
+        return True
 
     @staticmethod
     def _signature(slices: list[SliceRecord]) -> str:
@@ -216,9 +239,7 @@ class NodeAgent:
             self.allocator.reap()
             return "engine down"
         self.repair()
-        _, slices = self.inventory()
-        if self._signature(slices) != self._published:
-            self.publish()
+        if self._publish_if_changed():
             did = "published"
         else:
             did = self.allocator.heartbeat(self.node, ttl_s=self.heartbeat_ttl_s)
@@ -231,7 +252,10 @@ class NodeAgent:
             import requests.exceptions
 
             try:
-                self.fence_containers()
+                pending = self.allocator.awaiting_fence(self.node)  # read before the containers are listed
+                if self.fence_containers() and pending:
+                    self._publish_if_changed()  # the slices they used are no longer busy by labels
+                self.settle_quarantine(pending)
             except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
                 log.warning("fencing skipped this round, the Docker engine failed: %s", exc)
         for gpu in self.backend.gpus():
@@ -382,6 +406,23 @@ class NodeAgent:
         exists or has another fencing token; returns their ids. Containers of live leases are left
         alone; each removal is logged with the lease id, fence and reason."""
         return [c.id for c in self.own_containers() if self.fence(c)]
+
+    def settle_quarantine(self, pending: dict[str, tuple[str, str]]) -> list[str]:
+        """Tell the allocator which of `pending` (`Allocator.awaiting_fence`, read before this
+        round's fencing) no task container of this cluster uses any more, by its MIG UUID or
+        expired lease id label: they leave quarantine and go to waiters. Call it right after
+        `fence_containers`; a slice whose container could not be removed stays quarantined (until
+        it is, or the fallback settle time). Returns the slice ids settled."""
+        from prefect_mig.launchers.docker import LABEL_PREFIX
+
+        if not pending:
+            return []
+        in_use = set()
+        for c in self.own_containers():
+            in_use |= {c.labels.get(f"{LABEL_PREFIX}mig-uuid", ""), c.labels.get(f"{LABEL_PREFIX}lease-id", "")}
+        confirmed = {sid: lease for sid, (lease, mig) in pending.items() if not {lease, mig} & in_use}
+        self.allocator.settle_fenced(self.node, confirmed)
+        return sorted(confirmed)
 
     def fence(self, container) -> bool:
         """Remove one task container if its lease is gone, its fence stale, or its lease revoked

@@ -75,6 +75,10 @@ _COUNTERS = {
     "lease.expired": ("prefect_mig_lease_expiries", "Leases that expired (not renewed in time)."),
     "lease.revoked": ("prefect_mig_lease_revocations", "Preemptible leases revoked for a higher priority."),
     "container.fenced": ("prefect_mig_container_fences", "Task containers a node agent removed (lease gone, stale fence)."),
+    "slice.quarantined": (
+        "prefect_mig_slice_fence_waits",
+        "Slices held back after their holder's lease expired until the node agent confirmed its container gone.",
+    ),
 }
 
 _BANDS = ((0, 24), (25, 49), (50, 74), (75, 100))

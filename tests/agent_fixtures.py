@@ -1,9 +1,36 @@
-"""Helpers for node agent tests: task containers labelled as the runner labels them."""
+"""Fixtures and helpers for node agent tests: one simulated A30 carved in two, task containers
+labelled as the runner labels them (removed after the test)."""
 
 from __future__ import annotations
 
+import pytest
+
 from prefect_mig.allocator import Allocator
+from prefect_mig.gpu import GpuBackend, SimulatedNvml
 from prefect_mig.launchers.docker import LABEL_PREFIX, cluster_labels
+from prefect_mig.model import Layout
+
+A30_TWO = "2g.12gb@0 + 2g.12gb@2"
+
+
+@pytest.fixture
+def a30(tmp_path):
+    """node-a's GPU backend: one simulated A30 carved as `A30_TWO`."""
+    with GpuBackend(SimulatedNvml("node-a=1xA30-24GB", state_dir=tmp_path)) as backend:
+        backend.apply_layout(0, Layout.parse("A30-24GB", A30_TWO))
+        yield backend
+
+
+@pytest.fixture
+def containers(docker_client):
+    """A list the test appends the containers it starts to; they are removed after it."""
+    started = []
+    yield started
+    for c in started:
+        try:
+            c.remove(force=True)
+        except Exception:  # noqa: BLE001 - the test (or the agent) removed it already
+            pass
 
 
 def start_task_container(docker_client, image: str, alloc: Allocator, *, lease_id: str, fence, node: str = "node-a",

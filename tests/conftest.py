@@ -23,7 +23,7 @@ import redis
 from prefect_mig.launchers import images as docker_engine
 from prefect_mig.testing.redis_server import RedisServer, RedisServerNotInstalled
 
-pytest_plugins = ["pytester", "tests.allocator_fixtures", "tests.api_fixtures", "tests.prefect_fixtures", "tests.nvml_stub_fixtures", "tests.cluster_fixtures"]  # pytester: tests of these fixtures
+pytest_plugins = ["pytester", "tests.allocator_fixtures", "tests.api_fixtures", "tests.prefect_fixtures", "tests.nvml_stub_fixtures", "tests.cluster_fixtures", "tests.agent_fixtures"]  # pytester: tests of these fixtures
 
 
 def in_ci() -> bool:

@@ -12,30 +12,8 @@ import redis
 
 from prefect_mig.agent import NodeAgent
 from prefect_mig.allocator import Allocator
-from prefect_mig.gpu import GpuBackend, SimulatedNvml
 from prefect_mig.launchers.docker import task_containers
-from prefect_mig.model import Layout
 from tests.agent_fixtures import start_task_container
-
-A30_TWO = "2g.12gb@0 + 2g.12gb@2"
-
-
-@pytest.fixture
-def a30(tmp_path):
-    with GpuBackend(SimulatedNvml("node-a=1xA30-24GB", state_dir=tmp_path)) as backend:
-        backend.apply_layout(0, Layout.parse("A30-24GB", A30_TWO))
-        yield backend
-
-
-@pytest.fixture
-def containers(docker_client):
-    started = []
-    yield started
-    for c in started:
-        try:
-            c.remove(force=True)
-        except Exception:  # noqa: BLE001 - the test removed it already
-            pass
 
 
 def _wait_until(check, timeout_s: float = 60.0) -> None:

@@ -27,6 +27,9 @@ Policy, stated once:
 - **Epochs.** A missing epoch key means Redis lost the cluster's state; the next script writes a new
   epoch and a ``cluster.epoch`` event. A node agent that published under the old epoch gets its
   idle slices quarantined until every holder from before has had to stop (`max_ttl_s`).
+- **Dead holders.** A lease that expires on a node whose agent fences containers (it published
+  with ``fence_settle_s``) leaves its slice quarantined until that agent confirms the holder's task
+  container gone (`settle_fenced`), or at most ``fence_settle_s``: never two holders on one slice.
 - **Fencing.** Every grant takes the next value of one counter; renew and release must present it.
 
 Examples:
@@ -240,10 +243,18 @@ class Allocator:
         *,
         docker_url: str | None = None,
         heartbeat_ttl_s: float = 30.0,
+        fence_settle_s: float | None = None,
     ) -> tuple[int, int, int]:
         """Publish a node's whole inventory; slices it leaves out are removed (leased ones when
-        their lease ends). Returns (published, removed, handed to waiters)."""
-        node_json = json.dumps({"node": node, "docker_url": docker_url, "published_at": time.time()})
+        their lease ends). Returns (published, removed, handed to waiters).
+
+        `fence_settle_s` is given by an agent that fences this node's task containers: a slice whose
+        lease expires then stays quarantined until that agent confirms the holder's container gone
+        (`settle_fenced`), at most this long. Without it (a simulated fleet) it is offered at once."""
+        body: dict[str, Any] = {"node": node, "docker_url": docker_url, "published_at": time.time()}
+        if fence_settle_s is not None:
+            body["fence_settle_ms"] = int(fence_settle_s * 1000)
+        node_json = json.dumps(body)
         reply = self._run(
             "publish",
             node,
@@ -292,6 +303,31 @@ class Allocator:
         if did != "unknown":
             self._note_heartbeat(node, ttl_s)
         return did
+
+    def awaiting_fence(self, node: str) -> dict[str, tuple[str, str]]:
+        """The node's slices quarantined because their holder's lease expired, with the expired
+        lease and the slice's MIG UUID: ``{slice_id: (lease_id, mig_uuid)}``. Read it before listing
+        the node's containers, and pass what is confirmed to `settle_fenced`."""
+        with redis_errors("read the slices awaiting fencing"):
+            ids = sorted(decode(x) for x in self.redis.smembers(self.keys.node_slices(node)))
+            if not ids:
+                return {}
+            leases = self.redis.hmget(self.keys.awaiting_fence, ids)
+            bodies = self.redis.hmget(self.keys.slices, ids)
+        return {
+            sid: (decode(lease), json.loads(decode(body)).get("mig_uuid", ""))
+            for sid, lease, body in zip(ids, leases, bodies)
+            if lease is not None and body is not None
+        }
+
+    def settle_fenced(self, node: str, confirmed: dict[str, str]) -> tuple[int, int]:
+        """The node's agent confirms that no task container of this cluster runs on these slices
+        (``{slice_id: expired lease_id}`` as `awaiting_fence` gave them): they leave quarantine and
+        go to waiters. Returns (settled, handed to waiters)."""
+        if not confirmed:
+            return 0, 0
+        reply = self._run("settle", node, json.dumps(sorted(confirmed.items())), action=f"settle slices of node {node}")
+        return int(reply[0]), int(reply[1])
 
     def node_down(self, node: str, *, why: str) -> str:
         """Take a node out of service now although its agent lives (its Docker engine is down):

@@ -4,7 +4,10 @@
 - fencing tokens strictly increase, grant after grant;
 - a grant to a queued request goes to the best-ordered waiter that accepts that slice kind
   (priority, FIFO, aging), unless a quota or node constraint excused it;
-- every lease ends by release, expiry or revocation (or is still live at the end of the log).
+- every lease ends by release, expiry or revocation (or is still live at the end of the log);
+- a slice quarantined because its holder's lease expired (``slice.quarantined``) is granted to
+  nobody until it settles (``slice.settled``: its node's agent confirmed the holder's task
+  container gone, or the fallback settle time passed).
 
 A ``cluster.epoch`` event means Redis lost its state and the log restarted: leases of the old epoch
 are gone from Redis (their holders learn it at renewal; nodes quarantine their slices meanwhile), so
@@ -50,6 +53,7 @@ def check_events(events: Iterable[dict[str, str]], *, excused_order: bool = Fals
     slice_of: dict[str, str] = {}  # live lease -> slice
     last_fence = 0
     waiting: dict[str, tuple[int, set[str]]] = {}  # request -> (order, pkeys)
+    fencing: dict[str, str] = {}  # slice -> expired lease whose container is not confirmed gone
     for e in events:
         kind = e.get("type", "")
         if kind == "cluster.epoch":
@@ -57,6 +61,11 @@ def check_events(events: Iterable[dict[str, str]], *, excused_order: bool = Fals
             holder_of.clear()
             slice_of.clear()
             waiting.clear()
+            fencing.clear()
+        elif kind == "slice.quarantined":
+            fencing[e["slice"]] = e.get("lease", "")
+        elif kind == "slice.settled":
+            fencing.pop(e["slice"], None)
         elif kind == "lease.queued":
             waiting[e["request"]] = (int(e["order"]), set(e.get("pkeys", "").split(",")))
         elif kind in ("lease.cancelled", "lease.abandoned"):
@@ -66,6 +75,10 @@ def check_events(events: Iterable[dict[str, str]], *, excused_order: bool = Fals
             lease, sl, fence = e["lease"], e["slice"], int(e["fence"])
             if sl in holder_of:
                 report.violations.append(f"slice {sl} granted to {lease} while {holder_of[sl]} holds it")
+            if sl in fencing:
+                report.violations.append(
+                    f"slice {sl} granted to {lease} before the container of expired lease {fencing[sl]} was confirmed gone"
+                )
             if fence <= last_fence:
                 report.violations.append(f"fence {fence} for {lease} does not exceed {last_fence}")
             last_fence = max(last_fence, fence)

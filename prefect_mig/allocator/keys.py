@@ -45,7 +45,7 @@ class Keys:
         p = self.prefix
         # fixed keys
         self.slices = p + "slices"  # HASH slice_id -> SliceRecord JSON
-        # HASH slice_id -> free | draining | unavailable | withdrawn | leased|<lease_id>
+        # HASH slice_id -> free | draining | unavailable | withdrawn | quarantined | leased|<lease_id>
         self.slice_state = p + "slice_state"
         self.gpus = p + "gpus"  # HASH gpu_uuid -> GPU JSON (node, model, index, draining)
         self.draining = p + "draining"  # SET of GPU UUIDs that get no new grants
@@ -79,7 +79,11 @@ class Keys:
         # STRING: when this Redis state began (ms). Missing = Redis lost everything (FLUSHALL, a new
         # server without AOF); the next script writes a new one and a cluster.epoch event.
         self.epoch = p + "epoch"
-        self.quarantine = p + "quarantine"  # ZSET slice_id -> settles at (ms): published after a new epoch
+        # ZSET slice_id -> settles at (ms): published after a new epoch, or its holder's lease expired
+        self.quarantine = p + "quarantine"
+        # HASH slice_id -> the expired lease whose task container the node's agent has not yet
+        # confirmed gone (see settle.lua); such a slice is 'quarantined'
+        self.awaiting_fence = p + "awaiting_fence"
         # HASH token_id -> {"tenant", "max_priority", "admin", "sha256", "created_at"} JSON (HTTP API clients)
         self.api_tokens = p + "api_tokens"
         self.drained_nodes = p + "drained_nodes"  # SET of nodes drained for maintenance: no new grants

@@ -37,6 +37,7 @@ NAMES = (
     "withdraw",
     "warm",
     "drain_node",
+    "settle",
 )
 
 #: KEYS order every script expects (see _lib.lua).
@@ -65,6 +66,7 @@ FIXED_KEYS = (
     "quarantine",
     "counters",
     "drained_nodes",
+    "awaiting_fence",
 )
 
 

@@ -11,7 +11,7 @@ local K = {
   tenant_compute = KEYS[15], quotas = KEYS[16], events = KEYS[17], repartitioner = KEYS[18],
   withholding = KEYS[19], config = KEYS[20], epoch = KEYS[21], quarantine = KEYS[22],
   counters = KEYS[23],
-  drained_nodes = KEYS[24],
+  drained_nodes = KEYS[24], awaiting_fence = KEYS[25],
 }
 local P = ARGV[1]
 local NOW
@@ -216,6 +216,28 @@ local function drop_if_given_up(r)
   return true
 end
 
+-- Lift a slice's quarantine. `by`: 'agent' (its node's agent confirmed no task container of the
+-- expired lease runs on it, settle.lua), 'timeout' (the settle time passed), 'removed'.
+local function unquarantine(id, by)
+  redis.call('ZREM', K.quarantine, id)
+  local lease = redis.call('HGET', K.awaiting_fence, id)
+  if lease then
+    redis.call('HDEL', K.awaiting_fence, id)
+    event('slice.settled', {'slice', id, 'lease', lease, 'by', by})
+  end
+end
+
+-- How long a slice of `node` waits, after its holder's lease expired, for the node's agent to
+-- confirm the holder's task container gone (the agent published fence_settle_ms: it fences task
+-- containers); nil when the node has no fencing agent (a simulated fleet): offered at once.
+local function fence_settle_ms(node)
+  local raw = redis.call('HGET', K.nodes, node)
+  if not raw then return nil end
+  local v = cjson.decode(raw).fence_settle_ms
+  if type(v) ~= 'number' then return nil end
+  return v
+end
+
 -- Give a slice that just became available to the best waiter that accepts it, or mark it free.
 -- Waiters are ordered by (enqueue time - priority * aging), so priority is strict until aging wins.
 local function offer(id, s)
@@ -228,12 +250,13 @@ local function offer(id, s)
   local settles = redis.call('ZSCORE', K.quarantine, id)
   if settles then
     if tonumber(settles) > NOW then
-      -- published after Redis lost its state: an old holder may still use it until settled
+      -- published after Redis lost its state, or its holder's lease expired: an old holder may
+      -- still use it until settled
       redis.call('ZREM', free_key(s.pkey), id)
       redis.call('HSET', K.slice_state, id, 'quarantined')
       return nil
     end
-    redis.call('ZREM', K.quarantine, id)
+    unquarantine(id, 'timeout')
   end
   if redis.call('SISMEMBER', K.withholding, id) == 1 then
     -- a re-carve will destroy it: out of service until the publish that removes it
@@ -333,7 +356,20 @@ local function end_lease(lease_id, reason)
       redis.call('SREM', node_slices_key(s.node), id)
       redis.call('SREM', K.withholding, id)
     else
-      offer(id, s)
+      -- An expired lease's holder died or hung: its task container may still run on the slice
+      -- until its node's agent removes it, so the slice waits for the agent (settle.lua), at
+      -- most the node's fence_settle_ms. A released lease's holder stopped its container first.
+      local settle_ms = reason == 'expired' and fence_settle_ms(s.node)
+      if settle_ms then
+        local settles = NOW + settle_ms
+        redis.call('ZADD', K.quarantine, 'GT', settles, id)
+        redis.call('HSET', K.awaiting_fence, id, lease_id)
+        redis.call('ZREM', free_key(s.pkey), id)
+        redis.call('HSET', K.slice_state, id, 'quarantined')
+        event('slice.quarantined', {'slice', id, 'lease', lease_id, 'node', s.node, 'until', settles})
+      else
+        offer(id, s)
+      end
     end
   end
   if f[6] then retry_tenant(tenant) end

@@ -49,6 +49,7 @@ for _, id in ipairs(redis.call('SMEMBERS', node_slices_key(node))) do
       redis.call('HDEL', gpu_slices_key(s.gpu_uuid), id)
       redis.call('SREM', node_slices_key(node), id)
       redis.call('SREM', K.withholding, id)
+      unquarantine(id, 'removed')
       removed = removed + 1
     end
   end

@@ -20,11 +20,17 @@ for _, node in ipairs(redis.call('ZRANGEBYSCORE', K.node_deadline, '-inf', '(' .
   node_lost(node, 'heartbeat')
   lost = lost + 1
 end
--- slices quarantined after a new epoch whose settle time has passed
+-- quarantined slices whose settle time has passed; one waiting for its node's agent to fence an
+-- expired holder's container waits on while that node is out of service (nobody fences there)
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', K.quarantine, '-inf', NOW, 'LIMIT', 0, limit)) do
   local s = slice(id)
-  redis.call('ZREM', K.quarantine, id)
-  if s and redis.call('HGET', K.slice_state, id) == 'quarantined' then offer(id, s) end
+  local settle_ms = s and redis.call('HEXISTS', K.awaiting_fence, id) == 1 and fence_settle_ms(s.node)
+  if settle_ms and not node_alive(s.node) then
+    redis.call('ZADD', K.quarantine, NOW + settle_ms, id)
+  else
+    unquarantine(id, 'timeout')
+    if s and redis.call('HGET', K.slice_state, id) == 'quarantined' then offer(id, s) end
+  end
 end
 -- Re-offer: a free slice while requests of its kind wait (a hand-off that found nobody eligible
 -- then, before a quota or node constraint changed) goes to the best eligible waiter now.
