@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 
@@ -106,3 +107,31 @@ def test_a_flow_run_that_used_slices_gets_a_table_artifact_and_a_summary(cluster
     )
     assert all(r["outcome"] == "released" and r["ran_s"] > 0 and r["fence"] > 0 and r["task"] for r in rows)
     assert summary[0].type == "markdown" and "3 task(s)" in summary[0].data
+
+
+def test_an_async_flow_run_that_used_slices_gets_its_artifacts_too(cluster):
+    """An async task on a slice records its artifact from the runner's thread, where Prefect's
+    dispatching helpers would otherwise hand back a coroutine nobody awaits (no artifact)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactCollectionFilter as ArtifactFilter
+    from prefect.client.schemas.filters import ArtifactCollectionFilterKey as ArtifactFilterKey
+
+    from prefect_mig.integrations.prefect.artifacts import artifact_key, summary_key
+
+    async def double(x):
+        return 2 * x
+
+    on_slice = task(task_runner=MigTaskRunner(profile="1g.10gb"))(double)
+
+    @flow
+    async def pipeline():
+        from prefect.context import FlowRunContext
+
+        return FlowRunContext.get().flow_run.id, await on_slice(21)
+
+    flow_run_id, value = asyncio.run(pipeline())
+    assert value == 42
+    with get_client(sync_client=True) as client:
+        table = client.read_latest_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[artifact_key(flow_run_id)])))
+        summary = client.read_latest_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[summary_key(flow_run_id)])))
+    assert len(table) == 1 and len(summary) == 1 and "1 task(s)" in summary[0].data

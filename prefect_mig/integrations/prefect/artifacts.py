@@ -88,9 +88,10 @@ def record_task_slice(ctx, lease, *, outcome: str, ran_s: float) -> str | None:
         rows.append(row)
         table = [dict(r) for r in rows]
         try:
-            create_table_artifact(table, key=key, description="Which task ran on which MIG slice (prefect-mig).")
+            # _sync: in an async flow's task thread Prefect would hand back a coroutine nobody awaits
+            create_table_artifact(table, key=key, description="Which task ran on which MIG slice (prefect-mig).", _sync=True)
             create_markdown_artifact(summary_markdown(table).replace("{key}", key), key=summary_key(flow_run_id),
-                                     description="MIG slices used by this flow run (prefect-mig).")
+                                     description="MIG slices used by this flow run (prefect-mig).", _sync=True)
         except Exception as exc:  # noqa: BLE001 - an artifact is a report, never a reason to fail the task
             log.warning("could not write the artifacts of flow run %s: %s", flow_run_id, exc)
     return key
