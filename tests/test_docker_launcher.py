@@ -159,3 +159,21 @@ def test_limits_env_and_volumes_are_applied(python_image, docker_client):
         assert launcher.run(read, mig_uuid="MIG-x") == ("1", "hi\n")
     finally:
         volume.remove(force=True)
+
+
+def sleep_a_while(seconds):
+    import time
+
+    time.sleep(seconds)
+    return "done"
+
+
+def test_a_body_that_runs_past_the_engine_gone_limit_still_completes(python_image):
+    """Docker's wait answers a poll that runs out with a ConnectionError around a read timeout: that
+    is a body still running, not the engine gone, however long the body runs."""
+
+    class QuickToGiveUp(DockerLauncher):
+        ENGINE_GONE_S = 1.0  # the real limit is 10 s; the body below runs several of these
+
+    launcher = QuickToGiveUp(ContainerSettings(image=python_image))
+    assert launcher.run(sleep_a_while, (4,), mig_uuid="MIG-test-long", poll_s=0.25) == "done"

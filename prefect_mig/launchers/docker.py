@@ -214,6 +214,18 @@ def _pickle_call(fn: Callable, args: tuple, kwargs: dict) -> bytes:
 _ENGINE_GONE = (requests.exceptions.ConnectionError, requests.exceptions.ChunkedEncodingError)
 
 
+def timed_out(exc: BaseException) -> bool:
+    """Whether a request error is only its read timeout running out (a wait that goes on), not the
+    engine going away: requests reports a timeout while reading a streamed answer, as Docker's
+    ``wait`` is, as a ``ConnectionError`` around urllib3's ``ReadTimeoutError``."""
+    import urllib3.exceptions
+
+    return isinstance(exc, requests.exceptions.ReadTimeout) or (
+        isinstance(exc, requests.exceptions.ConnectionError)
+        and any(isinstance(arg, urllib3.exceptions.ReadTimeoutError) for arg in exc.args)
+    )
+
+
 @contextmanager
 def _removed_means_stopped(container) -> Iterator[None]:
     """A container removed under us (the node agent fences containers whose lease ended) is a
@@ -442,9 +454,10 @@ class DockerLauncher:
                 )
             try:
                 return int(container.wait(timeout=poll_s)["StatusCode"])
-            except requests.exceptions.ReadTimeout:
-                refused_since = None
-            except _ENGINE_GONE as exc:
+            except (requests.exceptions.ReadTimeout, *_ENGINE_GONE) as exc:
+                if timed_out(exc):
+                    refused_since = None
+                    continue
                 # the engine itself went away (stopped, crashed, its host down), not a slow wait
                 refused_since = refused_since or time.monotonic()
                 if time.monotonic() - refused_since >= self.ENGINE_GONE_S:

@@ -619,7 +619,7 @@ def _wait_container(container, cancelled: threading.Event, lost: threading.Event
     import requests.exceptions
 
     from prefect_mig.errors import DockerUnavailable
-    from prefect_mig.launchers.docker import _ENGINE_GONE, DockerLauncher
+    from prefect_mig.launchers.docker import _ENGINE_GONE, DockerLauncher, timed_out
 
     refused_since = None
     while True:
@@ -631,9 +631,11 @@ def _wait_container(container, cancelled: threading.Event, lost: threading.Event
             return -1
         try:
             return int(container.wait(timeout=1)["StatusCode"])
-        except requests.exceptions.ReadTimeout:
-            refused_since = None
-        except _ENGINE_GONE as exc:  # the engine itself went away, not a slow wait
+        except (requests.exceptions.ReadTimeout, *_ENGINE_GONE) as exc:
+            if timed_out(exc):
+                refused_since = None
+                continue
+            # the engine itself went away, not a slow wait
             refused_since = refused_since or time.monotonic()
             if time.monotonic() - refused_since >= DockerLauncher.ENGINE_GONE_S:
                 raise DockerUnavailable(
