@@ -395,14 +395,18 @@ class MigTaskRunner(ThreadPoolTaskRunner):
                             "or PREFECT_MIG_WAIT_TIMEOUT_S.",
                             lease_id=exc.lease_id,
                         ) from exc
+        ended = {"what": "released", "reason": ""}  # what the lease event at the end says
+        ran_from = time.monotonic()
         if slot is not None:
             lease = slot.lease
         else:
-            lease = Lease(allocator, got, on_lost=POOL.lost if warm_key else None,
-                          on_notice=POOL.notice if warm_key else None).start_renewing()
+            try:
+                lease = Lease(allocator, got, on_lost=POOL.lost if warm_key else None,
+                              on_notice=POOL.notice if warm_key else None).start_renewing()
+            except BaseException:  # a timeout raised into this thread before the try below could release it
+                shielded(allocator.release, got.lease_id, got.fence)
+                raise
         lost, reusable = lease.lost, False
-        ended = {"what": "released", "reason": ""}  # what the lease event at the end says
-        ran_from = time.monotonic()
         try:
             s = lease.slice
             where = f"{s.profile}@{s.start} on {s.node} GPU {s.gpu_index} ({s.mig_uuid})"
