@@ -86,7 +86,9 @@ class NodeAgent:
             into service), unless the desired layout carries the planner's own timeout (see
             `Allocator.set_desired`).
         clock: seconds, for the drain timeout (the simulator passes its virtual clock).
-        on_event: called as ``on_event(event_type, fields)`` after each ``layout.applied`` or
+        on_event: called as ``on_event(event_type, fields)`` for the lease expiries and stale agents
+            its sweeps take (see `reap`), ``agent.recovered`` when its heartbeat puts its node
+            back after a silence, and after each ``layout.applied`` or
             ``layout.skipped`` this agent records (``prefect-mig agent`` passes one that emits a Prefect
             event, when a Prefect API is configured).
     """
@@ -233,10 +235,11 @@ class NodeAgent:
         then reap. Returns what it did (``engine down``: this node's Docker engine does not answer,
         so the node was taken out of service; its next heartbeat once the engine answers puts it
         back)."""
+        engine_was_down = self._engine_was_down
         down = self._engine_down()
         if down is not None:
             self.allocator.node_down(self.node, why=down)
-            self.allocator.reap()
+            self.reap()
             return "engine down"
         self.repair()
         if self._publish_if_changed():
@@ -246,7 +249,9 @@ class NodeAgent:
             if did == "unknown":
                 self.publish()
                 did = "published"
-        self.allocator.reap()
+            elif did == "back" and not engine_was_down:  # out of service because it was silent
+                self._tell("agent.recovered", {"node": self.node})
+        self.reap()
         if self.docker is not None:
             import docker.errors
             import requests.exceptions
@@ -354,11 +359,26 @@ class NodeAgent:
 
     def _clear_desired(self, gpu_uuid: str, *, outcome: str, detail: str = "") -> None:
         self.allocator.clear_desired(gpu_uuid, outcome=outcome, detail=detail)
+        self._tell(f"layout.{outcome}", {"gpu": gpu_uuid, "node": self.node, "detail": detail})
+
+    def reap(self) -> None:
+        """Sweep expired leases, abandoned requests and silent nodes; with `on_event`, also take
+        the expiries and stale agents waiting to be announced and pass them on (each goes to one
+        sweeping process only, see `Allocator.reap_announced`)."""
+        if self.on_event is None:
+            self.allocator.reap()
+            return
+        from prefect_mig.allocator.health import sweep_announced
+
+        for kind, fields in sweep_announced(self.allocator):
+            self._tell(kind, fields)
+
+    def _tell(self, kind: str, fields: dict) -> None:
         if self.on_event is not None:
             try:
-                self.on_event(f"layout.{outcome}", {"gpu": gpu_uuid, "node": self.node, "detail": detail})
+                self.on_event(kind, fields)
             except Exception as exc:  # noqa: BLE001 - a notification never stops the agent
-                log.warning("on_event(layout.%s) failed: %s", outcome, exc)
+                log.warning("on_event(%s) failed: %s", kind, exc)
 
     def _cluster_ids(self) -> list[str]:
         """The ids this agent's cluster had: Redis's now (the allocator puts its cached one back if

@@ -69,12 +69,28 @@ def cluster(prefect_api, redis_server, namespace, monkeypatch, python_image, doc
 
 def read_lease_events(flow_run_id, wanted: int, timeout_s: float = 120.0) -> list:
     """The prefect-mig.lease.* events related to a flow run, oldest first, once `wanted` arrived."""
+    return read_events("prefect-mig.lease.", wanted, related=f"prefect.flow-run.{flow_run_id}", timeout_s=timeout_s)
+
+
+def read_events(
+    name_prefix: str, wanted: int, *, related: str | None = None, resources: list[str] | None = None,
+    timeout_s: float = 120.0,
+) -> list:
+    """The events named `name_prefix`... of the last hour, related to `related` and/or about one of
+    `resources`, oldest first, once `wanted` arrived (or `timeout_s` passed)."""
     from prefect.client.orchestration import get_client
-    from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFilter, EventRelatedFilter
+    from prefect.events.filters import (
+        EventFilter,
+        EventNameFilter,
+        EventOccurredFilter,
+        EventRelatedFilter,
+        EventResourceFilter,
+    )
 
     filt = EventFilter(
-        event=EventNameFilter(prefix=["prefect-mig.lease."]),
-        related=EventRelatedFilter(id=[f"prefect.flow-run.{flow_run_id}"]),
+        event=EventNameFilter(prefix=[name_prefix]),
+        related=EventRelatedFilter(id=[related]) if related else None,
+        resource=EventResourceFilter(id=resources) if resources else None,
         occurred=EventOccurredFilter(since=datetime.now(timezone.utc) - timedelta(hours=1)),
     )
     deadline = time.monotonic() + timeout_s

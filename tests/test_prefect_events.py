@@ -10,7 +10,7 @@ from prefect import flow
 
 from prefect_mig import MigTaskRunner, task
 
-from .prefect_fixtures import read_lease_events
+from .prefect_fixtures import read_events, read_lease_events
 
 
 def where_am_i():
@@ -135,3 +135,40 @@ def test_an_async_flow_run_that_used_slices_gets_its_artifacts_too(cluster):
         table = client.read_latest_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[artifact_key(flow_run_id)])))
         summary = client.read_latest_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[summary_key(flow_run_id)])))
     assert len(table) == 1 and len(summary) == 1 and "1 task(s)" in summary[0].data
+
+
+def test_the_sweeping_agent_emits_lease_expired_once_and_agent_stale_for_a_silent_node(prefect_api, alloc, clock, namespace, tmp_path):
+    from prefect_mig.agent import NodeAgent
+    from prefect_mig.allocator import SliceRequest
+    from prefect_mig.allocator.health import sweep_announced
+    from prefect_mig.gpu import GpuBackend, SimulatedNvml
+    from prefect_mig.integrations.prefect.events import emit_cluster_event
+    from prefect_mig.model import Layout
+
+    here, silent = f"a{namespace}", f"b{namespace}"  # names of this test only: the API is the session's
+    alloc.publish_fleet(f"{silent}=1xA30-24GB", layouts={silent: ["4g.24gb@0"]}, heartbeat_ttl_s=10)
+    with GpuBackend(SimulatedNvml(f"{here}=1xA30-24GB", state_dir=tmp_path)) as backend:
+        backend.apply_layout(0, Layout.parse("A30-24GB", "4g.24gb@0"))
+        agent = NodeAgent(backend, alloc, node=here, heartbeat_ttl_s=30, on_event=emit_cluster_event)
+        agent.publish()
+        lease = alloc.try_acquire(SliceRequest(profile="4g.24gb", node=here, ttl_s=5, tenant="team-exp", holder="f-1/t-1"))
+        clock.advance(12)
+        agent.tick()  # expires the lease, takes node `silent` out of service
+        NodeAgent(backend, alloc, node=here, on_event=emit_cluster_event).reap()  # a second sweeper: nothing left
+        clock.advance(40)
+        for kind, fields in sweep_announced(alloc):  # as `repartition serve` does: `here` went silent
+            emit_cluster_event(kind, fields)
+        assert agent.tick() in ("ok", "back", "published")  # `here` heartbeats again
+    s = lease.slice
+    expired = read_events("prefect-mig.lease.", 1, resources=[f"prefect-mig.slice.{here}/{s.gpu_index}/{s.profile}@{s.start}"])
+    nodes = read_events("prefect-mig.agent.", 3, resources=[f"prefect-mig.node.{here}", f"prefect-mig.node.{silent}"])
+    assert [e.event for e in expired] == ["prefect-mig.lease.expired"]
+    roles = {r.role: r.id for r in expired[0].related}
+    assert roles == {"tenant": "prefect-mig.tenant.team-exp", "task-run": "prefect.task-run.t-1", "flow-run": "prefect.flow-run.f-1"}
+    assert expired[0].resource["prefect-mig.lease-id"] == lease.lease_id and expired[0].payload["held_s"] == 12.0
+    assert [(e.event, e.resource.id) for e in nodes] == [
+        ("prefect-mig.agent.stale", f"prefect-mig.node.{silent}"),
+        ("prefect-mig.agent.stale", f"prefect-mig.node.{here}"),
+        ("prefect-mig.agent.recovered", f"prefect-mig.node.{here}"),
+    ]
+    assert nodes[0].payload["heartbeat_age_s"] >= 12 and nodes[1].payload["heartbeat_age_s"] >= 40

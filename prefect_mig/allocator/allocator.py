@@ -742,6 +742,15 @@ class Allocator:
         Returns (expired, dropped, nodes lost)."""
         return tuple(int(x) for x in self._run("reap", limit, action="reap"))  # type: ignore[return-value]
 
+    def reap_announced(self, *, limit: int = 100) -> list[dict[str, Any]]:
+        """`reap`, then take up to `limit` of the transitions waiting to be announced as Prefect
+        events: ``{"type": "lease.expired", "lease", "slice" (SliceRecord JSON), "tenant", "holder",
+        "held_ms", "at"}`` and ``{"type": "agent.stale", "node", "at"}``, oldest first. Each is
+        handed to one caller only, whichever process made the transition (an expiry in `acquire`
+        or `renew` too), so a caller that takes them must emit them."""
+        reply = self._run("reap", limit, limit, action="reap")
+        return [json.loads(x) for x in reply[3:]]
+
     # ------------------------------------------------------------------ operations
 
     def drain(self, gpu_uuid: str) -> int:

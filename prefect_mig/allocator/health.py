@@ -81,3 +81,22 @@ def wait_reasons(allocator: Allocator, request_id: str) -> list[str]:
                 else f"{node}'s agent has not heartbeated"
             )
     return reasons
+
+
+def sweep_announced(allocator: Allocator) -> list[tuple[str, dict[str, Any]]]:
+    """Sweep (`Allocator.reap_announced`) and return what to announce as ``(event type, fields)``,
+    oldest first: ``lease.expired`` as the script recorded it, ``agent.stale`` with
+    ``heartbeat_age_s`` (seconds since the node's agent last heartbeated, None if never). What it
+    returns is taken from Redis: the caller emits it, nobody else will."""
+    taken = allocator.reap_announced()
+    if not taken:
+        return []
+    beats = agents(allocator) if any(a["type"] == "agent.stale" for a in taken) else {}
+    out = []
+    for a in taken:
+        kind = a.pop("type")
+        if kind == "agent.stale":
+            a["heartbeat_age_s"] = beats.get(a.get("node", ""), {}).get("age_s")
+        out.append((kind, a))
+    return out
+

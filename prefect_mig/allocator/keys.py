@@ -87,6 +87,9 @@ class Keys:
         # HASH token_id -> {"tenant", "max_priority", "admin", "sha256", "created_at"} JSON (HTTP API clients)
         self.api_tokens = p + "api_tokens"
         self.drained_nodes = p + "drained_nodes"  # SET of nodes drained for maintenance: no new grants
+        # LIST of JSON: lease expiries and agents gone silent, kept (capped) until a process that emits
+        # Prefect events takes them (Allocator.reap_announced), so each is emitted once
+        self.announce = p + "announce"
 
     # per-entity keys (scripts build the same names from the prefix)
     def lease(self, lease_id: str) -> str:

@@ -67,6 +67,7 @@ FIXED_KEYS = (
     "counters",
     "drained_nodes",
     "awaiting_fence",
+    "announce",
 )
 
 

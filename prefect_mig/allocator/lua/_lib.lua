@@ -11,7 +11,7 @@ local K = {
   tenant_compute = KEYS[15], quotas = KEYS[16], events = KEYS[17], repartitioner = KEYS[18],
   withholding = KEYS[19], config = KEYS[20], epoch = KEYS[21], quarantine = KEYS[22],
   counters = KEYS[23],
-  drained_nodes = KEYS[24], awaiting_fence = KEYS[25],
+  drained_nodes = KEYS[24], awaiting_fence = KEYS[25], announce = KEYS[26],
 }
 local P = ARGV[1]
 local NOW
@@ -43,6 +43,16 @@ local function event(kind, fields)
   for i = 1, #fields do args[#args + 1] = fields[i] end
   redis.call(unpack(args))
   redis.call('HINCRBY', K.counters, 'event:' .. kind, 1)
+end
+
+-- Transitions that any sweeping process may make (a lease expiry, an agent gone silent) wait in
+-- K.announce until a process that emits Prefect events takes them (reap.lua with A[2] > 0): each
+-- is taken, so emitted, once. Capped, so a cluster without such a process stays small.
+local ANNOUNCE_CAP = 1000
+local function announce(t)
+  t.at = NOW
+  redis.call('RPUSH', K.announce, cjson.encode(t))
+  redis.call('LTRIM', K.announce, -ANNOUNCE_CAP, -1)
 end
 
 -- Histograms of milliseconds in K.counters: '<name>:<i>' counts observations in bucket i (the first
@@ -331,7 +341,7 @@ end
 -- End a lease (released, expired, revoked): free its slice for the next waiter.
 local function end_lease(lease_id, reason)
   local f = redis.call('HMGET', lease_key(lease_id), 'slice', 'fence', 'tenant', 'compute', 'preemptible_pkey', 'counted',
-    'granted_at')
+    'granted_at', 'holder')
   local id, fence, tenant = f[1], f[2], f[3]
   local held = NOW - tonumber(f[7] or NOW)
   if f[5] then redis.call('ZREM', preemptible_key(f[5]), lease_id) end
@@ -347,6 +357,10 @@ local function end_lease(lease_id, reason)
   event('lease.' .. reason, {'lease', lease_id, 'slice', id, 'fence', fence, 'tenant', tenant or '',
     'compute', f[4] or '', 'held_ms', held})
   if f[7] then observe('held_ms', held) end
+  if reason == 'expired' then
+    announce({type = 'lease.expired', lease = lease_id, slice = redis.call('HGET', K.slices, id) or '',
+      tenant = tenant or '', holder = f[8] or '', held_ms = held})
+  end
   if leased_by(redis.call('HGET', K.slice_state, id)) == lease_id then
     local s = slice(id)
     if s.gone then
@@ -386,6 +400,7 @@ local function node_lost(node, why)
     end
   end
   event('node.lost', {'node', node, 'why', why})
+  if why == 'heartbeat' then announce({type = 'agent.stale', node = node}) end
 end
 
 local function reap_expired(limit)

@@ -1,7 +1,9 @@
 -- Sweep: expire leases past their deadline, drop waiting requests nobody touched, and stop granting
 -- on nodes whose heartbeat stopped.
 -- A[1] - at most this many of each kind per call
--- returns {expired leases, dropped requests, nodes lost}
+-- A[2] - optional: take at most this many announcements (JSON, see announce() in _lib.lua) for the
+--        caller to emit; 0 or absent leaves them for a process that emits them
+-- returns {expired leases, dropped requests, nodes lost, announcement...}
 local limit = tonumber(A[1])
 local expired = reap_expired(limit)
 local dropped = 0
@@ -43,4 +45,10 @@ for _, pkey in ipairs(redis.call('SMEMBERS', K.pkeys)) do
     end
   end
 end
-return {expired, dropped, lost}
+local reply = {expired, dropped, lost}
+local take = tonumber(A[2] or '0')
+if take > 0 then
+  for _, a in ipairs(redis.call('LRANGE', K.announce, 0, take - 1)) do reply[#reply + 1] = a end
+  redis.call('LTRIM', K.announce, take, -1)
+end
+return reply

@@ -4,7 +4,11 @@ The task runner emits ``prefect-mig.lease.granted`` when its task got a slice, t
 ``prefect-mig.lease.released`` when the lease ended normally, ``prefect-mig.lease.revoked`` when a
 higher-priority request revoked it while the task ran, or ``prefect-mig.lease.lost`` (expired,
 fenced, gone) otherwise; ``prefect-mig agent`` emits ``prefect-mig.layout.applied|skipped`` for the
-desired layouts it handles. Fences never appear (they are the holder's secret).
+desired layouts it handles. Whichever agent or repartition service sweeps emits
+``prefect-mig.lease.expired`` (once per lease, see `Allocator.reap_announced`) and
+``prefect-mig.agent.stale`` when a node's heartbeat lapses (once per silence, resource
+``prefect-mig.node.<name>``); an agent that heartbeats again after one emits
+``prefect-mig.agent.recovered``. Fences never appear (they are the holder's secret).
 
 Every lease event has the slice as its resource, ``prefect-mig.slice.<node>/<gpu>/<profile>@<start>``
 (labels: node, GPU index, profile, MIG UUID, lease id), and the task run, flow run and tenant as
@@ -29,6 +33,8 @@ Examples:
 from __future__ import annotations
 
 import logging
+import threading
+from collections.abc import Callable
 from typing import Any
 
 from prefect_mig.allocator.models import SliceRecord
@@ -82,13 +88,72 @@ def emit_lease_event(
     _emit(f"prefect-mig.lease.{what}", resource, related, payload or {})
 
 
+CLUSTER_EVENTS = ("layout.applied", "layout.skipped", "lease.expired", "agent.stale", "agent.recovered")
+
+
 def emit_cluster_event(event_type: str, fields: dict[str, Any]) -> None:
-    """Emit a Prefect event for a transition recorded outside the lease scripts (``layout.applied``,
-    ``layout.skipped``): resource ``prefect-mig.gpu.<uuid>``, fields as payload. Others are ignored."""
-    if event_type not in ("layout.applied", "layout.skipped"):
+    """Emit a Prefect event for a transition a cluster process (agent, repartition service) made or
+    saw, one of `CLUSTER_EVENTS`; others are ignored.
+
+    - ``layout.applied|skipped``: resource ``prefect-mig.gpu.<uuid>``, `fields` as payload.
+    - ``lease.expired``: as the runner's lease events (resource the slice, related the tenant and,
+      from the lease's holder ``<flow run>/<task run>``, the runs), from an announcement
+      (`Allocator.reap_announced`); payload ``held_s``.
+    - ``agent.stale`` / ``agent.recovered``: resource ``prefect-mig.node.<name>``; payload the node
+      and, for ``stale``, ``heartbeat_age_s`` (seconds since its agent's last heartbeat).
+    """
+    if event_type not in CLUSTER_EVENTS:
         return
-    gpu = str(fields.get("gpu", ""))
-    _emit(f"prefect-mig.{event_type}", {"prefect.resource.id": f"prefect-mig.gpu.{gpu}"}, [], dict(fields))
+    if event_type == "lease.expired":
+        flow_run_id, _, task_run_id = str(fields.get("holder") or "").partition("/")
+        s = SliceRecord.model_validate_json(fields["slice"])
+        emit_lease_event(
+            "expired", s, lease_id=str(fields.get("lease", "")), tenant=str(fields.get("tenant") or "default"),
+            task_run_id=task_run_id or None, flow_run_id=flow_run_id if task_run_id else None,
+            payload={"held_s": int(fields.get("held_ms") or 0) / 1000},
+        )
+    elif event_type.startswith("agent."):
+        node = str(fields.get("node", ""))
+        resource = {"prefect.resource.id": f"prefect-mig.node.{node}", "prefect.resource.name": node}
+        _emit(f"prefect-mig.{event_type}", resource, [], dict(fields))
+    else:
+        gpu = str(fields.get("gpu", ""))
+        _emit(f"prefect-mig.{event_type}", {"prefect.resource.id": f"prefect-mig.gpu.{gpu}"}, [], dict(fields))
+
+
+#: Prefect events that end a flow run: the time between pipeline runs, when a re-carve costs nothing
+FLOW_RUN_ENDS = ("prefect.flow-run.Completed", "prefect.flow-run.Failed", "prefect.flow-run.Crashed",
+                 "prefect.flow-run.Cancelled")
+
+
+def watch_flow_run_ends(on_end: Callable[[str], None], stop: threading.Event) -> threading.Thread:
+    """Call ``on_end(event name)`` for each flow run that ends (`FLOW_RUN_ENDS`), from Prefect's
+    events websocket, in a daemon thread until `stop`. A Prefect API that is down or goes away is
+    logged and retried every 30 s: the caller's interval still holds."""
+
+    async def follow() -> None:
+        from prefect.events.clients import get_events_subscriber
+        from prefect.events.filters import EventFilter, EventNameFilter
+
+        async with get_events_subscriber(filter=EventFilter(event=EventNameFilter(name=list(FLOW_RUN_ENDS)))) as events:
+            async for event in events:
+                if stop.is_set():
+                    return
+                on_end(event.event)
+
+    def run() -> None:
+        import asyncio
+
+        while not stop.is_set():
+            try:
+                asyncio.run(follow())
+            except Exception as exc:  # noqa: BLE001 - the interval is the fallback
+                log.warning("not following flow runs' ends (retrying in 30 s): %s", exc)
+            stop.wait(30)
+
+    thread = threading.Thread(target=run, name="prefect-mig-flow-run-ends", daemon=True)
+    thread.start()
+    return thread
 
 
 def _emit(name: str, resource: dict[str, str], related: list[dict[str, str]], payload: dict[str, Any]) -> None:
