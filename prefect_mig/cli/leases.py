@@ -434,23 +434,39 @@ def repartition_apply(
 
 @repartition_app.command("serve")
 def repartition_serve(
-    interval: Annotated[float, typer.Option(help="Seconds between planning rounds.")] = 30.0,
+    interval: Annotated[float, typer.Option(help="Seconds between planning rounds at the latest.", min=0.1)] = 30.0,
+    debounce: Annotated[
+        float, typer.Option(help="After a lease ends or a request queues, gather more events this long, then plan.", min=0)
+    ] = 1.0,
     drain_cost: DrainCostOpt = Knobs.drain_cost,
     profiles: ProfilesOpt = "classic",
     idle_window: IdleWindowOpt = Knobs.idle_window_s,
 ) -> None:
-    """Plan every --interval seconds and desire the changes (the agents apply them)."""
-    import time
+    """Plan when a lease ends, a request queues or a flow run ends (a Prefect API configured), at the
+    latest every --interval seconds, and desire the changes (the agents apply them). With a Prefect
+    API it also emits ``prefect-mig.lease.expired`` and ``prefect-mig.agent.stale`` for what it sweeps."""
+    import threading
 
-    from prefect_mig.repartition.service import run_once
+    from prefect_mig.repartition.service import serve
+    from prefect_mig.repartition.trigger import Trigger
 
     with cli_errors():
         allocator = _allocator()
-        console.print(f"repartitioning every {interval:g} s (Ctrl-C stops)")
+        knobs = _knobs(drain_cost, profiles, idle_window)
+        trigger = Trigger(allocator, debounce_s=debounce)
+        stop = threading.Event()
+        emit = _prefect_events()
+        if emit is not None:
+            from prefect_mig.integrations.prefect.events import watch_flow_run_ends
+
+            watch_flow_run_ends(trigger.poke, stop)
+        console.print(f"repartitioning on lease and queue events{' and flow-run ends' if emit else ''}, "
+                      f"at the latest every {interval:g} s (Ctrl-C stops)")
         try:
-            while True:
-                for p in run_once(allocator, knobs=_knobs(drain_cost, profiles, idle_window), announce_s=3 * interval):
-                    console.print(f"desired {p.kind} on {p.node} {p.gpu_uuid[:12]}: {p.target}")
-                time.sleep(interval)
+            serve(
+                allocator, knobs=knobs, interval_s=interval, stop=stop, trigger=trigger, on_event=emit,
+                on_plan=lambda p: console.print(f"desired {p.kind} on {p.node} {p.gpu_uuid[:12]}: {p.target}"),
+            )
         except KeyboardInterrupt:
+            stop.set()
             errors.print("repartitioning stopped")

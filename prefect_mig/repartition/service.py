@@ -3,7 +3,8 @@
 `plan_from_allocator` turns the live inventory into `GpuState`s (a slice that is leased, or that
 the agent reported busy, is busy) and the wait queue plus recent grants into demand, then plans.
 `desire` writes the plans that change something as desired layouts; each node's agent applies
-its GPUs' (see `prefect_mig.agent`). `run_once` is one round of the service.
+its GPUs' (see `prefect_mig.agent`). `run_once` is one round of the service; `serve` runs rounds
+as the allocator's events call for them (`trigger.Trigger`), at the latest every interval.
 
 Examples:
     ```python
@@ -22,13 +23,17 @@ Examples:
 from __future__ import annotations
 
 import logging
+import threading
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import replace
 
 from prefect_mig.allocator import Allocator
+from prefect_mig.allocator.health import sweep_announced
 from prefect_mig.errors import UnknownGpuModel
 from prefect_mig.model import Layout, Placement, get_model
 from prefect_mig.repartition.planner import DemandBook, GpuPlan, GpuState, Knobs, carvable, plan
+from prefect_mig.repartition.trigger import Trigger
 
 log = logging.getLogger("prefect_mig.repartition")
 
@@ -232,6 +237,37 @@ def run_once(
     it need not leave alone (see `plan_from_allocator`'s `hold_back`)."""
     allocator.announce_repartitioner(announce_s)
     return desire(allocator, plan_from_allocator(allocator, knobs=knobs, history=history, hold_back=True))
+
+
+def serve(
+    allocator: Allocator,
+    *,
+    knobs: Knobs = Knobs(),
+    interval_s: float = 30.0,
+    stop: threading.Event | None = None,
+    trigger: Trigger | None = None,
+    on_plan: Callable[[GpuPlan], None] | None = None,
+    on_event: Callable[[str, dict], None] | None = None,
+) -> None:
+    """The service's loop until `stop`: a round (`run_once`) now, then one on each `trigger` (the
+    allocator's events: a lease ended, a request queued, ...; see `Trigger`), at the latest every
+    `interval_s`. `on_plan` is called with each change desired. With `on_event` (an emitter of
+    Prefect events), each round also sweeps and passes on the lease expiries and silent agents it
+    takes (`health.sweep_announced`), so a cluster whose agents died still says so."""
+    trigger = trigger or Trigger(allocator)
+    while not (stop is not None and stop.is_set()):
+        if on_event is not None:
+            for kind, fields in sweep_announced(allocator):
+                try:
+                    on_event(kind, fields)
+                except Exception as exc:  # noqa: BLE001 - a notification never stops the service
+                    log.warning("on_event(%s) failed: %s", kind, exc)
+        for p in run_once(allocator, knobs=knobs, announce_s=3 * interval_s):
+            if on_plan is not None:
+                on_plan(p)
+        why = trigger.wait(interval_s, stop)
+        if why is not None:
+            log.info("planning now: %s", why)
 
 
 def decode_key(value) -> str:
