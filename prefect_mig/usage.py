@@ -4,13 +4,25 @@ The events stream keeps the newest ~100,000 transitions (``Allocator(events_maxl
 folds the events past its cursor into one Redis hash per hour (``Keys.usage(hour)``), which nothing
 trims, so reports cover weeks. It is safe to run from several processes at once (the cursor is
 watched: a fold that raced another is retried on the new cursor). `report` rolls up first, then
-sums the hours asked for. A lease counts in the hour it ended (released, expired); live leases are
-not counted yet. Events trimmed before a roll-up read them are lost: run `prefect-mig report`
-(or `roll_up`) more often than the stream turns over.
+sums the hours asked for. A lease's slice time counts in the hours it was held, once it ended
+(released, expired): live leases are not counted yet; the lease itself (``leases``) counts in the
+hour it ended, its wait in the hour it was granted. Events trimmed before a roll-up read them are
+lost: run `prefect-mig report` (or `roll_up`) more often than the stream turns over.
 
 Figures per row: slice-hours leased, compute-slice-hours, GPU-hours (compute slices over the GPU's
 count: a 3g lease on an H100 is 3/7 of it), leases ended, mean and p95 wait (p95 is the upper bound of
 the wait histogram's bucket), preemptions (revocations of the row's leases), cost (GPU-hours x price).
+
+Idle slice-hours (rows by GPU or profile, and the cluster's ``totals``): carved slice-hours minus
+leased slice-hours. A slice is carved from the publish that first lists it (``inventory.published``
+names the slices it adds and drops) until the publish that drops it; a slice still carved counts up
+to now. So idle time is time a slice existed in the inventory with no lease on it, whether it was
+free or out of service (its node silent, its GPU draining, quarantined): capacity nobody used. A
+tenant has no idle time. Where the events of a re-carve were trimmed before any roll-up read them,
+the next roll-up matches the carved set to the inventory: a slice it no longer finds counts until
+then, one it finds unseen counts from then (what happened in between is not known). A slice leased
+past its dropping (NVML lost it while leased) counts as leased but no longer as carved; per row,
+idle is never below 0.
 
 Examples:
     ```python
@@ -32,7 +44,9 @@ Examples:
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import redis
@@ -47,16 +61,16 @@ HOUR_MS = 3_600_000
 _DIMENSIONS = ("tenant", "gpu", "profile")
 
 
-def _slice_labels(alloc: Allocator) -> dict[str, tuple[str, str, int]]:
-    """slice id -> (gpu "node/index", profile, the GPU model's compute slices)."""
-    import json
-
+def _slice_labels(alloc: Allocator) -> dict[str, tuple[str, str, int, bool]]:
+    """slice id -> (gpu "node/index", profile, the GPU model's compute slices, left out of its node's
+    last publish)."""
     from prefect_mig.model import get_model
 
     out = {}
     for sid, raw in alloc.redis.hgetall(alloc.keys.slices).items():
         s = json.loads(decode(raw))
-        out[decode(sid)] = (f"{s['node']}/{s['gpu_index']}", s["profile"], get_model(s["gpu_model"]).compute_slices)
+        out[decode(sid)] = (f"{s['node']}/{s['gpu_index']}", s["profile"], get_model(s["gpu_model"]).compute_slices,
+                            bool(s.get("gone")))
     return out
 
 
@@ -73,16 +87,23 @@ def roll_up(alloc: Allocator, *, batch: int = 10_000) -> int:
         while True:
             with alloc.redis.pipeline(transaction=True) as pipe:
                 try:
-                    pipe.watch(k.usage_cursor)
+                    pipe.watch(k.usage_cursor, k.usage_carved)
                     cursor = decode(pipe.get(k.usage_cursor) or b"0-0")
                     entries = pipe.xrange(k.events, min=f"({cursor}", count=batch)
+                    carved = {decode(sid): json.loads(decode(v)) for sid, v in pipe.hgetall(k.usage_carved).items()}
                     if not entries:
+                        _reconcile_carved(pipe, k, carved, labels, alloc.now_ms())
                         return folded
-                    incr = _aggregate(entries, labels)
+                    before = dict(carved)
+                    incr = _aggregate(entries, labels, carved)
                     pipe.multi()
                     for (hour, field), n in incr.items():
                         pipe.hincrby(k.usage(hour), field, n)
                         pipe.zadd(k.usage_hours, {str(hour): hour})
+                    if gone := [sid for sid in before if sid not in carved]:
+                        pipe.hdel(k.usage_carved, *gone)
+                    if new := {sid: json.dumps(v) for sid, v in carved.items() if sid not in before}:
+                        pipe.hset(k.usage_carved, mapping=new)
                     pipe.set(k.usage_cursor, decode(entries[-1][0]))
                     pipe.execute()
                     folded += len(entries)
@@ -90,7 +111,43 @@ def roll_up(alloc: Allocator, *, batch: int = 10_000) -> int:
                     continue
 
 
-def _aggregate(entries, labels) -> dict[tuple[int, str], int]:  # noqa: ANN001
+def _reconcile_carved(pipe, k, carved: dict, labels, now_ms: int) -> None:  # noqa: ANN001
+    """Match the carved slices to the inventory once every event is folded. One whose publish no
+    roll-up saw (trimmed before it was read, or published before this version) counts from now
+    (since when is unknown); one gone without a publish a roll-up saw counts until now."""
+    unseen = {sid: json.dumps([now_ms, gpu, profile]) for sid, (gpu, profile, _, gone) in labels.items()
+              if sid not in carved and not gone}
+    vanished = [sid for sid in carved if sid not in labels or labels[sid][3]]
+    if not unseen and not vanished:
+        return
+    incr: dict[tuple[int, str], int] = defaultdict(int)
+    for sid in vanished:
+        since, gpu, profile = carved[sid]
+        _credit_carved(incr, since, now_ms, gpu, profile)
+    pipe.multi()
+    for (hour, field), n in incr.items():
+        pipe.hincrby(k.usage(hour), field, n)
+        pipe.zadd(k.usage_hours, {str(hour): hour})
+    if vanished:
+        pipe.hdel(k.usage_carved, *vanished)
+    if unseen:
+        pipe.hset(k.usage_carved, mapping=unseen)
+    pipe.execute()
+
+
+def _hours_of(start_ms: int, end_ms: int) -> Iterator[tuple[int, int]]:
+    """(hour, ms of [start_ms, end_ms) in it) for each hour the span touches."""
+    at = start_ms
+    while at < end_ms:
+        hour = at - at % HOUR_MS
+        upto = min(end_ms, hour + HOUR_MS)
+        yield hour, upto - at
+        at = upto
+
+
+def _aggregate(entries, labels, carved: dict) -> dict[tuple[int, str], int]:  # noqa: ANN001
+    """The hourly increments of `entries`; `carved` (slice id -> [since, gpu, profile]) is updated
+    with the slices they carve, and a gone slice's carved time is credited to the hours it spans."""
     incr: dict[tuple[int, str], int] = defaultdict(int)
     for _, raw in entries:
         e = {decode(a): decode(b) for a, b in raw.items()}
@@ -107,53 +164,110 @@ def _aggregate(entries, labels) -> dict[tuple[int, str], int]:  # noqa: ANN001
             sid = e.get("slice", "")
             held, compute = int(e["held_ms"]), int(e.get("compute") or 0)
             total = labels.get(sid, ("", "", 7))[2]
-            for dim in _dims(e.get("tenant") or "default", sid, labels):
-                incr[(hour, f"{dim}|leased_ms")] += held
-                incr[(hour, f"{dim}|compute_ms")] += held * compute
-                incr[(hour, f"{dim}|gpu_ms_x{total}")] += held * compute
+            dims = _dims(e.get("tenant") or "default", sid, labels)
+            for h, ms in _hours_of(at - held, at):  # slice time in the hours it was held
+                for dim in dims:
+                    incr[(h, f"{dim}|leased_ms")] += ms
+                    incr[(h, f"{dim}|compute_ms")] += ms * compute
+                    incr[(h, f"{dim}|gpu_ms_x{total}")] += ms * compute
+            for dim in dims:
                 incr[(hour, f"{dim}|leases")] += 1
         elif kind == "lease.revoked":  # charged to the revoked lease's tenant (the event names it)
             for dim in _dims(e.get("tenant") or "unknown", e.get("slice", ""), labels):
                 incr[(hour, f"{dim}|preemptions")] += 1
+        elif kind == "inventory.published":
+            for sid in json.loads(e.get("gone") or "[]"):
+                if sid in carved:
+                    since, gpu, profile = carved.pop(sid)
+                    _credit_carved(incr, since, at, gpu, profile)
+            for sid, gpu, profile in json.loads(e.get("added") or "[]"):
+                carved.setdefault(sid, [at, gpu, profile])
     return incr
 
 
+def _credit_carved(incr, since: int, until: int, gpu: str, profile: str) -> None:  # noqa: ANN001
+    for h, ms in _hours_of(since, until):
+        for dim in (f"gpu={gpu}", f"profile={profile}", "all=all"):
+            incr[(h, f"{dim}|carved_ms")] += ms
+
+
 def _dims(tenant: str, slice_id: str, labels, pkey: str = "") -> list[str]:  # noqa: ANN001
-    gpu, profile, _ = labels.get(slice_id, ("unknown", pkey.split("/")[-1] or "unknown", 7))
+    gpu, profile = labels.get(slice_id, ("unknown", pkey.split("/")[-1] or "unknown"))[:2]
     return [f"tenant={tenant}", f"gpu={gpu}", f"profile={profile}", "all=all"]
 
 
 def report(
     alloc: Allocator, *, since_s: float, by: By = "tenant", price_per_gpu_hour: float = 0.0
 ) -> dict[str, Any]:
-    """Usage per `by` over the last `since_s` seconds (whole hours), after a roll-up."""
+    """Usage per `by` over the last `since_s` seconds (whole hours), after a roll-up; ``totals``
+    holds the whole cluster's carved, leased and idle slice-hours (see the module's docstring)."""
     if by not in _DIMENSIONS:
         from prefect_mig.errors import ConfigError
 
         raise ConfigError(f"by={by!r}: must be one of {', '.join(_DIMENSIONS)}.", field="by", value=by)
+    start, now, hours = _hours(alloc, since_s)
+    sums: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for _, dims in hours:
+        for (name, value), metrics in dims.items():
+            if name in (by, "all"):
+                for metric, n in metrics.items():
+                    sums[value if name == by else "\0all"][metric] += n
+    whole = sums.pop("\0all", {})
+    rows = [_row(key, m, price_per_gpu_hour, idle=by != "tenant") for key, m in sorted(sums.items())]
+    carved, leased = whole.get("carved_ms", 0) / HOUR_MS, whole.get("leased_ms", 0) / HOUR_MS
+    totals = {"carved_slice_hours": round(carved, 6), "leased_slice_hours": round(leased, 6),
+              "idle_slice_hours": round(max(0.0, carved - leased), 6)}
+    return {"since_ms": start, "until_ms": now, "by": by, "price_per_gpu_hour": price_per_gpu_hour,
+            "rows": rows, "totals": totals}
+
+
+def hourly(alloc: Allocator, *, since_s: float) -> list[dict[str, Any]]:
+    """Per hour of the last `since_s` seconds (after a roll-up): slice-hours leased per tenant and
+    idle slice-hours (carved minus leased), ``[{"hour_ms", "leased": {tenant: h}, "idle": h}]``."""
+    _, _, hours = _hours(alloc, since_s)
+    out = []
+    for hour, dims in hours:
+        leased = {value: m["leased_ms"] / HOUR_MS for (name, value), m in sorted(dims.items())
+                  if name == "tenant" and m.get("leased_ms")}
+        whole = dims.get(("all", "all"), {})
+        idle = max(0, whole.get("carved_ms", 0) - whole.get("leased_ms", 0)) / HOUR_MS
+        out.append({"hour_ms": hour, "leased": leased, "idle": round(idle, 6)})
+    return out
+
+
+def _hours(alloc: Allocator, since_s: float) -> tuple[int, int, list[tuple[int, dict[tuple[str, str], dict[str, int]]]]]:
+    """Roll up, then each hour from `since_s` ago (whole hours) to now with its sums by dimension
+    ``{(name, value): {metric: n}}``, slices still carved counted up to now; (start, now, hours)."""
     roll_up(alloc)
     now = alloc.now_ms()
     start = now - int(since_s * 1000)
     start -= start % HOUR_MS
     k = alloc.keys
     with redis_errors("read usage"):
-        hours = [int(decode(h)) for h in alloc.redis.zrangebyscore(k.usage_hours, start, now)]
+        stored = [int(decode(h)) for h in alloc.redis.zrangebyscore(k.usage_hours, start, now)]
         pipe = alloc.redis.pipeline(transaction=False)
-        for h in hours:
+        for h in stored:
             pipe.hgetall(k.usage(h))
-        sums: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
-        for fields in pipe.execute() if hours else []:
-            for f, v in fields.items():
-                dim, _, metric = decode(f).partition("|")
-                name, _, value = dim.partition("=")
-                if name == by:
-                    sums[value][metric] += int(decode(v))
-    rows = [_row(key, m, price_per_gpu_hour) for key, m in sorted(sums.items())]
-    return {"since_ms": start, "until_ms": now, "by": by, "price_per_gpu_hour": price_per_gpu_hour,
-            "rows": rows}
+        pipe.hgetall(k.usage_carved)
+        *fields_by_hour, carved = pipe.execute()
+    by_hour: dict[int, dict[tuple[str, str], dict[str, int]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(int)))
+    for h, fields in zip(stored, fields_by_hour):
+        for f, v in fields.items():
+            dim, _, metric = decode(f).partition("|")
+            name, _, value = dim.partition("=")
+            by_hour[h][(name, value)][metric] += int(decode(v))
+    incr: dict[tuple[int, str], int] = defaultdict(int)
+    for raw in carved.values():  # still carved: up to now
+        since, gpu, profile = json.loads(decode(raw))
+        _credit_carved(incr, max(since, start), now, gpu, profile)
+    for (h, field), n in incr.items():
+        dim, _, metric = field.partition("|")
+        name, _, value = dim.partition("=")
+        by_hour[h][(name, value)][metric] += n
+    return start, now, sorted(by_hour.items())
 
 
-def _row(key: str, m: dict[str, int], price: float) -> dict[str, Any]:
+def _row(key: str, m: dict[str, int], price: float, *, idle: bool) -> dict[str, Any]:
     gpu_ms = sum(v / int(f.removeprefix("gpu_ms_x")) for f, v in m.items() if f.startswith("gpu_ms_x"))
     waits = m.get("waits", 0)
     p95 = None
@@ -174,4 +288,6 @@ def _row(key: str, m: dict[str, int], price: float) -> dict[str, Any]:
         "p95_wait_s_at_most": p95,
         "preemptions": m.get("preemptions", 0),
         "cost": round(gpu_ms / HOUR_MS * price, 4),
+        # carved minus leased: a tenant has no idle time of its own (see `report`'s totals)
+        "idle_slice_hours": round(max(0, m.get("carved_ms", 0) - m.get("leased_ms", 0)) / HOUR_MS, 6) if idle else None,
     }

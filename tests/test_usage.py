@@ -90,10 +90,77 @@ def test_the_report_command_prints_json(redis_server, namespace, tmp_path, alloc
     real.release(lease.lease_id, lease.fence)
     env = {**os.environ, "PREFECT_MIG_REDIS_URL": redis_server.url, "PREFECT_MIG_NAMESPACE": namespace,
            "PREFECT_MIG_STATE_DIR": str(tmp_path)}
-    done = subprocess.run([sys.executable, "-m", "prefect_mig.cli.main", "report", "--since", "1d", "--json"],
-                          capture_output=True, text=True, env=env, timeout=120)
+    chart = tmp_path / "usage.png"
+    done = subprocess.run([sys.executable, "-m", "prefect_mig.cli.main", "report", "--since", "1d", "--json",
+                           "--png", str(chart)], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert [r["key"] for r in json.loads(done.stdout)["rows"]] == ["team-x"]
+    got = json.loads(done.stdout)
+    assert [r["key"] for r in got["rows"]] == ["team-x"]
+    assert got["totals"]["carved_slice_hours"] > 0 and got["totals"]["idle_slice_hours"] > 0
+    assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and chart.stat().st_size > 5000
+    table = subprocess.run([sys.executable, "-m", "prefect_mig.cli.main", "report", "--by", "profile"],
+                           capture_output=True, text=True, env=env, timeout=120)
+    assert table.returncode == 0 and "idle" in table.stdout and "slice-hours carved" in table.stdout
     bad = subprocess.run([sys.executable, "-m", "prefect_mig.cli.main", "report", "--by", "color"],
                          capture_output=True, text=True, env=env, timeout=120)
     assert bad.returncode == 2 and "by='color'" in bad.stderr
+
+
+SEVEN_1G = " + ".join(f"1g.10gb@{i}" for i in range(7))
+
+
+def hold(alloc, clock, lease, seconds: int) -> None:
+    """Let `seconds` pass while the holder renews, then release."""
+    for _ in range(seconds // 600):
+        clock.advance(600)
+        alloc.renew(lease.lease_id, lease.fence, 900)
+    clock.advance(seconds % 600)
+    alloc.release(lease.lease_id, lease.fence)
+
+
+def test_idle_slice_hours_are_carved_minus_leased_per_hour_and_follow_a_re_carve(alloc, clock):
+    """One H100 carved 3g + 3x1g at H; team-b holds a 1g H..H+0:15, team-a the 3g H+0:30..H+2:00;
+    at H+2:00 the GPU is re-carved 7x1g, which stays idle until H+3:00."""
+    from prefect_mig.usage import hourly
+
+    hour = (clock.now_ms() // 3_600_000 + 1) * 3_600_000
+    clock.set_ms(hour)
+    alloc.publish_fleet("node-a=1xH100-80GB", layouts={"node-a": [H100_MIXED]})
+    b = alloc.acquire(SliceRequest(profile="1g.10gb", tenant="team-b", ttl_s=900), timeout_s=0)
+    hold(alloc, clock, b, 900)
+    clock.advance(900)
+    a = alloc.acquire(SliceRequest(profile="3g.40gb", tenant="team-a", ttl_s=900), timeout_s=0)
+    hold(alloc, clock, a, 5400)
+    got = report(alloc, since_s=3 * 3600, by="profile")
+    assert got["totals"] == {"carved_slice_hours": 8.0, "leased_slice_hours": 1.75, "idle_slice_hours": 6.25}
+    assert {r["key"]: r["idle_slice_hours"] for r in got["rows"]} == {"3g.40gb": 0.5, "1g.10gb": 5.75}
+    by_hour = {h["hour_ms"]: h for h in hourly(alloc, since_s=3 * 3600)}
+    assert by_hour[hour] == {"hour_ms": hour, "leased": {"team-a": 0.5, "team-b": 0.25}, "idle": 3.25}
+    assert by_hour[hour + 3_600_000] == {"hour_ms": hour + 3_600_000, "leased": {"team-a": 1.0}, "idle": 3.0}
+    tenants = report(alloc, since_s=3 * 3600, by="tenant")["rows"]
+    assert {r["key"]: (r["slice_hours"], r["idle_slice_hours"]) for r in tenants} == {"team-a": (1.5, None), "team-b": (0.25, None)}
+
+    alloc.publish_fleet("node-a=1xH100-80GB", layouts={"node-a": [SEVEN_1G]})  # the 3g goes, 1g@0..3 come
+    roll_up(alloc)
+    alloc.redis.xtrim(alloc.keys.events, maxlen=0)  # slices still carved count on after the trimming
+    clock.advance(3600)
+    got = report(alloc, since_s=4 * 3600, by="profile")
+    assert got["totals"] == {"carved_slice_hours": 15.0, "leased_slice_hours": 1.75, "idle_slice_hours": 13.25}
+    assert {r["key"]: r["idle_slice_hours"] for r in got["rows"]} == {"3g.40gb": 0.5, "1g.10gb": 12.75}
+    assert hourly(alloc, since_s=4 * 3600)[-1] == {"hour_ms": hour + 2 * 3_600_000, "leased": {}, "idle": 7.0}
+
+
+def test_a_re_carve_whose_events_were_trimmed_unread_is_matched_to_the_inventory_at_the_next_roll_up(alloc, clock):
+    hour = (clock.now_ms() // 3_600_000 + 1) * 3_600_000
+    clock.set_ms(hour)
+    alloc.publish_fleet("node-a=1xH100-80GB", layouts={"node-a": [H100_MIXED]})
+    roll_up(alloc)
+    clock.advance(3600)
+    alloc.publish_fleet("node-a=1xH100-80GB", layouts={"node-a": [SEVEN_1G]})
+    alloc.redis.xtrim(alloc.keys.events, maxlen=0)  # nobody rolled up in time: the re-carve is unseen
+    clock.advance(3600)
+    carved = {r["key"]: r["idle_slice_hours"] for r in report(alloc, since_s=86400, by="profile")["rows"]}
+    assert carved == {"3g.40gb": 2.0, "1g.10gb": 6.0}  # the 3g counts until this roll-up, the new 1g from it
+    clock.advance(3600)
+    carved = {r["key"]: r["idle_slice_hours"] for r in report(alloc, since_s=86400, by="profile")["rows"]}
+    assert carved == {"3g.40gb": 2.0, "1g.10gb": 13.0}

@@ -69,6 +69,9 @@ class Keys:
         self.counters = p + "counters"
         self.usage_cursor = p + "usage_cursor"  # STRING: the last events-stream id folded into usage hours
         self.usage_hours = p + "usage_hours"  # ZSET hour start (ms) -> same: the hours with a usage hash
+        # HASH slice_id -> JSON [carved since (ms), "node/gpu index", profile]: slices whose carved time
+        # the usage roll-up has credited up to `since` (prefect_mig.usage: idle slice-hours)
+        self.usage_carved = p + "usage_carved"
         self.desired = p + "desired"  # HASH gpu_uuid -> desired layout JSON (the repartitioner's)
         self.repartitioner = p + "repartitioner"  # STRING with a TTL: a repartitioner is running
         self.withholding = p + "withholding"  # SET of slice ids withdrawn for a re-carve (see withdraw.lua)

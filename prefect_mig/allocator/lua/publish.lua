@@ -35,8 +35,11 @@ local new = {}
 for _, s in ipairs(listed) do new[s.id] = true end
 
 local removed = 0
+local had, gone, added = {}, {}, {}
 for _, id in ipairs(redis.call('SMEMBERS', node_slices_key(node))) do
+  had[id] = true
   if not new[id] then
+    gone[#gone + 1] = id
     local s = slice(id)
     if leased_by(redis.call('HGET', K.slice_state, id)) then
       s.gone = true  -- deleted when its lease ends
@@ -57,6 +60,7 @@ end
 
 local handed = 0
 for _, s in ipairs(listed) do
+  if not had[s.id] then added[#added + 1] = {s.id, s.node .. '/' .. s.gpu_index, s.profile} end
   local state = redis.call('HGET', K.slice_state, s.id)
   if leased_by(state) then s.busy = false end  -- its processes are the holder's own
   s.ordinal = ordinal[s.gpu_uuid] or 0
@@ -81,5 +85,8 @@ for _, s in ipairs(listed) do
   end
 end
 if settle_until then event('slices.quarantined', {'node', node, 'until', settle_until}) end
-event('inventory.published', {'node', node, 'slices', #listed, 'removed', removed})
+-- added/gone: the slices carved or gone since the node's last publish (usage's idle slice-hours);
+-- a JSON list of [id, "node/gpu index", profile], and of ids ('[]' when none)
+event('inventory.published', {'node', node, 'slices', #listed, 'removed', removed,
+  'added', #added > 0 and cjson.encode(added) or '[]', 'gone', #gone > 0 and cjson.encode(gone) or '[]'})
 return {#listed, removed, handed, EPOCH}
