@@ -172,3 +172,27 @@ def test_the_sweeping_agent_emits_lease_expired_once_and_agent_stale_for_a_silen
         ("prefect-mig.agent.recovered", f"prefect-mig.node.{here}"),
     ]
     assert nodes[0].payload["heartbeat_age_s"] >= 12 and nodes[1].payload["heartbeat_age_s"] >= 40
+
+
+def test_the_repartition_trigger_wakes_when_a_flow_run_ends(prefect_api, alloc):
+    import threading
+
+    from prefect_mig.integrations.prefect.events import watch_flow_run_ends
+    from prefect_mig.repartition.trigger import Trigger
+
+    @flow
+    def a_pipeline():
+        return 1
+
+    trigger = Trigger(alloc, debounce_s=0)
+    stop = threading.Event()
+    watch_flow_run_ends(trigger.poke, stop)
+    try:
+        why = None
+        deadline = time.monotonic() + 120
+        while why is None and time.monotonic() < deadline:  # until the subscriber is connected
+            assert a_pipeline() == 1
+            why = trigger.wait(5)
+    finally:
+        stop.set()
+    assert why == "prefect.flow-run.Completed"
