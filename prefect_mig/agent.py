@@ -86,9 +86,8 @@ class NodeAgent:
             into service), unless the desired layout carries the planner's own timeout (see
             `Allocator.set_desired`).
         clock: seconds, for the drain timeout (the simulator passes its virtual clock).
-        on_event: called as ``on_event(event_type, fields)`` for the lease expiries and stale agents
-            its sweeps take (see `reap`), ``agent.recovered`` when its heartbeat puts its node
-            back after a silence, and after each ``layout.applied`` or
+        on_event: called as ``on_event(event_type, fields)`` for the lease expiries, stale agents
+            and recovered agents its sweeps take (see `reap`), and after each ``layout.applied`` or
             ``layout.skipped`` this agent records (``prefect-mig agent`` passes one that emits a Prefect
             event, when a Prefect API is configured).
     """
@@ -235,7 +234,6 @@ class NodeAgent:
         then reap. Returns what it did (``engine down``: this node's Docker engine does not answer,
         so the node was taken out of service; its next heartbeat once the engine answers puts it
         back)."""
-        engine_was_down = self._engine_was_down
         down = self._engine_down()
         if down is not None:
             self.allocator.node_down(self.node, why=down)
@@ -249,8 +247,6 @@ class NodeAgent:
             if did == "unknown":
                 self.publish()
                 did = "published"
-            elif did == "back" and not engine_was_down:  # out of service because it was silent
-                self._tell("agent.recovered", {"node": self.node})
         self.reap()
         if self.docker is not None:
             import docker.errors

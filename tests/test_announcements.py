@@ -51,8 +51,30 @@ def test_a_node_whose_heartbeat_lapses_is_announced_stale_once_per_silence_with_
     clock.advance(30)
     assert sweep_announced(twin(alloc)) == []  # still silent: the same episode
     assert alloc.heartbeat("node-a", ttl_s=10) == "back"
+    assert alloc.heartbeat("node-a", ttl_s=10) == "ok"
     clock.advance(11)
-    assert [k for k, _ in sweep_announced(alloc)] == ["agent.stale"]  # a new silence
+    taken = sweep_announced(alloc)
+    assert [(k, f["node"]) for k, f in taken] == [("agent.recovered", "node-a"), ("agent.stale", "node-a")]  # a new silence
+    assert taken[0][1]["silent_ms"] == 30_000
+
+
+def test_an_agent_that_publishes_again_after_its_node_went_silent_is_announced_recovered_once(alloc, clock):
+    alloc.publish_fleet("node-a=1xH100-80GB", layouts={"node-a": [H100_MIXED]}, heartbeat_ttl_s=10)
+    clock.advance(11)
+    alloc.reap()  # a waiter's sweep: the announcement stays for a process that emits
+    clock.advance(60)
+    alloc.publish_fleet("node-a=1xH100-80GB", layouts={"node-a": [H100_MIXED]}, heartbeat_ttl_s=10)  # restarted
+    alloc.publish_fleet("node-a=1xH100-80GB", layouts={"node-a": [H100_MIXED]}, heartbeat_ttl_s=10)
+    taken = sweep_announced(alloc)
+    assert [k for k, _ in taken] == ["agent.stale", "agent.recovered"] and taken[1][1]["silent_ms"] == 60_000
+
+
+def test_announcements_nobody_takes_are_capped_at_the_newest_thousand(one_h100, clock, redis_client):
+    one_h100.reap_announced()
+    for _ in range(1005):
+        one_h100.try_acquire(SliceRequest(profile="3g.40gb", ttl_s=1))
+        clock.advance(2)  # the next acquire expires it
+    assert redis_client.llen(one_h100.keys.announce) == 1000
 
 
 def test_a_sweep_takes_at_most_its_limit_oldest_first_and_leaves_the_rest(one_h100, clock, redis_client):

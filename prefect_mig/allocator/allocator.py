@@ -745,7 +745,9 @@ class Allocator:
     def reap_announced(self, *, limit: int = 100) -> list[dict[str, Any]]:
         """`reap`, then take up to `limit` of the transitions waiting to be announced as Prefect
         events: ``{"type": "lease.expired", "lease", "slice" (SliceRecord JSON), "tenant", "holder",
-        "held_ms", "at"}`` and ``{"type": "agent.stale", "node", "at"}``, oldest first. Each is
+        "held_ms", "at"}``, ``{"type": "agent.stale", "node", "at"}`` (a node's heartbeat lapsed) and
+        ``{"type": "agent.recovered", "node", "silent_ms", "at"}`` (its agent heartbeated or published
+        again after such a lapse), oldest first. Each is
         handed to one caller only, whichever process made the transition (an expiry in `acquire`
         or `renew` too), so a caller that takes them must emit them."""
         reply = self._run("reap", limit, limit, action="reap")

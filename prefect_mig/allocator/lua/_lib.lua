@@ -400,7 +400,27 @@ local function node_lost(node, why)
     end
   end
   event('node.lost', {'node', node, 'why', why})
-  if why == 'heartbeat' then announce({type = 'agent.stale', node = node}) end
+  if why == 'heartbeat' then
+    announce({type = 'agent.stale', node = node})
+    local raw = redis.call('HGET', K.nodes, node)
+    if raw then  -- so its return is announced once as well (node_back)
+      local rec = cjson.decode(raw)
+      rec.silent_since = NOW
+      redis.call('HSET', K.nodes, node, cjson.encode(rec))
+    end
+  end
+end
+
+-- A node whose agent heartbeats or publishes again: if it was out of service because its agent went
+-- silent, announce its return (`raw` is its node record as it was before).
+local function node_back(node, raw)
+  local rec = raw and cjson.decode(raw)
+  if rec and rec.silent_since then
+    announce({type = 'agent.recovered', node = node, silent_ms = NOW - rec.silent_since})
+    rec.silent_since = nil
+    return cjson.encode(rec)
+  end
+  return raw
 end
 
 local function reap_expired(limit)

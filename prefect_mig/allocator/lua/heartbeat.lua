@@ -21,4 +21,7 @@ for _, id in ipairs(redis.call('SMEMBERS', node_slices_key(node))) do
   end
 end
 event('node.back', {'node', node})
+local raw = redis.call('HGET', K.nodes, node)
+local now_raw = node_back(node, raw)
+if now_raw ~= raw then redis.call('HSET', K.nodes, node, now_raw) end
 return {'back', n}

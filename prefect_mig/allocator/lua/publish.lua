@@ -18,6 +18,7 @@ if (A[6] or '') ~= '' and A[6] ~= EPOCH then
   settle_until = tonumber(EPOCH) + tonumber(A[7])
   if settle_until <= NOW then settle_until = nil end
 end
+node_back(node, redis.call('HGET', K.nodes, node))  -- the new record has no silent_since
 redis.call('HSET', K.nodes, node, A[2])
 redis.call('ZADD', K.node_deadline, NOW + tonumber(A[3]), node)
 
