@@ -7,8 +7,8 @@ fenced, gone) otherwise; ``prefect-mig agent`` emits ``prefect-mig.layout.applie
 desired layouts it handles. Whichever agent or repartition service sweeps emits
 ``prefect-mig.lease.expired`` (once per lease, see `Allocator.reap_announced`) and
 ``prefect-mig.agent.stale`` when a node's heartbeat lapses (once per silence, resource
-``prefect-mig.node.<name>``); an agent that heartbeats again after one emits
-``prefect-mig.agent.recovered``. Fences never appear (they are the holder's secret).
+``prefect-mig.node.<name>``), then ``prefect-mig.agent.recovered`` when its agent heartbeats or
+publishes again. Fences never appear (they are the holder's secret).
 
 Every lease event has the slice as its resource, ``prefect-mig.slice.<node>/<gpu>/<profile>@<start>``
 (labels: node, GPU index, profile, MIG UUID, lease id), and the task run, flow run and tenant as
@@ -100,7 +100,8 @@ def emit_cluster_event(event_type: str, fields: dict[str, Any]) -> None:
       from the lease's holder ``<flow run>/<task run>``, the runs), from an announcement
       (`Allocator.reap_announced`); payload ``held_s``.
     - ``agent.stale`` / ``agent.recovered``: resource ``prefect-mig.node.<name>``; payload the node
-      and, for ``stale``, ``heartbeat_age_s`` (seconds since its agent's last heartbeat).
+      and, for ``stale``, ``heartbeat_age_s`` (seconds since its agent's last heartbeat), for
+      ``recovered``, ``silent_ms`` (how long it was out of service).
     """
     if event_type not in CLUSTER_EVENTS:
         return
