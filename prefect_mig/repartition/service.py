@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import replace
@@ -251,7 +252,8 @@ def serve(
 ) -> None:
     """The service's loop until `stop`: a round (`run_once`) now, then one on each `trigger` (the
     allocator's events: a lease ended, a request queued, ...; see `Trigger`), at the latest every
-    `interval_s`. `on_plan` is called with each change desired. With `on_event` (an emitter of
+    `interval_s`; after a triggered round it rests as long as the round took, so constant churn
+    keeps it planning at most half the time. `on_plan` is called with each change desired. With `on_event` (an emitter of
     Prefect events), each round also sweeps and passes on the lease expiries and silent agents it
     takes (`health.sweep_announced`), so a cluster whose agents died still says so."""
     trigger = trigger or Trigger(allocator)
@@ -262,12 +264,16 @@ def serve(
                     on_event(kind, fields)
                 except Exception as exc:  # noqa: BLE001 - a notification never stops the service
                     log.warning("on_event(%s) failed: %s", kind, exc)
+        began = time.monotonic()
         for p in run_once(allocator, knobs=knobs, announce_s=3 * interval_s):
             if on_plan is not None:
                 on_plan(p)
+        took = time.monotonic() - began
         why = trigger.wait(interval_s, stop)
         if why is not None:
             log.info("planning now: %s", why)
+            # under constant churn, plan at most half the time (a big inventory's round takes a while)
+            (stop or threading.Event()).wait(took)
 
 
 def decode_key(value) -> str:
