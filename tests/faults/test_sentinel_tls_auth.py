@@ -64,6 +64,26 @@ def test_leases_go_through_tls_sentinels_with_a_password_to_a_tls_primary_and_wa
     _lease_cycle(LeaseClient(client, namespace, replicas=1))  # WAIT 1: the replica follows over TLS
 
 
+def test_the_apis_waiting_acquire_reaches_the_tls_primary_through_the_tls_sentinels(secured, namespace):
+    from fastapi.testclient import TestClient
+
+    from prefect_mig.api import create_app
+
+    cluster, certs = secured
+    client = LeaseClient.from_settings(_settings(cluster.url, certs, namespace))
+    client.allocator.publish_fleet("node-a=1xA30-24GB", layouts={"node-a": ["4g.24gb@0"]}, heartbeat_ttl_s=600)
+    held = client.allocator.acquire(SliceRequest(profile="4g.24gb"), timeout_s=0)
+    token = "an-admin-token-of-some-length"
+    with TestClient(create_app(client.allocator, token=token)) as http:
+        auth = {"Authorization": f"Bearer {token}"}
+        waited = http.post("/v1/leases", json={"request": {"profile": "4g.24gb"}, "timeout_s": 1}, headers=auth)
+        assert waited.status_code == 408, waited.text  # it waited on the primary (async, over TLS), then gave up
+        assert client.allocator.release(held.lease_id, held.fence)
+        got = http.post("/v1/leases", json={"request": {"profile": "4g.24gb"}, "timeout_s": 5}, headers=auth)
+        assert got.status_code == 201, got.text
+        assert http.delete(f"/v1/leases/{got.json()['lease_id']}", params={"fence": got.json()["fence"]}, headers=auth).json() == {"released": True}
+
+
 def test_without_the_sentinels_password_a_client_certificate_or_tls_nothing_is_reached(secured, namespace):
     cluster, certs = secured
     bare = cluster.url.partition("?")[0]
