@@ -1,13 +1,15 @@
 """The ``mig-docker`` worker's wait for a slice against its end: the real `MigDockerWorker` runs a
 flow run (in this process, against Prefect's test server, the session's redis-server and a simulated
 H100) that waits for a slice; then the worker is stopped (its task cancelled, as stopping a worker
-does) while the slice is handed to that very wait. Whichever wins, no lease is left held (not even
-until its TTL) and no request stays queued: the API's disconnect race, for the worker."""
+does), or the run cancelled, while the slice is handed to that very wait. Whichever wins, no lease
+is left held (not even until its TTL), no request stays queued, the stop does not wait for the wait,
+and a cancelled run stays cancelled: the API's disconnect race, for the worker."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from contextlib import asynccontextmanager
 
 import anyio
 import pytest
@@ -28,29 +30,35 @@ ROUNDS = 3  # the race goes either way: each round is a new flow run and a new w
 
 @flow
 def waits_for_a_slice() -> None:
-    """Never runs here: the worker is stopped while the run waits."""
+    """Never runs here: the worker is stopped, or the run cancelled, while the run waits."""
+
+
+@asynccontextmanager
+async def _a_run_waiting_on_a_worker(client, alloc, image: str = PREFECT_IMAGE):
+    """A new flow run on a new real worker, in a task group as the worker's own holds its runs;
+    entered once the run waits for the held 3g.40gb (it shows AwaitingMIG once the worker's wait
+    has begun: its thread is started first). Yields (flow run, that task group)."""
+    flow_run = await client.create_flow_run(waits_for_a_slice)
+    template = MigDockerWorker.get_default_base_job_template()
+    values = {"image": image, "profile": "3g.40gb", "lease_ttl_s": LEASE_TTL_S, "wait_timeout_s": WAIT_TIMEOUT_S}
+    configuration = await MigDockerJobConfiguration.from_template_and_values(template, values)
+    configuration.prepare_for_flow_run(flow_run)
+    async with MigDockerWorker(work_pool_name=f"race-{alloc.keys.namespace}") as worker:
+        async with anyio.create_task_group() as runs:
+            runs.start_soon(worker.run, flow_run, configuration)
+            deadline = time.monotonic() + 120
+            while (await client.read_flow_run(flow_run.id)).state.name != "AwaitingMIG":
+                assert time.monotonic() < deadline, "the flow run never showed AwaitingMIG"
+                await anyio.sleep(0.05)
+            assert len(alloc.status()["queue"]) == 1
+            yield flow_run, runs
 
 
 async def _stop_the_worker_while_its_run_waits(alloc, held, order: str) -> float:
-    """Run a flow run on a real worker until it waits for the held slice, then stop the worker and
-    (unless `order` is ``stop-alone``) hand the slice to the wait; return how long the stop took."""
-    pool = f"race-{alloc.keys.namespace}"
+    """Stop the worker of a waiting run and (unless `order` is ``stop-alone``) hand the slice to its
+    wait, before or after; return how long the stop took."""
     async with get_client() as client:
-        flow_run = await client.create_flow_run(waits_for_a_slice)
-    template = MigDockerWorker.get_default_base_job_template()
-    values = {"image": PREFECT_IMAGE, "profile": "3g.40gb", "lease_ttl_s": LEASE_TTL_S, "wait_timeout_s": WAIT_TIMEOUT_S}
-    configuration = await MigDockerJobConfiguration.from_template_and_values(template, values)
-    configuration.prepare_for_flow_run(flow_run)
-    async with MigDockerWorker(work_pool_name=pool) as worker:
-        async with anyio.create_task_group() as runs:  # as the worker's own task group holds its runs
-            runs.start_soon(worker.run, flow_run, configuration)
-            # AwaitingMIG is set once the worker's wait has begun (its thread is started first)
-            deadline = time.monotonic() + 120
-            async with get_client() as client:
-                while (await client.read_flow_run(flow_run.id)).state.name != "AwaitingMIG":
-                    assert time.monotonic() < deadline, "the flow run never showed AwaitingMIG"
-                    await anyio.sleep(0.05)
-            assert len(alloc.status()["queue"]) == 1
+        async with _a_run_waiting_on_a_worker(client, alloc) as (_, runs):
             if order == "grant-then-stop":  # the slice goes to the waiting request, the worker stops at once
                 assert alloc.release(held.lease_id, held.fence)
             runs.cancel_scope.cancel()
@@ -74,3 +82,26 @@ def test_a_worker_stopped_while_its_flow_run_waits_stops_at_once_and_leaves_no_l
         while alloc.status()["leases"] or alloc.status()["queue"]:
             assert time.monotonic() < deadline, f"left behind: {alloc.status()['leases'] or alloc.status()['queue']}"
             time.sleep(0.1)
+
+
+async def _cancel_the_run_as_its_wait_is_granted(alloc, held, image: str) -> list[tuple[str, str]]:
+    """A waiting run is cancelled (CANCELLING, as the UI does) and at once its slice is freed, so
+    the grant reaches the worker before its cancel watch does. Returns the run's states, oldest first."""
+    from prefect.states import Cancelling
+
+    async with get_client() as client:
+        async with _a_run_waiting_on_a_worker(client, alloc, image) as (flow_run, _):
+            await client.set_flow_run_state(flow_run.id, Cancelling(), force=True)
+            assert alloc.release(held.lease_id, held.fence)
+        states = await client.read_flow_run_states(flow_run.id)
+    return [(s.type.value, s.name) for s in sorted(states, key=lambda s: s.timestamp)]
+
+
+def test_a_flow_run_cancelled_as_its_wait_is_granted_ends_cancelled_without_running_or_holding(cluster, python_image):
+    alloc = cluster
+    for _ in range(ROUNDS):
+        held = alloc.try_acquire(SliceRequest(profile="3g.40gb", holder="someone else"))  # the only 3g.40gb
+        states = asyncio.run(_cancel_the_run_as_its_wait_is_granted(alloc, held, python_image))
+        after = states[[t for t, _ in states].index("CANCELLING"):]
+        assert [t for t, _ in after] == ["CANCELLING", "CANCELLED"], f"the cancel was overridden: {states}"
+        assert alloc.status()["leases"] == [] and alloc.status()["queue"] == []

@@ -485,13 +485,15 @@ class MigDockerWorker(BaseWorker):
                     raise WaitTimeout(message, lease_id=exc.lease_id) from exc
                 finally:
                     group.cancel_scope.cancel()
+            if await self._cancel_requested(flow_run.id, cancelled):
+                # cancelled as the grant came, before the cancel watch saw it: the Pending state
+                # that follows a grant would override the cancel, and the run would start
+                await self._give_up(allocator, request_id, logger)
+                return None
         except anyio.get_cancelled_exc_class():
             with anyio.CancelScope(shield=True):  # the grant, or the request the thread never waited on
                 await self._give_up(allocator, request_id, logger)
             raise
-        if cancelled.is_set():  # cancelled just after the grant was claimed: give it back
-            await self._give_up(allocator, request_id, logger)
-            return None
         return got
 
     @staticmethod
@@ -538,6 +540,17 @@ class MigDockerWorker(BaseWorker):
                 cancelled.set()
                 return
             await anyio.sleep(2)
+
+    async def _cancel_requested(self, flow_run_id, cancelled: threading.Event) -> bool:
+        """Whether the run is being cancelled, asking the API now (sets `cancelled` if so)."""
+        if not cancelled.is_set():
+            try:
+                state = (await self.client.read_flow_run(flow_run_id)).state
+            except Exception:  # noqa: BLE001 - the API blinked: the cancel watch still runs
+                state = None
+            if state is not None and state.type in _CANCEL:
+                cancelled.set()
+        return cancelled.is_set()
 
     async def _end_cancelled(self, flow_run_id, message: str) -> None:
         state = (await self.client.read_flow_run(flow_run_id)).state
