@@ -162,8 +162,11 @@ class _Gate:
         await self.app(scope, replay, send)
 
 
-#: what an asyncio Sentinel client takes over from the sync one
-_ASYNC_SENTINEL_KWARGS = ("db", "username", "password", "socket_timeout", "socket_connect_timeout")
+#: what an asyncio Sentinel client takes over from the sync one (TLS files included: rediss+sentinel://)
+_ASYNC_SENTINEL_KWARGS = (
+    "db", "username", "password", "socket_timeout", "socket_connect_timeout",
+    "ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs", "ssl_check_hostname",
+)
 
 
 def _async_client(client) -> redis.asyncio.Redis:  # noqa: ANN001
@@ -174,6 +177,8 @@ def _async_client(client) -> redis.asyncio.Redis:  # noqa: ANN001
         sentinels = [(s.connection_pool.connection_kwargs["host"], s.connection_pool.connection_kwargs["port"])
                      for s in manager.sentinels]
         kwargs = {k: v for k, v in pool.connection_kwargs.items() if k in _ASYNC_SENTINEL_KWARGS}
+        if issubclass(pool.connection_class, redis.connection.SSLConnection):
+            kwargs["ssl"] = True
         return redis.asyncio.sentinel.Sentinel(sentinels, sentinel_kwargs=manager.sentinel_kwargs).master_for(
             pool.service_name, **kwargs
         )

@@ -5,8 +5,9 @@ This is the one place that reads the environment; everything else receives a `Se
 | variable | meaning |
 |---|---|
 | ``PREFECT_MIG_REDIS_URL`` | Redis holding leases; unset = a private embedded redis-server |
-| ``PREFECT_MIG_REDIS_TLS_CA_FILE`` | with ``rediss://``: CA bundle that signed the server's certificate |
-| ``PREFECT_MIG_REDIS_TLS_CERT_FILE`` / ``..._KEY_FILE`` | with ``rediss://``: client certificate and key (mutual TLS) |
+| ``PREFECT_MIG_REDIS_TLS_CA_FILE`` | with ``rediss://`` / ``rediss+sentinel://``: CA bundle that signed the servers' certificates |
+| ``PREFECT_MIG_REDIS_TLS_CERT_FILE`` / ``..._KEY_FILE`` | with ``rediss://`` / ``rediss+sentinel://``: client certificate and key (mutual TLS) |
+| ``PREFECT_MIG_REDIS_SENTINEL_USERNAME`` / ``..._PASSWORD`` | the Sentinels' own user and password (``requirepass``) |
 | ``PREFECT_MIG_REDIS_REPLICAS`` | grants and renewals wait until this many replicas have them (``WAIT``; default 0) |
 | ``PREFECT_MIG_REDIS_REPLICA_TIMEOUT_S`` | how long they wait for those replicas (default 1) |
 | ``PREFECT_MIG_NAMESPACE`` | key namespace (hash tag) of one cluster inside that Redis |
@@ -59,13 +60,21 @@ class Settings(BaseSettings):
 
     redis_url: str | None = Field(
         default=None,
-        description="Redis URL (redis://, rediss://, or redis+sentinel://host:port[,host:port...]/service[/db] "
-        "for a replicated Redis watched by Sentinel) of the lease store; unset starts a private "
-        "redis-server under the state dir.",
+        description="Redis URL (redis://, rediss://, or redis[s]+sentinel://host:port[,host:port...]/service[/db] "
+        "for a replicated Redis watched by Sentinel, rediss+ with TLS) of the lease store; unset starts a "
+        "private redis-server under the state dir.",
     )
     redis_tls_ca_file: Path | None = Field(default=None, description="rediss://: CA file of the server's certificate.")
     redis_tls_cert_file: Path | None = Field(default=None, description="rediss://: client certificate (mutual TLS).")
     redis_tls_key_file: Path | None = Field(default=None, description="rediss://: key of the client certificate.")
+    redis_sentinel_username: str | None = Field(
+        default=None, description="redis[s]+sentinel://: the Sentinels' own user (ACL), if they have one."
+    )
+    redis_sentinel_password: SecretStr | None = Field(
+        default=None,
+        description="redis[s]+sentinel://: the Sentinels' own password (their requirepass); the URL's "
+        "?sentinel_password= wins over it.",
+    )
     redis_replicas: int = Field(
         default=0, ge=0, le=16,
         description="With a replicated Redis (Sentinel): a grant or renewal counts only once this many "
@@ -150,8 +159,8 @@ class Settings(BaseSettings):
     @field_validator("redis_url")
     @classmethod
     def _redis_scheme(cls, value: str | None) -> str | None:
-        if value is not None and not re.match(r"^(redis|rediss|unix|redis\+sentinel)://", value):
-            raise ValueError("must start with redis://, rediss://, unix:// or redis+sentinel://")
+        if value is not None and not re.match(r"^(redis|rediss|unix|rediss?\+sentinel)://", value):
+            raise ValueError("must start with redis://, rediss://, unix://, redis+sentinel:// or rediss+sentinel://")
         return value
 
     @field_validator("simulated_fleet")

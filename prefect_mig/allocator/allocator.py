@@ -523,9 +523,7 @@ class Allocator:
         if got is not None:
             return got
         try:
-            reply = self._run("cancel", request_id, action="withdraw a request", deadline=time.monotonic() + 0.05)
-            if reply[0] == "granted":  # granted in the last instant: give it back
-                self.release(request_id, int(reply[1]))
+            self.give_up(request_id, deadline=time.monotonic() + 0.05)
         except (DeadlinePassed, RedisUnavailable):
             self._abandon(request_id)
         waited = "the wait was stopped" if stop is not None and stop.is_set() else f"no slice within {timeout_s:g} s"
@@ -736,6 +734,14 @@ class Allocator:
     def cancel(self, request_id: str) -> str:
         """Withdraw a waiting request: ``cancelled``, ``granted`` (it won meanwhile) or ``gone``."""
         return self._run("cancel", request_id, action="withdraw a request")[0]
+
+    def give_up(self, request_id: str, *, deadline: float | None = None) -> None:
+        """Withdraw a request whose caller no longer wants it, releasing it if it was granted
+        meanwhile (even claimed): afterwards it holds nothing and waits for nothing. `deadline`
+        (monotonic) bounds the withdrawal's reply (`DeadlinePassed`)."""
+        reply = self._run("cancel", request_id, action="withdraw a request", deadline=deadline)
+        if reply[0] == "granted":  # granted in the last instant: give it back
+            self.release(request_id, int(reply[1]))
 
     def reap(self, *, limit: int = 100) -> tuple[int, int, int]:
         """Expire overdue leases, drop abandoned requests, take lost nodes out of service.

@@ -1,8 +1,8 @@
 """The one way prefect-mig's long-running commands connect to Redis.
 
 With ``PREFECT_MIG_REDIS_URL`` set it is that server (``rediss://`` with the TLS files the settings
-name), or the primary that Redis Sentinel names (``redis+sentinel://``, see `client_for_url`), found
-again after a failover. Without it, it is the embedded server, followed wherever it listens: each connection
+name), or the primary that Redis Sentinel names (``redis+sentinel://``, or ``rediss+sentinel://``
+for TLS to the Sentinels and to the primary; see `client_for_url`), found again after a failover. Without it, it is the embedded server, followed wherever it listens: each connection
 re-reads the URL file, so an ``api serve`` or ``agent`` keeps working after the embedded server was
 restarted on another port (by ``prefect-mig up``, a task, or any command that needed it).
 
@@ -22,10 +22,11 @@ Examples:
 
 from __future__ import annotations
 
+import re
 import threading
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 import redis
 import redis.sentinel
@@ -34,8 +35,14 @@ from redis.connection import parse_url
 from prefect_mig.allocator.embedded import embedded_dir, ensure_embedded_redis
 from prefect_mig.errors import ConfigError
 
-#: The URL form of a Redis watched by Sentinel: the sentinels' addresses, then the primary's name.
-SENTINEL_URL_FORM = "redis+sentinel://[user:password@]host:port[,host:port...]/service-name[/db]"
+#: The URL form of a Redis watched by Sentinel: the sentinels' addresses, then the primary's name;
+#: ``rediss+sentinel`` speaks TLS to both; the query names the Sentinels' own credentials.
+SENTINEL_URL_FORM = (
+    "redis[s]+sentinel://[user:password@]host:port[,host:port...]/service-name[/db]"
+    "[?sentinel_username=NAME&sentinel_password=PASSWORD]"
+)
+_SENTINEL_SCHEMES = ("redis+sentinel://", "rediss+sentinel://")
+_SENTINEL_QUERY = ("sentinel_username", "sentinel_password")
 
 
 #: The rights prefect-mig needs on a shared Redis (append ``>password``): its keys only, the commands
@@ -44,15 +51,18 @@ MINIMAL_ACL = "on ~pmig:* resetchannels -@all +@read +@write +@scripting +@conne
 
 
 def redacted(url: str) -> str:
-    """`url` with its password replaced by ``***``, for printing.
+    """`url` with its passwords (the user's, a Sentinel URL's ``sentinel_password``) replaced by
+    ``***``, for printing.
 
     Examples:
         ```python
         from prefect_mig.allocator.connection import redacted
 
         assert redacted("redis://prefect-mig:s3cret@127.0.0.1:6379/0") == "redis://prefect-mig:***@127.0.0.1:6379/0"
+        assert redacted("redis+sentinel://h:1/pmig?sentinel_password=s3cret") == "redis+sentinel://h:1/pmig?sentinel_password=***"
         ```
     """
+    url = re.sub(r"([?&]sentinel_password=)[^&#]*", r"\1***", url)
     scheme, sep, rest = url.partition("://")
     creds, at, host = rest.rpartition("@")
     if not sep or not at:
@@ -89,38 +99,63 @@ class FollowingPool(redis.ConnectionPool):
         return super().get_connection(*args, **kwargs)
 
 
+def _refused(url: str, why: str) -> ConfigError:
+    return ConfigError(
+        f"redis_url={redacted(url)!r}: {why}; a Sentinel URL is {SENTINEL_URL_FORM} "
+        "(e.g. redis+sentinel://pmig:PASSWORD@10.0.0.1:26379,10.0.0.2:26379,10.0.0.3:26379/pmig).",
+        field="redis_url",
+        value=redacted(url),
+    )
+
+
 def _sentinel_client(url: str, **options: Any) -> redis.Redis:
     parts = urlsplit(url)
     path = [p for p in parts.path.split("/") if p]
-    try:
-        hosts = []
-        for address in parts.netloc.rpartition("@")[2].split(","):
-            host, _, port = address.rpartition(":")
-            hosts.append((host.strip("[]") or "localhost", int(port)))
-        db = int(path[1]) if len(path) > 1 else 0
-        if not path or len(path) > 2 or not hosts:
-            raise ValueError
-    except ValueError:
+    if not path or len(path) > 2:
+        raise _refused(url, "the path must be /service-name or /service-name/db")
+    hosts = []
+    for address in parts.netloc.rpartition("@")[2].split(","):
+        host, _, port = address.rpartition(":")
+        if not port.isdigit() or not 0 < int(port) < 65536:
+            raise _refused(url, f"sentinel address {address!r} needs a port (1-65535) after the host")
+        hosts.append((host.strip("[]") or "localhost", int(port)))
+    if len(path) > 1 and not path[1].isdigit():
+        raise _refused(url, f"the database {path[1]!r} must be a number")
+    query = dict(parse_qsl(parts.query, keep_blank_values=True))
+    unknown = sorted(set(query) - set(_SENTINEL_QUERY))
+    if unknown:
+        raise _refused(url, f"unknown query parameter {unknown[0]!r} (allowed: {', '.join(_SENTINEL_QUERY)})")
+    tls = url.startswith("rediss+")
+    if not tls and any(k.startswith("ssl_") for k in options):
         raise ConfigError(
-            f"redis_url={redacted(url)!r}: a Sentinel URL is {SENTINEL_URL_FORM} "
-            "(e.g. redis+sentinel://pmig:PASSWORD@10.0.0.1:26379,10.0.0.2:26379,10.0.0.3:26379/pmig).",
-            field="redis_url",
-            value=redacted(url),
-        ) from None
-    timeouts = {k: v for k, v in options.items() if k.startswith("socket_")}
-    sentinel = redis.sentinel.Sentinel(hosts, sentinel_kwargs=timeouts)
+            f"redis_url={redacted(url)!r}: TLS files are set, but redis+sentinel:// does not use TLS; "
+            "write rediss+sentinel:// to speak TLS to the Sentinels and the primary, or unset the TLS files.",
+            field="redis_url", value=redacted(url),
+        )
+    if tls:
+        options = {**options, "ssl": True}
+    # the Sentinels: the same timeouts and TLS files as the data nodes, their own credentials
+    sentinel_kwargs = {k: v for k, v in options.items() if k.startswith(("socket_", "ssl"))}
+    for key in _SENTINEL_QUERY:
+        own = query.get(key) or options.pop(key, None)
+        if own:
+            sentinel_kwargs[key.removeprefix("sentinel_")] = own
+    options = {k: v for k, v in options.items() if k not in _SENTINEL_QUERY}
+    sentinel = redis.sentinel.Sentinel(hosts, sentinel_kwargs=sentinel_kwargs)
     credentials = {
         "username": unquote(parts.username) if parts.username else None,
         "password": unquote(parts.password) if parts.password else None,
     }
-    return sentinel.master_for(path[0], db=db, **credentials, **options)
+    return sentinel.master_for(path[0], db=int(path[1]) if len(path) > 1 else 0, **credentials, **options)
 
 
 def client_for_url(url: str, **options: Any) -> redis.Redis:
     """A client for a Redis URL: ``redis://``, ``rediss://``, ``unix://`` (redis-py's own parsing),
-    or ``redis+sentinel://`` (`SENTINEL_URL_FORM`): the sentinels are asked for the primary on every
-    new connection, so after a failover the client reconnects to the promoted replica. The user and
-    password are the data nodes'; the sentinels are asked without them.
+    or ``redis+sentinel://`` / ``rediss+sentinel://`` (`SENTINEL_URL_FORM`): the sentinels are
+    asked for the primary on every new connection, so after a failover the client reconnects to the
+    promoted replica. The URL's user and password are the data nodes'; the Sentinels' own come from
+    the query or from the ``sentinel_username`` / ``sentinel_password`` options (the URL's win).
+    With ``rediss+sentinel://`` the ``ssl_*`` options (CA, client certificate and key) serve both.
 
     Examples:
         ```python
@@ -130,9 +165,29 @@ def client_for_url(url: str, **options: Any) -> redis.Redis:
         assert client.connection_pool.service_name == "pmig"
         ```
     """
-    if url.startswith("redis+sentinel://"):
+    if url.startswith(_SENTINEL_SCHEMES):
         return _sentinel_client(url, **options)
-    return redis.Redis.from_url(url, **options)
+    return redis.Redis.from_url(url, **{k: v for k, v in options.items() if k not in _SENTINEL_QUERY})
+
+
+def url_options(settings, url: str | None = None) -> dict[str, Any]:
+    """What `client_for_url` needs from the settings besides `url` (default: the settings' own):
+    the TLS files (with ``rediss://`` and Sentinel URLs) and the Sentinels' credentials."""
+    options: dict[str, Any] = {}
+    url = url or settings.redis_url or ""
+    if url.startswith(("rediss://", *_SENTINEL_SCHEMES)):  # a plain Sentinel URL refuses them
+        files = {
+            "ssl_ca_certs": settings.redis_tls_ca_file,
+            "ssl_certfile": settings.redis_tls_cert_file,
+            "ssl_keyfile": settings.redis_tls_key_file,
+        }
+        options.update({k: str(v) for k, v in files.items() if v is not None})
+    if url.startswith(_SENTINEL_SCHEMES):
+        if settings.redis_sentinel_username:
+            options["sentinel_username"] = settings.redis_sentinel_username
+        if settings.redis_sentinel_password is not None:
+            options["sentinel_password"] = settings.redis_sentinel_password.get_secret_value()
+    return options
 
 
 def connect(settings, *, socket_connect_timeout: float = 2.0, socket_timeout: float = 10.0) -> redis.Redis:
@@ -140,15 +195,4 @@ def connect(settings, *, socket_connect_timeout: float = 2.0, socket_timeout: fl
     timeouts = {"socket_connect_timeout": socket_connect_timeout, "socket_timeout": socket_timeout}
     if settings.redis_url is None:
         return redis.Redis(connection_pool=FollowingPool(settings.state_dir, **timeouts))
-    tls = {}
-    if settings.redis_url.startswith("rediss://"):
-        tls = {
-            k: str(v)
-            for k, v in {
-                "ssl_ca_certs": settings.redis_tls_ca_file,
-                "ssl_certfile": settings.redis_tls_cert_file,
-                "ssl_keyfile": settings.redis_tls_key_file,
-            }.items()
-            if v is not None
-        }
-    return client_for_url(settings.redis_url, **timeouts, **tls)
+    return client_for_url(settings.redis_url, **timeouts, **url_options(settings))

@@ -43,7 +43,7 @@ from contextlib import asynccontextmanager, contextmanager
 import redis
 
 from prefect_mig.allocator.allocator import Allocator, redis_errors
-from prefect_mig.allocator.connection import client_for_url
+from prefect_mig.allocator.connection import client_for_url, url_options
 from prefect_mig.allocator.models import LeaseInfo, SliceRecord, SliceRequest
 from prefect_mig.errors import LeaseLost, LeaseNotOwned
 
@@ -202,12 +202,16 @@ class LeaseClient:
     Args:
         client: a ``redis.Redis``, or a Redis URL.
         namespace: the cluster's namespace.
+        connection_options: with a URL, more options for `client_for_url` (TLS files, the
+            Sentinels' credentials: `prefect_mig.allocator.connection.url_options`).
         allocator_options: passed to `Allocator` (clock, aging_s, wait_ttl_s, grace_s).
     """
 
-    def __init__(self, client: redis.Redis | str, namespace: str = "default", **allocator_options) -> None:
+    def __init__(
+        self, client: redis.Redis | str, namespace: str = "default", *, connection_options: dict | None = None, **allocator_options
+    ) -> None:
         if isinstance(client, str):
-            client = client_for_url(client, socket_connect_timeout=2.0, socket_timeout=5.0)
+            client = client_for_url(client, socket_connect_timeout=2.0, socket_timeout=5.0, **(connection_options or {}))
         self.allocator = Allocator(client, namespace, **allocator_options)
 
     @classmethod
@@ -223,7 +227,7 @@ class LeaseClient:
                 field="redis_url",
             )
         return cls(
-            settings.redis_url, settings.namespace, max_ttl_s=settings.lease_max_ttl_s,
+            settings.redis_url, settings.namespace, connection_options=url_options(settings), max_ttl_s=settings.lease_max_ttl_s,
             replicas=settings.redis_replicas, replica_timeout_s=settings.redis_replica_timeout_s,
         )
 

@@ -15,7 +15,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
@@ -77,6 +77,10 @@ class RedisServer:
         binary: The ``redis-server`` executable, a name looked up on ``PATH`` or a path.
         startup_timeout: Seconds to wait for the server to answer ``PING``.
         extra_args: More command-line arguments for ``redis-server``, e.g. ``["--maxmemory", "64mb"]``.
+        tls: Certificate files as `prefect_mig.testing.tls.make_certs` returns them: the server then
+            speaks TLS only on its port, asks clients for a certificate the CA signed, replicates
+            over TLS, and `client` and `url` use ``client.pem`` (``rediss://``).
+        password: Clients must give it (``requirepass``); a replica gives it to its primary too.
 
     Raises:
         RedisServerNotInstalled: On start, when ``binary`` is not found.
@@ -103,12 +107,16 @@ class RedisServer:
         binary: str = "redis-server",
         startup_timeout: float = 10.0,
         extra_args: Sequence[str] = (),
+        tls: Mapping[str, os.PathLike[str] | str] | None = None,
+        password: str | None = None,
     ) -> None:
         self.requested_port = port
         self.requested_dir = Path(dir) if dir is not None else None
         self.binary = binary
         self.startup_timeout = startup_timeout
         self.extra_args = tuple(extra_args)
+        self.tls = dict(tls) if tls is not None else None
+        self.password = password
         # Runtime state, set by start().
         self._process: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
@@ -130,8 +138,21 @@ class RedisServer:
 
     @property
     def url(self) -> str:
-        """A ``redis://`` URL for database 0 of the server."""
-        return f"redis://{_HOST}:{self.port}/0"
+        """A ``redis://`` (``rediss://`` with `tls`) URL for database 0 of the server."""
+        scheme = "rediss" if self.tls else "redis"
+        auth = f":{self.password}@" if self.password else ""
+        return f"{scheme}://{auth}{_HOST}:{self.port}/0"
+
+    @property
+    def client_options(self) -> dict[str, Any]:
+        """What a ``redis.Redis`` needs besides host and port: the password, the TLS files."""
+        options: dict[str, Any] = {"password": self.password} if self.password else {}
+        if self.tls:
+            options.update(
+                ssl=True, ssl_ca_certs=str(self.tls["ca.pem"]),
+                ssl_certfile=str(self.tls["client.pem"]), ssl_keyfile=str(self.tls["client.key"]),
+            )
+        return options
 
     @property
     def running(self) -> bool:
@@ -140,7 +161,7 @@ class RedisServer:
 
     def client(self, **kwargs: Any) -> redis.Redis:
         """Return a new ``redis.Redis`` client for the server; ``kwargs`` go to ``redis.Redis``."""
-        return redis.Redis(host=_HOST, port=self.port, **kwargs)
+        return redis.Redis(**{"host": _HOST, "port": self.port, **self.client_options, **kwargs})
 
     # -- lifecycle ----------------------------------------------------------------------------------
 
@@ -242,6 +263,7 @@ class RedisServer:
             "--save", "",
             "--daemonize", "no",
             "--logfile", "",
+            *self._secure_args(port),
             *self.extra_args,
         ]  # fmt: skip
         self._log = open(self._dir / _LOG_NAME, "ab")
@@ -255,10 +277,22 @@ class RedisServer:
             self._terminate(signal.SIGKILL)
             raise
 
+    def _secure_args(self, port: int) -> list[str]:
+        args = ["--requirepass", self.password, "--masterauth", self.password] if self.password else []
+        if self.tls:
+            args += [
+                "--port", "0", "--tls-port", str(port), "--tls-replication", "yes", "--tls-auth-clients", "yes",
+                "--tls-cert-file", str(self.tls["server.pem"]), "--tls-key-file", str(self.tls["server.key"]),
+                "--tls-ca-cert-file", str(self.tls["ca.pem"]),
+            ]  # fmt: skip
+        return args
+
     def _wait_until_answering(self) -> None:
         assert self._process is not None
         deadline = time.monotonic() + self.startup_timeout
-        probe = redis.Redis(host=_HOST, port=self._port, socket_connect_timeout=0.5, socket_timeout=0.5)
+        probe = redis.Redis(
+            host=_HOST, port=self._port, socket_connect_timeout=0.5, socket_timeout=0.5, **self.client_options
+        )
         try:
             while True:
                 code = self._process.poll()

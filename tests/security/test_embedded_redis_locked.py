@@ -62,3 +62,21 @@ def test_up_does_not_print_the_password(state_dir):
         assert json.loads(up.stdout)["redis_url"].startswith("redis://prefect-mig:***@127.0.0.1:")
     finally:
         run("down")
+
+
+def _listening_addresses(port: int) -> set[str]:
+    """The local addresses of the sockets listening on `port` (Linux /proc/net/tcp, tcp6)."""
+    found = set()
+    for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, _, hex_port = local.partition(":")
+            if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                found.add(address if width == 32 else ".".join(str(int(address[i:i + 2], 16)) for i in (6, 4, 2, 0)))
+    return found
+
+
+def test_the_embedded_server_listens_on_the_loopback_address_only(state_dir):
+    url = ensure_embedded_redis(state_dir)
+    port = redis.Redis.from_url(url).connection_pool.connection_kwargs["port"]
+    assert _listening_addresses(port) == {"127.0.0.1"}  # not 0.0.0.0, not any IPv6 address

@@ -54,7 +54,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.engine import emit_task_run_state_change_event
 
 from prefect_mig.allocator import Allocator, Lease, LeaseInfo, SliceRequest, health
-from prefect_mig.allocator.connection import client_for_url
+from prefect_mig.allocator.connection import client_for_url, url_options
 from prefect_mig.allocator.embedded import redis_url
 from prefect_mig.errors import (
     ConfigError,
@@ -102,7 +102,7 @@ def _allocator(url: str, namespace: str) -> Allocator:
         key = (url, namespace)
         if key not in _ALLOCATORS:
             settings = load_settings()
-            client = client_for_url(url, socket_connect_timeout=2, socket_timeout=10)
+            client = client_for_url(url, socket_connect_timeout=2, socket_timeout=10, **url_options(settings, url))
             _ALLOCATORS[key] = Allocator(
                 client, namespace, replicas=settings.redis_replicas, replica_timeout_s=settings.redis_replica_timeout_s
             )

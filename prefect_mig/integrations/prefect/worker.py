@@ -47,6 +47,7 @@ import time
 from typing import Any, Literal, Optional, Union
 
 import anyio
+import anyio.lowlevel
 import anyio.to_thread
 from prefect.client.schemas.objects import StateType
 from prefect.states import Cancelled, Crashed, Failed, Pending
@@ -429,13 +430,16 @@ class MigDockerWorker(BaseWorker):
 
     async def _wait(self, flow_run, allocator, request_id, request, runner, cancelled, logger):
         """Wait for the grant in a thread while the flow run shows AwaitingMIG with why it waits;
-        None when the run was cancelled (the wait is then withdrawn)."""
+        None when the run was cancelled (the wait is then withdrawn). A worker stopping (this task
+        cancelled) stops the wait too: the request is withdrawn, and a grant that raced either end
+        is released, so nothing is held or queued for a run that will not start here."""
         from prefect_mig.allocator import health
         from prefect_mig.integrations.prefect.runner import AWAITING_MIG
         from prefect_mig.settings import load_settings
 
         timeout_s = runner.wait_timeout_s if runner.wait_timeout_s is not None else load_settings().wait_timeout_s
         shown = ""
+        stop = threading.Event()  # set when the run is cancelled or this task is (the worker stops)
 
         async def explain() -> None:
             nonlocal shown
@@ -453,22 +457,51 @@ class MigDockerWorker(BaseWorker):
                         await self.client.set_flow_run_state(flow_run.id, Pending(name=AWAITING_MIG, message=message), force=True)
                 await anyio.sleep(15)
 
-        async with anyio.create_task_group() as group:
-            group.start_soon(explain)
+        async def stop_when_cancelled() -> None:
+            # the waiting thread cannot be cancelled (to_thread shields it): this task, which is,
+            # tells it to stop, within one wake-up of the wait
             try:
-                got = await anyio.to_thread.run_sync(
-                    lambda: allocator.wait_for_grant(request_id, timeout_s, request=request, stop=cancelled)
-                )
-            except WaitTimeout as exc:
-                if cancelled.is_set():
-                    return None
-                message = (f"{exc} It waited because: {shown}. A longer wait: job variable wait_timeout_s "
-                           "or PREFECT_MIG_WAIT_TIMEOUT_S.")
-                await self.client.set_flow_run_state(flow_run.id, Failed(message=message), force=True)
-                raise WaitTimeout(message, lease_id=exc.lease_id) from exc
+                while not cancelled.is_set():
+                    await anyio.sleep(0.1)
             finally:
-                group.cancel_scope.cancel()
+                stop.set()
+
+        got = None
+        try:
+            async with anyio.create_task_group() as group:
+                group.start_soon(explain)
+                group.start_soon(stop_when_cancelled)
+                try:
+                    got = await anyio.to_thread.run_sync(
+                        lambda: allocator.wait_for_grant(request_id, timeout_s, request=request, stop=stop)
+                    )
+                except WaitTimeout as exc:
+                    if cancelled.is_set():
+                        return None
+                    await anyio.lowlevel.checkpoint()  # the worker is stopping: its cancellation ends this
+                    message = (f"{exc} It waited because: {shown}. A longer wait: job variable wait_timeout_s "
+                               "or PREFECT_MIG_WAIT_TIMEOUT_S.")
+                    await self.client.set_flow_run_state(flow_run.id, Failed(message=message), force=True)
+                    raise WaitTimeout(message, lease_id=exc.lease_id) from exc
+                finally:
+                    group.cancel_scope.cancel()
+            if await self._cancel_requested(flow_run.id, cancelled):
+                # cancelled as the grant came, before the cancel watch saw it: the Pending state
+                # that follows a grant would override the cancel, and the run would start
+                await self._give_up(allocator, request_id, logger)
+                return None
+        except anyio.get_cancelled_exc_class():
+            with anyio.CancelScope(shield=True):  # the grant, or the request the thread never waited on
+                await self._give_up(allocator, request_id, logger)
+            raise
         return got
+
+    @staticmethod
+    async def _give_up(allocator, request_id: str, logger) -> None:
+        try:
+            await anyio.to_thread.run_sync(allocator.give_up, request_id)
+        except PrefectMigError as exc:  # Redis down: the request lapses with its wait TTL, a grant with its TTL
+            logger.warning("could not withdraw the wait for a slice (%s); it lapses on its own", exc)
 
     async def _say_slice_when_running(self, flow_run_id, message: str) -> None:
         """Once the flow run's engine (in the container) has set Running, set Running again with
@@ -507,6 +540,17 @@ class MigDockerWorker(BaseWorker):
                 cancelled.set()
                 return
             await anyio.sleep(2)
+
+    async def _cancel_requested(self, flow_run_id, cancelled: threading.Event) -> bool:
+        """Whether the run is being cancelled, asking the API now (sets `cancelled` if so)."""
+        if not cancelled.is_set():
+            try:
+                state = (await self.client.read_flow_run(flow_run_id)).state
+            except Exception:  # noqa: BLE001 - the API blinked: the cancel watch still runs
+                state = None
+            if state is not None and state.type in _CANCEL:
+                cancelled.set()
+        return cancelled.is_set()
 
     async def _end_cancelled(self, flow_run_id, message: str) -> None:
         state = (await self.client.read_flow_run(flow_run_id)).state
