@@ -14,6 +14,10 @@ configuration, the slice request and the sharing scope, e.g. the flow run). When
 A slot whose call failed, was stopped or whose lease is lost is never kept: it is stopped, then
 its lease released (the container first, so the slice is never used by two holders).
 
+A key's first item is its scope (e.g. ``("flow-run", id)``). `end_scope` stops the idle slots of a
+scope that ended (its flow run did) at once, and a slot of that scope whose call ends later is not
+kept either.
+
 Examples:
     ```python
     from prefect_mig.launchers.warm_pool import WarmPool
@@ -69,6 +73,7 @@ class WarmPool:
         self._idle: dict[Hashable, list[WarmSlot]] = {}
         self._waiters: dict[Hashable, list[LocalWaiter]] = {}
         self._by_lease: dict[str, WarmSlot] = {}
+        self._ended: dict[Hashable, float] = {}  # scope -> when it ended (kept an hour)
 
     def take(self, key: Hashable, *, keep_warm_s: float) -> WarmSlot | None:
         """An idle slot of `key`, taken back into use; None when there is none (or each one was
@@ -128,10 +133,13 @@ class WarmPool:
             self.discard(slot)
             return
         allocator = slot.lease.allocator
-        with self._lock:
+        with self._lock:  # end_scope marks its scope under this lock, then closes what is idle
             own = {w.request_id: w for w in self._waiters.get(slot.key, []) if w.slot is None}
             try:
-                verdict, request_id = park(allocator, slot.lease.lease_id, slot.lease.fence, list(own))
+                if _scope(slot.key) in self._ended:  # its flow run is over: nothing to keep it for
+                    verdict, request_id = "ended", None
+                else:
+                    verdict, request_id = park(allocator, slot.lease.lease_id, slot.lease.fence, list(own))
             except PrefectMigError:
                 verdict, request_id = "gone", None
             if verdict == "pass" and request_id in own:
@@ -152,6 +160,21 @@ class WarmPool:
                 slot.timer.start()
                 return
         self.discard(slot)
+
+    def open_scope(self, scope: Hashable) -> None:
+        """`scope` runs (again: a flow run's retry keeps its id): its slots may be kept warm."""
+        with self._lock:
+            self._ended.pop(scope, None)
+
+    def end_scope(self, scope: Hashable) -> int:
+        """`scope` ended: stop and release its idle slots now, and keep none of its slots whose call
+        is still running; returns how many were stopped."""
+        now = time.monotonic()
+        with self._lock:
+            for old in [s for s, at in self._ended.items() if now - at > _ENDED_KEPT_S]:
+                del self._ended[old]
+            self._ended[scope] = now
+        return self.close(lambda key: _scope(key) == scope)
 
     def notice(self, lease: Lease, text: str) -> None:
         """`Lease.on_notice`: a warm lease asked back is stopped and released at once."""
@@ -207,6 +230,13 @@ class WarmPool:
         for s in doomed:
             self.discard(s)
         return len(doomed)
+
+
+_ENDED_KEPT_S = 3600.0  # a call still running an hour after its scope ended may park its slot (until keep_warm_s)
+
+
+def _scope(key: Hashable) -> Hashable:
+    return key[0] if isinstance(key, tuple) and key else key
 
 
 #: The process's pool (task runners share it: a runner duplicated per flow run finds its slots).
