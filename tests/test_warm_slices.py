@@ -205,6 +205,21 @@ def test_the_per_task_forms_idle_warm_slot_ends_with_its_flow_run(cluster, docke
     assert cluster.status()["leases"] == []
 
 
+def test_an_idle_warm_slot_is_stopped_and_released_once_keep_warm_s_passes(cluster, docker_client):
+    ours = {"cluster_id": cluster.cluster_id(), "namespace": cluster.keys.namespace}
+
+    @flow(task_runner=_warm_runner(keep_warm_s=10, share_warm="tenant"))  # "tenant": it outlives the flow run
+    def pipeline():
+        return count.submit().result()
+
+    pipeline()
+    assert len(task_containers(docker_client, **ours)) == 1 and len(cluster.status()["leases"]) == 1
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and (task_containers(docker_client, **ours) or cluster.status()["leases"]):
+        time.sleep(0.5)
+    assert task_containers(docker_client, **ours) == [] and cluster.status()["leases"] == []
+
+
 @pytest.mark.parametrize(
     ("options", "field"),
     [({"keep_warm_s": -1}, "keep_warm_s"), ({"keep_warm_s": "long"}, "keep_warm_s"), ({"share_warm": "everyone"}, "share_warm")],

@@ -31,6 +31,7 @@ Examples:
 from __future__ import annotations
 
 import atexit
+import math
 import threading
 import time
 from collections.abc import Hashable, Iterator
@@ -52,7 +53,7 @@ class WarmSlot:
     container: WarmContainer
     keep_warm_s: float = 30.0
     idle_since: float | None = None
-    timer: threading.Timer | None = field(default=None, repr=False)
+    expires_at: float = math.inf  # while idle: when it is stopped and released
 
 
 @dataclass(eq=False)
@@ -74,6 +75,8 @@ class WarmPool:
         self._waiters: dict[Hashable, list[LocalWaiter]] = {}
         self._by_lease: dict[str, WarmSlot] = {}
         self._ended: dict[Hashable, float] = {}  # scope -> when it ended (kept an hour)
+        self._expiry = threading.Condition(self._lock)  # wakes the reaper when a slot turns idle
+        self._reaper: threading.Thread | None = None  # one thread lapses every idle slot in time
 
     def take(self, key: Hashable, *, keep_warm_s: float) -> WarmSlot | None:
         """An idle slot of `key`, taken back into use; None when there is none (or each one was
@@ -82,8 +85,6 @@ class WarmPool:
             with self._lock:
                 slots = self._idle.get(key) or []
                 slot = slots.pop() if slots else None
-                if slot is not None and slot.timer is not None:
-                    slot.timer.cancel()
             if slot is None:
                 return None
             try:
@@ -146,18 +147,22 @@ class WarmPool:
                 waiter = own[request_id]
                 waiter.slot = slot
                 waiter.stop.set()
-                try:  # wake its wait at once (it sees `stop` and returns)
-                    allocator.redis.rpush(allocator.keys.waiter(request_id), "warm")
-                    allocator.redis.pexpire(allocator.keys.waiter(request_id), 60_000)
+                try:  # wake its wait at once (it sees `stop` and returns); one round trip
+                    wake = allocator.redis.pipeline(transaction=False)
+                    wake.rpush(allocator.keys.waiter(request_id), "warm")
+                    wake.pexpire(allocator.keys.waiter(request_id), 60_000)
+                    wake.execute()
                 except Exception:  # noqa: BLE001 - the wait wakes by itself within its interval
                     pass
                 return
             if verdict == "warm":
                 slot.idle_since = time.monotonic()
-                slot.timer = threading.Timer(slot.keep_warm_s, self._expire, args=(slot,))
-                slot.timer.daemon = True
+                slot.expires_at = slot.idle_since + slot.keep_warm_s
                 self._idle.setdefault(slot.key, []).append(slot)
-                slot.timer.start()
+                if self._reaper is None:
+                    self._reaper = threading.Thread(target=self._reap, daemon=True, name="warm-reaper")
+                    self._reaper.start()
+                self._expiry.notify()
                 return
         self.discard(slot)
 
@@ -185,8 +190,21 @@ class WarmPool:
         """`Lease.on_lost` for an idle slot: stop its container now (a busy one is stopped by its call)."""
         self._drop_idle(self._by_lease.get(lease.lease_id))
 
-    def _expire(self, slot: WarmSlot) -> None:
-        self._drop_idle(slot)
+    def _reap(self) -> None:
+        """Stop and release each idle slot once its `keep_warm_s` has passed."""
+        while True:
+            with self._lock:
+                while True:
+                    now = time.monotonic()
+                    idle = [s for slots in self._idle.values() for s in slots]
+                    due = [s for s in idle if s.expires_at <= now]
+                    if due:
+                        break
+                    self._expiry.wait(min((s.expires_at for s in idle), default=now + 3600) - now)
+                for s in due:
+                    self._idle[s.key].remove(s)
+            for s in due:
+                self.discard(s)
 
     def _drop_idle(self, slot: WarmSlot | None) -> None:
         if slot is None:
@@ -196,8 +214,6 @@ class WarmPool:
             if slot not in slots:
                 return  # busy (or already gone): its call's end decides
             slots.remove(slot)
-            if slot.timer is not None:
-                slot.timer.cancel()
         threading.Thread(target=self.discard, args=(slot,), daemon=True, name="warm-discard").start()
 
     def discard(self, slot: WarmSlot) -> None:
@@ -224,9 +240,6 @@ class WarmPool:
             doomed = [s for k, slots in self._idle.items() if match(k) for s in slots]
             for k in [k for k in self._idle if match(k)]:
                 self._idle[k] = []
-            for s in doomed:
-                if s.timer is not None:
-                    s.timer.cancel()
         for s in doomed:
             self.discard(s)
         return len(doomed)

@@ -21,12 +21,12 @@ Examples:
 from __future__ import annotations
 
 import math
-import threading
 from collections.abc import Hashable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from prefect_mig.errors import ConfigError
+from prefect_mig.integrations.prefect.flow_run_end import on_flow_run_end
 from prefect_mig.launchers import DockerLauncher
 from prefect_mig.launchers.warm import WarmContainer
 from prefect_mig.launchers.warm_pool import POOL, LocalWaiter, WarmSlot
@@ -74,31 +74,12 @@ def warm_key(runner, request, ctx, flow_ctx) -> Hashable | None:
     return scope, request.model_copy(update={"holder": ""}), repr(sorted(config.items(), key=lambda kv: kv[0]))
 
 
-class _FlowRunEnd(threading.Event):
-    """Set when its flow run ends: then the run's warm slots are stopped and released at once."""
-
-    def __init__(self, scope: tuple) -> None:
-        super().__init__()
-        self.scope = scope
-
-    def set(self) -> None:
-        super().set()
-        POOL.end_scope(self.scope)
-
-
 def end_with_flow_run(flow_ctx, scope: tuple) -> None:
-    """Stop the warm slots of `scope` (a flow run's) when that flow run ends, in any final state.
-
-    The hook: the flow run's own task runner (whatever the flow set; the per-task form's runner
-    never sees the flow end). Prefect's ``ThreadPoolTaskRunner`` (``MigTaskRunner`` too) sets
-    every event in ``_cancel_events`` from ``cancel_all()``, which its ``__exit__`` calls once the
-    flow run has its final state, and a cancellation calls too. A task runner without them (Dask,
-    Ray) leaves the slots to ``keep_warm_s``."""
-    events = getattr(getattr(flow_ctx, "task_runner", None), "_cancel_events", None)
-    name = ("prefect-mig-warm", scope)
-    if isinstance(events, dict) and name not in events:  # once per attempt: a retried flow run's new runner
-        POOL.open_scope(scope)
-        events[name] = _FlowRunEnd(scope)
+    """Stop the warm slots of `scope` (a flow run's) when that flow run ends, in any final state
+    (`prefect_mig.integrations.prefect.flow_run_end`; without that hook they lapse after
+    ``keep_warm_s``)."""
+    if flow_ctx is not None and on_flow_run_end(flow_ctx, ("warm", scope), lambda: POOL.end_scope(scope)):
+        POOL.open_scope(scope)  # a retried flow run keeps its id: this attempt's slots may stay warm
 
 
 @contextmanager
