@@ -205,6 +205,20 @@ def test_the_per_task_forms_idle_warm_slot_ends_with_its_flow_run(cluster, docke
     assert cluster.status()["leases"] == []
 
 
+def test_a_retried_flow_run_keeps_warm_slots_again_in_its_next_attempt(cluster):
+    from prefect.runtime import flow_run
+
+    @flow(task_runner=_warm_runner(), retries=1, retry_delay_seconds=0)
+    def pipeline():
+        first = count.submit().result()
+        if flow_run.run_count == 1:
+            raise RuntimeError("the first attempt fails after a warm task")
+        return first, count.submit().result()
+
+    first, second = pipeline()  # the retry keeps the flow run's id, whose first attempt ended
+    assert (first[0], second[0]) == (1, 2) and first[1] == second[1]
+
+
 def test_an_idle_warm_slot_is_stopped_and_released_once_keep_warm_s_passes(cluster, docker_client):
     ours = {"cluster_id": cluster.cluster_id(), "namespace": cluster.keys.namespace}
 
