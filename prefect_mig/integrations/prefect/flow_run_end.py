@@ -26,6 +26,7 @@ Examples:
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Hashable
 
@@ -37,7 +38,10 @@ class _OnEnd(threading.Event):
 
     def set(self) -> None:
         super().set()
-        self.callback()
+        try:
+            self.callback()
+        except Exception:  # noqa: BLE001 - Prefect's cancel_all must go on to the other events
+            logging.getLogger("prefect_mig").warning("a flow run end hook failed", exc_info=True)
 
 
 def on_flow_run_end(flow_ctx, name: Hashable, callback: Callable[[], object]) -> bool | None:
