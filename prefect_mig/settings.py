@@ -37,6 +37,7 @@ Examples:
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 from pathlib import Path
@@ -182,9 +183,46 @@ class Settings(BaseSettings):
 def load_settings(**overrides) -> Settings:
     """Read the settings, turning a validation failure into a `ConfigError` that names the variable.
 
+    Without `overrides` they are read once per process and read again when their sources change
+    (a ``PREFECT_MIG_*`` variable, the working directory, its ``.env`` file): reading them costs
+    milliseconds (tens under load), and a task try needs them more than once.
+    `clear_settings_cache` forces the next call to read them.
+
     Raises:
         ConfigError: a variable holds a value that cannot be used.
     """
+    global _cached
+    if overrides:
+        return _read_settings(overrides)
+    sources, cached = _sources(), _cached
+    if cached is not None and cached[0] == sources:
+        return cached[1]
+    settings = _read_settings({})
+    _cached = (sources, settings)
+    return settings
+
+
+def clear_settings_cache() -> None:
+    """The next `load_settings()` reads the settings again (e.g. after changing a file they name)."""
+    global _cached
+    _cached = None
+
+
+_cached: tuple[tuple, Settings] | None = None  # (their sources, the settings read from them)
+
+
+def _sources() -> tuple:
+    env = tuple(sorted((k.upper(), v) for k, v in os.environ.items() if k.upper().startswith("PREFECT_MIG_")))
+    cwd = os.getcwd()
+    try:
+        stat = os.stat(os.path.join(cwd, ".env"))
+        dotenv: tuple | None = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+    except OSError:
+        dotenv = None
+    return env, cwd, dotenv
+
+
+def _read_settings(overrides: dict) -> Settings:
     try:
         return Settings(**overrides)
     except ValidationError as exc:

@@ -109,6 +109,35 @@ def test_a_flow_run_that_used_slices_gets_a_table_artifact_and_a_summary(cluster
     assert summary[0].type == "markdown" and "3 task(s)" in summary[0].data
 
 
+def test_a_running_flow_runs_table_artifact_shows_its_ended_tasks_before_the_run_ends(cluster):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactCollectionFilter as ArtifactFilter
+    from prefect.client.schemas.filters import ArtifactCollectionFilterKey as ArtifactFilterKey
+
+    from prefect_mig.integrations.prefect.artifacts import artifact_key
+
+    run_on_slice = task(task_runner=MigTaskRunner(profile="1g.10gb"))(where_is_item)
+
+    @flow
+    def pipeline():
+        from prefect.context import FlowRunContext
+
+        run_on_slice(0)
+        key = artifact_key(FlowRunContext.get().flow_run.id)
+        deadline = time.monotonic() + 60  # written in the background, within seconds
+        with get_client(sync_client=True) as client:
+            while True:
+                found = client.read_latest_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+                if found or time.monotonic() > deadline:
+                    return found
+                time.sleep(0.5)
+
+    found = pipeline()
+    assert len(found) == 1
+    rows = json.loads(found[0].data) if isinstance(found[0].data, str) else found[0].data
+    assert len(rows) == 1 and rows[0]["outcome"] == "released"
+
+
 def test_an_async_flow_run_that_used_slices_gets_its_artifacts_too(cluster):
     """An async task on a slice records its artifact from the runner's thread, where Prefect's
     dispatching helpers would otherwise hand back a coroutine nobody awaits (no artifact)."""

@@ -64,10 +64,10 @@ def _task_run_logs(task_run_id, needle: str, timeout_s: float = 60.0) -> list:
     found: list = []
     deadline = time.monotonic() + timeout_s
     with get_client(sync_client=True) as client:
-        while time.monotonic() < deadline:
+        while True:  # read at least once
             logs = client.read_logs(LogFilter(task_run_id=LogFilterTaskRunId(any_=[task_run_id])))
             found = [log for log in logs if needle in log.message]
-            if found:
+            if found or time.monotonic() >= deadline:
                 break
             time.sleep(0.5)
     return found
@@ -88,6 +88,39 @@ def test_a_bodys_get_run_logger_record_is_readable_from_the_api_under_its_task_r
     found = _task_run_logs(task_run_id, f"from the body {marker}")
     assert len(found) == 1, "the record is in the task run's logs exactly once"
     assert found[0].level == 30  # WARNING
+
+
+def logs_and_reports_its_run(marker: str):
+    import socket
+
+    from prefect import get_run_logger, runtime
+    from prefect.context import TaskRunContext
+
+    get_run_logger().warning("warm call %s", marker)
+    return str(TaskRunContext.get().task_run.id), str(runtime.task_run.id), socket.gethostname()
+
+
+def test_consecutive_warm_calls_in_an_image_with_prefect_each_run_in_their_own_task_runs_context(cluster, prefect_image):
+    body = task(task_runner=MigTaskRunner(profile="1g.10gb", image=prefect_image, keep_warm_s=600))(logs_and_reports_its_run)
+    markers = [uuid.uuid4().hex, uuid.uuid4().hex]
+
+    @flow
+    def pipeline():
+        runs = []
+        for marker in markers:  # one after the other: the second reuses the first's warm process
+            future = body.submit(marker)
+            runs.append((future.result(), future.task_run_id))
+        return runs
+
+    (first, first_id), (second, second_id) = pipeline()
+    assert first_id != second_id
+    assert first[:2] == (str(first_id), str(first_id)) and second[:2] == (str(second_id), str(second_id))
+    assert first[2] == second[2], "both calls ran in one container"
+    assert sum(1 for e in cluster.events() if e["type"] == "lease.granted") == 1
+    for marker, run_id in zip(markers, (first_id, second_id)):
+        assert len(_task_run_logs(run_id, f"warm call {marker}")) == 1, "each call's record is under its own task run"
+    for marker, run_id in zip(markers, (second_id, first_id)):  # both records are in by now
+        assert _task_run_logs(run_id, f"warm call {marker}", timeout_s=0) == []
 
 
 def submits_a_task(x: int):

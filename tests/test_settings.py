@@ -50,3 +50,25 @@ def test_a_bad_variable_is_named_with_its_value_and_what_is_allowed(monkeypatch,
     message = str(refused.value)
     assert f"PREFECT_MIG_{variable}={value!r}" in message and complaint in message
     assert refused.value.field == variable.lower()
+
+
+def test_settings_are_read_once_and_again_when_a_variable_or_the_env_file_changes(monkeypatch, tmp_path):
+    from prefect_mig.settings import clear_settings_cache
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PREFECT_MIG_NAMESPACE", "first")
+    first = load_settings()
+    assert load_settings() is first  # not read again while nothing changed
+    monkeypatch.setenv("PREFECT_MIG_NAMESPACE", "second")
+    assert load_settings().namespace == "second"
+    monkeypatch.delenv("PREFECT_MIG_NAMESPACE")
+    (tmp_path / ".env").write_text("PREFECT_MIG_NAMESPACE=from-file\n")
+    assert load_settings().namespace == "from-file"
+    (tmp_path / ".env").write_text("PREFECT_MIG_NAMESPACE=from-file-too\n")  # a new size, a new mtime
+    assert load_settings().namespace == "from-file-too"
+    cached = load_settings()
+    clear_settings_cache()
+    assert load_settings() is not cached
+    monkeypatch.setenv("PREFECT_MIG_WAIT_TIMEOUT_S", "soon")
+    with pytest.raises(ConfigError):  # a bad value still fails each time, naming the variable
+        load_settings()

@@ -179,6 +179,61 @@ def test_a_warm_slice_is_handed_over_at_once_to_a_request_that_waits_for_it(clus
     assert check_events(cluster.events()).violations == []
 
 
+@pytest.mark.parametrize("fails", [False, True], ids=["completed", "failed"])
+def test_the_per_task_forms_idle_warm_slot_ends_with_its_flow_run(cluster, docker_client, fails):
+    from prefect_mig import task
+
+    body = task(task_runner=MigTaskRunner(profile="1g.10gb", keep_warm_s=600))(count_calls)
+    ours = {"cluster_id": cluster.cluster_id(), "namespace": cluster.keys.namespace}
+    seen: dict = {}
+
+    @flow
+    def pipeline():
+        seen["calls"] = [body.submit().result(), body()]  # a submit, then a direct call
+        seen["containers"] = len(task_containers(docker_client, **ours))
+        if fails:
+            raise ValueError("the flow fails after its tasks")
+
+    if fails:
+        with pytest.raises(ValueError):
+            pipeline()
+    else:
+        pipeline()
+    assert [n for n, _, _, _ in seen["calls"]] == [1, 2] and seen["containers"] == 1  # it was warm
+    # once the flow returns: stopped and released, not after keep_warm_s (600 s)
+    assert task_containers(docker_client, **ours) == []
+    assert cluster.status()["leases"] == []
+
+
+def test_a_retried_flow_run_keeps_warm_slots_again_in_its_next_attempt(cluster):
+    from prefect.runtime import flow_run
+
+    @flow(task_runner=_warm_runner(), retries=1, retry_delay_seconds=0)
+    def pipeline():
+        first = count.submit().result()
+        if flow_run.run_count == 1:
+            raise RuntimeError("the first attempt fails after a warm task")
+        return first, count.submit().result()
+
+    first, second = pipeline()  # the retry keeps the flow run's id, whose first attempt ended
+    assert (first[0], second[0]) == (1, 2) and first[1] == second[1]
+
+
+def test_an_idle_warm_slot_is_stopped_and_released_once_keep_warm_s_passes(cluster, docker_client):
+    ours = {"cluster_id": cluster.cluster_id(), "namespace": cluster.keys.namespace}
+
+    @flow(task_runner=_warm_runner(keep_warm_s=10, share_warm="tenant"))  # "tenant": it outlives the flow run
+    def pipeline():
+        return count.submit().result()
+
+    pipeline()
+    assert len(task_containers(docker_client, **ours)) == 1 and len(cluster.status()["leases"]) == 1
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and (task_containers(docker_client, **ours) or cluster.status()["leases"]):
+        time.sleep(0.5)
+    assert task_containers(docker_client, **ours) == [] and cluster.status()["leases"] == []
+
+
 @pytest.mark.parametrize(
     ("options", "field"),
     [({"keep_warm_s": -1}, "keep_warm_s"), ({"keep_warm_s": "long"}, "keep_warm_s"), ({"share_warm": "everyone"}, "share_warm")],

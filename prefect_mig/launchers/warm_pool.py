@@ -14,6 +14,10 @@ configuration, the slice request and the sharing scope, e.g. the flow run). When
 A slot whose call failed, was stopped or whose lease is lost is never kept: it is stopped, then
 its lease released (the container first, so the slice is never used by two holders).
 
+A key's first item is its scope (e.g. ``("flow-run", id)``). `end_scope` stops the idle slots of a
+scope that ended (its flow run did) at once, and a slot of that scope whose call ends later is not
+kept either.
+
 Examples:
     ```python
     from prefect_mig.launchers.warm_pool import WarmPool
@@ -27,6 +31,7 @@ Examples:
 from __future__ import annotations
 
 import atexit
+import math
 import threading
 import time
 from collections.abc import Hashable, Iterator
@@ -48,7 +53,7 @@ class WarmSlot:
     container: WarmContainer
     keep_warm_s: float = 30.0
     idle_since: float | None = None
-    timer: threading.Timer | None = field(default=None, repr=False)
+    expires_at: float = math.inf  # while idle: when it is stopped and released
 
 
 @dataclass(eq=False)
@@ -69,6 +74,9 @@ class WarmPool:
         self._idle: dict[Hashable, list[WarmSlot]] = {}
         self._waiters: dict[Hashable, list[LocalWaiter]] = {}
         self._by_lease: dict[str, WarmSlot] = {}
+        self._ended: dict[Hashable, float] = {}  # scope -> when it ended (kept an hour)
+        self._expiry = threading.Condition(self._lock)  # wakes the reaper when a slot turns idle
+        self._reaper: threading.Thread | None = None  # one thread lapses every idle slot in time
 
     def take(self, key: Hashable, *, keep_warm_s: float) -> WarmSlot | None:
         """An idle slot of `key`, taken back into use; None when there is none (or each one was
@@ -77,8 +85,6 @@ class WarmPool:
             with self._lock:
                 slots = self._idle.get(key) or []
                 slot = slots.pop() if slots else None
-                if slot is not None and slot.timer is not None:
-                    slot.timer.cancel()
             if slot is None:
                 return None
             try:
@@ -128,30 +134,52 @@ class WarmPool:
             self.discard(slot)
             return
         allocator = slot.lease.allocator
-        with self._lock:
+        with self._lock:  # end_scope marks its scope under this lock, then closes what is idle
             own = {w.request_id: w for w in self._waiters.get(slot.key, []) if w.slot is None}
             try:
-                verdict, request_id = park(allocator, slot.lease.lease_id, slot.lease.fence, list(own))
+                if _scope(slot.key) in self._ended:  # its flow run is over: nothing to keep it for
+                    verdict, request_id = "ended", None
+                else:
+                    verdict, request_id = park(allocator, slot.lease.lease_id, slot.lease.fence, list(own))
             except PrefectMigError:
                 verdict, request_id = "gone", None
             if verdict == "pass" and request_id in own:
                 waiter = own[request_id]
                 waiter.slot = slot
                 waiter.stop.set()
-                try:  # wake its wait at once (it sees `stop` and returns)
-                    allocator.redis.rpush(allocator.keys.waiter(request_id), "warm")
-                    allocator.redis.pexpire(allocator.keys.waiter(request_id), 60_000)
+                try:  # wake its wait at once (it sees `stop` and returns); one round trip
+                    wake = allocator.redis.pipeline(transaction=False)
+                    wake.rpush(allocator.keys.waiter(request_id), "warm")
+                    wake.pexpire(allocator.keys.waiter(request_id), 60_000)
+                    wake.execute()
                 except Exception:  # noqa: BLE001 - the wait wakes by itself within its interval
                     pass
                 return
             if verdict == "warm":
                 slot.idle_since = time.monotonic()
-                slot.timer = threading.Timer(slot.keep_warm_s, self._expire, args=(slot,))
-                slot.timer.daemon = True
+                slot.expires_at = slot.idle_since + slot.keep_warm_s
                 self._idle.setdefault(slot.key, []).append(slot)
-                slot.timer.start()
+                if self._reaper is None:
+                    self._reaper = threading.Thread(target=self._reap, daemon=True, name="warm-reaper")
+                    self._reaper.start()
+                self._expiry.notify()
                 return
         self.discard(slot)
+
+    def open_scope(self, scope: Hashable) -> None:
+        """`scope` runs (again: a flow run's retry keeps its id): its slots may be kept warm."""
+        with self._lock:
+            self._ended.pop(scope, None)
+
+    def end_scope(self, scope: Hashable) -> int:
+        """`scope` ended: stop and release its idle slots now, and keep none of its slots whose call
+        is still running; returns how many were stopped."""
+        now = time.monotonic()
+        with self._lock:
+            for old in [s for s, at in self._ended.items() if now - at > _ENDED_KEPT_S]:
+                del self._ended[old]
+            self._ended[scope] = now
+        return self.close(lambda key: _scope(key) == scope)
 
     def notice(self, lease: Lease, text: str) -> None:
         """`Lease.on_notice`: a warm lease asked back is stopped and released at once."""
@@ -162,8 +190,21 @@ class WarmPool:
         """`Lease.on_lost` for an idle slot: stop its container now (a busy one is stopped by its call)."""
         self._drop_idle(self._by_lease.get(lease.lease_id))
 
-    def _expire(self, slot: WarmSlot) -> None:
-        self._drop_idle(slot)
+    def _reap(self) -> None:
+        """Stop and release each idle slot once its `keep_warm_s` has passed."""
+        while True:
+            with self._lock:
+                while True:
+                    now = time.monotonic()
+                    idle = [s for slots in self._idle.values() for s in slots]
+                    due = [s for s in idle if s.expires_at <= now]
+                    if due:
+                        break
+                    self._expiry.wait(min((s.expires_at for s in idle), default=now + 3600) - now)
+                for s in due:
+                    self._idle[s.key].remove(s)
+            for s in due:
+                self.discard(s)
 
     def _drop_idle(self, slot: WarmSlot | None) -> None:
         if slot is None:
@@ -173,8 +214,6 @@ class WarmPool:
             if slot not in slots:
                 return  # busy (or already gone): its call's end decides
             slots.remove(slot)
-            if slot.timer is not None:
-                slot.timer.cancel()
         threading.Thread(target=self.discard, args=(slot,), daemon=True, name="warm-discard").start()
 
     def discard(self, slot: WarmSlot) -> None:
@@ -201,12 +240,16 @@ class WarmPool:
             doomed = [s for k, slots in self._idle.items() if match(k) for s in slots]
             for k in [k for k in self._idle if match(k)]:
                 self._idle[k] = []
-            for s in doomed:
-                if s.timer is not None:
-                    s.timer.cancel()
         for s in doomed:
             self.discard(s)
         return len(doomed)
+
+
+_ENDED_KEPT_S = 3600.0  # a call still running an hour after its scope ended may park its slot (until keep_warm_s)
+
+
+def _scope(key: Hashable) -> Hashable:
+    return key[0] if isinstance(key, tuple) and key else key
 
 
 #: The process's pool (task runners share it: a runner duplicated per flow run finds its slots).

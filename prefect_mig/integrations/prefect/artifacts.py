@@ -1,9 +1,12 @@
 """Per flow run artifacts: which task ran on which slice, how long it waited and ran.
 
-Each time a task's lease ends, the task runner records one row for its flow run and writes the
-run's table artifact (key `artifact_key`: ``prefect-mig-slices-<flow run id>``; task, slice, node,
-GPU, waited, ran, fence, outcome) and a markdown summary (``prefect-mig-summary-<flow run id>``)
-again, so the newest version of each holds every task of the run so far. The fence shown is that of
+Each time a task's lease ends, the task runner records one row for its flow run. A writer thread
+then writes the run's table artifact (key `artifact_key`: ``prefect-mig-slices-<flow run id>``;
+task, slice, node, GPU, waited, ran, fence, outcome) and a markdown summary
+(``prefect-mig-summary-<flow run id>``) again, at most every `WRITE_EVERY_S`, so the newest version of
+each holds every task of the run so far; when the flow run ends, what is left is written before the
+flow call returns (`prefect_mig.integrations.prefect.flow_run_end`). The two API calls are never on
+a task's own path: under load they cost a small task more than its body. The fence shown is that of
 a lease that already ended: it no longer releases or renews anything.
 
 Examples:
@@ -19,14 +22,29 @@ Examples:
 
 from __future__ import annotations
 
+import atexit
+import contextvars
+import functools
+import json
 import logging
 import threading
+import time
 from typing import Any
+
+from prefect_mig.integrations.prefect.flow_run_end import on_flow_run_end
 
 log = logging.getLogger("prefect_mig.artifacts")
 
-_lock = threading.Lock()
+#: the longest a flow run's artifacts lag behind its tasks while it runs
+WRITE_EVERY_S = 2.0
+
+_rows_lock = threading.Lock()  # held briefly: tasks add rows under it
+_write_lock = threading.Lock()  # one write at a time, each composed after the one before it
 _rows: dict[str, list[dict[str, Any]]] = {}  # flow run id -> rows, in this (the flow's) process
+_dirty: set[str] = set()  # flow runs with rows not written yet
+_contexts: dict[str, contextvars.Context] = {}  # flow run id -> a task's context (Prefect's settings)
+_wake = threading.Event()
+_writer: threading.Thread | None = None
 
 
 def artifact_key(flow_run_id: Any) -> str:
@@ -60,12 +78,11 @@ def summary_markdown(rows: list[dict[str, Any]]) -> str:
 
 
 def record_task_slice(ctx, lease, *, outcome: str, ran_s: float) -> str | None:
-    """Add the ended lease of `ctx`'s task run to its flow run's artifacts; returns the table key
-    (None outside a flow run). Failures to write are logged: they never fail the task."""
+    """Add the ended lease of `ctx`'s task run to its flow run's artifacts (written in the
+    background, see the module); returns the table key (None outside a flow run). Failures to write
+    are logged: they never fail the task."""
     if ctx is None or not getattr(ctx.task_run, "flow_run_id", None):
         return None
-    from prefect.artifacts import create_markdown_artifact, create_table_artifact
-
     s = lease.slice
     flow_run_id = str(ctx.task_run.flow_run_id)
     row = {
@@ -78,23 +95,73 @@ def record_task_slice(ctx, lease, *, outcome: str, ran_s: float) -> str | None:
         "fence": lease.fence,
         "outcome": outcome,
     }
-    key = artifact_key(flow_run_id)
-    # written under the lock: tasks of one run end concurrently, and the newest version must be the
-    # one with every row (a version composed earlier must not land after it)
-    with _lock:
+    with _rows_lock:
         while len(_rows) >= 100 and flow_run_id not in _rows:  # a long-lived process: keep the newest runs
-            _rows.pop(next(iter(_rows)))
-        rows = _rows.setdefault(flow_run_id, [])
-        rows.append(row)
-        table = [dict(r) for r in rows]
-        try:
-            # _sync: in an async flow's task thread Prefect would hand back a coroutine nobody awaits
-            create_table_artifact(table, key=key, description="Which task ran on which MIG slice (prefect-mig).", _sync=True)
-            create_markdown_artifact(summary_markdown(table).replace("{key}", key), key=summary_key(flow_run_id),
-                                     description="MIG slices used by this flow run (prefect-mig).", _sync=True)
-        except Exception as exc:  # noqa: BLE001 - an artifact is a report, never a reason to fail the task
-            log.warning("could not write the artifacts of flow run %s: %s", flow_run_id, exc)
-    return key
+            oldest = next(iter(_rows))
+            _dirty.discard(oldest)
+            _rows.pop(oldest)
+            _contexts.pop(oldest, None)
+        _rows.setdefault(flow_run_id, []).append(row)
+        _contexts.setdefault(flow_run_id, contextvars.copy_context())
+        _dirty.add(flow_run_id)
+    from prefect.context import FlowRunContext
+
+    on_flow_run_end(FlowRunContext.get(), ("artifacts", flow_run_id), functools.partial(flush, flow_run_id))
+    _start_writer()
+    _wake.set()
+    return artifact_key(flow_run_id)
+
+
+def flush(flow_run_id: str | None = None) -> None:
+    """Write the artifacts of `flow_run_id` (None: of every flow run) that have rows not written yet."""
+    # the newest version must be the one with every row: writes take turns, and each composes its
+    # table after the one before it was written
+    with _write_lock:
+        with _rows_lock:
+            runs = [r for r in _dirty if flow_run_id in (None, r)]
+            tables = {r: [dict(row) for row in _rows.get(r, [])] for r in runs}
+            _dirty.difference_update(runs)
+        for run, table in tables.items():
+            try:  # with the settings (API URL) of the flow run's own context, from whatever thread
+                _contexts[run].copy().run(_write, run, table)
+            except Exception as exc:  # noqa: BLE001 - an artifact is a report, never a reason to fail the task
+                log.warning("could not write the artifacts of flow run %s: %s", run, exc)
+
+
+def _write(flow_run_id: str, table: list[dict[str, Any]]) -> None:
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import ArtifactCreate
+
+    key, run = artifact_key(flow_run_id), UUID(flow_run_id)
+    with get_client(sync_client=True) as client:
+        client.create_artifact(ArtifactCreate(
+            type="table", key=key, flow_run_id=run, data=json.dumps(table),
+            description="Which task ran on which MIG slice (prefect-mig).",
+        ))
+        client.create_artifact(ArtifactCreate(
+            type="markdown", key=summary_key(flow_run_id), flow_run_id=run,
+            data=summary_markdown(table).replace("{key}", key), description="MIG slices used by this flow run (prefect-mig).",
+        ))
+
+
+def _start_writer() -> None:
+    global _writer
+    with _rows_lock:
+        if _writer is not None:
+            return
+        _writer = threading.Thread(target=_write_loop, daemon=True, name="prefect-mig-artifacts")
+    _writer.start()
+    atexit.register(flush)
+
+
+def _write_loop() -> None:
+    while True:
+        _wake.wait()
+        _wake.clear()
+        flush()
+        time.sleep(WRITE_EVERY_S)  # rows that come meanwhile go in the next write
 
 
 def latest_artifact_key() -> str | None:

@@ -76,8 +76,8 @@ from prefect_mig.integrations.prefect.direct_calls import route_direct_calls, wa
 from prefect_mig.integrations.prefect.profiles import check_known
 from prefect_mig.integrations.prefect.warm import (
     check_warm,
-    close_flow_run_slots,
     discard_taken,
+    end_with_flow_run,
     local_waiter,
     passed_slot,
     start_warm,
@@ -216,7 +216,6 @@ class MigTaskRunner(ThreadPoolTaskRunner):
         self._launchers: dict[str | None, DockerLauncher] = {}  # runtime state: one per Docker engine
         self._flow_cancelled = threading.Event()  # runtime state: cancel_all meant a cancellation
         self._exiting_normally = False
-        self._warm_scopes: set = set()  # runtime state: the flow runs whose warm slots this runner made
         if profile is not None:
             self.request_for(profile, priority or 0, tenant or "default")  # validates early
             check_known(profile)  # against the catalog: a typo fails here, not at the first run
@@ -255,8 +254,6 @@ class MigTaskRunner(ThreadPoolTaskRunner):
             super().__exit__(exc_type, exc_value, traceback)
         finally:
             self._exiting_normally = False
-            if self._warm_scopes:
-                close_flow_run_slots(self._warm_scopes)
 
     def __getstate__(self) -> dict[str, Any]:
         return _picklable_state(super().__getstate__())
@@ -264,7 +261,6 @@ class MigTaskRunner(ThreadPoolTaskRunner):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._launchers, self._flow_cancelled, self._exiting_normally = {}, threading.Event(), False
-        self._warm_scopes = set()
 
     # ------------------------------------------------------------------ what to ask for
 
@@ -484,7 +480,7 @@ class MigTaskRunner(ThreadPoolTaskRunner):
         """Which warm slots a try may reuse (None: none, a fresh container; see `warm_key`)."""
         key = warm_key(self, request, ctx, flow_ctx) if self.keep_warm_s else None
         if key is not None and key[0][0] == "flow-run":
-            self._warm_scopes.add(key[0])
+            end_with_flow_run(flow_ctx, key[0])
         return key
 
     # ------------------------------------------------------------------ flow level

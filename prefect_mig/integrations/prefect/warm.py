@@ -26,6 +26,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from prefect_mig.errors import ConfigError
+from prefect_mig.integrations.prefect.flow_run_end import on_flow_run_end
 from prefect_mig.launchers import DockerLauncher
 from prefect_mig.launchers.warm import WarmContainer
 from prefect_mig.launchers.warm_pool import POOL, LocalWaiter, WarmSlot
@@ -73,9 +74,12 @@ def warm_key(runner, request, ctx, flow_ctx) -> Hashable | None:
     return scope, request.model_copy(update={"holder": ""}), repr(sorted(config.items(), key=lambda kv: kv[0]))
 
 
-def close_flow_run_slots(scopes: set) -> int:
-    """Stop and release the idle slots kept for these flow-run scopes (their task runner exits)."""
-    return POOL.close(lambda key: key[0] in scopes)
+def end_with_flow_run(flow_ctx, scope: tuple) -> None:
+    """Stop the warm slots of `scope` (a flow run's) when that flow run ends, in any final state
+    (`prefect_mig.integrations.prefect.flow_run_end`; without that hook they lapse after
+    ``keep_warm_s``)."""
+    if flow_ctx is not None and on_flow_run_end(flow_ctx, ("warm", scope), lambda: POOL.end_scope(scope)):
+        POOL.open_scope(scope)  # a retried flow run keeps its id: this attempt's slots may stay warm
 
 
 @contextmanager
