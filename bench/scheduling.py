@@ -73,9 +73,12 @@ PROFILES = "extended"
 POLICIES = ("whole-gpu", "sharing", "static:fitted", "static:searched", "proportional", "dynamic")
 MAX_DURATION_S, JOBS = 7200.0, 600
 HISTORY = 300  # pods before a window that the dynamic policies have seen when it starts
-#: the planner's knobs: the defaults but a drain timeout of once (not twice) the longest expected
-#: remaining run time in the way, tuned on the tuning window of day 135 at 8x only (mean JCT 3,200 s
-#: against 3,982 s at twice and 4,175 s at four times); held-out windows were never run to choose it
+#: the planner's knobs: the defaults but a drain timeout of once (not twice) the expected wait for the
+#: leases in the way, tuned on the tuning window of day 135 at 8x only (mean JCT 3,200 s against
+#: 3,982 s at twice and 4,175 s at four times, when the wait was the longest single expectation);
+#: held-out windows were never run to choose it. The drain safeguard (the planner's `drain_wait_s`
+#: and the slice-time a drain withholds from each busy slice's end) was checked on the tuning
+#: windows only, at 4x and 8x; no extra tuning windows were declared
 KNOBS = Knobs(profiles=PROFILES, drain_timeout_factor=1.0)
 LOADS = (1.0, 2.0, 4.0, 8.0, 16.0)
 TUNING = (115.0, 125.0, 135.0)  # start days

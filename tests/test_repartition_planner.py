@@ -357,6 +357,40 @@ def test_a_drain_is_priced_by_the_expected_remaining_run_time_of_the_leases_in_i
     assert planned(()).kind == "drain" and planned(()).drain_timeout_s is None  # no history: the flat cost
 
 
+def test_a_drain_waits_for_every_lease_in_its_way_not_just_the_longest_expected_one():
+    # four 1g.20gb leases expected to run 100 s more each: the last of them is expected to end
+    # after 208 s (exponential run times), so a timeout of twice 100 s gave up on about half such
+    # drains after withholding every slice that had freed meanwhile
+    fours = Layout.parse("H100-80GB", "1g.20gb@0 + 1g.20gb@2 + 1g.20gb@4 + 1g.20gb@6")
+    busy = frozenset(Placement(profile="1g.20gb", start=s) for s in (0, 2, 4, 6))
+    gpu = GpuState(gpu_uuid="GPU-0", layout=fours, busy=busy, remaining_s=tuple((("1g.20gb", s), 100.0) for s in (0, 2, 4, 6)))
+    (p,) = plan([gpu], {"H100-80GB/7g.80gb": [2.0]}, Knobs(profiles="extended"))
+    assert p.kind == "drain" and p.drain_timeout_s == pytest.approx(2 * 100 * (1 + 1 / 2 + 1 / 3 + 1 / 4))
+
+
+def test_a_drain_is_not_started_when_the_slices_it_withholds_from_waiting_requests_outweigh_its_gain():
+    """Two of four 1g.20gb slices are idle, four 1g.20gb requests wait, and a 7g request (priority
+    17) waits too; the two leases in the way are expected to run 600 s more each. Draining to
+    7g.80gb takes the idle slices out for the whole wait for *both* leases (900 s expected, not
+    600 s) and each busy slice from its own end to the other's: 2,400 slice-seconds that the
+    waiting 1g.20gb requests lose, against one 7g request served 900 s sooner. The planner
+    used to count only the idle slices, for 600 s, and drained; now it keeps the layout."""
+    fours = Layout.parse("H100-80GB", "1g.20gb@0 + 1g.20gb@2 + 1g.20gb@4 + 1g.20gb@6")
+    busy = frozenset({Placement(profile="1g.20gb", start=0), Placement(profile="1g.20gb", start=2)})
+    gpu = GpuState(gpu_uuid="GPU-0", layout=fours, busy=busy,
+                   remaining_s=((("1g.20gb", 0), 600.0), (("1g.20gb", 2), 600.0)))
+
+    def planned(priority: int):
+        demand = {"H100-80GB/7g.80gb": [1 + priority / 10], "H100-80GB/1g.20gb": [1.0] * 4}
+        return plan([gpu], demand, Knobs(profiles="extended"))[0]
+
+    kept = planned(17)
+    assert kept.kind == "none" and kept.target == fours
+    # a big enough gain still pays for it, and the drain then waits for both leases (2 x 900 s)
+    urgent = planned(25)
+    assert urgent.kind == "drain" and urgent.drain_timeout_s == pytest.approx(1800)
+
+
 def test_expected_remaining_run_time_comes_from_the_lease_history():
     from prefect_mig.repartition.service import expected_remaining
 
