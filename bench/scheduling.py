@@ -76,9 +76,10 @@ HISTORY = 300  # pods before a window that the dynamic policies have seen when i
 #: the planner's knobs: the defaults but a drain timeout of once (not twice) the expected wait for the
 #: leases in the way, tuned on the tuning window of day 135 at 8x only (mean JCT 3,200 s against
 #: 3,982 s at twice and 4,175 s at four times, when the wait was the longest single expectation);
-#: held-out windows were never run to choose it. The drain safeguard (the planner's `drain_wait_s`
-#: and the slice-time a drain withholds from each busy slice's end) was checked on the tuning
-#: windows only, at 4x and 8x; no extra tuning windows were declared
+#: held-out windows were never run to choose it. The drain safeguards (the planner's `drain_wait_s`,
+#: the slice-time a drain withholds from each busy slice's end, and an estimate for leases older
+#: than the event history read) were checked on the tuning windows only, at 4x and 8x; no extra
+#: tuning windows were declared
 KNOBS = Knobs(profiles=PROFILES, drain_timeout_factor=1.0)
 LOADS = (1.0, 2.0, 4.0, 8.0, 16.0)
 TUNING = (115.0, 125.0, 135.0)  # start days

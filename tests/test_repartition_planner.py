@@ -409,6 +409,26 @@ def test_expected_remaining_run_time_comes_from_the_lease_history():
     assert expected_remaining(status, events[4:], now_ms=1_200_000) == {}
 
 
+def test_a_lease_granted_before_the_history_read_is_expected_to_run_as_long_as_leases_that_old():
+    """The service reads a capped tail of the event stream: a lease granted before it is at least
+    as old as its oldest event. It used to get no estimate, so a drain priced it at the flat
+    600 s and timed out at the agent's 600 s while such long leases ran on for hours (seen on
+    tuning day 135: drains to 7g.80gb withholding four idle slices, then given up)."""
+    from prefect_mig.repartition.service import expected_remaining
+
+    events = [
+        {"type": "lease.granted", "lease": "a", "at": 1_000_000},
+        {"type": "lease.released", "lease": "a", "at": 1_100_000},  # ran 100 s
+        {"type": "lease.granted", "lease": "b", "at": 1_000_000},
+        {"type": "lease.released", "lease": "b", "at": 4_000_000},  # ran 3,000 s
+    ]
+    status = {"slices": [{"id": "s1", "state": "leased", "lease": "old"}, {"id": "s2", "state": "leased", "lease": "c"}]}
+    events.append({"type": "lease.granted", "lease": "c", "at": 4_100_000})
+    # "old" is at least 3,200 s old (the oldest event) and has outlived every finished lease: its
+    # age again, as for a known lease that old; "c" (100 s old) is known: only b ran longer
+    assert expected_remaining(status, events, now_ms=4_200_000) == {"s1": 3200.0, "s2": 2900.0}
+
+
 def test_memory_bound_demand_moves_a_gpu_from_2g_20gb_to_1g_20gb_slices():
     # the held-out window where dynamic lost ended on 2g.20gb slices while 16 GB pods queued: with
     # the extended profiles those pods count for 1g.20gb, and four of them fill the memory
