@@ -300,6 +300,11 @@ def drain_wait_s(remaining_s: Sequence[float]) -> float:
         assert round(drain_wait_s([100.0] * 4), 1) == 208.3
         ```
     """
+    return _drain_wait(tuple(sorted(remaining_s)))
+
+
+@lru_cache(maxsize=4096)
+def _drain_wait(remaining_s: tuple[float, ...]) -> float:
     rates = [1.0 / m for m in remaining_s if m > 0]
     if len(rates) > 10:  # 1,023 subsets at most; beyond that the harmonic form of the mean rate
         mean = len(rates) / sum(rates)
@@ -335,16 +340,20 @@ def plan_gpu(gpu: GpuState, remaining: Remaining, knobs: Knobs = Knobs()) -> Gpu
         `drain_reference_s`; the best waiting units of a kind go to the longest withheld slices."""
         in_way = busy - candidate.instances
         wait = drain_wait_s([expected.get(s, knobs.drain_reference_s) for s in in_way])
-        out: dict[str, list[float]] = {}
+        idle: dict[str, int] = {}
         for profile, start in current.instances - candidate.instances - busy:
-            out.setdefault(profile, []).append(wait)
+            idle[profile] = idle.get(profile, 0) + 1
+        freed: dict[str, list[float]] = {}
         for profile, start in in_way:
-            out.setdefault(profile, []).append(wait - expected.get((profile, start), knobs.drain_reference_s))
+            freed.setdefault(profile, []).append(wait - expected.get((profile, start), knobs.drain_reference_s))
         lost = 0.0
-        for profile, spans in out.items():
-            key = f"{model_name}/{profile}"
-            for n, span in enumerate(sorted(spans, reverse=True)):
-                lost += (remaining.value(key, n + 1) - remaining.value(key, n)) * span * slice_value(model_name, profile)
+        for profile in idle.keys() | freed.keys():
+            key, n = f"{model_name}/{profile}", idle.get(profile, 0)
+            held = remaining.value(key, n) * wait  # idle slices are out longest: the best units
+            for span in sorted(freed.get(profile, ()), reverse=True):
+                held += (remaining.value(key, n + 1) - remaining.value(key, n)) * span
+                n += 1
+            lost += held * slice_value(model_name, profile)
         return lost / knobs.drain_reference_s
 
     def score_of(candidate: _Shape) -> tuple[float, int]:
@@ -364,6 +373,8 @@ def plan_gpu(gpu: GpuState, remaining: Remaining, knobs: Knobs = Knobs()) -> Gpu
         else:
             kind = "drain"
             score -= wait_cost(busy - candidate.instances)  # leases the drain must outlast
+            if (-score, steps, candidate.text) >= best_key:
+                continue  # what it withholds (never negative) can only make it worse
             score -= withheld(candidate)
         key = (-score, steps, candidate.text)  # deterministic: best score, fewer steps, the text
         if key < best_key:
