@@ -357,6 +357,40 @@ def test_a_drain_is_priced_by_the_expected_remaining_run_time_of_the_leases_in_i
     assert planned(()).kind == "drain" and planned(()).drain_timeout_s is None  # no history: the flat cost
 
 
+def test_a_drain_waits_for_every_lease_in_its_way_not_just_the_longest_expected_one():
+    # four 1g.20gb leases expected to run 100 s more each: the last of them is expected to end
+    # after 208 s (exponential run times), so a timeout of twice 100 s gave up on about half such
+    # drains after withholding every slice that had freed meanwhile
+    fours = Layout.parse("H100-80GB", "1g.20gb@0 + 1g.20gb@2 + 1g.20gb@4 + 1g.20gb@6")
+    busy = frozenset(Placement(profile="1g.20gb", start=s) for s in (0, 2, 4, 6))
+    gpu = GpuState(gpu_uuid="GPU-0", layout=fours, busy=busy, remaining_s=tuple((("1g.20gb", s), 100.0) for s in (0, 2, 4, 6)))
+    (p,) = plan([gpu], {"H100-80GB/7g.80gb": [2.0]}, Knobs(profiles="extended"))
+    assert p.kind == "drain" and p.drain_timeout_s == pytest.approx(2 * 100 * (1 + 1 / 2 + 1 / 3 + 1 / 4))
+
+
+def test_a_drain_is_not_started_when_the_slices_it_withholds_from_waiting_requests_outweigh_its_gain():
+    """Two of four 1g.20gb slices are idle, four 1g.20gb requests wait, and a 7g request (priority
+    17) waits too; the two leases in the way are expected to run 600 s more each. Draining to
+    7g.80gb takes the idle slices out for the whole wait for *both* leases (900 s expected, not
+    600 s) and each busy slice from its own end to the other's: 2,400 slice-seconds that the
+    waiting 1g.20gb requests lose, against one 7g request served 900 s sooner. The planner
+    used to count only the idle slices, for 600 s, and drained; now it keeps the layout."""
+    fours = Layout.parse("H100-80GB", "1g.20gb@0 + 1g.20gb@2 + 1g.20gb@4 + 1g.20gb@6")
+    busy = frozenset({Placement(profile="1g.20gb", start=0), Placement(profile="1g.20gb", start=2)})
+    gpu = GpuState(gpu_uuid="GPU-0", layout=fours, busy=busy,
+                   remaining_s=((("1g.20gb", 0), 600.0), (("1g.20gb", 2), 600.0)))
+
+    def planned(priority: int):
+        demand = {"H100-80GB/7g.80gb": [1 + priority / 10], "H100-80GB/1g.20gb": [1.0] * 4}
+        return plan([gpu], demand, Knobs(profiles="extended"))[0]
+
+    kept = planned(17)
+    assert kept.kind == "none" and kept.target == fours
+    # a big enough gain still pays for it, and the drain then waits for both leases (2 x 900 s)
+    urgent = planned(25)
+    assert urgent.kind == "drain" and urgent.drain_timeout_s == pytest.approx(1800)
+
+
 def test_expected_remaining_run_time_comes_from_the_lease_history():
     from prefect_mig.repartition.service import expected_remaining
 
@@ -373,6 +407,26 @@ def test_expected_remaining_run_time_comes_from_the_lease_history():
     # c is 200 s old: only the 1,000 s lease ran longer, so 800 s more; d (1,200 s) outlived all
     assert expected_remaining(status, events, now_ms=1_200_000) == {"s1": 800.0, "s2": 1200.0}
     assert expected_remaining(status, events[4:], now_ms=1_200_000) == {}
+
+
+def test_a_lease_granted_before_the_history_read_is_expected_to_run_as_long_as_leases_that_old():
+    """The service reads a capped tail of the event stream: a lease granted before it is at least
+    as old as its oldest event. It used to get no estimate, so a drain priced it at the flat
+    600 s and timed out at the agent's 600 s while such long leases ran on for hours (seen on
+    tuning day 135: drains to 7g.80gb withholding four idle slices, then given up)."""
+    from prefect_mig.repartition.service import expected_remaining
+
+    events = [
+        {"type": "lease.granted", "lease": "a", "at": 1_000_000},
+        {"type": "lease.released", "lease": "a", "at": 1_100_000},  # ran 100 s
+        {"type": "lease.granted", "lease": "b", "at": 1_000_000},
+        {"type": "lease.released", "lease": "b", "at": 4_000_000},  # ran 3,000 s
+    ]
+    status = {"slices": [{"id": "s1", "state": "leased", "lease": "old"}, {"id": "s2", "state": "leased", "lease": "c"}]}
+    events.append({"type": "lease.granted", "lease": "c", "at": 4_100_000})
+    # "old" is at least 3,200 s old (the oldest event) and has outlived every finished lease: its
+    # age again, as for a known lease that old; "c" (100 s old) is known: only b ran longer
+    assert expected_remaining(status, events, now_ms=4_200_000) == {"s1": 3200.0, "s2": 2900.0}
 
 
 def test_memory_bound_demand_moves_a_gpu_from_2g_20gb_to_1g_20gb_slices():

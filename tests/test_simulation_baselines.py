@@ -157,3 +157,26 @@ def test_the_proportional_anchor_re_partitions_toward_the_live_demand(redis_serv
     assert result.reconfigurations > 0 and not result.violations
     assert not result.unfinished and not result.rejected
     assert result.lower_bound_s <= result.makespan_s
+
+
+def test_the_jct_floor_is_1_where_nothing_waits_and_shows_the_room_where_jobs_queue(redis_server, tmp_path):
+    from prefect_mig.simulation.report import jct_floor
+
+    # four small jobs, staggered, on a mix that holds them all at once: nobody waits, so no policy
+    # can do better than the static mix, and the floor says so
+    jobs = [Job(f"s{i}", 10 * i, 100 + 50 * i, ((10.0, 1),)) for i in range(4)]
+    results = compare(redis_server.client(), jobs, fleet="n=1xH100-80GB",
+                      policies=["static:smallest", "static:searched"], state_dir=tmp_path / "idle")
+    for r in results:
+        assert jct_floor(r) == r.summary()["jct_mean_s"] == 175
+    figures = ratios(results)
+    assert figures["jct_floor_vs_best_searched_static"] == 1.0
+    assert figures["best_searched_static_wait_share"] == 0.0
+    # two whole-GPU jobs at once on one GPU: one waits 100 s, so the mean JCT is 150 s against a
+    # floor of 100 s, a third of it waiting
+    jobs = [Job("a", 0, 100, ((80.0, 7),)), Job("b", 0, 100, ((80.0, 7),))]
+    results = compare(redis_server.client(), jobs, fleet="n=1xH100-80GB", policies=["static:searched"],
+                      state_dir=tmp_path / "busy")
+    figures = ratios(results)
+    assert figures["jct_floor_vs_best_searched_static"] == pytest.approx(100 / 150, abs=1e-4)
+    assert figures["best_searched_static_wait_share"] == pytest.approx(50 / 150, abs=1e-4)

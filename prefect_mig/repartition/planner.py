@@ -10,8 +10,10 @@ For each GPU it picks a target layout and the fewest create/destroy steps to rea
   per lease it must wait for, scaled by that lease's expected remaining run time (from the lease
   history, `GpuState.remaining_s`) over ``drain_reference_s`` (waiting for a lease that will run two
   more hours costs twelve times one that ends in ten minutes), plus the slice-time it withholds:
-  what the idle slices it takes out of service would serve of the waiting demand, for that wait. A drain plan carries a timeout in
-  the same terms (``drain_timeout_factor`` x the longest expected remaining run time in the way).
+  what the slices it takes out of service would serve of the waiting demand meanwhile (its idle
+  slices for the whole wait, and each busy one from its own lease's end until the last lease in the
+  way ends: `drain_wait_s`, the expected wait for *all* of them). A drain plan carries a timeout in
+  the same terms (``drain_timeout_factor`` x that expected wait).
 - **Objective**, per GPU in turn (GPUs that already serve most demand first): most
   priority-weighted demand served, each served request counted by its slice's dominant share of
   the GPU in compute slices: ``max(compute / compute slices, memory / memory slices) x compute
@@ -133,8 +135,8 @@ class Knobs:
             is expected to run `drain_reference_s` more; scaled by the expected remaining time
             (at least a tenth of it) where the lease history tells.
         drain_reference_s: the expected remaining run time `drain_cost` is priced at.
-        drain_timeout_factor: a drain gives up after this many times the longest expected
-            remaining run time of the leases it waits for (at least `drain_timeout_min_s`).
+        drain_timeout_factor: a drain gives up after this many times the expected wait for every
+            lease in its way to end (`drain_wait_s`; at least `drain_timeout_min_s`).
         drain_timeout_min_s: the shortest drain timeout the planner sets (a lease about to end
             still needs the agent to notice).
         fragmentation_cost: served compute slices one unusable free memory slice costs.
@@ -283,6 +285,37 @@ def _placements(items) -> tuple[Placement, ...]:
     return tuple(Placement(profile=p, start=s) for p, s in sorted(items, key=lambda x: x[1]))
 
 
+def drain_wait_s(remaining_s: Sequence[float]) -> float:
+    """Expected time until *every* lease in a drain's way has ended, from each one's expected
+    remaining run time: the expected maximum of independent exponential run times with those
+    means (inclusion-exclusion over the leases). One lease: its own expectation; k leases of mean
+    m: m times the k-th harmonic number (four leases of 100 s: 208 s, not 100 s). Waiting for the
+    longest *expectation* alone times drains out while the other leases still run.
+
+    Examples:
+        ```python
+        from prefect_mig.repartition.planner import drain_wait_s
+
+        assert drain_wait_s([]) == 0 and drain_wait_s([60.0]) == 60
+        assert round(drain_wait_s([100.0] * 4), 1) == 208.3
+        ```
+    """
+    return _drain_wait(tuple(sorted(remaining_s)))
+
+
+@lru_cache(maxsize=4096)
+def _drain_wait(remaining_s: tuple[float, ...]) -> float:
+    rates = [1.0 / m for m in remaining_s if m > 0]
+    if len(rates) > 10:  # 1,023 subsets at most; beyond that the harmonic form of the mean rate
+        mean = len(rates) / sum(rates)
+        return mean * sum(1.0 / k for k in range(1, len(rates) + 1))
+    total = 0.0
+    for mask in range(1, 1 << len(rates)):
+        picked = [r for i, r in enumerate(rates) if mask >> i & 1]
+        total += (-1) ** (len(picked) + 1) / sum(picked)
+    return max([total, *(m for m in remaining_s if m <= 0)], default=0.0)
+
+
 def plan_gpu(gpu: GpuState, remaining: Remaining, knobs: Knobs = Knobs()) -> GpuPlan:
     """The best plan for one GPU against the demand not yet served elsewhere."""
     current = _shape(gpu.layout)
@@ -300,16 +333,28 @@ def plan_gpu(gpu: GpuState, remaining: Remaining, knobs: Knobs = Knobs()) -> Gpu
     model_name = current.layout.gpu_model
 
     def withheld(candidate: _Shape) -> float:
-        """The slice-time a drain loses: the idle slices it takes out of service would serve
-        waiting demand now, for as long as the longest lease in its way is expected to run
-        (in units of `drain_reference_s`)."""
+        """The slice-time a drain loses: the slices it takes out of service would serve waiting
+        demand meanwhile. Its idle slices go out at once, for the whole wait; each busy slice in
+        its way goes out when its own lease ends and stays out until the last one ends (the
+        expected wait for all of them, `drain_wait_s`, less that lease's own). In units of
+        `drain_reference_s`; the best waiting units of a kind go to the longest withheld slices."""
         in_way = busy - candidate.instances
-        wait = max((expected.get(s, knobs.drain_reference_s) for s in in_way), default=0.0)
+        wait = drain_wait_s([expected.get(s, knobs.drain_reference_s) for s in in_way])
         idle: dict[str, int] = {}
         for profile, start in current.instances - candidate.instances - busy:
             idle[profile] = idle.get(profile, 0) + 1
-        now = sum(remaining.value(f"{model_name}/{p}", n) * slice_value(model_name, p) for p, n in idle.items())
-        return now * wait / knobs.drain_reference_s
+        freed: dict[str, list[float]] = {}
+        for profile, start in in_way:
+            freed.setdefault(profile, []).append(wait - expected.get((profile, start), knobs.drain_reference_s))
+        lost = 0.0
+        for profile in idle.keys() | freed.keys():
+            key, n = f"{model_name}/{profile}", idle.get(profile, 0)
+            held = remaining.value(key, n) * wait  # idle slices are out longest: the best units
+            for span in sorted(freed.get(profile, ()), reverse=True):
+                held += (remaining.value(key, n + 1) - remaining.value(key, n)) * span
+                n += 1
+            lost += held * slice_value(model_name, profile)
+        return lost / knobs.drain_reference_s
 
     def score_of(candidate: _Shape) -> tuple[float, int]:
         steps = len(current.instances ^ candidate.instances)
@@ -328,6 +373,8 @@ def plan_gpu(gpu: GpuState, remaining: Remaining, knobs: Knobs = Knobs()) -> Gpu
         else:
             kind = "drain"
             score -= wait_cost(busy - candidate.instances)  # leases the drain must outlast
+            if (-score, steps, candidate.text) >= best_key:
+                continue  # what it withholds (never negative) can only make it worse
             score -= withheld(candidate)
         key = (-score, steps, candidate.text)  # deterministic: best score, fewer steps, the text
         if key < best_key:
@@ -338,7 +385,8 @@ def plan_gpu(gpu: GpuState, remaining: Remaining, knobs: Knobs = Knobs()) -> Gpu
     assert kind == "drain" or busy <= target.instances, "a plan may never destroy a busy slice"
     in_the_way = [expected[s] for s in busy - target.instances if s in expected]
     timeout = (
-        max(knobs.drain_timeout_min_s, knobs.drain_timeout_factor * max(in_the_way)) if kind == "drain" and in_the_way else None
+        max(knobs.drain_timeout_min_s, knobs.drain_timeout_factor * drain_wait_s(in_the_way))
+        if kind == "drain" and in_the_way else None
     )
     return GpuPlan(
         gpu_uuid=gpu.gpu_uuid,

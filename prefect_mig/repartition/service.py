@@ -85,10 +85,12 @@ def demand_of(
 def expected_remaining(status: dict, events: list[dict], *, now_ms: int) -> dict[str, float]:
     """Per leased slice: its lease's expected remaining run time in seconds, from the lease history
     in `events` (oldest first): the mean of ``d - age`` over the finished leases' durations ``d``
-    longer than the lease's age (a lease older than every finished one: its age again). Empty
-    without finished leases, and for leases granted before `events` begins."""
+    longer than the lease's age (a lease older than every finished one: its age again). A lease
+    granted before `events` begins is at least as old as the oldest event and is estimated at that
+    age (not left to a flat default: such leases are the long ones). Empty without finished leases."""
     granted: dict[str, int] = {}
     durations: list[float] = []
+    oldest = min((int(e.get("at") or 0) for e in events if e.get("at")), default=now_ms)
     for e in events:
         kind, lease = e.get("type"), e.get("lease")
         if kind == "lease.granted" and lease:
@@ -99,8 +101,8 @@ def expected_remaining(status: dict, events: list[dict], *, now_ms: int) -> dict
         return {}
     out = {}
     for s in status["slices"]:
-        if s["state"] == "leased" and s.get("lease") in granted:
-            age = (now_ms - granted[s["lease"]]) / 1000
+        if s["state"] == "leased" and s.get("lease"):
+            age = (now_ms - granted.get(s["lease"], oldest)) / 1000
             longer = [d - age for d in durations if d > age]
             out[s["id"]] = sum(longer) / len(longer) if longer else age
     return out

@@ -144,9 +144,19 @@ def _jct(result: SimResult | None) -> float | None:
     return result.summary()["jct_mean_s"] or None
 
 
+def jct_floor(result: SimResult) -> float | None:
+    """The mean JCT no policy can beat on `result`'s jobs: each job's own run time, as if no job
+    ever waited and no re-carve cost anything (JCT is end minus arrival, `JobResult.jct_s`, and a
+    job's parts all run its run time). Over the jobs that were not rejected; None if there are none."""
+    ran = [j.duration_s for j in result.jobs if not j.rejected]
+    return sum(ran) / len(ran) if ran else None
+
+
 def ratios(results: Sequence[SimResult]) -> dict:
     """Dynamic's mean JCT over whole-GPU's and over the best static's, and dynamic's makespan over
-    its lower bound; only policies that ran every job to the end count. None where one is missing."""
+    its lower bound; only policies that ran every job to the end count. None where one is missing.
+    Also the floor over the searched static mix's mean JCT (`jct_floor`: the lowest ratio any
+    policy could reach against it) and the share of that mix's mean JCT spent waiting."""
     by = {r.policy: r for r in results}
     dyn, whole = _jct(by.get("dynamic")), _jct(by.get("whole-gpu"))
     searched, sharing = _jct(by.get("static:searched")), _jct(by.get("sharing"))
@@ -157,12 +167,17 @@ def ratios(results: Sequence[SimResult]) -> dict:
     def over(x: float | None) -> float | None:
         return round(dyn / x, 4) if dyn and x else None
 
+    floor = jct_floor(by["static:searched"]) if searched else None
+    wait = by["static:searched"].summary()["wait_mean_s"] if searched else None
+
     return {
         "jct_ratio_vs_whole_gpu": over(whole),
         "jct_ratio_vs_best_static": over(_jct(best)),
         "best_static": best.policy if best else None,
         "jct_ratio_vs_best_searched_static": over(searched),
         "best_searched_static_layouts": by["static:searched"].layouts_end if searched else None,
+        "jct_floor_vs_best_searched_static": round(floor / searched, 4) if floor and searched else None,
+        "best_searched_static_wait_share": round(wait / searched, 4) if wait is not None and searched else None,
         "jct_ratio_vs_sharing": over(sharing),
         "jct_ratio_vs_proportional": over(_jct(by.get("proportional"))),
         "makespan_vs_lower_bound": round(d.makespan_s / d.lower_bound_s, 4) if dyn and d and d.lower_bound_s else None,
