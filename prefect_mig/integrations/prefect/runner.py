@@ -104,7 +104,8 @@ def _allocator(url: str, namespace: str) -> Allocator:
             settings = load_settings()
             client = client_for_url(url, socket_connect_timeout=2, socket_timeout=10)
             _ALLOCATORS[key] = Allocator(
-                client, namespace, replicas=settings.redis_replicas, replica_timeout_s=settings.redis_replica_timeout_s
+                client, namespace, replicas=settings.redis_replicas, replica_timeout_s=settings.redis_replica_timeout_s,
+                wait_ttl_s=settings.wait_ttl_s,
             )
         return _ALLOCATORS[key]
 
