@@ -192,22 +192,35 @@ def _runtime_archive(payload: bytes | None) -> bytes:
     return buf.getvalue()
 
 
+_BY_VALUE_LOCK = threading.Lock()
+_BY_VALUE_USERS: dict[str, int] = {}  # module name -> calls pickling it by value right now
+
+
 def _pickle_call(fn: Callable, args: tuple, kwargs: dict) -> bytes:
     """Cloudpickle the call; the function's own module travels by value when it is user code (not
     installed), so the container needs no copy of the user's project."""
     module = sys.modules.get(getattr(fn, "__module__", "") or "")
-    registered = False
+    by_value = False
     if module is not None and module.__name__ != "__main__":
         origin = getattr(module, "__file__", "") or ""
         installed = "site-packages" in origin or "dist-packages" in origin or origin.startswith(sys.base_prefix)
-        if origin and not installed:
+        by_value = bool(origin) and not installed
+    if not by_value:
+        return cloudpickle.dumps((fn, tuple(args), dict(kwargs)))
+    # counted: tasks of one module pickled at once in several threads (a map) must not unregister
+    # the module under each other (a ValueError, or a call pickled by reference the container lacks)
+    with _BY_VALUE_LOCK:
+        if not _BY_VALUE_USERS.get(module.__name__):
             cloudpickle.register_pickle_by_value(module)
-            registered = True
+        _BY_VALUE_USERS[module.__name__] = _BY_VALUE_USERS.get(module.__name__, 0) + 1
     try:
         return cloudpickle.dumps((fn, tuple(args), dict(kwargs)))
     finally:
-        if registered:
-            cloudpickle.unregister_pickle_by_value(module)
+        with _BY_VALUE_LOCK:
+            _BY_VALUE_USERS[module.__name__] -= 1
+            if not _BY_VALUE_USERS[module.__name__]:
+                del _BY_VALUE_USERS[module.__name__]
+                cloudpickle.unregister_pickle_by_value(module)
 
 
 #: what requests raises when the engine itself goes away: refused, reset, or cut mid-answer
