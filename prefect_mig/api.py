@@ -267,7 +267,7 @@ def create_app(
     # of each waiter waking to touch its own: with 1,000 waiters that was 1,000 wake-ups a second that
     # renew and release competed with. A waiter wakes when its grant is pushed, its client leaves, its
     # deadline passes, or the keeper found its request granted or gone (`stirred`).
-    touch_every = max(0.05, allocator.wait_ttl_ms / 3000)
+    touch_every = max(0.05, min(2.0, allocator.wait_ttl_ms / 3000))  # as `Allocator.wait_for_grant` touches
     # a BLPOP must end before the async client's socket timeout gives up on its reply
     socket_timeout = allocator.redis.connection_pool.connection_kwargs.get("socket_timeout") or 30.0
     pop_every = max(0.05, min(25.0, float(socket_timeout) - 2.0))

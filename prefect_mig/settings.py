@@ -126,6 +126,13 @@ class Settings(BaseSettings):
         gt=0,
         description="Seconds a task may wait for a slice when MigTaskRunner(wait_timeout_s=...) is not given.",
     )
+    wait_ttl_s: float = Field(
+        default=15.0,
+        gt=0,
+        le=3600,
+        description="Seconds a queued request may go without its waiter's touch (every third of this, at "
+        "most every 2 s) before it is dropped as abandoned; generous, so a loaded machine does not drop live waiters.",
+    )
     layouts_file: Path | None = Field(
         default=None,
         description="YAML file of named MIG layout configs (mig-parted style); unset uses the shipped defaults.",

@@ -157,6 +157,24 @@ def test_waiting_is_pushed_to_the_waiter(one_h100):
     assert time.monotonic() - started < 1.5
 
 
+def test_by_default_a_waiter_silent_for_ten_seconds_stays_queued_and_one_silent_past_15_s_is_dropped(
+    redis_client, namespace, clock
+):
+    """A loaded machine (load average 20) starved a live waiter's touches for over 3 s, the old wait
+    TTL, and it was dropped as abandoned (`LeaseLost: ... no longer queued`). The default wait TTL
+    is 15 s: a waiter ten seconds late is still queued, a dead one is gone after 15 s."""
+    alloc = Allocator(redis_client, namespace, clock=clock)
+    alloc.publish_fleet("node-a=1xH100-80GB", layouts={"node-a": [H100_MIXED]})
+    alloc.try_acquire(one("3g.40gb", ttl_s=600))
+    queued = alloc.try_acquire(one("3g.40gb"), wait=True)
+    clock.advance(10)
+    alloc.reap()
+    assert [q["id"] for q in alloc.status()["queue"]] == [queued.request_id]
+    clock.advance(5.5)
+    alloc.reap()
+    assert alloc.status()["queue"] == []
+
+
 def test_a_wait_that_times_out_leaves_the_queue(one_h100):
     one_h100.try_acquire(one("3g.40gb"))
     with pytest.raises(WaitTimeout):

@@ -177,3 +177,31 @@ def test_a_body_that_runs_past_the_engine_gone_limit_still_completes(python_imag
 
     launcher = QuickToGiveUp(ContainerSettings(image=python_image))
     assert launcher.run(sleep_a_while, (4,), mig_uuid="MIG-test-long", poll_s=0.25) == "done"
+
+
+def test_calls_of_one_module_pickled_at_once_in_many_threads_each_carry_it_by_value():
+    """A map pickles its tasks in several threads at once. Each call must carry its (not installed)
+    module by value, since the container has no copy of it, and no thread may unregister the module
+    under another (seen as a mapped task failing with 'ValueError: ... is not registered for pickle
+    by value')."""
+    import cloudpickle
+
+    from prefect_mig.launchers.docker import _pickle_call
+
+    payloads, errors = [], []
+
+    def pickle_many() -> None:
+        for _ in range(300):
+            try:
+                payloads.append(_pickle_call(sleep_a_while, (1,), {}))
+            except Exception as exc:  # noqa: BLE001 - the test counts what the pickling raised
+                errors.append(exc)
+
+    threads = [threading.Thread(target=pickle_many) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert errors == []
+    assert len(payloads) == 2400 and all(b"done" in payload for payload in payloads)  # its code, not a reference
+    assert __name__ not in cloudpickle.list_registry_pickle_by_value()

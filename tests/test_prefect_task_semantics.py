@@ -272,6 +272,83 @@ def test_a_timeout_raised_into_the_thread_mid_acquire_neither_stops_it_halfway_n
     assert len(outcome) == 1 and isinstance(outcome[0], TimeoutError)  # and the timeout still raised
 
 
+def answer():
+    return 42
+
+
+@pytest.mark.parametrize("when", ["as the grant is handed back", "at the first call after a granted wait"])
+def test_a_timeout_landing_right_after_the_grant_leaves_no_lease_held(redis_server, namespace, monkeypatch, python_image, when):
+    """Prefect's sync timeout lands in the task's thread at any function call or return. Landing
+    just after the slice was granted, before the runner's release is armed, it used to leave the
+    grant held until its TTL (seen once as a leaked lease after the timeout tests). A trace function
+    raises it at exactly such a point here: as `shielded` hands the grant back (the few bytecodes
+    after its wait), or at the first call after a wait for a slice was granted."""
+    import sys
+    import threading
+
+    import redis
+
+    from prefect_mig.allocator import Allocator, Lease, LeaseInfo, SliceRequest
+    from prefect_mig.integrations.prefect.context import shielded
+
+    from .allocator_fixtures import H100_MIXED
+
+    monkeypatch.setenv("PREFECT_MIG_REDIS_URL", redis_server.url)
+    monkeypatch.setenv("PREFECT_MIG_NAMESPACE", namespace)
+    monkeypatch.setenv("PREFECT_MIG_BACKEND", "simulated")
+    alloc = Allocator(redis.Redis.from_url(redis_server.url), namespace)
+    alloc.publish_fleet("node-a=1xH100-80GB", layouts={"node-a": [H100_MIXED]})  # one 3g.40gb
+    blocker = alloc.try_acquire(SliceRequest(profile="3g.40gb", ttl_s=600)) if "wait" in when else None
+    fired, outcome = [], []
+
+    def land() -> None:
+        fired.append(True)
+        raise TimeoutError("the task's timeout, landing right after the grant")
+
+    def handed_back(frame, event, arg):  # the local trace of `shielded`: its return of a grant
+        if event == "return" and isinstance(arg, (Lease, LeaseInfo)) and not fired:
+            land()
+        return handed_back
+
+    granted: list = []
+
+    def grant_returned(frame, event, arg):  # the local trace of `wait_for_grant`: a grant returned
+        if event == "return" and isinstance(arg, LeaseInfo):
+            granted.append(arg)
+        return grant_returned
+
+    def trace(frame, event, arg):
+        if event != "call":
+            return None
+        if when == "as the grant is handed back":
+            return handed_back if frame.f_code is shielded.__code__ else None
+        if granted and not fired:
+            land()  # the first call of any function once the grant is back in the task's thread
+        return grant_returned if frame.f_code is Allocator.wait_for_grant.__code__ else None
+
+    def try_() -> None:
+        sys.settrace(trace)
+        try:
+            MigTaskRunner(profile="3g.40gb", image=python_image).run_in_slice(answer, (), {})
+        except BaseException as exc:  # noqa: BLE001 - the test looks at what the try raised
+            outcome.append(exc)
+        finally:
+            sys.settrace(None)
+
+    worker = threading.Thread(target=try_, daemon=True)
+    worker.start()
+    if blocker is not None:
+        deadline = time.monotonic() + 60
+        while not alloc.status()["queue"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert alloc.status()["queue"], "the try did not queue for the slice"
+        alloc.release(blocker.lease_id, blocker.fence)
+    worker.join(60)
+    assert fired and len(outcome) == 1 and isinstance(outcome[0], TimeoutError), outcome
+    assert alloc.status()["leases"] == [], "the grant was left held after the timeout landed"
+    assert alloc.status()["queue"] == []
+
+
 # Differences from ThreadPoolTaskRunner that the README lists, each a decision tested here.
 
 

@@ -41,6 +41,7 @@ def test_defaults_use_an_embedded_redis_and_pick_the_backend_automatically(monke
         ("REDIS_URL", "http://localhost", "redis://"),
         ("NAMESPACE", "a b", "pattern"),
         ("SIMULATED_FLEET", "node-a=1xH999", "unknown GPU model 'H999'"),
+        ("WAIT_TTL_S", "0", "greater than 0"),
     ],
 )
 def test_a_bad_variable_is_named_with_its_value_and_what_is_allowed(monkeypatch, variable, value, complaint):
@@ -72,3 +73,15 @@ def test_settings_are_read_once_and_again_when_a_variable_or_the_env_file_change
     monkeypatch.setenv("PREFECT_MIG_WAIT_TIMEOUT_S", "soon")
     with pytest.raises(ConfigError):  # a bad value still fails each time, naming the variable
         load_settings()
+
+
+def test_the_wait_ttl_setting_reaches_the_clients_built_from_settings(monkeypatch):
+    """``PREFECT_MIG_WAIT_TTL_S`` is how long a queued request outlives its waiter's silence, for
+    the lease client (and the task runner and CLI, built the same way); the default is 15 s."""
+    from prefect_mig.allocator import LeaseClient
+
+    monkeypatch.setenv("PREFECT_MIG_REDIS_URL", "redis://127.0.0.1:6390/0")  # not dialled here
+    monkeypatch.delenv("PREFECT_MIG_WAIT_TTL_S", raising=False)
+    assert LeaseClient.from_settings().allocator.wait_ttl_ms == 15_000
+    monkeypatch.setenv("PREFECT_MIG_WAIT_TTL_S", "40")
+    assert LeaseClient.from_settings().allocator.wait_ttl_ms == 40_000

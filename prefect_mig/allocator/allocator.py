@@ -168,7 +168,9 @@ class Allocator:
         clock: a virtual clock (`ManualClock`); default: Redis ``TIME``.
         aging_s: waiting this long is worth one priority level.
         wait_ttl_s: a waiting request nobody touches for this long is dropped (dead waiter); a
-            waiter touches it every third of this.
+            waiter touches it every third of this, at most every 2 s (``PREFECT_MIG_WAIT_TTL_S``
+            where the settings build the client). A hand-over to a waiter that died comes back
+            after `claim_s`, not this.
         grace_s: ``None`` turns preemption off for this client's requests; any number turns it on.
             The grace itself is the cluster's (`configure_cluster`), not the requester's.
         claim_s: a lease handed to a waiting request lives this long until `wait_for_grant` claims
@@ -191,7 +193,7 @@ class Allocator:
         *,
         clock: Clock | None = None,
         aging_s: float = 60.0,
-        wait_ttl_s: float = 3.0,
+        wait_ttl_s: float = 15.0,
         grace_s: float | None = 10.0,
         events_maxlen: int = 100_000,
         queue_uncarved: bool = False,

@@ -229,6 +229,7 @@ class LeaseClient:
         return cls(
             settings.redis_url, settings.namespace, connection_options=url_options(settings), max_ttl_s=settings.lease_max_ttl_s,
             replicas=settings.redis_replicas, replica_timeout_s=settings.redis_replica_timeout_s,
+            wait_ttl_s=settings.wait_ttl_s,
         )
 
     def acquire(

@@ -34,6 +34,7 @@ def _allocator() -> Allocator:
     return Allocator(
         connect(settings), settings.namespace, max_ttl_s=settings.lease_max_ttl_s,
         replicas=settings.redis_replicas, replica_timeout_s=settings.redis_replica_timeout_s,
+        wait_ttl_s=settings.wait_ttl_s,
     )
 
 

@@ -32,7 +32,7 @@ import tarfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
@@ -192,26 +192,73 @@ def _runtime_archive(payload: bytes | None) -> bytes:
     return buf.getvalue()
 
 
+_BY_VALUE_LOCK = threading.Lock()
+_BY_VALUE_USERS: dict[str, int] = {}  # module name -> calls pickling it by value right now
+
+
 def _pickle_call(fn: Callable, args: tuple, kwargs: dict) -> bytes:
     """Cloudpickle the call; the function's own module travels by value when it is user code (not
     installed), so the container needs no copy of the user's project."""
     module = sys.modules.get(getattr(fn, "__module__", "") or "")
-    registered = False
+    by_value = False
     if module is not None and module.__name__ != "__main__":
         origin = getattr(module, "__file__", "") or ""
         installed = "site-packages" in origin or "dist-packages" in origin or origin.startswith(sys.base_prefix)
-        if origin and not installed:
+        by_value = bool(origin) and not installed
+    if not by_value:
+        return cloudpickle.dumps((fn, tuple(args), dict(kwargs)))
+    # counted: tasks of one module pickled at once in several threads (a map) must not unregister
+    # the module under each other (a ValueError, or a call pickled by reference the container lacks)
+    with _BY_VALUE_LOCK:
+        if not _BY_VALUE_USERS.get(module.__name__):
             cloudpickle.register_pickle_by_value(module)
-            registered = True
+        _BY_VALUE_USERS[module.__name__] = _BY_VALUE_USERS.get(module.__name__, 0) + 1
     try:
         return cloudpickle.dumps((fn, tuple(args), dict(kwargs)))
     finally:
-        if registered:
-            cloudpickle.unregister_pickle_by_value(module)
+        with _BY_VALUE_LOCK:
+            _BY_VALUE_USERS[module.__name__] -= 1
+            if not _BY_VALUE_USERS[module.__name__]:
+                del _BY_VALUE_USERS[module.__name__]
+                cloudpickle.unregister_pickle_by_value(module)
 
 
 #: what requests raises when the engine itself goes away: refused, reset, or cut mid-answer
 _ENGINE_GONE = (requests.exceptions.ConnectionError, requests.exceptions.ChunkedEncodingError)
+
+
+#: how long the engine of a running container may refuse connections before its wait gives up
+ENGINE_GONE_S = 10.0
+
+
+def wait_for_exit(
+    container, *, stop: Iterable[threading.Event | None] = (), poll_s: float, engine_gone_s: float = ENGINE_GONE_S
+) -> int | None:
+    """The exit code of a started `container`, or None as soon as one of the `stop` events is set
+    (the container is left running: the caller kills or stops it as it needs).
+
+    It polls Docker's ``wait`` every `poll_s`, so an exception raised into this thread (a sync task's
+    timeout) lands between polls. A poll that runs out (`timed_out`) is a container still running,
+    however long; an engine that refuses connections for `engine_gone_s` is gone, and its last error
+    (a ``requests`` ``ConnectionError``) is raised. A container removed under us raises
+    ``docker.errors.NotFound``.
+    """
+    stops = [event for event in stop if event is not None]
+    refused_since = None
+    while True:
+        if any(event.is_set() for event in stops):
+            return None
+        try:
+            return int(container.wait(timeout=poll_s)["StatusCode"])
+        except (requests.exceptions.ReadTimeout, *_ENGINE_GONE) as exc:
+            if timed_out(exc):
+                refused_since = None
+                continue
+            # the engine itself went away (stopped, crashed, its host down), not a slow wait
+            refused_since = refused_since or time.monotonic()
+            if time.monotonic() - refused_since >= engine_gone_s:
+                raise
+            time.sleep(min(poll_s, 1.0))
 
 
 def timed_out(exc: BaseException) -> bool:
@@ -441,28 +488,15 @@ class DockerLauncher:
         return self._outcome(container), exit_code
 
     #: how long the engine of a running task container may refuse connections before the task fails
-    ENGINE_GONE_S = 10.0
+    ENGINE_GONE_S = ENGINE_GONE_S
 
     def _wait(self, container, stop: threading.Event | None, poll_s: float) -> int:
         # Short waits, so a timeout or cancellation raised into this thread lands between them.
-        refused_since = None
-        while True:
-            if stop is not None and stop.is_set():
-                container.kill()
-                raise ContainerStopped(
-                    "the task container was stopped before the body finished.", container_id=container.id
-                )
-            try:
-                return int(container.wait(timeout=poll_s)["StatusCode"])
-            except (requests.exceptions.ReadTimeout, *_ENGINE_GONE) as exc:
-                if timed_out(exc):
-                    refused_since = None
-                    continue
-                # the engine itself went away (stopped, crashed, its host down), not a slow wait
-                refused_since = refused_since or time.monotonic()
-                if time.monotonic() - refused_since >= self.ENGINE_GONE_S:
-                    raise self._engine_gone(exc) from exc
-                time.sleep(min(poll_s, 1.0))
+        exit_code = wait_for_exit(container, stop=(stop,), poll_s=poll_s, engine_gone_s=self.ENGINE_GONE_S)
+        if exit_code is None:
+            container.kill()
+            raise ContainerStopped("the task container was stopped before the body finished.", container_id=container.id)
+        return exit_code
 
     def _engine_gone(self, exc: Exception) -> DockerUnavailable:
         return DockerUnavailable(

@@ -215,7 +215,9 @@ def shielded(fn, *args: Any, undo=None, **kwargs: Any) -> Any:
     """``fn(*args, **kwargs)`` in a helper thread, so that an exception Prefect raises into this
     thread (a sync task's timeout) cannot stop it halfway (a slice granted but never recorded, a
     lease never released). If one lands, wait for `fn` to end, pass its result to `undo`, and raise
-    the exception then."""
+    the exception then. One that lands as this returns (its last bytecodes, or the caller's before
+    it stores the value) loses the value: what must not leak, `fn` also puts where the caller's
+    ``finally`` finds it (`acquire_started`)."""
     box: dict[str, Any] = {}
     done = threading.Event()
 
@@ -250,13 +252,36 @@ def shielded(fn, *args: Any, undo=None, **kwargs: Any) -> Any:
     return box.get("value")
 
 
-def undo_acquire(allocator):
-    """Give back what ``try_acquire`` got when the try was interrupted: release a grant, cancel a
-    queued request."""
+def acquire_started(allocator, request, started: list, *, wait: bool, **lease_options: Any):
+    """``try_acquire``; a grant comes back as a started (renewing) `Lease`, else the `Queued` request.
+
+    Run it `shielded`, with `undo_acquire` as the undo: the grant becomes a Lease in the helper
+    thread, and that thread puts it in `started` before it returns, so a timeout that lands in the
+    caller anywhere after (even before ``shielded`` returns) finds it there to release."""
     from prefect_mig.allocator import LeaseInfo
 
+    got = allocator.try_acquire(request, wait=wait)
+    return start_lease(allocator, got, started, **lease_options) if isinstance(got, LeaseInfo) else got
+
+
+def start_lease(allocator, info, started: list, **lease_options: Any):
+    """A `Lease` on the grant `info`, put in `started`, then renewing (see `acquire_started`)."""
+    from prefect_mig.allocator import Lease
+
+    lease = Lease(allocator, info, **lease_options)
+    started.append(lease)
+    return lease.start_renewing()
+
+
+def undo_acquire(allocator):
+    """Give back what ``try_acquire`` (or `acquire_started`, `start_lease`) got when the try was
+    interrupted: release a grant or a started lease, cancel a queued request."""
+    from prefect_mig.allocator import Lease, LeaseInfo
+
     def undo(got) -> None:
-        if isinstance(got, LeaseInfo):
+        if isinstance(got, Lease):
+            got.release()
+        elif isinstance(got, LeaseInfo):
             allocator.release(got.lease_id, got.fence)
         else:
             allocator.cancel(got.request_id)

@@ -71,7 +71,7 @@ from prefect_mig.integrations.prefect.artifacts import record_task_slice
 from prefect_mig.integrations.prefect.context import announce_lease, body_context, flow_cancelled, log_sink, prefect_env
 from prefect_mig.integrations.prefect.context import run_in_slice_async
 from prefect_mig.integrations.prefect.context import picklable_state as _picklable_state
-from prefect_mig.integrations.prefect.context import lease_event, shielded, undo_acquire
+from prefect_mig.integrations.prefect.context import acquire_started, lease_event, shielded, start_lease, undo_acquire
 from prefect_mig.integrations.prefect.direct_calls import route_direct_calls, wants_slice
 from prefect_mig.integrations.prefect.profiles import check_known
 from prefect_mig.integrations.prefect.warm import (
@@ -104,7 +104,8 @@ def _allocator(url: str, namespace: str) -> Allocator:
             settings = load_settings()
             client = client_for_url(url, socket_connect_timeout=2, socket_timeout=10, **url_options(settings, url))
             _ALLOCATORS[key] = Allocator(
-                client, namespace, replicas=settings.redis_replicas, replica_timeout_s=settings.redis_replica_timeout_s
+                client, namespace, replicas=settings.redis_replicas, replica_timeout_s=settings.redis_replica_timeout_s,
+                wait_ttl_s=settings.wait_ttl_s,
             )
         return _ALLOCATORS[key]
 
@@ -369,41 +370,42 @@ class MigTaskRunner(ThreadPoolTaskRunner):
             timeout_s = self.wait_timeout_s if self.wait_timeout_s is not None else load_settings().wait_timeout_s
 
         cancelled = _AnyEvent(_cancel_event(ctx), stop)
-        got = None if slot else shielded(allocator.try_acquire, request, wait=timeout_s != 0, undo=undo_acquire(allocator))
-        waited = slot is None and not isinstance(got, LeaseInfo)
-        if waited:
-            with _awaiting_state(ctx, allocator, got.request_id, request, logger) as waiting, \
-                    local_waiter(warm_key, got.request_id) as passed:
-                try:
-                    got = allocator.wait_for_grant(got.request_id, timeout_s, request=request, stop=_AnyEvent(cancelled, passed.stop))
-                except (WaitTimeout, LeaseLost) as exc:
-                    slot = passed_slot(passed)
-                    if slot is None and isinstance(exc, WaitTimeout) and cancelled.is_set():
-                        raise TryCancelled(
-                            f"the flow run was cancelled while this task waited for a {request.requirement} slice: "
-                            "the wait was withdrawn."
-                        ) from exc
-                    if slot is None and (isinstance(exc, LeaseLost) or cancelled.is_set()):
-                        raise
-                    if slot is None:
-                        raise WaitTimeout(
-                            f"{exc} It waited because: {waiting.text}. A longer wait: MigTaskRunner(wait_timeout_s=...) "
-                            "or PREFECT_MIG_WAIT_TIMEOUT_S.",
-                            lease_id=exc.lease_id,
-                        ) from exc
+        # The started Lease, put here by the helper thread that started it: a timeout raised into
+        # this thread anywhere after (even before `shielded` returns) finds it in the finally below.
+        started: list[Lease] = []
+        lease_options = {"on_lost": POOL.lost if warm_key else None, "on_notice": POOL.notice if warm_key else None}
+        got, reusable = None, False
         ended = {"what": "released", "reason": ""}  # what the lease event at the end says
         ran_from = time.monotonic()
-        if slot is not None:
-            lease = slot.lease
-        else:
-            try:
-                lease = Lease(allocator, got, on_lost=POOL.lost if warm_key else None,
-                              on_notice=POOL.notice if warm_key else None).start_renewing()
-            except BaseException:  # a timeout raised into this thread before the try below could release it
-                shielded(allocator.release, got.lease_id, got.fence)
-                raise
-        lost, reusable = lease.lost, False
         try:
+            if slot is None:
+                got = shielded(acquire_started, allocator, request, started, wait=timeout_s != 0,
+                               undo=undo_acquire(allocator), **lease_options)
+            waited = slot is None and not started
+            if waited:
+                with _awaiting_state(ctx, allocator, got.request_id, request, logger) as waiting, \
+                        local_waiter(warm_key, got.request_id) as passed:
+                    try:
+                        got = allocator.wait_for_grant(got.request_id, timeout_s, request=request, stop=_AnyEvent(cancelled, passed.stop))
+                    except (WaitTimeout, LeaseLost) as exc:
+                        slot = passed_slot(passed)
+                        if slot is None and isinstance(exc, WaitTimeout) and cancelled.is_set():
+                            raise TryCancelled(
+                                f"the flow run was cancelled while this task waited for a {request.requirement} slice: "
+                                "the wait was withdrawn."
+                            ) from exc
+                        if slot is None and (isinstance(exc, LeaseLost) or cancelled.is_set()):
+                            raise
+                        if slot is None:
+                            raise WaitTimeout(
+                                f"{exc} It waited because: {waiting.text}. A longer wait: MigTaskRunner(wait_timeout_s=...) "
+                                "or PREFECT_MIG_WAIT_TIMEOUT_S.",
+                                lease_id=exc.lease_id,
+                            ) from exc
+                    if slot is None:  # granted: the grant (`got`) is released below until it is a started Lease
+                        shielded(start_lease, allocator, got, started, undo=undo_acquire(allocator), **lease_options)
+            lease = slot.lease if slot is not None else started[0]
+            lost, ran_from = lease.lost, time.monotonic()
             s = lease.slice
             where = f"{s.profile}@{s.start} on {s.node} GPU {s.gpu_index} ({s.mig_uuid})"
             if waited:  # back from AwaitingMIG; otherwise the engine's own Running state stands
@@ -412,7 +414,7 @@ class MigTaskRunner(ThreadPoolTaskRunner):
             if logger and slot is not None:
                 logger.info("reusing the warm process on %s (call %d in it), fence %s", where, slot.container.calls + 1, lease.fence)
             elif logger:
-                logger.info("leased %s, waited %.2f s, fence %s", where, got.waited_ms / 1000, lease.fence)
+                logger.info("leased %s, waited %.2f s, fence %s", where, lease.info.waited_ms / 1000, lease.fence)
             run_ids = {"flow-run-id": ctx.task_run.flow_run_id if ctx else "", "task-run-id": ctx.task_run.id if ctx else ""}
             if slot is None:  # a new container: on the engine of the node that owns the slice
                 launcher = self._launcher(allocator.node_docker_url(s.node))
@@ -468,9 +470,12 @@ class MigTaskRunner(ThreadPoolTaskRunner):
         finally:  # a timeout raised into this thread must not skip the release
             if slot is not None:
                 shielded(POOL.finish, slot, reusable=reusable)
-            else:
-                shielded(lease.release)
-            if ctx is not None:
+            elif started:
+                shielded(started[0].release)
+            elif isinstance(got, LeaseInfo):  # granted after a wait, interrupted before it was started
+                shielded(allocator.release, got.lease_id, got.fence)
+            if ctx is not None and (slot is not None or started):
+                lease = slot.lease if slot is not None else started[0]
                 ran_s = time.monotonic() - ran_from
                 if slot is None or not reusable:  # a warm slot keeps its lease for the next call
                     lease_event(ctx, lease, ended["what"], reason=ended["reason"], ran_s=round(ran_s, 3))

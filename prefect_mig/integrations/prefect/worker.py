@@ -660,36 +660,27 @@ def _wait_container(container, cancelled: threading.Event, lost: threading.Event
     """The container's exit code; a cancelled run's container gets SIGTERM (then SIGKILL after
     10 s), a lost lease's is killed at once."""
     import docker.errors
-    import requests.exceptions
 
     from prefect_mig.errors import DockerUnavailable
-    from prefect_mig.launchers.docker import _ENGINE_GONE, DockerLauncher, timed_out
+    from prefect_mig.launchers.docker import _ENGINE_GONE, DockerLauncher, wait_for_exit
 
-    refused_since = None
-    while True:
-        if cancelled.is_set() or lost.is_set():
-            try:
-                container.stop(timeout=0 if lost.is_set() else 10)
-            except docker.errors.NotFound:
-                pass
-            return -1
-        try:
-            return int(container.wait(timeout=1)["StatusCode"])
-        except (requests.exceptions.ReadTimeout, *_ENGINE_GONE) as exc:
-            if timed_out(exc):
-                refused_since = None
-                continue
-            # the engine itself went away, not a slow wait
-            refused_since = refused_since or time.monotonic()
-            if time.monotonic() - refused_since >= DockerLauncher.ENGINE_GONE_S:
-                raise DockerUnavailable(
-                    f"the Docker engine at {container.client.api.base_url} stopped answering while the flow run's "
-                    f"container ran ({exc.__class__.__name__}); the lease is released and the run ends."
-                ) from exc
-            time.sleep(1)
-        except docker.errors.NotFound:  # removed under us: the node agent fenced it
-            lost.set()
-            return -1
+    try:
+        exit_code = wait_for_exit(container, stop=(cancelled, lost), poll_s=1, engine_gone_s=DockerLauncher.ENGINE_GONE_S)
+    except docker.errors.NotFound:  # removed under us: the node agent fenced it
+        lost.set()
+        return -1
+    except _ENGINE_GONE as exc:
+        raise DockerUnavailable(
+            f"the Docker engine at {container.client.api.base_url} stopped answering while the flow run's "
+            f"container ran ({exc.__class__.__name__}); the lease is released and the run ends."
+        ) from exc
+    if exit_code is not None:
+        return exit_code
+    try:
+        container.stop(timeout=0 if lost.is_set() else 10)
+    except docker.errors.NotFound:
+        pass
+    return -1
 
 
 def _remove(container) -> None:
