@@ -411,3 +411,21 @@ def test_a_return_value_that_cannot_be_pickled_fails_the_task_saying_so(cluster)
 
     with pytest.raises(Exception, match="return value cannot be pickled"):
         pipeline()
+
+
+def test_a_task_that_starts_while_its_flow_run_is_failing_runs_its_body(cluster):
+    """When a flow's code raises (a `.result()` of a failed task), Prefect puts the exception in the
+    flow run's state while tasks already submitted still start; their bodies must still run (seen
+    as PydanticSerializationError on every later task of a 100-task map)."""
+    from prefect.context import FlowRunContext
+    from prefect.states import Failed
+
+    doubler = task(task_runner=MigTaskRunner(profile="1g.10gb"))(double)
+
+    @flow
+    def pipeline():
+        run = FlowRunContext.get().flow_run
+        run.state = Failed(message="a task failed", data=RuntimeError("the flow's code raised"))
+        return doubler(21)
+
+    assert pipeline() == 42

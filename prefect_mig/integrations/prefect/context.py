@@ -108,8 +108,11 @@ def body_context(ctx) -> str:
         "id": str(run.id), "name": run.name, "task_name": ctx.task.name, "tags": sorted(run.tags),
         "run_count": run.run_count, "parameters": dict(ctx.parameters or {}),
     }}
+    # A state's data is never the body's business, and may be what JSON cannot hold: the flow
+    # run's state holds the exception that is failing it while its other tasks still start.
+    no_data = {"state": {"data"}}
     models: dict[str, Any] = {
-        "task_run": run.model_dump(mode="json"), "task_name": ctx.task.name, "log_prints": ctx.log_prints,
+        "task_run": run.model_dump(mode="json", exclude=no_data), "task_name": ctx.task.name, "log_prints": ctx.log_prints,
         "tags": sorted(TagsContext.get().current_tags),
     }
     flow_ctx = FlowRunContext.get()
@@ -119,7 +122,7 @@ def body_context(ctx) -> str:
             "flow_name": flow_ctx.flow.name if flow_ctx.flow else None,
             "run_count": flow_ctx.flow_run.run_count, "parameters": dict(flow_ctx.parameters or {}),
         }
-        models["flow_run"] = flow_ctx.flow_run.model_dump(mode="json")
+        models["flow_run"] = flow_ctx.flow_run.model_dump(mode="json", exclude=no_data)
         models["flow_name"] = flow_ctx.flow.name if flow_ctx.flow else None
     values["prefect"] = models
     return json.dumps(values, default=repr)
