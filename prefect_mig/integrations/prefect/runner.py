@@ -658,11 +658,13 @@ class _awaiting_state:
             )
 
     def _refresh(self) -> None:
+        self._explain()
         while not self._done.wait(self.refresh_s):
             self._explain()
 
     def __enter__(self):
-        self._explain()
+        # Explained off the wait's path: with a map of 100 tasks, 100 explanations (Redis reads, a
+        # state and a log line to the API) before the first touch let queued requests lapse.
         self._thread.start()
         return self
 
