@@ -45,6 +45,7 @@ from prefect_mig.allocator import health
 from prefect_mig.allocator.embedded import state_lock
 from prefect_mig.errors import ConfigError
 from prefect_mig.settings import Settings
+from prefect_mig.state_dir import open_private, private_dir, write_private
 
 _MODULE = "prefect_mig.local_cluster"
 
@@ -92,10 +93,10 @@ class LocalCluster:
             pid = self.pid()
             if pid is not None:
                 return pid, False
-            self.home.mkdir(parents=True, exist_ok=True)
-            self.config_file.write_text(json.dumps({"repartition": repartition, "layout": layout, "interval_s": interval_s}))
+            private_dir(self.home)
+            write_private(self.config_file, json.dumps({"repartition": repartition, "layout": layout, "interval_s": interval_s}))
             self.pid_file.unlink(missing_ok=True)
-            with open(self.log_file, "ab") as log:
+            with open_private(self.log_file) as log:
                 subprocess.run(
                     [sys.executable, "-m", _MODULE, str(self.home)],
                     stdin=subprocess.DEVNULL, stdout=log, stderr=log, check=True, start_new_session=True,
@@ -180,7 +181,8 @@ def _supervise(home: Path) -> None:
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
-    (home / "supervisor.pid").write_text(str(os.getpid()))
+    os.umask(0o077)  # what the agent and the repartitioner write under the state dir is private too
+    write_private(home / "supervisor.pid", str(os.getpid()))
     running: dict[str, subprocess.Popen] = {}
     failures: dict[str, int] = {}
     next_start: dict[str, float] = {}

@@ -27,6 +27,7 @@ from pathlib import Path
 import redis
 
 from prefect_mig.errors import ConfigError, RedisUnavailable
+from prefect_mig.state_dir import private_dir, write_private
 
 
 def _free_port() -> int:
@@ -49,26 +50,11 @@ def embedded_dir(state_dir: Path) -> Path:
 USER = "prefect-mig"
 
 
-def _private_dir(path: Path) -> None:
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    path.chmod(0o700)
-
-
-def _write_private(path: Path, text: str) -> None:
-    """Write `text` to a file only its owner may read (created 0600, never readable in between)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
-
-
 def _password(home: Path) -> str:
     """The project user's password, generated once per state dir."""
     path = home / "password"
     if not path.exists():
-        _write_private(path, secrets.token_urlsafe(32))
+        write_private(path, secrets.token_urlsafe(32))
     return path.read_text().strip()
 
 
@@ -80,7 +66,7 @@ def state_lock(state_dir: Path, name: str) -> Iterator[None]:
     process exclude each other as two processes do; the lock goes with the process if it dies.
     """
     path = Path(state_dir) / f"{name}.lock"
-    _private_dir(path.parent)
+    private_dir(path.parent)
     with open(os.open(path, os.O_RDWR | os.O_CREAT, 0o600), "a+") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
@@ -138,7 +124,7 @@ def _start(home: Path, url_file: Path) -> str:
     password = _password(home)
     url = f"redis://{USER}:{password}@127.0.0.1:{port}/0"
     config = home / "redis.conf"
-    _write_private(config, "\n".join([
+    write_private(config, "\n".join([
         f"port {port}",
         "bind 127.0.0.1",
         "protected-mode yes",
@@ -160,7 +146,7 @@ def _start(home: Path, url_file: Path) -> str:
             _terminate(home / "redis.pid")
             raise RedisUnavailable(f"the embedded redis-server did not start; see {home / 'redis.log'}.")
         time.sleep(0.05)
-    _write_private(url_file, url)
+    write_private(url_file, url)
     return url
 
 

@@ -54,6 +54,7 @@ from typing import Any
 import pynvml
 
 from prefect_mig.model import FleetSpec, GpuModel, get_model
+from prefect_mig.state_dir import open_private, private_dir, write_private
 
 # Constants, structures and error classes are pynvml's own, so `except pynvml.NVMLError_InUse`
 # behaves the same against either library.
@@ -131,16 +132,14 @@ class SimulatedNvml:
             # sees the state before or after a write, never half of one (and reads are most calls)
             yield self._load(fresh=False)
             return
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.state_path.with_suffix(".lock"), "a+") as lock:
+        private_dir(self.state_dir, private=False)
+        with open_private(self.state_path.with_suffix(".lock"), "a+") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX if write else fcntl.LOCK_SH)
             state = self._load(fresh=write)
             yield state
             if write:
                 self._cache = None
-                tmp = self.state_path.with_suffix(f".tmp{os.getpid()}")
-                tmp.write_text(json.dumps(state))
-                os.replace(tmp, self.state_path)
+                write_private(self.state_path, json.dumps(state))  # one os.replace: readers see all or none
 
     def _load(self, *, fresh: bool = True) -> dict:
         """The state; reads reuse the last parse while the file is the same one (every write

@@ -44,8 +44,8 @@ def test_everything_under_the_state_dir_is_private_and_the_password_is_not_on_a_
         assert password not in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
 
 
-def test_up_does_not_print_the_password(state_dir):
-    import json
+def _cli(state_dir):
+    """``prefect-mig <args>`` in a subprocess, on `state_dir`, a simulated A30 and the embedded Redis."""
     import os
     import subprocess
     import sys
@@ -53,13 +53,37 @@ def test_up_does_not_print_the_password(state_dir):
     env = {**os.environ, "PREFECT_MIG_STATE_DIR": str(state_dir), "PREFECT_MIG_BACKEND": "simulated",
            "PREFECT_MIG_SIMULATED_FLEET": "node-a=1xA30-24GB"}
     env.pop("PREFECT_MIG_REDIS_URL", None)
-    run = lambda *a: subprocess.run([sys.executable, "-m", "prefect_mig.cli.main", *a], capture_output=True, text=True, env=env, timeout=180)  # noqa: E731
+    return lambda *a: subprocess.run([sys.executable, "-m", "prefect_mig.cli.main", *a], capture_output=True, text=True, env=env, timeout=180)
+
+
+def test_up_does_not_print_the_password(state_dir):
+    import json
+
+    run = _cli(state_dir)
     try:
         up = run("up", "--json")
         assert up.returncode == 0, up.stderr
         password = (embedded_dir(state_dir) / "password").read_text().strip()
         assert password not in up.stdout + up.stderr
         assert json.loads(up.stdout)["redis_url"].startswith("redis://prefect-mig:***@127.0.0.1:")
+    finally:
+        run("down")
+
+
+def test_a_new_state_dir_and_everything_the_local_cluster_writes_in_it_is_private(tmp_path, redis_server):
+    """The state dir holds the password, the AOF, the cluster's log and the simulated GPUs: as
+    another local user, nothing under a state dir the project created may be read or listed."""
+    state_dir = tmp_path / "fresh" / "state"  # neither exists yet
+    run = _cli(state_dir)
+    try:
+        up = run("up", "--json")
+        assert up.returncode == 0, up.stderr
+        assert run("status").returncode == 0
+        paths = [state_dir.parent, state_dir, *state_dir.rglob("*")]
+        assert any("simulated-nvml" in p.name for p in paths) and any(p.name == "cluster.log" for p in paths)
+        for path in paths:
+            mode = stat.S_IMODE(path.stat().st_mode)
+            assert mode & 0o077 == 0, f"{path} is {oct(mode)}"
     finally:
         run("down")
 
