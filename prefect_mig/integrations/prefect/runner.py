@@ -76,7 +76,7 @@ from prefect_mig.integrations.prefect.direct_calls import route_direct_calls, wa
 from prefect_mig.integrations.prefect.profiles import check_known
 from prefect_mig.integrations.prefect.warm import (
     check_warm,
-    discard_taken,
+    take_into,
     end_with_flow_run,
     local_waiter,
     passed_slot,
@@ -85,7 +85,7 @@ from prefect_mig.integrations.prefect.warm import (
 )
 from prefect_mig.launchers import ContainerSettings, DockerLauncher
 from prefect_mig.launchers.docker import cluster_labels
-from prefect_mig.launchers.warm_pool import POOL
+from prefect_mig.launchers.warm_pool import POOL, WarmSlot
 from prefect_mig.launchers.engines import docker_tls_from
 from prefect_mig.settings import load_settings
 
@@ -360,24 +360,25 @@ class MigTaskRunner(ThreadPoolTaskRunner):
         request = self.request_for(profile, priority, tenant, holder)
         logger = get_run_logger() if ctx else None
         warm_key = self._warm_key(request, ctx, flow_ctx)
-        slot = shielded(POOL.take, warm_key, keep_warm_s=self.keep_warm_s, undo=discard_taken) if warm_key else None
-        allocator = slot.lease.allocator if slot else self._allocator(logger)  # a warm hit skips the settings
-        if slot is None:
-            try:  # a bad image fails before any lease is taken (launcher.run checks the slice's engine again)
-                self._launcher(None).check_python()
-            except DockerUnavailable:
-                pass  # no engine here: the slices live on nodes with engines of their own
-            timeout_s = self.wait_timeout_s if self.wait_timeout_s is not None else load_settings().wait_timeout_s
-
         cancelled = _AnyEvent(_cancel_event(ctx), stop)
-        # The started Lease, put here by the helper thread that started it: a timeout raised into
-        # this thread anywhere after (even before `shielded` returns) finds it in the finally below.
+        # The taken warm slot and the started Lease, put here by the helper thread that took or
+        # started it: a timeout raised into this thread anywhere after (even before `shielded`
+        # returns) finds them in the finally below.
+        taken: list[WarmSlot] = []
         started: list[Lease] = []
         lease_options = {"on_lost": POOL.lost if warm_key else None, "on_notice": POOL.notice if warm_key else None}
-        got, reusable = None, False
+        slot, got, reusable = None, None, False
         ended = {"what": "released", "reason": ""}  # what the lease event at the end says
         ran_from = time.monotonic()
         try:
+            slot = shielded(take_into, warm_key, taken, keep_warm_s=self.keep_warm_s) if warm_key else None
+            allocator = slot.lease.allocator if slot else self._allocator(logger)  # a warm hit skips the settings
+            if slot is None:
+                try:  # a bad image fails before any lease is taken (launcher.run checks the slice's engine again)
+                    self._launcher(None).check_python()
+                except DockerUnavailable:
+                    pass  # no engine here: the slices live on nodes with engines of their own
+                timeout_s = self.wait_timeout_s if self.wait_timeout_s is not None else load_settings().wait_timeout_s
             if slot is None:
                 got = shielded(acquire_started, allocator, request, started, wait=timeout_s != 0,
                                undo=undo_acquire(allocator), **lease_options)
@@ -468,6 +469,7 @@ class MigTaskRunner(ThreadPoolTaskRunner):
                     lease_id=lease.lease_id,
                 ) from exc
         finally:  # a timeout raised into this thread must not skip the release
+            slot = slot or (taken[0] if taken else None)
             if slot is not None:
                 shielded(POOL.finish, slot, reusable=reusable)
             elif started:

@@ -97,10 +97,13 @@ def passed_slot(waiter: LocalWaiter) -> WarmSlot | None:
     return POOL.claim_passed(waiter) if waiter.key is not None else None
 
 
-def discard_taken(slot: WarmSlot | None) -> None:
-    """`shielded`'s undo for a take that a timeout interrupted."""
+def take_into(key, taken: list[WarmSlot], *, keep_warm_s: float) -> WarmSlot | None:
+    """`POOL.take`, also putting the slot into `taken` before returning, so that a timeout raised
+    into the caller as this returns still finds it (and the caller's finally gives it back)."""
+    slot = POOL.take(key, keep_warm_s=keep_warm_s)
     if slot is not None:
-        POOL.discard(slot)
+        taken.append(slot)
+    return slot
 
 
 def start_warm(launcher: DockerLauncher, mig_uuid: str, labels: dict[str, str]) -> WarmContainer:
