@@ -46,7 +46,12 @@ def test_a_task_still_running_when_the_flow_returns_normally_finishes(cluster, m
 
     state = pipeline(return_state=True)
     assert state.is_completed()
-    task_state = _task_run_state(state.result())
+    task_run_id, returned = state.result(), time.monotonic()
+    task_state = _task_run_state(task_run_id)
+    while not task_state.is_final() and time.monotonic() < returned + 60:
+        time.sleep(0.25)  # Prefect 3 records task run states from events, a moment after they happen
+        task_state = _task_run_state(task_run_id)
+    print(f"final after {time.monotonic() - returned:.2f} s")
     assert task_state.is_completed(), task_state.message
 
 
@@ -347,6 +352,46 @@ def test_a_timeout_landing_right_after_the_grant_leaves_no_lease_held(redis_serv
     assert fired and len(outcome) == 1 and isinstance(outcome[0], TimeoutError), outcome
     assert alloc.status()["leases"] == [], "the grant was left held after the timeout landed"
     assert alloc.status()["queue"] == []
+
+
+def test_a_timeout_landing_as_a_warm_slot_is_taken_leaves_no_lease_held(cluster):
+    """The warm form of the test above: a timeout landing as `shielded` hands back a warm slot
+    taken for this try used to lose the slot, its lease renewed and held on (the flow run's end
+    closes only idle slots)."""
+    import sys
+
+    from prefect_mig.integrations.prefect.context import shielded
+    from prefect_mig.launchers.warm_pool import WarmSlot
+
+    fired = []
+
+    def handed_back(frame, event, arg):
+        if event == "return" and isinstance(arg, WarmSlot) and not fired:
+            fired.append(True)
+            raise TimeoutError("the task's timeout, landing as the warm slot is handed back")
+        return handed_back
+
+    def trace(frame, event, arg):
+        return handed_back if event == "call" and frame.f_code is shielded.__code__ else None
+
+    warm_answer = task(task_runner=MigTaskRunner(profile="1g.10gb", keep_warm_s=600))(answer)
+
+    @flow
+    def pipeline():
+        first = warm_answer(return_state=True)  # cold; its slot is parked warm
+        sys.settrace(trace)
+        try:
+            second = warm_answer(return_state=True)  # takes that slot
+        finally:
+            sys.settrace(None)
+        return first, second
+
+    first, second = pipeline()
+    assert first.is_completed() and fired and second.is_failed(), second
+    deadline = time.monotonic() + 30
+    while cluster.status()["leases"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert cluster.status()["leases"] == [], "the taken warm slot's lease was left held"
 
 
 # Differences from ThreadPoolTaskRunner that the README lists, each a decision tested here.
