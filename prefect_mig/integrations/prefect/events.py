@@ -32,6 +32,7 @@ Examples:
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import threading
 from collections.abc import Callable
@@ -105,6 +106,17 @@ def emit_cluster_event(event_type: str, fields: dict[str, Any]) -> None:
     """
     if event_type not in CLUSTER_EVENTS:
         return
+    contextvars.copy_context().run(_emit_cluster_event, event_type, fields)
+
+
+def _emit_cluster_event(event_type: str, fields: dict[str, Any]) -> None:
+    # Outside any run: Prefect's events worker relates an event to the flow and task run of the
+    # context it was emitted in, and a cluster process may run inside one (the mig-repartition flow
+    # sweeps expiries): an expired lease's flow run is its holder's, not the sweeper's.
+    from prefect.context import FlowRunContext, TaskRunContext
+
+    FlowRunContext.__var__.set(None)
+    TaskRunContext.__var__.set(None)
     if event_type == "lease.expired":
         flow_run_id, _, task_run_id = str(fields.get("holder") or "").partition("/")
         s = SliceRecord.model_validate_json(fields["slice"])
