@@ -641,10 +641,7 @@ class Allocator:
             end = time.monotonic() + 60
             while time.monotonic() < end:
                 try:
-                    reply = self._run("cancel", request_id, action="withdraw a request")
-                    if reply[0] == "granted":
-                        self.release(request_id, int(reply[1]))
-                    return
+                    return self.give_up(request_id)
                 except (RedisUnavailable, LeaseNotOwned):
                     time.sleep(0.5)
 

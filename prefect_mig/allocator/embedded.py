@@ -27,7 +27,7 @@ from pathlib import Path
 import redis
 
 from prefect_mig.errors import ConfigError, RedisUnavailable
-from prefect_mig.state_dir import private_dir, write_private
+from prefect_mig.state_dir import open_private, private_dir, write_private
 
 
 def _free_port() -> int:
@@ -67,7 +67,7 @@ def state_lock(state_dir: Path, name: str) -> Iterator[None]:
     """
     path = Path(state_dir) / f"{name}.lock"
     private_dir(path.parent)
-    with open(os.open(path, os.O_RDWR | os.O_CREAT, 0o600), "a+") as handle:
+    with open_private(path, "a+") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import atexit
 import hashlib
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -33,6 +32,7 @@ import docker.tls
 from pydantic import BaseModel, ConfigDict, Field
 
 from prefect_mig.errors import ConfigError
+from prefect_mig.state_dir import write_private
 
 
 class DockerTls(BaseModel):
@@ -119,9 +119,7 @@ def docker_tls_from_pem(*, ca: str | None, cert: str | None, key: str | None) ->
         paths = {}
         for name, pem in pems.items():
             path = folder / f"{name.removesuffix('_file')}.pem"
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(str(pem))
+            write_private(path, str(pem))
             paths[name] = path
         _PEM_FILES[digest] = DockerTls(**paths)
     return _PEM_FILES[digest]

@@ -278,7 +278,8 @@ def start_lease(allocator, info, started: list, **lease_options: Any):
 
 def undo_acquire(allocator):
     """Give back what ``try_acquire`` (or `acquire_started`, `start_lease`) got when the try was
-    interrupted: release a grant or a started lease, cancel a queued request."""
+    interrupted: release a grant or a started lease, withdraw a queued request (releasing it if
+    it was granted meanwhile)."""
     from prefect_mig.allocator import Lease, LeaseInfo
 
     def undo(got) -> None:
@@ -287,6 +288,6 @@ def undo_acquire(allocator):
         elif isinstance(got, LeaseInfo):
             allocator.release(got.lease_id, got.fence)
         else:
-            allocator.cancel(got.request_id)
+            allocator.give_up(got.request_id)
 
     return undo
