@@ -351,21 +351,21 @@ def test_a_drain_is_priced_by_the_expected_remaining_run_time_of_the_leases_in_i
         gpu = GpuState(gpu_uuid="GPU-0", layout=ones, busy=busy, remaining_s=remaining_s)
         return plan([gpu], demand)[0]
 
-    soon = planned(((("1g.10gb", 0), 60.0),))
-    assert soon.kind == "drain" and soon.drain_timeout_s == 120  # twice the expected 60 s
+    soon = planned(((("1g.10gb", 0), 90.0),))
+    assert soon.kind == "drain" and soon.drain_timeout_s == 90  # once the expected 90 s
     assert planned(((("1g.10gb", 0), 7200.0),)).kind == "none"  # two more hours: not worth the wait
     assert planned(()).kind == "drain" and planned(()).drain_timeout_s is None  # no history: the flat cost
 
 
 def test_a_drain_waits_for_every_lease_in_its_way_not_just_the_longest_expected_one():
     # four 1g.20gb leases expected to run 100 s more each: the last of them is expected to end
-    # after 208 s (exponential run times), so a timeout of twice 100 s gave up on about half such
-    # drains after withholding every slice that had freed meanwhile
+    # after 208 s (exponential run times), so a timeout of 100 s (once the longest expectation)
+    # gave up on most such drains after withholding every slice that had freed meanwhile
     fours = Layout.parse("H100-80GB", "1g.20gb@0 + 1g.20gb@2 + 1g.20gb@4 + 1g.20gb@6")
     busy = frozenset(Placement(profile="1g.20gb", start=s) for s in (0, 2, 4, 6))
     gpu = GpuState(gpu_uuid="GPU-0", layout=fours, busy=busy, remaining_s=tuple((("1g.20gb", s), 100.0) for s in (0, 2, 4, 6)))
     (p,) = plan([gpu], {"H100-80GB/7g.80gb": [2.0]}, Knobs(profiles="extended"))
-    assert p.kind == "drain" and p.drain_timeout_s == pytest.approx(2 * 100 * (1 + 1 / 2 + 1 / 3 + 1 / 4))
+    assert p.kind == "drain" and p.drain_timeout_s == pytest.approx(100 * (1 + 1 / 2 + 1 / 3 + 1 / 4))
 
 
 def test_a_drain_is_not_started_when_the_slices_it_withholds_from_waiting_requests_outweigh_its_gain():
@@ -374,7 +374,8 @@ def test_a_drain_is_not_started_when_the_slices_it_withholds_from_waiting_reques
     7g.80gb takes the idle slices out for the whole wait for *both* leases (900 s expected, not
     600 s) and each busy slice from its own end to the other's: 2,400 slice-seconds that the
     waiting 1g.20gb requests lose, against one 7g request served 900 s sooner. The planner
-    used to count only the idle slices, for 600 s, and drained; now it keeps the layout."""
+    used to count only the idle slices, for 600 s, and drained; now it keeps the layout. (At a
+    drain cost of 5 per lease expected to run 600 s more: the arithmetic above is priced at it.)"""
     fours = Layout.parse("H100-80GB", "1g.20gb@0 + 1g.20gb@2 + 1g.20gb@4 + 1g.20gb@6")
     busy = frozenset({Placement(profile="1g.20gb", start=0), Placement(profile="1g.20gb", start=2)})
     gpu = GpuState(gpu_uuid="GPU-0", layout=fours, busy=busy,
@@ -382,13 +383,13 @@ def test_a_drain_is_not_started_when_the_slices_it_withholds_from_waiting_reques
 
     def planned(priority: int):
         demand = {"H100-80GB/7g.80gb": [1 + priority / 10], "H100-80GB/1g.20gb": [1.0] * 4}
-        return plan([gpu], demand, Knobs(profiles="extended"))[0]
+        return plan([gpu], demand, Knobs(profiles="extended", drain_cost=5.0))[0]
 
     kept = planned(17)
     assert kept.kind == "none" and kept.target == fours
-    # a big enough gain still pays for it, and the drain then waits for both leases (2 x 900 s)
+    # a big enough gain still pays for it, and the drain then waits for both leases (900 s)
     urgent = planned(25)
-    assert urgent.kind == "drain" and urgent.drain_timeout_s == pytest.approx(1800)
+    assert urgent.kind == "drain" and urgent.drain_timeout_s == pytest.approx(900)
 
 
 def test_expected_remaining_run_time_comes_from_the_lease_history():
@@ -442,7 +443,7 @@ def test_memory_bound_demand_moves_a_gpu_from_2g_20gb_to_1g_20gb_slices():
 
 def test_the_live_service_gives_a_drain_the_timeout_the_lease_history_gives_it(alloc, clock, tmp_path):
     """Not the agent's fixed timeout: finished leases ran 100 s and 300 s, so a lease 50 s old is
-    expected to run 150 s more and the drain waits twice that for it, then gives up."""
+    expected to run 150 s more and the drain waits that long for it, then gives up."""
     from prefect_mig.allocator import SliceRequest
     from prefect_mig.repartition.service import run_once
 
@@ -457,12 +458,12 @@ def test_the_live_service_gives_a_drain_the_timeout_the_lease_history_gives_it(a
         alloc.try_acquire(SliceRequest(profile="7g.80gb", priority=10), wait=True)
         gpu = backend.gpu(0).uuid
         (p,) = run_once(alloc, knobs=Knobs(drain_cost=0.1))
-        assert (p.kind, p.drain_timeout_s) == ("drain", 300.0)
-        assert alloc.desired(gpu)["drain_timeout_s"] == 300.0
+        assert (p.kind, p.drain_timeout_s) == ("drain", 150.0)
+        assert alloc.desired(gpu)["drain_timeout_s"] == 150.0
         assert agent.apply_desired(0, gpu) == "draining"
-        clock.advance(299)
+        clock.advance(149)
         assert agent.apply_desired(0, gpu) == "draining"
-        clock.advance(2)  # past the planner's 300 s, long before the agent's own 600 s
+        clock.advance(2)  # past the planner's 150 s, long before the agent's own 600 s
         assert agent.apply_desired(0, gpu) == "skipped"
         assert str(backend.layout(0)) == str(SEVEN)
         assert {s["state"] for s in alloc.status()["slices"]} == {"leased", "free"}
