@@ -9,7 +9,10 @@ Workload, stated: windows of JOBS consecutive GPU pods (by creation time) that d
 **Tuning windows** start at days 115, 125 and 135: the windows earlier work tuned the planner's
 knobs on (and the drain knobs, see KNOBS). **Held-out windows** start
 right after each tuning window and in the trace's last days (see HELD_OUT); nothing was tuned on
-them, and the headline figures come from them only. Loads: arrivals replayed 1x, 2x, 4x, 8x and 16x
+them, and the headline figures come from them only. On another pod list (`--trace`) whose pods do
+not fill those windows (another span, fewer pods), the windows are laid out by position instead:
+up to five non-overlapping windows of JOBS pods spread evenly over it, all held out (`plan_windows`;
+the JSON's ``windows.layout`` says which). Loads: arrivals replayed 1x, 2x, 4x, 8x and 16x
 faster (the load on the fleet). Run times capped at 2 h, mapping ``v100`` (a trace GPU is a
 V100-16GB; one compute slice is worth the fleet model's dense FP16 TFLOPS per slice over the
 V100's; see `prefect_mig.simulation.workload`), multi-GPU pods split into whole-slice parts.
@@ -60,6 +63,7 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from prefect_mig.errors import ConfigError  # noqa: E402
 from prefect_mig.model import get_model  # noqa: E402
 from prefect_mig.repartition.planner import GpuState, Knobs, model_profiles, plan  # noqa: E402
 from prefect_mig.simulation.policies import layouts_of  # noqa: E402
@@ -125,27 +129,44 @@ def history_start(times: list[float], start_s: float, pods: int) -> float:
     return times[max(0, first - pods)]
 
 
-def window_starts(trace: Path, jobs: int) -> dict[str, float]:
-    """Start second of every window: tuning ones by day, held-out ones right after another window
-    (after the TUNED_EXTENT pods of a tuning window, or the `jobs` of a held-out one), so no
-    held-out window overlaps what was tuned on."""
+def plan_windows(trace: Path, jobs: int) -> tuple[dict[str, float], list[str], list[str], str]:
+    """The windows to run on `trace`: (start second by name, tuning names, held-out names, how
+    they were laid out). On a pod list whose pods fill the day-based windows (TUNING days and the
+    HELD_OUT windows after them, each with `jobs` pods, none starting twice), those. On any other
+    pod list (another span, fewer pods) nothing of it was tuned on: up to five windows of `jobs`
+    consecutive pods that do not overlap, spread evenly over it, all held out (one window of every
+    pod when it has fewer than `jobs`)."""
+    load_trace(trace, jobs=1)  # a clear error for a missing file or column, before anything runs
     times = pod_times(trace)
+    if not times:
+        raise SystemExit(f"--trace {trace}: no GPU pod that ran (num_gpu > 0 with scheduled_time and deletion_time).")
     starts: dict[str, float] = {}
+
+    def first(t: float) -> int:
+        return next((i for i, x in enumerate(times) if x >= t), len(times))
 
     def start(name: str) -> float:
         if name not in starts:
             if name.startswith("after:"):
                 base = name[len("after:"):]
-                first = next(i for i, t in enumerate(times) if t >= start(base))
                 skip = jobs if base.startswith("after:") else max(jobs, TUNED_EXTENT)
-                starts[name] = times[min(first + skip, len(times) - 1)]
+                starts[name] = times[min(first(start(base)) + skip, len(times) - 1)]
             else:
                 starts[name] = float(name) * 86400
         return starts[name]
 
-    for name in (*[f"{d:g}" for d in TUNING], *HELD_OUT):
+    tuning, held_out = [f"{d:g}" for d in TUNING], list(HELD_OUT)
+    for name in (*tuning, *held_out):
         start(name)
-    return starts
+    firsts = [first(starts[name]) for name in (*tuning, *held_out)]
+    if all(i + jobs <= len(times) for i in firsts) and len(set(firsts)) == len(firsts):
+        return starts, tuning, held_out, "by day (the tuning windows' days, held-out windows after them)"
+    count = max(1, min(5, len(times) // jobs))
+    spread = [round(k * (len(times) - min(jobs, len(times))) / max(1, count - 1)) for k in range(count)]
+    positional = {f"pods:{i}": times[i] for i in spread}
+    return positional, [], list(positional), (
+        f"by position ({count} window(s) of {min(jobs, len(times))} of the trace's {len(times)} GPU pods, "
+        "spread evenly; none was tuned on)")
 
 
 def run_window(trace: Path, start_s: float, history_s: float, load: float, knobs: Knobs):
@@ -193,7 +214,7 @@ def _report(role: str, name: str, day: float, load: float, results, last: bool, 
             str(row["invariant_violations"]), f"{row['wall_s']:.1f}",
         )
     rows.append({
-        "window": role, "start_day": round(day, 3), "load": load,
+        "window": role, "start_day": round(day, 3), "load": load, "jobs": len(results[0].jobs),
         **{k: doc[k] for k in ("jct_ratio_vs_whole_gpu", "jct_ratio_vs_best_static", "best_static",
                                "jct_ratio_vs_best_searched_static", "jct_ratio_vs_sharing", "jct_ratio_vs_proportional",
                                "jct_floor_vs_best_searched_static", "best_searched_static_wait_share",
@@ -214,11 +235,17 @@ def main() -> None:
     parser.add_argument("--png", default=str(ROOT / "bench" / "out" / "scheduling.png"))
     args = parser.parse_args()
     loads = tuple(float(x) for x in args.loads.split(",")) if args.loads else ((2.0, 8.0) if args.quick else LOADS)
-    starts = window_starts(args.trace, JOBS)
-    windows = [("held-out", HELD_OUT[0])] if args.quick else (
-        [("tuning", f"{d:g}") for d in TUNING if args.windows != "held-out"]
-        + [("held-out", w) for w in HELD_OUT if args.windows != "tuning"]
+    try:
+        starts, tuning, held_out, layout = plan_windows(args.trace, JOBS)
+    except ConfigError as exc:
+        raise SystemExit(f"--trace: {exc}") from None
+    windows = [("held-out", held_out[0])] if args.quick else (
+        [("tuning", name) for name in tuning if args.windows != "held-out"]
+        + [("held-out", name) for name in held_out if args.windows != "tuning"]
     )
+    if not windows:
+        raise SystemExit(f"--windows {args.windows}: the trace has no such window (its windows are laid out {layout}).")
+    print(f"windows laid out {layout}", file=sys.stderr)
     knobs = KNOBS
     console = Console(width=160)
     table = Table(title=f"{JOBS} pods per window (run time <= {MAX_DURATION_S:g} s) on {FLEET}")
@@ -287,8 +314,9 @@ def main() -> None:
         "fleet": FLEET,
         "mapping": "v100 (trace GPU = V100-16GB; compute per the model's dense FP16 TFLOPS; multi-GPU pods split)",
         "jobs_per_window": JOBS,
-        "windows": {"tuning": [f"day {starts[f'{d:g}'] / 86400:.2f}" for d in TUNING],
-                    "held_out": [f"day {starts[w] / 86400:.2f}" for w in HELD_OUT],
+        "windows": {"layout": layout,
+                    "tuning": [f"day {starts[name] / 86400:.2f}" for name in tuning],
+                    "held_out": [f"day {starts[name] / 86400:.2f}" for name in held_out],
                     "run": [f"{role} day {starts[name] / 86400:.2f}" for role, name in windows]},
         "history_pods": HISTORY,
         "max_duration_s": MAX_DURATION_S,

@@ -180,3 +180,55 @@ def test_the_jct_floor_is_1_where_nothing_waits_and_shows_the_room_where_jobs_qu
     figures = ratios(results)
     assert figures["jct_floor_vs_best_searched_static"] == pytest.approx(100 / 150, abs=1e-4)
     assert figures["best_searched_static_wait_share"] == pytest.approx(50 / 150, abs=1e-4)
+
+
+def _bench_scheduling():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_scheduling", ROOT / "bench" / "scheduling.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _pod_list(path: Path, creation_times: list[float], num_gpu: int = 1) -> Path:
+    rows = ["name,cpu_milli,memory_mib,num_gpu,gpu_milli,gpu_spec,qos,pod_phase,creation_time,deletion_time,scheduled_time"]
+    for i, t in enumerate(creation_times):
+        rows.append(f"pod-{i:05d},1000,1024,{num_gpu},500,,LS,Succeeded,{t:g},{t + 600:g},{t:g}")
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def test_the_scheduling_bench_lays_its_windows_out_on_any_pod_list(tmp_path):
+    """The benchmark must run on a pod list a user passes in. Its day-based windows (tuning days
+    115, 125, 135 and held-out windows after them) only fit the default list: on a list of another
+    span it crashed (StopIteration), and on a sparse one every held-out window collapsed onto the
+    last pod and reported 1.0 everywhere from one-job windows."""
+    bench = _bench_scheduling()
+    jobs = bench.JOBS
+
+    def pods_from(times: list[float], start: float) -> int:
+        return sum(1 for t in times if t >= start)
+
+    starts, tuning, held_out, layout = bench.plan_windows(TRACE, jobs)
+    assert tuning == ["115", "125", "135"] and len(held_out) == 5 and layout.startswith("by day")
+    times = bench.pod_times(TRACE)
+    assert len({starts[n] for n in held_out}) == 5 and all(pods_from(times, starts[n]) >= jobs for n in held_out)
+
+    # a pod list of another span (ten days, 3,000 GPU pods): nothing of it was tuned on
+    other = _pod_list(tmp_path / "other.csv", [i * 288.0 for i in range(3000)])
+    starts, tuning, held_out, layout = bench.plan_windows(other, jobs)
+    assert tuning == [] and len(held_out) == 5 and layout.startswith("by position")
+    firsts = sorted(round(starts[n] / 288.0) for n in held_out)
+    assert firsts[0] == 0 and firsts[-1] == 3000 - jobs
+    assert all(b - a >= jobs for a, b in zip(firsts, firsts[1:]))  # windows of `jobs` pods that do not overlap
+
+    # fewer pods than one window: one window of all of them
+    small = _pod_list(tmp_path / "small.csv", [i * 60.0 for i in range(40)])
+    starts, tuning, held_out, _ = bench.plan_windows(small, jobs)
+    assert tuning == [] and held_out == ["pods:0"] and starts["pods:0"] == 0
+
+    # no GPU pod at all: a clear error, before anything runs
+    cpu_only = _pod_list(tmp_path / "cpu.csv", [0.0, 60.0], num_gpu=0)
+    with pytest.raises(SystemExit, match="no GPU pod that ran"):
+        bench.plan_windows(cpu_only, jobs)
