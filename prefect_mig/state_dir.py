@@ -22,6 +22,7 @@ Examples:
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 
@@ -47,7 +48,7 @@ def private_dir(path: Path | str, *, private: bool = True) -> Path:
 def write_private(path: Path | str, text: str) -> None:
     """Write `text` to a file only its owner may read (created 0600, never readable in between)."""
     path = Path(path)
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    tmp = path.with_name(path.name + f".{os.getpid()}.{threading.get_ident()}.tmp")  # one per writer
     tmp.unlink(missing_ok=True)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as handle:

@@ -97,9 +97,7 @@ def roll_up(alloc: Allocator, *, batch: int = 10_000) -> int:
                     before = dict(carved)
                     incr = _aggregate(entries, labels, carved)
                     pipe.multi()
-                    for (hour, field), n in incr.items():
-                        pipe.hincrby(k.usage(hour), field, n)
-                        pipe.zadd(k.usage_hours, {str(hour): hour})
+                    _add_to_hours(pipe, k, incr)
                     if gone := [sid for sid in before if sid not in carved]:
                         pipe.hdel(k.usage_carved, *gone)
                     if new := {sid: json.dumps(v) for sid, v in carved.items() if sid not in before}:
@@ -125,14 +123,19 @@ def _reconcile_carved(pipe, k, carved: dict, labels, now_ms: int) -> None:  # no
         since, gpu, profile = carved[sid]
         _credit_carved(incr, since, now_ms, gpu, profile)
     pipe.multi()
-    for (hour, field), n in incr.items():
-        pipe.hincrby(k.usage(hour), field, n)
-        pipe.zadd(k.usage_hours, {str(hour): hour})
+    _add_to_hours(pipe, k, incr)
     if vanished:
         pipe.hdel(k.usage_carved, *vanished)
     if unseen:
         pipe.hset(k.usage_carved, mapping=unseen)
     pipe.execute()
+
+
+def _add_to_hours(pipe, k, incr: dict[tuple[int, str], int]) -> None:  # noqa: ANN001
+    """Queue the hourly increments on `pipe` (in MULTI), each hour listed in ``usage_hours``."""
+    for (hour, field), n in incr.items():
+        pipe.hincrby(k.usage(hour), field, n)
+        pipe.zadd(k.usage_hours, {str(hour): hour})
 
 
 def _hours_of(start_ms: int, end_ms: int) -> Iterator[tuple[int, int]]:
@@ -251,19 +254,21 @@ def _hours(alloc: Allocator, since_s: float) -> tuple[int, int, list[tuple[int, 
         pipe.hgetall(k.usage_carved)
         *fields_by_hour, carved = pipe.execute()
     by_hour: dict[int, dict[tuple[str, str], dict[str, int]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(int)))
+
+    def add(hour: int, field: str, n: int) -> None:
+        dim, _, metric = field.partition("|")
+        name, _, value = dim.partition("=")
+        by_hour[hour][(name, value)][metric] += n
+
     for h, fields in zip(stored, fields_by_hour):
         for f, v in fields.items():
-            dim, _, metric = decode(f).partition("|")
-            name, _, value = dim.partition("=")
-            by_hour[h][(name, value)][metric] += int(decode(v))
+            add(h, decode(f), int(decode(v)))
     incr: dict[tuple[int, str], int] = defaultdict(int)
     for raw in carved.values():  # still carved: up to now
         since, gpu, profile = json.loads(decode(raw))
         _credit_carved(incr, max(since, start), now, gpu, profile)
     for (h, field), n in incr.items():
-        dim, _, metric = field.partition("|")
-        name, _, value = dim.partition("=")
-        by_hour[h][(name, value)][metric] += n
+        add(h, field, n)
     return start, now, sorted(by_hour.items())
 
 

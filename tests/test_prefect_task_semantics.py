@@ -51,7 +51,6 @@ def test_a_task_still_running_when_the_flow_returns_normally_finishes(cluster, m
     while not task_state.is_final() and time.monotonic() < returned + 60:
         time.sleep(0.25)  # Prefect 3 records task run states from events, a moment after they happen
         task_state = _task_run_state(task_run_id)
-    print(f"final after {time.monotonic() - returned:.2f} s")
     assert task_state.is_completed(), task_state.message
 
 

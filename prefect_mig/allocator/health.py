@@ -99,4 +99,3 @@ def sweep_announced(allocator: Allocator) -> list[tuple[str, dict[str, Any]]]:
             a["heartbeat_age_s"] = beats.get(a.get("node", ""), {}).get("age_s")
         out.append((kind, a))
     return out
-

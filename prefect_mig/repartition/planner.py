@@ -137,10 +137,6 @@ class Knobs:
         drain_reference_s: the expected remaining run time `drain_cost` is priced at.
         drain_timeout_factor: a drain gives up after this many times the expected wait for every
             lease in its way to end (`drain_wait_s`; at least `drain_timeout_min_s`).
-
-    The defaults of `drain_cost` (2) and `drain_timeout_factor` (1) are the ones
-    ``bench/scheduling.py`` measures: chosen on its tuning windows only (days 115, 125 and 135 at
-    loads 4x-16x), never on the held-out windows its headline comes from.
         drain_timeout_min_s: the shortest drain timeout the planner sets (a lease about to end
             still needs the agent to notice).
         fragmentation_cost: served compute slices one unusable free memory slice costs.
@@ -151,6 +147,10 @@ class Knobs:
             so the layout changes between pipeline runs, not in the gaps between their steps.
         retry_after_s: a GPU whose last change was skipped (a drain outlived its timeout, a
             slice got leased) is left alone this long, so one drain does not repeat back to back.
+
+    The defaults of `drain_cost` (2) and `drain_timeout_factor` (1) are the ones
+    ``bench/scheduling.py`` measures: chosen on its tuning windows only (days 115, 125 and 135 at
+    loads 4x-16x), never on the held-out windows its headline comes from.
     """
 
     churn_cost: float = 0.05

@@ -119,11 +119,11 @@ def flush(flow_run_id: str | None = None) -> None:
     with _write_lock:
         with _rows_lock:
             runs = [r for r in _dirty if flow_run_id in (None, r)]
-            tables = {r: [dict(row) for row in _rows.get(r, [])] for r in runs}
+            tables = {r: ([dict(row) for row in _rows.get(r, [])], _contexts[r]) for r in runs}
             _dirty.difference_update(runs)
-        for run, table in tables.items():
+        for run, (table, context) in tables.items():
             try:  # with the settings (API URL) of the flow run's own context, from whatever thread
-                _contexts[run].copy().run(_write, run, table)
+                context.copy().run(_write, run, table)
             except Exception as exc:  # noqa: BLE001 - an artifact is a report, never a reason to fail the task
                 log.warning("could not write the artifacts of flow run %s: %s", run, exc)
 

@@ -379,7 +379,6 @@ class MigTaskRunner(ThreadPoolTaskRunner):
                 except DockerUnavailable:
                     pass  # no engine here: the slices live on nodes with engines of their own
                 timeout_s = self.wait_timeout_s if self.wait_timeout_s is not None else load_settings().wait_timeout_s
-            if slot is None:
                 got = shielded(acquire_started, allocator, request, started, wait=timeout_s != 0,
                                undo=undo_acquire(allocator), **lease_options)
             waited = slot is None and not started
