@@ -60,7 +60,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from prefect_mig import __version__
 from prefect_mig.allocator import Allocator, LeaseInfo, SliceRequest
-from prefect_mig.allocator.allocator import redis_errors
+from prefect_mig.allocator.redis_io import redis_errors
 from prefect_mig.allocator.tokens import TokenGrant, check, split_token
 from prefect_mig.errors import (
     ConfigError,

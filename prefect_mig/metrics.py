@@ -60,7 +60,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from prefect_mig.allocator import Allocator
-from prefect_mig.allocator.allocator import redis_errors
+from prefect_mig.allocator.redis_io import redis_errors
 from prefect_mig.allocator.models import decode
 
 __all__ = ["BUCKETS_MS", "CONTENT_TYPE_LATEST", "ClusterCollector", "priority_band", "registry_for", "render"]

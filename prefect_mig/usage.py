@@ -52,7 +52,7 @@ from typing import Any, Literal
 import redis
 
 from prefect_mig.allocator import Allocator
-from prefect_mig.allocator.allocator import redis_errors
+from prefect_mig.allocator.redis_io import redis_errors
 from prefect_mig.allocator.models import decode
 from prefect_mig.metrics import BUCKETS_MS
 

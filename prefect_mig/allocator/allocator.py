@@ -49,19 +49,20 @@ Examples:
 from __future__ import annotations
 
 import json
-import logging
 import math
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import redis
 
+from prefect_mig.allocator.inventory import Inventory
 from prefect_mig.allocator.keys import Keys
-from prefect_mig.allocator.models import LeaseInfo, Quota, SliceRecord, SliceRequest, decode, slice_record
+from prefect_mig.allocator.layout_changes import LayoutChanges
+from prefect_mig.allocator.models import LeaseInfo, Quota, SliceRecord, SliceRequest, decode
+from prefect_mig.allocator.redis_io import redis_errors
 from prefect_mig.allocator.scripts import DeadlinePassed, NotReplicated, Scripts, read_by
 from prefect_mig.errors import (
     AllocationError,
@@ -70,21 +71,9 @@ from prefect_mig.errors import (
     LeaseNotOwned,
     NoCapacity,
     RedisUnavailable,
-    UnknownGpuModel,
     Unsatisfiable,
     WaitTimeout,
 )
-from prefect_mig.model import FleetSpec, GpuModel, Layout, catalog, get_model, register_model
-
-log = logging.getLogger("prefect_mig.allocator")
-
-
-def _known(model_name: str) -> bool:
-    try:
-        get_model(model_name)
-    except UnknownGpuModel:
-        return False
-    return True
 
 
 class Clock(Protocol):
@@ -116,25 +105,6 @@ def _grant_info(request: SliceRequest, lease_id: str, fence, expires, slice_json
     )
 
 
-@contextmanager
-def redis_errors(action: str) -> Iterator[None]:
-    """Turn any Redis failure into `RedisUnavailable` that names what was being done: no answer,
-    and refusals too (OOM under ``maxmemory``, BUSY, READONLY after a failover, NOPERM), which a
-    holder must treat like an outage rather than die on."""
-    try:
-        yield
-    except DeadlinePassed:
-        raise  # the caller's own deadline, not an outage
-    except (redis.ConnectionError, redis.TimeoutError) as exc:
-        raise RedisUnavailable(
-            f"Redis did not answer while trying to {action} ({exc.__class__.__name__}: {exc}). "
-            "Check PREFECT_MIG_REDIS_URL and that redis-server runs."
-        ) from exc
-    except redis.RedisError as exc:
-        raise RedisUnavailable(
-            f"Redis refused to {action} ({exc.__class__.__name__}: {exc}). "
-            "Check the server's memory (maxmemory), long scripts, and that it is a primary."
-        ) from exc
 
 
 #: The shortest preemption grace a cluster may set: a revoked holder needs time to stop its container.
@@ -159,8 +129,10 @@ def check_ttl(ttl_s: float, max_ttl_s: float, *, field: str = "ttl_s") -> float:
     return value
 
 
-class Allocator:
-    """Leases on MIG slices, kept in Redis.
+class Allocator(Inventory, LayoutChanges):
+    """Leases on MIG slices, kept in Redis. The inventory (what agents publish, heartbeats,
+    fencing) is `prefect_mig.allocator.inventory.Inventory`'s; out-of-service slices and desired
+    layouts are `prefect_mig.allocator.layout_changes.LayoutChanges`'; the leases are this class's.
 
     Args:
         client: a ``redis.Redis`` (decode_responses either way).
@@ -234,173 +206,6 @@ class Allocator:
                 name, *args, now_ms=now, deadline=deadline, replicas=replicas, replica_timeout_ms=self.replica_timeout_ms
             )
         return [decode(x) for x in reply] if isinstance(reply, list) else reply
-
-    # ------------------------------------------------------------------ inventory
-
-    def publish(
-        self,
-        node: str,
-        gpus: Sequence[dict],
-        slices: Sequence[SliceRecord],
-        *,
-        docker_url: str | None = None,
-        heartbeat_ttl_s: float = 30.0,
-        fence_settle_s: float | None = None,
-    ) -> tuple[int, int, int]:
-        """Publish a node's whole inventory; slices it leaves out are removed (leased ones when
-        their lease ends). Returns (published, removed, handed to waiters).
-
-        `fence_settle_s` is given by an agent that fences this node's task containers: a slice whose
-        lease expires then stays quarantined until that agent confirms the holder's container gone
-        (`settle_fenced`), at most this long. Without it (a simulated fleet) it is offered at once."""
-        body: dict[str, Any] = {"node": node, "docker_url": docker_url, "published_at": time.time()}
-        if fence_settle_s is not None:
-            body["fence_settle_ms"] = int(fence_settle_s * 1000)
-        node_json = json.dumps(body)
-        reply = self._run(
-            "publish",
-            node,
-            node_json,
-            int(heartbeat_ttl_s * 1000),
-            json.dumps(list(gpus)),
-            json.dumps([s.model_dump() for s in slices]),
-            self._epoch,
-            int(self.max_ttl_s * 1000),
-            action=f"publish the inventory of node {node}",
-        )
-        self._note_heartbeat(node, heartbeat_ttl_s)
-        self._epoch = str(reply[3])
-        return tuple(int(x) for x in reply[:3])  # type: ignore[return-value]
-
-    def publish_fleet(
-        self, fleet: str | FleetSpec, *, layouts: dict[str, list[str]], heartbeat_ttl_s: float = 30.0
-    ) -> list[SliceRecord]:
-        """Publish an inventory straight from a fleet spec and layout strings (simulator, tests,
-        benchmarks): no GPU backend involved. ``layouts[node][i]`` is GPU i's layout."""
-        spec = fleet if isinstance(fleet, FleetSpec) else FleetSpec.parse(fleet)
-        published = []
-        for node in spec.nodes:
-            gpus, slices = [], []
-            for index, model_name in enumerate(node.gpus):
-                model = get_model(model_name)
-                gpu_uuid = "GPU-" + str(uuid.uuid5(uuid.NAMESPACE_URL, f"{spec}:{node.name}:{index}"))
-                gpus.append({"uuid": gpu_uuid, "index": index, "gpu_model": model.name})
-                texts = layouts.get(node.name, [])
-                layout = Layout.parse(model.name, texts[index] if index < len(texts) else "").validate_on(model)
-                for gi, placement in enumerate(layout.instances, start=1):
-                    mig = "MIG-" + str(uuid.uuid5(uuid.NAMESPACE_URL, f"{gpu_uuid}:{placement}"))
-                    slices.append(
-                        slice_record(
-                            model, placement.profile, placement.start,
-                            node=node.name, gpu_uuid=gpu_uuid, gpu_index=index, gpu_instance_id=gi, mig_uuid=mig,
-                        )
-                    )
-            self.publish(node.name, gpus, slices, heartbeat_ttl_s=heartbeat_ttl_s)
-            published.extend(slices)
-        return published
-
-    def heartbeat(self, node: str, *, ttl_s: float = 30.0) -> str:
-        """Keep a node in service; returns ``ok``, ``back`` (was lost) or ``unknown``."""
-        did = self._run("heartbeat", node, int(ttl_s * 1000), action=f"heartbeat node {node}")[0]
-        if did != "unknown":
-            self._note_heartbeat(node, ttl_s)
-        return did
-
-    def awaiting_fence(self, node: str) -> dict[str, tuple[str, str]]:
-        """The node's slices quarantined because their holder's lease expired, with the expired
-        lease and the slice's MIG UUID: ``{slice_id: (lease_id, mig_uuid)}``. Read it before listing
-        the node's containers, and pass what is confirmed to `settle_fenced`."""
-        with redis_errors("read the slices awaiting fencing"):
-            ids = sorted(decode(x) for x in self.redis.smembers(self.keys.node_slices(node)))
-            if not ids:
-                return {}
-            leases = self.redis.hmget(self.keys.awaiting_fence, ids)
-            bodies = self.redis.hmget(self.keys.slices, ids)
-        return {
-            sid: (decode(lease), json.loads(decode(body)).get("mig_uuid", ""))
-            for sid, lease, body in zip(ids, leases, bodies)
-            if lease is not None and body is not None
-        }
-
-    def settle_fenced(self, node: str, confirmed: dict[str, str]) -> tuple[int, int]:
-        """The node's agent confirms that no task container of this cluster runs on these slices
-        (``{slice_id: expired lease_id}`` as `awaiting_fence` gave them): they leave quarantine and
-        go to waiters. Returns (settled, handed to waiters)."""
-        if not confirmed:
-            return 0, 0
-        reply = self._run("settle", node, json.dumps(sorted(confirmed.items())), action=f"settle slices of node {node}")
-        return int(reply[0]), int(reply[1])
-
-    def node_down(self, node: str, *, why: str) -> str:
-        """Take a node out of service now although its agent lives (its Docker engine is down):
-        no new grants there until its next `heartbeat`, which returns ``back``."""
-        return self._run("heartbeat", node, 0, why, action=f"take node {node} out of service")[0]
-
-    def _note_heartbeat(self, node: str, ttl_s: float) -> None:
-        # kept apart from node_deadline, which the reaper clears: "last heartbeated 45 s ago"
-        body = json.dumps({"at": self.now_ms(), "ttl_ms": int(ttl_s * 1000)})
-        with redis_errors("record a heartbeat"):
-            self.redis.hset(self.keys.heartbeats, node, body)
-
-    def gpus(self) -> list[dict[str, Any]]:
-        """The published GPUs (uuid, node, index, gpu_model, layout, ...), by node and index."""
-        with redis_errors("read the GPUs"):
-            raw = self.redis.hgetall(self.keys.gpus)
-        return sorted((json.loads(decode(v)) for v in raw.values()), key=lambda g: (g.get("node", ""), g.get("index", 0)))
-
-    def node_docker_url(self, node: str) -> str | None:
-        """The Docker engine URL the node's agent published (None: the local engine)."""
-        with redis_errors("read a node"):
-            raw = self.redis.hget(self.keys.nodes, node)
-        return json.loads(decode(raw)).get("docker_url") if raw else None
-
-    def gpu_models(self, *, max_age_s: float = 5.0) -> list[str]:
-        """GPU models present in the inventory (cached for `max_age_s`). Models that node agents
-        built from NVML are made known in this process (`load_models`) when one is listed."""
-        at, models = self._models
-        if time.monotonic() - at > max_age_s or not models:
-            with redis_errors("read the inventory's GPU models"):
-                kinds = [decode(k) for k in self.redis.smembers(self.keys.pkeys)]
-            models = sorted({k.split("/", 1)[0] for k in kinds})
-            if not all(_known(m) for m in models):
-                self.load_models()
-            unknown = [m for m in models if not _known(m)]  # an agent that publishes no model (an older one)
-            if unknown and unknown != self._unknown_models:
-                log.warning("GPU model(s) %s in the inventory are unknown here (not in the catalog, not "
-                            "published): requests are matched against the others", unknown)
-            self._unknown_models = unknown
-            self._models = (time.monotonic(), models)
-        return models
-
-    def publish_models(self, models: Sequence[GpuModel]) -> int:
-        """Publish models built from NVML for GPUs outside the catalog (``built_from_nvml``), so the
-        planner, requesters and ``prefect-mig status`` in any process know them; catalog models
-        are left out (the catalog ships with every process). Returns how many were published."""
-        built = {m.name: m.model_dump_json() for m in models if m.built_from_nvml}
-        if built:
-            with redis_errors("publish the GPU models built from NVML"):
-                self.redis.hset(self.keys.models, mapping=built)
-        return len(built)
-
-    def load_models(self) -> dict[str, GpuModel]:
-        """The models node agents built from NVML (`publish_models`), by name, each registered in
-        this process (`prefect_mig.model.register_model`) so layouts, requests and plans can name
-        it. A record that names a catalog model or does not parse is skipped, with a warning."""
-        with redis_errors("read the GPU models built from NVML"):
-            raw = self.redis.hgetall(self.keys.models)
-        found = {}
-        cataloged = {name.lower() for name in catalog().models}
-        for name, body in ((decode(k), decode(v)) for k, v in raw.items()):
-            try:
-                model = GpuModel.model_validate_json(body)
-            except ValueError as exc:
-                log.warning("skipping the published GPU model %r: %s", name, exc)
-                continue
-            if model.name.lower() in cataloged or not model.built_from_nvml:
-                log.warning("skipping the published GPU model %r: the catalog's is authoritative", name)
-                continue
-            found[model.name] = register_model(model)
-        return found
 
     # ------------------------------------------------------------------ leases
 
@@ -758,69 +563,6 @@ class Allocator:
         reply = self._run("reap", limit, limit, action="reap")
         return [json.loads(x) for x in reply[3:]]
 
-    # ------------------------------------------------------------------ operations
-
-    def drain(self, gpu_uuid: str) -> int:
-        """Stop granting on a GPU; returns how many of its slices are still leased."""
-        reply = self._run("drain", gpu_uuid, "1", action=f"drain GPU {gpu_uuid}")
-        if reply[0] == "unknown":
-            raise AllocationError(f"GPU {gpu_uuid} is not in the inventory.")
-        return int(reply[1])
-
-    def resume(self, gpu_uuid: str) -> int:
-        reply = self._run("drain", gpu_uuid, "0", action=f"resume GPU {gpu_uuid}")
-        if reply[0] == "unknown":
-            raise AllocationError(f"GPU {gpu_uuid} is not in the inventory.")
-        return int(reply[1])
-
-    def drain_node(self, node: str, *, drain: bool = True) -> list[str]:
-        """Stop granting on a node for maintenance (``drain=False``: resume it). Leases held there
-        run on; their slices stay out of service when they end. Returns the ids of the leases still
-        held on the node. Apart from the GPU drain the repartitioner uses: neither undoes the other."""
-        verb = "drain" if drain else "resume"
-        reply = self._run("drain_node", node, "1" if drain else "0", action=f"{verb} node {node}")
-        if reply[0] == "unknown":
-            with redis_errors("read the nodes"):
-                known = sorted(decode(n) for n in self.redis.hkeys(self.keys.nodes))
-            raise ConfigError(
-                f"node: {node!r} has never published an inventory to this cluster; published nodes: "
-                f"{', '.join(known) or 'none (start `prefect-mig agent` on each host)'}.",
-                field="node",
-                value=node,
-            )
-        return [str(x) for x in reply[1:]]
-
-    def withdraw(self, slice_ids: Sequence[str]) -> str | None:
-        """Take idle slices out of service before destroying them; None when done, else the id of
-        a slice that is leased (then nothing was withdrawn). They stay out of service until the
-        publish that no longer lists them, or `restore`."""
-        reply = self._run("withdraw", json.dumps(list(slice_ids)), "now", action="withdraw slices")
-        return None if reply[0] == "ok" else reply[1]
-
-    def withdraw_when_idle(self, slice_ids: Sequence[str]) -> int:
-        """The range drain: take the idle slices out of service now and the leased ones as soon as
-        their leases end (their leases run on untouched). Returns how many are still leased."""
-        reply = self._run("withdraw", json.dumps(list(slice_ids)), "drain", action="drain slices")
-        return int(reply[2])
-
-    def restore(self, slice_ids: Sequence[str]) -> None:
-        """Put withdrawn slices back into service (a re-carve was given up)."""
-        self._run("withdraw", json.dumps(list(slice_ids)), "restore", action="restore slices")
-
-    def set_desired(self, gpu_uuid: str, layout: str, *, kind: str, drain_timeout_s: float | None = None) -> None:
-        """Ask the GPU's agent to carve `layout` (``kind``: incremental or drain). A drain gives up
-        after `drain_timeout_s` (the planner's, from the expected remaining run time of the leases
-        in its way), or after the agent's own timeout when None."""
-        record = {"layout": layout, "kind": kind, "at": time.time()}
-        if drain_timeout_s is not None:
-            record["drain_timeout_s"] = float(drain_timeout_s)
-        body = json.dumps(record)
-        with redis_errors("write a desired layout"):
-            pipe = self.redis.pipeline(transaction=True)
-            pipe.hset(self.keys.desired, gpu_uuid, body)
-            self._event(pipe, "layout.desired", gpu=gpu_uuid, layout=layout, kind=kind)
-            pipe.execute()
-
     def _event(self, pipe, event_type: str, /, **fields: Any) -> None:
         """Append a transition made outside the scripts to the stream, and count it, as they do."""
         pipe.xadd(self.keys.events, {"type": event_type, "at": self.now_ms(), **fields},
@@ -847,30 +589,6 @@ class Allocator:
             _, current = pipe.execute()
         self._cluster_id = decode(current)
         return self._cluster_id
-
-    def announce_repartitioner(self, ttl_s: float) -> None:
-        """Say a repartitioner runs for the next `ttl_s` seconds: meanwhile requests may wait for
-        kinds of slices no GPU is carved into yet, instead of failing as `Unsatisfiable`."""
-        with redis_errors("announce the repartitioner"):
-            self.redis.set(self.keys.repartitioner, str(time.time()), px=int(ttl_s * 1000))
-
-    def repartitioner_running(self) -> bool:
-        """Whether a repartitioner announced itself and its announcement has not lapsed."""
-        with redis_errors("look for a repartitioner"):
-            return bool(self.redis.exists(self.keys.repartitioner))
-
-    def desired(self, gpu_uuid: str) -> dict | None:
-        with redis_errors("read a desired layout"):
-            raw = self.redis.hget(self.keys.desired, gpu_uuid)
-        return json.loads(decode(raw)) if raw else None
-
-    def clear_desired(self, gpu_uuid: str, *, outcome: str, detail: str = "") -> None:
-        """The agent is done with the GPU's desired layout: ``applied`` or ``skipped`` (why)."""
-        with redis_errors("clear a desired layout"):
-            pipe = self.redis.pipeline(transaction=True)
-            pipe.hdel(self.keys.desired, gpu_uuid)
-            self._event(pipe, f"layout.{outcome}", gpu=gpu_uuid, detail=detail)
-            pipe.execute()
 
     def configure_cluster(self, *, grace_s: float) -> None:
         """Set the cluster's preemption grace (kept in Redis, for every client): how long a revoked

@@ -25,7 +25,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from prefect_mig.allocator.allocator import Allocator, redis_errors
+from prefect_mig.allocator.allocator import Allocator
+from prefect_mig.allocator.redis_io import redis_errors
 from prefect_mig.allocator.models import decode
 
 

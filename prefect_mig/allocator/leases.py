@@ -42,7 +42,8 @@ from contextlib import asynccontextmanager, contextmanager
 
 import redis
 
-from prefect_mig.allocator.allocator import Allocator, redis_errors
+from prefect_mig.allocator.allocator import Allocator
+from prefect_mig.allocator.redis_io import redis_errors
 from prefect_mig.allocator.connection import client_for_url, url_options
 from prefect_mig.allocator.models import LeaseInfo, SliceRecord, SliceRequest
 from prefect_mig.errors import LeaseLost, LeaseNotOwned

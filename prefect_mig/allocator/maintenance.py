@@ -29,7 +29,8 @@ import threading
 import time
 from typing import Any
 
-from prefect_mig.allocator.allocator import Allocator, redis_errors
+from prefect_mig.allocator.allocator import Allocator
+from prefect_mig.allocator.redis_io import redis_errors
 from prefect_mig.allocator.models import decode
 
 

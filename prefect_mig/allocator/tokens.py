@@ -28,7 +28,7 @@ import time
 import redis
 from pydantic import BaseModel, Field
 
-from prefect_mig.allocator.allocator import redis_errors
+from prefect_mig.allocator.redis_io import redis_errors
 from prefect_mig.allocator.keys import Keys
 from prefect_mig.allocator.models import PRIORITY_MAX, PRIORITY_MIN, Name, decode
 

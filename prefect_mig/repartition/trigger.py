@@ -35,7 +35,7 @@ import threading
 import time
 
 from prefect_mig.allocator import Allocator
-from prefect_mig.allocator.allocator import redis_errors
+from prefect_mig.allocator.redis_io import redis_errors
 from prefect_mig.allocator.models import decode
 
 #: allocator events after which the planner may plan something else

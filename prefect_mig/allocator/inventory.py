@@ -1,0 +1,212 @@
+"""The allocator's inventory half: what node agents publish (nodes, GPUs, slices, GPU models built
+from NVML), their heartbeats, and the fencing of slices whose holder's lease expired.
+
+`Inventory` is mixed into `prefect_mig.allocator.Allocator`, which provides the Redis client, the
+keys, the scripts (`_run`) and the clock (`now_ms`); use it through an `Allocator`.
+
+Examples:
+    ```python
+    from prefect_mig.allocator import Allocator
+    from prefect_mig.testing.redis_server import RedisServer
+
+    with RedisServer() as server:
+        alloc = Allocator(server.client(), namespace="doc")
+        alloc.publish_fleet("node-a=1xH100-80GB", layouts={"node-a": ["7g.80gb@0"]})
+        assert [g["gpu_model"] for g in alloc.gpus()] == ["H100-80GB"]
+        assert alloc.heartbeat("node-a") == "ok" and alloc.heartbeat("node-b") == "unknown"
+    ```
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from prefect_mig.allocator.models import SliceRecord, decode, slice_record
+from prefect_mig.allocator.redis_io import redis_errors
+from prefect_mig.errors import UnknownGpuModel
+from prefect_mig.model import FleetSpec, GpuModel, Layout, catalog, get_model, register_model
+
+log = logging.getLogger("prefect_mig.allocator")
+
+
+def _known(model_name: str) -> bool:
+    try:
+        get_model(model_name)
+    except UnknownGpuModel:
+        return False
+    return True
+
+
+
+class Inventory:
+    """Publishing and reading the inventory; mixed into `Allocator` (see the module docstring)."""
+
+    def publish(
+        self,
+        node: str,
+        gpus: Sequence[dict],
+        slices: Sequence[SliceRecord],
+        *,
+        docker_url: str | None = None,
+        heartbeat_ttl_s: float = 30.0,
+        fence_settle_s: float | None = None,
+    ) -> tuple[int, int, int]:
+        """Publish a node's whole inventory; slices it leaves out are removed (leased ones when
+        their lease ends). Returns (published, removed, handed to waiters).
+
+        `fence_settle_s` is given by an agent that fences this node's task containers: a slice whose
+        lease expires then stays quarantined until that agent confirms the holder's container gone
+        (`settle_fenced`), at most this long. Without it (a simulated fleet) it is offered at once."""
+        body: dict[str, Any] = {"node": node, "docker_url": docker_url, "published_at": time.time()}
+        if fence_settle_s is not None:
+            body["fence_settle_ms"] = int(fence_settle_s * 1000)
+        node_json = json.dumps(body)
+        reply = self._run(
+            "publish",
+            node,
+            node_json,
+            int(heartbeat_ttl_s * 1000),
+            json.dumps(list(gpus)),
+            json.dumps([s.model_dump() for s in slices]),
+            self._epoch,
+            int(self.max_ttl_s * 1000),
+            action=f"publish the inventory of node {node}",
+        )
+        self._note_heartbeat(node, heartbeat_ttl_s)
+        self._epoch = str(reply[3])
+        return tuple(int(x) for x in reply[:3])  # type: ignore[return-value]
+
+    def publish_fleet(
+        self, fleet: str | FleetSpec, *, layouts: dict[str, list[str]], heartbeat_ttl_s: float = 30.0
+    ) -> list[SliceRecord]:
+        """Publish an inventory straight from a fleet spec and layout strings (simulator, tests,
+        benchmarks): no GPU backend involved. ``layouts[node][i]`` is GPU i's layout."""
+        spec = fleet if isinstance(fleet, FleetSpec) else FleetSpec.parse(fleet)
+        published = []
+        for node in spec.nodes:
+            gpus, slices = [], []
+            for index, model_name in enumerate(node.gpus):
+                model = get_model(model_name)
+                gpu_uuid = "GPU-" + str(uuid.uuid5(uuid.NAMESPACE_URL, f"{spec}:{node.name}:{index}"))
+                gpus.append({"uuid": gpu_uuid, "index": index, "gpu_model": model.name})
+                texts = layouts.get(node.name, [])
+                layout = Layout.parse(model.name, texts[index] if index < len(texts) else "").validate_on(model)
+                for gi, placement in enumerate(layout.instances, start=1):
+                    mig = "MIG-" + str(uuid.uuid5(uuid.NAMESPACE_URL, f"{gpu_uuid}:{placement}"))
+                    slices.append(
+                        slice_record(
+                            model, placement.profile, placement.start,
+                            node=node.name, gpu_uuid=gpu_uuid, gpu_index=index, gpu_instance_id=gi, mig_uuid=mig,
+                        )
+                    )
+            self.publish(node.name, gpus, slices, heartbeat_ttl_s=heartbeat_ttl_s)
+            published.extend(slices)
+        return published
+
+    def heartbeat(self, node: str, *, ttl_s: float = 30.0) -> str:
+        """Keep a node in service; returns ``ok``, ``back`` (was lost) or ``unknown``."""
+        did = self._run("heartbeat", node, int(ttl_s * 1000), action=f"heartbeat node {node}")[0]
+        if did != "unknown":
+            self._note_heartbeat(node, ttl_s)
+        return did
+
+    def awaiting_fence(self, node: str) -> dict[str, tuple[str, str]]:
+        """The node's slices quarantined because their holder's lease expired, with the expired
+        lease and the slice's MIG UUID: ``{slice_id: (lease_id, mig_uuid)}``. Read it before listing
+        the node's containers, and pass what is confirmed to `settle_fenced`."""
+        with redis_errors("read the slices awaiting fencing"):
+            ids = sorted(decode(x) for x in self.redis.smembers(self.keys.node_slices(node)))
+            if not ids:
+                return {}
+            leases = self.redis.hmget(self.keys.awaiting_fence, ids)
+            bodies = self.redis.hmget(self.keys.slices, ids)
+        return {
+            sid: (decode(lease), json.loads(decode(body)).get("mig_uuid", ""))
+            for sid, lease, body in zip(ids, leases, bodies)
+            if lease is not None and body is not None
+        }
+
+    def settle_fenced(self, node: str, confirmed: dict[str, str]) -> tuple[int, int]:
+        """The node's agent confirms that no task container of this cluster runs on these slices
+        (``{slice_id: expired lease_id}`` as `awaiting_fence` gave them): they leave quarantine and
+        go to waiters. Returns (settled, handed to waiters)."""
+        if not confirmed:
+            return 0, 0
+        reply = self._run("settle", node, json.dumps(sorted(confirmed.items())), action=f"settle slices of node {node}")
+        return int(reply[0]), int(reply[1])
+
+    def node_down(self, node: str, *, why: str) -> str:
+        """Take a node out of service now although its agent lives (its Docker engine is down):
+        no new grants there until its next `heartbeat`, which returns ``back``."""
+        return self._run("heartbeat", node, 0, why, action=f"take node {node} out of service")[0]
+
+    def _note_heartbeat(self, node: str, ttl_s: float) -> None:
+        # kept apart from node_deadline, which the reaper clears: "last heartbeated 45 s ago"
+        body = json.dumps({"at": self.now_ms(), "ttl_ms": int(ttl_s * 1000)})
+        with redis_errors("record a heartbeat"):
+            self.redis.hset(self.keys.heartbeats, node, body)
+
+    def gpus(self) -> list[dict[str, Any]]:
+        """The published GPUs (uuid, node, index, gpu_model, layout, ...), by node and index."""
+        with redis_errors("read the GPUs"):
+            raw = self.redis.hgetall(self.keys.gpus)
+        return sorted((json.loads(decode(v)) for v in raw.values()), key=lambda g: (g.get("node", ""), g.get("index", 0)))
+
+    def node_docker_url(self, node: str) -> str | None:
+        """The Docker engine URL the node's agent published (None: the local engine)."""
+        with redis_errors("read a node"):
+            raw = self.redis.hget(self.keys.nodes, node)
+        return json.loads(decode(raw)).get("docker_url") if raw else None
+
+    def gpu_models(self, *, max_age_s: float = 5.0) -> list[str]:
+        """GPU models present in the inventory (cached for `max_age_s`). Models that node agents
+        built from NVML are made known in this process (`load_models`) when one is listed."""
+        at, models = self._models
+        if time.monotonic() - at > max_age_s or not models:
+            with redis_errors("read the inventory's GPU models"):
+                kinds = [decode(k) for k in self.redis.smembers(self.keys.pkeys)]
+            models = sorted({k.split("/", 1)[0] for k in kinds})
+            if not all(_known(m) for m in models):
+                self.load_models()
+            unknown = [m for m in models if not _known(m)]  # an agent that publishes no model (an older one)
+            if unknown and unknown != self._unknown_models:
+                log.warning("GPU model(s) %s in the inventory are unknown here (not in the catalog, not "
+                            "published): requests are matched against the others", unknown)
+            self._unknown_models = unknown
+            self._models = (time.monotonic(), models)
+        return models
+
+    def publish_models(self, models: Sequence[GpuModel]) -> int:
+        """Publish models built from NVML for GPUs outside the catalog (``built_from_nvml``), so the
+        planner, requesters and ``prefect-mig status`` in any process know them; catalog models
+        are left out (the catalog ships with every process). Returns how many were published."""
+        built = {m.name: m.model_dump_json() for m in models if m.built_from_nvml}
+        if built:
+            with redis_errors("publish the GPU models built from NVML"):
+                self.redis.hset(self.keys.models, mapping=built)
+        return len(built)
+
+    def load_models(self) -> dict[str, GpuModel]:
+        """The models node agents built from NVML (`publish_models`), by name, each registered in
+        this process (`prefect_mig.model.register_model`) so layouts, requests and plans can name
+        it. A record that names a catalog model or does not parse is skipped, with a warning."""
+        with redis_errors("read the GPU models built from NVML"):
+            raw = self.redis.hgetall(self.keys.models)
+        found = {}
+        cataloged = {name.lower() for name in catalog().models}
+        for name, body in ((decode(k), decode(v)) for k, v in raw.items()):
+            try:
+                model = GpuModel.model_validate_json(body)
+            except ValueError as exc:
+                log.warning("skipping the published GPU model %r: %s", name, exc)
+                continue
+            if model.name.lower() in cataloged or not model.built_from_nvml:
+                log.warning("skipping the published GPU model %r: the catalog's is authoritative", name)
+                continue
+            found[model.name] = register_model(model)
+        return found

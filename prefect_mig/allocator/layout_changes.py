@@ -1,0 +1,121 @@
+"""The allocator's half that changes layouts: taking GPUs and nodes out of service (maintenance), taking
+slices out of service before a re-carve (at once, or as their leases end: the range drain), the
+desired layouts the repartitioner writes and node agents apply, and the repartitioner's announcement.
+
+`LayoutChanges` is mixed into `prefect_mig.allocator.Allocator`, which provides the Redis client,
+the keys, the scripts (`_run`) and the event stream (`_event`); use it through an `Allocator`.
+
+Examples:
+    ```python
+    from prefect_mig.allocator import Allocator
+    from prefect_mig.testing.redis_server import RedisServer
+
+    with RedisServer() as server:
+        alloc = Allocator(server.client(), namespace="doc")
+        (gpu,) = alloc.publish_fleet("node-a=1xH100-80GB", layouts={"node-a": ["7g.80gb@0"]})
+        alloc.set_desired(gpu.gpu_uuid, "3g.40gb@0 + 3g.40gb@4", kind="incremental")
+        assert alloc.desired(gpu.gpu_uuid)["layout"] == "3g.40gb@0 + 3g.40gb@4"
+        assert alloc.withdraw([gpu.id]) is None  # idle: out of service until re-published
+        alloc.clear_desired(gpu.gpu_uuid, outcome="applied")
+        assert alloc.desired(gpu.gpu_uuid) is None
+    ```
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+
+from prefect_mig.allocator.models import decode
+from prefect_mig.allocator.redis_io import redis_errors
+from prefect_mig.errors import AllocationError, ConfigError
+
+
+class LayoutChanges:
+    """Out-of-service slices, GPUs and nodes, and desired layouts; mixed into `Allocator`."""
+
+    def drain(self, gpu_uuid: str) -> int:
+        """Stop granting on a GPU; returns how many of its slices are still leased."""
+        reply = self._run("drain", gpu_uuid, "1", action=f"drain GPU {gpu_uuid}")
+        if reply[0] == "unknown":
+            raise AllocationError(f"GPU {gpu_uuid} is not in the inventory.")
+        return int(reply[1])
+
+    def resume(self, gpu_uuid: str) -> int:
+        reply = self._run("drain", gpu_uuid, "0", action=f"resume GPU {gpu_uuid}")
+        if reply[0] == "unknown":
+            raise AllocationError(f"GPU {gpu_uuid} is not in the inventory.")
+        return int(reply[1])
+
+    def drain_node(self, node: str, *, drain: bool = True) -> list[str]:
+        """Stop granting on a node for maintenance (``drain=False``: resume it). Leases held there
+        run on; their slices stay out of service when they end. Returns the ids of the leases still
+        held on the node. Apart from the GPU drain the repartitioner uses: neither undoes the other."""
+        verb = "drain" if drain else "resume"
+        reply = self._run("drain_node", node, "1" if drain else "0", action=f"{verb} node {node}")
+        if reply[0] == "unknown":
+            with redis_errors("read the nodes"):
+                known = sorted(decode(n) for n in self.redis.hkeys(self.keys.nodes))
+            raise ConfigError(
+                f"node: {node!r} has never published an inventory to this cluster; published nodes: "
+                f"{', '.join(known) or 'none (start `prefect-mig agent` on each host)'}.",
+                field="node",
+                value=node,
+            )
+        return [str(x) for x in reply[1:]]
+
+    def withdraw(self, slice_ids: Sequence[str]) -> str | None:
+        """Take idle slices out of service before destroying them; None when done, else the id of
+        a slice that is leased (then nothing was withdrawn). They stay out of service until the
+        publish that no longer lists them, or `restore`."""
+        reply = self._run("withdraw", json.dumps(list(slice_ids)), "now", action="withdraw slices")
+        return None if reply[0] == "ok" else reply[1]
+
+    def withdraw_when_idle(self, slice_ids: Sequence[str]) -> int:
+        """The range drain: take the idle slices out of service now and the leased ones as soon as
+        their leases end (their leases run on untouched). Returns how many are still leased."""
+        reply = self._run("withdraw", json.dumps(list(slice_ids)), "drain", action="drain slices")
+        return int(reply[2])
+
+    def restore(self, slice_ids: Sequence[str]) -> None:
+        """Put withdrawn slices back into service (a re-carve was given up)."""
+        self._run("withdraw", json.dumps(list(slice_ids)), "restore", action="restore slices")
+
+    def set_desired(self, gpu_uuid: str, layout: str, *, kind: str, drain_timeout_s: float | None = None) -> None:
+        """Ask the GPU's agent to carve `layout` (``kind``: incremental or drain). A drain gives up
+        after `drain_timeout_s` (the planner's, from the expected remaining run time of the leases
+        in its way), or after the agent's own timeout when None."""
+        record = {"layout": layout, "kind": kind, "at": time.time()}
+        if drain_timeout_s is not None:
+            record["drain_timeout_s"] = float(drain_timeout_s)
+        body = json.dumps(record)
+        with redis_errors("write a desired layout"):
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.hset(self.keys.desired, gpu_uuid, body)
+            self._event(pipe, "layout.desired", gpu=gpu_uuid, layout=layout, kind=kind)
+            pipe.execute()
+
+    def announce_repartitioner(self, ttl_s: float) -> None:
+        """Say a repartitioner runs for the next `ttl_s` seconds: meanwhile requests may wait for
+        kinds of slices no GPU is carved into yet, instead of failing as `Unsatisfiable`."""
+        with redis_errors("announce the repartitioner"):
+            self.redis.set(self.keys.repartitioner, str(time.time()), px=int(ttl_s * 1000))
+
+    def repartitioner_running(self) -> bool:
+        """Whether a repartitioner announced itself and its announcement has not lapsed."""
+        with redis_errors("look for a repartitioner"):
+            return bool(self.redis.exists(self.keys.repartitioner))
+
+    def desired(self, gpu_uuid: str) -> dict | None:
+        with redis_errors("read a desired layout"):
+            raw = self.redis.hget(self.keys.desired, gpu_uuid)
+        return json.loads(decode(raw)) if raw else None
+
+    def clear_desired(self, gpu_uuid: str, *, outcome: str, detail: str = "") -> None:
+        """The agent is done with the GPU's desired layout: ``applied`` or ``skipped`` (why)."""
+        with redis_errors("clear a desired layout"):
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.hdel(self.keys.desired, gpu_uuid)
+            self._event(pipe, f"layout.{outcome}", gpu=gpu_uuid, detail=detail)
+            pipe.execute()
