@@ -13,7 +13,7 @@ from redis.retry import Retry
 
 from prefect_mig.allocator import LeaseClient, SliceRequest
 from prefect_mig.allocator.connection import client_for_url, connect, url_options
-from prefect_mig.errors import ConfigError
+from prefect_mig.errors import ConfigError, RedisUnavailable
 from prefect_mig.settings import Settings
 from prefect_mig.testing.sentinel import ReplicatedRedis
 from prefect_mig.testing.tls import make_certs
@@ -100,6 +100,25 @@ def test_without_the_sentinels_password_a_client_certificate_or_tls_nothing_is_r
     # and so does the primary they name
     with pytest.raises(redis.ConnectionError):
         cluster.primary.client(ssl=False, socket_timeout=5, **once).ping()
+
+
+def test_sentinels_that_name_no_primary_are_one_line_that_says_which_service_and_sentinels(secured, namespace):
+    """Without the Sentinels' password, or with a service name they do not know, a command fails
+    with a line that names the service, each Sentinel asked and what to check, not redis-py's
+    repr of every Sentinel client's connection settings."""
+    cluster, certs = secured
+    bare = cluster.url.partition("?")[0]
+    with pytest.raises(RedisUnavailable) as refused:
+        LeaseClient(connect(_settings(bare, certs, namespace)), namespace).allocator.status()
+    said = str(refused.value)
+    assert f"no Sentinel named a primary for service '{cluster.service}'; asked " in said
+    assert all(f":{port}" in said for port in cluster.sentinel_ports), said
+    assert "sentinel_password" in said and "ConnectionPool(" not in said and len(said) < 800
+    assert "read the status" in said  # what was being done
+    unknown = cluster.url.replace(f"/{cluster.service}/0", "/no-such-service/0")
+    with pytest.raises(RedisUnavailable) as refused:
+        LeaseClient(connect(_settings(unknown, certs, namespace)), namespace).allocator.status()
+    assert "for service 'no-such-service' (the Sentinels that answered know no such service" in str(refused.value)
 
 
 @pytest.mark.parametrize(
