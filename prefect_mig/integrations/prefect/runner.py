@@ -415,25 +415,10 @@ class MigTaskRunner(ThreadPoolTaskRunner):
                 logger.info("reusing the warm process on %s (call %d in it), fence %s", where, slot.container.calls + 1, lease.fence)
             elif logger:
                 logger.info("leased %s, waited %.2f s, fence %s", where, lease.info.waited_ms / 1000, lease.fence)
-            run_ids = {"flow-run-id": ctx.task_run.flow_run_id if ctx else "", "task-run-id": ctx.task_run.id if ctx else ""}
             if slot is None:  # a new container: on the engine of the node that owns the slice
                 launcher = self._launcher(allocator.node_docker_url(s.node))
-                labels = {
-                    **cluster_labels(cluster_id=allocator.cluster_id(), namespace=allocator.keys.namespace, node=s.node),
-                    "lease-id": lease.lease_id,
-                    "fence": lease.fence,
-                    "slice": f"{s.node}/{s.gpu_index}/{s.profile}@{s.start}",
-                    **run_ids,
-                }
-            env = {  # what the body may use to fence its own side effects
-                "PREFECT_MIG_LEASE_ID": lease.lease_id,
-                "PREFECT_MIG_FENCE": str(lease.fence),
-                "PREFECT_MIG_TASK_RUN_ID": str(run_ids["task-run-id"]),
-                "PREFECT_MIG_FLOW_RUN_ID": str(run_ids["flow-run-id"]),
-                "PREFECT_MIG_RUN_COUNT": str(ctx.task_run.run_count if ctx else 1),
-                "PREFECT_MIG_RUN_CONTEXT": body_context(ctx),
-                **(prefect_env(ctx, self.network, self.env) if ctx else {}),
-            }
+                labels = _container_labels(allocator, lease, ctx)
+            env = self._body_env(lease, ctx)
             on_log, stopped = (log_sink(logger) if logger else None), _AnyEvent(lost, cancelled)
             try:
                 if warm_key is None:
@@ -450,23 +435,12 @@ class MigTaskRunner(ThreadPoolTaskRunner):
                     image=exc.image,
                 ) from exc
             except (ContainerStopped, ContainerFailed) as exc:
-                if cancelled is not None and cancelled.is_set():
-                    raise TryCancelled(
-                        f"the flow run was cancelled: the container on {where} was stopped and the lease released.",
-                        container_id=exc.container_id,
-                    ) from exc
-                reason = _lost_reason(allocator, lease)
-                if reason is None and isinstance(exc, ContainerFailed):
+                why = _why_container_ended(exc, cancelled.is_set(), allocator, lease, where)
+                if why is None:
                     raise  # the body's container died with its lease intact
-                reason = reason or "removed"
-                ended.update(what="revoked" if reason == "revoked" else "lost", reason=reason)
-                what = (f"the container of the lease on {where} was removed while the task ran. " if reason == "removed"
-                        else f"the lease on {where} was {reason} while the task ran: its container was stopped. ")
-                raise LeaseLost(
-                    what + _LOST_WHY.get(reason, "It could not be renewed in time (Redis unreachable or the process paused)."),
-                    reason=reason,
-                    lease_id=lease.lease_id,
-                ) from exc
+                if isinstance(why, LeaseLost):
+                    ended.update(what="revoked" if why.reason == "revoked" else "lost", reason=why.reason)
+                raise why from exc
         finally:  # a timeout raised into this thread must not skip the release
             slot = slot or (taken[0] if taken else None)
             if slot is not None:
@@ -481,6 +455,19 @@ class MigTaskRunner(ThreadPoolTaskRunner):
                 if slot is None or not reusable:  # a warm slot keeps its lease for the next call
                     lease_event(ctx, lease, ended["what"], reason=ended["reason"], ran_s=round(ran_s, 3))
                 record_task_slice(ctx, lease, outcome=ended["reason"] or ended["what"], ran_s=ran_s)
+
+    def _body_env(self, lease: Lease, ctx) -> dict[str, str]:
+        """What the body's container sees: its lease and fence (to fence its own side effects),
+        the task and flow run it belongs to, and Prefect's settings for it (`prefect_env`)."""
+        return {
+            "PREFECT_MIG_LEASE_ID": lease.lease_id,
+            "PREFECT_MIG_FENCE": str(lease.fence),
+            "PREFECT_MIG_TASK_RUN_ID": str(ctx.task_run.id if ctx else ""),
+            "PREFECT_MIG_FLOW_RUN_ID": str(ctx.task_run.flow_run_id if ctx else ""),
+            "PREFECT_MIG_RUN_COUNT": str(ctx.task_run.run_count if ctx else 1),
+            "PREFECT_MIG_RUN_CONTEXT": body_context(ctx),
+            **(prefect_env(ctx, self.network, self.env) if ctx else {}),
+        }
 
     def _warm_key(self, request: SliceRequest, ctx, flow_ctx):
         """Which warm slots a try may reuse (None: none, a fresh container; see `warm_key`)."""
@@ -507,6 +494,42 @@ class MigTaskRunner(ThreadPoolTaskRunner):
     def __enter__(self):
         route_direct_calls()
         return super().__enter__()
+
+
+def _container_labels(allocator: Allocator, lease: Lease, ctx) -> dict[str, Any]:
+    """A task container's labels: its cluster (what the agent's fencing and leftover checks
+    select by), its lease and fence, its slice, and its task and flow run."""
+    s = lease.slice
+    return {
+        **cluster_labels(cluster_id=allocator.cluster_id(), namespace=allocator.keys.namespace, node=s.node),
+        "lease-id": lease.lease_id,
+        "fence": lease.fence,
+        "slice": f"{s.node}/{s.gpu_index}/{s.profile}@{s.start}",
+        "flow-run-id": ctx.task_run.flow_run_id if ctx else "",
+        "task-run-id": ctx.task_run.id if ctx else "",
+    }
+
+
+def _why_container_ended(exc: Exception, cancelled: bool, allocator: Allocator, lease: Lease, where: str) -> Exception | None:
+    """What a task's container stopping or failing means: the flow run was cancelled
+    (`TryCancelled`), the lease was lost, revoked or its container removed (`LeaseLost`, with the
+    reason), or None: the body's own container died with its lease intact."""
+    if cancelled:
+        return TryCancelled(
+            f"the flow run was cancelled: the container on {where} was stopped and the lease released.",
+            container_id=exc.container_id,
+        )
+    reason = _lost_reason(allocator, lease)
+    if reason is None and isinstance(exc, ContainerFailed):
+        return None
+    reason = reason or "removed"
+    what = (f"the container of the lease on {where} was removed while the task ran. " if reason == "removed"
+            else f"the lease on {where} was {reason} while the task ran: its container was stopped. ")
+    return LeaseLost(
+        what + _LOST_WHY.get(reason, "It could not be renewed in time (Redis unreachable or the process paused)."),
+        reason=reason,
+        lease_id=lease.lease_id,
+    )
 
 
 def _tag_values(tags: Iterable[str]) -> dict[str, Any]:
