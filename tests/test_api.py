@@ -112,6 +112,57 @@ def test_a_client_that_leaves_while_waiting_is_withdrawn_and_never_granted(serve
     assert served_api.alloc.status()["leases"] == []
 
 
+def test_a_grant_that_races_the_clients_disconnect_is_released_not_left_held(redis_client, namespace):
+    """The slice is handed to a waiting acquire in the very moment its client disconnects: the
+    grant is made before the API sees the disconnect, so withdrawing the request finds it granted
+    and must release it. Driven through the ASGI app itself, so the order is certain: the
+    disconnect message is returned only after the hand-over. Hand-overs here stay unclaimed for
+    60 s, so a grant the API forgot would still be held when checked."""
+    import asyncio
+
+    from prefect_mig.allocator import Allocator, SliceRequest
+
+    alloc = Allocator(redis_client, namespace, wait_ttl_s=30, claim_s=60)
+    alloc.publish_fleet("node-a=1xH100-80GB", layouts={"node-a": [H100_MIXED]})
+    held = alloc.try_acquire(SliceRequest(profile="3g.40gb", holder="someone else"))
+    app = create_app(alloc, token=ADMIN_TOKEN)
+    body = json.dumps({"request": {"profile": "3g.40gb"}, "timeout_s": 30}).encode()
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+        "path": "/v1/leases", "raw_path": b"/v1/leases", "query_string": b"", "root_path": "",
+        "headers": [(b"host", b"x"), (b"authorization", f"Bearer {ADMIN_TOKEN}".encode()),
+                    (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 80),
+    }  # fmt: skip
+    sent: list[dict] = []
+
+    async def drive() -> None:
+        messages = 0
+
+        async def receive() -> dict:
+            nonlocal messages
+            messages += 1
+            if messages == 1:
+                return {"type": "http.request", "body": body, "more_body": False}
+            while not alloc.status()["queue"]:  # the acquire is queued behind the held slice
+                await asyncio.sleep(0.02)
+            assert alloc.release(held.lease_id, held.fence)  # the slice is handed to the waiter now ...
+            granted = [e for e in alloc.events() if e.get("type") == "lease.granted" and e.get("holder") != "someone else"]
+            assert granted, "the release handed the slice to the waiting acquire"
+            return {"type": "http.disconnect"}  # ... and its client is gone in the same instant
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        await asyncio.wait_for(app(scope, receive, send), 30)
+
+    asyncio.run(drive())
+    assert sent and sent[0]["status"] == 408  # the client (gone) would have been told it got nothing
+    assert alloc.status()["leases"] == [], "the grant made as the client left is still held"
+    assert alloc.status()["queue"] == []
+    assert {s["state"] for s in alloc.status()["slices"] if s["profile"] == "3g.40gb"} == {"free"}
+
+
 def test_a_waiting_acquire_is_handed_the_freed_slice_with_its_full_ttl(served_api):
     """A hand-over lives only a moment unclaimed (a departed waiter must not idle the slice); the
     API's async wait claims it, so the client gets its whole TTL, not a lease about to lapse."""
