@@ -75,12 +75,12 @@ from prefect_mig.integrations.prefect.context import acquire_started, lease_even
 from prefect_mig.integrations.prefect.direct_calls import route_direct_calls, wants_slice
 from prefect_mig.integrations.prefect.profiles import check_known
 from prefect_mig.integrations.prefect.warm import (
+    adopt_into,
     check_warm,
     take_into,
     end_with_flow_run,
     local_waiter,
     passed_slot,
-    start_warm,
     warm_key,
 )
 from prefect_mig.launchers import ContainerSettings, DockerLauncher
@@ -424,7 +424,7 @@ class MigTaskRunner(ThreadPoolTaskRunner):
                 if warm_key is None:
                     return launcher.run(fn, args, kwargs, mig_uuid=s.mig_uuid, labels=labels, on_log=on_log, stop=stopped, env=env)
                 if slot is None:
-                    slot = POOL.adopt(warm_key, lease, start_warm(launcher, s.mig_uuid, labels), keep_warm_s=self.keep_warm_s)
+                    slot = shielded(adopt_into, warm_key, lease, launcher, labels, taken, keep_warm_s=self.keep_warm_s)
                 value = slot.container.call(fn, args, kwargs, env=env, on_log=on_log, stop=stopped)
                 reusable = True
                 return value
