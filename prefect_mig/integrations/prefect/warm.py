@@ -106,16 +106,13 @@ def take_into(key, taken: list[WarmSlot], *, keep_warm_s: float) -> WarmSlot | N
     return slot
 
 
-def start_warm(launcher: DockerLauncher, mig_uuid: str, labels: dict[str, str]) -> WarmContainer:
-    return WarmContainer.start(launcher, mig_uuid=mig_uuid, labels=labels)
-
-
 def adopt_into(key, lease, launcher: DockerLauncher, labels: dict[str, str], taken: list[WarmSlot], *,
                keep_warm_s: float) -> WarmSlot:
     """Start a warm container on `lease`'s slice and adopt it as a slot, also putting the slot
     into `taken` before returning. Run it `shielded`: a timeout raised into the caller while the
     container starts waits for the slot, and the caller's finally finds it in `taken` and stops
-    the container with its lease (before, the container was left for the agent's fencing)."""
-    slot = POOL.adopt(key, lease, start_warm(launcher, lease.slice.mig_uuid, labels), keep_warm_s=keep_warm_s)
+    the container with its lease (as `take_into` does for a slot taken from the pool)."""
+    container = WarmContainer.start(launcher, mig_uuid=lease.slice.mig_uuid, labels=labels)
+    slot = POOL.adopt(key, lease, container, keep_warm_s=keep_warm_s)
     taken.append(slot)
     return slot
