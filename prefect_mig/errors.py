@@ -193,7 +193,16 @@ class LaunchError(PrefectMigError):
 
 
 class DockerUnavailable(LaunchError):
-    """The Docker engine does not answer."""
+    """The Docker engine does not answer.
+
+    Attributes:
+        unconfirmed: the task container may still run (the engine stopped answering before its
+            end could be seen or its removal confirmed): its lease must lapse, not be released.
+    """
+
+    def __init__(self, message: str, *, unconfirmed: bool = False, **kw) -> None:
+        super().__init__(message, **kw)
+        self.unconfirmed = unconfirmed
 
 
 class ImageNotFound(LaunchError):

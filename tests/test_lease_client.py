@@ -72,6 +72,40 @@ def test_a_lease_that_cannot_reach_redis_is_declared_lost_by_its_ttl(fresh_redis
     fresh_redis_server.start()
 
 
+def test_confirm_renews_a_held_lease_and_refuses_a_revoked_one_or_an_unreachable_redis(fresh_redis_server, namespace):
+    """What a container start waits for (`start_confirmed`): a renewal Redis answered."""
+    client = LeaseClient(fresh_redis_server.url, namespace, grace_s=30)
+    client.allocator.publish_fleet("node-a=1xA30-24GB", layouts={"node-a": ["2g.12gb@0 + 2g.12gb@2"]})
+    held = client.acquire(SliceRequest(profile="2g.12gb", ttl_s=20))
+    victim = client.acquire(SliceRequest(profile="2g.12gb", ttl_s=20, priority=1, preemptible=True))
+    before = client.allocator.lease(held.lease_id).expires_at_ms
+    time.sleep(0.05)
+    held.confirm()
+    assert client.allocator.lease(held.lease_id).expires_at_ms > before
+    client.allocator.try_acquire(SliceRequest(profile="2g.12gb", priority=9), wait=True)  # revokes the victim
+    with pytest.raises(LeaseLost, match="revoked"):
+        victim.confirm()
+    fresh_redis_server.kill()
+    try:
+        with pytest.raises(RedisUnavailable):
+            held.confirm()
+    finally:
+        fresh_redis_server.start()
+
+
+def test_an_abandoned_lease_is_not_released_but_lapses(client):
+    """A holder that cannot confirm its container ended leaves the lease to expire (and, on a
+    node with a fencing agent, its slice to quarantine) instead of handing the slice on."""
+    lease = client.acquire(SliceRequest(profile="3g.40gb", ttl_s=1))
+    lease.abandon()
+    assert lease.release() is False  # release after abandon gives nothing back
+    assert [r["lease_id"] for r in client.allocator.status()["leases"]] == [lease.lease_id]
+    time.sleep(1.3)
+    client.allocator.reap()
+    assert client.allocator.status()["leases"] == []
+    assert "lease.released" not in [e["type"] for e in client.allocator.events()]
+
+
 def test_redis_down_gives_a_clear_error_within_the_timeout(fresh_redis_server, namespace):
     client = LeaseClient(fresh_redis_server.url, namespace)
     fresh_redis_server.kill()

@@ -121,6 +121,22 @@ class Lease:
         self.renewals += 1
         self._deadline = max(self._deadline, started + self.ttl_s - self.margin_s)
 
+    def confirm(self) -> None:
+        """Prove the lease still held right now, just before a container starts on its slice: a
+        renewal that Redis answered, and the lease not lost meanwhile. Nothing less will do: a
+        lease revoked while this holder could not reach Redis keeps only the cluster's grace on the
+        server, less than the local deadline, so a Redis error refuses the start too (the task
+        fails; a retry takes a fresh lease). See `prefect_mig.launchers.docker.start_confirmed`.
+
+        Raises:
+            LeaseLost: revoked, expired or gone. LeaseNotOwned: another holder has it.
+            RedisUnavailable: Redis did not answer the renewal.
+        """
+        self.renew()
+        if self.lost.is_set():
+            raise self.lost_reason if isinstance(self.lost_reason, LeaseLost) else LeaseLost(
+                f"lease {self.lease_id} is lost; its container is not started.", reason="lost", lease_id=self.lease_id)
+
     def _watch(self) -> None:
         """Fire on_lost at the local deadline, even while a renewal call hangs."""
         while not self._stop.is_set() and not self.lost.is_set():
@@ -184,6 +200,15 @@ class Lease:
                 self.on_lost(self, exc)
             except Exception as callback_error:  # noqa: BLE001 - a failing callback must not hide the loss
                 print(f"prefect-mig: on_lost of {self!r} failed: {callback_error!r}", file=sys.stderr)
+
+    def abandon(self) -> None:
+        """Stop renewing without giving the slice back, for a holder that cannot confirm its use
+        of the slice ended (its container's engine stopped answering). The lease lapses within its
+        TTL and its slice stays quarantined until the node's agent confirms no container of the
+        lease remains (or the cluster's fallback settle time passes), where a release would hand it
+        on at once. A later `release` does nothing."""
+        self._stop.set()
+        self._released = True
 
     def release(self) -> bool:
         """Stop renewing and give the slice back; idempotent. False if it was already gone."""

@@ -66,6 +66,28 @@ def cluster_labels(*, cluster_id: str, namespace: str, node: str) -> dict[str, s
     return {"cluster": cluster_id, "namespace": namespace, "node": node}
 
 
+def _not_stopped(stop: threading.Event | None) -> None:
+    if stop is not None and stop.is_set():
+        raise ContainerStopped("the task was stopped before its container started.")
+
+
+def start_confirmed(container, stop: threading.Event | None, confirm: Callable[[], object] | None) -> None:
+    """Start a created task container unless `stop` is set or `confirm` raises.
+
+    `confirm` proves the holder's right to the slice at the last moment: the runner passes its
+    lease's renewal. The container already exists (with its lease labels) when it runs, so a node
+    agent that settles an expired lease's slice either saw this container (and fences it) or
+    looked before it existed, after the lease had expired, and then the renewal fails and the
+    container never starts. Without it, a holder delayed between its grant and the start (a big
+    argument to pickle, Redis or the engine slow to answer) could start on a slice already handed on.
+    """
+    _not_stopped(stop)
+    if confirm is not None:
+        confirm()
+        _not_stopped(stop)
+    container.start()
+
+
 def task_containers(
     client: docker.DockerClient,
     *,
@@ -307,8 +329,10 @@ def died_without_outcome(container, exit_code: int, image: str) -> ContainerFail
     )
 
 
-def remove_container(container) -> None:
-    """Remove a task container with its runtime volume; one already gone (or going) is fine."""
+def remove_container(container) -> bool:
+    """Remove a task container with its runtime volume; one already gone (or going) is fine.
+    Returns False when the engine did not answer: the container may still run (when the engine
+    is back, the node's agent fences it), so its lease must lapse rather than be released."""
     try:
         container.remove(force=True, v=True)  # v: with its runtime volume
     except docker.errors.NotFound:
@@ -317,7 +341,8 @@ def remove_container(container) -> None:
         if exc.status_code != 409:  # 409: someone else's removal is under way
             raise
     except _ENGINE_GONE:
-        pass  # the engine is gone; when it is back, the node's agent fences the container
+        return False
+    return True
 
 
 class DockerLauncher:
@@ -406,27 +431,32 @@ class DockerLauncher:
         stop: threading.Event | None = None,
         env: dict[str, str] | None = None,
         poll_s: float = 0.25,
+        confirm: Callable[[], object] | None = None,
     ) -> Any:
         """Run ``fn(*args, **kwargs)`` in a fresh container that sees only `mig_uuid`; return its
         value or raise its exception (with the container's traceback as ``__cause__``).
 
         `stop` (set by another thread: timeout, cancellation, lost lease) kills the container and
-        raises `ContainerStopped`. The container is removed on every path.
+        raises `ContainerStopped`; set before the container starts, it never starts. `confirm`
+        runs after the container is created and before it starts, and raises to refuse the start
+        (see `start_confirmed`). The container is removed on every path.
 
         Raises:
-            ImageNotFound, ImagePythonMismatch, DockerUnavailable, ContainerFailed, ContainerStopped.
+            ImageNotFound, ImagePythonMismatch, DockerUnavailable, ContainerFailed, ContainerStopped,
+            and whatever `confirm` raises.
         """
         self.check_python()
         payload = _pickle_call(fn, args, kwargs or {})
         s = self.settings
+        _not_stopped(stop)
         container = self.create(mig_uuid=mig_uuid, labels=labels, env=env)
         try:
             with _removed_means_stopped(container):
-                outcome, exit_code = self._start_and_wait(container, payload, on_log, stop, poll_s)
+                outcome, exit_code = self._start_and_wait(container, payload, on_log, stop, poll_s, confirm)
             if outcome is None:
                 raise died_without_outcome(container, exit_code, s.image)
         except _ENGINE_GONE as exc:
-            raise self._engine_gone(exc) from exc
+            raise self._engine_gone(exc, removed=remove_container(container)) from exc
         finally:
             remove_container(container)
         return value_of(outcome)
@@ -474,10 +504,10 @@ class DockerLauncher:
             remove_launched(self.client, launch_id)
             raise
 
-    def _start_and_wait(self, container, payload: bytes, on_log, stop, poll_s: float) -> tuple[tuple | None, int]:
+    def _start_and_wait(self, container, payload: bytes, on_log, stop, poll_s: float, confirm) -> tuple[tuple | None, int]:
         """Copy the runtime in, start, wait (or stop); the outcome (None: none written) and exit code."""
         container.put_archive(HOME, _runtime_archive(payload))
-        container.start()
+        start_confirmed(container, stop, confirm)
         logger: threading.Thread | None = None
         if on_log is not None:
             logger = threading.Thread(target=self._stream_logs, args=(container, on_log), daemon=True)
@@ -498,11 +528,12 @@ class DockerLauncher:
             raise ContainerStopped("the task container was stopped before the body finished.", container_id=container.id)
         return exit_code
 
-    def _engine_gone(self, exc: Exception) -> DockerUnavailable:
+    def _engine_gone(self, exc: Exception, *, removed: bool) -> DockerUnavailable:
         return DockerUnavailable(
             f"the Docker engine at {self.settings.docker_host or 'the local socket'} stopped answering while "
             f"the task container ran ({exc.__class__.__name__}); the body's outcome is lost. Run the task again.",
             image=self.settings.image,
+            unconfirmed=not removed,
         )
 
     @staticmethod

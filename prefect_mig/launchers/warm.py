@@ -51,6 +51,7 @@ from prefect_mig.launchers.docker import (
     _runtime_archive,
     died_without_outcome,
     remove_container,
+    start_confirmed,
 )
 from prefect_mig.launchers.outcome import value_of
 from prefect_mig.launchers.runtime_entry import END_MARK
@@ -80,12 +81,13 @@ class WarmContainer:
     @classmethod
     def start(
         cls, launcher: DockerLauncher, *, mig_uuid: str, labels: dict[str, str] | None = None,
-        env: dict[str, str] | None = None,
+        env: dict[str, str] | None = None, confirm: Callable[[], object] | None = None,
     ) -> WarmContainer:
-        """Create a container bound to `mig_uuid`, attach to its stdio, start its serving process.
+        """Create a container bound to `mig_uuid`, attach to its stdio, start its serving process
+        (unless `confirm`, run between the create and the start, raises: see `start_confirmed`).
 
         Raises:
-            ImageNotFound, ImagePythonMismatch, DockerUnavailable.
+            ImageNotFound, ImagePythonMismatch, DockerUnavailable, and whatever `confirm` raises.
         """
         launcher.check_python()
         # detach=False with stdin_open sets StdinOnce: stdin closes when this client's attach ends,
@@ -96,10 +98,11 @@ class WarmContainer:
         try:
             container.put_archive(HOME, _runtime_archive(None))
             sock = container.attach_socket(params={"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1})
-            container.start()
+            start_confirmed(container, None, confirm)
         except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
-            remove_container(container)
-            raise DockerUnavailable(f"could not start the warm task container: {exc}", image=launcher.settings.image) from exc
+            removed = remove_container(container)
+            raise DockerUnavailable(f"could not start the warm task container: {exc}", image=launcher.settings.image,
+                                    unconfirmed=not removed) from exc
         except BaseException:
             remove_container(container)
             raise
@@ -139,15 +142,16 @@ class WarmContainer:
             self._on_log = None
         return value_of(outcome)
 
-    def stop(self) -> None:
-        """Kill and remove the container (idempotent)."""
+    def stop(self) -> bool:
+        """Kill and remove the container (idempotent); False when the engine did not answer, so
+        the container may still run (see `remove_container`)."""
         self.broken = True
         try:
             getattr(self._sock, "_sock", self._sock).shutdown(socket.SHUT_RDWR)  # ends the reader too
             self._sock.close()
         except OSError:
             pass
-        remove_container(self.container)
+        return remove_container(self.container)
 
     def _send(self, data: bytes) -> None:
         raw = getattr(self._sock, "_sock", self._sock)

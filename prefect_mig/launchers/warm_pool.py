@@ -217,13 +217,17 @@ class WarmPool:
         threading.Thread(target=self.discard, args=(slot,), daemon=True, name="warm-discard").start()
 
     def discard(self, slot: WarmSlot) -> None:
-        """Stop the slot's container, then release its lease."""
+        """Stop the slot's container, then release its lease; a container whose removal the
+        engine did not confirm leaves its lease to lapse instead (`Lease.abandon`)."""
         with self._lock:
             self._by_lease.pop(slot.lease.lease_id, None)
         try:
-            slot.container.stop()
+            stopped = slot.container.stop()
         except Exception:  # noqa: BLE001 - the node agent fences a container whose lease ended
-            pass
+            stopped = False
+        if not stopped:
+            slot.lease.abandon()
+            return
         try:
             slot.lease.release()
         except PrefectMigError:

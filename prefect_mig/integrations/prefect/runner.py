@@ -422,18 +422,30 @@ class MigTaskRunner(ThreadPoolTaskRunner):
             on_log, stopped = (log_sink(logger) if logger else None), _AnyEvent(lost, cancelled)
             try:
                 if warm_key is None:
-                    return launcher.run(fn, args, kwargs, mig_uuid=s.mig_uuid, labels=labels, on_log=on_log, stop=stopped, env=env)
+                    return launcher.run(fn, args, kwargs, mig_uuid=s.mig_uuid, labels=labels, on_log=on_log, stop=stopped,
+                                        env=env, confirm=lease.confirm)
                 if slot is None:
                     slot = shielded(adopt_into, warm_key, lease, launcher, labels, taken, keep_warm_s=self.keep_warm_s)
                 value = slot.container.call(fn, args, kwargs, env=env, on_log=on_log, stop=stopped)
                 reusable = True
                 return value
             except DockerUnavailable as exc:
+                if exc.unconfirmed:  # its container may still run: the slice must not go to another holder
+                    lease.abandon()
+                    ended.update(what="lost", reason="unconfirmed")
+                    what = (f"Its container's end could not be confirmed, so the lease on {where} was left to lapse, "
+                            f"not released: the slice goes to another task only once {s.node}'s agent confirms no "
+                            "container of it remains.")
+                else:
+                    what = f"The lease on {where} was released."
                 raise DockerUnavailable(
-                    f"node {s.node}'s Docker engine failed: {exc} The lease on {where} was released; while the "
-                    f"engine is down the node's agent keeps {s.node} out of service, so new tasks go to other nodes.",
-                    image=exc.image,
+                    f"node {s.node}'s Docker engine failed: {exc} {what} While the engine is down the node's agent "
+                    f"keeps {s.node} out of service, so new tasks go to other nodes.",
+                    image=exc.image, unconfirmed=exc.unconfirmed,
                 ) from exc
+            except LeaseLost as exc:  # the lease's last-moment renewal before its container started
+                ended.update(what="revoked" if exc.reason == "revoked" else "lost", reason=exc.reason)
+                raise
             except (ContainerStopped, ContainerFailed) as exc:
                 why = _why_container_ended(exc, cancelled.is_set(), allocator, lease, where)
                 if why is None:

@@ -108,11 +108,12 @@ def take_into(key, taken: list[WarmSlot], *, keep_warm_s: float) -> WarmSlot | N
 
 def adopt_into(key, lease, launcher: DockerLauncher, labels: dict[str, str], taken: list[WarmSlot], *,
                keep_warm_s: float) -> WarmSlot:
-    """Start a warm container on `lease`'s slice and adopt it as a slot, also putting the slot
+    """Start a warm container on `lease`'s slice (renewing the lease between its create and its
+    start: see `start_confirmed`) and adopt it as a slot, also putting the slot
     into `taken` before returning. Run it `shielded`: a timeout raised into the caller while the
     container starts waits for the slot, and the caller's finally finds it in `taken` and stops
     the container with its lease (as `take_into` does for a slot taken from the pool)."""
-    container = WarmContainer.start(launcher, mig_uuid=lease.slice.mig_uuid, labels=labels)
+    container = WarmContainer.start(launcher, mig_uuid=lease.slice.mig_uuid, labels=labels, confirm=lease.confirm)
     slot = POOL.adopt(key, lease, container, keep_warm_s=keep_warm_s)
     taken.append(slot)
     return slot

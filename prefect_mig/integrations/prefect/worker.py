@@ -44,7 +44,7 @@ from __future__ import annotations
 import shlex
 import threading
 import time
-from typing import Any, Literal, Optional, Union
+from typing import TYPE_CHECKING, Any, Literal, Optional, Union
 
 import anyio
 import anyio.lowlevel
@@ -56,6 +56,9 @@ from pydantic import Field
 
 from prefect_mig.errors import ConfigError, LaunchError, PrefectMigError, WaitTimeout
 from prefect_mig.model.catalog import catalog
+
+if TYPE_CHECKING:
+    from prefect_mig.allocator import Lease
 
 # Prefect imports this module in every process it starts (the `prefect.collections` entry point,
 # the server's included), so Docker, Redis and the task runner are imported where they are used.
@@ -334,6 +337,7 @@ class MigDockerWorker(BaseWorker):
         import docker.errors
 
         from prefect_mig.allocator import Lease, LeaseInfo
+        from prefect_mig.launchers.docker import remove_container
         from prefect_mig.launchers.docker import LABEL_PREFIX, cluster_labels
 
         allocator = await anyio.to_thread.run_sync(runner._allocator, logger)
@@ -347,7 +351,7 @@ class MigDockerWorker(BaseWorker):
                 return MigDockerWorkerResult(status_code=0, identifier="")
         lost = threading.Event()
         lease = Lease(allocator, got, on_lost=lambda held, exc: lost.set()).start_renewing()
-        container = None
+        container, removed = None, True
         try:
             s = lease.slice
             where = f"{s.profile}@{s.start} on {s.node} GPU {s.gpu_index} ({s.mig_uuid})"
@@ -376,7 +380,7 @@ class MigDockerWorker(BaseWorker):
                 workdir = bundle_directory(getattr(self.work_pool, "storage_configuration", None))
             container = await anyio.to_thread.run_sync(
                 lambda: _start_container(launcher, configuration.command, env, labels, s.mig_uuid, configuration.network,
-                                         workdir)
+                                         workdir, lease, lost)
             )
             pid = f"{launcher.client.api.base_url}:{container.id}"
             if task_status is not None:
@@ -398,6 +402,7 @@ class MigDockerWorker(BaseWorker):
             return MigDockerWorkerResult(status_code=status, identifier=pid)
         except (LaunchError, docker.errors.DockerException) as exc:
             logger.error("could not run the flow run's container on %s: %s", lease.slice.node, exc)
+            removed = not getattr(exc, "unconfirmed", False)
             raise
         finally:
             # shielded: an @mig caller leaving its worker's task group (its run ended) cancels this
@@ -405,8 +410,14 @@ class MigDockerWorker(BaseWorker):
             with anyio.CancelScope(shield=True):
                 if container is not None:
                     await self._log_output_unless_completed(flow_run.id, container, logger)
-                    await anyio.to_thread.run_sync(_remove, container)
-                await anyio.to_thread.run_sync(lease.release)
+                    removed = await anyio.to_thread.run_sync(remove_container, container) and removed
+                if removed:
+                    await anyio.to_thread.run_sync(lease.release)
+                else:  # the container may still run: its slice must not go to another holder
+                    lease.abandon()
+                    logger.warning("the container's removal on %s was not confirmed: its lease is left to lapse, and "
+                                   "the slice goes to another run once the node's agent confirms none remains",
+                                   lease.slice.node)
 
     async def _log_output_unless_completed(self, flow_run_id, container, logger, lines: int = 40) -> None:
         """Put the last `lines` of the container's output in the run log when the run did not end
@@ -563,7 +574,7 @@ class MigDockerWorker(BaseWorker):
         import docker.errors
         from prefect.exceptions import InfrastructureNotFound
 
-        from prefect_mig.launchers.docker import LABEL_PREFIX
+        from prefect_mig.launchers.docker import LABEL_PREFIX, remove_container
 
         docker_url, container_id = _engine_and_container(infrastructure_pid)
         runner = configuration.runner()
@@ -575,7 +586,8 @@ class MigDockerWorker(BaseWorker):
             except docker.errors.NotFound as exc:
                 raise InfrastructureNotFound(f"container {container_id} of this flow run is gone") from exc
             container.stop(timeout=grace_seconds)
-            _remove(container)
+            if not remove_container(container):  # unconfirmed: the lease lapses instead (`Lease.abandon`)
+                return
             lease_id, fence = container.labels.get(f"{LABEL_PREFIX}lease-id"), container.labels.get(f"{LABEL_PREFIX}fence")
             if lease_id and fence:
                 runner._allocator().release(lease_id, int(fence))
@@ -596,6 +608,8 @@ def _container_gone(infrastructure_pid: str) -> str | None:
     import docker.errors
     import requests.exceptions
 
+    from prefect_mig.launchers.docker import remove_container
+
     docker_url, container_id = _engine_and_container(infrastructure_pid)
     try:
         client = docker.DockerClient(base_url=docker_url) if docker_url else docker.from_env()
@@ -606,7 +620,7 @@ def _container_gone(infrastructure_pid: str) -> str | None:
         if container.status in ("created", "running", "restarting", "paused"):
             return None
         code = container.attrs.get("State", {}).get("ExitCode")
-        _remove(container)
+        remove_container(container)
         return f"exited with code {code}"
     except docker.errors.NotFound:
         return "is gone"
@@ -617,11 +631,13 @@ def _container_gone(infrastructure_pid: str) -> str | None:
 
 
 def _start_container(launcher, command: str | None, env: dict, labels: dict, mig_uuid: str, network: str | None,
-                     working_dir: str | None = None):
-    """Create and start the flow run's container on the launcher's engine, bound to `mig_uuid`."""
+                     working_dir: str | None, lease: Lease, lost: threading.Event):
+    """Create the flow run's container on the launcher's engine, bound to `mig_uuid`, and start it
+    unless `lease` is lost or its renewal between the create and the start fails (`start_confirmed`)."""
     import docker.errors
 
-    from prefect_mig.launchers.docker import confinement_options, slice_bound_options
+    from prefect_mig.errors import DockerUnavailable
+    from prefect_mig.launchers.docker import confinement_options, remove_container, slice_bound_options, start_confirmed
 
     s = launcher.settings
     launcher.client  # noqa: B018 - a clear DockerUnavailable before anything else
@@ -649,9 +665,13 @@ def _start_container(launcher, command: str | None, env: dict, labels: dict, mig
     create.update(confinement_options(s))
     container = launcher.client.containers.create(s.image, **create)
     try:
-        container.start()
-    except BaseException:
-        _remove(container)
+        start_confirmed(container, lost, lease.confirm)  # renews the lease after the create
+    except BaseException as exc:
+        if not remove_container(container):
+            raise DockerUnavailable(
+                f"the Docker engine at {launcher.client.api.base_url} stopped answering while the flow run's "
+                f"container started ({exc.__class__.__name__}).", image=s.image, unconfirmed=True,
+            ) from exc
         raise
     return container
 
@@ -672,7 +692,8 @@ def _wait_container(container, cancelled: threading.Event, lost: threading.Event
     except _ENGINE_GONE as exc:
         raise DockerUnavailable(
             f"the Docker engine at {container.client.api.base_url} stopped answering while the flow run's "
-            f"container ran ({exc.__class__.__name__}); the lease is released and the run ends."
+            f"container ran ({exc.__class__.__name__}); the run ends, and its lease lapses unless the container's "
+            "removal is confirmed.", unconfirmed=True
         ) from exc
     if exit_code is not None:
         return exit_code
@@ -683,15 +704,3 @@ def _wait_container(container, cancelled: threading.Event, lost: threading.Event
     return -1
 
 
-def _remove(container) -> None:
-    import docker.errors
-
-    from prefect_mig.launchers.docker import _ENGINE_GONE
-
-    try:
-        container.remove(force=True)
-    except (docker.errors.NotFound, *_ENGINE_GONE):  # gone, or its engine is (the agent fences it later)
-        pass
-    except docker.errors.APIError as exc:
-        if exc.status_code != 409:  # 409: its removal is under way
-            raise
