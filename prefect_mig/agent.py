@@ -14,10 +14,16 @@ stops task containers whose lease is gone, and applies the desired layouts the r
 
 Fencing touches only this cluster's task containers on this node (their labels carry the cluster
 id kept in Redis, the namespace and the node), so clusters can share a Docker engine; each removal
-is logged with the lease id, fence and reason, and a container that vanished meanwhile is fine. A
-slice that a running task container of this cluster uses (by its labels) counts as busy whatever
-NVML says. `run` outlives Redis and Docker errors (logs, backs off, heartbeats again as soon as it
-can). `carve_empty` carves GPUs that have MIG on and no instances to a named layout config.
+is logged with the lease id, fence and reason, and a container that vanished meanwhile is fine.
+"This cluster's" means labelled with any cluster id this agent has seen: Redis's now and the ones
+before it (a new id is made when Redis lost its data), kept in the state dir when the agent has one
+(`KnownClusterIds`), so an agent restarted after a wipe still fences its cluster's old containers.
+A slice that a running task container in this namespace on this node uses (by its labels) counts
+as busy whatever NVML says, whatever cluster id the container carries: one with an id this agent
+does not know (another cluster's, or its own from before a wipe it cannot remember) is never
+removed, only logged, and its slice stays out of service while it runs. `run` outlives Redis and
+Docker errors (logs, backs off, heartbeats again as soon as it can). `carve_empty` carves GPUs
+that have MIG on and no instances to a named layout config.
 
 A slice whose holder's lease expired (the holder died or hung: it neither renewed nor released)
 may still have that holder's task container running on it, so an agent with a Docker engine
@@ -57,10 +63,12 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from prefect_mig.allocator import Allocator, SliceRecord
 from prefect_mig.allocator.models import decode, slice_record
 from prefect_mig.gpu import GpuBackend
+from prefect_mig.known_cluster_ids import KnownClusterIds
 
 log = logging.getLogger("prefect_mig.agent")
 
@@ -77,6 +85,10 @@ class NodeAgent:
         docker_client: this node's Docker engine; when given, each tick stops this cluster's task
             containers on this node whose lease is gone or whose fencing token is stale (a killed
             flow process, a lost lease), and slices its running task containers use count as busy.
+        state_dir: where the cluster ids this agent has seen are kept across restarts (the CLI
+            passes ``PREFECT_MIG_STATE_DIR``); ``None``: in memory only, so after Redis lost its
+            data a restarted agent cannot tell its old task containers from another cluster's and
+            keeps their slices out of service without fencing them.
         fence_settle_s: with a `docker_client`: a slice whose lease expired (its holder died) stays
             quarantined until this agent, right after its fencing step, finds no task container of
             the cluster on it (`settle_quarantine`), or at most this long (default: the heartbeat
@@ -105,6 +117,7 @@ class NodeAgent:
         drain_timeout_s: float = 600.0,
         clock: Callable[[], float] = time.monotonic,
         on_event: Callable[[str, dict], None] | None = None,
+        state_dir: Path | str | None = None,
     ) -> None:
         self.backend = backend
         self.allocator = allocator
@@ -118,7 +131,11 @@ class NodeAgent:
         self.on_event = on_event
         self._published: str | None = None
         self._draining_since: dict[str, float] = {}
-        self._known_ids: list[str] = []  # cluster ids seen, newest last
+        self._known_ids = (
+            KnownClusterIds.in_state_dir(state_dir, namespace=allocator.keys.namespace, node=node)
+            if state_dir is not None else KnownClusterIds()
+        )
+        self._unknown_seen: set[str] = set()  # running containers of unknown cluster ids, last listed
         self._busy_by_labels: set[str] = set()
         self._half_made: set[tuple[str, int, str]] = set()  # GPU instances without compute instance, last seen
         self._engine_was_down = False
@@ -126,9 +143,9 @@ class NodeAgent:
     def inventory(self) -> tuple[list[dict], list[SliceRecord]]:
         """This node's GPUs and the MIG slices that are ready to lease (with a compute instance).
 
-        A slice is busy when NVML shows processes on it or a running task container of this
-        cluster carries its MIG UUID in its labels (so it stays out of service after Redis lost
-        the lease, until that container ends)."""
+        A slice is busy when NVML shows processes on it or a running task container in this
+        namespace on this node carries its MIG UUID in its labels, whatever its cluster id (so it
+        stays out of service after Redis lost the lease, until that container ends)."""
         known = {}
         raw = self.allocator.redis.hgetall(self.allocator.keys.gpus)
         for uuid, body in raw.items():
@@ -254,7 +271,7 @@ class NodeAgent:
 
             try:
                 pending = self.allocator.awaiting_fence(self.node)  # read before the containers are listed
-                if self.fence_containers() and pending:
+                if self.fence_containers():
                     self._publish_if_changed()  # the slices they used are no longer busy by labels
                 self.settle_quarantine(pending)
             except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
@@ -378,30 +395,37 @@ class NodeAgent:
 
     def _cluster_ids(self) -> list[str]:
         """The ids this agent's cluster had: Redis's now (the allocator puts its cached one back if
-        Redis lost it) and any earlier one, so containers labelled before a change stay its own."""
+        Redis lost it) and earlier ones (remembered in the state dir, if any), so containers
+        labelled before a change stay its own."""
         current = self.allocator.cluster_id()
-        if current not in self._known_ids:
-            if self._known_ids:
-                log.warning("cluster id changed in Redis (%s -> %s): Redis lost its data?", self._known_ids[-1], current)
-            self._known_ids.append(current)
-        return list(self._known_ids)
+        known = self._known_ids.ids
+        if current not in known:
+            if known:
+                log.warning("cluster id changed in Redis (%s -> %s): Redis lost its data?", known[-1], current)
+            self._known_ids.add(current)
+        return list(self._known_ids.ids)
+
+    def _node_containers(self, *, running_only: bool = False) -> tuple[list, list]:
+        """This node's task containers in this namespace: (this cluster's, those of cluster ids
+        this agent does not know)."""
+        from prefect_mig.launchers.docker import LABEL_PREFIX, task_containers
+
+        known = set(self._cluster_ids())
+        every = task_containers(
+            self.docker, cluster_id=None, namespace=self.allocator.keys.namespace, node=self.node, running_only=running_only
+        )
+        own = [c for c in every if c.labels.get(f"{LABEL_PREFIX}cluster") in known]
+        return own, [c for c in every if c.labels.get(f"{LABEL_PREFIX}cluster") not in known]
 
     def own_containers(self, *, running_only: bool = False) -> list:
         """This node's task containers of this cluster (never another cluster's on the same engine)."""
-        from prefect_mig.launchers.docker import task_containers
-
-        return [
-            c
-            for cid in self._cluster_ids()
-            for c in task_containers(
-                self.docker, cluster_id=cid, namespace=self.allocator.keys.namespace, node=self.node,
-                running_only=running_only,
-            )
-        ]
+        return self._node_containers(running_only=running_only)[0]
 
     def _labelled_busy(self) -> set[str]:
-        """MIG UUIDs that a running task container of this cluster uses (by its labels): busy
-        whatever NVML says. If the engine does not answer, the last answer stands."""
+        """MIG UUIDs that a running task container in this namespace on this node uses (by its
+        labels), of this cluster or not: busy whatever NVML says. Containers of a cluster id this
+        agent does not know are logged when first seen, never removed. If the engine does not
+        answer, the last answer stands."""
         import docker.errors
         import requests.exceptions
 
@@ -410,12 +434,29 @@ class NodeAgent:
         if self.docker is None:
             return set()
         try:
-            self._busy_by_labels = {
-                c.labels.get(f"{LABEL_PREFIX}mig-uuid", "") for c in self.own_containers(running_only=True)
-            } - {""}
+            own, unknown = self._node_containers(running_only=True)
+            self._warn_unknown(unknown)
+            self._busy_by_labels = {c.labels.get(f"{LABEL_PREFIX}mig-uuid", "") for c in own + unknown} - {""}
         except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
             log.warning("could not list task containers (%s); keeping the last %d busy slice(s)", exc, len(self._busy_by_labels))
         return self._busy_by_labels
+
+    def _warn_unknown(self, unknown: list) -> None:
+        from prefect_mig.launchers.docker import LABEL_PREFIX
+
+        new = [c for c in unknown if c.id not in self._unknown_seen]
+        self._unknown_seen = {c.id for c in unknown}
+        if new:
+            log.warning(
+                "task container(s) %s in namespace %s on node %s carry cluster id(s) %s, not this cluster's (%s): "
+                "another cluster on this engine, or this cluster's from before Redis lost its data (an agent "
+                "without its state dir cannot tell). Not removing them; their slices (%s) stay out of service "
+                "while they run",
+                ", ".join(c.short_id for c in new), self.allocator.keys.namespace, self.node,
+                ", ".join(sorted({c.labels.get(f"{LABEL_PREFIX}cluster", "?") for c in new})),
+                ", ".join(self._known_ids.ids),
+                ", ".join(sorted({c.labels.get(f"{LABEL_PREFIX}mig-uuid", "?") for c in new})),
+            )
 
     def fence_containers(self) -> list[str]:
         """Stop and remove this node's task containers (of this cluster only) whose lease no longer
@@ -425,8 +466,9 @@ class NodeAgent:
 
     def settle_quarantine(self, pending: dict[str, tuple[str, str]]) -> list[str]:
         """Tell the allocator which of `pending` (`Allocator.awaiting_fence`, read before this
-        round's fencing) no task container of this cluster uses any more, by its MIG UUID or
-        expired lease id label: they leave quarantine and go to waiters. Call it right after
+        round's fencing) no task container in this namespace on this node (of this cluster or of a
+        cluster id it does not know) uses any more, by its MIG UUID or expired lease id label: they
+        leave quarantine and go to waiters. Call it right after
         `fence_containers`; a slice whose container could not be removed stays quarantined (until
         it is, or the fallback settle time). Returns the slice ids settled."""
         from prefect_mig.launchers.docker import LABEL_PREFIX
@@ -434,7 +476,8 @@ class NodeAgent:
         if not pending:
             return []
         in_use = set()
-        for c in self.own_containers():
+        own, unknown = self._node_containers()
+        for c in own + unknown:
             in_use |= {c.labels.get(f"{LABEL_PREFIX}mig-uuid", ""), c.labels.get(f"{LABEL_PREFIX}lease-id", "")}
         confirmed = {sid: lease for sid, (lease, mig) in pending.items() if not {lease, mig} & in_use}
         self.allocator.settle_fenced(self.node, confirmed)

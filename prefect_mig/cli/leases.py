@@ -237,7 +237,7 @@ def agent(
             worker = NodeAgent(
                 backend, _allocator(), node=node, docker_url=settings.docker_host, docker_client=docker_client,
                 on_event=_prefect_events(),
-                heartbeat_ttl_s=heartbeat_ttl,
+                heartbeat_ttl_s=heartbeat_ttl, state_dir=settings.state_dir,
             )
             chosen = layout or settings.layout
             if chosen != "none":

@@ -91,7 +91,7 @@ def start_confirmed(container, stop: threading.Event | None, confirm: Callable[[
 def task_containers(
     client: docker.DockerClient,
     *,
-    cluster_id: str,
+    cluster_id: str | None,
     namespace: str,
     node: str | None = None,
     running_only: bool = False,
@@ -100,7 +100,8 @@ def task_containers(
 
     This is the one way prefect-mig code and tests find task containers: an engine may be shared by
     several clusters, and each touches only its own. Containers that vanish while being listed are
-    left out.
+    left out. ``cluster_id=None`` lists those of every cluster id in `namespace`: for telling which
+    slices are in use, never for choosing containers to remove.
 
     Examples:
         ```python
@@ -110,7 +111,7 @@ def task_containers(
         assert task_containers(docker.from_env(), cluster_id="nobody", namespace="none") == []
         ```
     """
-    wanted = {"cluster": cluster_id, "namespace": namespace} | ({"node": node} if node else {})
+    wanted = {"namespace": namespace} | ({"cluster": cluster_id} if cluster_id is not None else {}) | ({"node": node} if node else {})
     filters: dict[str, Any] = {"label": [f"{LABEL_PREFIX}{k}={v}" for k, v in wanted.items()]}
     if running_only:
         filters["status"] = "running"
