@@ -68,6 +68,7 @@ def test_release_with_a_stale_token_is_refused_and_frees_nothing(one_h100):
     with pytest.raises(LeaseNotOwned) as refused:
         one_h100.release(lease.lease_id, lease.fence + 7)
     assert refused.value.lease_id == lease.lease_id
+    assert str(lease.fence) not in str(refused.value)  # a wrong guess does not learn the fence
     with pytest.raises(NoCapacity):
         one_h100.try_acquire(one("3g.40gb"))
 
@@ -76,8 +77,9 @@ def test_renew_extends_and_a_stale_token_is_refused(one_h100, clock):
     lease = one_h100.try_acquire(one(ttl_s=10))
     clock.advance(8)
     assert one_h100.renew(lease.lease_id, lease.fence, 10) == clock.now_ms() + 10_000
-    with pytest.raises(LeaseNotOwned):
+    with pytest.raises(LeaseNotOwned) as refused:
         one_h100.renew(lease.lease_id, 999, 10)
+    assert str(lease.fence) not in str(refused.value)
 
 
 def test_renew_after_expiry_is_refused_and_the_slice_is_free_again(one_h100, clock):
