@@ -61,6 +61,8 @@ def test_lease_commands_acquire_list_renew_and_release(cli_env, tmp_path):
     assert lease["slice"]["profile"] == "2g.12gb"
     listed = json.loads(_cli("lease", "list", "--json", env=cli_env).stdout)
     assert [row["lease_id"] for row in listed] == [lease["lease_id"]]
+    piped = {k: v for k, v in cli_env.items() if k != "COLUMNS"}  # `lease list | grep`: no terminal width
+    assert lease["lease_id"] in _cli("lease", "list", env=piped).stdout  # the whole id, not cut at 80 columns
     assert _cli("lease", "renew", lease["lease_id"], "--fence", str(lease["fence"]), env=cli_env).returncode == 0
     stale = _cli("lease", "release", lease["lease_id"], "--fence", "999", env=cli_env)
     assert stale.returncode == 1 and "stale" in stale.stderr

@@ -508,7 +508,7 @@ class Allocator(Inventory, LayoutChanges):
             return int(reply[1])
         if code == "stale":
             raise LeaseNotOwned(
-                f"lease {lease_id}: fencing token {fence} does not match the lease's; another holder owns it "
+                f"lease {lease_id}: fencing token {fence} is stale or wrong; another holder owns it "
                 "(fences are never shown).",
                 lease_id=lease_id,
             )
@@ -531,7 +531,7 @@ class Allocator(Inventory, LayoutChanges):
         reply = self._run("release", lease_id, fence, action="release a lease")
         if reply[0] == "stale":
             raise LeaseNotOwned(
-                f"lease {lease_id}: fencing token {fence} does not match the lease's; not released "
+                f"lease {lease_id}: fencing token {fence} is stale or wrong; not released "
                 "(fences are never shown).",
                 lease_id=lease_id,
             )

@@ -126,15 +126,18 @@ def release(
 def list_leases(as_json: JsonOpt = False) -> None:
     """List live leases."""
     with cli_errors():
-        leases = _allocator().status()["leases"]
+        allocator = _allocator()
+        leases = allocator.status()["leases"]
         if as_json:
             print_json(leases)
             return
+        now_ms = allocator.now_ms()
         table = Table(title=f"{len(leases)} live lease(s)")
-        for col in ("lease", "fence", "slice", "tenant", "holder", "priority", "expires_at"):
+        for col in ("lease", "fence", "slice", "tenant", "holder", "priority", "expires in"):
             table.add_column(col)
-        for row in leases:
-            table.add_row(row["lease_id"][:12], row["fence"], row["slice"][:20], row["tenant"], row["holder"], row["priority"], row["expires_at"])
+        for row in leases:  # the whole lease id: `lease release` takes it
+            left_s = max(0.0, (int(row["expires_at"]) - now_ms) / 1000)
+            table.add_row(row["lease_id"], row["fence"], row["slice"], row["tenant"], row["holder"], row["priority"], f"{left_s:.0f} s")
         console.print(table)
 
 

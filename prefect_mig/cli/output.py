@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -13,8 +14,18 @@ from rich.console import Console
 
 from prefect_mig.errors import ConfigError, PrefectMigError
 
-console = Console()
-errors = Console(stderr=True)
+#: piped output (a file, grep, a log) is not cut at 80 columns: tables keep whole ids and times
+PIPED_WIDTH = 240
+
+
+def _console(*, stderr: bool = False) -> Console:
+    stream = sys.stderr if stderr else sys.stdout
+    tty = getattr(stream, "isatty", lambda: False)()
+    return Console(stderr=stderr, width=None if tty or "COLUMNS" in os.environ else PIPED_WIDTH)
+
+
+console = _console()
+errors = _console(stderr=True)
 
 
 def print_json(data: Any) -> None:
