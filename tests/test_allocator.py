@@ -20,6 +20,8 @@ from prefect_mig.errors import (
     WaitTimeout,
 )
 
+from prefect_mig.model import get_model
+
 from .allocator_fixtures import H100_MIXED
 
 
@@ -304,6 +306,24 @@ def test_an_unknown_gpu_model_constraint_lists_the_models():
     with pytest.raises(ValidationError) as refused:
         SliceRequest(profile="1g.10gb", gpu_model="H999")
     assert "unknown GPU model 'H999'" in str(refused.value) and "H100-80GB" in str(refused.value)
+
+
+def test_a_gpu_model_the_fleet_lacks_says_so_and_names_the_models_it_has(one_h100):
+    """1g.6gb is an A30 profile: what is missing is an A30 in the fleet, not the profile."""
+    with pytest.raises(Unsatisfiable) as refused:
+        one_h100.acquire(SliceRequest(profile="1g.6gb", gpu_model="A30-24GB"), timeout_s=5)
+    said = str(refused.value)
+    assert (refused.value.field, refused.value.value) == ("gpu_model", "A30-24GB")
+    assert "gpu_model" in said and "no A30-24GB GPU" in said and "H100-80GB" in said and "has no MIG profile" not in said
+    assert one_h100.status()["queue"] == [] and one_h100.status()["leases"] == []
+
+
+def test_a_profile_the_pinned_model_lacks_lists_that_models_profiles_only(one_h100):
+    with pytest.raises(UnknownProfile) as refused:
+        one_h100.acquire(SliceRequest(profile="1g.10gb", gpu_model="A30-24GB"), timeout_s=5)
+    assert (refused.value.field, refused.value.value, refused.value.gpu_model) == ("profile", "1g.10gb", "A30-24GB")
+    assert set(refused.value.known) == set(get_model("A30-24GB").profile_names)
+    assert "1g.6gb" in str(refused.value) and "7g.80gb" not in str(refused.value)
 
 
 def test_unreachable_redis_is_a_clear_error_within_the_timeout():
