@@ -349,6 +349,27 @@ def test_every_key_the_lua_builds_is_named_in_the_keys_module():
     assert built and all(getattr(keys, name)("x") == f"pmig:{{n}}:{name}:x" for name in built), built
 
 
+def test_a_request_pinned_to_a_node_nobody_published_times_out_saying_so_in_round_seconds(one_h100):
+    started = time.monotonic()
+    with pytest.raises(WaitTimeout) as refused:
+        one_h100.acquire(SliceRequest(profile="1g.10gb", node="node-zz"), timeout_s=1.25)
+    said = str(refused.value)
+    assert "no slice within 1.25 s;" in said, said  # the caller's timeout, not what was left of it
+    assert "no node named node-zz is published (nodes: node-a)" in said
+    assert time.monotonic() - started < 30 and one_h100.status()["queue"] == []
+
+
+def test_a_request_that_waits_on_a_drained_node_says_it_is_drained(one_h100):
+    from prefect_mig.allocator.health import wait_reasons
+
+    one_h100.drain_node("node-a")
+    pinned = one_h100.try_acquire(SliceRequest(profile="1g.10gb", node="node-a"), wait=True)
+    anywhere = one_h100.try_acquire(SliceRequest(profile="1g.10gb"), wait=True)
+    resume = "node-a is drained for maintenance: no new grants there until `prefect-mig node resume node-a`"
+    assert resume in wait_reasons(one_h100, pinned.request_id)
+    assert resume in wait_reasons(one_h100, anywhere.request_id)
+
+
 def test_a_retried_acquire_with_the_same_request_id_returns_the_same_lease(one_h100):
     first = one_h100.try_acquire(one("3g.40gb"), request_id="retry-me")
     again = one_h100.try_acquire(one("3g.40gb"), request_id="retry-me")
