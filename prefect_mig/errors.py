@@ -144,11 +144,18 @@ class NoCapacity(AllocationError):
 
 
 class Unsatisfiable(AllocationError):
-    """No GPU in the inventory offers a slice the request accepts, so waiting would never end."""
+    """No GPU in the inventory offers a slice the request accepts, so waiting would never end.
 
-    def __init__(self, message: str, *, offered: list[str], **kw) -> None:
+    Attributes:
+        offered: the kinds of slices the inventory has (``H100-80GB/1g.10gb``).
+        field, value: the request's field and value no GPU can meet (``gpu_model``), when it is one.
+    """
+
+    def __init__(self, message: str, *, offered: list[str], field: str | None = None, value: object = None, **kw) -> None:
         super().__init__(message, **kw)
         self.offered = offered
+        self.field = field
+        self.value = value
 
 
 class WaitTimeout(AllocationError):

@@ -6,7 +6,8 @@ trims, so reports cover weeks. It is safe to run from several processes at once 
 watched: a fold that raced another is retried on the new cursor). `report` rolls up first, then
 sums the hours asked for. A lease's slice time counts in the hours it was held, once it ended
 (released, expired): live leases are not counted yet; the lease itself (``leases``) counts in the
-hour it ended, its wait in the hour it was granted. Events trimmed before a roll-up read them are
+hour it ended, its wait in the hour it was granted. A lease counts for the GPU and profile its slice
+had (the lease's end event names them), also once that GPU was re-carved. Events trimmed before a roll-up read them are
 lost: run `prefect-mig report` (or `roll_up`) more often than the stream turns over.
 
 Figures per row: slice-hours leased, compute-slice-hours, GPU-hours (compute slices over the GPU's
@@ -157,17 +158,16 @@ def _aggregate(entries, labels, carved: dict) -> dict[tuple[int, str], int]:  # 
         kind, at = e.get("type", ""), int(e.get("at", 0) or 0)
         hour = at - at % HOUR_MS
         if kind == "lease.granted":
-            dims = _dims(e.get("tenant", "default"), e.get("slice", ""), labels, e.get("pkey", ""))
+            dims = _dims(e.get("tenant", "default"), _where(e, labels, carved)[:2])
             waited = int(e.get("waited_ms", 0) or 0)
             for dim in dims:
                 incr[(hour, f"{dim}|wait_ms")] += waited
                 incr[(hour, f"{dim}|waits")] += 1
                 incr[(hour, f"{dim}|wait:{_bucket(waited)}")] += 1
         elif kind in ("lease.released", "lease.expired") and e.get("held_ms"):
-            sid = e.get("slice", "")
             held, compute = int(e["held_ms"]), int(e.get("compute") or 0)
-            total = labels.get(sid, ("", "", 7))[2]
-            dims = _dims(e.get("tenant") or "default", sid, labels)
+            gpu, profile, total = _where(e, labels, carved)
+            dims = _dims(e.get("tenant") or "default", (gpu, profile))
             for h, ms in _hours_of(at - held, at):  # slice time in the hours it was held
                 for dim in dims:
                     incr[(h, f"{dim}|leased_ms")] += ms
@@ -176,7 +176,7 @@ def _aggregate(entries, labels, carved: dict) -> dict[tuple[int, str], int]:  # 
             for dim in dims:
                 incr[(hour, f"{dim}|leases")] += 1
         elif kind == "lease.revoked":  # charged to the revoked lease's tenant (the event names it)
-            for dim in _dims(e.get("tenant") or "unknown", e.get("slice", ""), labels):
+            for dim in _dims(e.get("tenant") or "unknown", _where(e, labels, carved)[:2]):
                 incr[(hour, f"{dim}|preemptions")] += 1
         elif kind == "inventory.published":
             for sid in json.loads(e.get("gone") or "[]"):
@@ -194,8 +194,27 @@ def _credit_carved(incr, since: int, until: int, gpu: str, profile: str) -> None
             incr[(h, f"{dim}|carved_ms")] += ms
 
 
-def _dims(tenant: str, slice_id: str, labels, pkey: str = "") -> list[str]:  # noqa: ANN001
-    gpu, profile = labels.get(slice_id, ("unknown", pkey.split("/")[-1] or "unknown"))[:2]
+def _where(e: dict[str, str], labels, carved: dict) -> tuple[str, str, int]:  # noqa: ANN001
+    """(gpu "node/index", profile, the GPU model's compute slices) of the event's slice as it was then:
+    named by the event (a lease's end says where its slice was), else as the inventory events had it
+    carved up to this event, else as the inventory has it now (a slice re-carved since is no longer
+    there), else the profile of the grant's pkey."""
+    from prefect_mig.model import get_model
+
+    sid, model = e.get("slice", ""), e.get("model") or e.get("pkey", "").partition("/")[0]
+    now = labels.get(sid)
+    total = get_model(model).compute_slices if model else now[2] if now else 7
+    if e.get("gpu") and e.get("profile"):
+        return e["gpu"], e["profile"], total
+    if sid in carved:
+        return carved[sid][1], carved[sid][2], total
+    if now:
+        return now[0], now[1], total
+    return "unknown", e.get("pkey", "").partition("/")[2] or "unknown", total
+
+
+def _dims(tenant: str, where: tuple[str, str]) -> list[str]:
+    gpu, profile = where
     return [f"tenant={tenant}", f"gpu={gpu}", f"profile={profile}", "all=all"]
 
 

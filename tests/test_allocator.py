@@ -20,6 +20,8 @@ from prefect_mig.errors import (
     WaitTimeout,
 )
 
+from prefect_mig.model import get_model
+
 from .allocator_fixtures import H100_MIXED
 
 
@@ -308,6 +310,24 @@ def test_an_unknown_gpu_model_constraint_lists_the_models():
     assert "unknown GPU model 'H999'" in str(refused.value) and "H100-80GB" in str(refused.value)
 
 
+def test_a_gpu_model_the_fleet_lacks_says_so_and_names_the_models_it_has(one_h100):
+    """1g.6gb is an A30 profile: what is missing is an A30 in the fleet, not the profile."""
+    with pytest.raises(Unsatisfiable) as refused:
+        one_h100.acquire(SliceRequest(profile="1g.6gb", gpu_model="A30-24GB"), timeout_s=5)
+    said = str(refused.value)
+    assert (refused.value.field, refused.value.value) == ("gpu_model", "A30-24GB")
+    assert "gpu_model" in said and "no A30-24GB GPU" in said and "H100-80GB" in said and "has no MIG profile" not in said
+    assert one_h100.status()["queue"] == [] and one_h100.status()["leases"] == []
+
+
+def test_a_profile_the_pinned_model_lacks_lists_that_models_profiles_only(one_h100):
+    with pytest.raises(UnknownProfile) as refused:
+        one_h100.acquire(SliceRequest(profile="1g.10gb", gpu_model="A30-24GB"), timeout_s=5)
+    assert (refused.value.field, refused.value.value, refused.value.gpu_model) == ("profile", "1g.10gb", "A30-24GB")
+    assert set(refused.value.known) == set(get_model("A30-24GB").profile_names)
+    assert "1g.6gb" in str(refused.value) and "7g.80gb" not in str(refused.value)
+
+
 def test_unreachable_redis_is_a_clear_error_within_the_timeout():
     import redis as redis_lib
 
@@ -329,6 +349,27 @@ def test_every_key_the_lua_builds_is_named_in_the_keys_module():
     built = set(re.findall(r"return P \.\. '([a-z_]+):' \.\. \w+ end", lib))
     keys = Keys("n")
     assert built and all(getattr(keys, name)("x") == f"pmig:{{n}}:{name}:x" for name in built), built
+
+
+def test_a_request_pinned_to_a_node_nobody_published_times_out_saying_so_in_round_seconds(one_h100):
+    started = time.monotonic()
+    with pytest.raises(WaitTimeout) as refused:
+        one_h100.acquire(SliceRequest(profile="1g.10gb", node="node-zz"), timeout_s=1.25)
+    said = str(refused.value)
+    assert "no slice within 1.25 s;" in said, said  # the caller's timeout, not what was left of it
+    assert "no node named node-zz is published (nodes: node-a)" in said
+    assert time.monotonic() - started < 30 and one_h100.status()["queue"] == []
+
+
+def test_a_request_that_waits_on_a_drained_node_says_it_is_drained(one_h100):
+    from prefect_mig.allocator.health import wait_reasons
+
+    one_h100.drain_node("node-a")
+    pinned = one_h100.try_acquire(SliceRequest(profile="1g.10gb", node="node-a"), wait=True)
+    anywhere = one_h100.try_acquire(SliceRequest(profile="1g.10gb"), wait=True)
+    resume = "node-a is drained for maintenance: no new grants there until `prefect-mig node resume node-a`"
+    assert resume in wait_reasons(one_h100, pinned.request_id)
+    assert resume in wait_reasons(one_h100, anywhere.request_id)
 
 
 def test_a_retried_acquire_with_the_same_request_id_returns_the_same_lease(one_h100):

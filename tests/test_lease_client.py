@@ -259,13 +259,7 @@ def test_a_held_lease_keeps_renewing_across_a_redis_restart(fresh_redis_server, 
     assert lease.release() is True
 
 
-def test_lease_client_from_settings_uses_the_configured_redis_or_says_what_to_set(redis_server, namespace, monkeypatch):
-    from prefect_mig.errors import ConfigError
-
-    monkeypatch.delenv("PREFECT_MIG_REDIS_URL", raising=False)
-    with pytest.raises(ConfigError) as refused:
-        LeaseClient.from_settings()
-    assert "PREFECT_MIG_REDIS_URL" in str(refused.value)
+def test_lease_client_from_settings_uses_the_configured_redis(redis_server, namespace, monkeypatch):
     monkeypatch.setenv("PREFECT_MIG_REDIS_URL", redis_server.url)
     monkeypatch.setenv("PREFECT_MIG_NAMESPACE", namespace)
     client = LeaseClient.from_settings()
@@ -273,3 +267,23 @@ def test_lease_client_from_settings_uses_the_configured_redis_or_says_what_to_se
     with client.lease(SliceRequest(profile="4g.24gb")) as lease:
         assert lease.slice.profile == "4g.24gb"
     assert client.allocator.keys.namespace == namespace
+
+
+def test_lease_client_from_settings_on_the_embedded_default_shares_the_clis_redis(redis_server, tmp_path, monkeypatch):
+    """No PREFECT_MIG_REDIS_URL: a plain process leases from the same private redis-server (random
+    port, generated password) that `prefect-mig up`, the CLI and MigTaskRunner use."""
+    from prefect_mig.allocator.embedded import ensure_embedded_redis, stop_embedded_redis
+    from prefect_mig.cli.leases import _allocator
+
+    monkeypatch.delenv("PREFECT_MIG_REDIS_URL", raising=False)
+    monkeypatch.delenv("PREFECT_MIG_NAMESPACE", raising=False)
+    monkeypatch.setenv("PREFECT_MIG_STATE_DIR", str(tmp_path))
+    try:
+        ensure_embedded_redis(tmp_path)  # as `prefect-mig up` leaves it running
+        cli = _allocator()
+        cli.publish_fleet("node-a=1xA30-24GB", layouts={"node-a": ["4g.24gb@0"]})
+        with LeaseClient.from_settings().lease(SliceRequest(profile="4g.24gb"), timeout_s=30) as lease:
+            assert [x["lease_id"] for x in cli.status()["leases"]] == [lease.lease_id]
+        assert cli.status()["leases"] == []
+    finally:
+        stop_embedded_redis(tmp_path)

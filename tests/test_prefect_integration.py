@@ -162,6 +162,28 @@ def test_a_flow_level_runner_sends_only_tagged_tasks_to_slices(cluster):
     assert [e["priority"] for e in granted] == ["7"]
 
 
+def cube(n):
+    return n ** 3
+
+
+def total_and_types(parts, named):
+    return sum(parts) + sum(named["again"]), type(parts).__name__, type(named["again"]).__name__
+
+
+def test_a_mapped_result_passed_to_another_slice_task_arrives_as_a_plain_list_in_a_python_only_image(cluster):
+    """Prefect resolves the futures of a `.map` but keeps its container type, PrefectFutureList;
+    the default image has no Prefect, so that type cannot be unpickled there."""
+    embed = task(task_runner=MigTaskRunner(profile="1g.10gb"))(cube)
+    aggregate = task(task_runner=MigTaskRunner(profile="3g.40gb"))(total_and_types)
+
+    @flow
+    def pipeline():
+        parts = embed.map(range(4))
+        return aggregate.submit(parts, {"again": parts}).result()
+
+    assert pipeline() == (2 * (0 + 1 + 8 + 27), "list", "list")
+
+
 def test_a_killed_flow_process_leaves_no_container_and_no_lease(redis_server, namespace, tmp_path, docker_client, python_image):
     import signal
     import subprocess

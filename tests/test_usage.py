@@ -164,3 +164,16 @@ def test_a_re_carve_whose_events_were_trimmed_unread_is_matched_to_the_inventory
     clock.advance(3600)
     carved = {r["key"]: r["idle_slice_hours"] for r in report(alloc, since_s=86400, by="profile")["rows"]}
     assert carved == {"3g.40gb": 2.0, "1g.10gb": 13.0}
+
+
+def test_a_lease_on_a_slice_re_carved_since_keeps_the_gpu_and_profile_it_was_granted_on(alloc, clock):
+    """The report rolls up after the re-carve: the slice is no longer in the inventory, yet its lease
+    counts for the profile and GPU (and the GPU model's share) it had, not "unknown"."""
+    alloc.publish_fleet("node-a=1xA30-24GB", layouts={"node-a": ["4g.24gb@0"]})
+    lease = alloc.acquire(SliceRequest(profile="4g.24gb", tenant="team-a", ttl_s=900), timeout_s=0)
+    hold(alloc, clock, lease, 1800)
+    alloc.publish_fleet("node-a=1xA30-24GB", layouts={"node-a": ["2g.12gb@0 + 2g.12gb@2"]})
+    by_profile = {r["key"]: (r["slice_hours"], r["gpu_hours"], r["leases"]) for r in report(alloc, since_s=86400, by="profile")["rows"]}
+    assert by_profile == {"4g.24gb": (0.5, 0.5, 1)}  # a 4g is all of an A30
+    by_gpu = {r["key"]: (r["slice_hours"], r["leases"], r["mean_wait_s"]) for r in report(alloc, since_s=86400, by="gpu")["rows"]}
+    assert by_gpu == {"node-a/0": (0.5, 1, 0.0)}

@@ -70,6 +70,7 @@ from prefect_mig.errors import (
     LeaseLost,
     LeaseNotOwned,
     NoCapacity,
+    PrefectMigError,
     RedisUnavailable,
     Unsatisfiable,
     WaitTimeout,
@@ -89,6 +90,11 @@ class Queued:
 
     def __repr__(self) -> str:
         return f"Queued({self.request_id!r}, queue_length={self.queue_length})"
+
+
+def _seconds(s: float | None) -> str:
+    """A timeout as people wrote it (``5``, ``1.25``), not what was left of it (``4.99933``)."""
+    return "no limit" if s is None else f"{round(s, 2):g}"
 
 
 def _grant_info(request: SliceRequest, lease_id: str, fence, expires, slice_json: str, waited=0) -> LeaseInfo:
@@ -304,8 +310,13 @@ class Allocator(Inventory, LayoutChanges):
         *,
         stop: threading.Event | None = None,
         request: SliceRequest | None = None,
+        asked_s: float | None = None,
+        explain: bool = False,
     ) -> LeaseInfo:
         """Block (pushed, not polled) until the queued request is granted, or withdraw it.
+
+        A `WaitTimeout` names `asked_s` (the caller's whole timeout, when `timeout_s` is what is
+        left of it) and, with `explain`, why the request waited (`health.wait_reasons`).
 
         The grant is claimed (renewed to the full TTL) before it is returned: a grant that reaches a
         waiter too late to claim it went back, and the request queues again.
@@ -329,12 +340,24 @@ class Allocator(Inventory, LayoutChanges):
             raise
         if got is not None:
             return got
+        stopped = stop is not None and stop.is_set()
+        why = self._why_waited(request_id) if explain and not stopped else ""
         try:
             self.give_up(request_id, deadline=time.monotonic() + 0.05)
         except (DeadlinePassed, RedisUnavailable):
             self._abandon(request_id)
-        waited = "the wait was stopped" if stop is not None and stop.is_set() else f"no slice within {timeout_s:g} s"
-        raise WaitTimeout(f"{waited}; the request was withdrawn from the queue.", lease_id=request_id)
+        waited = "the wait was stopped" if stopped else f"no slice within {_seconds(asked_s or timeout_s)} s"
+        raise WaitTimeout(f"{waited}; the request was withdrawn from the queue.{why}", lease_id=request_id)
+
+    def _why_waited(self, request_id: str) -> str:
+        """`` It waited because: ...`` for a WaitTimeout ('' when Redis cannot say)."""
+        from prefect_mig.allocator.health import wait_reasons  # health reads through an Allocator
+
+        try:
+            reasons = wait_reasons(self, request_id)
+        except PrefectMigError:
+            return ""
+        return f" It waited because: {'; '.join(reasons) or 'every matching slice is leased'}."
 
     def _wait(self, request_id, deadline, stop, request) -> LeaseInfo | None:
         """The wait itself: a LeaseInfo, or None when the deadline passed or `stop` was set."""
@@ -462,13 +485,13 @@ class Allocator(Inventory, LayoutChanges):
         except DeadlinePassed:
             self._abandon(request_id)
             raise WaitTimeout(
-                f"no slice within {timeout_s:g} s (Redis did not answer); the request is withdrawn.",
+                f"no slice within {_seconds(timeout_s)} s (Redis did not answer); the request is withdrawn.",
                 lease_id=request_id,
             ) from None
         if isinstance(got, LeaseInfo):
             return got
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
-        return self.wait_for_grant(got.request_id, left, request=request)
+        return self.wait_for_grant(got.request_id, left, request=request, asked_s=timeout_s, explain=True)
 
     def lease(self, lease_id: str) -> LeaseInfo:
         """The lease as Redis holds it.

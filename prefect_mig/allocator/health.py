@@ -50,18 +50,27 @@ def agents(allocator: Allocator) -> dict[str, dict[str, Any]]:
     return out
 
 def wait_reasons(allocator: Allocator, request_id: str) -> list[str]:
-    """Why a queued request still waits, in words: its place in the queue, agents whose
-    heartbeat lapsed, kinds of slices no GPU is carved into (and whether a repartitioner runs)."""
+    """Why a queued request still waits, in words: its place in the queue, a node it names that
+    nobody published, drained nodes it could use, agents whose heartbeat lapsed, kinds of slices no
+    GPU is carved into (and whether a repartitioner runs)."""
     k = allocator.keys
     with redis_errors("read why a request waits"):
         pipe = allocator.redis.pipeline(transaction=True)
         pipe.zrank(k.waiting, request_id).zcard(k.waiting).hget(k.requests, request_id)
-        pipe.smembers(k.pkeys).exists(k.repartitioner)
-        rank, queued, raw, carved, repartitioner = pipe.execute()
+        pipe.smembers(k.pkeys).exists(k.repartitioner).hkeys(k.nodes).smembers(k.drained_nodes)
+        rank, queued, raw, carved, repartitioner, nodes, drained = pipe.execute()
     reasons = []
     if rank is not None:
         reasons.append(f"position {rank + 1} of {queued} in the queue")
-    wanted = json.loads(decode(raw)).get("pkeys", []) if raw else []
+    request = json.loads(decode(raw)) if raw else {}
+    wanted, pinned = request.get("pkeys", []), request.get("node") or None
+    nodes, drained = sorted(decode(n) for n in nodes), sorted(decode(n) for n in drained)
+    if pinned and nodes and pinned not in nodes:
+        reasons.append(f"no node named {pinned} is published (nodes: {', '.join(nodes)})")
+    reasons += [
+        f"{node} is drained for maintenance: no new grants there until `prefect-mig node resume {node}`"
+        for node in drained if pinned in (None, node)
+    ]
     if wanted and not set(wanted) & {decode(c) for c in carved}:
         kinds = ", ".join(sorted({p.split("/", 1)[-1] for p in wanted}))
         reasons.append(

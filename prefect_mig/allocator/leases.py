@@ -44,7 +44,7 @@ import redis
 
 from prefect_mig.allocator.allocator import Allocator
 from prefect_mig.allocator.redis_io import redis_errors
-from prefect_mig.allocator.connection import client_for_url, url_options
+from prefect_mig.allocator.connection import client_for_url, connect
 from prefect_mig.allocator.models import LeaseInfo, SliceRecord, SliceRequest
 from prefect_mig.errors import LeaseLost, LeaseNotOwned
 
@@ -242,18 +242,14 @@ class LeaseClient:
 
     @classmethod
     def from_settings(cls, settings=None) -> LeaseClient:
-        from prefect_mig.errors import ConfigError
+        """A client of the cluster the ``PREFECT_MIG_*`` settings name: its Redis, or with no
+        ``PREFECT_MIG_REDIS_URL`` the embedded default's private redis-server under
+        ``PREFECT_MIG_STATE_DIR`` (started if it is not running), the one the CLI and `MigTaskRunner` use."""
         from prefect_mig.settings import load_settings
 
         settings = settings or load_settings()
-        if not settings.redis_url:
-            raise ConfigError(
-                "PREFECT_MIG_REDIS_URL is not set: point it at the cluster's Redis "
-                "(e.g. redis://localhost:6379/0).",
-                field="redis_url",
-            )
         return cls(
-            settings.redis_url, settings.namespace, connection_options=url_options(settings), max_ttl_s=settings.lease_max_ttl_s,
+            connect(settings, socket_connect_timeout=2.0, socket_timeout=5.0), settings.namespace, max_ttl_s=settings.lease_max_ttl_s,
             replicas=settings.redis_replicas, replica_timeout_s=settings.redis_replica_timeout_s,
             wait_ttl_s=settings.wait_ttl_s,
         )

@@ -18,7 +18,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from prefect_mig.errors import InvalidRequirement, UnknownProfile
+from prefect_mig.errors import InvalidRequirement, Unsatisfiable, UnknownProfile
 from prefect_mig.model import GpuModel, MigProfileName, SliceRequirement, catalog, get_model
 
 PRIORITY_MIN, PRIORITY_MAX = 0, 100
@@ -80,12 +80,26 @@ class SliceRequest(BaseModel):
         """Slice kinds that satisfy this request among `gpu_models`, best fit (smallest) first.
 
         Raises:
-            UnknownProfile: an exact profile that none of the models offers (lists what they offer).
+            UnknownProfile: an exact profile that none of the models offers (lists what they offer), or
+                that the model the request names (`gpu_model`) does not offer (lists that model's).
+            Unsatisfiable: the request names a `gpu_model` none of `gpu_models` is (field ``gpu_model``).
             InvalidRequirement: minimums that none of the models reaches.
         """
-        models = [get_model(m) for m in gpu_models if self.gpu_model in (None, m)]
+        fleet = [get_model(m) for m in gpu_models]
+        models = [m for m in fleet if self.gpu_model in (None, m.name)]
+        absent = self.gpu_model is not None and not models
+        if absent:  # judge the request on the model it names: is it the profile or the fleet that is wrong?
+            models = [get_model(self.gpu_model)]
         need = self.requirement
         found = [(p.memory_mib, p.compute_slices, pkey(m.name, p.name)) for m in models for p in need.candidates(m)]
+        if found and absent:
+            have = sorted({m.name for m in fleet})
+            raise Unsatisfiable(
+                f"gpu_model: the fleet has no {self.gpu_model} GPU, so no {need} slice on one can be granted; "
+                f"its GPUs are: {', '.join(have)}. Ask for one of those models (or leave gpu_model unset), "
+                "or add a node that has one.",
+                offered=[], field="gpu_model", value=self.gpu_model,
+            )
         if not found:
             offered = sorted({p for m in models for p in m.profile_names}) or sorted(
                 {p for m in catalog().models.values() for p in m.profile_names}

@@ -354,8 +354,11 @@ local function end_lease(lease_id, reason)
     redis.call('HINCRBY', K.tenant_slices, tenant, -1)
     redis.call('HINCRBY', K.tenant_compute, tenant, -tonumber(f[4] or '0'))
   end
+  -- where the slice was (usage reports the lease there even after its slice is re-carved)
+  local where = slice(id) or {}
   event('lease.' .. reason, {'lease', lease_id, 'slice', id, 'fence', fence, 'tenant', tenant or '',
-    'compute', f[4] or '', 'held_ms', held})
+    'compute', f[4] or '', 'held_ms', held, 'gpu', where.node and (where.node .. '/' .. where.gpu_index) or '',
+    'profile', where.profile or '', 'model', where.gpu_model or ''})
   if f[7] then observe('held_ms', held) end
   if reason == 'expired' then
     announce({type = 'lease.expired', lease = lease_id, slice = redis.call('HGET', K.slices, id) or '',

@@ -67,6 +67,7 @@ from prefect_mig.errors import (
     WaitTimeout,
 )
 from prefect_mig.gpu import default_gpu_runtime
+from prefect_mig.integrations.prefect.arguments import plain_arguments
 from prefect_mig.integrations.prefect.artifacts import record_task_slice
 from prefect_mig.integrations.prefect.context import announce_lease, body_context, flow_cancelled, log_sink, prefect_env
 from prefect_mig.integrations.prefect.context import run_in_slice_async
@@ -347,6 +348,7 @@ class MigTaskRunner(ThreadPoolTaskRunner):
 
         `stop` (set by another thread: an async task's timeout or cancellation) ends the wait
         for a slice or kills the container, like a cancellation of the flow run."""
+        args, kwargs = plain_arguments(args, kwargs)
         ctx = TaskRunContext.get()
         tags = set(ctx.task_run.tags) if ctx else set()
         flow_ctx = FlowRunContext.get()
