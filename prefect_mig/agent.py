@@ -303,8 +303,8 @@ class NodeAgent:
         return None
 
     def apply_desired(self, index: int, gpu_uuid: str) -> str:
-        """Apply the GPU's desired layout if there is one: ``none``, ``applied``, ``draining`` or
-        ``skipped``."""
+        """Apply the GPU's desired layout if there is one: ``none``, ``applied``, ``draining``,
+        ``skipped`` or ``changed`` (see `finish_desired`)."""
         began = self.begin_desired(index, gpu_uuid)
         return self.finish_desired(index, gpu_uuid) if began == "ready" else began
 
@@ -318,15 +318,17 @@ class NodeAgent:
 
         desired = self.allocator.desired(gpu_uuid)
         if desired is None:
+            self._restore_stale(gpu_uuid, keep=())
             return "none"
         model = self.backend.gpu_model(index)
         target = Layout.parse(model.name, desired["layout"])
         current = self.backend.instances(index)
+        doomed = [m for m in current if m.placement not in set(target.instances)]
+        doomed_ids = [m.mig_uuid for m in doomed if m.mig_uuid]
+        self._restore_stale(gpu_uuid, keep=doomed_ids)
         if {m.placement for m in current} == set(target.instances) and all(m.mig_uuid for m in current):
             self._clear_desired(gpu_uuid, outcome="applied", detail="already in place")
             return "applied"
-        doomed = [m for m in current if m.placement not in set(target.instances)]
-        doomed_ids = [m.mig_uuid for m in doomed if m.mig_uuid]
         if desired["kind"] == "drain":
             leased = self.allocator.withdraw_when_idle(doomed_ids)
             started = self._draining_since.setdefault(gpu_uuid, self.clock())
@@ -342,14 +344,27 @@ class NodeAgent:
         else:
             busy = self.allocator.withdraw(doomed_ids)
             if busy is not None:
-                self._clear_desired(gpu_uuid, outcome="skipped", detail=f"slice {busy} was leased")
+                self._clear_desired(gpu_uuid, outcome="skipped", detail=f"slice {busy} is in use")
                 return "skipped"
         return "ready"
+
+    def _restore_stale(self, gpu_uuid: str, *, keep) -> None:
+        """Put back into service the GPU's slices withdrawn for a re-carve that the desired layout
+        no longer dooms: one replaced or cleared meanwhile (`layout apply`, a second repartitioner,
+        this agent restarted between the two halves) would otherwise leave them out for good."""
+        stale = sorted(set(self.allocator.withheld(gpu_uuid)) - set(keep))
+        if stale:
+            log.warning("GPU %s: %d slice(s) withdrawn for a re-carve that is no longer desired go back into service: %s",
+                        gpu_uuid, len(stale), ", ".join(stale))
+            self.allocator.restore(stale)
 
     def finish_desired(self, index: int, gpu_uuid: str) -> str:
         """Second half: re-carve through the backend (which checks NVML for processes first) and
         publish what NVML shows; on failure the withdrawn slices that still exist go back into
-        service. Returns ``applied``, ``skipped`` or ``none``."""
+        service. Only slices withdrawn for this very layout are destroyed: if the desired layout
+        changed since `begin_desired` (another writer), nothing is carved and ``changed`` is
+        returned (the next tick begins it again). Returns ``applied``, ``skipped``, ``changed`` or
+        ``none``."""
         from prefect_mig.errors import InstanceBusy, PrefectMigError
         from prefect_mig.model import Layout
 
@@ -358,6 +373,17 @@ class NodeAgent:
             return "none"
         target = Layout.parse(self.backend.gpu_model(index).name, desired["layout"])
         doomed_ids = [m.mig_uuid for m in self.backend.instances(index) if m.placement not in set(target.instances) and m.mig_uuid]
+        withheld = self.allocator.withheld(gpu_uuid)
+        if any(withheld.get(sid) != "withdrawn" for sid in doomed_ids):
+            # The desired layout changed since `begin_desired` withdrew what the one before doomed:
+            # destroying slices nobody withdrew could pull one from under a lease. Begin again.
+            log.warning("GPU %s: its desired layout changed while being applied; it is begun again", gpu_uuid)
+            return "changed"
+        in_use = set(doomed_ids) & self._labelled_busy()
+        if in_use:  # a task container (of any cluster id) runs on one, whatever NVML shows
+            self.allocator.restore(doomed_ids)
+            self._clear_desired(gpu_uuid, outcome="skipped", detail=f"a task container runs on {', '.join(sorted(in_use))}")
+            return "skipped"
         self._draining_since.pop(gpu_uuid, None)
         try:
             self.backend.apply_layout(index, target)

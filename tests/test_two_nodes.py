@@ -139,9 +139,11 @@ def test_node_bs_engine_down_fails_its_task_naming_node_and_engine_and_new_reque
 
 def test_a_flow_run_container_whose_engine_dies_ends_the_workers_wait_with_a_typed_error(second_engine, python_image):
     """The mig-docker worker's wait on a flow run's container gives up, naming the engine, once the
-    engine has refused connections for `DockerLauncher.ENGINE_GONE_S`, instead of retrying forever
-    (and its cleanup does not fail on the dead engine, so the lease is still released)."""
-    from prefect_mig.integrations.prefect.worker import _remove, _wait_container
+    engine has refused connections for `DockerLauncher.ENGINE_GONE_S`, instead of retrying forever;
+    its cleanup does not fail on the dead engine, and reports the container's removal unconfirmed,
+    so the worker leaves the lease to lapse instead of releasing it while the container may run."""
+    from prefect_mig.integrations.prefect.worker import _wait_container
+    from prefect_mig.launchers.docker import remove_container
 
     client = second_engine.client()
     container = client.containers.run(python_image, ["python3", "-c", "import time; time.sleep(600)"],
@@ -162,8 +164,8 @@ def test_a_flow_run_container_whose_engine_dies_ends_the_workers_wait_with_a_typ
         waiter.join(timeout=90)
         assert outcome, "the wait did not end after the engine died"
         assert isinstance(outcome[0], DockerUnavailable), outcome[0]
-        assert "stopped answering" in str(outcome[0])
-        _remove(container)  # the worker's cleanup: no error on a dead engine
+        assert "stopped answering" in str(outcome[0]) and outcome[0].unconfirmed
+        assert remove_container(container) is False  # the worker's cleanup: no error, and unconfirmed
     finally:
         second_engine.restart()
         try:

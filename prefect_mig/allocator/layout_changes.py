@@ -67,16 +67,32 @@ class LayoutChanges:
 
     def withdraw(self, slice_ids: Sequence[str]) -> str | None:
         """Take idle slices out of service before destroying them; None when done, else the id of
-        a slice that is leased (then nothing was withdrawn). They stay out of service until the
-        publish that no longer lists them, or `restore`."""
+        a slice in use (leased, busy with processes or a task container its agent saw, or
+        quarantined after its holder's lease expired; then nothing was withdrawn). They stay out
+        of service until the publish that no longer lists them, or `restore`."""
         reply = self._run("withdraw", json.dumps(list(slice_ids)), "now", action="withdraw slices")
         return None if reply[0] == "ok" else reply[1]
 
     def withdraw_when_idle(self, slice_ids: Sequence[str]) -> int:
         """The range drain: take the idle slices out of service now and the leased ones as soon as
-        their leases end (their leases run on untouched). Returns how many are still leased."""
+        their leases end (their leases run on untouched). Returns how many are still in use
+        (leased, busy or quarantined, as `withdraw` counts them)."""
         reply = self._run("withdraw", json.dumps(list(slice_ids)), "drain", action="drain slices")
         return int(reply[2])
+
+    def withheld(self, gpu_uuid: str) -> dict[str, str]:
+        """The GPU's slices withdrawn for a re-carve (all of a drain's, leased ones included), with
+        each one's state: ``withdrawn`` once out of service, else what it is until then."""
+        with redis_errors("read a GPU's withdrawn slices"):
+            ids = sorted(decode(x) for x in self.redis.hkeys(self.keys.gpu_slices(gpu_uuid)))
+            if not ids:
+                return {}
+            pipe = self.redis.pipeline(transaction=False)
+            for sid in ids:
+                pipe.sismember(self.keys.withholding, sid)
+            pipe.hmget(self.keys.slice_state, ids)
+            *member, states = pipe.execute()
+        return {sid: decode(state) or "" for sid, inside, state in zip(ids, member, states) if inside}
 
     def restore(self, slice_ids: Sequence[str]) -> None:
         """Put withdrawn slices back into service (a re-carve was given up)."""
