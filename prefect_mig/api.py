@@ -19,6 +19,10 @@ GET    /metrics                   (Prometheus text format; admin token only, see
 
 A waiting acquire holds no server thread; it waits at most ``max_wait_s`` (``PREFECT_MIG_API_MAX_WAIT_S``)
 and is withdrawn the moment its client disconnects (a grant that races the disconnect is released).
+A grant, made at once or after a wait, is answered only to a client still connected: one whose client
+has gone (it closed right after asking, or gave up while the store was slow) is released at once, not
+held for its TTL with a fence nobody read. A client that leaves after its reply was written keeps its
+lease: the fence was sent to it.
 
 Examples:
     ```python
@@ -192,6 +196,40 @@ async def _disconnected(receive) -> None:  # noqa: ANN001
         pass
 
 
+async def _left(receive) -> bool:  # noqa: ANN001
+    """Whether the client has disconnected, without waiting (as Starlette's `Request.is_disconnected`)."""
+    with anyio.CancelScope() as now_only:
+        now_only.cancel()  # a receive that would wait is cancelled: nothing has happened yet
+        return (await receive())["type"] == "http.disconnect"
+    return False
+
+
+class _Granted(JSONResponse):
+    """The acquire's 201 reply (the lease, with its fence), sent only to a client still connected:
+    `drop` releases the lease when the client has gone or the reply could not be sent."""
+
+    def __init__(self, lease: LeaseInfo, drop) -> None:  # noqa: ANN001
+        super().__init__(lease.model_dump(mode="json"), status_code=201)
+        self.drop = drop
+
+    async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001
+        # The last check comes right before the first byte is written, with no await between them that
+        # yields to the server: the server learns of a disconnect only in a callback of the event loop,
+        # and its `send` drops a reply to a connection it knows closed, so a reply the check let through
+        # is written to the socket. A grant therefore ends released (the check saw the client gone, or
+        # the send failed) or written to the client, never both unreleased and unsent. What remains: a
+        # client that closes after the bytes are written, before reading them (or in the microseconds
+        # between check and write) loses its fence; its lease lapses at its TTL or an admin revokes it.
+        # Checking after the send would be wrong: a client may close as soon as it has read its reply.
+        if await _left(receive):
+            return await self.drop()
+        try:
+            await super().__call__(scope, receive, send)
+        except BaseException:
+            await asyncio.shield(self.drop())
+            raise
+
+
 def create_app(
     allocator: Allocator,
     *,
@@ -257,6 +295,11 @@ def create_app(
         tenant = request.tenant if grant.admin else grant.tenant
         return request.model_copy(update={"tenant": tenant, "holder": holder(grant, request.holder)})
 
+    async def drop(lease: LeaseInfo) -> None:
+        """Release a lease whose client has gone (a stale fence: it lapsed and is someone else's now)."""
+        with suppress(LeaseLost, LeaseNotOwned):
+            await off_thread(allocator.release, lease.lease_id, lease.fence)
+
     async def withdraw(request_id: str) -> None:
         with suppress(LeaseLost, LeaseNotOwned):  # a grant in the last instant is released
             await off_thread(allocator.give_up, request_id)
@@ -311,7 +354,7 @@ def create_app(
                     state = await off_thread(allocator.keep_waiting, request_id)
                     if state == "granted":
                         claimed = await off_thread(allocator.claim, request_id, wanted)
-                        if claimed is not None:
+                        if claimed is not None and not gone.done():  # else the loop ends and withdraws it
                             return claimed
                     if state == "gone":
                         raise LeaseLost(f"request {request_id} is no longer queued.", reason="gone", lease_id=request_id)
@@ -322,7 +365,7 @@ def create_app(
                     if gone.done():
                         break
                     claimed = await off_thread(allocator.claim, request_id, wanted)  # a hand-over lives 1 s unclaimed
-                    if claimed is not None:
+                    if claimed is not None and not gone.done():  # the client left during the claim: withdrawn below
                         return claimed
                     continue  # it went back before the claim: queued again
         except asyncio.CancelledError:
@@ -357,15 +400,15 @@ def create_app(
         "/v1/leases", status_code=201, response_model=LeaseInfo,
         openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": AcquireBody.model_json_schema(ref_template="#/components/schemas/{model}")}}}},
     )
-    async def acquire(request: Request, body: AcquireBody = Depends(acquire_body)) -> LeaseInfo:  # noqa: B008
+    async def acquire(request: Request, body: AcquireBody = Depends(acquire_body)) -> Response:  # noqa: B008
         """Acquire a slice, waiting up to timeout_s (pushed, not polled; capped by the server)."""
         wanted = as_client(grant_of(request), body.request)
         timeout_s = max_wait_s if body.timeout_s is None else min(body.timeout_s, max_wait_s)
         deadline = time.monotonic() + timeout_s  # Redis drops the request, never grants it, after this
         got = await off_thread(allocator.try_acquire, wanted, wait=timeout_s > 0, wait_s=timeout_s)
-        if isinstance(got, LeaseInfo):
-            return got
-        return await wait_for_grant(got.request_id, timeout_s, deadline, request.receive, wanted)
+        if not isinstance(got, LeaseInfo):
+            got = await wait_for_grant(got.request_id, timeout_s, deadline, request.receive, wanted)
+        return _Granted(got, partial(drop, got))
 
     def own_lease(request: Request, lease_id: str) -> LeaseInfo:
         lease = allocator.lease(lease_id)

@@ -112,12 +112,47 @@ def test_a_client_that_leaves_while_waiting_is_withdrawn_and_never_granted(serve
     assert served_api.alloc.status()["leases"] == []
 
 
+def _post_through_asgi(app, body: dict, after_body) -> list[dict]:
+    """POST /v1/leases with the admin token through the ASGI app itself, so the order of events is
+    certain: `receive()` gives the body, then whatever `after_body()` (a coroutine function) returns.
+    Returns the messages the app sent."""
+    import asyncio
+
+    raw = json.dumps(body).encode()
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+        "path": "/v1/leases", "raw_path": b"/v1/leases", "query_string": b"", "root_path": "",
+        "headers": [(b"host", b"x"), (b"authorization", f"Bearer {ADMIN_TOKEN}".encode()),
+                    (b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())],
+        "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 80),
+    }  # fmt: skip
+    sent: list[dict] = []
+    messages = 0
+
+    async def receive() -> dict:
+        nonlocal messages
+        messages += 1
+        return {"type": "http.request", "body": raw, "more_body": False} if messages == 1 else await after_body()
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    async def drive() -> None:
+        await asyncio.wait_for(app(scope, receive, send), 30)
+
+    asyncio.run(drive())
+    return sent
+
+
+def _held_by_api(alloc) -> list[dict]:
+    return [row for row in alloc.status()["leases"] if row["holder"].startswith("api:")]
+
+
 def test_a_grant_that_races_the_clients_disconnect_is_released_not_left_held(redis_client, namespace):
     """The slice is handed to a waiting acquire in the very moment its client disconnects: the
     grant is made before the API sees the disconnect, so withdrawing the request finds it granted
-    and must release it. Driven through the ASGI app itself, so the order is certain: the
-    disconnect message is returned only after the hand-over. Hand-overs here stay unclaimed for
-    60 s, so a grant the API forgot would still be held when checked."""
+    and must release it. The disconnect message is returned only after the hand-over. Hand-overs
+    here stay unclaimed for 60 s, so a grant the API forgot would still be held when checked."""
     import asyncio
 
     from prefect_mig.allocator import Allocator, SliceRequest
@@ -125,41 +160,74 @@ def test_a_grant_that_races_the_clients_disconnect_is_released_not_left_held(red
     alloc = Allocator(redis_client, namespace, wait_ttl_s=30, claim_s=60)
     alloc.publish_fleet("node-a=1xH100-80GB", layouts={"node-a": [H100_MIXED]})
     held = alloc.try_acquire(SliceRequest(profile="3g.40gb", holder="someone else"))
-    app = create_app(alloc, token=ADMIN_TOKEN)
-    body = json.dumps({"request": {"profile": "3g.40gb"}, "timeout_s": 30}).encode()
-    scope = {
-        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
-        "path": "/v1/leases", "raw_path": b"/v1/leases", "query_string": b"", "root_path": "",
-        "headers": [(b"host", b"x"), (b"authorization", f"Bearer {ADMIN_TOKEN}".encode()),
-                    (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-        "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 80),
-    }  # fmt: skip
-    sent: list[dict] = []
 
-    async def drive() -> None:
-        messages = 0
+    async def hand_over_then_leave() -> dict:
+        while not alloc.status()["queue"]:  # the acquire is queued behind the held slice
+            await asyncio.sleep(0.02)
+        assert alloc.release(held.lease_id, held.fence)  # the slice is handed to the waiter now ...
+        granted = [e for e in alloc.events() if e.get("type") == "lease.granted" and e.get("holder") != "someone else"]
+        assert granted, "the release handed the slice to the waiting acquire"
+        return {"type": "http.disconnect"}  # ... and its client is gone in the same instant
 
-        async def receive() -> dict:
-            nonlocal messages
-            messages += 1
-            if messages == 1:
-                return {"type": "http.request", "body": body, "more_body": False}
-            while not alloc.status()["queue"]:  # the acquire is queued behind the held slice
-                await asyncio.sleep(0.02)
-            assert alloc.release(held.lease_id, held.fence)  # the slice is handed to the waiter now ...
-            granted = [e for e in alloc.events() if e.get("type") == "lease.granted" and e.get("holder") != "someone else"]
-            assert granted, "the release handed the slice to the waiting acquire"
-            return {"type": "http.disconnect"}  # ... and its client is gone in the same instant
-
-        async def send(message: dict) -> None:
-            sent.append(message)
-
-        await asyncio.wait_for(app(scope, receive, send), 30)
-
-    asyncio.run(drive())
+    sent = _post_through_asgi(create_app(alloc, token=ADMIN_TOKEN),
+                              {"request": {"profile": "3g.40gb"}, "timeout_s": 30}, hand_over_then_leave)
     assert sent and sent[0]["status"] == 408  # the client (gone) would have been told it got nothing
     assert alloc.status()["leases"] == [], "the grant made as the client left is still held"
     assert alloc.status()["queue"] == []
+    assert {s["state"] for s in alloc.status()["slices"] if s["profile"] == "3g.40gb"} == {"free"}
+
+
+def test_a_client_gone_before_an_immediate_grant_is_answered_leaves_no_lease_held(redis_client, namespace):
+    """The slice is free, so the acquire is granted at once, but its client disconnected right after
+    sending it (or gave up while Redis was slow): the fence would go into a reply nobody reads, so
+    the lease must be released, not held for its whole TTL (900 s) with the slice idle."""
+    from prefect_mig.allocator import Allocator, LeaseInfo, SliceRequest
+
+    alloc = Allocator(redis_client, namespace)
+    alloc.publish_fleet("node-a=1xH100-80GB", layouts={"node-a": [H100_MIXED]})
+
+    async def gone() -> dict:
+        return {"type": "http.disconnect"}
+
+    sent = _post_through_asgi(create_app(alloc, token=ADMIN_TOKEN),
+                              {"request": {"profile": "3g.40gb", "ttl_s": 900}, "timeout_s": 30}, gone)
+    granted = [e for e in alloc.events() if e.get("type") == "lease.granted"]
+    assert len(granted) == 1, "the acquire was granted at once (what this test is about)"
+    assert _held_by_api(alloc) == [], "the lease granted to the departed client is still held"
+    assert not any(m.get("status") == 201 for m in sent), "a grant was answered to a client that had gone"
+    again = alloc.try_acquire(SliceRequest(profile="3g.40gb", holder="next"), wait=False)
+    assert isinstance(again, LeaseInfo), "the slice was not free again at once"
+
+
+def test_a_client_gone_while_its_waited_grant_is_claimed_leaves_no_lease_held(redis_client, namespace):
+    """The waited grant is claimed (renewed to its 900 s TTL) and only then does the API hear that
+    the client left: the claimed lease must be released, not answered to nobody."""
+    import asyncio
+
+    from prefect_mig.allocator import Allocator, SliceRequest
+
+    alloc = Allocator(redis_client, namespace, wait_ttl_s=30, claim_s=60)
+    alloc.publish_fleet("node-a=1xH100-80GB", layouts={"node-a": [H100_MIXED]})
+    held = alloc.try_acquire(SliceRequest(profile="3g.40gb", holder="someone else"))
+
+    def claimed() -> bool:  # a hand-over lives 60 s here; a claimed lease its full 900 s
+        return any(int(row["expires_at"]) - alloc.now_ms() > 300_000 for row in _held_by_api(alloc))
+
+    handed_over = False
+
+    async def leave_once_claimed() -> dict:  # checks synchronously: a reply sent after the claim sees it
+        nonlocal handed_over
+        while not claimed():
+            if not handed_over and alloc.status()["queue"]:  # the acquire is queued: hand it the slice
+                assert alloc.release(held.lease_id, held.fence)
+                handed_over = True
+            await asyncio.sleep(0.02)
+        return {"type": "http.disconnect"}
+
+    sent = _post_through_asgi(create_app(alloc, token=ADMIN_TOKEN),
+                              {"request": {"profile": "3g.40gb", "ttl_s": 900}, "timeout_s": 30}, leave_once_claimed)
+    assert _held_by_api(alloc) == [], "the lease claimed for the departed client is still held"
+    assert not any(m.get("status") == 201 for m in sent), "a grant was answered to a client that had gone"
     assert {s["state"] for s in alloc.status()["slices"] if s["profile"] == "3g.40gb"} == {"free"}
 
 
