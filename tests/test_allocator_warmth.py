@@ -99,6 +99,21 @@ def test_draining_a_gpu_asks_its_warm_leases_to_hand_over(alloc):
     assert alloc.redis.lpop(alloc.keys.notice(held.lease_id)).decode() == HANDOVER_NOTICE
 
 
+def test_draining_a_node_for_maintenance_asks_its_warm_leases_to_hand_over_and_keeps_none_warm(alloc):
+    """`prefect-mig node drain` idles the node: a warm slot there takes no next task (its runner
+    stops it and releases the lease), and a lease parked after the drain is not kept warm."""
+    from prefect_mig.allocator.maintenance import drain_node
+
+    held = _warm_1g(alloc)
+    busy = alloc.try_acquire(SliceRequest(profile="3g.40gb"))  # parks only after the drain
+    drain_node(alloc, "node-a", wait_s=0)
+    assert alloc.redis.lpop(alloc.keys.notice(held.lease_id)).decode() == HANDOVER_NOTICE
+    assert take(alloc, held.lease_id, held.fence) is False
+    assert park(alloc, busy.lease_id, busy.fence) == ("handover", None)
+    for lease in (held, busy):
+        alloc.release(lease.lease_id, lease.fence)
+
+
 def test_warm_leases_count_against_the_quota_and_end_like_any_lease(alloc):
     alloc.set_quota("team", Quota(slices=1))
     held = _warm_1g(alloc, tenant="team")

@@ -282,6 +282,40 @@ def test_a_timeout_raised_into_the_thread_mid_acquire_neither_stops_it_halfway_n
     assert len(outcome) == 1 and isinstance(outcome[0], TimeoutError)  # and the timeout still raised
 
 
+def test_a_timeout_landing_while_shielded_makes_its_helper_thread_still_runs_the_call():
+    """The cleanup in the runner's ``finally`` (release the lease, stop the warm container) runs
+    through `shielded`: a sync task's timeout that lands while `shielded` is still making its
+    helper thread (Thread.__init__ is many bytecodes) must not skip the call. A trace function
+    raises it at exactly that point."""
+    import sys
+    import threading
+
+    from prefect_mig.integrations.prefect.context import shielded
+
+    ran, fired, outcome = [], [], []
+
+    def trace(frame, event, arg):
+        if event == "call" and frame.f_code is threading.Thread.__init__.__code__ and not fired:
+            fired.append(True)
+            raise TimeoutError("the task's timeout, landing as shielded makes its helper thread")
+        return None
+
+    def try_() -> None:
+        sys.settrace(trace)
+        try:
+            shielded(ran.append, "released")
+        except TimeoutError as exc:
+            outcome.append(exc)
+        finally:
+            sys.settrace(None)
+
+    worker = threading.Thread(target=try_, daemon=True)
+    worker.start()
+    worker.join(10)
+    assert fired and ran == ["released"]  # the call still ran, once
+    assert len(outcome) == 1  # and the timeout still raised
+
+
 def answer():
     return 42
 

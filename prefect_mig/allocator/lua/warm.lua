@@ -24,7 +24,8 @@ if mode == 'take' then
   return {'ok'}
 end
 local s = slice(f[5])
-if not s or s.gone or gpu_draining(s.gpu_uuid) or redis.call('SISMEMBER', K.withholding, f[5]) == 1 then
+if not s or s.gone or gpu_draining(s.gpu_uuid) or node_drained(s.node)
+    or redis.call('SISMEMBER', K.withholding, f[5]) == 1 then
   redis.call('HSET', lease_key(id), 'handover', NOW)
   return {'handover'}
 end

@@ -221,28 +221,20 @@ def shielded(fn, *args: Any, undo=None, **kwargs: Any) -> Any:
     the exception then. One that lands as this returns (its last bytecodes, or the caller's before
     it stores the value) loses the value: what must not leak, `fn` also puts where the caller's
     ``finally`` finds it (`acquire_started`)."""
-    box: dict[str, Any] = {}
-    done = threading.Event()
-
-    def target() -> None:
-        try:
-            box["value"] = fn(*args, **kwargs)
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the calling thread
-            box["error"] = exc
-        finally:
-            done.set()
-
-    helper = threading.Thread(target=target, name="prefect-mig-shielded", daemon=True)
+    call: _ShieldedCall | None = None
     interrupted: BaseException | None = None
-    while True:  # the exception lands between any two bytecodes: every one of them is in the try
-        try:
-            if helper.ident is None:
-                helper.start()
-            while not done.wait(0.05):  # returns as fn ends; not Thread.join: an exception raised
+    while True:  # the exception lands between any two bytecodes: every one of them is in the try,
+        try:  # the helper thread's making too (Thread.__init__ is many), so `fn` always runs
+            if call is None:
+                call = _ShieldedCall(fn, args, kwargs)
+            if call.helper.ident is None:
+                call.helper.start()
+            while not call.done.wait(0.05):  # returns as fn ends; not Thread.join: an exception raised
                 pass  # into join breaks is_alive(), one raised into this wait lands within 0.05 s
             break
         except BaseException as exc:  # noqa: BLE001 - Prefect's timeout, raised once into this thread
             interrupted = exc
+    box = call.box
     if interrupted is not None:
         if undo is not None and "value" in box:
             try:
@@ -253,6 +245,24 @@ def shielded(fn, *args: Any, undo=None, **kwargs: Any) -> Any:
     if "error" in box:
         raise box["error"]
     return box.get("value")
+
+
+class _ShieldedCall:
+    """`shielded`'s call of `fn` in its helper thread (not started yet), and what it left."""
+
+    def __init__(self, fn, args: tuple, kwargs: dict) -> None:
+        self.box: dict[str, Any] = {}
+        self.done = threading.Event()
+        self.fn, self.args, self.kwargs = fn, args, kwargs
+        self.helper = threading.Thread(target=self._run, name="prefect-mig-shielded", daemon=True)
+
+    def _run(self) -> None:
+        try:
+            self.box["value"] = self.fn(*self.args, **self.kwargs)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the calling thread
+            self.box["error"] = exc
+        finally:
+            self.done.set()
 
 
 def acquire_started(allocator, request, started: list, *, wait: bool, **lease_options: Any):
