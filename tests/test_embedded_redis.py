@@ -77,3 +77,23 @@ def test_a_long_running_client_follows_the_server_to_its_new_port(state_dir, mon
     assert second != first
     # the client needed no restart, and what it wrote came back from the AOF under the locked-down ACL
     assert [s["profile"] for s in alloc.status()["slices"]] == ["4g.24gb"]
+
+
+def test_a_stale_pid_file_never_gets_another_process_signalled(state_dir):
+    """A redis-server killed with SIGKILL (or a reboot) leaves its pid file; that pid may be any
+    process of this user by the time the state dir is used again. Neither starting the server nor
+    stopping it signals that process."""
+    bystander = subprocess.Popen(["sleep", "120"])
+    try:
+        home = embedded_dir(state_dir)
+        home.mkdir(mode=0o700, parents=True, exist_ok=True)
+        (home / "redis.pid").write_text(f"{bystander.pid}\n")
+        assert stop_embedded_redis(state_dir) is False  # nothing of ours was running
+        (home / "redis.pid").write_text(f"{bystander.pid}\n")
+        ensure_embedded_redis(state_dir)  # starts ours, past the stale file
+        assert len(redis_servers_of(state_dir)) == 1
+        assert bystander.poll() is None, "the process a stale pid file named was signalled"
+        assert stop_embedded_redis(state_dir) is True and redis_servers_of(state_dir) == []
+    finally:
+        bystander.kill()
+        bystander.wait()

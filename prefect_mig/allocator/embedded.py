@@ -81,12 +81,20 @@ def _live_url(url_file: Path) -> str | None:
 
 
 def _pid_alive(pid_file: Path) -> int | None:
+    """The pid in `pid_file` if it is this state dir's redis-server and alive, else None.
+
+    A pid file outlives its server (a SIGKILL, a reboot), and its pid may then be any process of
+    this user: only a redis-server whose working directory is the pid file's (its config's
+    ``dir``) is ours, so a stale file never gets another process signalled."""
     try:
         pid = int(pid_file.read_text().strip())
         os.kill(pid, 0)
+        proc = Path(f"/proc/{pid}")
+        argv0 = (proc / "cmdline").read_bytes().split(b"\0")[0].split(b" ")[0]
+        ours = os.path.basename(argv0).startswith(b"redis-server") and (proc / "cwd").resolve() == pid_file.parent.resolve()
     except (OSError, ValueError):
         return None
-    return pid
+    return pid if ours else None
 
 
 def ensure_embedded_redis(state_dir: Path) -> str:
