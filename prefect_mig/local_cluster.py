@@ -18,7 +18,11 @@ Timeline of a start::
     unlock                                                        stop children, remove the pid file
 
 The intermediate process exits at once, so the supervisor is nobody's child (no zombie) and
-outlives the starter.
+outlives the starter. The supervisor leads its own process group, which its children stay in, and
+they get SIGTERM when it dies, even by SIGKILL (Linux's parent-death signal): no agent or
+repartitioner is left running beside the next supervisor's, and ``down`` also stops what a killed
+supervisor's group still holds. The pid file counts only if that process is the supervisor of this
+state dir (its argv names it), so a stale file never makes ``down`` stop another cluster.
 
 Examples:
     ```python
@@ -33,6 +37,7 @@ Examples:
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
@@ -70,19 +75,64 @@ class LocalCluster:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.home = Path(settings.state_dir) / "local"
+        self.home = Path(settings.state_dir).absolute() / "local"  # the supervisor's argv names it
         self.pid_file = self.home / "supervisor.pid"
         self.log_file = self.home / "cluster.log"
         self.config_file = self.home / "supervisor.json"
 
     def pid(self) -> int | None:
-        """The running supervisor's pid, or None."""
+        """The running supervisor's pid, or None: a pid file naming a process that is not the
+        supervisor of this state dir (a reused pid, another state dir's supervisor) counts as none."""
+        pid = self._recorded_pid()
+        if pid is None:
+            return None
+        try:  # its argv: python -m prefect_mig.local_cluster <this state dir>/local
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+            served = args[args.index(_MODULE) + 1]
+            return pid if os.path.samefile(served, self.home) else None
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def _recorded_pid(self) -> int | None:
         try:
-            pid = int(self.pid_file.read_text().strip())
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            return int(self.pid_file.read_text().strip())
         except (OSError, ValueError):
             return None
-        return pid if _MODULE.encode() in cmdline else None  # not a reused pid
+
+    def _leftovers(self, group: int) -> list[int]:
+        """The live processes of the supervisor's process group `group` (its children, which stay in
+        it) that serve this state dir: what a supervisor that died without stopping them left."""
+        found = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                continue
+            try:
+                state, _ppid, pgrp = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:3]
+                if int(pgrp) != group or state == "Z":
+                    continue
+                env = dict(v.split("=", 1) for v in (entry / "environ").read_bytes().decode(errors="replace").split("\0") if "=" in v)
+                if "PREFECT_MIG_STATE_DIR" in env and os.path.samefile(env["PREFECT_MIG_STATE_DIR"], self.home.parent):
+                    found.append(int(entry.name))
+            except (OSError, ValueError):
+                continue
+        return found
+
+    def _stop_leftovers(self, group: int, timeout_s: float) -> bool:
+        """SIGTERM (then SIGKILL) what `_leftovers` finds; whether there was any."""
+        found = self._leftovers(group)
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pid in found:
+                try:
+                    os.kill(pid, sig)
+                    os.kill(pid, signal.SIGCONT)  # a stopped process acts on the SIGTERM too
+                except OSError:
+                    pass
+            deadline = time.monotonic() + timeout_s
+            while self._leftovers(group) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if not self._leftovers(group):
+                break
+        return bool(found)
 
     def ensure(self, *, repartition: bool = True, layout: str | None = None, interval_s: float = 5.0) -> tuple[int, bool]:
         """Start the supervisor unless one runs: (its pid, whether this call started it)."""
@@ -93,6 +143,8 @@ class LocalCluster:
             pid = self.pid()
             if pid is not None:
                 return pid, False
+            if (dead := self._recorded_pid()) is not None:
+                self._stop_leftovers(dead, timeout_s=10)  # a killed supervisor's children: no second set beside them
             private_dir(self.home)
             write_private(self.config_file, json.dumps({"repartition": repartition, "layout": layout, "interval_s": interval_s}))
             self.pid_file.unlink(missing_ok=True)
@@ -100,7 +152,7 @@ class LocalCluster:
                 subprocess.run(
                     [sys.executable, "-m", _MODULE, str(self.home)],
                     stdin=subprocess.DEVNULL, stdout=log, stderr=log, check=True, start_new_session=True,
-                    env=os.environ | {"PREFECT_MIG_STATE_DIR": str(self.settings.state_dir)},
+                    env=os.environ | {"PREFECT_MIG_STATE_DIR": str(self.home.parent)},
                 )
             deadline = time.monotonic() + 30
             while (pid := self.pid()) is None:
@@ -117,20 +169,20 @@ class LocalCluster:
             return False
 
     def stop(self, timeout_s: float = 30.0) -> bool:
-        """Stop the supervisor and its children; False if none ran."""
+        """Stop the supervisor and its children, and the children a killed supervisor left (its
+        process group); False if none of them ran."""
         with state_lock(self.home, "start"):
-            pid = self.pid()
-            if pid is None:
-                self.pid_file.unlink(missing_ok=True)
-                return False
-            os.kill(pid, signal.SIGTERM)
-            deadline = time.monotonic() + timeout_s
-            while self.pid() == pid and time.monotonic() < deadline:
-                time.sleep(0.1)
-            if self.pid() == pid:
-                os.kill(pid, signal.SIGKILL)
+            recorded, pid = self._recorded_pid(), self.pid()
+            if pid is not None:
+                os.kill(pid, signal.SIGTERM)
+                deadline = time.monotonic() + timeout_s
+                while self.pid() == pid and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                if self.pid() == pid:
+                    os.kill(pid, signal.SIGKILL)
+            left = recorded is not None and self._stop_leftovers(recorded, timeout_s=10)
             self.pid_file.unlink(missing_ok=True)
-            return True
+            return pid is not None or left
 
     def wait_for_agents(self, allocator, nodes: list[str], timeout_s: float = 120.0) -> None:
         """Block until each of `nodes` has a live agent heartbeat, and the repartitioner (if this
@@ -167,12 +219,28 @@ def _children(settings: Settings, config: dict) -> dict[str, list[str]]:
     return found
 
 
+def _dies_with_parent():
+    """A `preexec_fn` giving the child SIGTERM when the supervisor dies, even by SIGKILL (Linux
+    PR_SET_PDEATHSIG), so no agent or repartitioner outlives it as an orphan."""
+    parent = os.getpid()
+    prctl = getattr(ctypes.CDLL(None, use_errno=True), "prctl", None)  # looked up before the fork
+
+    def preexec() -> None:
+        if prctl is not None:
+            prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the supervisor died before the prctl: no signal will come
+            os._exit(1)
+
+    return preexec
+
+
 def _supervise(home: Path) -> None:
     from prefect_mig.settings import load_settings
 
     settings = load_settings()
     config = json.loads((home / "supervisor.json").read_text())
     commands = _children(settings, config)
+    die_with_me = _dies_with_parent()
     stopping = False
 
     def on_term(signum, frame) -> None:
@@ -200,7 +268,7 @@ def _supervise(home: Path) -> None:
                     running.pop(name)
                     proc = None
                 if proc is None and time.monotonic() >= next_start.get(name, 0):
-                    running[name] = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
+                    running[name] = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, preexec_fn=die_with_me)
                     say(f"started {name} (pid {running[name].pid})")
             time.sleep(0.5)
     finally:

@@ -123,3 +123,67 @@ def test_with_up_a_kind_no_gpu_is_carved_into_queues_and_gets_carved(fresh_env):
     lease = json.loads(got.stdout)
     assert lease["slice"]["profile"] == "7g.80gb"
     assert _cli("lease", "release", lease["lease_id"], "--fence", str(lease["fence"]), env=fresh_env).returncode == 0
+
+
+def _processes_of(state: Path) -> list[int]:
+    """Pids of the processes started for `state` (their environment names it), redis-server included."""
+    wanted = f"PREFECT_MIG_STATE_DIR={state}".encode()
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            if wanted in (proc / "environ").read_bytes().split(b"\0") and _alive(int(proc.name)):
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
+def test_a_sigkilled_supervisor_takes_its_agent_and_repartitioner_with_it_and_down_leaves_nothing(fresh_env):
+    state = Path(fresh_env["PREFECT_MIG_STATE_DIR"])
+    first = _cli("up", "--json", "--interval", "1", env=fresh_env)
+    assert first.returncode == 0, first.stdout + first.stderr
+    supervisor = json.loads(first.stdout)["supervisor_pid"]
+    _wait_until(lambda: len(_children(supervisor)) == 2)  # the agent and the repartitioner
+    children = _children(supervisor)
+    os.kill(supervisor, signal.SIGKILL)
+    _wait_until(lambda: not any(_alive(c) for c in children), timeout_s=30)  # no orphan keeps running
+    second = _cli("up", "--json", "--interval", "1", env=fresh_env)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert json.loads(second.stdout)["started"] is True
+    assert _cli("down", env=fresh_env).returncode == 0
+    _wait_until(lambda: _processes_of(state) == [], timeout_s=30)
+
+
+def test_down_with_a_stale_pid_file_naming_another_state_dirs_supervisor_leaves_that_cluster_running(fresh_env, tmp_path):
+    live = _cli("up", "--json", "--no-repartition", "--interval", "1", env=fresh_env)
+    assert live.returncode == 0, live.stdout + live.stderr
+    supervisor = json.loads(live.stdout)["supervisor_pid"]
+    _wait_until(lambda: len(_children(supervisor)) == 1)
+    agent = _children(supervisor)[0]
+    other = fresh_env | {"PREFECT_MIG_STATE_DIR": str(tmp_path / "other")}
+    stale = tmp_path / "other" / "local"
+    stale.mkdir(parents=True, mode=0o700)
+    (stale / "supervisor.pid").write_text(str(supervisor))  # a pid since reused by another cluster's supervisor
+    assert LocalCluster(Settings(state_dir=tmp_path / "other", backend="simulated")).pid() is None
+    down = _cli("down", "--json", env=other)
+    assert down.returncode == 0 and json.loads(down.stdout)["agents_stopped"] is False
+    time.sleep(2)
+    assert _alive(supervisor) and _alive(agent)
+
+
+def test_down_stops_what_a_killed_supervisor_left_in_its_process_group(fresh_env):
+    state = Path(fresh_env["PREFECT_MIG_STATE_DIR"])
+    up = _cli("up", "--json", "--no-repartition", "--interval", "1", env=fresh_env)
+    assert up.returncode == 0, up.stdout + up.stderr
+    supervisor = json.loads(up.stdout)["supervisor_pid"]
+    _wait_until(lambda: len(_children(supervisor)) == 1)
+    agent = _children(supervisor)[0]
+    os.kill(agent, signal.SIGSTOP)  # a hung agent: the parent-death signal waits until it runs again
+    os.kill(supervisor, signal.SIGKILL)
+    _wait_until(lambda: not _alive(supervisor), timeout_s=30)
+    assert _alive(agent)
+    down = _cli("down", "--json", env=fresh_env)
+    assert down.returncode == 0 and json.loads(down.stdout)["agents_stopped"] is True
+    _wait_until(lambda: _processes_of(state) == [], timeout_s=30)
