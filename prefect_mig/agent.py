@@ -23,7 +23,9 @@ as busy whatever NVML says, whatever cluster id the container carries: one with 
 does not know (another cluster's, or its own from before a wipe it cannot remember) is never
 removed, only logged, and its slice stays out of service while it runs. `run` outlives Redis and
 Docker errors (logs, backs off, heartbeats again as soon as it can). `carve_empty` carves GPUs
-that have MIG on and no instances to a named layout config.
+that have MIG on and no instances to a named layout config, and finishes such a carve that a kill
+cut short (recorded in the state dir); a stop signal (`terminate`) that lands during a layout change
+takes effect once the change is done or rolled back.
 
 A slice whose holder's lease expired (the holder died or hung: it neither renewed nor released)
 may still have that holder's task container running on it, so an agent with a Docker engine
@@ -62,13 +64,16 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import quote
 
 from prefect_mig.allocator import Allocator, SliceRecord
 from prefect_mig.allocator.models import decode, slice_record
 from prefect_mig.gpu import GpuBackend
 from prefect_mig.known_cluster_ids import KnownClusterIds
+from prefect_mig.state_dir import private_dir, write_private
 
 log = logging.getLogger("prefect_mig.agent")
 
@@ -139,6 +144,37 @@ class NodeAgent:
         self._busy_by_labels: set[str] = set()
         self._half_made: set[tuple[str, int, str]] = set()  # GPU instances without compute instance, last seen
         self._engine_was_down = False
+        self._carves = (
+            CarvesUnderWay.in_state_dir(state_dir, namespace=allocator.keys.namespace, node=node)
+            if state_dir is not None else CarvesUnderWay()
+        )
+        self._changing = 0  # layout changes under way (see `layout_change`)
+        self._stop_signal: int | None = None
+
+    @contextmanager
+    def layout_change(self) -> Iterator[None]:
+        """Around a change of a GPU's layout: a signal `terminate` handles meanwhile takes effect
+        only once the change is done (or rolled back), never half way through it."""
+        self._changing += 1
+        try:
+            yield
+        finally:
+            self._changing -= 1
+            if not self._changing and self._stop_signal is not None:
+                log.warning("agent stopped (signal %d) after its layout change", self._stop_signal)
+                raise SystemExit(0)
+
+    def terminate(self, signum: int, frame=None) -> None:  # noqa: ANN001 - a signal handler
+        """Signal handler (``prefect-mig agent`` installs it for SIGTERM and SIGINT): ends the
+        process now (``SystemExit(0)``), or, while a layout change is under way (`layout_change`:
+        the carve of an empty GPU, a desired layout, a repair), as soon as it is done or rolled back,
+        so a stop never leaves a GPU half carved."""
+        if self._changing:
+            log.warning("signal %d: the agent stops once the layout change under way is done", signum)
+            self._stop_signal = signum
+            return
+        log.warning("agent stopped (signal %d)", signum)
+        raise SystemExit(0)
 
     def inventory(self) -> tuple[list[dict], list[SliceRecord]]:
         """This node's GPUs and the MIG slices that are ready to lease (with a compute instance).
@@ -180,20 +216,77 @@ class NodeAgent:
 
     def carve_empty(self, configs, name: str) -> list[str]:
         """Carve each GPU that has MIG on and no instances to layout config `name` of `configs`
-        (a `LayoutConfigs`); GPUs with instances are left as they are. Returns what it carved."""
+        (a `LayoutConfigs`), and finish such a carve that was cut short. Returns what it carved.
+
+        A carve killed half way (SIGKILL between two creates) leaves part of the layout, which
+        would otherwise stay so for good. So each carve is recorded in the state dir before it
+        starts and forgotten once done, and a GPU with a record is completed to the recorded layout
+        when its instances are all part of it and all idle (no lease, no quarantine, no process,
+        no task container on them): only what is missing is created, nothing is destroyed. Without
+        a state dir the same is done for a GPU whose instances are part of config `name`'s layout
+        for it, all idle. Any other GPU with instances (a layout carved on purpose, the
+        repartitioner's) is left as it is."""
         carved = []
         for gpu in self.backend.gpus():
-            if not gpu.mig_enabled or self.backend.instances(gpu.index):
+            if not gpu.mig_enabled:
                 continue
             model = self.backend.gpu_model(gpu.index)
+            current = self.backend.instances(gpu.index)
             layout = configs.layout_for(name, gpu_model=model.name, node=self.node, gpu_index=gpu.index)
-            if layout is None:
+            if current:
+                layout = self._carve_to_finish(gpu, model, current, layout)
+            elif layout is None:
                 log.info("GPU %d (%s) has no instances and config %r has no entry for it", gpu.index, model.name, name)
+            if layout is None:
                 continue
-            self.backend.apply_layout(gpu.index, layout)
-            log.info("carved GPU %d (%s) to %s: %s", gpu.index, model.name, name, layout)
-            carved.append(f"GPU {gpu.index} ({model.name}): {layout}")
+            with self.layout_change():
+                self._carves.begin(gpu.uuid, str(layout))
+                self.backend.apply_layout(gpu.index, layout)  # keeps what is in place, creates the rest
+                self._carves.done(gpu.uuid)
+            what = "finished carving" if current else "carved"
+            log.info("%s GPU %d (%s) to %s: %s", what, gpu.index, model.name, name, layout)
+            carved.append(f"GPU {gpu.index} ({model.name}): {layout}" + (" (finished a carve cut short)" if current else ""))
         return carved
+
+    def _carve_to_finish(self, gpu, model, current, default):
+        """The layout to complete GPU `gpu` (with instances `current`) to, when it is a carve of an
+        empty GPU cut short (see `carve_empty`); else None."""
+        from prefect_mig.errors import PrefectMigError
+        from prefect_mig.model import Layout
+
+        recorded = self._carves.get(gpu.uuid)
+        target = default if self._carves.path is None else None
+        if recorded is not None:
+            try:
+                target = Layout.parse(model.name, recorded).validate_on(model)
+            except PrefectMigError as exc:
+                log.warning("GPU %d: the recorded carve %r is no layout of %s (%s); forgotten", gpu.index, recorded, model.name, exc)
+                self._carves.done(gpu.uuid)
+                return None
+        have = {m.placement for m in current}
+        if target is None or not have < set(target.instances):
+            if recorded is not None:  # done (killed before forgetting it), or re-carved since
+                self._carves.done(gpu.uuid)
+            return None
+        in_use = self._in_use(gpu.index, current)
+        if in_use:
+            log.warning("GPU %d (%s) is carved in part (%s of %s) but %s is in use: left as it is", gpu.index,
+                        model.name, " + ".join(map(str, current)), target, ", ".join(in_use))
+            return None
+        return target
+
+    def _in_use(self, index: int, instances) -> list[str]:
+        """Those of the GPU's `instances` that are leased or quarantined in Redis, have processes,
+        or carry a running task container."""
+        ids = [m.mig_uuid for m in instances if m.mig_uuid]
+        states = dict(zip(ids, self.allocator.redis.hmget(self.allocator.keys.slice_state, ids))) if ids else {}
+        running, labelled = self.backend.processes(index), self._labelled_busy()
+        return [
+            str(m) for m in instances if m.mig_uuid and (
+                decode(states[m.mig_uuid] or b"").startswith(("leased", "quarantined"))
+                or running.get(m.mig_uuid) or m.mig_uuid in labelled
+            )
+        ]
 
     def publish(self) -> tuple[int, int, int]:
         """Publish the whole inventory now: (published, removed, handed to waiters). The models
@@ -237,7 +330,8 @@ class NodeAgent:
             if not half & self._half_made:
                 continue
             try:
-                _, created = self.backend.apply_layout(gpu.index, self.backend.layout(gpu.index))
+                with self.layout_change():
+                    _, created = self.backend.apply_layout(gpu.index, self.backend.layout(gpu.index))
             except PrefectMigError as exc:
                 log.warning("GPU %d has a GPU instance without compute instance and repairing it failed: %s", gpu.index, exc)
                 continue
@@ -386,7 +480,8 @@ class NodeAgent:
             return "skipped"
         self._draining_since.pop(gpu_uuid, None)
         try:
-            self.backend.apply_layout(index, target)
+            with self.layout_change():
+                self.backend.apply_layout(index, target)
             outcome, detail = "applied", desired["layout"]
         except (InstanceBusy, PrefectMigError) as exc:
             outcome, detail = "skipped", str(exc)
@@ -579,3 +674,66 @@ class NodeAgent:
                 log.warning("agent tick failed (%d in a row), retrying in %.1f s: %s", failures, pause, exc,
                             exc_info=failures == 1)
             stop.wait(max(0.0, pause))
+
+
+class CarvesUnderWay:
+    """The carves of empty GPUs a node agent began and has not finished (GPU UUID -> layout), so a
+    restarted agent finishes one that was cut short (see `NodeAgent.carve_empty`). Kept in
+    ``<state_dir>/agent/carving/<namespace>@<node>.json`` (both names percent-quoted; the
+    directories 0700, the file 0600); without a state dir (`path` None) nothing is recorded. A
+    file that cannot be read or written is logged, and the carve goes on unrecorded.
+
+    Examples:
+        ```python
+        import tempfile
+        from prefect_mig.agent import CarvesUnderWay
+
+        state = tempfile.mkdtemp()
+        CarvesUnderWay.in_state_dir(state, namespace="prod", node="node-a").begin("GPU-1", "2g.12gb@0")
+        carves = CarvesUnderWay.in_state_dir(state, namespace="prod", node="node-a")
+        assert carves.get("GPU-1") == "2g.12gb@0"
+        carves.done("GPU-1")
+        assert CarvesUnderWay.in_state_dir(state, namespace="prod", node="node-a").get("GPU-1") is None
+        ```
+    """
+
+    def __init__(self, path: Path | str | None = None) -> None:
+        self.path = Path(path) if path is not None else None
+        self._carves: dict[str, str] = self._load()
+
+    @classmethod
+    def in_state_dir(cls, state_dir: Path | str, *, namespace: str, node: str) -> CarvesUnderWay:
+        return cls(Path(state_dir) / "agent" / "carving" / f"{quote(namespace, safe='')}@{quote(node, safe='')}.json")
+
+    def get(self, gpu_uuid: str) -> str | None:
+        return self._carves.get(gpu_uuid)
+
+    def begin(self, gpu_uuid: str, layout: str) -> None:
+        self._carves[gpu_uuid] = layout
+        self._write()
+
+    def done(self, gpu_uuid: str) -> None:
+        if self._carves.pop(gpu_uuid, None) is not None:
+            self._write()
+
+    def _write(self) -> None:
+        if self.path is None:
+            return
+        try:
+            private_dir(self.path.parent)
+            write_private(self.path, json.dumps(self._carves))
+        except OSError as exc:
+            log.warning("could not record the carves under way in %s (%s): one cut short is not finished", self.path, exc)
+
+    def _load(self) -> dict[str, str]:
+        if self.path is None or not self.path.exists():
+            return {}
+        try:
+            carves = json.loads(self.path.read_text())
+        except (OSError, ValueError) as exc:
+            log.warning("could not read the carves under way from %s (%s); starting with none", self.path, exc)
+            return {}
+        if not (isinstance(carves, dict) and all(isinstance(v, str) for v in carves.values())):
+            log.warning("%s does not hold carves under way; starting with none", self.path)
+            return {}
+        return carves

@@ -213,6 +213,7 @@ def agent(
 ) -> None:
     """Publish this node's MIG slices to Redis and keep them in service."""
     import logging
+    import signal
 
     from prefect_mig.agent import NodeAgent
     from prefect_mig.gpu import backend_from_settings
@@ -242,6 +243,9 @@ def agent(
                 on_event=_prefect_events(),
                 heartbeat_ttl_s=heartbeat_ttl, state_dir=settings.state_dir,
             )
+            # `prefect-mig down` and the supervisor send SIGTERM: a carve under way finishes first
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(signum, worker.terminate)
             chosen = layout or settings.layout
             if chosen != "none":
                 configs = settings.layout_configs()
@@ -252,10 +256,7 @@ def agent(
             if once:
                 worker.tick()  # and apply a desired layout, if one waits
             else:
-                try:
-                    worker.run(interval_s=interval, stop=threading.Event())
-                except KeyboardInterrupt:
-                    errors.print("agent stopped")
+                worker.run(interval_s=interval, stop=threading.Event())  # until a signal ends it
 
 
 @redis_app.command("stop")

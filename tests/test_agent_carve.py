@@ -1,0 +1,147 @@
+"""The node agent's carve of empty GPUs to the default layout config, when it is cut short: a kill
+between two creates, a SIGTERM from `prefect-mig down` or the supervisor."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from prefect_mig.agent import NodeAgent
+from prefect_mig.allocator import SliceRequest
+from prefect_mig.gpu import GpuBackend, SimulatedNvml
+from prefect_mig.model import Layout
+from prefect_mig.model.layout_configs import LayoutConfigs
+
+BALANCED = "2g.12gb@0 + 1g.6gb@2 + 1g.6gb@3"  # the default config on an A30
+
+
+class _Killed(BaseException):
+    """The agent process dying (SIGKILL) between two GPU instance creates: nothing after it runs."""
+
+
+@pytest.fixture
+def empty_a30(tmp_path):
+    """node-a's GPU backend: one simulated A30 with MIG on and no instances."""
+    with GpuBackend(SimulatedNvml("node-a=1xA30-24GB", state_dir=tmp_path / "gpus")) as backend:
+        yield backend
+
+
+def _killed_mid_carve(backend, alloc, state_dir) -> None:
+    """An agent carving the empty GPU to the default config dies after its first instance."""
+    nvml, created = backend.nvml, []
+
+    def create(device, profile_id, placement):
+        if created:
+            raise _Killed
+        created.append(placement)
+        return type(nvml).nvmlDeviceCreateGpuInstanceWithPlacement(nvml, device, profile_id, placement)
+
+    nvml.nvmlDeviceCreateGpuInstanceWithPlacement = create
+    try:
+        with pytest.raises(_Killed):
+            NodeAgent(backend, alloc, node="node-a", state_dir=state_dir).carve_empty(LayoutConfigs.load(), "balanced")
+    finally:
+        del nvml.nvmlDeviceCreateGpuInstanceWithPlacement
+    assert str(backend.layout(0)) == "2g.12gb@0"  # half carved
+
+
+@pytest.mark.parametrize("with_state_dir", [True, False], ids=["recorded", "no-state-dir"])
+def test_a_carve_of_an_empty_gpu_cut_short_is_finished_when_the_agent_starts_again(empty_a30, alloc, tmp_path, with_state_dir):
+    state_dir = tmp_path / "state" if with_state_dir else None
+    _killed_mid_carve(empty_a30, alloc, state_dir)
+    kept = empty_a30.instances(0)[0]
+    restarted = NodeAgent(empty_a30, alloc, node="node-a", state_dir=state_dir)
+    assert restarted.carve_empty(LayoutConfigs.load(), "balanced") == [f"GPU 0 (A30-24GB): {BALANCED} (finished a carve cut short)"]
+    assert str(empty_a30.layout(0)) == BALANCED
+    assert kept in empty_a30.instances(0)  # the instance in place was kept, not re-made
+    assert restarted.publish()[0] == 3
+    again = NodeAgent(empty_a30, alloc, node="node-a", state_dir=state_dir)
+    assert again.carve_empty(LayoutConfigs.load(), "balanced") == []  # done: nothing more to do
+    if with_state_dir:
+        (record,) = (tmp_path / "state" / "agent" / "carving").iterdir()
+        assert oct(record.stat().st_mode & 0o777) == "0o600" and record.read_text() == "{}"
+
+
+@pytest.mark.parametrize("use", ["process", "lease"])
+def test_a_half_carved_gpu_whose_instance_is_in_use_is_left_as_it_is(empty_a30, alloc, tmp_path, use):
+    """Completing it would only create what is missing, but the GPU is in use as it is: the agent
+    leaves it (never destroys or re-carves a busy slice) and finishes it once it is idle."""
+    _killed_mid_carve(empty_a30, alloc, tmp_path / "state")
+    (busy,) = empty_a30.instances(0)
+    agent = NodeAgent(empty_a30, alloc, node="node-a", state_dir=tmp_path / "state")
+    if use == "process":
+        empty_a30.nvml.attach_process(busy.mig_uuid, pid=4242)
+    else:
+        agent.publish()
+        lease = alloc.try_acquire(SliceRequest(profile="2g.12gb", ttl_s=600))
+        assert lease.slice.mig_uuid == busy.mig_uuid
+    assert agent.carve_empty(LayoutConfigs.load(), "balanced") == []
+    assert empty_a30.instances(0) == [busy]  # same MIG UUID: neither destroyed nor re-made
+    if use == "process":
+        empty_a30.nvml.detach_process(busy.mig_uuid, pid=4242)
+    else:
+        alloc.release(lease.lease_id, lease.fence)
+    restarted = NodeAgent(empty_a30, alloc, node="node-a", state_dir=tmp_path / "state")
+    assert len(restarted.carve_empty(LayoutConfigs.load(), "balanced")) == 1
+    assert str(empty_a30.layout(0)) == BALANCED and busy in empty_a30.instances(0)
+
+
+def test_a_gpu_carved_in_part_on_purpose_is_left_as_it_is(empty_a30, alloc, tmp_path):
+    """With a state dir, only a carve the agent recorded is finished: a layout someone chose (the
+    repartitioner's, `layout apply`) that leaves part of the GPU uncarved stays so."""
+    empty_a30.apply_layout(0, Layout.parse("A30-24GB", "2g.12gb@0"))
+    agent = NodeAgent(empty_a30, alloc, node="node-a", state_dir=tmp_path / "state")
+    assert agent.carve_empty(LayoutConfigs.load(), "balanced") == []
+    assert str(empty_a30.layout(0)) == "2g.12gb@0"
+
+
+_SLOW_CARVE = """
+import os, sys, time
+from prefect_mig.gpu.simulated_nvml import SimulatedNvml
+
+real, reached, go = SimulatedNvml.nvmlDeviceCreateGpuInstanceWithPlacement, sys.argv[1], sys.argv[2]
+
+def create(self, *args):  # the second create waits: the test sends SIGTERM then
+    if os.path.exists(reached):
+        while not os.path.exists(go):
+            time.sleep(0.05)
+    else:
+        open(reached, "w").close()
+    return real(self, *args)
+
+SimulatedNvml.nvmlDeviceCreateGpuInstanceWithPlacement = create
+from prefect_mig.cli.main import app
+sys.argv = ["prefect-mig", "agent", "--node", "node-a", "--interval", "0.5"]
+app()
+"""
+
+
+def test_sigterm_during_the_carve_lets_it_finish_before_the_agent_exits(redis_server, namespace, tmp_path):
+    env = {
+        **os.environ, "PREFECT_MIG_REDIS_URL": redis_server.url, "PREFECT_MIG_NAMESPACE": namespace,
+        "PREFECT_MIG_BACKEND": "simulated", "PREFECT_MIG_SIMULATED_FLEET": "node-a=1xA30-24GB",
+        "PREFECT_MIG_STATE_DIR": str(tmp_path),
+    }
+    reached, go = tmp_path / "reached", tmp_path / "go"
+    agent = subprocess.Popen([sys.executable, "-c", _SLOW_CARVE, str(reached), str(go)], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not reached.exists():
+            assert agent.poll() is None and time.monotonic() < deadline, "the agent never began carving"
+            time.sleep(0.05)
+        agent.send_signal(signal.SIGTERM)  # mid carve: its second create waits for `go`
+        time.sleep(1.0)  # a SIGTERM that ended the process would have done so by now
+        go.touch()
+        output, _ = agent.communicate(timeout=60)
+    finally:
+        agent.kill()
+    assert agent.returncode == 0, output
+    assert "stops once the layout change under way is done" in output
+    with GpuBackend(SimulatedNvml("node-a=1xA30-24GB", state_dir=tmp_path)) as backend:
+        assert str(backend.layout(0)) == BALANCED
