@@ -72,6 +72,24 @@ def test_lease_commands_acquire_list_renew_and_release(cli_env, tmp_path):
     assert {s["state"] for s in status["slices"]} == {"free"} and status["queue"] == []
 
 
+@pytest.mark.parametrize("timeout", ["1e10", "-1", "nan", "inf"])
+def test_lease_acquire_with_a_bad_timeout_exits_2_naming_it_and_holds_nothing(cli_env, timeout):
+    """A wait past 30 days overflowed a socket timeout after the grant (a traceback and a lease
+    held that nobody could release); a negative one was taken for no wait."""
+    publish = _cli("agent", "--once", env=cli_env)
+    assert publish.returncode == 0, publish.stderr
+    done = _cli("lease", "acquire", "--profile", "4g.24gb", "--timeout", timeout, env=cli_env)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert "--timeout" in done.stderr and "30 days" in done.stderr
+    assert json.loads(_cli("status", "--json", env=cli_env).stdout)["leases"] == []
+
+
+@pytest.mark.parametrize("command", [["agent"], ["up"]])
+def test_a_zero_or_negative_interval_is_refused(cli_env, command):
+    done = _cli(*command, "--interval", "0", env=cli_env)
+    assert done.returncode == 2 and "--interval" in done.stderr
+
+
 @pytest.mark.parametrize(
     ("args", "named"),
     [

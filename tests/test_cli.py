@@ -81,6 +81,18 @@ def test_a_bad_setting_exits_2_and_names_the_variable(tmp_path):
     assert "PREFECT_MIG_SIMULATED_FLEET" in done.stderr
 
 
+def test_an_error_quoting_brackets_is_printed_as_it_is_not_read_as_markup(tmp_path):
+    """Error messages quote settings' formats (``redis+sentinel://host[,host...]/service[/db]``) and
+    users' values; printed as rich markup they crashed the CLI (MarkupError) or lost a part."""
+    env = {**os.environ, "PREFECT_MIG_REDIS_URL": "localhost:6379", "PREFECT_MIG_STATE_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-m", "prefect_mig.cli.main", "status"], capture_output=True, text=True,
+                          env=env, timeout=60)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "PREFECT_MIG_REDIS_URL" in done.stderr and "[/db]" in done.stderr
+    done = prefect_mig("layouts", "H100[/x]")
+    assert done.returncode == 2 and "Traceback" not in done.stderr and "'H100[/x]'" in done.stderr
+
+
 def test_version_json_names_prefect_mig_and_its_libraries():
     data = json.loads(prefect_mig("version", "--json").stdout)
     assert {"prefect-mig", "prefect", "nvidia-ml-py"} <= set(data)

@@ -119,6 +119,34 @@ GRACE_FLOOR_S = 2.0
 DEFAULT_GRACE_MS = 10_000
 
 
+#: the longest wait for a slice a caller may ask for (30 days): beyond it, socket timeouts overflow
+MAX_WAIT_S = 30 * 86_400.0
+
+
+def check_wait(timeout_s: float | None, *, field: str = "timeout_s") -> float | None:
+    """A wait for a slice is None (as long as it takes) or a finite number of seconds from 0 (no
+    wait) to `MAX_WAIT_S`, checked before anything is asked of Redis (so a refused one holds
+    nothing).
+
+    Raises:
+        ConfigError: names `field`, the value and what is allowed.
+    """
+    if timeout_s is None:
+        return None
+    try:
+        value = float(timeout_s)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not (math.isfinite(value) and 0 <= value <= MAX_WAIT_S):
+        raise ConfigError(
+            f"{field}={timeout_s!r}: a wait for a slice must be a finite number of seconds from 0 (no wait) "
+            f"to {MAX_WAIT_S:g} (30 days), or None (as long as it takes).",
+            field=field,
+            value=timeout_s,
+        )
+    return value
+
+
 def check_ttl(ttl_s: float, max_ttl_s: float, *, field: str = "ttl_s") -> float:
     """A lease TTL must be a finite number of seconds in [1, max_ttl_s]."""
     try:
@@ -477,7 +505,12 @@ class Allocator(Inventory, LayoutChanges):
 
     def acquire(self, request: SliceRequest, *, timeout_s: float | None = None) -> LeaseInfo:
         """Grant a slice, waiting up to `timeout_s` (``None``: as long as it takes; 0: no wait).
-        The timeout holds within about 100 ms even while Redis does not answer."""
+        The timeout holds within about 100 ms even while Redis does not answer.
+
+        Raises:
+            ConfigError: `timeout_s` is not None nor a finite number of seconds from 0 to 30 days.
+        """
+        timeout_s = check_wait(timeout_s)
         deadline = None if not timeout_s else time.monotonic() + timeout_s
         request_id = uuid.uuid4().hex
         try:

@@ -42,7 +42,7 @@ from contextlib import asynccontextmanager, contextmanager
 
 import redis
 
-from prefect_mig.allocator.allocator import Allocator
+from prefect_mig.allocator.allocator import Allocator, check_wait
 from prefect_mig.allocator.redis_io import redis_errors
 from prefect_mig.allocator.connection import client_for_url, connect
 from prefect_mig.allocator.models import LeaseInfo, SliceRecord, SliceRequest
@@ -311,6 +311,7 @@ class AsyncLeaseClient:
 
         from prefect_mig.allocator.allocator import Queued
 
+        timeout_s = check_wait(timeout_s)
         got = await asyncio.to_thread(self.allocator.try_acquire, request, wait=timeout_s != 0)
         if isinstance(got, Queued):
             stop = threading.Event()

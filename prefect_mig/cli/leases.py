@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from rich.table import Table
 
 from prefect_mig.allocator import Allocator, SliceRequest, health
-from prefect_mig.allocator.allocator import check_ttl
+from prefect_mig.allocator.allocator import check_ttl, check_wait
 from prefect_mig.allocator.connection import connect
 from prefect_mig.allocator.embedded import stop_embedded_redis
 from prefect_mig.cli.output import cli_errors, console, errors, print_json
@@ -73,6 +73,7 @@ def acquire(
 ) -> None:
     """Acquire a slice and print its lease id and fencing token (the lease lives for --ttl)."""
     with cli_errors():
+        check_wait(timeout, field="--timeout")  # before anything is asked of Redis: a refused wait holds nothing
         allocator = _allocator()
         if gpu_model is not None:
             allocator.load_models()  # --gpu-model may name a model a node agent built from NVML
@@ -200,7 +201,7 @@ def _prefect_events():
 
 def agent(
     node: Annotated[str | None, typer.Option(help="Node name (default PREFECT_MIG_NODE).")] = None,
-    interval: Annotated[float, typer.Option(help="Seconds between heartbeats.")] = 5.0,
+    interval: Annotated[float, typer.Option(help="Seconds between heartbeats.", min=0.1)] = 5.0,
     heartbeat_ttl: Annotated[
         float, typer.Option(help="Without a heartbeat for this many seconds, the node gets no new grants.", min=1)
     ] = 30.0,
@@ -237,7 +238,7 @@ def agent(
                     ContainerSettings(docker_host=settings.docker_host, docker_tls=docker_tls_from(settings))
                 ).client
             except PrefectMigError as exc:
-                errors.print(f"no Docker engine for fencing task containers: {exc}")
+                errors.print(f"no Docker engine for fencing task containers: {exc}", markup=False)
             worker = NodeAgent(
                 backend, _allocator(), node=node, docker_url=settings.docker_host, docker_client=docker_client,
                 on_event=_prefect_events(),

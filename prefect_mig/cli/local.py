@@ -16,7 +16,7 @@ def up(
     layout: Annotated[
         str | None, typer.Option(help="Layout config for GPUs with no instances (default: the layouts file's default).")
     ] = None,
-    interval: Annotated[float, typer.Option(help="Seconds between the agents' heartbeats.")] = 5.0,
+    interval: Annotated[float, typer.Option(help="Seconds between the agents' heartbeats.", min=0.1)] = 5.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
 ) -> None:
     """Start (or find) the embedded Redis, this host's node agent and the repartitioner in the background."""

@@ -11,6 +11,7 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from prefect_mig.errors import ConfigError, PrefectMigError
 
@@ -39,8 +40,15 @@ def cli_errors() -> Iterator[None]:
     try:
         yield
     except ConfigError as exc:
-        errors.print(f"[red]error:[/red] {exc}", highlight=False, markup=True)
+        print_error(exc)
         raise typer.Exit(2) from exc
     except PrefectMigError as exc:
-        errors.print(f"[red]error:[/red] {exc}", highlight=False)
+        print_error(exc)
         raise typer.Exit(1) from exc
+
+
+def print_error(message: object) -> None:
+    """``error: <message>`` on stderr, the message as plain text: it quotes settings' formats and
+    users' values (``redis+sentinel://host[,host...]/service[/db]``, a tenant ``team[/x]``), which
+    rich would otherwise read as markup (and fail on, or drop)."""
+    errors.print(Text.assemble(("error:", "red"), " ", str(message)), highlight=False)
