@@ -123,6 +123,17 @@ DEFAULT_GRACE_MS = 10_000
 MAX_WAIT_S = 30 * 86_400.0
 
 
+def _seconds_in(value: object, low: float, high: float, *, field: str, what: str) -> float:
+    """`value` as a finite number of seconds in [low, high], else a ConfigError saying `what`."""
+    try:
+        seconds = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        seconds = math.nan
+    if not (math.isfinite(seconds) and low <= seconds <= high):
+        raise ConfigError(f"{field}={value!r}: {what}", field=field, value=value)
+    return seconds
+
+
 def check_wait(timeout_s: float | None, *, field: str = "timeout_s") -> float | None:
     """A wait for a slice is None (as long as it takes) or a finite number of seconds from 0 (no
     wait) to `MAX_WAIT_S`, checked before anything is asked of Redis (so a refused one holds
@@ -133,34 +144,16 @@ def check_wait(timeout_s: float | None, *, field: str = "timeout_s") -> float | 
     """
     if timeout_s is None:
         return None
-    try:
-        value = float(timeout_s)
-    except (TypeError, ValueError):
-        value = math.nan
-    if not (math.isfinite(value) and 0 <= value <= MAX_WAIT_S):
-        raise ConfigError(
-            f"{field}={timeout_s!r}: a wait for a slice must be a finite number of seconds from 0 (no wait) "
-            f"to {MAX_WAIT_S:g} (30 days), or None (as long as it takes).",
-            field=field,
-            value=timeout_s,
-        )
-    return value
+    return _seconds_in(timeout_s, 0, MAX_WAIT_S, field=field, what=(
+        f"a wait for a slice must be a finite number of seconds from 0 (no wait) to {MAX_WAIT_S:g} (30 days), "
+        "or None (as long as it takes)."))
 
 
 def check_ttl(ttl_s: float, max_ttl_s: float, *, field: str = "ttl_s") -> float:
     """A lease TTL must be a finite number of seconds in [1, max_ttl_s]."""
-    try:
-        value = float(ttl_s)
-    except (TypeError, ValueError):
-        value = math.nan
-    if not (math.isfinite(value) and 1 <= value <= max_ttl_s):
-        raise ConfigError(
-            f"{field}={ttl_s!r}: a lease TTL must be a finite number of seconds from 1 to {max_ttl_s:g} "
-            "(the cluster's maximum, PREFECT_MIG_LEASE_MAX_TTL_S).",
-            field=field,
-            value=ttl_s,
-        )
-    return value
+    return _seconds_in(ttl_s, 1, max_ttl_s, field=field, what=(
+        f"a lease TTL must be a finite number of seconds from 1 to {max_ttl_s:g} "
+        "(the cluster's maximum, PREFECT_MIG_LEASE_MAX_TTL_S)."))
 
 
 class Allocator(Inventory, LayoutChanges):
