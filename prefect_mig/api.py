@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import secrets
 import time
 from contextlib import suppress
@@ -58,6 +59,7 @@ import redis.asyncio
 import redis.asyncio.sentinel
 import redis.sentinel
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field, ValidationError
@@ -102,6 +104,18 @@ _STATUS = {
     ConfigError: 422,
     RedisUnavailable: 503,
 }
+
+
+def _json_safe(value: Any) -> Any:
+    """`value` with each non-finite float written as the JSON literal it came in as (``NaN``,
+    ``Infinity``, ``-Infinity``), so a 422 that echoes such an input can itself be sent as JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 def _detail(exc: PrefectMigError) -> str:
@@ -272,6 +286,12 @@ def create_app(
     async def _mig_error(request, exc: PrefectMigError):  # noqa: ANN001
         code = next((c for cls, c in _STATUS.items() if isinstance(exc, cls)), 500)
         return JSONResponse({"error": type(exc).__name__, "detail": _detail(exc)}, status_code=code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request, exc: RequestValidationError):  # noqa: ANN001
+        # FastAPI's own handler, except that inputs such as ``"ttl_s": NaN`` (which Python's JSON
+        # parser accepts) are echoed as strings: otherwise writing the 422 itself fails (a 500)
+        return JSONResponse({"detail": _json_safe(jsonable_encoder(exc.errors()))}, status_code=422)
 
     def grant_of(request: Request) -> TokenGrant:
         return request.scope["state"]["grant"]

@@ -320,6 +320,31 @@ def test_a_gpu_model_the_fleet_lacks_says_so_and_names_the_models_it_has(one_h10
     assert one_h100.status()["queue"] == [] and one_h100.status()["leases"] == []
 
 
+def test_a_node_nobody_published_is_refused_at_once_naming_the_published_nodes(one_h100):
+    """Found by a bad-input review: such a request was queued (and the repartitioner re-carved
+    another node's GPU for it); with timeout 0 it was told "every matching slice is leased"."""
+    for timeout_s in (0, 60):
+        started = time.monotonic()
+        with pytest.raises(Unsatisfiable) as refused:
+            one_h100.acquire(SliceRequest(profile="1g.10gb", node="no-such-node"), timeout_s=timeout_s)
+        assert time.monotonic() - started < 30  # refused, not waited out
+        said = str(refused.value)
+        assert (refused.value.field, refused.value.value) == ("node", "no-such-node")
+        assert "node" in said and "no-such-node" in said and "node-a" in said
+    assert one_h100.status()["queue"] == [] and one_h100.status()["leases"] == []
+
+
+def test_a_drained_or_silent_node_still_counts_as_published(one_h100):
+    """It may come back: a request pinned to it waits (or, without waiting, finds no capacity)."""
+    one_h100.drain_node("node-a")
+    with pytest.raises(NoCapacity):
+        one_h100.acquire(SliceRequest(profile="1g.10gb", node="node-a"), timeout_s=0)
+    one_h100.drain_node("node-a", drain=False)
+    one_h100.node_down("node-a", why="engine down")
+    with pytest.raises(NoCapacity):
+        one_h100.acquire(SliceRequest(profile="1g.10gb", node="node-a"), timeout_s=0)
+
+
 def test_a_profile_the_pinned_model_lacks_lists_that_models_profiles_only(one_h100):
     with pytest.raises(UnknownProfile) as refused:
         one_h100.acquire(SliceRequest(profile="1g.10gb", gpu_model="A30-24GB"), timeout_s=5)
@@ -351,14 +376,22 @@ def test_every_key_the_lua_builds_is_named_in_the_keys_module():
     assert built and all(getattr(keys, name)("x") == f"pmig:{{n}}:{name}:x" for name in built), built
 
 
-def test_a_request_pinned_to_a_node_nobody_published_times_out_saying_so_in_round_seconds(one_h100):
+def test_a_request_pinned_to_a_node_nobody_published_times_out_saying_so_in_round_seconds(alloc):
+    """Queued while no node was published yet (agents starting); then nodes publish, not that one."""
+    from prefect_mig.allocator.health import wait_reasons
+
+    alloc.queue_uncarved = True
     started = time.monotonic()
+    request = SliceRequest(profile="1g.10gb", node="node-zz")
+    queued = alloc.try_acquire(request, wait=True)
+    alloc.publish_fleet("node-a=1xH100-80GB", layouts={"node-a": [H100_MIXED]})
+    assert "no node named node-zz is published (nodes: node-a)" in wait_reasons(alloc, queued.request_id)
     with pytest.raises(WaitTimeout) as refused:
-        one_h100.acquire(SliceRequest(profile="1g.10gb", node="node-zz"), timeout_s=1.25)
+        alloc.wait_for_grant(queued.request_id, 1.25, request=request, asked_s=1.25, explain=True)
     said = str(refused.value)
     assert "no slice within 1.25 s;" in said, said  # the caller's timeout, not what was left of it
     assert "no node named node-zz is published (nodes: node-a)" in said
-    assert time.monotonic() - started < 30 and one_h100.status()["queue"] == []
+    assert time.monotonic() - started < 30 and alloc.status()["queue"] == []
 
 
 def test_a_request_that_waits_on_a_drained_node_says_it_is_drained(one_h100):

@@ -78,6 +78,15 @@ def test_bad_request_fields_are_422_with_the_field_named(http):
     assert bad.status_code == 422 and "priority" in bad.text
 
 
+def test_a_non_finite_number_is_422_naming_the_field_not_500(http):
+    """Found by a bad-input review: the 422 for ``ttl_s: NaN`` could not be written as JSON (500)."""
+    for value in ("NaN", "Infinity", "-Infinity"):
+        body = '{"request": {"profile": "1g.10gb", "ttl_s": %s}}' % value
+        bad = http.post("/v1/leases", content=body, headers={**AUTH, "content-type": "application/json"})
+        assert bad.status_code == 422, bad.text
+        assert "ttl_s" in bad.text and value.lstrip("-") in bad.text
+
+
 def test_openapi_describes_the_routes_when_docs_are_on(alloc):
     http = TestClient(create_app(alloc, token=TOKEN, docs=True))
     assert http.get("/openapi.json").status_code == 401

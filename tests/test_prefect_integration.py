@@ -139,6 +139,34 @@ def test_an_unknown_or_unoffered_profile_fails_clearly_and_leaves_nothing(cluste
     assert cluster.status()["queue"] == []
 
 
+@pytest.mark.parametrize(
+    ("options", "field", "allowed"),
+    [
+        ({"priority": 500}, "priority", "100"),
+        ({"priority": -1}, "priority", "0"),
+        ({"tenant": "a b"}, "tenant", "pattern"),
+        ({"lease_ttl_s": 0}, "lease_ttl_s", "1"),
+        ({"wait_timeout_s": -1}, "wait_timeout_s", ">= 0"),
+        ({"wait_timeout_s": float("nan")}, "wait_timeout_s", ">= 0"),
+        ({"max_workers": 0}, "max_workers", ">= 1"),
+    ],
+)
+@pytest.mark.parametrize("profile", [None, "1g.10gb"])
+def test_a_bad_runner_config_is_refused_at_construction_with_or_without_a_profile(profile, options, field, allowed):
+    """Found by a bad-input review: without a profile (a flow-level runner) these were accepted."""
+    from prefect_mig.errors import ConfigError
+
+    with pytest.raises(ConfigError) as refused:
+        MigTaskRunner(profile, **options)
+    said, (value,) = str(refused.value), options.values()
+    assert refused.value.field == field and field in said and allowed in said
+    assert repr(value) in said or str(value) in said
+
+
+def test_a_zero_wait_timeout_is_a_valid_runner_config_meaning_do_not_wait():
+    assert MigTaskRunner(wait_timeout_s=0, max_workers=1).wait_timeout_s == 0
+
+
 def test_a_flow_level_runner_sends_only_tagged_tasks_to_slices(cluster):
     @prefect_task(tags=["mig:1g.10gb", "mig-priority:7"])
     def on_gpu():

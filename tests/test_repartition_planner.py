@@ -491,3 +491,20 @@ def test_the_lease_history_reads_back_as_a_workload():
     ]
     # with the classic profiles, a request for 1g.20gb or 2g.20gb counts as 2g.20gb
     assert recent_leases(status, events, now_ms=1_200_000)[0][2] == "H100-80GB/2g.20gb"
+
+
+def test_a_queued_request_pinned_to_a_node_nobody_published_is_no_demand(alloc):
+    """Found by a bad-input review: the repartitioner re-carved node-a's GPU to 7g.80gb for a request
+    pinned to a node that does not exist. Such a request can still wait if it was queued while no
+    node was published yet; it must not count as demand on the nodes that did publish."""
+    from prefect_mig.allocator import SliceRequest
+    from prefect_mig.repartition.service import demand_of
+
+    from .allocator_fixtures import H100_MIXED
+
+    alloc.queue_uncarved = True
+    alloc.try_acquire(SliceRequest(profile="7g.80gb", node="no-such-node"), wait=True)
+    alloc.try_acquire(SliceRequest(profile="2g.20gb", node="node-a"), wait=True)
+    alloc.publish_fleet("node-a=1xH100-80GB", layouts={"node-a": [H100_MIXED]})
+    assert [r["node"] for r in alloc.status()["queue"]] == ["no-such-node", "node-a"]
+    assert demand_of(alloc.status(), []) == {"H100-80GB/2g.20gb": [1.0]}

@@ -272,7 +272,11 @@ class Allocator(Inventory, LayoutChanges):
 
         Raises:
             NoCapacity: nothing fits now and `wait` is false.
-            Unsatisfiable: no GPU in the inventory offers a slice the request accepts.
+            Unsatisfiable: no GPU in the inventory offers a slice the request accepts; or the request
+                is pinned to a `node` no agent ever published (field ``node``). A node that published
+                and is now drained or lost (its heartbeat lapsed) counts as published: it may come
+                back, so a request pinned to it waits. While no node at all is published (agents
+                still starting) the pin is not judged.
         """
         check_ttl(request.ttl_s, self.max_ttl_s)
         request_id = request_id or uuid.uuid4().hex
@@ -303,6 +307,14 @@ class Allocator(Inventory, LayoutChanges):
         if code == "no_capacity":
             why = "the tenant's quota is used up" if reply[1] == "quota" else "every matching slice is leased"
             raise NoCapacity(f"no slice for {request.requirement} now: {why}.", reason=reply[1], lease_id=request_id)
+        if code == "unknown_node":
+            nodes = sorted(x for x in reply[1].split(",") if x)
+            raise Unsatisfiable(
+                f"node: no node named {request.node!r} has published an inventory to this cluster; published "
+                f"nodes: {', '.join(nodes)}. Pin one of those (or leave node unset), or start `prefect-mig agent` "
+                "on that host.",
+                offered=[], field="node", value=request.node, lease_id=request_id,
+            )
         if code == "unsatisfiable":
             offered = sorted(x for x in reply[1].split(",") if x)
             raise Unsatisfiable(
@@ -696,7 +708,7 @@ class Allocator(Inventory, LayoutChanges):
         for rid in (decode(r) for r in waiting):
             if rid in requests:
                 r = json.loads(requests[rid])
-                queue.append({k2: r.get(k2) for k2 in ("id", "priority", "tenant", "holder", "pkeys", "enqueued_at")})
+                queue.append({k2: r.get(k2) for k2 in ("id", "priority", "tenant", "holder", "pkeys", "node", "enqueued_at")})
         return {
             "nodes": {
                 name: {**json.loads(body), "alive": name in alive, "drained": name in drained}

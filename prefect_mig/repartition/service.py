@@ -66,15 +66,26 @@ def gpu_states(
     return states
 
 
+def placeable(status: dict) -> list[dict]:
+    """The queued requests some published node could serve: not those pinned to a node no agent
+    published (queued while no node was published yet)."""
+    nodes = status.get("nodes") or {}
+    return [r for r in status["queue"] if not r.get("node") or r["node"] in nodes]
+
+
 def demand_of(
     status: dict, events: list[dict], *, history: int | None = None, profiles: str | tuple[str, ...] = "classic"
 ) -> dict[str, list[float]]:
     """Priority-weighted demand: every queued request, and the last `history` grants in `events`
     (oldest first; default: as many as the inventory has slices, so history can at most re-shape
-    the fleet once). A request counts for the first kind it asked for that `profiles` carve."""
+    the fleet once). A request counts for the first kind it asked for that `profiles` carve.
+
+    A queued request pinned to a node no agent published is no demand (no carve can serve it).
+    One pinned to a published node counts fleet-wide, like any other: demand is per kind of
+    slice, not per node, so the planner may carve for it on another node's GPU."""
     book = DemandBook(profiles=profiles)
     history = len(status["slices"]) if history is None else history
-    for r in status["queue"]:
+    for r in placeable(status):
         book.add_queued(r.get("pkeys") or [], int(r.get("priority") or 0))
     for e in [e for e in events if e.get("type") == "lease.granted"][-history:] if history else []:
         wants = [k for k in (e.get("wants") or "").split(",") if k] or [e.get("pkey", "")]
@@ -139,7 +150,7 @@ def recent_leases(status: dict, events: list[dict], *, now_ms: int, profiles: st
         longer = [d - age for d in durations if d > age]
         left = sum(longer) / len(longer) if longer else max(age, 1.0)
         rows.append((arrival, (at - now_ms) / 1000 - arrival + age + left, pkey, priority))
-    for r in status["queue"]:
+    for r in placeable(status):
         enqueued = float(r.get("enqueued_at") or now_ms)
         rows.append(((enqueued - now_ms) / 1000, mean, kind(list(r.get("pkeys") or [])), int(r.get("priority") or 0)))
     return sorted(r for r in rows if r[2])

@@ -13,6 +13,7 @@
 --       | {'no_capacity', 'busy' | 'quota'}
 --       | {'unsatisfiable', pkeys in the inventory (comma-separated)}
 --       | {'exists', 'leased' | 'waiting'}   (this request id was seen: a retried call)
+--       | {'unknown_node', published nodes (comma-separated)}
 local r = cjson.decode(A[1])
 local wait = A[2] == '1'
 reap_expired(10)
@@ -20,6 +21,12 @@ reap_expired(10)
 if redis.call('EXISTS', lease_key(r.id)) == 1 then return {'exists', 'leased'} end
 if redis.call('HEXISTS', K.requests, r.id) == 1 then return {'exists', 'waiting'} end
 
+-- A node no agent ever published is refused, not queued: nothing would ever serve it. A node that
+-- published once stays in K.nodes when it is drained or its heartbeat lapses (it may come back).
+-- With no node published at all (agents still starting), the request is judged as before.
+if r.node ~= '' and redis.call('HEXISTS', K.nodes, r.node) == 0 and redis.call('HLEN', K.nodes) > 0 then
+  return {'unknown_node', table.concat(redis.call('HKEYS', K.nodes), ',')}
+end
 
 local quota_hit = false
 local function try_grant(id, pkey)

@@ -42,6 +42,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import math
 import threading
 import time
 from collections.abc import Iterable
@@ -137,6 +138,22 @@ def _ensure_local_agent(settings, allocator: Allocator, logger) -> None:
         _LOCAL_CHECKED[key] = time.monotonic()
 
 
+def _check_wait_and_workers(wait_timeout_s: Any, max_workers: Any) -> None:
+    """`wait_timeout_s`: None (the setting) or seconds >= 0 (0: do not wait, fail at once when no
+    slice is free); `max_workers`: None or an integer >= 1."""
+    number = isinstance(wait_timeout_s, (int, float)) and not isinstance(wait_timeout_s, bool)
+    if wait_timeout_s is not None and not (number and math.isfinite(wait_timeout_s) and wait_timeout_s >= 0):
+        raise ConfigError(
+            f"MigTaskRunner wait_timeout_s={wait_timeout_s!r}: give seconds >= 0 (0: do not wait), or leave it "
+            "unset for PREFECT_MIG_WAIT_TIMEOUT_S.", field="wait_timeout_s", value=wait_timeout_s,
+        )
+    if max_workers is not None and (isinstance(max_workers, bool) or not isinstance(max_workers, int) or max_workers < 1):
+        raise ConfigError(
+            f"MigTaskRunner max_workers={max_workers!r}: give an integer >= 1, or leave it unset.",
+            field="max_workers", value=max_workers,
+        )
+
+
 class MigTaskRunner(ThreadPoolTaskRunner):
     """A task runner that leases a MIG slice per task try and runs the body in a container there.
 
@@ -152,7 +169,9 @@ class MigTaskRunner(ThreadPoolTaskRunner):
         cluster: a `MigCluster` block (Redis URL, namespace and defaults); else the settings.
         lease_ttl_s: lease TTL, renewed every third of it.
         wait_timeout_s: how long a try may wait for a slice (None: ``PREFECT_MIG_WAIT_TIMEOUT_S``,
-            default an hour); the error then says why it waited.
+            default an hour; 0: do not wait, fail at once when no slice is free); the error then
+            says why it waited. Priority, tenant, lease_ttl_s, wait_timeout_s and max_workers are
+            checked at construction, with or without a profile (`ConfigError` naming the field).
         max_workers: thread-pool size, as for `ThreadPoolTaskRunner`.
         container_options: loosen the task container's confinement for a body that needs it:
             ``read_only_root``, ``tmp_size``, ``no_new_privileges``, ``cap_add``, ``pids_limit``,
@@ -198,6 +217,7 @@ class MigTaskRunner(ThreadPoolTaskRunner):
         keep_warm_s: float = 0,
         share_warm: str | None = None,
     ) -> None:
+        _check_wait_and_workers(wait_timeout_s, max_workers)
         super().__init__(max_workers=max_workers)
         self.profile = profile
         self.priority = priority
@@ -218,8 +238,10 @@ class MigTaskRunner(ThreadPoolTaskRunner):
         self._launchers: dict[str | None, DockerLauncher] = {}  # runtime state: one per Docker engine
         self._flow_cancelled = threading.Event()  # runtime state: cancel_all meant a cancellation
         self._exiting_normally = False
+        # validates priority, tenant and lease_ttl_s early, with or without a profile (a flow-level
+        # runner's tasks name theirs in tags); 1g.10gb only stands in for a missing one here
+        self.request_for(profile or "1g.10gb", priority or 0, tenant or "default")
         if profile is not None:
-            self.request_for(profile, priority or 0, tenant or "default")  # validates early
             check_known(profile)  # against the catalog: a typo fails here, not at the first run
 
     # configuration only, as RayTaskRunner does
@@ -284,10 +306,12 @@ class MigTaskRunner(ThreadPoolTaskRunner):
             )
         except ValidationError as exc:
             first = exc.errors()[0]
+            # the runner's argument for the request's ttl_s is lease_ttl_s
+            loc = ["lease_ttl_s" if x == "ttl_s" else str(x) for x in first["loc"]]
             raise ConfigError(
-                f"MigTaskRunner {'.'.join(map(str, first['loc']))}={first.get('input')!r}: "
+                f"MigTaskRunner {'.'.join(loc)}={first.get('input')!r}: "
                 f"{first['msg'].removeprefix('Value error, ')}",
-                field=str(first["loc"][0]) if first["loc"] else None,
+                field=loc[0] if loc else None,
                 value=first.get("input"),
             ) from exc
 
