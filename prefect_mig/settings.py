@@ -14,7 +14,7 @@ This is the one place that reads the environment; everything else receives a `Se
 | ``PREFECT_MIG_BACKEND`` | ``nvml`` (real GPUs), ``simulated`` or ``auto`` (nvml when a driver answers) |
 | ``PREFECT_MIG_SIMULATED_FLEET`` | the simulated hardware, e.g. ``node-a=2xH100-80GB,node-b=1xA30-24GB`` |
 | ``PREFECT_MIG_NODE`` | this host's node name (with the simulated backend: which fleet node it is) |
-| ``PREFECT_MIG_STATE_DIR`` | where state lives: embedded Redis data, the simulated NVML's state file |
+| ``PREFECT_MIG_STATE_DIR`` | directory where state lives (embedded Redis data, the simulated NVML's state file); relative = from the working directory |
 | ``PREFECT_MIG_DOCKER_HOST`` | Docker engine URL for task containers; unset = ``DOCKER_HOST`` or the local socket |
 | ``PREFECT_MIG_DOCKER_TLS_CA_FILE`` / ``..._CERT_FILE`` / ``..._KEY_FILE`` | client certificates for ``tcp://`` engines started with ``--tlsverify`` |
 | ``PREFECT_MIG_API_TOKEN`` | admin bearer token of the HTTP lease API (``prefect-mig api serve``) |
@@ -170,6 +170,19 @@ class Settings(BaseSettings):
         if value is not None and not re.match(r"^(redis|rediss|unix|rediss?\+sentinel)://", value):
             raise ValueError("must start with redis://, rediss://, unix://, redis+sentinel:// or rediss+sentinel://")
         return value
+
+    @field_validator("state_dir", mode="before")
+    @classmethod
+    def _state_dir_is_a_directory(cls, value):
+        # absolute, because the embedded redis-server reads the paths in its config from elsewhere
+        if isinstance(value, str | os.PathLike) and not str(value).strip():
+            raise ValueError("must be a directory (absolute, or relative to the working directory), not empty")
+        path = Path(value).expanduser().absolute() if isinstance(value, str | os.PathLike) else value
+        if isinstance(path, Path):
+            existing = next(p for p in (path, *path.parents) if p.exists())
+            if not existing.is_dir():
+                raise ValueError(f"{existing} exists and is not a directory: name a directory (it is created if missing)")
+        return path
 
     @field_validator("simulated_fleet")
     @classmethod

@@ -368,6 +368,28 @@ def test_api_serve_speaks_https_with_certfile_and_keyfile(redis_server, namespac
         server.wait(30)
 
 
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["--port", "70000"], "--port=70000: must be 1 to 65535"),
+        (["--port", "0"], "--port=0: must be 1 to 65535"),
+        (["--certfile", "{missing}", "--keyfile", "{key}"], "--certfile={missing!r}: cannot be read"),
+        (["--certfile", "{key}", "--keyfile", "{missing}"], "--keyfile={missing!r}: cannot be read"),
+    ],
+)
+def test_api_serve_refuses_a_bad_port_or_certificate_file_naming_the_option(redis_server, namespace, tmp_path, args, named):
+    paths = {"missing": str(tmp_path / "nonexist.pem"), "key": str(tmp_path / "key.pem")}
+    (tmp_path / "key.pem").write_text("not checked before the missing one\n")
+    env = {**os.environ, "PREFECT_MIG_REDIS_URL": redis_server.url, "PREFECT_MIG_NAMESPACE": namespace,
+           "PREFECT_MIG_API_TOKEN": ADMIN_TOKEN}
+    done = subprocess.run(
+        [sys.executable, "-m", "prefect_mig.cli.main", "api", "serve", *[a.format(**paths) for a in args]],
+        env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert named.format(**paths) in " ".join(done.stderr.split())
+
+
 def test_an_api_started_before_an_agent_published_its_nvml_built_model_leases_on_that_model(redis_server, redis_client, namespace):
     """A node agent that comes up after `api serve` publishes a GPU model built from NVML: a request
     naming it is checked against the published model, not refused as unknown (422)."""

@@ -93,6 +93,17 @@ def test_an_error_quoting_brackets_is_printed_as_it_is_not_read_as_markup(tmp_pa
     assert done.returncode == 2 and "Traceback" not in done.stderr and "'H100[/x]'" in done.stderr
 
 
+@pytest.mark.parametrize("state_dir", ["", "/etc/passwd"])
+def test_a_state_dir_that_cannot_be_a_directory_exits_2_without_a_traceback(tmp_path, state_dir):
+    env = {**os.environ, "PREFECT_MIG_BACKEND": "simulated", "PREFECT_MIG_STATE_DIR": state_dir}
+    env.pop("PREFECT_MIG_REDIS_URL", None)
+    done = subprocess.run([sys.executable, "-m", "prefect_mig.cli.main", "gpus"], capture_output=True, text=True,
+                          env=env, cwd=tmp_path, timeout=60)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "PREFECT_MIG_STATE_DIR" in done.stderr and repr(state_dir) in done.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing left behind in the working directory
+
+
 def test_version_json_names_prefect_mig_and_its_libraries():
     data = json.loads(prefect_mig("version", "--json").stdout)
     assert {"prefect-mig", "prefect", "nvidia-ml-py"} <= set(data)

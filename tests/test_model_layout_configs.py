@@ -79,3 +79,12 @@ def test_applying_a_config_keeps_busy_slices_and_leaves_out_what_overlaps_them()
     assert left_out == [Placement(profile="7g.80gb", start=0)]
     layout, kept, _ = keep_busy(h100, pack(h100, {"1g.10gb": 7}), busy)
     assert layout.profile_counts() == {"1g.10gb": 7} and kept == []
+
+
+def test_a_layouts_file_that_is_not_utf8_text_fails_naming_the_file(tmp_path):
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\x00\xff\xfe")
+    with pytest.raises(ConfigError) as caught:
+        LayoutConfigs.load(binary)
+    assert f"layouts file {binary}:" in str(caught.value) and "UTF-8" in str(caught.value)
+    assert caught.value.field == "layouts_file"

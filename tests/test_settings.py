@@ -42,6 +42,9 @@ def test_defaults_use_an_embedded_redis_and_pick_the_backend_automatically(monke
         ("NAMESPACE", "a b", "pattern"),
         ("SIMULATED_FLEET", "node-a=1xH999", "unknown GPU model 'H999'"),
         ("WAIT_TTL_S", "0", "greater than 0"),
+        ("STATE_DIR", "", "a directory"),
+        ("STATE_DIR", "/etc/passwd", "not a directory"),
+        ("STATE_DIR", "/etc/passwd/state", "/etc/passwd exists and is not a directory"),
     ],
 )
 def test_a_bad_variable_is_named_with_its_value_and_what_is_allowed(monkeypatch, variable, value, complaint):
@@ -85,3 +88,12 @@ def test_the_wait_ttl_setting_reaches_the_clients_built_from_settings(monkeypatc
     assert LeaseClient.from_settings().allocator.wait_ttl_ms == 15_000
     monkeypatch.setenv("PREFECT_MIG_WAIT_TTL_S", "40")
     assert LeaseClient.from_settings().allocator.wait_ttl_ms == 40_000
+
+
+def test_a_relative_state_dir_is_made_absolute_against_the_working_directory(monkeypatch, tmp_path):
+    # the embedded redis-server runs elsewhere: a relative path in its config would point nowhere
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PREFECT_MIG_STATE_DIR", "relstate")
+    s = load_settings()
+    assert s.state_dir == tmp_path / "relstate" and s.state_dir.is_absolute()
+    assert not (tmp_path / "relstate").exists()  # reading the settings creates nothing

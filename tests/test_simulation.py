@@ -56,6 +56,25 @@ def test_a_trace_without_the_columns_is_refused_by_name(tmp_path):
         load_trace(tmp_path / "missing.csv")
 
 
+@pytest.mark.parametrize(
+    ("row", "column", "value", "allowed"),
+    [
+        ("p1,1000,1024,one,500,,LS,Running,10,100,20", "num_gpu", "one", "a whole number"),
+        ("p1,1000,1024,1,500,,LS,Running,abc,100,20", "creation_time", "abc", "a number"),
+        ("p1,1000,1024,1,500,,LS,Running,10,later,20", "deletion_time", "later", "a number"),
+        ("p1,1000,1024,1,-500,,LS,Running,10,100,20", "gpu_milli", "-500", "1 to 1000"),
+        ("p1,1000,1024,-1,500,,LS,Running,10,100,20", "num_gpu", "-1", "0 or more"),
+    ],
+)
+def test_a_bad_value_in_a_trace_is_refused_naming_the_file_line_column_and_what_is_allowed(tmp_path, row, column, value, allowed):
+    trace = tmp_path / "pods.csv"
+    trace.write_text(HEADER + "p0,1000,1024,1,500,,LS,Running,5,100,5\n" + row + "\n")
+    with pytest.raises(ConfigError) as refused:
+        load_trace(trace)
+    message = str(refused.value)
+    assert f"{trace}:3:" in message and f"{column}={value!r}" in message and allowed in message
+
+
 def test_policies_by_name_and_bad_names_list_what_is_allowed():
     assert parse_policy("static:3g.40gb@0+3g.40gb@4", "H100-80GB").layout_for(5) == "3g.40gb@0 + 3g.40gb@4"
     with pytest.raises(ConfigError, match="whole-gpu, dynamic, dynamic:mix, static:smallest"):
@@ -158,6 +177,23 @@ def test_the_simulate_command_writes_json_and_png(tmp_path):
     assert mixed.exit_code == 2 and "mixes GPU models (A30-24GB, H100-80GB)" in " ".join(mixed.output.split())
     negative = CliRunner().invoke(app, ["simulate", "--synthetic", "5", "--reconfig-cost", "-1", "--out", str(out)])
     assert negative.exit_code == 2 and "--reconfig-cost: -1.0 must be 0 seconds or more" in negative.output
+
+
+@pytest.mark.parametrize("under", ["", "sub"])
+def test_simulate_refuses_an_out_that_cannot_be_a_folder_before_it_simulates(tmp_path, under):
+    from typer.testing import CliRunner
+
+    from prefect_mig.cli.main import app
+
+    a_file = tmp_path / "taken"
+    a_file.write_text("mine\n")
+    out = a_file / under if under else a_file
+    # --policy nope fails only once the run starts: the --out error coming first shows it is checked up front
+    result = CliRunner().invoke(app, ["simulate", "--synthetic", "5", "--policy", "nope", "--out", str(out)])
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
+    message = " ".join(result.output.split())
+    assert f"--out={str(out)!r}" in message and f"{a_file} is a file" in message
+    assert a_file.read_text() == "mine\n"
 
 
 def test_a_policy_that_rejects_jobs_is_not_a_baseline(redis_server, tmp_path):

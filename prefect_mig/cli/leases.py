@@ -6,6 +6,7 @@ first use, stopped by ``prefect-mig redis stop``).
 
 from __future__ import annotations
 
+import os
 import threading
 from typing import Annotated
 
@@ -297,6 +298,12 @@ def api_serve(
             )
         if (certfile is None) != (keyfile is None):
             raise ConfigError("--certfile and --keyfile go together (HTTPS needs both).", field="certfile")
+        if not 0 < port < 65536:
+            raise ConfigError(f"--port={port}: must be 1 to 65535.", field="port", value=port)
+        for option, path in (("certfile", certfile), ("keyfile", keyfile)):
+            if path is not None and not (os.path.isfile(path) and os.access(path, os.R_OK)):
+                raise ConfigError(f"--{option}={path!r}: cannot be read; name an existing PEM file you can read.",
+                                  field=option, value=path)
         app = create_app(
             _allocator(),
             token=settings.api_token.get_secret_value(),

@@ -60,6 +60,7 @@ def simulate(
             raise ConfigError(f"--max-duration: {max_duration!r} must be above 0 seconds.")
         if reconfig_cost < 0:
             raise ConfigError(f"--reconfig-cost: {reconfig_cost!r} must be 0 seconds or more.")
+        _check_out(out)
         knobs = Knobs(profiles=profile_set(profiles, field="--profiles"))
         from prefect_mig.model import FleetSpec
 
@@ -107,9 +108,13 @@ def simulate(
                 start_day=start_day,
             ),
         )
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "simulation.json").write_text(json.dumps(doc, indent=2))
-        plot(results, out / "simulation.png", title=f"{source} on {spec}")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "simulation.json").write_text(json.dumps(doc, indent=2))
+            plot(results, out / "simulation.png", title=f"{source} on {spec}")
+        except OSError as exc:  # what the up-front check cannot see (e.g. a read-only file system)
+            raise ConfigError(f"--out={str(out)!r}: cannot write there ({exc.strerror}); name a folder you can write to.",
+                              field="out", value=str(out)) from exc
     if as_json:
         print_json(doc)
         return
@@ -143,3 +148,16 @@ def simulate(
         f"dynamic / sharing: {doc['jct_ratio_vs_sharing']}   makespan / lower bound: {doc['makespan_vs_lower_bound']}"
     )
     console.print(f"wrote {out / 'simulation.json'} and {out / 'simulation.png'}")
+
+
+def _check_out(out: Path) -> None:
+    """Refuse an --out that cannot be a writable folder, before a run that may take minutes."""
+    import os
+
+    existing = next(p for p in (out, *out.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"--out={str(out)!r}: {existing} is a file; name a folder that exists or can be created.",
+                          field="out", value=str(out))
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out={str(out)!r}: {existing} is not writable; name a folder you can write to.",
+                          field="out", value=str(out))

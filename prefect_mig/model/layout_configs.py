@@ -86,6 +86,9 @@ class LayoutConfigs:
             text = Path(path).read_text()
         except OSError as exc:
             raise ConfigError(f"layouts file {path}: cannot be read ({exc.strerror}).", field="layouts_file", value=str(path)) from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"layouts file {path}: not UTF-8 text (byte {exc.start}); it must be a YAML file.",
+                              field="layouts_file", value=str(path)) from exc
         return cls.parse(text, source=str(path))
 
     @classmethod

@@ -159,7 +159,8 @@ def load_trace(
     `max_duration_s` when given.
 
     Raises:
-        ConfigError: the file is missing or lacks a column (names the file and the columns).
+        ConfigError: the file is missing or lacks a column (names the file and the columns), or a
+            value is not what its column holds (names the file, line, column and value).
     """
     path = Path(path)
     if not path.is_file():
@@ -172,22 +173,22 @@ def load_trace(
                 f"trace: {str(path)!r} lacks the column(s) {', '.join(missing)}; "
                 f"an Alibaba 2023 pod list has {', '.join(TRACE_COLUMNS)} (and more)."
             )
-        rows = [r for r in reader if int(r["num_gpu"] or 0) > 0 and r["scheduled_time"] and r["deletion_time"]]
-    rows.sort(key=lambda r: (float(r["creation_time"]), r["name"]))
-    rows = [r for r in rows if float(r["creation_time"]) >= start_s][:jobs]
+        rows = [row for row in (_pod(r, f"{path}:{reader.line_num}") for r in reader) if row is not None]
+    rows.sort(key=lambda r: (r["creation_time"], r["name"]))
+    rows = [r for r in rows if r["creation_time"] >= start_s][:jobs]
     if not rows:
         return []
-    t0 = float(rows[0]["creation_time"])
+    t0 = rows[0]["creation_time"]
     out = []
     for r in rows:
-        duration = max(1.0, float(r["deletion_time"]) - float(r["scheduled_time"]))
+        duration = max(1.0, r["deletion_time"] - r["scheduled_time"])
         if max_duration_s is not None:
             duration = min(duration, max_duration_s)
-        parts = need_of(num_gpu=int(r["num_gpu"]), gpu_milli=int(r["gpu_milli"] or 1000), mapping=mapping, gpu_model=gpu_model)
+        parts = need_of(num_gpu=r["num_gpu"], gpu_milli=r["gpu_milli"], mapping=mapping, gpu_model=gpu_model)
         out.append(
             Job(
                 name=r["name"],
-                arrival_s=float(r["creation_time"]) - t0,
+                arrival_s=r["creation_time"] - t0,
                 duration_s=duration,
                 parts=tuple(parts),
                 priority=PRIORITY_BY_QOS.get(r["qos"], 0),
@@ -195,6 +196,45 @@ def load_trace(
             )
         )
     return out
+
+
+def _pod(row: dict, where: str) -> dict | None:
+    """The trace row's values, typed; None for a pod the simulator skips (no GPU, never scheduled).
+
+    Raises:
+        ConfigError: a value is not what its column holds (names the file, line, column and value).
+    """
+
+    def bad(column: str, allowed: str) -> ConfigError:
+        return ConfigError(f"trace: {where}: {column}={row[column]!r}: must be {allowed}.", field=column, value=row[column])
+
+    def number(column: str) -> float:
+        try:
+            value = float(row[column])
+        except (TypeError, ValueError):
+            value = math.nan
+        if not math.isfinite(value):
+            raise bad(column, "a number (seconds)")
+        return value
+
+    try:
+        num_gpu = int(row["num_gpu"] or 0)
+    except ValueError:
+        raise bad("num_gpu", "a whole number, 0 or more") from None
+    if num_gpu < 0:
+        raise bad("num_gpu", "a whole number, 0 or more")
+    if num_gpu == 0 or not row["scheduled_time"] or not row["deletion_time"]:
+        return None
+    try:
+        gpu_milli = int(row["gpu_milli"] or 1000)
+    except ValueError:
+        gpu_milli = 0
+    if not 0 < gpu_milli <= 1000:
+        raise bad("gpu_milli", "a whole number from 1 to 1000 (thousandths of a GPU; empty = 1000)")
+    return {
+        "name": row["name"], "qos": row["qos"], "num_gpu": num_gpu, "gpu_milli": gpu_milli,
+        **{c: number(c) for c in ("creation_time", "scheduled_time", "deletion_time")},
+    }
 
 
 def synthetic(
