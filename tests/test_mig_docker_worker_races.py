@@ -105,3 +105,29 @@ def test_a_flow_run_cancelled_as_its_wait_is_granted_ends_cancelled_without_runn
         after = states[[t for t, _ in states].index("CANCELLING"):]
         assert [t for t, _ in after] == ["CANCELLING", "CANCELLED"], f"the cancel was overridden: {states}"
         assert alloc.status()["leases"] == [] and alloc.status()["queue"] == []
+
+
+def test_a_final_state_put_back_after_the_workers_running_message_keeps_its_result(prefect_api):
+    """The worker names the slice in a Running state once the run's engine set Running; should the
+    run end between its read and that write, it puts the final state back. Put back through
+    `set_flow_run_state`, a Completed state read from the API lost its result (Prefect sends a
+    state's data only if it is this process's result record), and the caller of an ``@mig`` flow
+    got MissingResult (seen once in a loaded full-suite run)."""
+    from prefect.states import Running
+
+    @flow(persist_result=True)
+    def answers() -> int:
+        return 42
+
+    flow_run_id = answers(return_state=True).state_details.flow_run_id
+
+    async def end_overwritten_then_put_back():
+        async with get_client() as client:
+            final = (await client.read_flow_run(flow_run_id)).state
+            await client.set_flow_run_state(flow_run_id, Running(message="running on a slice"), force=True)
+            async with MigDockerWorker(work_pool_name="put-back") as worker:
+                await worker._put_back(flow_run_id, final)
+            again = (await client.read_flow_run(flow_run_id)).state
+            return again.type.value, await again.aresult()
+
+    assert asyncio.run(end_overwritten_then_put_back()) == ("COMPLETED", 42)

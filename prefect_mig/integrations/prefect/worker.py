@@ -536,9 +536,24 @@ class MigDockerWorker(BaseWorker):
                 before = [st for st in history if ours is not None and st.timestamp < ours.timestamp and st.id != ours.id]
                 latest = (await self.client.read_flow_run(flow_run_id)).state
                 if before and before[-1].type in _FINAL and latest is not None and latest.id == getattr(ours, "id", None):
-                    await self.client.set_flow_run_state(flow_run_id, before[-1].fresh_copy(), force=True)
+                    await self._put_back(flow_run_id, before[-1])
                 return
             await anyio.sleep(0.5)
+
+    async def _put_back(self, flow_run_id, final) -> None:
+        """Set `final` (a final state read from the API) again, with its result. Prefect's
+        `set_flow_run_state` drops a state's data unless it is a result record of this process, and
+        a Completed state without it fails the caller's ``.result()`` with MissingResult."""
+        from uuid import uuid4
+
+        from prefect.client.schemas.actions import StateCreate
+
+        details = final.state_details.model_copy(update={"flow_run_id": flow_run_id, "transition_id": uuid4()})
+        again = StateCreate(type=final.type, name=final.name, message=final.message, data=final.data, state_details=details)
+        await self.client.request(
+            "POST", "/flow_runs/{id}/set_state", path_params={"id": flow_run_id},
+            json={"state": again.model_dump(mode="json", serialize_as_any=True), "force": True},
+        )
 
     async def _watch_cancel(self, flow_run_id, cancelled: threading.Event) -> None:
         """Set `cancelled` when the flow run is cancelled (from the UI or the API)."""
