@@ -124,6 +124,7 @@ class Settings(BaseSettings):
     wait_timeout_s: float = Field(
         default=3600.0,
         gt=0,
+        le=30 * 86_400.0,  # the allocator's longest wait (allocator.MAX_WAIT_S)
         description="Seconds a task may wait for a slice when MigTaskRunner(wait_timeout_s=...) is not given.",
     )
     wait_ttl_s: float = Field(

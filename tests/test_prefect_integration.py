@@ -146,8 +146,10 @@ def test_an_unknown_or_unoffered_profile_fails_clearly_and_leaves_nothing(cluste
         ({"priority": -1}, "priority", "0"),
         ({"tenant": "a b"}, "tenant", "pattern"),
         ({"lease_ttl_s": 0}, "lease_ttl_s", "1"),
-        ({"wait_timeout_s": -1}, "wait_timeout_s", ">= 0"),
-        ({"wait_timeout_s": float("nan")}, "wait_timeout_s", ">= 0"),
+        ({"wait_timeout_s": -1}, "wait_timeout_s", "from 0"),
+        ({"wait_timeout_s": float("nan")}, "wait_timeout_s", "from 0"),
+        ({"wait_timeout_s": 10**9}, "wait_timeout_s", "30 days"),  # was accepted, then refused at each try
+        ({"wait_timeout_s": "5"}, "wait_timeout_s", "number"),
         ({"max_workers": 0}, "max_workers", ">= 1"),
     ],
 )

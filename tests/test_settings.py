@@ -42,6 +42,7 @@ def test_defaults_use_an_embedded_redis_and_pick_the_backend_automatically(monke
         ("NAMESPACE", "a b", "pattern"),
         ("SIMULATED_FLEET", "node-a=1xH999", "unknown GPU model 'H999'"),
         ("WAIT_TTL_S", "0", "greater than 0"),
+        ("WAIT_TIMEOUT_S", "1e9", "less than or equal to 2592000"),  # was accepted, then refused at each try
         ("STATE_DIR", "", "a directory"),
         ("STATE_DIR", "/etc/passwd", "not a directory"),
         ("STATE_DIR", "/etc/passwd/state", "/etc/passwd exists and is not a directory"),

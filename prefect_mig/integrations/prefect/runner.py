@@ -42,7 +42,6 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-import math
 import threading
 import time
 from collections.abc import Iterable
@@ -55,6 +54,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.engine import emit_task_run_state_change_event
 
 from prefect_mig.allocator import Allocator, Lease, LeaseInfo, SliceRequest, health
+from prefect_mig.allocator.allocator import check_wait
 from prefect_mig.allocator.connection import client_for_url, url_options
 from prefect_mig.allocator.embedded import redis_url
 from prefect_mig.errors import (
@@ -142,11 +142,12 @@ def _check_wait_and_workers(wait_timeout_s: Any, max_workers: Any) -> None:
     """`wait_timeout_s`: None (the setting) or seconds >= 0 (0: do not wait, fail at once when no
     slice is free); `max_workers`: None or an integer >= 1."""
     number = isinstance(wait_timeout_s, (int, float)) and not isinstance(wait_timeout_s, bool)
-    if wait_timeout_s is not None and not (number and math.isfinite(wait_timeout_s) and wait_timeout_s >= 0):
+    if wait_timeout_s is not None and not number:
         raise ConfigError(
-            f"MigTaskRunner wait_timeout_s={wait_timeout_s!r}: give seconds >= 0 (0: do not wait), or leave it "
-            "unset for PREFECT_MIG_WAIT_TIMEOUT_S.", field="wait_timeout_s", value=wait_timeout_s,
+            f"MigTaskRunner wait_timeout_s={wait_timeout_s!r}: give a number of seconds from 0 (do not wait), or "
+            "leave it unset for PREFECT_MIG_WAIT_TIMEOUT_S.", field="wait_timeout_s", value=wait_timeout_s,
         )
+    check_wait(wait_timeout_s, field="wait_timeout_s")  # the range the allocator holds each try to
     if max_workers is not None and (isinstance(max_workers, bool) or not isinstance(max_workers, int) or max_workers < 1):
         raise ConfigError(
             f"MigTaskRunner max_workers={max_workers!r}: give an integer >= 1, or leave it unset.",
