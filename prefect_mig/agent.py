@@ -70,7 +70,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from prefect_mig.allocator import Allocator, SliceRecord
-from prefect_mig.allocator.models import decode, slice_record
+from prefect_mig.allocator.models import slice_record
 from prefect_mig.gpu import GpuBackend
 from prefect_mig.known_cluster_ids import KnownClusterIds
 from prefect_mig.state_dir import private_dir, write_private
@@ -182,10 +182,7 @@ class NodeAgent:
         A slice is busy when NVML shows processes on it or a running task container in this
         namespace on this node carries its MIG UUID in its labels, whatever its cluster id (so it
         stays out of service after Redis lost the lease, until that container ends)."""
-        known = {}
-        raw = self.allocator.redis.hgetall(self.allocator.keys.gpus)
-        for uuid, body in raw.items():
-            known[decode(uuid)] = json.loads(decode(body))
+        known = {g["uuid"]: g for g in self.allocator.gpus()}
         gpus, slices = [], []
         labelled: set[str] | None = None
         for gpu in self.backend.gpus():
@@ -278,12 +275,11 @@ class NodeAgent:
     def _in_use(self, index: int, instances) -> list[str]:
         """Those of the GPU's `instances` that are leased or quarantined in Redis, have processes,
         or carry a running task container."""
-        ids = [m.mig_uuid for m in instances if m.mig_uuid]
-        states = dict(zip(ids, self.allocator.redis.hmget(self.allocator.keys.slice_state, ids))) if ids else {}
+        states = self.allocator.slice_states([m.mig_uuid for m in instances if m.mig_uuid])
         running, labelled = self.backend.processes(index), self._labelled_busy()
         return [
             str(m) for m in instances if m.mig_uuid and (
-                decode(states[m.mig_uuid] or b"").startswith(("leased", "quarantined"))
+                states[m.mig_uuid].startswith(("leased", "quarantined"))
                 or running.get(m.mig_uuid) or m.mig_uuid in labelled
             )
         ]

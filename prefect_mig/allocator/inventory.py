@@ -157,6 +157,15 @@ class Inventory:
             raw = self.redis.hgetall(self.keys.gpus)
         return sorted((json.loads(decode(v)) for v in raw.values()), key=lambda g: (g.get("node", ""), g.get("index", 0)))
 
+    def slice_states(self, slice_ids: Sequence[str]) -> dict[str, str]:
+        """Each slice's allocator state (``free``, ``leased:<id>``, ``quarantined...``; ``""`` for
+        one Redis does not know)."""
+        if not slice_ids:
+            return {}
+        with redis_errors("read slice states"):
+            states = self.redis.hmget(self.keys.slice_state, list(slice_ids))
+        return {sid: decode(state or b"") for sid, state in zip(slice_ids, states)}
+
     def node_docker_url(self, node: str) -> str | None:
         """The Docker engine URL the node's agent published (None: the local engine)."""
         with redis_errors("read a node"):
