@@ -244,6 +244,7 @@ def test_status_watch_draws_each_gpu_with_its_holders_and_the_queue(redis_server
     assert "node-a GPU 0" in out and "[##][##]" in out
     assert "2g.12gb@0: team-a/job-1" in out and "2g.12gb@2: team-b/job-2" in out
     assert "1 waiting request(s)" in out and "75-100" in out
+    assert out.count("node-a GPU 0") == 3  # not a terminal: each view printed whole as it comes (first + 2)
     as_json = subprocess.run([sys.executable, "-m", "prefect_mig.cli.main", "status", "--watch", "--json"],
                              capture_output=True, text=True, env=env, timeout=120)
     assert json.loads(as_json.stdout)["queue"][0]["priority"] == 80  # --json stays one-shot

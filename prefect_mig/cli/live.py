@@ -77,6 +77,14 @@ def watch(snapshot, *, interval_s: float, refreshes: int | None = None, console=
     from rich.live import Live
 
     done = 0
+    if console is not None and not console.is_terminal:
+        # a pipe or a file: Live draws nothing there until it stops, so print each view whole
+        console.print(view(snapshot()))
+        while refreshes is None or done < refreshes:
+            time.sleep(interval_s)
+            console.print(view(snapshot()))
+            done += 1
+        return
     with Live(view(snapshot()), console=console, refresh_per_second=4, transient=False) as live:
         while refreshes is None or done < refreshes:
             time.sleep(interval_s)
