@@ -82,6 +82,9 @@ def test_up_starts_a_supervised_agent_carved_to_the_default_and_down_stops_every
     assert down.returncode == 0 and "stopped the background agent" in down.stdout and "redis-server" in down.stdout
     assert not _alive(supervisor) and not any(_alive(c) for c in _children(supervisor) + children)
     assert redis_servers_of(state) == []
+    after = _cli("status", env=fresh_env)  # a look after `down` starts nothing again
+    assert after.returncode == 1 and "the local cluster is not running" in after.stderr and "prefect-mig up" in after.stderr
+    assert redis_servers_of(state) == []
 
 
 def test_many_threads_asking_for_the_local_cluster_at_once_start_one_supervisor(fresh_env, monkeypatch):

@@ -186,6 +186,11 @@ def stop_embedded_redis(state_dir: Path) -> bool:
     return stopped
 
 
+def running_embedded_url(state_dir: Path) -> str | None:
+    """The embedded redis-server's URL if it runs and answers, else None; starts nothing."""
+    return _live_url(embedded_dir(state_dir) / "url")
+
+
 def redis_url(settings) -> str:
     """The configured Redis URL, or the embedded server's."""
     return settings.redis_url or ensure_embedded_redis(settings.state_dir)

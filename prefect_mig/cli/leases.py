@@ -17,8 +17,8 @@ from rich.table import Table
 from prefect_mig.allocator import Allocator, SliceRequest, health
 from prefect_mig.allocator.allocator import check_ttl, check_wait
 from prefect_mig.allocator.connection import connect
-from prefect_mig.allocator.embedded import stop_embedded_redis
-from prefect_mig.cli.output import cli_errors, console, errors, print_json
+from prefect_mig.allocator.embedded import running_embedded_url, stop_embedded_redis
+from prefect_mig.cli.output import cli_errors, console, errors, print_error, print_json
 from prefect_mig.errors import ConfigError, PrefectMigError
 from prefect_mig.gpu.host import require_host_pid_namespace
 from prefect_mig.repartition.planner import Knobs, profile_set
@@ -151,6 +151,14 @@ def status(
 ) -> None:
     """Slices and their state, live leases, the wait queue, and each node agent's heartbeat age."""
     with cli_errors():
+        settings = load_settings()
+        if settings.redis_url is None and running_embedded_url(settings.state_dir) is None:
+            print_error(  # a look must not start what `down` stopped
+                f"the local cluster is not running: no embedded redis-server answers for state dir "
+                f"{settings.state_dir} (`prefect-mig down` stopped it, or nothing started it yet). "
+                "`prefect-mig up` starts it, as does a flow's first MIG task; `status` starts nothing."
+            )
+            raise typer.Exit(1)
         allocator = _allocator()
         if watch and not as_json:
             from prefect_mig.cli.live import watch as live_watch
