@@ -507,4 +507,46 @@ def test_a_queued_request_pinned_to_a_node_nobody_published_is_no_demand(alloc):
     alloc.try_acquire(SliceRequest(profile="2g.20gb", node="node-a"), wait=True)
     alloc.publish_fleet("node-a=1xH100-80GB", layouts={"node-a": [H100_MIXED]})
     assert [r["node"] for r in alloc.status()["queue"]] == ["no-such-node", "node-a"]
-    assert demand_of(alloc.status(), []) == {"H100-80GB/2g.20gb": [1.0]}
+    assert demand_of(alloc.status(), []) == {"node-a|H100-80GB/2g.20gb": [1.0]}
+
+
+def test_a_request_pinned_to_a_node_gets_its_slice_carved_on_that_node_not_on_another(alloc):
+    """Demand was per kind of slice only: a request pinned to one node could get another node's
+    GPU re-carved for it, where it cannot run, while its own node's GPU was left as it was."""
+    from prefect_mig.allocator import SliceRequest
+    from prefect_mig.repartition.service import plan_from_allocator
+
+    alloc.publish_fleet("node-a=1xH100-80GB,node-b=1xH100-80GB", layouts={"node-a": ["7g.80gb@0"], "node-b": ["7g.80gb@0"]})
+    gpu_of = {g["node"]: g["uuid"] for g in alloc.gpus()}
+    last = max(gpu_of, key=gpu_of.get)  # the one planned last when both serve the same (ties go by uuid)
+    alloc.queue_uncarved = True
+    alloc.try_acquire(SliceRequest(profile="1g.10gb", node=last), wait=True)
+    plans = {p.node: p for p in plan_from_allocator(alloc, knobs=Knobs(idle_window_s=0))}
+    assert plans[last].kind == "incremental" and "1g.10gb" in str(plans[last].target)
+    (other,) = set(plans) - {last}
+    assert plans[other].kind == "none"
+
+
+def test_pinned_demand_is_served_once_by_its_node_and_shared_demand_by_the_best_gpu():
+    seven = Layout.parse("H100-80GB", "7g.80gb@0")
+    gpus = [GpuState(gpu_uuid=f"g-{n}", layout=seven, node=n) for n in ("a", "b", "c")]
+    demand = {"H100-80GB/3g.40gb": 2.0, "b|H100-80GB/3g.40gb": 2.0}
+    counts = {p.node: p.target.profile_counts().get("3g.40gb", 0) for p in plan(gpus, demand)}
+    assert counts["b"] == 2 and sum(counts.values()) == 4  # b's two pinned, the two shared elsewhere
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    shared=st.lists(st.floats(0.1, 12), max_size=6), own=st.lists(st.floats(0.1, 12), max_size=6),
+    taken=st.integers(0, 5), n=st.integers(0, 8),
+)
+def test_a_nodes_view_of_demand_is_the_best_units_of_the_shared_and_its_pinned_demand(shared, own, taken, n):
+    from prefect_mig.repartition.planner import Remaining, pinned_key
+
+    remaining = Remaining({"k": shared, pinned_key("a", "k"): own})
+    view = remaining.on("a")
+    view.take("k", taken)
+    left = sorted(shared + own, reverse=True)[taken:]
+    assert view.value("k", n) == pytest.approx(sum(left[:n]))
+    assert remaining.value("k", n) <= view.value("k", n)  # another node sees the shared part only
+    assert remaining.on("b").value("k", n) == remaining.value("k", n)

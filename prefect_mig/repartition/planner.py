@@ -192,17 +192,33 @@ def _fragmentation(layout: Layout) -> int:
     return len(free - usable)
 
 
+#: joins a node and a slice kind in a demand key that only that node's GPUs serve: requests
+#: pinned to a node (``SliceRequest.node``) are ``"<node>|<model>/<profile>"``
+PINNED = "|"
+
+
+def pinned_key(node: str, pkey: str) -> str:
+    """The demand key of a request for `pkey` that only `node` may serve."""
+    return f"{node}{PINNED}{pkey}"
+
+
 class Remaining:
     """Demand not yet served: per slice kind, unit weights best first (prefix sums, an offset).
 
     A float ``d`` is ``d`` units of weight 1 (the fraction as a last, lighter unit); a sequence
     lists each unit's weight (a queued high-priority request weighs more than a recent grant).
+    Keys made by `pinned_key` are demand only the GPUs of that node serve: see `on`.
     """
 
     def __init__(self, demand: Mapping[str, float | Sequence[float]]) -> None:
         self.prefix: dict[str, list[float]] = {}
         self.offset: dict[str, int] = {}
+        by_node: dict[str, dict[str, float | Sequence[float]]] = {}
         for key, value in demand.items():
+            node, pinned, pkey = key.rpartition(PINNED)
+            if pinned:
+                by_node.setdefault(node, {})[pkey] = value
+                continue
             if isinstance(value, (int, float)):
                 whole = int(value)
                 units = [1.0] * whole + ([value - whole] if value - whole > 1e-9 else [])
@@ -211,6 +227,7 @@ class Remaining:
             if units:
                 self.prefix[key] = list(accumulate(units, initial=0.0))
                 self.offset[key] = 0
+        self._pinned = {node: Remaining(own) for node, own in by_node.items()}
 
     def value(self, key: str, n: int) -> float:
         """The weight the best `n` remaining units of `key` add up to."""
@@ -223,6 +240,40 @@ class Remaining:
     def take(self, key: str, n: int) -> None:
         if key in self.prefix:
             self.offset[key] = min(len(self.prefix[key]) - 1, self.offset[key] + n)
+
+    def left(self, key: str) -> int:
+        """How many units of `key` are not taken yet."""
+        return len(self.prefix[key]) - 1 - self.offset[key] if key in self.prefix else 0
+
+    def next_unit(self, key: str) -> float:
+        """The weight of the best unit of `key` not taken yet (0 when none is left)."""
+        return self.value(key, 1)
+
+    def on(self, node: str) -> Remaining | _WithPinned:
+        """The demand a GPU on `node` may serve: everyone's, and what is pinned to `node`."""
+        own = self._pinned.get(node)
+        return self if own is None else _WithPinned(self, own)
+
+
+class _WithPinned:
+    """`Remaining` as one node's GPUs see it: the shared demand merged with the node's pinned
+    demand, best units first; `take` takes from whichever pool holds the better unit."""
+
+    def __init__(self, shared: Remaining, own: Remaining) -> None:
+        self.shared, self.own = shared, own
+
+    def value(self, key: str, n: int) -> float:
+        if n <= 0:
+            return 0.0
+        # both pools are sorted best first: the best n units are a prefix of each
+        return max(self.shared.value(key, n - i) + self.own.value(key, i) for i in range(min(n, self.own.left(key)) + 1))
+
+    def take(self, key: str, n: int) -> None:
+        for _ in range(max(0, n)):
+            shared, own = self.shared.next_unit(key), self.own.next_unit(key)
+            if shared <= 0 and own <= 0:
+                return
+            (self.own if own > shared else self.shared).take(key, 1)
 
 
 @dataclass(frozen=True)
@@ -267,7 +318,7 @@ def _candidate_shapes(model_name: str, profiles) -> tuple[_Shape, ...]:
     return tuple(_shape(layout) for layout in _candidates(model_name, profiles))
 
 
-def _served_shape(shape: _Shape, remaining: Remaining, busy: frozenset[tuple[str, int]]) -> float:
+def _served_shape(shape: _Shape, remaining: Remaining | _WithPinned, busy: frozenset[tuple[str, int]]) -> float:
     taken: dict[str, int] = {}
     for profile, start in busy:
         if (profile, start) in shape.instances:
@@ -278,7 +329,7 @@ def _served_shape(shape: _Shape, remaining: Remaining, busy: frozenset[tuple[str
     return served
 
 
-def _served(layout: Layout, remaining: Remaining, busy: frozenset[Placement] = frozenset()) -> float:
+def _served(layout: Layout, remaining: Remaining | _WithPinned, busy: frozenset[Placement] = frozenset()) -> float:
     """Demand the layout's *idle* slices serve, in compute slices x weight: a busy slice serves
     nobody new, and a 7g slice serving one request is worth seven 1g slices serving seven, so big
     requests are not starved by many small ones."""
@@ -320,7 +371,7 @@ def _drain_wait(remaining_s: tuple[float, ...]) -> float:
     return max([total, *(m for m in remaining_s if m <= 0)], default=0.0)
 
 
-def plan_gpu(gpu: GpuState, remaining: Remaining, knobs: Knobs = Knobs()) -> GpuPlan:
+def plan_gpu(gpu: GpuState, remaining: Remaining | _WithPinned, knobs: Knobs = Knobs()) -> GpuPlan:
     """The best plan for one GPU against the demand not yet served elsewhere."""
     current = _shape(gpu.layout)
     # a busy slice the layout no longer lists (its GPU instance is gone; the lease ends soon)
@@ -416,10 +467,11 @@ def plan(
     """
     remaining = Remaining(demand)
     states = list(gpus)
-    order = sorted(states, key=lambda g: (-_served(g.layout, remaining, g.busy), g.gpu_uuid))
+    order = sorted(states, key=lambda g: (-_served(g.layout, remaining.on(g.node), g.busy), g.gpu_uuid))
     plans = {}
     for gpu in order:
-        p = plan_gpu(gpu, remaining, knobs)
+        seen = remaining.on(gpu.node)
+        p = plan_gpu(gpu, seen, knobs)
         plans[gpu.gpu_uuid] = p
         shape = _shape(p.target)
         busy = frozenset((b.profile, b.start) for b in gpu.busy)
@@ -427,7 +479,7 @@ def plan(
         for profile, start in busy & shape.instances:
             taken[profile] = taken.get(profile, 0) + 1
         for profile, pkey, n, _ in shape.counts:
-            remaining.take(pkey, n - taken.get(profile, 0))
+            seen.take(pkey, n - taken.get(profile, 0))
     return [plans[g.gpu_uuid] for g in states]
 
 
@@ -444,16 +496,17 @@ class DemandBook:
     profiles: str | tuple[str, ...] = "classic"
     demand: dict[str, list[float]] = field(default_factory=dict)
 
-    def _add(self, pkeys: Iterable[str], weight: float) -> None:
+    def _add(self, pkeys: Iterable[str], weight: float, node: str | None = None) -> None:
         """A request that accepts several kinds (best fit first) counts for the first kind the
-        planner can carve: ``>=16gb`` lists ``1g.20gb`` first, which the classic profiles lack."""
+        planner can carve: ``>=16gb`` lists ``1g.20gb`` first, which the classic profiles lack.
+        One pinned to `node` counts only for that node's GPUs (`pinned_key`)."""
         pkeys = [k for k in pkeys if k]
         if pkeys:
             key = next((k for k in pkeys if carvable(k, self.profiles)), pkeys[0])
-            self.demand.setdefault(key, []).append(weight)
+            self.demand.setdefault(pinned_key(node, key) if node else key, []).append(weight)
 
-    def add_queued(self, pkeys: Iterable[str], priority: int) -> None:
-        self._add(pkeys, 1 + priority / 10)
+    def add_queued(self, pkeys: Iterable[str], priority: int, node: str | None = None) -> None:
+        self._add(pkeys, 1 + priority / 10, node)
 
     def add_history(self, pkeys: Iterable[str] | str, priority: int) -> None:
         self._add([pkeys] if isinstance(pkeys, str) else pkeys, self.history_weight * (1 + priority / 10))

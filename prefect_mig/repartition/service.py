@@ -81,12 +81,12 @@ def demand_of(
     the fleet once). A request counts for the first kind it asked for that `profiles` carve.
 
     A queued request pinned to a node no agent published is no demand (no carve can serve it).
-    One pinned to a published node counts fleet-wide, like any other: demand is per kind of
-    slice, not per node, so the planner may carve for it on another node's GPU."""
+    One pinned to a published node is demand for that node's GPUs only (`planner.pinned_key`):
+    a carve on another node would leave it waiting and the new slice idle."""
     book = DemandBook(profiles=profiles)
     history = len(status["slices"]) if history is None else history
     for r in placeable(status):
-        book.add_queued(r.get("pkeys") or [], int(r.get("priority") or 0))
+        book.add_queued(r.get("pkeys") or [], int(r.get("priority") or 0), node=r.get("node") or None)
     for e in [e for e in events if e.get("type") == "lease.granted"][-history:] if history else []:
         wants = [k for k in (e.get("wants") or "").split(",") if k] or [e.get("pkey", "")]
         book.add_history(wants, int(e.get("priority") or 0))
