@@ -17,7 +17,8 @@ faster (the load on the fleet). Run times capped at 2 h, mapping ``v100`` (a tra
 V100-16GB; one compute slice is worth the fleet model's dense FP16 TFLOPS per slice over the
 V100's; see `prefect_mig.simulation.workload`), multi-GPU pods split into whole-slice parts.
 Fleet: 8x H100-80GB. Layouts use each model's extended profiles (1g.20gb on an H100). Re-carve:
-10 s. The dynamic policies (``dynamic``, ``proportional``) start from the best static mix of the
+10 s. The service plans while nothing waits too, as the live one does (`SimConfig.plan_while_idle`).
+The dynamic policies (``dynamic``, ``proportional``) start from the best static mix of the
 HISTORY pods *before* the window (the past a service that ran before it has seen; the search of
 ``static:searched``), not from an arbitrary layout; ``static:searched`` knows the window itself.
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from prefect_mig.errors import ConfigError
+from prefect_mig.repartition.planner import Knobs
 from prefect_mig.simulation.engine import SimConfig, Simulator, lower_bound
 from prefect_mig.simulation.policies import Policy, parse_policy
 from prefect_mig.simulation.report import compare, ratios
@@ -136,6 +137,27 @@ def test_dynamic_re_carves_for_the_queue_and_beats_a_layout_that_does_not_fit(re
     # two at a time: 10 s re-carve, then two rounds of 600 s
     assert dyn.makespan_s == pytest.approx(30 + 10 + 1200, abs=31)
     assert dyn.makespan_s / dyn.lower_bound_s < 1.25
+
+
+def test_the_service_re_carves_idle_whole_gpus_for_small_requests_before_they_take_whole_gpus(redis_server, tmp_path):
+    """A fleet that starts as whole GPUs (a compute-heavy past) gets small requests while nothing
+    waits. The live service plans between pipeline runs too: after the first small grant it
+    re-carves the idle whole GPU into 1g.20gb slices, so the next small jobs run side by side at
+    once. Planning only while requests wait, the second job took the whole idle GPU and the rest
+    waited for the first two to end (hours)."""
+    jobs = [Job("long", 0, 36_000, ((15.0, 1),))] + [Job(f"s{i}", 600 + 120 * i, 3_600, ((15.0, 1),)) for i in range(4)]
+
+    def run(sub, **config):
+        policy = Policy("dynamic", ("7g.80gb@0",), dynamic=True)
+        return Simulator(redis_server.client(), jobs, SimConfig(fleet="n=2xH100-80GB", policy=policy,
+                         knobs=Knobs(profiles="extended"), **config), state_dir=tmp_path / sub).run()
+
+    idle = run("idle")
+    assert not idle.unfinished and not idle.violations
+    assert [j.wait_s for j in idle.jobs] == [0, 0, 0, 0, 0]
+    assert any("1g.20gb" in layout for layout in idle.layouts_end)
+    waiting_only = run("waiting", plan_while_idle=False)
+    assert max(j.wait_s for j in waiting_only.jobs) >= 3_000
 
 
 def test_compare_on_a_slice_of_the_alibaba_trace(redis_server, tmp_path):

@@ -11,7 +11,11 @@ stream is replayed through the allocator's invariant checker (`SimResult.violati
 Timing model, stated once:
 
 - A part runs for its job's run time on any slice that satisfies it (no speedup on bigger slices).
-- The service plans every `plan_interval_s` while requests wait and something changed.
+- The service plans every `plan_interval_s` while something changed: while requests wait, and
+  (`plan_while_idle`) while none do, as the live service does between pipeline runs. Then it only
+  re-shapes slices idle for the planner's ``idle_window_s`` toward the recent grants and drains
+  nothing (`prefect_mig.repartition.service.plan_from_allocator`), so GPUs left idle by a
+  compute-heavy start are re-carved for the small requests arriving before those take whole GPUs.
 - A re-carve takes `reconfig_cost_s`: the agent takes the doomed slices out of service when the
   change is desired (a range drain waits for their leases to end first) and the new slices come
   into service `reconfig_cost_s` later. The rest of the GPU keeps working meanwhile.
@@ -76,7 +80,9 @@ class SimConfig:
         knobs: the planner's knobs (profiles it carves, drain and churn costs).
         reconfig_cost_s: seconds a re-carved range is out of service (mig.md: ~2-6 s measured by
             others; the default adds the agent's polling).
-        plan_interval_s: how often the service plans while requests wait.
+        plan_interval_s: how often the service plans while something changed.
+        plan_while_idle: the service also plans while no request waits (the live service's
+            rounds); False plans only while requests wait (what the benchmark measured before).
         drain_timeout_s: a range drain whose leases outlive this is given up (the agent's default).
         aging_s: waiting this long is worth one priority level (the allocator's aging).
         history: recent grants the planner weighs next to the queue (default: one per slice).
@@ -90,6 +96,7 @@ class SimConfig:
     drain_timeout_s: float = 600.0
     aging_s: float = 600.0
     history: int | None = None
+    plan_while_idle: bool = True
 
 
 @dataclass
@@ -607,7 +614,7 @@ class Simulator:
                 self._proportional()
             for gpu in sorted(self._draining):
                 self._begin(gpu)
-        elif self._dirty and self._waiting > 0:
+        elif self._dirty and (self._waiting > 0 or self.config.plan_while_idle):
             # a drain carries the planner's timeout in its desired layout, as in the live service
             for p in service.run_once(self.allocator, knobs=self.config.knobs, announce_s=10**6, history=self.config.history):
                 self._begin(p.gpu_uuid)

@@ -77,19 +77,22 @@ def compare(
     progress: Callable[[str, int, int], None] | None = None,
     finalists: int = 3,
     history: Sequence[Job] = (),
+    plan_while_idle: bool = True,
 ) -> list[SimResult]:
     """Run every policy on the same jobs and fleet; `progress(policy, done, total)` as they go.
     ``static:searched`` replays its `finalists` best-scored mixes and ``fitted`` (see
     `searched_static`). With `history` (the jobs *before* these, which a running service has
     seen), the dynamic policies start from the best static mix for that history instead of
-    ``mixed``: knowledge of the past only, where ``static:searched`` knows the future."""
+    ``mixed``: knowledge of the past only, where ``static:searched`` knows the future.
+    `plan_while_idle`: see `SimConfig`."""
     spec = FleetSpec.parse(fleet)
     model = fleet_model(spec)
     gpus = sum(len(node.gpus) for node in spec.nodes)
     results = []
 
     def run(name: str, policy: Policy) -> SimResult:
-        config = SimConfig(fleet=str(spec), policy=policy, knobs=knobs, reconfig_cost_s=reconfig_cost_s)
+        config = SimConfig(fleet=str(spec), policy=policy, knobs=knobs, reconfig_cost_s=reconfig_cost_s,
+                           plan_while_idle=plan_while_idle)
         report = None if progress is None else (lambda done, total, n=name: progress(n, done, total))
         sub = Path(state_dir) / f"{len(results)}-{name.replace(':', '-').replace('@', '_').replace(' ', '')[:60]}"
         return Simulator(client, jobs, config, state_dir=sub, progress=report).run()
