@@ -78,6 +78,21 @@ def test_bad_request_fields_are_422_with_the_field_named(http):
     assert bad.status_code == 422 and "priority" in bad.text
 
 
+def test_a_misspelt_body_field_is_422_naming_it_and_holds_nothing(http):
+    """Found by a new-user trial with curl: ``"timeout": 0`` (for ``timeout_s``) and ``"ttl": 30`` (for
+    ``ttl_s``) were silently ignored, so the acquire waited the default 30 s and the renew set 60 s."""
+    typo = http.post("/v1/leases", json={"request": {"profile": "3g.40gb"}, "timeout": 0}, headers=AUTH)
+    assert typo.status_code == 422 and "timeout" in typo.text and "timeout_s" in typo.text, typo.text
+    nested = http.post("/v1/leases", json={"request": {"profile": "3g.40gb", "prio": 3}, "timeout_s": 0}, headers=AUTH)
+    assert nested.status_code == 422 and "'prio'; allowed: profile" in nested.text and "priority" in nested.text, nested.text
+    assert http.get("/v1/leases", headers=AUTH).json() == []
+    lease = http.post("/v1/leases", json={"request": {"profile": "3g.40gb"}}, headers=AUTH).json()
+    renew = http.post(f"/v1/leases/{lease['lease_id']}/renew", json={"fence": lease["fence"], "ttl": 5}, headers=AUTH)
+    assert renew.status_code == 422 and "ttl" in renew.text and "ttl_s" in renew.text, renew.text
+    [row] = http.get("/v1/leases", headers=AUTH).json()
+    assert int(row["ttl_ms"]) == lease["ttl_ms"]
+
+
 def test_a_non_finite_number_is_422_naming_the_field_not_500(http):
     """Found by a bad-input review: the 422 for ``ttl_s: NaN`` could not be written as JSON (500)."""
     for value in ("NaN", "Infinity", "-Infinity"):
