@@ -490,7 +490,15 @@ def create_app(
     @app.get("/v1/status")
     def status(request: Request) -> dict[str, Any]:
         snapshot = allocator.status()
-        return {**snapshot, "leases": visible(request, snapshot["leases"])}
+        grant = grant_of(request)
+        leases = visible(request, snapshot["leases"])
+        if grant.admin:
+            return {**snapshot, "leases": leases}
+        # another tenant's slices show as leased, without the lease id; its waits are not shown
+        own = {row["lease_id"] for row in leases}
+        slices = [{**row, "lease": row["lease"] if row["lease"] in own else None} for row in snapshot["slices"]]
+        queue = [row for row in snapshot["queue"] if row.get("tenant") == grant.tenant]
+        return {**snapshot, "slices": slices, "leases": leases, "queue": queue}
 
     metrics_registry = registry_for(allocator)
 
