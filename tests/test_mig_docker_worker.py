@@ -273,7 +273,10 @@ def test_cancelling_a_waiting_flow_run_withdraws_its_wait(clean):
 @pytest.mark.parametrize(
     ("variables", "named"),
     [({"profile": "9g.999gb"}, "profile"), ({"profile": ">=9tb"}, "profile"), ({"image": ""}, "image"),
-     ({"container_options": {"privileged": True}}, "container_options")],
+     ({"container_options": {"privileged": True}}, "container_options"),
+     # within the pool's bounds but past the cluster's PREFECT_MIG_LEASE_MAX_TTL_S (900): the run
+     # crashed with "unhandled errors in a TaskGroup" and named ttl_s (found by a new-user trial)
+     ({"lease_ttl_s": 1000}, "lease_ttl_s")],
 )
 def test_a_bad_job_variable_fails_the_run_naming_it(clean, variables, named):
     api = clean["api"]

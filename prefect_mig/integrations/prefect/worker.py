@@ -123,7 +123,8 @@ class MigDockerVariables(BaseVariables):
     lease_ttl_s: Optional[float] = Field(
         default=None, ge=5, le=3600, title="Lease TTL (s)",
         description="The worker renews the slice's lease every third of this; if the worker dies, the lease ends "
-        "within it and the node agent stops the container. Unset: 60.",
+        "within it and the node agent stops the container. Unset: 60; at most the cluster's "
+        "PREFECT_MIG_LEASE_MAX_TTL_S (900 s by default).",
     )
 
 
@@ -173,17 +174,20 @@ class MigDockerJobConfiguration(BaseJobConfiguration):
                 "flow's code (`prefect-mig image build` makes one); set it on the pool, deployment or run.",
                 field="image", value=self.image,
             )
+        from prefect_mig.settings import load_settings
+
+        max_ttl_s = load_settings().lease_max_ttl_s  # the cluster's; the pool's schema allows up to 3600
         checks = (("priority", self.priority), ("tenant", self.tenant), ("wait_timeout_s", self.wait_timeout_s),
                   ("lease_ttl_s", self.lease_ttl_s), ("container_options", self.container_options))
         for field, value in checks:
             bad = (field == "priority" and (isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 100)) or (
                 field == "tenant" and (not isinstance(value, str) or not value)) or (
                 field == "wait_timeout_s" and value is not None and (not isinstance(value, (int, float)) or value < 0)) or (
-                field == "lease_ttl_s" and value is not None and (not isinstance(value, (int, float)) or not 5 <= value <= 3600)) or (
+                field == "lease_ttl_s" and value is not None and (not isinstance(value, (int, float)) or not 5 <= value <= max_ttl_s)) or (
                 field == "container_options" and value is not None and not isinstance(value, dict))
             if bad:
                 allowed = {"priority": "an integer from 0 to 100", "tenant": "a non-empty name",
-                           "wait_timeout_s": "seconds >= 0, or unset", "lease_ttl_s": "seconds from 5 to 3600, or unset",
+                           "wait_timeout_s": "seconds >= 0, or unset", "lease_ttl_s": f"seconds from 5 to {max_ttl_s:g} (PREFECT_MIG_LEASE_MAX_TTL_S), or unset",
                            "container_options": "an object such as {\"read_only_root\": false}"}[field]
                 raise ConfigError(f"job variable {field}={value!r} is not allowed: give {allowed}.", field=field, value=value)
         try:
