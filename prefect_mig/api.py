@@ -138,6 +138,16 @@ def _name_allowed(errors: list[dict[str, Any]], body: type[BaseModel]) -> list[d
     return errors
 
 
+#: a lease's fields that Redis keeps as strings and the API answers as numbers, as its acquire reply does
+_LEASE_NUMBERS = frozenset({"priority", "ttl_ms", "granted_at", "expires_at", "waited_ms", "compute", "revoked_at",
+                            "revoked_priority"})
+
+
+def _numbers(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: int(v) if k in _LEASE_NUMBERS and isinstance(v, str) and v.lstrip("-").isdigit() else v
+            for k, v in row.items()}
+
+
 def _detail(exc: PrefectMigError) -> str:
     if isinstance(exc, LeaseNotOwned):  # never echo a fence: it is what a release needs
         return f"lease {exc.lease_id}: stale or not yours."
@@ -479,7 +489,7 @@ def create_app(
 
     def visible(request: Request, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         grant = grant_of(request)
-        shown = [{k: v for k, v in row.items() if k != "fence"} for row in rows]
+        shown = [_numbers({k: v for k, v in row.items() if k != "fence"}) for row in rows]
         return shown if grant.admin else [row for row in shown if row.get("tenant", "default") == grant.tenant]
 
     @app.get("/v1/leases")

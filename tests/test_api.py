@@ -39,7 +39,10 @@ def test_acquire_renew_release_round_trip(http):
     assert lease["slice"]["profile"] == "3g.40gb" and lease["fence"] >= 1
     renewed = http.post(f"/v1/leases/{lease['lease_id']}/renew", json={"fence": lease["fence"], "ttl_s": 30}, headers=AUTH)
     assert renewed.status_code == 200 and renewed.json()["expires_at_ms"] > lease["expires_at_ms"] - 60_000
-    assert [row["lease_id"] for row in http.get("/v1/leases", headers=AUTH).json()] == [lease["lease_id"]]
+    [row] = http.get("/v1/leases", headers=AUTH).json()
+    assert row["lease_id"] == lease["lease_id"]
+    # numbers as in the acquire reply, not Redis' strings (a jq `.priority > 3` compared a string)
+    assert (row["priority"], row["ttl_ms"], row["compute"]) == (5, 60_000, 3) and isinstance(row["expires_at"], int), row
     gone = http.delete(f"/v1/leases/{lease['lease_id']}", params={"fence": lease["fence"]}, headers=AUTH)
     assert gone.json() == {"released": True}
     again = http.delete(f"/v1/leases/{lease['lease_id']}", params={"fence": lease["fence"]}, headers=AUTH)
