@@ -62,7 +62,7 @@ from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from prefect_mig import __version__
 from prefect_mig.allocator import Allocator, LeaseInfo, SliceRequest
@@ -84,6 +84,8 @@ ADMIN = TokenGrant(token_id="admin", tenant="default", max_priority=100, admin=T
 
 
 class AcquireBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt "timeout" must not wait the default
+
     request: SliceRequest
     timeout_s: float | None = Field(
         default=30.0, ge=0, le=86_400, description="Seconds to wait (capped by the server's maximum); 0 = no wait."
@@ -91,6 +93,8 @@ class AcquireBody(BaseModel):
 
 
 class RenewBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt "ttl" must not renew for the default
+
     fence: int = Field(ge=1)
     ttl_s: float = Field(default=60.0, ge=1, le=86_400)
 
@@ -116,6 +120,32 @@ def _json_safe(value: Any) -> Any:
     if isinstance(value, list):
         return [_json_safe(v) for v in value]
     return value
+
+
+def _name_allowed(errors: list[dict[str, Any]], body: type[BaseModel]) -> list[dict[str, Any]]:
+    """`errors` with each unknown field's message naming the fields its object allows."""
+    for error in errors:
+        names = [part for part in error["loc"] if part != "body"]
+        model: Any = body
+        for part in names[:-1]:
+            field = model.model_fields.get(part) if isinstance(part, str) else None
+            model = field.annotation if field else None
+            if not (isinstance(model, type) and issubclass(model, BaseModel)):
+                break
+        else:
+            if error["type"] == "extra_forbidden" and names:
+                error["msg"] = f"unknown field {names[-1]!r}; allowed: {', '.join(model.model_fields)}"
+    return errors
+
+
+#: a lease's fields that Redis keeps as strings and the API answers as numbers, as its acquire reply does
+_LEASE_NUMBERS = frozenset({"priority", "ttl_ms", "granted_at", "expires_at", "waited_ms", "compute", "revoked_at",
+                            "revoked_priority"})
+
+
+def _numbers(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: int(v) if k in _LEASE_NUMBERS and isinstance(v, str) and v.lstrip("-").isdigit() else v
+            for k, v in row.items()}
 
 
 def _detail(exc: PrefectMigError) -> str:
@@ -291,7 +321,9 @@ def create_app(
     async def _invalid(request, exc: RequestValidationError):  # noqa: ANN001
         # FastAPI's own handler, except that inputs such as ``"ttl_s": NaN`` (which Python's JSON
         # parser accepts) are echoed as strings: otherwise writing the 422 itself fails (a 500)
-        return JSONResponse({"detail": _json_safe(jsonable_encoder(exc.errors()))}, status_code=422)
+        body = RenewBody if request.url.path.endswith("/renew") else AcquireBody
+        errors = _name_allowed(jsonable_encoder(exc.errors()), body)
+        return JSONResponse({"detail": _json_safe(errors)}, status_code=422)
 
     def grant_of(request: Request) -> TokenGrant:
         return request.scope["state"]["grant"]
@@ -457,7 +489,7 @@ def create_app(
 
     def visible(request: Request, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         grant = grant_of(request)
-        shown = [{k: v for k, v in row.items() if k != "fence"} for row in rows]
+        shown = [_numbers({k: v for k, v in row.items() if k != "fence"}) for row in rows]
         return shown if grant.admin else [row for row in shown if row.get("tenant", "default") == grant.tenant]
 
     @app.get("/v1/leases")
@@ -468,7 +500,15 @@ def create_app(
     @app.get("/v1/status")
     def status(request: Request) -> dict[str, Any]:
         snapshot = allocator.status()
-        return {**snapshot, "leases": visible(request, snapshot["leases"])}
+        grant = grant_of(request)
+        leases = visible(request, snapshot["leases"])
+        if grant.admin:
+            return {**snapshot, "leases": leases}
+        # another tenant's slices show as leased, without the lease id; its waits are not shown
+        own = {row["lease_id"] for row in leases}
+        slices = [{**row, "lease": row["lease"] if row["lease"] in own else None} for row in snapshot["slices"]]
+        queue = [row for row in snapshot["queue"] if row.get("tenant") == grant.tenant]
+        return {**snapshot, "slices": slices, "leases": leases, "queue": queue}
 
     metrics_registry = registry_for(allocator)
 

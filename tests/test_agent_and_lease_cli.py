@@ -98,6 +98,7 @@ def test_a_zero_or_negative_interval_is_refused(cli_env, command):
         (["--profile", "1g.6gb", "--tenant", "a b"], "--tenant"),
         (["--profile", "1g.6gb", "--ttl", "0"], "--ttl"),
         (["--min-compute", "9"], "--min-compute"),
+        (["--profile", "1g.6gb", "--ttl", "5000"], "--ttl"),  # past the cluster's maximum: was "ttl_s="
     ],
 )
 def test_lease_acquire_with_a_bad_field_exits_2_naming_it(cli_env, args, named):
@@ -214,3 +215,21 @@ def test_api_token_commands_create_list_without_secret_and_revoke(cli_env, redis
     assert again.returncode == 2 and token["token_id"] in again.stderr
     bad = _cli("api", "token", "create", "--tenant", "team-a", "--max-priority", "101", env=cli_env)
     assert bad.returncode == 2 and "--max-priority" in bad.stderr and "101" in bad.stderr
+
+
+def test_lease_acquire_without_a_profile_or_minimum_names_the_options_to_give(cli_env):
+    """Found by a new-user trial: it said "--request={'profile': None, ...}", an option that does not exist."""
+    done = _cli("lease", "acquire", env=cli_env)
+    err = done.stderr.replace("\n", "")
+    assert done.returncode == 2 and "--request" not in err, err
+    assert "--profile 1g.10gb" in err and "--min-memory-gb" in err and "--min-compute" in err, err
+
+
+def test_lease_renew_with_a_wrong_fence_says_so_without_blaming_another_holder(cli_env):
+    """Found by a new-user trial: a typo in --fence of one's own live lease said "another holder owns it"."""
+    assert _cli("agent", "--once", env=cli_env).returncode == 0
+    lease = json.loads(_cli("lease", "acquire", "--profile", "2g.12gb", "--json", env=cli_env).stdout)
+    done = _cli("lease", "renew", lease["lease_id"], "--fence", "1", env=cli_env)
+    err = done.stderr.replace("\n", " ")
+    assert done.returncode == 1 and "stale or wrong" in err and "another holder" not in err, err
+    assert _cli("lease", "release", lease["lease_id"], "--fence", str(lease["fence"]), env=cli_env).returncode == 0

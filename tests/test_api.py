@@ -39,7 +39,10 @@ def test_acquire_renew_release_round_trip(http):
     assert lease["slice"]["profile"] == "3g.40gb" and lease["fence"] >= 1
     renewed = http.post(f"/v1/leases/{lease['lease_id']}/renew", json={"fence": lease["fence"], "ttl_s": 30}, headers=AUTH)
     assert renewed.status_code == 200 and renewed.json()["expires_at_ms"] > lease["expires_at_ms"] - 60_000
-    assert [row["lease_id"] for row in http.get("/v1/leases", headers=AUTH).json()] == [lease["lease_id"]]
+    [row] = http.get("/v1/leases", headers=AUTH).json()
+    assert row["lease_id"] == lease["lease_id"]
+    # numbers as in the acquire reply, not Redis' strings (a jq `.priority > 3` compared a string)
+    assert (row["priority"], row["ttl_ms"], row["compute"]) == (5, 60_000, 3) and isinstance(row["expires_at"], int), row
     gone = http.delete(f"/v1/leases/{lease['lease_id']}", params={"fence": lease["fence"]}, headers=AUTH)
     assert gone.json() == {"released": True}
     again = http.delete(f"/v1/leases/{lease['lease_id']}", params={"fence": lease["fence"]}, headers=AUTH)
@@ -76,6 +79,21 @@ def test_errors_map_to_http_statuses_with_the_message(http):
 def test_bad_request_fields_are_422_with_the_field_named(http):
     bad = http.post("/v1/leases", json={"request": {"profile": "1g.10gb", "priority": 500}}, headers=AUTH)
     assert bad.status_code == 422 and "priority" in bad.text
+
+
+def test_a_misspelt_body_field_is_422_naming_it_and_holds_nothing(http):
+    """Found by a new-user trial with curl: ``"timeout": 0`` (for ``timeout_s``) and ``"ttl": 30`` (for
+    ``ttl_s``) were silently ignored, so the acquire waited the default 30 s and the renew set 60 s."""
+    typo = http.post("/v1/leases", json={"request": {"profile": "3g.40gb"}, "timeout": 0}, headers=AUTH)
+    assert typo.status_code == 422 and "timeout" in typo.text and "timeout_s" in typo.text, typo.text
+    nested = http.post("/v1/leases", json={"request": {"profile": "3g.40gb", "prio": 3}, "timeout_s": 0}, headers=AUTH)
+    assert nested.status_code == 422 and "'prio'; allowed: profile" in nested.text and "priority" in nested.text, nested.text
+    assert http.get("/v1/leases", headers=AUTH).json() == []
+    lease = http.post("/v1/leases", json={"request": {"profile": "3g.40gb"}}, headers=AUTH).json()
+    renew = http.post(f"/v1/leases/{lease['lease_id']}/renew", json={"fence": lease["fence"], "ttl": 5}, headers=AUTH)
+    assert renew.status_code == 422 and "ttl" in renew.text and "ttl_s" in renew.text, renew.text
+    [row] = http.get("/v1/leases", headers=AUTH).json()
+    assert int(row["ttl_ms"]) == lease["ttl_ms"]
 
 
 def test_a_non_finite_number_is_422_naming_the_field_not_500(http):

@@ -270,13 +270,23 @@ def test_cancelling_a_waiting_flow_run_withdraws_its_wait(clean):
         alloc.release(held.lease_id, held.fence)
 
 
+PYTHON_ONLY_IMAGE = "the python-only test image"  # stands for the python_image fixture's tag
+
+
 @pytest.mark.parametrize(
     ("variables", "named"),
     [({"profile": "9g.999gb"}, "profile"), ({"profile": ">=9tb"}, "profile"), ({"image": ""}, "image"),
-     ({"container_options": {"privileged": True}}, "container_options")],
+     ({"container_options": {"privileged": True}}, "container_options"),
+     # within the pool's bounds but past the cluster's PREFECT_MIG_LEASE_MAX_TTL_S (900): the run
+     # crashed with "unhandled errors in a TaskGroup" and named ttl_s (found by a new-user trial)
+     ({"lease_ttl_s": 1000}, "lease_ttl_s"),
+     # an image the engine lacks, or one without Prefect: the run crashed with "unhandled errors in
+     # a TaskGroup" and the reason only in a traceback (found by a new-user trial)
+     ({"image": "prefect-mig-no-such-image:latest"}, "image"), ({"image": PYTHON_ONLY_IMAGE}, "image")],
 )
-def test_a_bad_job_variable_fails_the_run_naming_it(clean, variables, named):
+def test_a_bad_job_variable_fails_the_run_naming_it(clean, variables, named, python_image):
     api = clean["api"]
+    variables = {k: python_image if v == PYTHON_ONLY_IMAGE else v for k, v in variables.items()}
     run_id = api.run(clean["deployment"], **variables)
     final = _final(api, run_id, 240)
     assert final["type"] == "FAILED", _names(api, run_id)

@@ -146,6 +146,8 @@ def test_an_unknown_or_unoffered_profile_fails_clearly_and_leaves_nothing(cluste
         ({"priority": -1}, "priority", "0"),
         ({"tenant": "a b"}, "tenant", "pattern"),
         ({"lease_ttl_s": 0}, "lease_ttl_s", "1"),
+        # past PREFECT_MIG_LEASE_MAX_TTL_S: the task failed at run time naming ttl_s (a new-user trial)
+        ({"lease_ttl_s": 1000}, "lease_ttl_s", "900"),
         ({"wait_timeout_s": -1}, "wait_timeout_s", "from 0"),
         ({"wait_timeout_s": float("nan")}, "wait_timeout_s", "from 0"),
         ({"wait_timeout_s": 10**9}, "wait_timeout_s", "30 days"),  # was accepted, then refused at each try

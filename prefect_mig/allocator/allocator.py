@@ -569,8 +569,8 @@ class Allocator(Inventory, LayoutChanges):
             return int(reply[1])
         if code == "stale":
             raise LeaseNotOwned(
-                f"lease {lease_id}: fencing token {fence} is stale or wrong; another holder owns it "
-                "(fences are never shown).",
+                f"lease {lease_id}: fencing token {fence} is stale or wrong (not the one this lease was granted "
+                "with); not renewed (fences are never shown).",
                 lease_id=lease_id,
             )
         if code == "revoked":

@@ -48,7 +48,14 @@ def _request(**fields) -> SliceRequest:
         return SliceRequest(**{k: v for k, v in fields.items() if v is not None})
     except ValidationError as exc:
         first = exc.errors()[0]
-        field = str(first["loc"][0]) if first["loc"] else "request"
+        if not first["loc"]:  # the request as a whole: neither a profile nor a minimum, or both
+            words = {"profile='1g.10gb'": "--profile 1g.10gb", "min_memory_gb": "--min-memory-gb",
+                     "min_compute_slices": "--min-compute", "an exact profile": "--profile"}
+            message = first["msg"].removeprefix("Value error, ")
+            for word, option in words.items():
+                message = message.replace(word, option)
+            raise ConfigError(message, field="profile", value=fields.get("profile")) from exc
+        field = str(first["loc"][0])
         option = _OPTION.get(field, "--" + field.replace("_", "-"))
         raise ConfigError(
             f"{option}={first.get('input')!r}: {first['msg'].removeprefix('Value error, ')}",
@@ -76,6 +83,7 @@ def acquire(
     with cli_errors():
         check_wait(timeout, field="--timeout")  # before anything is asked of Redis: a refused wait holds nothing
         allocator = _allocator()
+        check_ttl(ttl, allocator.max_ttl_s, field="--ttl")
         if gpu_model is not None:
             allocator.load_models()  # --gpu-model may name a model a node agent built from NVML
         request = _request(

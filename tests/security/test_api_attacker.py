@@ -36,6 +36,26 @@ def test_another_tenants_token_cannot_renew_release_or_read_the_fence(served_api
     assert served_api.alloc.lease(lid).fence == fence  # still team-a's, untouched
 
 
+def test_status_shows_another_tenant_neither_its_lease_ids_nor_its_waiting_requests(served_api, teams):
+    """Found by a new-user trial: /v1/leases hid team-a's lease from team-b, but /v1/status named it
+    on its slice and listed team-a's queued requests with their holders."""
+    from prefect_mig.allocator import SliceRequest
+
+    a, b, lease = teams
+    queued = served_api.alloc.try_acquire(
+        SliceRequest(profile="3g.40gb", tenant="team-a", holder="flow-run/team-a-secret"), wait=True, wait_s=60)
+    try:
+        seen_by_b = b.get("/v1/status")
+        assert seen_by_b.status_code == 200
+        assert lease["lease_id"] not in seen_by_b.text and "team-a-secret" not in seen_by_b.text, seen_by_b.text
+        assert "leased" in {row["state"] for row in seen_by_b.json()["slices"]}  # the slice is busy all the same
+        seen_by_a = a.get("/v1/status").json()
+        assert lease["lease_id"] in {row["lease"] for row in seen_by_a["slices"]}
+        assert [row["holder"] for row in seen_by_a["queue"]] == ["flow-run/team-a-secret"]
+    finally:
+        served_api.alloc.cancel(queued.request_id)
+
+
 def test_a_wrong_fence_is_told_stale_without_the_current_fence(served_api, teams):
     a, _, lease = teams
     wrong = lease["fence"] + 1_000_003

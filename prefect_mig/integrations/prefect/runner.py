@@ -54,7 +54,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.engine import emit_task_run_state_change_event
 
 from prefect_mig.allocator import Allocator, Lease, LeaseInfo, SliceRequest, health
-from prefect_mig.allocator.allocator import check_wait
+from prefect_mig.allocator.allocator import check_ttl, check_wait
 from prefect_mig.allocator.connection import client_for_url, url_options
 from prefect_mig.allocator.embedded import redis_url
 from prefect_mig.errors import (
@@ -107,7 +107,7 @@ def _allocator(url: str, namespace: str) -> Allocator:
             client = client_for_url(url, socket_connect_timeout=2, socket_timeout=10, **url_options(settings, url))
             _ALLOCATORS[key] = Allocator(
                 client, namespace, replicas=settings.redis_replicas, replica_timeout_s=settings.redis_replica_timeout_s,
-                wait_ttl_s=settings.wait_ttl_s,
+                wait_ttl_s=settings.wait_ttl_s, max_ttl_s=settings.lease_max_ttl_s,
             )
         return _ALLOCATORS[key]
 
@@ -242,6 +242,10 @@ class MigTaskRunner(ThreadPoolTaskRunner):
         # validates priority, tenant and lease_ttl_s early, with or without a profile (a flow-level
         # runner's tasks name theirs in tags); 1g.10gb only stands in for a missing one here
         self.request_for(profile or "1g.10gb", priority or 0, tenant or "default")
+        try:  # the cluster's maximum, which every acquire checks
+            check_ttl(self._ttl(), load_settings().lease_max_ttl_s, field="lease_ttl_s")
+        except ConfigError as exc:
+            raise ConfigError(f"MigTaskRunner {exc}", field=exc.field, value=exc.value) from None
         if profile is not None:
             check_known(profile)  # against the catalog: a typo fails here, not at the first run
 

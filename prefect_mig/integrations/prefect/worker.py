@@ -123,7 +123,8 @@ class MigDockerVariables(BaseVariables):
     lease_ttl_s: Optional[float] = Field(
         default=None, ge=5, le=3600, title="Lease TTL (s)",
         description="The worker renews the slice's lease every third of this; if the worker dies, the lease ends "
-        "within it and the node agent stops the container. Unset: 60.",
+        "within it and the node agent stops the container. Unset: 60; at most the cluster's "
+        "PREFECT_MIG_LEASE_MAX_TTL_S (900 s by default).",
     )
 
 
@@ -173,17 +174,20 @@ class MigDockerJobConfiguration(BaseJobConfiguration):
                 "flow's code (`prefect-mig image build` makes one); set it on the pool, deployment or run.",
                 field="image", value=self.image,
             )
+        from prefect_mig.settings import load_settings
+
+        max_ttl_s = load_settings().lease_max_ttl_s  # the cluster's; the pool's schema allows up to 3600
         checks = (("priority", self.priority), ("tenant", self.tenant), ("wait_timeout_s", self.wait_timeout_s),
                   ("lease_ttl_s", self.lease_ttl_s), ("container_options", self.container_options))
         for field, value in checks:
             bad = (field == "priority" and (isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 100)) or (
                 field == "tenant" and (not isinstance(value, str) or not value)) or (
                 field == "wait_timeout_s" and value is not None and (not isinstance(value, (int, float)) or value < 0)) or (
-                field == "lease_ttl_s" and value is not None and (not isinstance(value, (int, float)) or not 5 <= value <= 3600)) or (
+                field == "lease_ttl_s" and value is not None and (not isinstance(value, (int, float)) or not 5 <= value <= max_ttl_s)) or (
                 field == "container_options" and value is not None and not isinstance(value, dict))
             if bad:
                 allowed = {"priority": "an integer from 0 to 100", "tenant": "a non-empty name",
-                           "wait_timeout_s": "seconds >= 0, or unset", "lease_ttl_s": "seconds from 5 to 3600, or unset",
+                           "wait_timeout_s": "seconds >= 0, or unset", "lease_ttl_s": f"seconds from 5 to {max_ttl_s:g} (PREFECT_MIG_LEASE_MAX_TTL_S), or unset",
                            "container_options": "an object such as {\"read_only_root\": false}"}[field]
                 raise ConfigError(f"job variable {field}={value!r} is not allowed: give {allowed}.", field=field, value=value)
         try:
@@ -351,7 +355,7 @@ class MigDockerWorker(BaseWorker):
                 return MigDockerWorkerResult(status_code=0, identifier="")
         lost = threading.Event()
         lease = Lease(allocator, got, on_lost=lambda held, exc: lost.set()).start_renewing()
-        container, removed = None, True
+        container, removed, started = None, True, False
         try:
             s = lease.slice
             where = f"{s.profile}@{s.start} on {s.node} GPU {s.gpu_index} ({s.mig_uuid})"
@@ -385,6 +389,7 @@ class MigDockerWorker(BaseWorker):
             pid = f"{launcher.client.api.base_url}:{container.id}"
             if task_status is not None:
                 task_status.started(pid)
+            started = True
             async with anyio.create_task_group() as group:
                 group.start_soon(self._say_slice_when_running, flow_run.id, f"running on {where}, fence {lease.fence}")
                 status = await anyio.to_thread.run_sync(_wait_container, container, cancelled, lost, abandon_on_cancel=True)
@@ -403,7 +408,14 @@ class MigDockerWorker(BaseWorker):
         except (LaunchError, docker.errors.DockerException) as exc:
             logger.error("could not run the flow run's container on %s: %s", lease.slice.node, exc)
             removed = not getattr(exc, "unconfirmed", False)
-            raise
+            if started:
+                raise
+            # the run ends saying why (raised, Prefect would say "unhandled errors in a TaskGroup")
+            state, message = _start_failure(exc, configuration.image, lease.slice.node)
+            await self.client.set_flow_run_state(flow_run.id, state(message=message), force=True)
+            if task_status is not None:
+                task_status.started("")
+            return MigDockerWorkerResult(status_code=1, identifier="")
         finally:
             # shielded: an @mig caller leaving its worker's task group (its run ended) cancels this
             # task, and the container must still go and the lease be released
@@ -689,6 +701,19 @@ def _start_container(launcher, command: str | None, env: dict, labels: dict, mig
             ) from exc
         raise
     return container
+
+
+def _start_failure(exc: Exception, image: str, node: str):  # noqa: ANN202
+    """The final state and message of a run whose container could not start: Failed naming the
+    job variable when the image is missing or has no ``prefect`` command, Crashed otherwise."""
+    from prefect_mig.errors import ImageNotFound
+
+    if isinstance(exc, ImageNotFound):
+        return Failed, f"job variable image={image!r}: {exc}"
+    if "executable file not found" in str(exc):
+        return Failed, (f"job variable image={image!r} cannot run the flow run: {exc}. The image needs Prefect and "
+                        "the flow's code (`prefect-mig image build` makes one).")
+    return Crashed, f"could not run the flow run's container on {node}: {exc}"
 
 
 def _wait_container(container, cancelled: threading.Event, lost: threading.Event) -> int:
