@@ -570,7 +570,7 @@ class Allocator(Inventory, LayoutChanges):
         if code == "stale":
             raise LeaseNotOwned(
                 f"lease {lease_id}: fencing token {fence} is stale or wrong (not the one this lease was granted "
-                "with); not renewed (fences are never shown).",
+                "with); not renewed (this message never tells the right one).",
                 lease_id=lease_id,
             )
         if code == "revoked":
@@ -593,7 +593,7 @@ class Allocator(Inventory, LayoutChanges):
         if reply[0] == "stale":
             raise LeaseNotOwned(
                 f"lease {lease_id}: fencing token {fence} is stale or wrong; not released "
-                "(fences are never shown).",
+                "(this message never tells the right one).",
                 lease_id=lease_id,
             )
         return reply[0] == "ok"
