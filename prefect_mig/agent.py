@@ -62,12 +62,15 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import quote
+from uuid import uuid4
 
 from prefect_mig.allocator import Allocator, SliceRecord
 from prefect_mig.allocator.models import decode, slice_record
@@ -148,6 +151,8 @@ class NodeAgent:
             CarvesUnderWay.in_state_dir(state_dir, namespace=allocator.keys.namespace, node=node)
             if state_dir is not None else CarvesUnderWay()
         )
+        # who this agent is in its claim on the node (see `claim`)
+        self.identity = {"id": uuid4().hex, "host": socket.gethostname(), "pid": os.getpid()}
         self._changing = 0  # layout changes under way (see `layout_change`)
         self._stop_signal: int | None = None
 
@@ -653,27 +658,79 @@ class NodeAgent:
                 pass  # released or re-granted meanwhile
         return removed
 
+    def claim(self) -> None:
+        """Claim this node for this agent, or renew the claim, for `heartbeat_ttl_s`: one agent per
+        node and namespace, since two would apply one GPU's layout changes at once (destroying
+        slices leased meanwhile) and publish over each other. The claim of an agent that died on
+        this host (its pid is gone) is taken over at once; another host's lapses after its TTL.
+
+        Raises:
+            NodeTaken: another agent holds the node and may be alive (names its host and pid).
+        """
+        from prefect_mig.errors import NodeTaken
+
+        me = json.dumps(self.identity, sort_keys=True)
+        other = self.allocator.claim_node(self.node, me, ttl_s=self.heartbeat_ttl_s)
+        if other is None:
+            return
+        holder = _identity(other)
+        if holder["host"] == self.identity["host"] and not _pid_alive(holder["pid"]):
+            log.warning("node %s: taking over from agent pid %s on this host, which is gone", self.node, holder["pid"])
+            other = self.allocator.claim_node(self.node, me, ttl_s=self.heartbeat_ttl_s, replace=other)
+            if other is None:
+                return
+            holder = _identity(other)
+        raise NodeTaken(node=self.node, namespace=self.allocator.keys.namespace, host=holder["host"],
+                        pid=holder["pid"], ttl_s=self.heartbeat_ttl_s)
+
     def run(self, *, interval_s: float = 5.0, stop: threading.Event | None = None, max_backoff_s: float = 60.0) -> None:
-        """Tick every `interval_s` until `stop` is set.
+        """Claim the node (`claim`) and tick, every `interval_s`, until `stop` is set.
 
         A failing tick (Redis or the Docker engine down, a container gone) is logged and retried
         after a backoff that doubles up to `max_backoff_s`, but never past a third of the heartbeat
-        TTL, so the node heartbeats again as soon as Redis answers. It never ends the loop.
+        TTL, so the node heartbeats again as soon as Redis answers. Only `NodeTaken` ends the loop:
+        another agent serves this node.
         """
+        from prefect_mig.errors import NodeTaken
+
         stop = stop or threading.Event()
         failures = 0
         while not stop.is_set():
             started = time.monotonic()
             try:
+                self.claim()
                 self.tick()
                 failures = 0
                 pause = interval_s - (time.monotonic() - started)
+            except NodeTaken:
+                raise
             except Exception as exc:  # noqa: BLE001 - the agent outlives whatever one round hits
                 failures += 1
                 pause = min(interval_s * 2 ** (failures - 1), max_backoff_s, max(interval_s, self.heartbeat_ttl_s / 3))
                 log.warning("agent tick failed (%d in a row), retrying in %.1f s: %s", failures, pause, exc,
                             exc_info=failures == 1)
             stop.wait(max(0.0, pause))
+
+
+def _identity(raw: str) -> dict:
+    """An agent's identity from its claim (`NodeAgent.claim`); an unreadable one names no host."""
+    try:
+        found = json.loads(raw)
+        return {"host": str(found["host"]), "pid": int(found["pid"])}
+    except (ValueError, TypeError, KeyError):
+        return {"host": "?", "pid": 0}
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return True  # unknown: assume it lives
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
 
 
 class CarvesUnderWay:

@@ -33,6 +33,7 @@ PrefectMigError
     ├── InstanceBusy            the instance has processes (or compute instances) and cannot go
     ├── InstanceNotFound        no GPU instance with that id on the GPU
     └── NoPermission            creating/destroying instances needs root or the MIG capability
+NodeTaken                       another node agent, alive, already serves this node and namespace
 ```
 
 Foreign errors (pynvml's `NVMLError_*`) are translated at the backend edge with ``raise ... from exc``.
@@ -373,3 +374,26 @@ class NotInHostPidNamespace(PrefectMigError):
     def __init__(self, message: str, *, detail: str) -> None:
         super().__init__(message)
         self.detail = detail
+
+
+class NodeTaken(PrefectMigError):
+    """Another node agent, alive, already serves this node in this namespace: two would apply the
+    same GPU's layout changes at once (destroying leased slices) and publish over each other.
+
+    Attributes:
+        node: the node name.
+        namespace: the cluster's namespace.
+        host: the host the other agent runs on (its ``socket.gethostname()``).
+        pid: its process id on that host.
+    """
+
+    def __init__(self, *, node: str, namespace: str, host: str, pid: int, ttl_s: float) -> None:
+        super().__init__(
+            f"node {node} in namespace {namespace} already has a live agent: pid {pid} on host {host}. Run one "
+            f"agent per node: stop that one, or give this one its own PREFECT_MIG_NODE. A dead agent's claim "
+            f"lapses {ttl_s:g} s after its last tick (at once for one that died on this host)."
+        )
+        self.node = node
+        self.namespace = namespace
+        self.host = host
+        self.pid = pid

@@ -145,6 +145,24 @@ class Inventory:
         no new grants there until its next `heartbeat`, which returns ``back``."""
         return self._run("heartbeat", node, 0, why, action=f"take node {node} out of service")[0]
 
+    def claim_node(self, node: str, agent: str, *, ttl_s: float, replace: str | None = None) -> str | None:
+        """Claim `node` for the node agent `agent` (an opaque identity) for `ttl_s`, or renew its
+        claim: None when it holds the node now, else the identity of the agent that does. `replace`
+        (an identity this call got back, of an agent known dead) is taken over at once."""
+        key = self.keys.agent(node)
+
+        def attempt(pipe) -> str | None:
+            current = pipe.get(key)
+            current = None if current is None else decode(current)
+            if current not in (None, agent, replace):
+                return current
+            pipe.multi()
+            pipe.set(key, agent, px=max(1, int(ttl_s * 1000)))
+            return None
+
+        with redis_errors(f"claim node {node} for this agent"):
+            return self.redis.transaction(attempt, key, value_from_callable=True)
+
     def _note_heartbeat(self, node: str, ttl_s: float) -> None:
         # kept apart from node_deadline, which the reaper clears: "last heartbeated 45 s ago"
         body = json.dumps({"at": self.now_ms(), "ttl_ms": int(ttl_s * 1000)})

@@ -1,0 +1,115 @@
+"""One node, one agent: a second node agent for the same node name and namespace (a user starts
+`prefect-mig agent` while the local cluster's runs, or gives two hosts one `PREFECT_MIG_NODE`)
+refuses to run, so two agents never apply one GPU's desired layout at once (a campaign that ran two
+saw leased slices destroyed and destroyed slices granted). A dead agent's claim does not hold its
+successor back: on the same host at once, from another host after the heartbeat TTL. Real Redis,
+the simulated NVML."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from prefect_mig.agent import NodeAgent
+from prefect_mig.allocator import Allocator
+from prefect_mig.errors import NodeTaken
+from prefect_mig.gpu import GpuBackend, SimulatedNvml
+from prefect_mig.model import Layout
+
+A30_TWO = "2g.12gb@0 + 2g.12gb@2"
+
+
+@pytest.fixture
+def two_agents(redis_client, namespace, tmp_path):
+    """Two agents for node-a of one namespace, each with its own backend on the same simulated A30."""
+    with GpuBackend(SimulatedNvml("node-a=1xA30-24GB", state_dir=tmp_path)) as first, \
+            GpuBackend(SimulatedNvml("node-a=1xA30-24GB", state_dir=tmp_path)) as second:
+        first.apply_layout(0, Layout.parse("A30-24GB", A30_TWO))
+        yield tuple(NodeAgent(b, Allocator(redis_client, namespace), node="node-a", heartbeat_ttl_s=2)
+                    for b in (first, second))
+
+
+def _run_in_thread(agent: NodeAgent, stop: threading.Event) -> tuple[threading.Thread, list]:
+    raised: list = []
+
+    def target():
+        try:
+            agent.run(interval_s=0.2, stop=stop)
+        except Exception as exc:  # noqa: BLE001 - the test looks at what ended it
+            raised.append(exc)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread, raised
+
+
+def test_a_second_agent_for_a_node_whose_agent_runs_stops_at_once_saying_which_agent_holds_it(two_agents):
+    first, second = two_agents
+    stop = threading.Event()
+    try:
+        running, first_raised = _run_in_thread(first, stop)
+        deadline = time.monotonic() + 30
+        while first.allocator.heartbeat("node-a", ttl_s=2) == "unknown":  # the first has published
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        desired = "2g.12gb@0 + 1g.6gb@2 + 1g.6gb@3"
+        second.allocator.set_desired(second.backend.gpus()[0].uuid, desired, kind="incremental")
+        other, second_raised = _run_in_thread(second, stop)
+        other.join(timeout=30)
+        assert not other.is_alive(), "a second agent for node-a kept running beside the first"
+        (error,) = second_raised
+        assert isinstance(error, NodeTaken)
+        assert error.node == "node-a" and error.pid == os.getpid()
+        assert "one agent per node" in str(error) and str(os.getpid()) in str(error)
+        assert running.is_alive() and first_raised == []  # the first one keeps the node
+    finally:
+        stop.set()
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_an_agent_started_again_after_its_predecessor_on_this_host_died_takes_the_node_at_once(two_agents):
+    dead, successor = two_agents
+    dead.identity["pid"] = _dead_pid()  # claimed the node, then was SIGKILLed
+    dead.claim()
+    successor.claim()  # no wait for the dead one's claim to lapse
+    with pytest.raises(NodeTaken):
+        dead.claim()  # and the node is the successor's now
+
+
+def test_an_agent_of_another_host_holds_the_node_until_its_claim_lapses(two_agents):
+    elsewhere, here = two_agents
+    elsewhere.identity["host"] = "gpu-host-that-went-away"
+    elsewhere.claim()
+    with pytest.raises(NodeTaken) as refused:
+        here.claim()
+    assert refused.value.host == "gpu-host-that-went-away"
+    time.sleep(elsewhere.heartbeat_ttl_s + 0.5)  # its agent stopped claiming
+    here.claim()
+
+
+def test_prefect_mig_agent_on_a_node_another_agent_serves_exits_1_and_changes_nothing(two_agents, redis_server, tmp_path):
+    serving, _ = two_agents
+    serving.heartbeat_ttl_s = 120  # its claim outlasts the CLI's start
+    serving.claim()
+    gpu = serving.backend.gpus()[0].uuid
+    serving.allocator.set_desired(gpu, "2g.12gb@0 + 1g.6gb@2 + 1g.6gb@3", kind="incremental")
+    env = {
+        **os.environ, "PREFECT_MIG_REDIS_URL": redis_server.url, "PREFECT_MIG_NAMESPACE": serving.allocator.keys.namespace,
+        "PREFECT_MIG_BACKEND": "simulated", "PREFECT_MIG_SIMULATED_FLEET": "node-a=1xA30-24GB",
+        "PREFECT_MIG_STATE_DIR": str(tmp_path), "COLUMNS": "200",
+    }
+    second = subprocess.run([sys.executable, "-m", "prefect_mig.cli.main", "agent", "--once", "--node", "node-a"],
+                            capture_output=True, text=True, env=env, timeout=120)
+    assert second.returncode == 1, second.stdout + second.stderr
+    assert "already has a live agent" in second.stderr and f"pid {os.getpid()}" in second.stderr
+    assert str(serving.backend.layout(0)) == A30_TWO and serving.allocator.desired(gpu) is not None
