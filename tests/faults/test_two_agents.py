@@ -2,8 +2,9 @@
 `prefect-mig agent` while the local cluster's runs, or gives two hosts one `PREFECT_MIG_NODE`)
 refuses to run, so two agents never apply one GPU's desired layout at once (a campaign that ran two
 saw leased slices destroyed and destroyed slices granted). A dead agent's claim does not hold its
-successor back: on the same host at once, from another host after the heartbeat TTL. Real Redis,
-the simulated NVML."""
+successor back: on the same host at once, from another host after the heartbeat TTL. A GPU that a
+renamed node's agent publishes under its new name stays in service when the old name lapses. Real
+Redis, the simulated NVML."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import time
 import pytest
 
 from prefect_mig.agent import NodeAgent
-from prefect_mig.allocator import Allocator
+from prefect_mig.allocator import Allocator, SliceRequest
 from prefect_mig.errors import NodeTaken
 from prefect_mig.gpu import GpuBackend, SimulatedNvml
 from prefect_mig.model import Layout
@@ -113,3 +114,19 @@ def test_prefect_mig_agent_on_a_node_another_agent_serves_exits_1_and_changes_no
     assert second.returncode == 1, second.stdout + second.stderr
     assert "already has a live agent" in second.stderr and f"pid {os.getpid()}" in second.stderr
     assert str(serving.backend.layout(0)) == A30_TWO and serving.allocator.desired(gpu) is not None
+
+
+def test_a_gpu_published_under_a_new_node_name_stays_in_service_when_the_old_names_heartbeat_lapses(
+    redis_client, namespace, tmp_path
+):
+    with GpuBackend(SimulatedNvml("node-a=1xA30-24GB", state_dir=tmp_path)) as backend:
+        backend.apply_layout(0, Layout.parse("A30-24GB", A30_TWO))
+        alloc = Allocator(redis_client, namespace)
+        NodeAgent(backend, alloc, node="gpu-host", heartbeat_ttl_s=1).publish()  # before PREFECT_MIG_NODE was set
+        renamed = NodeAgent(backend, Allocator(redis_client, namespace), node="gpu-3", heartbeat_ttl_s=60)
+        renamed.publish()  # the agent restarted under its new name; the old name's agent is gone
+        time.sleep(1.5)
+        alloc.reap()  # the old name's heartbeat lapsed
+        assert renamed.tick() == "ok"
+        assert [(s["node"], s["state"]) for s in alloc.status()["slices"]] == [("gpu-3", "free")] * 2
+        assert alloc.try_acquire(SliceRequest(profile="2g.12gb", ttl_s=30)).slice.node == "gpu-3"
