@@ -659,29 +659,32 @@ class NodeAgent:
         return removed
 
     def claim(self) -> None:
-        """Claim this node for this agent, or renew the claim, for `heartbeat_ttl_s`: one agent per
-        node and namespace, since two would apply one GPU's layout changes at once (destroying
-        slices leased meanwhile) and publish over each other. The claim of an agent that died on
-        this host (its pid is gone) is taken over at once; another host's lapses after its TTL.
+        """Claim this node and its GPUs for this agent, or renew the claim, for `heartbeat_ttl_s`:
+        one agent per node and per GPU, since two would apply one GPU's layout changes at once
+        (destroying slices leased meanwhile) and publish over each other. The claim of an agent
+        that died on this host (its pid is gone) is taken over at once; another host's lapses
+        after its TTL.
 
         Raises:
-            NodeTaken: another agent holds the node and may be alive (names its host and pid).
+            NodeTaken: another agent holds the node or one of its GPUs and may be alive (names
+                what, its node, host and pid).
         """
         from prefect_mig.errors import NodeTaken
 
-        me = json.dumps(self.identity, sort_keys=True)
-        other = self.allocator.claim_node(self.node, me, ttl_s=self.heartbeat_ttl_s)
-        if other is None:
+        me = json.dumps({**self.identity, "node": self.node}, sort_keys=True)
+        gpus = [g.uuid for g in self.backend.gpus()]
+        taken = self.allocator.claim_node(self.node, me, ttl_s=self.heartbeat_ttl_s, gpus=gpus)
+        if taken is None:
             return
-        holder = _identity(other)
+        holder = _identity(taken[1])
         if holder["host"] == self.identity["host"] and not _pid_alive(holder["pid"]):
             log.warning("node %s: taking over from agent pid %s on this host, which is gone", self.node, holder["pid"])
-            other = self.allocator.claim_node(self.node, me, ttl_s=self.heartbeat_ttl_s, replace=other)
-            if other is None:
+            taken = self.allocator.claim_node(self.node, me, ttl_s=self.heartbeat_ttl_s, gpus=gpus, replace=taken[1])
+            if taken is None:
                 return
-            holder = _identity(other)
-        raise NodeTaken(node=self.node, namespace=self.allocator.keys.namespace, host=holder["host"],
-                        pid=holder["pid"], ttl_s=self.heartbeat_ttl_s)
+            holder = _identity(taken[1])
+        raise NodeTaken(node=self.node, namespace=self.allocator.keys.namespace, what=taken[0],
+                        serving=holder["node"], host=holder["host"], pid=holder["pid"], ttl_s=self.heartbeat_ttl_s)
 
     def run(self, *, interval_s: float = 5.0, stop: threading.Event | None = None, max_backoff_s: float = 60.0) -> None:
         """Claim the node (`claim`) and tick, every `interval_s`, until `stop` is set.
@@ -716,9 +719,9 @@ def _identity(raw: str) -> dict:
     """An agent's identity from its claim (`NodeAgent.claim`); an unreadable one names no host."""
     try:
         found = json.loads(raw)
-        return {"host": str(found["host"]), "pid": int(found["pid"])}
+        return {"host": str(found["host"]), "pid": int(found["pid"]), "node": str(found.get("node", "?"))}
     except (ValueError, TypeError, KeyError):
-        return {"host": "?", "pid": 0}
+        return {"host": "?", "pid": 0, "node": "?"}
 
 
 def _pid_alive(pid: int) -> bool:
