@@ -130,3 +130,25 @@ def test_a_gpu_published_under_a_new_node_name_stays_in_service_when_the_old_nam
         assert renamed.tick() == "ok"
         assert [(s["node"], s["state"]) for s in alloc.status()["slices"]] == [("gpu-3", "free")] * 2
         assert alloc.try_acquire(SliceRequest(profile="2g.12gb", ttl_s=30)).slice.node == "gpu-3"
+
+
+def test_an_agent_under_another_node_name_for_gpus_a_live_agent_serves_stops_at_once(two_agents):
+    first, second = two_agents
+    second.node = "gpu-3"  # the same GPUs under another name: PREFECT_MIG_NODE set for one agent only
+    stop = threading.Event()
+    try:
+        running, first_raised = _run_in_thread(first, stop)
+        deadline = time.monotonic() + 30
+        while first.allocator.heartbeat("node-a", ttl_s=2) == "unknown":
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        other, second_raised = _run_in_thread(second, stop)
+        other.join(timeout=30)
+        assert not other.is_alive(), "a second agent for node-a's GPU kept running under another name"
+        (error,) = second_raised
+        assert isinstance(error, NodeTaken) and error.serving == "node-a"
+        assert "node-a" in str(error) and second.backend.gpus()[0].uuid in str(error)
+        assert running.is_alive() and first_raised == []
+    finally:
+        stop.set()
+
