@@ -13,7 +13,8 @@ stops task containers whose lease is gone, and applies the desired layouts the r
   into service) the GPU is re-carved.
 
 Fencing touches only this cluster's task containers on this node (their labels carry the cluster
-id kept in Redis, the namespace and the node), so clusters can share a Docker engine; each removal
+id kept in Redis, the namespace and the node, or one of this node's MIG devices for a container
+started before the node was renamed), so clusters can share a Docker engine; each removal
 is logged with the lease id, fence and reason, and a container that vanished meanwhile is fine.
 "This cluster's" means labelled with any cluster id this agent has seen: Redis's now and the ones
 before it (a new id is made when Redis lost its data), kept in the state dir when the agent has one
@@ -533,15 +534,23 @@ class NodeAgent:
 
     def _node_containers(self, *, running_only: bool = False) -> tuple[list, list]:
         """This node's task containers in this namespace: (this cluster's, those of cluster ids
-        this agent does not know)."""
+        this agent does not know). A container is this node's if its labels name this node or one
+        of this node's MIG devices: one started before the node was renamed runs on its GPUs too."""
         from prefect_mig.launchers.docker import LABEL_PREFIX, task_containers
 
         known = set(self._cluster_ids())
-        every = task_containers(
-            self.docker, cluster_id=None, namespace=self.allocator.keys.namespace, node=self.node, running_only=running_only
-        )
+        listed = task_containers(self.docker, cluster_id=None, namespace=self.allocator.keys.namespace, running_only=running_only)
+        devices = self._mig_uuids()
+        every = [
+            c for c in listed
+            if c.labels.get(f"{LABEL_PREFIX}node") == self.node or c.labels.get(f"{LABEL_PREFIX}mig-uuid") in devices
+        ]
         own = [c for c in every if c.labels.get(f"{LABEL_PREFIX}cluster") in known]
         return own, [c for c in every if c.labels.get(f"{LABEL_PREFIX}cluster") not in known]
+
+    def _mig_uuids(self) -> set[str]:
+        """The MIG devices of this node's GPUs, as NVML shows them now."""
+        return {m.mig_uuid for g in self.backend.gpus() if g.mig_enabled for m in self.backend.instances(g.index) if m.mig_uuid}
 
     def own_containers(self, *, running_only: bool = False) -> list:
         """This node's task containers of this cluster (never another cluster's on the same engine)."""

@@ -3,8 +3,9 @@
 refuses to run, so two agents never apply one GPU's desired layout at once (a campaign that ran two
 saw leased slices destroyed and destroyed slices granted). A dead agent's claim does not hold its
 successor back: on the same host at once, from another host after the heartbeat TTL. A GPU that a
-renamed node's agent publishes under its new name stays in service when the old name lapses. Real
-Redis, the simulated NVML."""
+renamed node's agent publishes under its new name stays in service when the old name lapses, and
+a task container labelled with the old name is fenced like any other. Real Redis, the simulated
+NVML, the local Docker engine for the containers."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import sys
 import threading
 import time
 
+import docker.errors
 import pytest
 
 from prefect_mig.agent import NodeAgent
@@ -21,6 +23,7 @@ from prefect_mig.allocator import Allocator, SliceRequest
 from prefect_mig.errors import NodeTaken
 from prefect_mig.gpu import GpuBackend, SimulatedNvml
 from prefect_mig.model import Layout
+from tests.agent_fixtures import start_task_container
 
 A30_TWO = "2g.12gb@0 + 2g.12gb@2"
 
@@ -152,3 +155,24 @@ def test_an_agent_under_another_node_name_for_gpus_a_live_agent_serves_stops_at_
     finally:
         stop.set()
 
+
+def test_a_renamed_nodes_agent_fences_a_dead_holders_container_labelled_with_the_old_name(
+    redis_client, namespace, tmp_path, docker_client, python_image, containers
+):
+    with GpuBackend(SimulatedNvml("node-a=1xA30-24GB", state_dir=tmp_path)) as backend:
+        backend.apply_layout(0, Layout.parse("A30-24GB", A30_TWO))
+        alloc = Allocator(redis_client, namespace)
+        NodeAgent(backend, alloc, node="gpu-host", docker_client=docker_client).publish()
+        lease = alloc.try_acquire(SliceRequest(profile="2g.12gb", ttl_s=1))
+        task = start_task_container(docker_client, python_image, alloc, lease_id=lease.lease_id, fence=lease.fence,
+                                    node="gpu-host", mig_uuid=lease.slice.mig_uuid)
+        containers.append(task)
+        renamed = NodeAgent(backend, Allocator(redis_client, namespace), node="gpu-3", docker_client=docker_client,
+                            heartbeat_ttl_s=60)
+        renamed.tick()  # the agent restarted under its new name while the task ran
+        time.sleep(1.5)  # then the task's flow process died: its lease expired, its container runs on
+        renamed.tick()
+        with pytest.raises(docker.errors.NotFound):
+            docker_client.containers.get(task.id)  # fenced, whatever node name its label carries
+        states = {s["mig_uuid"]: s["state"] for s in alloc.status()["slices"]}
+        assert states[lease.slice.mig_uuid] == "free"  # back in service only once it is gone
