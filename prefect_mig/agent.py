@@ -549,7 +549,9 @@ class NodeAgent:
         return own, [c for c in every if c.labels.get(f"{LABEL_PREFIX}cluster") not in known]
 
     def _mig_uuids(self) -> set[str]:
-        """The MIG devices of this node's GPUs, as NVML shows them now."""
+        """The MIG devices of this node's GPUs, as NVML shows them now (none without a backend)."""
+        if self.backend is None:
+            return set()
         return {m.mig_uuid for g in self.backend.gpus() if g.mig_enabled for m in self.backend.instances(g.index) if m.mig_uuid}
 
     def own_containers(self, *, running_only: bool = False) -> list:
@@ -681,7 +683,7 @@ class NodeAgent:
         from prefect_mig.errors import NodeTaken
 
         me = json.dumps({**self.identity, "node": self.node}, sort_keys=True)
-        gpus = [g.uuid for g in self.backend.gpus()]
+        gpus = [g.uuid for g in self.backend.gpus()] if self.backend is not None else []
         taken = self.allocator.claim_node(self.node, me, ttl_s=self.heartbeat_ttl_s, gpus=gpus)
         if taken is None:
             return
