@@ -13,7 +13,8 @@ stops task containers whose lease is gone, and applies the desired layouts the r
   into service) the GPU is re-carved.
 
 Fencing touches only this cluster's task containers on this node (their labels carry the cluster
-id kept in Redis, the namespace and the node), so clusters can share a Docker engine; each removal
+id kept in Redis, the namespace and the node, or one of this node's MIG devices for a container
+started before the node was renamed), so clusters can share a Docker engine; each removal
 is logged with the lease id, fence and reason, and a container that vanished meanwhile is fine.
 "This cluster's" means labelled with any cluster id this agent has seen: Redis's now and the ones
 before it (a new id is made when Redis lost its data), kept in the state dir when the agent has one
@@ -62,12 +63,15 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import quote
+from uuid import uuid4
 
 from prefect_mig.allocator import Allocator, SliceRecord
 from prefect_mig.allocator.models import slice_record
@@ -148,6 +152,8 @@ class NodeAgent:
             CarvesUnderWay.in_state_dir(state_dir, namespace=allocator.keys.namespace, node=node)
             if state_dir is not None else CarvesUnderWay()
         )
+        # who this agent is in its claim on the node (see `claim`)
+        self.identity = {"id": uuid4().hex, "host": socket.gethostname(), "pid": os.getpid()}
         self._changing = 0  # layout changes under way (see `layout_change`)
         self._stop_signal: int | None = None
 
@@ -524,15 +530,25 @@ class NodeAgent:
 
     def _node_containers(self, *, running_only: bool = False) -> tuple[list, list]:
         """This node's task containers in this namespace: (this cluster's, those of cluster ids
-        this agent does not know)."""
+        this agent does not know). A container is this node's if its labels name this node or one
+        of this node's MIG devices: one started before the node was renamed runs on its GPUs too."""
         from prefect_mig.launchers.docker import LABEL_PREFIX, task_containers
 
         known = set(self._cluster_ids())
-        every = task_containers(
-            self.docker, cluster_id=None, namespace=self.allocator.keys.namespace, node=self.node, running_only=running_only
-        )
+        listed = task_containers(self.docker, cluster_id=None, namespace=self.allocator.keys.namespace, running_only=running_only)
+        devices = self._mig_uuids()
+        every = [
+            c for c in listed
+            if c.labels.get(f"{LABEL_PREFIX}node") == self.node or c.labels.get(f"{LABEL_PREFIX}mig-uuid") in devices
+        ]
         own = [c for c in every if c.labels.get(f"{LABEL_PREFIX}cluster") in known]
         return own, [c for c in every if c.labels.get(f"{LABEL_PREFIX}cluster") not in known]
+
+    def _mig_uuids(self) -> set[str]:
+        """The MIG devices of this node's GPUs, as NVML shows them now (none without a backend)."""
+        if self.backend is None:
+            return set()
+        return {m.mig_uuid for g in self.backend.gpus() if g.mig_enabled for m in self.backend.instances(g.index) if m.mig_uuid}
 
     def own_containers(self, *, running_only: bool = False) -> list:
         """This node's task containers of this cluster (never another cluster's on the same engine)."""
@@ -649,27 +665,82 @@ class NodeAgent:
                 pass  # released or re-granted meanwhile
         return removed
 
+    def claim(self) -> None:
+        """Claim this node and its GPUs for this agent, or renew the claim, for `heartbeat_ttl_s`:
+        one agent per node and per GPU, since two would apply one GPU's layout changes at once
+        (destroying slices leased meanwhile) and publish over each other. The claim of an agent
+        that died on this host (its pid is gone) is taken over at once; another host's lapses
+        after its TTL.
+
+        Raises:
+            NodeTaken: another agent holds the node or one of its GPUs and may be alive (names
+                what, its node, host and pid).
+        """
+        from prefect_mig.errors import NodeTaken
+
+        me = json.dumps({**self.identity, "node": self.node}, sort_keys=True)
+        gpus = [g.uuid for g in self.backend.gpus()] if self.backend is not None else []
+        taken = self.allocator.claim_node(self.node, me, ttl_s=self.heartbeat_ttl_s, gpus=gpus)
+        if taken is None:
+            return
+        holder = _identity(taken[1])
+        if holder["host"] == self.identity["host"] and not _pid_alive(holder["pid"]):
+            log.warning("node %s: taking over from agent pid %s on this host, which is gone", self.node, holder["pid"])
+            taken = self.allocator.claim_node(self.node, me, ttl_s=self.heartbeat_ttl_s, gpus=gpus, replace=taken[1])
+            if taken is None:
+                return
+            holder = _identity(taken[1])
+        raise NodeTaken(node=self.node, namespace=self.allocator.keys.namespace, what=taken[0],
+                        serving=holder["node"], host=holder["host"], pid=holder["pid"], ttl_s=self.heartbeat_ttl_s)
+
     def run(self, *, interval_s: float = 5.0, stop: threading.Event | None = None, max_backoff_s: float = 60.0) -> None:
-        """Tick every `interval_s` until `stop` is set.
+        """Claim the node (`claim`) and tick, every `interval_s`, until `stop` is set.
 
         A failing tick (Redis or the Docker engine down, a container gone) is logged and retried
         after a backoff that doubles up to `max_backoff_s`, but never past a third of the heartbeat
-        TTL, so the node heartbeats again as soon as Redis answers. It never ends the loop.
+        TTL, so the node heartbeats again as soon as Redis answers. Only `NodeTaken` ends the loop:
+        another agent serves this node.
         """
+        from prefect_mig.errors import NodeTaken
+
         stop = stop or threading.Event()
         failures = 0
         while not stop.is_set():
             started = time.monotonic()
             try:
+                self.claim()
                 self.tick()
                 failures = 0
                 pause = interval_s - (time.monotonic() - started)
+            except NodeTaken:
+                raise
             except Exception as exc:  # noqa: BLE001 - the agent outlives whatever one round hits
                 failures += 1
                 pause = min(interval_s * 2 ** (failures - 1), max_backoff_s, max(interval_s, self.heartbeat_ttl_s / 3))
                 log.warning("agent tick failed (%d in a row), retrying in %.1f s: %s", failures, pause, exc,
                             exc_info=failures == 1)
             stop.wait(max(0.0, pause))
+
+
+def _identity(raw: str) -> dict:
+    """An agent's identity from its claim (`NodeAgent.claim`); an unreadable one names no host."""
+    try:
+        found = json.loads(raw)
+        return {"host": str(found["host"]), "pid": int(found["pid"]), "node": str(found.get("node", "?"))}
+    except (ValueError, TypeError, KeyError):
+        return {"host": "?", "pid": 0, "node": "?"}
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return True  # unknown: assume it lives
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
 
 
 class CarvesUnderWay:

@@ -33,6 +33,7 @@ PrefectMigError
     ├── InstanceBusy            the instance has processes (or compute instances) and cannot go
     ├── InstanceNotFound        no GPU instance with that id on the GPU
     └── NoPermission            creating/destroying instances needs root or the MIG capability
+NodeTaken                       another node agent, alive, already serves this node or its GPUs
 ```
 
 Foreign errors (pynvml's `NVMLError_*`) are translated at the backend edge with ``raise ... from exc``.
@@ -373,3 +374,33 @@ class NotInHostPidNamespace(PrefectMigError):
     def __init__(self, message: str, *, detail: str) -> None:
         super().__init__(message)
         self.detail = detail
+
+
+class NodeTaken(PrefectMigError):
+    """Another node agent, alive, already serves this node, or one of its GPUs under another node
+    name: two would apply the same GPU's layout changes at once (destroying leased slices) and
+    publish over each other.
+
+    Attributes:
+        node: this agent's node name.
+        namespace: the cluster's namespace.
+        what: what the other agent holds, ``node <name>`` or ``GPU <uuid>``.
+        serving: the node name the other agent serves.
+        host: the host it runs on (its ``socket.gethostname()``).
+        pid: its process id on that host.
+    """
+
+    def __init__(self, *, node: str, namespace: str, what: str, serving: str, host: str, pid: int, ttl_s: float) -> None:
+        also = "" if serving == node else f" as node {serving}"
+        super().__init__(
+            f"{what} in namespace {namespace} already has a live agent{also}: pid {pid} on host {host}. Run one "
+            f"agent per node and per GPU: stop that one, or give this one its own PREFECT_MIG_NODE (a renamed "
+            f"node: stop the agent of its old name). A dead agent's claim lapses {ttl_s:g} s after its last tick "
+            f"(at once for one that died on this host)."
+        )
+        self.node = node
+        self.namespace = namespace
+        self.what = what
+        self.serving = serving
+        self.host = host
+        self.pid = pid

@@ -145,6 +145,29 @@ class Inventory:
         no new grants there until its next `heartbeat`, which returns ``back``."""
         return self._run("heartbeat", node, 0, why, action=f"take node {node} out of service")[0]
 
+    def claim_node(
+        self, node: str, agent: str, *, ttl_s: float, gpus: Sequence[str] = (), replace: str | None = None
+    ) -> tuple[str, str] | None:
+        """Claim `node` and its `gpus` (UUIDs) for the node agent `agent` (an opaque identity) for
+        `ttl_s`, or renew the claim, all or nothing: None when it holds them now, else ``(what,
+        identity)`` of the agent that holds one (``what``: ``node <name>`` or ``GPU <uuid>``).
+        `replace` (an identity this call gave back, of an agent known dead) is taken over at once."""
+        claims = {self.keys.agent(node): f"node {node}", **{self.keys.gpu_agent(g): f"GPU {g}" for g in gpus}}
+
+        def attempt(pipe) -> tuple[str, str] | None:
+            for key, what in claims.items():
+                current = pipe.get(key)
+                current = None if current is None else decode(current)
+                if current not in (None, agent, replace):
+                    return what, current
+            pipe.multi()
+            for key in claims:
+                pipe.set(key, agent, px=max(1, int(ttl_s * 1000)))
+            return None
+
+        with redis_errors(f"claim node {node} for this agent"):
+            return self.redis.transaction(attempt, *claims, value_from_callable=True)
+
     def _note_heartbeat(self, node: str, ttl_s: float) -> None:
         # kept apart from node_deadline, which the reaper clears: "last heartbeated 45 s ago"
         body = json.dumps({"at": self.now_ms(), "ttl_ms": int(ttl_s * 1000)})

@@ -110,6 +110,12 @@ class Keys:
     def gpu_slices(self, gpu_uuid: str) -> str:  # HASH slice_id -> "<start>|<pkey>"
         return f"{self.prefix}gpu_slices:{gpu_uuid}"
 
+    def agent(self, node: str) -> str:  # STRING with a TTL: the node agent serving the node (NodeAgent.claim)
+        return f"{self.prefix}agent:{node}"
+
+    def gpu_agent(self, gpu_uuid: str) -> str:  # STRING with a TTL: the node agent serving the GPU (same)
+        return f"{self.prefix}gpu_agent:{gpu_uuid}"
+
     def node_slices(self, node: str) -> str:  # SET of the node's slice ids
         return f"{self.prefix}node_slices:{node}"
 

@@ -261,6 +261,7 @@ def agent(
                 on_event=_prefect_events(),
                 heartbeat_ttl_s=heartbeat_ttl, state_dir=settings.state_dir,
             )
+            worker.claim()  # one agent per node: refused while another one serves it
             # `prefect-mig down` and the supervisor send SIGTERM: a carve under way finishes first
             for signum in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(signum, worker.terminate)

@@ -64,6 +64,14 @@ for _, s in ipairs(listed) do
   if not had[s.id] then added[#added + 1] = {s.id, s.node .. '/' .. s.gpu_index, s.profile} end
   local state = redis.call('HGET', K.slice_state, s.id)
   if leased_by(state) then s.busy = false end  -- its processes are the holder's own
+  -- A slice another node name published (the node was renamed, or two agents name one GPU) is
+  -- this node's now: left in the old name's set, that name's lapsed heartbeat would take it out
+  -- of service, and the old name's next publish would remove it from under this one.
+  local before = not had[s.id] and redis.call('HGET', K.slices, s.id)
+  if before then
+    local was = cjson.decode(before).node
+    if was and was ~= node then redis.call('SREM', node_slices_key(was), s.id) end
+  end
   s.ordinal = ordinal[s.gpu_uuid] or 0
   local raw = cjson.encode(s)
   redis.call('HSET', K.slices, s.id, raw)

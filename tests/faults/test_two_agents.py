@@ -1,0 +1,178 @@
+"""One node, one agent: a second node agent for the same node name and namespace (a user starts
+`prefect-mig agent` while the local cluster's runs, or gives two hosts one `PREFECT_MIG_NODE`)
+refuses to run, so two agents never apply one GPU's desired layout at once (a campaign that ran two
+saw leased slices destroyed and destroyed slices granted). A dead agent's claim does not hold its
+successor back: on the same host at once, from another host after the heartbeat TTL. A GPU that a
+renamed node's agent publishes under its new name stays in service when the old name lapses, and
+a task container labelled with the old name is fenced like any other. Real Redis, the simulated
+NVML, the local Docker engine for the containers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import docker.errors
+import pytest
+
+from prefect_mig.agent import NodeAgent
+from prefect_mig.allocator import Allocator, SliceRequest
+from prefect_mig.errors import NodeTaken
+from prefect_mig.gpu import GpuBackend, SimulatedNvml
+from prefect_mig.model import Layout
+from tests.agent_fixtures import start_task_container
+
+A30_TWO = "2g.12gb@0 + 2g.12gb@2"
+
+
+@pytest.fixture
+def two_agents(redis_client, namespace, tmp_path):
+    """Two agents for node-a of one namespace, each with its own backend on the same simulated A30."""
+    with GpuBackend(SimulatedNvml("node-a=1xA30-24GB", state_dir=tmp_path)) as first, \
+            GpuBackend(SimulatedNvml("node-a=1xA30-24GB", state_dir=tmp_path)) as second:
+        first.apply_layout(0, Layout.parse("A30-24GB", A30_TWO))
+        yield tuple(NodeAgent(b, Allocator(redis_client, namespace), node="node-a", heartbeat_ttl_s=2)
+                    for b in (first, second))
+
+
+def _run_in_thread(agent: NodeAgent, stop: threading.Event) -> tuple[threading.Thread, list]:
+    raised: list = []
+
+    def target():
+        try:
+            agent.run(interval_s=0.2, stop=stop)
+        except Exception as exc:  # noqa: BLE001 - the test looks at what ended it
+            raised.append(exc)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread, raised
+
+
+def test_a_second_agent_for_a_node_whose_agent_runs_stops_at_once_saying_which_agent_holds_it(two_agents):
+    first, second = two_agents
+    stop = threading.Event()
+    try:
+        running, first_raised = _run_in_thread(first, stop)
+        deadline = time.monotonic() + 30
+        while first.allocator.heartbeat("node-a", ttl_s=2) == "unknown":  # the first has published
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        desired = "2g.12gb@0 + 1g.6gb@2 + 1g.6gb@3"
+        second.allocator.set_desired(second.backend.gpus()[0].uuid, desired, kind="incremental")
+        other, second_raised = _run_in_thread(second, stop)
+        other.join(timeout=30)
+        assert not other.is_alive(), "a second agent for node-a kept running beside the first"
+        (error,) = second_raised
+        assert isinstance(error, NodeTaken)
+        assert error.node == "node-a" and error.pid == os.getpid()
+        assert "one agent per node" in str(error) and str(os.getpid()) in str(error)
+        assert running.is_alive() and first_raised == []  # the first one keeps the node
+    finally:
+        stop.set()
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_an_agent_started_again_after_its_predecessor_on_this_host_died_takes_the_node_at_once(two_agents):
+    dead, successor = two_agents
+    dead.identity["pid"] = _dead_pid()  # claimed the node, then was SIGKILLed
+    dead.claim()
+    successor.claim()  # no wait for the dead one's claim to lapse
+    with pytest.raises(NodeTaken):
+        dead.claim()  # and the node is the successor's now
+
+
+def test_an_agent_of_another_host_holds_the_node_until_its_claim_lapses(two_agents):
+    elsewhere, here = two_agents
+    elsewhere.identity["host"] = "gpu-host-that-went-away"
+    elsewhere.claim()
+    with pytest.raises(NodeTaken) as refused:
+        here.claim()
+    assert refused.value.host == "gpu-host-that-went-away"
+    time.sleep(elsewhere.heartbeat_ttl_s + 0.5)  # its agent stopped claiming
+    here.claim()
+
+
+def test_prefect_mig_agent_on_a_node_another_agent_serves_exits_1_and_changes_nothing(two_agents, redis_server, tmp_path):
+    serving, _ = two_agents
+    serving.heartbeat_ttl_s = 120  # its claim outlasts the CLI's start
+    serving.claim()
+    gpu = serving.backend.gpus()[0].uuid
+    serving.allocator.set_desired(gpu, "2g.12gb@0 + 1g.6gb@2 + 1g.6gb@3", kind="incremental")
+    env = {
+        **os.environ, "PREFECT_MIG_REDIS_URL": redis_server.url, "PREFECT_MIG_NAMESPACE": serving.allocator.keys.namespace,
+        "PREFECT_MIG_BACKEND": "simulated", "PREFECT_MIG_SIMULATED_FLEET": "node-a=1xA30-24GB",
+        "PREFECT_MIG_STATE_DIR": str(tmp_path), "COLUMNS": "200",
+    }
+    second = subprocess.run([sys.executable, "-m", "prefect_mig.cli.main", "agent", "--once", "--node", "node-a"],
+                            capture_output=True, text=True, env=env, timeout=120)
+    assert second.returncode == 1, second.stdout + second.stderr
+    assert "already has a live agent" in second.stderr and f"pid {os.getpid()}" in second.stderr
+    assert str(serving.backend.layout(0)) == A30_TWO and serving.allocator.desired(gpu) is not None
+
+
+def test_a_gpu_published_under_a_new_node_name_stays_in_service_when_the_old_names_heartbeat_lapses(
+    redis_client, namespace, tmp_path
+):
+    with GpuBackend(SimulatedNvml("node-a=1xA30-24GB", state_dir=tmp_path)) as backend:
+        backend.apply_layout(0, Layout.parse("A30-24GB", A30_TWO))
+        alloc = Allocator(redis_client, namespace)
+        NodeAgent(backend, alloc, node="gpu-host", heartbeat_ttl_s=1).publish()  # before PREFECT_MIG_NODE was set
+        renamed = NodeAgent(backend, Allocator(redis_client, namespace), node="gpu-3", heartbeat_ttl_s=60)
+        renamed.publish()  # the agent restarted under its new name; the old name's agent is gone
+        time.sleep(1.5)
+        alloc.reap()  # the old name's heartbeat lapsed
+        assert renamed.tick() == "ok"
+        assert [(s["node"], s["state"]) for s in alloc.status()["slices"]] == [("gpu-3", "free")] * 2
+        assert alloc.try_acquire(SliceRequest(profile="2g.12gb", ttl_s=30)).slice.node == "gpu-3"
+
+
+def test_an_agent_under_another_node_name_for_gpus_a_live_agent_serves_stops_at_once(two_agents):
+    first, second = two_agents
+    second.node = "gpu-3"  # the same GPUs under another name: PREFECT_MIG_NODE set for one agent only
+    stop = threading.Event()
+    try:
+        running, first_raised = _run_in_thread(first, stop)
+        deadline = time.monotonic() + 30
+        while first.allocator.heartbeat("node-a", ttl_s=2) == "unknown":
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        other, second_raised = _run_in_thread(second, stop)
+        other.join(timeout=30)
+        assert not other.is_alive(), "a second agent for node-a's GPU kept running under another name"
+        (error,) = second_raised
+        assert isinstance(error, NodeTaken) and error.serving == "node-a"
+        assert "node-a" in str(error) and second.backend.gpus()[0].uuid in str(error)
+        assert running.is_alive() and first_raised == []
+    finally:
+        stop.set()
+
+
+def test_a_renamed_nodes_agent_fences_a_dead_holders_container_labelled_with_the_old_name(
+    redis_client, namespace, tmp_path, docker_client, python_image, containers
+):
+    with GpuBackend(SimulatedNvml("node-a=1xA30-24GB", state_dir=tmp_path)) as backend:
+        backend.apply_layout(0, Layout.parse("A30-24GB", A30_TWO))
+        alloc = Allocator(redis_client, namespace)
+        NodeAgent(backend, alloc, node="gpu-host", docker_client=docker_client).publish()
+        lease = alloc.try_acquire(SliceRequest(profile="2g.12gb", ttl_s=1))
+        task = start_task_container(docker_client, python_image, alloc, lease_id=lease.lease_id, fence=lease.fence,
+                                    node="gpu-host", mig_uuid=lease.slice.mig_uuid)
+        containers.append(task)
+        renamed = NodeAgent(backend, Allocator(redis_client, namespace), node="gpu-3", docker_client=docker_client,
+                            heartbeat_ttl_s=60)
+        renamed.tick()  # the agent restarted under its new name while the task ran
+        time.sleep(1.5)  # then the task's flow process died: its lease expired, its container runs on
+        renamed.tick()
+        with pytest.raises(docker.errors.NotFound):
+            docker_client.containers.get(task.id)  # fenced, whatever node name its label carries
+        states = {s["mig_uuid"]: s["state"] for s in alloc.status()["slices"]}
+        assert states[lease.slice.mig_uuid] == "free"  # back in service only once it is gone
