@@ -12,11 +12,13 @@ from pathlib import Path
 
 import docker.errors
 import pytest
+import redis
 
 from prefect_mig.agent import NodeAgent
 from prefect_mig.allocator import Allocator, LeaseInfo, SliceRequest
+from prefect_mig.allocator.connection import MINIMAL_ACL
 from prefect_mig.allocator.invariants import check_events
-from prefect_mig.errors import NoCapacity
+from prefect_mig.errors import NoCapacity, RedisUnavailable
 from tests.agent_fixtures import start_task_container
 
 from .helpers import FLEET, ONE_SLICE
@@ -114,3 +116,17 @@ def test_a_node_without_a_fencing_agent_keeps_granting_after_a_restart(fresh_red
     shutil.copytree(server.dir, snapshot)
     _roll_back(server, snapshot)
     assert isinstance(alloc.try_acquire(SliceRequest(profile="4g.24gb", ttl_s=60)), LeaseInfo)
+
+
+def test_a_redis_user_without_info_is_told_to_grant_it(fresh_redis_server, namespace):
+    """The scripts need INFO to see a restart: a user set up with the older minimal ACL gets an error
+    saying what to grant, never grants made blind to restarts."""
+    fresh_redis_server.client().execute_command(
+        "ACL", "SETUSER", "old-acl", *MINIMAL_ACL.removesuffix(" +info").split(), ">pw"
+    )
+    user = redis.Redis(host="127.0.0.1", port=fresh_redis_server.port, username="old-acl", password="pw")
+    with pytest.raises(RedisUnavailable, match=r"INFO.*ACL SETUSER <user> \+info.*MINIMAL_ACL"):
+        Allocator(user, namespace).publish_fleet(FLEET, layouts=ONE_SLICE)
+    fresh_redis_server.client().execute_command("ACL", "SETUSER", "old-acl", "+info")
+    Allocator(user, namespace).publish_fleet(FLEET, layouts=ONE_SLICE)
+    assert isinstance(Allocator(user, namespace).try_acquire(SliceRequest(profile="4g.24gb", ttl_s=60)), LeaseInfo)

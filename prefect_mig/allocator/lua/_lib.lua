@@ -499,7 +499,11 @@ end
 
 local RUN_ID
 do
-  local info = redis.call('INFO', 'server')
+  local info = redis.pcall('INFO', 'server')
+  if type(info) == 'table' and info.err then
+    return redis.error_reply('NOPERM prefect-mig needs the INFO command to see Redis restarts (' .. info.err ..
+      '): grant it to its Redis user, e.g. ACL SETUSER <user> +info')
+  end
   local at = string.find(info, 'run_id:', 1, true)  -- a plain find: a pattern costs more than INFO
   if at then RUN_ID = string.match(string.sub(info, at + 7, at + 60), '^%x+') end
 end
