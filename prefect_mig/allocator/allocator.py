@@ -30,6 +30,9 @@ Policy, stated once:
 - **Dead holders.** A lease that expires on a node whose agent fences containers (it published
   with ``fence_settle_s``) leaves its slice quarantined until that agent confirms the holder's task
   container gone (`settle_fenced`), or at most ``fence_settle_s``: never two holders on one slice.
+- **Restarts.** A Redis server with another run_id than the scripts last saw (a restart, a restore,
+  a failover) may have lost the last grants: every slice not leased there, on a node whose agent
+  fences containers, is quarantined the same way until that agent's next fencing pass.
 - **Fencing.** Every grant takes the next value of one counter; renew and release must present it.
 
 Examples:

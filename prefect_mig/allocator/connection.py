@@ -46,8 +46,13 @@ _SENTINEL_QUERY = ("sentinel_username", "sentinel_password")
 
 
 #: The rights prefect-mig needs on a shared Redis (append ``>password``): its keys only, the commands
-#: its scripts and reads use, nothing dangerous (no FLUSHALL, CONFIG, KEYS, DEBUG, SHUTDOWN).
-MINIMAL_ACL = "on ~pmig:* resetchannels -@all +@read +@write +@scripting +@connection +@transaction +blpop +time -@dangerous"
+#: its scripts and reads use, nothing dangerous (no FLUSHALL, CONFIG, KEYS, DEBUG, SHUTDOWN). INFO
+#: (read-only, though filed under @dangerous) lets the scripts see the server's run_id change when
+#: Redis restarts or fails over and may have lost the last grants.
+MINIMAL_ACL = (
+    "on ~pmig:* resetchannels -@all +@read +@write +@scripting +@connection +@transaction +blpop +time -@dangerous"
+    " +info"
+)
 
 
 def redacted(url: str) -> str:

@@ -87,6 +87,9 @@ class Keys:
         # HASH slice_id -> the expired lease whose task container the node's agent has not yet
         # confirmed gone (see settle.lua); such a slice is 'quarantined'
         self.awaiting_fence = p + "awaiting_fence"
+        # STRING: the run_id of the Redis server the scripts last ran on; another one means Redis
+        # restarted (or failed over) and may have lost its last writes (see the end of _lib.lua)
+        self.run_id = p + "run_id"
         # HASH token_id -> {"tenant", "max_priority", "admin", "sha256", "created_at"} JSON (HTTP API clients)
         self.api_tokens = p + "api_tokens"
         self.drained_nodes = p + "drained_nodes"  # SET of nodes drained for maintenance: no new grants

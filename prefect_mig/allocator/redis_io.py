@@ -31,6 +31,11 @@ def redis_errors(action: str) -> Iterator[None]:
             f"Redis did not answer while trying to {action} ({exc.__class__.__name__}: {exc}). "
             "Check PREFECT_MIG_REDIS_URL and that redis-server runs."
         ) from exc
+    except redis.exceptions.NoPermissionError as exc:
+        raise RedisUnavailable(
+            f"Redis refused to {action}: prefect-mig's Redis user lacks a right ({exc}). Give it the "
+            "rights in prefect_mig.allocator.connection.MINIMAL_ACL (README, \"A shared Redis\")."
+        ) from exc
     except redis.RedisError as exc:
         raise RedisUnavailable(
             f"Redis refused to {action} ({exc.__class__.__name__}: {exc}). "

@@ -68,6 +68,7 @@ FIXED_KEYS = (
     "drained_nodes",
     "awaiting_fence",
     "announce",
+    "run_id",
 )
 
 

@@ -11,7 +11,7 @@ local K = {
   tenant_compute = KEYS[15], quotas = KEYS[16], events = KEYS[17], repartitioner = KEYS[18],
   withholding = KEYS[19], config = KEYS[20], epoch = KEYS[21], quarantine = KEYS[22],
   counters = KEYS[23],
-  drained_nodes = KEYS[24], awaiting_fence = KEYS[25], announce = KEYS[26],
+  drained_nodes = KEYS[24], awaiting_fence = KEYS[25], announce = KEYS[26], run_id = KEYS[27],
 }
 local P = ARGV[1]
 local NOW
@@ -461,4 +461,54 @@ local function nudge_warm(r)
     end
   end
   return nil
+end
+
+-- A Redis restart (another server run_id than the scripts last saw: a crash, a restore from backup,
+-- a failover) may have lost the last writes: a grant made just before may be gone while its holder's
+-- task container runs on, so its slice looks free. Every slice not leased here, on a node whose agent
+-- fences task containers, then waits as an expired lease's slice does: 'quarantined', awaiting its
+-- agent's next fencing pass (settle.lua; at most the node's fence_settle_ms). Nodes without a fencing
+-- agent (a simulated fleet) are not held. Runs before any script's own work, so before any grant.
+local function hold_after_restart(run_id)
+  local marker = 'restart:' .. run_id
+  local held = 0
+  local nodes = redis.call('HGETALL', K.nodes)
+  for i = 1, #nodes, 2 do
+    local node = nodes[i]
+    local settle_ms = cjson.decode(nodes[i + 1]).fence_settle_ms
+    if type(settle_ms) == 'number' then
+      for _, id in ipairs(redis.call('SMEMBERS', node_slices_key(node))) do
+        local s = slice(id)
+        local state = redis.call('HGET', K.slice_state, id)
+        if s and not leased_by(state) then
+          redis.call('ZADD', K.quarantine, 'GT', NOW + settle_ms, id)
+          -- an expired lease's slice keeps its lease: the agent's check covers the MIG UUID either way
+          redis.call('HSETNX', K.awaiting_fence, id, marker)
+          if state == 'free' then
+            redis.call('ZREM', free_key(s.pkey), id)
+            redis.call('HSET', K.slice_state, id, 'quarantined')
+          end
+          event('slice.quarantined', {'slice', id, 'lease', marker, 'node', node, 'until', NOW + settle_ms})
+          held = held + 1
+        end
+      end
+    end
+  end
+  event('cluster.restarted', {'run_id', run_id, 'held', held})
+end
+
+local RUN_ID
+do
+  local info = redis.pcall('INFO', 'server')
+  if type(info) == 'table' and info.err then
+    return redis.error_reply('NOPERM prefect-mig needs the INFO command to see Redis restarts (' .. info.err ..
+      '): grant it to its Redis user, e.g. ACL SETUSER <user> +info')
+  end
+  local at = string.find(info, 'run_id:', 1, true)  -- a plain find: a pattern costs more than INFO
+  if at then RUN_ID = string.match(string.sub(info, at + 7, at + 60), '^%x+') end
+end
+local SEEN_RUN_ID = redis.call('GET', K.run_id)
+if RUN_ID and SEEN_RUN_ID ~= RUN_ID then
+  redis.call('SET', K.run_id, RUN_ID)
+  if SEEN_RUN_ID or redis.call('HLEN', K.slices) > 0 then hold_after_restart(RUN_ID) end
 end
