@@ -323,6 +323,10 @@ def create_app(
         # parser accepts) are echoed as strings: otherwise writing the 422 itself fails (a 500)
         body = RenewBody if request.url.path.endswith("/renew") else AcquireBody
         errors = _name_allowed(jsonable_encoder(exc.errors()), body)
+        for error in errors:  # the models' bound is a day; this cluster's is what a client can use
+            if error["loc"][-1:] == ["ttl_s"] and error["type"] == "less_than_equal":
+                error["msg"] = (f"Input should be at most {allocator.max_ttl_s:g} s, this cluster's longest lease "
+                                "(PREFECT_MIG_LEASE_MAX_TTL_S)")
         return JSONResponse({"detail": _json_safe(errors)}, status_code=422)
 
     def grant_of(request: Request) -> TokenGrant:

@@ -105,6 +105,17 @@ def test_a_non_finite_number_is_422_naming_the_field_not_500(http):
         assert "ttl_s" in bad.text and value.lstrip("-") in bad.text
 
 
+def test_a_ttl_past_a_day_is_422_naming_the_clusters_own_maximum(http):
+    """Found by a new-user trial: ``ttl_s`` 100000 was refused as "less than or equal to 86400", then
+    86400 as "1 to 900": the model's bound hid the cluster's (PREFECT_MIG_LEASE_MAX_TTL_S)."""
+    for path, body in [("/v1/leases", {"request": {"profile": "1g.10gb", "ttl_s": 100_000}}),
+                       ("/v1/leases/nope/renew", {"fence": 1, "ttl_s": 100_000})]:
+        bad = http.post(path, json=body, headers=AUTH)
+        assert bad.status_code == 422, bad.text
+        (error,) = bad.json()["detail"]
+        assert error["loc"][-1] == "ttl_s" and "900" in error["msg"] and "PREFECT_MIG_LEASE_MAX_TTL_S" in error["msg"]
+
+
 def test_openapi_describes_the_routes_when_docs_are_on(alloc):
     http = TestClient(create_app(alloc, token=TOKEN, docs=True))
     assert http.get("/openapi.json").status_code == 401
