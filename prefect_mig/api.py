@@ -480,7 +480,7 @@ def create_app(
     @app.delete("/v1/leases/{lease_id}")
     def release(
         request: Request, lease_id: str, fence: Annotated[int | None, Query(ge=1, description="Admins may omit it.")] = None
-    ) -> dict[str, bool]:
+    ) -> dict[str, Any]:
         try:
             lease = own_lease(request, lease_id)
         except LeaseLost:
@@ -488,7 +488,9 @@ def create_app(
         if fence is None:
             if not grant_of(request).admin:
                 raise HTTPException(422, "fence: required (only an admin token may revoke a lease without it).")
-            fence = lease.fence
+            # not released here: the holder may still use the slice; it is told and stops, as when preempted
+            expires_at = allocator.revoke(lease.lease_id)
+            return {"released": False, "revoked": expires_at is not None, "expires_at": expires_at}
         return {"released": allocator.release(lease_id, fence)}
 
     def visible(request: Request, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

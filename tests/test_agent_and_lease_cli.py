@@ -72,6 +72,22 @@ def test_lease_commands_acquire_list_renew_and_release(cli_env, tmp_path):
     assert {s["state"] for s in status["slices"]} == {"free"} and status["queue"] == []
 
 
+def test_lease_revoke_tells_the_holder_to_stop_and_keeps_the_slice_until_it_releases(cli_env, tmp_path):
+    nvml = SimulatedNvml("node-a=1xA30-24GB", state_dir=tmp_path)
+    with GpuBackend(nvml) as backend:
+        backend.apply_layout(0, Layout.parse("A30-24GB", "4g.24gb@0"))
+    assert _cli("agent", "--once", env=cli_env).returncode == 0
+    lease = json.loads(_cli("lease", "acquire", "--profile", "4g.24gb", "--json", env=cli_env).stdout)
+    revoked = json.loads(_cli("lease", "revoke", lease["lease_id"], "--json", env=cli_env).stdout)
+    assert revoked["revoked"] is True
+    renew = _cli("lease", "renew", lease["lease_id"], "--fence", str(lease["fence"]), env=cli_env)
+    assert renew.returncode == 1 and "revoked by an admin" in renew.stderr
+    taken = _cli("lease", "acquire", "--profile", "4g.24gb", "--timeout", "0", env=cli_env)
+    assert taken.returncode == 1  # still the holder's until it releases
+    assert _cli("lease", "release", lease["lease_id"], "--fence", str(lease["fence"]), env=cli_env).returncode == 0
+    assert _cli("lease", "acquire", "--profile", "4g.24gb", "--timeout", "0", env=cli_env).returncode == 0
+
+
 @pytest.mark.parametrize("timeout", ["1e10", "-1", "nan", "inf"])
 def test_lease_acquire_with_a_bad_timeout_exits_2_naming_it_and_holds_nothing(cli_env, timeout):
     """A wait past 30 days overflowed a socket timeout after the grant (a traceback and a lease

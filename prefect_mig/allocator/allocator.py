@@ -577,14 +577,25 @@ class Allocator(Inventory, LayoutChanges):
                 lease_id=lease_id,
             )
         if code == "revoked":
+            why = "by an admin" if reply[2] == "admin" else f"for a priority-{reply[2]} request"
             raise LeaseLost(
-                f"lease {lease_id} was revoked for a priority-{reply[2]} request; stop using the slice "
+                f"lease {lease_id} was revoked {why}; stop using the slice "
                 f"and release it (it is taken back within {int(reply[3]) / 1000:g} s).",
                 reason="revoked",
                 lease_id=lease_id,
             )
         reason = "expired" if code == "expired" else "gone"
         raise LeaseLost(f"lease {lease_id} {reason}: renew came too late.", reason=reason, lease_id=lease_id)
+
+    def revoke(self, lease_id: str) -> int | None:
+        """Take a lease back from its holder without its fence (an admin's power): the holder is
+        told at once, as a preempted one is, and must stop; its lease keeps at most the cluster's
+        grace from the holder's next renew. The slice goes on when the holder releases it or the
+        lease expires (on a node whose agent fences containers, after the agent removed the
+        holder's), never while the holder may still use it. Returns the lease's current expiry
+        (ms), None when it was already gone."""
+        reply = self._run("release", lease_id, 0, "revoke", action="revoke a lease")
+        return int(reply[1]) if reply[0] == "revoked" else None
 
     def release(self, lease_id: str, fence: int) -> bool:
         """Give the slice back. Idempotent: False when the lease was already gone.

@@ -132,6 +132,26 @@ def release(
             console.print(f"released {lease_id}" if released else f"{lease_id} was already gone")
 
 
+@lease_app.command("revoke")
+def revoke(
+    lease_id: Annotated[str, typer.Argument(help="Lease id (`lease list`).")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Take a lease back from its holder (an admin's tool; no fence needed). The holder is told at
+    once and must stop, as when preempted; the slice goes to the next waiter when the holder
+    releases it or its lease lapses (and its container is fenced), never while it may be in use.
+    `lease release` with a fence is the holder's own release: the slice goes on at once."""
+    with cli_errors():
+        expires_at = _allocator().revoke(lease_id)
+        if as_json:
+            print_json({"lease_id": lease_id, "revoked": expires_at is not None, "expires_at": expires_at})
+        elif expires_at is None:
+            console.print(f"{lease_id} was already gone")
+        else:
+            console.print(f"revoked {lease_id}: its holder is told to stop; the slice goes on when it releases "
+                          "or its lease lapses")
+
+
 @lease_app.command("list")
 def list_leases(as_json: JsonOpt = False) -> None:
     """List live leases."""

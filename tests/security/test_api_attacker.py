@@ -87,12 +87,25 @@ def test_a_revoked_or_forged_token_is_refused(served_api):
     assert served_api.client(token).get("/v1/leases").status_code == 403
 
 
-def test_an_admin_may_revoke_any_lease_without_its_fence(served_api, teams):
+def test_an_admin_may_revoke_any_lease_without_its_fence_and_the_slice_waits_for_its_holder(served_api, teams):
+    """An admin's fence-less DELETE released the lease at once, so the slice could go to the next
+    waiter while its holder still used it (a fault campaign). It now revokes, as a preemption does:
+    the holder is told and stops, and the slice goes on when the holder releases it."""
+    from prefect_mig.allocator import SliceRequest
+
     a, b, lease = teams
-    assert b.delete(f"/v1/leases/{lease['lease_id']}").status_code == 409
-    assert a.delete(f"/v1/leases/{lease['lease_id']}").status_code == 422  # its owner still needs the fence
-    assert served_api.client().delete(f"/v1/leases/{lease['lease_id']}").json() == {"released": True}
-    assert served_api.alloc.status()["leases"] == []
+    lid, fence = lease["lease_id"], lease["fence"]
+    assert b.delete(f"/v1/leases/{lid}").status_code == 409
+    assert a.delete(f"/v1/leases/{lid}").status_code == 422  # its owner still needs the fence
+    revoked = served_api.client().delete(f"/v1/leases/{lid}").json()
+    assert revoked["revoked"] is True and revoked["released"] is False
+    waiting = served_api.alloc.try_acquire(SliceRequest(profile="3g.40gb", holder="next"), wait=True)
+    assert waiting.request_id  # queued: the holder may still be using the slice
+    assert [row["lease_id"] for row in served_api.alloc.status()["leases"]] == [lid]
+    told = a.post(f"/v1/leases/{lid}/renew", json={"fence": fence})
+    assert told.status_code == 410 and "revoked by an admin" in told.text
+    assert a.delete(f"/v1/leases/{lid}", params={"fence": fence}).json() == {"released": True}
+    assert [row["holder"] for row in served_api.alloc.status()["leases"]] == ["next"]
 
 
 def _raw(port: int, head: str) -> str:

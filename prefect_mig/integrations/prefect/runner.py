@@ -589,7 +589,7 @@ def _tag_values(tags: Iterable[str]) -> dict[str, Any]:
 
 
 _LOST_WHY = {
-    "revoked": "A higher-priority request revoked it (the task is preemptible).",
+    "revoked": "It was revoked: by a higher-priority request (the task is preemptible), or by an admin.",
     "fenced": "Its fencing token is stale: the node agent removed the container of an older holder.",
     "gone": "Redis no longer holds it (expired, or Redis lost its data), so the node agent removed the container.",
     "removed": "The lease is intact, so something else removed the container (docker rm, or an agent of "
