@@ -73,7 +73,8 @@ _COUNTERS = {
     "lease.granted": ("prefect_mig_lease_grants", "Leases granted."),
     "lease.released": ("prefect_mig_lease_releases", "Leases released by their holder."),
     "lease.expired": ("prefect_mig_lease_expiries", "Leases that expired (not renewed in time)."),
-    "lease.revoked": ("prefect_mig_lease_revocations", "Preemptible leases revoked for a higher priority."),
+    "lease.revoked": ("prefect_mig_lease_revocations",
+                      "Leases revoked: preemptible ones for a higher priority, or any by an admin (lease revoke)."),
     "container.fenced": ("prefect_mig_container_fences", "Task containers a node agent removed (lease gone, stale fence)."),
     "slice.quarantined": (
         "prefect_mig_slice_fence_waits",

@@ -12,7 +12,7 @@ lost: run `prefect-mig report` (or `roll_up`) more often than the stream turns o
 
 Figures per row: slice-hours leased, compute-slice-hours, GPU-hours (compute slices over the GPU's
 count: a 3g lease on an H100 is 3/7 of it), leases ended, mean and p95 wait (p95 is the upper bound of
-the wait histogram's bucket), preemptions (revocations of the row's leases), cost (GPU-hours x price).
+the wait histogram's bucket), preemptions (revocations of the row's leases, by a higher priority or an admin), cost (GPU-hours x price).
 
 Idle slice-hours (rows by GPU or profile, and the cluster's ``totals``): carved slice-hours minus
 leased slice-hours. A slice is carved from the publish that first lists it (``inventory.published``

@@ -17,7 +17,7 @@ Only the body runs in the container; Prefect's engine (states, retries, caching,
 stays in the flow's process. Each try takes a fresh lease, renewed while the body runs and
 released on every exit path. While a task waits for its slice, its run shows the state
 ``AwaitingMIG``; once leased, a log line and a ``prefect-mig.lease.granted`` event say which slice
-on which GPU and node (no extra Running state unless the try waited). If the lease is lost (expired or revoked for a higher priority), the container is
+on which GPU and node (no extra Running state unless the try waited). If the lease is lost (expired, or revoked for a higher priority or by an admin), the container is
 stopped and the task fails saying so. If the flow run is cancelled, a waiting try withdraws its
 request, a running one's container is stopped, its lease released, and the task run ends Cancelled. The body sees ``CUDA_VISIBLE_DEVICES`` /
 ``NVIDIA_VISIBLE_DEVICES`` (the MIG UUID) and ``PREFECT_MIG_LEASE_ID``, ``PREFECT_MIG_FENCE``,
