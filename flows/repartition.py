@@ -37,7 +37,7 @@ def repartition(
     namespace: str | None = None,
     drain_cost: float = Knobs.drain_cost,
     idle_window_s: float = Knobs.idle_window_s,
-    profiles: str = "classic",
+    profiles: str = "extended",
 ) -> list[dict]:
     """Plan once and desire the changes; `profiles`: classic, extended (adds 1g.20gb) or all."""
     import redis

@@ -441,6 +441,20 @@ def test_memory_bound_demand_moves_a_gpu_from_2g_20gb_to_1g_20gb_slices():
     assert p.target.profile_counts() == {"1g.20gb": 4} and p.kind == "incremental"
 
 
+def test_the_live_service_by_default_carves_the_1g_20gb_slices_a_queued_request_asks_for(alloc):
+    """`1g.20gb` is an H100 profile a user may ask for by name; with the classic profiles (the
+    service's old default) no layout the planner could choose held one, so the request waited
+    forever on a GPU that was idle."""
+    from prefect_mig.allocator import SliceRequest
+    from prefect_mig.repartition.service import plan_from_allocator
+
+    alloc.publish_fleet("node-a=1xH100-80GB", layouts={"node-a": ["7g.80gb@0"]})
+    alloc.queue_uncarved = True  # a repartitioner runs: the request waits for it to carve one
+    assert alloc.try_acquire(SliceRequest(profile="1g.20gb"), wait=True).request_id
+    (p,) = plan_from_allocator(alloc)
+    assert p.kind == "incremental" and "1g.20gb" in p.target.profile_counts()
+
+
 def test_the_live_service_gives_a_drain_the_timeout_the_lease_history_gives_it(alloc, clock, tmp_path):
     """Not the agent's fixed timeout: finished leases ran 100 s and 300 s, so a lease 50 s old is
     expected to run 150 s more and the drain waits that long for it, then gives up."""
@@ -489,8 +503,9 @@ def test_the_lease_history_reads_back_as_a_workload():
         (-200.0, 1000.0, "H100-80GB/7g.80gb", 5),  # 200 s old; the 1,000 s lease says 800 s more
         (-100.0, 550.0, "H100-80GB/1g.10gb", 2),  # queued: the mean run time
     ]
-    # with the classic profiles, a request for 1g.20gb or 2g.20gb counts as 2g.20gb
-    assert recent_leases(status, events, now_ms=1_200_000)[0][2] == "H100-80GB/2g.20gb"
+    # extended is the default; with the classic profiles a request for 1g.20gb or 2g.20gb counts as 2g.20gb
+    assert recent_leases(status, events, now_ms=1_200_000) == rows
+    assert recent_leases(status, events, now_ms=1_200_000, profiles="classic")[0][2] == "H100-80GB/2g.20gb"
 
 
 def test_a_queued_request_pinned_to_a_node_nobody_published_is_no_demand(alloc):

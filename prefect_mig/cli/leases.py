@@ -417,7 +417,7 @@ repartition_app = typer.Typer(help="Make MIG layouts follow the demand.", no_arg
 DrainCostOpt = Annotated[
     float, typer.Option(help="Served compute slices a drain must gain per lease it waits for.")
 ]
-ProfilesOpt = Annotated[str, typer.Option(help="Profiles layouts use: classic, extended (adds 1g.20gb), all.")]
+ProfilesOpt = Annotated[str, typer.Option(help="Profiles layouts use: classic, extended (classic plus each model's 2-memory-slice 1g, e.g. 1g.20gb on an H100), all.")]
 IdleWindowOpt = Annotated[
     float, typer.Option(help="While nothing waits, re-carve only slices idle this many seconds.")
 ]
@@ -434,7 +434,7 @@ def _knobs(drain_cost: float, profiles: str, idle_window: float):
 @repartition_app.command("plan")
 def repartition_plan(
     drain_cost: DrainCostOpt = Knobs.drain_cost,
-    profiles: ProfilesOpt = "classic",
+    profiles: ProfilesOpt = "extended",
     idle_window: IdleWindowOpt = Knobs.idle_window_s,
     as_json: JsonOpt = False,
 ) -> None:
@@ -466,7 +466,7 @@ def repartition_plan(
 @repartition_app.command("apply")
 def repartition_apply(
     drain_cost: DrainCostOpt = Knobs.drain_cost,
-    profiles: ProfilesOpt = "classic",
+    profiles: ProfilesOpt = "extended",
     idle_window: IdleWindowOpt = Knobs.idle_window_s,
     as_json: JsonOpt = False,
 ) -> None:
@@ -489,7 +489,7 @@ def repartition_serve(
         float, typer.Option(help="After a lease ends or a request queues, gather more events this long, then plan.", min=0)
     ] = 1.0,
     drain_cost: DrainCostOpt = Knobs.drain_cost,
-    profiles: ProfilesOpt = "classic",
+    profiles: ProfilesOpt = "extended",
     idle_window: IdleWindowOpt = Knobs.idle_window_s,
 ) -> None:
     """Plan when a lease ends, a request queues or a flow run ends (a Prefect API configured), at the

@@ -70,7 +70,7 @@ def profile_set(name: str, *, field: str = "profiles") -> str:
 
 
 @lru_cache(maxsize=256)
-def model_profiles(model_name: str, profiles: str | tuple[str, ...] = "classic") -> str | tuple[str, ...]:
+def model_profiles(model_name: str, profiles: str | tuple[str, ...] = "extended") -> str | tuple[str, ...]:
     """`profiles` as `enumerate_layouts` takes them on `model_name`: ``extended`` becomes that
     model's own names (classic plus the 2-memory-slice ``1g`` profiles; no ``+me``), and a list of
     names keeps those the model has, so one profile set serves every model of a fleet.
@@ -140,7 +140,7 @@ class Knobs:
         drain_timeout_min_s: the shortest drain timeout the planner sets (a lease about to end
             still needs the agent to notice).
         fragmentation_cost: served compute slices one unusable free memory slice costs.
-        profiles: the profiles layouts are built from: "classic", "extended" (per model, see
+        profiles: the profiles layouts are built from: "classic", "extended" (the default; per model, see
             `model_profiles`), "all", or names.
         drains: whether plans may drain at all (the service turns them off while nothing waits).
         idle_window_s: while nothing waits, a slice freed less than this long ago counts as busy,
@@ -159,7 +159,7 @@ class Knobs:
     drain_timeout_factor: float = 1.0
     drain_timeout_min_s: float = 60.0
     fragmentation_cost: float = 0.01
-    profiles: str | tuple[str, ...] = "classic"
+    profiles: str | tuple[str, ...] = "extended"
     drains: bool = True
     idle_window_s: float = 300.0
     retry_after_s: float = 600.0
@@ -177,7 +177,7 @@ def _profile_names(model_name: str, profiles) -> frozenset[str]:
     return frozenset(p.name for p in select_profiles(get_model(model_name), chosen if isinstance(chosen, str) else list(chosen)))
 
 
-def carvable(pkey: str, profiles: str | tuple[str, ...] = "classic") -> bool:
+def carvable(pkey: str, profiles: str | tuple[str, ...] = "extended") -> bool:
     """Whether layouts built from `profiles` can hold the slice kind ``"<model>/<profile>"``."""
     model_name, _, profile = pkey.partition("/")
     return profile in _profile_names(model_name, profiles)
@@ -493,7 +493,7 @@ class DemandBook:
     """
 
     history_weight: float = 0.25
-    profiles: str | tuple[str, ...] = "classic"
+    profiles: str | tuple[str, ...] = "extended"
     demand: dict[str, list[float]] = field(default_factory=dict)
 
     def _add(self, pkeys: Iterable[str], weight: float, node: str | None = None) -> None:

@@ -74,7 +74,7 @@ def placeable(status: dict) -> list[dict]:
 
 
 def demand_of(
-    status: dict, events: list[dict], *, history: int | None = None, profiles: str | tuple[str, ...] = "classic"
+    status: dict, events: list[dict], *, history: int | None = None, profiles: str | tuple[str, ...] = "extended"
 ) -> dict[str, list[float]]:
     """Priority-weighted demand: every queued request, and the last `history` grants in `events`
     (oldest first; default: as many as the inventory has slices, so history can at most re-shape
@@ -119,7 +119,7 @@ def expected_remaining(status: dict, events: list[dict], *, now_ms: int) -> dict
     return out
 
 
-def recent_leases(status: dict, events: list[dict], *, now_ms: int, profiles: str | tuple[str, ...] = "classic") -> list[tuple[float, float, str, int]]:
+def recent_leases(status: dict, events: list[dict], *, now_ms: int, profiles: str | tuple[str, ...] = "extended") -> list[tuple[float, float, str, int]]:
     """The demand history as a workload: per lease granted in `events` (oldest first) and per
     queued request, ``(arrival s, run time s, "<model>/<profile>", priority)``. A finished lease
     ran what it ran; a running one its age plus its expected remaining run time (see
@@ -156,7 +156,7 @@ def recent_leases(status: dict, events: list[dict], *, now_ms: int, profiles: st
     return sorted(r for r in rows if r[2])
 
 
-def first_carvable(pkeys, profiles: str | tuple[str, ...] = "classic") -> str:
+def first_carvable(pkeys, profiles: str | tuple[str, ...] = "extended") -> str:
     """The first of a request's kinds (best fit first) that `profiles` carve, else its first."""
     pkeys = [k for k in (pkeys.split(",") if isinstance(pkeys, str) else pkeys) if k]
     return next((k for k in pkeys if carvable(k, profiles)), pkeys[0] if pkeys else "")
