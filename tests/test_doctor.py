@@ -131,9 +131,10 @@ def test_docker_without_the_nvidia_hook_or_runtime_fails_with_the_toolkit_fix(do
     assert with_runtime.status == "pass"
 
 
-def test_the_doctor_command_prints_json_from_the_real_pynvml_on_the_stub(make_nvml_stub):
+def test_the_doctor_command_prints_json_from_the_real_pynvml_on_the_stub(make_nvml_stub, redis_server, tmp_path):
     stub = make_nvml_stub(FLEET, mig_modes={1: (0, 0)})
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_MIG_")}
+    env |= {"PREFECT_MIG_REDIS_URL": redis_server.url, "PREFECT_MIG_STATE_DIR": str(tmp_path)}
     done = subprocess.run(
         [sys.executable, "-m", "prefect_mig.cli.main", "doctor", "--json"],
         env={**env, **stub.env()},
@@ -150,6 +151,7 @@ def test_the_doctor_command_prints_json_from_the_real_pynvml_on_the_stub(make_nv
     assert checks["GPU 1 (NVIDIA A30): MIG mode"]["status"] == "fail"
     assert {"permissions", "PID namespace", "other NVML clients", "CDI devices"} <= set(checks)
     assert {"Docker GPU support", "Docker engine"} & set(checks)
+    assert checks["Redis restart detection"]["status"] == "pass"
     for check in report["checks"]:  # the fields scripts read, and a fix for every failure
         assert set(check) == {"name", "status", "detail", "fix"} and check["status"] in ("pass", "warn", "fail")
         assert check["detail"] and (check["status"] != "fail" or check["fix"]), check
@@ -180,3 +182,25 @@ def test_the_agent_command_refuses_to_start_in_a_child_pid_namespace(make_nvml_s
     )
     assert done.returncode == 1, done.stdout + done.stderr
     assert "--pid=host" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_doctor_fails_a_redis_that_would_hide_its_restarts(redis_server):
+    """Restart detection reads the server's run_id from INFO: a Redis user without INFO, or a proxy
+    that hides run_id, would let a restart that lost a grant go unseen."""
+    import uuid
+
+    from prefect_mig.cli.doctor import redis_checks, restart_detection
+
+    (ok,) = redis_checks(redis_server.client())
+    assert ok.status == "pass" and "run_id" in ok.detail
+    user, password = f"doctor-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    admin = redis_server.client()
+    admin.acl_setuser(user, enabled=True, passwords=[f"+{password}"], keys=["*"], commands=["+@all", "-info"])
+    try:
+        limited = redis_server.client(username=user, password=password)
+        (refused,) = redis_checks(limited)
+        assert refused.status == "fail" and "ACL SETUSER <user> +info" in refused.fix
+    finally:
+        admin.acl_deluser(user)
+    hidden = restart_detection({"redis_version": "7.2.4"})  # what such a proxy's INFO server parses to
+    assert hidden.status == "fail" and "run_id" in hidden.detail and hidden.fix

@@ -3,7 +3,8 @@
 It changes nothing: no MIG mode switch, no instance created or destroyed, no container started.
 It reads NVML (driver version, MIG mode current/pending, the catalog vs what NVML reports for each
 GPU), ``/proc`` (permissions, the PID namespace, DCGM and other NVML clients), the CDI spec
-directories and ``docker info`` (runtimes, the NVIDIA hook). Exit status 1 when a check fails.
+directories and ``docker info`` (runtimes, the NVIDIA hook), and the configured Redis's ``INFO``
+(``PREFECT_MIG_REDIS_URL``, or the local cluster's if it runs). Exit status 1 when a check fails.
 
 Examples:
     ```python
@@ -228,8 +229,54 @@ def docker_checks(info: dict[str, Any] | None, error: str | None = None) -> list
     ]
 
 
-def run_doctor(backend: GpuBackend | None = None, *, docker_host: str | None = None) -> list[Check]:
-    """Every check, on `backend` (default: the real NVML) and this host's Docker engine."""
+def redis_checks(client) -> list[Check]:
+    """Whether the scripts can see this Redis restart: its ``INFO server`` must give a ``run_id``.
+
+    After a restart that lost the last writes (no persistence, a restore, a failover), a grant may be
+    gone while its holder still runs; the scripts hold every unleased slice of a fencing node until
+    its agent has looked, but only when they see the server's ``run_id`` change.
+
+    Examples:
+        ```python
+        from prefect_mig.cli.doctor import redis_checks
+        from prefect_mig.testing.redis_server import RedisServer
+
+        with RedisServer() as server:
+            (check,) = redis_checks(server.client())
+        assert check.status == "pass"
+        ```
+    """
+    import redis
+
+    name = "Redis restart detection"
+    try:
+        info = client.info("server")
+    except redis.exceptions.NoPermissionError as exc:
+        return [Check(name=name, status="fail", detail=f"INFO refused: {exc}",
+                      fix="grant INFO to prefect-mig's Redis user: ACL SETUSER <user> +info")]
+    except redis.exceptions.RedisError as exc:
+        return [Check(name=name, status="fail", detail=f"no answer: {exc}",
+                      fix="start the Redis PREFECT_MIG_REDIS_URL names, or fix the URL")]
+    return [restart_detection(info)]
+
+
+def restart_detection(info: dict[str, Any]) -> Check:
+    """The restart-detection check from a parsed ``INFO server``."""
+    name = "Redis restart detection"
+    run_id = str(info.get("run_id") or "")
+    if not run_id:
+        return Check(
+            name=name, status="fail",
+            detail="INFO server gives no run_id (a proxy or managed service hides it): a Redis restart that lost "
+            "a grant would go unseen, and that slice could be granted to a second holder while its first still runs",
+            fix="point PREFECT_MIG_REDIS_URL at a Redis (or a proxy) whose INFO server reports run_id",
+        )
+    return Check(name=name, status="pass", detail=f"redis {info.get('redis_version', '?')}, run_id {run_id[:12]}")
+
+
+def run_doctor(backend: GpuBackend | None = None, *, docker_host: str | None = None, redis_client=None) -> list[Check]:
+    """Every check, on `backend` (default: the real NVML), this host's Docker engine and
+    `redis_client` (none: no Redis check)."""
     checks: list[Check] = []
     try:
         with backend or GpuBackend() as gpus:
@@ -255,15 +302,30 @@ def run_doctor(backend: GpuBackend | None = None, *, docker_host: str | None = N
             checks += docker_checks(client.info())
         finally:
             client.close()
+    if redis_client is not None:
+        checks += redis_checks(redis_client)
     return checks
 
 
 def doctor(as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False) -> None:
     """Check this host for prefect-mig on real GPUs (read-only): driver, MIG mode, permissions,
-    PID namespace, Docker and CDI, the catalog vs NVML, other NVML clients. Each failure says its fix."""
+    PID namespace, Docker and CDI, the catalog vs NVML, other NVML clients, and whether the configured
+    Redis shows its restarts. Each failure says its fix."""
+    from prefect_mig.allocator.connection import client_for_url, url_options
+    from prefect_mig.allocator.embedded import running_embedded_url
     from prefect_mig.settings import load_settings
 
-    checks = run_doctor(docker_host=load_settings().docker_host)
+    settings = load_settings()
+    url = settings.redis_url or running_embedded_url(settings.state_dir)  # starts nothing
+    redis_client = None
+    if url is not None:
+        options = url_options(settings, url) if settings.redis_url else {}
+        redis_client = client_for_url(url, socket_connect_timeout=2.0, socket_timeout=5.0, **options)
+    try:
+        checks = run_doctor(docker_host=settings.docker_host, redis_client=redis_client)
+    finally:
+        if redis_client is not None:
+            redis_client.close()
     failed = [c for c in checks if c.status == "fail"]
     if as_json:
         print_json({"ok": not failed, "checks": [c.model_dump() for c in checks]})
