@@ -164,7 +164,8 @@ def parse_policy(
         name = text.split(":", 1)[1]
         if name == "smallest":
             layouts = layouts_of(model_name, knobs.profiles)
-            best = max(layouts, key=lambda l: (len(l.instances), str(l)))
+            model = get_model(model_name)  # the most instances, then the least memory: 7x 1g.10gb, not 6 and a 1g.20gb
+            best = max(layouts, key=lambda l: (len(l.instances), -l.used_slices(model), str(l)))
             return Policy(text, (str(best),))
         if name == "mixed":
             return Policy(text, _mixed(model_name, knobs.profiles))
