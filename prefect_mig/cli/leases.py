@@ -281,21 +281,22 @@ def agent(
                 on_event=_prefect_events(),
                 heartbeat_ttl_s=heartbeat_ttl, state_dir=settings.state_dir,
             )
-            worker.claim()  # one agent per node: refused while another one serves it
-            # `prefect-mig down` and the supervisor send SIGTERM: a carve under way finishes first
-            for signum in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(signum, worker.terminate)
-            chosen = layout or settings.layout
-            if chosen != "none":
-                configs = settings.layout_configs()
-                for line in worker.carve_empty(configs, chosen or configs.default):
-                    console.print(f"agent {node}: carved {line}", highlight=False)
-            published = worker.publish()
-            console.print(f"agent {node}: published {published[0]} slice(s)")
-            if once:
-                worker.tick()  # and apply a desired layout, if one waits
-            else:
-                worker.run(interval_s=interval, stop=threading.Event())  # until a signal ends it
+            # one agent per node: refused while another one serves it; renewed while it serves
+            with worker.serving():
+                # `prefect-mig down` and the supervisor send SIGTERM: a carve under way finishes first
+                for signum in (signal.SIGTERM, signal.SIGINT):
+                    signal.signal(signum, worker.terminate)
+                chosen = layout or settings.layout
+                if chosen != "none":
+                    configs = settings.layout_configs()
+                    for line in worker.carve_empty(configs, chosen or configs.default):
+                        console.print(f"agent {node}: carved {line}", highlight=False)
+                published = worker.publish()
+                console.print(f"agent {node}: published {published[0]} slice(s)")
+                if once:
+                    worker.tick()  # and apply a desired layout, if one waits
+                else:
+                    worker.run(interval_s=interval, stop=threading.Event())  # until a signal ends it
 
 
 @redis_app.command("stop")

@@ -9,11 +9,14 @@ NVML, the local Docker engine for the containers."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import docker.errors
 import pytest
@@ -176,3 +179,68 @@ def test_a_renamed_nodes_agent_fences_a_dead_holders_container_labelled_with_the
             docker_client.containers.get(task.id)  # fenced, whatever node name its label carries
         states = {s["mig_uuid"]: s["state"] for s in alloc.status()["slices"]}
         assert states[lease.slice.mig_uuid] == "free"  # back in service only once it is gone
+
+
+A30_FOUR = "2g.12gb@0 + 1g.6gb@2 + 1g.6gb@3"
+
+
+@pytest.fixture
+def slow_carver(redis_client, namespace, tmp_path):
+    """node-a's agent on an A30 whose every NVML create and destroy takes 1 s (the real driver can
+    take that long), and a second agent's view of the same GPU. Its heartbeat TTL is 2 s, so the
+    re-carve to `A30_FOUR` (six such calls) outlasts it three times over."""
+    with GpuBackend(SimulatedNvml("node-a=1xA30-24GB", state_dir=tmp_path, change_delay_s=1.0)) as slow, \
+            GpuBackend(SimulatedNvml("node-a=1xA30-24GB", state_dir=tmp_path)) as view:
+        view.apply_layout(0, Layout.parse("A30-24GB", A30_TWO))
+        agents = tuple(NodeAgent(b, Allocator(redis_client, namespace), node="node-a", heartbeat_ttl_s=2)
+                       for b in (slow, view))
+        agents[1].identity["host"] = "another-gpu-host"  # its claim waits for the first's to lapse
+        yield agents
+
+
+@contextmanager
+def _slow_carve(carver: NodeAgent) -> Iterator[tuple[threading.Thread, list]]:
+    """Publish, ask for the re-carve to `A30_FOUR` and run the agent (which begins it at once) for
+    the block: (its thread, what ended it)."""
+    carver.claim()
+    carver.publish()
+    carver.allocator.set_desired(carver.backend.gpus()[0].uuid, A30_FOUR, kind="incremental")
+    stop = threading.Event()
+    running, raised = _run_in_thread(carver, stop)
+    try:
+        yield running, raised
+    finally:
+        stop.set()
+        running.join(timeout=60)
+
+
+def test_an_agent_whose_carve_outlasts_the_heartbeat_ttl_keeps_its_node_claimed_until_the_carve_is_done(slow_carver):
+    carver, other = slow_carver
+    with _slow_carve(carver) as (running, raised):
+        deadline = time.monotonic() + 120
+        while str(other.backend.layout(0)) != A30_FOUR:
+            assert time.monotonic() < deadline, "the carve did not finish"
+            with pytest.raises(NodeTaken):  # never free for another host's agent while it carves
+                other.claim()
+            time.sleep(0.2)
+        assert running.is_alive() and raised == []
+
+
+def test_an_agent_that_finds_its_node_taken_by_another_mid_carve_stops_carving_and_exits(slow_carver):
+    carver, other = slow_carver
+    with _slow_carve(carver) as (running, raised):
+        deadline = time.monotonic() + 120
+        while len(other.backend.instances(0)) == 2:  # until its first destroy landed; four more steps to go
+            assert time.monotonic() < deadline, "the carve did not begin"
+            time.sleep(0.05)
+        # another agent got the node (this one's claim lapsed while its Redis link was down)
+        mine, its = (json.dumps({**a.identity, "node": "node-a"}, sort_keys=True) for a in (other, carver))
+        other.allocator.claim_node("node-a", mine, ttl_s=120, gpus=[other.backend.gpus()[0].uuid], replace=its)
+        running.join(timeout=60)
+        assert not running.is_alive(), "the agent kept running on a node another agent holds"
+        (error,) = raised
+        assert isinstance(error, NodeTaken) and error.host == "another-gpu-host"
+        after = str(other.backend.layout(0))
+        assert after != A30_FOUR, "it carved on after another agent took its node"
+        time.sleep(3)
+        assert str(other.backend.layout(0)) == after
