@@ -718,8 +718,10 @@ class NodeAgent:
         """Hold this node for the block: claim it (`claim`, which may raise `NodeTaken`) and renew the
         claim every third of the heartbeat TTL from a thread, so a round that outlasts the TTL (a
         slow carve on real NVML) does not let it lapse; if a renewal finds another agent holding it,
-        this agent's next change on the node raises `NodeTaken` instead. `run` serves for its whole
-        loop."""
+        this agent's next change on the node raises `NodeTaken` instead. On a clean exit (or a stop
+        signal, `terminate`) the claim is given back, if it is still this agent's, so an agent on
+        another host can take the node at once; after a crash it lapses after the TTL. `run` serves
+        for its whole loop."""
         with self._node_claim().kept():
             yield
 

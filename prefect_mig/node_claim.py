@@ -6,7 +6,9 @@ meanwhile. So an agent claims its node and GPUs in Redis for its heartbeat TTL
 (`Allocator.claim_node`) and keeps the claim renewed from a small thread while it serves, however
 long one of its rounds takes (a carve on real NVML can take tens of seconds). Before each change it
 makes (a carve step, a release, a publish) it checks the claim (`NodeClaim.check`): one that
-another agent took, or that nobody could confirm for a whole TTL, stops it.
+another agent took, or that nobody could confirm for a whole TTL, stops it. On a clean exit the
+claim is given back, if it is still its own, so an agent started on another host need not wait
+for it to lapse; after a crash it lapses.
 """
 
 from __future__ import annotations
@@ -45,12 +47,13 @@ class NodeClaim:
             mine = NodeClaim(alloc, "node-a", ttl_s=30, gpus=lambda: ["GPU-1"])
             other = NodeClaim(alloc, "node-b", ttl_s=30, gpus=lambda: ["GPU-1"])
             other.identity["host"] = "elsewhere"
-            with mine.kept():  # renewed from a thread until the block ends
+            with mine.kept():  # renewed from a thread until the block ends, then given back
                 mine.check()
                 try:
                     other.take()
                 except NodeTaken as taken:
                     assert taken.what == "GPU GPU-1"
+            other.take()  # given back on the clean exit: free at once
         ```
     """
 
@@ -117,11 +120,20 @@ class NodeClaim:
         if confirmed is not None and time.monotonic() - confirmed >= self.ttl_s:
             raise NodeClaimLapsed(node=self.node, age_s=time.monotonic() - confirmed, ttl_s=self.ttl_s)
 
+    def release(self) -> bool:
+        """Give the claim back now, the node's and each GPU's that is still this agent's (another
+        agent's is left alone). True if it released any."""
+        with self._lock:
+            self._confirmed_at = None
+        return self.allocator.release_node_claim(self.node, self._me(), gpus=list(self.gpus()))
+
     @contextmanager
     def kept(self) -> Iterator[NodeClaim]:
         """Take the claim (`take`, which may raise `NodeTaken`) and renew it every third of its
         TTL from a daemon thread until the block ends; a renewal that finds another agent holding
-        it makes the next `check` raise. Nested blocks share the outer one's thread."""
+        it makes the next `check` raise. On a clean exit (no exception, or ``SystemExit(0)``: a stop
+        signal) the claim is given back; after any other exception it lapses by itself. Nested
+        blocks share the outer one's thread."""
         if self._keeping:
             self._keeping += 1
             try:
@@ -134,12 +146,26 @@ class NodeClaim:
         done = threading.Event()
         thread = threading.Thread(target=self._renew_until, args=(done,), name=f"claim:{self.node}", daemon=True)
         thread.start()
+        clean = False
         try:
             yield self
+            clean = True
+        except SystemExit as exc:
+            clean = exc.code in (0, None)
+            raise
         finally:
             self._keeping = 0
             done.set()
             thread.join(timeout=max(1.0, self.ttl_s))
+            if clean:
+                self._release_quietly()
+
+    def _release_quietly(self) -> None:
+        try:
+            if self.release():
+                log.info("node %s: claim given back", self.node)
+        except Exception as exc:  # noqa: BLE001 - Redis down at exit: the claim lapses after its TTL
+            log.warning("node %s: could not give the claim back (%s); it lapses after %g s", self.node, exc, self.ttl_s)
 
     def _renew_until(self, done: threading.Event) -> None:
         from prefect_mig.errors import NodeTaken

@@ -168,6 +168,22 @@ class Inventory:
         with redis_errors(f"claim node {node} for this agent"):
             return self.redis.transaction(attempt, *claims, value_from_callable=True)
 
+    def release_node_claim(self, node: str, agent: str, *, gpus: Sequence[str] = ()) -> bool:
+        """Give back the claim `claim_node` gave `agent` on `node` and its `gpus`: each of those that
+        `agent` still holds is freed at once, one another agent holds now is left alone. True if
+        any was freed."""
+        keys = [self.keys.agent(node), *(self.keys.gpu_agent(g) for g in gpus)]
+
+        def attempt(pipe) -> bool:
+            mine = [key for key, held in zip(keys, pipe.mget(keys)) if held is not None and decode(held) == agent]
+            pipe.multi()
+            if mine:
+                pipe.delete(*mine)
+            return bool(mine)
+
+        with redis_errors(f"give back this agent's claim on node {node}"):
+            return self.redis.transaction(attempt, *keys, value_from_callable=True)
+
     def _note_heartbeat(self, node: str, ttl_s: float) -> None:
         # kept apart from node_deadline, which the reaper clears: "last heartbeated 45 s ago"
         body = json.dumps({"at": self.now_ms(), "ttl_ms": int(ttl_s * 1000)})

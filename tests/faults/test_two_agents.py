@@ -110,11 +110,7 @@ def test_prefect_mig_agent_on_a_node_another_agent_serves_exits_1_and_changes_no
     serving.claim()
     gpu = serving.backend.gpus()[0].uuid
     serving.allocator.set_desired(gpu, "2g.12gb@0 + 1g.6gb@2 + 1g.6gb@3", kind="incremental")
-    env = {
-        **os.environ, "PREFECT_MIG_REDIS_URL": redis_server.url, "PREFECT_MIG_NAMESPACE": serving.allocator.keys.namespace,
-        "PREFECT_MIG_BACKEND": "simulated", "PREFECT_MIG_SIMULATED_FLEET": "node-a=1xA30-24GB",
-        "PREFECT_MIG_STATE_DIR": str(tmp_path), "COLUMNS": "200",
-    }
+    env = _agent_env(redis_server, serving.allocator.keys.namespace, tmp_path)
     second = subprocess.run([sys.executable, "-m", "prefect_mig.cli.main", "agent", "--once", "--node", "node-a"],
                             capture_output=True, text=True, env=env, timeout=120)
     assert second.returncode == 1, second.stdout + second.stderr
@@ -244,3 +240,53 @@ def test_an_agent_that_finds_its_node_taken_by_another_mid_carve_stops_carving_a
         assert after != A30_FOUR, "it carved on after another agent took its node"
         time.sleep(3)
         assert str(other.backend.layout(0)) == after
+
+
+def _agent_env(redis_server, namespace: str, tmp_path) -> dict:
+    return {
+        **os.environ, "PREFECT_MIG_REDIS_URL": redis_server.url, "PREFECT_MIG_NAMESPACE": namespace,
+        "PREFECT_MIG_BACKEND": "simulated", "PREFECT_MIG_SIMULATED_FLEET": "node-a=1xA30-24GB",
+        "PREFECT_MIG_STATE_DIR": str(tmp_path), "COLUMNS": "200",
+    }
+
+
+def test_an_agent_once_gives_its_claim_back_so_an_agent_on_another_host_starts_at_once(two_agents, redis_server, tmp_path):
+    _, elsewhere = two_agents
+    elsewhere.identity["host"] = "another-gpu-host"
+    once = subprocess.run([sys.executable, "-m", "prefect_mig.cli.main", "agent", "--once", "--node", "node-a"],
+                          capture_output=True, text=True, env=_agent_env(redis_server, elsewhere.allocator.keys.namespace, tmp_path),
+                          timeout=120)
+    assert once.returncode == 0, once.stdout + once.stderr
+    elsewhere.claim()  # no wait for the 30 s heartbeat TTL of the agent that ran once
+
+
+def test_an_agent_stopped_gives_its_claim_back_and_one_that_failed_keeps_it_until_it_lapses(two_agents):
+    first, elsewhere = two_agents
+    elsewhere.identity["host"] = "another-gpu-host"
+    stop = threading.Event()
+    running, raised = _run_in_thread(first, stop)
+    deadline = time.monotonic() + 30
+    while first.allocator.heartbeat("node-a", ttl_s=2) == "unknown":  # it serves the node
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    with pytest.raises(NodeTaken):
+        elsewhere.claim()
+    stop.set()
+    running.join(timeout=30)
+    assert raised == []
+    elsewhere.claim()  # given back on the clean stop
+    elsewhere.heartbeat_ttl_s = 60
+    with pytest.raises(RuntimeError), elsewhere.serving():
+        raise RuntimeError("the agent crashed")  # half way through something: its claim lapses, not given back
+    with pytest.raises(NodeTaken):
+        first.claim()
+
+
+def test_an_agent_gives_back_only_its_own_claim(two_agents):
+    first, second = two_agents
+    second.identity["host"] = "another-gpu-host"
+    first.claim()
+    first.allocator.release_node_claim("node-a", json.dumps({**second.identity, "node": "node-a"}, sort_keys=True),
+                                       gpus=[first.backend.gpus()[0].uuid])  # not its claim: left alone
+    with pytest.raises(NodeTaken):
+        second.claim()
