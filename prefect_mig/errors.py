@@ -35,6 +35,7 @@ PrefectMigError
     └── NoPermission            creating/destroying instances needs root or the MIG capability
 NodeTaken                       another node agent, alive, already serves this node or its GPUs
 NodeClaimLapsed                 this node agent could not renew its claim on the node for a whole TTL
+NodeInUse                       a node to forget is still claimed by an agent or holds a lease
 ```
 
 Foreign errors (pynvml's `NVMLError_*`) are translated at the backend edge with ``raise ... from exc``.
@@ -405,6 +406,23 @@ class NodeTaken(PrefectMigError):
         self.serving = serving
         self.host = host
         self.pid = pid
+
+
+class NodeInUse(PrefectMigError):
+    """A node cannot be forgotten (``prefect-mig node forget``) while something holds it.
+
+    Attributes:
+        node: the node's name.
+        holds: what holds it, in words: an agent's claim, leases, slices awaiting fencing.
+    """
+
+    def __init__(self, *, node: str, holds: list[str]) -> None:
+        super().__init__(
+            f"node {node} cannot be forgotten: {'; '.join(holds)}. Stop its agent (its claim is given back, or lapses "
+            f"after its heartbeat TTL) and let its leases end (`prefect-mig node drain {node} --wait`), then try again."
+        )
+        self.node = node
+        self.holds = holds
 
 
 class NodeClaimLapsed(PrefectMigError):

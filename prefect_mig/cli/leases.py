@@ -206,7 +206,8 @@ def status(
         console.print(table)
         for node, a in snap["agents"].items():
             age = "never" if a["age_s"] is None else f"{a['age_s']:.0f} s ago"
-            flag = " [red]STALE: its slices get no new grants (is `prefect-mig agent` running there?)[/red]" if a["stale"] else ""
+            flag = (" [red]STALE: its slices get no new grants (is `prefect-mig agent` running there? a node renamed "
+                    f"or gone for good: `prefect-mig node forget {node}`)[/red]" if a["stale"] else "")
             console.print(f"agent {node}: last heartbeat {age}{flag}", highlight=False)
         for node, n in snap["nodes"].items():
             if n.get("drained"):
