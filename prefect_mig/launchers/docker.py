@@ -498,9 +498,14 @@ class DockerLauncher:
                 raise died_without_outcome(container, exit_code, s.image)
         except _ENGINE_GONE as exc:
             raise self._engine_gone(exc, removed=remove_container(container)) from exc
-        except BaseException as exc:
+        except Exception as exc:
             if not remove_container(container):
                 raise self._not_removed(container) from exc
+            raise
+        except BaseException:  # a timeout or cancellation raised into this thread: it goes on as it is
+            if not remove_container(container):
+                log.warning("task container %s: its removal was not confirmed while the call was interrupted",
+                            container.short_id)
             raise
         if not remove_container(container):
             raise self._not_removed(container)

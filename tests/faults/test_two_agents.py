@@ -182,13 +182,13 @@ A30_FOUR = "2g.12gb@0 + 1g.6gb@2 + 1g.6gb@3"
 
 @pytest.fixture
 def slow_carver(redis_client, namespace, tmp_path):
-    """node-a's agent on an A30 whose every NVML create and destroy takes 1 s (the real driver can
-    take that long), and a second agent's view of the same GPU. Its heartbeat TTL is 2 s, so the
+    """node-a's agent on an A30 whose every NVML create and destroy takes 1.5 s (the real driver can
+    take that long), and a second agent's view of the same GPU. Its heartbeat TTL is 3 s, so the
     re-carve to `A30_FOUR` (six such calls) outlasts it three times over."""
-    with GpuBackend(SimulatedNvml("node-a=1xA30-24GB", state_dir=tmp_path, change_delay_s=1.0)) as slow, \
+    with GpuBackend(SimulatedNvml("node-a=1xA30-24GB", state_dir=tmp_path, change_delay_s=1.5)) as slow, \
             GpuBackend(SimulatedNvml("node-a=1xA30-24GB", state_dir=tmp_path)) as view:
         view.apply_layout(0, Layout.parse("A30-24GB", A30_TWO))
-        agents = tuple(NodeAgent(b, Allocator(redis_client, namespace), node="node-a", heartbeat_ttl_s=2)
+        agents = tuple(NodeAgent(b, Allocator(redis_client, namespace), node="node-a", heartbeat_ttl_s=3)
                        for b in (slow, view))
         agents[1].identity["host"] = "another-gpu-host"  # its claim waits for the first's to lapse
         yield agents
