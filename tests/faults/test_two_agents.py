@@ -23,7 +23,7 @@ import pytest
 
 from prefect_mig.agent import NodeAgent
 from prefect_mig.allocator import Allocator, SliceRequest
-from prefect_mig.errors import NodeTaken
+from prefect_mig.errors import NodeClaimLapsed, NodeTaken
 from prefect_mig.gpu import GpuBackend, SimulatedNvml
 from prefect_mig.model import Layout
 from tests.agent_fixtures import start_task_container
@@ -290,3 +290,16 @@ def test_an_agent_gives_back_only_its_own_claim(two_agents):
                                        gpus=[first.backend.gpus()[0].uuid])  # not its claim: left alone
     with pytest.raises(NodeTaken):
         second.claim()
+
+
+def test_an_agent_whose_claim_nobody_confirmed_for_a_ttl_changes_nothing_until_it_has_claimed_again(two_agents):
+    agent, _ = two_agents
+    gpu = agent.backend.gpus()[0].uuid
+    agent.claim()
+    agent.allocator.set_desired(gpu, A30_FOUR, kind="incremental")
+    time.sleep(agent.heartbeat_ttl_s + 0.5)  # no renewal went through (Redis did not answer, the process froze)
+    with pytest.raises(NodeClaimLapsed):
+        agent.tick()
+    assert str(agent.backend.layout(0)) == A30_TWO and agent.allocator.desired(gpu) is not None
+    agent.claim()  # its next round claims the node again: nobody took it meanwhile
+    assert agent.tick() == "applied" and str(agent.backend.layout(0)) == A30_FOUR
