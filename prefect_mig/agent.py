@@ -77,8 +77,8 @@ from urllib.parse import quote
 
 from prefect_mig.allocator import Allocator, SliceRecord
 from prefect_mig.allocator.models import slice_record
-from prefect_mig.gpu import GpuBackend
 from prefect_mig.errors import NodeClaimLapsed, NodeTaken
+from prefect_mig.gpu import GpuBackend
 from prefect_mig.known_cluster_ids import KnownClusterIds
 from prefect_mig.node_claim import NodeClaim
 from prefect_mig.state_dir import private_dir, write_private
@@ -733,8 +733,6 @@ class NodeAgent:
         TTL, so the node heartbeats again as soon as Redis answers. Only `NodeTaken` ends the loop:
         another agent serves this node.
         """
-        from prefect_mig.errors import NodeTaken
-
         stop = stop or threading.Event()
         failures = 0
         with self.serving():

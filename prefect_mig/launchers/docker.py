@@ -372,7 +372,8 @@ def _gone(container, *, within_s: float) -> bool:
         except docker.errors.NotFound:
             return True
         except docker.errors.APIError as exc:
-            if exc.status_code != 409:
+            # 409: still being removed; 500 "... unexpectedly nil": its file system is being torn down
+            if exc.status_code != 409 and "unexpectedly nil" not in str(exc):
                 raise
         except _ENGINE_GONE:
             return False
