@@ -28,6 +28,11 @@ that have MIG on and no instances to a named layout config, and finishes such a 
 cut short (recorded in the state dir); a stop signal (`terminate`) that lands during a layout change
 takes effect once the change is done or rolled back.
 
+One agent serves a node: it claims the node and its GPUs in Redis (`claim`, `serving`, see
+`prefect_mig.node_claim`) and keeps the claim renewed from a thread while it serves, however long a
+carve takes; before each change it makes on the node (each carve step, a release, a publish) it
+checks the claim, and one another agent took stops it with `NodeTaken`.
+
 A slice whose holder's lease expired (the holder died or hung: it neither renewed nor released)
 may still have that holder's task container running on it, so an agent with a Docker engine
 publishes a fallback settle time (`fence_settle_s`) and the allocator quarantines such a slice
@@ -63,23 +68,24 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import quote
-from uuid import uuid4
 
 from prefect_mig.allocator import Allocator, SliceRecord
 from prefect_mig.allocator.models import slice_record
+from prefect_mig.errors import NodeClaimLapsed, NodeTaken
 from prefect_mig.gpu import GpuBackend
 from prefect_mig.known_cluster_ids import KnownClusterIds
+from prefect_mig.node_claim import NodeClaim
 from prefect_mig.state_dir import private_dir, write_private
 
 log = logging.getLogger("prefect_mig.agent")
+
+CLAIM_LOST = (NodeTaken, NodeClaimLapsed)  # this agent no longer holds its node: it changes nothing there
 
 
 class NodeAgent:
@@ -152,15 +158,34 @@ class NodeAgent:
             CarvesUnderWay.in_state_dir(state_dir, namespace=allocator.keys.namespace, node=node)
             if state_dir is not None else CarvesUnderWay()
         )
-        # who this agent is in its claim on the node (see `claim`)
-        self.identity = {"id": uuid4().hex, "host": socket.gethostname(), "pid": os.getpid()}
+        # this agent's claim on the node and its GPUs (see `claim` and `serving`)
+        self._claim = NodeClaim(allocator, node, ttl_s=heartbeat_ttl_s, gpus=self._gpu_uuids)
         self._changing = 0  # layout changes under way (see `layout_change`)
         self._stop_signal: int | None = None
+
+    @property
+    def identity(self) -> dict:
+        """Who this agent is in its claim on the node: id, host and pid (see `claim`)."""
+        return self._claim.identity
+
+    def _gpu_uuids(self) -> list[str]:
+        return [g.uuid for g in self.backend.gpus()] if self.backend is not None else []
+
+    def _node_claim(self) -> NodeClaim:
+        self._claim.node, self._claim.ttl_s = self.node, self.heartbeat_ttl_s  # both may be set after __init__
+        return self._claim
+
+    def check_claim(self) -> None:
+        """Raise unless this agent still holds its node (once it claimed it): called before each
+        change it makes on the node, so an agent whose node another agent took (its claim lapsed
+        while Redis did not answer) stops acting there. See `NodeClaim.check`."""
+        self._claim.check()
 
     @contextmanager
     def layout_change(self) -> Iterator[None]:
         """Around a change of a GPU's layout: a signal `terminate` handles meanwhile takes effect
         only once the change is done (or rolled back), never half way through it."""
+        self.check_claim()
         self._changing += 1
         try:
             yield
@@ -244,7 +269,7 @@ class NodeAgent:
                 continue
             with self.layout_change():
                 self._carves.begin(gpu.uuid, str(layout))
-                self.backend.apply_layout(gpu.index, layout)  # keeps what is in place, creates the rest
+                self.backend.apply_layout(gpu.index, layout, before_step=self.check_claim)  # keeps what is in place
                 self._carves.done(gpu.uuid)
             what = "finished carving" if current else "carved"
             log.info("%s GPU %d (%s) to %s: %s", what, gpu.index, model.name, name, layout)
@@ -294,6 +319,7 @@ class NodeAgent:
         """Publish the whole inventory now: (published, removed, handed to waiters). The models
         of GPUs outside the catalog, built from NVML, go first, so every process that sees their
         slices can look them up."""
+        self.check_claim()
         gpus, slices = self.inventory()
         self.allocator.publish_models([self.backend.gpu_model(g["index"]) for g in gpus])
         result = self.allocator.publish(
@@ -333,7 +359,9 @@ class NodeAgent:
                 continue
             try:
                 with self.layout_change():
-                    _, created = self.backend.apply_layout(gpu.index, self.backend.layout(gpu.index))
+                    _, created = self.backend.apply_layout(gpu.index, self.backend.layout(gpu.index), before_step=self.check_claim)
+            except CLAIM_LOST:
+                raise
             except PrefectMigError as exc:
                 log.warning("GPU %d has a GPU instance without compute instance and repairing it failed: %s", gpu.index, exc)
                 continue
@@ -347,6 +375,7 @@ class NodeAgent:
         then reap. Returns what it did (``engine down``: this node's Docker engine does not answer,
         so the node was taken out of service; its next heartbeat once the engine answers puts it
         back)."""
+        self.check_claim()
         down = self._engine_down()
         if down is not None:
             self.allocator.node_down(self.node, why=down)
@@ -412,6 +441,7 @@ class NodeAgent:
         a reconfiguration time apart; `apply_desired` calls them back to back."""
         from prefect_mig.model import Layout
 
+        self.check_claim()
         desired = self.allocator.desired(gpu_uuid)
         if desired is None:
             self._restore_stale(gpu_uuid, keep=())
@@ -450,6 +480,7 @@ class NodeAgent:
         this agent restarted between the two halves) would otherwise leave them out for good."""
         stale = sorted(set(self.allocator.withheld(gpu_uuid)) - set(keep))
         if stale:
+            self.check_claim()
             log.warning("GPU %s: %d slice(s) withdrawn for a re-carve that is no longer desired go back into service: %s",
                         gpu_uuid, len(stale), ", ".join(stale))
             self.allocator.restore(stale)
@@ -464,6 +495,7 @@ class NodeAgent:
         from prefect_mig.errors import InstanceBusy, PrefectMigError
         from prefect_mig.model import Layout
 
+        self.check_claim()
         desired = self.allocator.desired(gpu_uuid)
         if desired is None:
             return "none"
@@ -483,8 +515,10 @@ class NodeAgent:
         self._draining_since.pop(gpu_uuid, None)
         try:
             with self.layout_change():
-                self.backend.apply_layout(index, target)
+                self.backend.apply_layout(index, target, before_step=self.check_claim)
             outcome, detail = "applied", desired["layout"]
+        except CLAIM_LOST:
+            raise  # the node is another agent's now: it neither restores nor publishes
         except (InstanceBusy, PrefectMigError) as exc:
             outcome, detail = "skipped", str(exc)
             self.allocator.restore(doomed_ids)  # what still exists goes back into service
@@ -658,6 +692,7 @@ class NodeAgent:
         if overdue:  # the holder's container is confirmed gone: the slice may go to the revoking request
             from prefect_mig.errors import LeaseNotOwned
 
+            self.check_claim()
             try:
                 self.allocator.release(lease_id, int(fence))
                 log.warning("released revoked lease %s fence %s for the request that revoked it", lease_id, fence)
@@ -670,77 +705,52 @@ class NodeAgent:
         one agent per node and per GPU, since two would apply one GPU's layout changes at once
         (destroying slices leased meanwhile) and publish over each other. The claim of an agent
         that died on this host (its pid is gone) is taken over at once; another host's lapses
-        after its TTL.
+        after its TTL. `serving` keeps it renewed however long a round takes.
 
         Raises:
             NodeTaken: another agent holds the node or one of its GPUs and may be alive (names
                 what, its node, host and pid).
         """
-        from prefect_mig.errors import NodeTaken
+        self._node_claim().take()
 
-        me = json.dumps({**self.identity, "node": self.node}, sort_keys=True)
-        gpus = [g.uuid for g in self.backend.gpus()] if self.backend is not None else []
-        taken = self.allocator.claim_node(self.node, me, ttl_s=self.heartbeat_ttl_s, gpus=gpus)
-        if taken is None:
-            return
-        holder = _identity(taken[1])
-        if holder["host"] == self.identity["host"] and not _pid_alive(holder["pid"]):
-            log.warning("node %s: taking over from agent pid %s on this host, which is gone", self.node, holder["pid"])
-            taken = self.allocator.claim_node(self.node, me, ttl_s=self.heartbeat_ttl_s, gpus=gpus, replace=taken[1])
-            if taken is None:
-                return
-            holder = _identity(taken[1])
-        raise NodeTaken(node=self.node, namespace=self.allocator.keys.namespace, what=taken[0],
-                        serving=holder["node"], host=holder["host"], pid=holder["pid"], ttl_s=self.heartbeat_ttl_s)
+    @contextmanager
+    def serving(self) -> Iterator[None]:
+        """Hold this node for the block: claim it (`claim`, which may raise `NodeTaken`) and renew the
+        claim every third of the heartbeat TTL from a thread, so a round that outlasts the TTL (a
+        slow carve on real NVML) does not let it lapse; if a renewal finds another agent holding it,
+        this agent's next change on the node raises `NodeTaken` instead. On a clean exit (or a stop
+        signal, `terminate`) the claim is given back, if it is still this agent's, so an agent on
+        another host can take the node at once; after a crash it lapses after the TTL. `run` serves
+        for its whole loop."""
+        with self._node_claim().kept():
+            yield
 
     def run(self, *, interval_s: float = 5.0, stop: threading.Event | None = None, max_backoff_s: float = 60.0) -> None:
-        """Claim the node (`claim`) and tick, every `interval_s`, until `stop` is set.
+        """Serve the node (`serving`) and tick, every `interval_s`, until `stop` is set.
 
         A failing tick (Redis or the Docker engine down, a container gone) is logged and retried
         after a backoff that doubles up to `max_backoff_s`, but never past a third of the heartbeat
         TTL, so the node heartbeats again as soon as Redis answers. Only `NodeTaken` ends the loop:
         another agent serves this node.
         """
-        from prefect_mig.errors import NodeTaken
-
         stop = stop or threading.Event()
         failures = 0
-        while not stop.is_set():
-            started = time.monotonic()
-            try:
-                self.claim()
-                self.tick()
-                failures = 0
-                pause = interval_s - (time.monotonic() - started)
-            except NodeTaken:
-                raise
-            except Exception as exc:  # noqa: BLE001 - the agent outlives whatever one round hits
-                failures += 1
-                pause = min(interval_s * 2 ** (failures - 1), max_backoff_s, max(interval_s, self.heartbeat_ttl_s / 3))
-                log.warning("agent tick failed (%d in a row), retrying in %.1f s: %s", failures, pause, exc,
-                            exc_info=failures == 1)
-            stop.wait(max(0.0, pause))
-
-
-def _identity(raw: str) -> dict:
-    """An agent's identity from its claim (`NodeAgent.claim`); an unreadable one names no host."""
-    try:
-        found = json.loads(raw)
-        return {"host": str(found["host"]), "pid": int(found["pid"]), "node": str(found.get("node", "?"))}
-    except (ValueError, TypeError, KeyError):
-        return {"host": "?", "pid": 0, "node": "?"}
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return True  # unknown: assume it lives
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's process
-    return True
+        with self.serving():
+            while not stop.is_set():
+                started = time.monotonic()
+                try:
+                    self.claim()
+                    self.tick()
+                    failures = 0
+                    pause = interval_s - (time.monotonic() - started)
+                except NodeTaken:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - the agent outlives whatever one round hits
+                    failures += 1
+                    pause = min(interval_s * 2 ** (failures - 1), max_backoff_s, max(interval_s, self.heartbeat_ttl_s / 3))
+                    log.warning("agent tick failed (%d in a row), retrying in %.1f s: %s", failures, pause, exc,
+                                exc_info=failures == 1)
+                stop.wait(max(0.0, pause))
 
 
 class CarvesUnderWay:

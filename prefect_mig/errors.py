@@ -34,6 +34,8 @@ PrefectMigError
     ├── InstanceNotFound        no GPU instance with that id on the GPU
     └── NoPermission            creating/destroying instances needs root or the MIG capability
 NodeTaken                       another node agent, alive, already serves this node or its GPUs
+NodeClaimLapsed                 this node agent could not renew its claim on the node for a whole TTL
+NodeInUse                       a node to forget is still claimed by an agent or holds a lease
 ```
 
 Foreign errors (pynvml's `NVMLError_*`) are translated at the backend edge with ``raise ... from exc``.
@@ -404,3 +406,42 @@ class NodeTaken(PrefectMigError):
         self.serving = serving
         self.host = host
         self.pid = pid
+
+
+class NodeInUse(PrefectMigError):
+    """A node cannot be forgotten (``prefect-mig node forget``) while something holds it.
+
+    Attributes:
+        node: the node's name.
+        holds: what holds it, in words: an agent's claim, leases, slices awaiting fencing.
+    """
+
+    def __init__(self, *, node: str, holds: list[str]) -> None:
+        super().__init__(
+            f"node {node} cannot be forgotten: {'; '.join(holds)}. Stop its agent (its claim is given back, or lapses "
+            f"after its heartbeat TTL) and let its leases end (`prefect-mig node drain {node} --wait`), then try again."
+        )
+        self.node = node
+        self.holds = holds
+
+
+class NodeClaimLapsed(PrefectMigError):
+    """A node agent's claim on its node (see `NodeTaken`) was last confirmed a whole heartbeat TTL
+    ago (Redis did not answer, or the process was frozen), so another agent may hold the node now:
+    the agent changes nothing on the node (no carve, no release, no publish) until it claims it again.
+
+    Attributes:
+        node: the agent's node name.
+        age_s: seconds since the claim was last confirmed.
+        ttl_s: the claim's TTL.
+    """
+
+    def __init__(self, *, node: str, age_s: float, ttl_s: float) -> None:
+        super().__init__(
+            f"node {node}: this agent's claim on it was last confirmed {age_s:.1f} s ago, past its {ttl_s:g} s TTL "
+            f"(Redis did not answer, or the process was frozen), so another agent may serve the node now. It changes "
+            f"nothing there until it has claimed the node again (its next round tries); check that Redis answers."
+        )
+        self.node = node
+        self.age_s = age_s
+        self.ttl_s = ttl_s

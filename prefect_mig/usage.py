@@ -178,7 +178,7 @@ def _aggregate(entries, labels, carved: dict) -> dict[tuple[int, str], int]:  # 
         elif kind == "lease.revoked":  # charged to the revoked lease's tenant (the event names it)
             for dim in _dims(e.get("tenant") or "unknown", _where(e, labels, carved)[:2]):
                 incr[(hour, f"{dim}|preemptions")] += 1
-        elif kind == "inventory.published":
+        elif kind in ("inventory.published", "node.forgotten"):
             for sid in json.loads(e.get("gone") or "[]"):
                 if sid in carved:
                     since, gpu, profile = carved.pop(sid)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 
 import pytest
 
 from prefect_mig.allocator import Allocator, SliceRequest
 from prefect_mig.allocator.maintenance import drain_node, drained_nodes, holders
-from prefect_mig.errors import ConfigError, LeaseLost, NoCapacity
+from prefect_mig.errors import ConfigError, LeaseLost, NoCapacity, Unsatisfiable
 
 from .test_agent_and_lease_cli import _cli, cli_env  # noqa: F401 - cli_env is a fixture
 
@@ -119,3 +120,53 @@ def test_node_drain_reports_holders_waits_for_them_and_status_shows_it_until_res
     assert cluster.try_acquire(two_g(node="node-b")).slice.node == "node-b"
     unknown = _cli("node", "drain", "node-x", env=cli_env)
     assert unknown.returncode == 2 and "'node-x'" in unknown.stderr and "node-a, node-b" in unknown.stderr
+
+
+def test_node_forget_removes_a_renamed_nodes_old_name_from_status_and_leaves_its_gpu_to_the_new_name(
+    cli_env, redis_client, namespace, tmp_path
+):
+    from prefect_mig.agent import NodeAgent
+    from prefect_mig.gpu import GpuBackend, SimulatedNvml
+    from prefect_mig.model import Layout
+
+    with GpuBackend(SimulatedNvml("node-a=1xA30-24GB", state_dir=tmp_path / "gpus")) as backend:
+        backend.apply_layout(0, Layout.parse("A30-24GB", HALVES["node-a"][0]))
+        cluster = Allocator(redis_client, namespace)
+        NodeAgent(backend, cluster, node="gpu-host", heartbeat_ttl_s=1).publish()  # before PREFECT_MIG_NODE was set
+        NodeAgent(backend, cluster, node="gpu-3", heartbeat_ttl_s=600).publish()  # its agent, renamed
+    time.sleep(1.5)  # the old name's heartbeat lapsed
+    assert "prefect-mig node forget gpu-host" in _cli("status", env=cli_env).stdout  # STALE, and what to do
+
+    forgot = _cli("node", "forget", "gpu-host", env=cli_env)
+    assert forgot.returncode == 0, forgot.stderr
+    assert "node gpu-host forgotten: 0 slice(s) and 0 GPU(s)" in forgot.stdout
+    shown = _cli("status", env=cli_env).stdout
+    assert "gpu-host" not in shown and "agent gpu-3: last heartbeat" in shown
+    assert [(s["node"], s["state"]) for s in cluster.status()["slices"]] == [("gpu-3", "free")] * 2
+    assert cluster.try_acquire(two_g()).slice.node == "gpu-3"
+    again = _cli("node", "forget", "gpu-host", env=cli_env)
+    assert again.returncode == 2 and "'gpu-host'" in again.stderr and "gpu-3" in again.stderr
+
+
+def test_node_forget_refuses_a_node_an_agent_claims_or_with_a_lease_held_naming_what_holds_it(
+    cli_env, redis_client, namespace
+):
+    cluster = Allocator(redis_client, namespace)
+    cluster.publish_fleet(TWO_NODES, layouts=HALVES, heartbeat_ttl_s=600)
+    held = cluster.try_acquire(two_g(node="node-b", holder="nightly-train"))
+    cluster.claim_node("node-a", '{"host": "gpu-7", "pid": 4242, "node": "node-a"}', ttl_s=600)
+    before = cluster.status()["slices"]
+
+    claimed = _cli("node", "forget", "node-a", env=cli_env)
+    assert claimed.returncode == 1
+    assert "node node-a cannot be forgotten" in claimed.stderr and "pid 4242 on host gpu-7" in claimed.stderr
+    leased = _cli("node", "forget", "node-b", env=cli_env)
+    assert leased.returncode == 1
+    assert "node node-b cannot be forgotten" in leased.stderr and held.lease_id in leased.stderr
+    assert cluster.status()["slices"] == before  # nothing removed
+
+    cluster.release(held.lease_id, held.fence)
+    assert cluster.forget_node("node-b") == (2, 1)  # taken out of the fleet: its idle slices go too
+    assert {s["node"] for s in cluster.status()["slices"]} == {"node-a"}
+    with pytest.raises(Unsatisfiable):
+        cluster.try_acquire(two_g(node="node-b"))

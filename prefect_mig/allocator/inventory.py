@@ -28,7 +28,7 @@ from typing import Any
 
 from prefect_mig.allocator.models import SliceRecord, decode, slice_record
 from prefect_mig.allocator.redis_io import redis_errors
-from prefect_mig.errors import UnknownGpuModel
+from prefect_mig.errors import ConfigError, NodeInUse, UnknownGpuModel
 from prefect_mig.model import FleetSpec, GpuModel, Layout, catalog, get_model, register_model
 
 log = logging.getLogger("prefect_mig.allocator")
@@ -167,6 +167,55 @@ class Inventory:
 
         with redis_errors(f"claim node {node} for this agent"):
             return self.redis.transaction(attempt, *claims, value_from_callable=True)
+
+    def release_node_claim(self, node: str, agent: str, *, gpus: Sequence[str] = ()) -> bool:
+        """Give back the claim `claim_node` gave `agent` on `node` and its `gpus`: each of those that
+        `agent` still holds is freed at once, one another agent holds now is left alone. True if
+        any was freed."""
+        keys = [self.keys.agent(node), *(self.keys.gpu_agent(g) for g in gpus)]
+
+        def attempt(pipe) -> bool:
+            mine = [key for key, held in zip(keys, pipe.mget(keys)) if held is not None and decode(held) == agent]
+            pipe.multi()
+            if mine:
+                pipe.delete(*mine)
+            return bool(mine)
+
+        with redis_errors(f"give back this agent's claim on node {node}"):
+            return self.redis.transaction(attempt, *keys, value_from_callable=True)
+
+    def forget_node(self, node: str) -> tuple[int, int]:
+        """Forget a node that is gone for good (renamed: ``status`` would show its old name STALE
+        forever; or taken out of the fleet): its record, heartbeat, drain mark, slices and the GPUs
+        still published under its name go, all at once. Returns (slices, GPUs) removed.
+
+        Raises:
+            ConfigError: no node of that name is known (names the known ones).
+            NodeInUse: an agent claims it or one of its GPUs, a lease is held on one of its slices,
+                or a slice of it waits for an expired holder's task container to be fenced; nothing
+                is removed.
+        """
+        reply = self._run("forget_node", node, action=f"forget node {node}")
+        if reply[0] == "forgotten":
+            with redis_errors(f"forget node {node}'s last heartbeat"):
+                self.redis.hdel(self.keys.heartbeats, node)
+            return int(reply[1]), int(reply[2])
+        if reply[0] == "unknown":
+            with redis_errors("read the nodes"):
+                known = sorted(decode(n) for n in self.redis.hkeys(self.keys.nodes))
+            raise ConfigError(f"node: {node!r} is not known to this cluster; known nodes: {', '.join(known) or 'none'}.",
+                              field="node", value=node)
+        if reply[0] == "claimed":
+            try:
+                agent = json.loads(reply[2])
+                who = f"the agent pid {agent['pid']} on host {agent['host']} (serving node {agent.get('node', '?')})"
+            except (ValueError, TypeError, KeyError):
+                who = "an agent"
+            raise NodeInUse(node=node, holds=[f"{who} claims {reply[1]}"])
+        if reply[0] == "leased":
+            raise NodeInUse(node=node, holds=[f"lease {lease}" for lease in reply[1:]])
+        raise NodeInUse(node=node, holds=[f"slice {sid} awaits the fencing of its expired holder's task container"
+                                          for sid in reply[1:]])
 
     def _note_heartbeat(self, node: str, ttl_s: float) -> None:
         # kept apart from node_deadline, which the reaper clears: "last heartbeated 45 s ago"

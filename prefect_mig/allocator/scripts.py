@@ -38,6 +38,7 @@ NAMES = (
     "warm",
     "drain_node",
     "settle",
+    "forget_node",
 )
 
 #: KEYS order every script expects (see _lib.lua).

@@ -206,7 +206,8 @@ def status(
         console.print(table)
         for node, a in snap["agents"].items():
             age = "never" if a["age_s"] is None else f"{a['age_s']:.0f} s ago"
-            flag = " [red]STALE: its slices get no new grants (is `prefect-mig agent` running there?)[/red]" if a["stale"] else ""
+            flag = (" [red]STALE: its slices get no new grants (is `prefect-mig agent` running there? a node renamed "
+                    f"or gone for good: `prefect-mig node forget {node}`)[/red]" if a["stale"] else "")
             console.print(f"agent {node}: last heartbeat {age}{flag}", highlight=False)
         for node, n in snap["nodes"].items():
             if n.get("drained"):
@@ -281,21 +282,22 @@ def agent(
                 on_event=_prefect_events(),
                 heartbeat_ttl_s=heartbeat_ttl, state_dir=settings.state_dir,
             )
-            worker.claim()  # one agent per node: refused while another one serves it
-            # `prefect-mig down` and the supervisor send SIGTERM: a carve under way finishes first
-            for signum in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(signum, worker.terminate)
-            chosen = layout or settings.layout
-            if chosen != "none":
-                configs = settings.layout_configs()
-                for line in worker.carve_empty(configs, chosen or configs.default):
-                    console.print(f"agent {node}: carved {line}", highlight=False)
-            published = worker.publish()
-            console.print(f"agent {node}: published {published[0]} slice(s)")
-            if once:
-                worker.tick()  # and apply a desired layout, if one waits
-            else:
-                worker.run(interval_s=interval, stop=threading.Event())  # until a signal ends it
+            # one agent per node: refused while another one serves it; renewed while it serves
+            with worker.serving():
+                # `prefect-mig down` and the supervisor send SIGTERM: a carve under way finishes first
+                for signum in (signal.SIGTERM, signal.SIGINT):
+                    signal.signal(signum, worker.terminate)
+                chosen = layout or settings.layout
+                if chosen != "none":
+                    configs = settings.layout_configs()
+                    for line in worker.carve_empty(configs, chosen or configs.default):
+                        console.print(f"agent {node}: carved {line}", highlight=False)
+                published = worker.publish()
+                console.print(f"agent {node}: published {published[0]} slice(s)")
+                if once:
+                    worker.tick()  # and apply a desired layout, if one waits
+                else:
+                    worker.run(interval_s=interval, stop=threading.Event())  # until a signal ends it
 
 
 @redis_app.command("stop")

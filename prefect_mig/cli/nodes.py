@@ -1,8 +1,11 @@
-"""``prefect-mig node drain|resume``: take a GPU host out of service for maintenance and back.
+"""``prefect-mig node drain|resume|forget``: take a GPU host out of service for maintenance and
+back, or forget one that is gone for good.
 
 ``drain`` stops new grants on the node at once; leases already held run on. With ``--wait`` it
 waits (up to ``--timeout``) for them to end and exits 0 when the node is idle, or 1 naming who
-still holds slices there. ``status`` shows drained nodes until ``resume``.
+still holds slices there. ``status`` shows drained nodes until ``resume``. ``forget`` removes the
+records of a node renamed or taken out of the fleet (``status`` shows it STALE until then), only
+while no agent claims it and no lease is held there; else it exits 1 saying what holds it.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ from prefect_mig.cli.leases import JsonOpt, _allocator
 from prefect_mig.cli.output import cli_errors, console, errors, print_json
 from prefect_mig.errors import ConfigError
 
-node_app = typer.Typer(help="Drain a GPU host for maintenance, and resume it.", no_args_is_help=True)
+node_app = typer.Typer(help="Drain a GPU host for maintenance and resume it, or forget one gone for good.",
+                       no_args_is_help=True)
 
 NodeArg = Annotated[str, typer.Argument(help="The node's name, as its agent publishes it (PREFECT_MIG_NODE).")]
 
@@ -65,3 +69,13 @@ def resume(node: NodeArg) -> None:
     with cli_errors():
         _allocator().drain_node(node, drain=False)
         console.print(f"node {node} resumed: its slices are granted again", highlight=False)
+
+
+@node_app.command("forget")
+def forget(node: NodeArg) -> None:
+    """Remove NODE's records (a node renamed, or taken out of the fleet: `status` shows it STALE).
+    Refused, exit 1, while an agent claims it or a lease is held there."""
+    with cli_errors():
+        slices, gpus = _allocator().forget_node(node)
+        console.print(f"node {node} forgotten: {slices} slice(s) and {gpus} GPU(s) removed from the inventory; "
+                      "an agent that publishes it again brings it back", highlight=False)

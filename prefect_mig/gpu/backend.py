@@ -602,7 +602,9 @@ class GpuBackend:
         )
 
     @_nvml_errors("apply a layout to GPU {0}")
-    def apply_layout(self, index: int, target: Layout) -> tuple[list[MigInstance], list[MigInstance]]:
+    def apply_layout(
+        self, index: int, target: Layout, *, before_step: Callable[[], None] | None = None
+    ) -> tuple[list[MigInstance], list[MigInstance]]:
         """Make the GPU's layout equal `target`: destroy what is not in it, create what is missing.
 
         The target is validated and every instance to destroy is checked for processes before
@@ -610,7 +612,10 @@ class GpuBackend:
         in place are kept untouched (one that lost its compute instance gets one back, and is
         counted as created). If the driver refuses half-way (an NVML client that is no process,
         such as DCGM, holds an instance), what was done is undone and `LayoutNotApplied` says what
-        changed. Returns (destroyed, created).
+        changed. `before_step` is called before each destroy and create (each can take seconds on
+        real NVML): what it raises stops the change there, as it is, without undoing anything (a
+        node agent that lost its node to another agent must not carve on, nor roll back).
+        Returns (destroyed, created).
 
         Raises:
             InvalidLayout / UnknownProfile: `target` is not a valid layout of this GPU.
@@ -629,16 +634,20 @@ class GpuBackend:
                 raise self._busy(m, running[m.mig_uuid], m.gpu_uuid)
         destroyed: list[MigInstance] = []
         created: list[MigInstance] = []
+        step = before_step or (lambda: None)
         try:
             for m in doomed:
+                step()
                 self.destroy(index, m.gpu_instance_id, expected=m.placement)
                 destroyed.append(m)
             have = {m.placement for m in current} - {m.placement for m in doomed}
             for p in target.instances:
                 if p not in have:
+                    step()
                     created.append(self.create(index, p.profile, p.start))
             for m in current:  # a kept GPU instance without compute instance gets one
                 if m.placement in wanted and m.compute_instance_id is None:
+                    step()
                     created.append(self._repair_kept(index, m))
         except BackendError as exc:
             if not destroyed and not created:

@@ -45,6 +45,7 @@ import hashlib
 import inspect
 import json
 import os
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -101,6 +102,9 @@ class SimulatedNvml:
         node: the node whose GPUs this library shows (default: the fleet's first node).
         state_dir: directory of the shared state file (created if missing).
         driver_version: what ``nvmlSystemGetDriverVersion`` reports.
+        change_delay_s: how long each create or destroy of a GPU or compute instance takes before
+            it lands (default none). The real driver takes up to seconds per call, so a whole carve
+            can outlast a heartbeat TTL; tests set it to see what a slow carve does.
     """
 
     def __init__(
@@ -110,6 +114,7 @@ class SimulatedNvml:
         node: str | None = None,
         state_dir: str | os.PathLike,
         driver_version: str = "570.133.20",
+        change_delay_s: float = 0.0,
     ) -> None:
         self.fleet = fleet if isinstance(fleet, FleetSpec) else FleetSpec.parse(fleet)
         self.node = node or self.fleet.node_names[0]
@@ -118,6 +123,7 @@ class SimulatedNvml:
         self.state_dir = Path(state_dir)
         self.state_path = self.state_dir / f"simulated-nvml-{digest}.json"
         self.driver_version = driver_version
+        self.change_delay_s = change_delay_s
         self._initialized = 0
         self._cache: tuple[tuple, dict] | None = None
 
@@ -424,8 +430,15 @@ class SimulatedNvml:
 
     # ------------------------------------------------------------------ GPU instances
 
+    def _take_time(self) -> None:
+        """A create or destroy lands `change_delay_s` after it was called (outside the state lock:
+        reads and other processes go on meanwhile, as with the driver)."""
+        if self.change_delay_s > 0:
+            time.sleep(self.change_delay_s)
+
     def nvmlDeviceCreateGpuInstanceWithPlacement(self, device, profileId, placement):
         placement = _pointed_to(placement, pynvml.c_nvmlGpuInstancePlacement_t)
+        self._take_time()
         with self._state(write=True) as state:
             gpu, record, _, _ = self._device(state, device)
             self._require_mig(record)
@@ -481,6 +494,7 @@ class SimulatedNvml:
             return info
 
     def nvmlGpuInstanceDestroy(self, gpuInstance):
+        self._take_time()
         with self._state(write=True) as state:
             _, record, gi = self._gi(state, gpuInstance)
             if gi["cis"]:
@@ -518,6 +532,7 @@ class SimulatedNvml:
     nvmlGpuInstanceGetComputeInstanceProfileInfoV = nvmlGpuInstanceGetComputeInstanceProfileInfo
 
     def nvmlGpuInstanceCreateComputeInstance(self, gpuInstance, profileId):
+        self._take_time()
         with self._state(write=True) as state:
             gpu, record, gi = self._gi(state, gpuInstance)
             slices, _ = self._ci_profile(gpu, gi, profileId)
@@ -559,6 +574,7 @@ class SimulatedNvml:
             return info
 
     def nvmlComputeInstanceDestroy(self, computeInstance):
+        self._take_time()
         with self._state(write=True) as state:
             _, _, gi, ci = self._ci(state, computeInstance)
             if ci["processes"]:

@@ -26,6 +26,7 @@ Examples:
 from __future__ import annotations
 
 import io
+import logging
 import os
 import sys
 import tarfile
@@ -54,6 +55,8 @@ from prefect_mig.errors import (
 from prefect_mig.launchers.engines import DockerTls, engine_client
 from prefect_mig.launchers.outcome import value_of
 from prefect_mig.launchers.runtime import probe_python, remove_launched, runtime_files, runtime_packages
+
+log = logging.getLogger("prefect_mig.launchers")
 
 HOME = "/opt/prefect-mig"
 LABEL_PREFIX = "prefect-mig."
@@ -330,10 +333,18 @@ def died_without_outcome(container, exit_code: int, image: str) -> ContainerFail
     )
 
 
-def remove_container(container) -> bool:
-    """Remove a task container with its runtime volume; one already gone (or going) is fine.
-    Returns False when the engine did not answer: the container may still run (when the engine
-    is back, the node's agent fences it), so its lease must lapse rather than be released."""
+#: how long a removal that found another one under way waits for the container to be gone
+REMOVAL_WAIT_S = 30.0
+
+
+def remove_container(container, *, gone_within_s: float = REMOVAL_WAIT_S) -> bool:
+    """Remove a task container with its runtime volume; True once the engine confirms it is gone
+    (one already gone is fine). When another removal is under way (the engine's 409: the node
+    agent fencing it meanwhile), the container is still there, maybe still running, until that
+    one ends, so this waits up to `gone_within_s` for it to be gone (removing it again if that
+    removal failed). Returns False when the engine did not answer or the container is still there
+    when the wait ends: it may still run (the node's agent fences it later), so its lease must
+    lapse rather than be released."""
     try:
         container.remove(force=True, v=True)  # v: with its runtime volume
     except docker.errors.NotFound:
@@ -341,9 +352,37 @@ def remove_container(container) -> bool:
     except docker.errors.APIError as exc:
         if exc.status_code != 409:  # 409: someone else's removal is under way
             raise
+        return _gone(container, within_s=gone_within_s)
     except _ENGINE_GONE:
         return False
     return True
+
+
+def _gone(container, *, within_s: float) -> bool:
+    """Wait up to `within_s` for the engine to have `container` no more (re-inspecting it, and
+    removing it again if the removal under way ended without removing it); False if it is still
+    there or the engine stops answering."""
+    deadline, pause = time.monotonic() + within_s, 0.05
+    while True:
+        try:
+            container.reload()
+            if container.status != "removing":  # the other removal failed: try again
+                container.remove(force=True, v=True)
+                return True
+        except docker.errors.NotFound:
+            return True
+        except docker.errors.APIError as exc:
+            # 409: still being removed; 500 "... unexpectedly nil": its file system is being torn down
+            if exc.status_code != 409 and "unexpectedly nil" not in str(exc):
+                raise
+        except _ENGINE_GONE:
+            return False
+        if time.monotonic() >= deadline:
+            log.warning("task container %s is still there %.0f s after its removal began (state %s): not confirmed "
+                        "removed, so its lease is left to lapse", container.short_id, within_s, container.status)
+            return False
+        time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+        pause = min(pause * 2, 1.0)
 
 
 class DockerLauncher:
@@ -440,7 +479,9 @@ class DockerLauncher:
         `stop` (set by another thread: timeout, cancellation, lost lease) kills the container and
         raises `ContainerStopped`; set before the container starts, it never starts. `confirm`
         runs after the container is created and before it starts, and raises to refuse the start
-        (see `start_confirmed`). The container is removed on every path.
+        (see `start_confirmed`). The container is removed on every path; if the engine does not
+        confirm it gone (`remove_container`), `DockerUnavailable` with ``unconfirmed`` is raised
+        instead of the value or error, so the caller leaves its lease to lapse.
 
         Raises:
             ImageNotFound, ImagePythonMismatch, DockerUnavailable, ContainerFailed, ContainerStopped,
@@ -458,8 +499,17 @@ class DockerLauncher:
                 raise died_without_outcome(container, exit_code, s.image)
         except _ENGINE_GONE as exc:
             raise self._engine_gone(exc, removed=remove_container(container)) from exc
-        finally:
-            remove_container(container)
+        except Exception as exc:
+            if not remove_container(container):
+                raise self._not_removed(container) from exc
+            raise
+        except BaseException:  # a timeout or cancellation raised into this thread: it goes on as it is
+            if not remove_container(container):
+                log.warning("task container %s: its removal was not confirmed while the call was interrupted",
+                            container.short_id)
+            raise
+        if not remove_container(container):
+            raise self._not_removed(container)
         return value_of(outcome)
 
     def create(
@@ -528,6 +578,17 @@ class DockerLauncher:
             container.kill()
             raise ContainerStopped("the task container was stopped before the body finished.", container_id=container.id)
         return exit_code
+
+    def _not_removed(self, container) -> DockerUnavailable:
+        """The error for a task container whose removal the engine did not confirm (see
+        `remove_container`): it may still run, so its lease must lapse, not be released."""
+        return DockerUnavailable(
+            f"the task container {container.short_id} could not be confirmed removed from the Docker engine at "
+            f"{self.settings.docker_host or 'the local socket'} (it did not answer, or another removal of it did not "
+            f"finish within {REMOVAL_WAIT_S:g} s); the node's agent removes it later. Run the task again if it failed.",
+            image=self.settings.image,
+            unconfirmed=True,
+        )
 
     def _engine_gone(self, exc: Exception, *, removed: bool) -> DockerUnavailable:
         return DockerUnavailable(

@@ -9,18 +9,21 @@ NVML, the local Docker engine for the containers."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import docker.errors
 import pytest
 
 from prefect_mig.agent import NodeAgent
 from prefect_mig.allocator import Allocator, SliceRequest
-from prefect_mig.errors import NodeTaken
+from prefect_mig.errors import NodeClaimLapsed, NodeTaken
 from prefect_mig.gpu import GpuBackend, SimulatedNvml
 from prefect_mig.model import Layout
 from tests.agent_fixtures import start_task_container
@@ -107,11 +110,7 @@ def test_prefect_mig_agent_on_a_node_another_agent_serves_exits_1_and_changes_no
     serving.claim()
     gpu = serving.backend.gpus()[0].uuid
     serving.allocator.set_desired(gpu, "2g.12gb@0 + 1g.6gb@2 + 1g.6gb@3", kind="incremental")
-    env = {
-        **os.environ, "PREFECT_MIG_REDIS_URL": redis_server.url, "PREFECT_MIG_NAMESPACE": serving.allocator.keys.namespace,
-        "PREFECT_MIG_BACKEND": "simulated", "PREFECT_MIG_SIMULATED_FLEET": "node-a=1xA30-24GB",
-        "PREFECT_MIG_STATE_DIR": str(tmp_path), "COLUMNS": "200",
-    }
+    env = _agent_env(redis_server, serving.allocator.keys.namespace, tmp_path)
     second = subprocess.run([sys.executable, "-m", "prefect_mig.cli.main", "agent", "--once", "--node", "node-a"],
                             capture_output=True, text=True, env=env, timeout=120)
     assert second.returncode == 1, second.stdout + second.stderr
@@ -176,3 +175,131 @@ def test_a_renamed_nodes_agent_fences_a_dead_holders_container_labelled_with_the
             docker_client.containers.get(task.id)  # fenced, whatever node name its label carries
         states = {s["mig_uuid"]: s["state"] for s in alloc.status()["slices"]}
         assert states[lease.slice.mig_uuid] == "free"  # back in service only once it is gone
+
+
+A30_FOUR = "2g.12gb@0 + 1g.6gb@2 + 1g.6gb@3"
+
+
+@pytest.fixture
+def slow_carver(redis_client, namespace, tmp_path):
+    """node-a's agent on an A30 whose every NVML create and destroy takes 1.5 s (the real driver can
+    take that long), and a second agent's view of the same GPU. Its heartbeat TTL is 3 s, so the
+    re-carve to `A30_FOUR` (six such calls) outlasts it three times over."""
+    with GpuBackend(SimulatedNvml("node-a=1xA30-24GB", state_dir=tmp_path, change_delay_s=1.5)) as slow, \
+            GpuBackend(SimulatedNvml("node-a=1xA30-24GB", state_dir=tmp_path)) as view:
+        view.apply_layout(0, Layout.parse("A30-24GB", A30_TWO))
+        agents = tuple(NodeAgent(b, Allocator(redis_client, namespace), node="node-a", heartbeat_ttl_s=3)
+                       for b in (slow, view))
+        agents[1].identity["host"] = "another-gpu-host"  # its claim waits for the first's to lapse
+        yield agents
+
+
+@contextmanager
+def _slow_carve(carver: NodeAgent) -> Iterator[tuple[threading.Thread, list]]:
+    """Publish, ask for the re-carve to `A30_FOUR` and run the agent (which begins it at once) for
+    the block: (its thread, what ended it)."""
+    carver.claim()
+    carver.publish()
+    carver.allocator.set_desired(carver.backend.gpus()[0].uuid, A30_FOUR, kind="incremental")
+    stop = threading.Event()
+    running, raised = _run_in_thread(carver, stop)
+    try:
+        yield running, raised
+    finally:
+        stop.set()
+        running.join(timeout=60)
+
+
+def test_an_agent_whose_carve_outlasts_the_heartbeat_ttl_keeps_its_node_claimed_until_the_carve_is_done(slow_carver):
+    carver, other = slow_carver
+    with _slow_carve(carver) as (running, raised):
+        deadline = time.monotonic() + 120
+        while str(other.backend.layout(0)) != A30_FOUR:
+            assert time.monotonic() < deadline, "the carve did not finish"
+            with pytest.raises(NodeTaken):  # never free for another host's agent while it carves
+                other.claim()
+            time.sleep(0.2)
+        assert running.is_alive() and raised == []
+
+
+def test_an_agent_that_finds_its_node_taken_by_another_mid_carve_stops_carving_and_exits(slow_carver):
+    carver, other = slow_carver
+    with _slow_carve(carver) as (running, raised):
+        deadline = time.monotonic() + 120
+        while len(other.backend.instances(0)) == 2:  # until its first destroy landed; four more steps to go
+            assert time.monotonic() < deadline, "the carve did not begin"
+            time.sleep(0.05)
+        # another agent got the node (this one's claim lapsed while its Redis link was down)
+        mine, its = (json.dumps({**a.identity, "node": "node-a"}, sort_keys=True) for a in (other, carver))
+        other.allocator.claim_node("node-a", mine, ttl_s=120, gpus=[other.backend.gpus()[0].uuid], replace=its)
+        running.join(timeout=60)
+        assert not running.is_alive(), "the agent kept running on a node another agent holds"
+        (error,) = raised
+        assert isinstance(error, NodeTaken) and error.host == "another-gpu-host"
+        after = str(other.backend.layout(0))
+        assert after != A30_FOUR, "it carved on after another agent took its node"
+        time.sleep(3)
+        assert str(other.backend.layout(0)) == after
+
+
+def _agent_env(redis_server, namespace: str, tmp_path) -> dict:
+    return {
+        **os.environ, "PREFECT_MIG_REDIS_URL": redis_server.url, "PREFECT_MIG_NAMESPACE": namespace,
+        "PREFECT_MIG_BACKEND": "simulated", "PREFECT_MIG_SIMULATED_FLEET": "node-a=1xA30-24GB",
+        "PREFECT_MIG_STATE_DIR": str(tmp_path), "COLUMNS": "200",
+    }
+
+
+def test_an_agent_once_gives_its_claim_back_so_an_agent_on_another_host_starts_at_once(two_agents, redis_server, tmp_path):
+    _, elsewhere = two_agents
+    elsewhere.identity["host"] = "another-gpu-host"
+    once = subprocess.run([sys.executable, "-m", "prefect_mig.cli.main", "agent", "--once", "--node", "node-a"],
+                          capture_output=True, text=True, env=_agent_env(redis_server, elsewhere.allocator.keys.namespace, tmp_path),
+                          timeout=120)
+    assert once.returncode == 0, once.stdout + once.stderr
+    elsewhere.claim()  # no wait for the 30 s heartbeat TTL of the agent that ran once
+
+
+def test_an_agent_stopped_gives_its_claim_back_and_one_that_failed_keeps_it_until_it_lapses(two_agents):
+    first, elsewhere = two_agents
+    elsewhere.identity["host"] = "another-gpu-host"
+    stop = threading.Event()
+    running, raised = _run_in_thread(first, stop)
+    deadline = time.monotonic() + 30
+    while first.allocator.heartbeat("node-a", ttl_s=2) == "unknown":  # it serves the node
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    with pytest.raises(NodeTaken):
+        elsewhere.claim()
+    stop.set()
+    running.join(timeout=30)
+    assert raised == []
+    elsewhere.claim()  # given back on the clean stop
+    elsewhere.heartbeat_ttl_s = 60
+    with pytest.raises(RuntimeError), elsewhere.serving():
+        raise RuntimeError("the agent crashed")  # half way through something: its claim lapses, not given back
+    with pytest.raises(NodeTaken):
+        first.claim()
+
+
+def test_an_agent_gives_back_only_its_own_claim(two_agents):
+    first, second = two_agents
+    second.identity["host"] = "another-gpu-host"
+    first.claim()
+    first.allocator.release_node_claim("node-a", json.dumps({**second.identity, "node": "node-a"}, sort_keys=True),
+                                       gpus=[first.backend.gpus()[0].uuid])  # not its claim: left alone
+    with pytest.raises(NodeTaken):
+        second.claim()
+
+
+def test_an_agent_whose_claim_nobody_confirmed_for_a_ttl_changes_nothing_until_it_has_claimed_again(two_agents):
+    agent, _ = two_agents
+    gpu = agent.backend.gpus()[0].uuid
+    agent.claim()
+    agent.allocator.set_desired(gpu, A30_FOUR, kind="incremental")
+    time.sleep(agent.heartbeat_ttl_s + 0.5)  # no renewal went through (Redis did not answer, the process froze)
+    with pytest.raises(NodeClaimLapsed):
+        agent.tick()
+    assert str(agent.backend.layout(0)) == A30_TWO and agent.allocator.desired(gpu) is not None
+    agent.claim()  # its next round claims the node again: nobody took it meanwhile
+    assert agent.tick() == "applied" and str(agent.backend.layout(0)) == A30_FOUR

@@ -1,0 +1,56 @@
+-- Forget a node that is gone for good (renamed, or taken out of the fleet): its record, heartbeat
+-- deadline and drain mark, its slices, and the GPUs still published under its name go, all or
+-- nothing, and only while nothing holds it: no agent claims it or one of its GPUs, no lease is
+-- held on its slices, and no slice waits for an expired holder's task container to be fenced.
+-- (A renamed node's GPUs and slices are its new name's already: see publish.lua.)
+-- A[1] - node name
+-- returns {'forgotten', slices removed, GPUs removed} | {'unknown'}
+--       | {'claimed', 'node <name>' or 'GPU <uuid>', the claiming agent's identity}
+--       | {'leased', lease ids...} | {'fencing', slice ids...}
+local node = A[1]
+local ids = redis.call('SMEMBERS', node_slices_key(node))
+local gpus = {}
+local flat = redis.call('HGETALL', K.gpus)
+for i = 1, #flat, 2 do
+  if cjson.decode(flat[i + 1]).node == node then gpus[#gpus + 1] = flat[i] end
+end
+if redis.call('HEXISTS', K.nodes, node) == 0 and #ids == 0 and #gpus == 0 then return {'unknown'} end
+
+local claim = redis.call('GET', agent_key(node))
+if claim then return {'claimed', 'node ' .. node, claim} end
+for _, uuid in ipairs(gpus) do
+  claim = redis.call('GET', gpu_agent_key(uuid))
+  if claim then return {'claimed', 'GPU ' .. uuid, claim} end
+end
+local leased, fencing = {'leased'}, {'fencing'}
+for _, id in ipairs(ids) do
+  local state = redis.call('HGET', K.slice_state, id)
+  local holder = leased_by(state)
+  if holder then leased[#leased + 1] = holder end
+  if redis.call('HEXISTS', K.awaiting_fence, id) == 1 then fencing[#fencing + 1] = id end
+end
+if #leased > 1 then return leased end
+if #fencing > 1 then return fencing end
+
+for _, id in ipairs(ids) do
+  local s = slice(id)
+  if s then
+    redis.call('ZREM', free_key(s.pkey), id)
+    redis.call('HDEL', gpu_slices_key(s.gpu_uuid), id)
+  end
+  redis.call('HDEL', K.slices, id)
+  redis.call('HDEL', K.slice_state, id)
+  redis.call('SREM', K.withholding, id)
+  unquarantine(id, 'removed')
+end
+redis.call('DEL', node_slices_key(node))
+for _, uuid in ipairs(gpus) do
+  redis.call('HDEL', K.gpus, uuid)
+  redis.call('SREM', K.draining, uuid)
+end
+redis.call('HDEL', K.nodes, node)
+redis.call('ZREM', K.node_deadline, node)
+redis.call('SREM', K.drained_nodes, node)
+-- gone: the slices removed (usage's idle slice-hours end there, as for a publish's 'gone')
+event('node.forgotten', {'node', node, 'gpus', #gpus, 'gone', #ids > 0 and cjson.encode(ids) or '[]'})
+return {'forgotten', #ids, #gpus}

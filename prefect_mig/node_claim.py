@@ -1,0 +1,201 @@
+"""A node agent's claim on its node and GPUs: one agent per node and per GPU (see `NodeClaim`).
+
+Two agents for one node (`prefect-mig agent` beside `up`'s, two hosts given one
+``PREFECT_MIG_NODE``) would apply the same GPU's layout changes at once, destroying slices leased
+meanwhile. So an agent claims its node and GPUs in Redis for its heartbeat TTL
+(`Allocator.claim_node`) and keeps the claim renewed from a small thread while it serves, however
+long one of its rounds takes (a carve on real NVML can take tens of seconds). Before each change it
+makes (a carve step, a release, a publish) it checks the claim (`NodeClaim.check`): one that
+another agent took, or that nobody could confirm for a whole TTL, stops it. On a clean exit the
+claim is given back, if it is still its own, so an agent started on another host need not wait
+for it to lapse; after a crash it lapses.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from uuid import uuid4
+
+log = logging.getLogger("prefect_mig.agent")
+
+
+class NodeClaim:
+    """One agent's claim on `node` and the GPUs `gpus()` lists, for `ttl_s` at a time.
+
+    Args:
+        allocator: the cluster's allocator.
+        node: the node's name.
+        ttl_s: each claim or renewal holds this long (the agent's heartbeat TTL).
+        gpus: the UUIDs of the node's GPUs, read at each claim.
+
+    Examples:
+        ```python
+        from prefect_mig.allocator import Allocator
+        from prefect_mig.errors import NodeTaken
+        from prefect_mig.node_claim import NodeClaim
+        from prefect_mig.testing.redis_server import RedisServer
+
+        with RedisServer() as server:
+            alloc = Allocator(server.client(), "doc")
+            mine = NodeClaim(alloc, "node-a", ttl_s=30, gpus=lambda: ["GPU-1"])
+            other = NodeClaim(alloc, "node-b", ttl_s=30, gpus=lambda: ["GPU-1"])
+            other.identity["host"] = "elsewhere"
+            with mine.kept():  # renewed from a thread until the block ends, then given back
+                mine.check()
+                try:
+                    other.take()
+                except NodeTaken as taken:
+                    assert taken.what == "GPU GPU-1"
+            other.take()  # given back on the clean exit: free at once
+        ```
+    """
+
+    def __init__(self, allocator, node: str, *, ttl_s: float, gpus: Callable[[], Sequence[str]] = list) -> None:
+        self.allocator = allocator
+        self.node = node
+        self.ttl_s = ttl_s
+        self.gpus = gpus
+        # who this agent is in its claim; read at each claim (tests change host and pid)
+        self.identity = {"id": uuid4().hex, "host": socket.gethostname(), "pid": os.getpid()}
+        self._confirmed_at: float | None = None  # when the last claim that held was sent (monotonic)
+        self._lost: Exception | None = None  # NodeTaken: another agent holds it now
+        self._keeping = 0
+        self._lock = threading.Lock()
+
+    def _me(self) -> str:
+        return json.dumps({**self.identity, "node": self.node}, sort_keys=True)
+
+    def take(self) -> None:
+        """Claim the node and its GPUs, or renew the claim, for `ttl_s`. The claim of an agent that
+        died on this host (its pid is gone) is taken over at once; another host's lapses after its
+        TTL.
+
+        Raises:
+            NodeTaken: another agent holds the node or one of its GPUs and may be alive (names
+                what, its node, host and pid).
+        """
+        from prefect_mig.errors import NodeTaken
+
+        me, gpus, sent = self._me(), list(self.gpus()), time.monotonic()
+        taken = self.allocator.claim_node(self.node, me, ttl_s=self.ttl_s, gpus=gpus)
+        if taken is not None:
+            holder = _identity(taken[1])
+            if holder["host"] == self.identity["host"] and not _pid_alive(holder["pid"]):
+                log.warning("node %s: taking over from agent pid %s on this host, which is gone", self.node, holder["pid"])
+                taken = self.allocator.claim_node(self.node, me, ttl_s=self.ttl_s, gpus=gpus, replace=taken[1])
+        if taken is None:
+            with self._lock:
+                self._confirmed_at, self._lost = sent, None
+            return
+        holder = _identity(taken[1])
+        error = NodeTaken(node=self.node, namespace=self.allocator.keys.namespace, what=taken[0],
+                          serving=holder["node"], host=holder["host"], pid=holder["pid"], ttl_s=self.ttl_s)
+        with self._lock:
+            if self._confirmed_at is not None:
+                self._lost = error
+        raise error
+
+    def check(self) -> None:
+        """Before a change on the node: raise unless the claim is this agent's (a no-op for an agent
+        that never claimed, such as the simulator's).
+
+        Raises:
+            NodeTaken: a renewal found that another agent holds the node now.
+            NodeClaimLapsed: no claim or renewal went through for a whole TTL (Redis did not
+                answer, or the process was frozen): another agent may hold it now.
+        """
+        from prefect_mig.errors import NodeClaimLapsed
+
+        with self._lock:
+            confirmed, lost = self._confirmed_at, self._lost
+        if lost is not None:
+            raise lost
+        if confirmed is not None and time.monotonic() - confirmed >= self.ttl_s:
+            raise NodeClaimLapsed(node=self.node, age_s=time.monotonic() - confirmed, ttl_s=self.ttl_s)
+
+    def release(self) -> bool:
+        """Give the claim back now, the node's and each GPU's that is still this agent's (another
+        agent's is left alone). True if it released any."""
+        with self._lock:
+            self._confirmed_at = None
+        return self.allocator.release_node_claim(self.node, self._me(), gpus=list(self.gpus()))
+
+    @contextmanager
+    def kept(self) -> Iterator[NodeClaim]:
+        """Take the claim (`take`, which may raise `NodeTaken`) and renew it every third of its
+        TTL from a daemon thread until the block ends; a renewal that finds another agent holding
+        it makes the next `check` raise. On a clean exit (no exception, or ``SystemExit(0)``: a stop
+        signal) the claim is given back; after any other exception it lapses by itself. Nested
+        blocks share the outer one's thread."""
+        if self._keeping:
+            self._keeping += 1
+            try:
+                yield self
+            finally:
+                self._keeping -= 1
+            return
+        self.take()
+        self._keeping = 1
+        done = threading.Event()
+        thread = threading.Thread(target=self._renew_until, args=(done,), name=f"claim:{self.node}", daemon=True)
+        thread.start()
+        clean = False
+        try:
+            yield self
+            clean = True
+        except SystemExit as exc:
+            clean = exc.code in (0, None)
+            raise
+        finally:
+            self._keeping = 0
+            done.set()
+            thread.join(timeout=max(1.0, self.ttl_s))
+            if clean:
+                self._release_quietly()
+
+    def _release_quietly(self) -> None:
+        try:
+            if self.release():
+                log.info("node %s: claim given back", self.node)
+        except Exception as exc:  # noqa: BLE001 - Redis down at exit: the claim lapses after its TTL
+            log.warning("node %s: could not give the claim back (%s); it lapses after %g s", self.node, exc, self.ttl_s)
+
+    def _renew_until(self, done: threading.Event) -> None:
+        from prefect_mig.errors import NodeTaken
+
+        while not done.wait(self.ttl_s / 3):
+            try:
+                self.take()
+            except NodeTaken as exc:
+                log.error("node %s: another agent holds it now (%s); this agent stops acting on it", self.node, exc)
+                return
+            except Exception as exc:  # noqa: BLE001 - Redis down: retried; `check` fails once a TTL passed
+                log.warning("node %s: could not renew the agent's claim (%s); retrying", self.node, exc)
+
+
+def _identity(raw: str) -> dict:
+    """An agent's identity from its claim; an unreadable one names no host."""
+    try:
+        found = json.loads(raw)
+        return {"host": str(found["host"]), "pid": int(found["pid"]), "node": str(found.get("node", "?"))}
+    except (ValueError, TypeError, KeyError):
+        return {"host": "?", "pid": 0, "node": "?"}
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return True  # unknown: assume it lives
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
