@@ -41,7 +41,12 @@ def check_known(requirement: str, *, field: str = "profile") -> None:
 
 
 def check_tags(tags: Iterable[str]) -> None:
-    """Check the ``mig:<profile>`` and ``mig-priority:<n>`` tags of a task at decoration time."""
+    """Check the ``mig:<profile>``, ``mig-priority:<n>`` and ``mig-tenant:<name>`` tags of a task
+    (at decoration time) or of a try (a task's call-time tags, its flow run's)."""
+    from pydantic import TypeAdapter, ValidationError
+
+    from prefect_mig.allocator.models import Name
+
     for tag in tags:
         if tag.startswith("mig:"):
             check_known(tag[len("mig:"):], field="tags")
@@ -52,3 +57,11 @@ def check_tags(tags: Iterable[str]) -> None:
                     f"tags: {tag!r} needs a priority from 0 to 100 (e.g. 'mig-priority:5').",
                     field="tags", value=tag,
                 )
+        elif tag.startswith("mig-tenant:"):
+            try:
+                TypeAdapter(Name).validate_python(tag[len("mig-tenant:"):])
+            except ValidationError:
+                raise ConfigError(
+                    f"tags: {tag!r} needs a tenant name of 1 to 64 letters, digits and '_.:@-' (e.g. 'mig-tenant:team-a').",
+                    field="tags", value=tag,
+                ) from None
