@@ -25,13 +25,14 @@ from prefect_mig.errors import ConfigError
 def check_known(requirement: str, *, field: str = "profile") -> None:
     """Raise `ConfigError` unless some GPU model in the catalog can satisfy `requirement`."""
     from prefect_mig.model import SliceRequirement, catalog
+    from prefect_mig.model.profiles import parse_profile_name
 
     need = SliceRequirement.parse(requirement, field=field)
     models = catalog().models.values()
     if any(need.candidates(model) for model in models):
         return
     known = sorted({p.name for model in models for p in model.profiles},
-                   key=lambda n: (int(n.split("g.")[0]), n))
+                   key=lambda n: (*parse_profile_name(n)[:2], n))  # by compute, then memory
     raise ConfigError(
         f"{field}={requirement!r}: no GPU model prefect-mig knows has a MIG profile that satisfies it. "
         f"Profiles of the known models: {', '.join(known)}.",
