@@ -139,6 +139,7 @@ def _name_allowed(errors: list[dict[str, Any]], body: type[BaseModel]) -> list[d
 
 
 #: a lease's fields that Redis keeps as strings and the API answers as numbers, as its acquire reply does
+_FENCE_REQUIRED = "fence: required (only an admin token may revoke a lease without it)."
 _LEASE_NUMBERS = frozenset({"priority", "ttl_ms", "granted_at", "expires_at", "waited_ms", "compute", "revoked_at",
                             "revoked_priority"})
 
@@ -481,13 +482,16 @@ def create_app(
     def release(
         request: Request, lease_id: str, fence: Annotated[int | None, Query(ge=1, description="Admins may omit it.")] = None
     ) -> dict[str, Any]:
+        fenceless = fence is None and not grant_of(request).admin
         try:
             lease = own_lease(request, lease_id)
         except LeaseLost:
+            if fenceless:  # a mistake whether or not the lease still exists
+                raise HTTPException(422, _FENCE_REQUIRED) from None
             return {"released": False}
-        if fence is None:
-            if not grant_of(request).admin:
-                raise HTTPException(422, "fence: required (only an admin token may revoke a lease without it).")
+        if fenceless:
+            raise HTTPException(422, _FENCE_REQUIRED)
+        if fence is None:  # an admin: revoke
             # not released here: the holder may still use the slice; it is told and stops, as when preempted
             expires_at = allocator.revoke(lease.lease_id)
             return {"released": False, "revoked": expires_at is not None, "expires_at": expires_at}

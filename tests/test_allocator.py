@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 
@@ -11,6 +12,8 @@ from pydantic import ValidationError
 from prefect_mig.allocator import Allocator, LeaseInfo, Queued, Quota, SliceRequest
 from prefect_mig.allocator.invariants import check_events
 from prefect_mig.errors import (
+    ConfigError,
+    InvalidRequirement,
     LeaseLost,
     LeaseNotOwned,
     NoCapacity,
@@ -317,6 +320,33 @@ def test_a_gpu_model_the_fleet_lacks_says_so_and_names_the_models_it_has(one_h10
     said = str(refused.value)
     assert (refused.value.field, refused.value.value) == ("gpu_model", "A30-24GB")
     assert "gpu_model" in said and "no A30-24GB GPU" in said and "H100-80GB" in said and "has no MIG profile" not in said
+    assert one_h100.status()["queue"] == [] and one_h100.status()["leases"] == []
+
+
+@pytest.mark.parametrize("timeout_s", [-1, 40 * 86_400, math.inf])
+def test_a_wait_out_of_range_is_refused_naming_the_longest_in_plain_seconds(timeout_s):
+    """Found by a new-user trial: the message gave the longest wait as "2.592e+06 (30 days)"."""
+    from prefect_mig.allocator.allocator import check_wait
+
+    with pytest.raises(ConfigError) as refused:
+        check_wait(timeout_s)
+    said = str(refused.value)
+    assert said.startswith(f"timeout_s={timeout_s!r}: ") and "to 2592000 (30 days)" in said and "e+" not in said, said
+
+
+@pytest.mark.parametrize(
+    ("fields", "named"),
+    [({"min_memory_gb": 500}, "min_memory_gb=500"), ({"min_compute_slices": 8}, "min_compute_slices=8"),
+     ({"min_memory_gb": 90, "min_compute_slices": 2}, "min_memory_gb=90, min_compute_slices=2")],
+)
+def test_minimums_no_gpu_of_the_fleet_meets_are_refused_naming_the_fields_and_the_largest_slice(one_h100, fields, named):
+    """Found by a new-user trial: the error named a field "requirement" that no caller sets, and
+    not how much the fleet's GPUs give at most."""
+    with pytest.raises(InvalidRequirement) as refused:
+        one_h100.acquire(SliceRequest(**fields), timeout_s=5)
+    said = str(refused.value)
+    assert said.startswith(f"{named}: no profile on H100-80GB gives "), said
+    assert "the largest there is 7g.80gb on H100-80GB (80 GB, 7 compute slices)" in said, said
     assert one_h100.status()["queue"] == [] and one_h100.status()["leases"] == []
 
 

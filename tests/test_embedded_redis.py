@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import threading
@@ -64,6 +65,15 @@ def test_redis_stop_stops_what_was_started_and_leaves_nothing(state_dir):
     assert stop_embedded_redis(state_dir) is False
 
 
+def test_a_restarted_server_keeps_its_url_so_a_saved_one_still_works(state_dir):
+    """Found by a new-user trial: a MigCluster block saved from the embedded default
+    (`blocks/create_defaults.py`) named its port, and after `prefect-mig down` and `up` every lease
+    through the block failed with "Connection refused": the server came back on a new random port."""
+    first = ensure_embedded_redis(state_dir)
+    assert stop_embedded_redis(state_dir) is True
+    assert ensure_embedded_redis(state_dir) == first
+
+
 def test_a_long_running_client_follows_the_server_to_its_new_port(state_dir, monkeypatch):
     from prefect_mig.cli.leases import _allocator
 
@@ -73,7 +83,11 @@ def test_a_long_running_client_follows_the_server_to_its_new_port(state_dir, mon
     alloc.publish_fleet("node-a=1xA30-24GB", layouts={"node-a": ["4g.24gb@0"]})
     first = ensure_embedded_redis(state_dir)
     stop_embedded_redis(state_dir)
-    second = ensure_embedded_redis(state_dir)  # restarted, by anyone, on a new port
+    with socket.socket() as taken:  # its port taken meanwhile: it comes back on another
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past the old server's TIME_WAITs
+        taken.bind(("127.0.0.1", int(first.rsplit(":", 1)[1].split("/")[0])))
+        taken.listen()
+        second = ensure_embedded_redis(state_dir)  # restarted, by anyone, on a new port
     assert second != first
     # the client needed no restart, and what it wrote came back from the AOF under the locked-down ACL
     assert [s["profile"] for s in alloc.status()["slices"]] == ["4g.24gb"]

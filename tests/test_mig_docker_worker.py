@@ -282,7 +282,10 @@ PYTHON_ONLY_IMAGE = "the python-only test image"  # stands for the python_image 
      ({"lease_ttl_s": 1000}, "lease_ttl_s"),
      # an image the engine lacks, or one without Prefect: the run crashed with "unhandled errors in
      # a TaskGroup" and the reason only in a traceback (found by a new-user trial)
-     ({"image": "prefect-mig-no-such-image:latest"}, "image"), ({"image": PYTHON_ONLY_IMAGE}, "image")],
+     ({"image": "prefect-mig-no-such-image:latest"}, "image"), ({"image": PYTHON_ONLY_IMAGE}, "image"),
+     # a profile of the catalog that this fleet's GPUs (an H100) lack, and minimums none of them
+     # meets: the run crashed with "unhandled errors in a TaskGroup" (found by a new-user trial)
+     ({"profile": "1g.6gb"}, "profile"), ({"profile": ">=100gb"}, "profile")],
 )
 def test_a_bad_job_variable_fails_the_run_naming_it(clean, variables, named, python_image):
     api = clean["api"]

@@ -216,6 +216,25 @@ def test_a_mapped_result_passed_to_another_slice_task_arrives_as_a_plain_list_in
     assert pipeline() == (2 * (0 + 1 + 8 + 27), "list", "list")
 
 
+def count_and_seen(batch, tag):
+    from prefect.runtime import flow_run, task_run
+
+    return len(batch), len(task_run.parameters["batch"]), len(flow_run.parameters["ids"]), tag
+
+
+def test_a_task_whose_arguments_are_large_runs_and_its_run_context_still_names_them(cluster):
+    """Found by a new-user trial: a batch of 50,000 ids as an argument failed the task with "exec
+    /usr/bin/python3: argument list too long", as the run context (parameters included) went into
+    the container's environment, where Linux caps one variable at 128 KiB."""
+    counter = task(task_runner=MigTaskRunner(profile="1g.10gb"))(count_and_seen)
+
+    @flow
+    def pipeline(ids: list):
+        return counter(ids, "done")
+
+    assert pipeline(list(range(50_000))) == (50_000, 50_000, 50_000, "done")
+
+
 def test_a_killed_flow_process_leaves_no_container_and_no_lease(redis_server, namespace, tmp_path, docker_client, python_image):
     import signal
     import subprocess

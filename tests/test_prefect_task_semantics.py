@@ -184,6 +184,18 @@ def test_a_profile_no_known_gpu_model_offers_fails_at_decoration_time(make, fiel
     assert caught.value.field == field and "1g.10gb" in str(caught.value)  # says what is allowed
 
 
+def test_the_known_profiles_an_unknown_one_is_told_are_in_size_order():
+    """Found by a new-user trial: the list ran 1g.10gb ... 1g.47gb, 1g.5gb, 1g.67gb, 1g.6gb (text order)."""
+    from prefect_mig.errors import ConfigError
+    from prefect_mig.model.profiles import parse_profile_name
+
+    with pytest.raises(ConfigError) as caught:
+        MigTaskRunner(profile="1g.11gb")
+    listed = str(caught.value).split("Profiles of the known models: ")[1].rstrip(".").split(", ")
+    sizes = [(p.compute_slices, p.memory_gb) for p in map(parse_profile_name, listed)]
+    assert sizes == sorted(sizes) and listed[0] == "1g.5gb", listed
+
+
 def body_using_prefect(n):
     from prefect import get_run_logger
     from prefect.runtime import flow_run, task_run

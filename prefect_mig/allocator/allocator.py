@@ -148,7 +148,7 @@ def check_wait(timeout_s: float | None, *, field: str = "timeout_s") -> float | 
     if timeout_s is None:
         return None
     return _seconds_in(timeout_s, 0, MAX_WAIT_S, field=field, what=(
-        f"a wait for a slice must be a finite number of seconds from 0 (no wait) to {MAX_WAIT_S:g} (30 days), "
+        f"a wait for a slice must be a finite number of seconds from 0 (no wait) to {MAX_WAIT_S:.0f} (30 days), "
         "or None (as long as it takes)."))
 
 

@@ -36,6 +36,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _previous_port(home: Path) -> int | None:
+    """The port of the server's last start (its config stays), if nothing listens on it now: a URL
+    saved from it (a MigCluster block, a copied PREFECT_MIG_REDIS_URL) keeps working after `down`
+    and `up`."""
+    try:
+        port = next(int(line.split()[1]) for line in (home / "redis.conf").read_text().splitlines()
+                    if line.startswith("port "))
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as redis-server binds: past TIME_WAITs
+            s.bind(("127.0.0.1", port))
+            s.listen()
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+    return port
+
+
 def _answers(url: str) -> bool:
     try:
         return bool(redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=0.5).ping())
@@ -128,7 +144,7 @@ def _start(home: Path, url_file: Path) -> str:
             field="redis_url",
         )
     _terminate(home / "redis.pid")  # one that no longer answers
-    port = _free_port()
+    port = _previous_port(home) or _free_port()
     password = _password(home)
     url = f"redis://{USER}:{password}@127.0.0.1:{port}/0"
     config = home / "redis.conf"

@@ -107,8 +107,15 @@ class SliceRequest(BaseModel):
             where = self.gpu_model or ", ".join(sorted({m.name for m in models})) or "the catalog"
             if self.profile is not None:
                 raise UnknownProfile(self.profile, where, offered)
+            given = {k: v for k, v in (("min_memory_gb", self.min_memory_gb), ("min_compute_slices", self.min_compute_slices))
+                     if v is not None}
+            largest = [(m, max(m.profiles, key=lambda p: (p.memory_mib, p.compute_slices))) for m in models if m.profiles]
+            most = "; the largest there is " + ", ".join(
+                f"{p.name} on {m.name} ({p.memory_gb:g} GB, {p.compute_slices} compute slices)" for m, p in largest
+            ) if largest else ""
             raise InvalidRequirement(
-                f"requirement: no profile on {where} gives {need}.", field="requirement", value=str(need)
+                f"{', '.join(f'{k}={v:g}' for k, v in given.items())}: no profile on {where} gives {need}{most}.",
+                field=next(iter(given), "requirement"), value=str(need),
             )
         return [k for _, _, k in sorted(found)]
 

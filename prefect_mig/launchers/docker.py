@@ -26,6 +26,7 @@ Examples:
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import sys
@@ -193,9 +194,23 @@ def confinement_options(s: ContainerSettings) -> dict[str, Any]:
     return create
 
 
-def _runtime_archive(payload: bytes | None) -> bytes:
-    """A tar of /opt/prefect-mig: the entry script, the host's cloudpickle, and the payload (none
-    for a warm container, whose calls come over stdin)."""
+#: the largest environment value a cold container gets as such: Linux refuses to exec a process
+#: with one variable over 128 KiB (MAX_ARG_STRLEN), and with all of them over a quarter of its stack
+EXEC_ENV_VALUE_MAX = 16 * 1024
+
+
+def _exec_sized(env: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """`env` split into what the container's environment can hold and the larger values (a run
+    context whose parameters are a big batch), which travel in the runtime archive as ``env.json``
+    and which the entry script puts into its environment before anything else."""
+    small = {k: v for k, v in env.items() if v is None or len(str(v)) <= EXEC_ENV_VALUE_MAX}
+    return small, {k: str(v) for k, v in env.items() if k not in small}
+
+
+def _runtime_archive(payload: bytes | None, env: dict[str, str] | None = None) -> bytes:
+    """A tar of /opt/prefect-mig: the entry script, the host's cloudpickle, the payload (none for a
+    warm container, whose calls come over stdin) and the environment values too large for the
+    container's own (``env.json``, see `_exec_sized`)."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
         def add_bytes(name: str, data: bytes) -> None:
@@ -209,6 +224,8 @@ def _runtime_archive(payload: bytes | None) -> bytes:
         add_bytes("entry.py", (Path(__file__).parent / "runtime_entry.py").read_bytes())
         if payload is not None:
             add_bytes("payload.pkl", payload)
+        if env:
+            add_bytes("env.json", json.dumps(env).encode())
         for module in runtime_packages():
             package = Path(module.__file__).parent
             for path in sorted(package.rglob("*.py")):
@@ -491,10 +508,11 @@ class DockerLauncher:
         payload = _pickle_call(fn, args, kwargs or {})
         s = self.settings
         _not_stopped(stop)
+        env, carried = _exec_sized(env or {})
         container = self.create(mig_uuid=mig_uuid, labels=labels, env=env)
         try:
             with _removed_means_stopped(container):
-                outcome, exit_code = self._start_and_wait(container, payload, on_log, stop, poll_s, confirm)
+                outcome, exit_code = self._start_and_wait(container, payload, on_log, stop, poll_s, confirm, carried)
             if outcome is None:
                 raise died_without_outcome(container, exit_code, s.image)
         except _ENGINE_GONE as exc:
@@ -555,9 +573,10 @@ class DockerLauncher:
             remove_launched(self.client, launch_id)
             raise
 
-    def _start_and_wait(self, container, payload: bytes, on_log, stop, poll_s: float, confirm) -> tuple[tuple | None, int]:
+    def _start_and_wait(self, container, payload: bytes, on_log, stop, poll_s: float, confirm,
+                        carried: dict[str, str]) -> tuple[tuple | None, int]:
         """Copy the runtime in, start, wait (or stop); the outcome (None: none written) and exit code."""
-        container.put_archive(HOME, _runtime_archive(payload))
+        container.put_archive(HOME, _runtime_archive(payload, carried))
         start_confirmed(container, stop, confirm)
         logger: threading.Thread | None = None
         if on_log is not None:

@@ -22,6 +22,7 @@ traceback (tblib) and text, so the host rebuilds the same type even when its ``_
 other arguments than its ``args`` (see ``prefect_mig.launchers.outcome``).
 """
 
+import json
 import os
 import struct
 import sys
@@ -37,6 +38,7 @@ import cloudpickle  # noqa: E402
 
 def main() -> int:
     try:
+        _carried_env()
         stand_in = _install_shim()
         with open(os.path.join(HOME, "payload.pkl"), "rb") as f:
             fn, args, kwargs = cloudpickle.load(f)
@@ -52,6 +54,15 @@ def main() -> int:
     os.replace(tmp, os.path.join(HOME, "result.pkl"))
     sys.stdout.flush()
     return 0
+
+
+def _carried_env() -> None:
+    """Environment values too large for the container's own environment (Linux caps one at 128
+    KiB), which the launcher put in ``env.json`` beside the payload."""
+    path = os.path.join(HOME, "env.json")
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            os.environ.update(json.load(f))
 
 
 END_MARK = "\x1eprefect-mig-call-end"

@@ -108,6 +108,17 @@ def test_an_admin_may_revoke_any_lease_without_its_fence_and_the_slice_waits_for
     assert [row["holder"] for row in served_api.alloc.status()["leases"]] == ["next"]
 
 
+def test_a_clients_delete_without_a_fence_is_422_whether_or_not_the_lease_still_exists(served_api, teams):
+    """Found by a new-user trial: on a lease that had ended (or never existed) it answered 200
+    {"released": false}, so a client script that forgot the fence learnt nothing of its mistake."""
+    a, _, lease = teams
+    assert a.delete(f"/v1/leases/{lease['lease_id']}", params={"fence": lease["fence"]}).json() == {"released": True}
+    for lid in (lease["lease_id"], "no-such-lease"):
+        reply = a.delete(f"/v1/leases/{lid}")
+        assert reply.status_code == 422 and "fence: required" in reply.json()["detail"], reply.text
+    assert served_api.client().delete("/v1/leases/no-such-lease").json() == {"released": False}  # an admin's revoke
+
+
 def _raw(port: int, head: str) -> str:
     """Send only `head` (request line + headers), read whatever the server answers."""
     with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:

@@ -25,13 +25,14 @@ from prefect_mig.errors import ConfigError
 def check_known(requirement: str, *, field: str = "profile") -> None:
     """Raise `ConfigError` unless some GPU model in the catalog can satisfy `requirement`."""
     from prefect_mig.model import SliceRequirement, catalog
+    from prefect_mig.model.profiles import parse_profile_name
 
     need = SliceRequirement.parse(requirement, field=field)
     models = catalog().models.values()
     if any(need.candidates(model) for model in models):
         return
     known = sorted({p.name for model in models for p in model.profiles},
-                   key=lambda n: (int(n.split("g.")[0]), n))
+                   key=lambda n: (*parse_profile_name(n)[:2], n))  # by compute, then memory
     raise ConfigError(
         f"{field}={requirement!r}: no GPU model prefect-mig knows has a MIG profile that satisfies it. "
         f"Profiles of the known models: {', '.join(known)}.",
@@ -41,7 +42,12 @@ def check_known(requirement: str, *, field: str = "profile") -> None:
 
 
 def check_tags(tags: Iterable[str]) -> None:
-    """Check the ``mig:<profile>`` and ``mig-priority:<n>`` tags of a task at decoration time."""
+    """Check the ``mig:<profile>``, ``mig-priority:<n>`` and ``mig-tenant:<name>`` tags of a task
+    (at decoration time) or of a try (a task's call-time tags, its flow run's)."""
+    from pydantic import TypeAdapter, ValidationError
+
+    from prefect_mig.allocator.models import Name
+
     for tag in tags:
         if tag.startswith("mig:"):
             check_known(tag[len("mig:"):], field="tags")
@@ -52,3 +58,11 @@ def check_tags(tags: Iterable[str]) -> None:
                     f"tags: {tag!r} needs a priority from 0 to 100 (e.g. 'mig-priority:5').",
                     field="tags", value=tag,
                 )
+        elif tag.startswith("mig-tenant:"):
+            try:
+                TypeAdapter(Name).validate_python(tag[len("mig-tenant:"):])
+            except ValidationError:
+                raise ConfigError(
+                    f"tags: {tag!r} needs a tenant name of 1 to 64 letters, digits and '_.:@-' (e.g. 'mig-tenant:team-a').",
+                    field="tags", value=tag,
+                ) from None

@@ -75,7 +75,7 @@ from prefect_mig.integrations.prefect.context import run_in_slice_async
 from prefect_mig.integrations.prefect.context import picklable_state as _picklable_state
 from prefect_mig.integrations.prefect.context import acquire_started, lease_event, shielded, start_lease, undo_acquire
 from prefect_mig.integrations.prefect.direct_calls import route_direct_calls, wants_slice
-from prefect_mig.integrations.prefect.profiles import check_known
+from prefect_mig.integrations.prefect.profiles import check_known, check_tags
 from prefect_mig.integrations.prefect.warm import (
     adopt_into,
     check_warm,
@@ -576,7 +576,14 @@ def _why_container_ended(exc: Exception, cancelled: bool, allocator: Allocator, 
 
 
 def _tag_values(tags: Iterable[str]) -> dict[str, Any]:
-    """``mig:``, ``mig-priority:`` and ``mig-tenant:`` tags as {profile, priority, tenant}."""
+    """``mig:``, ``mig-priority:`` and ``mig-tenant:`` tags as {profile, priority, tenant}.
+
+    Raises:
+        ConfigError: a malformed one (``mig-priority:high``), naming the tag and what is allowed;
+            a task's own tags were checked when it was made, not a flow run's or call-time ones.
+    """
+    tags = tuple(tags)
+    check_tags(tags)
     out: dict[str, Any] = {}
     for tag in tags:
         if tag.startswith(_PRIORITY_TAG):

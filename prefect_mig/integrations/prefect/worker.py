@@ -54,7 +54,7 @@ from prefect.states import Cancelled, Crashed, Failed, Pending
 from prefect.workers.base import BaseJobConfiguration, BaseVariables, BaseWorker, BaseWorkerResult
 from pydantic import Field
 
-from prefect_mig.errors import ConfigError, LaunchError, PrefectMigError, WaitTimeout
+from prefect_mig.errors import ConfigError, LaunchError, PrefectMigError, Unsatisfiable, WaitTimeout
 from prefect_mig.model.catalog import catalog
 
 if TYPE_CHECKING:
@@ -345,7 +345,17 @@ class MigDockerWorker(BaseWorker):
         from prefect_mig.launchers.docker import LABEL_PREFIX, cluster_labels
 
         allocator = await anyio.to_thread.run_sync(runner._allocator, logger)
-        got = await anyio.to_thread.run_sync(lambda: allocator.try_acquire(request, wait=runner.wait_timeout_s != 0))
+        try:
+            got = await anyio.to_thread.run_sync(lambda: allocator.try_acquire(request, wait=runner.wait_timeout_s != 0))
+        except (ConfigError, Unsatisfiable) as exc:
+            # a profile of the catalog that this fleet's GPUs lack, or minimums none of them meets:
+            # refused before anything is queued; raised, Prefect would say "unhandled errors in a TaskGroup"
+            message = f"job variable profile={configuration.profile!r}: {str(exc).removeprefix('profile: ')}"
+            logger.error("%s", message)
+            await self.client.set_flow_run_state(flow_run.id, Failed(message=message), force=True)
+            if task_status is not None:
+                task_status.started("")
+            return MigDockerWorkerResult(status_code=1, identifier="")
         if not isinstance(got, LeaseInfo):
             got = await self._wait(flow_run, allocator, got.request_id, request, runner, cancelled, logger)
             if got is None:  # cancelled while waiting: the wait is withdrawn, nothing is held
