@@ -11,7 +11,7 @@ Served by ``prefect-mig api serve``. A client acquires, renews every TTL/3, and 
 
 ```
 POST   /v1/leases                 {"request": {"profile": "1g.10gb", "priority": 5}, "timeout_s": 30}
-POST   /v1/leases/{id}/renew      {"fence": 7, "ttl_s": 60}
+POST   /v1/leases/{id}/renew      {"fence": 7, "ttl_s": 60}    (no ttl_s: the lease's own TTL)
 DELETE /v1/leases/{id}?fence=7
 GET    /v1/leases                 GET /v1/status
 GET    /metrics                   (Prometheus text format; admin token only, see prefect_mig.metrics)
@@ -96,7 +96,9 @@ class RenewBody(BaseModel):
     model_config = ConfigDict(extra="forbid")  # a misspelt "ttl" must not renew for the default
 
     fence: int = Field(ge=1)
-    ttl_s: float = Field(default=60.0, ge=1, le=86_400)
+    ttl_s: float | None = Field(
+        default=None, ge=1, le=86_400, description="New TTL in seconds; unset: the lease's own (granted or last renewed with)."
+    )
 
 
 _STATUS = {

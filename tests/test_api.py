@@ -42,11 +42,26 @@ def test_acquire_renew_release_round_trip(http):
     [row] = http.get("/v1/leases", headers=AUTH).json()
     assert row["lease_id"] == lease["lease_id"]
     # numbers as in the acquire reply, not Redis' strings (a jq `.priority > 3` compared a string)
-    assert (row["priority"], row["ttl_ms"], row["compute"]) == (5, 60_000, 3) and isinstance(row["expires_at"], int), row
+    assert (row["priority"], row["ttl_ms"], row["compute"]) == (5, 30_000, 3) and isinstance(row["expires_at"], int), row  # renewed for 30 s
     gone = http.delete(f"/v1/leases/{lease['lease_id']}", params={"fence": lease["fence"]}, headers=AUTH)
     assert gone.json() == {"released": True}
     again = http.delete(f"/v1/leases/{lease['lease_id']}", params={"fence": lease["fence"]}, headers=AUTH)
     assert again.json() == {"released": False}
+
+
+def test_a_renew_without_ttl_s_keeps_the_lease_s_own_ttl(http):
+    """Found by a new-user trial: a lease granted for 300 s and renewed with no ``ttl_s`` was cut to
+    60 s, so a client renewing every 100 s (a third of its TTL) lost it."""
+    lease = http.post("/v1/leases", json={"request": {"profile": "1g.10gb", "ttl_s": 300}}, headers=AUTH).json()
+    path = f"/v1/leases/{lease['lease_id']}/renew"
+    own = http.post(path, json={"fence": lease["fence"]}, headers=AUTH).json()["expires_at_ms"]
+    assert own >= lease["expires_at_ms"] - 5_000, (own, lease)  # granted for 300 s, renewed for 300 s
+    shorter = http.post(path, json={"fence": lease["fence"], "ttl_s": 30}, headers=AUTH).json()["expires_at_ms"]
+    [row] = http.get("/v1/leases", headers=AUTH).json()
+    assert row["ttl_ms"] == 30_000 and row["expires_at"] == shorter  # the list shows the TTL it now has
+    again = http.post(path, json={"fence": lease["fence"]}, headers=AUTH).json()["expires_at_ms"]
+    assert again - shorter < 10_000  # renewed by its own TTL, now 30 s
+    http.delete(f"/v1/leases/{lease['lease_id']}", params={"fence": lease["fence"]}, headers=AUTH)
 
 
 @pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong-token-wrong-token"}, {"Authorization": "Basic abc"}])

@@ -558,15 +558,16 @@ class Allocator(Inventory, LayoutChanges):
             revoked="revoked_at" in raw,
         )
 
-    def renew(self, lease_id: str, fence: int, ttl_s: float) -> int:
-        """Extend the lease to now + `ttl_s`; returns the new expiry (ms).
+    def renew(self, lease_id: str, fence: int, ttl_s: float | None = None) -> int:
+        """Extend the lease to now + `ttl_s` (None: the lease's own TTL, the one it was granted or
+        last renewed with); returns the new expiry (ms).
 
         Raises:
             LeaseNotOwned: `fence` is not the lease's token.
             LeaseLost: the lease expired, was revoked (preempted) or is gone.
         """
-        ttl_s = check_ttl(ttl_s, self.max_ttl_s)
-        reply = self._run("renew", lease_id, fence, int(ttl_s * 1000), action="renew a lease")
+        ttl_ms = "" if ttl_s is None else int(check_ttl(ttl_s, self.max_ttl_s) * 1000)
+        reply = self._run("renew", lease_id, fence, ttl_ms, action="renew a lease")
         code = reply[0]
         if code == "ok":
             return int(reply[1])

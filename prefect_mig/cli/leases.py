@@ -106,13 +106,17 @@ def acquire(
 def renew(
     lease_id: Annotated[str, typer.Argument(help="Lease id.")],
     fence: Annotated[int, typer.Option(help="The fencing token you were granted.")],
-    ttl: Annotated[float, typer.Option(help="New TTL in seconds (1 to PREFECT_MIG_LEASE_MAX_TTL_S).")] = 300,
+    ttl: Annotated[
+        float | None,
+        typer.Option(help="New TTL in seconds (1 to PREFECT_MIG_LEASE_MAX_TTL_S); default: the lease's own TTL."),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Extend a lease."""
+    """Extend a lease by its own TTL (the one it was granted or last renewed with), or by --ttl."""
     with cli_errors():
         allocator = _allocator()
-        check_ttl(ttl, allocator.max_ttl_s, field="--ttl")
+        if ttl is not None:
+            check_ttl(ttl, allocator.max_ttl_s, field="--ttl")
         expires = allocator.renew(lease_id, fence, ttl)
         print_json({"lease_id": lease_id, "expires_at_ms": expires}) if as_json else console.print(f"renewed {lease_id}")
 
