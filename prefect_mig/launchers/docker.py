@@ -350,6 +350,25 @@ def died_without_outcome(container, exit_code: int, image: str) -> ContainerFail
     )
 
 
+_UNCONFIRMED = "prefect_mig_removal_unconfirmed"
+
+
+def mark_unconfirmed(exc: BaseException) -> None:
+    """Mark `exc` (a timeout or cancellation raised into `DockerLauncher.run`'s thread, which stays
+    what it is) as having left a task container whose removal the engine did not confirm: it may
+    still run, so the caller must leave its lease to lapse, not release it (`removal_unconfirmed`)."""
+    try:
+        setattr(exc, _UNCONFIRMED, True)
+    except AttributeError:  # an exception type without a __dict__: at worst the lease is released
+        log.warning("could not mark %r as leaving an unconfirmed removal", exc)
+
+
+def removal_unconfirmed(exc: BaseException) -> bool:
+    """Whether `exc` left a task container whose removal was not confirmed (`DockerUnavailable`
+    with ``unconfirmed``, or an interruption `mark_unconfirmed` marked): release no lease then."""
+    return bool(getattr(exc, "unconfirmed", False) or getattr(exc, _UNCONFIRMED, False))
+
+
 #: how long a removal that found another one under way waits for the container to be gone
 REMOVAL_WAIT_S = 30.0
 
@@ -521,10 +540,11 @@ class DockerLauncher:
             if not remove_container(container):
                 raise self._not_removed(container) from exc
             raise
-        except BaseException:  # a timeout or cancellation raised into this thread: it goes on as it is
-            if not remove_container(container):
-                log.warning("task container %s: its removal was not confirmed while the call was interrupted",
-                            container.short_id)
+        except BaseException as exc:  # a timeout or cancellation raised into this thread: it goes on as it is,
+            if not remove_container(container):  # marked so its caller leaves the lease to lapse
+                log.warning("task container %s: its removal was not confirmed while the call was interrupted; "
+                            "its lease is left to lapse", container.short_id)
+                mark_unconfirmed(exc)
             raise
         if not remove_container(container):
             raise self._not_removed(container)

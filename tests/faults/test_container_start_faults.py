@@ -122,9 +122,10 @@ def engine_proxy(tmp_path):
     proxy.wait()
 
 
-def test_a_flow_process_cut_off_its_engine_leaves_the_lease_to_lapse_so_the_slice_waits_for_the_agent(
-    prefect_api, redis_server, namespace, monkeypatch, python_image, docker_client, engine_proxy, tmp_path
-):
+def _cut_off_mid_task(body, cut, *, redis_server, namespace, monkeypatch, docker_client, engine_proxy, tmp_path):
+    """Run `body` as node-a's only slice's task while holder B waits for that slice, and call
+    ``cut(submitted, proxy)`` once the task's container runs: the flow process reaches the engine
+    through `engine_proxy`, the agent directly. Returns (failed, message, B's grant, events)."""
     proxy_url, proxy = engine_proxy
     monkeypatch.setenv("PREFECT_MIG_REDIS_URL", redis_server.url)
     monkeypatch.setenv("PREFECT_MIG_NAMESPACE", namespace)
@@ -149,10 +150,9 @@ def test_a_flow_process_cut_off_its_engine_leaves_the_lease_to_lapse_so_the_slic
             granted["a_running"] = bool(a_container())
             lease.release()
 
-        body = task(task_runner=MigTaskRunner(profile="4g.24gb", lease_ttl_s=6))(sleep_long)
-
         @flow
         def pipeline():
+            submitted = time.monotonic()
             future = body.submit()
             deadline = time.monotonic() + 60
             while not a_container() and time.monotonic() < deadline:
@@ -161,7 +161,7 @@ def test_a_flow_process_cut_off_its_engine_leaves_the_lease_to_lapse_so_the_slic
             b = threading.Thread(target=holder_b)
             b.start()
             time.sleep(1)
-            proxy.kill()  # the partition: the flow process loses the engine, the agent does not
+            cut(submitted, proxy)
             state = future.wait(120) or future.state
             b.join(120)
             return state.is_failed(), state.message
@@ -176,8 +176,41 @@ def test_a_flow_process_cut_off_its_engine_leaves_the_lease_to_lapse_so_the_slic
                     c.remove(force=True)
                 except docker.errors.NotFound:
                     pass
+    return failed, message, granted, [e["type"] for e in agent.allocator.events()]
+
+
+def test_a_flow_process_cut_off_its_engine_leaves_the_lease_to_lapse_so_the_slice_waits_for_the_agent(
+    prefect_api, redis_server, namespace, monkeypatch, python_image, docker_client, engine_proxy, tmp_path
+):
+    body = task(task_runner=MigTaskRunner(profile="4g.24gb", lease_ttl_s=6))(sleep_long)
+    failed, message, granted, events = _cut_off_mid_task(
+        body, lambda submitted, proxy: proxy.kill(),  # the partition: the flow process loses the engine, the agent does not
+        redis_server=redis_server, namespace=namespace, monkeypatch=monkeypatch, docker_client=docker_client,
+        engine_proxy=engine_proxy, tmp_path=tmp_path,
+    )
     assert granted == {"a_running": False}, "B was granted the slice while A's container still ran on it"
     assert failed and "was left to lapse, not released" in message
-    events = [e["type"] for e in agent.allocator.events()]
     assert "lease.released" not in events[: events.index("slice.settled")], "A's lease was released, not left to lapse"
 
+
+def test_a_task_timed_out_while_cut_off_its_engine_leaves_the_lease_to_lapse_so_the_slice_waits_for_the_agent(
+    prefect_api, redis_server, namespace, monkeypatch, python_image, docker_client, engine_proxy, tmp_path
+):
+    """The timeout lands (raised into the task's thread) while the flow process cannot reach the
+    engine: the container's removal is not confirmed, so the lease must lapse, not be released."""
+    timeout_s = 20
+
+    def cut_before_the_timeout(submitted, proxy):
+        # a few seconds before the timeout: it lands while the task's wait still retries the
+        # engine (DockerLauncher.ENGINE_GONE_S)
+        time.sleep(max(0.0, submitted + timeout_s - 4 - time.monotonic()))
+        proxy.kill()
+
+    body = task(task_runner=MigTaskRunner(profile="4g.24gb", lease_ttl_s=6), timeout_seconds=timeout_s)(sleep_long)
+    failed, message, granted, events = _cut_off_mid_task(
+        body, cut_before_the_timeout, redis_server=redis_server, namespace=namespace, monkeypatch=monkeypatch,
+        docker_client=docker_client, engine_proxy=engine_proxy, tmp_path=tmp_path,
+    )
+    assert failed and "exceeded timeout" in message, message
+    assert granted == {"a_running": False}, "B was granted the slice while A's container still ran on it"
+    assert "lease.released" not in events[: events.index("slice.settled")], "A's lease was released, not left to lapse"

@@ -86,7 +86,7 @@ from prefect_mig.integrations.prefect.warm import (
     warm_key,
 )
 from prefect_mig.launchers import ContainerSettings, DockerLauncher
-from prefect_mig.launchers.docker import cluster_labels
+from prefect_mig.launchers.docker import cluster_labels, removal_unconfirmed
 from prefect_mig.launchers.warm_pool import POOL, WarmSlot
 from prefect_mig.launchers.engines import docker_tls_from
 from prefect_mig.settings import load_settings
@@ -484,6 +484,11 @@ class MigTaskRunner(ThreadPoolTaskRunner):
                 if isinstance(why, LeaseLost):
                     ended.update(what="revoked" if why.reason == "revoked" else "lost", reason=why.reason)
                 raise why from exc
+            except BaseException as exc:  # a timeout or cancellation raised into this thread mid-call
+                if removal_unconfirmed(exc):  # its container may still run: the slice must not go on
+                    lease.abandon()
+                    ended.update(what="lost", reason="unconfirmed")
+                raise
         finally:  # a timeout raised into this thread must not skip the release
             slot = slot or (taken[0] if taken else None)
             if slot is not None:
