@@ -31,7 +31,9 @@ takes effect once the change is done or rolled back.
 One agent serves a node: it claims the node and its GPUs in Redis (`claim`, `serving`, see
 `prefect_mig.node_claim`) and keeps the claim renewed from a thread while it serves, however long a
 carve takes; before each change it makes on the node (each carve step, a release, a publish) it
-checks the claim, and one another agent took stops it with `NodeTaken`.
+checks the claim, and one another agent took stops it with `NodeTaken`. Its publish is also fenced
+in Redis by the claim (`NodeNotClaimed`), since one delayed in the network past the claim's TTL
+would otherwise land after another agent's re-carve.
 
 A slice whose holder's lease expired (the holder died or hung: it neither renewed nor released)
 may still have that holder's task container running on it, so an agent with a Docker engine
@@ -77,7 +79,7 @@ from urllib.parse import quote
 
 from prefect_mig.allocator import Allocator, SliceRecord
 from prefect_mig.allocator.models import slice_record
-from prefect_mig.errors import NodeClaimLapsed, NodeTaken
+from prefect_mig.errors import NodeClaimLapsed, NodeNotClaimed, NodeTaken
 from prefect_mig.gpu import GpuBackend
 from prefect_mig.known_cluster_ids import KnownClusterIds
 from prefect_mig.node_claim import NodeClaim
@@ -85,7 +87,7 @@ from prefect_mig.state_dir import private_dir, write_private
 
 log = logging.getLogger("prefect_mig.agent")
 
-CLAIM_LOST = (NodeTaken, NodeClaimLapsed)  # this agent no longer holds its node: it changes nothing there
+CLAIM_LOST = (NodeTaken, NodeClaimLapsed, NodeNotClaimed)  # this agent no longer holds its node: it changes nothing there
 
 
 class NodeAgent:
@@ -325,6 +327,7 @@ class NodeAgent:
         result = self.allocator.publish(
             self.node, gpus, slices, docker_url=self.docker_url, heartbeat_ttl_s=self.heartbeat_ttl_s,
             fence_settle_s=self.fence_settle_s if self.docker is not None else None,
+            agent=self._claim.held_as(),
         )
         self._published = self._signature(slices)
         return result

@@ -408,6 +408,27 @@ class NodeTaken(PrefectMigError):
         self.pid = pid
 
 
+class NodeNotClaimed(PrefectMigError):
+    """A node agent's publish reached Redis when the node's claim was no longer its own (its claim
+    lapsed while the publish was delayed, and maybe another agent serves the node now), so it was
+    refused: an inventory read before another agent re-carved the GPU would bring back slices that
+    no longer exist and drop the ones that do. The agent's next round claims the node again.
+
+    Attributes:
+        node: the agent's node name.
+        holder: the identity of the agent that claims the node now (JSON), or None when none does.
+    """
+
+    def __init__(self, *, node: str, holder: str | None) -> None:
+        who = f"another agent claims it now ({holder})" if holder else "no agent claims it now"
+        super().__init__(
+            f"node {node}: this agent's inventory was not published, because its claim on the node had lapsed when "
+            f"the publish reached Redis ({who}). Its next round claims the node again and publishes what NVML shows."
+        )
+        self.node = node
+        self.holder = holder
+
+
 class NodeInUse(PrefectMigError):
     """A node cannot be forgotten (``prefect-mig node forget``) while something holds it.
 

@@ -120,6 +120,12 @@ class NodeClaim:
         if confirmed is not None and time.monotonic() - confirmed >= self.ttl_s:
             raise NodeClaimLapsed(node=self.node, age_s=time.monotonic() - confirmed, ttl_s=self.ttl_s)
 
+    def held_as(self) -> str | None:
+        """This agent's claim as Redis holds it, for a write that must land only while the claim is
+        its own (`Allocator.publish`'s `agent`); None for an agent that does not hold a claim."""
+        with self._lock:
+            return self._me() if self._confirmed_at is not None else None
+
     def release(self) -> bool:
         """Give the claim back now, the node's and each GPU's that is still this agent's (another
         agent's is left alone). True if it released any."""

@@ -28,7 +28,7 @@ from typing import Any
 
 from prefect_mig.allocator.models import SliceRecord, decode, slice_record
 from prefect_mig.allocator.redis_io import redis_errors
-from prefect_mig.errors import ConfigError, NodeInUse, UnknownGpuModel
+from prefect_mig.errors import ConfigError, NodeInUse, NodeNotClaimed, UnknownGpuModel
 from prefect_mig.model import FleetSpec, GpuModel, Layout, catalog, get_model, register_model
 
 log = logging.getLogger("prefect_mig.allocator")
@@ -55,9 +55,15 @@ class Inventory:
         docker_url: str | None = None,
         heartbeat_ttl_s: float = 30.0,
         fence_settle_s: float | None = None,
+        agent: str | None = None,
     ) -> tuple[int, int, int]:
         """Publish a node's whole inventory; slices it leaves out are removed (leased ones when
         their lease ends). Returns (published, removed, handed to waiters).
+
+        `agent` is given by a node agent that claimed the node (`claim_node`): the publish is
+        applied only while that claim is still its own, since one delayed in the network past the
+        claim's TTL could land after another agent re-carved the GPU, bringing back slices that no
+        longer exist (`NodeNotClaimed` then).
 
         `fence_settle_s` is given by an agent that fences this node's task containers: a slice whose
         lease expires then stays quarantined until that agent confirms the holder's container gone
@@ -75,8 +81,11 @@ class Inventory:
             json.dumps([s.model_dump() for s in slices]),
             self._epoch,
             int(self.max_ttl_s * 1000),
+            agent or "",
             action=f"publish the inventory of node {node}",
         )
+        if reply[0] == "not_claimed":
+            raise NodeNotClaimed(node=node, holder=decode(reply[1]) or None)
         self._note_heartbeat(node, heartbeat_ttl_s)
         self._epoch = str(reply[3])
         return tuple(int(x) for x in reply[:3])  # type: ignore[return-value]

@@ -303,3 +303,65 @@ def test_an_agent_whose_claim_nobody_confirmed_for_a_ttl_changes_nothing_until_i
     assert str(agent.backend.layout(0)) == A30_TWO and agent.allocator.desired(gpu) is not None
     agent.claim()  # its next round claims the node again: nobody took it meanwhile
     assert agent.tick() == "applied" and str(agent.backend.layout(0)) == A30_FOUR
+
+
+def test_a_publish_delayed_past_its_agents_claim_never_undoes_the_carve_of_the_agent_that_took_the_node(
+    redis_server, namespace, tmp_path
+):
+    """Agent A's network partitions just as its publish is sent (its claim was fresh when it
+    checked); its claim lapses, agent B takes the node and re-carves the GPU; then the network
+    heals and A's publish lands. It must not bring back the slices B destroyed (granted, they would
+    not exist) nor take B's new slice out of service."""
+    import redis
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    network = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(__file__), "network_delay.py"), str(port),
+                                str(redis_server.port), '"mig_uuid"', "6"], stdout=subprocess.PIPE)
+    try:
+        assert network.stdout.readline().strip() == b"ready"
+        a_redis = redis.Redis(host="127.0.0.1", port=port, **redis_server.client_options)
+        with GpuBackend(SimulatedNvml("node-a=1xA30-24GB", state_dir=tmp_path)) as first, \
+                GpuBackend(SimulatedNvml("node-a=1xA30-24GB", state_dir=tmp_path)) as second:
+            first.apply_layout(0, Layout.parse("A30-24GB", A30_TWO))
+            a = NodeAgent(first, Allocator(a_redis, namespace), node="node-a", heartbeat_ttl_s=3)
+            b = NodeAgent(second, Allocator(redis_server.client(), namespace), node="node-a", heartbeat_ttl_s=3)
+            b.identity["host"] = "another-gpu-host"  # it waits for A's claim to lapse
+            alloc = b.allocator
+            alloc.publish("node-a", *a.inventory(), heartbeat_ttl_s=30)  # A's first publish, before the partition
+            outcome = []
+
+            a.claim()
+
+            def a_publishes():
+                try:
+                    outcome.append(a.publish())  # the partition begins as this publish is sent
+                except Exception as exc:  # noqa: BLE001 - what A saw; the test looks at Redis
+                    outcome.append(exc)
+
+            publisher = threading.Thread(target=a_publishes, daemon=True)
+            publisher.start()
+            deadline = time.monotonic() + 60
+            while True:  # A's claim lapses: nothing it sends gets through
+                try:
+                    b.claim()
+                    break
+                except NodeTaken:
+                    assert time.monotonic() < deadline, "A's claim never lapsed"
+                    time.sleep(0.2)
+            with b.serving():
+                alloc.set_desired(second.gpus()[0].uuid, "4g.24gb@0", kind="incremental")
+                assert b.tick() == "applied"
+                carved = {m.mig_uuid for m in second.instances(0)}
+                publisher.join(60)  # the network heals: A's publish lands (or is refused)
+                assert outcome, "A's publish never ended"
+                published = {sid.decode() for sid in alloc.redis.smembers(alloc.keys.node_slices("node-a"))}
+                assert published == carved, f"A's late publish left {sorted(published - carved)} that NVML no longer has"
+                lease = alloc.try_acquire(SliceRequest(profile="4g.24gb", ttl_s=30))
+                assert lease.slice.mig_uuid in carved
+                alloc.release(lease.lease_id, lease.fence)
+    finally:
+        network.kill()
+        network.wait()

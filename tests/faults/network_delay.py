@@ -1,0 +1,50 @@
+"""A TCP forwarder to a Redis server that partitions the network once, for tests:
+``python network_delay.py LISTEN_PORT REDIS_PORT PATTERN HOLD_S``.
+
+Bytes go through as they come, until a client's chunk holding PATTERN: from it on, nothing goes
+either way on any connection for HOLD_S seconds, and then everything that was sent meanwhile is
+delivered, in order. That is a partition that heals, as a congested or flapping network makes:
+what a client sent before it timed out still lands. It prints ``ready`` once it listens.
+"""
+
+import asyncio
+import sys
+
+from engine_proxy import _pipe  # this script's directory is on sys.path
+
+PATTERN, HOLD_S = sys.argv[3].encode(), float(sys.argv[4])
+
+
+class _Gated:
+    """A stream reader whose chunks wait while the network is partitioned; a client's chunk holding
+    PATTERN (`watch`) partitions it for HOLD_S."""
+
+    def __init__(self, reader, gate: asyncio.Event, *, watch: bool) -> None:
+        self.reader, self.gate, self.watch = reader, gate, watch
+
+    async def read(self, n: int) -> bytes:
+        data = await self.reader.read(n)
+        if self.watch and PATTERN in data and self.gate.is_set():
+            self.gate.clear()
+            asyncio.get_running_loop().call_later(HOLD_S, self.gate.set)
+        await self.gate.wait()
+        return data
+
+
+async def _main(listen: int, upstream: int) -> None:
+    gate = asyncio.Event()
+    gate.set()
+
+    async def handle(reader, writer) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", upstream)
+        await asyncio.gather(_pipe(_Gated(reader, gate, watch=True), up_writer),
+                             _pipe(_Gated(up_reader, gate, watch=False), writer))
+
+    server = await asyncio.start_server(handle, "127.0.0.1", listen)
+    print("ready", flush=True)
+    async with server:
+        await server.serve_forever()
+
+
+if __name__ == "__main__":
+    asyncio.run(_main(int(sys.argv[1]), int(sys.argv[2])))
