@@ -170,3 +170,15 @@ def test_node_forget_refuses_a_node_an_agent_claims_or_with_a_lease_held_naming_
     assert {s["node"] for s in cluster.status()["slices"]} == {"node-a"}
     with pytest.raises(Unsatisfiable):
         cluster.try_acquire(two_g(node="node-b"))
+
+
+def test_node_forget_drops_the_desired_layouts_of_the_gpus_it_forgets(redis_client, namespace):
+    """A desired layout left for a forgotten GPU would be carved, unasked, if the GPU came back."""
+    cluster = Allocator(redis_client, namespace)
+    slices = cluster.publish_fleet(TWO_NODES, layouts=HALVES, heartbeat_ttl_s=600)
+    gone, kept = ({s.gpu_uuid for s in slices if s.node == node} for node in ("node-b", "node-a"))
+    for gpu in gone | kept:
+        cluster.set_desired(gpu, "4g.24gb@0", kind="incremental")
+    cluster.forget_node("node-b")
+    assert [cluster.desired(gpu) for gpu in gone] == [None] * len(gone)
+    assert all(cluster.desired(gpu) for gpu in kept)  # another node's stay

@@ -70,6 +70,7 @@ FIXED_KEYS = (
     "awaiting_fence",
     "announce",
     "run_id",
+    "desired",
 )
 
 

@@ -12,6 +12,7 @@ local K = {
   withholding = KEYS[19], config = KEYS[20], epoch = KEYS[21], quarantine = KEYS[22],
   counters = KEYS[23],
   drained_nodes = KEYS[24], awaiting_fence = KEYS[25], announce = KEYS[26], run_id = KEYS[27],
+  desired = KEYS[28],
 }
 local P = ARGV[1]
 local NOW

@@ -1,5 +1,6 @@
 -- Forget a node that is gone for good (renamed, or taken out of the fleet): its record, heartbeat
--- deadline and drain mark, its slices, and the GPUs still published under its name go, all or
+-- deadline and drain mark, its slices, and the GPUs still published under its name (with their
+-- desired layouts) go, all or
 -- nothing, and only while nothing holds it: no agent claims it or one of its GPUs, no lease is
 -- held on its slices, and no slice waits for an expired holder's task container to be fenced.
 -- (A renamed node's GPUs and slices are its new name's already: see publish.lua.)
@@ -47,6 +48,7 @@ redis.call('DEL', node_slices_key(node))
 for _, uuid in ipairs(gpus) do
   redis.call('HDEL', K.gpus, uuid)
   redis.call('SREM', K.draining, uuid)
+  redis.call('HDEL', K.desired, uuid)  -- carved, unasked, if the GPU came back
 end
 redis.call('HDEL', K.nodes, node)
 redis.call('ZREM', K.node_deadline, node)
