@@ -56,10 +56,22 @@ def probe_python(client: docker.DockerClient, image_id: str, image: str) -> tupl
         ) from exc
 
 
-def remove_launched(client: docker.DockerClient, launch_id: str) -> None:
-    """Remove the container of one launch (label ``prefect-mig.launch-id``), if the engine made it."""
-    try:
-        for container in client.containers.list(all=True, filters={"label": f"prefect-mig.launch-id={launch_id}"}):
-            container.remove(force=True, v=True)
-    except docker.errors.DockerException:  # best effort: the agent's fencing removes what is left
-        pass
+def remove_launched(client: docker.DockerClient, launch_id: str, *, within_s: float = 10.0) -> None:
+    """Remove the container of one launch (label ``prefect-mig.launch-id``), if the engine made it.
+
+    Called when a timeout cut the create request short: the engine may still be making the
+    container after this client stopped listening, so it looks again until one is found and
+    removed or `within_s` has passed."""
+    import time
+
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            found = client.containers.list(all=True, filters={"label": f"prefect-mig.launch-id={launch_id}"})
+            for container in found:
+                container.remove(force=True, v=True)
+        except docker.errors.DockerException:  # best effort: the agent's fencing removes what is left
+            return
+        if found or time.monotonic() >= deadline:
+            return
+        time.sleep(0.2)
