@@ -3,6 +3,8 @@ exceptions, run context. Real Prefect API, real Redis, real Docker."""
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import os
 import time
 
@@ -12,6 +14,7 @@ from prefect import flow
 from prefect import task as prefect_task
 
 from prefect_mig import MigTaskRunner, task
+from prefect_mig.launchers.docker import task_containers
 
 
 def nap_then_answer():
@@ -87,12 +90,20 @@ async def sleep_async_30s():
     await asyncio.sleep(30)
 
 
-@pytest.mark.parametrize("mode", ["flow-level", "task-level"])
-def test_an_async_task_timeout_stops_its_container_and_frees_the_slice_when_it_hits(cluster, docker_client, mode):
+def sleep_30s():
+    import time
+
+    time.sleep(30)
+    return "finished"
+
+
+def _run_with_a_2s_timeout(body, mode, cluster, docker_client, namespace):
+    """Run `body` as a task with ``timeout_seconds=2`` on a 3g.40gb slice, under a flow-level or a
+    task-level runner: (seconds it took, its state, the cluster's status, our containers) then."""
     if mode == "flow-level":
-        slow, runner = prefect_task(tags=["mig:3g.40gb"], timeout_seconds=2)(sleep_async_30s), MigTaskRunner()
+        slow, runner = prefect_task(tags=["mig:3g.40gb"], timeout_seconds=2)(body), MigTaskRunner()
     else:
-        slow, runner = task(task_runner=MigTaskRunner(profile="3g.40gb"), timeout_seconds=2)(sleep_async_30s), None
+        slow, runner = task(task_runner=MigTaskRunner(profile="3g.40gb"), timeout_seconds=2)(body), None
 
     @flow(**({"task_runner": runner} if runner else {}))
     def pipeline():
@@ -101,16 +112,41 @@ def test_an_async_task_timeout_stops_its_container_and_frees_the_slice_when_it_h
             future = slow.submit()
             future.wait(60)
             state = future.state
-        else:
-            import asyncio
-
+        elif inspect.iscoroutinefunction(body):
             state = asyncio.run(slow(return_state=True))
-        return time.monotonic() - started, state.is_failed(), state.message, cluster.status()
+        else:
+            state = slow(return_state=True)
+        return time.monotonic() - started, state, cluster.status(), task_containers(
+            docker_client, cluster_id=cluster.cluster_id(), namespace=namespace)
 
-    took, failed, message, status = pipeline()
-    assert failed and "exceeded timeout" in message
+    return pipeline()
+
+
+@pytest.mark.parametrize("mode", ["flow-level", "task-level"])
+def test_an_async_task_timeout_stops_its_container_and_frees_the_slice_when_it_hits(cluster, docker_client, namespace, mode):
+    took, state, status, containers = _run_with_a_2s_timeout(sleep_async_30s, mode, cluster, docker_client, namespace)
+    assert state.is_failed() and "exceeded timeout" in state.message
     assert took < 20  # not the body's 30 s
     assert status["leases"] == [] and {s["state"] for s in status["slices"]} == {"free"}  # when the timeout hit
+    assert containers == []
+
+
+@pytest.mark.parametrize("mode", ["flow-level", "task-level"])
+def test_a_sync_task_times_out_at_its_deadline_even_when_prefects_timeout_never_reaches_its_thread(
+    cluster, docker_client, namespace, mode, monkeypatch
+):
+    # Prefect times out a sync task in a worker thread by raising an exception into that thread;
+    # under load one landed in a urllib3 finalizer, where Python drops it, and the task Completed
+    # after its whole body. Here the delivery is dropped every time: the runner's own deadline
+    # must still stop the container, free the slice and end the run TimedOut.
+    from prefect._internal.concurrency import cancellation
+
+    monkeypatch.setattr(cancellation, "_send_exception_to_thread", lambda thread, exc_type: None)
+    took, state, status, containers = _run_with_a_2s_timeout(sleep_30s, mode, cluster, docker_client, namespace)
+    assert state.name == "TimedOut" and "exceeded timeout of 2" in state.message, (state.name, state.message)
+    assert took < 20  # not the body's 30 s
+    assert status["leases"] == [] and {s["state"] for s in status["slices"]} == {"free"}
+    assert containers == []  # gone when the timeout hit, not only by the fixture's teardown
 
 
 def gpu_env(i):

@@ -50,6 +50,7 @@ from typing import Any
 from prefect.context import FlowRunContext, TaskRunContext
 from prefect.logging import get_run_logger
 from prefect.states import Cancelled, Pending, Running
+from prefect.task_engine import TaskRunTimeoutError
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.engine import emit_task_run_state_change_event
 
@@ -376,9 +377,26 @@ class MigTaskRunner(ThreadPoolTaskRunner):
         """Lease a slice, run ``fn(*args, **kwargs)`` in a container bound to it, release.
 
         `stop` (set by another thread: an async task's timeout or cancellation) ends the wait
-        for a slice or kills the container, like a cancellation of the flow run."""
-        args, kwargs = plain_arguments(args, kwargs)
+        for a slice or kills the container, like a cancellation of the flow run. The task's own
+        ``timeout_seconds`` does the same from here (`_TaskDeadline`), raising Prefect's
+        ``TaskRunTimeoutError``, so the run ends TimedOut even where Prefect's timeout for a
+        sync task, an exception raised into this thread, was lost."""
         ctx = TaskRunContext.get()
+        deadline = _TaskDeadline(ctx)
+        try:
+            return self._run_try(fn, args, kwargs, ctx, _AnyEvent(stop, deadline.passed))
+        except (TryCancelled, WaitTimeout) as exc:  # what stopping the wait or the container raises
+            if deadline.passed.is_set() and not (stop is not None and stop.is_set()):
+                flow_run = _cancel_event(ctx)
+                if flow_run is None or not flow_run.is_set():  # a cancelled flow run still ends Cancelled
+                    raise TaskRunTimeoutError(f"Scope timed out after {deadline.seconds:g} second(s).") from exc
+            raise
+        finally:
+            deadline.cancel()
+
+    def _run_try(self, fn, args: tuple, kwargs: dict, ctx, stop: "_AnyEvent") -> Any:
+        """`run_in_slice`'s try, ended early when `stop` is set."""
+        args, kwargs = plain_arguments(args, kwargs)
         tags = set(ctx.task_run.tags) if ctx else set()
         flow_ctx = FlowRunContext.get()
         profile, priority, tenant = self._resolved(tags, getattr(getattr(flow_ctx, "flow_run", None), "tags", None) or ())
@@ -689,6 +707,30 @@ def _check_container_options(options: dict[str, Any]) -> None:
             field="container_options",
             value=first.get("input"),
         ) from exc
+
+
+class _TaskDeadline:
+    """The task's own ``timeout_seconds``, kept by the runner: `passed` is set once they have gone
+    by since the try began (a little after Prefect's own clock started).
+
+    Prefect times out a sync task in a worker thread by raising an exception into that thread.
+    Python drops one that lands in a finalizer (a urllib3 connection's, under load: "Exception
+    ignored in: <finalize object>"), and the body then ran to its end and the task Completed.
+    With `passed` among the try's stop events, the container is stopped and the lease released at
+    the deadline whether or not Prefect's exception arrives."""
+
+    def __init__(self, ctx) -> None:
+        self.seconds = getattr(getattr(ctx, "task", None), "timeout_seconds", None)
+        self.passed = threading.Event()
+        self._timer: threading.Timer | None = None
+        if self.seconds:
+            self._timer = threading.Timer(self.seconds, self.passed.set)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
 
 
 class _AnyEvent:
