@@ -205,3 +205,30 @@ def test_calls_of_one_module_pickled_at_once_in_many_threads_each_carry_it_by_va
     assert errors == []
     assert len(payloads) == 2400 and all(b"done" in payload for payload in payloads)  # its code, not a reference
     assert __name__ not in cloudpickle.list_registry_pickle_by_value()
+
+
+def test_a_container_the_engine_makes_after_a_cut_short_create_is_still_removed(docker_client, python_image):
+    # A task's timeout can cut a create request short while the engine goes on making the
+    # container; the cleanup's first look then finds nothing. The container here appears a second
+    # after remove_launched starts looking, as the engine's late one would.
+    import uuid
+
+    from prefect_mig.launchers.runtime import remove_launched
+
+    launch_id = uuid.uuid4().hex
+    labels = {f"{LABEL_PREFIX}launch-id": launch_id}
+
+    def late_create():
+        time.sleep(1.0)
+        docker_client.containers.create(python_image, command=["true"], labels=labels)
+
+    creator = threading.Thread(target=late_create)
+    creator.start()
+    try:
+        remove_launched(docker_client, launch_id)
+        creator.join(30)
+        assert docker_client.containers.list(all=True, filters={"label": f"{LABEL_PREFIX}launch-id={launch_id}"}) == []
+    finally:
+        creator.join(30)
+        for left in docker_client.containers.list(all=True, filters={"label": f"{LABEL_PREFIX}launch-id={launch_id}"}):
+            left.remove(force=True)
