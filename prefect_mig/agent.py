@@ -31,9 +31,12 @@ takes effect once the change is done or rolled back.
 One agent serves a node: it claims the node and its GPUs in Redis (`claim`, `serving`, see
 `prefect_mig.node_claim`) and keeps the claim renewed from a thread while it serves, however long a
 carve takes; before each change it makes on the node (each carve step, a release, a publish) it
-checks the claim, and one another agent took stops it with `NodeTaken`. Its publish is also fenced
-in Redis by the claim (`NodeNotClaimed`), since one delayed in the network past the claim's TTL
-would otherwise land after another agent's re-carve.
+checks the claim, and one another agent took stops it with `NodeTaken`. Its writes for the node
+are also fenced in Redis by the claim (`NodeNotClaimed`): the publish, heartbeat (and taking the
+node out of service), withdrawing and restoring slices for a re-carve, and settling fenced slices,
+since one delayed past the claim's TTL (a network partition, a paused process) would otherwise
+land after the agent that took the node over changed it: bring back slices it destroyed, or put
+back into service slices it withdrew to destroy.
 
 A slice whose holder's lease expired (the holder died or hung: it neither renewed nor released)
 may still have that holder's task container running on it, so an agent with a Docker engine
@@ -182,6 +185,11 @@ class NodeAgent:
         change it makes on the node, so an agent whose node another agent took (its claim lapsed
         while Redis did not answer) stops acting there. See `NodeClaim.check`."""
         self._claim.check()
+
+    def _as_claimed(self) -> dict:
+        """``node`` and ``agent`` (this agent's claim) for the allocator's writes on slices of this
+        node: Redis refuses them once the node's claim is no longer this agent's (`NodeNotClaimed`)."""
+        return {"node": self.node, "agent": self._claim.held_as()}
 
     @contextmanager
     def layout_change(self) -> Iterator[None]:
@@ -381,14 +389,14 @@ class NodeAgent:
         self.check_claim()
         down = self._engine_down()
         if down is not None:
-            self.allocator.node_down(self.node, why=down)
+            self.allocator.node_down(self.node, why=down, agent=self._claim.held_as())
             self.reap()
             return "engine down"
         self.repair()
         if self._publish_if_changed():
             did = "published"
         else:
-            did = self.allocator.heartbeat(self.node, ttl_s=self.heartbeat_ttl_s)
+            did = self.allocator.heartbeat(self.node, ttl_s=self.heartbeat_ttl_s, agent=self._claim.held_as())
             if did == "unknown":
                 self.publish()
                 did = "published"
@@ -459,7 +467,7 @@ class NodeAgent:
             self._clear_desired(gpu_uuid, outcome="applied", detail="already in place")
             return "applied"
         if desired["kind"] == "drain":
-            leased = self.allocator.withdraw_when_idle(doomed_ids)
+            leased = self.allocator.withdraw_when_idle(doomed_ids, **self._as_claimed())
             started = self._draining_since.setdefault(gpu_uuid, self.clock())
             if leased:
                 # the planner's timeout for this drain (scaled to the leases in its way), else ours
@@ -467,11 +475,11 @@ class NodeAgent:
                 if self.clock() - started < timeout:
                     return "draining"
                 self._draining_since.pop(gpu_uuid, None)
-                self.allocator.restore(doomed_ids)
+                self.allocator.restore(doomed_ids, **self._as_claimed())
                 self._clear_desired(gpu_uuid, outcome="skipped", detail=f"{leased} lease(s) outlived the drain")
                 return "skipped"
         else:
-            busy = self.allocator.withdraw(doomed_ids)
+            busy = self.allocator.withdraw(doomed_ids, **self._as_claimed())
             if busy is not None:
                 self._clear_desired(gpu_uuid, outcome="skipped", detail=f"slice {busy} is in use")
                 return "skipped"
@@ -486,7 +494,7 @@ class NodeAgent:
             self.check_claim()
             log.warning("GPU %s: %d slice(s) withdrawn for a re-carve that is no longer desired go back into service: %s",
                         gpu_uuid, len(stale), ", ".join(stale))
-            self.allocator.restore(stale)
+            self.allocator.restore(stale, **self._as_claimed())
 
     def finish_desired(self, index: int, gpu_uuid: str) -> str:
         """Second half: re-carve through the backend (which checks NVML for processes first) and
@@ -512,7 +520,7 @@ class NodeAgent:
             return "changed"
         in_use = set(doomed_ids) & self._labelled_busy()
         if in_use:  # a task container (of any cluster id) runs on one, whatever NVML shows
-            self.allocator.restore(doomed_ids)
+            self.allocator.restore(doomed_ids, **self._as_claimed())
             self._clear_desired(gpu_uuid, outcome="skipped", detail=f"a task container runs on {', '.join(sorted(in_use))}")
             return "skipped"
         self._draining_since.pop(gpu_uuid, None)
@@ -524,7 +532,7 @@ class NodeAgent:
             raise  # the node is another agent's now: it neither restores nor publishes
         except (InstanceBusy, PrefectMigError) as exc:
             outcome, detail = "skipped", str(exc)
-            self.allocator.restore(doomed_ids)  # what still exists goes back into service
+            self.allocator.restore(doomed_ids, **self._as_claimed())  # what still exists goes back into service
         finally:
             self.publish()  # what NVML shows now: new slices go to waiters, destroyed ones leave
         self._clear_desired(gpu_uuid, outcome=outcome, detail=detail)
@@ -650,7 +658,7 @@ class NodeAgent:
         for c in own + unknown:
             in_use |= {c.labels.get(f"{LABEL_PREFIX}mig-uuid", ""), c.labels.get(f"{LABEL_PREFIX}lease-id", "")}
         confirmed = {sid: lease for sid, (lease, mig) in pending.items() if not {lease, mig} & in_use}
-        self.allocator.settle_fenced(self.node, confirmed)
+        self.allocator.settle_fenced(self.node, confirmed, agent=self._claim.held_as())
         return sorted(confirmed)
 
     def fence(self, container) -> bool:

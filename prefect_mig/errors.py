@@ -409,24 +409,28 @@ class NodeTaken(PrefectMigError):
 
 
 class NodeNotClaimed(PrefectMigError):
-    """A node agent's publish reached Redis when the node's claim was no longer its own (its claim
-    lapsed while the publish was delayed, and maybe another agent serves the node now), so it was
-    refused: an inventory read before another agent re-carved the GPU would bring back slices that
-    no longer exist and drop the ones that do. The agent's next round claims the node again.
+    """A node agent's write for its node (a publish, a heartbeat, a withdrawal or restore of slices,
+    a settle of fenced slices) reached Redis when the node's claim was no longer its own (its claim
+    lapsed while the write was delayed, and maybe another agent serves the node now), so it was
+    refused: a publish read before another agent re-carved the GPU would bring back slices that no
+    longer exist, a restore would put back into service slices that agent withdrew to destroy. The
+    agent's next round claims the node again.
 
     Attributes:
         node: the agent's node name.
         holder: the identity of the agent that claims the node now (JSON), or None when none does.
+        action: what was refused, e.g. ``publish the inventory of node node-a``.
     """
 
-    def __init__(self, *, node: str, holder: str | None) -> None:
+    def __init__(self, *, node: str, holder: str | None, action: str = "publish the inventory") -> None:
         who = f"another agent claims it now ({holder})" if holder else "no agent claims it now"
         super().__init__(
-            f"node {node}: this agent's inventory was not published, because its claim on the node had lapsed when "
-            f"the publish reached Redis ({who}). Its next round claims the node again and publishes what NVML shows."
+            f"node {node}: this agent's write was refused ({action}), because its claim on the node had lapsed when "
+            f"it reached Redis ({who}). Its next round claims the node again and publishes what NVML shows."
         )
         self.node = node
         self.holder = holder
+        self.action = action
 
 
 class NodeInUse(PrefectMigError):

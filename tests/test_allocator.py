@@ -406,6 +406,28 @@ def test_every_key_the_lua_builds_is_named_in_the_keys_module():
     assert built and all(getattr(keys, name)("x") == f"pmig:{{n}}:{name}:x" for name in built), built
 
 
+def test_the_lua_reads_the_keys_in_the_order_the_scripts_pass_them():
+    """The fixed keys, then the node's claim (the scripts an agent runs for its node): a fixed key added
+    on one side only would make every script read another key than it names."""
+    import re
+    from pathlib import Path
+
+    from prefect_mig.allocator.scripts import FIXED_KEYS
+
+    lib = (Path(__file__).parents[1] / "prefect_mig" / "allocator" / "lua" / "_lib.lua").read_text()
+    table = lib[lib.index("local K = {"):lib.index("}", lib.index("local K = {"))]
+    read = {int(i): name for name, i in re.findall(r"(\w+) = KEYS\[(\d+)\]", table)}
+    assert [read[i] for i in sorted(read)] == [*FIXED_KEYS, "node_claim"] and sorted(read) == list(range(1, len(read) + 1))
+
+
+def test_a_write_fenced_by_an_agents_claim_names_the_node_it_is_for_or_is_refused_changing_nothing(one_h100):
+    ids = sorted(s["id"] for s in one_h100.status()["slices"])
+    with pytest.raises(ConfigError) as refused:
+        one_h100.withdraw(ids, agent="agent-a")
+    assert refused.value.field == "node" and "give the node's name" in str(refused.value)
+    assert set(one_h100.slice_states(ids).values()) == {"free"}
+
+
 def test_a_request_pinned_to_a_node_nobody_published_times_out_saying_so_in_round_seconds(alloc):
     """Queued while no node was published yet (agents starting); then nodes publish, not that one."""
     from prefect_mig.allocator.health import wait_reasons

@@ -73,6 +73,7 @@ from prefect_mig.errors import (
     LeaseLost,
     LeaseNotOwned,
     NoCapacity,
+    NodeNotClaimed,
     PrefectMigError,
     RedisUnavailable,
     Unsatisfiable,
@@ -227,15 +228,36 @@ class Allocator(Inventory, LayoutChanges):
         self.replicas = int(replicas)
         self.replica_timeout_ms = max(1, int(replica_timeout_s * 1000))
 
-    def _run(self, name: str, *args: Any, action: str, deadline: float | None = None) -> list:
+    def _run(
+        self, name: str, *args: Any, action: str, deadline: float | None = None, keys: Sequence[str] = ()
+    ) -> list:
         now = self.clock.now_ms() if self.clock is not None else None
         # what a holder acts on (a grant, a claim, a renewal) must survive a failover
         replicas = self.replicas if name in ("acquire", "renew") else 0
         with redis_errors(action):
             reply = self.scripts.run(
-                name, *args, now_ms=now, deadline=deadline, replicas=replicas, replica_timeout_ms=self.replica_timeout_ms
+                name, *args, keys=keys, now_ms=now, deadline=deadline, replicas=replicas,
+                replica_timeout_ms=self.replica_timeout_ms,
             )
         return [decode(x) for x in reply] if isinstance(reply, list) else reply
+
+    def _run_for_node(self, name: str, node: str | None, agent: str | None, *args: Any, action: str) -> list:
+        """Run a script a node agent runs for its `node`, its claim (`agent`, from `claim_node`)
+        last in its arguments: Redis refuses it unless the node's claim is still that one (see
+        ``claim_refusal`` in ``_lib.lua``), atomically with the write. `agent` None: unfenced (a
+        caller that is no agent); `node` may then be None too.
+
+        Raises:
+            NodeNotClaimed: the node's claim was no longer `agent` when the script ran.
+        """
+        if agent and not node:
+            raise ConfigError(f"node: {node!r}; an agent's claim fences its writes for a named node: give the node's name",
+                              field="node", value=node)
+        keys = (self.keys.agent(node),) if node else ()
+        reply = self._run(name, *args, agent or "", action=action, keys=keys)
+        if reply and reply[0] == "not_claimed":
+            raise NodeNotClaimed(node=node, holder=reply[1] or None, action=action)
+        return reply
 
     # ------------------------------------------------------------------ leases
 

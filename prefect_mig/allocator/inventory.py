@@ -2,7 +2,8 @@
 from NVML), their heartbeats, and the fencing of slices whose holder's lease expired.
 
 `Inventory` is mixed into `prefect_mig.allocator.Allocator`, which provides the Redis client, the
-keys, the scripts (`_run`) and the clock (`now_ms`); use it through an `Allocator`.
+keys, the scripts (`_run`; `_run_for_node` for the writes an agent makes for its node, fenced by
+its claim) and the clock (`now_ms`); use it through an `Allocator`.
 
 Examples:
     ```python
@@ -28,7 +29,7 @@ from typing import Any
 
 from prefect_mig.allocator.models import SliceRecord, decode, slice_record
 from prefect_mig.allocator.redis_io import redis_errors
-from prefect_mig.errors import ConfigError, NodeInUse, NodeNotClaimed, UnknownGpuModel
+from prefect_mig.errors import ConfigError, NodeInUse, UnknownGpuModel
 from prefect_mig.model import FleetSpec, GpuModel, Layout, catalog, get_model, register_model
 
 log = logging.getLogger("prefect_mig.allocator")
@@ -63,7 +64,8 @@ class Inventory:
         `agent` is given by a node agent that claimed the node (`claim_node`): the publish is
         applied only while that claim is still its own, since one delayed in the network past the
         claim's TTL could land after another agent re-carved the GPU, bringing back slices that no
-        longer exist (`NodeNotClaimed` then).
+        longer exist (`NodeNotClaimed` then). The agent's other writes for its node (`heartbeat`,
+        `node_down`, `settle_fenced`, `withdraw`, `withdraw_when_idle`, `restore`) take it too.
 
         `fence_settle_s` is given by an agent that fences this node's task containers: a slice whose
         lease expires then stays quarantined until that agent confirms the holder's container gone
@@ -72,8 +74,10 @@ class Inventory:
         if fence_settle_s is not None:
             body["fence_settle_ms"] = int(fence_settle_s * 1000)
         node_json = json.dumps(body)
-        reply = self._run(
+        reply = self._run_for_node(
             "publish",
+            node,
+            agent,
             node,
             node_json,
             int(heartbeat_ttl_s * 1000),
@@ -81,11 +85,8 @@ class Inventory:
             json.dumps([s.model_dump() for s in slices]),
             self._epoch,
             int(self.max_ttl_s * 1000),
-            agent or "",
             action=f"publish the inventory of node {node}",
         )
-        if reply[0] == "not_claimed":
-            raise NodeNotClaimed(node=node, holder=decode(reply[1]) or None)
         self._note_heartbeat(node, heartbeat_ttl_s)
         self._epoch = str(reply[3])
         return tuple(int(x) for x in reply[:3])  # type: ignore[return-value]
@@ -117,9 +118,10 @@ class Inventory:
             published.extend(slices)
         return published
 
-    def heartbeat(self, node: str, *, ttl_s: float = 30.0) -> str:
-        """Keep a node in service; returns ``ok``, ``back`` (was lost) or ``unknown``."""
-        did = self._run("heartbeat", node, int(ttl_s * 1000), action=f"heartbeat node {node}")[0]
+    def heartbeat(self, node: str, *, ttl_s: float = 30.0, agent: str | None = None) -> str:
+        """Keep a node in service; returns ``ok``, ``back`` (was lost) or ``unknown``. `agent`: the
+        node agent's claim, as for `publish` (`NodeNotClaimed` once the node's claim is not it)."""
+        did = self._run_for_node("heartbeat", node, agent, node, int(ttl_s * 1000), "", action=f"heartbeat node {node}")[0]
         if did != "unknown":
             self._note_heartbeat(node, ttl_s)
         return did
@@ -140,19 +142,23 @@ class Inventory:
             if lease is not None and body is not None
         }
 
-    def settle_fenced(self, node: str, confirmed: dict[str, str]) -> tuple[int, int]:
+    def settle_fenced(self, node: str, confirmed: dict[str, str], *, agent: str | None = None) -> tuple[int, int]:
         """The node's agent confirms that no task container of this cluster runs on these slices
         (``{slice_id: expired lease_id}`` as `awaiting_fence` gave them): they leave quarantine and
-        go to waiters. Returns (settled, handed to waiters)."""
+        go to waiters. Returns (settled, handed to waiters). `agent`: the agent's claim, as for
+        `publish` (`NodeNotClaimed` once the node's claim is not it: a stale agent may have looked
+        at the containers of another engine, or before the agent serving the node now started one)."""
         if not confirmed:
             return 0, 0
-        reply = self._run("settle", node, json.dumps(sorted(confirmed.items())), action=f"settle slices of node {node}")
+        reply = self._run_for_node("settle", node, agent, node, json.dumps(sorted(confirmed.items())),
+                                   action=f"settle slices of node {node}")
         return int(reply[0]), int(reply[1])
 
-    def node_down(self, node: str, *, why: str) -> str:
+    def node_down(self, node: str, *, why: str, agent: str | None = None) -> str:
         """Take a node out of service now although its agent lives (its Docker engine is down):
-        no new grants there until its next `heartbeat`, which returns ``back``."""
-        return self._run("heartbeat", node, 0, why, action=f"take node {node} out of service")[0]
+        no new grants there until its next `heartbeat`, which returns ``back``. `agent`: the node
+        agent's claim, as for `heartbeat`."""
+        return self._run_for_node("heartbeat", node, agent, node, 0, why, action=f"take node {node} out of service")[0]
 
     def claim_node(
         self, node: str, agent: str, *, ttl_s: float, gpus: Sequence[str] = (), replace: str | None = None

@@ -113,7 +113,9 @@ class Keys:
     def gpu_slices(self, gpu_uuid: str) -> str:  # HASH slice_id -> "<start>|<pkey>"
         return f"{self.prefix}gpu_slices:{gpu_uuid}"
 
-    def agent(self, node: str) -> str:  # STRING with a TTL: the node agent serving the node (NodeAgent.claim)
+    # STRING with a TTL: the node agent serving the node (NodeAgent.claim); the scripts an agent runs for
+    # its node get it in KEYS, after the fixed ones, and refuse a write once it names another agent
+    def agent(self, node: str) -> str:
         return f"{self.prefix}agent:{node}"
 
     def gpu_agent(self, gpu_uuid: str) -> str:  # STRING with a TTL: the node agent serving the GPU (same)

@@ -3,7 +3,7 @@ slices out of service before a re-carve (at once, or as their leases end: the ra
 desired layouts the repartitioner writes and node agents apply, and the repartitioner's announcement.
 
 `LayoutChanges` is mixed into `prefect_mig.allocator.Allocator`, which provides the Redis client,
-the keys, the scripts (`_run`) and the event stream (`_event`); use it through an `Allocator`.
+the keys, the scripts (`_run`, `_run_for_node`) and the event stream (`_event`); use it through an `Allocator`.
 
 Examples:
     ```python
@@ -65,19 +65,23 @@ class LayoutChanges:
             )
         return [str(x) for x in reply[1:]]
 
-    def withdraw(self, slice_ids: Sequence[str]) -> str | None:
+    def withdraw(self, slice_ids: Sequence[str], *, node: str | None = None, agent: str | None = None) -> str | None:
         """Take idle slices out of service before destroying them; None when done, else the id of
         a slice in use (leased, busy with processes or a task container its agent saw, or
         quarantined after its holder's lease expired; then nothing was withdrawn). They stay out
-        of service until the publish that no longer lists them, or `restore`."""
-        reply = self._run("withdraw", json.dumps(list(slice_ids)), "now", action="withdraw slices")
+        of service until the publish that no longer lists them, or `restore`.
+
+        A node agent passes its `node` and its claim on it (`agent`, as for `publish`): the write
+        is refused (`NodeNotClaimed`) once the node's claim is no longer its own. The same holds for
+        `withdraw_when_idle` and `restore`."""
+        reply = self._run_for_node("withdraw", node, agent, json.dumps(list(slice_ids)), "now", action="withdraw slices")
         return None if reply[0] == "ok" else reply[1]
 
-    def withdraw_when_idle(self, slice_ids: Sequence[str]) -> int:
+    def withdraw_when_idle(self, slice_ids: Sequence[str], *, node: str | None = None, agent: str | None = None) -> int:
         """The range drain: take the idle slices out of service now and the leased ones as soon as
         their leases end (their leases run on untouched). Returns how many are still in use
         (leased, busy or quarantined, as `withdraw` counts them)."""
-        reply = self._run("withdraw", json.dumps(list(slice_ids)), "drain", action="drain slices")
+        reply = self._run_for_node("withdraw", node, agent, json.dumps(list(slice_ids)), "drain", action="drain slices")
         return int(reply[2])
 
     def withheld(self, gpu_uuid: str) -> dict[str, str]:
@@ -94,9 +98,11 @@ class LayoutChanges:
             *member, states = pipe.execute()
         return {sid: decode(state) or "" for sid, inside, state in zip(ids, member, states) if inside}
 
-    def restore(self, slice_ids: Sequence[str]) -> None:
-        """Put withdrawn slices back into service (a re-carve was given up)."""
-        self._run("withdraw", json.dumps(list(slice_ids)), "restore", action="restore slices")
+    def restore(self, slice_ids: Sequence[str], *, node: str | None = None, agent: str | None = None) -> None:
+        """Put withdrawn slices back into service (a re-carve was given up). `node`, `agent`: as
+        for `withdraw` (a stale agent's late restore would put back slices that the agent serving
+        the node now withdrew to destroy)."""
+        self._run_for_node("withdraw", node, agent, json.dumps(list(slice_ids)), "restore", action="restore slices")
 
     def set_desired(self, gpu_uuid: str, layout: str, *, kind: str, drain_timeout_s: float | None = None) -> None:
         """Ask the GPU's agent to carve `layout` (``kind``: incremental or drain). A drain gives up

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Sequence
 from functools import cache
 from importlib import resources
 
@@ -117,20 +118,22 @@ class Scripts:
         self._local = threading.local()
 
     def run(
-        self, name: str, *args, now_ms: int | None = None, client=None, deadline: float | None = None,
-        replicas: int = 0, replica_timeout_ms: int = 1000,
+        self, name: str, *args, keys: Sequence[str] = (), now_ms: int | None = None, client=None,
+        deadline: float | None = None, replicas: int = 0, replica_timeout_ms: int = 1000,
     ):
-        """Run a script; with `deadline` (monotonic) raise `DeadlinePassed` rather than wait longer
-        for the reply (on a plain ``redis.Redis``; other clients keep their socket timeouts). With
-        `replicas`, then wait (``WAIT``) until that many replicas have the script's writes, and raise
-        `NotReplicated` when fewer did within `replica_timeout_ms` (plain ``redis.Redis`` only)."""
+        """Run a script; `keys` follow the fixed ones in ``KEYS`` (the script's own: the node's claim,
+        for the scripts an agent runs for its node). With `deadline` (monotonic) raise
+        `DeadlinePassed` rather than wait longer for the reply (on a plain ``redis.Redis``; other
+        clients keep their socket timeouts). With `replicas`, then wait (``WAIT``) until that many
+        replicas have the script's writes, and raise `NotReplicated` when fewer did within
+        `replica_timeout_ms` (plain ``redis.Redis`` only)."""
         argv = [self._prefix, b"" if now_ms is None else int(now_ms), self._events_maxlen, *args]
         if client is None and type(self._client) is redis.Redis:
-            reply = self._run_packed(name, argv, deadline)
+            reply = self._run_packed(name, [*keys, *argv] if keys else argv, len(keys), deadline)
             if replicas:
                 self._confirm(name, reply, replicas, replica_timeout_ms)
             return reply
-        return self._scripts[name](keys=self._key_list, args=argv, client=client)
+        return self._scripts[name](keys=[*self._key_list, *keys], args=argv, client=client)
 
     def _confirm(self, name: str, reply, replicas: int, timeout_ms: int) -> None:
         # WAIT on the connection that ran the script: it counts the replicas that have this
@@ -148,14 +151,17 @@ class Scripts:
                 reply,
             )
 
-    def _head(self, name: str, nargs: int) -> bytes:
+    def _head(self, name: str, nargs: int, own_keys: int) -> bytes:
+        """EVALSHA, the key count and the fixed keys; `nargs` values follow, the first `own_keys`
+        of them the script's own keys."""
         script = self._scripts[name]
-        head = self._heads.get((name, script.sha, nargs))
+        head = self._heads.get((name, script.sha, nargs, own_keys))
         if head is None:
-            parts = [b"EVALSHA", script.sha.encode(), str(len(self._key_list)).encode(), *self._key_list]
+            nkeys = str(len(self._key_list) + own_keys).encode()
+            parts = [b"EVALSHA", script.sha.encode(), nkeys, *self._key_list]
             total = len(parts) + nargs
             head = b"*%d\r\n" % total + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in parts)
-            self._heads[(name, script.sha, nargs)] = head
+            self._heads[(name, script.sha, nargs, own_keys)] = head
         return head
 
     def _connection(self, purpose: str = "conn"):
@@ -187,18 +193,19 @@ class Scripts:
             sha = conn.read_response()
             script.sha = sha.decode() if isinstance(sha, bytes) else sha
 
-    def _run_packed(self, name: str, argv: list, deadline: float | None = None):
+    def _run_packed(self, name: str, argv: list, own_keys: int = 0, deadline: float | None = None):
+        """Run `name`; the first `own_keys` of `argv` are the script's own keys, the rest ARGV."""
         encoded = [a if isinstance(a, bytes) else str(a).encode() for a in argv]
         body = b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in encoded)
         for attempt in (1, 2):
             conn = self._connection()
             try:
-                conn.send_packed_command([self._head(name, len(encoded)) + body])
+                conn.send_packed_command([self._head(name, len(encoded), own_keys) + body])
                 try:
                     return read_by(conn, deadline)
                 except NoScriptError:
                     self._load_all(conn)
-                    conn.send_packed_command([self._head(name, len(encoded)) + body])
+                    conn.send_packed_command([self._head(name, len(encoded), own_keys) + body])
                     return read_by(conn, deadline)
             except (redis.ResponseError, DeadlinePassed):
                 raise  # a refusal, or a deadline (read_by dropped the connection; it reconnects)

@@ -23,7 +23,7 @@ import pytest
 
 from prefect_mig.agent import NodeAgent
 from prefect_mig.allocator import Allocator, SliceRequest
-from prefect_mig.errors import NodeClaimLapsed, NodeTaken
+from prefect_mig.errors import NodeClaimLapsed, NodeNotClaimed, NodeTaken
 from prefect_mig.gpu import GpuBackend, SimulatedNvml
 from prefect_mig.model import Layout
 from tests.agent_fixtures import start_task_container
@@ -365,3 +365,117 @@ def test_a_publish_delayed_past_its_agents_claim_never_undoes_the_carve_of_the_a
     finally:
         network.kill()
         network.wait()
+
+
+# A stale agent's late writes. An agent paused (SIGSTOP, a long GC pause) or cut off by a partition past its claim's
+# TTL, while another agent took the node, still believes its node its own: its check in Python passed before the
+# pause. Redis refuses each write it makes for the node once the node's claim is another agent's (atomically with
+# the write), so what the agent serving the node now did stays as it left it.
+
+
+def _claim_of(agent: NodeAgent) -> str:
+    """The agent's claim as Redis holds it (see `NodeClaim`)."""
+    return json.dumps({**agent.identity, "node": agent.node}, sort_keys=True)
+
+
+def _refused(write) -> NodeNotClaimed | None:
+    try:
+        write()
+    except NodeNotClaimed as exc:
+        return exc
+    return None
+
+
+@pytest.fixture
+def taken_over(two_agents):
+    """Agent A claimed and published node-a, then stopped answering (a pause; its pid looks gone, so B need
+    not wait for the claim to lapse); B took the node over and published. A's claim is long enough that A's
+    own check still passes. Yields (A, B)."""
+    stale, serving = two_agents
+    stale.heartbeat_ttl_s = serving.heartbeat_ttl_s = 120
+    stale.identity["pid"] = _dead_pid()
+    stale.claim()
+    stale.publish()
+    serving.claim()
+    serving.publish()
+    yield stale, serving
+
+
+def test_a_stale_agents_late_restore_leaves_the_slices_the_new_agent_withdrew_to_destroy_out_of_service(taken_over):
+    stale, serving = taken_over
+    alloc, gpu = serving.allocator, serving.backend.gpus()[0].uuid
+    alloc.set_desired(gpu, A30_FOUR, kind="incremental")
+    assert serving.begin_desired(0, gpu) == "ready"  # B withdrew the slice its re-carve destroys
+    withdrawn = alloc.withheld(gpu)
+    assert len(withdrawn) == 1 and set(withdrawn.values()) == {"withdrawn"}
+    refused = _refused(lambda: alloc.restore(sorted(withdrawn), node="node-a", agent=_claim_of(stale)))
+    assert alloc.withheld(gpu) == withdrawn, "A's late restore put back into service a slice B is destroying"
+    assert isinstance(refused, NodeNotClaimed) and refused.holder == _claim_of(serving)
+
+
+@pytest.mark.parametrize("write", ["withdraw", "withdraw_when_idle"])
+def test_a_stale_agents_late_withdrawal_leaves_the_new_agents_slices_in_service(taken_over, write):
+    stale, serving = taken_over
+    alloc, gpu = serving.allocator, serving.backend.gpus()[0].uuid
+    ids = sorted(m.mig_uuid for m in serving.backend.instances(0))
+    refused = _refused(lambda: getattr(alloc, write)(ids, node="node-a", agent=_claim_of(stale)))
+    assert alloc.withheld(gpu) == {} and alloc.slice_states(ids) == dict.fromkeys(ids, "free"), \
+        f"A's late {write} took B's slices out of service"
+    assert isinstance(refused, NodeNotClaimed) and refused.holder == _claim_of(serving)
+
+
+def test_a_stale_agents_late_settle_leaves_a_dead_holders_slice_quarantined(taken_over):
+    """A looked at its engine's containers (or looked before B's node ran the holder's container) and
+    confirmed the slice settled; its confirmation lands after B took the node: the slice stays quarantined
+    until B confirms it."""
+    stale, serving = taken_over
+    alloc = serving.allocator
+    alloc.publish("node-a", *serving.inventory(), fence_settle_s=600, agent=_claim_of(serving))  # B fences
+    lease = alloc.try_acquire(SliceRequest(profile="2g.12gb", ttl_s=1))
+    time.sleep(2)  # its holder died: the lease expires
+    alloc.reap()
+    sid = lease.slice.id
+    pending = alloc.awaiting_fence("node-a")
+    assert pending == {sid: (lease.lease_id, lease.slice.mig_uuid)}
+    refused = _refused(lambda: alloc.settle_fenced("node-a", {sid: lease.lease_id}, agent=_claim_of(stale)))
+    assert alloc.awaiting_fence("node-a") == pending and alloc.slice_states([sid]) == {sid: "quarantined"}, \
+        "A's late settle took the slice out of quarantine"
+    assert isinstance(refused, NodeNotClaimed) and refused.holder == _claim_of(serving)
+    assert alloc.settle_fenced("node-a", {sid: lease.lease_id}, agent=_claim_of(serving)) == (1, 0)  # B's does
+
+
+def test_a_stale_agents_late_heartbeat_leaves_the_node_the_new_agent_took_out_of_service_out(taken_over):
+    stale, serving = taken_over
+    alloc = serving.allocator
+    ids = sorted(m.mig_uuid for m in serving.backend.instances(0))
+    assert alloc.node_down("node-a", why="its Docker engine does not answer", agent=_claim_of(serving)) == "down"
+    refused = _refused(lambda: alloc.heartbeat("node-a", ttl_s=120, agent=_claim_of(stale)))
+    assert alloc.slice_states(ids) == dict.fromkeys(ids, "unavailable"), "A's late heartbeat put B's node back"
+    assert isinstance(refused, NodeNotClaimed) and refused.holder == _claim_of(serving)
+    assert alloc.heartbeat("node-a", ttl_s=120, agent=_claim_of(serving)) == "back"
+
+
+def test_a_stale_agents_late_node_down_leaves_the_new_agents_node_in_service(taken_over):
+    stale, serving = taken_over
+    alloc = serving.allocator
+    ids = sorted(m.mig_uuid for m in serving.backend.instances(0))
+    refused = _refused(lambda: alloc.node_down("node-a", why="its Docker engine does not answer", agent=_claim_of(stale)))
+    assert alloc.slice_states(ids) == dict.fromkeys(ids, "free"), "A's late node_down took B's node out of service"
+    assert isinstance(refused, NodeNotClaimed) and refused.holder == _claim_of(serving)
+
+
+def test_a_stale_agents_round_changes_nothing_on_the_node_another_agent_took(taken_over):
+    """The agent itself passes its claim: its Python check passes (it never learnt of B), Redis refuses."""
+    stale, serving = taken_over
+    alloc, gpu = serving.allocator, serving.backend.gpus()[0].uuid
+    ids = sorted(m.mig_uuid for m in serving.backend.instances(0))
+    alloc.node_down("node-a", why="its Docker engine does not answer", agent=_claim_of(serving))
+    stale.check_claim()
+    with pytest.raises(NodeNotClaimed):
+        stale.tick()  # its heartbeat
+    assert alloc.slice_states(ids) == dict.fromkeys(ids, "unavailable")
+    assert alloc.heartbeat("node-a", ttl_s=120, agent=_claim_of(serving)) == "back"
+    alloc.set_desired(gpu, A30_FOUR, kind="incremental")
+    with pytest.raises(NodeNotClaimed):
+        stale.begin_desired(0, gpu)  # its withdrawal of the slice the desired layout dooms
+    assert alloc.withheld(gpu) == {} and alloc.slice_states(ids) == dict.fromkeys(ids, "free")

@@ -1,5 +1,6 @@
 -- Shared by every allocator script (scripts.py prepends it).
--- KEYS: the fixed keys, in the order of prefect_mig.allocator.scripts.FIXED_KEYS.
+-- KEYS: the fixed keys, in the order of prefect_mig.allocator.scripts.FIXED_KEYS; then, in the
+--       scripts a node agent runs for its node, the node's claim (Keys.agent(node), see claim_refusal)
 -- ARGV[1] - key prefix "pmig:{ns}:"; per-entity keys are built from it with the suffixes in keys.py
 -- ARGV[2] - now in ms from an injected clock, or '' to use Redis TIME
 -- ARGV[3] - approximate max length of the events stream
@@ -13,6 +14,7 @@ local K = {
   counters = KEYS[23],
   drained_nodes = KEYS[24], awaiting_fence = KEYS[25], announce = KEYS[26], run_id = KEYS[27],
   desired = KEYS[28],
+  node_claim = KEYS[29],  -- only the scripts an agent runs for its node get it (nil in the others)
 }
 local P = ARGV[1]
 local NOW
@@ -104,6 +106,20 @@ end
 -- a node drained for maintenance (`prefect-mig node drain`): its slices get no new grants
 local function node_drained(node)
   return redis.call('SISMEMBER', K.drained_nodes, node) == 1
+end
+
+-- A node agent's write for its node (publish, heartbeat, withdraw, restore, settle) lands only while
+-- the node's claim (K.node_claim) is still the agent's, `claim`: one delayed past the claim's TTL (a
+-- pause, a partition) must not undo what the agent that took the node over did since, e.g. put back
+-- into service slices it withdrew to destroy. '' = unfenced (a caller that is no agent: the CLI,
+-- a fleet published without one). nil when the write may go on, else the script's reply:
+-- {'not_claimed', the node's claim now or ''}. Checked here, atomically with the write: the
+-- agent's own check in Python comes before the write is sent.
+local function claim_refusal(claim)
+  if (claim or '') == '' then return nil end
+  local holder = redis.call('GET', K.node_claim)
+  if holder == claim then return nil end
+  return {'not_claimed', holder or ''}
 end
 
 local function node_alive(node)

@@ -3,8 +3,14 @@
 -- A[2] - heartbeat TTL in ms
 -- A[3] - optional: why the node is out of service now (its agent is alive but its Docker engine is
 --        down): the node is taken out of service at once instead, as if its heartbeat had lapsed
+-- A[4] - the agent's claim on the node ('' = unfenced): refused unless the node's claim
+--        (K.node_claim) is still that (claim_refusal): a stale agent's late heartbeat must not put
+--        back into service a node the agent that took it over took out
 -- returns {'ok'} | {'back', slices offered} | {'down'} | {'unknown'} (never published: publish first)
+--       | {'not_claimed', the node's claim now or ''}
 local node = A[1]
+local refused = claim_refusal(A[4])
+if refused then return refused end
 if redis.call('HEXISTS', K.nodes, node) == 0 then return {'unknown'} end
 if (A[3] or '') ~= '' then
   if node_alive(node) then node_lost(node, A[3]) end

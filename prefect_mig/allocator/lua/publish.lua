@@ -12,15 +12,13 @@
 --        nobody) until the new epoch is A[7] ms old, so every holder from before has stopped
 -- A[7] - settle time in ms (the cluster's longest lease TTL)
 -- A[8] - the publishing agent's claim on the node ('' = none: a fleet published without an agent):
---        refused unless the node's claim is still that (a publish delayed past the claim's TTL
---        must not undo what the agent that took the node over published since)
+--        refused unless the node's claim (K.node_claim) is still that (claim_refusal: a publish
+--        delayed past the claim's TTL must not undo what the agent that took the node over published)
 -- returns {slices published, slices removed, slices handed to waiters, current epoch}
 --       | {'not_claimed', the node's claim now or ''}
 local node = A[1]
-if (A[8] or '') ~= '' then
-  local holder = redis.call('GET', agent_key(node))
-  if holder ~= A[8] then return {'not_claimed', holder or ''} end
-end
+local refused = claim_refusal(A[8])
+if refused then return refused end
 local settle_until = nil
 if (A[6] or '') ~= '' and A[6] ~= EPOCH then
   settle_until = tonumber(EPOCH) + tonumber(A[7])

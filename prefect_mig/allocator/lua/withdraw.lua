@@ -9,7 +9,14 @@
 -- In use: leased, busy (its agent saw processes or a task container on it: it is 'unavailable'),
 -- or quarantined (its holder's lease expired and its container may still run): destroying one
 -- would pull the device from under whatever runs there.
+-- A[3] - the node agent's claim on the slices' node ('' = unfenced: the CLI, tests): refused unless
+--        the node's claim (K.node_claim) is still that (claim_refusal): a stale agent's late
+--        restore would put back into service slices the agent that took the node over withdrew
+--        to destroy (a waiter granted one as it is destroyed)
 -- returns {'ok', withdrawn, still in use} | {'busy', slice id} ('now' only: nothing was withdrawn)
+--       | {'not_claimed', the node's claim now or ''}
+local refused = claim_refusal(A[3])
+if refused then return refused end
 local ids = cjson.decode(A[1])
 local mode = A[2] or 'now'
 if mode == 'restore' then
