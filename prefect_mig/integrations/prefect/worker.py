@@ -16,7 +16,7 @@ set to the MIG UUID and the lease's labels, so the node agent fences it like a t
 and confined like one (read-only root, no capabilities, no-new-privileges, a pids limit; job
 variable ``container_options`` loosens it); names the slice in the Running state's message once
 Prefect's engine in the container has set Running; renews the lease while the container runs; and
-releases the lease on every exit path. The container id is the flow run's ``infrastructure_pid``. A
+releases the lease on every exit path. The flow run's ``infrastructure_pid`` is ``<engine url>:<container id>``. A
 flow run cancelled from the UI (also while it waits) has its wait withdrawn or its container
 stopped, its lease released, and ends Cancelled.
 
@@ -396,7 +396,7 @@ class MigDockerWorker(BaseWorker):
                 lambda: _start_container(launcher, configuration.command, env, labels, s.mig_uuid, configuration.network,
                                          workdir, lease, lost)
             )
-            pid = f"{launcher.client.api.base_url}:{container.id}"
+            pid = _infrastructure_pid(launcher, container)
             if task_status is not None:
                 task_status.started(pid)
             started = True
@@ -632,8 +632,16 @@ class MigDockerWorker(BaseWorker):
         await anyio.to_thread.run_sync(kill)
 
 
+def _infrastructure_pid(launcher, container) -> str:
+    """A flow run's ``infrastructure_pid``: ``<engine url>:<container id>``, with the URL the
+    launcher was given (docker-py's own ``base_url`` reads ``http+docker://localhost`` for every
+    unix socket, so a second or rootless engine's runs were looked for on the machine's engine)."""
+    return f"{launcher.engine_url}:{container.id}"
+
+
 def _engine_and_container(infrastructure_pid: str) -> tuple[str | None, str]:
-    """The Docker engine URL and container id of an ``infrastructure_pid`` (``<engine url>:<id>``)."""
+    """The Docker engine URL and container id of an ``infrastructure_pid`` (``<engine url>:<id>``;
+    a pid of an earlier version names any unix socket ``http+docker://localhost``: the default one)."""
     base_url, _, container_id = infrastructure_pid.rpartition(":")
     return base_url.replace("http+docker://localhost", "unix:///var/run/docker.sock") or None, container_id
 
