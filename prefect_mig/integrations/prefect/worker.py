@@ -272,13 +272,14 @@ class MigDockerWorker(BaseWorker):
         # engine URL reads like ours): only a run without a lease and without a container is orphaned
         from prefect_mig.integrations.prefect.runner import MigTaskRunner
 
-        allocator = await anyio.to_thread.run_sync(MigTaskRunner()._allocator, self._logger)
+        runner = MigTaskRunner()
+        allocator = await anyio.to_thread.run_sync(runner._allocator, self._logger)
         held = {row.get("holder") for row in (await anyio.to_thread.run_sync(allocator.status))["leases"]}
         crashed = []
         for run in runs:
             if f"flow-run/{run.id}" in held:
                 continue
-            gone = await anyio.to_thread.run_sync(_container_gone, run.infrastructure_pid)
+            gone = await anyio.to_thread.run_sync(_container_gone, run.infrastructure_pid, runner)
             if gone is None:
                 continue
             state = (await self.client.read_flow_run(run.id)).state
@@ -646,19 +647,21 @@ def _engine_and_container(infrastructure_pid: str) -> tuple[str | None, str]:
     return base_url.replace("http+docker://localhost", "unix:///var/run/docker.sock") or None, container_id
 
 
-def _container_gone(infrastructure_pid: str) -> str | None:
+def _container_gone(infrastructure_pid: str, runner=None) -> str | None:
     """How a flow run's container is gone (``is gone``, ``exited with code N``), or None while it
-    runs or its engine does not answer (then nothing can be said)."""
-    import docker
+    runs or its engine does not answer (then nothing can be said). The engine is reached as
+    `runner`'s launchers reach it (a default `MigTaskRunner`'s: the settings' TLS certificates)."""
     import docker.errors
     import requests.exceptions
 
+    from prefect_mig.errors import DockerUnavailable
+    from prefect_mig.integrations.prefect.runner import MigTaskRunner
     from prefect_mig.launchers.docker import remove_container
 
     docker_url, container_id = _engine_and_container(infrastructure_pid)
     try:
-        client = docker.DockerClient(base_url=docker_url) if docker_url else docker.from_env()
-    except docker.errors.DockerException:
+        client = (runner or MigTaskRunner())._new_launcher(docker_url).client
+    except DockerUnavailable:
         return None
     try:
         container = client.containers.get(container_id)
