@@ -107,3 +107,21 @@ def test_the_runner_reaches_a_nodes_published_tcp_engine_with_the_certificates_i
                           (("ca", "ca.pem"), ("cert", "client.pem"), ("key", "client.key"))})
     assert run_once(cluster=block) == mig_uuid
     assert alloc.status()["leases"] == []
+
+
+def test_the_orphan_sweep_sees_a_flow_runs_container_exited_on_a_tls_engine(second_engine, engine_certs, python_image,
+                                                                            monkeypatch):
+    """`MigDockerWorker.crash_orphaned_runs` marks Crashed a run whose worker died and whose container
+    has exited, by looking the container up on its engine. On an engine reached over TCP with TLS
+    it looked without the certificates in the settings, was refused, and so never marked such a run:
+    it stayed Running for good, and Prefect's retries and automations never applied."""
+    from prefect_mig.integrations.prefect.worker import _container_gone
+
+    for var, name in (("CA_FILE", "ca.pem"), ("CERT_FILE", "client.pem"), ("KEY_FILE", "client.key")):
+        monkeypatch.setenv(f"PREFECT_MIG_DOCKER_TLS_{var}", str(engine_certs[name]))
+    engine = second_engine.client()
+    container = engine.containers.run(python_image, ["python3", "-c", "raise SystemExit(3)"], detach=True,
+                                      network_disabled=True)
+    container.wait(timeout=60)
+    assert _container_gone(f"{second_engine.tcp_url}:{container.id}") == "exited with code 3"
+    assert container.id not in {c.id for c in engine.containers.list(all=True)}  # and it is removed

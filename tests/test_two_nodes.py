@@ -172,3 +172,43 @@ def test_a_flow_run_container_whose_engine_dies_ends_the_workers_wait_with_a_typ
             client.containers.get(container.id).remove(force=True)
         except Exception:  # noqa: BLE001 - the restarted engine may have dropped it already
             pass
+
+
+def test_killing_a_flow_runs_container_finds_it_on_its_nodes_engine_behind_a_unix_socket(runner_env, python_image):
+    """Prefect kills a flow run's infrastructure by its ``infrastructure_pid`` (a pending run that is
+    cancelled, `MigDockerWorker.kill_infrastructure`). node-b's engine listens on a unix socket of
+    its own, as a rootless or a second engine does: the pid must lead back to that engine, not to
+    the machine's, or the container runs on, holding its slice, while the run is marked Cancelled."""
+    import anyio
+
+    from prefect_mig.allocator import Lease
+    from prefect_mig.integrations.prefect.worker import (
+        MigDockerJobConfiguration, MigDockerWorker, _infrastructure_pid, _start_container,
+    )
+    from prefect_mig.launchers.docker import LABEL_PREFIX, cluster_labels
+
+    c = runner_env
+    got = c.allocator.try_acquire(one_g(node="node-b"))
+    lease = Lease(c.allocator, got).start_renewing()
+    configuration = MigDockerJobConfiguration(profile="1g.10gb", image=python_image, network="none")
+    runner = configuration.runner()
+    launcher = runner._launcher(c.allocator.node_docker_url("node-b"))
+    labels = {LABEL_PREFIX + k: str(v) for k, v in {
+        **cluster_labels(cluster_id=c.allocator.cluster_id(), namespace=c.allocator.keys.namespace, node="node-b"),
+        "mig-uuid": got.slice.mig_uuid, "lease-id": got.lease_id, "fence": got.fence,
+    }.items()}
+    container = _start_container(launcher, "python3 -c 'import time; time.sleep(600)'", {}, labels, got.slice.mig_uuid,
+                                 "none", None, lease, threading.Event())
+    try:
+        pid = _infrastructure_pid(launcher, container)
+        worker = MigDockerWorker(work_pool_name=f"kill-{c.allocator.keys.namespace}")
+        anyio.run(lambda: worker.kill_infrastructure(pid, configuration, grace_seconds=1))
+        assert container.id not in {x.id for x in c.containers("node-b")}, "the flow run's container runs on"
+        assert got.lease_id not in {row["lease_id"] for row in c.allocator.status()["leases"]}
+    finally:
+        lease.abandon()
+        try:
+            container.remove(force=True)
+        except Exception:  # noqa: BLE001 - removed by the kill
+            pass
+        c.allocator.release(got.lease_id, got.fence)

@@ -124,3 +124,10 @@ def test_the_process_exits_by_itself_when_its_client_goes_away(warm):
     assert warm.container.attrs["Config"]["StdinOnce"] is True
     getattr(warm._sock, "_sock", warm._sock).shutdown(socket.SHUT_RDWR)  # as when the flow process dies
     assert warm.container.wait(timeout=60)["StatusCode"] == 0
+
+
+def test_a_process_killed_while_idle_is_not_serving(warm, docker_client):
+    assert warm.call(talk, (0,)) == 0 and warm.serving()
+    docker_client.containers.get(warm.container.id).kill()  # as an engine restart or the OOM killer
+    docker_client.containers.get(warm.container.id).wait(timeout=60)
+    assert not warm.serving()

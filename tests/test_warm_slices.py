@@ -264,3 +264,33 @@ def test_bad_warm_options_fail_when_the_runner_is_made_naming_the_field(options,
         MigTaskRunner(**options)
     assert caught.value.field == field
     assert field in str(caught.value)
+
+
+def test_a_warm_process_that_died_while_idle_is_not_handed_the_next_task(cluster, docker_client):
+    """An idle warm container can end while it waits for the next call: the engine restarted
+    (which stops every container), the kernel's OOM killer, an operator's `docker kill`. Its lease
+    is still held and renewed, so the pool kept it; the next task of the flow run was handed the
+    dead process and failed without its body running ("the task container was removed while it
+    ran"). It must get a fresh process instead, and the dead container must not be left behind."""
+    from prefect_mig.launchers.warm_pool import POOL
+
+    ours = {"cluster_id": cluster.cluster_id(), "namespace": cluster.keys.namespace}
+
+    @flow(task_runner=_warm_runner(keep_warm_s=600))
+    def pipeline():
+        before = count.submit().result()
+        (slot,) = POOL.idle()
+        dead = docker_client.containers.get(slot.container.container.id)
+        dead.kill()  # as an engine restart, or the OOM killer, ends it
+        dead.wait(timeout=60)
+        after = count.submit()
+        after.wait(120)
+        return before, after.state, dead.id
+
+    before, after, dead_id = pipeline()
+    assert after.is_completed(), f"the next task was handed the dead process: {after.message}"
+    value = after.result()
+    assert value[0] == 1 and value[1] != before[1]  # a fresh process
+    assert dead_id not in {c.id for c in task_containers(docker_client, **ours)}  # not left behind
+    assert cluster.status()["leases"] == []
+    assert check_events(cluster.events()).violations == []

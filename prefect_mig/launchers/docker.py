@@ -434,9 +434,14 @@ class DockerLauncher:
         self._checked = False
 
     @property
+    def engine_url(self) -> str:
+        """The URL of the engine this launcher uses (``unix://...``, ``tcp://host:port``, ...)."""
+        return self.settings.docker_host or os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+
+    @property
     def client(self) -> docker.DockerClient:
         if self._client is None:
-            url = self.settings.docker_host or os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+            url = self.engine_url
             try:
                 client = engine_client(url, tls=self.settings.docker_tls)
                 client.ping()

@@ -8,7 +8,9 @@ before its value is returned. The attach stream is the Docker API's, so a remote
 the local one.
 
 A container that died, was stopped (timeout, cancellation, lost lease) or was interrupted mid-call
-is `broken` and never runs another call.
+is `broken` and never runs another call. One can also end while it waits for its next call (an
+engine restart stops every container; the OOM killer; ``docker kill``): `serving` asks the engine,
+so a pool hands out only a process that still runs.
 
 Examples:
     ```python
@@ -75,6 +77,7 @@ class WarmContainer:
         self._results: queue.Queue = queue.Queue()
         self._on_log: Callable[[str], None] | None = None
         self._logs_done = threading.Event()
+        self._ended = threading.Event()  # the attach stream closed: the process is gone
         self._reader = threading.Thread(target=self._read, daemon=True, name=f"warm-{container.id[:12]}")
         self._reader.start()
 
@@ -142,6 +145,18 @@ class WarmContainer:
             self._on_log = None
         return value_of(outcome)
 
+    def serving(self) -> bool:
+        """Whether it may take a call now: not `broken`, its attach stream still open, and the
+        engine says the container runs. False when the engine does not answer (the call could not
+        be sent anyway). One round trip to the engine."""
+        if self.broken or self._ended.is_set():
+            return False
+        try:
+            self.container.reload()
+        except (docker.errors.DockerException, requests.exceptions.RequestException):
+            return False
+        return self.container.status == "running" and not self._ended.is_set()
+
     def stop(self) -> bool:
         """Kill and remove the container (idempotent); False when the engine did not answer, so
         the container may still run (see `remove_container`)."""
@@ -197,6 +212,7 @@ class WarmContainer:
             pass
         if pending:
             self._line(pending)
+        self._ended.set()
         self._results.put(_EOF)
 
     def _line(self, line: str) -> None:

@@ -80,7 +80,7 @@ class WarmPool:
 
     def take(self, key: Hashable, *, keep_warm_s: float) -> WarmSlot | None:
         """An idle slot of `key`, taken back into use; None when there is none (or each one was
-        asked back meanwhile: those are stopped and released)."""
+        asked back meanwhile, or its process ended while idle: those are stopped and released)."""
         while True:
             with self._lock:
                 slots = self._idle.get(key) or []
@@ -88,7 +88,8 @@ class WarmPool:
             if slot is None:
                 return None
             try:
-                ok = not slot.lease.lost.is_set() and not slot.container.broken and take(
+                # a process that ended while idle (an engine restart, the OOM killer) is not handed out
+                ok = not slot.lease.lost.is_set() and slot.container.serving() and take(
                     slot.lease.allocator, slot.lease.lease_id, slot.lease.fence
                 )
             except PrefectMigError:

@@ -16,7 +16,7 @@ set to the MIG UUID and the lease's labels, so the node agent fences it like a t
 and confined like one (read-only root, no capabilities, no-new-privileges, a pids limit; job
 variable ``container_options`` loosens it); names the slice in the Running state's message once
 Prefect's engine in the container has set Running; renews the lease while the container runs; and
-releases the lease on every exit path. The container id is the flow run's ``infrastructure_pid``. A
+releases the lease on every exit path. The flow run's ``infrastructure_pid`` is ``<engine url>:<container id>``. A
 flow run cancelled from the UI (also while it waits) has its wait withdrawn or its container
 stopped, its lease released, and ends Cancelled.
 
@@ -272,13 +272,14 @@ class MigDockerWorker(BaseWorker):
         # engine URL reads like ours): only a run without a lease and without a container is orphaned
         from prefect_mig.integrations.prefect.runner import MigTaskRunner
 
-        allocator = await anyio.to_thread.run_sync(MigTaskRunner()._allocator, self._logger)
+        runner = MigTaskRunner()
+        allocator = await anyio.to_thread.run_sync(runner._allocator, self._logger)
         held = {row.get("holder") for row in (await anyio.to_thread.run_sync(allocator.status))["leases"]}
         crashed = []
         for run in runs:
             if f"flow-run/{run.id}" in held:
                 continue
-            gone = await anyio.to_thread.run_sync(_container_gone, run.infrastructure_pid)
+            gone = await anyio.to_thread.run_sync(_container_gone, run.infrastructure_pid, runner)
             if gone is None:
                 continue
             state = (await self.client.read_flow_run(run.id)).state
@@ -396,7 +397,7 @@ class MigDockerWorker(BaseWorker):
                 lambda: _start_container(launcher, configuration.command, env, labels, s.mig_uuid, configuration.network,
                                          workdir, lease, lost)
             )
-            pid = f"{launcher.client.api.base_url}:{container.id}"
+            pid = _infrastructure_pid(launcher, container)
             if task_status is not None:
                 task_status.started(pid)
             started = True
@@ -632,25 +633,35 @@ class MigDockerWorker(BaseWorker):
         await anyio.to_thread.run_sync(kill)
 
 
+def _infrastructure_pid(launcher, container) -> str:
+    """A flow run's ``infrastructure_pid``: ``<engine url>:<container id>``, with the URL the
+    launcher was given (docker-py's own ``base_url`` reads ``http+docker://localhost`` for every
+    unix socket, so a second or rootless engine's runs were looked for on the machine's engine)."""
+    return f"{launcher.engine_url}:{container.id}"
+
+
 def _engine_and_container(infrastructure_pid: str) -> tuple[str | None, str]:
-    """The Docker engine URL and container id of an ``infrastructure_pid`` (``<engine url>:<id>``)."""
+    """The Docker engine URL and container id of an ``infrastructure_pid`` (``<engine url>:<id>``;
+    a pid of an earlier version names any unix socket ``http+docker://localhost``: the default one)."""
     base_url, _, container_id = infrastructure_pid.rpartition(":")
     return base_url.replace("http+docker://localhost", "unix:///var/run/docker.sock") or None, container_id
 
 
-def _container_gone(infrastructure_pid: str) -> str | None:
+def _container_gone(infrastructure_pid: str, runner=None) -> str | None:
     """How a flow run's container is gone (``is gone``, ``exited with code N``), or None while it
-    runs or its engine does not answer (then nothing can be said)."""
-    import docker
+    runs or its engine does not answer (then nothing can be said). The engine is reached as
+    `runner`'s launchers reach it (a default `MigTaskRunner`'s: the settings' TLS certificates)."""
     import docker.errors
     import requests.exceptions
 
+    from prefect_mig.errors import DockerUnavailable
+    from prefect_mig.integrations.prefect.runner import MigTaskRunner
     from prefect_mig.launchers.docker import remove_container
 
     docker_url, container_id = _engine_and_container(infrastructure_pid)
     try:
-        client = docker.DockerClient(base_url=docker_url) if docker_url else docker.from_env()
-    except docker.errors.DockerException:
+        client = (runner or MigTaskRunner())._new_launcher(docker_url).client
+    except DockerUnavailable:
         return None
     try:
         container = client.containers.get(container_id)
