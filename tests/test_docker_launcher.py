@@ -104,6 +104,7 @@ def test_a_missing_image_is_a_clear_error_and_leaves_nothing(docker_client):
     with pytest.raises(ImageNotFound) as missing:
         launcher.run(print_lines, mig_uuid="MIG-x", labels={"run": "missing"})
     assert "no registry" in str(missing.value) and missing.value.image == "prefect-mig-no-such-image:1"
+    assert f"the Docker engine at {launcher.engine_url};" in str(missing.value)  # unix://..., not http+docker://localhost
     assert _ours(docker_client, "missing") == []
 
 

@@ -152,7 +152,7 @@ def test_a_flow_run_container_whose_engine_dies_ends_the_workers_wait_with_a_typ
 
     def wait() -> None:
         try:
-            outcome.append(_wait_container(container, threading.Event(), threading.Event()))
+            outcome.append(_wait_container(container, threading.Event(), threading.Event(), second_engine.url))
         except Exception as exc:  # noqa: BLE001 - the test looks at what the wait raised
             outcome.append(exc)
 
@@ -164,7 +164,7 @@ def test_a_flow_run_container_whose_engine_dies_ends_the_workers_wait_with_a_typ
         waiter.join(timeout=90)
         assert outcome, "the wait did not end after the engine died"
         assert isinstance(outcome[0], DockerUnavailable), outcome[0]
-        assert "stopped answering" in str(outcome[0]) and outcome[0].unconfirmed
+        assert f"the Docker engine at {second_engine.url} stopped answering" in str(outcome[0]) and outcome[0].unconfirmed
         assert remove_container(container) is False  # the worker's cleanup: no error, and unconfirmed
     finally:
         second_engine.restart()

@@ -477,7 +477,7 @@ class DockerLauncher:
             return self.client.images.get(self.settings.image)
         except docker.errors.ImageNotFound as exc:
             raise ImageNotFound(
-                f"image {self.settings.image!r} is not on the Docker engine at {self.client.api.base_url}; "
+                f"image {self.settings.image!r} is not on the Docker engine at {self.engine_url}; "
                 "no registry is pulled from. Build or load it there (e.g. `make image` builds "
                 "prefect-mig-python:bookworm), or set the image to one the engine has.",
                 image=self.settings.image,

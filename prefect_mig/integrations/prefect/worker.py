@@ -403,7 +403,9 @@ class MigDockerWorker(BaseWorker):
             started = True
             async with anyio.create_task_group() as group:
                 group.start_soon(self._say_slice_when_running, flow_run.id, f"running on {where}, fence {lease.fence}")
-                status = await anyio.to_thread.run_sync(_wait_container, container, cancelled, lost, abandon_on_cancel=True)
+                status = await anyio.to_thread.run_sync(
+                    _wait_container, container, cancelled, lost, launcher.engine_url, abandon_on_cancel=True
+                )
                 group.cancel_scope.cancel()
             if cancelled.is_set():
                 await self._end_cancelled(flow_run.id, f"cancelled: the container on {where} was stopped and the lease released.")
@@ -717,7 +719,7 @@ def _start_container(launcher, command: str | None, env: dict, labels: dict, mig
     except BaseException as exc:
         if not remove_container(container):
             raise DockerUnavailable(
-                f"the Docker engine at {launcher.client.api.base_url} stopped answering while the flow run's "
+                f"the Docker engine at {launcher.engine_url} stopped answering while the flow run's "
                 f"container started ({exc.__class__.__name__}).", image=s.image, unconfirmed=True,
             ) from exc
         raise
@@ -737,9 +739,10 @@ def _start_failure(exc: Exception, image: str, node: str):  # noqa: ANN202
     return Crashed, f"could not run the flow run's container on {node}: {exc}"
 
 
-def _wait_container(container, cancelled: threading.Event, lost: threading.Event) -> int:
+def _wait_container(container, cancelled: threading.Event, lost: threading.Event, engine: str) -> int:
     """The container's exit code; a cancelled run's container gets SIGTERM (then SIGKILL after
-    10 s), a lost lease's is killed at once."""
+    10 s), a lost lease's is killed at once. `engine`: the engine's URL, for the error (docker-py's
+    ``base_url`` reads ``http+docker://localhost`` for every unix socket)."""
     import docker.errors
 
     from prefect_mig.errors import DockerUnavailable
@@ -752,7 +755,7 @@ def _wait_container(container, cancelled: threading.Event, lost: threading.Event
         return -1
     except _ENGINE_GONE as exc:
         raise DockerUnavailable(
-            f"the Docker engine at {container.client.api.base_url} stopped answering while the flow run's "
+            f"the Docker engine at {engine} stopped answering while the flow run's "
             f"container ran ({exc.__class__.__name__}); the run ends, and its lease lapses unless the container's "
             "removal is confirmed.", unconfirmed=True
         ) from exc
