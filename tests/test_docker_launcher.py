@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 
@@ -233,3 +234,64 @@ def test_a_container_the_engine_makes_after_a_cut_short_create_is_still_removed(
         creator.join(30)
         for left in docker_client.containers.list(all=True, filters={"label": f"{LABEL_PREFIX}launch-id={launch_id}"}):
             left.remove(force=True)
+
+
+def test_a_body_using_another_module_of_the_flows_project_runs_and_its_exception_comes_back(
+    launcher, docker_client, tmp_path, monkeypatch
+):
+    """A task's module imports helpers and an exception type from a sibling module of the user's
+    project (not installed, so the image has no copy): those travel by value too, and the exception
+    comes back as that very type (a new-user trial: `from myerrors import BadBatch` failed in the
+    container with "No module named 'myerrors'")."""
+    import cloudpickle
+
+    (tmp_path / "pmig_trial_errors.py").write_text(
+        "class BadBatch(Exception):\n"
+        "    def __init__(self, batch_id, reason):\n"
+        "        super().__init__(f'batch {batch_id}: {reason}')\n"
+        "        self.batch_id, self.reason = batch_id, reason\n"
+        "\n"
+        "def check(batch):\n"
+        "    if batch < 0:\n"
+        "        raise BadBatch(batch, 'negative')\n"
+        "    return batch * 2\n"
+    )
+    (tmp_path / "pmig_trial_flow.py").write_text(
+        "from pmig_trial_errors import check\n\ndef body(batch):\n    return check(batch)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("pmig_trial_errors", "pmig_trial_flow"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    import pmig_trial_errors
+    import pmig_trial_flow
+
+    assert launcher.run(pmig_trial_flow.body, (21,), mig_uuid="MIG-x", labels={"run": "project"}) == 42
+    with pytest.raises(pmig_trial_errors.BadBatch, match="batch -1: negative") as raised:
+        launcher.run(pmig_trial_flow.body, (-1,), mig_uuid="MIG-x", labels={"run": "project"})
+    assert (raised.value.batch_id, raised.value.reason) == (-1, "negative")
+    assert "check" in raised.value.__cause__.tb  # raised in the sibling module, in the container
+    registered = cloudpickle.list_registry_pickle_by_value()
+    assert not {"pmig_trial_errors", "pmig_trial_flow", "prefect_mig"} & set(registered)
+    assert _ours(docker_client, "project") == []
+
+
+def test_a_project_module_that_cannot_be_pickled_leaves_the_call_to_its_own_module_by_value(tmp_path, monkeypatch):
+    """A sibling module holding a lock cannot travel by value: the call then goes with only its
+    function's module by value and the sibling by reference, as an image with the project
+    installed needs (the call must not fail to pickle where it used to work)."""
+    import cloudpickle
+
+    from prefect_mig.launchers.docker import _pickle_call
+
+    (tmp_path / "pmig_trial_locked.py").write_text(
+        "import threading\n_LOCK = threading.Lock()\n\ndef guarded(x):\n    with _LOCK:\n        return x + 1\n"
+    )
+    (tmp_path / "pmig_trial_user.py").write_text("from pmig_trial_locked import guarded\n\ndef body(x):\n    return guarded(x)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("pmig_trial_locked", "pmig_trial_user"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    import pmig_trial_user
+
+    fn, args, kwargs = cloudpickle.loads(_pickle_call(pmig_trial_user.body, (1,), {}))
+    assert fn(*args, **kwargs) == 2
+    assert not {"pmig_trial_locked", "pmig_trial_user"} & set(cloudpickle.list_registry_pickle_by_value())

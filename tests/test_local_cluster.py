@@ -190,3 +190,19 @@ def test_down_stops_what_a_killed_supervisor_left_in_its_process_group(fresh_env
     down = _cli("down", "--json", env=fresh_env)
     assert down.returncode == 0 and json.loads(down.stdout)["agents_stopped"] is True
     _wait_until(lambda: _processes_of(state) == [], timeout_s=30)
+
+
+def test_the_demo_refuses_to_run_beside_a_local_cluster_of_its_state_dir_and_carves_nothing(fresh_env):
+    """A new-user trial ran `prefect-mig demo` after a flow had started the local cluster (as the
+    README's first flow does): the demo carved and published the (simulated) GPUs to its own Redis,
+    the local cluster's agent and repartitioner re-carved them under it, and the demo's 3g fine-tune
+    waited for good."""
+    up = _cli("up", "--json", env=fresh_env)
+    assert up.returncode == 0, up.stdout + up.stderr
+    report = json.loads(up.stdout)
+    before = [g["layout"] for g in report["gpus"]]
+    demo = _cli("demo", "--no-pipeline", env=fresh_env)
+    assert demo.returncode == 2, demo.stdout + demo.stderr
+    assert f"supervisor pid {report['supervisor_pid']}" in demo.stderr and "prefect-mig down" in demo.stderr, demo.stderr
+    after = json.loads(_cli("up", "--json", env=fresh_env).stdout)
+    assert [g["layout"] for g in after["gpus"]] == before  # nothing carved

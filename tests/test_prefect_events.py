@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import time
 
@@ -232,3 +233,116 @@ def test_the_repartition_trigger_wakes_when_a_flow_run_ends(prefect_api, alloc):
     finally:
         stop.set()
     assert why == "prefect.flow-run.Completed"
+
+
+def test_a_task_that_ends_after_its_flow_runs_cancellation_began_is_in_the_table_artifact_at_once(prefect_api):
+    """A new-user trial cancelled a served flow run whose two tasks held slices: the cancellation fires
+    the run's end hook (cancel_all) *before* the tasks stop, so the second task's row was left to
+    the background writer, which lost the race with the process's exit: the table had one task of
+    two and the exit logged two tracebacks ("can't register atexit after shutdown"). Written at
+    once instead, its write still failed: the context it ran in held the flow engine's client, closed
+    by then ("The client cannot be started again after closing")."""
+    from types import SimpleNamespace
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactCollectionFilter as ArtifactFilter
+    from prefect.client.schemas.filters import ArtifactCollectionFilterKey as ArtifactFilterKey
+    from prefect.context import SyncClientContext
+
+    from prefect_mig.integrations.prefect.artifacts import artifact_key, record_task_slice
+
+    def ended_lease(start):
+        return SimpleNamespace(fence=7 + start, info=SimpleNamespace(waited_ms=0),
+                               slice=SimpleNamespace(profile="1g.10gb", start=start, node="node-a", gpu_index=0))
+
+    def rows_of(client, key):
+        found = client.read_latest_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+        data = found[0].data if found else "[]"
+        return [r["task"] for r in (json.loads(data) if isinstance(data, str) else data)]
+
+    @flow
+    def pipeline():
+        from prefect.context import FlowRunContext
+
+        flow_ctx = FlowRunContext.get()
+        run_id, key = flow_ctx.flow_run.id, artifact_key(flow_ctx.flow_run.id)
+        with get_client(sync_client=True) as client:
+            def first_task():
+                SyncClientContext.__var__.set(None)  # a client of its own, as the flow engine's is
+                with SyncClientContext():  # closed, as the flow engine's is before the last tasks stop
+                    record_task_slice(SimpleNamespace(task_run=SimpleNamespace(name="first-1", flow_run_id=run_id)),
+                                      ended_lease(0), outcome="released", ran_s=1.0)
+                    deadline = time.monotonic() + 60
+                    while not rows_of(client, key) and time.monotonic() < deadline:
+                        time.sleep(0.05)  # the background writer wrote it, and now waits its 2 s
+
+            contextvars.copy_context().run(first_task)
+            flow_ctx.task_runner.cancel_all()  # what a cancellation does first; the tasks stop after it
+            record_task_slice(SimpleNamespace(task_run=SimpleNamespace(name="second-2", flow_run_id=run_id)),
+                              ended_lease(1), outcome="released", ran_s=1.0)
+            return rows_of(client, key)
+
+    assert sorted(pipeline()) == ["first-1", "second-2"]
+
+
+LATE_TASK_SCRIPT = r'''
+import contextvars, threading, time
+from types import SimpleNamespace
+
+from prefect import flow
+from prefect.context import FlowRunContext
+
+from prefect_mig.integrations.prefect.artifacts import record_task_slice
+
+lease = SimpleNamespace(fence=7, info=SimpleNamespace(waited_ms=0),
+                        slice=SimpleNamespace(profile="1g.10gb", start=0, node="node-a", gpu_index=0))
+
+
+@flow
+def pipeline():
+    flow_ctx = FlowRunContext.get()
+    ctx = SimpleNamespace(task_run=SimpleNamespace(name="late-1", flow_run_id=flow_ctx.flow_run.id))
+    record_task_slice(ctx, lease, outcome="released", ran_s=1.0)  # registers the run's end hook
+    flow_ctx.task_runner.cancel_all()  # a cancellation fires it first
+    captured = contextvars.copy_context()
+
+    def ends_after_the_main_thread():
+        while threading.main_thread().is_alive():
+            time.sleep(0.01)
+        captured.run(record_task_slice, ctx, lease, outcome="cancelled", ran_s=2.0)
+
+    threading.Thread(target=ends_after_the_main_thread).start()  # not a daemon: the exit waits for it
+    return flow_ctx.flow_run.id
+
+
+print("RUN", pipeline(), flush=True)
+'''
+
+
+def test_a_task_that_ends_while_its_cancelled_flows_process_exits_is_written_without_a_traceback(prefect_api, tmp_path):
+    """The last tasks of a cancelled run (a served flow, a `process` pool) end after the process's
+    main thread: Prefect's events worker can no longer start then, and each artifact write logged
+    "Error emitting event: prefect.artifact.created" with a traceback (a new-user trial)."""
+    import os
+    import subprocess
+    import sys
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactCollectionFilter as ArtifactFilter
+    from prefect.client.schemas.filters import ArtifactCollectionFilterKey as ArtifactFilterKey
+    from prefect.settings import PREFECT_API_URL
+
+    from prefect_mig.integrations.prefect.artifacts import artifact_key
+
+    (tmp_path / "late.py").write_text(LATE_TASK_SCRIPT)
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+    done = subprocess.run([sys.executable, str(tmp_path / "late.py")], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    output = done.stdout + done.stderr
+    assert "Error emitting event" not in output and "could not write" not in output, output[-3000:]
+    (run_id,) = [line.split()[1] for line in done.stdout.splitlines() if line.startswith("RUN ")]
+    with get_client(sync_client=True) as client:
+        found = client.read_latest_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[artifact_key(run_id)])))
+    rows = json.loads(found[0].data) if isinstance(found[0].data, str) else found[0].data
+    assert [r["outcome"] for r in rows] == ["released", "cancelled"]

@@ -561,3 +561,42 @@ def test_a_task_that_starts_while_its_flow_run_is_failing_runs_its_body(cluster)
         return doubler(21)
 
     assert pipeline() == 42
+
+
+def yields_batches(n):
+    yield from range(n)
+
+
+async def yields_batches_async(n):
+    for i in range(n):
+        yield i
+
+
+@pytest.mark.parametrize("body", [yields_batches, yields_batches_async], ids=["generator", "async-generator"])
+def test_a_generator_task_on_a_slice_is_refused_at_decoration_time_saying_to_return_a_list(body):
+    """A new-user trial: a ``yield``ing task on a slice failed only when it ran, with "the task body
+    raised an unpicklable return value: cannot pickle 'generator' object" (its body runs in a
+    container, so its values can come back only once it has ended)."""
+    from prefect_mig.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="generator") as caught:
+        task(task_runner=MigTaskRunner(profile="1g.10gb"))(body)
+    assert caught.value.field == "fn" and "return a list" in str(caught.value)
+
+
+def test_a_mig_tagged_generator_task_under_a_flow_level_runner_is_refused_leasing_nothing(cluster):
+    from prefect_mig.errors import ConfigError
+
+    gen = prefect_task(tags=["mig:1g.10gb"])(yields_batches)
+
+    @flow(task_runner=MigTaskRunner())
+    def pipeline():
+        with pytest.raises(ConfigError, match="generator"):
+            gen.submit(3)
+        with pytest.raises(ConfigError, match="generator"):
+            list(gen(3))
+        return "refused"
+
+    assert pipeline() == "refused"
+    status = cluster.status()
+    assert status["leases"] == [] and status["queue"] == []

@@ -46,6 +46,7 @@ def demo(
         if fleet:
             overrides["simulated_fleet"] = fleet
         settings = load_settings(**overrides)
+        _refuse_beside_a_local_cluster(settings)
         console.print(Panel.fit("prefect-mig demo: MIG slices leased to Prefect tasks, bodies in containers bound to them"))
         for name in ("H100-80GB", "A30-24GB"):
             console.print(
@@ -64,6 +65,24 @@ def demo(
             if not pipeline:
                 return
             _run_pipeline(backend, node, settings, batches)
+
+
+def _refuse_beside_a_local_cluster(settings) -> None:
+    """The demo carves this host's (or the simulated) GPUs and publishes them to a Redis of its own:
+    a local cluster of the same state dir would re-carve them under it (and, on real GPUs, grant
+    the same slices as the demo)."""
+    from prefect_mig.local_cluster import LocalCluster
+
+    running = LocalCluster(settings).pid()
+    if running is not None:
+        raise ConfigError(
+            f"a local cluster runs on this state dir ({settings.state_dir}, supervisor pid {running}): its node "
+            "agent and repartitioner would re-carve the GPUs the demo carves and publishes to its own Redis, "
+            "so the demo's tasks could wait for good. Stop it first (`prefect-mig down`), or give the demo "
+            "another PREFECT_MIG_STATE_DIR.",
+            field="state_dir",
+            value=str(settings.state_dir),
+        )
 
 
 def _carve(backend) -> None:

@@ -37,6 +37,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Literal
 
 import cloudpickle
@@ -237,33 +238,70 @@ def _runtime_archive(payload: bytes | None, env: dict[str, str] | None = None) -
 
 _BY_VALUE_LOCK = threading.Lock()
 _BY_VALUE_USERS: dict[str, int] = {}  # module name -> calls pickling it by value right now
+_USER_CODE: dict[tuple[str, str], bool] = {}  # (module name, file) -> is it the user's own code
+
+
+def _is_user_code(module: ModuleType) -> bool:
+    """A module of the user's project: Python source that is not installed (site-packages,
+    dist-packages, the standard library) and not prefect-mig itself (the container gets none of it)."""
+    origin = getattr(module, "__file__", None) or ""
+    key = (module.__name__, origin)
+    known = _USER_CODE.get(key)
+    if known is None:
+        installed = "site-packages" in origin or "dist-packages" in origin or origin.startswith(sys.base_prefix)
+        ours = module.__name__.split(".")[0] in {"prefect_mig", *(m.__name__ for m in runtime_packages())}
+        known = _USER_CODE[key] = origin.endswith(".py") and not installed and not ours
+    return known
+
+
+_PROJECT_SEEN: list = [-1, []]  # [len(sys.modules) when last listed, the user's modules then]
+
+
+def _project_modules() -> list[ModuleType]:
+    """The user's own modules loaded in this process, listed again only when `sys.modules` grew or
+    shrank (a scan costs milliseconds, too much for every warm call)."""
+    count, modules = _PROJECT_SEEN
+    if count != len(sys.modules):
+        loaded = list(sys.modules.values())
+        modules = [m for m in loaded if isinstance(m, ModuleType) and m.__name__ != "__main__" and _is_user_code(m)]
+        _PROJECT_SEEN[:] = [len(loaded), modules]
+    return modules
 
 
 def _pickle_call(fn: Callable, args: tuple, kwargs: dict) -> bytes:
-    """Cloudpickle the call; the function's own module travels by value when it is user code (not
-    installed), so the container needs no copy of the user's project."""
-    module = sys.modules.get(getattr(fn, "__module__", "") or "")
-    by_value = False
-    if module is not None and module.__name__ != "__main__":
-        origin = getattr(module, "__file__", "") or ""
-        installed = "site-packages" in origin or "dist-packages" in origin or origin.startswith(sys.base_prefix)
-        by_value = bool(origin) and not installed
-    if not by_value:
-        return cloudpickle.dumps((fn, tuple(args), dict(kwargs)))
-    # counted: tasks of one module pickled at once in several threads (a map) must not unregister
-    # the module under each other (a ValueError, or a call pickled by reference the container lacks)
+    """Cloudpickle the call; the user's own modules (not installed: the function's, and those it
+    imports from, such as a sibling module with its helpers and exception types) travel by value,
+    so the container needs no copy of the user's project. Should one of them hold something that
+    cannot be pickled, the call goes with its function's module alone by value, as an image that
+    has the project installed needs."""
+    own = sys.modules.get(getattr(fn, "__module__", "") or "")
+    own_only = [own] if own is not None and own.__name__ != "__main__" and _is_user_code(own) else []
+    project = _project_modules()
+    try:
+        return _pickle_with_by_value(fn, args, kwargs, project)
+    except Exception:  # noqa: BLE001 - retried below; a call that cannot be pickled at all raises there
+        if len(project) <= len(own_only):
+            raise
+    return _pickle_with_by_value(fn, args, kwargs, own_only)
+
+
+def _pickle_with_by_value(fn: Callable, args: tuple, kwargs: dict, modules: list[ModuleType]) -> bytes:
+    # counted: tasks pickled at once in several threads (a map) must not unregister a module under
+    # each other (a ValueError, or a call pickled by reference the container lacks)
     with _BY_VALUE_LOCK:
-        if not _BY_VALUE_USERS.get(module.__name__):
-            cloudpickle.register_pickle_by_value(module)
-        _BY_VALUE_USERS[module.__name__] = _BY_VALUE_USERS.get(module.__name__, 0) + 1
+        for module in modules:
+            if not _BY_VALUE_USERS.get(module.__name__):
+                cloudpickle.register_pickle_by_value(module)
+            _BY_VALUE_USERS[module.__name__] = _BY_VALUE_USERS.get(module.__name__, 0) + 1
     try:
         return cloudpickle.dumps((fn, tuple(args), dict(kwargs)))
     finally:
         with _BY_VALUE_LOCK:
-            _BY_VALUE_USERS[module.__name__] -= 1
-            if not _BY_VALUE_USERS[module.__name__]:
-                del _BY_VALUE_USERS[module.__name__]
-                cloudpickle.unregister_pickle_by_value(module)
+            for module in modules:
+                _BY_VALUE_USERS[module.__name__] -= 1
+                if not _BY_VALUE_USERS[module.__name__]:
+                    del _BY_VALUE_USERS[module.__name__]
+                    cloudpickle.unregister_pickle_by_value(module)
 
 
 #: what requests raises when the engine itself goes away: refused, reset, or cut mid-answer

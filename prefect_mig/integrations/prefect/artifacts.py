@@ -31,7 +31,7 @@ import threading
 import time
 from typing import Any
 
-from prefect_mig.integrations.prefect.flow_run_end import on_flow_run_end
+from prefect_mig.integrations.prefect.flow_run_end import has_ended, on_flow_run_end
 
 log = logging.getLogger("prefect_mig.artifacts")
 
@@ -106,7 +106,14 @@ def record_task_slice(ctx, lease, *, outcome: str, ran_s: float) -> str | None:
         _dirty.add(flow_run_id)
     from prefect.context import FlowRunContext
 
-    on_flow_run_end(FlowRunContext.get(), ("artifacts", flow_run_id), functools.partial(flush, flow_run_id))
+    flow_ctx, name = FlowRunContext.get(), ("artifacts", flow_run_id)
+    on_flow_run_end(flow_ctx, name, functools.partial(flush, flow_run_id))
+    if has_ended(flow_ctx, name):
+        # a task that ends after its run's end hook ran (stopped by the run's cancellation, which
+        # fires the hook first): written now, while Prefect's client still works; left to the
+        # writer, it lost the race with the process's exit (rows missing, errors logged at exit)
+        flush(flow_run_id)
+        return artifact_key(flow_run_id)
     _start_writer()
     _wake.set()
     return artifact_key(flow_run_id)
@@ -133,17 +140,35 @@ def _write(flow_run_id: str, table: list[dict[str, Any]]) -> None:
 
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import ArtifactCreate
+    from prefect.context import SyncClientContext
+    from prefect.events.utilities import emit_event
 
+    # a client of our own, with the settings of the context we run in (a copy of a task's): the
+    # context's own client is the flow engine's, closed once the run has ended, and a cancelled
+    # run's last tasks end after that
+    SyncClientContext.__var__.set(None)
     key, run = artifact_key(flow_run_id), UUID(flow_run_id)
+    artifacts = [
+        ArtifactCreate(type="table", key=key, flow_run_id=run, data=json.dumps(table),
+                       description="Which task ran on which MIG slice (prefect-mig)."),
+        ArtifactCreate(type="markdown", key=summary_key(flow_run_id), flow_run_id=run,
+                       data=summary_markdown(table).replace("{key}", key),
+                       description="MIG slices used by this flow run (prefect-mig)."),
+    ]
     with get_client(sync_client=True) as client:
-        client.create_artifact(ArtifactCreate(
-            type="table", key=key, flow_run_id=run, data=json.dumps(table),
-            description="Which task ran on which MIG slice (prefect-mig).",
-        ))
-        client.create_artifact(ArtifactCreate(
-            type="markdown", key=summary_key(flow_run_id), flow_run_id=run,
-            data=summary_markdown(table).replace("{key}", key), description="MIG slices used by this flow run (prefect-mig).",
-        ))
+        for artifact in artifacts:
+            created = client.request("POST", "/artifacts/", json=artifact.model_dump(mode="json", exclude_unset=True)).json()
+            # Prefect's own create_artifact emits this event too, but also once the process has
+            # begun to exit (a cancelled run's last tasks end as its main thread does, or after
+            # it), when its events worker cannot start any more and each emit logs a traceback;
+            # checked here, right before the emit, the artifact then goes without its event
+            if getattr(threading, "_SHUTTING_DOWN", False) or not threading.main_thread().is_alive():
+                continue
+            emit_event(
+                event="prefect.artifact.created",
+                resource={"prefect.resource.id": f"prefect.artifact.{created['id']}", "prefect.resource.name": created["key"]},
+                payload={"key": created["key"], "type": created["type"], "description": created["description"]},
+            )
 
 
 def _start_writer() -> None:

@@ -57,3 +57,11 @@ def on_flow_run_end(flow_ctx, name: Hashable, callback: Callable[[], object]) ->
         return None
     events[key] = _OnEnd(callback)
     return True
+
+
+def has_ended(flow_ctx, name: Hashable) -> bool:
+    """Whether the callback `on_flow_run_end` registered under `name` for `flow_ctx`'s flow run has
+    already been called (the run ended, or its cancellation began)."""
+    events = getattr(getattr(flow_ctx, "task_runner", None), "_cancel_events", None)
+    hook = events.get(("prefect-mig", name)) if isinstance(events, dict) else None
+    return hook is not None and hook.is_set()

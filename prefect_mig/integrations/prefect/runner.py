@@ -642,7 +642,17 @@ def _lost_reason(allocator: Allocator, lease: Lease) -> str | None:
 
 
 def slice_body(fn, runner: MigTaskRunner):
-    """Wrap `fn` so that each call runs in a container on a leased slice (sync or async `fn`)."""
+    """Wrap `fn` so that each call runs in a container on a leased slice (sync or async `fn`; a
+    generator function is refused with `ConfigError`)."""
+    if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
+        raise ConfigError(
+            f"task {getattr(fn, '__qualname__', fn)!r} is a generator function (it yields): its body runs in a "
+            "container on a MIG slice, and values come back only once the body has ended, so a task on a "
+            "slice cannot stream them. Make it return a list (e.g. `return list(...)`), or run it off the "
+            "slice (no `mig:` tag, no MigTaskRunner).",
+            field="fn",
+            value=getattr(fn, "__qualname__", fn),
+        )
     # A try that the flow run's cancellation stopped returns a Cancelled state, which Prefect's task
     # engine takes as the task run's final state (an exception would make it Failed).
     if inspect.iscoroutinefunction(fn):
