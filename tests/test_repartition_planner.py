@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from prefect_mig.errors import ConfigError
 from prefect_mig.gpu import GpuBackend, SimulatedNvml
 from prefect_mig.model import Layout, Placement, creatable, get_model, validate_layout
 from prefect_mig.repartition import DemandBook, GpuState, Knobs, plan
@@ -47,7 +48,7 @@ def test_a_fully_busy_gpu_is_drained_only_when_the_gain_beats_the_drain_cost():
     gpu = GpuState(gpu_uuid="g", layout=SEVEN, busy=busy)
     (kept,) = plan([gpu], demand={"H100-80GB/7g.80gb": 1.0}, knobs=Knobs(drain_cost=8.0))
     assert kept.kind == "none"
-    (drained,) = plan([gpu], demand={"H100-80GB/7g.80gb": 1.0, "H100-80GB/1g.10gb": 0.0}, knobs=Knobs(drain_cost=0.1))
+    (drained,) = plan([gpu], demand={"H100-80GB/7g.80gb": 1.0, "H100-80GB/1g.10gb": 0.0}, knobs=Knobs(drain_cost=0.05))
     assert drained.kind == "drain" and str(drained.target) == "7g.80gb@0"
 
 
@@ -271,12 +272,14 @@ def test_between_pipeline_runs_only_slices_idle_for_the_idle_window_are_re_carve
     clock.advance(5)
     for lease in leases:  # a pipeline step just ended
         alloc.release(lease.lease_id, lease.fence)
+    # the recent demand is the 3g here (history=0 leaves the step's seven 1g.10gb grants out: as
+    # many recent requests, they would keep the layout as it is)
     recent = {"H100-80GB/3g.40gb": 2.0}
     knobs = Knobs(idle_window_s=300)
-    assert plan_from_allocator(alloc, knobs=knobs, extra_demand=recent)[0].kind == "none"
-    assert plan_from_allocator(alloc, knobs=Knobs(idle_window_s=0), extra_demand=recent)[0].kind == "incremental"
+    assert plan_from_allocator(alloc, knobs=knobs, extra_demand=recent, history=0)[0].kind == "none"
+    assert plan_from_allocator(alloc, knobs=Knobs(idle_window_s=0), extra_demand=recent, history=0)[0].kind == "incremental"
     clock.advance(301)  # the window passed: this is a pause between runs
-    assert "3g.40gb" in str(plan_from_allocator(alloc, knobs=knobs, extra_demand=recent)[0].target)
+    assert "3g.40gb" in str(plan_from_allocator(alloc, knobs=knobs, extra_demand=recent, history=0)[0].target)
     # a request waiting for a 3g re-carves warm slices right away
     again = [alloc.try_acquire(SliceRequest(profile="1g.10gb")) for _ in range(7)]
     clock.advance(1)
@@ -295,9 +298,9 @@ def test_nothing_is_drained_while_nothing_waits(alloc):
     for _ in range(7):
         alloc.try_acquire(SliceRequest(profile="1g.10gb"))
     wanted = {"H100-80GB/7g.80gb": 10.0}
-    assert plan_from_allocator(alloc, knobs=Knobs(drain_cost=0.1), extra_demand=wanted)[0].kind == "none"
+    assert plan_from_allocator(alloc, knobs=Knobs(drain_cost=0.05), extra_demand=wanted)[0].kind == "none"
     assert plan([GpuState(gpu_uuid="g", layout=SEVEN, busy=frozenset(SEVEN.instances))], wanted,
-                Knobs(drain_cost=0.1))[0].kind == "drain"
+                Knobs(drain_cost=0.05))[0].kind == "drain"
 
 
 def test_a_drain_that_outlives_its_timeout_puts_the_slices_back_and_is_not_retried_at_once(alloc, clock, tmp_path):
@@ -338,7 +341,7 @@ def test_a_served_request_counts_its_memory_as_well_as_its_compute():
     assert slice_value("H100-80GB", "3g.40gb") == 3.5 and slice_value("H100-80GB", "7g.80gb") == 7
     # four 1g.20gb requests fill the GPU's memory: serving them is worth the whole GPU, not 4 of 7
     fresh = GpuState(gpu_uuid="GPU-0", layout=Layout.parse("H100-80GB", "7g.80gb@0"))
-    (p,) = plan([fresh], {"H100-80GB/1g.20gb": 4.0}, Knobs(profiles="extended"))
+    (p,) = plan([fresh], {"H100-80GB/1g.20gb": 4.0}, Knobs(profiles="extended", value_by="dominant"))
     assert p.target.profile_counts() == {"1g.20gb": 4} and p.served == 7
 
 
@@ -349,7 +352,7 @@ def test_a_drain_is_priced_by_the_expected_remaining_run_time_of_the_leases_in_i
 
     def planned(remaining_s):
         gpu = GpuState(gpu_uuid="GPU-0", layout=ones, busy=busy, remaining_s=remaining_s)
-        return plan([gpu], demand)[0]
+        return plan([gpu], demand, Knobs(value_by="dominant"))[0]  # the 7g request is worth 7
 
     soon = planned(((("1g.10gb", 0), 90.0),))
     assert soon.kind == "drain" and soon.drain_timeout_s == 90  # once the expected 90 s
@@ -375,7 +378,8 @@ def test_a_drain_is_not_started_when_the_slices_it_withholds_from_waiting_reques
     600 s) and each busy slice from its own end to the other's: 2,400 slice-seconds that the
     waiting 1g.20gb requests lose, against one 7g request served 900 s sooner. The planner
     used to count only the idle slices, for 600 s, and drained; now it keeps the layout. (At a
-    drain cost of 5 per lease expected to run 600 s more: the arithmetic above is priced at it.)"""
+    drain cost of 5 per lease expected to run 600 s more, each request valued by its dominant
+    share: the arithmetic above is priced at it.)"""
     fours = Layout.parse("H100-80GB", "1g.20gb@0 + 1g.20gb@2 + 1g.20gb@4 + 1g.20gb@6")
     busy = frozenset({Placement(profile="1g.20gb", start=0), Placement(profile="1g.20gb", start=2)})
     gpu = GpuState(gpu_uuid="GPU-0", layout=fours, busy=busy,
@@ -383,7 +387,7 @@ def test_a_drain_is_not_started_when_the_slices_it_withholds_from_waiting_reques
 
     def planned(priority: int):
         demand = {"H100-80GB/7g.80gb": [1 + priority / 10], "H100-80GB/1g.20gb": [1.0] * 4}
-        return plan([gpu], demand, Knobs(profiles="extended", drain_cost=5.0))[0]
+        return plan([gpu], demand, Knobs(profiles="extended", drain_cost=5.0, value_by="dominant"))[0]
 
     kept = planned(17)
     assert kept.kind == "none" and kept.target == fours
@@ -565,3 +569,34 @@ def test_a_nodes_view_of_demand_is_the_best_units_of_the_shared_and_its_pinned_d
     assert view.value("k", n) == pytest.approx(sum(left[:n]))
     assert remaining.value("k", n) <= view.value("k", n)  # another node sees the shared part only
     assert remaining.on("b").value("k", n) == remaining.value("k", n)
+
+
+def test_an_idle_gpu_ends_more_waits_before_one_bigger_request_unless_its_priority_says_otherwise():
+    # mean JCT counts every job once: three waiting 1g.10gb requests served end three waits, one
+    # 7g request ends one (valued by its dominant share, 7, the 7g took the GPU; at 16x whole GPUs
+    # went to early 7g requests while hundreds of small ones queued)
+    idle = GpuState(gpu_uuid="GPU-0", layout=SEVEN)
+    (p,) = plan([idle], {"H100-80GB/7g.80gb": [1.0], "H100-80GB/1g.10gb": [1.0] * 3})
+    assert p.target.profile_counts().get("1g.10gb", 0) >= 3 and "7g.80gb" not in p.target.profile_counts()
+    (urgent,) = plan([idle], {"H100-80GB/7g.80gb": [1 + 100 / 10], "H100-80GB/1g.10gb": [1.0] * 3})
+    assert urgent.target.profile_counts() == {"7g.80gb": 1}
+    (by_share,) = plan([idle], {"H100-80GB/7g.80gb": [1.0], "H100-80GB/1g.10gb": [1.0] * 3}, Knobs(value_by="dominant"))
+    assert by_share.target.profile_counts() == {"7g.80gb": 1}
+
+
+def test_a_gpus_worth_of_recent_grants_never_outweighs_one_queued_request():
+    # seven recent 1g.10gb grants at a quarter each (1.75) beat a waiting 7g request (1) once each
+    # request counts one; the 7g request then waited for hours at 8x (bench/scheduling.py, day 125)
+    book = DemandBook()
+    for _ in range(7):
+        book.add_history("H100-80GB/1g.10gb", priority=0)
+    book.add_queued(["H100-80GB/7g.80gb"], priority=0)
+    bare = GpuState(gpu_uuid="GPU-0", layout=Layout(gpu_model="H100-80GB", instances=()))
+    (p,) = plan([bare], book.demand)
+    assert p.target.profile_counts() == {"7g.80gb": 1}
+
+
+def test_a_knob_value_the_planner_does_not_know_is_refused_naming_it():
+    with pytest.raises(ConfigError) as info:
+        Knobs(value_by="size")
+    assert info.value.field == "value_by" and "request, dominant" in str(info.value)

@@ -245,7 +245,9 @@ def test_dynamic_mix_follows_the_static_mix_the_lease_history_asks_for(redis_ser
 
 def test_dynamic_policies_start_from_the_mix_of_the_history_before_the_window(redis_server, tmp_path):
     """A service that ran before the window has seen its past: with `history` of 3g jobs, dynamic
-    starts carved for them and needs no re-carve, where from ``mixed`` it must re-carve first."""
+    starts carved for them and needs no re-carve, where cold the first 3g job takes the whole GPU
+    at once and the others wait for it (draining it for two waiting requests does not pay the
+    drain cost of a lease expected to run 600 s more) or for a re-carve."""
     jobs = [Job(f"t{i}", 0, 600, ((40.0, 3),)) for i in range(4)]
     history = [Job(f"h{i}", 0, 600, ((40.0, 3),)) for i in range(4)]
     cold, warm = (
@@ -253,6 +255,5 @@ def test_dynamic_policies_start_from_the_mix_of_the_history_before_the_window(re
                 history=past)[0]
         for name, past in (("cold", ()), ("warm", history))
     )
-    assert cold.reconfigurations >= 1
     assert warm.reconfigurations == 0 and warm.layouts_end == ["3g.40gb@0 + 3g.40gb@4"]
     assert warm.summary()["jct_mean_s"] < cold.summary()["jct_mean_s"]

@@ -15,12 +15,16 @@ For each GPU it picks a target layout and the fewest create/destroy steps to rea
   way ends: `drain_wait_s`, the expected wait for *all* of them). A drain plan carries a timeout in
   the same terms (``drain_timeout_factor`` x that expected wait).
 - **Objective**, per GPU in turn (GPUs that already serve most demand first): most
-  priority-weighted demand served, each served request counted by its slice's dominant share of
-  the GPU in compute slices: ``max(compute / compute slices, memory / memory slices) x compute
-  slices`` (a served 7g request is worth seven served 1g.10gb ones, so many small requests do not
-  starve a big one, and a 1g.20gb request, which takes two of eight memory slices, 1.75), then
-  least churn (steps), then least fragmentation (free memory slices that no profile could use). Demand a GPU serves is taken off what later GPUs see, so the
-  fleet as a whole follows the demand rather than every GPU chasing the same profile.
+  priority-weighted requests served (``Knobs.value_by="request"``, the default: each served
+  request counts one, whatever its slice, as the mean job completion time counts every job once:
+  a GPU that serves four waiting 1g.20gb requests ends four waits, one that serves a waiting 7g
+  request ends one; a big request still comes first by its priority, a unit weighing
+  ``1 + priority / 10``), then least churn (steps), then least fragmentation (free memory slices
+  that no profile could use). With ``value_by="dominant"`` a served request counts its slice's
+  dominant share of the GPU in compute slices instead (`slice_value`: a 7g request is worth seven
+  1g.10gb ones); that kept whole GPUs for early 7g requests while hundreds of small ones queued
+  behind them (``bench/scheduling.py`` at 16x). Demand a GPU serves is taken off what later GPUs
+  see, so the fleet as a whole follows the demand rather than every GPU chasing the same profile.
 - **Search.** Exact over the enumerated maximal layouts of the GPU's model (19 for the classic
   8-slice profiles, 78 with ``1g.20gb``) plus the current layout: those that keep every busy
   instance are incremental, the others drains. Enumerations are cached per model and profile set
@@ -54,6 +58,12 @@ from prefect_mig.model.layout import select_profiles
 
 PlanKind = Literal["none", "incremental", "drain"]
 PROFILE_SETS = ("classic", "extended", "all")
+VALUE_BY = ("request", "dominant")
+#: how the service weighs recent grants while nothing waits (between pipeline runs): they are all
+#: the demand there is, so each weighs what a queued request would (`Knobs.history_weight` only
+#: ranks them below waiting requests); one recent 1g.20gb grant then re-carves an idle whole GPU
+#: into 1g.20gb slices, as a waiting request would
+BETWEEN_RUNS = {"history_weight": 1.0}
 
 
 def profile_set(name: str, *, field: str = "profiles") -> str:
@@ -128,9 +138,9 @@ class Knobs:
     """Policy knobs.
 
     Attributes:
-        churn_cost: served compute slices one create or destroy step is worth (a re-carve takes
+        churn_cost: served requests (see `value_by`) one create or destroy step is worth (a re-carve takes
             ~1-2 s).
-        drain_cost: served compute slices a drain must gain over the best incremental plan, per
+        drain_cost: served requests a drain must gain over the best incremental plan, per
             busy slice it waits for (its range serves nothing until those leases end) whose lease
             is expected to run `drain_reference_s` more; scaled by the expected remaining time
             (at least a tenth of it) where the lease history tells.
@@ -139,7 +149,7 @@ class Knobs:
             lease in its way to end (`drain_wait_s`; at least `drain_timeout_min_s`).
         drain_timeout_min_s: the shortest drain timeout the planner sets (a lease about to end
             still needs the agent to notice).
-        fragmentation_cost: served compute slices one unusable free memory slice costs.
+        fragmentation_cost: served requests one unusable free memory slice costs.
         profiles: the profiles layouts are built from: "classic", "extended" (the default; per model, see
             `model_profiles`), "all", or names.
         drains: whether plans may drain at all (the service turns them off while nothing waits).
@@ -147,10 +157,17 @@ class Knobs:
             so the layout changes between pipeline runs, not in the gaps between their steps.
         retry_after_s: a GPU whose last change was skipped (a drain outlived its timeout, a
             slice got leased) is left alone this long, so one drain does not repeat back to back.
+        value_by: what one served request is worth: ``request`` (the default) one, whatever its
+            slice; ``dominant`` its slice's dominant share of the GPU (`slice_value`).
+        history_weight: a recent grant's weight as demand, relative to a queued request of the
+            same priority: small enough that a GPU's worth of recent grants (seven 1g.10gb on an
+            H100: 0.7) never outweighs one queued request (`DemandBook`).
 
     The defaults of `drain_cost` (2) and `drain_timeout_factor` (1) are the ones
     ``bench/scheduling.py`` measures: chosen on its tuning windows only (days 115, 125 and 135 at
-    loads 4x-16x), never on the held-out windows its headline comes from.
+    loads 4x-16x), never on the held-out windows its headline comes from. So were `value_by`
+    ``request`` and `history_weight` 0.1 (the largest round weight at which seven recent grants
+    weigh less than one queued request; at a quarter, day 125 at 8x starved its 7g requests).
     """
 
     churn_cost: float = 0.05
@@ -163,6 +180,14 @@ class Knobs:
     drains: bool = True
     idle_window_s: float = 300.0
     retry_after_s: float = 600.0
+    value_by: str = "request"
+    history_weight: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.value_by not in VALUE_BY:
+            raise ConfigError(
+                f"value_by: {self.value_by!r} is not allowed; choose {', '.join(VALUE_BY)}.", field="value_by", value=self.value_by
+            )
 
 
 @lru_cache(maxsize=256)
@@ -313,27 +338,36 @@ def slice_value(model_name: str, profile: str) -> float:
     return max(p.compute_slices / model.compute_slices, p.memory_slices / model.memory_slices) * model.compute_slices
 
 
+def request_value(model_name: str, profile: str, value_by: str = "request") -> float:
+    """What serving one request on a `profile` slice adds to the planner's objective
+    (`Knobs.value_by`): one, or the slice's dominant share (`slice_value`)."""
+    return 1.0 if value_by == "request" else slice_value(model_name, profile)
+
+
 @lru_cache(maxsize=256)
 def _candidate_shapes(model_name: str, profiles) -> tuple[_Shape, ...]:
     return tuple(_shape(layout) for layout in _candidates(model_name, profiles))
 
 
-def _served_shape(shape: _Shape, remaining: Remaining | _WithPinned, busy: frozenset[tuple[str, int]]) -> float:
+def _served_shape(
+    shape: _Shape, remaining: Remaining | _WithPinned, busy: frozenset[tuple[str, int]], value_by: str = "request"
+) -> float:
     taken: dict[str, int] = {}
     for profile, start in busy:
         if (profile, start) in shape.instances:
             taken[profile] = taken.get(profile, 0) + 1
     served = 0.0
     for profile, pkey, n, value in shape.counts:
-        served += remaining.value(pkey, n - taken.get(profile, 0)) * value
+        served += remaining.value(pkey, n - taken.get(profile, 0)) * (1.0 if value_by == "request" else value)
     return served
 
 
-def _served(layout: Layout, remaining: Remaining | _WithPinned, busy: frozenset[Placement] = frozenset()) -> float:
-    """Demand the layout's *idle* slices serve, in compute slices x weight: a busy slice serves
-    nobody new, and a 7g slice serving one request is worth seven 1g slices serving seven, so big
-    requests are not starved by many small ones."""
-    return _served_shape(_shape(layout), remaining, frozenset((b.profile, b.start) for b in busy))
+def _served(
+    layout: Layout, remaining: Remaining | _WithPinned, busy: frozenset[Placement] = frozenset(), value_by: str = "request"
+) -> float:
+    """Demand the layout's *idle* slices serve, weighted (`Knobs.value_by`): a busy slice serves
+    nobody new."""
+    return _served_shape(_shape(layout), remaining, frozenset((b.profile, b.start) for b in busy), value_by)
 
 
 def _placements(items) -> tuple[Placement, ...]:
@@ -408,12 +442,12 @@ def plan_gpu(gpu: GpuState, remaining: Remaining | _WithPinned, knobs: Knobs = K
             for span in sorted(freed.get(profile, ()), reverse=True):
                 held += (remaining.value(key, n + 1) - remaining.value(key, n)) * span
                 n += 1
-            lost += held * slice_value(model_name, profile)
+            lost += held * request_value(model_name, profile, knobs.value_by)
         return lost / knobs.drain_reference_s
 
     def score_of(candidate: _Shape) -> tuple[float, int]:
         steps = len(current.instances ^ candidate.instances)
-        served = _served_shape(candidate, remaining, busy)
+        served = _served_shape(candidate, remaining, busy, knobs.value_by)
         return served - knobs.churn_cost * steps - knobs.fragmentation_cost * candidate.fragmentation, steps
 
     current_score, _ = score_of(current)  # keeping the layout: always allowed, never a drain
@@ -450,7 +484,7 @@ def plan_gpu(gpu: GpuState, remaining: Remaining | _WithPinned, knobs: Knobs = K
         target=target.layout,
         destroy=_placements(current.instances - target.instances),
         create=_placements(target.instances - current.instances),
-        served=_served_shape(target, remaining, busy),
+        served=_served_shape(target, remaining, busy, knobs.value_by),
         node=gpu.node,
         drain_timeout_s=timeout,
     )
@@ -467,7 +501,7 @@ def plan(
     """
     remaining = Remaining(demand)
     states = list(gpus)
-    order = sorted(states, key=lambda g: (-_served(g.layout, remaining.on(g.node), g.busy), g.gpu_uuid))
+    order = sorted(states, key=lambda g: (-_served(g.layout, remaining.on(g.node), g.busy, knobs.value_by), g.gpu_uuid))
     plans = {}
     for gpu in order:
         seen = remaining.on(gpu.node)
@@ -489,10 +523,13 @@ class DemandBook:
 
     A queued request is one unit of ``1 + priority / 10``. A recent grant is one unit of
     ``history_weight`` times that, so idle slices lean toward what was used lately while queued
-    requests always come first. A running lease is no demand: its slice is busy and stays.
+    requests always come first: a GPU's worth of recent grants (seven 1g.10gb slices on an H100)
+    weighs less than one queued request (at a quarter, seven recent 1g.10gb grants, 1.75,
+    outweighed a waiting 7g request once each request counts one). A running lease is no demand:
+    its slice is busy and stays.
     """
 
-    history_weight: float = 0.25
+    history_weight: float = 0.1
     profiles: str | tuple[str, ...] = "extended"
     demand: dict[str, list[float]] = field(default_factory=dict)
 

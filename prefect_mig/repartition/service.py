@@ -33,7 +33,7 @@ from prefect_mig.allocator import Allocator
 from prefect_mig.allocator.health import sweep_announced
 from prefect_mig.errors import UnknownGpuModel
 from prefect_mig.model import Layout, Placement, get_model
-from prefect_mig.repartition.planner import DemandBook, GpuPlan, GpuState, Knobs, carvable, plan
+from prefect_mig.repartition.planner import BETWEEN_RUNS, DemandBook, GpuPlan, GpuState, Knobs, carvable, plan
 from prefect_mig.repartition.trigger import Trigger
 
 log = logging.getLogger("prefect_mig.repartition")
@@ -74,16 +74,21 @@ def placeable(status: dict) -> list[dict]:
 
 
 def demand_of(
-    status: dict, events: list[dict], *, history: int | None = None, profiles: str | tuple[str, ...] = "extended"
+    status: dict,
+    events: list[dict],
+    *,
+    history: int | None = None,
+    profiles: str | tuple[str, ...] = "extended",
+    history_weight: float = Knobs.history_weight,
 ) -> dict[str, list[float]]:
     """Priority-weighted demand: every queued request, and the last `history` grants in `events`
     (oldest first; default: as many as the inventory has slices, so history can at most re-shape
-    the fleet once). A request counts for the first kind it asked for that `profiles` carve.
+    the fleet once), each weighing `history_weight` of a queued request. A request counts for the first kind it asked for that `profiles` carve.
 
     A queued request pinned to a node no agent published is no demand (no carve can serve it).
     One pinned to a published node is demand for that node's GPUs only (`planner.pinned_key`):
     a carve on another node would leave it waiting and the new slice idle."""
-    book = DemandBook(profiles=profiles)
+    book = DemandBook(profiles=profiles, history_weight=history_weight)
     history = len(status["slices"]) if history is None else history
     for r in placeable(status):
         book.add_queued(r.get("pkeys") or [], int(r.get("priority") or 0), node=r.get("node") or None)
@@ -190,7 +195,7 @@ def plan_from_allocator(
 
     Idle windows: while requests wait, any idle range may be re-carved and drains are allowed.
     While nothing waits (between pipeline runs), only slices idle for `knobs.idle_window_s` are
-    re-shaped toward recent demand, and nothing is drained.
+    re-shaped toward recent demand (valued as `planner.BETWEEN_RUNS` says), and nothing is drained.
 
     With `hold_back`, GPUs the service must leave alone get no plan: one with a change still
     pending (one change at a time per GPU), and one whose last change was skipped less than
@@ -200,11 +205,11 @@ def plan_from_allocator(
     wanted = len(status["slices"]) if history is None else history
     # each lease adds queued, granted and released events, agents add layout events: read enough
     events = allocator.recent_events(max(200, wanted * 6, 6 * len(status["slices"])))
-    demand = demand_of(status, events, history=wanted, profiles=knobs.profiles)
     warm: set[str] = set()
     if not status["queue"]:
         warm = warm_slices(status, events, now_ms=allocator.now_ms(), window_s=knobs.idle_window_s)
-        knobs = replace(knobs, drains=False)
+        knobs = replace(knobs, drains=False, **BETWEEN_RUNS)
+    demand = demand_of(status, events, history=wanted, profiles=knobs.profiles, history_weight=knobs.history_weight)
     for k, v in (extra_demand or {}).items():
         demand.setdefault(k, []).extend([1.0] * int(v) + ([v - int(v)] if v - int(v) > 1e-9 else []))
     remaining = expected_remaining(status, events, now_ms=allocator.now_ms())

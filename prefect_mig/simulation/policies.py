@@ -118,7 +118,12 @@ def mix_for(work: dict[str, float], model_name: str, gpus: int, knobs: Knobs) ->
     demand = {f"{model_name}/{k}": w * scale for k, w in work.items()}
     whole = Layout.parse(model_name, _biggest(model_name))
     states = [GpuState(gpu_uuid=f"gpu-{i:05d}", layout=whole) for i in range(gpus)]
-    fitted = plan(states, demand, Knobs(churn_cost=0.0, fragmentation_cost=knobs.fragmentation_cost, profiles=knobs.profiles))
+    # the slices fill the fleet by their dominant shares (above), so the planner values them so too
+    fitted = plan(
+        states,
+        demand,
+        Knobs(churn_cost=0.0, fragmentation_cost=knobs.fragmentation_cost, profiles=knobs.profiles, value_by="dominant"),
+    )
     layouts = [str(p.target) for p in fitted]
     # every job must fit somewhere: give the biggest kind a whole GPU if the mix left it out
     offered = {inst.profile for text in layouts for inst in Layout.parse(model_name, text).instances}
