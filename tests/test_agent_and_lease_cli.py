@@ -210,6 +210,14 @@ def test_the_agent_carves_an_empty_gpu_to_the_default_config_and_layout_apply_ke
     assert cluster.lease(busy.lease_id).fence == busy.fence  # the busy slice's lease lives on
     unknown = _cli("layout", "apply", "-c", "nope", env=cli_env)
     assert unknown.returncode == 2 and "'nope'" in unknown.stderr and "balanced" in unknown.stderr
+    # found by a new-user trial: a wrong --node did not say which nodes there are
+    elsewhere = _cli("layout", "apply", "-c", "half", "--node", "node-q", env=cli_env)
+    err = elsewhere.stderr.replace("\n", " ")
+    assert elsewhere.returncode == 2 and "node-q" in err and "published: node-a GPU 0" in err, err
+    # found by a new-user trial: a config its busy slices keep from being carved is not "already carved"
+    again = _cli("layout", "apply", "-c", "half", "--dry-run", "--json", env=cli_env)
+    (row,) = json.loads(again.stdout)["gpus"]
+    assert row["kept"] == ["1g.6gb@3"] and row["action"] == "left as is: busy slices hold it (1g.6gb@3)", row
 
 
 def test_api_token_commands_create_list_without_secret_and_revoke(cli_env, redis_server, namespace):

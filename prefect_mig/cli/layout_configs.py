@@ -71,7 +71,12 @@ def plan_config(allocator, configs, name: str, *, node: str | None = None, gpu: 
         else:
             carve, kept, left_out = keep_busy(model, target, busy)
             row.update(target=str(target), carve=str(carve), kept=[str(p) for p in kept], left_out=[str(p) for p in left_out])
-            row["action"] = "already carved" if set(carve.instances) == set(current.instances) else "desire"
+            if set(carve.instances) != set(current.instances):
+                row["action"] = "desire"
+            elif kept or left_out:  # the config differs, but its busy slices hold the GPU as it is
+                row["action"] = f"left as is: busy slices hold it ({', '.join(str(p) for p in kept)})"
+            else:
+                row["action"] = "already carved"
         rows.append(row)
     return rows
 
@@ -95,10 +100,12 @@ def layout_apply(
         allocator = _allocator()
         rows = plan_config(allocator, configs, config, node=node, gpu=gpu)
         if not rows:
+            published = sorted(f"{g.get('node')} GPU {g.get('index')}" for g in allocator.gpus())
             raise ConfigError(
                 "no published GPU matches"
                 + (f" --node {node}" if node else "") + (f" --gpu {gpu}" if gpu is not None else "")
-                + ": is the node agent running (`prefect-mig up`, `prefect-mig status`)?",
+                + (f"; published: {', '.join(published)}" if published else "; no GPU is published")
+                + ". Is the node agent running (`prefect-mig up`, `prefect-mig status`)?",
                 field="node" if node else "gpu",
                 value=node or gpu,
             )
