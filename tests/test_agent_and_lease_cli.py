@@ -257,3 +257,10 @@ def test_lease_renew_with_a_wrong_fence_says_so_without_blaming_another_holder(c
     err = done.stderr.replace("\n", " ")
     assert done.returncode == 1 and "stale or wrong" in err and "another holder" not in err, err
     assert _cli("lease", "release", lease["lease_id"], "--fence", str(lease["fence"]), env=cli_env).returncode == 0
+
+
+def test_lease_renew_of_a_lease_never_granted_says_it_is_not_held_not_that_the_renew_came_too_late(cli_env):
+    """Found by a new-user trial: `lease renew deadbeef` said "renew came too late"."""
+    done = _cli("lease", "renew", "deadbeef", "--fence", "1", env=cli_env)
+    err = done.stderr.replace("\n", " ")
+    assert done.returncode == 1 and "deadbeef is not held here" in err and "too late" not in err, err

@@ -607,8 +607,12 @@ class Allocator(Inventory, LayoutChanges):
                 reason="revoked",
                 lease_id=lease_id,
             )
-        reason = "expired" if code == "expired" else "gone"
-        raise LeaseLost(f"lease {lease_id} {reason}: renew came too late.", reason=reason, lease_id=lease_id)
+        if code == "expired":
+            raise LeaseLost(f"lease {lease_id} expired: renew came too late.", reason="expired", lease_id=lease_id)
+        raise LeaseLost(  # no record: released, expired and reaped, or never granted here (a typo, another namespace)
+            f"lease {lease_id} is not held here (released, expired, or never granted in this cluster): nothing to renew.",
+            reason="gone", lease_id=lease_id,
+        )
 
     def revoke(self, lease_id: str) -> int | None:
         """Take a lease back from its holder without its fence (an admin's power): the holder is
