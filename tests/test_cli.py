@@ -119,16 +119,21 @@ def test_demo_carves_the_fleet_and_refuses_to_destroy_a_busy_slice(tmp_path):
     assert "(0 created, 0 destroyed, the rest kept)" in again.stdout
 
 
-def test_demo_runs_the_pipeline_and_reports_where_each_task_ran(tmp_path, python_image):
+def _start_demo(state_dir, *, batches: int, stderr) -> subprocess.Popen:
     env_free = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "prefect_mig.cli.main", "demo", "--batches", "4"],
+    return subprocess.Popen(
+        [sys.executable, "-m", "prefect_mig.cli.main", "demo", "--batches", str(batches)],
         stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        stderr=stderr,
         text=True,
-        env={**env_free, "PREFECT_MIG_BACKEND": "simulated", "PREFECT_MIG_STATE_DIR": str(tmp_path), "COLUMNS": "120"},
-        start_new_session=True,  # a timeout kills the demo with its Prefect API server: no orphan
+        env={**env_free, "PREFECT_MIG_BACKEND": "simulated", "PREFECT_MIG_STATE_DIR": str(state_dir), "COLUMNS": "120"},
+        # its own process group: a timeout kills the demo with its Prefect API server (no orphan)
+        start_new_session=True,
     )
+
+
+def test_demo_runs_the_pipeline_and_reports_where_each_task_ran(tmp_path, python_image):
+    proc = _start_demo(tmp_path, batches=4, stderr=subprocess.PIPE)
     try:
         stdout, stderr = proc.communicate(timeout=300)
     except subprocess.TimeoutExpired:
@@ -142,3 +147,42 @@ def test_demo_runs_the_pipeline_and_reports_where_each_task_ran(tmp_path, python
     assert all(f"infer[{i}]" in out for i in range(4))
     assert "slice utilization" in out and "leases left: 0, waiting: 0" in out
     assert "the flow run's table artifact: prefect-mig-slices-" in out
+
+
+def test_sigterm_stops_the_demo_with_its_redis_server_and_its_prefect_api(tmp_path, python_image):
+    """`kill <pid>` (a supervisor, a container stop) unwinds the demo as Ctrl-C does: before, Python's
+    default ended it on the spot and its redis-server and ephemeral Prefect API ran on."""
+    import socket
+    import threading
+    import time
+
+    proc = _start_demo(tmp_path, batches=6, stderr=subprocess.STDOUT)
+    lines: list[str] = []
+    running = threading.Event()
+
+    def read() -> None:
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("running the pipeline"):
+                running.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        assert running.wait(240), "".join(lines)[-3000:]
+        port = int(next(line for line in lines if "private redis-server on" in line).split(":")[2].split("/")[0])
+        time.sleep(3)  # inside the flow run, where Prefect's own SIGTERM handler is in place
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=90)
+        reader.join(timeout=10)
+        with pytest.raises(ProcessLookupError):  # nothing of its process group runs on (the Prefect API)
+            os.killpg(proc.pid, 0)
+        with pytest.raises(OSError):  # its redis-server is stopped
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+        assert "leases left" not in "".join(lines)  # it stopped, it did not run to its end
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=30)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+import threading
 from typing import Annotated
 
 import typer
@@ -22,6 +24,22 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+@app.callback()
+def _on_every_command() -> None:
+    # SIGTERM (`kill`, a supervisor, systemd, a container stop) unwinds a command as Ctrl-C does,
+    # so what it started is stopped on the way out: the demo's redis-server and Prefect API, a held
+    # lease. Python's default would end the process on the spot and leave them running. Commands
+    # with their own shutdown (`agent`, `up`'s supervisor, `api serve`) install their own handler.
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)
+
+
 app.command("up")(local.up)
 app.command("down")(local.down)
 app.command("gpus")(inventory.gpus)
