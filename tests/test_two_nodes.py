@@ -99,10 +99,16 @@ def sleep_long():
     return "finished"
 
 
-def test_node_bs_engine_down_fails_its_task_naming_node_and_engine_and_new_requests_go_to_node_a(runner_env, second_engine):
+@pytest.mark.parametrize("keep_warm_s", [0.0, 60.0], ids=["cold", "warm"])
+def test_node_bs_engine_down_fails_its_task_naming_node_and_engine_and_new_requests_go_to_node_a(
+    runner_env, second_engine, keep_warm_s
+):
+    """Cold or warm (a call into a kept task process), the task fails with `DockerUnavailable`
+    naming the node and its engine, and its lease is left to lapse: the container may still run.
+    Before, a warm call surfaced the engine's death as a raw requests ConnectionError."""
     c = runner_env
     held = [c.allocator.try_acquire(one_g(node="node-a")) for _ in range(SLICES_PER_NODE)]  # node-a full
-    slow = task(task_runner=MigTaskRunner(profile="1g.10gb", wait_timeout_s=120))(sleep_long)
+    slow = task(task_runner=MigTaskRunner(profile="1g.10gb", wait_timeout_s=120, keep_warm_s=keep_warm_s))(sleep_long)
 
     @flow
     def pipeline():
@@ -119,8 +125,9 @@ def test_node_bs_engine_down_fails_its_task_naming_node_and_engine_and_new_reque
     flow_thread.join(timeout=180)
     assert outcome, "the task on node-b did not end after its engine crashed"
     err = outcome[0]
-    assert isinstance(err, DockerUnavailable), err
+    assert isinstance(err, DockerUnavailable), repr(err)
     assert "node-b" in str(err) and second_engine.url in str(err)
+    assert err.unconfirmed and "left to lapse, not released" in str(err)
 
     wait_until(lambda: not c.alive("node-b"), timeout_s=30, what="node-b's agent to take node-b out of service")
     lost = [e for e in c.allocator.events() if e["type"] == "node.lost" and e["node"] == "node-b"]

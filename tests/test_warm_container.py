@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from prefect_mig.errors import ContainerFailed, ContainerStopped
+from prefect_mig.errors import ContainerFailed, ContainerStopped, DockerUnavailable
 from prefect_mig.launchers import ContainerSettings, DockerLauncher
 from prefect_mig.launchers.docker import LABEL_PREFIX
 from prefect_mig.launchers.warm import WarmContainer
@@ -131,3 +131,27 @@ def test_a_process_killed_while_idle_is_not_serving(warm, docker_client):
     docker_client.containers.get(warm.container.id).kill()  # as an engine restart or the OOM killer
     docker_client.containers.get(warm.container.id).wait(timeout=60)
     assert not warm.serving()
+
+
+@pytest.mark.parametrize("when", ["before the call", "during the call"])
+def test_a_warm_call_whose_engine_died_raises_docker_unavailable_with_the_removal_unconfirmed(second_engine, python_image, when):
+    """The runner leaves the lease to lapse on `DockerUnavailable(unconfirmed)`: the container may
+    still run. Before, a call sent after the engine died read as a container someone removed (the
+    lease then released), and one under way as a raw requests ConnectionError."""
+    warm = WarmContainer.start(DockerLauncher(ContainerSettings(image=python_image, docker_host=second_engine.url)),
+                               mig_uuid="MIG-warm-engine")
+    try:
+        assert warm.call(talk, (0,)) == 0
+        if when == "before the call":
+            second_engine.kill()
+            with pytest.raises(DockerUnavailable) as err:
+                warm.call(talk, (0,))
+        else:
+            threading.Timer(2.0, second_engine.kill).start()
+            with pytest.raises(DockerUnavailable) as err:
+                warm.call(sleep_long)
+        assert err.value.unconfirmed and second_engine.url in str(err.value)
+        assert warm.broken
+    finally:
+        second_engine.restart()
+        warm.stop()

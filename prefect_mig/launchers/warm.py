@@ -128,6 +128,8 @@ class WarmContainer:
         Raises:
             ContainerStopped: `stop` was set (the container is killed), or it was removed.
             ContainerFailed: the process died without an outcome.
+            DockerUnavailable: the engine stopped answering mid-call (``unconfirmed``: the
+                container may still run, as `DockerLauncher.run` says of a cold one).
         """
         if self.broken:
             raise ContainerStopped("this warm task container may not run another call.", container_id=self.container.id)
@@ -138,6 +140,9 @@ class WarmContainer:
             self._send(struct.pack(">Q", len(message)) + message)
             outcome = self._wait(stop, poll_s)
             self._logs_done.wait(5)  # the body's last lines come before the end mark
+        except (docker.errors.APIError, requests.exceptions.RequestException) as exc:
+            self.broken = True
+            raise self.launcher._engine_gone(exc, removed=False) from exc
         except BaseException:
             self.broken = True  # stopped, died, or interrupted mid-call: its state is unknown
             raise
@@ -173,7 +178,8 @@ class WarmContainer:
         with _removed_means_stopped(self.container):
             try:
                 raw.sendall(data)
-            except OSError as exc:  # the process or its container is gone
+            except OSError as exc:  # the process or its container is gone, or the engine died
+                self.container.reload()  # NotFound: removed; a RequestException: the engine is gone
                 raise docker.errors.NotFound(f"the warm container's stdin is closed: {exc}") from exc
 
     def _wait(self, stop, poll_s: float) -> tuple:
