@@ -136,8 +136,8 @@ def test_a_process_killed_while_idle_is_not_serving(warm, docker_client):
 @pytest.mark.parametrize("when", ["before the call", "during the call"])
 def test_a_warm_call_whose_engine_died_raises_docker_unavailable_with_the_removal_unconfirmed(second_engine, python_image, when):
     """The runner leaves the lease to lapse on `DockerUnavailable(unconfirmed)`: the container may
-    still run. Before, a call sent after the engine died read as a container someone removed (the
-    lease then released), and one under way as a raw requests ConnectionError."""
+    still run. Before, a call sent after the engine died read as a container someone removed, and
+    one under way as a raw requests ConnectionError."""
     warm = WarmContainer.start(DockerLauncher(ContainerSettings(image=python_image, docker_host=second_engine.url)),
                                mig_uuid="MIG-warm-engine")
     try:
