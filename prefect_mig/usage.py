@@ -12,7 +12,8 @@ lost: run `prefect-mig report` (or `roll_up`) more often than the stream turns o
 
 Figures per row: slice-hours leased, compute-slice-hours, GPU-hours (compute slices over the GPU's
 count: a 3g lease on an H100 is 3/7 of it), leases ended, mean and p95 wait (p95 is the upper bound of
-the wait histogram's bucket), preemptions (revocations of the row's leases, by a higher priority or an admin), cost (GPU-hours x price).
+the wait histogram's bucket), preemptions (the row's leases taken back for a request of higher priority),
+admin revocations (taken back by `prefect-mig lease revoke` / `Allocator.revoke`), cost (GPU-hours x price).
 
 Idle slice-hours (rows by GPU or profile, and the cluster's ``totals``): carved slice-hours minus
 leased slice-hours. A slice is carved from the publish that first lists it (``inventory.published``
@@ -176,8 +177,9 @@ def _aggregate(entries, labels, carved: dict) -> dict[tuple[int, str], int]:  # 
             for dim in dims:
                 incr[(hour, f"{dim}|leases")] += 1
         elif kind == "lease.revoked":  # charged to the revoked lease's tenant (the event names it)
+            field = "admin_revocations" if e.get("for") == "admin" else "preemptions"
             for dim in _dims(e.get("tenant") or "unknown", _where(e, labels, carved)[:2]):
-                incr[(hour, f"{dim}|preemptions")] += 1
+                incr[(hour, f"{dim}|{field}")] += 1
         elif kind in ("inventory.published", "node.forgotten"):
             for sid in json.loads(e.get("gone") or "[]"):
                 if sid in carved:
@@ -311,6 +313,7 @@ def _row(key: str, m: dict[str, int], price: float, *, idle: bool) -> dict[str, 
         "mean_wait_s": round(m.get("wait_ms", 0) / waits / 1000, 3) if waits else None,
         "p95_wait_s_at_most": p95,
         "preemptions": m.get("preemptions", 0),
+        "admin_revocations": m.get("admin_revocations", 0),
         "cost": round(gpu_ms / HOUR_MS * price, 4),
         # carved minus leased: a tenant has no idle time of its own (see `report`'s totals)
         "idle_slice_hours": round(max(0, m.get("carved_ms", 0) - m.get("leased_ms", 0)) / HOUR_MS, 6) if idle else None,

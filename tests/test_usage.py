@@ -70,7 +70,18 @@ def test_a_preemption_is_charged_to_the_revoked_tenant(alloc, clock):
     high = alloc.claim(queued.request_id, urgent)
     alloc.release(high.lease_id, high.fence)
     rows = {r["key"]: r for r in report(alloc, since_s=3600, by="tenant")["rows"]}
-    assert rows["team-low"]["preemptions"] == 1
+    assert rows["team-low"]["preemptions"] == 1 and rows["team-low"]["admin_revocations"] == 0
+
+
+def test_an_admin_revoke_is_counted_as_a_revocation_not_as_a_preemption(alloc, clock):
+    """`prefect-mig lease revoke` takes a lease back for no other request: before, `report` counted it
+    as a preemption, so a tenant looked pushed aside by higher priorities that never asked."""
+    alloc.publish_fleet("node-a=1xA30-24GB", layouts={"node-a": ["4g.24gb@0"]})
+    lease = alloc.acquire(SliceRequest(profile="4g.24gb", tenant="team-a"), timeout_s=0)
+    assert alloc.revoke(lease.lease_id) is not None
+    alloc.release(lease.lease_id, lease.fence)
+    rows = {r["key"]: r for r in report(alloc, since_s=3600, by="tenant")["rows"]}
+    assert rows["team-a"]["admin_revocations"] == 1 and rows["team-a"]["preemptions"] == 0
 
 
 def test_since_and_by_are_checked():

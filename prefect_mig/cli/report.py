@@ -33,8 +33,8 @@ def report(
     png: Annotated[Path | None, typer.Option(help="Also draw slice-hours per hour, leased by tenant and idle, "
                                              "into this PNG file.")] = None,
 ) -> None:
-    """Slice-hours (leased and idle), compute-slice-hours, GPU-hours, waits, preemptions and cost,
-    from hourly rollups."""
+    """Slice-hours (leased and idle), compute-slice-hours, GPU-hours, waits, preemptions, admin
+    revocations and cost, from hourly rollups."""
     from prefect_mig.cli.leases import _allocator
     from prefect_mig.usage import hourly
     from prefect_mig.usage import report as usage_report
@@ -51,7 +51,7 @@ def report(
     table = Table(title=f"usage by {by}, last {since} (slice time in the hours it was held; lease counts and "
                         "waits in the hour the lease ended)")
     cols = ("key", "slice_hours", "idle_slice_hours", "compute_slice_hours", "gpu_hours", "leases", "mean_wait_s",
-            "p95_wait_s_at_most", "preemptions", "cost")
+            "p95_wait_s_at_most", "preemptions", "admin_revocations", "cost")
     for col in cols:
         table.add_column(col.replace("_", " "))
     for row in got["rows"]:
