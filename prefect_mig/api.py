@@ -17,6 +17,9 @@ GET    /v1/leases                 GET /v1/status
 GET    /metrics                   (Prometheus text format; admin token only, see prefect_mig.metrics)
 ```
 
+Every error body is ``{"error": <kind>, "detail": <message>}`` (a malformed body's 422: ``detail`` is
+the list of its field errors).
+
 A waiting acquire holds no server thread; it waits at most ``max_wait_s`` (``PREFECT_MIG_API_MAX_WAIT_S``)
 and is withdrawn the moment its client disconnects (a grant that races the disconnect is released).
 A grant, made at once or after a wait, is answered only to a client still connected: one whose client
@@ -62,6 +65,7 @@ from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from prefect_mig import __version__
@@ -100,6 +104,10 @@ class RenewBody(BaseModel):
         default=None, ge=1, le=86_400, description="New TTL in seconds; unset: the lease's own (granted or last renewed with)."
     )
 
+
+#: The ``error`` of a refusal that is not one of prefect-mig's own errors, by status.
+_HTTP_ERROR = {401: "Refused", 403: "Forbidden", 404: "NotFound", 405: "MethodNotAllowed", 413: "Refused",
+               422: "InvalidRequest", 503: "Refused"}
 
 _STATUS = {
     NoCapacity: 409,
@@ -330,7 +338,13 @@ def create_app(
             if error["loc"][-1:] == ["ttl_s"] and error["type"] == "less_than_equal":
                 error["msg"] = (f"Input should be at most {allocator.max_ttl_s:g} s, this cluster's longest lease "
                                 "(PREFECT_MIG_LEASE_MAX_TTL_S)")
-        return JSONResponse({"detail": _json_safe(errors)}, status_code=422)
+        return JSONResponse({"error": "InvalidRequest", "detail": _json_safe(errors)}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _refused(request, exc: StarletteHTTPException):  # noqa: ANN001
+        # one shape for every error body, as `_mig_error` and the gate write it
+        return JSONResponse({"error": _HTTP_ERROR.get(exc.status_code, "Refused"), "detail": exc.detail},
+                            status_code=exc.status_code, headers=exc.headers)
 
     def grant_of(request: Request) -> TokenGrant:
         return request.scope["state"]["grant"]

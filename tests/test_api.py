@@ -91,6 +91,34 @@ def test_errors_map_to_http_statuses_with_the_message(http):
     assert never.status_code == 409 and never.json()["error"] == "Unsatisfiable"
 
 
+def test_every_refusal_has_one_body_shape_an_error_kind_and_a_detail(served_api):
+    """A client parses one shape, whatever refused it. Found by a new-user trial: the body was
+    ``{"detail": str}`` for a token's tenant or priority (403) and a missing fence (422),
+    ``{"detail": [...]}`` for a malformed body, and ``{"error", "detail"}`` for the rest."""
+    secret, _ = served_api.tokens.create(tenant="team-a", max_priority=5)
+    admin, client = served_api.client(), served_api.client(secret)
+    held = client.post("/v1/leases", json={"request": {"profile": "3g.40gb"}}).json()
+    refusals = {
+        "no token": served_api.client(None).get("/v1/status"),
+        "another tenant": client.post("/v1/leases", json={"request": {"profile": "1g.10gb", "tenant": "team-b"}}),
+        "over the ceiling": client.post("/v1/leases", json={"request": {"profile": "1g.10gb", "priority": 9}}),
+        "no capacity": admin.post("/v1/leases", json={"request": {"profile": "3g.40gb"}, "timeout_s": 0}),
+        "malformed body": admin.post("/v1/leases", json={"request": {"profile": "1g.10gb", "priority": 500}}),
+        "fence missing": client.delete(f"/v1/leases/{held['lease_id']}"),
+        "no such route": admin.get("/v1/nothing-here"),
+    }
+    for what, reply in refusals.items():
+        body = reply.json()
+        assert reply.status_code >= 400 and set(body) == {"error", "detail"}, (what, reply.status_code, body)
+        assert isinstance(body["error"], str) and body["detail"], (what, body)
+    assert refusals["another tenant"].json()["error"] == "Forbidden"
+    assert refusals["malformed body"].json()["error"] == "InvalidRequest"
+    assert refusals["malformed body"].json()["detail"][0]["loc"][-1] == "priority"  # field errors, as FastAPI lists them
+    assert refusals["fence missing"].json()["error"] == "InvalidRequest"
+    assert refusals["no capacity"].json()["error"] == "NoCapacity"
+    assert client.delete(f"/v1/leases/{held['lease_id']}", params={"fence": held["fence"]}).json() == {"released": True}
+
+
 def test_bad_request_fields_are_422_with_the_field_named(http):
     bad = http.post("/v1/leases", json={"request": {"profile": "1g.10gb", "priority": 500}}, headers=AUTH)
     assert bad.status_code == 422 and "priority" in bad.text
