@@ -479,3 +479,33 @@ def test_a_stale_agents_round_changes_nothing_on_the_node_another_agent_took(tak
     with pytest.raises(NodeNotClaimed):
         stale.begin_desired(0, gpu)  # its withdrawal of the slice the desired layout dooms
     assert alloc.withheld(gpu) == {} and alloc.slice_states(ids) == dict.fromkeys(ids, "free")
+
+
+def test_a_stale_agents_late_clear_leaves_the_desired_layout_the_new_agent_is_asked_to_apply(taken_over):
+    stale, serving = taken_over
+    alloc, gpu = serving.allocator, serving.backend.gpus()[0].uuid
+    alloc.set_desired(gpu, A30_FOUR, kind="incremental")
+    asked = alloc.desired(gpu)
+    refused = _refused(lambda: alloc.clear_desired(gpu, outcome="applied", applied=asked, node="node-a",
+                                                   agent=_claim_of(stale)))
+    assert alloc.desired(gpu) == asked, "A's late clear deleted the layout B is asked to apply"
+    assert isinstance(refused, NodeNotClaimed) and refused.holder == _claim_of(serving)
+    assert serving.tick() == "applied" and str(serving.backend.layout(0)) == A30_FOUR
+    assert alloc.desired(gpu) is None
+
+
+def test_a_layout_asked_for_while_the_agent_carves_another_is_applied_next_not_lost(slow_carver):
+    carver, other = slow_carver
+    newer = "4g.24gb@0"
+    with _slow_carve(carver) as (running, raised):
+        deadline = time.monotonic() + 120
+        while len(other.backend.instances(0)) == 2:  # its carve to A30_FOUR began
+            assert time.monotonic() < deadline, "the carve did not begin"
+            time.sleep(0.05)
+        carver.allocator.set_desired(carver.backend.gpus()[0].uuid, newer, kind="incremental")  # the planner changed its mind
+        while str(other.backend.layout(0)) != newer:
+            assert time.monotonic() < deadline, (
+                f"the layout asked for during the carve was never applied: {other.backend.layout(0)}, "
+                f"desired {carver.allocator.desired(carver.backend.gpus()[0].uuid)}")
+            time.sleep(0.2)
+        assert running.is_alive() and raised == []
