@@ -759,12 +759,27 @@ class NodeAgent:
                     pause = interval_s - (time.monotonic() - started)
                 except NodeTaken:
                     raise
+                except NodeNotClaimed as refused:
+                    self._claim_again_after(refused)
+                    pause = 0.0
                 except Exception as exc:  # noqa: BLE001 - the agent outlives whatever one round hits
                     failures += 1
                     pause = min(interval_s * 2 ** (failures - 1), max_backoff_s, max(interval_s, self.heartbeat_ttl_s / 3))
                     log.warning("agent tick failed (%d in a row), retrying in %.1f s: %s", failures, pause, exc,
                                 exc_info=failures == 1)
                 stop.wait(max(0.0, pause))
+
+    def _claim_again_after(self, refused: NodeNotClaimed) -> None:
+        """Redis refused a write of this round: the claim had lapsed when it landed. Claim the node
+        again; if another agent holds it now, say so in one line and stop (`NodeTaken`)."""
+        try:
+            self.claim()
+        except NodeTaken as taken:
+            log.error("node %s: another agent holds it now (pid %s on host %s), so Redis refused this agent's write "
+                      "(%s); this agent stops serving it", self.node, taken.pid, taken.host, refused.action)
+            raise taken from None
+        log.warning("node %s: this agent's claim had lapsed when its write reached Redis (%s); it claimed the node "
+                    "again", self.node, refused.action)
 
 
 class CarvesUnderWay:
