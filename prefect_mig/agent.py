@@ -642,8 +642,25 @@ class NodeAgent:
     def fence_containers(self) -> list[str]:
         """Stop and remove this node's task containers (of this cluster only) whose lease no longer
         exists or has another fencing token; returns their ids. Containers of live leases are left
-        alone; each removal is logged with the lease id, fence and reason."""
-        return [c.id for c in self.own_containers() if self.fence(c)]
+        alone; each removal is logged with the lease id, fence and reason. One the engine refuses to
+        remove (an error reply, such as a root filesystem it cannot delete) is logged and left, its
+        slice quarantined, and the others are fenced all the same; an engine that does not answer
+        ends the pass."""
+        import docker.errors
+
+        from prefect_mig.launchers.docker import LABEL_PREFIX
+
+        fenced = []
+        for container in self.own_containers():
+            try:
+                if self.fence(container):
+                    fenced.append(container.id)
+            except docker.errors.APIError as exc:
+                log.warning("could not remove task container %s of lease %s on %s (%s); tried again next round, "
+                            "its slice is not settled meanwhile", container.short_id,
+                            container.labels.get(f"{LABEL_PREFIX}lease-id", "?"),
+                            container.labels.get(f"{LABEL_PREFIX}mig-uuid", "?"), exc)
+        return fenced
 
     def settle_quarantine(self, pending: dict[str, tuple[str, str]]) -> list[str]:
         """Tell the allocator which of `pending` (`Allocator.awaiting_fence`, read before this
