@@ -55,6 +55,16 @@ def _run_in_thread(agent: NodeAgent, stop: threading.Event) -> tuple[threading.T
     return thread, raised
 
 
+def _serving_in_thread(agent: NodeAgent, stop: threading.Event) -> tuple[threading.Thread, list]:
+    """`_run_in_thread`, once the agent has published its node."""
+    running, raised = _run_in_thread(agent, stop)
+    alloc, deadline = agent.allocator, time.monotonic() + 30
+    while not alloc.redis.hexists(alloc.keys.nodes, agent.node):
+        assert time.monotonic() < deadline, "the agent never published its node"
+        time.sleep(0.1)
+    return running, raised
+
+
 def _take_once_lapsed(agent: NodeAgent, timeout_s: float = 60) -> None:
     """Claim the node for `agent` as soon as the claim of the agent holding it has lapsed."""
     deadline = time.monotonic() + timeout_s
@@ -295,11 +305,7 @@ def test_an_agent_stopped_gives_its_claim_back_and_one_that_failed_keeps_it_unti
     first, elsewhere = two_agents
     elsewhere.identity["host"] = "another-gpu-host"
     stop = threading.Event()
-    running, raised = _run_in_thread(first, stop)
-    deadline = time.monotonic() + 30
-    while first.allocator.heartbeat("node-a", ttl_s=2) == "unknown":  # it serves the node
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+    running, raised = _serving_in_thread(first, stop)
     with pytest.raises(NodeTaken):
         elsewhere.claim()
     stop.set()
@@ -561,3 +567,38 @@ def test_an_agent_whose_write_another_agents_claim_refused_mid_round_says_so_in_
         lines = [r.getMessage() for r in said]
         assert any(line.startswith("node node-a: another agent holds it now (pid ") and "another-gpu-host" in line
                    and "publish" in line for line in lines), lines
+
+
+BUSY_LUA = """
+local t = redis.call('TIME')
+local till = tonumber(t[1]) * 1000000 + tonumber(t[2]) + tonumber(ARGV[1]) * 1000000
+while true do
+  local n = redis.call('TIME')
+  if tonumber(n[1]) * 1000000 + tonumber(n[2]) >= till then return 1 end
+end
+"""
+
+
+def test_an_agent_stopped_while_redis_is_busy_still_gives_its_claim_back(fresh_redis_server, namespace, tmp_path):
+    """Redis runs a long script (2.5 s) just as the agent stops: past its busy threshold it answers
+    every command BUSY, which the Redis client does not retry. The claim is given back once Redis
+    answers again, so an agent on another host starts at once instead of waiting out the 60 s TTL."""
+    server = fresh_redis_server
+    server.client().config_set("busy-reply-threshold", 200)  # ms: BUSY replies begin sooner than the default 5 s
+    with GpuBackend(SimulatedNvml("node-a=1xA30-24GB", state_dir=tmp_path)) as first, \
+            GpuBackend(SimulatedNvml("node-a=1xA30-24GB", state_dir=tmp_path)) as second:
+        first.apply_layout(0, Layout.parse("A30-24GB", A30_TWO))
+        impatient = server.client(socket_timeout=0.5, socket_connect_timeout=0.5)
+        stopping = NodeAgent(first, Allocator(impatient, namespace), node="node-a", heartbeat_ttl_s=60)
+        elsewhere = NodeAgent(second, Allocator(server.client(), namespace), node="node-a", heartbeat_ttl_s=60)
+        elsewhere.identity["host"] = "another-gpu-host"
+        stop = threading.Event()
+        running, raised = _serving_in_thread(stopping, stop)
+        busy = threading.Thread(target=lambda: server.client().eval(BUSY_LUA, 0, 2.5), daemon=True)
+        busy.start()
+        time.sleep(0.3)
+        stop.set()  # stopped while Redis answers BUSY
+        running.join(30)
+        busy.join(30)
+        assert not running.is_alive() and raised == []
+        elsewhere.claim()  # given back: no wait for the stopped agent's 60 s claim to lapse
