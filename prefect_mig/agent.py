@@ -33,10 +33,11 @@ One agent serves a node: it claims the node and its GPUs in Redis (`claim`, `ser
 carve takes; before each change it makes on the node (each carve step, a release, a publish) it
 checks the claim, and one another agent took stops it with `NodeTaken`. Its writes for the node
 are also fenced in Redis by the claim (`NodeNotClaimed`): the publish, heartbeat (and taking the
-node out of service), withdrawing and restoring slices for a re-carve, and settling fenced slices,
-since one delayed past the claim's TTL (a network partition, a paused process) would otherwise
-land after the agent that took the node over changed it: bring back slices it destroyed, or put
-back into service slices it withdrew to destroy.
+node out of service), withdrawing and restoring slices for a re-carve, settling fenced slices,
+and clearing a desired layout it is done with (only the one it read: a newer one stays), since one
+delayed past the claim's TTL (a network partition, a paused process) would otherwise land after
+the agent that took the node over changed it: bring back slices it destroyed, put back into service
+slices it withdrew to destroy, or delete the layout it is asked to apply.
 
 A slice whose holder's lease expired (the holder died or hung: it neither renewed nor released)
 may still have that holder's task container running on it, so an agent with a Docker engine
@@ -464,7 +465,7 @@ class NodeAgent:
         doomed_ids = [m.mig_uuid for m in doomed if m.mig_uuid]
         self._restore_stale(gpu_uuid, keep=doomed_ids)
         if {m.placement for m in current} == set(target.instances) and all(m.mig_uuid for m in current):
-            self._clear_desired(gpu_uuid, outcome="applied", detail="already in place")
+            self._clear_desired(gpu_uuid, desired, outcome="applied", detail="already in place")
             return "applied"
         if desired["kind"] == "drain":
             leased = self.allocator.withdraw_when_idle(doomed_ids, **self._as_claimed())
@@ -476,12 +477,12 @@ class NodeAgent:
                     return "draining"
                 self._draining_since.pop(gpu_uuid, None)
                 self.allocator.restore(doomed_ids, **self._as_claimed())
-                self._clear_desired(gpu_uuid, outcome="skipped", detail=f"{leased} lease(s) outlived the drain")
+                self._clear_desired(gpu_uuid, desired, outcome="skipped", detail=f"{leased} lease(s) outlived the drain")
                 return "skipped"
         else:
             busy = self.allocator.withdraw(doomed_ids, **self._as_claimed())
             if busy is not None:
-                self._clear_desired(gpu_uuid, outcome="skipped", detail=f"slice {busy} is in use")
+                self._clear_desired(gpu_uuid, desired, outcome="skipped", detail=f"slice {busy} is in use")
                 return "skipped"
         return "ready"
 
@@ -521,7 +522,8 @@ class NodeAgent:
         in_use = set(doomed_ids) & self._labelled_busy()
         if in_use:  # a task container (of any cluster id) runs on one, whatever NVML shows
             self.allocator.restore(doomed_ids, **self._as_claimed())
-            self._clear_desired(gpu_uuid, outcome="skipped", detail=f"a task container runs on {', '.join(sorted(in_use))}")
+            self._clear_desired(gpu_uuid, desired, outcome="skipped",
+                                detail=f"a task container runs on {', '.join(sorted(in_use))}")
             return "skipped"
         self._draining_since.pop(gpu_uuid, None)
         try:
@@ -535,11 +537,12 @@ class NodeAgent:
             self.allocator.restore(doomed_ids, **self._as_claimed())  # what still exists goes back into service
         finally:
             self.publish()  # what NVML shows now: new slices go to waiters, destroyed ones leave
-        self._clear_desired(gpu_uuid, outcome=outcome, detail=detail)
+        self._clear_desired(gpu_uuid, desired, outcome=outcome, detail=detail)
         return outcome
 
-    def _clear_desired(self, gpu_uuid: str, *, outcome: str, detail: str = "") -> None:
-        self.allocator.clear_desired(gpu_uuid, outcome=outcome, detail=detail)
+    def _clear_desired(self, gpu_uuid: str, desired: dict, *, outcome: str, detail: str = "") -> None:
+        """Done with `desired` (as this agent read it): it goes unless a newer one replaced it meanwhile."""
+        self.allocator.clear_desired(gpu_uuid, outcome=outcome, detail=detail, applied=desired, **self._as_claimed())
         self._tell(f"layout.{outcome}", {"gpu": gpu_uuid, "node": self.node, "detail": detail})
 
     def reap(self) -> None:
@@ -639,8 +642,25 @@ class NodeAgent:
     def fence_containers(self) -> list[str]:
         """Stop and remove this node's task containers (of this cluster only) whose lease no longer
         exists or has another fencing token; returns their ids. Containers of live leases are left
-        alone; each removal is logged with the lease id, fence and reason."""
-        return [c.id for c in self.own_containers() if self.fence(c)]
+        alone; each removal is logged with the lease id, fence and reason. One the engine refuses to
+        remove (an error reply, such as a root filesystem it cannot delete) is logged and left, its
+        slice quarantined, and the others are fenced all the same; an engine that does not answer
+        ends the pass."""
+        import docker.errors
+
+        from prefect_mig.launchers.docker import LABEL_PREFIX
+
+        fenced = []
+        for container in self.own_containers():
+            try:
+                if self.fence(container):
+                    fenced.append(container.id)
+            except docker.errors.APIError as exc:
+                log.warning("could not remove task container %s of lease %s on %s (%s); tried again next round, "
+                            "its slice is not settled meanwhile", container.short_id,
+                            container.labels.get(f"{LABEL_PREFIX}lease-id", "?"),
+                            container.labels.get(f"{LABEL_PREFIX}mig-uuid", "?"), exc)
+        return fenced
 
     def settle_quarantine(self, pending: dict[str, tuple[str, str]]) -> list[str]:
         """Tell the allocator which of `pending` (`Allocator.awaiting_fence`, read before this
@@ -756,12 +776,27 @@ class NodeAgent:
                     pause = interval_s - (time.monotonic() - started)
                 except NodeTaken:
                     raise
+                except NodeNotClaimed as refused:
+                    self._claim_again_after(refused)
+                    pause = 0.0
                 except Exception as exc:  # noqa: BLE001 - the agent outlives whatever one round hits
                     failures += 1
                     pause = min(interval_s * 2 ** (failures - 1), max_backoff_s, max(interval_s, self.heartbeat_ttl_s / 3))
                     log.warning("agent tick failed (%d in a row), retrying in %.1f s: %s", failures, pause, exc,
                                 exc_info=failures == 1)
                 stop.wait(max(0.0, pause))
+
+    def _claim_again_after(self, refused: NodeNotClaimed) -> None:
+        """Redis refused a write of this round: the claim had lapsed when it landed. Claim the node
+        again; if another agent holds it now, say so in one line and stop (`NodeTaken`)."""
+        try:
+            self.claim()
+        except NodeTaken as taken:
+            log.error("node %s: another agent holds it now (pid %s on host %s), so Redis refused this agent's write "
+                      "(%s); this agent stops serving it", self.node, taken.pid, taken.host, refused.action)
+            raise taken from None
+        log.warning("node %s: this agent's claim had lapsed when its write reached Redis (%s); it claimed the node "
+                    "again", self.node, refused.action)
 
 
 class CarvesUnderWay:

@@ -410,11 +410,11 @@ class NodeTaken(PrefectMigError):
 
 class NodeNotClaimed(PrefectMigError):
     """A node agent's write for its node (a publish, a heartbeat, a withdrawal or restore of slices,
-    a settle of fenced slices) reached Redis when the node's claim was no longer its own (its claim
-    lapsed while the write was delayed, and maybe another agent serves the node now), so it was
-    refused: a publish read before another agent re-carved the GPU would bring back slices that no
-    longer exist, a restore would put back into service slices that agent withdrew to destroy. The
-    agent's next round claims the node again.
+    a settle of fenced slices, the clear of a desired layout it is done with) reached Redis when the
+    node's claim was no longer its own (its claim lapsed while the write was delayed, and maybe
+    another agent serves the node now), so it was refused: a publish read before another agent
+    re-carved the GPU would bring back slices that no longer exist, a restore would put back into
+    service slices that agent withdrew to destroy. The agent's next round claims the node again.
 
     Attributes:
         node: the agent's node name.

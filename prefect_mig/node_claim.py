@@ -25,6 +25,9 @@ from uuid import uuid4
 
 log = logging.getLogger("prefect_mig.agent")
 
+#: how long a clean exit keeps trying to give the claim back while Redis does not answer
+GIVE_BACK_S = 5.0
+
 
 class NodeClaim:
     """One agent's claim on `node` and the GPUs `gpus()` lists, for `ttl_s` at a time.
@@ -167,11 +170,27 @@ class NodeClaim:
                 self._release_quietly()
 
     def _release_quietly(self) -> None:
-        try:
-            if self.release():
-                log.info("node %s: claim given back", self.node)
-        except Exception as exc:  # noqa: BLE001 - Redis down at exit: the claim lapses after its TTL
-            log.warning("node %s: could not give the claim back (%s); it lapses after %g s", self.node, exc, self.ttl_s)
+        """`release`, tried again while Redis fails it (BUSY running a long script, READONLY or
+        unreachable past the client's own retries of a timeout), for at most `GIVE_BACK_S` and never
+        past the moment the claim lapses by itself. Each try is a compare-and-delete, so one that
+        lands late, or after another agent took the node, frees nothing that is not this agent's."""
+        with self._lock:
+            confirmed = self._confirmed_at
+        lapses = (confirmed + self.ttl_s) if confirmed is not None else time.monotonic()
+        give_up = min(time.monotonic() + GIVE_BACK_S, lapses)
+        pause = 0.1
+        while True:
+            try:
+                if self.release():
+                    log.info("node %s: claim given back", self.node)
+                return
+            except Exception as exc:  # noqa: BLE001 - Redis down at exit: the claim lapses after its TTL
+                if time.monotonic() + pause >= give_up:
+                    log.warning("node %s: could not give the claim back (%s); it lapses after %g s", self.node, exc,
+                                self.ttl_s)
+                    return
+            time.sleep(pause)
+            pause = min(pause * 2, 1.0)
 
     def _renew_until(self, done: threading.Event) -> None:
         from prefect_mig.errors import NodeTaken

@@ -420,6 +420,16 @@ def test_the_lua_reads_the_keys_in_the_order_the_scripts_pass_them():
     assert [read[i] for i in sorted(read)] == [*FIXED_KEYS, "node_claim"] and sorted(read) == list(range(1, len(read) + 1))
 
 
+def test_no_script_builds_the_key_of_a_nodes_claim_it_could_be_passed():
+    """Redis Cluster routes a script by the keys it is passed: a key the caller knows goes in KEYS
+    (the node's claim, after the fixed ones), only the entities a script picks itself are built in Lua."""
+    from pathlib import Path
+
+    lua = Path(__file__).parents[1] / "prefect_mig" / "allocator" / "lua"
+    building = sorted(f.name for f in lua.glob("*.lua") if "'agent:'" in f.read_text())
+    assert building == [], f"{building} build the node's claim key in Lua"
+
+
 def test_a_write_fenced_by_an_agents_claim_names_the_node_it_is_for_or_is_refused_changing_nothing(one_h100):
     ids = sorted(s["id"] for s in one_h100.status()["slices"])
     with pytest.raises(ConfigError) as refused:

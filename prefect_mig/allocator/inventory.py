@@ -210,7 +210,7 @@ class Inventory:
                 or a slice of it waits for an expired holder's task container to be fenced; nothing
                 is removed.
         """
-        reply = self._run("forget_node", node, action=f"forget node {node}")
+        reply = self._run("forget_node", node, action=f"forget node {node}", keys=(self.keys.agent(node),))
         if reply[0] == "forgotten":
             with redis_errors(f"forget node {node}'s last heartbeat"):
                 self.redis.hdel(self.keys.heartbeats, node)

@@ -134,10 +134,16 @@ class LayoutChanges:
             raw = self.redis.hget(self.keys.desired, gpu_uuid)
         return json.loads(decode(raw)) if raw else None
 
-    def clear_desired(self, gpu_uuid: str, *, outcome: str, detail: str = "") -> None:
-        """The agent is done with the GPU's desired layout: ``applied`` or ``skipped`` (why)."""
-        with redis_errors("clear a desired layout"):
-            pipe = self.redis.pipeline(transaction=True)
-            pipe.hdel(self.keys.desired, gpu_uuid)
-            self._event(pipe, f"layout.{outcome}", gpu=gpu_uuid, detail=detail)
-            pipe.execute()
+    def clear_desired(
+        self, gpu_uuid: str, *, outcome: str, detail: str = "", applied: dict | None = None,
+        node: str | None = None, agent: str | None = None,
+    ) -> bool:
+        """The agent is done with the GPU's desired layout: ``applied`` or ``skipped`` (why). With
+        `applied` (the record as `desired` returned it) it goes only if it is still that one: a
+        newer one written meanwhile stays, for the agent's next round. `node`, `agent`: as for
+        `withdraw` (a stale agent's late clear would delete the layout the agent serving the node
+        now is asked to apply). True if it went."""
+        record = json.dumps(applied) if applied is not None else ""
+        reply = self._run_for_node("clear_desired", node, agent, gpu_uuid, outcome, detail, record,
+                                   action=f"clear the desired layout of GPU {gpu_uuid}")
+        return reply[0] == "cleared"

@@ -40,6 +40,7 @@ NAMES = (
     "drain_node",
     "settle",
     "forget_node",
+    "clear_desired",
 )
 
 #: KEYS order every script expects (see _lib.lua).

@@ -55,6 +55,47 @@ def _run_in_thread(agent: NodeAgent, stop: threading.Event) -> tuple[threading.T
     return thread, raised
 
 
+def _serving_in_thread(agent: NodeAgent, stop: threading.Event) -> tuple[threading.Thread, list]:
+    """`_run_in_thread`, once the agent has published its node."""
+    running, raised = _run_in_thread(agent, stop)
+    alloc, deadline = agent.allocator, time.monotonic() + 30
+    while not alloc.redis.hexists(alloc.keys.nodes, agent.node):
+        assert time.monotonic() < deadline, "the agent never published its node"
+        time.sleep(0.1)
+    return running, raised
+
+
+def _take_once_lapsed(agent: NodeAgent, timeout_s: float = 60) -> None:
+    """Claim the node for `agent` as soon as the claim of the agent holding it has lapsed."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            agent.claim()
+            return
+        except NodeTaken:
+            assert time.monotonic() < deadline, "the other agent's claim never lapsed"
+            time.sleep(0.2)
+
+
+@contextmanager
+def _partition_on(redis_server, pattern: str, hold_s: float) -> Iterator[int]:
+    """A port to reach `redis_server` through a network that partitions for `hold_s` at the first chunk
+    holding `pattern`, then delivers what was sent meanwhile (network_delay.py)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    network = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(__file__), "network_delay.py"), str(port),
+                                str(redis_server.port), pattern, str(hold_s)], stdout=subprocess.PIPE)
+    try:
+        assert network.stdout.readline().strip() == b"ready"
+        yield port
+    finally:
+        network.kill()
+        network.wait()
+
+
 def test_a_second_agent_for_a_node_whose_agent_runs_stops_at_once_saying_which_agent_holds_it(two_agents):
     first, second = two_agents
     stop = threading.Event()
@@ -264,11 +305,7 @@ def test_an_agent_stopped_gives_its_claim_back_and_one_that_failed_keeps_it_unti
     first, elsewhere = two_agents
     elsewhere.identity["host"] = "another-gpu-host"
     stop = threading.Event()
-    running, raised = _run_in_thread(first, stop)
-    deadline = time.monotonic() + 30
-    while first.allocator.heartbeat("node-a", ttl_s=2) == "unknown":  # it serves the node
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+    running, raised = _serving_in_thread(first, stop)
     with pytest.raises(NodeTaken):
         elsewhere.claim()
     stop.set()
@@ -313,15 +350,8 @@ def test_a_publish_delayed_past_its_agents_claim_never_undoes_the_carve_of_the_a
     heals and A's publish lands. It must not bring back the slices B destroyed (granted, they would
     not exist) nor take B's new slice out of service."""
     import redis
-    import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    network = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(__file__), "network_delay.py"), str(port),
-                                str(redis_server.port), '"mig_uuid"', "6"], stdout=subprocess.PIPE)
-    try:
-        assert network.stdout.readline().strip() == b"ready"
+    with _partition_on(redis_server, '"mig_uuid"', 6) as port:
         a_redis = redis.Redis(host="127.0.0.1", port=port, **redis_server.client_options)
         with GpuBackend(SimulatedNvml("node-a=1xA30-24GB", state_dir=tmp_path)) as first, \
                 GpuBackend(SimulatedNvml("node-a=1xA30-24GB", state_dir=tmp_path)) as second:
@@ -343,14 +373,7 @@ def test_a_publish_delayed_past_its_agents_claim_never_undoes_the_carve_of_the_a
 
             publisher = threading.Thread(target=a_publishes, daemon=True)
             publisher.start()
-            deadline = time.monotonic() + 60
-            while True:  # A's claim lapses: nothing it sends gets through
-                try:
-                    b.claim()
-                    break
-                except NodeTaken:
-                    assert time.monotonic() < deadline, "A's claim never lapsed"
-                    time.sleep(0.2)
+            _take_once_lapsed(b)  # A's claim lapses: nothing it sends gets through
             with b.serving():
                 alloc.set_desired(second.gpus()[0].uuid, "4g.24gb@0", kind="incremental")
                 assert b.tick() == "applied"
@@ -362,9 +385,6 @@ def test_a_publish_delayed_past_its_agents_claim_never_undoes_the_carve_of_the_a
                 lease = alloc.try_acquire(SliceRequest(profile="4g.24gb", ttl_s=30))
                 assert lease.slice.mig_uuid in carved
                 alloc.release(lease.lease_id, lease.fence)
-    finally:
-        network.kill()
-        network.wait()
 
 
 # A stale agent's late writes. An agent paused (SIGSTOP, a long GC pause) or cut off by a partition past its claim's
@@ -479,3 +499,106 @@ def test_a_stale_agents_round_changes_nothing_on_the_node_another_agent_took(tak
     with pytest.raises(NodeNotClaimed):
         stale.begin_desired(0, gpu)  # its withdrawal of the slice the desired layout dooms
     assert alloc.withheld(gpu) == {} and alloc.slice_states(ids) == dict.fromkeys(ids, "free")
+
+
+def test_a_stale_agents_late_clear_leaves_the_desired_layout_the_new_agent_is_asked_to_apply(taken_over):
+    stale, serving = taken_over
+    alloc, gpu = serving.allocator, serving.backend.gpus()[0].uuid
+    alloc.set_desired(gpu, A30_FOUR, kind="incremental")
+    asked = alloc.desired(gpu)
+    refused = _refused(lambda: alloc.clear_desired(gpu, outcome="applied", applied=asked, node="node-a",
+                                                   agent=_claim_of(stale)))
+    assert alloc.desired(gpu) == asked, "A's late clear deleted the layout B is asked to apply"
+    assert isinstance(refused, NodeNotClaimed) and refused.holder == _claim_of(serving)
+    assert serving.tick() == "applied" and str(serving.backend.layout(0)) == A30_FOUR
+    assert alloc.desired(gpu) is None
+
+
+def test_a_layout_asked_for_while_the_agent_carves_another_is_applied_next_not_lost(slow_carver):
+    carver, other = slow_carver
+    newer = "4g.24gb@0"
+    with _slow_carve(carver) as (running, raised):
+        deadline = time.monotonic() + 120
+        while len(other.backend.instances(0)) == 2:  # its carve to A30_FOUR began
+            assert time.monotonic() < deadline, "the carve did not begin"
+            time.sleep(0.05)
+        carver.allocator.set_desired(carver.backend.gpus()[0].uuid, newer, kind="incremental")  # the planner changed its mind
+        while str(other.backend.layout(0)) != newer:
+            assert time.monotonic() < deadline, (
+                f"the layout asked for during the carve was never applied: {other.backend.layout(0)}, "
+                f"desired {carver.allocator.desired(carver.backend.gpus()[0].uuid)}")
+            time.sleep(0.2)
+        assert running.is_alive() and raised == []
+
+
+def test_an_agent_whose_write_another_agents_claim_refused_mid_round_says_so_in_one_line_and_stops(
+    redis_server, namespace, tmp_path, caplog
+):
+    """A's first round publishes just as its network partitions; its claim lapses, B takes the node,
+    the network heals and Redis refuses A's publish. A says once, without a traceback, that another
+    agent holds node-a, and its loop ends with NodeTaken."""
+    import logging
+
+    import redis
+
+    with _partition_on(redis_server, '"mig_uuid"', 6) as port, \
+            GpuBackend(SimulatedNvml("node-a=1xA30-24GB", state_dir=tmp_path)) as first, \
+            GpuBackend(SimulatedNvml("node-a=1xA30-24GB", state_dir=tmp_path)) as second:
+        first.apply_layout(0, Layout.parse("A30-24GB", A30_TWO))
+        a_redis = redis.Redis(host="127.0.0.1", port=port, socket_timeout=30, **redis_server.client_options)  # outlasts the partition
+        a = NodeAgent(first, Allocator(a_redis, namespace), node="node-a", heartbeat_ttl_s=3)
+        b = NodeAgent(second, Allocator(redis_server.client(), namespace), node="node-a", heartbeat_ttl_s=120)
+        b.identity["host"] = "another-gpu-host"
+        stop = threading.Event()
+        with caplog.at_level(logging.INFO, logger="prefect_mig.agent"):
+            running, raised = _run_in_thread(a, stop)
+            deadline = time.monotonic() + 60
+            while not b.allocator.redis.exists(b.allocator.keys.agent("node-a")):  # A serves the node
+                assert time.monotonic() < deadline, "A never claimed the node"
+                time.sleep(0.05)
+            _take_once_lapsed(b)  # A's claim lapses while its publish is held up
+            running.join(60)
+        stop.set()
+        assert not running.is_alive(), "A kept serving a node B holds"
+        (error,) = raised
+        assert isinstance(error, NodeTaken) and error.host == "another-gpu-host"
+        said = [r for r in caplog.records if r.name == "prefect_mig.agent"]
+        assert [r.getMessage() for r in said if r.exc_info] == [], "a traceback for a refusal the agent expects"
+        lines = [r.getMessage() for r in said]
+        assert any(line.startswith("node node-a: another agent holds it now (pid ") and "another-gpu-host" in line
+                   and "publish" in line for line in lines), lines
+
+
+BUSY_LUA = """
+local t = redis.call('TIME')
+local till = tonumber(t[1]) * 1000000 + tonumber(t[2]) + tonumber(ARGV[1]) * 1000000
+while true do
+  local n = redis.call('TIME')
+  if tonumber(n[1]) * 1000000 + tonumber(n[2]) >= till then return 1 end
+end
+"""
+
+
+def test_an_agent_stopped_while_redis_is_busy_still_gives_its_claim_back(fresh_redis_server, namespace, tmp_path):
+    """Redis runs a long script (2.5 s) just as the agent stops: past its busy threshold it answers
+    every command BUSY, which the Redis client does not retry. The claim is given back once Redis
+    answers again, so an agent on another host starts at once instead of waiting out the 60 s TTL."""
+    server = fresh_redis_server
+    server.client().config_set("busy-reply-threshold", 200)  # ms: BUSY replies begin sooner than the default 5 s
+    with GpuBackend(SimulatedNvml("node-a=1xA30-24GB", state_dir=tmp_path)) as first, \
+            GpuBackend(SimulatedNvml("node-a=1xA30-24GB", state_dir=tmp_path)) as second:
+        first.apply_layout(0, Layout.parse("A30-24GB", A30_TWO))
+        impatient = server.client(socket_timeout=0.5, socket_connect_timeout=0.5)
+        stopping = NodeAgent(first, Allocator(impatient, namespace), node="node-a", heartbeat_ttl_s=60)
+        elsewhere = NodeAgent(second, Allocator(server.client(), namespace), node="node-a", heartbeat_ttl_s=60)
+        elsewhere.identity["host"] = "another-gpu-host"
+        stop = threading.Event()
+        running, raised = _serving_in_thread(stopping, stop)
+        busy = threading.Thread(target=lambda: server.client().eval(BUSY_LUA, 0, 2.5), daemon=True)
+        busy.start()
+        time.sleep(0.3)
+        stop.set()  # stopped while Redis answers BUSY
+        running.join(30)
+        busy.join(30)
+        assert not running.is_alive() and raised == []
+        elsewhere.claim()  # given back: no wait for the stopped agent's 60 s claim to lapse

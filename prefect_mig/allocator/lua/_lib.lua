@@ -1,6 +1,7 @@
 -- Shared by every allocator script (scripts.py prepends it).
 -- KEYS: the fixed keys, in the order of prefect_mig.allocator.scripts.FIXED_KEYS; then, in the
---       scripts a node agent runs for its node, the node's claim (Keys.agent(node), see claim_refusal)
+--       scripts a node agent runs for its node (see claim_refusal) and forget_node, the node's claim
+--       (Keys.agent(node))
 -- ARGV[1] - key prefix "pmig:{ns}:"; per-entity keys are built from it with the suffixes in keys.py
 -- ARGV[2] - now in ms from an injected clock, or '' to use Redis TIME
 -- ARGV[3] - approximate max length of the events stream
@@ -14,7 +15,7 @@ local K = {
   counters = KEYS[23],
   drained_nodes = KEYS[24], awaiting_fence = KEYS[25], announce = KEYS[26], run_id = KEYS[27],
   desired = KEYS[28],
-  node_claim = KEYS[29],  -- only the scripts an agent runs for its node get it (nil in the others)
+  node_claim = KEYS[29],  -- only the scripts an agent runs for its node and forget_node get it (nil in the others)
 }
 local P = ARGV[1]
 local NOW
@@ -38,7 +39,6 @@ local function tenant_waiting_key(tenant) return P .. 'tenant_waiting:' .. tenan
 local function preemptible_key(pkey) return P .. 'preemptible:' .. pkey end
 local function notice_key(id) return P .. 'notice:' .. id end
 local function warm_key(pkey) return P .. 'warm:' .. pkey end
-local function agent_key(node) return P .. 'agent:' .. node end
 local function gpu_agent_key(uuid) return P .. 'gpu_agent:' .. uuid end
 
 -- Every transition is appended to the events stream and counted in K.counters ('event:<type>'),

@@ -4,6 +4,8 @@
 -- nothing, and only while nothing holds it: no agent claims it or one of its GPUs, no lease is
 -- held on its slices, and no slice waits for an expired holder's task container to be fenced.
 -- (A renamed node's GPUs and slices are its new name's already: see publish.lua.)
+-- KEYS[29] (K.node_claim) - the node's claim (Keys.agent(node)); its GPUs' claims are built here: the
+--        script finds which GPUs are published under the node
 -- A[1] - node name
 -- returns {'forgotten', slices removed, GPUs removed} | {'unknown'}
 --       | {'claimed', 'node <name>' or 'GPU <uuid>', the claiming agent's identity}
@@ -17,7 +19,7 @@ for i = 1, #flat, 2 do
 end
 if redis.call('HEXISTS', K.nodes, node) == 0 and #ids == 0 and #gpus == 0 then return {'unknown'} end
 
-local claim = redis.call('GET', agent_key(node))
+local claim = redis.call('GET', K.node_claim)
 if claim then return {'claimed', 'node ' .. node, claim} end
 for _, uuid in ipairs(gpus) do
   claim = redis.call('GET', gpu_agent_key(uuid))
