@@ -447,9 +447,22 @@ def create_app(
         finally:
             gone.cancel()
             stirred.pop(request_id, None)
+        left = gone.done() and not gone.cancelled()
+        waited = "" if left else await off_thread(why_waited, request_id)  # read while it is still queued
         await withdraw(request_id)
-        why = "the client disconnected" if gone.done() and not gone.cancelled() else f"no slice within {timeout_s:g} s"
-        raise WaitTimeout(f"{why}; the request was withdrawn from the queue.", lease_id=request_id)
+        why = "the client disconnected" if left else f"no slice within {timeout_s:g} s"
+        raise WaitTimeout(f"{why}; the request was withdrawn from the queue.{waited}", lease_id=request_id)
+
+    def why_waited(request_id: str) -> str:
+        """`` It waited because: ...`` as the CLI says it, less the queue position (its length
+        counts other tenants' requests, which a client token does not see)."""
+        from prefect_mig.allocator.health import wait_reasons
+
+        try:
+            reasons = [r for r in wait_reasons(allocator, request_id) if not r.startswith("position ")]
+        except PrefectMigError:
+            return ""
+        return f" It waited because: {'; '.join(reasons) or 'every matching slice is leased'}."
 
     async def acquire_body(request: Request) -> AcquireBody:
         """The acquire body; a `gpu_model` this process does not know yet may be one a node agent

@@ -193,8 +193,7 @@ class LocalCluster:
         """
         deadline = time.monotonic() + timeout_s
         while True:
-            agents = health.agents(allocator)
-            if all(n in agents and not agents[n]["stale"] for n in nodes) and (
+            if health.serving(allocator, nodes) and (
                 not self.runs_repartitioner() or allocator.repartitioner_running()
             ):
                 return

@@ -250,9 +250,15 @@ def _read_settings(overrides: dict) -> Settings:
         first = exc.errors()[0]
         name = str(first["loc"][0]) if first["loc"] else "?"
         reason = first["msg"].removeprefix("Value error, ").rstrip(".")
-        about = Settings.model_fields[name].description if name in Settings.model_fields else ""
+        field = Settings.model_fields.get(name)
+        about = field.description if field is not None else ""
+        value = first.get("input")
+        if field is not None and "SecretStr" in str(field.annotation):  # never echo a secret
+            if first["type"] == "too_short" and isinstance(value, str):
+                reason = f"a token of at least {first['ctx']['min_length']} characters is required, not {len(value)}"
+            value = "**********"
         raise ConfigError(
-            f"PREFECT_MIG_{name.upper()}={first.get('input')!r}: {reason}. ({about})",
+            f"PREFECT_MIG_{name.upper()}={value!r}: {reason}. ({about})",
             field=name,
-            value=first.get("input"),
+            value=value,
         ) from exc

@@ -196,6 +196,18 @@ def test_without_waiting_a_busy_profile_raises_no_capacity(one_h100):
     assert refused.value.reason == "busy" and "3g.40gb" in str(refused.value)
 
 
+def test_without_waiting_a_kind_no_gpu_is_carved_into_says_so_not_that_its_slices_are_leased(one_h100):
+    """A new-user trial: `POST /v1/leases` for 7g.80gb with timeout_s 0, on a cluster whose
+    repartitioner could carve one, answered "every matching slice is leased" with none carved."""
+    one_h100.queue_uncarved = True  # a repartitioner runs
+    with pytest.raises(NoCapacity) as refused:
+        one_h100.acquire(one("7g.80gb"), timeout_s=0)
+    said = str(refused.value)
+    assert refused.value.reason == "uncarved" and "no GPU is carved for 7g.80gb" in said, said
+    assert "leased" not in said, said
+    assert one_h100.status()["queue"] == []
+
+
 def test_a_profile_no_gpu_offers_is_unsatisfiable_with_what_exists(one_h100):
     with pytest.raises(Unsatisfiable) as refused:
         one_h100.acquire(one("7g.80gb"), timeout_s=None)

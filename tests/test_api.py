@@ -119,6 +119,17 @@ def test_every_refusal_has_one_body_shape_an_error_kind_and_a_detail(served_api)
     assert client.delete(f"/v1/leases/{held['lease_id']}", params={"fence": held["fence"]}).json() == {"released": True}
 
 
+def test_a_wait_that_times_out_says_why_it_waited_as_the_cli_does(http, alloc):
+    # a new-user trial: the CLI's timeout says "It waited because: ...", the API's 408 did not
+    alloc.drain_node("node-a")
+    late = http.post("/v1/leases", json={"request": {"profile": "3g.40gb"}, "timeout_s": 0.3}, headers=AUTH)
+    said = late.json()["detail"]
+    assert late.status_code == 408 and "no slice within 0.3 s" in said, said
+    assert "It waited because: node-a is drained for maintenance" in said, said
+    assert "position" not in said  # the queue's length counts other tenants' requests
+    assert alloc.status()["queue"] == []
+
+
 def test_bad_request_fields_are_422_with_the_field_named(http):
     bad = http.post("/v1/leases", json={"request": {"profile": "1g.10gb", "priority": 500}}, headers=AUTH)
     assert bad.status_code == 422 and "priority" in bad.text

@@ -87,6 +87,27 @@ def test_up_starts_a_supervised_agent_carved_to_the_default_and_down_stops_every
     assert redis_servers_of(state) == []
 
 
+def test_a_flow_started_right_after_down_starts_the_local_cluster_again(fresh_env, monkeypatch):
+    """A new-user trial: for the agent's heartbeat TTL (30 s) after `prefect-mig down` its last
+    heartbeat still looked alive, so a flow's first MIG task started no local cluster and waited
+    (an hour by default) saying that no node agent is alive."""
+    assert _cli("up", env=fresh_env).returncode == 0
+    assert _cli("down", env=fresh_env).returncode == 0
+    for key, value in fresh_env.items():
+        monkeypatch.setenv(key, value)
+    from prefect_mig.cli.leases import _allocator
+    from prefect_mig.integrations.prefect.runner import _ensure_local_agent
+    from prefect_mig.settings import load_settings
+
+    settings = load_settings()
+    local = LocalCluster(settings)
+    assert local.pid() is None
+    _ensure_local_agent(settings, _allocator(), None)  # what a flow's first MIG task does
+    assert local.pid() is not None
+    status = json.loads(_cli("status", "--json", env=fresh_env).stdout)
+    assert status["agents"]["node-a"]["stale"] is False
+
+
 def test_many_threads_asking_for_the_local_cluster_at_once_start_one_supervisor(fresh_env, monkeypatch):
     for key, value in fresh_env.items():
         monkeypatch.setenv(key, value)

@@ -382,6 +382,31 @@ def test_cancelling_the_flows_tasks_stops_their_containers_and_releases_the_leas
     assert cluster.status()["leases"] == [] and cluster.status()["queue"] == []
 
 
+def test_ctrl_c_of_a_flow_stops_the_containers_of_its_per_task_runners_at_once(cluster, docker_client):
+    # a new-user trial: Ctrl-C of a flow whose tasks have their own MigTaskRunner (its flow runner
+    # is Prefect's thread pool) waited for every body to end before the flow stopped
+    ours = {"cluster_id": cluster.cluster_id(), "namespace": cluster.keys.namespace}
+    slow = task(task_runner=MigTaskRunner(profile="1g.10gb"))(sleep_forever)
+
+    @flow
+    def pipeline():
+        futures = [slow.submit() for _ in range(2)]
+        deadline = time.monotonic() + 60
+        while len(task_containers(docker_client, **ours, running_only=True)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        ended.extend(futures)
+        raise KeyboardInterrupt  # what Ctrl-C raises in the flow's main thread
+
+    ended: list = []
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        pipeline()
+    assert time.monotonic() - started < 60  # not after the bodies' 120 s
+    assert [f.state.type.value for f in ended] == ["CANCELLED", "CANCELLED"], [f.state for f in ended]
+    assert task_containers(docker_client, **ours) == []
+    assert cluster.status()["leases"] == [] and cluster.status()["queue"] == []
+
+
 def test_the_body_runs_on_the_docker_engine_of_the_node_that_owns_the_slice(
     prefect_api, redis_server, namespace, monkeypatch, tmp_path, docker_client, python_image
 ):

@@ -57,6 +57,17 @@ def test_a_bad_variable_is_named_with_its_value_and_what_is_allowed(monkeypatch,
     assert refused.value.field == variable.lower()
 
 
+def test_a_too_short_api_token_is_refused_in_characters_without_echoing_the_secret(monkeypatch):
+    # a new-user trial: "PREFECT_MIG_API_TOKEN='<the secret>': Value should have at least 16 items"
+    monkeypatch.setenv("PREFECT_MIG_API_TOKEN", "admin-secret-13")
+    with pytest.raises(ConfigError) as refused:
+        load_settings()
+    message = str(refused.value)
+    assert "admin-secret-13" not in message and "admin-secret-13" not in repr(refused.value.value), message
+    assert "PREFECT_MIG_API_TOKEN" in message and "at least 16 characters" in message and "items" not in message
+    assert refused.value.field == "api_token"
+
+
 def test_settings_are_read_once_and_again_when_a_variable_or_the_env_file_changes(monkeypatch, tmp_path):
     from prefect_mig.settings import clear_settings_cache
 

@@ -330,7 +330,11 @@ class Allocator(Inventory, LayoutChanges):
         if code == "exists":  # our own call, retried after a dropped connection
             return self.lease(request_id) if reply[1] == "leased" else Queued(request_id, 0)
         if code == "no_capacity":
-            why = "the tenant's quota is used up" if reply[1] == "quota" else "every matching slice is leased"
+            why = {
+                "quota": "the tenant's quota is used up",
+                "uncarved": f"no GPU is carved for {request.requirement} yet (a request that waits is what a "
+                            "repartitioner carves one for: give it a timeout)",
+            }.get(reply[1], "every matching slice is leased")
             raise NoCapacity(f"no slice for {request.requirement} now: {why}.", reason=reply[1], lease_id=request_id)
         if code == "unknown_node":
             nodes = sorted(x for x in reply[1].split(",") if x)

@@ -49,6 +49,17 @@ def agents(allocator: Allocator) -> dict[str, dict[str, Any]]:
         out[node] = {"age_s": age_ms / 1000, "ttl_s": beat["ttl_ms"] / 1000, "stale": age_ms > beat["ttl_ms"]}
     return out
 
+def serving(allocator: Allocator, nodes: list[str]) -> bool:
+    """Whether an agent serves each of `nodes` now: its heartbeat is fresh and it holds its node
+    claim. An agent stopped cleanly (SIGTERM, as `prefect-mig down` stops it) gave its claim back
+    at once, while its last heartbeat stays fresh for its TTL."""
+    beats = agents(allocator)
+    if not all(n in beats and not beats[n]["stale"] for n in nodes):
+        return False
+    with redis_errors("read the agents' node claims"):
+        return not nodes or allocator.redis.exists(*(allocator.keys.agent(n) for n in nodes)) == len(nodes)
+
+
 def wait_reasons(allocator: Allocator, request_id: str) -> list[str]:
     """Why a queued request still waits, in words: its place in the queue, a node it names that
     nobody published, drained nodes it could use, agents whose heartbeat lapsed, kinds of slices no

@@ -10,7 +10,7 @@
 -- A[7] - ms its caller waits at most ('' = no end): after that the request is dropped, never granted
 -- returns {'granted', lease_id, fence, expires_at, slice_id, slice_json}
 --       | {'queued', request_id, queue_length}
---       | {'no_capacity', 'busy' | 'quota'}
+--       | {'no_capacity', 'busy' | 'quota' | 'uncarved'}
 --       | {'unsatisfiable', pkeys in the inventory (comma-separated)}
 --       | {'exists', 'leased' | 'waiting'}   (this request id was seen: a retried call)
 --       | {'unknown_node', published nodes (comma-separated)}
@@ -61,15 +61,15 @@ for _, pkey in ipairs(r.pkeys) do
   end
 end
 
-local offered = A[6] == '1' or redis.call('EXISTS', K.repartitioner) == 1
+local carved = false
 for _, pkey in ipairs(r.pkeys) do
-  if redis.call('SISMEMBER', K.pkeys, pkey) == 1 then offered = true; break end
+  if redis.call('SISMEMBER', K.pkeys, pkey) == 1 then carved = true; break end
 end
-if not offered then
+if not (carved or A[6] == '1' or redis.call('EXISTS', K.repartitioner) == 1) then
   return {'unsatisfiable', table.concat(redis.call('SMEMBERS', K.pkeys), ',')}
 end
 
-if not wait then return {'no_capacity', quota_hit and 'quota' or 'busy'} end
+if not wait then return {'no_capacity', quota_hit and 'quota' or (carved and 'busy' or 'uncarved')} end
 
 local seq = redis.call('INCR', K.seq)
 local order = (NOW - r.priority * tonumber(A[4])) * 1024 + (seq % 1024)

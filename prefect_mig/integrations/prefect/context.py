@@ -6,6 +6,9 @@ mean "stop the container". It means so only when
 
 - a `MigTaskRunner` saw ``cancel_all()`` outside a normal exit (an explicit call, or its
   ``__exit__`` unwinding a ``TerminationSignal``/``KeyboardInterrupt``): ``_flow_cancelled``; or
+- another runner (Prefect's thread pool, under the per-task form) called ``cancel_all()`` while a
+  ``TerminationSignal``/``KeyboardInterrupt`` (Ctrl-C) unwound the flow, which `_Interrupted`
+  notes; or
 - another runner set the event and the flow run is being cancelled or terminated: Prefect's control
   listener holds a termination intent, or the API shows the flow run ``Cancelling``/``Cancelled``.
 
@@ -21,6 +24,7 @@ Examples:
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from typing import Any
@@ -28,11 +32,31 @@ from typing import Any
 _RECHECK_S = 2.0  # how often a set foreign cancel event makes us ask the API again
 
 
+_INTERRUPTED_KEY = ("prefect-mig", "interrupted")
+
+
+class _Interrupted(threading.Event):
+    """Kept among a foreign task runner's cancel events, so its ``cancel_all()`` sets it: that
+    call comes from the runner's ``__exit__``, in the thread that unwinds the flow, so the
+    exception being handled there says whether the flow was interrupted (anything but an
+    ``Exception``, as `MigTaskRunner.__exit__` judges) or ended otherwise."""
+
+    interrupted = False
+
+    def set(self) -> None:
+        unwinding = sys.exc_info()[1]
+        if unwinding is not None and not isinstance(unwinding, Exception):
+            self.interrupted = True
+        super().set()
+
+
 class FlowCancelled:
     """Event-like (``is_set``): the flow run of this task try is really being cancelled."""
 
-    def __init__(self, runner: Any, event: threading.Event | None, flow_run_id: Any) -> None:
+    def __init__(self, runner: Any, event: threading.Event | None, flow_run_id: Any,
+                 interrupted: _Interrupted | None = None) -> None:
         self.runner, self.event, self.flow_run_id = runner, event, flow_run_id
+        self.interrupted = interrupted
         self._verdict = False
         self._checked_at = -_RECHECK_S
 
@@ -42,6 +66,8 @@ class FlowCancelled:
             return own.is_set()
         if self.event is None or not self.event.is_set():
             return False
+        if self.interrupted is not None and self.interrupted.interrupted:
+            return True
         now = time.monotonic()
         if not self._verdict and now - self._checked_at >= _RECHECK_S:
             self._checked_at = now
@@ -58,7 +84,10 @@ def flow_cancelled(ctx) -> FlowCancelled | None:
     events = getattr(runner, "_cancel_events", None)
     if ctx is None or not isinstance(events, dict):
         return None
-    return FlowCancelled(runner, events.get(ctx.task_run.id), ctx.task_run.flow_run_id)
+    interrupted = None
+    if getattr(runner, "_flow_cancelled", None) is None:
+        interrupted = events.setdefault(_INTERRUPTED_KEY, _Interrupted())
+    return FlowCancelled(runner, events.get(ctx.task_run.id), ctx.task_run.flow_run_id, interrupted)
 
 
 def _flow_run_is_cancelled(flow_run_id) -> bool:

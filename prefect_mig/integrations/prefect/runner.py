@@ -115,7 +115,7 @@ def _allocator(url: str, namespace: str) -> Allocator:
 
 def _ensure_local_agent(settings, allocator: Allocator, logger) -> None:
     """On the embedded default, start this host's background agent (`prefect_mig.local_cluster`,
-    as ``prefect-mig up`` does) unless a live one heartbeats; checked at most every 10 s."""
+    as ``prefect-mig up`` does) unless a live one heartbeats and holds its node; checked at most every 10 s."""
     import time
 
     from prefect_mig.local_cluster import LocalCluster, local_nodes
@@ -125,8 +125,7 @@ def _ensure_local_agent(settings, allocator: Allocator, logger) -> None:
         if time.monotonic() - _LOCAL_CHECKED.get(key, float("-inf")) < 10:
             return
         nodes = local_nodes(settings)
-        agents = health.agents(allocator)
-        if not all(n in agents and not agents[n]["stale"] for n in nodes):
+        if not health.serving(allocator, nodes):
             local = LocalCluster(settings)
             pid, started = local.ensure()
             if started:
