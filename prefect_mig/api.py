@@ -338,6 +338,7 @@ def create_app(
             if error["loc"][-1:] == ["ttl_s"] and error["type"] == "less_than_equal":
                 error["msg"] = (f"Input should be at most {allocator.max_ttl_s:g} s, this cluster's longest lease "
                                 "(PREFECT_MIG_LEASE_MAX_TTL_S)")
+                error["ctx"] = {"le": allocator.max_ttl_s}
         return JSONResponse({"error": "InvalidRequest", "detail": _json_safe(errors)}, status_code=422)
 
     @app.exception_handler(StarletteHTTPException)

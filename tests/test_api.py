@@ -168,6 +168,7 @@ def test_a_ttl_past_a_day_is_422_naming_the_clusters_own_maximum(http):
         assert bad.status_code == 422, bad.text
         (error,) = bad.json()["detail"]
         assert error["loc"][-1] == "ttl_s" and "900" in error["msg"] and "PREFECT_MIG_LEASE_MAX_TTL_S" in error["msg"]
+        assert error["ctx"] == {"le": 900}  # not the model's day, which the message no longer says
 
 
 def test_openapi_describes_the_routes_when_docs_are_on(alloc):
