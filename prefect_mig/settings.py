@@ -257,6 +257,10 @@ def _read_settings(overrides: dict) -> Settings:
             if first["type"] == "too_short" and isinstance(value, str):
                 reason = f"a token of at least {first['ctx']['min_length']} characters is required, not {len(value)}"
             value = "**********"
+        elif name == "redis_url" and isinstance(value, str):  # its password
+            from prefect_mig.allocator.connection import redacted
+
+            value = redacted(value)
         raise ConfigError(
             f"PREFECT_MIG_{name.upper()}={value!r}: {reason}. ({about})",
             field=name,

@@ -68,6 +68,19 @@ def test_a_too_short_api_token_is_refused_in_characters_without_echoing_the_secr
     assert refused.value.field == "api_token"
 
 
+@pytest.mark.parametrize("url", ["rediss//:hunter2-secret@127.0.0.1:6379/0", "redis://:hunter2-secret@127.0.0.1:notaport/0"])
+def test_a_malformed_redis_url_is_refused_naming_it_without_its_password(monkeypatch, url):
+    """Found by a new-user trial: a mistyped scheme echoed the URL's password, and a port that is no
+    number ended `prefect-mig status` in a raw ValueError traceback."""
+    from prefect_mig.allocator.connection import connect
+
+    monkeypatch.setenv("PREFECT_MIG_REDIS_URL", url)
+    with pytest.raises(ConfigError) as bad:
+        connect(load_settings())
+    assert bad.value.field == "redis_url" and "hunter2-secret" not in str(bad.value)
+    assert ":***@127.0.0.1" in str(bad.value) and "redis://" in str(bad.value)  # the value as given, and what is allowed
+
+
 def test_settings_are_read_once_and_again_when_a_variable_or_the_env_file_changes(monkeypatch, tmp_path):
     from prefect_mig.settings import clear_settings_cache
 

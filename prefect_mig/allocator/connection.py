@@ -65,12 +65,19 @@ def redacted(url: str) -> str:
 
         assert redacted("redis://prefect-mig:s3cret@127.0.0.1:6379/0") == "redis://prefect-mig:***@127.0.0.1:6379/0"
         assert redacted("redis+sentinel://h:1/pmig?sentinel_password=s3cret") == "redis+sentinel://h:1/pmig?sentinel_password=***"
+        assert redacted("redis//:s3cret@h:1/0") == "redis//:***@h:1/0"  # a mistyped scheme too
         ```
     """
     url = re.sub(r"([?&]sentinel_password=)[^&#]*", r"\1***", url)
     scheme, sep, rest = url.partition("://")
+    if not sep:  # not a URL as written: mask what stands between the last '/' and the '@'
+        creds, at, host = url.rpartition("@")
+        if not at:
+            return url
+        head, slash, user = creds.rpartition("/")
+        return f"{head}{slash}{user.partition(':')[0]}:***@{host}"
     creds, at, host = rest.rpartition("@")
-    if not sep or not at:
+    if not at:
         return url
     user, colon, _ = creds.partition(":")
     return f"{scheme}://{user}:***@{host}" if colon else f"{scheme}://***@{host}"
@@ -172,7 +179,14 @@ def client_for_url(url: str, **options: Any) -> redis.Redis:
     """
     if url.startswith(_SENTINEL_SCHEMES):
         return _sentinel_client(url, **options)
-    return redis.Redis.from_url(url, **{k: v for k, v in options.items() if k not in _SENTINEL_QUERY})
+    try:
+        return redis.Redis.from_url(url, **{k: v for k, v in options.items() if k not in _SENTINEL_QUERY})
+    except ValueError as exc:  # redis-py's parse: a port that is no number, an unknown query option
+        raise ConfigError(
+            f"redis_url={redacted(url)!r}: {exc}; a Redis URL is redis://[[user]:password@]host[:port][/db] "
+            "(rediss:// with TLS) or unix://[[user]:password@]/path/to/socket[?db=N].",
+            field="redis_url", value=redacted(url),
+        ) from exc
 
 
 def url_options(settings, url: str | None = None) -> dict[str, Any]:
