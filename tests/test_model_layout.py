@@ -171,3 +171,16 @@ def _all_maximal(name: str) -> list[Layout]:
     if name not in _CACHE:
         _CACHE[name] = enumerate_layouts(get_model(name), "all")
     return _CACHE[name]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("3g.40gb@0+1g.10gb@4", "3g.40gb@0 + 1g.10gb@4"),  # a new user's first try: refused as "not a placement"
+        ("3g.40gb@0 +1g.10gb@4", "3g.40gb@0 + 1g.10gb@4"),
+        ("1g.10gb+me@0+1g.10gb@1", "1g.10gb+me@0 + 1g.10gb@1"),  # "+me" stays the profile's
+        ("1g.10gb+me@0 , 1g.10gb@1", "1g.10gb+me@0 + 1g.10gb@1"),
+    ],
+)
+def test_a_layout_is_read_with_or_without_spaces_around_the_plus(text, expected):
+    assert str(Layout.parse("H100-80GB", text)) == expected

@@ -24,6 +24,8 @@ Examples:
 
 from __future__ import annotations
 
+import re
+
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import Annotated, Literal
@@ -89,8 +91,9 @@ class Layout(BaseModel):
 
     @classmethod
     def parse(cls, gpu_model: str, text: str) -> Layout:
-        """Read ``"3g.40gb@0 + 1g.10gb@4"`` (``+`` or ``,`` between instances; empty = no instance)."""
-        parts = [p for p in text.replace(",", " + ").split(" + ") if p.strip()]
+        """Read ``"3g.40gb@0 + 1g.10gb@4"`` (``+`` or ``,`` between instances, spaces or not; empty = no
+        instance). A ``+`` before a letter belongs to the profile (``1g.10gb+me@0``)."""
+        parts = [p for p in re.split(r"\s*,\s*|\s*\+\s*(?=\d)|\s+\+\s+", text) if p.strip()]
         return cls(gpu_model=gpu_model, instances=tuple(sorted(map(Placement.parse, parts), key=_order)))
 
     def __str__(self) -> str:
