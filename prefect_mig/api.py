@@ -70,6 +70,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from prefect_mig import __version__
 from prefect_mig.allocator import Allocator, LeaseInfo, SliceRequest
+from prefect_mig.allocator.models import lease_row_numbers
 from prefect_mig.allocator.redis_io import redis_errors
 from prefect_mig.allocator.tokens import TokenGrant, check, split_token
 from prefect_mig.errors import (
@@ -148,17 +149,7 @@ def _name_allowed(errors: list[dict[str, Any]], body: type[BaseModel]) -> list[d
     return errors
 
 
-#: a lease's fields that Redis keeps as strings and the API answers as numbers, as its acquire reply does
 _FENCE_REQUIRED = "fence: required (only an admin token may revoke a lease without it)."
-_LEASE_NUMBERS = frozenset({"priority", "ttl_ms", "granted_at", "expires_at", "waited_ms", "compute", "revoked_at",
-                            "revoked_priority"})
-
-
-def _numbers(row: dict[str, Any]) -> dict[str, Any]:
-    return {k: int(v) if k in _LEASE_NUMBERS and isinstance(v, str) and v.lstrip("-").isdigit() else v
-            for k, v in row.items()}
-
-
 def _detail(exc: PrefectMigError) -> str:
     if isinstance(exc, LeaseNotOwned):  # never echo a fence: it is what a release needs
         return f"lease {exc.lease_id}: stale or not yours."
@@ -529,7 +520,7 @@ def create_app(
 
     def visible(request: Request, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         grant = grant_of(request)
-        shown = [_numbers({k: v for k, v in row.items() if k != "fence"}) for row in rows]
+        shown = [lease_row_numbers({k: v for k, v in row.items() if k != "fence"}) for row in rows]
         return shown if grant.admin else [row for row in shown if row.get("tenant", "default") == grant.tenant]
 
     @app.get("/v1/leases")

@@ -61,6 +61,10 @@ def test_lease_commands_acquire_list_renew_and_release(cli_env, tmp_path):
     assert lease["slice"]["profile"] == "2g.12gb"
     listed = json.loads(_cli("lease", "list", "--json", env=cli_env).stdout)
     assert [row["lease_id"] for row in listed] == [lease["lease_id"]]
+    # numbers as the acquire reply and the HTTP API give them (a new-user trial: they were strings)
+    assert listed[0]["fence"] == lease["fence"] and listed[0]["priority"] == 3 and isinstance(listed[0]["expires_at"], int)
+    shown = json.loads(_cli("status", "--json", env=cli_env).stdout)["leases"]
+    assert shown == listed
     piped = {k: v for k, v in cli_env.items() if k != "COLUMNS"}  # `lease list | grep`: no terminal width
     assert lease["lease_id"] in _cli("lease", "list", env=piped).stdout  # the whole id, not cut at 80 columns
     assert _cli("lease", "renew", lease["lease_id"], "--fence", str(lease["fence"]), env=cli_env).returncode == 0

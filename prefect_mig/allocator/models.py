@@ -232,3 +232,14 @@ class ManualClock:
 
 def decode(value: Any) -> Any:
     return value.decode() if isinstance(value, bytes) else value
+
+
+#: A lease's fields that Redis keeps as strings and that JSON (the HTTP API, ``--json``) answers as numbers.
+LEASE_NUMBERS = frozenset({"fence", "priority", "ttl_ms", "granted_at", "expires_at", "waited_ms", "compute",
+                           "revoked_at", "revoked_priority"})
+
+
+def lease_row_numbers(row: dict[str, Any]) -> dict[str, Any]:
+    """A lease row of `Allocator.status` with its numeric fields as ints (`LEASE_NUMBERS`), for JSON."""
+    return {k: int(v) if k in LEASE_NUMBERS and isinstance(v, str) and v.lstrip("-").isdigit() else v
+            for k, v in row.items()}

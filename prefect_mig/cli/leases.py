@@ -16,6 +16,7 @@ from rich.table import Table
 
 from prefect_mig.allocator import Allocator, SliceRequest, health
 from prefect_mig.allocator.allocator import check_ttl, check_wait
+from prefect_mig.allocator.models import lease_row_numbers
 from prefect_mig.allocator.connection import connect
 from prefect_mig.allocator.embedded import running_embedded_url, stop_embedded_redis
 from prefect_mig.cli.output import cli_errors, console, errors, print_error, print_json
@@ -163,7 +164,7 @@ def list_leases(as_json: JsonOpt = False) -> None:
         allocator = _allocator()
         leases = allocator.status()["leases"]
         if as_json:
-            print_json(leases)
+            print_json([lease_row_numbers(row) for row in leases])
             return
         now_ms = allocator.now_ms()
         table = Table(title=f"{len(leases)} live lease(s)")
@@ -200,7 +201,7 @@ def status(
             return
         snap = allocator.status() | {"agents": health.agents(allocator)}
         if as_json:
-            print_json(snap)
+            print_json(snap | {"leases": [lease_row_numbers(row) for row in snap["leases"]]})
             return
         table = Table(title="slices")
         for col in ("node", "gpu", "slice", "state", "lease"):
