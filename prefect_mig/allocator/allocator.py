@@ -70,6 +70,7 @@ from prefect_mig.allocator.scripts import DeadlinePassed, NotReplicated, Scripts
 from prefect_mig.errors import (
     AllocationError,
     ConfigError,
+    InvalidRequirement,
     LeaseLost,
     LeaseNotOwned,
     NoCapacity,
@@ -77,8 +78,25 @@ from prefect_mig.errors import (
     PrefectMigError,
     RedisUnavailable,
     Unsatisfiable,
+    UnknownProfile,
     WaitTimeout,
 )
+from prefect_mig.model import catalog
+
+
+def _candidate_pkeys(request: SliceRequest, models: tuple[str, ...]) -> list[str]:
+    """`request.candidate_pkeys` on the published `models`. With none published yet (``("",)``:
+    agents starting, or Redis lost its data) a request waits as an H100-80GB kind if that model
+    offers it, else as the kinds of every catalog model that does; one no model offers is refused
+    naming the catalog, never judged against one model the cluster may not have."""
+    if models != ("",):
+        return request.candidate_pkeys(models)
+    for fallback in (("H100-80GB",), tuple(catalog().models)):
+        try:
+            return request.candidate_pkeys(fallback)
+        except (UnknownProfile, InvalidRequirement):
+            pass
+    return request.candidate_pkeys(())  # raises, naming the catalog rather than each model
 
 
 class Clock(Protocol):
@@ -262,13 +280,12 @@ class Allocator(Inventory, LayoutChanges):
     # ------------------------------------------------------------------ leases
 
     def _request_json(self, request: SliceRequest, request_id: str) -> str:
-        present = self.gpu_models()
-        models = tuple(m for m in present if m not in self._unknown_models) or (request.gpu_model or "H100-80GB",)
+        models = tuple(m for m in self.gpu_models() if m not in self._unknown_models) or (request.gpu_model or "",)
         template = self._templates.get((request, models))
         if template is None:
             body = {
                 "id": "@ID@",
-                "pkeys": request.candidate_pkeys(models),
+                "pkeys": _candidate_pkeys(request, models),
                 "node": request.node or "",
                 "priority": request.priority,
                 "tenant": request.tenant,
