@@ -6,6 +6,7 @@ first use, stopped by ``prefect-mig redis stop``).
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from typing import Annotated
@@ -430,8 +431,9 @@ IdleWindowOpt = Annotated[
 
 
 def _knobs(drain_cost: float, profiles: str, idle_window: float):
-    if drain_cost < 0 or idle_window < 0:
-        raise ConfigError(f"--drain-cost and --idle-window must be 0 or more (got {drain_cost:g} and {idle_window:g}).")
+    for flag, value in (("--drain-cost", drain_cost), ("--idle-window", idle_window)):
+        if not (math.isfinite(value) and value >= 0):
+            raise ConfigError(f"{flag}={value!r}: must be a finite number, 0 or more.", field=flag, value=value)
     chosen = profile_set(profiles, field="--profiles")
     return Knobs(drain_cost=drain_cost, profiles=chosen, idle_window_s=idle_window)
 
