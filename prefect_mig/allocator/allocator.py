@@ -438,6 +438,7 @@ class Allocator(Inventory, LayoutChanges):
         """The wait itself: a LeaseInfo, or None when the deadline passed or `stop` was set."""
         waiter = self.keys.waiter(request_id)
         touch_every = max(0.05, min(2.0, self.wait_ttl_ms / 3000))
+        began = time.monotonic()
         while True:
             left = None if deadline is None else deadline - time.monotonic()
             if (left is not None and left <= 0) or (stop is not None and stop.is_set()):
@@ -466,11 +467,25 @@ class Allocator(Inventory, LayoutChanges):
                     return claimed
                 continue
             if state == "gone":
-                raise LeaseLost(
-                    f"request {request_id} is no longer queued (dropped as abandoned?).",
-                    reason="gone",
-                    lease_id=request_id,
-                )
+                raise LeaseLost(f"request {request_id} is no longer queued{self._why_gone(began)}", reason="gone",
+                                lease_id=request_id)
+
+    def _why_gone(self, began: float) -> str:
+        """Why a request queued since `began` (monotonic) is gone: Redis lost its data meanwhile (the
+        cluster's epoch is younger than the wait), or it was dropped; the end of the sentence."""
+        try:
+            with redis_errors("read the cluster epoch"):
+                epoch, (seconds, micros) = self.redis.pipeline(transaction=False).get(self.keys.epoch).time().execute()
+        except PrefectMigError:
+            epoch = None
+        if epoch is not None:
+            now_ms = self.clock.now_ms() if self.clock is not None else int(seconds) * 1000 + int(micros) // 1000
+            age_s = (now_ms - int(epoch)) / 1000
+            if age_s < time.monotonic() - began:
+                return (f": Redis lost its data while it waited (the cluster's epoch began {age_s:.0f} s ago: a restart "
+                        "without persistence, a FLUSHALL, or a failover to a replica without it), and the queue with it. "
+                        "Ask again.")
+        return " (dropped as abandoned?)."
 
     def keep_waiting(self, request_id: str, *, deadline: float | None = None) -> str:
         """Tell Redis a queued request's waiter is still there (it is dropped after `wait_ttl_s` of

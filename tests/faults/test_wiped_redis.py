@@ -10,7 +10,7 @@ import pytest
 
 from prefect_mig.allocator import Allocator, LeaseClient, SliceRequest
 from prefect_mig.allocator.invariants import check_events
-from prefect_mig.errors import Unsatisfiable, UnknownProfile
+from prefect_mig.errors import LeaseLost, Unsatisfiable, UnknownProfile
 from prefect_mig.testing.holder_log import HolderLog
 from prefect_mig.testing.redis_server import RedisServer
 
@@ -79,3 +79,21 @@ def test_between_a_wipe_and_the_agents_publish_a_request_is_told_no_slice_is_pub
         assert client.status()["queue"] == []
         Allocator(server.client(), "faults").publish_fleet(FLEET, layouts=ONE_SLICE)  # an agent started after the wipe
         assert client.try_acquire(REQUEST).slice.profile == "4g.24gb"
+
+
+def test_a_request_waiting_when_redis_loses_its_data_is_told_so_not_that_it_was_abandoned():
+    with RedisServer() as server:
+        alloc = Allocator(server.client(), "faults", wait_ttl_s=3)
+        alloc.publish_fleet(FLEET, layouts=ONE_SLICE, heartbeat_ttl_s=600)
+        alloc.try_acquire(REQUEST)  # the only slice is leased
+        queued = alloc.try_acquire(REQUEST, wait=True)
+        time.sleep(1.5)  # the wait went on a while before Redis lost everything
+        server.client().flushall()
+        with pytest.raises(LeaseLost, match=r"no longer queued: Redis lost its data while it waited .*Ask again") as gone:
+            alloc.wait_for_grant(queued.request_id, 30)
+        assert "abandoned" not in str(gone.value)
+        alloc.publish_fleet(FLEET, layouts=ONE_SLICE, heartbeat_ttl_s=600)  # the agent republishes (quarantined)
+        withdrawn = alloc.try_acquire(REQUEST, wait=True)
+        alloc.give_up(withdrawn.request_id)  # gone from the queue with Redis's data intact: the old words
+        with pytest.raises(LeaseLost, match=r"no longer queued \(dropped as abandoned\?\)"):
+            alloc.wait_for_grant(withdrawn.request_id, 30)
