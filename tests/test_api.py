@@ -469,3 +469,17 @@ def test_an_api_started_before_an_agent_published_its_nvml_built_model_leases_on
     finally:
         server.terminate()
         server.wait(30)
+
+
+@pytest.mark.parametrize("api_allocator_options", [{"wait_ttl_s": 1.5}])
+def test_a_waiting_client_whose_queue_redis_lost_is_told_redis_lost_its_data(served_api, api_allocator_options, redis_client):
+    """Redis lost its data (here only this cluster's keys, as a FLUSHALL would all of them) while an
+    acquire waited: the client is told so and to ask again, not just that its request is gone."""
+    answer: dict = {}
+    served_api.client().post("/v1/leases", json={"request": {"profile": "3g.40gb"}})
+    waiter = _wait_in_thread(served_api, answer, 60)
+    time.sleep(1.5)
+    redis_client.delete(*redis_client.keys(served_api.alloc.keys.prefix.replace("{", "[{]").replace("}", "[}]") + "*"))
+    waiter.join(60)
+    assert answer["reply"].status_code == 410, answer["reply"].text
+    assert "Redis lost its data while it waited" in answer["reply"].json()["detail"]

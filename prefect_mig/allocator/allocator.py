@@ -467,10 +467,10 @@ class Allocator(Inventory, LayoutChanges):
                     return claimed
                 continue
             if state == "gone":
-                raise LeaseLost(f"request {request_id} is no longer queued{self._why_gone(began)}", reason="gone",
+                raise LeaseLost(f"request {request_id} is no longer queued{self.why_gone(began)}", reason="gone",
                                 lease_id=request_id)
 
-    def _why_gone(self, began: float) -> str:
+    def why_gone(self, began: float) -> str:
         """Why a request queued since `began` (monotonic) is gone: Redis lost its data meanwhile (the
         cluster's epoch is younger than the wait), or it was dropped; the end of the sentence."""
         try:
