@@ -419,10 +419,16 @@ def test_api_serve_speaks_https_with_certfile_and_keyfile(redis_server, namespac
         (["--port", "0"], "--port=0: must be 1 to 65535"),
         (["--certfile", "{missing}", "--keyfile", "{key}"], "--certfile={missing!r}: cannot be read"),
         (["--certfile", "{key}", "--keyfile", "{missing}"], "--keyfile={missing!r}: cannot be read"),
+        # these two ended in uvicorn's own "[Errno -2] Name or service not known" / "[Errno 98] ..."
+        (["--host", "256.1.1.1", "--port", "{busy}"], "--host='256.1.1.1', --port={busy}: cannot listen on 256.1.1.1:{busy}"),
+        (["--port", "{busy}"], "--host='127.0.0.1', --port={busy}: cannot listen on 127.0.0.1:{busy} (Address already in use)"),
     ],
 )
 def test_api_serve_refuses_a_bad_port_or_certificate_file_naming_the_option(redis_server, namespace, tmp_path, args, named):
-    paths = {"missing": str(tmp_path / "nonexist.pem"), "key": str(tmp_path / "key.pem")}
+    import socket
+
+    taken = socket.create_server(("127.0.0.1", 0))  # a port something else listens on
+    paths = {"missing": str(tmp_path / "nonexist.pem"), "key": str(tmp_path / "key.pem"), "busy": taken.getsockname()[1]}
     (tmp_path / "key.pem").write_text("not checked before the missing one\n")
     env = {**os.environ, "PREFECT_MIG_REDIS_URL": redis_server.url, "PREFECT_MIG_NAMESPACE": namespace,
            "PREFECT_MIG_API_TOKEN": ADMIN_TOKEN}
@@ -430,6 +436,7 @@ def test_api_serve_refuses_a_bad_port_or_certificate_file_naming_the_option(redi
         [sys.executable, "-m", "prefect_mig.cli.main", "api", "serve", *[a.format(**paths) for a in args]],
         env=env, capture_output=True, text=True, timeout=120,
     )
+    taken.close()
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     assert named.format(**paths) in " ".join(done.stderr.split())
 
