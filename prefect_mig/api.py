@@ -396,6 +396,7 @@ def create_app(
         request_id: str, timeout_s: float, deadline: float, receive, wanted: SliceRequest  # noqa: ANN001
     ) -> LeaseInfo:
         waiter = allocator.keys.waiter(request_id)
+        began = time.monotonic()
         gone = asyncio.ensure_future(_disconnected(receive))
         stir = stirred[request_id] = asyncio.Event()
         if not keeper or keeper[0].done() or keeper[0].get_loop() is not asyncio.get_running_loop():
@@ -422,7 +423,8 @@ def create_app(
                         if claimed is not None and not gone.done():  # else the loop ends and withdraws it
                             return claimed
                     if state == "gone":
-                        raise LeaseLost(f"request {request_id} is no longer queued.", reason="gone", lease_id=request_id)
+                        why = await off_thread(allocator.why_gone, began)
+                        raise LeaseLost(f"request {request_id} is no longer queued{why}", reason="gone", lease_id=request_id)
                     continue
                 with redis_errors("wait for a slice"):
                     popped = pop.result()

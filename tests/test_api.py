@@ -459,10 +459,16 @@ def test_api_serve_speaks_https_with_certfile_and_keyfile(redis_server, namespac
         (["--port", "0"], "--port=0: must be 1 to 65535"),
         (["--certfile", "{missing}", "--keyfile", "{key}"], "--certfile={missing!r}: cannot be read"),
         (["--certfile", "{key}", "--keyfile", "{missing}"], "--keyfile={missing!r}: cannot be read"),
+        # these two ended in uvicorn's own "[Errno -2] Name or service not known" / "[Errno 98] ..."
+        (["--host", "256.1.1.1", "--port", "{busy}"], "--host='256.1.1.1', --port={busy}: cannot listen on 256.1.1.1:{busy}"),
+        (["--port", "{busy}"], "--host='127.0.0.1', --port={busy}: cannot listen on 127.0.0.1:{busy} (Address already in use)"),
     ],
 )
 def test_api_serve_refuses_a_bad_port_or_certificate_file_naming_the_option(redis_server, namespace, tmp_path, args, named):
-    paths = {"missing": str(tmp_path / "nonexist.pem"), "key": str(tmp_path / "key.pem")}
+    import socket
+
+    taken = socket.create_server(("127.0.0.1", 0))  # a port something else listens on
+    paths = {"missing": str(tmp_path / "nonexist.pem"), "key": str(tmp_path / "key.pem"), "busy": taken.getsockname()[1]}
     (tmp_path / "key.pem").write_text("not checked before the missing one\n")
     env = {**os.environ, "PREFECT_MIG_REDIS_URL": redis_server.url, "PREFECT_MIG_NAMESPACE": namespace,
            "PREFECT_MIG_API_TOKEN": ADMIN_TOKEN}
@@ -470,6 +476,7 @@ def test_api_serve_refuses_a_bad_port_or_certificate_file_naming_the_option(redi
         [sys.executable, "-m", "prefect_mig.cli.main", "api", "serve", *[a.format(**paths) for a in args]],
         env=env, capture_output=True, text=True, timeout=120,
     )
+    taken.close()
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     assert named.format(**paths) in " ".join(done.stderr.split())
 
@@ -509,3 +516,17 @@ def test_an_api_started_before_an_agent_published_its_nvml_built_model_leases_on
     finally:
         server.terminate()
         server.wait(30)
+
+
+@pytest.mark.parametrize("api_allocator_options", [{"wait_ttl_s": 1.5}])
+def test_a_waiting_client_whose_queue_redis_lost_is_told_redis_lost_its_data(served_api, api_allocator_options, redis_client):
+    """Redis lost its data (here only this cluster's keys, as a FLUSHALL would all of them) while an
+    acquire waited: the client is told so and to ask again, not just that its request is gone."""
+    answer: dict = {}
+    served_api.client().post("/v1/leases", json={"request": {"profile": "3g.40gb"}})
+    waiter = _wait_in_thread(served_api, answer, 60)
+    time.sleep(1.5)
+    redis_client.delete(*redis_client.keys(served_api.alloc.keys.prefix.replace("{", "[{]").replace("}", "[}]") + "*"))
+    waiter.join(60)
+    assert answer["reply"].status_code == 410, answer["reply"].text
+    assert "Redis lost its data while it waited" in answer["reply"].json()["detail"]

@@ -15,6 +15,7 @@ from prefect_mig.errors import (
     DockerUnavailable,
     ImageNotFound,
     ImagePythonMismatch,
+    LaunchError,
     RemoteTraceback,
 )
 from prefect_mig.launchers import ContainerSettings, DockerLauncher
@@ -295,3 +296,71 @@ def test_a_project_module_that_cannot_be_pickled_leaves_the_call_to_its_own_modu
     fn, args, kwargs = cloudpickle.loads(_pickle_call(pmig_trial_user.body, (1,), {}))
     assert fn(*args, **kwargs) == 2
     assert not {"pmig_trial_locked", "pmig_trial_user"} & set(cloudpickle.list_registry_pickle_by_value())
+
+
+MISSING_NETWORK = "prefect-mig-no-such-network"
+
+
+def test_a_network_the_engine_lacks_is_named_not_read_as_a_container_removed_under_the_task(python_image, docker_client):
+    """The engine's 404 for the network, at start, read as the container's own: the task failed saying
+    something else removed its container while it ran (and the runner said: an agent of another cluster?)."""
+    launcher = DockerLauncher(ContainerSettings(image=python_image, network=MISSING_NETWORK))
+    with pytest.raises(LaunchError) as refused:
+        launcher.run(print_lines, mig_uuid="MIG-x", labels={"run": "no-network"})
+    assert not isinstance(refused.value, ContainerStopped)
+    said = str(refused.value)
+    assert f"network={MISSING_NETWORK!r}" in said and "docker network create" in said and "removed" not in said
+    assert _ours(docker_client, "no-network") == []
+
+
+def test_a_network_removed_after_the_launcher_checked_it_is_named_when_the_container_cannot_start(python_image, docker_client):
+    import uuid
+
+    network = docker_client.networks.create(f"prefect-mig-test-{uuid.uuid4().hex[:8]}")
+    launcher = DockerLauncher(ContainerSettings(image=python_image, network=network.name))
+    launcher.check_python()  # checked once per launcher, the network with the image
+    network.remove()
+    with pytest.raises(LaunchError, match=f"network={network.name!r}: .* has no such network") as refused:
+        launcher.run(print_lines, mig_uuid="MIG-x", labels={"run": "network-gone"})
+    assert not isinstance(refused.value, ContainerStopped)
+    assert _ours(docker_client, "network-gone") == []
+
+
+def test_a_task_asking_for_a_network_the_engine_lacks_fails_before_it_takes_a_lease(
+    python_image, redis_server, namespace, monkeypatch
+):
+    from prefect_mig import MigTaskRunner
+    from prefect_mig.allocator import Allocator
+
+    monkeypatch.setenv("PREFECT_MIG_REDIS_URL", redis_server.url)
+    monkeypatch.setenv("PREFECT_MIG_NAMESPACE", namespace)
+    alloc = Allocator(redis_server.client(), namespace)
+    alloc.publish_fleet("node-a=1xA30-24GB", layouts={"node-a": ["4g.24gb@0"]})
+    runner = MigTaskRunner(profile="4g.24gb", image=python_image, network=MISSING_NETWORK, wait_timeout_s=0)
+    with pytest.raises(LaunchError, match=f"network={MISSING_NETWORK!r}"):
+        runner.run_in_slice(print_lines, (), {})
+    assert [e["type"] for e in alloc.events() if e["type"].startswith("lease.")] == []
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "said"),
+    [
+        ("volumes", "/srv/data:/data", "a list"),  # one string: read one character at a time, '/' made the engine answer 500
+        ("volumes", ["/srv/data"], "host_or_name:/container/path"),
+        ("volumes", ["data:relative"], "host_or_name:/container/path"),
+        ("cpus", float("nan"), "finite"),
+        ("cpus", 0, "greater than 0"),
+        ("mem_limit", "lots", "pattern"),
+        ("env", {"BATCH": 1}, "string"),
+        ("network", "", "network name"),
+    ],
+)
+def test_a_container_setting_the_engine_would_refuse_is_refused_when_the_runner_is_made_naming_it(field, value, said):
+    """These failed only at the first task's run, after its lease was taken, as pydantic's errors about an
+    internal `ContainerSettings`, or as an engine failure ('node node-a's Docker engine failed: ... 500')."""
+    from prefect_mig import MigTaskRunner
+    from prefect_mig.errors import ConfigError
+
+    with pytest.raises(ConfigError) as refused:
+        MigTaskRunner(profile="1g.10gb", **{field: value})
+    assert refused.value.field == field and str(refused.value).startswith(f"MigTaskRunner {field}") and said in str(refused.value)

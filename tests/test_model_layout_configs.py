@@ -88,3 +88,15 @@ def test_a_layouts_file_that_is_not_utf8_text_fails_naming_the_file(tmp_path):
         LayoutConfigs.load(binary)
     assert f"layouts file {binary}:" in str(caught.value) and "UTF-8" in str(caught.value)
     assert caught.value.field == "layouts_file"
+
+
+@pytest.mark.parametrize("filtered", [False, True])
+def test_a_count_more_than_a_gpu_holds_is_refused_at_once_naming_it(filtered):
+    """`1g.10gb: 99999999999999999999` in a layouts file hung whoever read it (the agent carving a GPU,
+    `prefect-mig up`): the placement search first listed that many instances."""
+    models = "      gpu-models: [H100-80GB]\n" if filtered else ""
+    text = f"version: v1\ndefault: a\nmig-configs:\n  a:\n    - mig-devices: {{1g.10gb: 99999999999999999999}}\n{models}"
+    with pytest.raises(ConfigError) as caught:
+        LayoutConfigs.parse(text, source="huge.yaml").layout_for("a", gpu_model="H100-80GB", node="n", gpu_index=0)
+    said = str(caught.value)
+    assert said.startswith("huge.yaml:5: on H100-80GB:") and "99999999999999999999" in said and "8 memory slices" in said

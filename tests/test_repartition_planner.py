@@ -600,3 +600,29 @@ def test_a_knob_value_the_planner_does_not_know_is_refused_naming_it():
     with pytest.raises(ConfigError) as info:
         Knobs(value_by="size")
     assert info.value.field == "value_by" and "request, dominant" in str(info.value)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -1.0])
+@pytest.mark.parametrize("knob", ["churn_cost", "drain_cost", "drain_reference_s", "drain_timeout_factor", "drain_timeout_min_s",
+                                  "fragmentation_cost", "idle_window_s", "retry_after_s", "history_weight"])
+def test_a_knob_that_is_not_a_finite_number_of_zero_or_more_is_refused_naming_it(knob, value):
+    """A NaN knob made every comparison false: `repartition serve --drain-cost nan` ran on, planning as
+    if it had been given some other number, and said nothing."""
+    with pytest.raises(ConfigError) as info:
+        Knobs(**{knob: value})
+    assert info.value.field == knob and f"{knob}={value!r}" in str(info.value) and "finite" in str(info.value)
+
+
+@pytest.mark.parametrize("flag", ["--drain-cost", "--idle-window"])
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_repartition_refuses_a_knob_flag_that_is_not_a_finite_number(flag, value, redis_server, namespace, monkeypatch):
+    from typer.testing import CliRunner
+
+    from prefect_mig.cli.main import app
+
+    monkeypatch.setenv("PREFECT_MIG_REDIS_URL", redis_server.url)
+    monkeypatch.setenv("PREFECT_MIG_NAMESPACE", namespace)
+    for command in (["repartition", "plan", "--json"], ["repartition", "apply", "--json"]):
+        result = CliRunner().invoke(app, [*command, flag, value])
+        assert result.exit_code == 2, result.output
+        assert flag in result.output and value in result.output and "finite" in result.output

@@ -199,6 +199,10 @@ def test_the_simulate_command_writes_json_and_png(tmp_path):
     assert mixed.exit_code == 2 and "mixes GPU models (A30-24GB, H100-80GB)" in " ".join(mixed.output.split())
     negative = CliRunner().invoke(app, ["simulate", "--synthetic", "5", "--reconfig-cost", "-1", "--out", str(out)])
     assert negative.exit_code == 2 and "--reconfig-cost: -1.0 must be 0 seconds or more" in negative.output
+    for flag in ("--reconfig-cost", "--speedup", "--max-duration", "--start-day"):  # NaN passed every check, or crashed
+        for value in ("nan", "inf"):
+            refused = CliRunner().invoke(app, ["simulate", "--synthetic", "5", flag, value, "--out", str(out)])
+            assert refused.exit_code == 2 and f"{flag}: {float(value)!r}" in refused.output and "finite" in refused.output, refused.output
 
 
 @pytest.mark.parametrize("under", ["", "sub"])

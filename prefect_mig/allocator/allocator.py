@@ -70,6 +70,7 @@ from prefect_mig.allocator.scripts import DeadlinePassed, NotReplicated, Scripts
 from prefect_mig.errors import (
     AllocationError,
     ConfigError,
+    InvalidRequirement,
     LeaseLost,
     LeaseNotOwned,
     NoCapacity,
@@ -77,8 +78,25 @@ from prefect_mig.errors import (
     PrefectMigError,
     RedisUnavailable,
     Unsatisfiable,
+    UnknownProfile,
     WaitTimeout,
 )
+from prefect_mig.model import catalog
+
+
+def _candidate_pkeys(request: SliceRequest, models: tuple[str, ...]) -> list[str]:
+    """`request.candidate_pkeys` on the published `models`. With none published yet (``("",)``:
+    agents starting, or Redis lost its data) a request waits as an H100-80GB kind if that model
+    offers it, else as the kinds of every catalog model that does; one no model offers is refused
+    naming the catalog, never judged against one model the cluster may not have."""
+    if models != ("",):
+        return request.candidate_pkeys(models)
+    for fallback in (("H100-80GB",), tuple(catalog().models)):
+        try:
+            return request.candidate_pkeys(fallback)
+        except (UnknownProfile, InvalidRequirement):
+            pass
+    return request.candidate_pkeys(())  # raises, naming the catalog rather than each model
 
 
 class Clock(Protocol):
@@ -262,13 +280,12 @@ class Allocator(Inventory, LayoutChanges):
     # ------------------------------------------------------------------ leases
 
     def _request_json(self, request: SliceRequest, request_id: str) -> str:
-        present = self.gpu_models()
-        models = tuple(m for m in present if m not in self._unknown_models) or (request.gpu_model or "H100-80GB",)
+        models = tuple(m for m in self.gpu_models() if m not in self._unknown_models) or (request.gpu_model or "",)
         template = self._templates.get((request, models))
         if template is None:
             body = {
                 "id": "@ID@",
-                "pkeys": request.candidate_pkeys(models),
+                "pkeys": _candidate_pkeys(request, models),
                 "node": request.node or "",
                 "priority": request.priority,
                 "tenant": request.tenant,
@@ -425,6 +442,7 @@ class Allocator(Inventory, LayoutChanges):
         """The wait itself: a LeaseInfo, or None when the deadline passed or `stop` was set."""
         waiter = self.keys.waiter(request_id)
         touch_every = max(0.05, min(2.0, self.wait_ttl_ms / 3000))
+        began = time.monotonic()
         while True:
             left = None if deadline is None else deadline - time.monotonic()
             if (left is not None and left <= 0) or (stop is not None and stop.is_set()):
@@ -453,11 +471,25 @@ class Allocator(Inventory, LayoutChanges):
                     return claimed
                 continue
             if state == "gone":
-                raise LeaseLost(
-                    f"request {request_id} is no longer queued (dropped as abandoned?).",
-                    reason="gone",
-                    lease_id=request_id,
-                )
+                raise LeaseLost(f"request {request_id} is no longer queued{self.why_gone(began)}", reason="gone",
+                                lease_id=request_id)
+
+    def why_gone(self, began: float) -> str:
+        """Why a request queued since `began` (monotonic) is gone: Redis lost its data meanwhile (the
+        cluster's epoch is younger than the wait), or it was dropped; the end of the sentence."""
+        try:
+            with redis_errors("read the cluster epoch"):
+                epoch, (seconds, micros) = self.redis.pipeline(transaction=False).get(self.keys.epoch).time().execute()
+        except PrefectMigError:
+            epoch = None
+        if epoch is not None:
+            now_ms = self.clock.now_ms() if self.clock is not None else int(seconds) * 1000 + int(micros) // 1000
+            age_s = (now_ms - int(epoch)) / 1000
+            if age_s < time.monotonic() - began:
+                return (f": Redis lost its data while it waited (the cluster's epoch began {age_s:.0f} s ago: a restart "
+                        "without persistence, a FLUSHALL, or a failover to a replica without it), and the queue with it. "
+                        "Ask again.")
+        return " (dropped as abandoned?)."
 
     def keep_waiting(self, request_id: str, *, deadline: float | None = None) -> str:
         """Tell Redis a queued request's waiter is still there (it is dropped after `wait_ttl_s` of

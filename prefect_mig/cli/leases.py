@@ -6,6 +6,7 @@ first use, stopped by ``prefect-mig redis stop``).
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from typing import Annotated
@@ -348,6 +349,7 @@ def api_serve(
             if path is not None and not (os.path.isfile(path) and os.access(path, os.R_OK)):
                 raise ConfigError(f"--{option}={path!r}: cannot be read; name an existing PEM file you can read.",
                                   field=option, value=path)
+        _check_listen(host, port)
         app = create_app(
             _allocator(),
             token=settings.api_token.get_secret_value(),
@@ -356,6 +358,24 @@ def api_serve(
             docs=settings.api_docs,
         )
     uvicorn.run(app, host=host, port=port, log_level="info", ssl_certfile=certfile, ssl_keyfile=keyfile)
+
+
+def _check_listen(host: str, port: int) -> None:
+    """Refuse a --host/--port the API could not listen on (an address not of this machine, a port in
+    use) naming them, before uvicorn says only "[Errno 98] ..."; the probe socket is closed at once."""
+    import socket
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a listener refuses it
+            probe.bind(address)
+    except OSError as exc:
+        raise ConfigError(
+            f"--host={host!r}, --port={port}: cannot listen on {host}:{port} ({exc.strerror or exc}); give an address "
+            "of this machine (127.0.0.1, or 0.0.0.0 for every interface) and a port nothing else listens on.",
+            field="host", value=f"{host}:{port}",
+        ) from exc
 
 
 token_app = typer.Typer(help="Per-client tokens of the HTTP lease API.", no_args_is_help=True)
@@ -431,8 +451,9 @@ IdleWindowOpt = Annotated[
 
 
 def _knobs(drain_cost: float, profiles: str, idle_window: float):
-    if drain_cost < 0 or idle_window < 0:
-        raise ConfigError(f"--drain-cost and --idle-window must be 0 or more (got {drain_cost:g} and {idle_window:g}).")
+    for flag, value in (("--drain-cost", drain_cost), ("--idle-window", idle_window)):
+        if not (math.isfinite(value) and value >= 0):
+            raise ConfigError(f"{flag}={value!r}: must be a finite number, 0 or more.", field=flag, value=value)
     chosen = profile_set(profiles, field="--profiles")
     return Knobs(drain_cost=drain_cost, profiles=chosen, idle_window_s=idle_window)
 

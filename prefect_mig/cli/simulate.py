@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tempfile
 from pathlib import Path
 from typing import Annotated
@@ -52,6 +53,10 @@ def simulate(
     from prefect_mig.testing.redis_server import RedisServer
 
     with cli_errors():
+        for flag, value in (("--speedup", speedup), ("--start-day", start_day), ("--max-duration", max_duration),
+                            ("--reconfig-cost", reconfig_cost)):
+            if value is not None and not math.isfinite(value):
+                raise ConfigError(f"{flag}: {value!r} must be a finite number.", field=flag, value=value)
         if speedup <= 0:
             raise ConfigError(f"--speedup: {speedup!r} must be above 0.")
         if jobs < 1 or synthetic_jobs < 0:

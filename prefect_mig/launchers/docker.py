@@ -29,6 +29,7 @@ import io
 import json
 import logging
 import os
+import re
 import sys
 import tarfile
 import threading
@@ -45,7 +46,7 @@ import docker
 import docker.errors
 import requests.exceptions
 from docker.types import DeviceRequest, Mount
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from prefect_mig.errors import (
     ContainerFailed,
@@ -53,6 +54,7 @@ from prefect_mig.errors import (
     DockerUnavailable,
     ImageNotFound,
     ImagePythonMismatch,
+    LaunchError,
 )
 from prefect_mig.launchers.engines import DockerTls, engine_client
 from prefect_mig.launchers.outcome import value_of
@@ -138,6 +140,10 @@ def slice_bound_options(s: ContainerSettings, mig_uuid: str) -> dict[str, Any]:
     return create
 
 
+#: a volume as the engine takes it: a host path or volume name, the absolute path in the container, a mode
+VOLUME_SPEC = re.compile(r"[^:]+:/[^:]*(:[A-Za-z,]+)?")
+
+
 class ContainerSettings(BaseModel):
     """How task containers are made (mirrored by the MigCluster block's fields)."""
 
@@ -149,7 +155,7 @@ class ContainerSettings(BaseModel):
     env: dict[str, str] = Field(default_factory=dict, description="Extra environment variables.")
     volumes: list[str] = Field(default_factory=list, description="Volumes as 'host_or_name:/container/path[:ro|rw]'.")
     network: str | None = Field(default=None, description="Docker network; None = networking off.")
-    cpus: float | None = Field(default=None, gt=0, le=1024, description="CPU limit (cores).")
+    cpus: float | None = Field(default=None, gt=0, le=1024, allow_inf_nan=False, description="CPU limit (cores).")
     mem_limit: str | None = Field(default=None, pattern=r"^\d+[bkmgBKMG]?$", description="Memory limit, e.g. '4g'.")
     gpu_runtime: Literal["nvidia", "none"] = Field(
         default="none", description="'nvidia' adds a DeviceRequest for the MIG UUID (real GPUs)."
@@ -166,6 +172,21 @@ class ContainerSettings(BaseModel):
     )
     pids_limit: int | None = Field(default=4096, ge=16, description="Most processes/threads in the container; None = no limit.")
     user: str | None = Field(default=None, description="Run as this 'uid[:gid]' (e.g. '65534:65534'); None = the image's user.")
+
+    @field_validator("volumes")
+    @classmethod
+    def _volume_specs(cls, volumes: list[str]) -> list[str]:
+        for spec in volumes:
+            if not VOLUME_SPEC.fullmatch(spec):
+                raise ValueError(f"{spec!r} is not 'host_or_name:/container/path[:ro|rw]'")
+        return volumes
+
+    @field_validator("network")
+    @classmethod
+    def _network_named(cls, network: str | None) -> str | None:
+        if network is not None and not network.strip():
+            raise ValueError("give a Docker network name, or None for networking off")
+        return network
 
 
 def _hardening(s: ContainerSettings) -> dict[str, Any]:
@@ -528,6 +549,7 @@ class DockerLauncher:
         per launcher; an image replaced under the same tag is checked again by a new launcher)."""
         if self._checked:
             return
+        self.check_network()
         theirs, ours = self.python_version(), tuple(sys.version_info[:2])
         if theirs != ours:
             raise ImagePythonMismatch(
@@ -537,6 +559,30 @@ class DockerLauncher:
                 image=self.settings.image,
             )
         self._checked = True
+
+    def check_network(self) -> None:
+        """Refuse a network the engine does not have (a ``container:<id>`` mode is the engine's to judge).
+
+        Raises:
+            LaunchError: naming the network and how to make it.
+        """
+        network = self.settings.network
+        if network is None or ":" in network:
+            return
+        try:
+            self.client.networks.get(network)
+        except docker.errors.NotFound as exc:
+            raise self._no_network() from exc
+        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+            raise DockerUnavailable(f"the Docker engine failed to look up network {network!r}: {exc}", image=self.settings.image) from exc
+
+    def _no_network(self) -> LaunchError:
+        network = self.settings.network
+        return LaunchError(
+            f"network={network!r}: the Docker engine at {self.engine_url} has no such network. Create it there "
+            f"(docker network create {network}) or leave network unset (the body then runs with networking off).",
+            image=self.settings.image,
+        )
 
     def run(
         self,
@@ -640,7 +686,14 @@ class DockerLauncher:
                         carried: dict[str, str]) -> tuple[tuple | None, int]:
         """Copy the runtime in, start, wait (or stop); the outcome (None: none written) and exit code."""
         container.put_archive(HOME, _runtime_archive(payload, carried))
-        start_confirmed(container, stop, confirm)
+        try:
+            start_confirmed(container, stop, confirm)
+        except docker.errors.NotFound as exc:
+            container.reload()  # NotFound here: the container is gone (removed under us), as said on
+            if self.settings.network is not None:  # it is there: the engine lacks what it refers to
+                self.check_network()
+            raise LaunchError(f"the Docker engine at {self.engine_url} could not start the task container: "
+                              f"{exc.explanation or exc}", image=self.settings.image, container_id=container.id) from exc
         logger: threading.Thread | None = None
         if on_log is not None:
             logger = threading.Thread(target=self._stream_logs, args=(container, on_log), daemon=True)

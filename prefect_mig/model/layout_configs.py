@@ -242,10 +242,15 @@ def pack(model: GpuModel, counts: Mapping[str, int]) -> Layout:
     """
     from prefect_mig.errors import InvalidLayout
 
-    wanted = sorted(
-        (model.profile(name, field="mig-devices") for name, n in counts.items() for _ in range(n)),
-        key=lambda p: (-p.placement_size, p.name),
+    profiles = {name: model.profile(name, field="mig-devices") for name in counts}
+    does_not_fit = InvalidLayout(
+        f"mig-devices: {dict(counts)} do not fit on one {model.name} ({model.memory_slices} memory slices).",
+        field="mig-devices",
+        value=str(dict(counts)),
     )
+    if sum(counts.values()) > model.memory_slices:  # each instance takes a memory slice: refused before listing them
+        raise does_not_fit
+    wanted = sorted((profiles[name] for name, n in counts.items() for _ in range(n)), key=lambda p: (-p.placement_size, p.name))
     chosen: list[Placement] = []
 
     def place(i: int, mask: int) -> bool:
@@ -262,11 +267,7 @@ def pack(model: GpuModel, counts: Mapping[str, int]) -> Layout:
         return False
 
     if not place(0, 0):
-        raise InvalidLayout(
-            f"mig-devices: {dict(counts)} do not fit on one {model.name} ({model.memory_slices} memory slices).",
-            field="mig-devices",
-            value=str(dict(counts)),
-        )
+        raise does_not_fit
     return Layout.of(model, chosen).validate_on(model)
 
 

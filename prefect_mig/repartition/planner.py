@@ -46,6 +46,7 @@ Examples:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -188,6 +189,11 @@ class Knobs:
             raise ConfigError(
                 f"value_by: {self.value_by!r} is not allowed; choose {', '.join(VALUE_BY)}.", field="value_by", value=self.value_by
             )
+        for name in ("churn_cost", "drain_cost", "drain_reference_s", "drain_timeout_factor", "drain_timeout_min_s",
+                     "fragmentation_cost", "idle_window_s", "retry_after_s", "history_weight"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"{name}={value!r}: a knob must be a finite number, 0 or more.", field=name, value=value)
 
 
 @lru_cache(maxsize=256)

@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 from prefect_mig.allocator import Allocator, LeaseClient, SliceRequest
 from prefect_mig.allocator.invariants import check_events
+from prefect_mig.errors import LeaseLost, Unsatisfiable, UnknownProfile
 from prefect_mig.testing.holder_log import HolderLog
 from prefect_mig.testing.redis_server import RedisServer
 
@@ -57,3 +60,40 @@ def test_a_node_that_starts_after_the_wipe_publishes_without_quarantine():
         agent = Allocator(server.client(), "faults", max_ttl_s=4)
         agent.publish_fleet(FLEET, layouts=ONE_SLICE)
         wait_until(lambda: agent.status()["slices"][0]["state"] == "free", 1, "the slice in service")
+
+
+def test_between_a_wipe_and_the_agents_publish_a_request_is_told_no_slice_is_published_not_that_h100s_lack_it():
+    """An A30 cluster's request in the seconds after a wipe (no node published yet) was refused as
+    'H100-80GB has no MIG profile 4g.24gb': the allocator judged it against a GPU model the cluster
+    does not have."""
+    with RedisServer() as server:
+        agent = Allocator(server.client(), "faults")
+        agent.publish_fleet(FLEET, layouts=ONE_SLICE)
+        server.client().flushall()
+        client = Allocator(server.client(), "faults")
+        with pytest.raises(Unsatisfiable, match=r"4g\.24gb.*no slices at all \(is an agent running\?\)") as refused:
+            client.try_acquire(REQUEST, wait=True)
+        assert "H100" not in str(refused.value)
+        with pytest.raises(UnknownProfile, match=r"'9g\.99gb'.*the catalog.*4g\.24gb"):  # still judged on every model
+            client.try_acquire(SliceRequest(profile="9g.99gb"), wait=True)
+        assert client.status()["queue"] == []
+        Allocator(server.client(), "faults").publish_fleet(FLEET, layouts=ONE_SLICE)  # an agent started after the wipe
+        assert client.try_acquire(REQUEST).slice.profile == "4g.24gb"
+
+
+def test_a_request_waiting_when_redis_loses_its_data_is_told_so_not_that_it_was_abandoned():
+    with RedisServer() as server:
+        alloc = Allocator(server.client(), "faults", wait_ttl_s=3)
+        alloc.publish_fleet(FLEET, layouts=ONE_SLICE, heartbeat_ttl_s=600)
+        alloc.try_acquire(REQUEST)  # the only slice is leased
+        queued = alloc.try_acquire(REQUEST, wait=True)
+        time.sleep(1.5)  # the wait went on a while before Redis lost everything
+        server.client().flushall()
+        with pytest.raises(LeaseLost, match=r"no longer queued: Redis lost its data while it waited .*Ask again") as gone:
+            alloc.wait_for_grant(queued.request_id, 30)
+        assert "abandoned" not in str(gone.value)
+        alloc.publish_fleet(FLEET, layouts=ONE_SLICE, heartbeat_ttl_s=600)  # the agent republishes (quarantined)
+        withdrawn = alloc.try_acquire(REQUEST, wait=True)
+        alloc.give_up(withdrawn.request_id)  # gone from the queue with Redis's data intact: the old words
+        with pytest.raises(LeaseLost, match=r"no longer queued \(dropped as abandoned\?\)"):
+            alloc.wait_for_grant(withdrawn.request_id, 30)

@@ -219,6 +219,7 @@ class MigTaskRunner(ThreadPoolTaskRunner):
         share_warm: str | None = None,
     ) -> None:
         _check_wait_and_workers(wait_timeout_s, max_workers)
+        _check_container_fields(env=env, volumes=volumes, network=network, cpus=cpus, mem_limit=mem_limit)
         super().__init__(max_workers=max_workers)
         self.profile = profile
         self.priority = priority
@@ -693,6 +694,30 @@ def _with_body(task, body):
 
 #: ContainerSettings fields MigTaskRunner(container_options=...) and the block may set
 CONTAINER_OPTIONS = ("read_only_root", "tmp_size", "no_new_privileges", "cap_add", "pids_limit", "user")
+
+
+def _check_container_fields(**fields: Any) -> None:
+    """Refuse env, volumes, network, cpus or mem_limit that task containers cannot be made with
+    now, naming the argument (not at the first task's run, after its lease was taken)."""
+    from pydantic import ValidationError
+
+    if isinstance(fields["volumes"], str):
+        raise ConfigError(
+            f"MigTaskRunner volumes={fields['volumes']!r}: give a list of 'host_or_name:/container/path[:ro|rw]' "
+            "strings, not one string.",
+            field="volumes",
+            value=fields["volumes"],
+        )
+    try:
+        ContainerSettings(**{k: v for k, v in fields.items() if v is not None})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise ConfigError(
+            f"MigTaskRunner {'.'.join(map(str, first['loc']))}={first.get('input')!r}: "
+            f"{first['msg'].removeprefix('Value error, ')}",
+            field=str(first["loc"][0]),
+            value=first.get("input"),
+        ) from exc
 
 
 def _check_container_options(options: dict[str, Any]) -> None:
