@@ -353,6 +353,10 @@ def test_a_task_asking_for_a_network_the_engine_lacks_fails_before_it_takes_a_le
         ("mem_limit", "lots", "pattern"),
         ("env", {"BATCH": 1}, "string"),
         ("network", "", "network name"),
+        ("priority", True, "integer"),  # was priority 1
+        ("priority", "5", "integer"),
+        ("preemptible", "yes", "True or False"),  # was a yes
+        ("image", "", "image name"),  # was the default image
     ],
 )
 def test_a_container_setting_the_engine_would_refuse_is_refused_when_the_runner_is_made_naming_it(field, value, said):

@@ -155,6 +155,20 @@ def _check_wait_and_workers(wait_timeout_s: Any, max_workers: Any) -> None:
         )
 
 
+def _check_request_types(priority: Any, preemptible: Any, image: Any) -> None:
+    """What pydantic would coerce, refused: ``priority=True`` is not priority 1, ``preemptible="yes"``
+    not a yes, and an empty `image` not the default image."""
+    if priority is not None and (isinstance(priority, bool) or not isinstance(priority, int)):
+        raise ConfigError(f"MigTaskRunner priority={priority!r}: give an integer from 0 to 100 (higher first), or "
+                          "leave it unset.", field="priority", value=priority)
+    if not isinstance(preemptible, bool):
+        raise ConfigError(f"MigTaskRunner preemptible={preemptible!r}: give True or False.",
+                          field="preemptible", value=preemptible)
+    if image is not None and (not isinstance(image, str) or not image.strip()):
+        raise ConfigError(f"MigTaskRunner image={image!r}: give an image name (repository[:tag]), or leave it unset "
+                          "for prefect-mig-python:bookworm.", field="image", value=image)
+
+
 class MigTaskRunner(ThreadPoolTaskRunner):
     """A task runner that leases a MIG slice per task try and runs the body in a container there.
 
@@ -219,6 +233,7 @@ class MigTaskRunner(ThreadPoolTaskRunner):
         share_warm: str | None = None,
     ) -> None:
         _check_wait_and_workers(wait_timeout_s, max_workers)
+        _check_request_types(priority, preemptible, image)
         _check_container_fields(env=env, volumes=volumes, network=network, cpus=cpus, mem_limit=mem_limit)
         super().__init__(max_workers=max_workers)
         self.profile = profile
