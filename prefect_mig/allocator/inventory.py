@@ -230,7 +230,18 @@ class Inventory:
                 or a slice of it waits for an expired holder's task container to be fenced; nothing
                 is removed.
         """
-        reply = self._run("forget_node", node, action=f"forget node {node}", keys=(self.keys.agent(node),))
+        for _ in range(10):
+            # the script finds the node's GPUs too, and answers 'changed' unless they are these: it is
+            # passed every key it touches (Redis Cluster routes a script by them)
+            with redis_errors("read the GPUs"):
+                raw = self.redis.hgetall(self.keys.gpus)
+            gpus = sorted(decode(g) for g, body in raw.items() if json.loads(decode(body)).get("node") == node)
+            keys = (self.keys.agent(node), self.keys.node_slices(node), *(self.keys.gpu_agent(g) for g in gpus))
+            reply = self._run("forget_node", node, *gpus, action=f"forget node {node}", keys=keys)
+            if reply[0] != "changed":
+                break
+        else:
+            raise NodeInUse(node=node, holds=["an agent that keeps publishing GPUs under its name"])
         if reply[0] == "forgotten":
             with redis_errors(f"forget node {node}'s last heartbeat"):
                 self.redis.hdel(self.keys.heartbeats, node)
