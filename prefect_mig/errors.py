@@ -36,6 +36,7 @@ PrefectMigError
 NodeTaken                       another node agent, alive, already serves this node or its GPUs
 NodeClaimLapsed                 this node agent could not renew its claim on the node for a whole TTL
 NodeInUse                       a node to forget is still claimed by an agent or holds a lease
+GpuHeld                         another process of this host (an agent, the demo) serves the GPU
 ```
 
 Foreign errors (pynvml's `NVMLError_*`) are translated at the backend edge with ``raise ... from exc``.
@@ -406,6 +407,34 @@ class NodeTaken(PrefectMigError):
         self.serving = serving
         self.host = host
         self.pid = pid
+
+
+class GpuHeld(PrefectMigError):
+    """Another live process of this host serves the GPU (holds its lock file, see
+    `prefect_mig.gpu.host_lock`): a node agent or the demo of another cluster (namespace, Redis) or
+    state dir. Both would carve the GPU, and a re-carve of one destroys a slice the other leased.
+
+    Attributes:
+        gpu: the GPU's UUID.
+        pid: the holder's process id (None when it wrote none).
+        what: what the holder is (``prefect-mig agent``, ``prefect-mig demo``).
+        about: what else it wrote of itself (namespace, node, state dir).
+        path: the lock file.
+    """
+
+    def __init__(self, *, gpu: str, pid: int | None, what: str, about: dict, path: str) -> None:
+        said = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in sorted(about.items()) if v not in (None, ""))
+        holder = f"{what} (pid {pid}{', ' + said if said else ''})" if pid else f"{what} (pid unknown)"
+        state_dir = about.get("state_dir")
+        down = (f"; a local cluster's agent: `prefect-mig down` with PREFECT_MIG_STATE_DIR={state_dir}"
+                if state_dir and "agent" in what else "")
+        stop = f"`kill {pid}` (it gives the GPU back as it stops{down})" if pid else f"the process holding {path}"
+        super().__init__(
+            f"GPU {gpu} is served by another process on this host: {holder}. Two processes carving one GPU "
+            f"destroy each other's leased slices, so run one agent (or demo) per GPU: stop that one first, {stop}, "
+            f"or use that one's cluster (lock file {path})."
+        )
+        self.gpu, self.pid, self.what, self.about, self.path = gpu, pid, what, about, path
 
 
 class NodeNotClaimed(PrefectMigError):

@@ -4,7 +4,8 @@ Two agents for one node (`prefect-mig agent` beside `up`'s, two hosts given one
 ``PREFECT_MIG_NODE``) would apply the same GPU's layout changes at once, destroying slices leased
 meanwhile. So an agent claims its node and GPUs in Redis for its heartbeat TTL
 (`Allocator.claim_node`) and keeps the claim renewed from a small thread while it serves, however
-long one of its rounds takes (a carve on real NVML can take tens of seconds). Before each change it
+long one of its rounds takes (a carve on real NVML can take tens of seconds); a renewal only extends
+a claim Redis still holds as this agent's (`Allocator.renew_node_claim`). Before each change it
 makes (a carve step, a release, a publish) it checks the claim (`NodeClaim.check`): one that
 another agent took, or that nobody could confirm for a whole TTL, stops it. On a clean exit the
 claim is given back, if it is still its own, so an agent started on another host need not wait
@@ -105,6 +106,32 @@ class NodeClaim:
                 self._lost = error
         raise error
 
+    def renew(self) -> bool:
+        """Extend the claim for `ttl_s` while Redis still holds it as this agent's; False, changing
+        nothing, when nobody holds the node (the claim lapsed, or was given back: a renewal that
+        lands after `release` must not take the node again, see `Allocator.renew_node_claim`).
+        `take` claims it again.
+
+        Raises:
+            NodeTaken: another agent holds the node or one of its GPUs now.
+        """
+        from prefect_mig.errors import NodeTaken
+
+        me, gpus, sent = self._me(), list(self.gpus()), time.monotonic()
+        refused = self.allocator.renew_node_claim(self.node, me, ttl_s=self.ttl_s, gpus=gpus)
+        if refused is None:
+            with self._lock:
+                self._confirmed_at, self._lost = sent, None
+            return True
+        if refused[1] is None:
+            return False
+        holder = _identity(refused[1])
+        error = NodeTaken(node=self.node, namespace=self.allocator.keys.namespace, what=refused[0],
+                          serving=holder["node"], host=holder["host"], pid=holder["pid"], ttl_s=self.ttl_s)
+        with self._lock:
+            self._lost = error
+        raise error
+
     def check(self) -> None:
         """Before a change on the node: raise unless the claim is this agent's (a no-op for an agent
         that never claimed, such as the simulator's).
@@ -139,7 +166,9 @@ class NodeClaim:
     @contextmanager
     def kept(self) -> Iterator[NodeClaim]:
         """Take the claim (`take`, which may raise `NodeTaken`) and renew it every third of its
-        TTL from a daemon thread until the block ends; a renewal that finds another agent holding
+        TTL from a daemon thread until the block ends (`renew`: a claim that lapsed meanwhile is
+        claimed again only by a `take`, the agent's next round, so a renewal landing after the
+        give-back cannot hold the node for one more TTL); a renewal that finds another agent holding
         it makes the next `check` raise. On a clean exit (no exception, or ``SystemExit(0)``: a stop
         signal) the claim is given back; after any other exception it lapses by itself. Nested
         blocks share the outer one's thread."""
@@ -195,14 +224,22 @@ class NodeClaim:
     def _renew_until(self, done: threading.Event) -> None:
         from prefect_mig.errors import NodeTaken
 
+        lapsed = False
         while not done.wait(self.ttl_s / 3):
             try:
-                self.take()
+                renewed = self.renew()
             except NodeTaken as exc:
                 log.error("node %s: another agent holds it now (%s); this agent stops acting on it", self.node, exc)
                 return
             except Exception as exc:  # noqa: BLE001 - Redis down: retried; `check` fails once a TTL passed
                 log.warning("node %s: could not renew the agent's claim (%s); retrying", self.node, exc)
+                continue
+            if not renewed and not lapsed and not done.is_set():
+                # only `take` (the agent's next round) claims it again: this thread's renewal may land
+                # after the block ended and the claim was given back
+                log.warning("node %s: the agent's claim lapsed before its renewal reached Redis; it changes nothing "
+                            "there until it has claimed the node again", self.node)
+            lapsed = not renewed
 
 
 def _identity(raw: str) -> dict:

@@ -15,6 +15,7 @@ This is the one place that reads the environment; everything else receives a `Se
 | ``PREFECT_MIG_SIMULATED_FLEET`` | the simulated hardware, e.g. ``node-a=2xH100-80GB,node-b=1xA30-24GB`` |
 | ``PREFECT_MIG_NODE`` | this host's node name (with the simulated backend: which fleet node it is) |
 | ``PREFECT_MIG_STATE_DIR`` | directory where state lives (embedded Redis data, the simulated NVML's state file); relative = from the working directory |
+| ``PREFECT_MIG_GPU_LOCK_DIR`` | where the agent and the demo lock each real GPU they serve (unset: ``/run/prefect-mig/gpu-locks`` when writable, and ``/tmp/prefect-mig-gpu-locks``) |
 | ``PREFECT_MIG_DOCKER_HOST`` | Docker engine URL for task containers; unset = ``DOCKER_HOST`` or the local socket |
 | ``PREFECT_MIG_DOCKER_TLS_CA_FILE`` / ``..._CERT_FILE`` / ``..._KEY_FILE`` | client certificates for ``tcp://`` engines started with ``--tlsverify`` |
 | ``PREFECT_MIG_API_TOKEN`` | admin bearer token of the HTTP lease API (``prefect-mig api serve``) |
@@ -109,6 +110,11 @@ class Settings(BaseSettings):
     state_dir: Path = Field(
         default=Path.home() / ".prefect-mig",
         description="Directory for local state (embedded Redis data, simulated NVML state).",
+    )
+    gpu_lock_dir: Path | None = Field(
+        default=None,
+        description="Directory of the per-GPU lock files that keep a second agent (or the demo) off this host's "
+        "real GPUs; unset: /run/prefect-mig/gpu-locks when writable, and /tmp/prefect-mig-gpu-locks.",
     )
     docker_host: str | None = Field(
         default=None,

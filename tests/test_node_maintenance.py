@@ -172,6 +172,44 @@ def test_node_forget_refuses_a_node_an_agent_claims_or_with_a_lease_held_naming_
         cluster.try_acquire(two_g(node="node-b"))
 
 
+def test_node_forget_refuses_while_an_agent_of_another_node_name_claims_one_of_its_gpus(redis_client, namespace):
+    from prefect_mig.errors import NodeInUse
+
+    cluster = Allocator(redis_client, namespace)
+    slices = cluster.publish_fleet(TWO_NODES, layouts=HALVES, heartbeat_ttl_s=600)
+    (gpu,) = {s.gpu_uuid for s in slices if s.node == "node-b"}
+    agent = '{"host": "gpu-7", "pid": 4242, "node": "gpu-7"}'
+    cluster.claim_node("gpu-7", agent, ttl_s=600, gpus=[gpu])  # the node renamed: its agent runs under the new name
+    with pytest.raises(NodeInUse) as refused:
+        cluster.forget_node("node-b")
+    assert f"claims GPU {gpu}" in str(refused.value) and "pid 4242 on host gpu-7" in str(refused.value)
+    assert len(cluster.status()["slices"]) == 4
+    cluster.release_node_claim("gpu-7", agent, gpus=[gpu])
+    assert cluster.forget_node("node-b") == (2, 1)
+
+
+def test_node_forget_is_passed_every_key_it_touches_and_refuses_a_gpu_set_that_changed_since_read(
+    redis_client, namespace
+):
+    """Redis Cluster routes a script by the keys it is passed, so the caller reads the node's GPUs and
+    passes their claims; a GPU published under the node after that read makes the script change
+    nothing (the caller reads them again)."""
+    from pathlib import Path
+
+    lua = (Path(__file__).parents[1] / "prefect_mig" / "allocator" / "lua" / "forget_node.lua").read_text()
+    assert "gpu_agent_key" not in lua and "node_slices_key" not in lua
+    cluster = Allocator(redis_client, namespace)
+    slices = cluster.publish_fleet(TWO_NODES, layouts=HALVES, heartbeat_ttl_s=600)
+    (gpu,) = {s.gpu_uuid for s in slices if s.node == "node-b"}
+    k = cluster.keys
+    before = cluster.status()["slices"]
+    for stale in ([], [gpu, "GPU-gone"]):
+        keys = (k.agent("node-b"), k.node_slices("node-b"), *(k.gpu_agent(g) for g in stale))
+        assert cluster._run("forget_node", "node-b", *stale, action="forget", keys=keys) == ["changed"]
+    assert cluster.status()["slices"] == before
+    assert cluster.forget_node("node-b") == (2, 1)
+
+
 def test_node_forget_drops_the_desired_layouts_of_the_gpus_it_forgets(redis_client, namespace):
     """A desired layout left for a forgotten GPU would be carved, unasked, if the GPU came back."""
     cluster = Allocator(redis_client, namespace)

@@ -167,20 +167,40 @@ class Inventory:
         `ttl_s`, or renew the claim, all or nothing: None when it holds them now, else ``(what,
         identity)`` of the agent that holds one (``what``: ``node <name>`` or ``GPU <uuid>``).
         `replace` (an identity this call gave back, of an agent known dead) is taken over at once."""
+        return self._set_node_claim(node, agent, ttl_s=ttl_s, gpus=gpus, allowed=(None, agent, replace),
+                                    action=f"claim node {node} for this agent")
+
+    def renew_node_claim(
+        self, node: str, agent: str, *, ttl_s: float, gpus: Sequence[str] = ()
+    ) -> tuple[str, str | None] | None:
+        """Extend `agent`'s claim on `node` and its `gpus` for `ttl_s`, only while the node's claim is
+        still `agent`'s: None when extended, else ``(what, identity)`` of the agent holding it, with
+        identity None when nobody does (the claim lapsed, or was given back). Unlike `claim_node` it
+        never claims a node afresh, so a renewal that reaches Redis after its agent gave the claim
+        back (`release_node_claim`) cannot take it again. A GPU of the node with no claim yet (one
+        the node gained) is claimed with it."""
+        return self._set_node_claim(node, agent, ttl_s=ttl_s, gpus=gpus, allowed=(None, agent), renewing=True,
+                                    action=f"renew this agent's claim on node {node}")
+
+    def _set_node_claim(self, node: str, agent: str, *, ttl_s: float, gpus: Sequence[str], allowed: tuple,
+                        action: str, renewing: bool = False) -> tuple[str, str | None] | None:
+        """Set the claims of `node` and its `gpus` to `agent` for `ttl_s` unless one holds a value
+        not in `allowed` (or, `renewing`, the node's is not `agent`'s): then ``(what, value)``."""
         claims = {self.keys.agent(node): f"node {node}", **{self.keys.gpu_agent(g): f"GPU {g}" for g in gpus}}
 
-        def attempt(pipe) -> tuple[str, str] | None:
-            for key, what in claims.items():
-                current = pipe.get(key)
-                current = None if current is None else decode(current)
-                if current not in (None, agent, replace):
+        def attempt(pipe) -> tuple[str, str | None] | None:
+            held = [None if h is None else decode(h) for h in pipe.mget(list(claims))]
+            if renewing and held[0] != agent:
+                return f"node {node}", held[0]
+            for what, current in zip(claims.values(), held):
+                if current not in allowed:
                     return what, current
             pipe.multi()
             for key in claims:
                 pipe.set(key, agent, px=max(1, int(ttl_s * 1000)))
             return None
 
-        with redis_errors(f"claim node {node} for this agent"):
+        with redis_errors(action):
             return self.redis.transaction(attempt, *claims, value_from_callable=True)
 
     def release_node_claim(self, node: str, agent: str, *, gpus: Sequence[str] = ()) -> bool:
@@ -210,7 +230,18 @@ class Inventory:
                 or a slice of it waits for an expired holder's task container to be fenced; nothing
                 is removed.
         """
-        reply = self._run("forget_node", node, action=f"forget node {node}", keys=(self.keys.agent(node),))
+        for _ in range(10):
+            # the script finds the node's GPUs too, and answers 'changed' unless they are these: it is
+            # passed every key it touches (Redis Cluster routes a script by them)
+            with redis_errors("read the GPUs"):
+                raw = self.redis.hgetall(self.keys.gpus)
+            gpus = sorted(decode(g) for g, body in raw.items() if json.loads(decode(body)).get("node") == node)
+            keys = (self.keys.agent(node), self.keys.node_slices(node), *(self.keys.gpu_agent(g) for g in gpus))
+            reply = self._run("forget_node", node, *gpus, action=f"forget node {node}", keys=keys)
+            if reply[0] != "changed":
+                break
+        else:
+            raise NodeInUse(node=node, holds=["an agent that keeps publishing GPUs under its name"])
         if reply[0] == "forgotten":
             with redis_errors(f"forget node {node}'s last heartbeat"):
                 self.redis.hdel(self.keys.heartbeats, node)

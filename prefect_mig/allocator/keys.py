@@ -8,8 +8,9 @@ waiter a release hands a slice to, the wait queue of the freed profile, the slic
 be known by the caller beforehand, so scripts receive the prefix in ``ARGV[1]`` and append the same
 suffixes this module documents (``lease:<id>``, ``waiter:<id>``, ``waitq:<pkey>``, ``free:<pkey>``,
 ``gpu_slices:<gpu_uuid>``, ``node_slices:<node>``, ``tenant_waiting:<tenant>``,
-``preemptible:<pkey>``, ``notice:<lease_id>``, ``warm:<pkey>``, ``gpu_agent:<gpu_uuid>``). A key
-the caller knows (the node's claim, ``agent:<node>``) comes in ``KEYS`` after the fixed ones. The
+``preemptible:<pkey>``, ``notice:<lease_id>``, ``warm:<pkey>``). A key the caller knows (the
+node's claim, ``agent:<node>``; for ``forget_node`` also the node's slice set and its GPUs' claims,
+``gpu_agent:<gpu_uuid>``) comes in ``KEYS`` after the fixed ones. The
 functions below are the only other place these names appear; a test checks that every suffix the
 Lua builds has one.
 """

@@ -27,6 +27,7 @@ from rich.table import Table
 from prefect_mig.cli.output import cli_errors, console
 from prefect_mig.errors import ConfigError, InstanceBusy
 from prefect_mig.gpu import backend_from_settings, nvml_available
+from prefect_mig.gpu.host_lock import hold_gpus
 from prefect_mig.model import Layout, enumerate_layouts, get_model
 from prefect_mig.settings import load_settings
 
@@ -58,7 +59,7 @@ def demo(
         fleet_spec = settings.fleet()
         node = fleet_spec.node_names[0] if settings.backend == "simulated" else settings.node
         backend = backend_from_settings(settings, node=node)
-        with backend:
+        with backend, hold_gpus(backend, settings, "prefect-mig demo", node=node):
             if settings.backend == "simulated":
                 console.print(f"[yellow]No GPU here: simulated fleet[/yellow] {fleet_spec} (state in {settings.state_dir})")
                 _carve(backend)

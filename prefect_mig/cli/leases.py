@@ -23,6 +23,7 @@ from prefect_mig.allocator.embedded import running_embedded_url, stop_embedded_r
 from prefect_mig.cli.output import cli_errors, console, errors, print_error, print_json
 from prefect_mig.errors import ConfigError, PrefectMigError
 from prefect_mig.gpu.host import require_host_pid_namespace
+from prefect_mig.gpu.host_lock import hold_gpus
 from prefect_mig.repartition.planner import Knobs, profile_set
 from prefect_mig.settings import load_settings
 
@@ -272,7 +273,7 @@ def agent(
         node = node or settings.node
         backend = backend_from_settings(settings, node=node)
         require_host_pid_namespace(backend)  # NVML hides other PID namespaces' processes
-        with backend:
+        with backend, hold_gpus(backend, settings, "prefect-mig agent", node=node):
             docker_client = None
             try:
                 from prefect_mig.launchers import ContainerSettings, DockerLauncher

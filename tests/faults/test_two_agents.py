@@ -26,6 +26,7 @@ from prefect_mig.allocator import Allocator, SliceRequest
 from prefect_mig.errors import NodeClaimLapsed, NodeNotClaimed, NodeTaken
 from prefect_mig.gpu import GpuBackend, SimulatedNvml
 from prefect_mig.model import Layout
+from prefect_mig.node_claim import NodeClaim
 from tests.agent_fixtures import start_task_container
 
 A30_TWO = "2g.12gb@0 + 2g.12gb@2"
@@ -602,3 +603,50 @@ def test_an_agent_stopped_while_redis_is_busy_still_gives_its_claim_back(fresh_r
         busy.join(30)
         assert not running.is_alive() and raised == []
         elsewhere.claim()  # given back: no wait for the stopped agent's 60 s claim to lapse
+
+
+def test_a_renewal_that_lands_after_the_agent_gave_its_claim_back_does_not_take_the_node_again(redis_client, namespace):
+    """An agent stops while its claim's renewal is held up (reading the node's GPUs from a slow NVML,
+    or in the network) past the agent's wait for it: the claim is given back, then the renewal
+    lands. It must not hold the node for one more TTL: an agent on another host starts at once."""
+    alloc = Allocator(redis_client, namespace)
+    stopping, stalled, resume = threading.Event(), threading.Event(), threading.Event()
+
+    def gpus() -> list[str]:
+        if threading.current_thread().name == "claim:node-a" and stopping.is_set():
+            stalled.set()
+            resume.wait(30)
+        return ["GPU-1"]
+
+    claim = NodeClaim(alloc, "node-a", ttl_s=1.5, gpus=gpus)
+    elsewhere = NodeClaim(alloc, "node-a", ttl_s=30, gpus=lambda: ["GPU-1"])
+    elsewhere.identity["host"] = "another-gpu-host"
+    with claim.kept():
+        stopping.set()
+        assert stalled.wait(10), "no renewal began"
+        (renewer,) = [t for t in threading.enumerate() if t.name == "claim:node-a"]
+    assert alloc.redis.get(alloc.keys.agent("node-a")) is None, "the claim was not given back"
+    resume.set()  # the renewal goes on, and reaches Redis after the give-back
+    renewer.join(10)
+    assert not renewer.is_alive()
+    elsewhere.take()  # no wait for the stopped agent's claim to lapse
+
+
+def test_a_renewal_extends_only_a_claim_redis_holds_as_the_agents_own(redis_client, namespace):
+    alloc = Allocator(redis_client, namespace)
+    me, other = "agent-1", "agent-2"
+    node_key, gpu_key = alloc.keys.agent("node-a"), alloc.keys.gpu_agent("GPU-1")
+    assert alloc.claim_node("node-a", me, ttl_s=5, gpus=["GPU-1"]) is None
+    assert alloc.renew_node_claim("node-a", me, ttl_s=60, gpus=["GPU-1", "GPU-2"]) is None
+    assert alloc.redis.pttl(node_key) > 5000 and alloc.redis.pttl(gpu_key) > 5000
+    assert alloc.redis.get(alloc.keys.gpu_agent("GPU-2")) == b"agent-1"  # a GPU the node gained is claimed with it
+    assert alloc.release_node_claim("node-a", me, gpus=["GPU-1", "GPU-2"])
+    assert alloc.renew_node_claim("node-a", me, ttl_s=60, gpus=["GPU-1"]) == ("node node-a", None)
+    assert alloc.redis.exists(node_key, gpu_key) == 0  # given back stays given back
+    assert alloc.claim_node("node-a", other, ttl_s=60, gpus=["GPU-1"]) is None
+    assert alloc.renew_node_claim("node-a", me, ttl_s=60, gpus=["GPU-1"]) == ("node node-a", other)
+    alloc.release_node_claim("node-a", other)  # the node's only: another agent still holds GPU-1
+    assert alloc.renew_node_claim("node-a", me, ttl_s=60, gpus=["GPU-1"]) == ("node node-a", None)
+    assert alloc.claim_node("node-a", me, ttl_s=60) is None
+    assert alloc.renew_node_claim("node-a", me, ttl_s=60, gpus=["GPU-1"]) == ("GPU GPU-1", other)
+    assert alloc.redis.get(gpu_key) == b"agent-2"

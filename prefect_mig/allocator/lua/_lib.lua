@@ -39,7 +39,6 @@ local function tenant_waiting_key(tenant) return P .. 'tenant_waiting:' .. tenan
 local function preemptible_key(pkey) return P .. 'preemptible:' .. pkey end
 local function notice_key(id) return P .. 'notice:' .. id end
 local function warm_key(pkey) return P .. 'warm:' .. pkey end
-local function gpu_agent_key(uuid) return P .. 'gpu_agent:' .. uuid end
 
 -- Every transition is appended to the events stream and counted in K.counters ('event:<type>'),
 -- which outlives the stream's trimming: metrics read the counters, never the whole stream.
