@@ -172,6 +172,10 @@ def test_repartition_commands_plan_a_dry_run_then_desire_the_change(cli_env, nam
     assert cluster.desired(row["gpu_uuid"])["layout"] == row["target"]
     bad = _cli("repartition", "plan", "--profiles", "tiny", env=cli_env)
     assert bad.returncode == 2 and "--profiles: 'tiny'" in bad.stderr and "classic, extended, all" in bad.stderr
+    unit = _cli("repartition", "plan", "--value-by", "size", env=cli_env)
+    assert unit.returncode == 2 and "--value-by: 'size' is not allowed; choose request, dominant" in unit.stderr
+    dominant = _cli("repartition", "plan", "--json", "--value-by", "dominant", env=cli_env)
+    assert dominant.returncode == 0 and json.loads(dominant.stdout)[0]["target"] == row["target"]
 
 
 def test_status_shows_each_agents_heartbeat_age_and_flags_stale_ones(cli_env, namespace, redis_client):

@@ -261,3 +261,18 @@ def test_dynamic_policies_start_from_the_mix_of_the_history_before_the_window(re
     )
     assert warm.reconfigurations == 0 and warm.layouts_end == ["3g.40gb@0 + 3g.40gb@4"]
     assert warm.summary()["jct_mean_s"] < cold.summary()["jct_mean_s"]
+
+
+def test_simulate_takes_what_a_served_request_is_worth_and_refuses_an_unknown_unit(tmp_path):
+    from typer.testing import CliRunner
+
+    from prefect_mig.cli.main import app
+
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["simulate", "--synthetic", "20", "--fleet", "n=1xH100-80GB", "--policy", "dynamic",
+                                      "--value-by", "dominant", "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads((out / "simulation.json").read_text())
+    assert doc["knobs"]["value_by"] == "dominant" and "--value-by dominant" in doc["command"]
+    bad = CliRunner().invoke(app, ["simulate", "--synthetic", "5", "--value-by", "size", "--out", str(out)])
+    assert bad.exit_code == 2 and "--value-by: 'size' is not allowed; choose request, dominant" in " ".join(bad.output.split())

@@ -24,7 +24,7 @@ from prefect_mig.cli.output import cli_errors, console, errors, print_error, pri
 from prefect_mig.errors import ConfigError, PrefectMigError
 from prefect_mig.gpu.host import require_host_pid_namespace
 from prefect_mig.gpu.host_lock import hold_gpus
-from prefect_mig.repartition.planner import Knobs, profile_set
+from prefect_mig.repartition.planner import Knobs, profile_set, value_by_choice
 from prefect_mig.settings import load_settings
 
 lease_app = typer.Typer(help="Acquire, renew, release and list leases.", no_args_is_help=True)
@@ -449,14 +449,16 @@ ProfilesOpt = Annotated[str, typer.Option(help="Profiles layouts use: classic, e
 IdleWindowOpt = Annotated[
     float, typer.Option(help="While nothing waits, re-carve only slices idle this many seconds.")
 ]
+ValueByOpt = Annotated[str, typer.Option(help="What a served request is worth to the planner: request (one each) or dominant (its slice's dominant share of the GPU).")]
 
 
-def _knobs(drain_cost: float, profiles: str, idle_window: float):
+def _knobs(drain_cost: float, profiles: str, idle_window: float, value_by: str = Knobs.value_by):
     for flag, value in (("--drain-cost", drain_cost), ("--idle-window", idle_window)):
         if not (math.isfinite(value) and value >= 0):
             raise ConfigError(f"{flag}={value!r}: must be a finite number, 0 or more.", field=flag, value=value)
     chosen = profile_set(profiles, field="--profiles")
-    return Knobs(drain_cost=drain_cost, profiles=chosen, idle_window_s=idle_window)
+    return Knobs(drain_cost=drain_cost, profiles=chosen, idle_window_s=idle_window,
+                 value_by=value_by_choice(value_by, field="--value-by"))
 
 
 
@@ -465,13 +467,14 @@ def repartition_plan(
     drain_cost: DrainCostOpt = Knobs.drain_cost,
     profiles: ProfilesOpt = "extended",
     idle_window: IdleWindowOpt = Knobs.idle_window_s,
+    value_by: ValueByOpt = Knobs.value_by,
     as_json: JsonOpt = False,
 ) -> None:
     """Dry run: what the planner would change on each GPU, given the queue and recent grants."""
     from prefect_mig.repartition.service import plan_from_allocator
 
     with cli_errors():
-        plans = plan_from_allocator(_allocator(), knobs=_knobs(drain_cost, profiles, idle_window))
+        plans = plan_from_allocator(_allocator(), knobs=_knobs(drain_cost, profiles, idle_window, value_by))
         if as_json:
             print_json(
                 [
@@ -497,13 +500,14 @@ def repartition_apply(
     drain_cost: DrainCostOpt = Knobs.drain_cost,
     profiles: ProfilesOpt = "extended",
     idle_window: IdleWindowOpt = Knobs.idle_window_s,
+    value_by: ValueByOpt = Knobs.value_by,
     as_json: JsonOpt = False,
 ) -> None:
     """Plan once and write the changes as desired layouts; the node agents apply them."""
     from prefect_mig.repartition.service import run_once
 
     with cli_errors():
-        changes = run_once(_allocator(), knobs=_knobs(drain_cost, profiles, idle_window))
+        changes = run_once(_allocator(), knobs=_knobs(drain_cost, profiles, idle_window, value_by))
         rows = [{"gpu_uuid": p.gpu_uuid, "node": p.node, "kind": p.kind, "target": str(p.target)} for p in changes]
         if as_json:
             print_json(rows)
@@ -520,6 +524,7 @@ def repartition_serve(
     drain_cost: DrainCostOpt = Knobs.drain_cost,
     profiles: ProfilesOpt = "extended",
     idle_window: IdleWindowOpt = Knobs.idle_window_s,
+    value_by: ValueByOpt = Knobs.value_by,
 ) -> None:
     """Plan when a lease ends, a request queues or a flow run ends (a Prefect API configured), at the
     latest every --interval seconds, and desire the changes (the agents apply them). With a Prefect
@@ -531,7 +536,7 @@ def repartition_serve(
 
     with cli_errors():
         allocator = _allocator()
-        knobs = _knobs(drain_cost, profiles, idle_window)
+        knobs = _knobs(drain_cost, profiles, idle_window, value_by)
         trigger = Trigger(allocator, debounce_s=debounce)
         stop = threading.Event()
         emit = _prefect_events()

@@ -38,6 +38,7 @@ def simulate(
     mapping: Annotated[str, typer.Option(help="Pod share to MIG slice: v100 or share.")] = "v100",
     profiles: Annotated[str, typer.Option(help="Profiles layouts use: classic, extended (each model's classic ones plus its 2-slice 1g, e.g. 1g.20gb) or all.")] = "extended",
     reconfig_cost: Annotated[float, typer.Option(help="Seconds a re-carved range is out of service.")] = 10.0,
+    value_by: Annotated[str, typer.Option(help="What a served request is worth to the dynamic planner: request (one each) or dominant (its slice's dominant share of the GPU).")] = "request",
     out: Annotated[Path, typer.Option(help="Folder for simulation.json and simulation.png.")] = Path("simulation-out"),
     as_json: Annotated[bool, typer.Option("--json", help="Print the JSON summary only.")] = False,
 ) -> None:
@@ -47,7 +48,7 @@ def simulate(
     simulation.json (with the command, seed, knobs and the trace's SHA-256) and simulation.png
     (utilization, and queue depth per slice kind for each policy) into --out.
     """
-    from prefect_mig.repartition.planner import Knobs, profile_set
+    from prefect_mig.repartition.planner import Knobs, profile_set, value_by_choice
     from prefect_mig.simulation.report import DEFAULT_POLICIES, compare, fleet_model, plot, provenance, summary
     from prefect_mig.simulation.workload import load_trace, synthetic
     from prefect_mig.testing.redis_server import RedisServer
@@ -66,7 +67,7 @@ def simulate(
         if reconfig_cost < 0:
             raise ConfigError(f"--reconfig-cost: {reconfig_cost!r} must be 0 seconds or more.")
         _check_out(out)
-        knobs = Knobs(profiles=profile_set(profiles, field="--profiles"))
+        knobs = Knobs(profiles=profile_set(profiles, field="--profiles"), value_by=value_by_choice(value_by, field="--value-by"))
         from prefect_mig.model import FleetSpec
 
         spec = FleetSpec.parse(fleet)
@@ -107,7 +108,7 @@ def simulate(
                     "--fleet", str(spec), *[a for n in names for a in ("--policy", n)],
                     *(["--max-duration", f"{max_duration:g}"] if max_duration is not None else []),
                     "--speedup", f"{speedup:g}", "--mapping", mapping, "--profiles", profiles,
-                    "--reconfig-cost", f"{reconfig_cost:g}", "--out", str(out),
+                    "--value-by", value_by, "--reconfig-cost", f"{reconfig_cost:g}", "--out", str(out),
                 ],
                 seed=seed if synthetic_jobs else None, knobs=knobs, trace=None if synthetic_jobs else source,
                 start_day=start_day,

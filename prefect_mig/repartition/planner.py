@@ -80,6 +80,17 @@ def profile_set(name: str, *, field: str = "profiles") -> str:
     return name
 
 
+def value_by_choice(name: str, *, field: str = "value_by") -> str:
+    """`Knobs.value_by` from what a user types: ``request`` or ``dominant``.
+
+    Raises:
+        ConfigError: any other name (names `field` and the allowed values).
+    """
+    if name not in VALUE_BY:
+        raise ConfigError(f"{field}: {name!r} is not allowed; choose {', '.join(VALUE_BY)}.", field=field, value=name)
+    return name
+
+
 @lru_cache(maxsize=256)
 def model_profiles(model_name: str, profiles: str | tuple[str, ...] = "extended") -> str | tuple[str, ...]:
     """`profiles` as `enumerate_layouts` takes them on `model_name`: ``extended`` becomes that
@@ -185,10 +196,7 @@ class Knobs:
     history_weight: float = 0.1
 
     def __post_init__(self) -> None:
-        if self.value_by not in VALUE_BY:
-            raise ConfigError(
-                f"value_by: {self.value_by!r} is not allowed; choose {', '.join(VALUE_BY)}.", field="value_by", value=self.value_by
-            )
+        value_by_choice(self.value_by)
         for name in ("churn_cost", "drain_cost", "drain_reference_s", "drain_timeout_factor", "drain_timeout_min_s",
                      "fragmentation_cost", "idle_window_s", "retry_after_s", "history_weight"):
             value = getattr(self, name)
