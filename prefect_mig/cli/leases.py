@@ -443,7 +443,7 @@ def token_revoke(token_id: Annotated[str, typer.Argument(help="The id `api token
 
 repartition_app = typer.Typer(help="Make MIG layouts follow the demand.", no_args_is_help=True)
 DrainCostOpt = Annotated[
-    float, typer.Option(help="Served compute slices a drain must gain per lease it waits for.")
+    float, typer.Option(help="Served requests a drain must gain per lease in its way expected to run 600 s more.")
 ]
 ProfilesOpt = Annotated[str, typer.Option(help="Profiles layouts use: classic, extended (classic plus each model's 2-memory-slice 1g, e.g. 1g.20gb on an H100), all.")]
 IdleWindowOpt = Annotated[
