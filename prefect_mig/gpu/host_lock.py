@@ -46,6 +46,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from prefect_mig.state_dir import private_dir
+
 RUN_DIR = Path("/run/prefect-mig/gpu-locks")
 FALLBACK_DIR = Path("/tmp/prefect-mig-gpu-locks")  # not TMPDIR: each user may set their own
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
@@ -89,8 +91,11 @@ def _shared_dir(path: Path) -> None:
 def hold_gpus(backend, settings, what: str, *, node: str) -> GpuLocks:
     """`GpuLocks` on every GPU `backend` sees, in `lock_dirs`, saying what holds them (`what`, e.g.
     ``prefect-mig agent``, with the settings' namespace and state dir, and `node`)."""
+    from prefect_mig.gpu.simulated_nvml import SimulatedNvml
+
     about = {"namespace": settings.namespace, "node": node, "state_dir": str(settings.state_dir)}
-    return GpuLocks(lock_dirs(backend, settings), [g.uuid for g in backend.gpus()], what=what, about=about)
+    return GpuLocks(lock_dirs(backend, settings), [g.uuid for g in backend.gpus()], what=what, about=about,
+                    private=isinstance(backend.nvml, SimulatedNvml))  # simulated GPUs: one user's state dir
 
 
 class GpuLocks:
@@ -102,14 +107,17 @@ class GpuLocks:
         gpus: the UUIDs of the GPUs this process serves.
         what: what this process is, as the refusal names it (``prefect-mig agent``).
         about: more of what it is (namespace, node, state dir), shown to the process refused.
+        private: the directories and lock files are their owner's alone (0700 and 0600, as
+            everything under a state dir is), not shared by every user of the host.
 
     Raises (on entry):
         GpuHeld: another live process holds one of them; none is held then.
     """
 
     def __init__(self, directories: str | os.PathLike | Sequence[str | os.PathLike], gpus: Sequence[str], *,
-                 what: str, about: dict | None = None):
+                 what: str, about: dict | None = None, private: bool = False):
         many = not isinstance(directories, str | os.PathLike)
+        self.private = private
         self.directories = [Path(d) for d in directories] if many else [Path(directories)]
         self.gpus = sorted(set(gpus))
         self.what = what
@@ -120,7 +128,10 @@ class GpuLocks:
         me = json.dumps({"pid": os.getpid(), "what": self.what, **self.about}, sort_keys=True).encode()
         try:
             for directory in self.directories:
-                _shared_dir(directory)
+                if self.private:
+                    private_dir(directory)
+                else:
+                    _shared_dir(directory)
                 for gpu in self.gpus:
                     self._lock(directory / f"{_UNSAFE.sub('_', gpu)}.lock", gpu, me)
         except BaseException:
@@ -135,7 +146,7 @@ class GpuLocks:
         from prefect_mig.errors import GpuHeld
 
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600 if self.private else 0o644)
         except PermissionError:
             fd = os.open(path, os.O_RDONLY)  # another user's file: flock needs no write access
         try:
