@@ -117,3 +117,18 @@ def read_events(
             if len(events) >= wanted or time.monotonic() > deadline:
                 return sorted(events, key=lambda e: e.occurred)
             time.sleep(1)
+
+
+def read_task_run_states(task_run_id, until, timeout_s: float = 60.0) -> list:
+    """The task run's states as the API recorded them, oldest first, once `until(states)` holds (or
+    `timeout_s` passed). Prefect 3 records a task run's states from events, a moment after they
+    happen: a read right after the flow returned can miss the last ones (CI once saw 'Running' last)."""
+    from prefect.client.orchestration import get_client
+
+    deadline = time.monotonic() + timeout_s
+    with get_client(sync_client=True) as client:
+        while True:
+            states = sorted(client.read_task_run_states(task_run_id), key=lambda s: s.timestamp)
+            if until(states) or time.monotonic() > deadline:
+                return states
+            time.sleep(0.3)

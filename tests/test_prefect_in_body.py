@@ -13,6 +13,8 @@ from prefect import flow
 
 from prefect_mig import MigTaskRunner, task
 
+from .prefect_fixtures import read_task_run_states
+
 pytestmark = [pytest.mark.docker, pytest.mark.redis]
 
 
@@ -46,6 +48,7 @@ def test_a_body_in_an_image_with_prefect_runs_in_the_engines_task_run_context(cl
     assert "caller-tag" in seen["tags"]
     from prefect.client.orchestration import get_client
 
+    read_task_run_states(engine_task_run_id, until=lambda states: states and states[-1].is_final())
     with get_client(sync_client=True) as client:
         assert client.read_task_run(engine_task_run_id).flow_run_id == seen["flow_run_id"]
 

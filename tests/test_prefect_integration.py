@@ -15,7 +15,7 @@ from prefect_mig.allocator import Allocator
 from prefect_mig.allocator.invariants import check_events
 from prefect_mig.launchers.docker import task_containers
 
-from .prefect_fixtures import read_lease_events
+from .prefect_fixtures import read_lease_events, read_task_run_states
 
 
 def env_of_slice(i):
@@ -85,8 +85,6 @@ def test_a_timeout_kills_the_container_and_frees_the_slice(cluster):
 
 
 def test_a_waiting_task_shows_awaiting_mig_then_runs(cluster):
-    from prefect.client.orchestration import get_client
-
     from prefect_mig.allocator import SliceRequest
 
     holder = cluster.try_acquire(SliceRequest(profile="3g.40gb"))
@@ -101,12 +99,8 @@ def test_a_waiting_task_shows_awaiting_mig_then_runs(cluster):
 
     task_run_id, (_, uuid) = pipeline()
     assert uuid == holder.slice.mig_uuid
-    names: list[str] = []
-    with get_client(sync_client=True) as client:
-        deadline = time.monotonic() + 20
-        while "AwaitingMIG" not in names and time.monotonic() < deadline:
-            names = [s.name for s in client.read_task_run_states(task_run_id)]
-            time.sleep(0.5)
+    states = read_task_run_states(task_run_id, until=lambda states: states and states[-1].name == "Completed")
+    names = [s.name for s in states]
     assert "AwaitingMIG" in names
     assert names[-1] == "Completed"
 
@@ -459,8 +453,6 @@ def test_a_task_whose_container_the_agent_fenced_fails_with_lease_lost_naming_wh
 
 
 def test_a_task_waiting_on_a_lapsed_agent_says_so_and_ends_at_the_default_wait_timeout(cluster, monkeypatch, tmp_path):
-    from prefect.client.orchestration import get_client
-
     from prefect_mig.errors import WaitTimeout
 
     from .allocator_fixtures import H100_MIXED
@@ -481,8 +473,8 @@ def test_a_task_waiting_on_a_lapsed_agent_says_so_and_ends_at_the_default_wait_t
     error = state.result(raise_on_failure=False)
     assert isinstance(error, WaitTimeout)
     assert "no slice within 4 s" in str(error) and "node-a's agent last heartbeated" in str(error)
-    with get_client(sync_client=True) as client:
-        messages = [s.message or "" for s in client.read_task_run_states(task_run_id) if s.name == "AwaitingMIG"]
+    states = read_task_run_states(task_run_id, until=lambda states: states and states[-1].is_final())
+    messages = [s.message or "" for s in states if s.name == "AwaitingMIG"]
     assert messages and "node-a's agent last heartbeated" in messages[0]
     assert cluster.status()["queue"] == []
     assert list(tmp_path.iterdir()) == []  # a configured Redis: no local agent or redis-server was started
