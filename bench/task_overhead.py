@@ -8,11 +8,14 @@ the docker SDK, and as a ThreadPoolTaskRunner task, in one run.
 - (c) ``threadpool_task_s``: the body as an ordinary Prefect task in the thread pool.
 - (d) ``warm_task_s``: the same task with ``MigTaskRunner(keep_warm_s=...)``: after the first call,
   each runs in the warm process on the still-leased slice (no container start, no lease).
+- (e) ``big_arg_mig_task_s`` / ``big_arg_bare_docker_s``: (a) and (b) again with a body that takes
+  ``--arg-mb`` MB of bytes (default 8) and returns its length: what large task arguments cost
+  beyond the container run that any launch of them needs.
 - ``map100_cold_s`` / ``map100_warm_s``: a 100-task map over 3 slices, cold and warm; and
   ``map100_heavy_import_cold_s`` / ``..._warm_s``: the same with a body that imports a module taking
   2 s to import (a stand-in for ``import torch``; an image built FROM the test image with it).
 
-Targets: (a)/(b) <= 1.15; warm overhead over the thread pool (``warm_overhead_vs_threadpool_s``)
+Targets: (a)/(b) <= 1.15, and (e) the same; warm overhead over the thread pool (``warm_overhead_vs_threadpool_s``)
 <= 25 ms per task; ``map100_warm_s`` <= 0.2x ``map100_cold_s``; with the heavy import <= 0.1x.
 Usage: ``.venv/bin/python bench/task_overhead.py [--quick] [--no-map]``; the last line is one JSON
 object.
@@ -56,14 +59,18 @@ def body(x: int) -> int:
     return sum(i * x for i in range(10_000))
 
 
-def bare_docker(client: docker.DockerClient) -> float:
+def sized(blob: bytes) -> int:
+    return len(blob)
+
+
+def bare_docker(client: docker.DockerClient, fn=body, arg=3) -> float:
     started = time.perf_counter()
     # the runtime archive is laid out relative to HOME, a volume of the container's own (as the launcher does)
     container = client.containers.create(IMAGE, ["python3", f"{HOME}/entry.py"], network_disabled=True, detach=True,
                                          environment={"CUDA_VISIBLE_DEVICES": "MIG-bench"},
                                          mounts=[Mount(HOME, None, type="volume")])
     try:
-        container.put_archive(HOME, _runtime_archive(_pickle_call(body, (3,), {})))
+        container.put_archive(HOME, _runtime_archive(_pickle_call(fn, (arg,), {})))
         container.start()
         container.wait()
         stream, _ = container.get_archive(f"{HOME}/result.pkl")
@@ -126,6 +133,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--no-map", action="store_true", help="skip the 100-task maps (minutes with the heavy import)")
+    parser.add_argument("--arg-mb", type=float, default=8.0, help="the large argument's size for (e), in MB")
     args = parser.parse_args()
     rounds = 5 if args.quick else 15
     client = docker.from_env()
@@ -134,6 +142,8 @@ def main() -> None:
     mig_body = task(task_runner=MigTaskRunner(profile="7g.80gb", image=IMAGE))(body)
     warm_body = task(task_runner=MigTaskRunner(profile="7g.80gb", image=IMAGE, keep_warm_s=120))(body)
     pool_body = prefect_task(body)
+    big_body = task(task_runner=MigTaskRunner(profile="7g.80gb", image=IMAGE))(sized)
+    blob = bytes(int(args.arg_mb * 1_000_000))
 
     with RedisServer() as server:
         os.environ.update(PREFECT_MIG_REDIS_URL=server.url, PREFECT_MIG_NAMESPACE="bench")
@@ -157,13 +167,24 @@ def main() -> None:
                 d.append(time.perf_counter() - t0)
             return a, b, c, d
 
+        @flow
+        def measure_big(n: int) -> tuple[list[float], list[float]]:
+            e, f = [], []
+            for _ in range(n):
+                t0 = time.perf_counter()
+                assert big_body(blob) == len(blob)
+                e.append(time.perf_counter() - t0)
+                f.append(bare_docker(client, sized, blob))
+            return e, f
+
         from prefect_mig.launchers.warm_pool import POOL
 
         try:
             a, b, c, d = measure(rounds)
         finally:
             POOL.close()
-        mig, bare, pool, warm = (statistics.median(x) for x in (a, b, c, d))
+        e, f = measure_big(max(3, rounds // 3))
+        mig, bare, pool, warm, big, big_bare = (statistics.median(x) for x in (a, b, c, d, e, f))
         table = Table(title=f"per-task time, median of {rounds}")
         for col in ("run", "seconds", "vs bare docker"):
             table.add_column(col)
@@ -172,6 +193,8 @@ def main() -> None:
         table.add_row("(c) ThreadPoolTaskRunner task", f"{pool:.4f}", f"{pool / bare:.3f}x")
         table.add_row("(d) warm MigTaskRunner task", f"{warm:.4f}",
                       f"{warm / bare:.3f}x; {1000 * (warm - pool):.1f} ms over (c) (target <= 25 ms)")
+        table.add_row(f"(e) (a) with a {args.arg_mb:g} MB argument", f"{big:.3f}", f"{big / big_bare:.2f}x its bare run (target <= 1.15)")
+        table.add_row(f"(e) (b) with a {args.arg_mb:g} MB argument", f"{big_bare:.3f}", "1.00x")
         console.print(table)
         maps: dict[str, float] = {}
         if not args.no_map:
@@ -192,6 +215,8 @@ def main() -> None:
     print(json.dumps({"mig_task_s": round(mig, 4), "bare_docker_s": round(bare, 4), "threadpool_task_s": round(pool, 5),
                       "ratio_vs_bare_docker": round(mig / bare, 3), "warm_task_s": round(warm, 5),
                       "warm_overhead_vs_threadpool_s": round(warm - pool, 5), "map_tasks": 30 if args.quick else 100,
+                      "big_arg_mb": args.arg_mb, "big_arg_mig_task_s": round(big, 4), "big_arg_bare_docker_s": round(big_bare, 4),
+                      "big_arg_ratio_vs_bare_docker": round(big / big_bare, 3),
                       **{k: round(v, 3) for k, v in maps.items()}}))
 
 

@@ -229,6 +229,27 @@ def test_a_task_whose_arguments_are_large_runs_and_its_run_context_still_names_t
     assert pipeline(list(range(50_000))) == (50_000, 50_000, 50_000, "done")
 
 
+def parameters_as_seen(blob, ids, scale=2):
+    from prefect.runtime import task_run
+
+    seen = task_run.parameters
+    return type(seen["blob"]).__name__, seen["blob"] == blob, seen["ids"], seen["scale"]
+
+
+@pytest.mark.parametrize("keep_warm_s", [0, 30], ids=["cold", "warm"])
+def test_a_body_without_prefect_sees_its_parameters_as_the_values_it_was_called_with(cluster, keep_warm_s):
+    """Found by a large-argument measurement: a body's `prefect.runtime.task_run.parameters` were
+    the flow process's JSON of them, non-JSON values by their repr (8 MB of bytes became a 32 MB
+    string, and three of them took seconds to encode and decode on every call)."""
+    seen = task(task_runner=MigTaskRunner(profile="1g.10gb", keep_warm_s=keep_warm_s))(parameters_as_seen)
+
+    @flow
+    def pipeline():
+        return seen(bytes(range(256)) * 4_000, {3, 1, 2}), seen(b"", set(), scale=5)
+
+    assert pipeline() == (("bytes", True, {1, 2, 3}, 2), ("bytes", True, set(), 5))
+
+
 def test_a_killed_flow_process_leaves_no_container_and_no_lease(redis_server, namespace, tmp_path, docker_client, python_image):
     import signal
     import subprocess

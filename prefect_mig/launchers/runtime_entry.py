@@ -140,10 +140,15 @@ def _install_shim() -> bool:
 
 
 def _prefect_context(stand_in: bool, fn, args, kwargs):
-    """With Prefect in the image, its own flow run and task run context around the body."""
+    """With Prefect in the image, its own flow run and task run context around the body; without
+    it, the stand-in's task-run parameters bound from this call."""
     if stand_in or not os.path.exists(os.path.join(HOME, "runtime_prefect.py")):
         import contextlib
 
+        if stand_in:
+            import runtime_shim
+
+            runtime_shim.bind_parameters(fn, args, kwargs)
         return contextlib.nullcontext()
     import runtime_prefect
 

@@ -7,7 +7,8 @@ so that a body's own ``from prefect import get_run_logger`` and ``prefect.runtim
 - ``get_run_logger()`` returns a logger whose records go back to the task run's logs in the flow's
   process, with their levels (one marked line each on stdout, see `LOG_MARK`);
 - ``prefect.runtime.task_run``: ``id``, ``name``, ``task_name``, ``tags``, ``run_count``,
-  ``parameters``; ``prefect.runtime.flow_run``: ``id``, ``name``, ``flow_name``, ``run_count``,
+  ``parameters`` (the call's own arguments, bound to the body's signature with its defaults, see
+  `bind_parameters`); ``prefect.runtime.flow_run``: ``id``, ``name``, ``flow_name``, ``run_count``,
   ``parameters`` (from ``PREFECT_MIG_RUN_CONTEXT``, JSON written by the flow's process).
 
 Anything else from Prefect (``from prefect import task``, ``import prefect.context``) fails with an
@@ -119,3 +120,19 @@ def install() -> bool:
     if not any(isinstance(finder, _NoMorePrefect) for finder in sys.meta_path):
         sys.meta_path.insert(0, _NoMorePrefect())
     return True
+
+
+def bind_parameters(fn, args: tuple, kwargs: dict) -> None:
+    """Set ``prefect.runtime.task_run.parameters`` to the call's arguments by name, defaults
+    included, as Prefect's ``get_call_parameters`` binds them: the values themselves, not JSON."""
+    import inspect
+
+    task_run = sys.modules.get("prefect.runtime.task_run")
+    if not isinstance(task_run, _RunValues):
+        return
+    try:
+        bound = inspect.signature(fn).bind(*args, **kwargs)
+        bound.apply_defaults()
+        task_run.parameters = dict(bound.arguments)
+    except (TypeError, ValueError):  # a signature that cannot bind this call: the body still runs
+        task_run.parameters = {}

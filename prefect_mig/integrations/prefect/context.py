@@ -133,9 +133,11 @@ def body_context(ctx) -> str:
     if ctx is None:
         return "{}"
     run = ctx.task_run
+    # no task-run parameters: the container binds them from the call it unpickles, values and all
+    # (as JSON, a non-JSON value was its repr, and a large one cost seconds on each side)
     values: dict[str, Any] = {"task_run": {
         "id": str(run.id), "name": run.name, "task_name": ctx.task.name, "tags": sorted(run.tags),
-        "run_count": run.run_count, "parameters": dict(ctx.parameters or {}),
+        "run_count": run.run_count,
     }}
     # A state's data is never the body's business, and may be what JSON cannot hold: the flow
     # run's state holds the exception that is failing it while its other tasks still start.
