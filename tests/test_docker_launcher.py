@@ -78,6 +78,19 @@ def test_a_body_that_raises_raises_here_with_the_remote_traceback(launcher, dock
     assert _ours(docker_client, "raise") == []
 
 
+def test_a_body_that_raises_names_its_own_file_in_both_tracebacks(launcher):
+    """cloudpickle drops the file names of code it sends by value: the container's traceback read
+    File "<dynamic-code>" for the body's frames. They now name the flow-side file they came from,
+    and the rebuilt traceback shows that file's source line."""
+    import traceback
+
+    with pytest.raises(ValueError) as raised:
+        launcher.run(raise_value_error, (7,), mig_uuid="MIG-x", labels={"run": "raise-file"})
+    assert f'File "{__file__}", line' in raised.value.__cause__.tb and "<dynamic-code>" not in raised.value.__cause__.tb
+    here = "".join(traceback.format_exception(raised.value))
+    assert 'raise ValueError(f"bad input {n}")' in here and "<dynamic-code>" not in here
+
+
 def test_container_output_streams_line_by_line(launcher):
     lines = []
     assert launcher.run(print_lines, mig_uuid="MIG-x", on_log=lines.append) == "done"
