@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -17,6 +18,7 @@ import pytest
 from prefect_mig.allocator import Allocator
 from prefect_mig.gpu import GpuBackend, SimulatedNvml
 from prefect_mig.model import Layout
+from tests.agent_fixtures import run_in_thread
 
 A30_TWO = "2g.12gb@0 + 2g.12gb@2"
 
@@ -92,23 +94,66 @@ def test_a_gpu_whose_agent_was_killed_is_served_by_the_next_agent_at_once(servin
     assert started.returncode == 0, started.stdout + started.stderr
 
 
+def test_a_library_users_agent_for_a_gpu_another_in_process_agent_serves_refuses_naming_it_and_carves_nothing(
+    redis_client, namespace, tmp_path
+):
+    """`NodeAgent.run` called from one's own code (no CLI) locks the GPUs too: a second agent of another
+    cluster (namespace) for the same simulated GPU refuses before it claims or carves anything."""
+    from prefect_mig.agent import NodeAgent
+    from prefect_mig.errors import GpuHeld
+
+    other = "other" + str(os.getpid())
+    with GpuBackend(SimulatedNvml("node-a=1xA30-24GB", state_dir=tmp_path)) as mine, \
+            GpuBackend(SimulatedNvml("node-a=1xA30-24GB", state_dir=tmp_path)) as theirs:
+        mine.apply_layout(0, Layout.parse("A30-24GB", A30_TWO))
+        gpu = mine.gpus()[0].uuid
+        first = NodeAgent(mine, Allocator(redis_client, namespace), node="node-a", state_dir=tmp_path)
+        second = NodeAgent(theirs, Allocator(redis_client, other), node="node-a")
+        second.allocator.set_desired(gpu, "4g.24gb@0", kind="incremental")  # what the second cluster would carve
+        stop = threading.Event()
+        try:
+            running, first_raised = run_in_thread(first, stop)
+            deadline = time.monotonic() + 30
+            while not first.allocator.redis.hexists(first.allocator.keys.nodes, "node-a"):
+                assert time.monotonic() < deadline and not first_raised, first_raised
+                time.sleep(0.1)
+            refused, second_raised = run_in_thread(second, stop)
+            refused.join(timeout=30)
+            assert not refused.is_alive(), "a second agent for the GPU kept running beside the first"
+            (error,) = second_raised
+            assert isinstance(error, GpuHeld) and error.gpu == gpu and error.pid == os.getpid()
+            assert error.what == "node agent" and error.about["namespace"] == namespace
+            assert error.about["node"] == "node-a" and error.about["state_dir"] == str(tmp_path)
+            said = str(error)
+            assert f"GPU {gpu} is served by another process on this host: node agent (pid {os.getpid()}" in said
+            assert f"namespace {namespace}" in said, said
+            assert str(mine.layout(0)) == A30_TWO and second.allocator.desired(gpu) is not None
+            assert not second.allocator.redis.hexists(second.allocator.keys.nodes, "node-a")  # published nothing
+            assert running.is_alive() and first_raised == []
+        finally:
+            stop.set()
+    running.join(timeout=30)
+    with GpuBackend(SimulatedNvml("node-a=1xA30-24GB", state_dir=tmp_path)) as theirs, \
+            NodeAgent(theirs, Allocator(redis_client, other), node="node-a").serving():
+        pass  # the first gave the GPU back as it stopped
+
+
 def test_real_gpus_lock_in_the_directory_the_settings_name_else_the_first_one_that_can_be_made(tmp_path):
     from prefect_mig.errors import GpuHeld
     from prefect_mig.gpu.host_lock import GpuLocks, lock_dirs
-    from prefect_mig.settings import Settings
 
     real = GpuBackend()  # the real NVML's backend, never initialized: only its kind matters here
-    assert lock_dirs(real, Settings(gpu_lock_dir=tmp_path / "mine")) == [tmp_path / "mine"]
+    assert lock_dirs(real, tmp_path / "mine") == [tmp_path / "mine"]
     a_file = tmp_path / "a-file"
     a_file.write_text("")
     shared = tmp_path / "shared"
     run, tmp = tmp_path / "run" / "gpu-locks", tmp_path / "tmp" / "gpu-locks"
-    assert lock_dirs(real, Settings(gpu_lock_dir=None), candidates=(run, tmp)) == [run, tmp]
+    assert lock_dirs(real, None, candidates=(run, tmp)) == [run, tmp]
     with GpuLocks([run, tmp], ["GPU-1"], what="prefect-mig agent"), pytest.raises(GpuHeld) as refused:
         with GpuLocks([tmp], ["GPU-1"], what="prefect-mig demo"):  # a user's, who cannot write /run: meets it in /tmp
             pass
     assert refused.value.pid == os.getpid() and refused.value.what == "prefect-mig agent"
-    assert lock_dirs(real, Settings(gpu_lock_dir=None), candidates=(a_file / "gpu-locks", shared)) == [shared]
+    assert lock_dirs(real, None, candidates=(a_file / "gpu-locks", shared)) == [shared]
     assert shared.stat().st_mode & 0o7777 == 0o1777  # every user's agent can lock there; none removes another's file
     simulated = GpuBackend(SimulatedNvml("node-a=1xA30-24GB", state_dir=tmp_path / "state"))
-    assert lock_dirs(simulated, Settings(gpu_lock_dir=tmp_path / "mine")) == [tmp_path / "state" / "gpu-locks"]
+    assert lock_dirs(simulated, tmp_path / "mine") == [tmp_path / "state" / "gpu-locks"]

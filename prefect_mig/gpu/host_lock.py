@@ -1,5 +1,6 @@
-"""One process per GPU of a host: the node agent (`prefect-mig agent`, a local cluster's) and the
-demo hold an flock per GPU, by UUID, for as long as they serve it.
+"""One process per GPU of a host: every node agent (`NodeAgent.serving`, so `prefect-mig agent`, a
+local cluster's agents and a library user's own) and the demo hold an flock per GPU, by UUID, for as
+long as they serve it.
 
 The node claim in Redis keeps two agents of one cluster off one GPU, but two clusters (another
 namespace or another Redis: `prefect-mig demo` beside a standalone agent, two agents configured
@@ -53,17 +54,18 @@ FALLBACK_DIR = Path("/tmp/prefect-mig-gpu-locks")  # not TMPDIR: each user may s
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 
-def lock_dirs(backend, settings=None, *, candidates: Sequence[Path] = (RUN_DIR, FALLBACK_DIR)) -> list[Path]:
+def lock_dirs(backend, gpu_lock_dir: str | os.PathLike | None = None, *,
+              candidates: Sequence[Path] = (RUN_DIR, FALLBACK_DIR)) -> list[Path]:
     """The directories of the GPU lock files for `backend`'s GPUs (see the module docstring): the
-    simulated GPUs' state dir; for real GPUs the settings' ``gpu_lock_dir``, else each of
+    simulated GPUs' state dir; for real GPUs `gpu_lock_dir` (``PREFECT_MIG_GPU_LOCK_DIR``), else each of
     `candidates` that can be made and written (a root agent locks in both /run and /tmp, so a user's
     process, which cannot write /run, still meets its locks in /tmp), at least the last."""
     from prefect_mig.gpu.simulated_nvml import SimulatedNvml
 
     if isinstance(backend.nvml, SimulatedNvml):
         return [backend.nvml.state_dir / "gpu-locks"]
-    if settings is not None and settings.gpu_lock_dir is not None:
-        return [Path(settings.gpu_lock_dir)]
+    if gpu_lock_dir is not None:
+        return [Path(gpu_lock_dir)]
     usable = []
     for candidate in candidates:
         try:
@@ -89,13 +91,10 @@ def _shared_dir(path: Path) -> None:
 
 
 def hold_gpus(backend, settings, what: str, *, node: str) -> GpuLocks:
-    """`GpuLocks` on every GPU `backend` sees, in `lock_dirs`, saying what holds them (`what`, e.g.
-    ``prefect-mig agent``, with the settings' namespace and state dir, and `node`)."""
-    from prefect_mig.gpu.simulated_nvml import SimulatedNvml
-
+    """`GpuLocks` (not yet held) on every GPU `backend` sees, in `lock_dirs`, saying what holds them
+    (`what`, e.g. ``prefect-mig agent``, with the settings' namespace and state dir, and `node`)."""
     about = {"namespace": settings.namespace, "node": node, "state_dir": str(settings.state_dir)}
-    return GpuLocks(lock_dirs(backend, settings), [g.uuid for g in backend.gpus()], what=what, about=about,
-                    private=isinstance(backend.nvml, SimulatedNvml))  # simulated GPUs: one user's state dir
+    return GpuLocks.for_backend(backend, what=what, about=about, gpu_lock_dir=settings.gpu_lock_dir)
 
 
 class GpuLocks:
@@ -123,6 +122,16 @@ class GpuLocks:
         self.what = what
         self.about = dict(about or {})
         self._held: list[int] = []
+        self.held = False
+
+    @classmethod
+    def for_backend(cls, backend, *, what: str, about: dict | None = None,
+                    gpu_lock_dir: str | os.PathLike | None = None) -> GpuLocks:
+        """Locks (not yet held) on every GPU `backend` sees, in its `lock_dirs`."""
+        from prefect_mig.gpu.simulated_nvml import SimulatedNvml
+
+        return cls(lock_dirs(backend, gpu_lock_dir), [g.uuid for g in backend.gpus()], what=what, about=about,
+                   private=isinstance(backend.nvml, SimulatedNvml))  # simulated GPUs: one user's state dir
 
     def __enter__(self) -> GpuLocks:
         me = json.dumps({"pid": os.getpid(), "what": self.what, **self.about}, sort_keys=True).encode()
@@ -137,6 +146,7 @@ class GpuLocks:
         except BaseException:
             self._release()
             raise
+        self.held = True
         return self
 
     def __exit__(self, *exc) -> None:
@@ -165,6 +175,7 @@ class GpuLocks:
             pass  # read-only: the refusal of the next process names no pid
 
     def _release(self) -> None:
+        self.held = False
         while self._held:
             os.close(self._held.pop())  # closing the last descriptor drops the lock
 
