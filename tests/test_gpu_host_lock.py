@@ -12,6 +12,8 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
@@ -138,22 +140,199 @@ def test_a_library_users_agent_for_a_gpu_another_in_process_agent_serves_refuses
         pass  # the first gave the GPU back as it stopped
 
 
-def test_real_gpus_lock_in_the_directory_the_settings_name_else_the_first_one_that_can_be_made(tmp_path):
+def test_real_gpus_lock_where_the_settings_say_else_roots_in_run_and_other_users_in_tmp_looking_at_run(tmp_path):
+    from prefect_mig.gpu.host_lock import LockDirs, lock_dirs
+
+    real = GpuBackend()  # the real NVML's backend, never initialized: only its kind matters here
+    run, tmp = tmp_path / "run" / "gpu-locks", tmp_path / "tmp" / "gpu-locks"
+    assert lock_dirs(real, tmp_path / "mine") == LockDirs([tmp_path / "mine"], "shared", [])
+    assert lock_dirs(real, None, root_dir=run, shared_dir=tmp, euid=0) == LockDirs([run], "root", [])
+    assert lock_dirs(real, None, root_dir=run, shared_dir=tmp, euid=1000) == LockDirs([tmp], "shared", [run])
+    simulated = GpuBackend(SimulatedNvml("node-a=1xA30-24GB", state_dir=tmp_path / "state"))
+    assert lock_dirs(simulated, tmp_path / "mine") == LockDirs([tmp_path / "state" / "gpu-locks"], "private", [])
+
+
+# Another local user against the host-wide lock dirs: a process of the user nobody (uid 65534), started by the test.
+NOBODY = 65534
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="starts a process of another user (needs root)")
+
+
+@pytest.fixture
+def host():
+    """(/run's and /tmp's lock dirs, as a host has them) in a directory every user can reach: /run's
+    is made by the code under test, /tmp's exists, sticky and world-writable."""
+    import shutil
+    import tempfile
+
+    def reachable(path: Path) -> bool:  # every user may pass through it and its parents (this host's /tmp is 0700)
+        return all(p.stat().st_mode & 0o001 for p in (path, *path.parents))
+
+    base = next((d for d in map(Path, (tempfile.gettempdir(), "/var/tmp", "/dev/shm")) if d.is_dir() and reachable(d)), None)
+    if base is None:
+        pytest.skip("no temp dir that every user may reach")
+    world = Path(tempfile.mkdtemp(prefix="pmig-host-lock-", dir=base))
+    world.chmod(0o755)
+    shared = world / "tmp-gpu-locks"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    try:
+        yield world / "run" / "gpu-locks", shared
+    finally:
+        shutil.rmtree(world, ignore_errors=True)
+
+
+def _nobodys_python() -> tuple[str, dict]:
+    """A Python interpreter of this version that the user nobody may run (a venv under /root may be out of
+    its reach), with this checkout and its packages on its path."""
+    import functools
+    import site
+
+    @functools.cache
+    def found() -> tuple[str, dict]:
+        env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": os.pathsep.join([os.getcwd(), *site.getsitepackages()])}
+        for python in dict.fromkeys([sys.executable, getattr(sys, "_base_executable", sys.executable), "/usr/bin/python3"]):
+            try:
+                probe = subprocess.run([python, "-c", "import sys, prefect_mig.gpu.host_lock; print(sys.version_info[:2])"],
+                                       user=NOBODY, group=NOBODY, extra_groups=[], env=env, capture_output=True,
+                                       text=True, timeout=60, cwd="/")
+            except OSError:
+                continue
+            if probe.returncode == 0 and probe.stdout.strip() == str(sys.version_info[:2]):
+                return python, env
+        pytest.skip("no Python interpreter of this version that the user nobody may run with this checkout")
+
+    return found()
+
+
+@contextmanager
+def _as_nobody(code: str):
+    """A Python process of the user nobody running `code`, until it printed ``ready`` and while the block runs."""
+    python, env = _nobodys_python()
+    proc = subprocess.Popen([python, "-c", code], user=NOBODY, group=NOBODY, extra_groups=[], env=env, cwd="/",
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait(30)
+
+
+HOLD = """import fcntl, os, sys, time
+fd = os.open({path!r}, os.O_RDWR | os.O_CREAT, 0o644)
+fcntl.flock(fd, fcntl.LOCK_EX)
+os.write(fd, b'{{"pid": 1, "what": "prefect-mig agent"}}')  # lies about who holds it
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+@needs_root
+def test_another_user_holding_a_gpus_lock_file_in_tmp_does_not_keep_a_root_agent_off_the_gpu(host):
+    """Any user can make and flock /tmp's lock file of a GPU first (denial of service): a root agent
+    locks where only root can, so it starts; another root process is still refused."""
     from prefect_mig.errors import GpuHeld
     from prefect_mig.gpu.host_lock import GpuLocks, lock_dirs
 
-    real = GpuBackend()  # the real NVML's backend, never initialized: only its kind matters here
-    assert lock_dirs(real, tmp_path / "mine") == [tmp_path / "mine"]
-    a_file = tmp_path / "a-file"
-    a_file.write_text("")
-    shared = tmp_path / "shared"
-    run, tmp = tmp_path / "run" / "gpu-locks", tmp_path / "tmp" / "gpu-locks"
-    assert lock_dirs(real, None, candidates=(run, tmp)) == [run, tmp]
-    with GpuLocks([run, tmp], ["GPU-1"], what="prefect-mig agent"), pytest.raises(GpuHeld) as refused:
-        with GpuLocks([tmp], ["GPU-1"], what="prefect-mig demo"):  # a user's, who cannot write /run: meets it in /tmp
-            pass
+    run, shared = host
+    with _as_nobody(HOLD.format(path=str(shared / "GPU-1.lock"))):
+        where = lock_dirs(GpuBackend(), None, root_dir=run, shared_dir=shared)
+        with GpuLocks(where.lock, ["GPU-1"], what="prefect-mig agent", mode=where.mode, watch=where.watch):
+            assert (run / "GPU-1.lock").stat().st_mode & 0o777 == 0o600  # nobody else may open it, so hold it
+            assert run.stat().st_mode & 0o777 == 0o755 and run.stat().st_uid == 0
+            with pytest.raises(GpuHeld) as refused, GpuLocks(where.lock, ["GPU-1"], what="prefect-mig demo",
+                                                             mode=where.mode, watch=where.watch):
+                pass
     assert refused.value.pid == os.getpid() and refused.value.what == "prefect-mig agent"
-    assert lock_dirs(real, None, candidates=(a_file / "gpu-locks", shared)) == [shared]
-    assert shared.stat().st_mode & 0o7777 == 0o1777  # every user's agent can lock there; none removes another's file
-    simulated = GpuBackend(SimulatedNvml("node-a=1xA30-24GB", state_dir=tmp_path / "state"))
-    assert lock_dirs(simulated, tmp_path / "mine") == [tmp_path / "state" / "gpu-locks"]
+
+
+@needs_root
+def test_another_users_process_is_refused_while_a_root_agent_serves_the_gpu_naming_its_pid(host):
+    """A process of another user cannot open root's lock file, but still meets the root agent's lock
+    (in /proc/locks) and refuses, naming it."""
+    from prefect_mig.gpu.host_lock import GpuLocks
+
+    run, shared = host
+    user_process = f"""from prefect_mig.errors import GpuHeld
+from prefect_mig.gpu import GpuBackend
+from prefect_mig.gpu.host_lock import GpuLocks, lock_dirs
+where = lock_dirs(GpuBackend(), None, root_dir={str(run)!r}, shared_dir={str(shared)!r})
+print("ready", flush=True)
+try:
+    with GpuLocks(where.lock, ["GPU-1"], what="prefect-mig demo", mode=where.mode, watch=where.watch):
+        print("served it")
+except GpuHeld as held:
+    print("refused:", held)
+"""
+    with GpuLocks([run], ["GPU-1"], what="prefect-mig agent", mode="root", about={"namespace": "prod"}):
+        with _as_nobody(user_process) as user:
+            said, err = user.communicate(timeout=60)
+    assert "served it" not in said, said + err
+    said = " ".join(said.split())
+    assert "refused: GPU GPU-1 is served by another process on this host:" in said, said + err
+    assert f"(pid {os.getpid()}, user root (uid 0))" in said and f"kill {os.getpid()}" in said, said
+    with _as_nobody(user_process) as user:  # once the root agent stopped, the user's process serves it
+        said, err = user.communicate(timeout=60)
+    assert "served it" in said, said + err
+
+
+@needs_root
+def test_a_symlink_another_user_put_in_place_of_a_gpus_lock_file_is_refused_and_its_target_left_alone(host):
+    """Before, the agent opened the lock file through the link and wrote its pid over the file it
+    names (any file, for a root agent)."""
+    from prefect_mig.errors import GpuLockUntrusted
+    from prefect_mig.gpu.host_lock import GpuLocks
+
+    _, shared = host
+    precious = shared.parent / "precious"
+    precious.write_text("root's own data")
+    link = shared / "GPU-1.lock"
+    with _as_nobody(f"import os; os.symlink({str(precious)!r}, {str(link)!r}); print('ready', flush=True)") as planted:
+        planted.wait(30)
+    assert link.is_symlink()
+    with pytest.raises(GpuLockUntrusted) as refused, GpuLocks([shared], ["GPU-1"], what="prefect-mig agent"):
+        pass
+    assert precious.read_text() == "root's own data"
+    said = str(refused.value)
+    assert str(link) in said and "symbolic link" in said and "nobody (uid 65534)" in said, said
+    assert "PREFECT_MIG_GPU_LOCK_DIR" in said
+
+
+@needs_root
+def test_a_lock_dir_another_user_made_is_refused_naming_it_and_its_owner(host):
+    """The owner of the directory can remove a held lock file, and a second process then locks a new one."""
+    from prefect_mig.errors import GpuLockUntrusted
+    from prefect_mig.gpu.host_lock import GpuLocks
+
+    _, shared = host
+    theirs = shared / "made-by-nobody"
+    with _as_nobody(f"import os; os.mkdir({str(theirs)!r}, 0o777); os.chmod({str(theirs)!r}, 0o777); "
+                    "print('ready', flush=True)") as made:
+        made.wait(30)
+    with pytest.raises(GpuLockUntrusted) as refused, GpuLocks([theirs], ["GPU-1"], what="prefect-mig agent"):
+        pass
+    assert refused.value.path == str(theirs) and refused.value.owner == "nobody (uid 65534)"
+    assert list(theirs.iterdir()) == []  # locked nothing there
+
+
+@needs_root
+def test_roots_lock_dir_an_older_version_left_open_to_all_is_closed_and_another_users_lock_file_there_refused(host):
+    """An older version made /run's lock dir sticky and world-writable, as /tmp's, and any user's process
+    could lock there: the dir is made root's alone again; a file another user left there is refused,
+    naming it and its owner, rather than waited for."""
+    from prefect_mig.errors import GpuLockUntrusted
+    from prefect_mig.gpu.host_lock import GpuLocks
+
+    run, _ = host
+    run.mkdir(parents=True)
+    run.chmod(0o1777)
+    with _as_nobody(f"open({str(run / 'GPU-2.lock')!r}, 'w').close(); print('ready', flush=True)") as left:
+        left.wait(30)
+    with GpuLocks([run], ["GPU-1"], what="prefect-mig agent", mode="root"):
+        assert run.stat().st_mode & 0o7777 == 0o755
+    with pytest.raises(GpuLockUntrusted) as refused, GpuLocks([run], ["GPU-1", "GPU-2"], what="prefect-mig agent",
+                                                              mode="root"):
+        pass
+    assert refused.value.path == str(run / "GPU-2.lock") and refused.value.owner == "nobody (uid 65534)"
+    with GpuLocks([run], ["GPU-1"], what="prefect-mig agent", mode="root"):
+        pass  # the refusal left nothing held

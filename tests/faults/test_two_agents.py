@@ -43,7 +43,7 @@ def two_agents(redis_client, namespace, tmp_path):
         first.apply_layout(0, Layout.parse("A30-24GB", A30_TWO))
         gpus = [g.uuid for g in first.gpus()]
         yield tuple(NodeAgent(b, Allocator(redis_client, namespace), node="node-a", heartbeat_ttl_s=2,
-                              gpu_locks=GpuLocks(tmp_path / f"gpu-locks-{i}", gpus, what="node agent", private=True))
+                              gpu_locks=GpuLocks(tmp_path / f"gpu-locks-{i}", gpus, what="node agent", mode="private"))
                     for i, b in enumerate((first, second)))
 
 
