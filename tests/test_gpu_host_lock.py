@@ -181,33 +181,32 @@ def host():
         shutil.rmtree(world, ignore_errors=True)
 
 
-def _nobodys_python() -> tuple[str, dict]:
-    """A Python interpreter of this version that the user nobody may run (a venv under /root may be out of
-    its reach), with this checkout and its packages on its path."""
-    import functools
+def _nobodys_python(*, with_checkout: bool) -> tuple[str, dict]:
+    """A Python interpreter that the user nobody may run (a venv under /root may be out of its reach), and
+    its environment; `with_checkout`: of this version, with this checkout and its packages on its path
+    (skips the test where nobody may not read them, as in a clone under a private /tmp)."""
     import site
 
-    @functools.cache
-    def found() -> tuple[str, dict]:
-        env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": os.pathsep.join([os.getcwd(), *site.getsitepackages()])}
-        for python in dict.fromkeys([sys.executable, getattr(sys, "_base_executable", sys.executable), "/usr/bin/python3"]):
-            try:
-                probe = subprocess.run([python, "-c", "import sys, prefect_mig.gpu.host_lock; print(sys.version_info[:2])"],
-                                       user=NOBODY, group=NOBODY, extra_groups=[], env=env, capture_output=True,
-                                       text=True, timeout=60, cwd="/")
-            except OSError:
-                continue
-            if probe.returncode == 0 and probe.stdout.strip() == str(sys.version_info[:2]):
-                return python, env
-        pytest.skip("no Python interpreter of this version that the user nobody may run with this checkout")
-
-    return found()
+    checkout = str(Path(__file__).resolve().parents[1])
+    env = {"PATH": os.environ.get("PATH", "")}
+    if with_checkout:
+        env["PYTHONPATH"] = os.pathsep.join([checkout, *site.getsitepackages()])
+    probe = "import sys; print(tuple(sys.version_info[:2]))" + ("; import prefect_mig.gpu.host_lock" if with_checkout else "")
+    for python in dict.fromkeys([sys.executable, getattr(sys, "_base_executable", sys.executable), "/usr/bin/python3"]):
+        try:
+            ran = subprocess.run([python, "-c", probe], user=NOBODY, group=NOBODY, extra_groups=[], env=env,
+                                 capture_output=True, text=True, timeout=60, cwd="/")
+        except OSError:
+            continue
+        if ran.returncode == 0 and (not with_checkout or ran.stdout.strip() == str(tuple(sys.version_info[:2]))):
+            return python, env
+    pytest.skip("the user nobody may run no Python interpreter" + (f" of this version with {checkout}" if with_checkout else ""))
 
 
 @contextmanager
-def _as_nobody(code: str):
+def _as_nobody(code: str, *, with_checkout: bool = False):
     """A Python process of the user nobody running `code`, until it printed ``ready`` and while the block runs."""
-    python, env = _nobodys_python()
+    python, env = _nobodys_python(with_checkout=with_checkout)
     proc = subprocess.Popen([python, "-c", code], user=NOBODY, group=NOBODY, extra_groups=[], env=env, cwd="/",
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -265,13 +264,13 @@ except GpuHeld as held:
     print("refused:", held)
 """
     with GpuLocks([run], ["GPU-1"], what="prefect-mig agent", mode="root", about={"namespace": "prod"}):
-        with _as_nobody(user_process) as user:
+        with _as_nobody(user_process, with_checkout=True) as user:
             said, err = user.communicate(timeout=60)
     assert "served it" not in said, said + err
     said = " ".join(said.split())
     assert "refused: GPU GPU-1 is served by another process on this host:" in said, said + err
     assert f"(pid {os.getpid()}, user root (uid 0))" in said and f"kill {os.getpid()}" in said, said
-    with _as_nobody(user_process) as user:  # once the root agent stopped, the user's process serves it
+    with _as_nobody(user_process, with_checkout=True) as user:  # once the root agent stopped, the user's process serves it
         said, err = user.communicate(timeout=60)
     assert "served it" in said, said + err
 

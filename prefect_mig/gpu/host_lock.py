@@ -319,6 +319,8 @@ def _holder(path: Path, found: os.stat_result) -> dict:
     for _ in range(20):
         try:
             wrote = json.loads(path.read_bytes() or b"null")
+        except PermissionError:
+            break  # root's lock file: /proc/locks is all this user may know
         except (OSError, ValueError):
             wrote = None
         if isinstance(wrote, dict) and (not holders or wrote.get("pid") in holders):
