@@ -74,6 +74,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -85,6 +86,7 @@ from prefect_mig.allocator import Allocator, SliceRecord
 from prefect_mig.allocator.models import slice_record
 from prefect_mig.errors import NodeClaimLapsed, NodeNotClaimed, NodeTaken
 from prefect_mig.gpu import GpuBackend
+from prefect_mig.gpu.host_lock import GpuLocks
 from prefect_mig.known_cluster_ids import KnownClusterIds
 from prefect_mig.node_claim import NodeClaim
 from prefect_mig.state_dir import private_dir, write_private
@@ -123,6 +125,11 @@ class NodeAgent:
             and recovered agents its sweeps take (see `reap`), and after each ``layout.applied`` or
             ``layout.skipped`` this agent records (``prefect-mig agent`` passes one that emits a Prefect
             event, when a Prefect API is configured).
+        gpu_locks: the host's locks on this node's GPUs (`prefect_mig.gpu.host_lock.GpuLocks`) that
+            `serving` holds, so no other process of the host (another cluster's agent, the demo)
+            carves them meanwhile; ones already held are this process's (the demo's, which carved
+            first) and are kept as they are. Default: its own, in the backend's lock dirs
+            (``PREFECT_MIG_GPU_LOCK_DIR`` from the environment for real GPUs).
     """
 
     def __init__(
@@ -139,6 +146,7 @@ class NodeAgent:
         clock: Callable[[], float] = time.monotonic,
         on_event: Callable[[str, dict], None] | None = None,
         state_dir: Path | str | None = None,
+        gpu_locks: GpuLocks | None = None,
     ) -> None:
         self.backend = backend
         self.allocator = allocator
@@ -166,6 +174,9 @@ class NodeAgent:
         )
         # this agent's claim on the node and its GPUs (see `claim` and `serving`)
         self._claim = NodeClaim(allocator, node, ttl_s=heartbeat_ttl_s, gpus=self._gpu_uuids)
+        self._gpu_locks = gpu_locks
+        self._state_dir = state_dir
+        self._locking = 0  # `serving` blocks under way: the outermost one holds the GPU locks
         self._changing = 0  # layout changes under way (see `layout_change`)
         self._stop_signal: int | None = None
 
@@ -746,15 +757,45 @@ class NodeAgent:
 
     @contextmanager
     def serving(self) -> Iterator[None]:
-        """Hold this node for the block: claim it (`claim`, which may raise `NodeTaken`) and renew the
+        """Hold this node for the block: lock its GPUs on this host (`gpu_locks`, which may raise
+        `GpuHeld` naming the process that serves them), claim it (`claim`, which may raise `NodeTaken`) and renew the
         claim every third of the heartbeat TTL from a thread, so a round that outlasts the TTL (a
         slow carve on real NVML) does not let it lapse; if a renewal finds another agent holding it,
         this agent's next change on the node raises `NodeTaken` instead. On a clean exit (or a stop
         signal, `terminate`) the claim is given back, if it is still this agent's, so an agent on
         another host can take the node at once; after a crash it lapses after the TTL. `run` serves
         for its whole loop."""
-        with self._node_claim().kept():
+        with self._holding_gpus(), self._node_claim().kept():
             yield
+
+    @contextmanager
+    def _holding_gpus(self) -> Iterator[None]:
+        if self._locking:
+            self._locking += 1
+            try:
+                yield
+            finally:
+                self._locking -= 1
+            return
+        locks = self._gpu_locks
+        if locks is None:
+            locks = self._gpu_locks = GpuLocks.for_backend(
+                self.backend, what="node agent", gpu_lock_dir=os.environ.get("PREFECT_MIG_GPU_LOCK_DIR") or None,
+                about={"namespace": self.allocator.keys.namespace, "node": self.node,
+                       "state_dir": str(self._state_dir) if self._state_dir is not None else None},
+            )
+        missing = sorted(set(self._gpu_uuids()) - set(locks.gpus))
+        if missing:
+            raise ValueError(f"gpu_locks does not lock GPU(s) {', '.join(missing)} of node {self.node}")
+        self._locking = 1
+        try:
+            if locks.held:  # this process's, held since before this agent (the demo's)
+                yield
+            else:
+                with locks:
+                    yield
+        finally:
+            self._locking = 0
 
     def run(self, *, interval_s: float = 5.0, stop: threading.Event | None = None, max_backoff_s: float = 60.0) -> None:
         """Serve the node (`serving`) and tick, every `interval_s`, until `stop` is set.

@@ -37,6 +37,7 @@ NodeTaken                       another node agent, alive, already serves this n
 NodeClaimLapsed                 this node agent could not renew its claim on the node for a whole TTL
 NodeInUse                       a node to forget is still claimed by an agent or holds a lease
 GpuHeld                         another process of this host (an agent, the demo) serves the GPU
+GpuLockUntrusted                a GPU lock file or its directory is one another user could tamper with
 ```
 
 Foreign errors (pynvml's `NVMLError_*`) are translated at the backend edge with ``raise ... from exc``.
@@ -435,6 +436,28 @@ class GpuHeld(PrefectMigError):
             f"or use that one's cluster (lock file {path})."
         )
         self.gpu, self.pid, self.what, self.about, self.path = gpu, pid, what, about, path
+
+
+class GpuLockUntrusted(PrefectMigError):
+    """A GPU lock file or its directory (see `prefect_mig.gpu.host_lock`) is one another user could
+    tamper with: a symbolic link (a root agent would write where it points), a hard link, a device
+    or FIFO, a directory of another user, or one others may write without the sticky bit (a held lock
+    file removed, a second process locks a new one). The process locks nothing there and refuses.
+
+    Attributes:
+        path: the file or directory.
+        why: what is wrong with it.
+        owner: its owner (user name and uid).
+    """
+
+    def __init__(self, *, path: str, why: str, owner: str) -> None:
+        super().__init__(
+            f"GPU lock {path} is not trusted: {why}, owned by {owner}. Another user could use it to keep this "
+            f"host's agents off their GPUs or to make this process write where it should not, so nothing was "
+            f"locked or carved. Remove it as root (`rm -r {path}`) if no agent of this host made it, or set "
+            f"PREFECT_MIG_GPU_LOCK_DIR to a directory only the agents' users can write."
+        )
+        self.path, self.why, self.owner = path, why, owner
 
 
 class NodeNotClaimed(PrefectMigError):

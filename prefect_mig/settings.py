@@ -114,7 +114,8 @@ class Settings(BaseSettings):
     gpu_lock_dir: Path | None = Field(
         default=None,
         description="Directory of the per-GPU lock files that keep a second agent (or the demo) off this host's "
-        "real GPUs; unset: /run/prefect-mig/gpu-locks when writable, and /tmp/prefect-mig-gpu-locks.",
+        "real GPUs; unset: /run/prefect-mig/gpu-locks for root; other users lock in /tmp/prefect-mig-gpu-locks and "
+        "refuse while root holds the GPU in /run.",
     )
     docker_host: str | None = Field(
         default=None,

@@ -3,6 +3,8 @@ labelled as the runner labels them (removed after the test)."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 from prefect_mig.allocator import Allocator
@@ -46,3 +48,19 @@ def start_task_container(docker_client, image: str, alloc: Allocator, *, lease_i
         image, list(command), detach=True, network_disabled=True,
         labels={LABEL_PREFIX + k: v for k, v in labels.items()},
     )
+
+
+def run_in_thread(agent, stop: threading.Event, *, interval_s: float = 0.2) -> tuple[threading.Thread, list]:
+    """Run `agent` (`NodeAgent.run`) in a daemon thread until `stop` is set: (the thread, a list that gets
+    the exception that ended its loop, if one did)."""
+    raised: list = []
+
+    def target():
+        try:
+            agent.run(interval_s=interval_s, stop=stop)
+        except Exception as exc:  # noqa: BLE001 - the test looks at what ended it
+            raised.append(exc)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread, raised

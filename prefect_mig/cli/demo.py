@@ -59,13 +59,13 @@ def demo(
         fleet_spec = settings.fleet()
         node = fleet_spec.node_names[0] if settings.backend == "simulated" else settings.node
         backend = backend_from_settings(settings, node=node)
-        with backend, hold_gpus(backend, settings, "prefect-mig demo", node=node):
+        with backend, hold_gpus(backend, settings, "prefect-mig demo", node=node) as held:
             if settings.backend == "simulated":
                 console.print(f"[yellow]No GPU here: simulated fleet[/yellow] {fleet_spec} (state in {settings.state_dir})")
                 _carve(backend)
             if not pipeline:
                 return
-            _run_pipeline(backend, node, settings, batches)
+            _run_pipeline(backend, node, settings, batches, held)
 
 
 def _refuse_beside_a_local_cluster(settings) -> None:
@@ -111,7 +111,7 @@ def _carve(backend) -> None:
         backend.nvml.detach_process(busy.mig_uuid, pid=os.getpid())
 
 
-def _run_pipeline(backend, node: str, settings, batches: int) -> None:
+def _run_pipeline(backend, node: str, settings, batches: int, held) -> None:
     from prefect_mig.agent import NodeAgent
     from prefect_mig.allocator import Allocator
     from prefect_mig.launchers.images import DockerEngineError, docker_client, ensure_python_image
@@ -130,7 +130,7 @@ def _run_pipeline(backend, node: str, settings, batches: int) -> None:
         for key in client.scan_iter(match=f"pmig:{{{namespace}}}:*"):
             client.delete(key)  # a fresh run every time
         allocator = Allocator(client, namespace)
-        agent = NodeAgent(backend, allocator, node=node, docker_url=settings.docker_host)
+        agent = NodeAgent(backend, allocator, node=node, docker_url=settings.docker_host, gpu_locks=held)
         published = agent.publish()
         console.print(f"node agent published {published[0]} slices of {node}")
         # The agent keeps heartbeating while the pipeline runs, as `prefect-mig agent` does on a real

@@ -273,7 +273,7 @@ def agent(
         node = node or settings.node
         backend = backend_from_settings(settings, node=node)
         require_host_pid_namespace(backend)  # NVML hides other PID namespaces' processes
-        with backend, hold_gpus(backend, settings, "prefect-mig agent", node=node):
+        with backend:
             docker_client = None
             try:
                 from prefect_mig.launchers import ContainerSettings, DockerLauncher
@@ -288,8 +288,9 @@ def agent(
                 backend, _allocator(), node=node, docker_url=settings.docker_host, docker_client=docker_client,
                 on_event=_prefect_events(),
                 heartbeat_ttl_s=heartbeat_ttl, state_dir=settings.state_dir,
+                gpu_locks=hold_gpus(backend, settings, "prefect-mig agent", node=node),
             )
-            # one agent per node: refused while another one serves it; renewed while it serves
+            # one process per GPU of this host, one agent per node: refused while another serves them
             with worker.serving():
                 # `prefect-mig down` and the supervisor send SIGTERM: a carve under way finishes first
                 for signum in (signal.SIGTERM, signal.SIGINT):

@@ -25,40 +25,31 @@ from prefect_mig.agent import NodeAgent
 from prefect_mig.allocator import Allocator, SliceRequest
 from prefect_mig.errors import NodeClaimLapsed, NodeNotClaimed, NodeTaken
 from prefect_mig.gpu import GpuBackend, SimulatedNvml
+from prefect_mig.gpu.host_lock import GpuLocks
 from prefect_mig.model import Layout
 from prefect_mig.node_claim import NodeClaim
-from tests.agent_fixtures import start_task_container
+from tests.agent_fixtures import run_in_thread, start_task_container
 
 A30_TWO = "2g.12gb@0 + 2g.12gb@2"
 
 
 @pytest.fixture
 def two_agents(redis_client, namespace, tmp_path):
-    """Two agents for node-a of one namespace, each with its own backend on the same simulated A30."""
+    """Two agents for node-a of one namespace, each with its own backend on the same simulated A30 and
+    its own GPU lock dir (two hosts given one node name, or containers each with a /tmp of its own):
+    the node claim is what keeps them apart."""
     with GpuBackend(SimulatedNvml("node-a=1xA30-24GB", state_dir=tmp_path)) as first, \
             GpuBackend(SimulatedNvml("node-a=1xA30-24GB", state_dir=tmp_path)) as second:
         first.apply_layout(0, Layout.parse("A30-24GB", A30_TWO))
-        yield tuple(NodeAgent(b, Allocator(redis_client, namespace), node="node-a", heartbeat_ttl_s=2)
-                    for b in (first, second))
-
-
-def _run_in_thread(agent: NodeAgent, stop: threading.Event) -> tuple[threading.Thread, list]:
-    raised: list = []
-
-    def target():
-        try:
-            agent.run(interval_s=0.2, stop=stop)
-        except Exception as exc:  # noqa: BLE001 - the test looks at what ended it
-            raised.append(exc)
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    return thread, raised
+        gpus = [g.uuid for g in first.gpus()]
+        yield tuple(NodeAgent(b, Allocator(redis_client, namespace), node="node-a", heartbeat_ttl_s=2,
+                              gpu_locks=GpuLocks(tmp_path / f"gpu-locks-{i}", gpus, what="node agent", mode="private"))
+                    for i, b in enumerate((first, second)))
 
 
 def _serving_in_thread(agent: NodeAgent, stop: threading.Event) -> tuple[threading.Thread, list]:
     """`_run_in_thread`, once the agent has published its node."""
-    running, raised = _run_in_thread(agent, stop)
+    running, raised = run_in_thread(agent, stop)
     alloc, deadline = agent.allocator, time.monotonic() + 30
     while not alloc.redis.hexists(alloc.keys.nodes, agent.node):
         assert time.monotonic() < deadline, "the agent never published its node"
@@ -101,14 +92,14 @@ def test_a_second_agent_for_a_node_whose_agent_runs_stops_at_once_saying_which_a
     first, second = two_agents
     stop = threading.Event()
     try:
-        running, first_raised = _run_in_thread(first, stop)
+        running, first_raised = run_in_thread(first, stop)
         deadline = time.monotonic() + 30
         while first.allocator.heartbeat("node-a", ttl_s=2) == "unknown":  # the first has published
             assert time.monotonic() < deadline
             time.sleep(0.1)
         desired = "2g.12gb@0 + 1g.6gb@2 + 1g.6gb@3"
         second.allocator.set_desired(second.backend.gpus()[0].uuid, desired, kind="incremental")
-        other, second_raised = _run_in_thread(second, stop)
+        other, second_raised = run_in_thread(second, stop)
         other.join(timeout=30)
         assert not other.is_alive(), "a second agent for node-a kept running beside the first"
         (error,) = second_raised
@@ -181,12 +172,12 @@ def test_an_agent_under_another_node_name_for_gpus_a_live_agent_serves_stops_at_
     second.node = "gpu-3"  # the same GPUs under another name: PREFECT_MIG_NODE set for one agent only
     stop = threading.Event()
     try:
-        running, first_raised = _run_in_thread(first, stop)
+        running, first_raised = run_in_thread(first, stop)
         deadline = time.monotonic() + 30
         while first.allocator.heartbeat("node-a", ttl_s=2) == "unknown":
             assert time.monotonic() < deadline
             time.sleep(0.1)
-        other, second_raised = _run_in_thread(second, stop)
+        other, second_raised = run_in_thread(second, stop)
         other.join(timeout=30)
         assert not other.is_alive(), "a second agent for node-a's GPU kept running under another name"
         (error,) = second_raised
@@ -244,7 +235,7 @@ def _slow_carve(carver: NodeAgent) -> Iterator[tuple[threading.Thread, list]]:
     carver.publish()
     carver.allocator.set_desired(carver.backend.gpus()[0].uuid, A30_FOUR, kind="incremental")
     stop = threading.Event()
-    running, raised = _run_in_thread(carver, stop)
+    running, raised = run_in_thread(carver, stop)
     try:
         yield running, raised
     finally:
@@ -552,7 +543,7 @@ def test_an_agent_whose_write_another_agents_claim_refused_mid_round_says_so_in_
         b.identity["host"] = "another-gpu-host"
         stop = threading.Event()
         with caplog.at_level(logging.INFO, logger="prefect_mig.agent"):
-            running, raised = _run_in_thread(a, stop)
+            running, raised = run_in_thread(a, stop)
             deadline = time.monotonic() + 60
             while not b.allocator.redis.exists(b.allocator.keys.agent("node-a")):  # A serves the node
                 assert time.monotonic() < deadline, "A never claimed the node"
