@@ -82,8 +82,11 @@ def wait_reasons(allocator: Allocator, request_id: str) -> list[str]:
         f"{node} is drained for maintenance: no new grants there until `prefect-mig node resume {node}`"
         for node in drained if pinned in (None, node)
     ]
-    if wanted and not set(wanted) & {decode(c) for c in carved}:
-        kinds = ", ".join(sorted({p.split("/", 1)[-1] for p in wanted}))
+    carved = {decode(c) for c in carved}
+    if wanted and not set(wanted) & carved:
+        here = {c.split("/", 1)[0] for c in carved}  # one queued before any node published wants every model's kinds
+        kinds = ", ".join(sorted({p.split("/", 1)[-1] for p in wanted if p.split("/", 1)[0] in here}
+                                 or {p.split("/", 1)[-1] for p in wanted}))
         reasons.append(
             f"no GPU carved for {kinds}; a repartitioner "
             + ("is running and will carve one" if repartitioner else
