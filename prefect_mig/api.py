@@ -93,7 +93,7 @@ class AcquireBody(BaseModel):
 
     request: SliceRequest
     timeout_s: float | None = Field(
-        default=30.0, ge=0, le=86_400, description="Seconds to wait (capped by the server's maximum); 0 = no wait."
+        default=30.0, ge=0, le=86_400, allow_inf_nan=False, description="Seconds to wait (capped by the server's maximum); 0 = no wait."
     )
 
 
@@ -102,7 +102,7 @@ class RenewBody(BaseModel):
 
     fence: int = Field(ge=1)
     ttl_s: float | None = Field(
-        default=None, ge=1, le=86_400, description="New TTL in seconds; unset: the lease's own (granted or last renewed with)."
+        default=None, ge=1, le=86_400, allow_inf_nan=False, description="New TTL in seconds; unset: the lease's own (granted or last renewed with)."
     )
 
 
@@ -133,8 +133,10 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def _name_allowed(errors: list[dict[str, Any]], body: type[BaseModel]) -> list[dict[str, Any]]:
-    """`errors` with each unknown field's message naming the fields its object allows."""
+def _name_allowed(errors: list[dict[str, Any]], body: type[BaseModel], highest: dict[str, float]) -> list[dict[str, Any]]:
+    """`errors` with each unknown field's message naming the fields its object allows, and each
+    non-finite number's naming its field, its value and the range allowed (up to `highest` for the
+    fields it names, else the model's bound)."""
     for error in errors:
         names = [part for part in error["loc"] if part != "body"]
         model: Any = body
@@ -146,6 +148,13 @@ def _name_allowed(errors: list[dict[str, Any]], body: type[BaseModel]) -> list[d
         else:
             if error["type"] == "extra_forbidden" and names:
                 error["msg"] = f"unknown field {names[-1]!r}; allowed: {', '.join(model.model_fields)}"
+            elif error["type"] == "finite_number" and names and names[-1] in model.model_fields:
+                bounds = {k: getattr(m, k) for m in model.model_fields[names[-1]].metadata for k in ("ge", "gt", "le") if hasattr(m, k)}
+                bounds["le"] = highest.get(names[-1], bounds["le"])
+                lowest = f"{bounds['ge']:g}" if "ge" in bounds else f"more than {bounds['gt']:g}"
+                error["msg"] = (f"{names[-1]} must be a finite number, not {_json_safe(error['input'])}; "
+                                f"allowed: {lowest} to {bounds['le']:g}")
+                error["ctx"] = bounds
     return errors
 
 
@@ -324,7 +333,7 @@ def create_app(
         # FastAPI's own handler, except that inputs such as ``"ttl_s": NaN`` (which Python's JSON
         # parser accepts) are echoed as strings: otherwise writing the 422 itself fails (a 500)
         body = RenewBody if request.url.path.endswith("/renew") else AcquireBody
-        errors = _name_allowed(jsonable_encoder(exc.errors()), body)
+        errors = _name_allowed(jsonable_encoder(exc.errors()), body, highest={"ttl_s": allocator.max_ttl_s})
         for error in errors:  # the models' bound is a day; this cluster's is what a client can use
             if error["loc"][-1:] == ["ttl_s"] and error["type"] == "less_than_equal":
                 error["msg"] = (f"Input should be at most {allocator.max_ttl_s:g} s, this cluster's longest lease "

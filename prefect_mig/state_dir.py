@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -60,3 +62,14 @@ def open_private(path: Path | str, mode: str = "ab"):
     """Open `path` for appending (or `mode`), creating it 0600."""
     flags = (os.O_RDWR if "+" in mode else os.O_WRONLY) | os.O_CREAT | (os.O_APPEND if "a" in mode else os.O_TRUNC)
     return os.fdopen(os.open(path, flags, 0o600), mode)
+
+
+@contextmanager
+def private_files() -> Iterator[None]:
+    """Within it, whatever this process and the processes it starts create is its owner's alone
+    (umask 077): the one way to reach files a child process writes, such as a database's."""
+    previous = os.umask(0o077)
+    try:
+        yield
+    finally:
+        os.umask(previous)

@@ -468,6 +468,26 @@ def test_a_request_pinned_to_a_node_nobody_published_times_out_saying_so_in_roun
     assert time.monotonic() - started < 30 and alloc.status()["queue"] == []
 
 
+@pytest.mark.parametrize(
+    "request_, fleet, layout",
+    [(SliceRequest(min_memory_gb=20), "node-a=1xA30-24GB", "4g.24gb@0"),
+     (SliceRequest(profile="1g.10gb"), "node-a=1xA100-80GB", "1g.10gb@0")],
+    ids=["min-memory-on-A30", "profile-on-A100"],
+)
+def test_a_request_queued_before_any_node_published_is_served_by_the_first_node_whatever_its_model(alloc, request_, fleet, layout):
+    """Queued while no node was published yet (agents starting), a request waited as H100-80GB kinds
+    only: the A30 (or A100) node that published next had a free slice for it and never served it."""
+    alloc.queue_uncarved = True
+    queued = alloc.try_acquire(request_, wait=True)
+    assert isinstance(queued, Queued)
+    alloc.publish_fleet(fleet, layouts={"node-a": [layout]})
+    lease = alloc.wait_for_grant(queued.request_id, 10, request=request_)
+    assert f"{lease.slice.gpu_model}/{lease.slice.profile}@{lease.slice.start}" == f"{fleet.split('x')[1]}/{layout}"
+    assert alloc.status()["queue"] == []
+    report = check_events(alloc.events())
+    assert report.violations == []
+
+
 def test_a_request_that_waits_on_a_drained_node_says_it_is_drained(one_h100):
     from prefect_mig.allocator.health import wait_reasons
 

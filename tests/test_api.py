@@ -159,6 +159,30 @@ def test_a_non_finite_number_is_422_naming_the_field_not_500(http):
         assert "ttl_s" in bad.text and value.lstrip("-") in bad.text
 
 
+@pytest.mark.parametrize(
+    "path, body, field, allowed",
+    [
+        ("/v1/leases", '{"request": {"profile": "1g.10gb"}, "timeout_s": %s}', "timeout_s", "allowed: 0 to 86400"),
+        ("/v1/leases", '{"request": {"profile": "1g.10gb", "ttl_s": %s}}', "ttl_s", "allowed: 1 to 900"),
+        ("/v1/leases", '{"request": {"min_memory_gb": %s}}', "min_memory_gb", "allowed: more than 0 to 1024"),
+        ("/v1/leases/nope/renew", '{"fence": 1, "ttl_s": %s}', "ttl_s", "allowed: 1 to 900"),
+    ],
+    ids=["timeout_s", "ttl_s", "min_memory_gb", "renew-ttl_s"],
+)
+def test_a_non_finite_number_is_refused_as_not_finite_naming_the_field_the_value_and_the_range(http, path, body, field, allowed):
+    """``"timeout_s": NaN`` was refused as "less than or equal to 86400", which NaN's every comparison
+    fails, and ``-Infinity`` as "greater than or equal to 0": neither says what is wrong with it."""
+    for value in ("NaN", "Infinity", "-Infinity"):
+        bad = http.post(path, content=body % value, headers={**AUTH, "content-type": "application/json"})
+        assert bad.status_code == 422, bad.text
+        said = bad.json()
+        assert said["error"] == "InvalidRequest", said
+        (error,) = said["detail"]
+        assert error["loc"][-1] == field and error["input"] == value, error
+        assert error["msg"] == f"{field} must be a finite number, not {value}; {allowed}", error
+    assert http.get("/v1/leases", headers=AUTH).json() == []
+
+
 def test_a_ttl_past_a_day_is_422_naming_the_clusters_own_maximum(http):
     """Found by a new-user trial: ``ttl_s`` 100000 was refused as "less than or equal to 86400", then
     86400 as "1 to 900": the model's bound hid the cluster's (PREFECT_MIG_LEASE_MAX_TTL_S)."""

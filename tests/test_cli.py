@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 
@@ -147,6 +148,12 @@ def test_demo_runs_the_pipeline_and_reports_where_each_task_ran(tmp_path, python
     assert all(f"infer[{i}]" in out for i in range(4))
     assert "slice utilization" in out and "leases left: 0, waiting: 0" in out
     assert "the flow run's table artifact: prefect-mig-slices-" in out
+    # as everything under a state dir: its redis-server's data and log and Prefect's database were 0644
+    paths = list(tmp_path.rglob("*"))
+    assert any(p.name == "demo-redis" for p in paths) and any(p.name == "prefect.db" for p in paths)
+    for path in paths:
+        mode = stat.S_IMODE(path.lstat().st_mode)
+        assert mode & 0o077 == 0, f"{path} is {oct(mode)}"
 
 
 def test_sigterm_stops_the_demo_with_its_redis_server_and_its_prefect_api(tmp_path, python_image):

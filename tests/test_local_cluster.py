@@ -227,3 +227,27 @@ def test_the_demo_refuses_to_run_beside_a_local_cluster_of_its_state_dir_and_car
     assert f"supervisor pid {report['supervisor_pid']}" in demo.stderr and "prefect-mig down" in demo.stderr, demo.stderr
     after = json.loads(_cli("up", "--json", env=fresh_env).stdout)
     assert [g["layout"] for g in after["gpus"]] == before  # nothing carved
+
+
+def test_up_waits_for_the_new_agents_own_heartbeat_not_the_fresh_one_of_the_agent_before_it(alloc, tmp_path):
+    """`up` right after `down` returned once the new agent held its node claim: the agent before it
+    had heartbeated a moment ago, so a flow started then could find the node out of service when
+    that beat lapsed before the new agent's first one (a slow first carve)."""
+    from prefect_mig.allocator import health
+    from prefect_mig.errors import ConfigError
+    from prefect_mig.node_claim import NodeClaim
+
+    alloc.publish_fleet("node-a=1xA30-24GB", layouts={"node-a": ["4g.24gb@0"]})
+    before = NodeClaim(alloc, "node-a", ttl_s=30)
+    before.take()
+    alloc.heartbeat("node-a", ttl_s=30, agent=before.held_as())
+    before.release()  # `down` stopped it cleanly: its claim given back, its last beat still fresh
+    new = NodeClaim(alloc, "node-a", ttl_s=30)
+    new.take()
+    local = LocalCluster(Settings(state_dir=tmp_path / "state", backend="simulated"))
+    with pytest.raises(ConfigError, match=r"the node agent for node-a did not heartbeat .* within 1 s"):
+        local.wait_for_agents(alloc, ["node-a"], timeout_s=1)
+    assert not health.serving(alloc, ["node-a"])
+    alloc.heartbeat("node-a", ttl_s=30, agent=new.held_as())
+    local.wait_for_agents(alloc, ["node-a"], timeout_s=5)
+    assert health.serving(alloc, ["node-a"])

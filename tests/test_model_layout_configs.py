@@ -58,6 +58,27 @@ def test_a_bad_layouts_file_fails_naming_the_file_line_and_what_is_allowed(body,
     assert named in str(caught.value)
 
 
+@pytest.mark.parametrize(
+    "text, line, named",
+    [
+        ("mig-configs:\n  a:\n    - mig-devices: {7g.80gb: 1}\n  a:\n    - mig-devices: {1g.10gb: 7}\n",
+         4, "mig-configs: 'a' is given twice (first at line 3)"),
+        ("default: a\nmig-configs:\n  a:\n    - mig-devices: {7g.80gb: 1}\ndefault: a\n", 5, "'default' is given twice"),
+        ("mig-configs:\n  a:\n    - mig-devices: {1g.10gb: 1, 1g.10gb: 2}\n", 3, "'1g.10gb' is given twice"),
+    ],
+    ids=["config", "top-level", "profile"],
+)
+def test_a_key_given_twice_in_a_layouts_file_is_refused_naming_the_file_the_key_and_both_lines(tmp_path, text, line, named):
+    """A second config of one name silently replaced the first (YAML keeps the last key)."""
+    path = tmp_path / "twice.yaml"
+    path.write_text("version: v1\n" + text)
+    with pytest.raises(ConfigError) as caught:
+        LayoutConfigs.load(path)
+    said = str(caught.value)
+    assert said.startswith(f"{path}:{line + 1}:") and named in said, said
+    assert caught.value.field == "layouts_file"
+
+
 def test_an_unknown_config_name_lists_the_names():
     with pytest.raises(ConfigError) as caught:
         LayoutConfigs.load().layout_for("nope", gpu_model="H100-80GB", node="n", gpu_index=0)

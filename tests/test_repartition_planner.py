@@ -529,6 +529,22 @@ def test_a_queued_request_pinned_to_a_node_nobody_published_is_no_demand(alloc):
     assert demand_of(alloc.status(), []) == {"node-a|H100-80GB/2g.20gb": [1.0]}
 
 
+def test_a_request_queued_before_any_node_published_gets_its_slice_carved_on_the_fleets_model(alloc):
+    """Queued while no node was published yet, a request counted as demand for an H100-80GB kind:
+    on an A30 fleet the repartitioner planned nothing for it, and it waited for good."""
+    from prefect_mig.allocator import SliceRequest
+    from prefect_mig.allocator.health import wait_reasons
+    from prefect_mig.repartition.service import demand_of, plan_from_allocator
+
+    alloc.queue_uncarved = True
+    queued = alloc.try_acquire(SliceRequest(min_memory_gb=20), wait=True)
+    alloc.publish_fleet("node-a=1xA30-24GB", layouts={"node-a": ["2g.12gb@0 + 2g.12gb@2"]})
+    assert demand_of(alloc.status(), []) == {"A30-24GB/4g.24gb": [1.0]}
+    assert any(r.startswith("no GPU carved for 4g.24gb; ") for r in wait_reasons(alloc, queued.request_id))
+    (gpu_plan,) = plan_from_allocator(alloc)
+    assert str(gpu_plan.target) == "4g.24gb@0", gpu_plan
+
+
 def test_a_request_pinned_to_a_node_gets_its_slice_carved_on_that_node_not_on_another(alloc):
     """Demand was per kind of slice only: a request pinned to one node could get another node's
     GPU re-carved for it, where it cannot run, while its own node's GPU was left as it was."""

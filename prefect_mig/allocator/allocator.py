@@ -86,17 +86,16 @@ from prefect_mig.model import catalog
 
 def _candidate_pkeys(request: SliceRequest, models: tuple[str, ...]) -> list[str]:
     """`request.candidate_pkeys` on the published `models`. With none published yet (``("",)``:
-    agents starting, or Redis lost its data) a request waits as an H100-80GB kind if that model
-    offers it, else as the kinds of every catalog model that does; one no model offers is refused
-    naming the catalog, never judged against one model the cluster may not have."""
+    agents starting, or Redis lost its data) a request waits as the kinds of every catalog model
+    that offers it, so whichever node publishes first serves it (as H100-80GB kinds alone, an A30
+    node never did); one no model offers is refused naming the catalog, never judged against one
+    model the cluster may not have."""
     if models != ("",):
         return request.candidate_pkeys(models)
-    for fallback in (("H100-80GB",), tuple(catalog().models)):
-        try:
-            return request.candidate_pkeys(fallback)
-        except (UnknownProfile, InvalidRequirement):
-            pass
-    return request.candidate_pkeys(())  # raises, naming the catalog rather than each model
+    try:
+        return request.candidate_pkeys(tuple(catalog().models))
+    except (UnknownProfile, InvalidRequirement):
+        return request.candidate_pkeys(())  # raises, naming the catalog rather than each model
 
 
 class Clock(Protocol):

@@ -50,14 +50,26 @@ def agents(allocator: Allocator) -> dict[str, dict[str, Any]]:
     return out
 
 def serving(allocator: Allocator, nodes: list[str]) -> bool:
-    """Whether an agent serves each of `nodes` now: its heartbeat is fresh and it holds its node
-    claim. An agent stopped cleanly (SIGTERM, as `prefect-mig down` stops it) gave its claim back
-    at once, while its last heartbeat stays fresh for its TTL."""
+    """Whether an agent serves each of `nodes` now: it holds its node claim and its own heartbeat
+    is fresh. An agent stopped cleanly (SIGTERM, as `prefect-mig down` stops it) gave its claim back
+    at once, while its last heartbeat stays fresh for its TTL; the agent that claims the node next
+    serves once it has heartbeated itself (a beat written without a claim counts for any)."""
     beats = agents(allocator)
     if not all(n in beats and not beats[n]["stale"] for n in nodes):
         return False
+    if not nodes:
+        return True
     with redis_errors("read the agents' node claims"):
-        return not nodes or allocator.redis.exists(*(allocator.keys.agent(n) for n in nodes)) == len(nodes)
+        pipe = allocator.redis.pipeline(transaction=True)
+        pipe.mget([allocator.keys.agent(n) for n in nodes]).hmget(allocator.keys.heartbeats, nodes)
+        claims, last = pipe.execute()
+    for claim, beat in zip(claims, last):
+        if claim is None or beat is None:
+            return False
+        by = json.loads(decode(beat)).get("agent")
+        if by is not None and by != decode(claim):
+            return False
+    return True
 
 
 def wait_reasons(allocator: Allocator, request_id: str) -> list[str]:
@@ -82,8 +94,11 @@ def wait_reasons(allocator: Allocator, request_id: str) -> list[str]:
         f"{node} is drained for maintenance: no new grants there until `prefect-mig node resume {node}`"
         for node in drained if pinned in (None, node)
     ]
-    if wanted and not set(wanted) & {decode(c) for c in carved}:
-        kinds = ", ".join(sorted({p.split("/", 1)[-1] for p in wanted}))
+    carved = {decode(c) for c in carved}
+    if wanted and not set(wanted) & carved:
+        here = {c.split("/", 1)[0] for c in carved}  # one queued before any node published wants every model's kinds
+        kinds = ", ".join(sorted({p.split("/", 1)[-1] for p in wanted if p.split("/", 1)[0] in here}
+                                 or {p.split("/", 1)[-1] for p in wanted}))
         reasons.append(
             f"no GPU carved for {kinds}; a repartitioner "
             + ("is running and will carve one" if repartitioner else

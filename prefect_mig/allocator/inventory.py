@@ -87,7 +87,7 @@ class Inventory:
             int(self.max_ttl_s * 1000),
             action=f"publish the inventory of node {node}",
         )
-        self._note_heartbeat(node, heartbeat_ttl_s)
+        self._note_heartbeat(node, heartbeat_ttl_s, agent)
         self._epoch = str(reply[3])
         return tuple(int(x) for x in reply[:3])  # type: ignore[return-value]
 
@@ -123,7 +123,7 @@ class Inventory:
         node agent's claim, as for `publish` (`NodeNotClaimed` once the node's claim is not it)."""
         did = self._run_for_node("heartbeat", node, agent, node, int(ttl_s * 1000), "", action=f"heartbeat node {node}")[0]
         if did != "unknown":
-            self._note_heartbeat(node, ttl_s)
+            self._note_heartbeat(node, ttl_s, agent)
         return did
 
     def awaiting_fence(self, node: str) -> dict[str, tuple[str, str]]:
@@ -263,9 +263,10 @@ class Inventory:
         raise NodeInUse(node=node, holds=[f"slice {sid} awaits the fencing of its expired holder's task container"
                                           for sid in reply[1:]])
 
-    def _note_heartbeat(self, node: str, ttl_s: float) -> None:
-        # kept apart from node_deadline, which the reaper clears: "last heartbeated 45 s ago"
-        body = json.dumps({"at": self.now_ms(), "ttl_ms": int(ttl_s * 1000)})
+    def _note_heartbeat(self, node: str, ttl_s: float, agent: str | None) -> None:
+        # kept apart from node_deadline, which the reaper clears: "last heartbeated 45 s ago"; with
+        # the agent's claim, so a new agent is not taken as serving on the beat of the one before it
+        body = json.dumps({"at": self.now_ms(), "ttl_ms": int(ttl_s * 1000), "agent": agent})
         with redis_errors("record a heartbeat"):
             self.redis.hset(self.keys.heartbeats, node, body)
 

@@ -48,7 +48,7 @@ class SliceRequest(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     profile: MigProfileName | None = Field(default=None, description="Exact MIG profile, e.g. 1g.10gb.")
-    min_memory_gb: float | None = Field(default=None, gt=0, le=1024, description="At least this much memory (GB).")
+    min_memory_gb: float | None = Field(default=None, gt=0, le=1024, allow_inf_nan=False, description="At least this much memory (GB).")
     min_compute_slices: int | None = Field(default=None, ge=1, le=8, description="At least this many compute slices.")
     gpu_model: str | None = Field(default=None, description="Only GPUs of this model, e.g. H100-80GB.")
     node: Name | None = Field(default=None, description="Only slices on this node.")
@@ -57,7 +57,7 @@ class SliceRequest(BaseModel):
     )
     tenant: Name = Field(default="default", description="Who is charged for the slice (quotas).")
     holder: str = Field(default="", max_length=256, description="Who holds it, e.g. a flow run / task run id.")
-    ttl_s: float = Field(default=60.0, ge=1, le=86_400, description="Lease time to live, renewed by the client.")
+    ttl_s: float = Field(default=60.0, ge=1, le=86_400, allow_inf_nan=False, description="Lease time to live, renewed by the client.")
     preemptible: bool = Field(default=False, description="A higher-priority request may revoke this lease.")
 
     @field_validator("gpu_model")

@@ -30,6 +30,7 @@ from prefect_mig.gpu import backend_from_settings, nvml_available
 from prefect_mig.gpu.host_lock import hold_gpus
 from prefect_mig.model import Layout, enumerate_layouts, get_model
 from prefect_mig.settings import load_settings
+from prefect_mig.state_dir import private_dir, private_files
 
 #: What the demo carves on each simulated H100-80GB: a mixed layout, and 2g + 2g + 3g.
 DEMO_LAYOUTS = ["3g.40gb@0 + 1g.10gb@4 + 1g.10gb@5 + 1g.10gb@6", "2g.20gb@0 + 2g.20gb@2 + 3g.40gb@4"]
@@ -124,7 +125,9 @@ def _run_pipeline(backend, node: str, settings, batches: int, held) -> None:
     except DockerEngineError as exc:
         raise ConfigError(f"the demo needs the local Docker engine and its Python image: {exc}") from exc
     namespace = "demo"
-    with RedisServer(dir=Path(settings.state_dir) / "demo-redis") as server:
+    # Private, as everything under a state dir: redis-server's AOF and log, and Prefect's database
+    # (its ephemeral API is a child process). Set after the image is ensured: a build needs readable files.
+    with private_files(), RedisServer(dir=private_dir(Path(settings.state_dir) / "demo-redis")) as server:
         console.print(f"private redis-server on {server.url} (AOF on; stopped when the demo ends)")
         client = server.client()
         for key in client.scan_iter(match=f"pmig:{{{namespace}}}:*"):

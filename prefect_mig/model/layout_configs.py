@@ -147,7 +147,14 @@ def _fail(source: str, node: Any, message: str) -> None:
 def _mapping(node, source: str, what: str) -> dict[str, tuple[Any, Any]]:
     if not isinstance(node, yaml.MappingNode):
         _fail(source, node, f"{what} must be a mapping")
-    return {str(k.value): (k, v) for k, v in node.value}
+    found: dict[str, tuple[Any, Any]] = {}
+    for k, v in node.value:
+        name = str(k.value)
+        if name in found:  # YAML loaders keep the last silently; a second config of one name is a mistake
+            first = found[name][0].start_mark.line + 1
+            _fail(source, k, f"{what}: {name!r} is given twice (first at line {first}); each key may appear once")
+        found[name] = (k, v)
+    return found
 
 
 def _sequence(node, source: str, what: str) -> list:

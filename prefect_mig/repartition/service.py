@@ -90,8 +90,12 @@ def demand_of(
     a carve on another node would leave it waiting and the new slice idle."""
     book = DemandBook(profiles=profiles, history_weight=history_weight)
     history = len(status["slices"]) if history is None else history
+    fleet = {s["gpu_model"] for s in status["slices"]}
     for r in placeable(status):
-        book.add_queued(r.get("pkeys") or [], int(r.get("priority") or 0), node=r.get("node") or None)
+        # one queued before any node published wants the kinds of every catalog model: count it
+        # for those of the models here, or a carve would be planned for a model the fleet lacks
+        wants = [k for k in r.get("pkeys") or [] if k.split("/", 1)[0] in fleet] or r.get("pkeys") or []
+        book.add_queued(wants, int(r.get("priority") or 0), node=r.get("node") or None)
     for e in [e for e in events if e.get("type") == "lease.granted"][-history:] if history else []:
         wants = [k for k in (e.get("wants") or "").split(",") if k] or [e.get("pkey", "")]
         book.add_history(wants, int(e.get("priority") or 0))
