@@ -93,7 +93,9 @@ def test_a_waiting_task_shows_awaiting_mig_then_runs(cluster):
     @flow
     def pipeline():
         future = big.submit(1)
-        time.sleep(1.5)
+        deadline = time.monotonic() + 60
+        while not cluster.status()["queue"] and time.monotonic() < deadline:
+            time.sleep(0.1)  # a fixed pause lost the race on a loaded machine: the task had not queued yet
         cluster.release(holder.lease_id, holder.fence)
         return future.task_run_id, future.result()
 
