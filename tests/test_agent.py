@@ -83,7 +83,7 @@ def test_the_agent_loop_outlives_vanishing_containers_and_a_redis_restart(
             except docker.errors.APIError:  # the agent removed it between create and start
                 pass
         fresh_redis_server.kill()
-        time.sleep(1.0)  # a few failing ticks
+        time.sleep(1.0)  # a few failing ticks (a loop that dies later in the outage fails the wait below: nobody republishes)
         assert loop.is_alive()
         fresh_redis_server.restart()
         client.flushall()  # and it came back empty

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -135,10 +136,27 @@ def test_sigterm_during_the_carve_lets_it_finish_before_the_agent_exits(redis_se
         while not reached.exists():
             assert agent.poll() is None and time.monotonic() < deadline, "the agent never began carving"
             time.sleep(0.05)
+        lines: list[str] = []
+        told = threading.Event()
+
+        def read() -> None:
+            for line in agent.stdout:
+                lines.append(line)
+                if "stops once the layout change under way is done" in line:
+                    told.set()
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
         agent.send_signal(signal.SIGTERM)  # mid carve: its second create waits for `go`
-        time.sleep(1.0)  # a SIGTERM that ended the process would have done so by now
+        # the carve goes on once the agent has handled the signal (it says so), not after a fixed 1 s,
+        # which on a loaded machine could pass before the handler ran and check nothing
+        deadline = time.monotonic() + 60
+        while not told.wait(0.1) and agent.poll() is None and time.monotonic() < deadline:
+            pass
         go.touch()
-        output, _ = agent.communicate(timeout=60)
+        agent.wait(60)
+        reader.join(10)
+        output = "".join(lines)
     finally:
         agent.kill()
     assert agent.returncode == 0, output

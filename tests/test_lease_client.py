@@ -160,15 +160,22 @@ def test_a_holder_paused_past_its_ttl_is_fenced_out_after_resuming(client, redis
     holder.wait(10)
 
 
+def _grants(client) -> int:
+    return sum(e["type"] == "lease.granted" for e in client.allocator.events())
+
+
 def test_holders_killed_at_random_never_cause_a_double_grant(client, redis_server, namespace):
     rng = random.Random(7)
     procs = [_worker(redis_server.url, namespace, "churn", "1g.10gb", "1", "400", stdin=subprocess.DEVNULL) for _ in range(6)]
-    deadline = time.monotonic() + 6
+    # at least 6 s of churn and 50 grants: on a loaded machine the workers' imports took most of a
+    # fixed 6 s and the random kills left too few grants (29) to mean much. The kills leave two
+    # workers churning; the loop below kills them too.
+    deadline, cap = time.monotonic() + 6, time.monotonic() + 120
     killed = 0
-    while time.monotonic() < deadline:
+    while time.monotonic() < cap and (time.monotonic() < deadline or _grants(client) <= 50):
         time.sleep(rng.uniform(0.2, 0.6))
         victim = rng.choice(procs)
-        if victim.poll() is None:
+        if victim.poll() is None and sum(p.poll() is None for p in procs) > 2:
             victim.send_signal(signal.SIGKILL)
             killed += 1
     for p in procs:

@@ -193,7 +193,7 @@ def test_down_with_a_stale_pid_file_naming_another_state_dirs_supervisor_leaves_
     assert LocalCluster(Settings(state_dir=tmp_path / "other", backend="simulated")).pid() is None
     down = _cli("down", "--json", env=other)
     assert down.returncode == 0 and json.loads(down.stdout)["agents_stopped"] is False
-    time.sleep(2)
+    time.sleep(2)  # `down` waits for what it stops to exit before it returns; this covers a signal sent without that wait
     assert _alive(supervisor) and _alive(agent)
 
 

@@ -45,7 +45,7 @@ def test_a_task_on_a_slice_emits_granted_then_released_about_the_slice_with_its_
     assert events[1].payload["ran_s"] > 0
 
 
-def test_the_agent_emits_layout_applied_about_the_gpu(prefect_api, alloc, tmp_path):
+def test_the_agent_emits_layout_applied_about_the_gpu(prefect_api, alloc, namespace, tmp_path):
     from prefect.client.orchestration import get_client
     from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
 
@@ -54,10 +54,11 @@ def test_the_agent_emits_layout_applied_about_the_gpu(prefect_api, alloc, tmp_pa
     from prefect_mig.integrations.prefect.events import emit_cluster_event
     from prefect_mig.model import Layout
 
-    nvml = SimulatedNvml("node-a=1xA30-24GB", state_dir=tmp_path)
+    node = f"a{namespace}"  # a GPU UUID of this test only (it follows from the fleet): the API is the session's
+    nvml = SimulatedNvml(f"{node}=1xA30-24GB", state_dir=tmp_path)
     with GpuBackend(nvml) as backend:
         backend.apply_layout(0, Layout.parse("A30-24GB", "4g.24gb@0"))
-        agent = NodeAgent(backend, alloc, node="node-a", on_event=emit_cluster_event)
+        agent = NodeAgent(backend, alloc, node=node, on_event=emit_cluster_event)
         agent.publish()
         gpu = alloc.gpus()[0]["uuid"]
         alloc.set_desired(gpu, "2g.12gb@0 + 2g.12gb@2", kind="incremental")
@@ -71,7 +72,7 @@ def test_the_agent_emits_layout_applied_about_the_gpu(prefect_api, alloc, tmp_pa
         while not (events := list(client.read_events(filter=filt, limit=10).events)) and time.monotonic() < deadline:
             time.sleep(1)
     assert [e.event for e in events] == ["prefect-mig.layout.applied"]
-    assert events[0].payload["node"] == "node-a"
+    assert events[0].payload["node"] == node
 
 
 def where_is_item(i):

@@ -37,7 +37,6 @@ Skips name the reason; the README's "Differences from ThreadPoolTaskRunner" list
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import Iterable
 from concurrent.futures import Future
@@ -54,6 +53,8 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 import prefect_mig
 from prefect_mig import MigTaskRunner
+
+from .prefect_fixtures import read_task_run_states
 
 PROFILE = "1g.10gb"
 LONG_WAIT_S = 300  # adaptation 6
@@ -731,17 +732,9 @@ def _count_call() -> int:
 
 
 def _recorded_state_names(task_run_id, expected: list[str]) -> list[str]:
-    """The task run's state names as the API recorded them, once they are `expected` (or after 30 s)."""
-    from prefect.client.orchestration import get_client
-
-    state_names: list[str] = []
-    with get_client(sync_client=True) as client:
-        deadline = time.monotonic() + 30
-        while state_names != expected and time.monotonic() < deadline:
-            states = sorted(client.read_task_run_states(task_run_id), key=lambda s: s.timestamp)
-            state_names = [state.name for state in states]
-            time.sleep(0.3)
-    return state_names
+    """The task run's state names as the API recorded them, once they are `expected` (or after 60 s)."""
+    states = read_task_run_states(task_run_id, until=lambda states: [state.name for state in states] == expected)
+    return [state.name for state in states]
 
 
 class TestTaskTimeouts:

@@ -16,6 +16,8 @@ from prefect import task as prefect_task
 from prefect_mig import MigTaskRunner, task
 from prefect_mig.launchers.docker import task_containers
 
+from .prefect_fixtures import read_task_run_states
+
 
 def nap_then_answer():
     import time
@@ -176,15 +178,8 @@ def test_call_time_tags_and_direct_calls_under_a_flow_level_runner_run_on_a_slic
 
 
 def _state_names(task_run_id):
-    from prefect.client.orchestration import get_client
-
-    names: list[str] = []
-    with get_client(sync_client=True) as client:
-        deadline = time.monotonic() + 30
-        while (not names or names[-1] != "Completed") and time.monotonic() < deadline:
-            names = [s.name for s in sorted(client.read_task_run_states(task_run_id), key=lambda s: s.timestamp)]
-            time.sleep(0.3)
-    return names
+    states = read_task_run_states(task_run_id, until=lambda states: states and states[-1].name == "Completed")
+    return [s.name for s in states]
 
 
 def test_a_try_on_a_slice_has_the_state_history_of_a_thread_pool_task(cluster, caplog):

@@ -29,8 +29,16 @@ def test_a_release_that_frees_a_range_gets_the_waiting_kind_desired_within_secon
     leases = [alloc.try_acquire(SliceRequest(profile="1g.10gb")) for _ in range(7)]
     gpu = alloc.gpus()[0]["uuid"]
     rounds: list[float] = []
+    seen: list[str | None] = []  # "waiting", then what woke it, for each of the service's waits between rounds
+
+    class SeenTrigger(Trigger):
+        def wait(self, timeout_s, stop=None):
+            seen.append("waiting")
+            seen.append(got := super().wait(timeout_s, stop))
+            return got
+
     stop = threading.Event()
-    trigger = Trigger(alloc, debounce_s=0.2)
+    trigger = SeenTrigger(alloc, debounce_s=0.2)
     service = threading.Thread(
         target=serve, args=(alloc,), daemon=True,
         kwargs={"interval_s": 600, "stop": stop, "trigger": trigger, "on_plan": lambda p: rounds.append(time.monotonic())},
@@ -39,7 +47,10 @@ def test_a_release_that_frees_a_range_gets_the_waiting_kind_desired_within_secon
     try:
         assert wait_for(alloc.repartitioner_running, timeout_s=30)  # so a kind nobody carves may wait
         alloc.try_acquire(SliceRequest(profile="3g.40gb"), wait=True, wait_s=600)
-        time.sleep(1.5)  # the round this queueing triggers: nothing is idle, nothing is desired
+        # the round this queueing triggers (done once the service waits again): nothing is idle,
+        # nothing is desired; a fixed 1.5 s could end before that round on a loaded machine
+        assert wait_for(lambda: "waiting" in seen[seen.index("lease.queued"):] if "lease.queued" in seen else False,
+                        timeout_s=30), seen
         assert alloc.redis.hget(alloc.keys.desired, gpu) is None
         for lease in leases:
             if lease.slice.start >= 4:

@@ -76,7 +76,8 @@ def test_a_grant_to_a_killed_waiter_comes_back_within_a_second():
         held = alloc.try_acquire(SLICE)
         queued = alloc.try_acquire(SLICE, wait=True)
         waiter = subprocess.Popen([sys.executable, "-c", WAITER, server.url, queued.request_id])
-        time.sleep(1.5)  # it blocks on its key
+        # it blocks on its key (a fixed 1.5 s was not always enough for its imports on a loaded machine)
+        wait_until(lambda: any(c["cmd"] == "blpop" for c in server.client().client_list()), 60, "the waiter blocking on its key")
         os.kill(waiter.pid, signal.SIGSTOP)  # as good as dead, and its request is still fresh
         try:
             alloc.release(held.lease_id, held.fence)  # handed to the stopped waiter
