@@ -95,6 +95,44 @@ def test_share_warm_tenant_lets_the_next_flow_run_of_the_tenant_reuse_the_proces
     assert (first[0], second[0]) == (1, 2) and first[1] == second[1]
 
 
+def slice_of_this_call():
+    import os
+
+    return os.environ["CUDA_VISIBLE_DEVICES"]
+
+
+def test_a_warm_process_of_one_cluster_never_serves_a_flow_run_of_another(cluster, redis_server, monkeypatch, namespace):
+    """Found by a test audit: with no `cluster=` the runner's settings come from the environment,
+    and a process that moved to another namespace (or Redis) between flow runs was handed the first
+    cluster's warm slot: its task ran on a slice no lease of its own cluster covered."""
+    import redis
+
+    from prefect_mig.allocator import Allocator
+    from prefect_mig.launchers.warm_pool import POOL
+
+    from .allocator_fixtures import H100_MIXED
+
+    other_namespace = f"{namespace}-other"
+    other = Allocator(redis.Redis.from_url(redis_server.url), other_namespace)
+    other.publish_fleet("node-b=1xH100-80GB", layouts={"node-b": [H100_MIXED]})
+    on_slice = prefect_task(tags=["mig:1g.10gb"])(slice_of_this_call)
+
+    @flow(task_runner=_warm_runner(share_warm="tenant", tenant="vision"))
+    def pipeline():
+        return on_slice.submit().result()
+
+    try:
+        first = pipeline()
+        monkeypatch.setenv("PREFECT_MIG_NAMESPACE", other_namespace)
+        second = pipeline()
+    finally:
+        POOL.close()
+    assert first in {s["mig_uuid"] for s in cluster.status()["slices"]}
+    assert second in {s["mig_uuid"] for s in other.status()["slices"]}
+    assert other.status()["leases"] == []
+    assert [e["type"] for e in other.events() if e["type"] == "lease.granted"] == ["lease.granted"]
+
+
 def test_after_a_crash_the_next_task_gets_a_fresh_process(cluster):
     crash = prefect_task(tags=["mig:1g.10gb"])(exit_hard)
 

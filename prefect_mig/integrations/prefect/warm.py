@@ -3,7 +3,9 @@
 A try may run in the warm process another try of the same runner left on its slice when both have
 the same key: the sharing scope (the flow run by default; the deployment or the tenant with
 ``share_warm``), the slice request (profile, priority, tenant, TTL, preemptible) and the runner's
-configuration (image, env, volumes, network, limits, cluster). Retries (``run_count > 1``) always
+configuration (image, env, volumes, network, limits, cluster), and the cluster and Docker engine it
+runs on (`cluster_identity`: a process that moves to another namespace or Redis between flow runs
+never hands the first cluster's slot to the second's tasks). Retries (``run_count > 1``) always
 get a fresh container, and so does any try after one that raised, crashed, timed out or was
 cancelled (`prefect_mig.launchers.warm_pool` never keeps those). The slots themselves, and how
 warmth gives way to anyone else who waits, are in `prefect_mig.launchers.warm_pool` and
@@ -20,7 +22,9 @@ Examples:
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
 from collections.abc import Hashable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -71,7 +75,19 @@ def warm_key(runner, request, ctx, flow_ctx) -> Hashable | None:
     else:
         scope = ("flow-run", run_id)
     config = {k: v for k, v in runner._config().items() if k not in ("max_workers", "keep_warm_s")}
-    return scope, request.model_copy(update={"holder": ""}), repr(sorted(config.items(), key=lambda kv: kv[0]))
+    return (scope, request.model_copy(update={"holder": ""}), repr(sorted(config.items(), key=lambda kv: kv[0])),
+            cluster_identity(runner))
+
+
+def cluster_identity(runner) -> str:
+    """A digest of where `runner`'s tries lease and run: its ``cluster`` block's Redis URL and
+    namespace, or, without one, the ``PREFECT_MIG_*`` and ``DOCKER_*`` environment its settings come
+    from (read as is: a warm hit must stay cheap). A block's URL is a secret, so only a digest."""
+    if runner.cluster is not None:
+        where = [runner.cluster.redis_url.get_secret_value(), runner.cluster.namespace]
+    else:
+        where = sorted(f"{k}={v}" for k, v in os.environ.items() if k.startswith(("PREFECT_MIG_", "DOCKER_")))
+    return hashlib.sha256("\0".join(where).encode()).hexdigest()[:16]
 
 
 def end_with_flow_run(flow_ctx, scope: tuple) -> None:
