@@ -80,7 +80,7 @@ def test_a_timeout_kills_the_container_and_frees_the_slice(cluster):
     started = time.monotonic()
     failed, message = pipeline()
     assert failed and "exceeded timeout" in message
-    assert time.monotonic() - started < 30
+    assert time.monotonic() - started < 60  # the body sleeps 120 s; a loaded machine may take a while to start its run
     assert {s["state"] for s in cluster.status()["slices"]} == {"free"}
 
 
@@ -383,7 +383,7 @@ def test_cancelling_the_flows_tasks_stops_their_containers_and_releases_the_leas
             client.set_flow_run_state(flow_run_id, Cancelling(message="cancelled by the test"), force=True)
         FlowRunContext.get().task_runner.cancel_all()
         for f in (running, queued):
-            f.wait(30)
+            f.wait(60)
         took.append(time.monotonic() - started)
         ended.extend((f.state.type.value, f.state.message) for f in (running, queued))
 
@@ -392,7 +392,7 @@ def test_cancelling_the_flows_tasks_stops_their_containers_and_releases_the_leas
     pipeline(return_state=True)
     cluster.release(holder.lease_id, holder.fence)
     took = took[0] if took else None
-    assert isinstance(took, float) and took < 30  # stopped promptly, not after the body's 120 s
+    assert isinstance(took, float) and took < 60  # stopped promptly, not after the body's 120 s
     (running_type, running_why), (queued_type, queued_why) = ended
     assert (running_type, queued_type) == ("CANCELLED", "CANCELLED"), ended  # not Failed or Crashed
     assert "container on 1g.10gb" in running_why and "the wait was withdrawn" in queued_why
