@@ -69,8 +69,15 @@ def remove_launched(client: docker.DockerClient, launch_id: str, *, within_s: fl
         try:
             found = client.containers.list(all=True, filters={"label": f"prefect-mig.launch-id={launch_id}"})
             for container in found:
-                container.remove(force=True, v=True)
-        except docker.errors.DockerException:  # best effort: the agent's fencing removes what is left
+                try:
+                    container.remove(force=True, v=True)
+                except docker.errors.NotFound:  # gone between the look and the removal
+                    pass
+        except docker.errors.APIError as exc:
+            if exc.status_code != 409:  # best effort: the agent's fencing removes what is left
+                return
+            found = []  # a conflict (the engine still making it, or removing it): look again
+        except docker.errors.DockerException:
             return
         if found or time.monotonic() >= deadline:
             return
