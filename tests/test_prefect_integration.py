@@ -502,3 +502,49 @@ def test_a_task_waiting_on_a_lapsed_agent_says_so_and_ends_at_the_default_wait_t
     assert messages and "node-a's agent last heartbeated" in messages[0]
     assert cluster.status()["queue"] == []
     assert list(tmp_path.iterdir()) == []  # a configured Redis: no local agent or redis-server was started
+
+
+def _scaler_class(keep_warm_s: int):
+    runner = MigTaskRunner(profile="1g.10gb", keep_warm_s=keep_warm_s)
+
+    class Scaler:
+        unit = 10
+
+        def __init__(self, factor: int):
+            self.factor = factor
+
+        @task(task_runner=runner)
+        def scale(self, x: int, offset: int = 0):
+            from prefect.runtime import task_run
+
+            seen = task_run.parameters
+            return self.factor * x + offset, type(seen.get("self")).__name__, seen.get("x"), seen.get("offset")
+
+        @task(task_runner=runner)
+        @staticmethod
+        def double(x: int):
+            from prefect.runtime import task_run
+
+            return 2 * x, sorted(task_run.parameters)
+
+        @task(task_runner=runner)
+        @classmethod
+        def units(cls, x: int):
+            from prefect.runtime import task_run
+
+            return cls.unit * x, sorted(task_run.parameters)
+
+    return Scaler
+
+
+@pytest.mark.parametrize("keep_warm_s", [0, 30], ids=["cold", "warm"])
+def test_a_task_on_a_method_runs_on_a_slice_with_its_instance_and_sees_its_parameters(cluster, keep_warm_s):
+    """A `@task` on a method: Prefect passes the instance as `self` (its ``__prefect_self__``)."""
+    Scaler = _scaler_class(keep_warm_s)
+
+    @flow
+    def pipeline():
+        three, five = Scaler(3), Scaler(5)
+        return three.scale(2), five.scale.submit(2, offset=1).result(), Scaler.double(4), Scaler.units(3)
+
+    assert pipeline() == ((6, "Scaler", 2, 0), (11, "Scaler", 2, 1), (8, ["x"]), (30, ["cls", "x"]))

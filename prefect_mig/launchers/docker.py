@@ -315,7 +315,9 @@ def _pickle_with_by_value(fn: Callable, args: tuple, kwargs: dict, modules: list
                 cloudpickle.register_pickle_by_value(module)
             _BY_VALUE_USERS[module.__name__] = _BY_VALUE_USERS.get(module.__name__, 0) + 1
     try:
-        return cloudpickle.dumps((fn, tuple(args), dict(kwargs)))
+        out = io.BytesIO()
+        _CallPickler(out, protocol=cloudpickle.DEFAULT_PROTOCOL).dump((fn, tuple(args), dict(kwargs)))
+        return out.getvalue()
     finally:
         with _BY_VALUE_LOCK:
             for module in modules:
@@ -323,6 +325,41 @@ def _pickle_with_by_value(fn: Callable, args: tuple, kwargs: dict, modules: list
                 if not _BY_VALUE_USERS[module.__name__]:
                     del _BY_VALUE_USERS[module.__name__]
                     cloudpickle.unregister_pickle_by_value(module)
+
+
+class _CallPickler(cloudpickle.Pickler):
+    """Cloudpickle, except that a class sent by value (the class of a task method's instance) takes
+    its Prefect tasks along as the plain functions they run (`_plain_body`): the container may have
+    no Prefect (and has no prefect-mig) to rebuild a ``prefect.Task`` with, and a body that calls
+    another task method of its instance runs it inline, on its own slice."""
+
+    def reducer_override(self, obj):
+        reduced = super().reducer_override(obj)
+        if isinstance(obj, type) and isinstance(reduced, tuple) and len(reduced) > 2 \
+                and isinstance(reduced[2], tuple) and reduced[2] and isinstance(reduced[2][0], dict):
+            members = reduced[2][0]
+            plain = {name: _plain_body(value) for name, value in members.items() if _is_prefect_task(value)}
+            if plain:
+                return (*reduced[:2], ({**members, **plain}, *reduced[2][1:]), *reduced[3:])
+        return reduced
+
+
+def _is_prefect_task(value: Any) -> bool:
+    # by name: the launchers do not import Prefect (the integration sits above them)
+    return any(c.__name__ == "Task" and c.__module__ == "prefect.tasks" for c in type(value).__mro__)
+
+
+def _plain_body(task: Any) -> Any:
+    """The function a Prefect task on a class runs, as the method kind it was declared as (the
+    user's own, not a `MigTaskRunner` proxy around it)."""
+    fn = task.fn
+    while getattr(fn, "__prefect_mig__", None) is not None and hasattr(fn, "__wrapped__"):
+        fn = fn.__wrapped__
+    if task.isstaticmethod:
+        return staticmethod(fn)
+    if task.isclassmethod:
+        return classmethod(fn)
+    return fn
 
 
 #: what requests raises when the engine itself goes away: refused, reset, or cut mid-answer

@@ -65,9 +65,19 @@ def _task_runner(api: bool):
 
 
 def _parameters(fn, args: tuple, kwargs: dict) -> dict:
+    import inspect
+
     from prefect.utilities.callables import get_call_parameters
 
     try:
+        if hasattr(fn, "__prefect_self__") or hasattr(fn, "__prefect_cls__"):
+            # a task method: the engine passed its instance (or class) as the first argument
+            # already, and Prefect's binding would add the one the function carries once more
+            def unbound(*args, **kwargs):
+                return None
+
+            unbound.__signature__ = inspect.signature(fn)
+            return get_call_parameters(unbound, args, kwargs)
         return get_call_parameters(fn, args, kwargs)
     except Exception:  # noqa: BLE001 - a signature Prefect cannot bind: the body still runs
         return {}
