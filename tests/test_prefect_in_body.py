@@ -5,6 +5,7 @@ and tasks submitted from the body. Real Prefect API, real Redis, real Docker, an
 
 from __future__ import annotations
 
+import datetime
 import time
 import uuid
 
@@ -214,3 +215,23 @@ def test_a_task_on_a_method_in_an_image_with_prefect_sees_its_instance_in_the_ta
         return Scaler(3).scale.submit(2).result(), Scaler.units.submit(3).result()
 
     assert pipeline() == ((6, "Scaler", 2), (30, ["cls", "x"]))
+
+
+def reads_flow_parameters():
+    from prefect import runtime
+    from prefect.context import FlowRunContext
+
+    return FlowRunContext.get().parameters, runtime.flow_run.parameters, FlowRunContext.get().flow_run.parameters
+
+
+def test_a_body_in_an_image_with_prefect_sees_its_flow_runs_parameters_as_the_flow_holds_them(cluster, prefect_image):
+    """They travel pickled beside the call, not as JSON in the run context."""
+    body = task(task_runner=MigTaskRunner(profile="1g.10gb", image=prefect_image))(reads_flow_parameters)
+    when = datetime.datetime(2026, 11, 27, 6, 0, tzinfo=datetime.timezone.utc)
+
+    @flow
+    def pipeline(when: datetime.datetime, scale: int = 2):
+        return body()
+
+    expected = {"when": when, "scale": 2}
+    assert pipeline(when) == (expected, expected, expected)
