@@ -77,7 +77,8 @@ class _RunValues(types.ModuleType):
             raise AttributeError(attr)
         lazy = self.__dict__.get("_lazy", {})
         if attr in lazy:
-            value = lazy.pop(attr)()
+            value = lazy[attr]()  # raising, it raises again at the next read
+            del lazy[attr]
             setattr(self, attr, value)
             return value
         raise AttributeError(_ADVICE.format(what=f"{self.__name__}.{attr}"))
