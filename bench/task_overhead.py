@@ -11,11 +11,16 @@ the docker SDK, and as a ThreadPoolTaskRunner task, in one run.
 - (e) ``big_arg_mig_task_s`` / ``big_arg_bare_docker_s``: (a) and (b) again with a body that takes
   ``--arg-mb`` MB of bytes (default 8) and returns its length: what large task arguments cost
   beyond the container run that any launch of them needs.
+- (f) ``big_flow_param_mig_task_s`` / ``big_flow_param_warm_task_s``: (a) and (d) again inside a flow
+  run one of whose parameters is a list of ints of about ``--flow-param-mb`` MB as JSON (default
+  8; the bench's own Prefect server is started with ``PREFECT_SERVER_API_MAX_PARAMETER_SIZE=0``, as
+  a server must be for flow parameters over 512 KB): what a large flow parameter costs each MIG
+  task of that flow run.
 - ``map100_cold_s`` / ``map100_warm_s``: a 100-task map over 3 slices, cold and warm; and
   ``map100_heavy_import_cold_s`` / ``..._warm_s``: the same with a body that imports a module taking
   2 s to import (a stand-in for ``import torch``; an image built FROM the test image with it).
 
-Targets: (a)/(b) <= 1.15, and (e) the same; warm overhead over the thread pool (``warm_overhead_vs_threadpool_s``)
+Targets: (a)/(b) <= 1.15, and (e) the same; (f) within noise of (a) and (d); warm overhead over the thread pool (``warm_overhead_vs_threadpool_s``)
 <= 25 ms per task; ``map100_warm_s`` <= 0.2x ``map100_cold_s``; with the heavy import <= 0.1x.
 Usage: ``.venv/bin/python bench/task_overhead.py [--quick] [--no-map]``; the last line is one JSON
 object.
@@ -36,6 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")  # a loaded machine
+os.environ.setdefault("PREFECT_SERVER_API_MAX_PARAMETER_SIZE", "0")  # (f): a server refuses flow parameters over 512 KB by default
 
 import docker  # noqa: E402
 import redis  # noqa: E402
@@ -57,6 +63,13 @@ IMAGE = "prefect-mig-python:bookworm"
 
 def body(x: int) -> int:
     return sum(i * x for i in range(10_000))
+
+
+def timed(into: list[float], fn, *args):
+    started = time.perf_counter()
+    value = fn(*args)
+    into.append(time.perf_counter() - started)
+    return value
 
 
 def sized(blob: bytes) -> int:
@@ -134,6 +147,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--no-map", action="store_true", help="skip the 100-task maps (minutes with the heavy import)")
     parser.add_argument("--arg-mb", type=float, default=8.0, help="the large argument's size for (e), in MB")
+    parser.add_argument("--flow-param-mb", type=float, default=8.0, help="the large flow parameter's size for (f), MB of JSON")
     args = parser.parse_args()
     rounds = 5 if args.quick else 15
     client = docker.from_env()
@@ -177,6 +191,15 @@ def main() -> None:
                 f.append(bare_docker(client, sized, blob))
             return e, f
 
+        @flow
+        def measure_flow_param(numbers: list, n: int) -> tuple[list[float], list[float]]:
+            g, h = [], []
+            warm_body(3)  # its process
+            for _ in range(n):
+                timed(g, mig_body, 3)
+                timed(h, warm_body, 3)
+            return g, h
+
         from prefect_mig.launchers.warm_pool import POOL
 
         try:
@@ -184,6 +207,13 @@ def main() -> None:
         finally:
             POOL.close()
         e, f = measure_big(max(3, rounds // 3))
+        numbers = list(range(int(args.flow_param_mb * 1_000_000 / 7)))  # about 7 characters each as JSON
+        param_mb = len(json.dumps(numbers)) / 1e6
+        try:
+            g, h = measure_flow_param(numbers, rounds)
+        finally:
+            POOL.close()
+        flow_mig, flow_warm = statistics.median(g), statistics.median(h)
         mig, bare, pool, warm, big, big_bare = (statistics.median(x) for x in (a, b, c, d, e, f))
         table = Table(title=f"per-task time, median of {rounds}")
         for col in ("run", "seconds", "vs bare docker"):
@@ -195,6 +225,9 @@ def main() -> None:
                       f"{warm / bare:.3f}x; {1000 * (warm - pool):.1f} ms over (c) (target <= 25 ms)")
         table.add_row(f"(e) (a) with a {args.arg_mb:g} MB argument", f"{big:.3f}", f"{big / big_bare:.2f}x its bare run (target <= 1.15)")
         table.add_row(f"(e) (b) with a {args.arg_mb:g} MB argument", f"{big_bare:.3f}", "1.00x")
+        table.add_row(f"(f) (a) in a flow run with a {param_mb:.1f} MB parameter", f"{flow_mig:.3f}", f"{flow_mig / mig:.2f}x (a)")
+        table.add_row(f"(f) (d) in a flow run with a {param_mb:.1f} MB parameter", f"{flow_warm:.4f}",
+                      f"{1000 * (flow_warm - warm):.1f} ms over (d)")
         console.print(table)
         maps: dict[str, float] = {}
         if not args.no_map:
@@ -216,7 +249,8 @@ def main() -> None:
                       "ratio_vs_bare_docker": round(mig / bare, 3), "warm_task_s": round(warm, 5),
                       "warm_overhead_vs_threadpool_s": round(warm - pool, 5), "map_tasks": 30 if args.quick else 100,
                       "big_arg_mb": args.arg_mb, "big_arg_mig_task_s": round(big, 4), "big_arg_bare_docker_s": round(big_bare, 4),
-                      "big_arg_ratio_vs_bare_docker": round(big / big_bare, 3),
+                      "big_arg_ratio_vs_bare_docker": round(big / big_bare, 3), "flow_param_mb": round(param_mb, 2),
+                      "big_flow_param_mig_task_s": round(flow_mig, 4), "big_flow_param_warm_task_s": round(flow_warm, 5),
                       **{k: round(v, 3) for k, v in maps.items()}}))
 
 

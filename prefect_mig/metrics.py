@@ -23,6 +23,7 @@ Metrics (all prefixed ``prefect_mig_``):
 | ``tenant_compute_slices`` | gauge | tenant |
 | ``tenant_quota_slices`` / ``tenant_quota_compute_slices`` | gauge | tenant (tenants with that limit) |
 | ``agent_heartbeat_age_seconds`` / ``agent_stale`` | gauge | node |
+| ``agent_info`` | gauge (1) | node, host, pid (the agent whose node claim wrote the last heartbeat) |
 | ``lease_grants_total``, ``lease_releases_total``, ``lease_expiries_total``, ``lease_revocations_total`` | counter | |
 | ``container_fences_total`` | counter | (task containers removed by agents) |
 | ``layout_changes_total`` | counter | outcome (applied, skipped) |
@@ -60,6 +61,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from prefect_mig.allocator import Allocator
+from prefect_mig.allocator.health import beat_writer
 from prefect_mig.allocator.redis_io import redis_errors
 from prefect_mig.allocator.models import decode
 
@@ -212,6 +214,10 @@ class ClusterCollector(Collector):
             "prefect_mig_agent_stale", "1 if the node agent is silent past its heartbeat TTL (no new grants there).",
             labels=["node"],
         )
+        info = GaugeMetricFamily(
+            "prefect_mig_agent_info", "1 for the agent (host, pid) whose node claim wrote the node's last heartbeat.",
+            labels=["node", "host", "pid"],
+        )
         for node in snap["nodes"]:
             raw = snap["beats"].get(node)
             if raw is None:
@@ -221,8 +227,12 @@ class ClusterCollector(Collector):
             age_ms = max(0, snap["now_ms"] - int(beat["at"]))
             age.add_metric([node], age_ms / 1000)
             stale.add_metric([node], 1 if age_ms > beat["ttl_ms"] else 0)
+            writer = beat_writer(beat)
+            if writer is not None:
+                info.add_metric([node, writer["host"], str(writer["pid"])], 1)
         yield age
         yield stale
+        yield info
 
     def _counters(self, counters: dict[str, str]) -> Iterator[Metric]:
         events = {f.removeprefix("event:"): int(v) for f, v in counters.items() if f.startswith("event:")}

@@ -182,17 +182,24 @@ def test_status_shows_each_agents_heartbeat_age_and_flags_stale_ones(cli_env, na
     import time
 
     from prefect_mig.allocator import Allocator
+    from prefect_mig.node_claim import NodeClaim
 
     cluster = Allocator(redis_client, namespace)
     cluster.publish_fleet("node-a=1xA30-24GB", layouts={"node-a": ["4g.24gb@0"]}, heartbeat_ttl_s=0.5)
     cluster.publish_fleet("node-b=1xA30-24GB", layouts={"node-b": ["4g.24gb@0"]}, heartbeat_ttl_s=300)
+    claim = NodeClaim(cluster, "node-b", ttl_s=300)
+    claim.take()
+    cluster.heartbeat("node-b", ttl_s=300, agent=claim.held_as())  # as node-b's agent beats
     time.sleep(1.5)
     shown = _cli("status", env=cli_env)
     assert shown.returncode == 0, shown.stderr
     lines = {line.split(":")[0]: line for line in shown.stdout.splitlines() if line.startswith("agent ")}
     assert "STALE" in lines["agent node-a"] and "STALE" not in lines["agent node-b"]
+    assert f"(by pid {os.getpid()} on {claim.identity['host']})" in lines["agent node-b"] and "by pid" not in lines["agent node-a"]
     agents = json.loads(_cli("status", "--json", env=cli_env).stdout)["agents"]
     assert agents["node-a"]["stale"] and agents["node-a"]["age_s"] >= 1 and not agents["node-b"]["stale"]
+    assert agents["node-b"]["agent"]["pid"] == os.getpid() and agents["node-a"]["agent"] is None
+    claim.release()
 
 
 def test_the_agent_carves_an_empty_gpu_to_the_default_config_and_layout_apply_keeps_busy_slices(cli_env, namespace, redis_client):

@@ -187,6 +187,28 @@ def test_layout_outcomes_and_fenced_containers_are_counted(alloc):
     assert sample_sum(m["prefect_mig_events"], type="layout.desired") == 3
 
 
+def test_agents_name_the_claim_that_wrote_their_last_heartbeat(alloc):
+    """Heartbeats record the writer's node claim: which agent (host, pid) serves a node, in
+    `health.agents` and as `prefect_mig_agent_info`; a beat without a claim names none."""
+    from prefect_mig.allocator import health
+    from prefect_mig.metrics import render
+    from prefect_mig.node_claim import NodeClaim
+
+    alloc.publish_fleet("node-a=1xA30-24GB", layouts={"node-a": ["4g.24gb@0"]})
+    alloc.publish_fleet("node-b=1xA30-24GB", layouts={"node-b": ["4g.24gb@0"]})
+    claim = NodeClaim(alloc, "node-a", ttl_s=30)
+    claim.take()
+    alloc.heartbeat("node-a", ttl_s=30, agent=claim.held_as())
+    me = {"host": claim.identity["host"], "pid": os.getpid(), "id": claim.identity["id"]}
+    seen = health.agents(alloc)
+    assert seen["node-a"]["agent"] == me and seen["node-b"]["agent"] is None
+    info = {s.labels["node"]: s for s in parse(render(alloc).decode())["prefect_mig_agent_info"]}
+    assert list(info) == ["node-a"]
+    assert info["node-a"].labels == {"node": "node-a", "host": me["host"], "pid": str(os.getpid())}
+    assert info["node-a"].value == 1
+    claim.release()
+
+
 def test_the_wait_histogram_counts_a_wait_in_its_bucket(alloc, clock):
     from prefect_mig.metrics import render
 

@@ -5,11 +5,13 @@ and tasks submitted from the body. Real Prefect API, real Redis, real Docker, an
 
 from __future__ import annotations
 
+import datetime
 import time
 import uuid
 
 import pytest
 from prefect import flow
+from prefect import task as prefect_task
 
 from prefect_mig import MigTaskRunner, task
 
@@ -180,3 +182,56 @@ def test_a_nested_submit_with_networking_off_fails_saying_to_give_the_runner_a_n
 
     with pytest.raises(RuntimeError, match=r"networking off.*network='host'"):
         pipeline()
+
+
+class Scaler:
+    unit = 10
+
+    def __init__(self, factor: int):
+        self.factor = factor
+
+    @prefect_task(tags=["mig:1g.10gb"])
+    def scale(self, x: int):
+        from prefect.context import TaskRunContext
+
+        seen = TaskRunContext.get().parameters
+        return self.factor * x, type(seen.get("self")).__name__, seen.get("x")
+
+    @prefect_task(tags=["mig:1g.10gb"])
+    @classmethod
+    def units(cls, x: int):
+        from prefect.context import TaskRunContext
+
+        return cls.unit * x, sorted(TaskRunContext.get().parameters)
+
+
+def test_a_task_on_a_method_in_an_image_with_prefect_sees_its_instance_in_the_task_runs_parameters(cluster, prefect_image):
+    """Prefect passes a task method's instance as `self` and its class as `cls`; the body's
+    TaskRunContext must name them once (Prefect's own binding adds them again when the function
+    still carries the instance it was last looked up on)."""
+
+    @flow(task_runner=MigTaskRunner(image=prefect_image))
+    def pipeline():
+        return Scaler(3).scale.submit(2).result(), Scaler.units.submit(3).result()
+
+    assert pipeline() == ((6, "Scaler", 2), (30, ["cls", "x"]))
+
+
+def reads_flow_parameters():
+    from prefect import runtime
+    from prefect.context import FlowRunContext
+
+    return FlowRunContext.get().parameters, runtime.flow_run.parameters, FlowRunContext.get().flow_run.parameters
+
+
+def test_a_body_in_an_image_with_prefect_sees_its_flow_runs_parameters_as_the_flow_holds_them(cluster, prefect_image):
+    """They travel pickled beside the call, not as JSON in the run context."""
+    body = task(task_runner=MigTaskRunner(profile="1g.10gb", image=prefect_image))(reads_flow_parameters)
+    when = datetime.datetime(2026, 11, 27, 6, 0, tzinfo=datetime.timezone.utc)
+
+    @flow
+    def pipeline(when: datetime.datetime, scale: int = 2):
+        return body()
+
+    expected = {"when": when, "scale": 2}
+    assert pipeline(when) == (expected, expected, expected)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 import time
 
 import pytest
 import redis
+from pydantic import BaseModel
 from prefect import flow
 from prefect import task as prefect_task
 
@@ -502,3 +504,106 @@ def test_a_task_waiting_on_a_lapsed_agent_says_so_and_ends_at_the_default_wait_t
     assert messages and "node-a's agent last heartbeated" in messages[0]
     assert cluster.status()["queue"] == []
     assert list(tmp_path.iterdir()) == []  # a configured Redis: no local agent or redis-server was started
+
+
+def _scaler_class(keep_warm_s: int):
+    runner = MigTaskRunner(profile="1g.10gb", keep_warm_s=keep_warm_s)
+
+    class Scaler:
+        unit = 10
+
+        def __init__(self, factor: int):
+            self.factor = factor
+
+        @task(task_runner=runner)
+        def scale(self, x: int, offset: int = 0):
+            from prefect.runtime import task_run
+
+            seen = task_run.parameters
+            return self.factor * x + offset, type(seen.get("self")).__name__, seen.get("x"), seen.get("offset")
+
+        @task(task_runner=runner)
+        @staticmethod
+        def double(x: int):
+            from prefect.runtime import task_run
+
+            return 2 * x, sorted(task_run.parameters)
+
+        @task(task_runner=runner)
+        @classmethod
+        def units(cls, x: int):
+            from prefect.runtime import task_run
+
+            return cls.unit * x, sorted(task_run.parameters)
+
+    return Scaler
+
+
+@pytest.mark.parametrize("keep_warm_s", [0, 30], ids=["cold", "warm"])
+def test_a_task_on_a_method_runs_on_a_slice_with_its_instance_and_sees_its_parameters(cluster, keep_warm_s):
+    """A `@task` on a method: Prefect passes the instance as `self` (its ``__prefect_self__``)."""
+    Scaler = _scaler_class(keep_warm_s)
+
+    @flow
+    def pipeline():
+        three, five = Scaler(3), Scaler(5)
+        return three.scale(2), five.scale.submit(2, offset=1).result(), Scaler.double(4), Scaler.units(3)
+
+    assert pipeline() == ((6, "Scaler", 2, 0), (11, "Scaler", 2, 1), (8, ["x"]), (30, ["cls", "x"]))
+
+
+def flow_parameters_as_seen():
+    import os
+
+    from prefect.runtime import flow_run
+
+    seen = flow_run.parameters
+    return type(seen["when"]).__name__, seen["when"], len(seen["ids"]), len(os.environ["PREFECT_MIG_RUN_CONTEXT"])
+
+
+@pytest.mark.parametrize("keep_warm_s", [0, 30], ids=["cold", "warm"])
+def test_a_body_sees_its_flow_runs_parameters_as_the_flow_holds_them_and_they_do_not_ride_in_its_run_context(cluster, keep_warm_s):
+    """A flow run's parameters travelled as JSON in every task's run context, twice (a 400 KB list
+    made each task's environment 800 KB more), and the body saw a datetime as its ISO string."""
+    seen = task(task_runner=MigTaskRunner(profile="1g.10gb", keep_warm_s=keep_warm_s))(flow_parameters_as_seen)
+
+    @flow
+    def pipeline(when: datetime.datetime, ids: list[int]):
+        return seen(), seen()
+
+    when = datetime.datetime(2026, 11, 27, 6, 0, tzinfo=datetime.timezone.utc)
+    first, second = pipeline(when, list(range(60_000)))
+    assert first[:3] == second[:3] == ("datetime", when, 60_000)
+    assert first[3] < 20_000 and second[3] < 20_000
+
+
+def reads_flow_parameters_if(read: bool):
+    from prefect.runtime import flow_run
+
+    if not read:
+        return "did not read them"
+    errors = []
+    for _ in range(2):  # each read says why
+        try:
+            flow_run.parameters
+        except RuntimeError as exc:
+            errors.append(str(exc))
+    return errors
+
+
+class Batch(BaseModel):
+    size: int
+
+
+def test_a_flow_parameter_the_image_cannot_unpickle_fails_only_a_body_that_reads_it(cluster):
+    """A pydantic model as a flow parameter: the python3-only image has no pydantic to rebuild it."""
+    body = task(task_runner=MigTaskRunner(profile="1g.10gb"))(reads_flow_parameters_if)
+
+    @flow
+    def pipeline(batch: Batch):
+        return body(False), body(True)
+
+    done, errors = pipeline(Batch(size=3))
+    assert done == "did not read them"
+    assert len(errors) == 2
+    assert all("flow run's parameters cannot be unpickled in this task's image" in e and "pydantic" in e for e in errors)

@@ -101,10 +101,9 @@ def slice_of_this_call():
     return os.environ["CUDA_VISIBLE_DEVICES"]
 
 
-def test_a_warm_process_of_one_cluster_never_serves_a_flow_run_of_another(cluster, redis_server, monkeypatch, namespace):
-    """Found by a test audit: with no `cluster=` the runner's settings come from the environment,
-    and a process that moved to another namespace (or Redis) between flow runs was handed the first
-    cluster's warm slot: its task ran on a slice no lease of its own cluster covered."""
+def _flow_runs_before_and_after_a_move(cluster, redis_server, other_namespace: str, move) -> None:
+    """Two flow runs of one warm runner (share_warm='tenant'), `move(other_namespace)` between
+    them: the second must run on the other cluster, under a lease of its own."""
     import redis
 
     from prefect_mig.allocator import Allocator
@@ -112,7 +111,6 @@ def test_a_warm_process_of_one_cluster_never_serves_a_flow_run_of_another(cluste
 
     from .allocator_fixtures import H100_MIXED
 
-    other_namespace = f"{namespace}-other"
     other = Allocator(redis.Redis.from_url(redis_server.url), other_namespace)
     other.publish_fleet("node-b=1xH100-80GB", layouts={"node-b": [H100_MIXED]})
     on_slice = prefect_task(tags=["mig:1g.10gb"])(slice_of_this_call)
@@ -123,7 +121,7 @@ def test_a_warm_process_of_one_cluster_never_serves_a_flow_run_of_another(cluste
 
     try:
         first = pipeline()
-        monkeypatch.setenv("PREFECT_MIG_NAMESPACE", other_namespace)
+        move(other_namespace)
         second = pipeline()
     finally:
         POOL.close()
@@ -131,6 +129,31 @@ def test_a_warm_process_of_one_cluster_never_serves_a_flow_run_of_another(cluste
     assert second in {s["mig_uuid"] for s in other.status()["slices"]}
     assert other.status()["leases"] == []
     assert [e["type"] for e in other.events() if e["type"] == "lease.granted"] == ["lease.granted"]
+
+
+def test_a_warm_process_of_one_cluster_never_serves_a_flow_run_of_another(cluster, redis_server, monkeypatch, namespace):
+    """Found by a test audit: with no `cluster=` the runner's settings come from the environment,
+    and a process that moved to another namespace (or Redis) between flow runs was handed the first
+    cluster's warm slot: its task ran on a slice no lease of its own cluster covered."""
+    _flow_runs_before_and_after_a_move(
+        cluster, redis_server, f"{namespace}-other", lambda other: monkeypatch.setenv("PREFECT_MIG_NAMESPACE", other),
+    )
+
+
+def test_a_warm_process_whose_dotenv_moved_it_to_another_cluster_never_serves_it(
+    cluster, redis_server, monkeypatch, namespace, tmp_path,
+):
+    """The settings also read PREFECT_MIG_* from a `.env` file in the working directory: a flow
+    process whose `.env` named another namespace for its next flow run was handed the first
+    cluster's warm slot (the key saw only the environment)."""
+    monkeypatch.delenv("PREFECT_MIG_NAMESPACE")
+    monkeypatch.chdir(tmp_path)
+    dotenv = tmp_path / ".env"
+    dotenv.write_text(f"# the first cluster\nPREFECT_MIG_NAMESPACE={namespace}\n")
+    _flow_runs_before_and_after_a_move(
+        cluster, redis_server, f"{namespace}-dotenv",
+        lambda other: dotenv.write_text(f"# the second cluster\nPREFECT_MIG_NAMESPACE={other}\n"),
+    )
 
 
 def test_after_a_crash_the_next_task_gets_a_fresh_process(cluster):

@@ -32,7 +32,9 @@ from prefect_mig.allocator.models import decode
 
 def agents(allocator: Allocator) -> dict[str, dict[str, Any]]:
     """Each published node's agent: seconds since its last heartbeat (``age_s``, None if never
-    recorded), its heartbeat TTL, and whether it is ``stale`` (silent past that TTL)."""
+    recorded), its heartbeat TTL, whether it is ``stale`` (silent past that TTL), and ``agent``:
+    who wrote that heartbeat, from its node claim (``host``, ``pid``, ``id``), or None for a beat
+    written without a claim (``publish_fleet``) or never."""
     with redis_errors("read the agents' heartbeats"):
         pipe = allocator.redis.pipeline(transaction=True)
         pipe.hkeys(allocator.keys.nodes).hgetall(allocator.keys.heartbeats)
@@ -42,12 +44,26 @@ def agents(allocator: Allocator) -> dict[str, dict[str, Any]]:
     for node in sorted(decode(n) for n in nodes):
         raw = beats.get(node) or beats.get(node.encode())
         if raw is None:
-            out[node] = {"age_s": None, "ttl_s": None, "stale": True}
+            out[node] = {"age_s": None, "ttl_s": None, "stale": True, "agent": None}
             continue
         beat = json.loads(decode(raw))
         age_ms = max(0, now - int(beat["at"]))
-        out[node] = {"age_s": age_ms / 1000, "ttl_s": beat["ttl_ms"] / 1000, "stale": age_ms > beat["ttl_ms"]}
+        out[node] = {"age_s": age_ms / 1000, "ttl_s": beat["ttl_ms"] / 1000, "stale": age_ms > beat["ttl_ms"],
+                     "agent": beat_writer(beat)}
     return out
+
+
+def beat_writer(beat: dict[str, Any]) -> dict[str, Any] | None:
+    """The agent that wrote a heartbeat record, from the node claim it holds: ``host``, ``pid``,
+    ``id`` (None for a beat without a claim, or a claim this version cannot read)."""
+    claim = beat.get("agent")
+    if not claim:
+        return None
+    try:
+        found = json.loads(claim)
+        return {"host": str(found["host"]), "pid": int(found["pid"]), "id": str(found.get("id", ""))}
+    except (ValueError, TypeError, KeyError):
+        return None
 
 def serving(allocator: Allocator, nodes: list[str]) -> bool:
     """Whether an agent serves each of `nodes` now: it holds its node claim and its own heartbeat

@@ -215,7 +215,8 @@ def status(
             age = "never" if a["age_s"] is None else f"{a['age_s']:.0f} s ago"
             flag = (" [red]STALE: its slices get no new grants (is `prefect-mig agent` running there? a node renamed "
                     f"or gone for good: `prefect-mig node forget {node}`)[/red]" if a["stale"] else "")
-            console.print(f"agent {node}: last heartbeat {age}{flag}", highlight=False)
+            by = f" (by pid {a['agent']['pid']} on {a['agent']['host']})" if a.get("agent") else ""
+            console.print(f"agent {node}: last heartbeat {age}{by}{flag}", highlight=False)
         for node, n in snap["nodes"].items():
             if n.get("drained"):
                 console.print(f"node {node}: DRAINED for maintenance, no new grants "

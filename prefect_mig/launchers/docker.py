@@ -289,8 +289,9 @@ def _project_modules() -> list[ModuleType]:
     return modules
 
 
-def _pickle_call(fn: Callable, args: tuple, kwargs: dict) -> bytes:
-    """Cloudpickle the call; the user's own modules (not installed: the function's, and those it
+def _pickle_call(fn: Callable, args: tuple, kwargs: dict, side_values: dict[str, Any] | None = None) -> bytes:
+    """Cloudpickle the call, and `side_values` each on its own beside it (bytes the container
+    unpickles only when its runtime asks: a value the body never reads cannot fail its call); the user's own modules (not installed: the function's, and those it
     imports from, such as a sibling module with its helpers and exception types) travel by value,
     so the container needs no copy of the user's project. Should one of them hold something that
     cannot be pickled, the call goes with its function's module alone by value, as an image that
@@ -299,14 +300,15 @@ def _pickle_call(fn: Callable, args: tuple, kwargs: dict) -> bytes:
     own_only = [own] if own is not None and own.__name__ != "__main__" and _is_user_code(own) else []
     project = _project_modules()
     try:
-        return _pickle_with_by_value(fn, args, kwargs, project)
+        return _pickle_with_by_value(fn, args, kwargs, side_values, project)
     except Exception:  # noqa: BLE001 - retried below; a call that cannot be pickled at all raises there
         if len(project) <= len(own_only):
             raise
-    return _pickle_with_by_value(fn, args, kwargs, own_only)
+    return _pickle_with_by_value(fn, args, kwargs, side_values, own_only)
 
 
-def _pickle_with_by_value(fn: Callable, args: tuple, kwargs: dict, modules: list[ModuleType]) -> bytes:
+def _pickle_with_by_value(fn: Callable, args: tuple, kwargs: dict, side_values: dict[str, Any] | None,
+                          modules: list[ModuleType]) -> bytes:
     # counted: tasks pickled at once in several threads (a map) must not unregister a module under
     # each other (a ValueError, or a call pickled by reference the container lacks)
     with _BY_VALUE_LOCK:
@@ -315,7 +317,10 @@ def _pickle_with_by_value(fn: Callable, args: tuple, kwargs: dict, modules: list
                 cloudpickle.register_pickle_by_value(module)
             _BY_VALUE_USERS[module.__name__] = _BY_VALUE_USERS.get(module.__name__, 0) + 1
     try:
-        return cloudpickle.dumps((fn, tuple(args), dict(kwargs)))
+        call: tuple = (fn, tuple(args), dict(kwargs))
+        if side_values:
+            call += ({name: _side_value(value) for name, value in side_values.items()},)
+        return _dumps(call)
     finally:
         with _BY_VALUE_LOCK:
             for module in modules:
@@ -323,6 +328,65 @@ def _pickle_with_by_value(fn: Callable, args: tuple, kwargs: dict, modules: list
                 if not _BY_VALUE_USERS[module.__name__]:
                     del _BY_VALUE_USERS[module.__name__]
                     cloudpickle.unregister_pickle_by_value(module)
+
+
+def _dumps(obj: Any) -> bytes:
+    out = io.BytesIO()
+    _CallPickler(out, protocol=cloudpickle.DEFAULT_PROTOCOL).dump(obj)
+    return out.getvalue()
+
+
+def _side_value(value: Any) -> bytes:
+    """`value` pickled; a dict whose values do not all pickle keeps those that do, the others
+    by their ``repr`` (a side value must never fail the call it goes with)."""
+    try:
+        return _dumps(value)
+    except Exception:  # noqa: BLE001 - retried value by value
+        if not isinstance(value, dict):
+            return _dumps(repr(value))
+    kept = {}
+    for key, item in value.items():
+        try:
+            _dumps(item)
+            kept[key] = item
+        except Exception:  # noqa: BLE001 - this one travels as its repr
+            kept[key] = repr(item)
+    return _dumps(kept)
+
+
+class _CallPickler(cloudpickle.Pickler):
+    """Cloudpickle, except that a class sent by value (the class of a task method's instance) takes
+    its Prefect tasks along as the plain functions they run (`_plain_body`): the container may have
+    no Prefect (and has no prefect-mig) to rebuild a ``prefect.Task`` with, and a body that calls
+    another task method of its instance runs it inline, on its own slice."""
+
+    def reducer_override(self, obj):
+        reduced = super().reducer_override(obj)
+        if isinstance(obj, type) and isinstance(reduced, tuple) and len(reduced) > 2 \
+                and isinstance(reduced[2], tuple) and reduced[2] and isinstance(reduced[2][0], dict):
+            members = reduced[2][0]
+            plain = {name: _plain_body(value) for name, value in members.items() if _is_prefect_task(value)}
+            if plain:
+                return (*reduced[:2], ({**members, **plain}, *reduced[2][1:]), *reduced[3:])
+        return reduced
+
+
+def _is_prefect_task(value: Any) -> bool:
+    # by name: the launchers do not import Prefect (the integration sits above them)
+    return any(c.__name__ == "Task" and c.__module__ == "prefect.tasks" for c in type(value).__mro__)
+
+
+def _plain_body(task: Any) -> Any:
+    """The function a Prefect task on a class runs, as the method kind it was declared as (the
+    user's own, not a `MigTaskRunner` proxy around it)."""
+    fn = task.fn
+    while getattr(fn, "__prefect_mig__", None) is not None and hasattr(fn, "__wrapped__"):
+        fn = fn.__wrapped__
+    if task.isstaticmethod:
+        return staticmethod(fn)
+    if task.isclassmethod:
+        return classmethod(fn)
+    return fn
 
 
 #: what requests raises when the engine itself goes away: refused, reset, or cut mid-answer
@@ -597,6 +661,7 @@ class DockerLauncher:
         env: dict[str, str] | None = None,
         poll_s: float = 0.25,
         confirm: Callable[[], object] | None = None,
+        side_values: dict[str, Any] | None = None,
     ) -> Any:
         """Run ``fn(*args, **kwargs)`` in a fresh container that sees only `mig_uuid`; return its
         value or raise its exception (with the container's traceback as ``__cause__``).
@@ -606,14 +671,15 @@ class DockerLauncher:
         runs after the container is created and before it starts, and raises to refuse the start
         (see `start_confirmed`). The container is removed on every path; if the engine does not
         confirm it gone (`remove_container`), `DockerUnavailable` with ``unconfirmed`` is raised
-        instead of the value or error, so the caller leaves its lease to lapse.
+        instead of the value or error, so the caller leaves its lease to lapse. `side_values` go
+        with the call for the container's runtime (see `_pickle_call`).
 
         Raises:
             ImageNotFound, ImagePythonMismatch, DockerUnavailable, ContainerFailed, ContainerStopped,
             and whatever `confirm` raises.
         """
         self.check_python()
-        payload = _pickle_call(fn, args, kwargs or {})
+        payload = _pickle_call(fn, args, kwargs or {}, side_values)
         s = self.settings
         _not_stopped(stop)
         env, carried = _exec_sized(env or {})

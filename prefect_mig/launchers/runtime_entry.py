@@ -41,8 +41,8 @@ def main() -> int:
         _carried_env()
         stand_in = _install_shim()
         with open(os.path.join(HOME, "payload.pkl"), "rb") as f:
-            fn, args, kwargs = cloudpickle.load(f)
-        with _prefect_context(stand_in, fn, args, kwargs):
+            fn, args, kwargs, *side = cloudpickle.load(f)
+        with _prefect_context(stand_in, fn, args, kwargs, side[0] if side else {}):
             value = fn(*args, **kwargs)
         outcome = ("ok", value, None)
     except BaseException as exc:  # noqa: BLE001 - every outcome goes back to the flow
@@ -88,8 +88,8 @@ def serve() -> int:
             os.environ.update(env)
             previous = set(env)
             stand_in = _install_shim()
-            fn, args, kwargs = cloudpickle.loads(request["call"])
-            with _prefect_context(stand_in, fn, args, kwargs):
+            fn, args, kwargs, *side = cloudpickle.loads(request["call"])
+            with _prefect_context(stand_in, fn, args, kwargs, side[0] if side else {}):
                 value = _with_kept_globals(fn)(*args, **kwargs)
             outcome = ("ok", value, None)
         except BaseException as exc:  # noqa: BLE001 - every outcome goes back to the flow
@@ -139,9 +139,10 @@ def _install_shim() -> bool:
     return False
 
 
-def _prefect_context(stand_in: bool, fn, args, kwargs):
+def _prefect_context(stand_in: bool, fn, args, kwargs, side: dict):
     """With Prefect in the image, its own flow run and task run context around the body; without
-    it, the stand-in's task-run parameters bound from this call."""
+    it, the stand-in's task-run parameters bound from this call. `side`: values pickled each on its
+    own beside the call (``flow_parameters``: the flow run's, unpickled when first read)."""
     if stand_in or not os.path.exists(os.path.join(HOME, "runtime_prefect.py")):
         import contextlib
 
@@ -149,10 +150,11 @@ def _prefect_context(stand_in: bool, fn, args, kwargs):
             import runtime_shim
 
             runtime_shim.bind_parameters(fn, args, kwargs)
+            runtime_shim.flow_parameters_from(side.get("flow_parameters"))
         return contextlib.nullcontext()
     import runtime_prefect
 
-    return runtime_prefect.hydrated(fn, args, kwargs)
+    return runtime_prefect.hydrated(fn, args, kwargs, side.get("flow_parameters"))
 
 
 #: the file name cloudpickle gives code it sends by value (it drops the real one)

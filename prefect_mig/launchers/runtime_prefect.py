@@ -65,17 +65,28 @@ def _task_runner(api: bool):
 
 
 def _parameters(fn, args: tuple, kwargs: dict) -> dict:
+    import inspect
+
     from prefect.utilities.callables import get_call_parameters
 
     try:
+        if hasattr(fn, "__prefect_self__") or hasattr(fn, "__prefect_cls__"):
+            # a task method: the engine passed its instance (or class) as the first argument
+            # already, and Prefect's binding would add the one the function carries once more
+            def unbound(*args, **kwargs):
+                return None
+
+            unbound.__signature__ = inspect.signature(fn)
+            return get_call_parameters(unbound, args, kwargs)
         return get_call_parameters(fn, args, kwargs)
     except Exception:  # noqa: BLE001 - a signature Prefect cannot bind: the body still runs
         return {}
 
 
 @contextlib.contextmanager
-def hydrated(fn, args: tuple, kwargs: dict):
-    """Prefect's flow run and task run context around ``fn(*args, **kwargs)`` (see the module)."""
+def hydrated(fn, args: tuple, kwargs: dict, flow_parameters: bytes | None = None):
+    """Prefect's flow run and task run context around ``fn(*args, **kwargs)`` (see the module);
+    `flow_parameters`: the flow run's, pickled by the flow's process."""
     values = json.loads(os.environ.get("PREFECT_MIG_RUN_CONTEXT") or "{}").get("prefect")
     if not values:  # not called from a task run (a bare DockerLauncher.run)
         yield
@@ -99,7 +110,8 @@ def hydrated(fn, args: tuple, kwargs: dict):
     task_run = TaskRun.model_validate(values["task_run"])
     with contextlib.ExitStack() as stack:
         if values.get("flow_run"):
-            flow_run = FlowRun.model_validate(values["flow_run"])
+            parameters = _flow_parameters(flow_parameters)
+            flow_run = FlowRun.model_validate(values["flow_run"]).model_copy(update={"parameters": parameters})
 
             def flow_stand_in():  # the flow's own function stays in the flow's process
                 return None
@@ -108,7 +120,7 @@ def hydrated(fn, args: tuple, kwargs: dict):
             stack.enter_context(FlowRunContext(
                 flow=Flow(flow_stand_in, name=values.get("flow_name") or flow_run.flow_id.hex),
                 flow_run=flow_run, client=client, task_runner=runner, result_store=get_result_store(),
-                parameters=dict(flow_run.parameters or {}), detached=True,
+                parameters=parameters, detached=True,
             ))
         task = Task(fn, name=values.get("task_name") or task_run.name, tags=set(task_run.tags))
         stack.enter_context(TaskRunContext(
@@ -121,6 +133,23 @@ def hydrated(fn, args: tuple, kwargs: dict):
         finally:
             if api:
                 _drain_events()
+
+
+def _flow_parameters(pickled: bytes | None) -> dict:
+    """The flow run's parameters as its process holds them (they travel pickled, not in the run
+    context's JSON: a large one cost every task of the flow run seconds). One that cannot be
+    unpickled here (a module the image lacks) leaves them empty, with a warning in the task's log."""
+    if pickled is None:
+        return {}
+    import pickle
+
+    try:
+        return pickle.loads(pickled)
+    except Exception as exc:  # noqa: BLE001 - the body may not read them
+        logging.getLogger("prefect.task_runs").warning(
+            "the flow run's parameters cannot be unpickled in this task's image (%s: %s), so the body sees "
+            "none; install what they need in the image.", type(exc).__name__, exc)
+        return {}
 
 
 def _drain_events() -> None:

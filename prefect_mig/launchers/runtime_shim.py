@@ -8,8 +8,10 @@ so that a body's own ``from prefect import get_run_logger`` and ``prefect.runtim
   process, with their levels (one marked line each on stdout, see `LOG_MARK`);
 - ``prefect.runtime.task_run``: ``id``, ``name``, ``task_name``, ``tags``, ``run_count``,
   ``parameters`` (the call's own arguments, bound to the body's signature with its defaults, see
-  `bind_parameters`); ``prefect.runtime.flow_run``: ``id``, ``name``, ``flow_name``, ``run_count``,
-  ``parameters`` (from ``PREFECT_MIG_RUN_CONTEXT``, JSON written by the flow's process).
+  `bind_parameters`); ``prefect.runtime.flow_run``: ``id``, ``name``, ``flow_name``, ``run_count``
+  (from ``PREFECT_MIG_RUN_CONTEXT``, JSON written by the flow's process), ``parameters`` (the flow
+  run's own values, pickled beside the call and unpickled when first read, see
+  `flow_parameters_from`).
 
 Anything else from Prefect (``from prefect import task``, ``import prefect.context``) fails with an
 ``ImportError`` saying to use an image with Prefect installed. Only the standard library is used.
@@ -73,6 +75,12 @@ class _RunValues(types.ModuleType):
     def __getattr__(self, attr: str):
         if attr.startswith("__"):
             raise AttributeError(attr)
+        lazy = self.__dict__.get("_lazy", {})
+        if attr in lazy:
+            value = lazy[attr]()  # raising, it raises again at the next read
+            del lazy[attr]
+            setattr(self, attr, value)
+            return value
         raise AttributeError(_ADVICE.format(what=f"{self.__name__}.{attr}"))
 
 
@@ -136,3 +144,30 @@ def bind_parameters(fn, args: tuple, kwargs: dict) -> None:
         task_run.parameters = dict(bound.arguments)
     except (TypeError, ValueError):  # a signature that cannot bind this call: the body still runs
         task_run.parameters = {}
+
+
+def flow_parameters_from(pickled: bytes | None) -> None:
+    """``prefect.runtime.flow_run.parameters``: the flow run's parameters as the flow's process
+    holds them, unpickled when the body first reads them ({} outside a flow run). One that cannot be
+    unpickled here (a module the image lacks) raises then, saying so, and fails no body that does
+    not read them."""
+    flow_run = sys.modules.get("prefect.runtime.flow_run")
+    if not isinstance(flow_run, _RunValues):
+        return
+    flow_run.__dict__.pop("parameters", None)
+    if pickled is None:
+        flow_run.parameters = {}
+        return
+
+    def load():
+        import pickle
+
+        try:
+            return pickle.loads(pickled)
+        except Exception as exc:
+            raise RuntimeError(
+                f"prefect.runtime.flow_run.parameters: the flow run's parameters cannot be unpickled in this "
+                f"task's image ({type(exc).__name__}: {exc}); install what they need in the image."
+            ) from exc
+
+    flow_run._lazy = {"parameters": load}

@@ -121,9 +121,10 @@ class WarmContainer:
         on_log: Callable[[str], None] | None = None,
         stop=None,
         poll_s: float = 0.05,
+        side_values: dict[str, Any] | None = None,
     ) -> Any:
-        """Run ``fn(*args, **kwargs)`` in the warm process with this call's `env`; return its value
-        or raise its exception, as `DockerLauncher.run` does.
+        """Run ``fn(*args, **kwargs)`` in the warm process with this call's `env` (and
+        `side_values`); return its value or raise its exception, as `DockerLauncher.run` does.
 
         Raises:
             ContainerStopped: `stop` was set (the container is killed), or it was removed.
@@ -133,7 +134,7 @@ class WarmContainer:
         """
         if self.broken:
             raise ContainerStopped("this warm task container may not run another call.", container_id=self.container.id)
-        message = cloudpickle.dumps({"env": dict(env or {}), "call": _pickle_call(fn, args, kwargs or {})})
+        message = cloudpickle.dumps({"env": dict(env or {}), "call": _pickle_call(fn, args, kwargs or {}, side_values)})
         self._on_log, self.calls = on_log, self.calls + 1
         self._logs_done.clear()
         try:

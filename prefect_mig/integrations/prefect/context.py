@@ -148,15 +148,25 @@ def body_context(ctx) -> str:
     }
     flow_ctx = FlowRunContext.get()
     if flow_ctx is not None and flow_ctx.flow_run is not None:
+        # no flow-run parameters either: they travel pickled beside the call (`flow_side_values`)
         values["flow_run"] = {
             "id": str(flow_ctx.flow_run.id), "name": flow_ctx.flow_run.name,
-            "flow_name": flow_ctx.flow.name if flow_ctx.flow else None,
-            "run_count": flow_ctx.flow_run.run_count, "parameters": dict(flow_ctx.parameters or {}),
+            "flow_name": flow_ctx.flow.name if flow_ctx.flow else None, "run_count": flow_ctx.flow_run.run_count,
         }
-        models["flow_run"] = flow_ctx.flow_run.model_dump(mode="json", exclude=no_data)
+        models["flow_run"] = flow_ctx.flow_run.model_dump(mode="json", exclude={**no_data, "parameters": True})
         models["flow_name"] = flow_ctx.flow.name if flow_ctx.flow else None
     values["prefect"] = models
     return json.dumps(values, default=repr)
+
+
+def flow_side_values(flow_ctx) -> dict[str, Any] | None:
+    """What goes pickled beside a body's call (`prefect_mig.launchers.docker.DockerLauncher.run`'s
+    ``side_values``): the flow run's parameters as its process holds them, for the body's
+    ``prefect.runtime.flow_run.parameters`` and ``FlowRunContext``. Not JSON in the run context: a
+    large one (an 8 MB list) cost each task of the flow run seconds."""
+    if flow_ctx is None or flow_ctx.flow_run is None:
+        return None
+    return {"flow_parameters": dict(flow_ctx.parameters or {})}
 
 
 def prefect_env(ctx, network: str | None, own: dict[str, str]) -> dict[str, str]:

@@ -72,7 +72,7 @@ from prefect_mig.gpu import default_gpu_runtime
 from prefect_mig.integrations.prefect.arguments import plain_arguments
 from prefect_mig.integrations.prefect.artifacts import record_task_slice
 from prefect_mig.integrations.prefect.context import announce_lease, body_context, flow_cancelled, log_sink, prefect_env
-from prefect_mig.integrations.prefect.context import run_in_slice_async
+from prefect_mig.integrations.prefect.context import flow_side_values, run_in_slice_async
 from prefect_mig.integrations.prefect.context import picklable_state as _picklable_state
 from prefect_mig.integrations.prefect.context import acquire_started, lease_event, shielded, start_lease, undo_acquire
 from prefect_mig.integrations.prefect.direct_calls import route_direct_calls, wants_slice
@@ -482,15 +482,15 @@ class MigTaskRunner(ThreadPoolTaskRunner):
             if slot is None:  # a new container: on the engine of the node that owns the slice
                 launcher = self._launcher(allocator.node_docker_url(s.node))
                 labels = _container_labels(allocator, lease, ctx)
-            env = self._body_env(lease, ctx)
+            env, side = self._body_env(lease, ctx), flow_side_values(flow_ctx)
             on_log, stopped = (log_sink(logger) if logger else None), _AnyEvent(lost, cancelled)
             try:
                 if warm_key is None:
                     return launcher.run(fn, args, kwargs, mig_uuid=s.mig_uuid, labels=labels, on_log=on_log, stop=stopped,
-                                        env=env, confirm=lease.confirm)
+                                        env=env, confirm=lease.confirm, side_values=side)
                 if slot is None:
                     slot = shielded(adopt_into, warm_key, lease, launcher, labels, taken, keep_warm_s=self.keep_warm_s)
-                value = slot.container.call(fn, args, kwargs, env=env, on_log=on_log, stop=stopped)
+                value = slot.container.call(fn, args, kwargs, env=env, on_log=on_log, stop=stopped, side_values=side)
                 reusable = True
                 return value
             except DockerUnavailable as exc:

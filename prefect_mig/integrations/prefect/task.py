@@ -44,6 +44,9 @@ def task(__fn=None, *, task_runner: MigTaskRunner | None = None, **task_kwargs: 
     def decorate(fn):
         if task_runner is None:
             return prefect.task(fn, **task_kwargs)
+        if isinstance(fn, (classmethod, staticmethod)):  # Prefect takes these apart itself: wrap what it calls
+            task_kwargs.setdefault("name", fn.__func__.__name__)
+            return prefect.task(type(fn)(slice_body(fn.__func__, task_runner)), **task_kwargs)
         task_kwargs.setdefault("name", fn.__name__)
         return prefect.task(slice_body(fn, task_runner), **task_kwargs)
 

@@ -81,13 +81,42 @@ def warm_key(runner, request, ctx, flow_ctx) -> Hashable | None:
 
 def cluster_identity(runner) -> str:
     """A digest of where `runner`'s tries lease and run: its ``cluster`` block's Redis URL and
-    namespace, or, without one, the ``PREFECT_MIG_*`` and ``DOCKER_*`` environment its settings come
-    from (read as is: a warm hit must stay cheap). A block's URL is a secret, so only a digest."""
+    namespace, or, without one, the ``PREFECT_MIG_*`` and ``DOCKER_*`` environment and ``.env``
+    lines its settings come from (read as is: a warm hit must stay cheap). A block's URL is a
+    secret, so only a digest."""
     if runner.cluster is not None:
         where = [runner.cluster.redis_url.get_secret_value(), runner.cluster.namespace]
     else:
         where = sorted(f"{k}={v}" for k, v in os.environ.items() if k.startswith(("PREFECT_MIG_", "DOCKER_")))
+        where += dotenv_settings()
     return hashlib.sha256("\0".join(where).encode()).hexdigest()[:16]
+
+
+_DOTENV_READ: list = [None]  # the .env last read: (its path and stat, its PREFECT_MIG_* lines)
+
+
+def dotenv_settings() -> list[str]:
+    """The ``PREFECT_MIG_*`` lines of the ``.env`` file the settings also read (in the working
+    directory, as pydantic-settings reads it; any case), read again only when its stat changes."""
+    from prefect_mig.settings import Settings
+
+    path = os.path.abspath(str(Settings.model_config.get("env_file") or ".env"))
+    try:
+        st = os.stat(path)
+        stamp: tuple = (path, st.st_ino, st.st_size, st.st_mtime_ns)
+    except OSError:
+        return []
+    read = _DOTENV_READ[0]
+    if read is None or read[0] != stamp:
+        try:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                lines = [line.strip() for line in f]
+        except OSError:
+            return []
+        read = (stamp, [f".env:{line}" for line in lines
+                        if line.removeprefix("export ").lstrip().upper().startswith("PREFECT_MIG_")])
+        _DOTENV_READ[0] = read
+    return list(read[1])
 
 
 def end_with_flow_run(flow_ctx, scope: tuple) -> None:
