@@ -827,6 +827,45 @@ class NodeAgent:
                                 exc_info=failures == 1)
                 stop.wait(max(0.0, pause))
 
+    def start(self, configs=None, name: str | None = None, *, retry: bool = True, interval_s: float = 5.0,
+              max_backoff_s: float = 60.0) -> tuple[list[str], tuple[int, int, int]]:
+        """The agent's first round, inside `serving`: carve the empty GPUs to layout config `name`
+        of `configs` (`carve_empty`; none without `configs`), then publish. Returns (what it
+        carved, what `publish` returned).
+
+        With `retry`, a round cut short because the claim lapsed (Redis did not answer for a TTL,
+        mid-carve perhaps: the carve stops there, recorded) or Redis did not answer is tried again
+        after a backoff as `run`'s: it claims the node again (carving nothing before), finishes the
+        carve and publishes. Only `NodeTaken` (another agent holds the node now) ends it; anything
+        else (a bad layout config, an NVML error) is raised as it is, as without `retry`.
+        """
+        from prefect_mig.errors import RedisUnavailable
+
+        failures = 0
+        while True:
+            try:
+                if failures:
+                    self.claim()
+                carved = self.carve_empty(configs, name) if configs is not None else []
+                published = self.publish()
+            except NodeTaken as taken:
+                if failures:
+                    log.error("node %s: another agent holds it now (pid %s on host %s); this agent stops serving it",
+                              self.node, taken.pid, taken.host)
+                raise
+            except (NodeClaimLapsed, NodeNotClaimed, RedisUnavailable) as exc:
+                if not retry:
+                    raise
+                failures += 1
+                pause = min(interval_s * 2 ** (failures - 1), max_backoff_s, max(interval_s, self.heartbeat_ttl_s / 3))
+                log.warning("node %s: the agent's start was cut short (%s); it changes nothing on the node until it has "
+                            "claimed it again, retrying in %.1f s", self.node, exc, pause)
+                time.sleep(pause)
+                continue
+            if failures:
+                log.warning("node %s: the agent claimed the node again and carries on", self.node)
+            return carved, published
+
     def _claim_again_after(self, refused: NodeNotClaimed) -> None:
         """Redis refused a write of this round: the claim had lapsed when it landed. Claim the node
         again; if another agent holds it now, say so in one line and stop (`NodeTaken`)."""

@@ -163,3 +163,67 @@ def test_sigterm_during_the_carve_lets_it_finish_before_the_agent_exits(redis_se
     assert "stops once the layout change under way is done" in output
     with GpuBackend(SimulatedNvml("node-a=1xA30-24GB", state_dir=tmp_path)) as backend:
         assert str(backend.layout(0)) == BALANCED
+
+
+@pytest.mark.parametrize("meanwhile", ["nobody took the node", "another agent took it"])
+def test_an_agent_whose_claim_lapses_during_its_first_carve_claims_the_node_again_or_exits_naming_who_has_it(
+    fresh_redis_server, namespace, tmp_path, meanwhile
+):
+    """Redis stops answering for longer than the claim's TTL while the agent carves its empty GPU:
+    the agent carves no further until it has claimed the node again. Once Redis is back it claims
+    it, finishes the carve and serves, saying so; it exits (1, naming the agent) only if another
+    agent holds the node by then. A supervisor's restart is no answer: users read exit 1 as a crash."""
+    from prefect_mig.allocator import Allocator
+    from prefect_mig.node_claim import NodeClaim
+
+    server = fresh_redis_server
+    env = {
+        **os.environ, "PREFECT_MIG_REDIS_URL": server.url, "PREFECT_MIG_NAMESPACE": namespace,
+        "PREFECT_MIG_BACKEND": "simulated", "PREFECT_MIG_SIMULATED_FLEET": "node-a=1xA30-24GB",
+        "PREFECT_MIG_STATE_DIR": str(tmp_path), "COLUMNS": "200",
+    }
+    reached, go = tmp_path / "reached", tmp_path / "go"
+    script = _SLOW_CARVE.replace('"--interval", "0.5"', '"--interval", "0.5", "--heartbeat-ttl", "2"')
+    agent = subprocess.Popen([sys.executable, "-c", script, str(reached), str(go)], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(agent.stdout), daemon=True)
+    reader.start()
+    alloc = Allocator(server.client(), namespace)
+    try:
+        deadline = time.monotonic() + 60
+        while not reached.exists():
+            assert agent.poll() is None and time.monotonic() < deadline, "the agent never began carving"
+            time.sleep(0.05)
+        server.kill()  # its second create waits for `go`; the claim lapses meanwhile
+        time.sleep(2 + 1)
+        server.restart()
+        if meanwhile == "another agent took it":
+            other = NodeClaim(alloc, "node-a", ttl_s=60, gpus=lambda: [])
+            other.identity["host"] = "another-gpu-host"
+            other.take()
+        go.touch()
+        deadline = time.monotonic() + 60
+        if meanwhile == "another agent took it":
+            agent.wait(60)
+            reader.join(10)
+            output = "".join(lines)
+            assert agent.returncode == 1, output
+            assert "already has a live agent" in output and "another-gpu-host" in output
+            with GpuBackend(SimulatedNvml("node-a=1xA30-24GB", state_dir=tmp_path)) as backend:
+                assert len(backend.instances(0)) == 2, "it carved on after another agent took its node"
+            return
+        while alloc.redis.scard(alloc.keys.node_slices("node-a")) < 3:
+            assert agent.poll() is None, "".join(lines)
+            assert time.monotonic() < deadline, "the agent never finished its carve and published"
+            time.sleep(0.1)
+        with GpuBackend(SimulatedNvml("node-a=1xA30-24GB", state_dir=tmp_path)) as backend:
+            assert str(backend.layout(0)) == BALANCED
+        agent.send_signal(signal.SIGTERM)
+        agent.wait(60)
+        reader.join(10)
+        output = "".join(lines)
+        assert agent.returncode == 0, output
+        assert "claimed the node again" in output
+    finally:
+        agent.kill()

@@ -296,11 +296,12 @@ def agent(
                 for signum in (signal.SIGTERM, signal.SIGINT):
                     signal.signal(signum, worker.terminate)
                 chosen = layout or settings.layout
-                if chosen != "none":
-                    configs = settings.layout_configs()
-                    for line in worker.carve_empty(configs, chosen or configs.default):
-                        console.print(f"agent {node}: carved {line}", highlight=False)
-                published = worker.publish()
+                configs = settings.layout_configs() if chosen != "none" else None
+                # serving, a claim that lapses mid-carve (Redis gone for a TTL) is claimed again, not an exit
+                carved, published = worker.start(configs, configs and (chosen or configs.default), retry=not once,
+                                                 interval_s=interval)
+                for line in carved:
+                    console.print(f"agent {node}: carved {line}", highlight=False)
                 console.print(f"agent {node}: published {published[0]} slice(s)")
                 if once:
                     worker.tick()  # and apply a desired layout, if one waits
