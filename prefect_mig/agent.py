@@ -23,7 +23,8 @@ A slice that a running task container in this namespace on this node uses (by it
 as busy whatever NVML says, whatever cluster id the container carries: one with an id this agent
 does not know (another cluster's, or its own from before a wipe it cannot remember) is never
 removed, only logged, and its slice stays out of service while it runs. `run` outlives Redis and
-Docker errors (logs, backs off, heartbeats again as soon as it can). `carve_empty` carves GPUs
+Docker errors (logs, backs off, heartbeats again as soon as it can), and `start`, its first round,
+an outage of Redis or a lapse of the claim (it claims the node again, then carries on). `carve_empty` carves GPUs
 that have MIG on and no instances to a named layout config, and finishes such a carve that a kill
 cut short (recorded in the state dir); a stop signal (`terminate`) that lands during a layout change
 takes effect once the change is done or rolled back.

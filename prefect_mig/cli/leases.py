@@ -298,8 +298,8 @@ def agent(
                 chosen = layout or settings.layout
                 configs = settings.layout_configs() if chosen != "none" else None
                 # serving, a claim that lapses mid-carve (Redis gone for a TTL) is claimed again, not an exit
-                carved, published = worker.start(configs, configs and (chosen or configs.default), retry=not once,
-                                                 interval_s=interval)
+                name = None if configs is None else chosen or configs.default
+                carved, published = worker.start(configs, name, retry=not once, interval_s=interval)
                 for line in carved:
                     console.print(f"agent {node}: carved {line}", highlight=False)
                 console.print(f"agent {node}: published {published[0]} slice(s)")
