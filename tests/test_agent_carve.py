@@ -122,6 +122,22 @@ app()
 """
 
 
+def _reading(agent: subprocess.Popen, marker: str) -> tuple[list[str], threading.Event, threading.Thread]:
+    """Collect the agent's output lines from a thread; the event is set once a line holds `marker`."""
+    lines: list[str] = []
+    seen = threading.Event()
+
+    def read() -> None:
+        for line in agent.stdout:
+            lines.append(line)
+            if marker in line:
+                seen.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    return lines, seen, reader
+
+
 def test_sigterm_during_the_carve_lets_it_finish_before_the_agent_exits(redis_server, namespace, tmp_path):
     env = {
         **os.environ, "PREFECT_MIG_REDIS_URL": redis_server.url, "PREFECT_MIG_NAMESPACE": namespace,
@@ -136,17 +152,7 @@ def test_sigterm_during_the_carve_lets_it_finish_before_the_agent_exits(redis_se
         while not reached.exists():
             assert agent.poll() is None and time.monotonic() < deadline, "the agent never began carving"
             time.sleep(0.05)
-        lines: list[str] = []
-        told = threading.Event()
-
-        def read() -> None:
-            for line in agent.stdout:
-                lines.append(line)
-                if "stops once the layout change under way is done" in line:
-                    told.set()
-
-        reader = threading.Thread(target=read, daemon=True)
-        reader.start()
+        lines, told, reader = _reading(agent, "stops once the layout change under way is done")
         agent.send_signal(signal.SIGTERM)  # mid carve: its second create waits for `go`
         # the carve goes on once the agent has handled the signal (it says so), not after a fixed 1 s,
         # which on a loaded machine could pass before the handler ran and check nothing
@@ -165,6 +171,21 @@ def test_sigterm_during_the_carve_lets_it_finish_before_the_agent_exits(redis_se
         assert str(backend.layout(0)) == BALANCED
 
 
+def _slow_carving_agent(server, namespace, tmp_path, *options):
+    """A CLI agent (`options`) on node-a of `server` whose carve's second create waits for the file
+    `go`; `reached` exists once it began carving. Returns (process, reached, go)."""
+    env = {
+        **os.environ, "PREFECT_MIG_REDIS_URL": server.url, "PREFECT_MIG_NAMESPACE": namespace,
+        "PREFECT_MIG_BACKEND": "simulated", "PREFECT_MIG_SIMULATED_FLEET": "node-a=1xA30-24GB",
+        "PREFECT_MIG_STATE_DIR": str(tmp_path), "COLUMNS": "200",
+    }
+    reached, go = tmp_path / "reached", tmp_path / "go"
+    script = _SLOW_CARVE.replace('"--interval", "0.5"', ", ".join(f'"{o}"' for o in options))
+    agent = subprocess.Popen([sys.executable, "-c", script, str(reached), str(go)], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return agent, reached, go
+
+
 @pytest.mark.parametrize("meanwhile", ["nobody took the node", "another agent took it"])
 def test_an_agent_whose_claim_lapses_during_its_first_carve_claims_the_node_again_or_exits_naming_who_has_it(
     fresh_redis_server, namespace, tmp_path, meanwhile
@@ -177,15 +198,7 @@ def test_an_agent_whose_claim_lapses_during_its_first_carve_claims_the_node_agai
     from prefect_mig.node_claim import NodeClaim
 
     server = fresh_redis_server
-    env = {
-        **os.environ, "PREFECT_MIG_REDIS_URL": server.url, "PREFECT_MIG_NAMESPACE": namespace,
-        "PREFECT_MIG_BACKEND": "simulated", "PREFECT_MIG_SIMULATED_FLEET": "node-a=1xA30-24GB",
-        "PREFECT_MIG_STATE_DIR": str(tmp_path), "COLUMNS": "200",
-    }
-    reached, go = tmp_path / "reached", tmp_path / "go"
-    script = _SLOW_CARVE.replace('"--interval", "0.5"', '"--interval", "0.5", "--heartbeat-ttl", "2"')
-    agent = subprocess.Popen([sys.executable, "-c", script, str(reached), str(go)], env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    agent, reached, go = _slow_carving_agent(server, namespace, tmp_path, "--interval", "0.5", "--heartbeat-ttl", "2")
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(agent.stdout), daemon=True)
     reader.start()
@@ -227,3 +240,32 @@ def test_an_agent_whose_claim_lapses_during_its_first_carve_claims_the_node_agai
         assert "claimed the node again" in output
     finally:
         agent.kill()
+
+
+def test_a_stop_signal_while_the_first_round_waits_for_redis_stops_the_agent_at_once(fresh_redis_server, namespace, tmp_path):
+    """Redis stops answering mid-carve and stays down: the agent's first round waits for it (60 s at
+    --interval 120). SIGTERM then ends the agent within seconds with exit 0, as during `run`'s
+    backoff, not after the pause: `prefect-mig down` and systemd would otherwise wait or kill it."""
+    server = fresh_redis_server
+    agent, reached, go = _slow_carving_agent(server, namespace, tmp_path, "--interval", "120", "--heartbeat-ttl", "2")
+    lines, waiting, reader = _reading(agent, "retrying in 60.0 s")
+    try:
+        deadline = time.monotonic() + 60
+        while not reached.exists():
+            assert agent.poll() is None and time.monotonic() < deadline, "the agent never began carving"
+            time.sleep(0.05)
+        server.kill()  # and it stays down: the claim lapses while the second create waits for `go`
+        time.sleep(2 + 1)
+        go.touch()
+        assert waiting.wait(50), "".join(lines)
+        agent.send_signal(signal.SIGTERM)
+        sent = time.monotonic()
+        agent.wait(55)
+        stopped_after = time.monotonic() - sent
+        reader.join(10)
+    finally:
+        agent.kill()
+    output = "".join(lines)
+    assert agent.returncode == 0, output
+    assert stopped_after < 30, f"stopped {stopped_after:.1f} s after SIGTERM, not at once\n{output}"
+    assert "agent stopped (signal 15)" in output
