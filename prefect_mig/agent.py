@@ -24,7 +24,8 @@ as busy whatever NVML says, whatever cluster id the container carries: one with 
 does not know (another cluster's, or its own from before a wipe it cannot remember) is never
 removed, only logged, and its slice stays out of service while it runs. `run` outlives Redis and
 Docker errors (logs, backs off, heartbeats again as soon as it can), and `start`, its first round,
-an outage of Redis or a lapse of the claim (it claims the node again, then carries on). `carve_empty` carves GPUs
+an outage of Redis or a lapse of the claim (it claims the node again, then carries on); `serving`
+can wait for a Redis that does not answer yet before it claims the node. `carve_empty` carves GPUs
 that have MIG on and no instances to a named layout config, and finishes such a carve that a kill
 cut short (recorded in the state dir); a stop signal (`terminate`) that lands during a layout change
 takes effect once the change is done or rolled back.
@@ -757,7 +758,8 @@ class NodeAgent:
         self._node_claim().take()
 
     @contextmanager
-    def serving(self) -> Iterator[None]:
+    def serving(self, *, wait_for_redis: bool = False, interval_s: float = 5.0,
+                max_backoff_s: float = 60.0) -> Iterator[None]:
         """Hold this node for the block: lock its GPUs on this host (`gpu_locks`, which may raise
         `GpuHeld` naming the process that serves them), claim it (`claim`, which may raise `NodeTaken`) and renew the
         claim every third of the heartbeat TTL from a thread, so a round that outlasts the TTL (a
@@ -765,9 +767,42 @@ class NodeAgent:
         this agent's next change on the node raises `NodeTaken` instead. On a clean exit (or a stop
         signal, `terminate`) the claim is given back, if it is still this agent's, so an agent on
         another host can take the node at once; after a crash it lapses after the TTL. `run` serves
-        for its whole loop."""
-        with self._holding_gpus(), self._node_claim().kept():
+        for its whole loop.
+
+        With `wait_for_redis`, an agent whose first claim finds Redis not answering (started before
+        redis-server) waits for it, trying again after `run`'s backoff, and changes nothing on the
+        node before it holds the claim; a stop signal meanwhile ends it (`terminate`)."""
+        first = (lambda: self._claim_once_redis_answers(interval_s, max_backoff_s)) if wait_for_redis else None
+        with self._holding_gpus(), self._node_claim().kept(first=first):
             yield
+
+    def _claim_once_redis_answers(self, interval_s: float, max_backoff_s: float) -> None:
+        from prefect_mig.errors import RedisUnavailable
+
+        failures = 0
+        while True:
+            try:
+                self._node_claim().take()
+            except RedisUnavailable as exc:
+                failures += 1
+                self._pause_after(failures, interval_s, max_backoff_s, "the agent waits for Redis, changing nothing on "
+                                  "the node until it holds its claim (%s)", exc)
+                continue
+            if failures:
+                log.warning("node %s: Redis answers; the agent claimed the node", self.node)
+            return
+
+    def _backoff(self, failures: int, interval_s: float, max_backoff_s: float) -> float:
+        """The pause after `failures` failed rounds in a row: doubling from `interval_s` up to
+        `max_backoff_s`, never past a third of the heartbeat TTL, so the node heartbeats again soon."""
+        return min(interval_s * 2 ** (failures - 1), max_backoff_s, max(interval_s, self.heartbeat_ttl_s / 3))
+
+    def _pause_after(self, failures: int, interval_s: float, max_backoff_s: float, why: str, *args) -> None:
+        """Log "node <node>: `why` % `args`, retrying in <pause> s" and sleep that `_backoff` (a stop
+        signal ends the sleep: `terminate`)."""
+        pause = self._backoff(failures, interval_s, max_backoff_s)
+        log.warning("node %s: " + why + ", retrying in %.1f s", self.node, *args, pause)
+        time.sleep(pause)
 
     @contextmanager
     def _holding_gpus(self) -> Iterator[None]:
@@ -823,7 +858,7 @@ class NodeAgent:
                     pause = 0.0
                 except Exception as exc:  # noqa: BLE001 - the agent outlives whatever one round hits
                     failures += 1
-                    pause = min(interval_s * 2 ** (failures - 1), max_backoff_s, max(interval_s, self.heartbeat_ttl_s / 3))
+                    pause = self._backoff(failures, interval_s, max_backoff_s)
                     log.warning("agent tick failed (%d in a row), retrying in %.1f s: %s", failures, pause, exc,
                                 exc_info=failures == 1)
                 stop.wait(max(0.0, pause))
@@ -858,10 +893,8 @@ class NodeAgent:
                 if not retry:
                     raise
                 failures += 1
-                pause = min(interval_s * 2 ** (failures - 1), max_backoff_s, max(interval_s, self.heartbeat_ttl_s / 3))
-                log.warning("node %s: the agent's start was cut short (%s); it changes nothing on the node until it has "
-                            "claimed it again, retrying in %.1f s", self.node, exc, pause)
-                time.sleep(pause)
+                self._pause_after(failures, interval_s, max_backoff_s, "the agent's start was cut short (%s); it "
+                                  "changes nothing on the node until it has claimed it again", exc)
                 continue
             if failures:
                 log.warning("node %s: the agent claimed the node again and carries on", self.node)

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from prefect_mig.agent import NodeAgent
-from prefect_mig.allocator import SliceRequest
+from prefect_mig.allocator import Allocator, SliceRequest
 from prefect_mig.gpu import GpuBackend, SimulatedNvml
 from prefect_mig.model import Layout
 from prefect_mig.model.layout_configs import LayoutConfigs
@@ -186,6 +186,17 @@ def _slow_carving_agent(server, namespace, tmp_path, *options):
     return agent, reached, go
 
 
+def _wait_until_carved_and_published(agent, alloc, lines: list[str], tmp_path) -> None:
+    """Within 60 s, node-a's A30 is carved to the default config and its 3 slices are published."""
+    deadline = time.monotonic() + 60
+    while alloc.redis.scard(alloc.keys.node_slices("node-a")) < 3:
+        assert agent.poll() is None, "".join(lines)
+        assert time.monotonic() < deadline, "the agent never finished its carve and published"
+        time.sleep(0.1)
+    with GpuBackend(SimulatedNvml("node-a=1xA30-24GB", state_dir=tmp_path)) as backend:
+        assert str(backend.layout(0)) == BALANCED
+
+
 @pytest.mark.parametrize("meanwhile", ["nobody took the node", "another agent took it"])
 def test_an_agent_whose_claim_lapses_during_its_first_carve_claims_the_node_again_or_exits_naming_who_has_it(
     fresh_redis_server, namespace, tmp_path, meanwhile
@@ -216,7 +227,6 @@ def test_an_agent_whose_claim_lapses_during_its_first_carve_claims_the_node_agai
             other.identity["host"] = "another-gpu-host"
             other.take()
         go.touch()
-        deadline = time.monotonic() + 60
         if meanwhile == "another agent took it":
             agent.wait(60)
             reader.join(10)
@@ -226,12 +236,7 @@ def test_an_agent_whose_claim_lapses_during_its_first_carve_claims_the_node_agai
             with GpuBackend(SimulatedNvml("node-a=1xA30-24GB", state_dir=tmp_path)) as backend:
                 assert len(backend.instances(0)) == 2, "it carved on after another agent took its node"
             return
-        while alloc.redis.scard(alloc.keys.node_slices("node-a")) < 3:
-            assert agent.poll() is None, "".join(lines)
-            assert time.monotonic() < deadline, "the agent never finished its carve and published"
-            time.sleep(0.1)
-        with GpuBackend(SimulatedNvml("node-a=1xA30-24GB", state_dir=tmp_path)) as backend:
-            assert str(backend.layout(0)) == BALANCED
+        _wait_until_carved_and_published(agent, alloc, lines, tmp_path)
         agent.send_signal(signal.SIGTERM)
         agent.wait(60)
         reader.join(10)
@@ -268,4 +273,42 @@ def test_a_stop_signal_while_the_first_round_waits_for_redis_stops_the_agent_at_
     output = "".join(lines)
     assert agent.returncode == 0, output
     assert stopped_after < 30, f"stopped {stopped_after:.1f} s after SIGTERM, not at once\n{output}"
+    assert "agent stopped (signal 15)" in output
+
+
+@pytest.mark.parametrize("then", ["Redis comes up", "SIGTERM"])
+def test_an_agent_started_before_redis_waits_for_it_touching_nothing_until_it_holds_the_claim(
+    fresh_redis_server, namespace, tmp_path, then
+):
+    """Under systemd the agent may start before redis-server: it waits for Redis with `run`'s
+    backoff, saying so, and carves nothing on its empty GPU before it holds its claim; once Redis
+    answers it claims the node, carves and publishes. A stop signal meanwhile ends it at once, exit 0.
+    Exit 1 would read as a crash."""
+    server = fresh_redis_server
+    server.kill()  # not up yet (port and data dir kept for its start)
+    agent, _, go = _slow_carving_agent(server, namespace, tmp_path, "--interval", "1")
+    go.touch()
+    lines, waiting, reader = _reading(agent, "waits for Redis")
+    try:
+        deadline = time.monotonic() + 60
+        while not waiting.wait(0.1):
+            assert agent.poll() is None and time.monotonic() < deadline, "".join(lines)
+        time.sleep(1.5)  # a few tries
+        assert agent.poll() is None, "".join(lines)
+        with GpuBackend(SimulatedNvml("node-a=1xA30-24GB", state_dir=tmp_path)) as backend:
+            assert backend.instances(0) == [], "it carved before it held the node's claim"
+        if then == "SIGTERM":
+            agent.send_signal(signal.SIGTERM)
+            agent.wait(30)
+        else:
+            server.restart()
+            alloc = Allocator(server.client(), namespace)
+            _wait_until_carved_and_published(agent, alloc, lines, tmp_path)
+            agent.send_signal(signal.SIGTERM)
+            agent.wait(60)
+        reader.join(10)
+    finally:
+        agent.kill()
+    output = "".join(lines)
+    assert agent.returncode == 0, output
     assert "agent stopped (signal 15)" in output

@@ -290,11 +290,13 @@ def agent(
                 heartbeat_ttl_s=heartbeat_ttl, state_dir=settings.state_dir,
                 gpu_locks=hold_gpus(backend, settings, "prefect-mig agent", node=node),
             )
-            # one process per GPU of this host, one agent per node: refused while another serves them
-            with worker.serving():
-                # `prefect-mig down` and the supervisor send SIGTERM: a carve under way finishes first
-                for signum in (signal.SIGTERM, signal.SIGINT):
-                    signal.signal(signum, worker.terminate)
+            # `prefect-mig down` and the supervisor send SIGTERM: a carve under way finishes first;
+            # installed before the claim, so one sent while the agent waits for Redis ends it
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(signum, worker.terminate)
+            # one process per GPU of this host, one agent per node: refused while another serves them;
+            # started before redis-server (systemd), it waits for Redis (`--once` exits saying so)
+            with worker.serving(wait_for_redis=not once, interval_s=interval):
                 chosen = layout or settings.layout
                 configs = settings.layout_configs() if chosen != "none" else None
                 # serving, a claim that lapses mid-carve (Redis gone for a TTL) is claimed again, not an exit
