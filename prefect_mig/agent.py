@@ -280,6 +280,8 @@ class NodeAgent:
         repartitioner's) is left as it is."""
         carved = []
         for gpu in self.backend.gpus():
+            if gpu.mig_enabled != gpu.mig_pending:
+                _warn_mig_mode_pending(gpu)
             if not gpu.mig_enabled:
                 continue
             model = self.backend.gpu_model(gpu.index)
@@ -974,3 +976,15 @@ class CarvesUnderWay:
             log.warning("%s does not hold carves under way; starting with none", self.path)
             return {}
         return carves
+
+
+def _warn_mig_mode_pending(gpu) -> None:
+    """A change of MIG mode waits for a GPU reset (A100/A30): say so, with what to do."""
+    name = f"GPU {gpu.index} ({gpu.device_name}, {gpu.uuid})"
+    if gpu.mig_pending:
+        log.warning("%s: MIG mode is off, pending on (it goes on at the next GPU reset), so the agent carves nothing "
+                    "there and it serves no slices; reset the GPU (sudo nvidia-smi -i %d -r, with nothing running on it) "
+                    "or reboot, then start the agent again; see `prefect-mig doctor`", name, gpu.index)
+    else:
+        log.warning("%s: MIG mode is on, pending off: MIG goes off at the next GPU reset, and its slices with it; "
+                    "undo with sudo nvidia-smi -i %d -mig 1; see `prefect-mig doctor`", name, gpu.index)

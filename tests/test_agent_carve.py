@@ -312,3 +312,30 @@ def test_an_agent_started_before_redis_waits_for_it_touching_nothing_until_it_ho
     output = "".join(lines)
     assert agent.returncode == 0, output
     assert "agent stopped (signal 15)" in output
+
+
+def test_a_gpu_whose_mig_mode_change_awaits_a_reset_is_named_in_the_agents_output_with_what_to_do(
+    make_nvml_stub, redis_server, namespace, tmp_path
+):
+    """An A30 whose MIG mode was set on but not yet reset stays uncarved: without a word the user
+    would see an agent that serves nothing there. The agent says which GPU, its modes and the fix;
+    one whose MIG goes off at the next reset is carved (it still serves) and named too."""
+    stub = make_nvml_stub("node-a=2xA30-24GB", mig_modes={0: (0, 1), 1: (1, 0)})
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("PREFECT_MIG_")}, **stub.env(),
+        "PREFECT_MIG_REDIS_URL": redis_server.url, "PREFECT_MIG_NAMESPACE": namespace, "PREFECT_MIG_NODE": "node-a",
+        "PREFECT_MIG_STATE_DIR": str(tmp_path / "state"), "PREFECT_MIG_GPU_LOCK_DIR": str(tmp_path / "locks"),
+        "COLUMNS": "300",
+    }
+    done = subprocess.run([sys.executable, "-m", "prefect_mig.cli.main", "agent", "--once"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output
+    with GpuBackend(stub.pynvml) as backend:
+        gpus = backend.gpus()
+    off, on = (f"GPU {g.index} (NVIDIA A30, {g.uuid})" for g in gpus)
+    assert f"{off}: MIG mode is off, pending on" in output and "sudo nvidia-smi -i 0 -r" in output
+    assert f"{on}: MIG mode is on, pending off" in output and "sudo nvidia-smi -i 1 -mig 1" in output
+    assert output.count("pending on") == 1 and output.count("pending off") == 1, "one line per GPU"
+    assert "prefect-mig doctor" in output
+    assert f"carved GPU 1 (A30-24GB): {BALANCED}" in output and "carved GPU 0" not in output
