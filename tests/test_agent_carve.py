@@ -339,3 +339,23 @@ def test_a_gpu_whose_mig_mode_change_awaits_a_reset_is_named_in_the_agents_outpu
     assert output.count("pending on") == 1 and output.count("pending off") == 1, "one line per GPU"
     assert "prefect-mig doctor" in output
     assert f"carved GPU 1 (A30-24GB): {BALANCED}" in output and "carved GPU 0" not in output
+
+
+def test_an_agent_given_a_layout_config_the_file_lacks_says_so_at_once_even_while_redis_is_down(
+    fresh_redis_server, namespace, tmp_path
+):
+    """A typo in --layout is bad input: exit 2 naming it and the configs there, before the agent
+    claims the node or waits for Redis (else a user would see it wait, then fail much later)."""
+    server = fresh_redis_server
+    server.kill()
+    env = {
+        **os.environ, "PREFECT_MIG_REDIS_URL": server.url, "PREFECT_MIG_NAMESPACE": namespace,
+        "PREFECT_MIG_BACKEND": "simulated", "PREFECT_MIG_SIMULATED_FLEET": "node-a=1xA30-24GB",
+        "PREFECT_MIG_STATE_DIR": str(tmp_path), "COLUMNS": "300",
+    }
+    done = subprocess.run([sys.executable, "-m", "prefect_mig.cli.main", "agent", "--node", "node-a", "--layout",
+                           "balancd"], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "'balancd'" in done.stderr and "balanced" in done.stderr and "--layout" in done.stderr
+    with GpuBackend(SimulatedNvml("node-a=1xA30-24GB", state_dir=tmp_path)) as backend:
+        assert backend.instances(0) == []
