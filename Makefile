@@ -39,6 +39,8 @@ demo: system venv image
 # A randomized fault campaign against the allocator (its own redis-server on 127.0.0.1, about
 # FAULTS_SECONDS + 10 s); fails when two holders used one slice at once.
 FAULTS_SECONDS ?= 180
+# Its faults, kills and workers' choices follow this seed: another seed, another campaign.
+FAULTS_SEED ?= 1
 faults: system venv
-	@echo ">>> Running the allocator fault campaign for $(FAULTS_SECONDS) s (tests/faults/campaign.py)"
-	$(VENV)/bin/python -m tests.faults.campaign --seconds $(FAULTS_SECONDS)
+	@echo ">>> Running the allocator fault campaign for $(FAULTS_SECONDS) s, seed $(FAULTS_SEED) (tests/faults/campaign.py)"
+	$(VENV)/bin/python -m tests.faults.campaign --seconds $(FAULTS_SECONDS) --seed $(FAULTS_SEED)

@@ -23,7 +23,9 @@ A slice that a running task container in this namespace on this node uses (by it
 as busy whatever NVML says, whatever cluster id the container carries: one with an id this agent
 does not know (another cluster's, or its own from before a wipe it cannot remember) is never
 removed, only logged, and its slice stays out of service while it runs. `run` outlives Redis and
-Docker errors (logs, backs off, heartbeats again as soon as it can). `carve_empty` carves GPUs
+Docker errors (logs, backs off, heartbeats again as soon as it can), and `start`, its first round,
+an outage of Redis or a lapse of the claim (it claims the node again, then carries on); `serving`
+can wait for a Redis that does not answer yet before it claims the node. `carve_empty` carves GPUs
 that have MIG on and no instances to a named layout config, and finishes such a carve that a kill
 cut short (recorded in the state dir); a stop signal (`terminate`) that lands during a layout change
 takes effect once the change is done or rolled back.
@@ -278,6 +280,8 @@ class NodeAgent:
         repartitioner's) is left as it is."""
         carved = []
         for gpu in self.backend.gpus():
+            if gpu.mig_enabled != gpu.mig_pending:
+                _warn_mig_mode_pending(gpu)
             if not gpu.mig_enabled:
                 continue
             model = self.backend.gpu_model(gpu.index)
@@ -756,7 +760,8 @@ class NodeAgent:
         self._node_claim().take()
 
     @contextmanager
-    def serving(self) -> Iterator[None]:
+    def serving(self, *, wait_for_redis: bool = False, interval_s: float = 5.0,
+                max_backoff_s: float = 60.0) -> Iterator[None]:
         """Hold this node for the block: lock its GPUs on this host (`gpu_locks`, which may raise
         `GpuHeld` naming the process that serves them), claim it (`claim`, which may raise `NodeTaken`) and renew the
         claim every third of the heartbeat TTL from a thread, so a round that outlasts the TTL (a
@@ -764,9 +769,42 @@ class NodeAgent:
         this agent's next change on the node raises `NodeTaken` instead. On a clean exit (or a stop
         signal, `terminate`) the claim is given back, if it is still this agent's, so an agent on
         another host can take the node at once; after a crash it lapses after the TTL. `run` serves
-        for its whole loop."""
-        with self._holding_gpus(), self._node_claim().kept():
+        for its whole loop.
+
+        With `wait_for_redis`, an agent whose first claim finds Redis not answering (started before
+        redis-server) waits for it, trying again after `run`'s backoff, and changes nothing on the
+        node before it holds the claim; a stop signal meanwhile ends it (`terminate`)."""
+        first = (lambda: self._claim_once_redis_answers(interval_s, max_backoff_s)) if wait_for_redis else None
+        with self._holding_gpus(), self._node_claim().kept(first=first):
             yield
+
+    def _claim_once_redis_answers(self, interval_s: float, max_backoff_s: float) -> None:
+        from prefect_mig.errors import RedisUnavailable
+
+        failures = 0
+        while True:
+            try:
+                self._node_claim().take()
+            except RedisUnavailable as exc:
+                failures += 1
+                self._pause_after(failures, interval_s, max_backoff_s, "the agent waits for Redis, changing nothing on "
+                                  "the node until it holds its claim (%s)", exc)
+                continue
+            if failures:
+                log.warning("node %s: Redis answers; the agent claimed the node", self.node)
+            return
+
+    def _backoff(self, failures: int, interval_s: float, max_backoff_s: float) -> float:
+        """The pause after `failures` failed rounds in a row: doubling from `interval_s` up to
+        `max_backoff_s`, never past a third of the heartbeat TTL, so the node heartbeats again soon."""
+        return min(interval_s * 2 ** (failures - 1), max_backoff_s, max(interval_s, self.heartbeat_ttl_s / 3))
+
+    def _pause_after(self, failures: int, interval_s: float, max_backoff_s: float, why: str, *args) -> None:
+        """Log "node <node>: `why` % `args`, retrying in <pause> s" and sleep that `_backoff` (a stop
+        signal ends the sleep: `terminate`)."""
+        pause = self._backoff(failures, interval_s, max_backoff_s)
+        log.warning("node %s: " + why + ", retrying in %.1f s", self.node, *args, pause)
+        time.sleep(pause)
 
     @contextmanager
     def _holding_gpus(self) -> Iterator[None]:
@@ -822,10 +860,47 @@ class NodeAgent:
                     pause = 0.0
                 except Exception as exc:  # noqa: BLE001 - the agent outlives whatever one round hits
                     failures += 1
-                    pause = min(interval_s * 2 ** (failures - 1), max_backoff_s, max(interval_s, self.heartbeat_ttl_s / 3))
+                    pause = self._backoff(failures, interval_s, max_backoff_s)
                     log.warning("agent tick failed (%d in a row), retrying in %.1f s: %s", failures, pause, exc,
                                 exc_info=failures == 1)
                 stop.wait(max(0.0, pause))
+
+    def start(self, configs=None, name: str | None = None, *, retry: bool = True, interval_s: float = 5.0,
+              max_backoff_s: float = 60.0) -> tuple[list[str], tuple[int, int, int]]:
+        """The agent's first round, inside `serving`: carve the empty GPUs to layout config `name`
+        of `configs` (`carve_empty`; none without `configs`), then publish. Returns (what it
+        carved, what `publish` returned).
+
+        With `retry`, a round cut short because the claim lapsed (Redis did not answer for a TTL,
+        mid-carve perhaps: the carve stops there, recorded) or Redis did not answer is tried again
+        after a backoff as `run`'s: it claims the node again (carving nothing before), finishes the
+        carve and publishes. Only `NodeTaken` (another agent holds the node now) ends it; anything
+        else (a bad layout config, an NVML error) is raised as it is, as without `retry`.
+        """
+        from prefect_mig.errors import RedisUnavailable
+
+        failures = 0
+        while True:
+            try:
+                if failures:
+                    self.claim()
+                carved = self.carve_empty(configs, name) if configs is not None else []
+                published = self.publish()
+            except NodeTaken as taken:
+                if failures:
+                    log.error("node %s: another agent holds it now (pid %s on host %s); this agent stops serving it",
+                              self.node, taken.pid, taken.host)
+                raise
+            except (NodeClaimLapsed, NodeNotClaimed, RedisUnavailable) as exc:
+                if not retry:
+                    raise
+                failures += 1
+                self._pause_after(failures, interval_s, max_backoff_s, "the agent's start was cut short (%s); it "
+                                  "changes nothing on the node until it has claimed it again", exc)
+                continue
+            if failures:
+                log.warning("node %s: the agent claimed the node again and carries on", self.node)
+            return carved, published
 
     def _claim_again_after(self, refused: NodeNotClaimed) -> None:
         """Redis refused a write of this round: the claim had lapsed when it landed. Claim the node
@@ -901,3 +976,15 @@ class CarvesUnderWay:
             log.warning("%s does not hold carves under way; starting with none", self.path)
             return {}
         return carves
+
+
+def _warn_mig_mode_pending(gpu) -> None:
+    """A change of MIG mode waits for a GPU reset (A100/A30): say so, with what to do."""
+    name = f"GPU {gpu.index} ({gpu.device_name}, {gpu.uuid})"
+    if gpu.mig_pending:
+        log.warning("%s: MIG mode is off, pending on (it goes on at the next GPU reset), so the agent carves nothing "
+                    "there and it serves no slices; reset the GPU (sudo nvidia-smi -i %d -r, with nothing running on it) "
+                    "or reboot, then start the agent again; see `prefect-mig doctor`", name, gpu.index)
+    else:
+        log.warning("%s: MIG mode is on, pending off: MIG goes off at the next GPU reset, and its slices with it; "
+                    "undo with sudo nvidia-smi -i %d -mig 1; see `prefect-mig doctor`", name, gpu.index)

@@ -164,8 +164,8 @@ class NodeClaim:
         return self.allocator.release_node_claim(self.node, self._me(), gpus=list(self.gpus()))
 
     @contextmanager
-    def kept(self) -> Iterator[NodeClaim]:
-        """Take the claim (`take`, which may raise `NodeTaken`) and renew it every third of its
+    def kept(self, *, first: Callable[[], None] | None = None) -> Iterator[NodeClaim]:
+        """Take the claim (`take`, which may raise `NodeTaken`, or `first`, which takes it) and renew it every third of its
         TTL from a daemon thread until the block ends (`renew`: a claim that lapsed meanwhile is
         claimed again only by a `take`, the agent's next round, so a renewal landing after the
         give-back cannot hold the node for one more TTL); a renewal that finds another agent holding
@@ -179,7 +179,7 @@ class NodeClaim:
             finally:
                 self._keeping -= 1
             return
-        self.take()
+        (first or self.take)()
         self._keeping = 1
         done = threading.Event()
         thread = threading.Thread(target=self._renew_until, args=(done,), name=f"claim:{self.node}", daemon=True)

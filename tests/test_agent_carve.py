@@ -13,7 +13,7 @@ import time
 import pytest
 
 from prefect_mig.agent import NodeAgent
-from prefect_mig.allocator import SliceRequest
+from prefect_mig.allocator import Allocator, SliceRequest
 from prefect_mig.gpu import GpuBackend, SimulatedNvml
 from prefect_mig.model import Layout
 from prefect_mig.model.layout_configs import LayoutConfigs
@@ -122,6 +122,22 @@ app()
 """
 
 
+def _reading(agent: subprocess.Popen, marker: str) -> tuple[list[str], threading.Event, threading.Thread]:
+    """Collect the agent's output lines from a thread; the event is set once a line holds `marker`."""
+    lines: list[str] = []
+    seen = threading.Event()
+
+    def read() -> None:
+        for line in agent.stdout:
+            lines.append(line)
+            if marker in line:
+                seen.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    return lines, seen, reader
+
+
 def test_sigterm_during_the_carve_lets_it_finish_before_the_agent_exits(redis_server, namespace, tmp_path):
     env = {
         **os.environ, "PREFECT_MIG_REDIS_URL": redis_server.url, "PREFECT_MIG_NAMESPACE": namespace,
@@ -136,17 +152,7 @@ def test_sigterm_during_the_carve_lets_it_finish_before_the_agent_exits(redis_se
         while not reached.exists():
             assert agent.poll() is None and time.monotonic() < deadline, "the agent never began carving"
             time.sleep(0.05)
-        lines: list[str] = []
-        told = threading.Event()
-
-        def read() -> None:
-            for line in agent.stdout:
-                lines.append(line)
-                if "stops once the layout change under way is done" in line:
-                    told.set()
-
-        reader = threading.Thread(target=read, daemon=True)
-        reader.start()
+        lines, told, reader = _reading(agent, "stops once the layout change under way is done")
         agent.send_signal(signal.SIGTERM)  # mid carve: its second create waits for `go`
         # the carve goes on once the agent has handled the signal (it says so), not after a fixed 1 s,
         # which on a loaded machine could pass before the handler ran and check nothing
@@ -163,3 +169,193 @@ def test_sigterm_during_the_carve_lets_it_finish_before_the_agent_exits(redis_se
     assert "stops once the layout change under way is done" in output
     with GpuBackend(SimulatedNvml("node-a=1xA30-24GB", state_dir=tmp_path)) as backend:
         assert str(backend.layout(0)) == BALANCED
+
+
+def _slow_carving_agent(server, namespace, tmp_path, *options):
+    """A CLI agent (`options`) on node-a of `server` whose carve's second create waits for the file
+    `go`; `reached` exists once it began carving. Returns (process, reached, go)."""
+    env = {
+        **os.environ, "PREFECT_MIG_REDIS_URL": server.url, "PREFECT_MIG_NAMESPACE": namespace,
+        "PREFECT_MIG_BACKEND": "simulated", "PREFECT_MIG_SIMULATED_FLEET": "node-a=1xA30-24GB",
+        "PREFECT_MIG_STATE_DIR": str(tmp_path), "COLUMNS": "200",
+    }
+    reached, go = tmp_path / "reached", tmp_path / "go"
+    script = _SLOW_CARVE.replace('"--interval", "0.5"', ", ".join(f'"{o}"' for o in options))
+    agent = subprocess.Popen([sys.executable, "-c", script, str(reached), str(go)], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return agent, reached, go
+
+
+def _wait_until_carved_and_published(agent, alloc, lines: list[str], tmp_path) -> None:
+    """Within 60 s, node-a's A30 is carved to the default config and its 3 slices are published."""
+    deadline = time.monotonic() + 60
+    while alloc.redis.scard(alloc.keys.node_slices("node-a")) < 3:
+        assert agent.poll() is None, "".join(lines)
+        assert time.monotonic() < deadline, "the agent never finished its carve and published"
+        time.sleep(0.1)
+    with GpuBackend(SimulatedNvml("node-a=1xA30-24GB", state_dir=tmp_path)) as backend:
+        assert str(backend.layout(0)) == BALANCED
+
+
+@pytest.mark.parametrize("meanwhile", ["nobody took the node", "another agent took it"])
+def test_an_agent_whose_claim_lapses_during_its_first_carve_claims_the_node_again_or_exits_naming_who_has_it(
+    fresh_redis_server, namespace, tmp_path, meanwhile
+):
+    """Redis stops answering for longer than the claim's TTL while the agent carves its empty GPU:
+    the agent carves no further until it has claimed the node again. Once Redis is back it claims
+    it, finishes the carve and serves, saying so; it exits (1, naming the agent) only if another
+    agent holds the node by then. A supervisor's restart is no answer: users read exit 1 as a crash."""
+    from prefect_mig.allocator import Allocator
+    from prefect_mig.node_claim import NodeClaim
+
+    server = fresh_redis_server
+    agent, reached, go = _slow_carving_agent(server, namespace, tmp_path, "--interval", "0.5", "--heartbeat-ttl", "2")
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(agent.stdout), daemon=True)
+    reader.start()
+    alloc = Allocator(server.client(), namespace)
+    try:
+        deadline = time.monotonic() + 60
+        while not reached.exists():
+            assert agent.poll() is None and time.monotonic() < deadline, "the agent never began carving"
+            time.sleep(0.05)
+        server.kill()  # its second create waits for `go`; the claim lapses meanwhile
+        time.sleep(2 + 1)
+        server.restart()
+        if meanwhile == "another agent took it":
+            other = NodeClaim(alloc, "node-a", ttl_s=60, gpus=lambda: [])
+            other.identity["host"] = "another-gpu-host"
+            other.take()
+        go.touch()
+        if meanwhile == "another agent took it":
+            agent.wait(60)
+            reader.join(10)
+            output = "".join(lines)
+            assert agent.returncode == 1, output
+            assert "already has a live agent" in output and "another-gpu-host" in output
+            with GpuBackend(SimulatedNvml("node-a=1xA30-24GB", state_dir=tmp_path)) as backend:
+                assert len(backend.instances(0)) == 2, "it carved on after another agent took its node"
+            return
+        _wait_until_carved_and_published(agent, alloc, lines, tmp_path)
+        agent.send_signal(signal.SIGTERM)
+        agent.wait(60)
+        reader.join(10)
+        output = "".join(lines)
+        assert agent.returncode == 0, output
+        assert "claimed the node again" in output
+    finally:
+        agent.kill()
+
+
+def test_a_stop_signal_while_the_first_round_waits_for_redis_stops_the_agent_at_once(fresh_redis_server, namespace, tmp_path):
+    """Redis stops answering mid-carve and stays down: the agent's first round waits for it (60 s at
+    --interval 120). SIGTERM then ends the agent within seconds with exit 0, as during `run`'s
+    backoff, not after the pause: `prefect-mig down` and systemd would otherwise wait or kill it."""
+    server = fresh_redis_server
+    agent, reached, go = _slow_carving_agent(server, namespace, tmp_path, "--interval", "120", "--heartbeat-ttl", "2")
+    lines, waiting, reader = _reading(agent, "retrying in 60.0 s")
+    try:
+        deadline = time.monotonic() + 60
+        while not reached.exists():
+            assert agent.poll() is None and time.monotonic() < deadline, "the agent never began carving"
+            time.sleep(0.05)
+        server.kill()  # and it stays down: the claim lapses while the second create waits for `go`
+        time.sleep(2 + 1)
+        go.touch()
+        assert waiting.wait(50), "".join(lines)
+        agent.send_signal(signal.SIGTERM)
+        sent = time.monotonic()
+        agent.wait(55)
+        stopped_after = time.monotonic() - sent
+        reader.join(10)
+    finally:
+        agent.kill()
+    output = "".join(lines)
+    assert agent.returncode == 0, output
+    assert stopped_after < 30, f"stopped {stopped_after:.1f} s after SIGTERM, not at once\n{output}"
+    assert "agent stopped (signal 15)" in output
+
+
+@pytest.mark.parametrize("then", ["Redis comes up", "SIGTERM"])
+def test_an_agent_started_before_redis_waits_for_it_touching_nothing_until_it_holds_the_claim(
+    fresh_redis_server, namespace, tmp_path, then
+):
+    """Under systemd the agent may start before redis-server: it waits for Redis with `run`'s
+    backoff, saying so, and carves nothing on its empty GPU before it holds its claim; once Redis
+    answers it claims the node, carves and publishes. A stop signal meanwhile ends it at once, exit 0.
+    Exit 1 would read as a crash."""
+    server = fresh_redis_server
+    server.kill()  # not up yet (port and data dir kept for its start)
+    agent, _, go = _slow_carving_agent(server, namespace, tmp_path, "--interval", "1")
+    go.touch()
+    lines, waiting, reader = _reading(agent, "waits for Redis")
+    try:
+        deadline = time.monotonic() + 60
+        while not waiting.wait(0.1):
+            assert agent.poll() is None and time.monotonic() < deadline, "".join(lines)
+        time.sleep(1.5)  # a few tries
+        assert agent.poll() is None, "".join(lines)
+        with GpuBackend(SimulatedNvml("node-a=1xA30-24GB", state_dir=tmp_path)) as backend:
+            assert backend.instances(0) == [], "it carved before it held the node's claim"
+        if then == "SIGTERM":
+            agent.send_signal(signal.SIGTERM)
+            agent.wait(30)
+        else:
+            server.restart()
+            alloc = Allocator(server.client(), namespace)
+            _wait_until_carved_and_published(agent, alloc, lines, tmp_path)
+            agent.send_signal(signal.SIGTERM)
+            agent.wait(60)
+        reader.join(10)
+    finally:
+        agent.kill()
+    output = "".join(lines)
+    assert agent.returncode == 0, output
+    assert "agent stopped (signal 15)" in output
+
+
+def test_a_gpu_whose_mig_mode_change_awaits_a_reset_is_named_in_the_agents_output_with_what_to_do(
+    make_nvml_stub, redis_server, namespace, tmp_path
+):
+    """An A30 whose MIG mode was set on but not yet reset stays uncarved: without a word the user
+    would see an agent that serves nothing there. The agent says which GPU, its modes and the fix;
+    one whose MIG goes off at the next reset is carved (it still serves) and named too."""
+    stub = make_nvml_stub("node-a=2xA30-24GB", mig_modes={0: (0, 1), 1: (1, 0)})
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("PREFECT_MIG_")}, **stub.env(),
+        "PREFECT_MIG_REDIS_URL": redis_server.url, "PREFECT_MIG_NAMESPACE": namespace, "PREFECT_MIG_NODE": "node-a",
+        "PREFECT_MIG_STATE_DIR": str(tmp_path / "state"), "PREFECT_MIG_GPU_LOCK_DIR": str(tmp_path / "locks"),
+        "COLUMNS": "300",
+    }
+    done = subprocess.run([sys.executable, "-m", "prefect_mig.cli.main", "agent", "--once"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output
+    with GpuBackend(stub.pynvml) as backend:
+        gpus = backend.gpus()
+    off, on = (f"GPU {g.index} (NVIDIA A30, {g.uuid})" for g in gpus)
+    assert f"{off}: MIG mode is off, pending on" in output and "sudo nvidia-smi -i 0 -r" in output
+    assert f"{on}: MIG mode is on, pending off" in output and "sudo nvidia-smi -i 1 -mig 1" in output
+    assert output.count("pending on") == 1 and output.count("pending off") == 1, "one line per GPU"
+    assert "prefect-mig doctor" in output
+    assert f"carved GPU 1 (A30-24GB): {BALANCED}" in output and "carved GPU 0" not in output
+
+
+def test_an_agent_given_a_layout_config_the_file_lacks_says_so_at_once_even_while_redis_is_down(
+    fresh_redis_server, namespace, tmp_path
+):
+    """A typo in --layout is bad input: exit 2 naming it and the configs there, before the agent
+    claims the node or waits for Redis (else a user would see it wait, then fail much later)."""
+    server = fresh_redis_server
+    server.kill()
+    env = {
+        **os.environ, "PREFECT_MIG_REDIS_URL": server.url, "PREFECT_MIG_NAMESPACE": namespace,
+        "PREFECT_MIG_BACKEND": "simulated", "PREFECT_MIG_SIMULATED_FLEET": "node-a=1xA30-24GB",
+        "PREFECT_MIG_STATE_DIR": str(tmp_path), "COLUMNS": "300",
+    }
+    done = subprocess.run([sys.executable, "-m", "prefect_mig.cli.main", "agent", "--node", "node-a", "--layout",
+                           "balancd"], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "'balancd'" in done.stderr and "balanced" in done.stderr and "--layout" in done.stderr
+    with GpuBackend(SimulatedNvml("node-a=1xA30-24GB", state_dir=tmp_path)) as backend:
+        assert backend.instances(0) == []

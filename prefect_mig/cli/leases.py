@@ -291,17 +291,24 @@ def agent(
                 heartbeat_ttl_s=heartbeat_ttl, state_dir=settings.state_dir,
                 gpu_locks=hold_gpus(backend, settings, "prefect-mig agent", node=node),
             )
-            # one process per GPU of this host, one agent per node: refused while another serves them
-            with worker.serving():
-                # `prefect-mig down` and the supervisor send SIGTERM: a carve under way finishes first
-                for signum in (signal.SIGTERM, signal.SIGINT):
-                    signal.signal(signum, worker.terminate)
-                chosen = layout or settings.layout
-                if chosen != "none":
-                    configs = settings.layout_configs()
-                    for line in worker.carve_empty(configs, chosen or configs.default):
-                        console.print(f"agent {node}: carved {line}", highlight=False)
-                published = worker.publish()
+            chosen = layout or settings.layout
+            configs = settings.layout_configs() if chosen != "none" else None
+            name = None if configs is None else chosen or configs.default
+            if configs is not None and name not in configs.names():  # bad input: said before any wait for Redis
+                option = "--layout" if layout else "PREFECT_MIG_LAYOUT"
+                raise ConfigError(f"{option}={name!r}: no layout config of that name in {configs.source}; allowed: "
+                                  f"{', '.join(configs.names())}, or 'none' to carve nothing.", field="layout", value=name)
+            # `prefect-mig down` and the supervisor send SIGTERM: a carve under way finishes first;
+            # installed before the claim, so one sent while the agent waits for Redis ends it
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(signum, worker.terminate)
+            # one process per GPU of this host, one agent per node: refused while another serves them;
+            # started before redis-server (systemd), it waits for Redis (`--once` exits saying so)
+            with worker.serving(wait_for_redis=not once, interval_s=interval):
+                # serving, a claim that lapses mid-carve (Redis gone for a TTL) is claimed again, not an exit
+                carved, published = worker.start(configs, name, retry=not once, interval_s=interval)
+                for line in carved:
+                    console.print(f"agent {node}: carved {line}", highlight=False)
                 console.print(f"agent {node}: published {published[0]} slice(s)")
                 if once:
                     worker.tick()  # and apply a desired layout, if one waits

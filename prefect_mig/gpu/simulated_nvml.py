@@ -21,6 +21,15 @@ It refuses what the driver refuses:
 | a handle whose instance was destroyed (stale) | ``NVMLError_InvalidArgument`` |
 | a placement structure passed by value instead of ``ctypes.byref`` (the C ABI takes a pointer) | ``TypeError`` |
 
+Not modelled, because prefect-mig never calls them: compute-instance placements
+(``nvmlGpuInstanceGetComputeInstancePossiblePlacements``,
+``nvmlGpuInstanceCreateComputeInstanceWithPlacement``: the backend gives each GPU instance its one
+full compute instance with ``nvmlGpuInstanceCreateComputeInstance``), and the MIG-mode change of
+A100/A30 that stays pending until a GPU reset: ``nvmlDeviceSetMigMode`` here applies at once, as on
+Hopper, for tests that set a mode up; prefect-mig only reads the current and pending modes
+(``prefect-mig doctor`` reports a pending change) and never sets them. Whoever makes the backend
+call either must model it here first.
+
 Tests attach fake processes to a MIG device with `attach_process` / `detach_process`, and inject a
 fault by overriding one method on an instance (``sim.nvmlGpuInstanceDestroy = failing``).
 

@@ -9,8 +9,9 @@ node agent itself: heartbeats, republishes, reaps. Only 127.0.0.1, its own redis
 ``--seconds``.
 
 It prints: grants, kills, faults injected, overlaps (two uses of one slice at once; must be 0), the
-worst time a killed holder's slice stayed unusable, and the worst time an eligible request waited
-while a slice was free (sampled every 0.2 s), then a JSON line.
+worst time a killed holder's slice stayed unusable (and how long of it the slice was leased still,
+quarantined, gone or free: sampled every 0.2 s, with the wipes meanwhile), and the worst time an
+eligible request waited while a slice was free (sampled every 0.2 s), then a JSON line.
 
     python -m tests.faults.campaign --seconds 180
 """
@@ -81,6 +82,9 @@ class Campaign:
         self.faults: dict[str, int] = {}
         self.kills = 0
         self.free_while_waiting: list[float] = []
+        # (time, {slice id: state}, anyone waiting) every 0.2 s, and (time, kind) of each fault
+        self.timeline: list[tuple[float, dict[str, str], bool]] = []
+        self.fault_times: list[tuple[float, str]] = []
         self._stop = threading.Event()
         self._lock = threading.Lock()  # the server is restarted by one thread while others use it
 
@@ -97,7 +101,9 @@ class Campaign:
                         alloc.set_quota(tenant, Quota(slices=n))
                     published = True
                 alloc.reap()
-                starving = self._eligible_waits_beside_a_free_slice(alloc.status())
+                status = alloc.status()
+                self.timeline.append((time.time(), {r["id"]: r["state"] for r in status["slices"]}, bool(status["queue"])))
+                starving = self._eligible_waits_beside_a_free_slice(status)
             except PrefectMigError:
                 since = None
                 continue
@@ -142,6 +148,7 @@ class Campaign:
     def fault(self) -> None:
         kind = self.rnd.choice(["kill", "kill", "pause", "oom", "busy", "restart", "flushall"])
         self.faults[kind] = self.faults.get(kind, 0) + 1
+        self.fault_times.append((time.time(), kind))
         c = self.server.client(socket_timeout=10)
         if kind == "kill":
             self.kill_worker()
@@ -223,11 +230,11 @@ class Campaign:
                     unusable.append((u["slice"], end))
         for u in uses:
             log.add(u.slice, u.fence, u.start, u.end)
-        worst_dead = 0.0
+        worst_dead, worst = 0.0, None
         for sl, at in unusable:
             later = [u.start for u in uses if u.slice == sl and u.start >= at]
-            if later:
-                worst_dead = max(worst_dead, min(later) - at)
+            if later and min(later) - at > worst_dead:
+                worst_dead, worst = min(later) - at, (sl, at, min(later))
         return {
             "seconds": self.seconds,
             "grants": len(uses),
@@ -236,8 +243,26 @@ class Campaign:
             "faults_by_kind": self.faults,
             "overlaps": len(log.overlaps()),
             "worst_dead_holder_slice_unusable_s": round(worst_dead, 2),
+            "worst_dead_holder_slice_states_s": self._states_between(*worst) if worst else {},
+            "wipes_meanwhile": sum(1 for t, kind in self.fault_times if kind == "flushall" and worst and worst[1] <= t <= worst[2]),
             "worst_eligible_wait_beside_free_slice_s": round(max(self.free_while_waiting, default=0.0), 2),
         }
+
+
+    def _states_between(self, slice_id: str, start: float, end: float) -> dict[str, float]:
+        """How long `slice_id` spent in each state from `start` to `end`, by the agent's samples: a
+        free one split by whether a request was queued (eligible or not), one missing from Redis (wiped) as 'gone'."""
+        spent: dict[str, float] = {}
+        before = start
+        for at, states, waiting in self.timeline:
+            if at <= start or at > end:
+                continue
+            state = states.get(slice_id, "gone")
+            if state == "free":
+                state = "free, a request queued" if waiting else "free, queue empty"
+            spent[state] = spent.get(state, 0.0) + at - before
+            before = at
+        return {state: round(seconds, 1) for state, seconds in spent.items()}
 
 
 def main() -> None:
@@ -257,6 +282,8 @@ def main() -> None:
     print(f"{'faults injected':<44}{figures['faults']} {figures['faults_by_kind']}")
     print(f"{'overlaps (must be 0)':<44}{figures['overlaps']}")
     print(f"{'worst time a dead holder slice was unusable':<44}{figures['worst_dead_holder_slice_unusable_s']} s")
+    print(f"{'  of which, by state':<44}{figures['worst_dead_holder_slice_states_s']}, "
+          f"{figures['wipes_meanwhile']} FLUSHALL(s) meanwhile")
     print(f"{'worst eligible wait beside a free slice':<44}{figures['worst_eligible_wait_beside_free_slice_s']} s")
     print(json.dumps(figures))
     if figures["overlaps"]:
