@@ -42,7 +42,7 @@ local new = {}
 for _, s in ipairs(listed) do new[s.id] = true end
 
 local removed = 0
-local had, gone, added = {}, {}, {}
+local had, gone, added, dropped = {}, {}, {}, {}
 for _, id in ipairs(redis.call('SMEMBERS', node_slices_key(node))) do
   had[id] = true
   if not new[id] then
@@ -61,6 +61,7 @@ for _, id in ipairs(redis.call('SMEMBERS', node_slices_key(node))) do
       redis.call('SREM', K.withholding, id)
       unquarantine(id, 'removed')
       removed = removed + 1
+      dropped[s.pkey] = true
     end
   end
 end
@@ -99,6 +100,7 @@ for _, s in ipairs(listed) do
     if offer(s.id, s) then handed = handed + 1 end
   end
 end
+for pkey in pairs(dropped) do drop_kind_if_gone(pkey) end
 if settle_until then event('slices.quarantined', {'node', node, 'until', settle_until}) end
 -- added/gone: the slices carved or gone since the node's last publish (usage's idle slice-hours);
 -- a JSON list of [id, "node/gpu index", profile], and of ids ('[]' when none)
