@@ -229,6 +229,17 @@ def test_a_kind_whose_last_slice_a_re_carve_removed_counts_as_uncarved_not_as_le
         one_h100.acquire(one("3g.40gb"), timeout_s=None)
 
 
+def test_a_kind_an_older_version_left_in_the_carved_set_goes_at_the_next_publish(one_h100, redis_client):
+    """The trial's cluster kept its Redis (AOF) across the upgrade: 4g.40gb, carved once and re-carved
+    away before, still read as "every matching slice is leased"."""
+    one_h100.queue_uncarved = True
+    redis_client.sadd(one_h100.keys.pkeys, "H100-80GB/4g.40gb")  # what the version before left
+    one_h100.publish_fleet("node-a=1xH100-80GB", layouts={"node-a": [H100_MIXED]})  # an agent's next publish
+    with pytest.raises(NoCapacity) as refused:
+        one_h100.acquire(one("4g.40gb"), timeout_s=0)
+    assert refused.value.reason == "uncarved", str(refused.value)
+
+
 def test_a_gpu_model_whose_gpus_are_all_uncarved_still_takes_requests_for_its_profiles(alloc, redis_client, namespace):
     """A kind leaves the carved set with its last slice; the GPU model stays known while its GPUs
     are published, so a request only that model serves is not refused as an unknown profile

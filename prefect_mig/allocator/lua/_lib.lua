@@ -358,16 +358,21 @@ end
 
 -- K.pkeys holds the kinds carved now: a kind whose last slice was removed (re-carved away, its
 -- node forgotten) leaves it, or a request for it would read as "every slice leased" and never as
--- uncarved. Called after the removal; the scan over the GPUs runs only when none is free.
-local function drop_kind_if_gone(pkey)
-  if redis.call('ZCARD', free_key(pkey)) > 0 then return end
-  local tail = '|' .. pkey
+-- uncarved. Called after a removal with the kinds it may have emptied; a kind with a free slice is
+-- kept at once, the others by one pass over the GPUs' slices.
+local function prune_kinds(kinds)
+  local check = {}
+  for _, pkey in ipairs(kinds) do
+    if redis.call('ZCARD', free_key(pkey)) == 0 then check['|' .. pkey] = pkey end
+  end
+  if next(check) == nil then return end
   for _, uuid in ipairs(redis.call('HKEYS', K.gpus)) do
     for _, v in ipairs(redis.call('HVALS', gpu_slices_key(uuid))) do
-      if string.sub(v, -#tail) == tail then return end
+      check[string.sub(v, (string.find(v, '|', 1, true)))] = nil
     end
+    if next(check) == nil then return end
   end
-  redis.call('SREM', K.pkeys, pkey)
+  for _, pkey in pairs(check) do redis.call('SREM', K.pkeys, pkey) end
 end
 
 -- End a lease (released, expired, revoked): free its slice for the next waiter.
@@ -404,7 +409,7 @@ local function end_lease(lease_id, reason)
       redis.call('HDEL', gpu_slices_key(s.gpu_uuid), id)
       redis.call('SREM', node_slices_key(s.node), id)
       redis.call('SREM', K.withholding, id)
-      drop_kind_if_gone(s.pkey)
+      prune_kinds({s.pkey})
     else
       -- An expired lease's holder died or hung: its task container may still run on the slice
       -- until its node's agent removes it, so the slice waits for the agent (settle.lua), at

@@ -64,7 +64,9 @@ for _, uuid in ipairs(gpus) do
   redis.call('SREM', K.draining, uuid)
   redis.call('HDEL', K.desired, uuid)  -- carved, unasked, if the GPU came back
 end
-for pkey in pairs(kinds) do drop_kind_if_gone(pkey) end
+local emptied = {}
+for pkey in pairs(kinds) do emptied[#emptied + 1] = pkey end
+prune_kinds(emptied)
 redis.call('HDEL', K.nodes, node)
 redis.call('ZREM', K.node_deadline, node)
 redis.call('SREM', K.drained_nodes, node)

@@ -42,7 +42,7 @@ local new = {}
 for _, s in ipairs(listed) do new[s.id] = true end
 
 local removed = 0
-local had, gone, added, dropped = {}, {}, {}, {}
+local had, gone, added = {}, {}, {}
 for _, id in ipairs(redis.call('SMEMBERS', node_slices_key(node))) do
   had[id] = true
   if not new[id] then
@@ -61,7 +61,6 @@ for _, id in ipairs(redis.call('SMEMBERS', node_slices_key(node))) do
       redis.call('SREM', K.withholding, id)
       unquarantine(id, 'removed')
       removed = removed + 1
-      dropped[s.pkey] = true
     end
   end
 end
@@ -100,7 +99,8 @@ for _, s in ipairs(listed) do
     if offer(s.id, s) then handed = handed + 1 end
   end
 end
-for pkey in pairs(dropped) do drop_kind_if_gone(pkey) end
+-- every kind, not only those this publish removed: a kind an older version left in K.pkeys goes too
+prune_kinds(redis.call('SMEMBERS', K.pkeys))
 if settle_until then event('slices.quarantined', {'node', node, 'until', settle_until}) end
 -- added/gone: the slices carved or gone since the node's last publish (usage's idle slice-hours);
 -- a JSON list of [id, "node/gpu index", profile], and of ids ('[]' when none)
