@@ -208,6 +208,51 @@ def test_without_waiting_a_kind_no_gpu_is_carved_into_says_so_not_that_its_slice
     assert one_h100.status()["queue"] == []
 
 
+def test_a_kind_whose_last_slice_a_re_carve_removed_counts_as_uncarved_not_as_leased(one_h100):
+    """A new-user trial: after the repartitioner re-carved the only 3g.40gb away, `lease acquire
+    --profile 3g.40gb --timeout 0` said "every matching slice is leased" with no lease held, and a
+    wait that timed out did not say that no GPU was carved for it."""
+    one_h100.queue_uncarved = True  # a repartitioner runs
+    gone = one_h100.try_acquire(one("3g.40gb"))
+    one_h100.publish_fleet("node-a=1xH100-80GB", layouts={"node-a": ["1g.10gb@0 + 1g.10gb@1 + 1g.10gb@4"]})
+    one_h100.release(gone.lease_id, gone.fence)  # the re-carved slice leaves with its lease
+    with pytest.raises(NoCapacity) as refused:
+        one_h100.acquire(one("3g.40gb"), timeout_s=0)
+    said = str(refused.value)
+    assert refused.value.reason == "uncarved" and "no GPU is carved for 3g.40gb" in said, said
+    with pytest.raises(WaitTimeout) as waited:
+        one_h100.acquire(one("3g.40gb"), timeout_s=0.3)
+    assert "no GPU carved for 3g.40gb" in str(waited.value), str(waited.value)
+    assert one_h100.status()["queue"] == [] and one_h100.status()["leases"] == []
+    one_h100.queue_uncarved = False  # and with no repartitioner nothing would ever carve one
+    with pytest.raises(Unsatisfiable):
+        one_h100.acquire(one("3g.40gb"), timeout_s=None)
+
+
+def test_a_kind_an_older_version_left_in_the_carved_set_goes_at_the_next_publish(one_h100, redis_client):
+    """The trial's cluster kept its Redis (AOF) across the upgrade: 4g.40gb, carved once and re-carved
+    away before, still read as "every matching slice is leased"."""
+    one_h100.queue_uncarved = True
+    redis_client.sadd(one_h100.keys.pkeys, "H100-80GB/4g.40gb")  # what the version before left
+    one_h100.publish_fleet("node-a=1xH100-80GB", layouts={"node-a": [H100_MIXED]})  # an agent's next publish
+    with pytest.raises(NoCapacity) as refused:
+        one_h100.acquire(one("4g.40gb"), timeout_s=0)
+    assert refused.value.reason == "uncarved", str(refused.value)
+
+
+def test_a_gpu_model_whose_gpus_are_all_uncarved_still_takes_requests_for_its_profiles(alloc, redis_client, namespace):
+    """A kind leaves the carved set with its last slice; the GPU model stays known while its GPUs
+    are published, so a request only that model serves is not refused as an unknown profile
+    while its GPUs are between a re-carve's destroy and create."""
+    alloc.publish_fleet("node-a=1xH100-80GB,node-b=1xA30-24GB",
+                        layouts={"node-a": [H100_MIXED], "node-b": ["4g.24gb@0"]})
+    alloc.publish_fleet("node-a=1xH100-80GB,node-b=1xA30-24GB", layouts={"node-a": [H100_MIXED], "node-b": [""]})
+    fresh = Allocator(redis_client, namespace, queue_uncarved=True)
+    with pytest.raises(NoCapacity) as refused:
+        fresh.acquire(one("1g.6gb"), timeout_s=0)
+    assert refused.value.reason == "uncarved" and "no GPU is carved for 1g.6gb" in str(refused.value)
+
+
 def test_a_profile_no_gpu_offers_is_unsatisfiable_with_what_exists(one_h100):
     with pytest.raises(Unsatisfiable) as refused:
         one_h100.acquire(one("7g.80gb"), timeout_s=None)

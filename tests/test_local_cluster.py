@@ -87,6 +87,18 @@ def test_up_starts_a_supervised_agent_carved_to_the_default_and_down_stops_every
     assert redis_servers_of(state) == []
 
 
+def test_down_while_leases_are_held_says_so_naming_their_holders(fresh_env):
+    """A new-user trial: `prefect-mig down` while a flow's tasks ran said only that it stopped the
+    cluster; the tasks failed a minute later, and nothing had said that they held slices."""
+    assert _cli("up", env=fresh_env).returncode == 0
+    held = _cli("lease", "acquire", "--profile", "1g.10gb", "--holder", "flow/train", "--timeout", "60", env=fresh_env)
+    assert held.returncode == 0, held.stdout + held.stderr
+    down = _cli("down", env=fresh_env)
+    assert down.returncode == 0 and "stopped the embedded redis-server" in down.stdout
+    said = " ".join((down.stdout + down.stderr).split())
+    assert "1 live lease" in said and "flow/train" in said, said
+
+
 def test_a_flow_started_right_after_down_starts_the_local_cluster_again(fresh_env, monkeypatch):
     """A new-user trial: for the agent's heartbeat TTL (30 s) after `prefect-mig down` its last
     heartbeat still looked alive, so a flow's first MIG task started no local cluster and waited

@@ -306,6 +306,20 @@ def test_the_server_refuses_a_run_whose_priority_is_out_of_range_naming_it(clean
     assert "priority" in got.text and "500" in got.text, got.text
 
 
+def test_the_server_refuses_a_run_or_deployment_with_a_job_variable_the_pool_lacks_naming_it(clean):
+    """A new-user trial: `prefect deployment run ... --job-variable ttl=5` (for lease_ttl_s) made a
+    run that ignored it and ran with the defaults; a typo (`prority`) would too."""
+    api = clean["api"]
+    got = api.http.post(f"/deployments/{clean['deployment']}/create_flow_run", json={"job_variables": {"prority": 9}})
+    assert got.status_code == 422 and "prority" in got.text, got.text
+    deployment = api.http.get(f"/deployments/{clean['deployment']}").raise_for_status().json()
+    made = api.http.post("/deployments/", json={
+        "name": "typo", "flow_id": deployment["flow_id"], "work_pool_name": "gpu", "entrypoint": deployment["entrypoint"],
+        "job_variables": {"image": "any:latest", "lease_ttl": 30},
+    })
+    assert made.status_code == 422 and "lease_ttl" in made.text, made.text
+
+
 def _flow_run_container(docker_client, alloc, run_id: str):
     ours = task_containers(docker_client, cluster_id=alloc.cluster_id(), namespace=alloc.keys.namespace)
     return next((c for c in ours if c.labels.get("prefect-mig.flow-run-id") == run_id), None)

@@ -17,6 +17,7 @@ from prefect_mig.allocator import Allocator
 from prefect_mig.allocator.invariants import check_events
 from prefect_mig.launchers.docker import task_containers
 
+from .allocator_fixtures import H100_MIXED
 from .prefect_fixtures import read_lease_events, read_task_run_states
 
 
@@ -450,6 +451,44 @@ def test_the_body_runs_on_the_docker_engine_of_the_node_that_owns_the_slice(
 
     assert pipeline()[1].startswith("MIG-")
     assert alloc.status()["leases"] == []
+
+
+def test_a_task_whose_redis_went_away_fails_with_why_its_lease_ended_not_with_the_release_that_followed(
+    prefect_api, fresh_redis_server, namespace, monkeypatch, docker_client, python_image
+):
+    """A new-user trial: `prefect-mig down` while a flow's tasks ran. Each task failed with "Redis did
+    not answer while trying to release a lease": the release in the runner's `finally` failed too,
+    and its error hid the one that ended the try."""
+    monkeypatch.setenv("PREFECT_MIG_REDIS_URL", fresh_redis_server.url)
+    monkeypatch.setenv("PREFECT_MIG_NAMESPACE", namespace)
+    alloc = Allocator(redis.Redis.from_url(fresh_redis_server.url), namespace)
+    alloc.publish_fleet("node-a=1xH100-80GB", layouts={"node-a": [H100_MIXED]}, heartbeat_ttl_s=3600)
+    cluster_id = alloc.cluster_id()
+    slow = task(task_runner=MigTaskRunner(profile="3g.40gb", lease_ttl_s=6))(sleep_forever)
+
+    @flow
+    def pipeline():
+        state = slow(return_state=True)
+        try:
+            state.result()
+        except BaseException as exc:  # noqa: BLE001
+            return exc
+
+    import threading
+
+    got = {}
+    runs = threading.Thread(target=lambda: got.update(raised=pipeline()))
+    runs.start()
+    deadline = time.monotonic() + 120
+    while not alloc.status()["leases"]:
+        assert time.monotonic() < deadline, "the task never leased its slice"
+        time.sleep(0.2)
+    fresh_redis_server.kill()
+    runs.join(timeout=120)
+    assert not runs.is_alive(), "the task did not end after its lease could not be renewed"
+    said = f"{type(got['raised']).__name__}: {got['raised']}"
+    assert "release a lease" not in said and "renew" in said, said
+    assert task_containers(docker_client, cluster_id=cluster_id, namespace=namespace) == []
 
 
 def test_a_task_whose_container_the_agent_fenced_fails_with_lease_lost_naming_why(cluster, docker_client):

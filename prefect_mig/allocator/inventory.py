@@ -292,13 +292,17 @@ class Inventory:
         return json.loads(decode(raw)).get("docker_url") if raw else None
 
     def gpu_models(self, *, max_age_s: float = 5.0) -> list[str]:
-        """GPU models present in the inventory (cached for `max_age_s`). Models that node agents
-        built from NVML are made known in this process (`load_models`) when one is listed."""
+        """GPU models present in the inventory (cached for `max_age_s`): those of the published
+        GPUs, carved or not (a GPU between a re-carve's destroy and its create still counts), and
+        of the kinds carved now. Models that node agents built from NVML are made known in this
+        process (`load_models`) when one is listed."""
         at, models = self._models
         if time.monotonic() - at > max_age_s or not models:
             with redis_errors("read the inventory's GPU models"):
-                kinds = [decode(k) for k in self.redis.smembers(self.keys.pkeys)]
-            models = sorted({k.split("/", 1)[0] for k in kinds})
+                pipe = self.redis.pipeline(transaction=False)
+                kinds, gpus = pipe.smembers(self.keys.pkeys).hvals(self.keys.gpus).execute()
+            on_gpus = {json.loads(decode(g)).get("gpu_model") for g in gpus}
+            models = sorted({decode(k).split("/", 1)[0] for k in kinds} | on_gpus - {None})
             if not all(_known(m) for m in models):
                 self.load_models()
             unknown = [m for m in models if not _known(m)]  # an agent that publishes no model (an older one)

@@ -54,7 +54,7 @@ class Keys:
         self.draining = p + "draining"  # SET of GPU UUIDs that get no new grants
         self.nodes = p + "nodes"  # HASH node -> NodeRecord JSON
         self.node_deadline = p + "node_deadline"  # ZSET node -> heartbeat deadline (ms)
-        self.pkeys = p + "pkeys"  # SET of "<gpu model>/<profile>" present in the inventory
+        self.pkeys = p + "pkeys"  # SET of "<gpu model>/<profile>" carved now (a slice of it is published)
         self.leases = p + "leases"  # ZSET lease_id -> expiry (ms)
         self.fence = p + "fence"  # STRING counter: fencing tokens
         self.seq = p + "seq"  # STRING counter: request order

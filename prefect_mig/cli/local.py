@@ -73,13 +73,37 @@ def down(as_json: Annotated[bool, typer.Option("--json", help="Print JSON for sc
 
     with cli_errors():
         settings = load_settings()
+        live = _live_leases(settings)
         agents = LocalCluster(settings).stop()
         redis_stopped = settings.redis_url is None and stop_embedded_redis(settings.state_dir)
         if as_json:
-            print_json({"agents_stopped": agents, "redis_stopped": redis_stopped})
+            print_json({"agents_stopped": agents, "redis_stopped": redis_stopped,
+                        "live_leases": live if redis_stopped else []})
             return
         console.print(
             ("stopped the background agent(s) and repartitioner" if agents else "no background agent was running")
             + ("; stopped the embedded redis-server" if redis_stopped else ""),
             highlight=False,
         )
+        if live and redis_stopped:
+            holders = ", ".join(f"{row.get('holder') or '?'} on {row.get('slice') or '?'}" for row in live)
+            console.print(
+                f"warning: {len(live)} live lease(s) went with it ({holders}): a task that held one has its "
+                "container stopped once its lease can no longer be renewed, and fails", highlight=False,
+            )
+
+
+def _live_leases(settings) -> list[dict]:
+    """The leases held on the embedded Redis, read before `down` stops it ([] when it does not run
+    or cannot say: `down` stops what it can all the same)."""
+    from prefect_mig.allocator.embedded import running_embedded_url
+    from prefect_mig.errors import PrefectMigError
+
+    if settings.redis_url is not None or running_embedded_url(settings.state_dir) is None:
+        return []
+    from prefect_mig.cli.leases import _allocator
+
+    try:
+        return _allocator().status()["leases"]
+    except PrefectMigError:
+        return []

@@ -356,6 +356,25 @@ local function retry_tenant(tenant)
   end
 end
 
+-- K.pkeys holds the kinds carved now: a kind whose last slice was removed (re-carved away, its
+-- node forgotten) leaves it, or a request for it would read as "every slice leased" and never as
+-- uncarved. Called after a removal with the kinds it may have emptied; a kind with a free slice is
+-- kept at once, the others by one pass over the GPUs' slices.
+local function prune_kinds(kinds)
+  local check = {}
+  for _, pkey in ipairs(kinds) do
+    if redis.call('ZCARD', free_key(pkey)) == 0 then check['|' .. pkey] = pkey end
+  end
+  if next(check) == nil then return end
+  for _, uuid in ipairs(redis.call('HKEYS', K.gpus)) do
+    for _, v in ipairs(redis.call('HVALS', gpu_slices_key(uuid))) do
+      check[string.sub(v, (string.find(v, '|', 1, true)))] = nil
+    end
+    if next(check) == nil then return end
+  end
+  for _, pkey in pairs(check) do redis.call('SREM', K.pkeys, pkey) end
+end
+
 -- End a lease (released, expired, revoked): free its slice for the next waiter.
 local function end_lease(lease_id, reason)
   local f = redis.call('HMGET', lease_key(lease_id), 'slice', 'fence', 'tenant', 'compute', 'preemptible_pkey', 'counted',
@@ -390,6 +409,7 @@ local function end_lease(lease_id, reason)
       redis.call('HDEL', gpu_slices_key(s.gpu_uuid), id)
       redis.call('SREM', node_slices_key(s.node), id)
       redis.call('SREM', K.withholding, id)
+      prune_kinds({s.pkey})
     else
       -- An expired lease's holder died or hung: its task container may still run on the slice
       -- until its node's agent removes it, so the slice waits for the agent (settle.lua), at

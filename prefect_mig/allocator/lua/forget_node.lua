@@ -45,11 +45,13 @@ end
 if #leased > 1 then return leased end
 if #fencing > 1 then return fencing end
 
+local kinds = {}
 for _, id in ipairs(ids) do
   local s = slice(id)
   if s then
     redis.call('ZREM', free_key(s.pkey), id)
     redis.call('HDEL', gpu_slices_key(s.gpu_uuid), id)
+    kinds[s.pkey] = true
   end
   redis.call('HDEL', K.slices, id)
   redis.call('HDEL', K.slice_state, id)
@@ -62,6 +64,9 @@ for _, uuid in ipairs(gpus) do
   redis.call('SREM', K.draining, uuid)
   redis.call('HDEL', K.desired, uuid)  -- carved, unasked, if the GPU came back
 end
+local emptied = {}
+for pkey in pairs(kinds) do emptied[#emptied + 1] = pkey end
+prune_kinds(emptied)
 redis.call('HDEL', K.nodes, node)
 redis.call('ZREM', K.node_deadline, node)
 redis.call('SREM', K.drained_nodes, node)

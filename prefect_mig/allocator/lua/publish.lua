@@ -99,6 +99,8 @@ for _, s in ipairs(listed) do
     if offer(s.id, s) then handed = handed + 1 end
   end
 end
+-- every kind, not only those this publish removed: a kind an older version left in K.pkeys goes too
+prune_kinds(redis.call('SMEMBERS', K.pkeys))
 if settle_until then event('slices.quarantined', {'node', node, 'until', settle_until}) end
 -- added/gone: the slices carved or gone since the node's last publish (usage's idle slice-hours);
 -- a JSON list of [id, "node/gpu index", profile], and of ids ('[]' when none)

@@ -42,6 +42,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import sys
 import threading
 import time
 from collections.abc import Iterable
@@ -65,6 +66,7 @@ from prefect_mig.errors import (
     DockerUnavailable,
     LeaseLost,
     PrefectMigError,
+    RedisUnavailable,
     TryCancelled,
     WaitTimeout,
 )
@@ -524,12 +526,21 @@ class MigTaskRunner(ThreadPoolTaskRunner):
                 raise
         finally:  # a timeout raised into this thread must not skip the release
             slot = slot or (taken[0] if taken else None)
-            if slot is not None:
-                shielded(POOL.finish, slot, reusable=reusable)
-            elif started:
-                shielded(started[0].release)
-            elif isinstance(got, LeaseInfo):  # granted after a wait, interrupted before it was started
-                shielded(allocator.release, got.lease_id, got.fence)
+            ending = sys.exc_info()[1]
+            try:
+                if slot is not None:
+                    shielded(POOL.finish, slot, reusable=reusable)
+                elif started:
+                    shielded(started[0].release)
+                elif isinstance(got, LeaseInfo):  # granted after a wait, interrupted before it was started
+                    shielded(allocator.release, got.lease_id, got.fence)
+            except RedisUnavailable as exc:
+                if ending is None:
+                    raise
+                # the error that ended the try says why (a lease Redis could not renew, say); this
+                # one would hide it. The lease, if Redis still holds it, lapses within its TTL.
+                if logger:
+                    logger.warning("the lease could not be released: %s", exc)
             if ctx is not None and (slot is not None or started):
                 lease = slot.lease if slot is not None else started[0]
                 ran_s = time.monotonic() - ran_from

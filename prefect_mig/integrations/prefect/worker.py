@@ -89,7 +89,11 @@ _CONFINEMENT_HELP = (
 
 
 class MigDockerVariables(BaseVariables):
-    """The job variables a deployment or a flow run may set (rendered as a form in the UI)."""
+    """The job variables a deployment or a flow run may set (rendered as a form in the UI).
+
+    Others are refused (the pool's schema has ``additionalProperties: false``): the API answers
+    422 naming one (`prority`, `ttl`) when the deployment or the run is created, rather than a run
+    that ignores it."""
 
     profile: Union[Literal[tuple(known_profiles())], str] = Field(  # type: ignore[valid-type]
         default="1g.10gb", title="MIG profile", description=_PROFILE_HELP, examples=["1g.10gb", ">=20gb"]
@@ -232,6 +236,14 @@ class MigDockerWorker(BaseWorker):
     )
     _documentation_url = "https://github.com/prefect-mig/prefect-mig#deploy-and-run-from-the-prefect-ui"
     _logo_url = "https://images.ctfassets.net/gm98wzqotmnx/4nGlDhE3Hd9kE2lVSPHvBe/9b6a4a5e15c13bd2e2f6c9e0d4c3b4c5/gpu.png"  # noqa: E501
+
+    @classmethod
+    def get_default_base_job_template(cls) -> dict[str, Any]:
+        template = super().get_default_base_job_template()
+        # Prefect's BaseVariables drops additionalProperties from the schema; without it a job
+        # variable the pool lacks (a typo) is accepted and silently ignored.
+        template["variables"]["additionalProperties"] = False
+        return template
 
     async def get_and_submit_flow_runs(self):
         """Prefect's poll for scheduled runs, and every `_SWEEP_S` the sweep for orphaned runs."""
