@@ -280,3 +280,22 @@ def test_simulate_takes_what_a_served_request_is_worth_and_refuses_an_unknown_un
     assert doc["knobs"]["value_by"] == "dominant" and "--value-by dominant" in doc["command"]
     bad = CliRunner().invoke(app, ["simulate", "--synthetic", "5", "--value-by", "size", "--out", str(out)])
     assert bad.exit_code == 2 and "--value-by: 'size' is not allowed; choose request, dominant" in " ".join(bad.output.split())
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--synthetic", "-3"], "--synthetic: -3 must be 0 or more (0: replay --trace)"),
+        (["--jobs", "0"], "--jobs: 0 must be at least 1"),
+        (["--synthetic", "5", "--mapping", "memory"], "--mapping: 'memory' is not a mapping; choose one of v100, share"),
+    ],
+)
+def test_simulate_refuses_a_bad_count_or_mapping_naming_that_option_before_it_simulates(tmp_path, args, message):
+    from typer.testing import CliRunner
+
+    from prefect_mig.cli.main import app
+
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["simulate", *args, "--trace", str(tmp_path / "none.csv"), "--out", str(out)])
+    assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output
+    assert not out.exists()
