@@ -99,6 +99,19 @@ for _, s in ipairs(listed) do
     if offer(s.id, s) then handed = handed + 1 end
   end
 end
+-- A GPU of this node it no longer lists (replaced, or another fleet) goes with its desired layout
+-- and drain mark once none of its slices is left (a leased one stays until its lease ends and the
+-- next publish), so `gpus()`, `up` and `layout apply` do not show it beside the new one.
+local flat = redis.call('HGETALL', K.gpus)
+for i = 1, #flat, 2 do
+  local uuid = flat[i]
+  if not ordinal[uuid] and cjson.decode(flat[i + 1]).node == node
+      and redis.call('HLEN', gpu_slices_key(uuid)) == 0 then
+    redis.call('HDEL', K.gpus, uuid)
+    redis.call('SREM', K.draining, uuid)
+    redis.call('HDEL', K.desired, uuid)
+  end
+end
 if settle_until then event('slices.quarantined', {'node', node, 'until', settle_until}) end
 -- added/gone: the slices carved or gone since the node's last publish (usage's idle slice-hours);
 -- a JSON list of [id, "node/gpu index", profile], and of ids ('[]' when none)
