@@ -248,3 +248,20 @@ def test_status_watch_draws_each_gpu_with_its_holders_and_the_queue(redis_server
     as_json = subprocess.run([sys.executable, "-m", "prefect_mig.cli.main", "status", "--watch", "--json"],
                              capture_output=True, text=True, env=env, timeout=120)
     assert json.loads(as_json.stdout)["queue"][0]["priority"] == 80  # --json stays one-shot
+
+
+def test_every_metric_a_scrape_serves_is_in_the_table_the_readme_points_operators_to(alloc):
+    # The README sends operators to prefect_mig/metrics.py's table for names and labels; a family
+    # served but not listed there is one they cannot find when writing alerts.
+    import prefect_mig.metrics as metrics
+
+    alloc.publish_fleet("node-a=1xA30-24GB", layouts={"node-a": ["2g.12gb@0 + 2g.12gb@2"]}, heartbeat_ttl_s=60)
+    alloc.set_quota("team-a", Quota(slices=1, compute=2))
+    held = alloc.try_acquire(SliceRequest(profile="2g.12gb", tenant="team-a"))
+    other = alloc.try_acquire(SliceRequest(profile="2g.12gb", tenant="team-b"))
+    alloc.try_acquire(SliceRequest(profile="2g.12gb", tenant="team-b"), wait=True)  # queue_depth
+    served = {f.name for f in text_string_to_metric_families(metrics.render(alloc).decode())}
+    listed = {"prefect_mig_" + name.removesuffix("_total") for name in re.findall(r"``(\w+)``", metrics.__doc__.split("| name |")[1])}
+    assert served - listed == set()
+    alloc.release(held.lease_id, held.fence)
+    alloc.release(other.lease_id, other.fence)
