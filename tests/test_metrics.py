@@ -265,3 +265,25 @@ def test_every_metric_a_scrape_serves_is_in_the_table_the_readme_points_operator
     assert served - listed == set()
     alloc.release(held.lease_id, held.fence)
     alloc.release(other.lease_id, other.fence)
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        # a host not of this machine was blamed on the port: "--port=9808: ... pick a free port"
+        (["--host", "256.1.1.1", "--port", "{busy}"], "--host='256.1.1.1', --port={busy}: cannot listen on 256.1.1.1:{busy}"),
+        (["--port", "{busy}"], "--host='127.0.0.1', --port={busy}: cannot listen on 127.0.0.1:{busy} (Address already in use)"),
+    ],
+)
+def test_metrics_serve_refuses_an_address_it_cannot_listen_on_naming_host_and_port_as_api_serve_does(
+        redis_server, namespace, args, named):
+    import socket
+
+    taken = socket.create_server(("127.0.0.1", 0))
+    busy = taken.getsockname()[1]
+    env = {**os.environ, "PREFECT_MIG_REDIS_URL": redis_server.url, "PREFECT_MIG_NAMESPACE": namespace}
+    done = subprocess.run([sys.executable, "-m", "prefect_mig.cli.main", "metrics", "serve", *[a.format(busy=busy) for a in args]],
+                          env=env, capture_output=True, text=True, timeout=120)
+    taken.close()
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert named.format(busy=busy) in " ".join(done.stderr.split()), done.stderr
