@@ -299,3 +299,18 @@ def test_simulate_refuses_a_bad_count_or_mapping_naming_that_option_before_it_si
     result = CliRunner().invoke(app, ["simulate", *args, "--trace", str(tmp_path / "none.csv"), "--out", str(out)])
     assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output
     assert not out.exists()
+
+
+def test_simulate_without_a_trace_where_the_default_is_missing_says_what_to_pass(tmp_path, monkeypatch):
+    # The README's first example gives no --trace; run from anywhere but beside ../shared it said only
+    # "trace: '../shared/traces/...' is not a file", naming a path the operator never gave.
+    from typer.testing import CliRunner
+
+    from prefect_mig.cli.main import app
+
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["simulate", "--jobs", "5", "--out", str(tmp_path / "out")])
+    message = " ".join(result.output.split())
+    assert result.exit_code == 2, result.output
+    assert "--trace: not given" in message and "looked up from the working directory" in message
+    assert "--synthetic N" in message and "Alibaba 2023" in message

@@ -83,6 +83,14 @@ def simulate(
             source = f"synthetic ({synthetic_jobs} jobs)"
         else:
             path = trace or Path(DEFAULT_TRACE)
+            if trace is None and not path.is_file():
+                raise ConfigError(
+                    f"--trace: not given, and the default trace {DEFAULT_TRACE!r} is not there (it is looked up from "
+                    f"the working directory, {Path.cwd()}); pass --trace with a pod list CSV in the Alibaba 2023 "
+                    "format (openb_pod_list_default.csv of Alibaba's cluster-trace-gpu-v2023), or --synthetic N "
+                    "for made-up jobs.",
+                    field="--trace", value=None,
+                )
             workload = load_trace(
                 path, mapping=mapping, gpu_model=model, start_s=start_day * 86400, jobs=jobs, max_duration_s=max_duration
             )
