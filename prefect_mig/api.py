@@ -195,7 +195,7 @@ class _Gate:
         except RedisUnavailable as exc:
             return await _reply(send, 503, _detail(exc))
         if grant is None:
-            return await _reply(send, 403, "unknown or revoked bearer token")
+            return await _reply(send, 401, "unknown or revoked bearer token", **{"WWW-Authenticate": 'Bearer error="invalid_token"'})
         declared = headers.get(b"content-length", b"0")
         if not declared.isdigit() or int(declared) > self.max_body_bytes:
             return await _reply(send, 413, f"request body over {self.max_body_bytes} bytes")

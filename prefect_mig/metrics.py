@@ -26,6 +26,7 @@ Metrics (all prefixed ``prefect_mig_``):
 | ``agent_info`` | gauge (1) | node, host, pid (the agent whose node claim wrote the last heartbeat) |
 | ``lease_grants_total``, ``lease_releases_total``, ``lease_expiries_total``, ``lease_revocations_total`` | counter | |
 | ``container_fences_total`` | counter | (task containers removed by agents) |
+| ``slice_fence_waits_total`` | counter | (slices held back after their holder's lease expired, until the agent confirmed its container gone) |
 | ``layout_changes_total`` | counter | outcome (applied, skipped) |
 | ``events_total`` | counter | type (every transition in the events stream) |
 | ``lease_wait_seconds`` | histogram | (time from request to grant) |

@@ -568,3 +568,16 @@ def test_a_waiting_request_says_why_it_waits_queue_position_stale_agents_and_unc
     assert "no GPU carved for 7g.80gb; a repartitioner is not running" in " ".join(wait_reasons(one_h100, big.request_id))
     one_h100.announce_repartitioner(60)
     assert "a repartitioner is running" in " ".join(wait_reasons(one_h100, big.request_id))
+
+
+def test_a_gpu_a_node_no_longer_publishes_leaves_the_inventory_once_none_of_its_slices_is_leased(alloc):
+    # A host whose GPUs were replaced (or whose agent now runs another fleet): `up`, `layout apply`
+    # and `gpus()` listed the old GPUs beside the new ones, under the same node and index, for good.
+    alloc.publish_fleet("node-a=2xH100-80GB", layouts={"node-a": [H100_MIXED, H100_MIXED]})
+    held = alloc.try_acquire(one("3g.40gb"))
+    alloc.publish_fleet("node-a=1xA30-24GB", layouts={"node-a": ["4g.24gb@0"]})
+    models = sorted(g["gpu_model"] for g in alloc.gpus() if g["node"] == "node-a")
+    assert models == ["A30-24GB", "H100-80GB"]  # the leased slice's GPU stays while its lease runs
+    alloc.release(held.lease_id, held.fence)
+    alloc.publish_fleet("node-a=1xA30-24GB", layouts={"node-a": ["4g.24gb@0"]})
+    assert [(g["gpu_model"], g["index"]) for g in alloc.gpus() if g["node"] == "node-a"] == [("A30-24GB", 0)]

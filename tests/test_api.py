@@ -77,6 +77,16 @@ def test_missing_or_wrong_token_is_refused_on_every_route(http, headers):
     assert http.get("/v1/status", headers=AUTH).json()["leases"] == []
 
 
+def test_an_unknown_token_is_a_401_refused_as_the_readme_says_not_a_403_which_means_a_tenant_or_ceiling(http):
+    # A scraper or client with a wrong or revoked token must see "authenticate again" (401), not
+    # the 403 a client token's tenant or priority ceiling gets.
+    for path in ("/v1/status", "/metrics"):
+        refused = http.get(path, headers={"Authorization": "Bearer wrong-token-wrong-token"})
+        assert refused.status_code == 401, refused.text
+        assert refused.json() == {"error": "Refused", "detail": "unknown or revoked bearer token"}
+        assert refused.headers["www-authenticate"] == 'Bearer error="invalid_token"'
+
+
 def test_errors_map_to_http_statuses_with_the_message(http):
     held = http.post("/v1/leases", json={"request": {"profile": "3g.40gb"}}, headers=AUTH).json()
     busy = http.post("/v1/leases", json={"request": {"profile": "3g.40gb"}, "timeout_s": 0}, headers=AUTH)

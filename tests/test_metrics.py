@@ -270,3 +270,42 @@ def test_status_watch_draws_each_gpu_with_its_holders_and_the_queue(redis_server
     as_json = subprocess.run([sys.executable, "-m", "prefect_mig.cli.main", "status", "--watch", "--json"],
                              capture_output=True, text=True, env=env, timeout=120)
     assert json.loads(as_json.stdout)["queue"][0]["priority"] == 80  # --json stays one-shot
+
+
+def test_every_metric_a_scrape_serves_is_in_the_table_the_readme_points_operators_to(alloc):
+    # The README sends operators to prefect_mig/metrics.py's table for names and labels; a family
+    # served but not listed there is one they cannot find when writing alerts.
+    import prefect_mig.metrics as metrics
+
+    alloc.publish_fleet("node-a=1xA30-24GB", layouts={"node-a": ["2g.12gb@0 + 2g.12gb@2"]}, heartbeat_ttl_s=60)
+    alloc.set_quota("team-a", Quota(slices=1, compute=2))
+    held = alloc.try_acquire(SliceRequest(profile="2g.12gb", tenant="team-a"))
+    other = alloc.try_acquire(SliceRequest(profile="2g.12gb", tenant="team-b"))
+    alloc.try_acquire(SliceRequest(profile="2g.12gb", tenant="team-b"), wait=True)  # queue_depth
+    served = {f.name for f in text_string_to_metric_families(metrics.render(alloc).decode())}
+    listed = {"prefect_mig_" + name.removesuffix("_total") for name in re.findall(r"``(\w+)``", metrics.__doc__.split("| name |")[1])}
+    assert served - listed == set()
+    alloc.release(held.lease_id, held.fence)
+    alloc.release(other.lease_id, other.fence)
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        # a host not of this machine was blamed on the port: "--port=9808: ... pick a free port"
+        (["--host", "256.1.1.1", "--port", "{busy}"], "--host='256.1.1.1', --port={busy}: cannot listen on 256.1.1.1:{busy}"),
+        (["--port", "{busy}"], "--host='127.0.0.1', --port={busy}: cannot listen on 127.0.0.1:{busy} (Address already in use)"),
+    ],
+)
+def test_metrics_serve_refuses_an_address_it_cannot_listen_on_naming_host_and_port_as_api_serve_does(
+        redis_server, namespace, args, named):
+    import socket
+
+    taken = socket.create_server(("127.0.0.1", 0))
+    busy = taken.getsockname()[1]
+    env = {**os.environ, "PREFECT_MIG_REDIS_URL": redis_server.url, "PREFECT_MIG_NAMESPACE": namespace}
+    done = subprocess.run([sys.executable, "-m", "prefect_mig.cli.main", "metrics", "serve", *[a.format(busy=busy) for a in args]],
+                          env=env, capture_output=True, text=True, timeout=120)
+    taken.close()
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert named.format(busy=busy) in " ".join(done.stderr.split()), done.stderr

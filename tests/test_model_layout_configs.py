@@ -43,6 +43,9 @@ mig-configs:
     ("body", "line", "named"),
     [
         ("    - gpu-models: [H100-80GB]\n      mig-devices: {3g.40gb: 3}\n", 5, "do not fit"),
+        ("    - gpu-models: [H100-80GB]\n      mig-devices: {1g.10gb: 8}\n", 5, "at most 7 of 1g.10gb"),
+        ("    - gpu-models: [H100-80GB]\n      mig-devices: {3g.40gb: 2, 1g.10gb: 2}\n", 5,
+         "alone, at most 2 of 3g.40gb and 7 of 1g.10gb fit; `prefect-mig layouts H100-80GB` lists"),
         ("    - gpu-models: [H100-80GB]\n      mig-devices: {3g.50gb: 1}\n", 5, "'3g.50gb'"),
         ("    - gpu-models: [H101]\n      mig-devices: {1g.10gb: 1}\n", 4, "'H101'"),
         ("    - gpu-models: [H100-80GB]\n      mig-device: {1g.10gb: 1}\n", 5, "unexpected key 'mig-device'"),

@@ -65,6 +65,9 @@ def test_a_trace_without_the_columns_is_refused_by_name(tmp_path):
         ("p1,1000,1024,1,500,,LS,Running,10,later,20", "deletion_time", "later", "a number"),
         ("p1,1000,1024,1,-500,,LS,Running,10,100,20", "gpu_milli", "-500", "1 to 1000"),
         ("p1,1000,1024,-1,500,,LS,Running,10,100,20", "num_gpu", "-1", "0 or more"),
+        ("p1,1000,1024,1,500,,LS,Running,10,100,20,extra", "row", "has 12 fields", "the header has 11"),
+        ("p1,1000,1024,1", "row", "has 4 fields", "the header has 11"),
+        ("p1,1000,1024,1,500,,LS,Running,10,15,20", "deletion_time", "15", "at or after scheduled_time"),
     ],
 )
 def test_a_bad_value_in_a_trace_is_refused_naming_the_file_line_column_and_what_is_allowed(tmp_path, row, column, value, allowed):
@@ -73,7 +76,8 @@ def test_a_bad_value_in_a_trace_is_refused_naming_the_file_line_column_and_what_
     with pytest.raises(ConfigError) as refused:
         load_trace(trace)
     message = str(refused.value)
-    assert f"{trace}:3:" in message and f"{column}={value!r}" in message and allowed in message
+    assert f"{trace}:3:" in message and allowed in message
+    assert f"{column}={value!r}" in message if column != "row" else value in message
 
 
 def test_policies_by_name_and_bad_names_list_what_is_allowed():
@@ -276,3 +280,37 @@ def test_simulate_takes_what_a_served_request_is_worth_and_refuses_an_unknown_un
     assert doc["knobs"]["value_by"] == "dominant" and "--value-by dominant" in doc["command"]
     bad = CliRunner().invoke(app, ["simulate", "--synthetic", "5", "--value-by", "size", "--out", str(out)])
     assert bad.exit_code == 2 and "--value-by: 'size' is not allowed; choose request, dominant" in " ".join(bad.output.split())
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--synthetic", "-3"], "--synthetic: -3 must be 0 or more (0: replay --trace)"),
+        (["--jobs", "0"], "--jobs: 0 must be at least 1"),
+        (["--synthetic", "5", "--mapping", "memory"], "--mapping: 'memory' is not a mapping; choose one of v100, share"),
+    ],
+)
+def test_simulate_refuses_a_bad_count_or_mapping_naming_that_option_before_it_simulates(tmp_path, args, message):
+    from typer.testing import CliRunner
+
+    from prefect_mig.cli.main import app
+
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["simulate", *args, "--trace", str(tmp_path / "none.csv"), "--out", str(out)])
+    assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output
+    assert not out.exists()
+
+
+def test_simulate_without_a_trace_where_the_default_is_missing_says_what_to_pass(tmp_path, monkeypatch):
+    # The README's first example gives no --trace; run from anywhere but beside ../shared it said only
+    # "trace: '../shared/traces/...' is not a file", naming a path the operator never gave.
+    from typer.testing import CliRunner
+
+    from prefect_mig.cli.main import app
+
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["simulate", "--jobs", "5", "--out", str(tmp_path / "out")])
+    message = " ".join(result.output.split())
+    assert result.exit_code == 2, result.output
+    assert "--trace: not given" in message and "looked up from the working directory" in message
+    assert "--synthetic N" in message and "Alibaba 2023" in message

@@ -761,6 +761,20 @@ class Allocator(Inventory, LayoutChanges):
         body = "" if quota is None else quota.model_dump_json()
         self._run("set_quota", tenant, body, action=f"set the quota of {tenant}")
 
+    def quotas(self) -> list[dict[str, Any]]:
+        """Each tenant with a quota, by name: its limits (``slices``, ``compute``; ``None`` for no
+        limit) and what its live leases hold now (``slices_held``, ``compute_held``)."""
+        k = self.keys
+        with redis_errors("read the quotas"):
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.hgetall(k.quotas).hgetall(k.tenant_slices).hgetall(k.tenant_compute)
+            quotas, held, compute = ({decode(a): decode(b) for a, b in m.items()} for m in pipe.execute())
+        return [
+            {**{"slices": None, "compute": None}, **json.loads(body), "tenant": tenant,
+             "slices_held": int(held.get(tenant) or 0), "compute_held": int(compute.get(tenant) or 0)}
+            for tenant, body in sorted(quotas.items())
+        ]
+
     def status(self) -> dict[str, Any]:
         """A snapshot for people and scripts: slices with their state and lease, the queue, and the
         GPU models node agents built from NVML (``models``; registered in this process, so plans

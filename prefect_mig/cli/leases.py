@@ -381,11 +381,16 @@ def _check_listen(host: str, port: int) -> None:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a listener refuses it
             probe.bind(address)
     except OSError as exc:
-        raise ConfigError(
-            f"--host={host!r}, --port={port}: cannot listen on {host}:{port} ({exc.strerror or exc}); give an address "
-            "of this machine (127.0.0.1, or 0.0.0.0 for every interface) and a port nothing else listens on.",
-            field="host", value=f"{host}:{port}",
-        ) from exc
+        raise cannot_listen(host, port, exc) from exc
+
+
+def cannot_listen(host: str, port: int, exc: OSError) -> ConfigError:
+    """The error of a server (`api serve`, `metrics serve`) that cannot listen on host:port."""
+    return ConfigError(
+        f"--host={host!r}, --port={port}: cannot listen on {host}:{port} ({exc.strerror or exc}); give an address "
+        "of this machine (127.0.0.1, or 0.0.0.0 for every interface) and a port nothing else listens on.",
+        field="host", value=f"{host}:{port}",
+    )
 
 
 token_app = typer.Typer(help="Per-client tokens of the HTTP lease API.", no_args_is_help=True)

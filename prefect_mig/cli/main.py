@@ -11,7 +11,7 @@ import typer
 from prefect_mig import __version__
 from prefect_mig.cli import demo as demo_cmd
 from prefect_mig.cli import doctor as doctor_cmd
-from prefect_mig.cli import inventory, layout_configs, layouts, leases, local, nodes, simulate
+from prefect_mig.cli import inventory, layout_configs, layouts, leases, local, nodes, quotas, simulate
 from prefect_mig.cli.image import image_app
 from prefect_mig.cli.metrics import metrics_app
 from prefect_mig.cli.report import report as report_cmd
@@ -59,6 +59,7 @@ app.add_typer(layout_configs.layout_app, name="layout")
 app.add_typer(image_app, name="image")
 app.add_typer(metrics_app, name="metrics")
 app.add_typer(nodes.node_app, name="node")
+app.add_typer(quotas.quota_app, name="quota")
 
 
 @app.command("version")

@@ -21,17 +21,17 @@ def serve(
     """Serve /metrics for Prometheus until interrupted (no token: bind it to a private interface)."""
     from prometheus_client import start_http_server
 
-    from prefect_mig.cli.leases import _allocator
+    from prefect_mig.cli.leases import _allocator, _check_listen, cannot_listen
     from prefect_mig.metrics import registry_for
 
     with cli_errors():
         if not 0 < port < 65536:
             raise ConfigError(f"--port={port}: must be 1 to 65535.", field="port", value=port)
+        _check_listen(host, port)
         registry = registry_for(_allocator())
         try:
             start_http_server(port, addr=host, registry=registry)
-        except OSError as exc:
-            raise ConfigError(f"--port={port}: cannot listen on {host}:{port} ({exc.strerror}); pick a free port.",
-                              field="port", value=port) from exc
+        except OSError as exc:  # taken between the check and here
+            raise cannot_listen(host, port, exc) from exc
     console.print(f"serving the cluster's metrics on http://{host}:{port}/metrics", highlight=False)
     threading.Event().wait()

@@ -50,7 +50,7 @@ def simulate(
     """
     from prefect_mig.repartition.planner import Knobs, profile_set, value_by_choice
     from prefect_mig.simulation.report import DEFAULT_POLICIES, compare, fleet_model, plot, provenance, summary
-    from prefect_mig.simulation.workload import load_trace, synthetic
+    from prefect_mig.simulation.workload import MAPPINGS, load_trace, synthetic
     from prefect_mig.testing.redis_server import RedisServer
 
     with cli_errors():
@@ -60,8 +60,14 @@ def simulate(
                 raise ConfigError(f"{flag}: {value!r} must be a finite number.", field=flag, value=value)
         if speedup <= 0:
             raise ConfigError(f"--speedup: {speedup!r} must be above 0.")
-        if jobs < 1 or synthetic_jobs < 0:
-            raise ConfigError(f"--jobs and --synthetic: {jobs!r} and {synthetic_jobs!r} must be at least 1 and 0.")
+        if synthetic_jobs < 0:
+            raise ConfigError(f"--synthetic: {synthetic_jobs!r} must be 0 or more (0: replay --trace).",
+                              field="--synthetic", value=synthetic_jobs)
+        if jobs < 1:
+            raise ConfigError(f"--jobs: {jobs!r} must be at least 1.", field="--jobs", value=jobs)
+        if mapping not in MAPPINGS:  # checked for --synthetic too, which has no use for it, rather than ignored
+            raise ConfigError(f"--mapping: {mapping!r} is not a mapping; choose one of {', '.join(MAPPINGS)}.",
+                              field="--mapping", value=mapping)
         if max_duration is not None and max_duration <= 0:
             raise ConfigError(f"--max-duration: {max_duration!r} must be above 0 seconds.")
         if reconfig_cost < 0:
@@ -77,6 +83,14 @@ def simulate(
             source = f"synthetic ({synthetic_jobs} jobs)"
         else:
             path = trace or Path(DEFAULT_TRACE)
+            if trace is None and not path.is_file():
+                raise ConfigError(
+                    f"--trace: not given, and the default trace {DEFAULT_TRACE!r} is not there (it is looked up from "
+                    f"the working directory, {Path.cwd()}); pass --trace with a pod list CSV in the Alibaba 2023 "
+                    "format (openb_pod_list_default.csv of Alibaba's cluster-trace-gpu-v2023), or --synthetic N "
+                    "for made-up jobs.",
+                    field="--trace", value=None,
+                )
             workload = load_trace(
                 path, mapping=mapping, gpu_model=model, start_s=start_day * 86400, jobs=jobs, max_duration_s=max_duration
             )

@@ -250,8 +250,10 @@ def pack(model: GpuModel, counts: Mapping[str, int]) -> Layout:
     from prefect_mig.errors import InvalidLayout
 
     profiles = {name: model.profile(name, field="mig-devices") for name in counts}
+    alone = " and ".join(f"{profiles[name].max_instances} of {name}" for name in counts)
     does_not_fit = InvalidLayout(
-        f"mig-devices: {dict(counts)} do not fit on one {model.name} ({model.memory_slices} memory slices).",
+        f"mig-devices: {dict(counts)} do not fit on one {model.name} ({model.memory_slices} memory slices); "
+        f"alone, at most {alone} fit; `prefect-mig layouts {model.name}` lists the layouts that do.",
         field="mig-devices",
         value=str(dict(counts)),
     )

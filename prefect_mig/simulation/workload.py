@@ -208,6 +208,16 @@ def _pod(row: dict, where: str) -> dict | None:
     def bad(column: str, allowed: str) -> ConfigError:
         return ConfigError(f"trace: {where}: {column}={row[column]!r}: must be {allowed}.", field=column, value=row[column])
 
+    # csv.DictReader pads a short row with None and puts a long row's extra fields under None:
+    # a row cut off (a file copied while written) would otherwise read as a pod never scheduled.
+    if None in row or None in row.values():
+        columns = [k for k in row if k is not None]
+        fields = sum(row[k] is not None for k in columns) + len(row.get(None) or ())
+        raise ConfigError(
+            f"trace: {where}: the row has {fields} fields; the header has {len(columns)}: every row must have one per column.",
+            field="row", value=fields,
+        )
+
     def number(column: str) -> float:
         try:
             value = float(row[column])
@@ -231,10 +241,13 @@ def _pod(row: dict, where: str) -> dict | None:
         gpu_milli = 0
     if not 0 < gpu_milli <= 1000:
         raise bad("gpu_milli", "a whole number from 1 to 1000 (thousandths of a GPU; empty = 1000)")
-    return {
+    pod = {
         "name": row["name"], "qos": row["qos"], "num_gpu": num_gpu, "gpu_milli": gpu_milli,
         **{c: number(c) for c in ("creation_time", "scheduled_time", "deletion_time")},
     }
+    if pod["deletion_time"] < pod["scheduled_time"]:
+        raise bad("deletion_time", f"at or after scheduled_time ({row['scheduled_time']})")
+    return pod
 
 
 def synthetic(

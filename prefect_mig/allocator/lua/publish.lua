@@ -99,6 +99,21 @@ for _, s in ipairs(listed) do
     if offer(s.id, s) then handed = handed + 1 end
   end
 end
+-- A GPU of this node it no longer lists (replaced, or another fleet) goes with its desired layout
+-- and drain mark once none of its slices is left (a leased one stays until its lease ends and the
+-- next publish), so `gpus()`, `up` and `layout apply` do not show it beside the new one.
+-- (every record here was written by cjson.encode above, so a plain find skips other nodes' GPUs
+-- without decoding them: a publish in a 1,000-GPU cluster decodes only its own)
+local flat, mine = redis.call('HGETALL', K.gpus), '"node":' .. cjson.encode(node)
+for i = 1, #flat, 2 do
+  local uuid = flat[i]
+  if not ordinal[uuid] and string.find(flat[i + 1], mine, 1, true) and cjson.decode(flat[i + 1]).node == node
+      and redis.call('HLEN', gpu_slices_key(uuid)) == 0 then
+    redis.call('HDEL', K.gpus, uuid)
+    redis.call('SREM', K.draining, uuid)
+    redis.call('HDEL', K.desired, uuid)
+  end
+end
 -- every kind, not only those this publish removed: a kind an older version left in K.pkeys goes too
 prune_kinds(redis.call('SMEMBERS', K.pkeys))
 if settle_until then event('slices.quarantined', {'node', node, 'until', settle_until}) end
