@@ -559,7 +559,7 @@ def test_a_waiting_request_says_why_it_waits_queue_position_stale_agents_and_unc
     queued = one_h100.try_acquire(SliceRequest(profile="3g.40gb"), wait=True)
     assert wait_reasons(one_h100, queued.request_id) == ["position 1 of 1 in the queue"]
     clock.advance(45)  # the agent of node-a stops heartbeating (TTL 30 s)
-    assert agents(one_h100)["node-a"] == {"age_s": 45.0, "ttl_s": 30.0, "stale": True}
+    assert agents(one_h100)["node-a"] == {"age_s": 45.0, "ttl_s": 30.0, "stale": True, "agent": None}
     assert "node-a's agent last heartbeated 45 s ago" in wait_reasons(one_h100, queued.request_id)
     one_h100.heartbeat("node-a")
     assert agents(one_h100)["node-a"]["stale"] is False
