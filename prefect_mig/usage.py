@@ -47,6 +47,7 @@ Examples:
 from __future__ import annotations
 
 import json
+import math
 from collections import defaultdict
 from collections.abc import Iterator
 from typing import Any, Literal
@@ -225,10 +226,13 @@ def report(
 ) -> dict[str, Any]:
     """Usage per `by` over the last `since_s` seconds (whole hours), after a roll-up; ``totals``
     holds the whole cluster's carved, leased and idle slice-hours (see the module's docstring)."""
-    if by not in _DIMENSIONS:
-        from prefect_mig.errors import ConfigError
+    from prefect_mig.errors import ConfigError
 
+    if by not in _DIMENSIONS:
         raise ConfigError(f"by={by!r}: must be one of {', '.join(_DIMENSIONS)}.", field="by", value=by)
+    if not (math.isfinite(price_per_gpu_hour) and price_per_gpu_hour >= 0):
+        raise ConfigError(f"--price-per-gpu-hour={price_per_gpu_hour}: must be a finite number, 0 or more.",
+                          field="price_per_gpu_hour", value=price_per_gpu_hour)
     start, now, hours = _hours(alloc, since_s)
     sums: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     for _, dims in hours:

@@ -115,6 +115,19 @@ def test_the_report_command_prints_json(redis_server, namespace, tmp_path, alloc
     bad = subprocess.run([sys.executable, "-m", "prefect_mig.cli.main", "report", "--by", "color"],
                          capture_output=True, text=True, env=env, timeout=120)
     assert bad.returncode == 2 and "by='color'" in bad.stderr
+    for price in ("nan", "inf", "-1"):
+        refused = subprocess.run([sys.executable, "-m", "prefect_mig.cli.main", "report", "--price-per-gpu-hour", price],
+                                 capture_output=True, text=True, env=env, timeout=120)
+        assert refused.returncode == 2, (price, refused.stdout, refused.stderr)
+        assert "--price-per-gpu-hour" in refused.stderr and "finite number, 0 or more" in refused.stderr, refused.stderr
+
+
+def test_a_price_that_is_not_a_finite_number_of_0_or_more_is_refused_naming_it(alloc):
+    # an infinite price gave every row a cost of inf, which --json printed as Infinity (not JSON)
+    for price in (float("nan"), float("inf"), -0.5):
+        with pytest.raises(ConfigError, match="finite number, 0 or more") as bad:
+            report(alloc, since_s=3600, price_per_gpu_hour=price)
+        assert bad.value.field == "price_per_gpu_hour"
 
 
 SEVEN_1G = " + ".join(f"1g.10gb@{i}" for i in range(7))

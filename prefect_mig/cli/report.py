@@ -28,7 +28,7 @@ def report(
     since: Annotated[str, typer.Option(help="How far back: 90m, 12h, 7d, 2w.")] = "7d",
     by: Annotated[str, typer.Option(help="Rows per tenant, gpu or profile.")] = "tenant",
     price_per_gpu_hour: Annotated[float, typer.Option(help="Price of one whole GPU for one hour; a slice costs its "
-                                                      "share of the GPU's compute slices.", min=0)] = 0.0,
+                                                      "share of the GPU's compute slices (a finite number, 0 or more).")] = 0.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
     png: Annotated[Path | None, typer.Option(help="Also draw slice-hours per hour, leased by tenant and idle, "
                                              "into this PNG file.")] = None,
