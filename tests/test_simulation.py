@@ -209,6 +209,19 @@ def test_the_simulate_command_writes_json_and_png(tmp_path):
             assert refused.exit_code == 2 and f"{flag}: {float(value)!r}" in refused.output and "finite" in refused.output, refused.output
 
 
+def test_simulate_refuses_an_unknown_policy_before_it_reads_the_trace(tmp_path):
+    # a typo in --policy was refused only once the run started, after a long trace had been read
+    from typer.testing import CliRunner
+
+    from prefect_mig.cli.main import app
+
+    result = CliRunner().invoke(app, ["simulate", "--trace", str(tmp_path / "not-there.csv"), "--policy", "dynamic",
+                                      "--policy", "dynamc", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    assert "policy: 'dynamc' is not a policy" in " ".join(result.output.split())
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("under", ["", "sub"])
 def test_simulate_refuses_an_out_that_cannot_be_a_folder_before_it_simulates(tmp_path, under):
     from typer.testing import CliRunner
@@ -218,7 +231,7 @@ def test_simulate_refuses_an_out_that_cannot_be_a_folder_before_it_simulates(tmp
     a_file = tmp_path / "taken"
     a_file.write_text("mine\n")
     out = a_file / under if under else a_file
-    # --policy nope fails only once the run starts: the --out error coming first shows it is checked up front
+    # --out is checked before --policy: the --out error coming first shows it is checked up front
     result = CliRunner().invoke(app, ["simulate", "--synthetic", "5", "--policy", "nope", "--out", str(out)])
     assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
     message = " ".join(result.output.split())

@@ -49,6 +49,7 @@ def simulate(
     (utilization, and queue depth per slice kind for each policy) into --out.
     """
     from prefect_mig.repartition.planner import Knobs, profile_set, value_by_choice
+    from prefect_mig.simulation.policies import parse_policy
     from prefect_mig.simulation.report import DEFAULT_POLICIES, compare, fleet_model, plot, provenance, summary
     from prefect_mig.simulation.workload import MAPPINGS, load_trace, synthetic
     from prefect_mig.testing.redis_server import RedisServer
@@ -78,6 +79,9 @@ def simulate(
 
         spec = FleetSpec.parse(fleet)
         model = fleet_model(spec)
+        for name in policy or ():  # a typo fails here, not after a long trace was read
+            if name not in ("static:searched", "sharing", "static:fitted"):  # these need the workload or a comparison
+                parse_policy(name, model, knobs=knobs)
         if synthetic_jobs:
             workload = synthetic(jobs=synthetic_jobs, gpu_model=model, seed=seed)
             source = f"synthetic ({synthetic_jobs} jobs)"
