@@ -11,6 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from prefect_mig.allocator import Quota, SliceRequest
 from prefect_mig.metrics import render
+from prefect_mig.node_claim import NodeClaim
 
 DASHBOARD = Path(__file__).resolve().parents[1] / "examples" / "grafana-dashboard.json"
 PANEL_TYPES = {"timeseries", "stat", "gauge", "bargauge", "table", "heatmap", "text", "row"}
@@ -24,7 +25,11 @@ def served_series(alloc) -> set[str]:
     alloc.release(first.lease_id, first.fence)  # counted in the histograms
     alloc.acquire(SliceRequest(profile="2g.12gb", tenant="team-a"), timeout_s=0)
     alloc.try_acquire(SliceRequest(profile="2g.12gb", tenant="team-a"), wait=True)  # quota-blocked: waits
+    claim = NodeClaim(alloc, "node-a", ttl_s=30)
+    claim.take()
+    alloc.heartbeat("node-a", ttl_s=30, agent=claim.held_as())  # an agent serves node-a
     text = render(alloc).decode()
+    claim.release()
     return {s.name for f in text_string_to_metric_families(text) for s in f.samples}
 
 
@@ -68,5 +73,6 @@ def test_every_panel_queries_metrics_the_exporter_serves(alloc):
     # what the issue asks the dashboard to show
     used = set().union(*queried.values())
     for name in ("prefect_mig_compute_slices", "prefect_mig_queue_depth", "prefect_mig_lease_wait_seconds_bucket",
-                 "prefect_mig_lease_grants_total", "prefect_mig_tenant_quota_slices", "prefect_mig_agent_stale"):
+                 "prefect_mig_lease_grants_total", "prefect_mig_tenant_quota_slices", "prefect_mig_agent_stale",
+                 "prefect_mig_agent_info"):
         assert name in used, name
