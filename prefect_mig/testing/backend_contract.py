@@ -220,7 +220,12 @@ class GpuBackendContract(GpuBackendReadContract):
             nvml.nvmlDeviceCreateGpuInstanceWithPlacement(h, whole.id, ctypes.byref(place))
         with type(backend)(nvml) as fresh:  # the backend's own cache aside
             assert not fresh.gpu(empty_gpu).mig_enabled
-            for carve in (lambda: fresh.create(empty_gpu, whole.name, 0), lambda: fresh.instances(empty_gpu)):
+            assert fresh.offered_model(empty_gpu) == model  # what `prefect-mig doctor` reads with MIG off
+            for carve in (
+                lambda: fresh.create(empty_gpu, whole.name, 0),
+                lambda: fresh.instances(empty_gpu),
+                lambda: fresh.gpu_model(empty_gpu),
+            ):
                 with pytest.raises(MigDisabled) as refused:
                     carve()
                 assert f"sudo nvidia-smi -i {empty_gpu} -mig 1" in str(refused.value)
