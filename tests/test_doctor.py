@@ -36,6 +36,34 @@ def test_a_healthy_gpu_passes_and_a_gpu_with_mig_off_fails_with_the_command_that
     assert checks["GPU 0 (NVIDIA H100 80GB HBM3): profiles and placements"].status == "pass"
     off = checks["GPU 1 (NVIDIA A30): MIG mode"]
     assert off.status == "fail" and "sudo nvidia-smi -i 1 -mig 1" in off.fix and "reset" in off.fix
+    assert checks["GPU 1 (NVIDIA A30): profiles and placements"].status == "pass"
+
+
+def test_with_mig_mode_off_the_catalog_is_still_checked_against_nvml_before_mig_is_enabled(make_nvml_stub):
+    """A real H100 80GB HBM3 (driver 580.159.04) answers the profile and placement reads with MIG
+    off, so the operator learns whether the catalog agrees before switching MIG on."""
+    stub = make_nvml_stub(
+        "node-a=3xH100-80GB",
+        mig_modes={0: (0, 0), 1: (0, 0), 2: (0, 0)},
+        device_names={2: "NVIDIA RTX PRO 6000 Blackwell"},
+        pci_device_ids={2: 0x2BB510DE},
+    )
+    hardware = stub.config.read_text().splitlines()  # GPU 1's driver gives 1g.20gb less memory
+    second_gpu = [i for i, line in enumerate(hardware) if line.startswith("gpu ")][1]
+    at = next(i for i in range(second_gpu, len(hardware)) if hardware[i].endswith(" 1g.20gb"))
+    hardware[at] = hardware[at].replace(" 20096 ", " 19968 ")
+    stub.config.write_text("\n".join(hardware) + "\n")
+    with GpuBackend(stub.pynvml) as backend:
+        checks = _by_name(nvml_checks(backend))
+    assert stub.mutations() == 0, "doctor must change nothing"
+    h100 = "GPU 0 (NVIDIA H100 80GB HBM3)"
+    assert checks[f"{h100}: MIG mode"].status == "fail"
+    agrees = checks[f"{h100}: profiles and placements"]
+    assert (agrees.status, agrees.detail) == ("pass", "H100-80GB: NVML agrees with the catalog (read with MIG mode off)")
+    differs = checks["GPU 1 (NVIDIA H100 80GB HBM3): profiles and placements"]
+    assert differs.status == "warn" and "1g.20gb: 19968 MiB (catalog 20096)" in differs.detail
+    unknown = checks["GPU 2 (NVIDIA RTX PRO 6000 Blackwell): profiles and placements"]
+    assert unknown.status == "warn" and "not in the catalog (read with MIG mode off)" in unknown.detail
 
 
 def test_a_pending_mig_mode_change_is_a_warning(make_nvml_stub):
@@ -149,6 +177,7 @@ def test_the_doctor_command_prints_json_from_the_real_pynvml_on_the_stub(make_nv
     assert checks["driver version"]["status"] == "pass"
     assert checks["GPU 0 (NVIDIA H100 80GB HBM3): profiles and placements"]["status"] == "pass"
     assert checks["GPU 1 (NVIDIA A30): MIG mode"]["status"] == "fail"
+    assert checks["GPU 1 (NVIDIA A30): profiles and placements"]["status"] == "pass"  # read with MIG off
     assert {"permissions", "PID namespace", "other NVML clients", "CDI devices"} <= set(checks)
     assert {"Docker GPU support", "Docker engine"} & set(checks)
     assert checks["Redis restart detection"]["status"] == "pass"

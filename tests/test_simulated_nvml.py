@@ -122,14 +122,13 @@ def test_placements_are_reported_through_ctypes_arrays_like_the_driver(nvml):
     assert [(array[i].start, array[i].size) for i in range(count.value)] == [(0, 2), (2, 2), (4, 2)]
 
 
-def test_gpu_instance_calls_with_mig_disabled_are_not_supported(nvml):
+def test_with_mig_disabled_creating_a_gpu_instance_is_not_supported_but_its_profile_is_still_read(nvml):
     h = nvml.nvmlDeviceGetHandleByIndex(0)
     nvml.nvmlDeviceSetMigMode(h, pynvml.NVML_DEVICE_MIG_DISABLE)
     assert nvml.nvmlDeviceGetMigMode(h) == [0, 0]
     with pytest.raises(pynvml.NVMLError_NotSupported):
         _create(nvml, 0, 19, 0, 1)
-    with pytest.raises(pynvml.NVMLError_NotSupported):
-        nvml.nvmlDeviceGetGpuInstanceProfileInfoV(h, pynvml.NVML_GPU_INSTANCE_PROFILE_1_SLICE)
+    assert nvml.nvmlDeviceGetGpuInstanceProfileInfoV(h, pynvml.NVML_GPU_INSTANCE_PROFILE_1_SLICE).id == 19
 
 
 def test_mig_mode_cannot_be_disabled_while_instances_exist(nvml):

@@ -2,8 +2,9 @@
 
 It changes nothing: no MIG mode switch, no instance created or destroyed, no container started.
 It reads NVML (driver version, MIG mode current/pending, the catalog vs what NVML reports for each
-GPU), ``/proc`` (permissions, the PID namespace, DCGM and other NVML clients), the CDI spec
-directories and ``docker info`` (runtimes, the NVIDIA hook), and the configured Redis's ``INFO``
+GPU, with MIG mode off too: so the catalog is checked before MIG is enabled), ``/proc``
+(permissions, the PID namespace, DCGM and other NVML clients), the CDI spec directories and
+``docker info`` (runtimes, the NVIDIA hook), and the configured Redis's ``INFO``
 (``PREFECT_MIG_REDIS_URL``, or the local cluster's if it runs). Exit status 1 when a check fails.
 
 Examples:
@@ -29,7 +30,7 @@ import typer
 from pydantic import BaseModel
 
 from prefect_mig.cli.output import console, print_json
-from prefect_mig.errors import PrefectMigError
+from prefect_mig.errors import MigDisabled, NoPermission, PrefectMigError
 from prefect_mig.gpu import GpuBackend
 from prefect_mig.gpu.host import CDI_DIRS, cdi_devices, mig_capabilities, nvml_clients, pid_namespace
 from prefect_mig.model import GpuModel, catalog
@@ -64,6 +65,8 @@ def nvml_checks(backend: GpuBackend) -> list[Check]:
                     + f"; then A100/A30 need a GPU reset (sudo nvidia-smi -i {gpu.index} -r) or a reboot",
                 )
             )
+            offered = _model_check(backend, gpu.index, name, gpu.gpu_model, mig_on=False)
+            checks += [offered] if offered else []
             continue
         checks.append(
             Check(
@@ -92,19 +95,33 @@ def _driver_check(version: str) -> Check:
     return Check(name="driver version", status=status, detail=version, fix=fix)
 
 
-def _model_check(backend: GpuBackend, index: int, name: str, catalog_name: str | None) -> Check:
+def _model_check(
+    backend: GpuBackend, index: int, name: str, catalog_name: str | None, *, mig_on: bool = True
+) -> Check | None:
+    """The catalog vs the profiles and placements NVML reports (None: the GPU has no MIG at all).
+
+    The driver answers these reads with MIG mode off too, so the catalog is checked before MIG is
+    enabled; GPU instances without compute instance are looked for only with MIG on."""
     check = f"{name}: profiles and placements"
+    off = "" if mig_on else " (read with MIG mode off)"
     try:
-        nvml = backend.gpu_model(index)
-        half_made = [str(m) for m in backend.instances(index) if m.mig_uuid is None]
+        nvml = backend.gpu_model(index) if mig_on else backend.offered_model(index)
+        half_made = [str(m) for m in backend.instances(index) if m.mig_uuid is None] if mig_on else []
     except PrefectMigError as exc:
-        return Check(name=check, status="fail", detail=str(exc), fix="run as root (or grant the MIG capabilities)")
+        if isinstance(exc, MigDisabled) and not mig_on:
+            return None  # no MIG at all: the MIG mode check says so
+        if mig_on or isinstance(exc, NoPermission):
+            return Check(name=check, status="fail", detail=str(exc), fix="run as root (or grant the MIG capabilities)")
+        return Check(
+            name=check, status="warn", detail=f"with MIG mode off: {exc}",
+            fix="run `prefect-mig doctor` again once MIG mode is on (some drivers answer only then)",
+        )
     known = catalog().get(catalog_name) if catalog_name else None
     if known is None:
         return Check(
             name=check,
             status="warn",
-            detail=f"not in the catalog: using the model NVML reports, named {nvml.name} "
+            detail=f"not in the catalog{off}: using the model NVML reports, named {nvml.name} "
             f"({len(nvml.profiles)} profiles)",
             fix="nothing to do; please report the GPU (`prefect-mig gpus --json`) so the catalog can list it",
         )
@@ -112,11 +129,11 @@ def _model_check(backend: GpuBackend, index: int, name: str, catalog_name: str |
     if half_made:
         differences.append(f"GPU instance(s) without compute instance: {', '.join(half_made)}")
     if not differences:
-        return Check(name=check, status="pass", detail=f"{known.name}: NVML agrees with the catalog")
+        return Check(name=check, status="pass", detail=f"{known.name}: NVML agrees with the catalog{off}")
     return Check(
         name=check,
         status="warn",
-        detail=f"{known.name}: " + "; ".join(differences),
+        detail=f"{known.name}{off}: " + "; ".join(differences),
         fix="the backend follows NVML; a GPU instance without compute instance is repaired by the next layout",
     )
 

@@ -224,7 +224,8 @@ class GpuBackend:
         """Every GPU on this host, MIG-capable or not."""
         return [self.gpu(i) for i in range(self.gpu_count())]
 
-    def _require_mig(self, index: int, h) -> str:
+    def _require_mig(self, index: int, h, *, mode_on: bool = True) -> str:
+        """The GPU's UUID; MigDisabled if it has no MIG, or (with `mode_on`) MIG mode is off."""
         uuid = _text(self.nvml.nvmlDeviceGetUUID(h))
         try:
             current, _ = self.nvml.nvmlDeviceGetMigMode(h)
@@ -232,7 +233,7 @@ class GpuBackend:
             raise MigDisabled(
                 f"GPU {index} ({uuid}) does not support MIG.", gpu_uuid=uuid, nvml_code=exc.value
             ) from exc
-        if current != self.nvml.NVML_DEVICE_MIG_ENABLE:
+        if mode_on and current != self.nvml.NVML_DEVICE_MIG_ENABLE:
             raise MigDisabled(
                 f"MIG mode is off on GPU {index} ({uuid}); prefect-mig never switches it itself. "
                 f"Enable it with `sudo nvidia-smi -i {index} -mig 1` (A100/A30 also need a GPU reset).",
@@ -247,6 +248,28 @@ class GpuBackend:
             return self._models[index]
         h = self._handle(index)
         self._require_mig(index, h)
+        model = self._read_model(index, h)
+        if model.built_from_nvml:  # so layouts and requests in this process can name it
+            register_model(model)
+        self._models[index] = model
+        return model
+
+    @_nvml_errors("read the MIG profiles and placements of GPU {0}")
+    def offered_model(self, index: int) -> GpuModel:
+        """The MIG geometry NVML offers for the GPU, read whatever its MIG mode.
+
+        The driver answers these reads with MIG mode off too (seen on an H100 80GB HBM3, driver
+        580.159.04), so ``prefect-mig doctor`` compares them with the catalog before MIG is enabled.
+        Nothing is cached or registered; carving and listing instances still need MIG on.
+
+        Raises:
+            MigDisabled: the GPU does not support MIG.
+        """
+        h = self._handle(index)
+        self._require_mig(index, h, mode_on=False)
+        return self._read_model(index, h)
+
+    def _read_model(self, index: int, h) -> GpuModel:
         info = self.gpu(index)
         known = catalog().get(info.gpu_model) if info.gpu_model else None
         profiles: list[GpuProfile] = []
@@ -280,21 +303,19 @@ class GpuBackend:
                     placement_size=size,
                 )
             )
-        memory_slices = max((max(p.placement_starts) + p.placement_size for p in profiles), default=0)
-        model = GpuModel(
+        if not profiles:
+            raise BackendError(f"NVML lists no MIG profile on GPU {index} ({info.device_name}).", gpu_uuid=info.uuid)
+        memory_slices = max(max(p.placement_starts) + p.placement_size for p in profiles)
+        return GpuModel(
             name=known.name if known else _model_name(info.device_name),
             device_name=info.device_name,
             total_memory_mib=info.memory_total_mib,
             memory_slices=memory_slices,
-            compute_slices=max((p.compute_slices for p in profiles), default=0),
+            compute_slices=max(p.compute_slices for p in profiles),
             confidence="read from NVML" if known else "read from NVML (not in the catalog)",
             built_from_nvml=not known,
             profiles=tuple(profiles),
         )
-        if not known:  # so layouts and requests in this process can name it
-            register_model(model)
-        self._models[index] = model
-        return model
 
     def _placements(self, h, profile_id: int) -> tuple[list[int], int]:
         count = ctypes.c_uint(0)

@@ -15,11 +15,18 @@ It refuses what the driver refuses:
 |---|---|
 | create a GPU instance that overlaps one, exceeds the profile's count, or a second ``+me`` | ``NVMLError_InsufficientResources`` |
 | create at a start that is not one of the profile's placements | ``NVMLError_InvalidArgument`` |
-| any GPU-instance call while MIG mode is off | ``NVMLError_NotSupported`` |
+| create a GPU instance while MIG mode is off (nvml.h) | ``NVMLError_NotSupported`` |
+| a profile id the GPU lacks (placements, remaining capacity, instance listing) | ``NVMLError_InvalidArgument`` |
+| profile info of an enum the GPU lacks / from enum 17 on | ``NVMLError_NotSupported`` / ``NVMLError_InvalidArgument`` |
 | destroy a compute instance with processes, a GPU instance with compute instances or processes | ``NVMLError_InUse`` |
 | disable MIG mode while GPU instances exist | ``NVMLError_InUse`` |
 | a handle whose instance was destroyed (stale) | ``NVMLError_InvalidArgument`` |
 | a placement structure passed by value instead of ``ctypes.byref`` (the C ABI takes a pointer) | ``TypeError`` |
+
+With MIG mode off the reads answer as seen on a real H100 80GB HBM3, driver 580.159.04, 2026-11-27:
+profile info, placements and remaining capacity as with MIG on, ``nvmlDeviceGetGpuInstances`` a
+count of 0, ``nvmlDeviceGetGpuInstanceById`` and ``nvmlDeviceGetMigDeviceHandleByIndex``
+``NVMLError_NotFound``, ``nvmlDeviceGetMaxMigDeviceCount`` 0.
 
 Not modelled, because prefect-mig never calls them: compute-instance placements
 (``nvmlGpuInstanceGetComputeInstancePossiblePlacements``,
@@ -81,6 +88,9 @@ _HANDLE_TAG = 0x51
 _KIND_GPU, _KIND_GI, _KIND_CI, _KIND_MIG = 1, 2, 3, 4
 #: NVML_COMPUTE_INSTANCE_PROFILE_* for a compute instance spanning a whole GI of N compute slices.
 _CI_PROFILE_FOR_SLICES = {1: 0x0, 2: 0x1, 3: 0x2, 4: 0x3, 7: 0x4, 8: 0x5, 6: 0x6}
+#: GPU-instance profile enums the driver knows: 580.159.04 answers InvalidArgument from 17 on, though
+#: nvidia-ml-py's NVML_GPU_INSTANCE_PROFILE_COUNT may be larger.
+_DRIVER_PROFILE_COUNT = 17
 
 
 def _raise(code: int) -> None:
@@ -251,7 +261,7 @@ class SimulatedNvml:
         return gpu, record, gi, ci_rec
 
     def _model_profile_by_enum(self, gpu: int, profile: int):
-        if not 0 <= profile < pynvml.NVML_GPU_INSTANCE_PROFILE_COUNT:
+        if not 0 <= profile < _DRIVER_PROFILE_COUNT:
             _raise(pynvml.NVML_ERROR_INVALID_ARGUMENT)
         for p in self._models[gpu].profiles:
             if p.nvml_profile == profile:
@@ -359,8 +369,7 @@ class SimulatedNvml:
 
     def nvmlDeviceGetGpuInstanceProfileInfo(self, device, profile, version=2):
         with self._state() as state:
-            gpu, record, _, _ = self._device(state, device)
-            self._require_mig(record)
+            gpu, _, _, _ = self._device(state, device)
             p = self._model_profile_by_enum(gpu, profile)
             info = pynvml.c_nvmlGpuInstanceProfileInfo_v2_t() if version == 2 else pynvml.c_nvmlGpuInstanceProfileInfo_t()
             info.id = p.id
@@ -379,8 +388,7 @@ class SimulatedNvml:
 
     def nvmlDeviceGetGpuInstancePossiblePlacements(self, device, profileId, placementsRef, countRef):
         with self._state() as state:
-            gpu, record, _, _ = self._device(state, device)
-            self._require_mig(record)
+            gpu, _, _, _ = self._device(state, device)
             p = self._model_profile_by_id(gpu, profileId)
             count = ctypes.cast(countRef, ctypes.POINTER(ctypes.c_uint)).contents
             if placementsRef is None:
@@ -398,7 +406,6 @@ class SimulatedNvml:
     def nvmlDeviceGetGpuInstanceRemainingCapacity(self, device, profileId):
         with self._state() as state:
             gpu, record, _, _ = self._device(state, device)
-            self._require_mig(record)
             p = self._model_profile_by_id(gpu, profileId)
             return self._capacity(gpu, record, p)
 
@@ -473,7 +480,6 @@ class SimulatedNvml:
     def nvmlDeviceGetGpuInstances(self, device, profileId, gpuInstancesRef, countRef):
         with self._state() as state:
             gpu, record, _, _ = self._device(state, device)
-            self._require_mig(record)
             self._model_profile_by_id(gpu, profileId)
             found = sorted((gi for gi in record["gis"].values() if gi["profile_id"] == profileId), key=lambda g: g["id"])
             count = ctypes.cast(countRef, ctypes.POINTER(ctypes.c_uint)).contents
@@ -485,7 +491,6 @@ class SimulatedNvml:
     def nvmlDeviceGetGpuInstanceById(self, device, gpuInstanceId):
         with self._state() as state:
             gpu, record, _, _ = self._device(state, device)
-            self._require_mig(record)
             gi = record["gis"].get(str(gpuInstanceId))
             if gi is None:
                 _raise(pynvml.NVML_ERROR_NOT_FOUND)
@@ -602,13 +607,12 @@ class SimulatedNvml:
 
     def nvmlDeviceGetMaxMigDeviceCount(self, device):
         with self._state() as state:
-            gpu, _, _, _ = self._device(state, device)
-            return self._models[gpu].compute_slices
+            gpu, record, _, _ = self._device(state, device)
+            return self._models[gpu].compute_slices if record["mig_mode"] == pynvml.NVML_DEVICE_MIG_ENABLE else 0
 
     def nvmlDeviceGetMigDeviceHandleByIndex(self, device, index):
         with self._state() as state:
             gpu, record, _, _ = self._device(state, device)
-            self._require_mig(record)
             devices = self._mig_devices(record)
             if not 0 <= index < self._models[gpu].compute_slices:
                 _raise(pynvml.NVML_ERROR_INVALID_ARGUMENT)

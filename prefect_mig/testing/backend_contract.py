@@ -15,9 +15,11 @@ A subclass provides the `nvml` fixture (a pynvml-compatible library) and, for th
 
 from __future__ import annotations
 
+import ctypes
+
 import pytest
 
-from prefect_mig.errors import InstanceBusy, InstanceNotFound, PlacementConflict, UnknownProfile
+from prefect_mig.errors import InstanceBusy, InstanceNotFound, MigDisabled, PlacementConflict, UnknownProfile
 from prefect_mig.gpu import GpuBackend
 from prefect_mig.model import Layout, creatable, validate_layout
 
@@ -176,6 +178,72 @@ class GpuBackendContract(GpuBackendReadContract):
             assert backend.instances(empty_gpu) == before
         finally:
             self.detach_process(nvml, victim.mig_uuid, 777)
+
+    def test_with_mig_off_nvml_still_answers_geometry_reads_and_refuses_to_create(self, backend, nvml, empty_gpu):
+        """As a real H100 80GB HBM3 on driver 580.159.04 answered with MIG mode off (2026-11-27)."""
+        model = backend.gpu_model(empty_gpu)  # as NVML reports it with MIG on
+        h = nvml.nvmlDeviceGetHandleByIndex(empty_gpu)
+        nvml.nvmlDeviceSetMigMode(h, nvml.NVML_DEVICE_MIG_DISABLE)
+        assert list(nvml.nvmlDeviceGetMigMode(h)) == [0, 0]
+        by_enum = {p.nvml_profile: p for p in model.profiles}
+        for enum in range(19):
+            if enum in by_enum:
+                p, info = by_enum[enum], nvml.nvmlDeviceGetGpuInstanceProfileInfoV(h, enum)
+                assert (info.id, info.sliceCount, info.memorySizeMB, info.multiprocessorCount or None) == (
+                    p.id, p.compute_slices, p.memory_mib, p.sm_count
+                ), p.name
+                assert _placements(nvml, h, p.id) == (list(p.placement_starts), p.placement_size), p.name
+                assert nvml.nvmlDeviceGetGpuInstanceRemainingCapacity(h, p.id) == p.max_instances, p.name
+                assert _gpu_instance_count(nvml, h, p.id) == 0, p.name
+            else:
+                refusal = nvml.NVMLError_NotSupported if enum < 17 else nvml.NVMLError_InvalidArgument
+                with pytest.raises(refusal):
+                    nvml.nvmlDeviceGetGpuInstanceProfileInfoV(h, enum)
+        unknown = next(i for i in range(64) if i not in {p.id for p in model.profiles})
+        for profile_id in (unknown, 99):
+            with pytest.raises(nvml.NVMLError_InvalidArgument):
+                _placements(nvml, h, profile_id)
+            with pytest.raises(nvml.NVMLError_InvalidArgument):
+                nvml.nvmlDeviceGetGpuInstanceRemainingCapacity(h, profile_id)
+            with pytest.raises(nvml.NVMLError_InvalidArgument):
+                _gpu_instance_count(nvml, h, profile_id)
+        with pytest.raises(nvml.NVMLError_NotFound):
+            nvml.nvmlDeviceGetGpuInstanceById(h, 1)
+        with pytest.raises(nvml.NVMLError_NotFound):
+            nvml.nvmlDeviceGetMigDeviceHandleByIndex(h, 0)
+        assert nvml.nvmlDeviceGetMaxMigDeviceCount(h) == 0
+        assert list(nvml.nvmlDeviceGetComputeRunningProcesses(h)) == []
+        whole = max(model.profiles, key=lambda p: p.memory_slices)
+        place = nvml.c_nvmlGpuInstancePlacement_t()
+        place.start, place.size = 0, whole.placement_size
+        with pytest.raises(nvml.NVMLError_NotSupported):
+            nvml.nvmlDeviceCreateGpuInstanceWithPlacement(h, whole.id, ctypes.byref(place))
+        with type(backend)(nvml) as fresh:  # the backend's own cache aside
+            assert not fresh.gpu(empty_gpu).mig_enabled
+            assert fresh.offered_model(empty_gpu) == model  # what `prefect-mig doctor` reads with MIG off
+            for carve in (
+                lambda: fresh.create(empty_gpu, whole.name, 0),
+                lambda: fresh.instances(empty_gpu),
+                lambda: fresh.gpu_model(empty_gpu),
+            ):
+                with pytest.raises(MigDisabled) as refused:
+                    carve()
+                assert f"sudo nvidia-smi -i {empty_gpu} -mig 1" in str(refused.value)
+
+
+def _placements(nvml, h, profile_id: int) -> tuple[list[int], int]:
+    count = ctypes.c_uint(0)
+    nvml.nvmlDeviceGetGpuInstancePossiblePlacements(h, profile_id, None, ctypes.byref(count))
+    array = (nvml.c_nvmlGpuInstancePlacement_t * max(count.value, 1))()
+    nvml.nvmlDeviceGetGpuInstancePossiblePlacements(h, profile_id, array, ctypes.byref(count))
+    return [array[i].start for i in range(count.value)], (array[0].size if count.value else 0)
+
+
+def _gpu_instance_count(nvml, h, profile_id: int) -> int:
+    count = ctypes.c_uint(0)
+    array = (nvml.c_nvmlGpuInstance_t * 8)()
+    nvml.nvmlDeviceGetGpuInstances(h, profile_id, array, ctypes.byref(count))
+    return count.value
 
 
 def _maximal(model):

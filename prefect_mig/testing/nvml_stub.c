@@ -9,6 +9,11 @@
  * processes on a MIG device, a non-process holder of a GPU instance (DCGM), a non-root caller,
  * PIDs hidden by a PID namespace, and "fail the next call of F with code C".
  *
+ * With MIG mode off the reads answer as seen on a real H100 80GB HBM3, driver 580.159.04, 2026-11-27:
+ * profile info, placements and remaining capacity as with MIG on, nvmlDeviceGetGpuInstances a count
+ * of 0, nvmlDeviceGetGpuInstanceById and nvmlDeviceGetMigDeviceHandleByIndex NOT_FOUND,
+ * nvmlDeviceGetMaxMigDeviceCount 0. Creating a GPU instance is NOT_SUPPORTED then (nvml.h).
+ *
  * Built with -DSTUB_OLD_DRIVER it lacks nvmlDeviceGetComputeRunningProcesses_v3, like a driver
  * older than the installed pynvml (pynvml then raises NVMLLibraryMismatchError).
  */
@@ -390,6 +395,29 @@ nvmlReturn_t nvmlDeviceIsMigDeviceHandle(nvmlDevice_t device, unsigned int *isMi
 
 /* ------------------------------------------------------------------ GPU-instance profiles */
 
+#define CHECK(expr)                             \
+    do {                                        \
+        nvmlReturn_t rc_ = (expr);              \
+        if (rc_ != NVML_SUCCESS) return rc_;    \
+    } while (0)
+
+/* A GPU that has MIG: reads of its geometry and instances answer whatever its MIG mode. */
+static nvmlReturn_t mig_capable_gpu(nvmlDevice_t device, struct gpu **out) {
+    struct gpu *g = as_gpu(device);
+    if (!g) return NVML_ERROR_INVALID_ARGUMENT;
+    if (!g->nprof) return NVML_ERROR_NOT_SUPPORTED;
+    *out = g;
+    return NVML_SUCCESS;
+}
+/* A profile id of a GPU that has MIG, and the caller's output pointer `out`: INVALID_ARGUMENT for an
+ * id the GPU lacks or a NULL `out`, whatever the MIG mode. */
+static nvmlReturn_t gpu_profile(nvmlDevice_t device, unsigned int id, const void *out, struct gpu **g,
+                                struct profile **p) {
+    CHECK(mig_capable_gpu(device, g));
+    *p = profile_by_id(*g, id);
+    return *p && out ? NVML_SUCCESS : NVML_ERROR_INVALID_ARGUMENT;
+}
+/* A GPU with MIG mode on: creating an instance needs it. */
 static nvmlReturn_t mig_gpu(nvmlDevice_t device, struct gpu **out) {
     struct gpu *g = as_gpu(device);
     if (!g) return NVML_ERROR_INVALID_ARGUMENT;
@@ -397,18 +425,16 @@ static nvmlReturn_t mig_gpu(nvmlDevice_t device, struct gpu **out) {
     *out = g;
     return NVML_SUCCESS;
 }
-#define CHECK(expr)                             \
-    do {                                        \
-        nvmlReturn_t rc_ = (expr);              \
-        if (rc_ != NVML_SUCCESS) return rc_;    \
-    } while (0)
+
+/* GPU-instance profile enums the driver knows: 580.159.04 answers INVALID_ARGUMENT from 17 on. */
+#define PROFILE_ENUMS 17u
 
 nvmlReturn_t nvmlDeviceGetGpuInstanceProfileInfoV(nvmlDevice_t device, unsigned int profile,
                                                   nvmlGpuInstanceProfileInfo_v2_t *info) {
     ENTER(0);
     struct gpu *g;
-    CHECK(mig_gpu(device, &g));
-    if (!info || info->version != 0x02000098u || profile >= 15) return NVML_ERROR_INVALID_ARGUMENT;
+    CHECK(mig_capable_gpu(device, &g));
+    if (!info || info->version != 0x02000098u || profile >= PROFILE_ENUMS) return NVML_ERROR_INVALID_ARGUMENT;
     for (int i = 0; i < g->nprof; i++) {
         struct profile *p = &g->prof[i];
         if (p->enumv != profile) continue;
@@ -430,9 +456,8 @@ nvmlReturn_t nvmlDeviceGetGpuInstancePossiblePlacements_v2(nvmlDevice_t device, 
                                                            unsigned int *count) {
     ENTER(1);
     struct gpu *g;
-    CHECK(mig_gpu(device, &g));
-    struct profile *p = profile_by_id(g, profileId);
-    if (!p || !count) return NVML_ERROR_INVALID_ARGUMENT;
+    struct profile *p;
+    CHECK(gpu_profile(device, profileId, count, &g, &p));
     if (!placements) {
         *count = p->nstarts;
         return NVML_SUCCESS;
@@ -458,6 +483,37 @@ static unsigned long long occupied(int gpu) {
     return mask;
 }
 
+/* On GPU `gpu`: how many instances of `p` exist, and whether any instance holds the media engines. */
+static void taken(int gpu, const struct profile *p, unsigned *same, unsigned *media) {
+    *same = *media = 0;
+    for (int i = 0; i < ngis; i++)
+        if (gis[i].alive && gis[i].gpu == gpu) {
+            *same += gis[i].p->id == p->id;
+            *media |= gis[i].p->media;
+        }
+}
+
+/* How many more instances of the profile fit, placing greedily from the lowest free start. */
+nvmlReturn_t nvmlDeviceGetGpuInstanceRemainingCapacity(nvmlDevice_t device, unsigned int profileId,
+                                                       unsigned int *count) {
+    ENTER(1);
+    struct gpu *g;
+    struct profile *p;
+    CHECK(gpu_profile(device, profileId, count, &g, &p));
+    int gpu = gpu_index(g);
+    unsigned long long mask = occupied(gpu);
+    unsigned same, media, n = 0;
+    taken(gpu, p, &same, &media);
+    for (unsigned i = 0; i < p->nstarts; i++) {
+        unsigned long long bits = ((1ull << p->size) - 1) << p->starts[i];
+        if ((mask & bits) || same + n >= p->count || (p->media && (media || n))) continue;
+        mask |= bits;
+        n++;
+    }
+    *count = n;
+    return NVML_SUCCESS;
+}
+
 nvmlReturn_t nvmlDeviceCreateGpuInstanceWithPlacement(nvmlDevice_t device, unsigned int profileId,
                                                       const nvmlGpuInstancePlacement_t *placement,
                                                       nvmlGpuInstance_t *gpuInstance) {
@@ -476,12 +532,8 @@ nvmlReturn_t nvmlDeviceCreateGpuInstanceWithPlacement(nvmlDevice_t device, unsig
     if (!ok || placement->size != p->size) return NVML_ERROR_INVALID_ARGUMENT;
     int gpu = gpu_index(g);
     if (occupied(gpu) & (((1ull << p->size) - 1) << placement->start)) return NVML_ERROR_INSUFFICIENT_RESOURCES;
-    unsigned same = 0, media = 0;
-    for (int i = 0; i < ngis; i++)
-        if (gis[i].alive && gis[i].gpu == gpu) {
-            same += gis[i].p->id == p->id;
-            media |= gis[i].p->media;
-        }
+    unsigned same, media;
+    taken(gpu, p, &same, &media);
     if (same >= p->count) return NVML_ERROR_INSUFFICIENT_RESOURCES;
     if (media && p->media) return NVML_ERROR_INSUFFICIENT_RESOURCES;
     if (ngis == MAX_GIS) return NVML_ERROR_INSUFFICIENT_RESOURCES;
@@ -516,7 +568,7 @@ nvmlReturn_t nvmlDeviceGetGpuInstances(nvmlDevice_t device, unsigned int profile
                                        unsigned int *count) {
     ENTER(1);
     struct gpu *g;
-    CHECK(mig_gpu(device, &g));
+    CHECK(mig_capable_gpu(device, &g));
     struct profile *p = profile_by_id(g, profileId);
     if (!p || !count || !gpuInstances) return NVML_ERROR_INVALID_ARGUMENT;
     unsigned n = 0;
@@ -528,7 +580,7 @@ nvmlReturn_t nvmlDeviceGetGpuInstances(nvmlDevice_t device, unsigned int profile
 nvmlReturn_t nvmlDeviceGetGpuInstanceById(nvmlDevice_t device, unsigned int id, nvmlGpuInstance_t *gpuInstance) {
     ENTER(1);
     struct gpu *g;
-    CHECK(mig_gpu(device, &g));
+    CHECK(mig_capable_gpu(device, &g));
     if (!gpuInstance) return NVML_ERROR_INVALID_ARGUMENT;
     for (int i = 0; i < ngis; i++)
         if (gis[i].alive && gis[i].gpu == gpu_index(g) && gis[i].id == id) {
@@ -663,13 +715,13 @@ nvmlReturn_t nvmlDeviceGetMaxMigDeviceCount(nvmlDevice_t device, unsigned int *c
     ENTER(0);
     struct gpu *g = as_gpu(device);
     if (!g || !count) return NVML_ERROR_INVALID_ARGUMENT;
-    *count = g->max_mig;
+    *count = g->mig == 1 ? g->max_mig : 0;
     return NVML_SUCCESS;
 }
 nvmlReturn_t nvmlDeviceGetMigDeviceHandleByIndex(nvmlDevice_t device, unsigned int index, nvmlDevice_t *migDevice) {
     ENTER(0);
     struct gpu *g;
-    CHECK(mig_gpu(device, &g));
+    CHECK(mig_capable_gpu(device, &g));
     if (index >= g->max_mig || !migDevice) return NVML_ERROR_INVALID_ARGUMENT;
     unsigned n = 0;
     for (unsigned id = 1; id < 32; id++) /* by GPU-instance id, then compute-instance id */
