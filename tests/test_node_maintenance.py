@@ -280,3 +280,18 @@ def test_a_live_lease_blocks_node_forget_even_with_host_is_gone_naming_it_and_ho
     assert "prefect-mig lease revoke" in _words(refused.stderr)
     assert cluster.status()["slices"] == before  # nothing removed
     assert not redis_client.exists(cluster.keys.forgotten("gpu-3"))
+
+
+def test_a_node_forgotten_as_gone_that_has_no_fencing_agent_is_granted_at_once_when_published_again(
+    redis_client, namespace
+):
+    """Without an agent that fences task containers (a simulated fleet) nobody would ever settle a
+    held slice: such a node comes back as after an expiry there, offered at once."""
+    cluster = Allocator(redis_client, namespace)
+    cluster.publish_fleet(TWO_NODES, layouts=HALVES, heartbeat_ttl_s=600)
+    assert cluster.forget_node("node-b", host_is_gone=True) == (2, 1)
+    assert redis_client.exists(cluster.keys.forgotten("node-b"))
+    cluster.publish_fleet("node-b=1xA30-24GB", layouts=HALVES, heartbeat_ttl_s=600)
+    assert not redis_client.exists(cluster.keys.forgotten("node-b"))
+    assert {s["state"] for s in cluster.status()["slices"] if s["node"] == "node-b"} == {"free"}
+    assert cluster.try_acquire(two_g(node="node-b")).slice.node == "node-b"
