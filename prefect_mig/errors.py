@@ -35,7 +35,7 @@ PrefectMigError
     └── NoPermission            creating/destroying instances needs root or the MIG capability
 NodeTaken                       another node agent, alive, already serves this node or its GPUs
 NodeClaimLapsed                 this node agent could not renew its claim on the node for a whole TTL
-NodeInUse                       a node to forget is still claimed by an agent or holds a lease
+NodeInUse                       a node to forget is claimed by an agent, holds a lease or awaits a fence
 GpuHeld                         another process of this host (an agent, the demo) serves the GPU
 GpuLockUntrusted                a GPU lock file or its directory is one another user could tamper with
 ```
@@ -491,15 +491,29 @@ class NodeInUse(PrefectMigError):
     Attributes:
         node: the node's name.
         holds: what holds it, in words: an agent's claim, leases, slices awaiting fencing.
+        leased: what holds it are live leases (`--host-is-gone` does not help).
+        fencing: what holds it are slices awaiting the fencing of an expired holder's task
+            container, which ``node forget --host-is-gone`` drops.
     """
 
-    def __init__(self, *, node: str, holds: list[str]) -> None:
-        super().__init__(
-            f"node {node} cannot be forgotten: {'; '.join(holds)}. Stop its agent (its claim is given back, or lapses "
-            f"after its heartbeat TTL) and let its leases end (`prefect-mig node drain {node} --wait`), then try again."
-        )
+    def __init__(self, *, node: str, holds: list[str], leased: bool = False, fencing: bool = False) -> None:
+        if leased:
+            todo = (f"A live lease blocks it even with --host-is-gone, since its holder may still use the slice: wait "
+                    f"until it expires (a holder whose host is gone stops renewing), or take it back with `prefect-mig "
+                    f"lease revoke LEASE_ID` (`prefect-mig node drain {node} --wait` waits for them), then try again.")
+        elif fencing:
+            todo = (f"Nobody fences them while no agent serves the node: start its agent (its first round fences and "
+                    f"settles them), or, if its host is gone for good, `prefect-mig node forget {node} --host-is-gone` "
+                    f"drops them; should the node ever publish again, each of its slices then stays quarantined until "
+                    f"its agent has removed any old task container, so none is granted while one may still run.")
+        else:
+            todo = (f"Stop its agent (its claim is given back, or lapses after its heartbeat TTL) and let its leases "
+                    f"end (`prefect-mig node drain {node} --wait`), then try again.")
+        super().__init__(f"node {node} cannot be forgotten: {'; '.join(holds)}. {todo}")
         self.node = node
         self.holds = holds
+        self.leased = leased
+        self.fencing = fencing
 
 
 class NodeClaimLapsed(PrefectMigError):

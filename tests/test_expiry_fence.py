@@ -136,6 +136,55 @@ def test_a_slice_awaiting_its_fence_on_a_lost_node_waits_for_the_agent_to_come_b
     assert check_events(alloc.events()).violations == []
 
 
+def test_a_node_forgotten_as_gone_that_comes_back_grants_no_slice_until_its_agent_removed_the_old_container(
+    alloc, clock, a30, docker_client, python_image, containers
+):
+    """`node forget --host-is-gone` drops slices awaiting a fence: if the host was not gone after all
+    (a partition, a long freeze) and a dead holder's task container still runs, its agent's first
+    publish brings every slice back quarantined, and only its fencing pass lets them go."""
+    from prefect_mig.errors import NodeInUse
+
+    agent = NodeAgent(a30, alloc, node="node-a", docker_client=docker_client, fence_settle_s=600)
+    agent.publish()
+    dead = alloc.try_acquire(SliceRequest(profile="2g.12gb", ttl_s=10))
+    container = start_task_container(docker_client, python_image, alloc, lease_id=dead.lease_id, fence=dead.fence,
+                                     mig_uuid=dead.slice.mig_uuid)
+    containers.append(container)
+    clock.advance(31)  # the agent's heartbeat and the holder's lease lapsed
+    alloc.reap()
+    with pytest.raises(NodeInUse) as refused:
+        alloc.forget_node("node-a")
+    assert "awaits the fencing" in str(refused.value) and "--host-is-gone" in str(refused.value)
+    assert alloc.forget_node("node-a", host_is_gone=True) == (2, 1)
+    assert alloc.status()["slices"] == [] and alloc.gpus() == []
+
+    agent.publish()  # the host was not gone: its agent publishes the node again
+    states = {s["mig_uuid"]: s["state"] for s in alloc.status()["slices"]}
+    assert states.pop(dead.slice.mig_uuid) == "unavailable"  # busy: the old container runs there
+    assert list(states.values()) == ["quarantined"]  # idle, but no fencing pass has run yet
+    awaiting = {mig: lease for lease, mig in alloc.awaiting_fence("node-a").values()}
+    assert len(awaiting) == 2 and awaiting[dead.slice.mig_uuid] == dead.lease_id
+    assert not alloc.redis.exists(alloc.keys.forgotten("node-a"))  # once: the next publish holds nothing
+    first, second = (alloc.try_acquire(SliceRequest(profile="2g.12gb", ttl_s=60), wait=True) for _ in range(2))
+    assert not isinstance(first, LeaseInfo) and not isinstance(second, LeaseInfo)
+    alloc.reap()
+    assert _granted(alloc, first.request_id) is None
+    # the agent's check alone, before any fencing: the slice the old container runs on stays out
+    agent.settle_quarantine(alloc.awaiting_fence("node-a"))
+    got = _granted(alloc, first.request_id)
+    assert got is not None and got.slice.mig_uuid != dead.slice.mig_uuid
+    assert _granted(alloc, second.request_id) is None
+    container.reload()
+    assert container.status == "running"
+
+    agent.tick()  # fences the old container, then settles its slice
+    with pytest.raises(docker.errors.NotFound):
+        docker_client.containers.get(container.id)
+    got = _granted(alloc, second.request_id)
+    assert got is not None and got.slice.mig_uuid == dead.slice.mig_uuid
+    assert check_events(alloc.events()).violations == []
+
+
 def test_a_node_without_a_fencing_agent_hands_an_expired_slice_over_at_once(alloc, clock):
     alloc.publish_fleet("node-a=1xA30-24GB", layouts={"node-a": ["2g.12gb@0 + 2g.12gb@2"]})
     alloc.try_acquire(SliceRequest(profile="2g.12gb", ttl_s=600))

@@ -197,15 +197,15 @@ def test_node_forget_is_passed_every_key_it_touches_and_refuses_a_gpu_set_that_c
     from pathlib import Path
 
     lua = (Path(__file__).parents[1] / "prefect_mig" / "allocator" / "lua" / "forget_node.lua").read_text()
-    assert "gpu_agent_key" not in lua and "node_slices_key" not in lua
+    assert "gpu_agent_key" not in lua and "node_slices_key" not in lua and "forgotten:" not in lua
     cluster = Allocator(redis_client, namespace)
     slices = cluster.publish_fleet(TWO_NODES, layouts=HALVES, heartbeat_ttl_s=600)
     (gpu,) = {s.gpu_uuid for s in slices if s.node == "node-b"}
     k = cluster.keys
     before = cluster.status()["slices"]
     for stale in ([], [gpu, "GPU-gone"]):
-        keys = (k.agent("node-b"), k.node_slices("node-b"), *(k.gpu_agent(g) for g in stale))
-        assert cluster._run("forget_node", "node-b", *stale, action="forget", keys=keys) == ["changed"]
+        keys = (k.agent("node-b"), k.node_slices("node-b"), k.forgotten("node-b"), *(k.gpu_agent(g) for g in stale))
+        assert cluster._run("forget_node", "node-b", "", *stale, action="forget", keys=keys) == ["changed"]
     assert cluster.status()["slices"] == before
     assert cluster.forget_node("node-b") == (2, 1)
 
@@ -220,3 +220,78 @@ def test_node_forget_drops_the_desired_layouts_of_the_gpus_it_forgets(redis_clie
     cluster.forget_node("node-b")
     assert [cluster.desired(gpu) for gpu in gone] == [None] * len(gone)
     assert all(cluster.desired(gpu) for gpu in kept)  # another node's stay
+
+
+def _words(text: str) -> str:
+    """`text` with the console's line wrapping undone."""
+    return " ".join(text.split())
+
+
+def _dead_host(redis_client, namespace, tmp_path, docker_client, *, lease_ttl_s: float):
+    """gpu-3 published by an agent that fences task containers, one slice leased for `lease_ttl_s`;
+    then the host dies: its agent's heartbeat lapses and nobody runs there. Returns (allocator, lease)."""
+    from prefect_mig.agent import NodeAgent
+    from prefect_mig.gpu import GpuBackend, SimulatedNvml
+    from prefect_mig.model import Layout
+
+    cluster = Allocator(redis_client, namespace)
+    with GpuBackend(SimulatedNvml("gpu-3=1xA30-24GB", state_dir=tmp_path / "gpus")) as backend:
+        backend.apply_layout(0, Layout.parse("A30-24GB", HALVES["node-a"][0]))
+        NodeAgent(backend, cluster, node="gpu-3", docker_client=docker_client, heartbeat_ttl_s=1,
+                  fence_settle_s=600).publish()
+    held = cluster.try_acquire(two_g(holder="nightly-train", ttl_s=lease_ttl_s))
+    time.sleep(1.5)
+    return cluster, held
+
+
+def test_node_forget_of_a_dead_host_with_an_expired_holder_needs_host_is_gone_and_says_so(
+    cli_env, redis_client, namespace, tmp_path, docker_client
+):
+    """Nobody will ever fence the expired holder's container on a host gone for good: plain forget
+    refuses, naming the flag (and `status` points to it), instead of a loop between the two."""
+    cluster, dead = _dead_host(redis_client, namespace, tmp_path, docker_client, lease_ttl_s=1)
+    assert "prefect-mig node forget gpu-3 --host-is-gone" in _words(_cli("status", env=cli_env).stdout)
+
+    plain = _cli("node", "forget", "gpu-3", env=cli_env)
+    assert plain.returncode == 1
+    assert "awaits the fencing of its expired holder's task container" in _words(plain.stderr)  # the lease was reaped
+    assert "prefect-mig node forget gpu-3 --host-is-gone" in _words(plain.stderr)
+    assert len(cluster.status()["slices"]) == 2
+
+    gone = _cli("node", "forget", "gpu-3", "--host-is-gone", env=cli_env)
+    assert gone.returncode == 0, gone.stderr
+    assert "node gpu-3 forgotten: 2 slice(s) and 1 GPU(s)" in _words(gone.stdout)
+    assert "granted only after its agent removed any old task container" in _words(gone.stdout)
+    shown = _cli("status", env=cli_env).stdout
+    assert "gpu-3" not in shown
+    assert cluster.status()["slices"] == [] and cluster.gpus() == []
+    with pytest.raises(LeaseLost):
+        cluster.lease(dead.lease_id)
+
+
+def test_a_live_lease_blocks_node_forget_even_with_host_is_gone_naming_it_and_how_to_end_it(
+    cli_env, redis_client, namespace, tmp_path, docker_client
+):
+    cluster, held = _dead_host(redis_client, namespace, tmp_path, docker_client, lease_ttl_s=600)
+    before = cluster.status()["slices"]
+    refused = _cli("node", "forget", "gpu-3", "--host-is-gone", env=cli_env)
+    assert refused.returncode == 1
+    assert held.lease_id in _words(refused.stderr) and "even with --host-is-gone" in _words(refused.stderr)
+    assert "prefect-mig lease revoke" in _words(refused.stderr)
+    assert cluster.status()["slices"] == before  # nothing removed
+    assert not redis_client.exists(cluster.keys.forgotten("gpu-3"))
+
+
+def test_a_node_forgotten_as_gone_that_has_no_fencing_agent_is_granted_at_once_when_published_again(
+    redis_client, namespace
+):
+    """Without an agent that fences task containers (a simulated fleet) nobody would ever settle a
+    held slice: such a node comes back as after an expiry there, offered at once."""
+    cluster = Allocator(redis_client, namespace)
+    cluster.publish_fleet(TWO_NODES, layouts=HALVES, heartbeat_ttl_s=600)
+    assert cluster.forget_node("node-b", host_is_gone=True) == (2, 1)
+    assert redis_client.exists(cluster.keys.forgotten("node-b"))
+    cluster.publish_fleet("node-b=1xA30-24GB", layouts=HALVES, heartbeat_ttl_s=600)
+    assert not redis_client.exists(cluster.keys.forgotten("node-b"))
+    assert {s["state"] for s in cluster.status()["slices"] if s["node"] == "node-b"} == {"free"}
+    assert cluster.try_acquire(two_g(node="node-b")).slice.node == "node-b"

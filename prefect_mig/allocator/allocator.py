@@ -258,11 +258,14 @@ class Allocator(Inventory, LayoutChanges):
             )
         return [decode(x) for x in reply] if isinstance(reply, list) else reply
 
-    def _run_for_node(self, name: str, node: str | None, agent: str | None, *args: Any, action: str) -> list:
+    def _run_for_node(
+        self, name: str, node: str | None, agent: str | None, *args: Any, action: str, keys: Sequence[str] = ()
+    ) -> list:
         """Run a script a node agent runs for its `node`, its claim (`agent`, from `claim_node`)
         last in its arguments: Redis refuses it unless the node's claim is still that one (see
         ``claim_refusal`` in ``_lib.lua``), atomically with the write. `agent` None: unfenced (a
-        caller that is no agent); `node` may then be None too.
+        caller that is no agent); `node` may then be None too. `keys`: the script's own keys of
+        the node, passed after its claim's.
 
         Raises:
             NodeNotClaimed: the node's claim was no longer `agent` when the script ran.
@@ -270,7 +273,7 @@ class Allocator(Inventory, LayoutChanges):
         if agent and not node:
             raise ConfigError(f"node: {node!r}; an agent's claim fences its writes for a named node: give the node's name",
                               field="node", value=node)
-        keys = (self.keys.agent(node),) if node else ()
+        keys = (self.keys.agent(node), *keys) if node else ()
         reply = self._run(name, *args, agent or "", action=action, keys=keys)
         if reply and reply[0] == "not_claimed":
             raise NodeNotClaimed(node=node, holder=reply[1] or None, action=action)

@@ -86,6 +86,7 @@ class Inventory:
             self._epoch,
             int(self.max_ttl_s * 1000),
             action=f"publish the inventory of node {node}",
+            keys=(self.keys.forgotten(node),),
         )
         self._note_heartbeat(node, heartbeat_ttl_s, agent)
         self._epoch = str(reply[3])
@@ -219,16 +220,23 @@ class Inventory:
         with redis_errors(f"give back this agent's claim on node {node}"):
             return self.redis.transaction(attempt, *keys, value_from_callable=True)
 
-    def forget_node(self, node: str) -> tuple[int, int]:
+    def forget_node(self, node: str, *, host_is_gone: bool = False) -> tuple[int, int]:
         """Forget a node that is gone for good (renamed: ``status`` would show its old name STALE
         forever; or taken out of the fleet): its record, heartbeat, drain mark, slices and the GPUs
-        still published under its name go, all at once. Returns (slices, GPUs) removed.
+        still published under its name go, all at once. Returns (slices, GPUs) removed. A lease
+        there past its expiry is reaped first (no agent runs there to do it).
+
+        `host_is_gone` (``node forget --host-is-gone``): the host is gone for good, so nobody will
+        ever fence the task containers of its expired holders; its slices that wait for that go
+        too, and a tombstone stays: if its agent ever publishes the node again, every slice of it is
+        quarantined until that agent's first fencing pass removed the old task containers, so a
+        slice is never granted while one of them may still run there.
 
         Raises:
             ConfigError: no node of that name is known (names the known ones).
-            NodeInUse: an agent claims it or one of its GPUs, a lease is held on one of its slices,
-                or a slice of it waits for an expired holder's task container to be fenced; nothing
-                is removed.
+            NodeInUse: an agent claims it or one of its GPUs, a live lease is held on one of its
+                slices, or (without `host_is_gone`) a slice of it waits for an expired holder's task
+                container to be fenced; nothing is removed.
         """
         for _ in range(10):
             # the script finds the node's GPUs too, and answers 'changed' unless they are these: it is
@@ -236,8 +244,10 @@ class Inventory:
             with redis_errors("read the GPUs"):
                 raw = self.redis.hgetall(self.keys.gpus)
             gpus = sorted(decode(g) for g, body in raw.items() if json.loads(decode(body)).get("node") == node)
-            keys = (self.keys.agent(node), self.keys.node_slices(node), *(self.keys.gpu_agent(g) for g in gpus))
-            reply = self._run("forget_node", node, *gpus, action=f"forget node {node}", keys=keys)
+            keys = (self.keys.agent(node), self.keys.node_slices(node), self.keys.forgotten(node),
+                    *(self.keys.gpu_agent(g) for g in gpus))
+            reply = self._run("forget_node", node, "1" if host_is_gone else "", *gpus, action=f"forget node {node}",
+                              keys=keys)
             if reply[0] != "changed":
                 break
         else:
@@ -259,9 +269,9 @@ class Inventory:
                 who = "an agent"
             raise NodeInUse(node=node, holds=[f"{who} claims {reply[1]}"])
         if reply[0] == "leased":
-            raise NodeInUse(node=node, holds=[f"lease {lease}" for lease in reply[1:]])
+            raise NodeInUse(node=node, holds=[f"lease {lease}" for lease in reply[1:]], leased=True)
         raise NodeInUse(node=node, holds=[f"slice {sid} awaits the fencing of its expired holder's task container"
-                                          for sid in reply[1:]])
+                                          for sid in reply[1:]], fencing=True)
 
     def _note_heartbeat(self, node: str, ttl_s: float, agent: str | None) -> None:
         # kept apart from node_deadline, which the reaper clears: "last heartbeated 45 s ago"; with

@@ -9,8 +9,9 @@ be known by the caller beforehand, so scripts receive the prefix in ``ARGV[1]`` 
 suffixes this module documents (``lease:<id>``, ``waiter:<id>``, ``waitq:<pkey>``, ``free:<pkey>``,
 ``gpu_slices:<gpu_uuid>``, ``node_slices:<node>``, ``tenant_waiting:<tenant>``,
 ``preemptible:<pkey>``, ``notice:<lease_id>``, ``warm:<pkey>``). A key the caller knows (the
-node's claim, ``agent:<node>``; for ``forget_node`` also the node's slice set and its GPUs' claims,
-``gpu_agent:<gpu_uuid>``) comes in ``KEYS`` after the fixed ones. The
+node's claim, ``agent:<node>``; for ``forget_node`` also the node's slice set, its tombstone
+``forgotten:<node>`` and its GPUs' claims, ``gpu_agent:<gpu_uuid>``; for ``publish`` the tombstone)
+comes in ``KEYS`` after the fixed ones. The
 functions below are the only other place these names appear; a test checks that every suffix the
 Lua builds has one.
 """
@@ -126,6 +127,11 @@ class Keys:
 
     def node_slices(self, node: str) -> str:  # SET of the node's slice ids
         return f"{self.prefix}node_slices:{node}"
+
+    # STRING, no TTL: `node forget --host-is-gone` left the node; its next publish quarantines every
+    # slice until its agent fenced the node's task containers (see publish.lua), and takes it away
+    def forgotten(self, node: str) -> str:
+        return f"{self.prefix}forgotten:{node}"
 
     def tenant_waiting(self, tenant: str) -> str:  # ZSET request_id -> order (the tenant's waiters)
         return f"{self.prefix}tenant_waiting:{tenant}"

@@ -211,10 +211,17 @@ def status(
         for s in snap["slices"]:
             table.add_row(s["node"], str(s["gpu_index"]), f"{s['profile']}@{s['start']}", s["state"], (s["lease"] or "")[:12])
         console.print(table)
+        # slices a plain `node forget` refuses over: awaiting the fencing of an expired holder's container
+        # (quarantined), or held by a lease already past its expiry, which forget reaps first
+        now = allocator.now_ms()
+        expired = {row["lease_id"] for row in snap["leases"] if row.get("expires_at") and int(row["expires_at"]) < now}
+        unfenced = {s["node"] for s in snap["slices"] if s["state"] == "quarantined" or s["lease"] in expired}
         for node, a in snap["agents"].items():
             age = "never" if a["age_s"] is None else f"{a['age_s']:.0f} s ago"
+            forget = (f"`prefect-mig node forget {node} --host-is-gone` (its slices await the fencing of expired "
+                      "holders' task containers)" if node in unfenced else f"`prefect-mig node forget {node}`")
             flag = (" [red]STALE: its slices get no new grants (is `prefect-mig agent` running there? a node renamed "
-                    f"or gone for good: `prefect-mig node forget {node}`)[/red]" if a["stale"] else "")
+                    f"or gone for good: {forget})[/red]" if a["stale"] else "")
             by = f" (by pid {a['agent']['pid']} on {a['agent']['host']})" if a.get("agent") else ""
             console.print(f"agent {node}: last heartbeat {age}{by}{flag}", highlight=False)
         for node, n in snap["nodes"].items():

@@ -5,7 +5,10 @@ back, or forget one that is gone for good.
 waits (up to ``--timeout``) for them to end and exits 0 when the node is idle, or 1 naming who
 still holds slices there. ``status`` shows drained nodes until ``resume``. ``forget`` removes the
 records of a node renamed or taken out of the fleet (``status`` shows it STALE until then), only
-while no agent claims it and no lease is held there; else it exits 1 saying what holds it.
+while no agent claims it and no lease is held there; else it exits 1 saying what holds it. A slice
+there awaiting the fencing of an expired holder's task container holds it too, unless
+``--host-is-gone``: then a tombstone stays, and the node's slices, should it publish again, are
+granted only after its agent's fencing pass.
 """
 
 from __future__ import annotations
@@ -72,10 +75,20 @@ def resume(node: NodeArg) -> None:
 
 
 @node_app.command("forget")
-def forget(node: NodeArg) -> None:
+def forget(
+    node: NodeArg,
+    host_is_gone: Annotated[bool, typer.Option(
+        "--host-is-gone",
+        help="The host is gone for good: also drop its slices that await the fencing of an expired holder's "
+             "task container (nobody is left to fence them). Should the node ever publish again, each of its "
+             "slices stays quarantined until its agent removed any old task container.")] = False,
+) -> None:
     """Remove NODE's records (a node renamed, or taken out of the fleet: `status` shows it STALE).
-    Refused, exit 1, while an agent claims it or a lease is held there."""
+    Refused, exit 1, while an agent claims it or a live lease is held there, or (without
+    --host-is-gone) a slice there awaits the fencing of an expired holder's task container."""
     with cli_errors():
-        slices, gpus = _allocator().forget_node(node)
+        slices, gpus = _allocator().forget_node(node, host_is_gone=host_is_gone)
+        back = ("if it ever publishes again, its slices are granted only after its agent removed any old task "
+                "container" if host_is_gone else "an agent that publishes it again brings it back")
         console.print(f"node {node} forgotten: {slices} slice(s) and {gpus} GPU(s) removed from the inventory; "
-                      "an agent that publishes it again brings it back", highlight=False)
+                      f"{back}", highlight=False)

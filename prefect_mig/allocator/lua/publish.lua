@@ -14,6 +14,11 @@
 -- A[8] - the publishing agent's claim on the node ('' = none: a fleet published without an agent):
 --        refused unless the node's claim (K.node_claim) is still that (claim_refusal: a publish
 --        delayed past the claim's TTL must not undo what the agent that took the node over published)
+-- KEYS[30] - the node's tombstone (Keys.forgotten(node)), written by `node forget --host-is-gone`: the
+--        node was taken for gone while a task container of an expired holder may still have run on
+--        it. If its agent publishes it again, every slice waits, quarantined, for that agent's next
+--        fencing pass (settle.lua; at most the node's fence_settle_ms), and the tombstone goes. A
+--        node without a fencing agent (a simulated fleet) is not held, as after an expiry.
 -- returns {slices published, slices removed, slices handed to waiters, current epoch}
 --       | {'not_claimed', the node's claim now or ''}
 local node = A[1]
@@ -23,6 +28,17 @@ local settle_until = nil
 if (A[6] or '') ~= '' and A[6] ~= EPOCH then
   settle_until = tonumber(EPOCH) + tonumber(A[7])
   if settle_until <= NOW then settle_until = nil end
+end
+local fence_hold = nil  -- {settles = ms, leases = {slice id = expired lease}, marker}
+local tomb = redis.call('GET', KEYS[30])
+if tomb then
+  redis.call('DEL', KEYS[30])
+  local settle_ms = cjson.decode(A[2]).fence_settle_ms
+  if type(settle_ms) == 'number' then
+    local t = cjson.decode(tomb)
+    fence_hold = {settles = NOW + settle_ms, leases = type(t.awaiting_fence) == 'table' and t.awaiting_fence or {},
+      marker = 'forgotten:' .. string.format('%.0f', tonumber(t.at) or NOW)}
+  end
 end
 node_back(node, redis.call('HGET', K.nodes, node))  -- the new record has no silent_since
 redis.call('HSET', K.nodes, node, A[2])
@@ -89,6 +105,13 @@ for _, s in ipairs(listed) do
     redis.call('ZADD', K.quarantine, 'GT', settle_until, s.id)
     redis.call('ZADD', K.quarantine, 'NX', settle_until, s.id)
     if state == 'free' then state = 'quarantined' end
+  end
+  if fence_hold and not leased_by(state) then
+    local lease = fence_hold.leases[s.id] or fence_hold.marker
+    redis.call('ZADD', K.quarantine, 'GT', fence_hold.settles, s.id)
+    redis.call('HSETNX', K.awaiting_fence, s.id, lease)
+    if state == 'free' then state = 'quarantined' end
+    event('slice.quarantined', {'slice', s.id, 'lease', lease, 'node', node, 'until', fence_hold.settles})
   end
   if state == 'free' and s.busy then
     redis.call('ZREM', free_key(s.pkey), s.id)
