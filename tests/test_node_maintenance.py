@@ -251,6 +251,8 @@ def test_node_forget_of_a_dead_host_with_an_expired_holder_needs_host_is_gone_an
     refuses, naming the flag (and `status` points to it), instead of a loop between the two."""
     cluster, dead = _dead_host(redis_client, namespace, tmp_path, docker_client, lease_ttl_s=1)
     assert "prefect-mig node forget gpu-3 --host-is-gone" in _words(_cli("status", env=cli_env).stdout)
+    watched = _cli("status", "--watch", "--refreshes", "1", env=cli_env).stdout
+    assert "prefect-mig node forget gpu-3 --host-is-gone" in _words(watched)  # the live view says it too
 
     plain = _cli("node", "forget", "gpu-3", env=cli_env)
     assert plain.returncode == 1

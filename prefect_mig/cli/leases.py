@@ -21,6 +21,7 @@ from prefect_mig.allocator.models import lease_row_numbers
 from prefect_mig.allocator.connection import connect
 from prefect_mig.allocator.embedded import running_embedded_url, stop_embedded_redis
 from prefect_mig.cli.output import cli_errors, console, errors, print_error, print_json
+from prefect_mig.cli.live import forget_advice
 from prefect_mig.errors import ConfigError, PrefectMigError
 from prefect_mig.gpu.host import require_host_pid_namespace
 from prefect_mig.gpu.host_lock import hold_gpus
@@ -198,7 +199,8 @@ def status(
         if watch and not as_json:
             from prefect_mig.cli.live import watch as live_watch
 
-            live_watch(lambda: allocator.status() | {"agents": health.agents(allocator)}, interval_s=interval,
+            live_watch(lambda: allocator.status() | {"agents": health.agents(allocator), "now_ms": allocator.now_ms()},
+                       interval_s=interval,
                        refreshes=refreshes, console=console)
             return
         snap = allocator.status() | {"agents": health.agents(allocator)}
@@ -211,17 +213,11 @@ def status(
         for s in snap["slices"]:
             table.add_row(s["node"], str(s["gpu_index"]), f"{s['profile']}@{s['start']}", s["state"], (s["lease"] or "")[:12])
         console.print(table)
-        # slices a plain `node forget` refuses over: awaiting the fencing of an expired holder's container
-        # (quarantined), or held by a lease already past its expiry, which forget reaps first
         now = allocator.now_ms()
-        expired = {row["lease_id"] for row in snap["leases"] if row.get("expires_at") and int(row["expires_at"]) < now}
-        unfenced = {s["node"] for s in snap["slices"] if s["state"] == "quarantined" or s["lease"] in expired}
         for node, a in snap["agents"].items():
             age = "never" if a["age_s"] is None else f"{a['age_s']:.0f} s ago"
-            forget = (f"`prefect-mig node forget {node} --host-is-gone` (its slices await the fencing of expired "
-                      "holders' task containers)" if node in unfenced else f"`prefect-mig node forget {node}`")
             flag = (" [red]STALE: its slices get no new grants (is `prefect-mig agent` running there? a node renamed "
-                    f"or gone for good: {forget})[/red]" if a["stale"] else "")
+                    f"or gone for good: {forget_advice(node, snap, now)})[/red]" if a["stale"] else "")
             by = f" (by pid {a['agent']['pid']} on {a['agent']['host']})" if a.get("agent") else ""
             console.print(f"agent {node}: last heartbeat {age}{by}{flag}", highlight=False)
         for node, n in snap["nodes"].items():

@@ -36,6 +36,17 @@ _STYLE = {"free": "green", "leased": "bold red", "draining": "yellow", "withdraw
           "unavailable": "grey50", "quarantined": "cyan"}
 
 
+def forget_advice(node: str, snap: dict[str, Any], now_ms: int) -> str:
+    """The `node forget` command for a stale `node` of a status snapshot: with --host-is-gone when a
+    plain forget would refuse, because a slice awaits the fencing of an expired holder's container
+    (quarantined) or is held by a lease already past its expiry (forget reaps it first)."""
+    expired = {row["lease_id"] for row in snap["leases"] if row.get("expires_at") and int(row["expires_at"]) < now_ms}
+    if any(s["node"] == node and (s["state"] == "quarantined" or s["lease"] in expired) for s in snap["slices"]):
+        return (f"`prefect-mig node forget {node} --host-is-gone` (its slices await the fencing of expired "
+                "holders' task containers)")
+    return f"`prefect-mig node forget {node}`"
+
+
 def view(snap: dict[str, Any]) -> Group:
     """The live view of one `Allocator.status()` snapshot (plus ``agents``)."""
     holders = {row["lease_id"]: f"{row.get('tenant', 'default')}/{row.get('holder', '')}" for row in snap["leases"]}
@@ -67,7 +78,9 @@ def view(snap: dict[str, Any]) -> Group:
     for node, a in snap.get("agents", {}).items():
         if a["stale"]:
             age = "never heartbeated" if a["age_s"] is None else f"last heartbeat {a['age_s']:.0f} s ago"
-            parts.append(Text(f"agent {node}: STALE, {age}: its slices get no new grants", style="red"))
+            advice = forget_advice(node, snap, snap["now_ms"]) if "now_ms" in snap else f"`prefect-mig node forget {node}`"
+            parts.append(Text(f"agent {node}: STALE, {age}: its slices get no new grants (a node renamed or gone "
+                              f"for good: {advice})", style="red"))
     parts.append(Text("legend: ", style="dim") + Text(" ".join(f"{k}" for k in _STYLE)))
     return Group(*parts)
 
