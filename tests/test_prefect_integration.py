@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import datetime
 import os
+import threading
 import time
+from typing import Any
 
 import pytest
 import redis
@@ -646,3 +648,28 @@ def test_a_flow_parameter_the_image_cannot_unpickle_fails_only_a_body_that_reads
     assert done == "did not read them"
     assert len(errors) == 2
     assert all("flow run's parameters cannot be unpickled in this task's image" in e and "pydantic" in e for e in errors)
+
+
+def reads_flow_parameter(name: str):
+    from prefect.runtime import flow_run
+
+    try:
+        return flow_run.parameters[name]
+    except RuntimeError as exc:
+        return f"RuntimeError: {exc}"
+
+
+@pytest.mark.parametrize("keep_warm_s", [0, 30], ids=["cold", "warm"])
+def test_a_flow_parameter_that_cannot_be_pickled_fails_a_body_that_reads_it_saying_why(cluster, keep_warm_s):
+    """A lock as a flow parameter cannot be pickled: the body read its repr string as if it were the
+    value. Its other parameters still come through."""
+    body = task(task_runner=MigTaskRunner(profile="1g.10gb", keep_warm_s=keep_warm_s))(reads_flow_parameter)
+
+    @flow
+    def pipeline(lock: Any, size: int):
+        return body("size"), body("lock")
+
+    size, lock = pipeline(threading.Lock(), 3)
+    assert size == 3
+    assert lock.startswith("RuntimeError: prefect.runtime.flow_run.parameters['lock']: ")
+    assert "_thread.lock" in lock and "could not be sent" in lock and "cannot pickle" in lock
