@@ -263,12 +263,12 @@ def agent(
     import signal
 
     from prefect_mig.agent import NodeAgent
-    from prefect_mig.gpu import backend_from_settings
+    from prefect_mig.gpu import backend_from_settings, resolve_backend
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     with cli_errors():
         settings = load_settings()
-        if settings.backend != "nvml":
+        if resolve_backend(settings) == "simulated":  # auto with a driver that answers is nvml
             fleet = settings.fleet()
             node = node or (settings.node if settings.node in fleet.node_names else fleet.node_names[0])
         node = node or settings.node
