@@ -153,6 +153,8 @@ class FlowParameters(dict):
 
     Examples:
         ```python
+        from prefect_mig.launchers.runtime_shim import FlowParameters
+
         params = FlowParameters({"size": 3}, {"lock": ("_thread.lock", "TypeError: cannot pickle")})
         assert params["size"] == 3 and "lock" not in params
         try:
