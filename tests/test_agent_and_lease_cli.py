@@ -279,3 +279,36 @@ def test_lease_renew_of_a_lease_never_granted_says_it_is_not_held_not_that_the_r
     done = _cli("lease", "renew", "deadbeef", "--fence", "1", env=cli_env)
     err = done.stderr.replace("\n", " ")
     assert done.returncode == 1 and "deadbeef is not held here" in err and "too late" not in err, err
+
+
+def test_an_agent_whose_host_name_the_simulated_fleet_lacks_says_which_node_it_serves_and_how_to_pick(
+    cli_env, namespace, redis_client
+):
+    """Without PREFECT_MIG_NODE it served the fleet's first node without a word."""
+    import socket
+
+    from prefect_mig.allocator import Allocator
+
+    fleet = "sim-a=1xA30-24GB,sim-b=1xA30-24GB"
+    assert socket.gethostname() not in ("sim-a", "sim-b")
+    env = {k: v for k, v in cli_env.items() if k != "PREFECT_MIG_NODE"} | {"PREFECT_MIG_SIMULATED_FLEET": fleet}
+    done = _cli("agent", "--once", env=env)
+    assert done.returncode == 0, done.stderr
+    said = [line for line in done.stderr.splitlines() if "serving 'sim-a'" in line]
+    assert len(said) == 1 and "WARNING" in said[0], done.stderr
+    assert f"this host's name, {socket.gethostname()!r}," in said[0] and "sim-a, sim-b" in said[0]
+    assert "PREFECT_MIG_NODE" in said[0] and "--node" in said[0]
+    assert sorted(Allocator(redis_client, namespace).status()["nodes"]) == ["sim-a"]
+    picked = _cli("agent", "--once", env=env | {"PREFECT_MIG_NODE": "sim-b"})
+    assert picked.returncode == 0 and "serving" not in picked.stderr, picked.stderr
+    assert sorted(Allocator(redis_client, namespace).status()["nodes"]) == ["sim-a", "sim-b"]
+
+
+def test_an_agent_given_a_prefect_mig_node_the_simulated_fleet_lacks_exits_2_naming_it(cli_env, namespace, redis_client):
+    """It served the fleet's first node instead, as if PREFECT_MIG_NODE were not set (--node was refused)."""
+    from prefect_mig.allocator import Allocator
+
+    done = _cli("agent", "--once", env=cli_env | {"PREFECT_MIG_NODE": "node-z"})
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "PREFECT_MIG_NODE='node-z'" in done.stderr and "nodes: node-a." in done.stderr
+    assert Allocator(redis_client, namespace).status()["nodes"] == {}

@@ -341,6 +341,28 @@ def test_a_gpu_whose_mig_mode_change_awaits_a_reset_is_named_in_the_agents_outpu
     assert f"carved GPU 1 (A30-24GB): {BALANCED}" in output and "carved GPU 0" not in output
 
 
+def test_an_agent_on_the_auto_backend_with_a_gpu_driver_serves_this_host_not_a_simulated_node(
+    make_nvml_stub, redis_server, namespace, tmp_path
+):
+    """With PREFECT_MIG_BACKEND=auto (the default) and a driver that answers, the agent read the real
+    GPUs but published them as the simulated fleet's first node, node-a, not as this host."""
+    import socket
+
+    stub = make_nvml_stub("node-a=1xA30-24GB", layouts={0: BALANCED})
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("PREFECT_MIG_")}, **stub.env(),
+        "PREFECT_MIG_BACKEND": "auto", "PREFECT_MIG_REDIS_URL": redis_server.url, "PREFECT_MIG_NAMESPACE": namespace,
+        "PREFECT_MIG_STATE_DIR": str(tmp_path / "state"), "PREFECT_MIG_GPU_LOCK_DIR": str(tmp_path / "locks"),
+    }
+    host = socket.gethostname()
+    assert host != "node-a"
+    done = subprocess.run([sys.executable, "-m", "prefect_mig.cli.main", "agent", "--once"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"agent {host}: published 3 slice(s)" in done.stdout
+    assert list(Allocator(redis_server.client(), namespace).status()["nodes"]) == [host]
+
+
 def test_an_agent_given_a_layout_config_the_file_lacks_says_so_at_once_even_while_redis_is_down(
     fresh_redis_server, namespace, tmp_path
 ):

@@ -6,8 +6,10 @@ and tasks submitted from the body. Real Prefect API, real Redis, real Docker, an
 from __future__ import annotations
 
 import datetime
+import threading
 import time
 import uuid
+from typing import Any
 
 import pytest
 from prefect import flow
@@ -235,3 +237,30 @@ def test_a_body_in_an_image_with_prefect_sees_its_flow_runs_parameters_as_the_fl
 
     expected = {"when": when, "scale": 2}
     assert pipeline(when) == (expected, expected, expected)
+
+
+def reads_a_flow_parameter_in_each_way(name: str):
+    from prefect import runtime
+    from prefect.context import FlowRunContext
+
+    seen = []
+    for parameters in (FlowRunContext.get().parameters, runtime.flow_run.parameters, FlowRunContext.get().flow_run.parameters):
+        try:
+            seen.append(parameters[name])
+        except RuntimeError as exc:
+            seen.append(f"RuntimeError: {exc}")
+    return seen
+
+
+def test_a_flow_parameter_that_cannot_be_pickled_fails_a_body_in_an_image_with_prefect_that_reads_it(cluster, prefect_image):
+    """The body read a lock's repr string as if it were the flow's value."""
+    body = task(task_runner=MigTaskRunner(profile="1g.10gb", image=prefect_image))(reads_a_flow_parameter_in_each_way)
+
+    @flow
+    def pipeline(lock: Any, size: int):
+        return body("size"), body("lock")
+
+    size, lock = pipeline(threading.Lock(), 3)
+    assert size == [3, 3, 3]
+    assert all(e.startswith("RuntimeError: prefect.runtime.flow_run.parameters['lock']: ") for e in lock)
+    assert all("_thread.lock" in e and "could not be sent" in e for e in lock)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import datetime
 import os
+import threading
 import time
+from typing import Any
 
 import pytest
 import redis
@@ -147,6 +149,8 @@ def test_an_unknown_or_unoffered_profile_fails_clearly_and_leaves_nothing(cluste
         ({"lease_ttl_s": 0}, "lease_ttl_s", "1"),
         # past PREFECT_MIG_LEASE_MAX_TTL_S: the task failed at run time naming ttl_s (a new-user trial)
         ({"lease_ttl_s": 1000}, "lease_ttl_s", "900"),
+        # was refused as "<= 86400", which the cluster's own maximum refuses too
+        ({"lease_ttl_s": 1e9}, "lease_ttl_s", "from 1 to 900 (the cluster's maximum, PREFECT_MIG_LEASE_MAX_TTL_S)"),
         ({"wait_timeout_s": -1}, "wait_timeout_s", "from 0"),
         ({"wait_timeout_s": float("nan")}, "wait_timeout_s", "from 0"),
         ({"wait_timeout_s": 10**9}, "wait_timeout_s", "30 days"),  # was accepted, then refused at each try
@@ -164,6 +168,15 @@ def test_a_bad_runner_config_is_refused_at_construction_with_or_without_a_profil
     said, (value,) = str(refused.value), options.values()
     assert refused.value.field == field and field in said and allowed in said
     assert repr(value) in said or str(value) in said
+
+
+def test_a_runner_lease_ttl_is_checked_against_the_clusters_maximum_in_effect(monkeypatch):
+    from prefect_mig.errors import ConfigError
+
+    monkeypatch.setenv("PREFECT_MIG_LEASE_MAX_TTL_S", "3600")
+    assert MigTaskRunner(lease_ttl_s=3600).lease_ttl_s == 3600
+    with pytest.raises(ConfigError, match=r"lease_ttl_s=1000000000.0: .* from 1 to 3600 .*PREFECT_MIG_LEASE_MAX_TTL_S"):
+        MigTaskRunner(lease_ttl_s=1e9)
 
 
 def test_a_zero_wait_timeout_is_a_valid_runner_config_meaning_do_not_wait():
@@ -646,3 +659,28 @@ def test_a_flow_parameter_the_image_cannot_unpickle_fails_only_a_body_that_reads
     assert done == "did not read them"
     assert len(errors) == 2
     assert all("flow run's parameters cannot be unpickled in this task's image" in e and "pydantic" in e for e in errors)
+
+
+def reads_flow_parameter(name: str):
+    from prefect.runtime import flow_run
+
+    try:
+        return flow_run.parameters[name]
+    except RuntimeError as exc:
+        return f"RuntimeError: {exc}"
+
+
+@pytest.mark.parametrize("keep_warm_s", [0, 30], ids=["cold", "warm"])
+def test_a_flow_parameter_that_cannot_be_pickled_fails_a_body_that_reads_it_saying_why(cluster, keep_warm_s):
+    """A lock as a flow parameter cannot be pickled: the body read its repr string as if it were the
+    value. Its other parameters still come through."""
+    body = task(task_runner=MigTaskRunner(profile="1g.10gb", keep_warm_s=keep_warm_s))(reads_flow_parameter)
+
+    @flow
+    def pipeline(lock: Any, size: int):
+        return body("size"), body("lock")
+
+    size, lock = pipeline(threading.Lock(), 3)
+    assert size == 3
+    assert lock.startswith("RuntimeError: prefect.runtime.flow_run.parameters['lock']: ")
+    assert "_thread.lock" in lock and "could not be sent" in lock and "cannot pickle" in lock

@@ -222,6 +222,22 @@ def test_simulate_refuses_an_unknown_policy_before_it_reads_the_trace(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_simulate_takes_the_comparison_policies_with_spaces_around_them_as_it_takes_the_others(tmp_path):
+    # " sharing" was refused as "'sharing' is not a policy; choose ..., or, in a comparison, ... sharing"
+    # while " dynamic" ran
+    from typer.testing import CliRunner
+
+    from prefect_mig.cli.main import app
+
+    result = CliRunner().invoke(app, ["simulate", "--synthetic", "10", "--fleet", "sim-0=1xA30-24GB", "--policy", " sharing",
+                                      "--policy", "static:searched ", "--policy", " dynamic", "--json",
+                                      "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    doc = json.loads((tmp_path / "out" / "simulation.json").read_text())
+    assert [p["policy"] for p in doc["policies"]] == ["sharing", "static:searched", "dynamic"]
+    assert "--policy sharing --policy static:searched --policy dynamic --" in doc["command"]
+
+
 @pytest.mark.parametrize("under", ["", "sub"])
 def test_simulate_refuses_an_out_that_cannot_be_a_folder_before_it_simulates(tmp_path, under):
     from typer.testing import CliRunner

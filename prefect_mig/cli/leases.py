@@ -266,14 +266,15 @@ def agent(
     import signal
 
     from prefect_mig.agent import NodeAgent
-    from prefect_mig.gpu import backend_from_settings
+    from prefect_mig.gpu import backend_from_settings, fleet_node, resolve_backend
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     with cli_errors():
         settings = load_settings()
-        if settings.backend != "nvml":
-            fleet = settings.fleet()
-            node = node or (settings.node if settings.node in fleet.node_names else fleet.node_names[0])
+        if node is None and resolve_backend(settings) == "simulated":
+            node, note = fleet_node(settings)
+            if note:
+                logging.getLogger("prefect_mig.agent").warning("%s", note)
         node = node or settings.node
         backend = backend_from_settings(settings, node=node)
         require_host_pid_namespace(backend)  # NVML hides other PID namespaces' processes

@@ -79,8 +79,11 @@ def simulate(
 
         spec = FleetSpec.parse(fleet)
         model = fleet_model(spec)
-        for name in policy or ():  # a typo fails here, not after a long trace was read
-            if name not in ("static:searched", "sharing", "static:fitted"):  # these need the workload or a comparison
+        # stripped, as parse_policy strips them: " sharing" was refused as "'sharing' is not a policy"
+        policy = [name.strip() for name in policy or ()]
+        for name in policy:  # a typo fails here, not after a long trace was read
+            # these three are their names alone (each needs only the workload, which is read next)
+            if name not in ("static:searched", "sharing", "static:fitted"):
                 parse_policy(name, model, knobs=knobs)
         if synthetic_jobs:
             workload = synthetic(jobs=synthetic_jobs, gpu_model=model, seed=seed)

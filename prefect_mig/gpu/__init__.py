@@ -5,6 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Literal
 
+from prefect_mig.errors import ConfigError
 from prefect_mig.gpu.backend import GpuBackend, GpuInfo, MigInstance, ProcessInfo
 from prefect_mig.gpu.simulated_nvml import SimulatedNvml
 from prefect_mig.settings import Settings
@@ -17,6 +18,7 @@ __all__ = [
     "SimulatedNvml",
     "backend_from_settings",
     "default_gpu_runtime",
+    "fleet_node",
     "nvml_available",
     "resolve_backend",
 ]
@@ -47,8 +49,29 @@ def backend_from_settings(settings: Settings, *, node: str | None = None) -> Gpu
         return GpuBackend()
     fleet = settings.fleet()
     if node is None:
-        node = settings.node if settings.node in fleet.node_names else fleet.node_names[0]
+        node, _ = fleet_node(settings)
     return GpuBackend(SimulatedNvml(fleet, node=node, state_dir=settings.state_dir))
+
+
+def fleet_node(settings: Settings) -> tuple[str, str | None]:
+    """The simulated fleet's node this host is, when nothing names one: ``PREFECT_MIG_NODE``, else
+    this host's name if the fleet has it, else the fleet's first node, with a line saying so (None
+    otherwise) for the user to see.
+
+    Raises:
+        ConfigError: ``PREFECT_MIG_NODE`` names a node the fleet lacks (as ``--node`` does).
+    """
+    fleet = settings.fleet()
+    names = fleet.node_names
+    if settings.node in names:
+        return settings.node, None
+    if "node" in settings.model_fields_set:  # given, not this host's name by default
+        raise ConfigError(
+            f"PREFECT_MIG_NODE={settings.node!r}: not a node of the simulated fleet {fleet} "
+            f"(PREFECT_MIG_SIMULATED_FLEET); nodes: {', '.join(names)}.", field="node", value=settings.node)
+    return names[0], (
+        f"serving {names[0]!r}, the simulated fleet's first node: this host's name, {settings.node!r}, is not a "
+        f"node of the fleet ({', '.join(names)}); set PREFECT_MIG_NODE or pass --node to serve another.")
 
 
 def resolve_backend(settings: Settings) -> Literal["nvml", "simulated"]:

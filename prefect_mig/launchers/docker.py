@@ -319,7 +319,7 @@ def _pickle_with_by_value(fn: Callable, args: tuple, kwargs: dict, side_values: 
     try:
         call: tuple = (fn, tuple(args), dict(kwargs))
         if side_values:
-            call += ({name: _side_value(value) for name, value in side_values.items()},)
+            call += (_side_values(side_values),)
         return _dumps(call)
     finally:
         with _BY_VALUE_LOCK:
@@ -336,22 +336,31 @@ def _dumps(obj: Any) -> bytes:
     return out.getvalue()
 
 
-def _side_value(value: Any) -> bytes:
-    """`value` pickled; a dict whose values do not all pickle keeps those that do, the others
-    by their ``repr`` (a side value must never fail the call it goes with)."""
-    try:
-        return _dumps(value)
-    except Exception:  # noqa: BLE001 - retried value by value
-        if not isinstance(value, dict):
-            return _dumps(repr(value))
-    kept = {}
-    for key, item in value.items():
+def _side_values(side_values: dict[str, Any]) -> dict[str, Any]:
+    """Each of `side_values` pickled on its own. A side value must never fail the call it goes
+    with: a dict whose values do not all pickle keeps those that do, and ``<name>_unsent`` names
+    the others, with their type and why, for the runtime to raise when the body reads one
+    (`runtime_shim.FlowParameters`); any other value that does not pickle goes as its ``repr``."""
+    out: dict[str, Any] = {}
+    for name, value in side_values.items():
         try:
-            _dumps(item)
-            kept[key] = item
-        except Exception:  # noqa: BLE001 - this one travels as its repr
-            kept[key] = repr(item)
-    return _dumps(kept)
+            out[name] = _dumps(value)
+            continue
+        except Exception:  # noqa: BLE001 - retried value by value
+            if not isinstance(value, dict):
+                out[name] = _dumps(repr(value))
+                continue
+        kept, unsent = {}, {}
+        for key, item in value.items():
+            try:
+                _dumps(item)
+                kept[key] = item
+            except Exception as exc:  # noqa: BLE001 - named for the body, which may never read it
+                kind = type(item)
+                where = "" if kind.__module__ == "builtins" else f"{kind.__module__}."
+                unsent[key] = (f"{where}{kind.__qualname__}", f"{type(exc).__name__}: {exc}")
+        out[name], out[f"{name}_unsent"] = _dumps(kept), unsent
+    return out
 
 
 class _CallPickler(cloudpickle.Pickler):

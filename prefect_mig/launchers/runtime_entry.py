@@ -142,7 +142,8 @@ def _install_shim() -> bool:
 def _prefect_context(stand_in: bool, fn, args, kwargs, side: dict):
     """With Prefect in the image, its own flow run and task run context around the body; without
     it, the stand-in's task-run parameters bound from this call. `side`: values pickled each on its
-    own beside the call (``flow_parameters``: the flow run's, unpickled when first read)."""
+    own beside the call (``flow_parameters``: the flow run's, unpickled when first read;
+    ``flow_parameters_unsent``: those the flow's process could not pickle))."""
     if stand_in or not os.path.exists(os.path.join(HOME, "runtime_prefect.py")):
         import contextlib
 
@@ -150,11 +151,11 @@ def _prefect_context(stand_in: bool, fn, args, kwargs, side: dict):
             import runtime_shim
 
             runtime_shim.bind_parameters(fn, args, kwargs)
-            runtime_shim.flow_parameters_from(side.get("flow_parameters"))
+            runtime_shim.flow_parameters_from(side.get("flow_parameters"), side.get("flow_parameters_unsent"))
         return contextlib.nullcontext()
     import runtime_prefect
 
-    return runtime_prefect.hydrated(fn, args, kwargs, side.get("flow_parameters"))
+    return runtime_prefect.hydrated(fn, args, kwargs, side.get("flow_parameters"), side.get("flow_parameters_unsent"))
 
 
 #: the file name cloudpickle gives code it sends by value (it drops the real one)

@@ -84,9 +84,10 @@ def _parameters(fn, args: tuple, kwargs: dict) -> dict:
 
 
 @contextlib.contextmanager
-def hydrated(fn, args: tuple, kwargs: dict, flow_parameters: bytes | None = None):
+def hydrated(fn, args: tuple, kwargs: dict, flow_parameters: bytes | None = None, unsent: dict | None = None):
     """Prefect's flow run and task run context around ``fn(*args, **kwargs)`` (see the module);
-    `flow_parameters`: the flow run's, pickled by the flow's process."""
+    `flow_parameters`: the flow run's, pickled by the flow's process; `unsent`: those it could not
+    pickle, which raise when read (`runtime_shim.FlowParameters`)."""
     values = json.loads(os.environ.get("PREFECT_MIG_RUN_CONTEXT") or "{}").get("prefect")
     if not values:  # not called from a task run (a bare DockerLauncher.run)
         yield
@@ -111,6 +112,10 @@ def hydrated(fn, args: tuple, kwargs: dict, flow_parameters: bytes | None = None
     with contextlib.ExitStack() as stack:
         if values.get("flow_run"):
             parameters = _flow_parameters(flow_parameters)
+            if unsent:
+                from runtime_shim import FlowParameters
+
+                parameters = FlowParameters(parameters, unsent)
             flow_run = FlowRun.model_validate(values["flow_run"]).model_copy(update={"parameters": parameters})
 
             def flow_stand_in():  # the flow's own function stays in the flow's process
@@ -121,7 +126,7 @@ def hydrated(fn, args: tuple, kwargs: dict, flow_parameters: bytes | None = None
                 flow=Flow(flow_stand_in, name=values.get("flow_name") or flow_run.flow_id.hex),
                 flow_run=flow_run, client=client, task_runner=runner, result_store=get_result_store(),
                 parameters=parameters, detached=True,
-            ))
+            )).parameters = parameters  # the context's validation made it a plain dict
         task = Task(fn, name=values.get("task_name") or task_run.name, tags=set(task_run.tags))
         stack.enter_context(TaskRunContext(
             task=task, task_run=task_run, client=client, parameters=_parameters(fn, args, kwargs),

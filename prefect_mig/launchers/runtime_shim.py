@@ -146,11 +146,51 @@ def bind_parameters(fn, args: tuple, kwargs: dict) -> None:
         task_run.parameters = {}
 
 
-def flow_parameters_from(pickled: bytes | None) -> None:
+class FlowParameters(dict):
+    """The flow run's parameters; reading one that the flow's process could not pickle (a lock, an
+    open client) raises, naming it, its type and why, instead of a stand-in. It pickles as a plain
+    dict of those that came (the flow's process has no `runtime_shim` to rebuild it with).
+
+    Examples:
+        ```python
+        from prefect_mig.launchers.runtime_shim import FlowParameters
+
+        params = FlowParameters({"size": 3}, {"lock": ("_thread.lock", "TypeError: cannot pickle")})
+        assert params["size"] == 3 and "lock" not in params
+        try:
+            params["lock"]
+        except RuntimeError as exc:
+            assert "could not be sent" in str(exc)
+        ```
+    """
+
+    def __init__(self, values: dict, unsent: dict) -> None:
+        super().__init__(values)
+        self.unsent = dict(unsent)
+
+    def __missing__(self, key):
+        if key in self.unsent:
+            kind, why = self.unsent[key]
+            raise RuntimeError(
+                f"prefect.runtime.flow_run.parameters[{key!r}]: this flow run parameter (a {kind}) could not be "
+                f"sent to the task's container: it cannot be pickled ({why}). Give the flow a value that "
+                f"pickles (what the task needs to build it, such as a path or settings) and build it in the task."
+            )
+        raise KeyError(key)
+
+    def get(self, key, default=None):
+        return self[key] if key in self.unsent else super().get(key, default)
+
+    def __reduce__(self):
+        return dict, (dict(self),)
+
+
+def flow_parameters_from(pickled: bytes | None, unsent: dict | None = None) -> None:
     """``prefect.runtime.flow_run.parameters``: the flow run's parameters as the flow's process
     holds them, unpickled when the body first reads them ({} outside a flow run). One that cannot be
     unpickled here (a module the image lacks) raises then, saying so, and fails no body that does
-    not read them."""
+    not read them; one the flow's process could not pickle (`unsent`) raises when read, see
+    `FlowParameters`."""
     flow_run = sys.modules.get("prefect.runtime.flow_run")
     if not isinstance(flow_run, _RunValues):
         return
@@ -163,11 +203,12 @@ def flow_parameters_from(pickled: bytes | None) -> None:
         import pickle
 
         try:
-            return pickle.loads(pickled)
+            values = pickle.loads(pickled)
         except Exception as exc:
             raise RuntimeError(
                 f"prefect.runtime.flow_run.parameters: the flow run's parameters cannot be unpickled in this "
                 f"task's image ({type(exc).__name__}: {exc}); install what they need in the image."
             ) from exc
+        return FlowParameters(values, unsent) if unsent else values
 
     flow_run._lazy = {"parameters": load}

@@ -257,13 +257,13 @@ class MigTaskRunner(ThreadPoolTaskRunner):
         self._launchers: dict[str | None, DockerLauncher] = {}  # runtime state: one per Docker engine
         self._flow_cancelled = threading.Event()  # runtime state: cancel_all meant a cancellation
         self._exiting_normally = False
-        # validates priority, tenant and lease_ttl_s early, with or without a profile (a flow-level
-        # runner's tasks name theirs in tags); 1g.10gb only stands in for a missing one here
-        self.request_for(profile or "1g.10gb", priority or 0, tenant or "default")
-        try:  # the cluster's maximum, which every acquire checks
+        try:  # the cluster's maximum, which every acquire checks; first, so that its message wins
             check_ttl(self._ttl(), load_settings().lease_max_ttl_s, field="lease_ttl_s")
         except ConfigError as exc:
             raise ConfigError(f"MigTaskRunner {exc}", field=exc.field, value=exc.value) from None
+        # validates priority, tenant and lease_ttl_s early, with or without a profile (a flow-level
+        # runner's tasks name theirs in tags); 1g.10gb only stands in for a missing one here
+        self.request_for(profile or "1g.10gb", priority or 0, tenant or "default")
         if profile is not None:
             check_known(profile)  # against the catalog: a typo fails here, not at the first run
 
