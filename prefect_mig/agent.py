@@ -181,6 +181,9 @@ class NodeAgent:
         self._locking = 0  # `serving` blocks under way: the outermost one holds the GPU locks
         self._changing = 0  # layout changes under way (see `layout_change`)
         self._stop_signal: int | None = None
+        self._stopped = threading.Event()  # `stop`: ends the waits of `serving`, `start` and `run`
+        self._run_stop: threading.Event | None = None  # the stop event of the `run` under way, set by `stop` too
+        self._stop_lock = threading.RLock()  # `terminate` takes it in a signal handler, maybe in a thread holding it
 
     @property
     def identity(self) -> dict:
@@ -219,11 +222,29 @@ class NodeAgent:
                 log.warning("agent stopped (signal %d) after its layout change", self._stop_signal)
                 raise SystemExit(0)
 
+    def stop(self) -> None:
+        """Stop this agent from any thread (a program that embeds it; the CLI's signal handler is
+        `terminate`). `run` returns after the round under way, a layout change under way being done
+        first; `start` and `serving(wait_for_redis=True)` waiting to try again raise `AgentStopped` at
+        once, and a later `start` raises it before its first round. Each gives the node's claim back
+        as it ends. A stopped agent stays stopped."""
+        with self._stop_lock:
+            self._stopped.set()
+            if self._run_stop is not None:
+                self._run_stop.set()
+
+    def _raise_if_stopped(self) -> None:
+        from prefect_mig.errors import AgentStopped
+
+        if self._stopped.is_set():
+            raise AgentStopped(node=self.node)
+
     def terminate(self, signum: int, frame=None) -> None:  # noqa: ANN001 - a signal handler
         """Signal handler (``prefect-mig agent`` installs it for SIGTERM and SIGINT): ends the
         process now (``SystemExit(0)``), or, while a layout change is under way (`layout_change`:
         the carve of an empty GPU, a desired layout, a repair), as soon as it is done or rolled back,
-        so a stop never leaves a GPU half carved."""
+        so a stop never leaves a GPU half carved. It stops the agent (`stop`) too."""
+        self.stop()
         if self._changing:
             log.warning("signal %d: the agent stops once the layout change under way is done", signum)
             self._stop_signal = signum
@@ -773,7 +794,8 @@ class NodeAgent:
 
         With `wait_for_redis`, an agent whose first claim finds Redis not answering (started before
         redis-server) waits for it, trying again after `run`'s backoff, and changes nothing on the
-        node before it holds the claim; a stop signal meanwhile ends it (`terminate`)."""
+        node before it holds the claim; a stop signal meanwhile ends it (`terminate`: ``SystemExit``),
+        and so does `stop` from another thread (`AgentStopped`, raised at once, the block not run)."""
         first = (lambda: self._claim_once_redis_answers(interval_s, max_backoff_s)) if wait_for_redis else None
         with self._holding_gpus(), self._node_claim().kept(first=first):
             yield
@@ -792,6 +814,7 @@ class NodeAgent:
                 continue
             if failures:
                 log.warning("node %s: Redis answers; the agent claimed the node", self.node)
+            self._raise_if_stopped()  # stopped while its claim was on the way: `kept` gives it back
             return
 
     def _backoff(self, failures: int, interval_s: float, max_backoff_s: float) -> float:
@@ -800,11 +823,12 @@ class NodeAgent:
         return min(interval_s * 2 ** (failures - 1), max_backoff_s, max(interval_s, self.heartbeat_ttl_s / 3))
 
     def _pause_after(self, failures: int, interval_s: float, max_backoff_s: float, why: str, *args) -> None:
-        """Log "node <node>: `why` % `args`, retrying in <pause> s" and sleep that `_backoff` (a stop
-        signal ends the sleep: `terminate`)."""
+        """Log "node <node>: `why` % `args`, retrying in <pause> s" and wait that `_backoff`; `stop`
+        (or a stop signal, `terminate`) ends the wait at once, raising `AgentStopped`."""
         pause = self._backoff(failures, interval_s, max_backoff_s)
         log.warning("node %s: " + why + ", retrying in %.1f s", self.node, *args, pause)
-        time.sleep(pause)
+        self._stopped.wait(pause)
+        self._raise_if_stopped()
 
     @contextmanager
     def _holding_gpus(self) -> Iterator[None]:
@@ -836,7 +860,8 @@ class NodeAgent:
             self._locking = 0
 
     def run(self, *, interval_s: float = 5.0, stop: threading.Event | None = None, max_backoff_s: float = 60.0) -> None:
-        """Serve the node (`serving`) and tick, every `interval_s`, until `stop` is set.
+        """Serve the node (`serving`) and tick, every `interval_s`, until `stop` is set or the
+        agent is stopped (`stop()`, which sets `stop` too); then it returns, the claim given back.
 
         A failing tick (Redis or the Docker engine down, a container gone) is logged and retried
         after a backoff that doubles up to `max_backoff_s`, but never past a third of the heartbeat
@@ -844,6 +869,17 @@ class NodeAgent:
         another agent serves this node.
         """
         stop = stop or threading.Event()
+        with self._stop_lock:
+            self._run_stop = stop
+            if self._stopped.is_set():
+                stop.set()
+        try:
+            self._run(stop, interval_s, max_backoff_s)
+        finally:
+            with self._stop_lock:
+                self._run_stop = None
+
+    def _run(self, stop: threading.Event, interval_s: float, max_backoff_s: float) -> None:
         failures = 0
         with self.serving():
             while not stop.is_set():
@@ -876,9 +912,14 @@ class NodeAgent:
         after a backoff as `run`'s: it claims the node again (carving nothing before), finishes the
         carve and publishes. Only `NodeTaken` (another agent holds the node now) ends it; anything
         else (a bad layout config, an NVML error) is raised as it is, as without `retry`.
+
+        Raises:
+            AgentStopped: the agent was stopped (`stop`, from another thread) before this round or
+                while it waited to try again: it returns at once, changing nothing more on the node.
         """
         from prefect_mig.errors import RedisUnavailable
 
+        self._raise_if_stopped()
         failures = 0
         while True:
             try:

@@ -35,6 +35,7 @@ PrefectMigError
     └── NoPermission            creating/destroying instances needs root or the MIG capability
 NodeTaken                       another node agent, alive, already serves this node or its GPUs
 NodeClaimLapsed                 this node agent could not renew its claim on the node for a whole TTL
+AgentStopped                    a node agent was stopped while it waited to try again
 NodeInUse                       a node to forget is still claimed by an agent or holds a lease
 GpuHeld                         another process of this host (an agent, the demo) serves the GPU
 GpuLockUntrusted                a GPU lock file or its directory is one another user could tamper with
@@ -522,3 +523,18 @@ class NodeClaimLapsed(PrefectMigError):
         self.node = node
         self.age_s = age_s
         self.ttl_s = ttl_s
+
+
+class AgentStopped(PrefectMigError):
+    """A node agent was stopped (`NodeAgent.stop`) while its first round (`NodeAgent.start`) or its
+    first claim (`NodeAgent.serving` waiting for Redis) waited to try again: it changed nothing more
+    on the node and gave back its claim, if it held one.
+
+    Attributes:
+        node: the agent's node name.
+    """
+
+    def __init__(self, *, node: str) -> None:
+        super().__init__(f"node {node}: the agent was stopped while it waited to try again; it changed nothing more "
+                         "on the node")
+        self.node = node

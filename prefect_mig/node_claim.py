@@ -169,9 +169,11 @@ class NodeClaim:
         TTL from a daemon thread until the block ends (`renew`: a claim that lapsed meanwhile is
         claimed again only by a `take`, the agent's next round, so a renewal landing after the
         give-back cannot hold the node for one more TTL); a renewal that finds another agent holding
-        it makes the next `check` raise. On a clean exit (no exception, or ``SystemExit(0)``: a stop
-        signal) the claim is given back; after any other exception it lapses by itself. Nested
-        blocks share the outer one's thread."""
+        it makes the next `check` raise. On a clean exit (no exception, ``SystemExit(0)``: a stop
+        signal, or `AgentStopped`: the agent stopped from another thread) the claim is given back;
+        after any other exception it lapses by itself. Nested blocks share the outer one's thread."""
+        from prefect_mig.errors import AgentStopped
+
         if self._keeping:
             self._keeping += 1
             try:
@@ -190,6 +192,9 @@ class NodeClaim:
             clean = True
         except SystemExit as exc:
             clean = exc.code in (0, None)
+            raise
+        except AgentStopped:
+            clean = True
             raise
         finally:
             self._keeping = 0
