@@ -80,6 +80,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import TypeVar
 from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import quote
@@ -94,6 +95,8 @@ from prefect_mig.node_claim import NodeClaim
 from prefect_mig.state_dir import private_dir, write_private
 
 log = logging.getLogger("prefect_mig.agent")
+
+T = TypeVar("T")
 
 CLAIM_LOST = (NodeTaken, NodeClaimLapsed, NodeNotClaimed)  # this agent no longer holds its node: it changes nothing there
 
@@ -803,19 +806,30 @@ class NodeAgent:
     def _claim_once_redis_answers(self, interval_s: float, max_backoff_s: float) -> None:
         from prefect_mig.errors import RedisUnavailable
 
+        self._retrying(
+            lambda retried: self._node_claim().take(), (RedisUnavailable,),
+            "the agent waits for Redis, changing nothing on the node until it holds its claim (%s)",
+            "Redis answers; the agent claimed the node", interval_s=interval_s, max_backoff_s=max_backoff_s,
+        )
+        self._raise_if_stopped()  # stopped while its claim was on the way: `kept` gives it back
+
+    def _retrying(self, step: Callable[[bool], T], errors: tuple[type[Exception], ...], why: str, recovered: str, *,
+                  interval_s: float, max_backoff_s: float) -> T:
+        """``step(retried)`` until it returns, what it returns: after each of `errors` it raises, log
+        "node <node>: `why` % error, retrying in <pause> s" and wait (`_pause_after`: `stop` ends the
+        wait, raising `AgentStopped`); once a retried step returns, log "node <node>: `recovered`".
+        Any other error is raised as it is."""
         failures = 0
         while True:
             try:
-                self._node_claim().take()
-            except RedisUnavailable as exc:
+                result = step(failures > 0)
+            except errors as exc:
                 failures += 1
-                self._pause_after(failures, interval_s, max_backoff_s, "the agent waits for Redis, changing nothing on "
-                                  "the node until it holds its claim (%s)", exc)
+                self._pause_after(failures, interval_s, max_backoff_s, why, exc)
                 continue
             if failures:
-                log.warning("node %s: Redis answers; the agent claimed the node", self.node)
-            self._raise_if_stopped()  # stopped while its claim was on the way: `kept` gives it back
-            return
+                log.warning("node %s: " + recovered, self.node)
+            return result
 
     def _backoff(self, failures: int, interval_s: float, max_backoff_s: float) -> float:
         """The pause after `failures` failed rounds in a row: doubling from `interval_s` up to
@@ -920,28 +934,24 @@ class NodeAgent:
         from prefect_mig.errors import RedisUnavailable
 
         self._raise_if_stopped()
-        failures = 0
-        while True:
-            try:
-                if failures:
-                    self.claim()
-                carved = self.carve_empty(configs, name) if configs is not None else []
-                published = self.publish()
-            except NodeTaken as taken:
-                if failures:
-                    log.error("node %s: another agent holds it now (pid %s on host %s); this agent stops serving it",
-                              self.node, taken.pid, taken.host)
-                raise
-            except (NodeClaimLapsed, NodeNotClaimed, RedisUnavailable) as exc:
-                if not retry:
-                    raise
-                failures += 1
-                self._pause_after(failures, interval_s, max_backoff_s, "the agent's start was cut short (%s); it "
-                                  "changes nothing on the node until it has claimed it again", exc)
-                continue
-            if failures:
-                log.warning("node %s: the agent claimed the node again and carries on", self.node)
-            return carved, published
+        return self._retrying(
+            lambda retried: self._first_round(configs, name, retried),
+            (NodeClaimLapsed, NodeNotClaimed, RedisUnavailable) if retry else (),
+            "the agent's start was cut short (%s); it changes nothing on the node until it has claimed it again",
+            "the agent claimed the node again and carries on", interval_s=interval_s, max_backoff_s=max_backoff_s,
+        )
+
+    def _first_round(self, configs, name: str | None, retried: bool) -> tuple[list[str], tuple[int, int, int]]:
+        try:
+            if retried:
+                self.claim()
+            carved = self.carve_empty(configs, name) if configs is not None else []
+            return carved, self.publish()
+        except NodeTaken as taken:
+            if retried:
+                log.error("node %s: another agent holds it now (pid %s on host %s); this agent stops serving it",
+                          self.node, taken.pid, taken.host)
+            raise
 
     def _claim_again_after(self, refused: NodeNotClaimed) -> None:
         """Redis refused a write of this round: the claim had lapsed when it landed. Claim the node
