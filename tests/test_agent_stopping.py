@@ -77,8 +77,8 @@ def _in_thread(call) -> tuple[threading.Thread, list]:
     return thread, raised
 
 
-def _serve_with_redis_wait(agent: NodeAgent, served: list) -> None:
-    with agent.serving(wait_for_redis=True, interval_s=60):
+def _serve_with_redis_wait(agent: NodeAgent, served: list, *, interval_s: float = 60) -> None:
+    with agent.serving(wait_for_redis=True, interval_s=interval_s):
         served.append(True)
 
 
@@ -122,3 +122,30 @@ def test_stop_ends_a_run_under_way_at_once_whatever_stop_event_the_run_was_given
     assert alloc.redis.get(alloc.keys.agent("node-a")) is None, "the claim was not given back"
     with pytest.raises(AgentStopped):
         agent.start()
+
+
+@pytest.mark.parametrize("stopped_by", ["SIGTERM", "stop()"])
+def test_an_agent_stopped_just_after_it_won_its_claim_gives_the_claim_back_at_once(
+    agent, fresh_redis_server, agent_log, stopped_by
+):
+    """The agent waited for Redis; the stop lands right after its claim went through (the signal
+    handler, `terminate`, as the CLI installs it, or `stop()` from another thread). The claim is
+    given back as the agent ends, so a restarted agent or one on another host takes the node at
+    once instead of waiting out the 60 s TTL."""
+    import signal
+
+    alloc = agent.allocator
+    gpu = agent.backend.gpus()[0].uuid
+    fresh_redis_server.kill()
+    stop = (lambda: agent.terminate(signal.SIGTERM)) if stopped_by == "SIGTERM" else agent.stop
+    claimed = agent_log.seen("Redis answers; the agent claimed the node", act=stop)
+    waiting, served = agent_log.seen("waits for Redis"), []
+    thread, raised = _in_thread(lambda: _serve_with_redis_wait(agent, served, interval_s=0.2))
+    assert waiting.wait(30), agent_log.lines
+    fresh_redis_server.restart()
+    thread.join(30)
+    assert claimed.is_set() and not thread.is_alive(), agent_log.lines
+    assert served == []
+    assert [type(e) for e in raised] == [SystemExit if stopped_by == "SIGTERM" else AgentStopped], raised
+    assert alloc.redis.get(alloc.keys.agent("node-a")) is None, "the node's claim was left to lapse"
+    assert alloc.redis.get(alloc.keys.gpu_agent(gpu)) is None, "the GPU's claim was left to lapse"
