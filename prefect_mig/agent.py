@@ -172,6 +172,7 @@ class NodeAgent:
         self._unknown_seen: set[str] = set()  # running containers of unknown cluster ids, last listed
         self._busy_by_labels: set[str] = set()
         self._half_made: set[tuple[str, int, str]] = set()  # GPU instances without compute instance, last seen
+        self._mig_modes: dict[str, tuple[bool, bool]] = {}  # GPU UUID -> (current, pending) MIG mode, last seen
         self._engine_was_down = False
         self._carves = (
             CarvesUnderWay.in_state_dir(state_dir, namespace=allocator.keys.namespace, node=node)
@@ -264,7 +265,7 @@ class NodeAgent:
         known = {g["uuid"]: g for g in self.allocator.gpus()}
         gpus, slices = [], []
         labelled: set[str] | None = None
-        for gpu in self.backend.gpus():
+        for gpu in self._read_gpus():
             if not gpu.mig_enabled:
                 continue
             model = self.backend.gpu_model(gpu.index)
@@ -290,6 +291,18 @@ class NodeAgent:
                 )
         return gpus, slices
 
+    def _read_gpus(self) -> list:
+        """This node's GPUs (`GpuBackend.gpus`); a GPU whose MIG mode change awaits a reset is named
+        with what to do once per change of its (current, pending) modes, whatever the agent does."""
+        gpus = self.backend.gpus()
+        for gpu in gpus:
+            modes = (gpu.mig_enabled, gpu.mig_pending)
+            if self._mig_modes.get(gpu.uuid) != modes:
+                self._mig_modes[gpu.uuid] = modes
+                if gpu.mig_enabled != gpu.mig_pending:
+                    _warn_mig_mode_pending(gpu)
+        return gpus
+
     def carve_empty(self, configs, name: str) -> list[str]:
         """Carve each GPU that has MIG on and no instances to layout config `name` of `configs`
         (a `LayoutConfigs`), and finish such a carve that was cut short. Returns what it carved.
@@ -303,9 +316,7 @@ class NodeAgent:
         for it, all idle. Any other GPU with instances (a layout carved on purpose, the
         repartitioner's) is left as it is."""
         carved = []
-        for gpu in self.backend.gpus():
-            if gpu.mig_enabled != gpu.mig_pending:
-                _warn_mig_mode_pending(gpu)
+        for gpu in self._read_gpus():
             if not gpu.mig_enabled:
                 continue
             model = self.backend.gpu_model(gpu.index)
