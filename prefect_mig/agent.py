@@ -28,7 +28,9 @@ an outage of Redis or a lapse of the claim (it claims the node again, then carri
 can wait for a Redis that does not answer yet before it claims the node. `carve_empty` carves GPUs
 that have MIG on and no instances to a named layout config, and finishes such a carve that a kill
 cut short (recorded in the state dir); a stop signal (`terminate`) that lands during a layout change
-takes effect once the change is done or rolled back.
+takes effect once the change is done or rolled back. A program that embeds the agent stops it from
+another thread with `stop`, which also ends those waits for Redis at once (`AgentStopped`). A GPU
+whose MIG mode change awaits a reset is named, with what to do, once per change of its modes.
 
 One agent serves a node: it claims the node and its GPUs in Redis (`claim`, `serving`, see
 `prefect_mig.node_claim`) and keeps the claim renewed from a thread while it serves, however long a
@@ -802,8 +804,9 @@ class NodeAgent:
         claim every third of the heartbeat TTL from a thread, so a round that outlasts the TTL (a
         slow carve on real NVML) does not let it lapse; if a renewal finds another agent holding it,
         this agent's next change on the node raises `NodeTaken` instead. On a clean exit (or a stop
-        signal, `terminate`) the claim is given back, if it is still this agent's, so an agent on
-        another host can take the node at once; after a crash it lapses after the TTL. `run` serves
+        signal, `terminate`, or `stop`, even one that lands while the claim is being won) the claim
+        is given back, if it is still this agent's, so an agent on another host can take the node at
+        once; after a crash it lapses after the TTL. `run` serves
         for its whole loop.
 
         With `wait_for_redis`, an agent whose first claim finds Redis not answering (started before
