@@ -82,9 +82,9 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import TypeVar
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import quote
 
 from prefect_mig.allocator import Allocator, SliceRecord
@@ -806,8 +806,7 @@ class NodeAgent:
         this agent's next change on the node raises `NodeTaken` instead. On a clean exit (or a stop
         signal, `terminate`, or `stop`, even one that lands while the claim is being won) the claim
         is given back, if it is still this agent's, so an agent on another host can take the node at
-        once; after a crash it lapses after the TTL. `run` serves
-        for its whole loop.
+        once; after a crash it lapses after the TTL. `run` serves for its whole loop.
 
         With `wait_for_redis`, an agent whose first claim finds Redis not answering (started before
         redis-server) waits for it, trying again after `run`'s backoff, and changes nothing on the
