@@ -5,6 +5,7 @@ the test), the simulated NVML."""
 from __future__ import annotations
 
 import logging
+import signal
 import threading
 import time
 
@@ -18,8 +19,8 @@ from prefect_mig.gpu.host_lock import GpuLocks
 
 
 class _Log(logging.Handler):
-    """The agent's log lines as they come; `on(text, act)` calls `act()` in the logging thread at the
-    first line holding `text`, and `seen(text)` is an event set then."""
+    """The agent's log lines as they come; `seen(text, act)` is an event set at the first line holding
+    `text`, and calls `act()` then, in the thread that logged it."""
 
     def __init__(self) -> None:
         super().__init__(logging.INFO)
@@ -132,8 +133,6 @@ def test_an_agent_stopped_just_after_it_won_its_claim_gives_the_claim_back_at_on
     handler, `terminate`, as the CLI installs it, or `stop()` from another thread). The claim is
     given back as the agent ends, so a restarted agent or one on another host takes the node at
     once instead of waiting out the 60 s TTL."""
-    import signal
-
     alloc = agent.allocator
     gpu = agent.backend.gpus()[0].uuid
     fresh_redis_server.kill()
