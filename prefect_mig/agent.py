@@ -28,7 +28,9 @@ an outage of Redis or a lapse of the claim (it claims the node again, then carri
 can wait for a Redis that does not answer yet before it claims the node. `carve_empty` carves GPUs
 that have MIG on and no instances to a named layout config, and finishes such a carve that a kill
 cut short (recorded in the state dir); a stop signal (`terminate`) that lands during a layout change
-takes effect once the change is done or rolled back.
+takes effect once the change is done or rolled back. A program that embeds the agent stops it from
+another thread with `stop`, which also ends those waits for Redis at once (`AgentStopped`). A GPU
+whose MIG mode change awaits a reset is named, with what to do, once per change of its modes.
 
 One agent serves a node: it claims the node and its GPUs in Redis (`claim`, `serving`, see
 `prefect_mig.node_claim`) and keeps the claim renewed from a thread while it serves, however long a
@@ -82,6 +84,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import quote
 
 from prefect_mig.allocator import Allocator, SliceRecord
@@ -94,6 +97,8 @@ from prefect_mig.node_claim import NodeClaim
 from prefect_mig.state_dir import private_dir, write_private
 
 log = logging.getLogger("prefect_mig.agent")
+
+T = TypeVar("T")
 
 CLAIM_LOST = (NodeTaken, NodeClaimLapsed, NodeNotClaimed)  # this agent no longer holds its node: it changes nothing there
 
@@ -169,6 +174,7 @@ class NodeAgent:
         self._unknown_seen: set[str] = set()  # running containers of unknown cluster ids, last listed
         self._busy_by_labels: set[str] = set()
         self._half_made: set[tuple[str, int, str]] = set()  # GPU instances without compute instance, last seen
+        self._mig_modes: dict[str, tuple[bool, bool]] = {}  # GPU UUID -> (current, pending) MIG mode, last seen
         self._engine_was_down = False
         self._carves = (
             CarvesUnderWay.in_state_dir(state_dir, namespace=allocator.keys.namespace, node=node)
@@ -181,6 +187,9 @@ class NodeAgent:
         self._locking = 0  # `serving` blocks under way: the outermost one holds the GPU locks
         self._changing = 0  # layout changes under way (see `layout_change`)
         self._stop_signal: int | None = None
+        self._stopped = threading.Event()  # `stop`: ends the waits of `serving`, `start` and `run`
+        self._run_stop: threading.Event | None = None  # the stop event of the `run` under way, set by `stop` too
+        self._stop_lock = threading.RLock()  # `terminate` takes it in a signal handler, maybe in a thread holding it
 
     @property
     def identity(self) -> dict:
@@ -219,11 +228,29 @@ class NodeAgent:
                 log.warning("agent stopped (signal %d) after its layout change", self._stop_signal)
                 raise SystemExit(0)
 
+    def stop(self) -> None:
+        """Stop this agent from any thread (a program that embeds it; the CLI's signal handler is
+        `terminate`). `run` returns after the round under way, a layout change under way being done
+        first; `start` and `serving(wait_for_redis=True)` waiting to try again raise `AgentStopped` at
+        once, and a later `start` raises it before its first round. Each gives the node's claim back
+        as it ends. A stopped agent stays stopped."""
+        with self._stop_lock:
+            self._stopped.set()
+            if self._run_stop is not None:
+                self._run_stop.set()
+
+    def _raise_if_stopped(self) -> None:
+        from prefect_mig.errors import AgentStopped
+
+        if self._stopped.is_set():
+            raise AgentStopped(node=self.node)
+
     def terminate(self, signum: int, frame=None) -> None:  # noqa: ANN001 - a signal handler
         """Signal handler (``prefect-mig agent`` installs it for SIGTERM and SIGINT): ends the
         process now (``SystemExit(0)``), or, while a layout change is under way (`layout_change`:
         the carve of an empty GPU, a desired layout, a repair), as soon as it is done or rolled back,
-        so a stop never leaves a GPU half carved."""
+        so a stop never leaves a GPU half carved. It stops the agent (`stop`) too."""
+        self.stop()
         if self._changing:
             log.warning("signal %d: the agent stops once the layout change under way is done", signum)
             self._stop_signal = signum
@@ -240,7 +267,7 @@ class NodeAgent:
         known = {g["uuid"]: g for g in self.allocator.gpus()}
         gpus, slices = [], []
         labelled: set[str] | None = None
-        for gpu in self.backend.gpus():
+        for gpu in self._read_gpus():
             if not gpu.mig_enabled:
                 continue
             model = self.backend.gpu_model(gpu.index)
@@ -266,6 +293,18 @@ class NodeAgent:
                 )
         return gpus, slices
 
+    def _read_gpus(self) -> list:
+        """This node's GPUs (`GpuBackend.gpus`); a GPU whose MIG mode change awaits a reset is named
+        with what to do once per change of its (current, pending) modes, whatever the agent does."""
+        gpus = self.backend.gpus()
+        for gpu in gpus:
+            modes = (gpu.mig_enabled, gpu.mig_pending)
+            if self._mig_modes.get(gpu.uuid) != modes:
+                self._mig_modes[gpu.uuid] = modes
+                if gpu.mig_enabled != gpu.mig_pending:
+                    _warn_mig_mode_pending(gpu)
+        return gpus
+
     def carve_empty(self, configs, name: str) -> list[str]:
         """Carve each GPU that has MIG on and no instances to layout config `name` of `configs`
         (a `LayoutConfigs`), and finish such a carve that was cut short. Returns what it carved.
@@ -279,9 +318,7 @@ class NodeAgent:
         for it, all idle. Any other GPU with instances (a layout carved on purpose, the
         repartitioner's) is left as it is."""
         carved = []
-        for gpu in self.backend.gpus():
-            if gpu.mig_enabled != gpu.mig_pending:
-                _warn_mig_mode_pending(gpu)
+        for gpu in self._read_gpus():
             if not gpu.mig_enabled:
                 continue
             model = self.backend.gpu_model(gpu.index)
@@ -767,13 +804,14 @@ class NodeAgent:
         claim every third of the heartbeat TTL from a thread, so a round that outlasts the TTL (a
         slow carve on real NVML) does not let it lapse; if a renewal finds another agent holding it,
         this agent's next change on the node raises `NodeTaken` instead. On a clean exit (or a stop
-        signal, `terminate`) the claim is given back, if it is still this agent's, so an agent on
-        another host can take the node at once; after a crash it lapses after the TTL. `run` serves
-        for its whole loop.
+        signal, `terminate`, or `stop`, even one that lands while the claim is being won) the claim
+        is given back, if it is still this agent's, so an agent on another host can take the node at
+        once; after a crash it lapses after the TTL. `run` serves for its whole loop.
 
         With `wait_for_redis`, an agent whose first claim finds Redis not answering (started before
         redis-server) waits for it, trying again after `run`'s backoff, and changes nothing on the
-        node before it holds the claim; a stop signal meanwhile ends it (`terminate`)."""
+        node before it holds the claim; a stop signal meanwhile ends it (`terminate`: ``SystemExit``),
+        and so does `stop` from another thread (`AgentStopped`, raised at once, the block not run)."""
         first = (lambda: self._claim_once_redis_answers(interval_s, max_backoff_s)) if wait_for_redis else None
         with self._holding_gpus(), self._node_claim().kept(first=first):
             yield
@@ -781,18 +819,30 @@ class NodeAgent:
     def _claim_once_redis_answers(self, interval_s: float, max_backoff_s: float) -> None:
         from prefect_mig.errors import RedisUnavailable
 
+        self._retrying(
+            lambda retried: self._node_claim().take(), (RedisUnavailable,),
+            "the agent waits for Redis, changing nothing on the node until it holds its claim (%s)",
+            "Redis answers; the agent claimed the node", interval_s=interval_s, max_backoff_s=max_backoff_s,
+        )
+        self._raise_if_stopped()  # stopped while its claim was on the way: `kept` gives it back
+
+    def _retrying(self, step: Callable[[bool], T], errors: tuple[type[Exception], ...], why: str, recovered: str, *,
+                  interval_s: float, max_backoff_s: float) -> T:
+        """``step(retried)`` until it returns, what it returns: after each of `errors` it raises, log
+        "node <node>: `why` % error, retrying in <pause> s" and wait (`_pause_after`: `stop` ends the
+        wait, raising `AgentStopped`); once a retried step returns, log "node <node>: `recovered`".
+        Any other error is raised as it is."""
         failures = 0
         while True:
             try:
-                self._node_claim().take()
-            except RedisUnavailable as exc:
+                result = step(failures > 0)
+            except errors as exc:
                 failures += 1
-                self._pause_after(failures, interval_s, max_backoff_s, "the agent waits for Redis, changing nothing on "
-                                  "the node until it holds its claim (%s)", exc)
+                self._pause_after(failures, interval_s, max_backoff_s, why, exc)
                 continue
             if failures:
-                log.warning("node %s: Redis answers; the agent claimed the node", self.node)
-            return
+                log.warning("node %s: " + recovered, self.node)
+            return result
 
     def _backoff(self, failures: int, interval_s: float, max_backoff_s: float) -> float:
         """The pause after `failures` failed rounds in a row: doubling from `interval_s` up to
@@ -800,11 +850,12 @@ class NodeAgent:
         return min(interval_s * 2 ** (failures - 1), max_backoff_s, max(interval_s, self.heartbeat_ttl_s / 3))
 
     def _pause_after(self, failures: int, interval_s: float, max_backoff_s: float, why: str, *args) -> None:
-        """Log "node <node>: `why` % `args`, retrying in <pause> s" and sleep that `_backoff` (a stop
-        signal ends the sleep: `terminate`)."""
+        """Log "node <node>: `why` % `args`, retrying in <pause> s" and wait that `_backoff`; `stop`
+        (or a stop signal, `terminate`) ends the wait at once, raising `AgentStopped`."""
         pause = self._backoff(failures, interval_s, max_backoff_s)
         log.warning("node %s: " + why + ", retrying in %.1f s", self.node, *args, pause)
-        time.sleep(pause)
+        self._stopped.wait(pause)
+        self._raise_if_stopped()
 
     @contextmanager
     def _holding_gpus(self) -> Iterator[None]:
@@ -836,7 +887,8 @@ class NodeAgent:
             self._locking = 0
 
     def run(self, *, interval_s: float = 5.0, stop: threading.Event | None = None, max_backoff_s: float = 60.0) -> None:
-        """Serve the node (`serving`) and tick, every `interval_s`, until `stop` is set.
+        """Serve the node (`serving`) and tick, every `interval_s`, until `stop` is set or the
+        agent is stopped (`stop()`, which sets `stop` too); then it returns, the claim given back.
 
         A failing tick (Redis or the Docker engine down, a container gone) is logged and retried
         after a backoff that doubles up to `max_backoff_s`, but never past a third of the heartbeat
@@ -844,6 +896,17 @@ class NodeAgent:
         another agent serves this node.
         """
         stop = stop or threading.Event()
+        with self._stop_lock:
+            self._run_stop = stop
+            if self._stopped.is_set():
+                stop.set()
+        try:
+            self._run(stop, interval_s, max_backoff_s)
+        finally:
+            with self._stop_lock:
+                self._run_stop = None
+
+    def _run(self, stop: threading.Event, interval_s: float, max_backoff_s: float) -> None:
         failures = 0
         with self.serving():
             while not stop.is_set():
@@ -876,31 +939,32 @@ class NodeAgent:
         after a backoff as `run`'s: it claims the node again (carving nothing before), finishes the
         carve and publishes. Only `NodeTaken` (another agent holds the node now) ends it; anything
         else (a bad layout config, an NVML error) is raised as it is, as without `retry`.
+
+        Raises:
+            AgentStopped: the agent was stopped (`stop`, from another thread) before this round or
+                while it waited to try again: it returns at once, changing nothing more on the node.
         """
         from prefect_mig.errors import RedisUnavailable
 
-        failures = 0
-        while True:
-            try:
-                if failures:
-                    self.claim()
-                carved = self.carve_empty(configs, name) if configs is not None else []
-                published = self.publish()
-            except NodeTaken as taken:
-                if failures:
-                    log.error("node %s: another agent holds it now (pid %s on host %s); this agent stops serving it",
-                              self.node, taken.pid, taken.host)
-                raise
-            except (NodeClaimLapsed, NodeNotClaimed, RedisUnavailable) as exc:
-                if not retry:
-                    raise
-                failures += 1
-                self._pause_after(failures, interval_s, max_backoff_s, "the agent's start was cut short (%s); it "
-                                  "changes nothing on the node until it has claimed it again", exc)
-                continue
-            if failures:
-                log.warning("node %s: the agent claimed the node again and carries on", self.node)
-            return carved, published
+        self._raise_if_stopped()
+        return self._retrying(
+            lambda retried: self._first_round(configs, name, retried),
+            (NodeClaimLapsed, NodeNotClaimed, RedisUnavailable) if retry else (),
+            "the agent's start was cut short (%s); it changes nothing on the node until it has claimed it again",
+            "the agent claimed the node again and carries on", interval_s=interval_s, max_backoff_s=max_backoff_s,
+        )
+
+    def _first_round(self, configs, name: str | None, retried: bool) -> tuple[list[str], tuple[int, int, int]]:
+        try:
+            if retried:
+                self.claim()
+            carved = self.carve_empty(configs, name) if configs is not None else []
+            return carved, self.publish()
+        except NodeTaken as taken:
+            if retried:
+                log.error("node %s: another agent holds it now (pid %s on host %s); this agent stops serving it",
+                          self.node, taken.pid, taken.host)
+            raise
 
     def _claim_again_after(self, refused: NodeNotClaimed) -> None:
         """Redis refused a write of this round: the claim had lapsed when it landed. Claim the node

@@ -35,6 +35,7 @@ PrefectMigError
     └── NoPermission            creating/destroying instances needs root or the MIG capability
 NodeTaken                       another node agent, alive, already serves this node or its GPUs
 NodeClaimLapsed                 this node agent could not renew its claim on the node for a whole TTL
+AgentStopped                    a node agent was stopped before its first claim and round were done
 NodeInUse                       a node to forget is claimed by an agent, holds a lease or awaits a fence
 GpuHeld                         another process of this host (an agent, the demo) serves the GPU
 GpuLockUntrusted                a GPU lock file or its directory is one another user could tamper with
@@ -536,3 +537,18 @@ class NodeClaimLapsed(PrefectMigError):
         self.node = node
         self.age_s = age_s
         self.ttl_s = ttl_s
+
+
+class AgentStopped(PrefectMigError):
+    """A node agent was stopped (`NodeAgent.stop`) before its first round (`NodeAgent.start`), or
+    while that round or its first claim (`NodeAgent.serving` waiting for Redis) waited to try again:
+    it changes nothing more on the node, and its claim, if it held one, was given back.
+
+    Attributes:
+        node: the agent's node name.
+    """
+
+    def __init__(self, *, node: str) -> None:
+        super().__init__(f"node {node}: the agent was stopped (NodeAgent.stop) before it had claimed the node and "
+                         "finished its first round; it changes nothing more on the node")
+        self.node = node

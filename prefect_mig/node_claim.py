@@ -72,6 +72,9 @@ class NodeClaim:
         self._lost: Exception | None = None  # NodeTaken: another agent holds it now
         self._keeping = 0
         self._lock = threading.Lock()
+        # a claim sent whose outcome is not recorded yet: a stop that lands meanwhile (a signal
+        # handler's SystemExit) may leave it won, so `kept` gives it back
+        self._sending = False
 
     def _me(self) -> str:
         return json.dumps({**self.identity, "node": self.node}, sort_keys=True)
@@ -88,16 +91,24 @@ class NodeClaim:
         from prefect_mig.errors import NodeTaken
 
         me, gpus, sent = self._me(), list(self.gpus()), time.monotonic()
-        taken = self.allocator.claim_node(self.node, me, ttl_s=self.ttl_s, gpus=gpus)
-        if taken is not None:
-            holder = _identity(taken[1])
-            if holder["host"] == self.identity["host"] and not _pid_alive(holder["pid"]):
-                log.warning("node %s: taking over from agent pid %s on this host, which is gone", self.node, holder["pid"])
-                taken = self.allocator.claim_node(self.node, me, ttl_s=self.ttl_s, gpus=gpus, replace=taken[1])
+        self._sending = True
+        try:
+            taken = self.allocator.claim_node(self.node, me, ttl_s=self.ttl_s, gpus=gpus)
+            if taken is not None:
+                holder = _identity(taken[1])
+                if holder["host"] == self.identity["host"] and not _pid_alive(holder["pid"]):
+                    log.warning("node %s: taking over from agent pid %s on this host, which is gone", self.node,
+                                holder["pid"])
+                    taken = self.allocator.claim_node(self.node, me, ttl_s=self.ttl_s, gpus=gpus, replace=taken[1])
+        except Exception:
+            self._sending = False  # not won (Redis did not answer: a claim it applied lapses)
+            raise
         if taken is None:
             with self._lock:
                 self._confirmed_at, self._lost = sent, None
+            self._sending = False
             return
+        self._sending = False
         holder = _identity(taken[1])
         error = NodeTaken(node=self.node, namespace=self.allocator.keys.namespace, what=taken[0],
                           serving=holder["node"], host=holder["host"], pid=holder["pid"], ttl_s=self.ttl_s)
@@ -169,9 +180,14 @@ class NodeClaim:
         TTL from a daemon thread until the block ends (`renew`: a claim that lapsed meanwhile is
         claimed again only by a `take`, the agent's next round, so a renewal landing after the
         give-back cannot hold the node for one more TTL); a renewal that finds another agent holding
-        it makes the next `check` raise. On a clean exit (no exception, or ``SystemExit(0)``: a stop
-        signal) the claim is given back; after any other exception it lapses by itself. Nested
-        blocks share the outer one's thread."""
+        it makes the next `check` raise. On a clean exit (no exception, ``SystemExit(0)``: a stop
+        signal, or `AgentStopped`: the agent stopped from another thread) the claim is given back,
+        also when the stop lands while or just after the claim is taken, before the block begins
+        (then any exception gives it back: nothing was done under it yet); after any other
+        exception it lapses by itself. A claim another agent holds is never given back (`release`
+        frees only this agent's). Nested blocks share the outer one's thread."""
+        from prefect_mig.errors import AgentStopped, NodeTaken
+
         if self._keeping:
             self._keeping += 1
             try:
@@ -179,23 +195,31 @@ class NodeClaim:
             finally:
                 self._keeping -= 1
             return
-        (first or self.take)()
         self._keeping = 1
-        done = threading.Event()
-        thread = threading.Thread(target=self._renew_until, args=(done,), name=f"claim:{self.node}", daemon=True)
-        thread.start()
-        clean = False
-        try:
+        done, thread = threading.Event(), None
+        clean = began = refused = False
+        try:  # from before the claim: a stop signal may land as soon as it is won
+            (first or self.take)()
+            thread = threading.Thread(target=self._renew_until, args=(done,), name=f"claim:{self.node}", daemon=True)
+            thread.start()
+            began = True
             yield self
             clean = True
         except SystemExit as exc:
             clean = exc.code in (0, None)
             raise
+        except AgentStopped:
+            clean = True
+            raise
+        except NodeTaken:
+            refused = True
+            raise
         finally:
             self._keeping = 0
             done.set()
-            thread.join(timeout=max(1.0, self.ttl_s))
-            if clean:
+            if thread is not None:
+                thread.join(timeout=max(1.0, self.ttl_s))
+            if (clean or not began and not refused) and (self._sending or self.held_as() is not None):
                 self._release_quietly()
 
     def _release_quietly(self) -> None:

@@ -3,6 +3,7 @@ between two creates, a SIGTERM from `prefect-mig down` or the supervisor."""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -361,6 +362,44 @@ def test_an_agent_on_the_auto_backend_with_a_gpu_driver_serves_this_host_not_a_s
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"agent {host}: published 3 slice(s)" in done.stdout
     assert list(Allocator(redis_server.client(), namespace).status()["nodes"]) == [host]
+
+
+@pytest.mark.parametrize("layout", ["none", "balanced"])
+def test_a_pending_mig_mode_change_is_named_once_per_gpu_and_per_change_whatever_the_agent_does(
+    alloc, tmp_path, caplog, layout
+):
+    """Whether the agent carves (a first round tried again carves again) or not (--layout none), a
+    GPU whose MIG mode change awaits a reset serves nothing (or loses its slices at the reset): the
+    agent names it once, not at every round, and again when the modes change again (the change
+    undone, then made again)."""
+    nvml = SimulatedNvml("node-a=2xA30-24GB", state_dir=tmp_path)
+    with GpuBackend(nvml) as backend:
+        nvml.nvmlDeviceSetMigMode(nvml.nvmlDeviceGetHandleByIndex(1), 0)
+        nvml.stage_mig_mode(0, 0)  # GPU 0: on, pending off
+        nvml.stage_mig_mode(1, 1)  # GPU 1: off, pending on
+        first, second = (g.uuid for g in backend.gpus())
+        agent = NodeAgent(backend, alloc, node="node-a")
+        caplog.set_level(logging.WARNING, "prefect_mig.agent")
+
+        def named() -> list[str]:
+            return [r.getMessage() for r in caplog.records if ": MIG mode is " in r.getMessage()]
+
+        if layout == "none":
+            agent.start()
+        else:
+            agent.start(LayoutConfigs.load(), layout)
+            agent.carve_empty(LayoutConfigs.load(), layout)  # what a first round tried again does
+        agent.tick()
+        agent.tick()
+        assert len(named()) == 2, named()
+        assert f"GPU 0 (NVIDIA A30, {first}): MIG mode is on, pending off" in named()[0]
+        assert f"GPU 1 (NVIDIA A30, {second}): MIG mode is off, pending on" in named()[1]
+        nvml.stage_mig_mode(1, 0)  # undone: nothing to say
+        agent.tick()
+        nvml.stage_mig_mode(1, 1)  # made again
+        agent.tick()
+        agent.tick()
+        assert len(named()) == 3 and named()[2].startswith(f"GPU 1 (NVIDIA A30, {second}): MIG mode is off, pending on")
 
 
 def test_an_agent_given_a_layout_config_the_file_lacks_says_so_at_once_even_while_redis_is_down(

@@ -137,6 +137,21 @@ def test_mig_mode_cannot_be_disabled_while_instances_exist(nvml):
         nvml.nvmlDeviceSetMigMode(nvml.nvmlDeviceGetHandleByIndex(0), pynvml.NVML_DEVICE_MIG_DISABLE)
 
 
+
+def test_a_staged_mig_mode_stays_pending_and_is_refused_where_the_driver_refuses_it(nvml):
+    """`stage_mig_mode` is `nvidia-smi -mig` on an A100/A30: the current mode stays until a reset."""
+    h = nvml.nvmlDeviceGetHandleByIndex(1)
+    nvml.stage_mig_mode(1, pynvml.NVML_DEVICE_MIG_DISABLE)
+    assert nvml.nvmlDeviceGetMigMode(h) == [1, 0]
+    nvml.stage_mig_mode(1, pynvml.NVML_DEVICE_MIG_ENABLE)  # undone
+    assert nvml.nvmlDeviceGetMigMode(h) == [1, 1]
+    with pytest.raises(pynvml.NVMLError_InvalidArgument):
+        nvml.stage_mig_mode(1, 2)
+    _create(nvml, 0, 19, 0, 1)
+    with pytest.raises(pynvml.NVMLError_InUse):
+        nvml.stage_mig_mode(0, pynvml.NVML_DEVICE_MIG_DISABLE)
+    assert nvml.nvmlDeviceGetMigMode(nvml.nvmlDeviceGetHandleByIndex(0)) == [1, 1]
+
 def _full_ci(nvml, gi, slices_enum):
     info = nvml.nvmlGpuInstanceGetComputeInstanceProfileInfoV(gi, slices_enum, pynvml.NVML_COMPUTE_INSTANCE_ENGINE_PROFILE_SHARED)
     return nvml.nvmlGpuInstanceCreateComputeInstance(gi, info.id)

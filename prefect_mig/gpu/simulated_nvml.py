@@ -35,7 +35,7 @@ full compute instance with ``nvmlGpuInstanceCreateComputeInstance``), and the MI
 A100/A30 that stays pending until a GPU reset: ``nvmlDeviceSetMigMode`` here applies at once, as on
 Hopper, for tests that set a mode up; prefect-mig only reads the current and pending modes
 (``prefect-mig doctor`` reports a pending change) and never sets them. Whoever makes the backend
-call either must model it here first.
+call either must model it here first. Tests leave a change pending with `stage_mig_mode`.
 
 Tests attach fake processes to a MIG device with `attach_process` / `detach_process`, and inject a
 fault by overriding one method on an instance (``sim.nvmlGpuInstanceDestroy = failing``).
@@ -679,6 +679,20 @@ class SimulatedNvml:
         with self._state(write=True) as state:
             ci = self._find_mig(state, mig_uuid)
             ci["processes"] = [p for p in ci["processes"] if p["pid"] != pid]
+
+    def stage_mig_mode(self, index: int, mode: int) -> None:
+        """Leave MIG mode `mode` (0 or 1) pending on GPU `index` of this node, the current mode kept,
+        as ``nvidia-smi -i INDEX -mig MODE`` does on an A100/A30 until the GPU is reset; staging the
+        current mode undoes a pending change. Refused as the driver refuses it: a mode other than 0
+        or 1 (``NVMLError_InvalidArgument``), and MIG off while GPU instances exist
+        (``NVMLError_InUse``)."""
+        with self._state(write=True) as state:
+            record = self._gpu(state, index)
+            if mode not in (pynvml.NVML_DEVICE_MIG_DISABLE, pynvml.NVML_DEVICE_MIG_ENABLE):
+                _raise(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+            if mode == pynvml.NVML_DEVICE_MIG_DISABLE and record["gis"]:
+                _raise(pynvml.NVML_ERROR_IN_USE)
+            record["pending_mig_mode"] = mode
 
     def reset(self) -> None:
         """Forget all instances and processes: the fleet as it was when new."""

@@ -1,10 +1,12 @@
 """A TCP forwarder to a Redis server that partitions the network once, for tests:
-``python network_delay.py LISTEN_PORT REDIS_PORT PATTERN HOLD_S``.
+``python network_delay.py LISTEN_PORT REDIS_PORT PATTERN HOLD_S [replies]``.
 
 Bytes go through as they come, until a client's chunk holding PATTERN: from it on, nothing goes
 either way on any connection for HOLD_S seconds, and then everything that was sent meanwhile is
 delivered, in order. That is a partition that heals, as a congested or flapping network makes:
-what a client sent before it timed out still lands. It prints ``ready`` once it listens.
+what a client sent before it timed out still lands. With ``replies``, only what the server sends
+is held: the commands (that chunk's among them) reach Redis and run, their replies come late. It
+prints ``ready`` once it listens.
 """
 
 import asyncio
@@ -13,6 +15,7 @@ import sys
 from engine_proxy import _pipe  # this script's directory is on sys.path
 
 PATTERN, HOLD_S = sys.argv[3].encode(), float(sys.argv[4])
+REPLIES_ONLY = sys.argv[5:] == ["replies"]
 
 
 class _Gated:
@@ -27,7 +30,8 @@ class _Gated:
         if self.watch and PATTERN in data and self.gate.is_set():
             self.gate.clear()
             asyncio.get_running_loop().call_later(HOLD_S, self.gate.set)
-        await self.gate.wait()
+        if not (self.watch and REPLIES_ONLY):
+            await self.gate.wait()
         return data
 
 

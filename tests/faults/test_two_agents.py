@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -70,16 +72,18 @@ def _take_once_lapsed(agent: NodeAgent, timeout_s: float = 60) -> None:
 
 
 @contextmanager
-def _partition_on(redis_server, pattern: str, hold_s: float) -> Iterator[int]:
+def _partition_on(redis_server, pattern: str, hold_s: float, *, replies_only: bool = False) -> Iterator[int]:
     """A port to reach `redis_server` through a network that partitions for `hold_s` at the first chunk
-    holding `pattern`, then delivers what was sent meanwhile (network_delay.py)."""
+    holding `pattern`, then delivers what was sent meanwhile (network_delay.py); `replies_only`: only
+    the server's replies are held, the commands reach Redis."""
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     network = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(__file__), "network_delay.py"), str(port),
-                                str(redis_server.port), pattern, str(hold_s)], stdout=subprocess.PIPE)
+                                str(redis_server.port), pattern, str(hold_s), *(["replies"] if replies_only else [])],
+                               stdout=subprocess.PIPE)
     try:
         assert network.stdout.readline().strip() == b"ready"
         yield port
@@ -594,6 +598,47 @@ def test_an_agent_stopped_while_redis_is_busy_still_gives_its_claim_back(fresh_r
         busy.join(30)
         assert not running.is_alive() and raised == []
         elsewhere.claim()  # given back: no wait for the stopped agent's 60 s claim to lapse
+
+
+def test_a_stop_signal_that_lands_while_the_claims_reply_is_on_the_way_gives_the_claim_back(
+    fresh_redis_server, namespace, tmp_path
+):
+    """The agent's claim reached Redis and holds, but its reply is held up in the network when
+    SIGTERM arrives (the signal handler raises in the middle of the call): the agent cannot know it
+    won the claim, so it gives it back as it ends (a compare-and-delete: one it did not win stays),
+    and an agent on another host takes the node at once instead of waiting out the 60 s TTL."""
+    import redis
+
+    server = fresh_redis_server
+    direct = Allocator(server.client(), namespace)
+    me = uuid.uuid4().hex  # the agent's id, sent only in the transaction that sets the claim (and in its give-back)
+    with _partition_on(server, me, 2, replies_only=True) as port, \
+            GpuBackend(SimulatedNvml("node-a=1xA30-24GB", state_dir=tmp_path)) as backend:
+        slow = Allocator(redis.Redis(host="127.0.0.1", port=port, socket_timeout=30), namespace)
+        locks = GpuLocks(tmp_path / "gpu-locks", [g.uuid for g in backend.gpus()], what="node agent", mode="private")
+        agent = NodeAgent(backend, slow, node="node-a", heartbeat_ttl_s=60, gpu_locks=locks)
+        agent.identity["id"] = me
+        elsewhere = NodeClaim(direct, "node-a", ttl_s=60, gpus=lambda: [g.uuid for g in backend.gpus()])
+        elsewhere.identity["host"] = "another-gpu-host"
+
+        claimed = []
+
+        def signal_once_claimed() -> None:
+            deadline = time.monotonic() + 30
+            while not claimed and time.monotonic() < deadline:
+                claimed.extend(filter(None, [direct.redis.get(direct.keys.agent("node-a"))]))
+                time.sleep(0.01)
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)  # where the agent waits for the reply
+
+        before = signal.signal(signal.SIGTERM, agent.terminate)
+        try:
+            threading.Thread(target=signal_once_claimed, daemon=True).start()
+            with pytest.raises(SystemExit) as stopped, agent.serving():
+                pytest.fail("the agent served although it was stopped while claiming")
+        finally:
+            signal.signal(signal.SIGTERM, before)
+        assert stopped.value.code == 0 and claimed and me in claimed[0].decode()
+        elsewhere.take()  # given back: no wait for the stopped agent's claim to lapse
 
 
 def test_a_renewal_that_lands_after_the_agent_gave_its_claim_back_does_not_take_the_node_again(redis_client, namespace):
