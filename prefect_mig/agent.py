@@ -30,7 +30,8 @@ that have MIG on and no instances to a named layout config, and finishes such a 
 cut short (recorded in the state dir); a stop signal (`terminate`) that lands during a layout change
 takes effect once the change is done or rolled back. A program that embeds the agent stops it from
 another thread with `stop`, which also ends those waits for Redis at once (`AgentStopped`). A GPU
-whose MIG mode change awaits a reset is named, with what to do, once per change of its modes.
+with MIG off or whose MIG mode change awaits a reset is named, with what to do, once per change of
+its modes.
 
 One agent serves a node: it claims the node and its GPUs in Redis (`claim`, `serving`, see
 `prefect_mig.node_claim`) and keeps the claim renewed from a thread while it serves, however long a
@@ -294,15 +295,16 @@ class NodeAgent:
         return gpus, slices
 
     def _read_gpus(self) -> list:
-        """This node's GPUs (`GpuBackend.gpus`); a GPU whose MIG mode change awaits a reset is named
-        with what to do once per change of its (current, pending) modes, whatever the agent does."""
+        """This node's GPUs (`GpuBackend.gpus`); a GPU with MIG off or whose MIG mode change awaits
+        a reset is named with what to do once per change of its (current, pending) modes, whatever
+        the agent does."""
         gpus = self.backend.gpus()
         for gpu in gpus:
             modes = (gpu.mig_enabled, gpu.mig_pending)
             if self._mig_modes.get(gpu.uuid) != modes:
                 self._mig_modes[gpu.uuid] = modes
-                if gpu.mig_enabled != gpu.mig_pending:
-                    _warn_mig_mode_pending(gpu)
+                if gpu.mig_enabled != gpu.mig_pending or not gpu.mig_enabled:
+                    _warn_mig_mode(gpu)
         return gpus
 
     def carve_empty(self, configs, name: str) -> list[str]:
@@ -1042,10 +1044,15 @@ class CarvesUnderWay:
         return carves
 
 
-def _warn_mig_mode_pending(gpu) -> None:
-    """A change of MIG mode waits for a GPU reset (A100/A30): say so, with what to do."""
+def _warn_mig_mode(gpu) -> None:
+    """MIG is off, or a change of MIG mode waits for a GPU reset (A100/A30): say so, with what to do."""
     name = f"GPU {gpu.index} ({gpu.device_name}, {gpu.uuid})"
-    if gpu.mig_pending:
+    if not (gpu.mig_enabled or gpu.mig_pending):
+        log.warning("%s: MIG mode is off (current and pending), so the agent serves no slices there; to serve it, "
+                    "turn MIG on with sudo nvidia-smi -i %d -mig 1 (an A100/A30 then also needs a GPU reset: "
+                    "sudo nvidia-smi -i %d -r, with nothing running on it, or a reboot); see `prefect-mig doctor`",
+                    name, gpu.index, gpu.index)
+    elif gpu.mig_pending:
         log.warning("%s: MIG mode is off, pending on (it goes on at the next GPU reset), so the agent carves nothing "
                     "there and it serves no slices; reset the GPU (sudo nvidia-smi -i %d -r, with nothing running on it) "
                     "or reboot, then start the agent again; see `prefect-mig doctor`", name, gpu.index)

@@ -364,6 +364,23 @@ def test_an_agent_on_the_auto_backend_with_a_gpu_driver_serves_this_host_not_a_s
     assert list(Allocator(redis_server.client(), namespace).status()["nodes"]) == [host]
 
 
+def _mig_modes_named(caplog):
+    """A function that returns the agent's warnings naming a GPU's MIG modes so far."""
+    caplog.set_level(logging.WARNING, "prefect_mig.agent")
+    return lambda: [r.getMessage() for r in caplog.records if ": MIG mode is " in r.getMessage()]
+
+
+def _start_and_tick_twice(agent: NodeAgent, layout: str) -> None:
+    """Start `agent` with layout config `layout` ("none": no carve), then run two rounds."""
+    if layout == "none":
+        agent.start()
+    else:
+        agent.start(LayoutConfigs.load(), layout)
+        agent.carve_empty(LayoutConfigs.load(), layout)  # what a first round tried again does
+    agent.tick()
+    agent.tick()
+
+
 @pytest.mark.parametrize("layout", ["none", "balanced"])
 def test_a_pending_mig_mode_change_is_named_once_per_gpu_and_per_change_whatever_the_agent_does(
     alloc, tmp_path, caplog, layout
@@ -379,27 +396,47 @@ def test_a_pending_mig_mode_change_is_named_once_per_gpu_and_per_change_whatever
         nvml.stage_mig_mode(1, 1)  # GPU 1: off, pending on
         first, second = (g.uuid for g in backend.gpus())
         agent = NodeAgent(backend, alloc, node="node-a")
-        caplog.set_level(logging.WARNING, "prefect_mig.agent")
-
-        def named() -> list[str]:
-            return [r.getMessage() for r in caplog.records if ": MIG mode is " in r.getMessage()]
-
-        if layout == "none":
-            agent.start()
-        else:
-            agent.start(LayoutConfigs.load(), layout)
-            agent.carve_empty(LayoutConfigs.load(), layout)  # what a first round tried again does
-        agent.tick()
-        agent.tick()
+        named = _mig_modes_named(caplog)
+        _start_and_tick_twice(agent, layout)
         assert len(named()) == 2, named()
         assert f"GPU 0 (NVIDIA A30, {first}): MIG mode is on, pending off" in named()[0]
         assert f"GPU 1 (NVIDIA A30, {second}): MIG mode is off, pending on" in named()[1]
-        nvml.stage_mig_mode(1, 0)  # undone: nothing to say
+        nvml.stage_mig_mode(1, 0)  # undone: MIG plainly off, named as such
         agent.tick()
         nvml.stage_mig_mode(1, 1)  # made again
         agent.tick()
         agent.tick()
-        assert len(named()) == 3 and named()[2].startswith(f"GPU 1 (NVIDIA A30, {second}): MIG mode is off, pending on")
+        assert len(named()) == 4, named()
+        assert named()[2].startswith(f"GPU 1 (NVIDIA A30, {second}): MIG mode is off (current and pending)")
+        assert named()[3].startswith(f"GPU 1 (NVIDIA A30, {second}): MIG mode is off, pending on")
+
+
+@pytest.mark.parametrize("layout", ["none", "balanced"])
+def test_a_gpu_with_mig_off_is_named_with_the_fix_once_per_change_whatever_the_agent_does(
+    alloc, tmp_path, caplog, layout
+):
+    """A user who forgot `nvidia-smi -mig 1` on a GPU sees an agent that serves nothing there: the
+    agent names that GPU once (not at every round), with the command that turns MIG on and the
+    reset an A100/A30 also needs, and again only when MIG is off again after being on."""
+    nvml = SimulatedNvml("node-a=2xA30-24GB", state_dir=tmp_path)
+    with GpuBackend(nvml) as backend:
+        nvml.nvmlDeviceSetMigMode(nvml.nvmlDeviceGetHandleByIndex(1), 0)  # GPU 1: off, pending off
+        second = backend.gpus()[1].uuid
+        agent = NodeAgent(backend, alloc, node="node-a")
+        named = _mig_modes_named(caplog)
+        _start_and_tick_twice(agent, layout)
+        assert len(named()) == 1, named()
+        assert named()[0].startswith(f"GPU 1 (NVIDIA A30, {second}): MIG mode is off (current and pending), "
+                                     "so the agent serves no slices there")
+        assert "sudo nvidia-smi -i 1 -mig 1" in named()[0] and "sudo nvidia-smi -i 1 -r" in named()[0]
+        assert "A100/A30" in named()[0] and "prefect-mig doctor" in named()[0]
+        nvml.nvmlDeviceSetMigMode(nvml.nvmlDeviceGetHandleByIndex(1), 1)  # turned on: nothing to say
+        agent.tick()
+        assert len(named()) == 1, named()
+        nvml.nvmlDeviceSetMigMode(nvml.nvmlDeviceGetHandleByIndex(1), 0)  # off again: named again
+        agent.tick()
+        agent.tick()
+        assert len(named()) == 2 and named()[1] == named()[0], named()
 
 
 def test_an_agent_given_a_layout_config_the_file_lacks_says_so_at_once_even_while_redis_is_down(
