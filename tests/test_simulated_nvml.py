@@ -275,3 +275,24 @@ def _create_on(lib, h, profile_id, start, size):
 
 SimulatedNvmlMachine.TestCase.settings = hsettings(max_examples=60, stateful_step_count=25, deadline=None)
 test_random_create_destroy_sequences_never_overlap = SimulatedNvmlMachine.TestCase
+
+
+@pytest.mark.parametrize("fake", ["simulated", "C stub"])
+def test_a_b200_reports_the_copy_engines_the_mig_user_guide_lists(fake, tmp_path, request):
+    """No B200 was seen; NVIDIA's MIG user guide lists its copy engines per profile, so both fakes
+    report those (shared/reference/mig-profiles.json), not one per compute slice."""
+    fleet = "node-a=1xB200-180GB"
+    if fake == "simulated":
+        nvml = SimulatedNvml(fleet, state_dir=tmp_path)
+    else:
+        nvml = request.getfixturevalue("make_nvml_stub")(fleet).pynvml
+    nvml.nvmlInit()
+    try:
+        h = nvml.nvmlDeviceGetHandleByIndex(0)
+        copy = {
+            p.name: nvml.nvmlDeviceGetGpuInstanceProfileInfoV(h, p.nvml_profile).copyEngineCount
+            for p in get_model("B200-180GB").profiles
+        }
+    finally:
+        nvml.nvmlShutdown()
+    assert copy == {"1g.23gb": 2, "1g.23gb+me": 2, "1g.45gb": 2, "2g.45gb": 3, "3g.90gb": 6, "4g.90gb": 8, "7g.180gb": 16}

@@ -91,6 +91,42 @@ _CI_PROFILE_FOR_SLICES = {1: 0x0, 2: 0x1, 3: 0x2, 4: 0x3, 7: 0x4, 8: 0x5, 6: 0x6
 #: GPU-instance profile enums the driver knows: 580.159.04 answers InvalidArgument from 17 on, though
 #: nvidia-ml-py's NVML_GPU_INSTANCE_PROFILE_COUNT may be larger.
 _DRIVER_PROFILE_COUNT = 17
+#: (copy, decoder, encoder, JPEG, OFA) engines per GPU-instance profile as a real GPU reports them in
+#: nvmlGpuInstanceProfileInfo: seen on an H100 80GB HBM3, driver 580.159.04.
+_ENGINES_SEEN = {
+    "H100-80GB": {
+        "1g.10gb": (1, 1, 0, 1, 0), "1g.10gb+me": (1, 1, 0, 1, 1), "1g.20gb": (1, 1, 0, 1, 0),
+        "2g.20gb": (2, 2, 0, 2, 0), "3g.40gb": (3, 3, 0, 3, 0), "4g.40gb": (4, 4, 0, 4, 0), "7g.80gb": (8, 7, 0, 7, 1),
+    },
+}
+#: Copy engines per profile as NVIDIA's MIG user guide lists them (shared/reference/mig-profiles.json).
+_COPY_ENGINES_LISTED = {
+    "B200-180GB": {"1g.23gb": 2, "1g.23gb+me": 2, "1g.45gb": 2, "2g.45gb": 3, "3g.90gb": 6, "4g.90gb": 8, "7g.180gb": 16},
+}
+
+
+def profile_engine_counts(model: GpuModel, profile: str) -> tuple[int, int, int, int, int]:
+    """The (copy, decoder, encoder, JPEG, OFA) engine counts the fakes report for GPU-instance
+    profile `profile` of `model` in ``nvmlGpuInstanceProfileInfo``.
+
+    For an H100-80GB they are those a real one reported (driver 580.159.04). No other model was
+    seen, so the rest are stand-ins, not the driver's numbers: one copy engine per compute slice
+    (for a B200-180GB, those the MIG user guide lists), and one decoder, encoder, JPEG decoder and
+    OFA for a ``+me`` profile, none otherwise.
+
+    Examples:
+        ```python
+        from prefect_mig.gpu.simulated_nvml import profile_engine_counts
+        from prefect_mig.model import get_model
+
+        assert profile_engine_counts(get_model("H100-80GB"), "7g.80gb") == (8, 7, 0, 7, 1)
+        ```
+    """
+    if profile in _ENGINES_SEEN.get(model.name, {}):
+        return _ENGINES_SEEN[model.name][profile]
+    p = model.profile(profile)
+    media = int(p.media_engines)
+    return _COPY_ENGINES_LISTED.get(model.name, {}).get(profile, p.compute_slices), media, media, media, media
 
 
 def _raise(code: int) -> None:
@@ -377,8 +413,8 @@ class SimulatedNvml:
             info.sliceCount = p.compute_slices
             info.instanceCount = p.max_instances
             info.multiprocessorCount = p.sm_count or 0
-            info.copyEngineCount = p.compute_slices
-            info.decoderCount = info.encoderCount = info.jpegCount = info.ofaCount = int(p.media_engines)
+            (info.copyEngineCount, info.decoderCount, info.encoderCount, info.jpegCount,
+             info.ofaCount) = profile_engine_counts(self._models[gpu], p.name)
             info.memorySizeMB = p.memory_mib
             if version == 2:
                 info.name = f"MIG {p.name}".encode()  # as nvidia-smi -lgip shows it

@@ -74,6 +74,26 @@ class GpuBackendReadContract:
         listed = backend.processes(mig_gpu)
         assert set(listed) == {m.mig_uuid for m in backend.instances(mig_gpu) if m.mig_uuid}
 
+    def test_an_h100_80gb_reports_the_engines_of_each_profile_that_a_real_one_reports(self, backend, nvml):
+        """(copy, decoder, encoder, JPEG, OFA) per profile, as a real H100 80GB HBM3 on driver
+        580.159.04 reported them, MIG mode off (2026-11-27): no NVENC under MIG, the OFA only in
+        +me and 7g."""
+        h100s = [gpu.index for gpu in backend.gpus() if gpu.gpu_model == "H100-80GB"]
+        if not h100s:
+            pytest.skip("engine counts were seen on an H100-80GB only")
+        for index in h100s:
+            h = nvml.nvmlDeviceGetHandleByIndex(index)
+            engines = {}
+            for p in backend.offered_model(index).profiles:  # whatever the MIG mode
+                info = nvml.nvmlDeviceGetGpuInstanceProfileInfoV(h, p.nvml_profile)
+                engines[p.name] = (info.copyEngineCount, info.decoderCount, info.encoderCount, info.jpegCount,
+                                   info.ofaCount)
+            assert engines == {
+                "1g.10gb": (1, 1, 0, 1, 0), "1g.10gb+me": (1, 1, 0, 1, 1), "1g.20gb": (1, 1, 0, 1, 0),
+                "2g.20gb": (2, 2, 0, 2, 0), "3g.40gb": (3, 3, 0, 3, 0), "4g.40gb": (4, 4, 0, 4, 0),
+                "7g.80gb": (8, 7, 0, 7, 1),
+            }, f"GPU {index}"
+
 
 class GpuBackendContract(GpuBackendReadContract):
     """Creating and destroying instances (changes the GPU)."""

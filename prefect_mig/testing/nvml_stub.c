@@ -62,6 +62,7 @@ typedef struct {
 
 struct profile {
     unsigned int enumv, id, slices, count, reported, sm, media, size, nstarts, starts[8];
+    unsigned int engines[5]; /* copy, decoder, encoder, JPEG, OFA: what the profile info reports */
     unsigned long long mem;
     char name[32];
 };
@@ -204,8 +205,10 @@ static int load_config(void) {
         } else if (!strncmp(line, "profile ", 8) && ngpus && gpus[ngpus - 1].nprof < MAX_PROFILES) {
             struct gpu *g = &gpus[ngpus - 1];
             struct profile *p = &g->prof[g->nprof++];
-            if (sscanf(line, "profile %u %u %u %u %u %u %u %llu %u %u %n", &p->enumv, &p->id, &p->slices, &p->count,
-                       &p->reported, &p->sm, &p->media, &p->mem, &p->size, &p->nstarts, &used) < 10 || p->nstarts > 8)
+            unsigned *e = p->engines;
+            if (sscanf(line, "profile %u %u %u %u %u %u %u %u %u %u %u %u %llu %u %u %n", &p->enumv, &p->id,
+                       &p->slices, &p->count, &p->reported, &p->sm, &p->media, &e[0], &e[1], &e[2], &e[3], &e[4],
+                       &p->mem, &p->size, &p->nstarts, &used) < 15 || p->nstarts > 8)
                 goto bad;
             char *rest = line + used;
             for (unsigned i = 0; i < p->nstarts; i++) p->starts[i] = (unsigned)strtoul(rest, &rest, 10);
@@ -443,8 +446,11 @@ nvmlReturn_t nvmlDeviceGetGpuInstanceProfileInfoV(nvmlDevice_t device, unsigned 
         info->sliceCount = p->slices;
         info->instanceCount = p->reported; /* may differ from the real limit, as on A30 */
         info->multiprocessorCount = p->sm;
-        info->copyEngineCount = p->slices;
-        info->decoderCount = info->encoderCount = info->jpegCount = info->ofaCount = p->media;
+        info->copyEngineCount = p->engines[0];
+        info->decoderCount = p->engines[1];
+        info->encoderCount = p->engines[2];
+        info->jpegCount = p->engines[3];
+        info->ofaCount = p->engines[4];
         info->memorySizeMB = p->mem;
         snprintf(info->name, sizeof info->name, "MIG %s", p->name);
         return NVML_SUCCESS;

@@ -39,6 +39,7 @@ from types import ModuleType
 
 import pynvml
 
+from prefect_mig.gpu.simulated_nvml import profile_engine_counts
 from prefect_mig.model import FleetSpec, Layout, get_model
 
 SOURCE = Path(__file__).with_name("nvml_stub.c")
@@ -137,9 +138,10 @@ class NvmlStub:
             )
             for p in model.profiles:
                 starts = " ".join(map(str, p.placement_starts))
+                engines = " ".join(map(str, profile_engine_counts(model, p.name)))
                 lines.append(
                     f"profile {p.nvml_profile} {p.id} {p.compute_slices} {p.max_instances} "
-                    f"{reported.get(p.name, p.max_instances)} {p.sm_count or 0} {int(p.media_engines)} "
+                    f"{reported.get(p.name, p.max_instances)} {p.sm_count or 0} {int(p.media_engines)} {engines} "
                     f"{p.memory_mib} {p.placement_size} {len(p.placement_starts)} {starts} {p.name}"
                 )
             if index in layouts:
