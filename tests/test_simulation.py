@@ -222,6 +222,19 @@ def test_simulate_refuses_an_unknown_policy_before_it_reads_the_trace(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_simulate_refuses_a_policy_named_twice_naming_it_before_it_reads_the_trace(tmp_path):
+    # it ran the policy twice: the same results in two rows, and one progress bar left at 0
+    from typer.testing import CliRunner
+
+    from prefect_mig.cli.main import app
+
+    result = CliRunner().invoke(app, ["simulate", "--trace", str(tmp_path / "not-there.csv"), "--policy", "dynamic",
+                                      "--policy", "whole-gpu", "--policy", " dynamic", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    assert "--policy: 'dynamic' is named more than once; name each policy once." in " ".join(result.output.split())
+    assert not (tmp_path / "out").exists()
+
+
 def test_simulate_takes_the_comparison_policies_with_spaces_around_them_as_it_takes_the_others(tmp_path):
     # " sharing" was refused as "'sharing' is not a policy; choose ..., or, in a comparison, ... sharing"
     # while " dynamic" ran

@@ -28,7 +28,7 @@ def simulate(
         list[str] | None,
         typer.Option(
             "--policy",
-            help="whole-gpu, sharing, static:smallest|mixed|fitted|searched|<layout>, proportional, dynamic, dynamic:mix (repeat it).",
+            help="whole-gpu, sharing, static:smallest|mixed|fitted|searched|<layout>, proportional, dynamic, dynamic:mix (repeat it to compare several, each named once).",
         ),
     ] = None,
     jobs: Annotated[int, typer.Option(help="How many GPU pods of the trace to replay.")] = 500,
@@ -81,6 +81,10 @@ def simulate(
         model = fleet_model(spec)
         # stripped, as parse_policy strips them: " sharing" was refused as "'sharing' is not a policy"
         policy = [name.strip() for name in policy or ()]
+        repeated = next((name for i, name in enumerate(policy) if name in policy[:i]), None)
+        if repeated is not None:  # a replay is deterministic: a second run would only repeat the first
+            raise ConfigError(f"--policy: {repeated!r} is named more than once; name each policy once.",
+                              field="--policy", value=repeated)
         for name in policy:  # a typo fails here, not after a long trace was read
             # these three are their names alone (each needs only the workload, which is read next)
             if name not in ("static:searched", "sharing", "static:fitted"):
