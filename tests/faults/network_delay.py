@@ -1,12 +1,16 @@
-"""A TCP forwarder to a Redis server that partitions the network once, for tests:
+"""A TCP forwarder to a Redis server that partitions the network for a while at each client chunk
+holding a pattern, for tests:
 ``python network_delay.py LISTEN_PORT REDIS_PORT PATTERN HOLD_S [replies]``.
 
 Bytes go through as they come, until a client's chunk holding PATTERN: from it on, nothing goes
 either way on any connection for HOLD_S seconds, and then everything that was sent meanwhile is
 delivered, in order. That is a partition that heals, as a congested or flapping network makes:
-what a client sent before it timed out still lands. With ``replies``, only what the server sends
-is held: the commands (that chunk's among them) reach Redis and run, their replies come late. It
-prints ``ready`` once it listens.
+what a client sent before it timed out still lands. It is not once only: the next chunk holding
+PATTERN that the forwarder reads after the network healed partitions it again, for HOLD_S (one read
+during a partition neither lengthens it nor starts another), so a test that wants one partition
+sends PATTERN once, e.g. a value only one command carries. With ``replies``, only what the server
+sends is held: the commands (that chunk's among them) reach Redis and run, their replies come late.
+It prints ``ready`` once it listens.
 """
 
 import asyncio
@@ -20,7 +24,7 @@ REPLIES_ONLY = sys.argv[5:] == ["replies"]
 
 class _Gated:
     """A stream reader whose chunks wait while the network is partitioned; a client's chunk holding
-    PATTERN (`watch`) partitions it for HOLD_S."""
+    PATTERN (`watch`), read while it is not, partitions it for HOLD_S, each time."""
 
     def __init__(self, reader, gate: asyncio.Event, *, watch: bool) -> None:
         self.reader, self.gate, self.watch = reader, gate, watch

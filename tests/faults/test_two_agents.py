@@ -73,9 +73,9 @@ def _take_once_lapsed(agent: NodeAgent, timeout_s: float = 60) -> None:
 
 @contextmanager
 def _partition_on(redis_server, pattern: str, hold_s: float, *, replies_only: bool = False) -> Iterator[int]:
-    """A port to reach `redis_server` through a network that partitions for `hold_s` at the first chunk
-    holding `pattern`, then delivers what was sent meanwhile (network_delay.py); `replies_only`: only
-    the server's replies are held, the commands reach Redis."""
+    """A port to reach `redis_server` through a network that partitions for `hold_s` at each chunk
+    holding `pattern` read while it is not partitioned, then delivers what was sent meanwhile
+    (network_delay.py); `replies_only`: only the server's replies are held, the commands reach Redis."""
     import socket
 
     with socket.socket() as s:
