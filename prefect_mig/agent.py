@@ -297,13 +297,16 @@ class NodeAgent:
     def _read_gpus(self) -> list:
         """This node's GPUs (`GpuBackend.gpus`); a GPU with MIG off or whose MIG mode change awaits
         a reset is named with what to do once per change of its (current, pending) modes, whatever
-        the agent does."""
+        the agent does; a GPU without MIG at all is named once, with no fix to try."""
         gpus = self.backend.gpus()
         for gpu in gpus:
             modes = (gpu.mig_enabled, gpu.mig_pending)
             if self._mig_modes.get(gpu.uuid) != modes:
                 self._mig_modes[gpu.uuid] = modes
-                if gpu.mig_enabled != gpu.mig_pending or not gpu.mig_enabled:
+                if not gpu.mig_supported:
+                    log.info("GPU %d (%s, %s) has no MIG, so the agent serves nothing there", gpu.index,
+                             gpu.device_name, gpu.uuid)
+                elif gpu.mig_enabled != gpu.mig_pending or not gpu.mig_enabled:
                     _warn_mig_mode(gpu)
         return gpus
 

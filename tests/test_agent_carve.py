@@ -439,6 +439,25 @@ def test_a_gpu_with_mig_off_is_named_with_the_fix_once_per_change_whatever_the_a
         assert len(named()) == 2 and named()[1] == named()[0], named()
 
 
+def test_a_gpu_without_mig_at_all_is_not_given_the_fix_for_mig_mode_off(make_nvml_stub, alloc, caplog):
+    """NVML answers NotSupported for the MIG mode of a GPU without MIG (an L4 beside the A30s):
+    `nvidia-smi -mig 1` would fail there, so the agent says only that it serves nothing there."""
+    stub = make_nvml_stub("node-a=2xA30-24GB", device_names={1: "NVIDIA L4"})
+    hardware = stub.config.read_text().splitlines()
+    second_gpu = [i for i, line in enumerate(hardware) if line.startswith("gpu ")][1]
+    hardware = hardware[:second_gpu + 1] + [l for l in hardware[second_gpu + 1:] if not l.startswith("profile ")]
+    stub.config.write_text("\n".join(hardware) + "\n")  # GPU 1: no MIG profiles, so no MIG
+    with GpuBackend(stub.pynvml) as backend:
+        second = backend.gpus()[1]
+        assert not (second.mig_supported or second.mig_enabled) and backend.gpus()[0].mig_supported
+        agent = NodeAgent(backend, alloc, node="node-a")
+        caplog.set_level(logging.INFO, "prefect_mig.agent")
+        agent.start()
+        agent.tick()
+    said = [r.getMessage() for r in caplog.records if f"GPU 1 (NVIDIA L4, {second.uuid})" in r.getMessage()]
+    assert said == [f"GPU 1 (NVIDIA L4, {second.uuid}) has no MIG, so the agent serves nothing there"], said
+
+
 def test_an_agent_given_a_layout_config_the_file_lacks_says_so_at_once_even_while_redis_is_down(
     fresh_redis_server, namespace, tmp_path
 ):

@@ -69,6 +69,7 @@ class GpuInfo(BaseModel):
     pci_device_id: int | None = None  # (device << 16) | 0x10DE; names the model when the name does not
     mig_enabled: bool
     mig_pending: bool
+    mig_supported: bool = True  # False: NVML answers that this GPU has no MIG at all (both modes read off)
 
 
 class ProcessInfo(BaseModel):
@@ -200,10 +201,12 @@ class GpuBackend:
         h = self._handle(index)
         name = _text(self.nvml.nvmlDeviceGetName(h))
         total = self.nvml.nvmlDeviceGetMemoryInfo(h).total // _MIB
+        supported = True
         try:
             current, pending = self.nvml.nvmlDeviceGetMigMode(h)
         except self.nvml.NVMLError_NotSupported:  # a GPU without MIG at all
             current = pending = 0
+            supported = False
         try:
             pci = self.nvml.nvmlDeviceGetPciInfo(h).pciDeviceId
         except self.nvml.NVMLError:
@@ -218,6 +221,7 @@ class GpuBackend:
             pci_device_id=pci,
             mig_enabled=current == self.nvml.NVML_DEVICE_MIG_ENABLE,
             mig_pending=pending == self.nvml.NVML_DEVICE_MIG_ENABLE,
+            mig_supported=supported,
         )
 
     def gpus(self) -> list[GpuInfo]:
