@@ -21,7 +21,7 @@ import pytest
 
 from prefect_mig.errors import InstanceBusy, InstanceNotFound, MigDisabled, PlacementConflict, UnknownProfile
 from prefect_mig.gpu import GpuBackend
-from prefect_mig.model import Layout, creatable, validate_layout
+from prefect_mig.model import Layout, catalog, creatable, validate_layout
 
 
 class GpuBackendReadContract:
@@ -53,14 +53,26 @@ class GpuBackendReadContract:
             assert gpu.memory_total_mib > 1024
         assert len({g.uuid for g in gpus}) == len(gpus)
 
-    def test_profiles_read_from_nvml_have_placements_inside_the_gpu(self, backend, mig_gpu):
-        model = backend.gpu_model(mig_gpu)
-        assert model.profiles
-        for p in model.profiles:
-            assert p.placement_starts, p.name
-            assert max(p.placement_starts) + p.placement_size <= model.memory_slices
-            assert p.memory_mib > 0 and p.max_instances >= 1
-        assert model.memory_slices in (4, 8)
+    def test_profiles_read_from_nvml_have_placements_inside_the_gpu_and_match_the_catalog(self, backend):
+        """Whatever the MIG mode (the driver answers these reads with MIG off too): every MIG GPU's
+        profiles fit the GPU, and a model the catalog lists has exactly the catalog's geometry."""
+        capable = [g for g in backend.gpus() if g.mig_supported]
+        if not capable:
+            pytest.skip("no GPU with MIG")
+        for gpu in capable:
+            model = backend.offered_model(gpu.index)
+            assert model.profiles
+            for p in model.profiles:
+                assert p.placement_starts, p.name
+                assert max(p.placement_starts) + p.placement_size <= model.memory_slices
+                assert p.memory_mib > 0 and p.max_instances >= 1
+            assert model.memory_slices in (4, 8)
+            known = catalog().get(gpu.gpu_model) if gpu.gpu_model else None
+            if known is not None:
+                def geometry(m):
+                    return {(p.id, p.name, p.compute_slices, p.memory_mib, p.placement_starts, p.placement_size)
+                            for p in m.profiles}
+                assert geometry(model) == geometry(known), f"GPU {gpu.index} ({gpu.device_name})"
 
     def test_current_layout_is_valid_and_each_slice_has_a_unique_mig_uuid(self, backend, mig_gpu):
         model = backend.gpu_model(mig_gpu)
