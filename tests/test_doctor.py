@@ -66,6 +66,24 @@ def test_with_mig_mode_off_the_catalog_is_still_checked_against_nvml_before_mig_
     assert unknown.status == "warn" and "not in the catalog (read with MIG mode off)" in unknown.detail
 
 
+def test_a_gpu_without_mig_is_named_as_such_not_given_the_command_to_switch_mig_on(make_nvml_stub):
+    """NVML answers NotSupported for the MIG mode of a GPU without MIG (an L4 beside an A30):
+    `nvidia-smi -mig 1` fails there, so doctor says the GPU serves nothing instead of failing it."""
+    stub = make_nvml_stub("node-a=2xA30-24GB", device_names={1: "NVIDIA L4"})
+    hardware = stub.config.read_text().splitlines()
+    second_gpu = [i for i, line in enumerate(hardware) if line.startswith("gpu ")][1]
+    hardware = hardware[:second_gpu + 1] + [l for l in hardware[second_gpu + 1:] if not l.startswith("profile ")]
+    stub.config.write_text("\n".join(hardware) + "\n")  # GPU 1: no MIG profiles, so no MIG
+    with GpuBackend(stub.pynvml) as backend:
+        checks = _by_name(nvml_checks(backend))
+    assert stub.mutations() == 0, "doctor must change nothing"
+    assert checks["GPU 0 (NVIDIA A30): MIG mode"].status == "pass"
+    l4 = checks["GPU 1 (NVIDIA L4): MIG mode"]
+    assert (l4.status, l4.fix) == ("warn", None)
+    assert l4.detail == "this GPU has no MIG: prefect-mig serves nothing on it"
+    assert "GPU 1 (NVIDIA L4): profiles and placements" not in checks
+
+
 def test_a_pending_mig_mode_change_is_a_warning(make_nvml_stub):
     stub = make_nvml_stub("node-a=1xA30-24GB", mig_modes={0: (1, 0)})
     with GpuBackend(stub.pynvml) as backend:

@@ -55,12 +55,16 @@ def nvml_checks(backend: GpuBackend) -> list[Check]:
     checks = [_driver_check(backend.driver_version())]
     for gpu in backend.gpus():
         name = f"GPU {gpu.index} ({gpu.device_name})"
+        if not gpu.mig_supported:  # `nvidia-smi -mig 1` would fail: nothing to fix on this host
+            checks.append(Check(name=f"{name}: MIG mode", status="warn",
+                                detail="this GPU has no MIG: prefect-mig serves nothing on it"))
+            continue
         if not gpu.mig_enabled:
             checks.append(
                 Check(
                     name=f"{name}: MIG mode",
                     status="fail" if not gpu.mig_pending else "warn",
-                    detail=f"current off, pending {'on' if gpu.mig_pending else 'off'} (or MIG not supported)",
+                    detail=f"current off, pending {'on' if gpu.mig_pending else 'off'}",
                     fix=(f"sudo nvidia-smi -i {gpu.index} -mig 1" if not gpu.mig_pending else "")
                     + f"; then A100/A30 need a GPU reset (sudo nvidia-smi -i {gpu.index} -r) or a reboot",
                 )
