@@ -442,11 +442,7 @@ def test_a_gpu_with_mig_off_is_named_with_the_fix_once_per_change_whatever_the_a
 def test_a_gpu_without_mig_at_all_is_not_given_the_fix_for_mig_mode_off(make_nvml_stub, alloc, caplog):
     """NVML answers NotSupported for the MIG mode of a GPU without MIG (an L4 beside the A30s):
     `nvidia-smi -mig 1` would fail there, so the agent says only that it serves nothing there."""
-    stub = make_nvml_stub("node-a=2xA30-24GB", device_names={1: "NVIDIA L4"})
-    hardware = stub.config.read_text().splitlines()
-    second_gpu = [i for i, line in enumerate(hardware) if line.startswith("gpu ")][1]
-    hardware = hardware[:second_gpu + 1] + [l for l in hardware[second_gpu + 1:] if not l.startswith("profile ")]
-    stub.config.write_text("\n".join(hardware) + "\n")  # GPU 1: no MIG profiles, so no MIG
+    stub = make_nvml_stub("node-a=2xA30-24GB", device_names={1: "NVIDIA L4"}, without_mig={1})
     with GpuBackend(stub.pynvml) as backend:
         second = backend.gpus()[1]
         assert not (second.mig_supported or second.mig_enabled) and backend.gpus()[0].mig_supported

@@ -69,11 +69,7 @@ def test_with_mig_mode_off_the_catalog_is_still_checked_against_nvml_before_mig_
 def test_a_gpu_without_mig_is_named_as_such_not_given_the_command_to_switch_mig_on(make_nvml_stub):
     """NVML answers NotSupported for the MIG mode of a GPU without MIG (an L4 beside an A30):
     `nvidia-smi -mig 1` fails there, so doctor says the GPU serves nothing instead of failing it."""
-    stub = make_nvml_stub("node-a=2xA30-24GB", device_names={1: "NVIDIA L4"})
-    hardware = stub.config.read_text().splitlines()
-    second_gpu = [i for i, line in enumerate(hardware) if line.startswith("gpu ")][1]
-    hardware = hardware[:second_gpu + 1] + [l for l in hardware[second_gpu + 1:] if not l.startswith("profile ")]
-    stub.config.write_text("\n".join(hardware) + "\n")  # GPU 1: no MIG profiles, so no MIG
+    stub = make_nvml_stub("node-a=2xA30-24GB", device_names={1: "NVIDIA L4"}, without_mig={1})
     with GpuBackend(stub.pynvml) as backend:
         checks = _by_name(nvml_checks(backend))
     assert stub.mutations() == 0, "doctor must change nothing"

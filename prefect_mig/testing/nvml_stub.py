@@ -92,6 +92,8 @@ class NvmlStub:
         device_names: ``{gpu index: "NVIDIA H800"}``: another name for the model's geometry (a
             renamed variant, or a GPU the catalog does not list).
         pci_device_ids: ``{gpu index: 0x232910DE}`` (default: the model's first listed id, or 0).
+        without_mig: GPU indices that have no MIG at all (an L4 beside the A30s): no profile, and
+            NVML answers NotSupported for their MIG mode.
     """
 
     def __init__(
@@ -107,6 +109,7 @@ class NvmlStub:
         mig_modes: dict[int, tuple[int, int]] | None = None,
         device_names: dict[int, str] | None = None,
         pci_device_ids: dict[int, int] | None = None,
+        without_mig: set[int] | frozenset[int] = frozenset(),
     ) -> None:
         self.fleet = fleet if isinstance(fleet, FleetSpec) else FleetSpec.parse(fleet)
         self.node = node or self.fleet.node_names[0]
@@ -115,7 +118,7 @@ class NvmlStub:
         config = self.dir / "hardware.txt"
         config.write_text(self._hardware(
             reported_instance_count or {}, driver_version, layouts or {}, mig_modes or {},
-            device_names or {}, pci_device_ids or {},
+            device_names or {}, pci_device_ids or {}, set(without_mig),
         ))
         self.config = config
         copy = self.dir / "libnvidia-ml.so.1"
@@ -125,7 +128,8 @@ class NvmlStub:
         self.pynvml = self._private_pynvml()
 
     def _hardware(
-        self, reported: dict, driver_version: str, layouts: dict, modes: dict, names: dict, pci_ids: dict
+        self, reported: dict, driver_version: str, layouts: dict, modes: dict, names: dict, pci_ids: dict,
+        without_mig: set[int],
     ) -> str:
         lines = [f"driver {driver_version}"]
         for index, name in enumerate(self.fleet.gpu_models(self.node)):
@@ -136,7 +140,7 @@ class NvmlStub:
                 f"gpu {gpu_uuid} {current} {pending} {model.total_memory_mib} {model.compute_slices} "
                 f"{pci_ids.get(index, (*model.pci_device_ids, 0)[0]):x} {names.get(index, model.device_name)}"
             )
-            for p in model.profiles:
+            for p in () if index in without_mig else model.profiles:
                 starts = " ".join(map(str, p.placement_starts))
                 engines = " ".join(map(str, profile_engine_counts(model, p.name)))
                 lines.append(
