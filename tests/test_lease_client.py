@@ -254,6 +254,68 @@ def test_async_client_leases_and_a_cancelled_waiter_leaves_nothing_behind(redis_
     assert status["queue"] == [] and status["leases"] == []
 
 
+def test_async_waiters_beyond_the_event_loops_thread_pool_do_not_starve_the_holders(redis_server, namespace):
+    """More async waiters than the loop's default executor has threads (6 on a 2-core machine)
+    once held every thread, so a holder's release, which needs one, never ran: everyone waited
+    until their timeout. Waits now run on threads of their own."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from prefect_mig.allocator import AsyncLeaseClient
+
+    client = AsyncLeaseClient(redis_server.url, namespace)
+    client.allocator.publish_fleet("node-a=1xH100-80GB", layouts={"node-a": ["7g.80gb@0"]})
+    served = []
+
+    async def job(i):
+        async with client.lease(SliceRequest(profile="7g.80gb", ttl_s=5), timeout_s=8):
+            served.append(i)
+            await asyncio.sleep(0.05)
+
+    async def scenario():
+        asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(2))  # a small machine's pool
+        began = time.monotonic()
+        await asyncio.gather(*(job(i) for i in range(5)))
+        return time.monotonic() - began
+
+    took = asyncio.run(scenario())
+    assert sorted(served) == [0, 1, 2, 3, 4] and took < 5, took
+    assert client.allocator.status()["leases"] == []
+
+
+def test_an_async_acquire_cancelled_at_any_moment_leaves_no_lease_behind(redis_server, namespace):
+    """A cancellation landing while the grant came back, or while its first renewal ran, dropped
+    the Lease, whose thread then renewed it for as long as the process lived."""
+    import asyncio
+
+    from prefect_mig.allocator import AsyncLeaseClient
+
+    client = AsyncLeaseClient(redis_server.url, namespace)
+    client.allocator.publish_fleet("node-a=1xH100-80GB", layouts={"node-a": [H100_MIXED]})
+
+    async def scenario():
+        kept = []
+        for k in range(40):
+            task = asyncio.ensure_future(client.acquire(SliceRequest(profile="1g.10gb", ttl_s=2, holder=f"c{k}")))
+            for _ in range(k % 8):
+                await asyncio.sleep(0)
+            await asyncio.sleep(0.0005 * (k // 8))
+            task.cancel()
+            try:
+                kept.append(await task)
+            except asyncio.CancelledError:
+                pass
+        for lease in kept:  # the ones the cancellation came too late for are the caller's
+            await client.release(lease)
+        await asyncio.sleep(0.3)
+
+    asyncio.run(scenario())
+    time.sleep(2.5)  # past the TTL: a lease nobody renews is gone, one a lost Lease renews is not
+    client.allocator.reap()
+    status = client.allocator.status()
+    assert [row["holder"] for row in status["leases"]] == [] and status["queue"] == []
+
+
 def test_a_held_lease_keeps_renewing_across_a_redis_restart(fresh_redis_server, namespace):
     client = LeaseClient(fresh_redis_server.url, namespace)
     client.allocator.publish_fleet("node-a=1xH100-80GB", layouts={"node-a": [H100_MIXED]})

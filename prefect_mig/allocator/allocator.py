@@ -571,9 +571,12 @@ class Allocator(Inventory, LayoutChanges):
 
         threading.Thread(target=withdraw, name=f"withdraw-{request_id[:8]}", daemon=True).start()
 
-    def acquire(self, request: SliceRequest, *, timeout_s: float | None = None) -> LeaseInfo:
+    def acquire(
+        self, request: SliceRequest, *, timeout_s: float | None = None, stop: threading.Event | None = None
+    ) -> LeaseInfo:
         """Grant a slice, waiting up to `timeout_s` (``None``: as long as it takes; 0: no wait).
-        The timeout holds within about 100 ms even while Redis does not answer.
+        The timeout holds within about 100 ms even while Redis does not answer; `stop` ends the
+        wait as `wait_for_grant`'s does.
 
         Raises:
             ConfigError: `timeout_s` is not None nor a finite number of seconds from 0 to 30 days.
@@ -592,7 +595,7 @@ class Allocator(Inventory, LayoutChanges):
         if isinstance(got, LeaseInfo):
             return got
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
-        return self.wait_for_grant(got.request_id, left, request=request, asked_s=timeout_s, explain=True)
+        return self.wait_for_grant(got.request_id, left, stop=stop, request=request, asked_s=timeout_s, explain=True)
 
     def lease(self, lease_id: str) -> LeaseInfo:
         """The lease as Redis holds it.
