@@ -338,6 +338,25 @@ def test_lease_client_from_settings_uses_the_configured_redis(redis_server, name
     assert client.allocator.keys.namespace == namespace
 
 
+def test_async_lease_client_from_settings_uses_the_configured_redis(redis_server, namespace, monkeypatch):
+    """An asyncio program on the embedded default had no way to the generated URL and password."""
+    import asyncio
+
+    from prefect_mig.allocator import AsyncLeaseClient
+
+    monkeypatch.setenv("PREFECT_MIG_REDIS_URL", redis_server.url)
+    monkeypatch.setenv("PREFECT_MIG_NAMESPACE", namespace)
+    client = AsyncLeaseClient.from_settings()
+    client.allocator.publish_fleet("node-a=1xA30-24GB", layouts={"node-a": ["4g.24gb@0"]})
+
+    async def scenario():
+        async with client.lease(SliceRequest(profile="4g.24gb"), timeout_s=10) as lease:
+            return lease.slice.profile
+
+    assert asyncio.run(scenario()) == "4g.24gb"
+    assert client.allocator.keys.namespace == namespace and client.allocator.status()["leases"] == []
+
+
 def test_lease_client_from_settings_on_the_embedded_default_shares_the_clis_redis(redis_server, tmp_path, monkeypatch):
     """No PREFECT_MIG_REDIS_URL: a plain process leases from the same private redis-server (random
     port, generated password) that `prefect-mig up`, the CLI and MigTaskRunner use."""

@@ -329,6 +329,15 @@ class AsyncLeaseClient:
         self._sync = LeaseClient(client, namespace, **allocator_options)
         self.allocator = self._sync.allocator
 
+    @classmethod
+    def from_settings(cls, settings=None) -> AsyncLeaseClient:
+        """The cluster the ``PREFECT_MIG_*`` settings name, as `LeaseClient.from_settings` finds it
+        (with no ``PREFECT_MIG_REDIS_URL``: the embedded default's redis-server)."""
+        client = cls.__new__(cls)
+        client._sync = LeaseClient.from_settings(settings)
+        client.allocator = client._sync.allocator
+        return client
+
     async def acquire(
         self, request: SliceRequest, *, timeout_s: float | None = None, on_lost: LostCallback | None = None
     ) -> Lease:
