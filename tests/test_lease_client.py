@@ -283,6 +283,30 @@ def test_async_waiters_beyond_the_event_loops_thread_pool_do_not_starve_the_hold
     assert client.allocator.status()["leases"] == []
 
 
+def test_a_cancelled_async_wait_has_left_the_queue_when_the_cancelled_task_ends(redis_server, namespace):
+    """A program that cancels its waiter and exits must not leave the request queued (to be
+    granted, or to preempt a holder, for nobody until its wait TTL)."""
+    import asyncio
+
+    from prefect_mig.allocator import AsyncLeaseClient
+
+    client = AsyncLeaseClient(redis_server.url, namespace)
+    client.allocator.publish_fleet("node-a=1xH100-80GB", layouts={"node-a": ["7g.80gb@0"]})
+    held = client._sync.acquire(SliceRequest(profile="7g.80gb", ttl_s=30))
+
+    async def scenario():
+        waiter = asyncio.ensure_future(client.acquire(SliceRequest(profile="7g.80gb", priority=9)))
+        await asyncio.sleep(0.5)
+        assert client.allocator.status()["queue"] != []
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        return client.allocator.status()["queue"]
+
+    assert asyncio.run(scenario()) == []
+    held.release()
+
+
 def test_an_async_acquire_cancelled_at_any_moment_leaves_no_lease_behind(redis_server, namespace):
     """A cancellation landing while the grant came back, or while its first renewal ran, dropped
     the Lease, whose thread then renewed it for as long as the process lived."""

@@ -355,7 +355,7 @@ class AsyncLeaseClient:
         loop = asyncio.get_running_loop()
         done: asyncio.Future[Lease] = loop.create_future()
 
-        def settle(outcome: Lease | BaseException) -> None:
+        def settle(outcome: Lease | BaseException | None) -> None:
             if done.done():
                 return
             if isinstance(outcome, BaseException):
@@ -364,15 +364,15 @@ class AsyncLeaseClient:
                 done.set_result(outcome)
 
         def wait() -> None:
+            outcome: Lease | BaseException | None
             try:
-                lease = self._sync.acquire(request, timeout_s=timeout_s, on_lost=on_lost, stop=stop)
+                outcome = self._sync.acquire(request, timeout_s=timeout_s, on_lost=on_lost, stop=stop)
             except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task
-                outcome: Lease | BaseException = exc
+                outcome = exc
             else:
-                if not handover.give(lease):  # its task was cancelled meanwhile
-                    lease.release()
-                    return
-                outcome = lease
+                if not handover.give(outcome):  # its task was cancelled meanwhile
+                    outcome.release()
+                    outcome = None
             try:
                 loop.call_soon_threadsafe(settle, outcome)
             except RuntimeError:  # the loop closed: its tasks were cancelled, so the lease is ours
@@ -381,13 +381,19 @@ class AsyncLeaseClient:
 
         threading.Thread(target=wait, name="lease-wait", daemon=True).start()
         try:
-            return await asyncio.shield(done)
+            lease = await asyncio.shield(done)
         except asyncio.CancelledError:
             stop.set()
-            lease = handover.abandon()  # None: the thread releases what it may still get
+            lease = handover.abandon()  # None: the thread withdraws the request, or releases a late grant
             if lease is not None:
                 await asyncio.shield(asyncio.to_thread(lease.release))
+            else:  # before the task ends, so a program that exits next leaves nothing queued
+                await asyncio.wait({done})
+                if not done.cancelled():
+                    done.exception()  # the WaitTimeout that stopping produces: seen, not logged as unretrieved
             raise
+        assert lease is not None  # None only once the task is cancelled
+        return lease
 
     async def release(self, lease: Lease) -> bool:
         import asyncio
