@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -90,6 +92,29 @@ def test_lease_revoke_tells_the_holder_to_stop_and_keeps_the_slice_until_it_rele
     assert taken.returncode == 1  # still the holder's until it releases
     assert _cli("lease", "release", lease["lease_id"], "--fence", str(lease["fence"]), env=cli_env).returncode == 0
     assert _cli("lease", "acquire", "--profile", "4g.24gb", "--timeout", "0", env=cli_env).returncode == 0
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_on_a_waiting_lease_acquire_takes_its_request_out_of_the_queue_before_it_exits(cli_env, tmp_path, signum):
+    """The withdrawal ran on a daemon thread that died with the process: the request stayed queued
+    for the wait TTL (15 s), and could be granted, or preempt a holder, for nobody."""
+    nvml = SimulatedNvml("node-a=1xA30-24GB", state_dir=tmp_path)
+    with GpuBackend(nvml) as backend:
+        backend.apply_layout(0, Layout.parse("A30-24GB", "4g.24gb@0"))
+    assert _cli("agent", "--once", env=cli_env).returncode == 0
+    assert _cli("lease", "acquire", "--profile", "4g.24gb", "--timeout", "0", env=cli_env).returncode == 0
+    waiting = subprocess.Popen(
+        [sys.executable, "-m", "prefect_mig.cli.main", "lease", "acquire", "--profile", "4g.24gb", "--priority", "9",
+         "--timeout", "60"], env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.monotonic() + 20
+    while not json.loads(_cli("status", "--json", env=cli_env).stdout)["queue"]:
+        assert time.monotonic() < deadline and waiting.poll() is None
+        time.sleep(0.2)
+    waiting.send_signal(signum)
+    waiting.communicate(timeout=10)
+    assert waiting.returncode == 130
+    assert json.loads(_cli("status", "--json", env=cli_env).stdout)["queue"] == []
 
 
 @pytest.mark.parametrize("timeout", ["1e10", "-1", "nan", "inf"])

@@ -570,6 +570,22 @@ def test_a_waiting_request_says_why_it_waits_queue_position_stale_agents_and_unc
     assert "a repartitioner is running" in " ".join(wait_reasons(one_h100, big.request_id))
 
 
+def test_a_request_held_back_by_its_tenants_quota_says_so_while_slices_are_free(one_h100):
+    """It said only "position 1 of 1 in the queue", beside free slices (a new user's trial)."""
+    from prefect_mig.allocator.health import wait_reasons
+
+    one_h100.set_quota("team-q", Quota(slices=1))
+    one_h100.try_acquire(SliceRequest(profile="1g.10gb", tenant="team-q"))
+    queued = one_h100.try_acquire(SliceRequest(profile="1g.10gb", tenant="team-q"), wait=True)
+    assert "tenant team-q holds 1 slice(s), its quota (`prefect-mig quota list`)" in wait_reasons(one_h100, queued.request_id)
+    one_h100.set_quota("team-q", Quota(compute=4))  # the queued 1g goes through: 2 of 4 held
+    big = one_h100.try_acquire(SliceRequest(profile="3g.40gb", tenant="team-q"), wait=True)
+    said = wait_reasons(one_h100, big.request_id)
+    assert "tenant team-q holds 2 of its quota of 4 compute slice(s), and a 3g needs 3 (`prefect-mig quota list`)" in said
+    one_h100.set_quota("team-q", None)
+    assert not [r for r in wait_reasons(one_h100, big.request_id) if "quota" in r]
+
+
 def test_a_gpu_a_node_no_longer_publishes_leaves_the_inventory_once_none_of_its_slices_is_leased(alloc):
     # A host whose GPUs were replaced (or whose agent now runs another fleet): `up`, `layout apply`
     # and `gpus()` listed the old GPUs beside the new ones, under the same node and index, for good.

@@ -254,6 +254,92 @@ def test_async_client_leases_and_a_cancelled_waiter_leaves_nothing_behind(redis_
     assert status["queue"] == [] and status["leases"] == []
 
 
+def test_async_waiters_beyond_the_event_loops_thread_pool_do_not_starve_the_holders(redis_server, namespace):
+    """More async waiters than the loop's default executor has threads (6 on a 2-core machine)
+    once held every thread, so a holder's release, which needs one, never ran: everyone waited
+    until their timeout. Waits now run on threads of their own."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from prefect_mig.allocator import AsyncLeaseClient
+
+    client = AsyncLeaseClient(redis_server.url, namespace)
+    client.allocator.publish_fleet("node-a=1xH100-80GB", layouts={"node-a": ["7g.80gb@0"]})
+    served = []
+
+    async def job(i):
+        async with client.lease(SliceRequest(profile="7g.80gb", ttl_s=5), timeout_s=8):
+            served.append(i)
+            await asyncio.sleep(0.05)
+
+    async def scenario():
+        asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(2))  # a small machine's pool
+        began = time.monotonic()
+        await asyncio.gather(*(job(i) for i in range(5)))
+        return time.monotonic() - began
+
+    took = asyncio.run(scenario())
+    assert sorted(served) == [0, 1, 2, 3, 4] and took < 5, took
+    assert client.allocator.status()["leases"] == []
+
+
+def test_a_cancelled_async_wait_has_left_the_queue_when_the_cancelled_task_ends(redis_server, namespace):
+    """A program that cancels its waiter and exits must not leave the request queued (to be
+    granted, or to preempt a holder, for nobody until its wait TTL)."""
+    import asyncio
+
+    from prefect_mig.allocator import AsyncLeaseClient
+
+    client = AsyncLeaseClient(redis_server.url, namespace)
+    client.allocator.publish_fleet("node-a=1xH100-80GB", layouts={"node-a": ["7g.80gb@0"]})
+    held = client._sync.acquire(SliceRequest(profile="7g.80gb", ttl_s=30))
+
+    async def scenario():
+        waiter = asyncio.ensure_future(client.acquire(SliceRequest(profile="7g.80gb", priority=9)))
+        await asyncio.sleep(0.5)
+        assert client.allocator.status()["queue"] != []
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        return client.allocator.status()["queue"]
+
+    assert asyncio.run(scenario()) == []
+    held.release()
+
+
+def test_an_async_acquire_cancelled_at_any_moment_leaves_no_lease_behind(redis_server, namespace):
+    """A cancellation landing while the grant came back, or while its first renewal ran, dropped
+    the Lease, whose thread then renewed it for as long as the process lived."""
+    import asyncio
+
+    from prefect_mig.allocator import AsyncLeaseClient
+
+    client = AsyncLeaseClient(redis_server.url, namespace)
+    client.allocator.publish_fleet("node-a=1xH100-80GB", layouts={"node-a": [H100_MIXED]})
+
+    async def scenario():
+        kept = []
+        for k in range(40):
+            task = asyncio.ensure_future(client.acquire(SliceRequest(profile="1g.10gb", ttl_s=2, holder=f"c{k}")))
+            for _ in range(k % 8):
+                await asyncio.sleep(0)
+            await asyncio.sleep(0.0005 * (k // 8))
+            task.cancel()
+            try:
+                kept.append(await task)
+            except asyncio.CancelledError:
+                pass
+        for lease in kept:  # the ones the cancellation came too late for are the caller's
+            await client.release(lease)
+        await asyncio.sleep(0.3)
+
+    asyncio.run(scenario())
+    time.sleep(2.5)  # past the TTL: a lease nobody renews is gone, one a lost Lease renews is not
+    client.allocator.reap()
+    status = client.allocator.status()
+    assert [row["holder"] for row in status["leases"]] == [] and status["queue"] == []
+
+
 def test_a_held_lease_keeps_renewing_across_a_redis_restart(fresh_redis_server, namespace):
     client = LeaseClient(fresh_redis_server.url, namespace)
     client.allocator.publish_fleet("node-a=1xH100-80GB", layouts={"node-a": [H100_MIXED]})
@@ -274,6 +360,25 @@ def test_lease_client_from_settings_uses_the_configured_redis(redis_server, name
     with client.lease(SliceRequest(profile="4g.24gb")) as lease:
         assert lease.slice.profile == "4g.24gb"
     assert client.allocator.keys.namespace == namespace
+
+
+def test_async_lease_client_from_settings_uses_the_configured_redis(redis_server, namespace, monkeypatch):
+    """An asyncio program on the embedded default had no way to the generated URL and password."""
+    import asyncio
+
+    from prefect_mig.allocator import AsyncLeaseClient
+
+    monkeypatch.setenv("PREFECT_MIG_REDIS_URL", redis_server.url)
+    monkeypatch.setenv("PREFECT_MIG_NAMESPACE", namespace)
+    client = AsyncLeaseClient.from_settings()
+    client.allocator.publish_fleet("node-a=1xA30-24GB", layouts={"node-a": ["4g.24gb@0"]})
+
+    async def scenario():
+        async with client.lease(SliceRequest(profile="4g.24gb"), timeout_s=10) as lease:
+            return lease.slice.profile
+
+    assert asyncio.run(scenario()) == "4g.24gb"
+    assert client.allocator.keys.namespace == namespace and client.allocator.status()["leases"] == []
 
 
 def test_lease_client_from_settings_on_the_embedded_default_shares_the_clis_redis(redis_server, tmp_path, monkeypatch):

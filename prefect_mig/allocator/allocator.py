@@ -416,8 +416,11 @@ class Allocator(Inventory, LayoutChanges):
             got = self._wait(request_id, deadline, stop, request)
         except DeadlinePassed:
             got = None
+        except PrefectMigError:
+            self._abandon(request_id)  # RedisUnavailable, LeaseLost: leave the queue once Redis answers
+            raise
         except BaseException:
-            self._abandon(request_id)  # RedisUnavailable, KeyboardInterrupt, ...: leave the queue
+            self._withdraw(request_id)  # KeyboardInterrupt, SIGTERM: leave the queue before the process ends
             raise
         if got is not None:
             return got
@@ -557,6 +560,16 @@ class Allocator(Inventory, LayoutChanges):
                 raise
         return got[1] if got else None
 
+    def _withdraw(self, request_id: str) -> None:
+        """Withdraw a request whose caller is leaving now, before returning: a withdrawal left to
+        `_abandon`'s thread dies with a process that is exiting (Ctrl-C, SIGTERM), and the request
+        would stay queued, to be granted or to preempt for nobody, until its wait TTL. Within 2 s,
+        else in the background as `_abandon` does."""
+        try:
+            self.give_up(request_id, deadline=time.monotonic() + 2.0)
+        except (DeadlinePassed, PrefectMigError):
+            self._abandon(request_id)
+
     def _abandon(self, request_id: str) -> None:
         """Withdraw a request whose caller is leaving, in the background until Redis answers
         (at most a minute): cancelled, or released if it was granted meanwhile."""
@@ -571,9 +584,12 @@ class Allocator(Inventory, LayoutChanges):
 
         threading.Thread(target=withdraw, name=f"withdraw-{request_id[:8]}", daemon=True).start()
 
-    def acquire(self, request: SliceRequest, *, timeout_s: float | None = None) -> LeaseInfo:
+    def acquire(
+        self, request: SliceRequest, *, timeout_s: float | None = None, stop: threading.Event | None = None
+    ) -> LeaseInfo:
         """Grant a slice, waiting up to `timeout_s` (``None``: as long as it takes; 0: no wait).
-        The timeout holds within about 100 ms even while Redis does not answer.
+        The timeout holds within about 100 ms even while Redis does not answer; `stop` ends the
+        wait as `wait_for_grant`'s does.
 
         Raises:
             ConfigError: `timeout_s` is not None nor a finite number of seconds from 0 to 30 days.
@@ -583,6 +599,9 @@ class Allocator(Inventory, LayoutChanges):
         request_id = uuid.uuid4().hex
         try:
             got = self.try_acquire(request, wait=timeout_s != 0, request_id=request_id, deadline=deadline, wait_s=timeout_s)
+        except (KeyboardInterrupt, SystemExit):  # it may have queued, or been granted, before the signal
+            self._withdraw(request_id)
+            raise
         except DeadlinePassed:
             self._abandon(request_id)
             raise WaitTimeout(
@@ -592,7 +611,7 @@ class Allocator(Inventory, LayoutChanges):
         if isinstance(got, LeaseInfo):
             return got
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
-        return self.wait_for_grant(got.request_id, left, request=request, asked_s=timeout_s, explain=True)
+        return self.wait_for_grant(got.request_id, left, stop=stop, request=request, asked_s=timeout_s, explain=True)
 
     def lease(self, lease_id: str) -> LeaseInfo:
         """The lease as Redis holds it.

@@ -89,8 +89,8 @@ def serving(allocator: Allocator, nodes: list[str]) -> bool:
 
 
 def wait_reasons(allocator: Allocator, request_id: str) -> list[str]:
-    """Why a queued request still waits, in words: its place in the queue, a node it names that
-    nobody published, drained nodes it could use, agents whose heartbeat lapsed, kinds of slices no
+    """Why a queued request still waits, in words: its place in the queue, its tenant's quota, a
+    node it names that nobody published, drained nodes it could use, agents whose heartbeat lapsed, kinds of slices no
     GPU is carved into (and whether a repartitioner runs)."""
     k = allocator.keys
     with redis_errors("read why a request waits"):
@@ -110,6 +110,7 @@ def wait_reasons(allocator: Allocator, request_id: str) -> list[str]:
         f"{node} is drained for maintenance: no new grants there until `prefect-mig node resume {node}`"
         for node in drained if pinned in (None, node)
     ]
+    reasons += _quota_reasons(allocator, request.get("tenant"), wanted)
     carved = {decode(c) for c in carved}
     if wanted and not set(wanted) & carved:
         here = {c.split("/", 1)[0] for c in carved}  # one queued before any node published wants every model's kinds
@@ -133,6 +134,28 @@ def wait_reasons(allocator: Allocator, request_id: str) -> list[str]:
                 else f"{node}'s agent has not heartbeated"
             )
     return reasons
+
+
+def _quota_reasons(allocator: Allocator, tenant: str | None, wanted: list[str]) -> list[str]:
+    """The tenant's quota, when it holds the request back (a queued request waits for it even
+    beside free slices)."""
+    if not tenant or not wanted:
+        return []
+    k = allocator.keys
+    with redis_errors("read the tenant's quota"):
+        pipe = allocator.redis.pipeline(transaction=True)
+        pipe.hget(k.quotas, tenant).hget(k.tenant_slices, tenant).hget(k.tenant_compute, tenant)
+        body, held, compute_held = pipe.execute()
+    if not body:
+        return []
+    quota, held, compute_held = json.loads(decode(body)), int(held or 0), int(compute_held or 0)
+    needs = min(int(p.split("/", 1)[-1].split("g", 1)[0]) for p in wanted)
+    if quota.get("slices") is not None and held >= quota["slices"]:
+        return [f"tenant {tenant} holds {held} slice(s), its quota (`prefect-mig quota list`)"]
+    if quota.get("compute") is not None and compute_held + needs > quota["compute"]:
+        return [f"tenant {tenant} holds {compute_held} of its quota of {quota['compute']} compute slice(s), "
+                f"and a {needs}g needs {needs} (`prefect-mig quota list`)"]
+    return []
 
 
 def sweep_announced(allocator: Allocator) -> list[tuple[str, dict[str, Any]]]:

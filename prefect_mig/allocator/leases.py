@@ -222,6 +222,29 @@ class Lease:
             return False
 
 
+class _Handover:
+    """Who releases a lease granted to an async acquire: its waiting thread, if the awaiting task
+    was cancelled before the grant came, else the task (exactly one of them)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._abandoned = False
+        self._lease: Lease | None = None
+
+    def give(self, lease: Lease) -> bool:
+        """False when the task is gone: the caller keeps (and releases) the lease."""
+        with self._lock:
+            if not self._abandoned:
+                self._lease = lease
+            return not self._abandoned
+
+    def abandon(self) -> Lease | None:
+        """The lease handed over before the task was cancelled, if any (the task releases it)."""
+        with self._lock:
+            self._abandoned = True
+            return self._lease
+
+
 class LeaseClient:
     """Acquire, hold and release leases on MIG slices (sync).
 
@@ -255,14 +278,16 @@ class LeaseClient:
         )
 
     def acquire(
-        self, request: SliceRequest, *, timeout_s: float | None = None, on_lost: LostCallback | None = None
+        self, request: SliceRequest, *, timeout_s: float | None = None, on_lost: LostCallback | None = None,
+        stop: threading.Event | None = None,
     ) -> Lease:
         """Wait (pushed) for a slice and start renewing it. Release it with `Lease.release`.
+        `stop` (set from another thread) ends the wait as a timeout would, within 2 s.
 
         Raises:
             WaitTimeout, NoCapacity (timeout 0), Unsatisfiable, RedisUnavailable.
         """
-        info = self.allocator.acquire(request, timeout_s=timeout_s)
+        info = self.allocator.acquire(request, timeout_s=timeout_s, stop=stop)
         return Lease(self.allocator, info, on_lost=on_lost).start_renewing()
 
     @contextmanager
@@ -304,32 +329,71 @@ class AsyncLeaseClient:
         self._sync = LeaseClient(client, namespace, **allocator_options)
         self.allocator = self._sync.allocator
 
+    @classmethod
+    def from_settings(cls, settings=None) -> AsyncLeaseClient:
+        """The cluster the ``PREFECT_MIG_*`` settings name, as `LeaseClient.from_settings` finds it
+        (with no ``PREFECT_MIG_REDIS_URL``: the embedded default's redis-server)."""
+        client = cls.__new__(cls)
+        client._sync = LeaseClient.from_settings(settings)
+        client.allocator = client._sync.allocator
+        return client
+
     async def acquire(
         self, request: SliceRequest, *, timeout_s: float | None = None, on_lost: LostCallback | None = None
     ) -> Lease:
+        """Wait (pushed) for a slice and start renewing it; `LeaseClient.acquire` for asyncio.
+
+        The wait runs on a thread of its own, not on the loop's default executor: waiters beyond
+        that pool's size would hold every thread of it, and the holders' releases, which need one,
+        would never run. A cancellation, whenever it lands, leaves nothing held or queued: the
+        request is withdrawn, and a lease granted meanwhile is released."""
         import asyncio
 
-        from prefect_mig.allocator.allocator import Queued
-
         timeout_s = check_wait(timeout_s)
-        got = await asyncio.to_thread(self.allocator.try_acquire, request, wait=timeout_s != 0)
-        if isinstance(got, Queued):
-            stop = threading.Event()
-            waiting = asyncio.ensure_future(
-                asyncio.to_thread(
-                    self.allocator.wait_for_grant, got.request_id, timeout_s, stop=stop, request=request
-                )
-            )
+        stop = threading.Event()
+        handover = _Handover()
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[Lease] = loop.create_future()
+
+        def settle(outcome: Lease | BaseException | None) -> None:
+            if done.done():
+                return
+            if isinstance(outcome, BaseException):
+                done.set_exception(outcome)
+            else:
+                done.set_result(outcome)
+
+        def wait() -> None:
+            outcome: Lease | BaseException | None
             try:
-                got = await asyncio.shield(waiting)
-            except asyncio.CancelledError:
-                stop.set()
-                try:
-                    await waiting  # withdraws the request, releases a grant that raced us
-                except Exception:  # noqa: BLE001 - the WaitTimeout that stopping produces
-                    pass
-                raise
-        return await asyncio.to_thread(Lease(self.allocator, got, on_lost=on_lost).start_renewing)
+                outcome = self._sync.acquire(request, timeout_s=timeout_s, on_lost=on_lost, stop=stop)
+            except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task
+                outcome = exc
+            else:
+                if not handover.give(outcome):  # its task was cancelled meanwhile
+                    outcome.release()
+                    outcome = None
+            try:
+                loop.call_soon_threadsafe(settle, outcome)
+            except RuntimeError:  # the loop closed: its tasks were cancelled, so the lease is ours
+                if isinstance(outcome, Lease):
+                    outcome.release()
+
+        threading.Thread(target=wait, name="lease-wait", daemon=True).start()
+        try:
+            lease = await asyncio.shield(done)
+        except asyncio.CancelledError:
+            stop.set()
+            lease = handover.abandon()  # None: the thread withdraws the request, or releases a late grant
+            if lease is not None:
+                await asyncio.shield(asyncio.to_thread(lease.release))
+            else:  # before the task ends, so a program that exits next leaves nothing queued
+                await asyncio.wait({done})
+                if not done.cancelled():
+                    done.exception()  # the WaitTimeout that stopping produces: seen, not logged as unretrieved
+            raise
+        assert lease is not None  # None only once the task is cancelled
+        return lease
 
     async def release(self, lease: Lease) -> bool:
         import asyncio

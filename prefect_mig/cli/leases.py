@@ -80,7 +80,7 @@ def acquire(
     holder: Annotated[str, typer.Option(help="Who holds it.")] = "cli",
     ttl: Annotated[float, typer.Option(help="Lease TTL in seconds; renew with `lease renew`.")] = 300,
     preemptible: Annotated[bool, typer.Option(help="May be revoked for higher priority.")] = False,
-    timeout: Annotated[float | None, typer.Option(help="Seconds to wait; 0 = fail if busy.")] = None,
+    timeout: Annotated[float | None, typer.Option(help="Seconds to wait (default: as long as it takes); 0 = fail if busy.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Acquire a slice and print its lease id and fencing token (the lease lives for --ttl)."""
