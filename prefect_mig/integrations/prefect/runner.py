@@ -89,7 +89,7 @@ from prefect_mig.integrations.prefect.warm import (
     warm_key,
 )
 from prefect_mig.launchers import ContainerSettings, DockerLauncher
-from prefect_mig.launchers.docker import cluster_labels, removal_unconfirmed
+from prefect_mig.launchers.docker import check_call_pickles, cluster_labels, removal_unconfirmed
 from prefect_mig.launchers.warm_pool import POOL, WarmSlot
 from prefect_mig.launchers.engines import docker_tls_from
 from prefect_mig.settings import load_settings
@@ -426,6 +426,7 @@ class MigTaskRunner(ThreadPoolTaskRunner):
         request = self.request_for(profile, priority, tenant, holder)
         logger = get_run_logger() if ctx else None
         warm_key = self._warm_key(request, ctx, flow_ctx)
+        check_call_pickles(fn, args, kwargs)  # before any slice is leased or warm process taken
         cancelled = _AnyEvent(_cancel_event(ctx), stop)
         # The taken warm slot and the started Lease, put here by the helper thread that took or
         # started it: a timeout raised into this thread anywhere after (even before `shielded`
