@@ -8,7 +8,8 @@ Per task, with the drop-in decorator::
     def infer(batch): ...
 
 Per flow: ``@flow(task_runner=MigTaskRunner())`` sends every submitted task tagged ``mig:<profile>``
-(or ``mig:>=20gb``) to a lease + container and runs the others as the thread pool does. Tags
+(or ``mig:>=20gb``) to a lease + container and runs the others as the thread pool does; with a
+profile, ``MigTaskRunner(profile="1g.10gb")``, it sends every task, of that profile unless tagged. Tags
 ``mig:<profile>``, ``mig-priority:<n>`` and ``mig-tenant:<name>`` override the runner per call; on a
 flow run (or its deployment) they apply to its tasks that set none themselves (the task's tags, then
 the runner's arguments, then the flow run's tags).
@@ -572,15 +573,13 @@ class MigTaskRunner(ThreadPoolTaskRunner):
     # ------------------------------------------------------------------ flow level
 
     def submit(self, task, parameters, wait_for=None, dependencies=None):
-        wants = wants_slice(task) or getattr(task.fn, "__prefect_mig__", None)
-        if wants and not getattr(task.fn, "__prefect_mig__", None):
-            task = _with_body(task, slice_body(task.fn, self))
-        return super().submit(task, parameters, wait_for=wait_for, dependencies=dependencies)
+        return super().submit(self.slice_task(task), parameters, wait_for=wait_for, dependencies=dependencies)
 
     def slice_task(self, task):
         """`task`, with its body sent to a slice when it asks for one (direct calls, see
-        `prefect_mig.integrations.prefect.direct_calls`)."""
-        if getattr(task.fn, "__prefect_mig__", None) or not wants_slice(task):
+        `prefect_mig.integrations.prefect.direct_calls`): a ``mig:`` tag, or every task when this
+        runner, as a flow's, has a profile of its own."""
+        if getattr(task.fn, "__prefect_mig__", None) or not (self.profile or wants_slice(task)):
             return task
         return _with_body(task, slice_body(task.fn, self))
 
