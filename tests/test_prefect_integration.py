@@ -206,6 +206,33 @@ def test_a_flow_level_runner_sends_only_tagged_tasks_to_slices(cluster):
     assert [e["priority"] for e in granted] == ["7"]
 
 
+def test_a_flow_level_runner_with_a_profile_sends_every_task_to_a_slice_of_it(cluster):
+    """A new-user trial: ``@flow(task_runner=MigTaskRunner(profile="1g.10gb"))`` ran its untagged
+    tasks in the flow's own process, with no slice and no word, the runner's profile unused."""
+
+    @prefect_task
+    def untagged():
+        import os
+
+        return os.environ.get("CUDA_VISIBLE_DEVICES")
+
+    @prefect_task(tags=["mig:3g.40gb"])
+    def tagged():
+        import os
+
+        return os.environ.get("CUDA_VISIBLE_DEVICES")
+
+    @flow(task_runner=MigTaskRunner(profile="1g.10gb"))
+    def pipeline():
+        return untagged.submit().result(), untagged(), tagged.submit().result()
+
+    submitted, called, own = pipeline()
+    for uuid in (submitted, called, own):
+        assert uuid and uuid.startswith("MIG-"), (submitted, called, own)
+    granted = [e for e in cluster.events() if e["type"] == "lease.granted"]
+    assert sorted(e["pkey"].split("/")[-1] for e in granted) == ["1g.10gb", "1g.10gb", "3g.40gb"]
+
+
 def cube(n):
     return n ** 3
 

@@ -540,6 +540,34 @@ def test_a_return_value_that_cannot_be_pickled_fails_the_task_saying_so(cluster)
         pipeline()
 
 
+def uses_its_lock(batch, lock):
+    with lock:
+        return batch
+
+
+@pytest.mark.parametrize("keep_warm_s", [0, 30], ids=["cold", "warm"])
+def test_an_argument_that_cannot_be_pickled_fails_the_task_naming_it_before_any_slice_is_leased(cluster, keep_warm_s):
+    """A new-user trial: a lock passed to a task on a slice failed only once a slice was leased
+    (after a wait for it, on a busy cluster), with a bare "cannot pickle '_thread.lock' object"
+    that named neither the argument nor why it must pickle."""
+    import threading
+
+    from prefect_mig.errors import ConfigError
+
+    body = task(task_runner=MigTaskRunner(profile="1g.10gb", keep_warm_s=keep_warm_s))(uses_its_lock)
+
+    @flow
+    def pipeline():
+        return body([1, 2], threading.Lock())
+
+    with pytest.raises(ConfigError, match=r"argument 'lock' of uses_its_lock \(a _thread\.lock\) cannot be sent") as raised:
+        pipeline()
+    assert raised.value.field == "lock"
+    assert "cannot pickle '_thread.lock' object" in str(raised.value)
+    assert [e for e in cluster.events() if e["type"] == "lease.granted"] == []
+    assert cluster.status()["leases"] == []
+
+
 def test_a_task_that_starts_while_its_flow_run_is_failing_runs_its_body(cluster):
     """When a flow's code raises (a `.result()` of a failed task), Prefect puts the exception in the
     flow run's state while tasks already submitted still start; their bodies must still run (seen

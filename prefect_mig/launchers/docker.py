@@ -25,6 +25,7 @@ Examples:
 
 from __future__ import annotations
 
+import inspect
 import io
 import json
 import logging
@@ -49,6 +50,7 @@ from docker.types import DeviceRequest, Mount
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from prefect_mig.errors import (
+    ConfigError,
     ContainerFailed,
     ContainerStopped,
     DockerUnavailable,
@@ -305,6 +307,42 @@ def _pickle_call(fn: Callable, args: tuple, kwargs: dict, side_values: dict[str,
         if len(project) <= len(own_only):
             raise
     return _pickle_with_by_value(fn, args, kwargs, side_values, own_only)
+
+
+def check_call_pickles(fn: Callable, args: tuple, kwargs: dict) -> None:
+    """Raise `ConfigError` naming the argument (or the function) that cannot go to a container.
+
+    A caller checks before it leases a slice, so that a call that can never be sent fails at once
+    rather than after its wait. The bytes are dropped: a try waiting for a slice holds no copy."""
+    try:
+        _pickle_call(fn, args, kwargs)
+    except Exception as exc:  # noqa: BLE001 - named below; anything else is raised as it is
+        name, value = _unpicklable_part(fn, args, kwargs)
+        if name is None:
+            raise
+        kind = type(value)
+        where = "" if kind.__module__ == "builtins" else f"{kind.__module__}."
+        what = "the task's function" if name == "" else f"argument {name!r}"
+        raise ConfigError(
+            f"{what} of {getattr(fn, '__qualname__', repr(fn))} (a {where}{kind.__qualname__}) cannot be sent to the "
+            f"task's container: {type(exc).__name__}: {exc}. A body on a slice runs in another process, which gets its "
+            "call by pickle (cloudpickle): pass what the body needs to make it there instead (a path, a URL, settings).",
+            field=name or "fn", value=value,
+        ) from exc
+
+
+def _unpicklable_part(fn: Callable, args: tuple, kwargs: dict) -> tuple[str | None, Any]:
+    """The name of the first argument that does not pickle on its own ("" for the function), and it."""
+    try:
+        named = list(inspect.signature(fn).bind_partial(*args, **kwargs).arguments.items())
+    except (TypeError, ValueError):
+        named = [(f"#{i}", value) for i, value in enumerate(args)] + list(kwargs.items())
+    for name, value in [*named, ("", fn)]:
+        try:
+            _dumps(value)
+        except Exception:  # noqa: BLE001 - this is the one
+            return name, value
+    return None, None
 
 
 def _pickle_with_by_value(fn: Callable, args: tuple, kwargs: dict, side_values: dict[str, Any] | None,

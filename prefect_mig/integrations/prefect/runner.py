@@ -8,7 +8,8 @@ Per task, with the drop-in decorator::
     def infer(batch): ...
 
 Per flow: ``@flow(task_runner=MigTaskRunner())`` sends every submitted task tagged ``mig:<profile>``
-(or ``mig:>=20gb``) to a lease + container and runs the others as the thread pool does. Tags
+(or ``mig:>=20gb``) to a lease + container and runs the others as the thread pool does; with a
+profile, ``MigTaskRunner(profile="1g.10gb")``, it sends every task, of that profile unless tagged. Tags
 ``mig:<profile>``, ``mig-priority:<n>`` and ``mig-tenant:<name>`` override the runner per call; on a
 flow run (or its deployment) they apply to its tasks that set none themselves (the task's tags, then
 the runner's arguments, then the flow run's tags).
@@ -89,7 +90,7 @@ from prefect_mig.integrations.prefect.warm import (
     warm_key,
 )
 from prefect_mig.launchers import ContainerSettings, DockerLauncher
-from prefect_mig.launchers.docker import cluster_labels, removal_unconfirmed
+from prefect_mig.launchers.docker import check_call_pickles, cluster_labels, removal_unconfirmed
 from prefect_mig.launchers.warm_pool import POOL, WarmSlot
 from prefect_mig.launchers.engines import docker_tls_from
 from prefect_mig.settings import load_settings
@@ -426,6 +427,7 @@ class MigTaskRunner(ThreadPoolTaskRunner):
         request = self.request_for(profile, priority, tenant, holder)
         logger = get_run_logger() if ctx else None
         warm_key = self._warm_key(request, ctx, flow_ctx)
+        check_call_pickles(fn, args, kwargs)  # before any slice is leased or warm process taken
         cancelled = _AnyEvent(_cancel_event(ctx), stop)
         # The taken warm slot and the started Lease, put here by the helper thread that took or
         # started it: a timeout raised into this thread anywhere after (even before `shielded`
@@ -571,15 +573,13 @@ class MigTaskRunner(ThreadPoolTaskRunner):
     # ------------------------------------------------------------------ flow level
 
     def submit(self, task, parameters, wait_for=None, dependencies=None):
-        wants = wants_slice(task) or getattr(task.fn, "__prefect_mig__", None)
-        if wants and not getattr(task.fn, "__prefect_mig__", None):
-            task = _with_body(task, slice_body(task.fn, self))
-        return super().submit(task, parameters, wait_for=wait_for, dependencies=dependencies)
+        return super().submit(self.slice_task(task), parameters, wait_for=wait_for, dependencies=dependencies)
 
     def slice_task(self, task):
         """`task`, with its body sent to a slice when it asks for one (direct calls, see
-        `prefect_mig.integrations.prefect.direct_calls`)."""
-        if getattr(task.fn, "__prefect_mig__", None) or not wants_slice(task):
+        `prefect_mig.integrations.prefect.direct_calls`): a ``mig:`` tag, or every task when this
+        runner, as a flow's, has a profile of its own."""
+        if getattr(task.fn, "__prefect_mig__", None) or not (self.profile or wants_slice(task)):
             return task
         return _with_body(task, slice_body(task.fn, self))
 
