@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 import os
+import threading
 import time
 
 import cloudpickle
@@ -439,8 +441,10 @@ def test_a_timeout_landing_right_after_the_grant_leaves_no_lease_held(redis_serv
 def test_a_timeout_landing_as_a_warm_slot_is_taken_leaves_no_lease_held(cluster):
     """The warm form of the test above: a timeout landing as `shielded` hands back a warm slot
     taken for this try used to lose the slot, its lease renewed and held on (the flow run's end
-    closes only idle slots)."""
+    closes only idle slots). The runner's code runs in a thread of its own (`run_in_slice_sync`),
+    which Prefect's timeout no longer reaches; the trace raises there all the same."""
     import sys
+    import threading
 
     from prefect_mig.integrations.prefect.context import shielded
     from prefect_mig.launchers.warm_pool import WarmSlot
@@ -462,9 +466,11 @@ def test_a_timeout_landing_as_a_warm_slot_is_taken_leaves_no_lease_held(cluster)
     def pipeline():
         first = warm_answer(return_state=True)  # cold; its slot is parked warm
         sys.settrace(trace)
+        threading.settrace(trace)  # the try's own thread, started by this call
         try:
             second = warm_answer(return_state=True)  # takes that slot
         finally:
+            threading.settrace(None)
             sys.settrace(None)
         return first, second
 
@@ -623,3 +629,67 @@ def test_a_mig_tagged_generator_task_under_a_flow_level_runner_is_refused_leasin
     assert pipeline() == "refused"
     status = cluster.status()
     assert status["leases"] == [] and status["queue"] == []
+
+
+class _Quiet(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        pass
+
+
+class _LockHeldWhenLeased(logging.Filter):
+    """Makes the task's thread wait for this handler's lock as its runner logs "leased ...": a
+    helper thread takes the lock first and keeps it past the task's timeout, as another thread's
+    slow log write (a console on a loaded machine, a full queue) would."""
+
+    def __init__(self, handler: logging.Handler, hold_s: float) -> None:
+        super().__init__()
+        self.handler, self.hold_s = handler, hold_s
+        self.held = threading.Event()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.getMessage().startswith("leased ") and not self.held.is_set():
+            threading.Thread(target=self._hold, daemon=True).start()
+            self.held.wait(10)
+        return True
+
+    def _hold(self) -> None:
+        with self.handler.lock:
+            self.held.set()
+            time.sleep(self.hold_s)
+
+
+@pytest.mark.parametrize("mode", ["flow-level", "task-level"])
+def test_a_sync_task_timeout_that_lands_while_its_runner_logs_leaves_no_logging_lock_held(
+    cluster, docker_client, namespace, mode
+):
+    # Prefect times out a sync task in a worker thread by raising an exception into that thread at
+    # its next bytecode. Landing just after a logging handler took its lock (before the `try` that
+    # releases it), it left the lock held by a thread that had moved on: the next log line from any
+    # other thread through that handler waited forever (a whole CI run hung in the timeout tests).
+    # The runner's code must not take such an exception: its own deadline ends the try instead.
+    handler = _Quiet()
+    handler.addFilter(_LockHeldWhenLeased(handler, hold_s=3.0))
+    task_logger = logging.getLogger("prefect.task_runs")
+    if mode == "flow-level":
+        slow, runner = prefect_task(tags=["mig:1g.10gb"], timeout_seconds=1)(sleep_30s), MigTaskRunner()
+    else:  # submitted to Prefect's ThreadPoolTaskRunner: its timeout is raised into a pool thread
+        slow, runner = task(task_runner=MigTaskRunner(profile="1g.10gb"), timeout_seconds=1)(sleep_30s), None
+
+    @flow(**({"task_runner": runner} if runner else {}))
+    def pipeline():
+        future = slow.submit()
+        future.wait(60)
+        return future.state.name, future.state.message  # not the state: a failed one fails the flow
+
+    task_logger.addHandler(handler)
+    try:
+        name, message = pipeline()
+        free = handler.lock.acquire(timeout=10)
+        if free:
+            handler.lock.release()
+    finally:
+        task_logger.removeHandler(handler)
+    assert free, "a logging handler's lock is still held by the timed-out task's thread"
+    assert name == "TimedOut", (name, message)
+    assert cluster.status()["leases"] == []
+    assert task_containers(docker_client, cluster_id=cluster.cluster_id(), namespace=namespace) == []

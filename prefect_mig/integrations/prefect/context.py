@@ -24,6 +24,7 @@ Examples:
 
 from __future__ import annotations
 
+import contextvars
 import sys
 import threading
 import time
@@ -210,6 +211,22 @@ def log_sink(logger):
     return on_log
 
 
+def run_in_slice_sync(runner, fn, args: tuple, kwargs: dict) -> Any:
+    """``runner.run_in_slice`` in a thread of its own (with this thread's context), this thread
+    waiting for it.
+
+    Prefect times out a sync task by raising an exception into the task's thread at its next
+    bytecode (SIGALRM in the main thread). Landing in the runner's code just after a lock was
+    taken (a logging handler's, before the ``try`` that releases it), it left that lock held, and
+    the next log line from any other thread waited forever. Here it lands in this wait instead:
+    the try is stopped (its wait withdrawn or its container stopped, the lease released), and the
+    exception is raised once that is done. A Ctrl-C of a direct call in the main thread does the
+    same."""
+    stop = threading.Event()
+    return shielded(contextvars.copy_context().run, runner.run_in_slice, fn, args, kwargs, stop=stop,
+                    on_interrupt=stop.set)
+
+
 async def run_in_slice_async(runner, fn, args: tuple, kwargs: dict) -> Any:
     """``runner.run_in_slice`` from a coroutine, cancellable: when Prefect's timeout (or any
     cancellation) cancels the coroutine, the try's wait or container is stopped and its lease
@@ -255,13 +272,14 @@ def lease_event(ctx, lease, what: str, **payload: Any) -> None:
     )
 
 
-def shielded(fn, *args: Any, undo=None, **kwargs: Any) -> Any:
+def shielded(fn, *args: Any, undo=None, on_interrupt=None, **kwargs: Any) -> Any:
     """``fn(*args, **kwargs)`` in a helper thread, so that an exception Prefect raises into this
     thread (a sync task's timeout) cannot stop it halfway (a slice granted but never recorded, a
     lease never released). If one lands, wait for `fn` to end, pass its result to `undo`, and raise
     the exception then. One that lands as this returns (its last bytecodes, or the caller's before
     it stores the value) loses the value: what must not leak, `fn` also puts where the caller's
-    ``finally`` finds it (`acquire_started`)."""
+    ``finally`` finds it (`acquire_started`). `on_interrupt` is called as one lands (to cut `fn`
+    short)."""
     call: _ShieldedCall | None = None
     interrupted: BaseException | None = None
     while True:  # the exception lands between any two bytecodes: every one of them is in the try,
@@ -275,6 +293,8 @@ def shielded(fn, *args: Any, undo=None, **kwargs: Any) -> Any:
             break
         except BaseException as exc:  # noqa: BLE001 - Prefect's timeout, raised once into this thread
             interrupted = exc
+            if on_interrupt is not None:
+                on_interrupt()
     box = call.box
     if interrupted is not None:
         if undo is not None and "value" in box:

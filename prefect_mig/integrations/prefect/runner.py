@@ -75,7 +75,7 @@ from prefect_mig.gpu import default_gpu_runtime
 from prefect_mig.integrations.prefect.arguments import plain_arguments
 from prefect_mig.integrations.prefect.artifacts import record_task_slice
 from prefect_mig.integrations.prefect.context import announce_lease, body_context, flow_cancelled, log_sink, prefect_env
-from prefect_mig.integrations.prefect.context import flow_side_values, run_in_slice_async
+from prefect_mig.integrations.prefect.context import flow_side_values, run_in_slice_async, run_in_slice_sync
 from prefect_mig.integrations.prefect.context import picklable_state as _picklable_state
 from prefect_mig.integrations.prefect.context import acquire_started, lease_event, shielded, start_lease, undo_acquire
 from prefect_mig.integrations.prefect.direct_calls import route_direct_calls, wants_slice
@@ -692,7 +692,7 @@ def slice_body(fn, runner: MigTaskRunner):
         @functools.wraps(fn)
         def proxy(*args, **kwargs):
             try:
-                return runner.run_in_slice(fn, args, kwargs)
+                return run_in_slice_sync(runner, fn, args, kwargs)
             except TryCancelled as exc:
                 return Cancelled(message=str(exc))
     proxy.__prefect_mig__ = runner
