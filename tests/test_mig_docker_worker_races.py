@@ -131,3 +131,46 @@ def test_a_final_state_put_back_after_the_workers_running_message_keeps_its_resu
             return again.type.value, await again.aresult()
 
     assert asyncio.run(end_overwritten_then_put_back()) == ("COMPLETED", 42)
+
+
+def test_flow_runs_waiting_for_slices_hold_none_of_the_workers_threads(cluster, python_image):
+    """The worker waits for a slice, and for a flow run's container, in threads. On anyio's default
+    limiter, which all of the worker's thread calls share (40 threads), as many waiting runs as it
+    had threads held them all, and the lease release that would end a wait queued behind them:
+    nothing ran until the waits timed out. Here the limiter has 2 threads and 3 runs wait for the
+    one 3g.40gb; once it is freed, all three must run, one after another."""
+    alloc = cluster
+    held = alloc.try_acquire(SliceRequest(profile="3g.40gb", holder="someone else"))  # the only 3g.40gb
+
+    async def three_runs_on_two_threads() -> tuple[float, list[int]]:
+        anyio.to_thread.current_default_thread_limiter().total_tokens = 2  # this event loop's only
+        template = MigDockerWorker.get_default_base_job_template()
+        values = {"image": python_image, "profile": "3g.40gb", "lease_ttl_s": LEASE_TTL_S,
+                  "wait_timeout_s": WAIT_TIMEOUT_S, "command": "python3 -c pass"}
+        codes: list[int] = []
+        async with get_client() as client:
+            runs = [await client.create_flow_run(waits_for_a_slice) for _ in range(3)]
+            async with MigDockerWorker(work_pool_name=f"threads-{alloc.keys.namespace}") as worker:
+
+                async def run(flow_run) -> None:
+                    configuration = await MigDockerJobConfiguration.from_template_and_values(template, values)
+                    configuration.prepare_for_flow_run(flow_run)
+                    codes.append((await worker.run(flow_run, configuration)).status_code)
+
+                async with anyio.create_task_group() as group:
+                    for flow_run in runs:
+                        group.start_soon(run, flow_run)
+                    deadline = time.monotonic() + 120
+                    while len(alloc.status()["queue"]) < 2:  # the third may still be on its way
+                        assert time.monotonic() < deadline, "the runs never queued for the slice"
+                        await anyio.sleep(0.1)
+                    await anyio.sleep(2)
+                    freed = time.monotonic()
+                    assert alloc.release(held.lease_id, held.fence)
+        return time.monotonic() - freed, codes
+
+    took, codes = asyncio.run(three_runs_on_two_threads())
+    assert codes == [0, 0, 0]
+    assert took < WAIT_TIMEOUT_S, f"the three runs took {took:.0f} s after the slice was freed: their waits starved the releases"
+    assert len([e for e in alloc.events() if e["type"] == "lease.granted" and e.get("holder") != "someone else"]) == 3
+    assert alloc.status()["leases"] == [] and alloc.status()["queue"] == []

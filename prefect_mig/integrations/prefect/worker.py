@@ -88,6 +88,13 @@ _CONFINEMENT_HELP = (
 )
 
 
+def _own_thread() -> anyio.CapacityLimiter:
+    """The limiter for a thread that lasts as long as a wait for a slice or a flow run does. On
+    anyio's default limiter (40 threads for all of the worker's calls) 40 flow runs waiting for
+    slices held every thread, and the lease releases they waited for queued behind them."""
+    return anyio.CapacityLimiter(1)
+
+
 class MigDockerVariables(BaseVariables):
     """The job variables a deployment or a flow run may set (rendered as a form in the UI).
 
@@ -416,7 +423,8 @@ class MigDockerWorker(BaseWorker):
             async with anyio.create_task_group() as group:
                 group.start_soon(self._say_slice_when_running, flow_run.id, f"running on {where}, fence {lease.fence}")
                 status = await anyio.to_thread.run_sync(
-                    _wait_container, container, cancelled, lost, launcher.engine_url, abandon_on_cancel=True
+                    _wait_container, container, cancelled, lost, launcher.engine_url, abandon_on_cancel=True,
+                    limiter=_own_thread(),
                 )
                 group.cancel_scope.cancel()
             if cancelled.is_set():
@@ -521,7 +529,8 @@ class MigDockerWorker(BaseWorker):
                 group.start_soon(stop_when_cancelled)
                 try:
                     got = await anyio.to_thread.run_sync(
-                        lambda: allocator.wait_for_grant(request_id, timeout_s, request=request, stop=stop)
+                        lambda: allocator.wait_for_grant(request_id, timeout_s, request=request, stop=stop),
+                        limiter=_own_thread(),
                     )
                 except WaitTimeout as exc:
                     if cancelled.is_set():
