@@ -61,24 +61,27 @@ def remove_launched(client: docker.DockerClient, launch_id: str, *, within_s: fl
 
     Called when a timeout cut the create request short: the engine may still be making the
     container after this client stopped listening, so it looks again until one is found and
-    removed or `within_s` has passed."""
+    removed or `within_s` has passed. An engine error on the way (a conflict while the engine
+    still makes or removes it, a busy file system) is tried again until then too; best effort:
+    the agent's fencing removes what is left."""
     import time
 
     deadline = time.monotonic() + within_s
     while True:
+        removed = False
         try:
-            found = client.containers.list(all=True, filters={"label": f"prefect-mig.launch-id={launch_id}"})
+            found = client.containers.list(all=True, ignore_removed=True,
+                                           filters={"label": f"prefect-mig.launch-id={launch_id}"})
             for container in found:
                 try:
                     container.remove(force=True, v=True)
                 except docker.errors.NotFound:  # gone between the look and the removal
                     pass
-        except docker.errors.APIError as exc:
-            if exc.status_code != 409:  # best effort: the agent's fencing removes what is left
-                return
-            found = []  # a conflict (the engine still making it, or removing it): look again
+            removed = bool(found)
+        except docker.errors.APIError:
+            pass  # look again
         except docker.errors.DockerException:
             return
-        if found or time.monotonic() >= deadline:
+        if removed or time.monotonic() >= deadline:
             return
         time.sleep(0.2)
