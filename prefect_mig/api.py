@@ -505,6 +505,13 @@ def create_app(
             raise LeaseNotOwned("not yours", lease_id=lease_id)
         return lease
 
+    @app.get("/v1/leases/{lease_id}")
+    def one_lease(request: Request, lease_id: str) -> dict[str, Any]:
+        """One lease this token took (any, for the admin token), without its fence: ``revoked`` is
+        true once it was revoked (stop the job: the slice goes on when you let go, or after the
+        grace); 410 once it is gone. A holder polls this to learn of a revocation without renewing."""
+        return own_lease(request, lease_id).model_dump(mode="json", exclude={"fence"})
+
     @app.post("/v1/leases/{lease_id}/renew")
     def renew(request: Request, lease_id: str, body: RenewBody) -> dict[str, int]:
         own_lease(request, lease_id)

@@ -71,6 +71,7 @@ def test_missing_or_wrong_token_is_refused_on_every_route(http, headers):
         http.post("/v1/leases/x/renew", json={"fence": 1}, headers=headers),
         http.delete("/v1/leases/x", params={"fence": 1}, headers=headers),
         http.get("/v1/leases", headers=headers),
+        http.get("/v1/leases/x", headers=headers),
         http.get("/v1/status", headers=headers),
     ]
     assert {c.status_code for c in calls} <= {401, 403}
@@ -127,6 +128,27 @@ def test_every_refusal_has_one_body_shape_an_error_kind_and_a_detail(served_api)
     assert refusals["fence missing"].json()["error"] == "InvalidRequest"
     assert refusals["no capacity"].json()["error"] == "NoCapacity"
     assert client.delete(f"/v1/leases/{held['lease_id']}", params={"fence": held["fence"]}).json() == {"released": True}
+
+
+def test_a_holder_reads_its_lease_and_learns_of_a_revocation_without_renewing(served_api):
+    """An HTTP holder learned of an admin's revocation (or a preemption) only at its next renewal;
+    ``GET /v1/leases/{id}`` answers its lease with ``revoked``, 410 once gone, and no fence."""
+    secret, _ = served_api.tokens.create(tenant="team-a", max_priority=5)
+    other, _ = served_api.tokens.create(tenant="team-b", max_priority=5)
+    admin, client = served_api.client(), served_api.client(secret)
+    held = client.post("/v1/leases", json={"request": {"profile": "3g.40gb", "ttl_s": 60}}).json()
+    path = f"/v1/leases/{held['lease_id']}"
+    before = client.get(path)
+    assert before.status_code == 200, before.json()
+    assert before.json()["revoked"] is False and before.json()["slice"] == held["slice"]
+    assert "fence" not in before.json()
+    assert served_api.client(other).get(path).status_code == 409  # another tenant's lease: not yours
+    assert admin.delete(path).json()["revoked"] is True  # the admin revokes it, without its fence
+    after = client.get(path)
+    assert after.status_code == 200 and after.json()["revoked"] is True
+    assert client.delete(path, params={"fence": held["fence"]}).json() == {"released": True}
+    gone = client.get(path)
+    assert gone.status_code == 410 and gone.json()["error"] == "LeaseLost"
 
 
 def test_a_wait_that_times_out_says_why_it_waited_as_the_cli_does(http, alloc):
