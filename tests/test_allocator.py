@@ -597,3 +597,8 @@ def test_a_gpu_a_node_no_longer_publishes_leaves_the_inventory_once_none_of_its_
     alloc.release(held.lease_id, held.fence)
     alloc.publish_fleet("node-a=1xA30-24GB", layouts={"node-a": ["4g.24gb@0"]})
     assert [(g["gpu_model"], g["index"]) for g in alloc.gpus() if g["node"] == "node-a"] == [("A30-24GB", 0)]
+
+
+def test_an_allocator_says_its_namespace(redis_client, namespace):
+    # a platform engineer's trial: `Allocator(r, "prod").namespace` was an AttributeError (only `.keys.namespace`)
+    assert Allocator(redis_client, namespace).namespace == namespace

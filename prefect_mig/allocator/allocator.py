@@ -245,6 +245,11 @@ class Allocator(Inventory, LayoutChanges):
         self.replicas = int(replicas)
         self.replica_timeout_ms = max(1, int(replica_timeout_s * 1000))
 
+    @property
+    def namespace(self) -> str:
+        """The cluster's namespace, as given (its keys are ``pmig:{namespace}:...``)."""
+        return self.keys.namespace
+
     def _run(
         self, name: str, *args: Any, action: str, deadline: float | None = None, keys: Sequence[str] = ()
     ) -> list:
