@@ -233,6 +233,43 @@ def test_a_flow_level_runner_with_a_profile_sends_every_task_to_a_slice_of_it(cl
     assert sorted(e["pkey"].split("/")[-1] for e in granted) == ["1g.10gb", "1g.10gb", "3g.40gb"]
 
 
+def test_a_task_tagged_mig_none_runs_in_the_flows_process_under_a_runner_with_a_profile(cluster):
+    """Under ``MigTaskRunner(profile=...)`` every task went to a slice, with no way to keep a light
+    one (a parse, a notification) in the flow's process: ``mig:none`` does, submitted, called or
+    tagged at call time, and wins over a ``mig:`` tag of the task's own."""
+    from prefect import tags
+
+    def where() -> str | None:
+        import os
+
+        return os.environ.get("CUDA_VISIBLE_DEVICES")
+
+    light = prefect_task(tags=["mig:none"])(where)
+    heavy = prefect_task(tags=["mig:3g.40gb"])(where)
+    untagged = prefect_task(where)
+
+    @flow(task_runner=MigTaskRunner(profile="1g.10gb"))
+    def pipeline():
+        with tags("mig:none"):
+            held_back = heavy.submit().result(), untagged()
+        return light.submit().result(), light(), held_back, untagged.submit().result()
+
+    submitted, called, held_back, on_slice = pipeline()
+    host = os.environ.get("CUDA_VISIBLE_DEVICES")
+    assert (submitted, called, *held_back) == (host, host, host, host)
+    assert on_slice and on_slice.startswith("MIG-")
+    granted = [e for e in cluster.events() if e["type"] == "lease.granted"]
+    assert [e["pkey"].split("/")[-1] for e in granted] == ["1g.10gb"]  # only the untagged submit outside
+
+
+def test_mig_none_with_a_task_level_runner_is_refused_at_decoration_time_naming_the_tag():
+    from prefect_mig.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="'mig:none'") as refused:
+        task(task_runner=MigTaskRunner(profile="1g.10gb"), tags=["mig:none"])(cube)
+    assert refused.value.field == "tags"
+
+
 def cube(n):
     return n ** 3
 

@@ -15,6 +15,7 @@ Examples:
 
     assert wants_slice(task(tags=["mig:1g.10gb"])(lambda: 1))
     assert not wants_slice(task(lambda: 1))
+    assert not wants_slice(task(tags=["mig:1g.10gb", "mig:none"])(lambda: 1))
     ```
 """
 
@@ -24,17 +25,30 @@ import functools
 import threading
 from typing import Any
 
+from prefect_mig.integrations.prefect.profiles import NO_SLICE_TAG
+
 PROFILE_TAG = "mig:"
 _LOCK = threading.Lock()
 _installed = False
 
 
 def wants_slice(task) -> bool:
-    """Whether `task` asks for a slice: a ``mig:`` tag of its own or from ``with tags(...)``."""
+    """Whether `task` asks for a slice: a ``mig:`` tag of its own or from ``with tags(...)``, and
+    no ``mig:none`` (`keeps_off_slices`)."""
+    tags = _tags_of(task)
+    return NO_SLICE_TAG not in tags and any(t.startswith(PROFILE_TAG) for t in tags)
+
+
+def keeps_off_slices(task) -> bool:
+    """Whether `task` is tagged ``mig:none`` (its own tag or from ``with tags(...)``): it runs in
+    the flow's process even under a flow-level `MigTaskRunner` with a profile."""
+    return NO_SLICE_TAG in _tags_of(task)
+
+
+def _tags_of(task) -> set[str]:
     from prefect.context import TagsContext
 
-    tags = set(task.tags) | set(TagsContext.get().current_tags)
-    return any(t.startswith(PROFILE_TAG) for t in tags)
+    return set(task.tags) | set(TagsContext.get().current_tags)
 
 
 def route_direct_calls() -> None:

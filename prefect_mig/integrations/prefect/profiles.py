@@ -41,14 +41,20 @@ def check_known(requirement: str, *, field: str = "profile") -> None:
     )
 
 
+#: The tag that keeps a task off slices under a flow-level `MigTaskRunner` (even one with a profile).
+NO_SLICE_TAG = "mig:none"
+
+
 def check_tags(tags: Iterable[str]) -> None:
-    """Check the ``mig:<profile>``, ``mig-priority:<n>`` and ``mig-tenant:<name>`` tags of a task
-    (at decoration time) or of a try (a task's call-time tags, its flow run's)."""
+    """Check the ``mig:<profile>`` (or ``mig:none``), ``mig-priority:<n>`` and ``mig-tenant:<name>``
+    tags of a task (at decoration time) or of a try (a task's call-time tags, its flow run's)."""
     from pydantic import TypeAdapter, ValidationError
 
     from prefect_mig.allocator.models import Name
 
     for tag in tags:
+        if tag == NO_SLICE_TAG:
+            continue
         if tag.startswith("mig:"):
             check_known(tag[len("mig:"):], field="tags")
         elif tag.startswith("mig-priority:"):

@@ -9,7 +9,8 @@ Per task, with the drop-in decorator::
 
 Per flow: ``@flow(task_runner=MigTaskRunner())`` sends every submitted task tagged ``mig:<profile>``
 (or ``mig:>=20gb``) to a lease + container and runs the others as the thread pool does; with a
-profile, ``MigTaskRunner(profile="1g.10gb")``, it sends every task, of that profile unless tagged. Tags
+profile, ``MigTaskRunner(profile="1g.10gb")``, it sends every task, of that profile unless tagged
+(``mig:none`` keeps a task in the flow's process). Tags
 ``mig:<profile>``, ``mig-priority:<n>`` and ``mig-tenant:<name>`` override the runner per call; on a
 flow run (or its deployment) they apply to its tasks that set none themselves (the task's tags, then
 the runner's arguments, then the flow run's tags).
@@ -78,8 +79,8 @@ from prefect_mig.integrations.prefect.context import announce_lease, body_contex
 from prefect_mig.integrations.prefect.context import flow_side_values, run_in_slice_async, run_in_slice_sync
 from prefect_mig.integrations.prefect.context import picklable_state as _picklable_state
 from prefect_mig.integrations.prefect.context import acquire_started, lease_event, shielded, start_lease, undo_acquire
-from prefect_mig.integrations.prefect.direct_calls import route_direct_calls, wants_slice
-from prefect_mig.integrations.prefect.profiles import check_known, check_tags
+from prefect_mig.integrations.prefect.direct_calls import keeps_off_slices, route_direct_calls, wants_slice
+from prefect_mig.integrations.prefect.profiles import NO_SLICE_TAG, check_known, check_tags
 from prefect_mig.integrations.prefect.warm import (
     adopt_into,
     check_warm,
@@ -177,7 +178,8 @@ class MigTaskRunner(ThreadPoolTaskRunner):
 
     Args:
         profile: exact MIG profile (``1g.10gb``) or minimums (``>=20gb``, ``>=3g``); None at flow
-            level means "only tasks tagged ``mig:...``".
+            level means "only tasks tagged ``mig:...``". At flow level with a profile, a task
+            tagged ``mig:none`` still runs in the flow's process.
         priority: 0-100, higher first.
         tenant: charged for the slices (quotas).
         preemptible: a higher-priority request may revoke the lease (the task then fails).
@@ -579,7 +581,7 @@ class MigTaskRunner(ThreadPoolTaskRunner):
         """`task`, with its body sent to a slice when it asks for one (direct calls, see
         `prefect_mig.integrations.prefect.direct_calls`): a ``mig:`` tag, or every task when this
         runner, as a flow's, has a profile of its own."""
-        if getattr(task.fn, "__prefect_mig__", None) or not (self.profile or wants_slice(task)):
+        if getattr(task.fn, "__prefect_mig__", None) or keeps_off_slices(task) or not (self.profile or wants_slice(task)):
             return task
         return _with_body(task, slice_body(task.fn, self))
 
@@ -639,7 +641,7 @@ def _tag_values(tags: Iterable[str]) -> dict[str, Any]:
             out["priority"] = int(tag[len(_PRIORITY_TAG):])
         elif tag.startswith(_TENANT_TAG):
             out["tenant"] = tag[len(_TENANT_TAG):]
-        elif tag.startswith(_PROFILE_TAG):
+        elif tag.startswith(_PROFILE_TAG) and tag != NO_SLICE_TAG:
             out["profile"] = tag[len(_PROFILE_TAG):]
     return out
 

@@ -23,7 +23,8 @@ from typing import Any
 
 import prefect
 
-from prefect_mig.integrations.prefect.profiles import check_tags
+from prefect_mig.errors import ConfigError
+from prefect_mig.integrations.prefect.profiles import NO_SLICE_TAG, check_tags
 from prefect_mig.integrations.prefect.runner import MigTaskRunner, slice_body
 
 
@@ -40,6 +41,12 @@ def task(__fn=None, *, task_runner: MigTaskRunner | None = None, **task_kwargs: 
         )
 
     check_tags(task_kwargs.get("tags") or ())
+    if task_runner is not None and NO_SLICE_TAG in (task_kwargs.get("tags") or ()):
+        raise ConfigError(
+            f"tags: {NO_SLICE_TAG!r} keeps a task off slices, and task_runner=MigTaskRunner(...) sends it to "
+            "one: give one or the other.",
+            field="tags", value=NO_SLICE_TAG,
+        )
 
     def decorate(fn):
         if task_runner is None:
