@@ -693,3 +693,33 @@ def test_a_sync_task_timeout_that_lands_while_its_runner_logs_leaves_no_logging_
     assert name == "TimedOut", (name, message)
     assert cluster.status()["leases"] == []
     assert task_containers(docker_client, cluster_id=cluster.cluster_id(), namespace=namespace) == []
+
+
+async def nap_async(i: int) -> int:
+    import asyncio
+
+    await asyncio.sleep(3)
+    return i
+
+
+def test_async_tasks_gathered_in_an_async_flow_all_run_at_once_past_the_loops_thread_limit(cluster):
+    """Each try of an async task waits for its slice and its container in a thread. On the event
+    loop's default limiter (40 threads, also Prefect's) `asyncio.gather` of more tries than that ran
+    only 40 at a time, and left none for anything else. Here the loop's limiter has 2 threads and 3
+    tasks on three free slices must all hold their slices at once."""
+    import anyio
+
+    napper = task(task_runner=MigTaskRunner(profile="1g.10gb"))(nap_async)
+
+    @flow
+    async def pipeline():
+        anyio.to_thread.current_default_thread_limiter().total_tokens = 2  # this flow's event loop only
+        with anyio.fail_after(240):  # fails, not hangs, should the tries wait for threads
+            return await asyncio.gather(*(napper(i) for i in range(3)))
+
+    assert asyncio.run(pipeline()) == [0, 1, 2]
+    held, most = 0, 0
+    for event in cluster.events():
+        held += {"lease.granted": 1, "lease.released": -1}.get(event["type"], 0)
+        most = max(most, held)
+    assert most == 3, f"at most {most} of the 3 tasks held a slice at once"

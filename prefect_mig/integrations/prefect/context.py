@@ -242,7 +242,9 @@ async def run_in_slice_async(runner, fn, args: tuple, kwargs: dict) -> Any:
             finished.set()
 
     try:
-        return await anyio.to_thread.run_sync(call, abandon_on_cancel=True)
+        # a thread outside the loop's default limiter (40 threads, shared with Prefect's own calls):
+        # a try lasts as long as its wait and its body, and `asyncio.gather` of 50 tasks ran 40
+        return await anyio.to_thread.run_sync(call, abandon_on_cancel=True, limiter=anyio.CapacityLimiter(1))
     except anyio.get_cancelled_exc_class():
         stop.set()
         with anyio.CancelScope(shield=True):
