@@ -224,3 +224,21 @@ def test_a_desired_layout_already_in_place_but_half_made_is_applied_not_skipped(
     alloc.set_desired(gpu.uuid, str(backend.layout(0)), kind="incremental")
     assert agent.apply_desired(0, gpu.uuid) == "applied"
     assert all(m.mig_uuid for m in backend.instances(0)), "no GPU instance stays without a compute instance"
+
+
+@pytest.mark.parametrize("call", ["nvmlComputeInstanceGetInfo_v2", "nvmlGpuInstanceGetInfo"])
+@pytest.mark.parametrize("code", [2, 6])  # InvalidArgument, NotFound
+def test_an_instance_destroyed_by_another_process_mid_listing_does_not_fail_a_reader(stub, backend, call, code):
+    """A listing is many NVML calls; an instance that another process's carve destroys between two
+    of them answers InvalidArgument (its handle) or NotFound. A reader (status, doctor, an agent
+    of another host looking) failed with BackendError, as a test's view did once mid-carve; the
+    listing is taken again instead."""
+    before = _by_placement(backend)
+    stub.fail_next(call, code)
+    assert _by_placement(backend) == before
+
+
+def test_a_listing_that_keeps_failing_is_still_an_error(stub, backend):
+    stub.fail_next("nvmlComputeInstanceGetInfo_v2", 2, times=5)  # as many as the listing is tried
+    with pytest.raises(BackendError, match="list the MIG instances of GPU 0"):
+        backend.instances(0)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import time
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any, TypeVar
@@ -113,6 +114,8 @@ def _model_name(device_name: str) -> str:
 
 
 _F = TypeVar("_F", bound=Callable[..., Any])
+
+_LISTING_TRIES = 5  # an instance listing that a concurrent carve changed under it is taken again
 
 
 def _nvml_errors(action: str) -> Callable[[_F], _F]:
@@ -371,7 +374,21 @@ class GpuBackend:
 
     @_nvml_errors("list the MIG instances of GPU {0}")
     def instances(self, index: int) -> list[MigInstance]:
-        """The GPU's MIG instances, by start: placement, profile, compute instance and MIG UUID."""
+        """The GPU's MIG instances, by start: placement, profile, compute instance and MIG UUID.
+
+        A listing takes many NVML calls; an instance that another process (a node agent carving)
+        destroys between two of them answers InvalidArgument or NotFound, and the listing is taken
+        again (a few times) instead of failing a reader that only looked."""
+        for attempt in range(_LISTING_TRIES):
+            try:
+                return self._instances_once(index)
+            except (self.nvml.NVMLError_InvalidArgument, self.nvml.NVMLError_NotFound):
+                if attempt == _LISTING_TRIES - 1:
+                    raise
+                time.sleep(0.05 * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    def _instances_once(self, index: int) -> list[MigInstance]:
         h = self._handle(index)
         gpu_uuid = self._require_mig(index, h)
         model = self.gpu_model(index)
