@@ -698,7 +698,7 @@ def test_a_sync_task_timeout_that_lands_while_its_runner_logs_leaves_no_logging_
 async def nap_async(i: int) -> int:
     import asyncio
 
-    await asyncio.sleep(3)
+    await asyncio.sleep(5)  # long enough for all three to be granted before the first ends
     return i
 
 
