@@ -444,7 +444,6 @@ def test_a_timeout_landing_as_a_warm_slot_is_taken_leaves_no_lease_held(cluster)
     closes only idle slots). The runner's code runs in a thread of its own (`run_in_slice_sync`),
     which Prefect's timeout no longer reaches; the trace raises there all the same."""
     import sys
-    import threading
 
     from prefect_mig.integrations.prefect.context import shielded
     from prefect_mig.launchers.warm_pool import WarmSlot

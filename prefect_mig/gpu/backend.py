@@ -379,14 +379,12 @@ class GpuBackend:
         A listing takes many NVML calls; an instance that another process (a node agent carving)
         destroys between two of them answers InvalidArgument or NotFound, and the listing is taken
         again (a few times) instead of failing a reader that only looked."""
-        for attempt in range(_LISTING_TRIES):
+        for attempt in range(1, _LISTING_TRIES):
             try:
                 return self._instances_once(index)
             except (self.nvml.NVMLError_InvalidArgument, self.nvml.NVMLError_NotFound):
-                if attempt == _LISTING_TRIES - 1:
-                    raise
-                time.sleep(0.05 * (attempt + 1))
-        raise AssertionError("unreachable")
+                time.sleep(0.05 * attempt)
+        return self._instances_once(index)  # the last try's error is the one raised
 
     def _instances_once(self, index: int) -> list[MigInstance]:
         h = self._handle(index)

@@ -227,6 +227,16 @@ def run_in_slice_sync(runner, fn, args: tuple, kwargs: dict) -> Any:
                     on_interrupt=stop.set)
 
 
+def own_thread():
+    """An anyio limiter for one thread that lasts as long as a wait for a slice, a try or a flow run
+    does. On the event loop's default limiter (40 threads, shared with every other thread call of
+    the loop, Prefect's too) 40 such waits held every thread, and what they waited for (a lease
+    release, another try) queued behind them."""
+    import anyio
+
+    return anyio.CapacityLimiter(1)
+
+
 async def run_in_slice_async(runner, fn, args: tuple, kwargs: dict) -> Any:
     """``runner.run_in_slice`` from a coroutine, cancellable: when Prefect's timeout (or any
     cancellation) cancels the coroutine, the try's wait or container is stopped and its lease
@@ -241,10 +251,8 @@ async def run_in_slice_async(runner, fn, args: tuple, kwargs: dict) -> Any:
         finally:
             finished.set()
 
-    try:
-        # a thread outside the loop's default limiter (40 threads, shared with Prefect's own calls):
-        # a try lasts as long as its wait and its body, and `asyncio.gather` of 50 tasks ran 40
-        return await anyio.to_thread.run_sync(call, abandon_on_cancel=True, limiter=anyio.CapacityLimiter(1))
+    try:  # `asyncio.gather` of 50 tries on the default limiter ran 40
+        return await anyio.to_thread.run_sync(call, abandon_on_cancel=True, limiter=own_thread())
     except anyio.get_cancelled_exc_class():
         stop.set()
         with anyio.CancelScope(shield=True):

@@ -55,6 +55,7 @@ from prefect.workers.base import BaseJobConfiguration, BaseVariables, BaseWorker
 from pydantic import Field
 
 from prefect_mig.errors import ConfigError, LaunchError, PrefectMigError, Unsatisfiable, WaitTimeout
+from prefect_mig.integrations.prefect.context import own_thread
 from prefect_mig.model.catalog import catalog
 
 if TYPE_CHECKING:
@@ -86,13 +87,6 @@ _CONFINEMENT_HELP = (
     "('1g'), no_new_privileges (false), cap_add (e.g. ['CHOWN'], or ['ALL'] for Docker's defaults), "
     "pids_limit (a number, or null), user ('uid[:gid]')."
 )
-
-
-def _own_thread() -> anyio.CapacityLimiter:
-    """The limiter for a thread that lasts as long as a wait for a slice or a flow run does. On
-    anyio's default limiter (40 threads for all of the worker's calls) 40 flow runs waiting for
-    slices held every thread, and the lease releases they waited for queued behind them."""
-    return anyio.CapacityLimiter(1)
 
 
 class MigDockerVariables(BaseVariables):
@@ -424,7 +418,7 @@ class MigDockerWorker(BaseWorker):
                 group.start_soon(self._say_slice_when_running, flow_run.id, f"running on {where}, fence {lease.fence}")
                 status = await anyio.to_thread.run_sync(
                     _wait_container, container, cancelled, lost, launcher.engine_url, abandon_on_cancel=True,
-                    limiter=_own_thread(),
+                    limiter=own_thread(),
                 )
                 group.cancel_scope.cancel()
             if cancelled.is_set():
@@ -530,7 +524,7 @@ class MigDockerWorker(BaseWorker):
                 try:
                     got = await anyio.to_thread.run_sync(
                         lambda: allocator.wait_for_grant(request_id, timeout_s, request=request, stop=stop),
-                        limiter=_own_thread(),
+                        limiter=own_thread(),
                     )
                 except WaitTimeout as exc:
                     if cancelled.is_set():
