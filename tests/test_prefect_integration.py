@@ -270,6 +270,30 @@ def test_mig_none_with_a_task_level_runner_is_refused_at_decoration_time_naming_
     assert refused.value.field == "tags"
 
 
+@pytest.mark.parametrize("how", ["call-time tags", "with_options"])
+def test_mig_none_reaching_a_task_level_runner_at_run_time_fails_the_task_naming_the_tag(cluster, how):
+    """The same contradiction at run time (``with tags("mig:none"):`` around the call, or
+    ``.with_options(tags=[...])``) ran the task on its slice as if the tag were not there."""
+    from prefect import tags
+
+    from prefect_mig.errors import ConfigError
+
+    sliced = task(task_runner=MigTaskRunner(profile="1g.10gb"), name="sliced")(cube)
+
+    @flow
+    def pipeline():
+        if how == "with_options":
+            return sliced.with_options(tags=["mig:none"])(2)
+        with tags("mig:none"):
+            return sliced(2)
+
+    with pytest.raises(ConfigError, match="'mig:none'") as refused:
+        pipeline()
+    assert refused.value.field == "tags"
+    assert [e for e in cluster.events() if e["type"] == "lease.granted"] == []
+    assert cluster.status()["queue"] == [] and cluster.status()["leases"] == []
+
+
 def cube(n):
     return n ** 3
 

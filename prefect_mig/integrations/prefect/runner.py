@@ -418,6 +418,12 @@ class MigTaskRunner(ThreadPoolTaskRunner):
         """`run_in_slice`'s try, ended early when `stop` is set."""
         args, kwargs = plain_arguments(args, kwargs)
         tags = set(ctx.task_run.tags) if ctx else set()
+        if NO_SLICE_TAG in tags:  # only a task-level runner gets here with it: at call time or with_options
+            raise ConfigError(
+                f"tags: {NO_SLICE_TAG!r} keeps a task off slices, and this task's task_runner=MigTaskRunner(...) "
+                "sends it to one: drop the tag (with tags(...) around the call, or with_options), or the runner.",
+                field="tags", value=NO_SLICE_TAG,
+            )
         flow_ctx = FlowRunContext.get()
         profile, priority, tenant = self._resolved(tags, getattr(getattr(flow_ctx, "flow_run", None), "tags", None) or ())
         if profile is None:
