@@ -20,6 +20,7 @@ from prefect_mig.errors import (
 )
 from prefect_mig.launchers import ContainerSettings, DockerLauncher
 from prefect_mig.launchers.docker import LABEL_PREFIX
+from tests.project_fixtures import write_lazy_project
 
 
 def _ours(docker_client, run_id):
@@ -288,6 +289,24 @@ def test_a_body_using_another_module_of_the_flows_project_runs_and_its_exception
     registered = cloudpickle.list_registry_pickle_by_value()
     assert not {"pmig_trial_errors", "pmig_trial_flow", "prefect_mig"} & set(registered)
     assert _ours(docker_client, "project") == []
+
+
+def test_a_project_module_the_body_imports_only_when_it_runs_goes_with_the_call(launcher, docker_client, tmp_path, monkeypatch):
+    """A new-user trial: a body's own `import sibling` of a module next to the flow file that the
+    flow's process had not imported failed in the container with "No module named 'sibling'". Its
+    source now goes with the call (found on the flow's sys.path, not imported here), with the
+    package and the modules it imports in turn."""
+    import importlib
+
+    write_lazy_project(tmp_path, monkeypatch, "pmig_cold")
+    body = importlib.import_module("pmig_cold_flow").body
+    assert launcher.run(body, (20,), mig_uuid="MIG-x", labels={"run": "lazy"}) == "label 42!"
+    with pytest.raises(ValueError, match="negative -") as raised:
+        launcher.run(body, (-5,), mig_uuid="MIG-x", labels={"run": "lazy"})
+    assert str(tmp_path / "pmig_cold_lazy.py") in raised.value.__cause__.tb  # the flow-side file, with its line
+    assert "raise ValueError(f'negative {x}')" in raised.value.__cause__.tb
+    assert not {"pmig_cold_lazy", "pmig_cold_dep", "pmig_cold_pkg", "pmig_cold_helper"} & set(sys.modules)  # never run here
+    assert _ours(docker_client, "lazy") == []
 
 
 def test_a_project_module_that_cannot_be_pickled_leaves_the_call_to_its_own_module_by_value(tmp_path, monkeypatch):

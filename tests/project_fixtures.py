@@ -1,0 +1,31 @@
+"""A user's project on disk, for the tests of what travels with a call to a task container."""
+
+from __future__ import annotations
+
+import sys
+
+
+def write_lazy_project(tmp_path, monkeypatch, prefix: str) -> None:
+    """A flow file whose body (and a helper it calls) import sibling modules, a package and,
+    through one of them, another module, only when they run: the flow's process never loads them."""
+    (tmp_path / f"{prefix}_dep.py").write_text("SUFFIX = '!'\n")
+    (tmp_path / f"{prefix}_lazy.py").write_text(
+        f"from {prefix}_dep import SUFFIX\n\ndef label(x):\n    if x < 0:\n        raise ValueError(f'negative {{x}}')\n"
+        "    return f'label {x}{SUFFIX}'\n"
+    )
+    (tmp_path / f"{prefix}_pkg").mkdir()
+    (tmp_path / f"{prefix}_pkg" / "__init__.py").write_text("")
+    (tmp_path / f"{prefix}_pkg" / "sub.py").write_text("def twice(x):\n    return 2 * x\n")
+    (tmp_path / f"{prefix}_helper.py").write_text("def plus_one(x):\n    return x + 1\n")
+    (tmp_path / f"{prefix}_flow.py").write_text(
+        "def helper(x):\n"
+        f"    import {prefix}_helper\n"
+        f"    return {prefix}_helper.plus_one(x)\n\n"
+        "def body(x):\n"
+        f"    import {prefix}_lazy\n"
+        f"    from {prefix}_pkg.sub import twice\n"
+        f"    return {prefix}_lazy.label(twice(helper(x)))\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("dep", "lazy", "pkg", "pkg.sub", "helper", "flow"):
+        monkeypatch.delitem(sys.modules, f"{prefix}_{name}", raising=False)
