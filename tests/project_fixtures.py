@@ -29,3 +29,14 @@ def write_lazy_project(tmp_path, monkeypatch, prefix: str) -> None:
     monkeypatch.syspath_prepend(str(tmp_path))
     for name in ("dep", "lazy", "pkg", "pkg.sub", "helper", "flow"):
         monkeypatch.delitem(sys.modules, f"{prefix}_{name}", raising=False)
+
+
+def write_cached_loader(tmp_path, monkeypatch, name: str) -> None:
+    """A flow module whose body calls a loader under `functools.cache` (the README's warm example)."""
+    (tmp_path / f"{name}.py").write_text(
+        "import functools\n\nLOADS = []\n\n@functools.cache\ndef model():\n    LOADS.append(1)\n    return len(LOADS)\n\n"
+        "@functools.lru_cache(maxsize=4, typed=True)\ndef scaled(x):\n    return 10 * x\n\n"
+        "def body(x):\n    return model(), scaled(x), scaled.cache_parameters()\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, name, raising=False)

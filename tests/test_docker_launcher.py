@@ -20,7 +20,7 @@ from prefect_mig.errors import (
 )
 from prefect_mig.launchers import ContainerSettings, DockerLauncher
 from prefect_mig.launchers.docker import LABEL_PREFIX
-from tests.project_fixtures import write_lazy_project
+from tests.project_fixtures import write_cached_loader, write_lazy_project
 
 
 def _ours(docker_client, run_id):
@@ -307,6 +307,18 @@ def test_a_project_module_the_body_imports_only_when_it_runs_goes_with_the_call(
     assert "raise ValueError(f'negative {x}')" in raised.value.__cause__.tb
     assert not {"pmig_cold_lazy", "pmig_cold_dep", "pmig_cold_pkg", "pmig_cold_helper"} & set(sys.modules)  # never run here
     assert _ours(docker_client, "lazy") == []
+
+
+def test_a_body_calling_a_functools_cache_loader_of_the_flows_project_runs(launcher, docker_client, tmp_path, monkeypatch):
+    """A new-user trial of the README's warm example: a loader under `@functools.cache` in the flow's
+    file failed the task at once with "Can't get attribute 'model' on <module '__main__'>" (the cache
+    wrapper went by reference to a module the container lacks)."""
+    import importlib
+
+    write_cached_loader(tmp_path, monkeypatch, "pmig_cached_cold")
+    body = importlib.import_module("pmig_cached_cold").body
+    assert launcher.run(body, (2,), mig_uuid="MIG-x", labels={"run": "cached"}) == (1, 20, {"maxsize": 4, "typed": True})
+    assert _ours(docker_client, "cached") == []
 
 
 def test_a_project_module_that_cannot_be_pickled_leaves_the_call_to_its_own_module_by_value(tmp_path, monkeypatch):

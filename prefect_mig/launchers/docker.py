@@ -25,6 +25,7 @@ Examples:
 
 from __future__ import annotations
 
+import functools
 import inspect
 import io
 import json
@@ -411,6 +412,12 @@ class _CallPickler(cloudpickle.Pickler):
     another task method of its instance runs it inline, on its own slice."""
 
     def reducer_override(self, obj):
+        if isinstance(obj, functools._lru_cache_wrapper) and _goes_by_value(obj.__wrapped__):
+            # pickle takes the wrapper by its name, from a module the container lacks (the flow's
+            # script, a project module sent by value): rebuilt around the function instead, with
+            # an empty cache; a warm process keeps the first one (`runtime_entry._with_kept_globals`)
+            params = obj.cache_parameters()
+            return _REBUILD_LRU_CACHE, (obj.__wrapped__, params["maxsize"], params["typed"])
         reduced = super().reducer_override(obj)
         if isinstance(obj, type) and isinstance(reduced, tuple) and len(reduced) > 2 \
                 and isinstance(reduced[2], tuple) and reduced[2] and isinstance(reduced[2][0], dict):
@@ -424,6 +431,26 @@ class _CallPickler(cloudpickle.Pickler):
 def _is_prefect_task(value: Any) -> bool:
     # by name: the launchers do not import Prefect (the integration sits above them)
     return any(c.__name__ == "Task" and c.__module__ == "prefect.tasks" for c in type(value).__mro__)
+
+
+def _goes_by_value(fn: Any) -> bool:
+    """Would cloudpickle send `fn` by value (its module is the flow's script, or registered by value,
+    or it is defined inside another function)?"""
+    module = getattr(fn, "__module__", None)
+    return (module == "__main__" or module in cloudpickle.list_registry_pickle_by_value()
+            or "<locals>" in getattr(fn, "__qualname__", "") or sys.modules.get(module or "") is None)
+
+
+def _lru_cache_rebuilder():
+    def rebuild(fn, maxsize, typed):  # local, so cloudpickle sends it by value: the container has no prefect_mig
+        import functools
+
+        return functools.lru_cache(maxsize=maxsize, typed=typed)(fn)
+
+    return rebuild
+
+
+_REBUILD_LRU_CACHE = _lru_cache_rebuilder()
 
 
 def _plain_body(task: Any) -> Any:
