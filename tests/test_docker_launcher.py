@@ -321,6 +321,27 @@ def test_a_body_calling_a_functools_cache_loader_of_the_flows_project_runs(launc
     assert _ours(docker_client, "cached") == []
 
 
+def test_a_global_of_the_flows_code_that_cannot_be_pickled_is_named_with_the_function_using_it(tmp_path, monkeypatch):
+    """A new-user trial: a module-level lock that a helper of the body uses failed the task with
+    "the task's function of body (a function) cannot be sent", naming neither the lock nor the helper."""
+    import importlib
+
+    from prefect_mig.errors import ConfigError
+    from prefect_mig.launchers.docker import check_call_pickles
+
+    (tmp_path / "pmig_global_lock.py").write_text(
+        "import threading\n\nLOCK = threading.Lock()\n\ndef helper(x):\n    with LOCK:\n        return x\n\n"
+        "def body(x):\n    return helper(x)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "pmig_global_lock", raising=False)
+    body = importlib.import_module("pmig_global_lock").body
+    with pytest.raises(ConfigError, match=r"global 'LOCK' \(a _thread\.lock\) that helper uses") as raised:
+        check_call_pickles(body, (1,), {})
+    assert raised.value.field == "LOCK"
+    assert "cannot pickle '_thread.lock' object" in str(raised.value)
+
+
 def test_a_project_module_that_cannot_be_pickled_leaves_the_call_to_its_own_module_by_value(tmp_path, monkeypatch):
     """A sibling module holding a lock cannot travel by value: the call then goes with only its
     function's module by value and the sibling by reference, as an image with the project

@@ -322,6 +322,18 @@ def check_call_pickles(fn: Callable, args: tuple, kwargs: dict) -> None:
         _pickle_call(fn, args, kwargs)
     except Exception as exc:  # noqa: BLE001 - named below; anything else is raised as it is
         name, value = _unpicklable_part(fn, args, kwargs)
+        if name in (None, ""):
+            found = _unpicklable_global(fn, set())
+            if found is not None:
+                glob, user, value = found
+                raise ConfigError(
+                    f"global {glob!r} ({_a_type(value)}) that {user} uses cannot be sent to the task's container: "
+                    f"{type(exc).__name__}: {exc}. A body on a slice runs in another process, which gets its call and "
+                    "the globals its code uses by pickle (cloudpickle): make it inside the function that uses it (a "
+                    "`functools.cache` loader makes it once per process), or pass what it is made from (a path, a URL, "
+                    "settings).",
+                    field=glob, value=value,
+                ) from exc
         if name is None:
             raise
         kind = type(value)
@@ -333,6 +345,49 @@ def check_call_pickles(fn: Callable, args: tuple, kwargs: dict) -> None:
             "call by pickle (cloudpickle): pass what the body needs to make it there instead (a path, a URL, settings).",
             field=name or "fn", value=value,
         ) from exc
+
+
+def _a_type(value: Any) -> str:
+    kind = type(value)
+    return f"a {'' if kind.__module__ == 'builtins' else kind.__module__ + '.'}{kind.__qualname__}"
+
+
+def _unpicklable_global(fn: Any, seen: set[int]) -> tuple[str, str, Any] | None:
+    """(name, the function that reads it, value) of the first global or closure value that `fn`, or
+    a function of the user's code it calls, reads and that does not pickle."""
+    fn = getattr(fn, "__func__", fn)
+    while isinstance(fn, functools._lru_cache_wrapper) or getattr(fn, "__prefect_mig__", None) is not None:
+        fn = fn.__wrapped__
+    code = getattr(fn, "__code__", None)
+    if code is None or id(code) in seen:
+        return None
+    seen.add(id(code))
+    names, pending = [], [code]
+    while pending:
+        current = pending.pop()
+        names += [n for n in current.co_names if n not in names]
+        pending += [c for c in current.co_consts if isinstance(c, type(code))]
+    scope = getattr(fn, "__globals__", {})
+    values = [(n, scope[n]) for n in names if n in scope]
+    for name, cell in zip(code.co_freevars, getattr(fn, "__closure__", None) or ()):
+        try:
+            values.append((name, cell.cell_contents))
+        except ValueError:  # an empty cell
+            pass
+    for name, value in values:
+        if isinstance(value, ModuleType):
+            continue
+        inner = getattr(value, "__wrapped__", value) if isinstance(value, functools._lru_cache_wrapper) else value
+        if inspect.isfunction(inner) and (_goes_by_value(inner) or _is_user_code(sys.modules.get(inner.__module__))):
+            found = _unpicklable_global(inner, seen)
+            if found is not None:
+                return found
+            continue
+        try:
+            _dumps(value)
+        except Exception:  # noqa: BLE001 - this is the one
+            return name, getattr(fn, "__qualname__", repr(fn)), value
+    return None
 
 
 def _unpicklable_part(fn: Callable, args: tuple, kwargs: dict) -> tuple[str | None, Any]:
