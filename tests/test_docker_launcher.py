@@ -292,10 +292,11 @@ def test_a_body_using_another_module_of_the_flows_project_runs_and_its_exception
 
 
 def test_a_project_module_the_body_imports_only_when_it_runs_goes_with_the_call(launcher, docker_client, tmp_path, monkeypatch):
-    """A new-user trial: a body's own `import sibling` of a module next to the flow file that the
-    flow's process had not imported failed in the container with "No module named 'sibling'". Its
-    source now goes with the call (found on the flow's sys.path, not imported here), with the
-    package and the modules it imports in turn."""
+    """A new-user trial: a body's own `import sibling` of a module next to the flow file failed in
+    the container with "No module named 'sibling'", whether the flow's process had imported it or
+    not. Its source now goes with the call (found on the flow's sys.path, not imported here), with
+    the package and the modules it imports in turn, and so do those that functions and methods of
+    the project the body calls import."""
     import importlib
 
     write_lazy_project(tmp_path, monkeypatch, "pmig_cold")
@@ -305,7 +306,7 @@ def test_a_project_module_the_body_imports_only_when_it_runs_goes_with_the_call(
         launcher.run(body, (-5,), mig_uuid="MIG-x", labels={"run": "lazy"})
     assert str(tmp_path / "pmig_cold_lazy.py") in raised.value.__cause__.tb  # the flow-side file, with its line
     assert "raise ValueError(f'negative {x}')" in raised.value.__cause__.tb
-    assert not {"pmig_cold_lazy", "pmig_cold_dep", "pmig_cold_pkg", "pmig_cold_helper"} & set(sys.modules)  # never run here
+    assert not {"pmig_cold_lazy", "pmig_cold_dep", "pmig_cold_pkg", "pmig_cold_helper", "pmig_cold_classdep"} & set(sys.modules)
     assert _ours(docker_client, "lazy") == []
 
 

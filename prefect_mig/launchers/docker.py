@@ -61,7 +61,7 @@ from prefect_mig.errors import (
 )
 from prefect_mig.launchers.engines import DockerTls, engine_client
 from prefect_mig.launchers.outcome import value_of
-from prefect_mig.launchers.project_sources import is_user_file, unloaded_project_sources
+from prefect_mig.launchers.project_sources import is_user_file, project_sources
 from prefect_mig.launchers.runtime import probe_python, remove_launched, runtime_files, runtime_packages
 
 log = logging.getLogger("prefect_mig.launchers")
@@ -295,14 +295,14 @@ def _pickle_call(fn: Callable, args: tuple, kwargs: dict, side_values: dict[str,
     """Cloudpickle the call, and `side_values` each on its own beside it (bytes the container
     unpickles only when its runtime asks: a value the body never reads cannot fail its call); the user's own modules (not installed: the function's, and those it
     imports from, such as a sibling module with its helpers and exception types) travel by value,
-    and those the body imports that this process never loaded go as source (``project_sources``,
-    see `project_sources`), so the container needs no copy of the user's project. Should one of them hold something that
+    and those the body imports when it runs go as source too (``project_sources``, see
+    `project_sources`), so the container needs no copy of the user's project. Should one of them hold something that
     cannot be pickled, the call goes with its function's module alone by value, as an image that
     has the project installed needs."""
     own = sys.modules.get(getattr(fn, "__module__", "") or "")
     own_only = [own] if own is not None and own.__name__ != "__main__" and _is_user_code(own) else []
     project = _project_modules()
-    sources = unloaded_project_sources(fn, project)
+    sources = project_sources(fn)
     if sources:
         side_values = {**(side_values or {}), "project_sources": sources}
     try:

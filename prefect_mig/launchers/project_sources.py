@@ -1,25 +1,29 @@
-"""Sources of the user's project modules that a body imports but the flow's process never loaded.
+"""Sources of the user's project modules that a body imports when it runs.
 
-Modules the flow's process has loaded travel with the call by value (`docker._pickle_call`); one
-that a body (or a function of the project it calls) imports only when it runs, such as a sibling
-``helpers.py`` imported inside the task, is not loaded there, and the image has no copy of it. Its
-source goes with the call instead, found on the flow's ``sys.path`` without importing it (importing
-runs its code, in the wrong process), and the container's runtime imports it from that source when
-the body asks (``runtime_entry._ProjectSources``), after anything the image itself has.
+Functions of the modules the flow's process has loaded travel with the call by value
+(`docker._pickle_call`), but no module of the project is importable in the container: a body (or a
+function of the project it calls) that runs ``import helpers`` or ``from myproj.io import load``
+there found none, whether or not the flow's process had loaded it. Those modules' sources go with
+the call instead, found on the flow's ``sys.path`` without importing them (importing runs their
+code, in the wrong process), and the container's runtime imports them from that source when the
+body asks (``runtime_entry._ProjectSources``), after anything the image itself has.
 
-Only Python source files of the project go (not installed: not under ``site-packages``,
-``dist-packages`` or the standard library, not prefect-mig), a package with its ``.py`` files,
-and, transitively, the project modules those import; at most `MAX_BYTES` in all.
+What goes: the modules imported by the body's code and by the code of the project's functions it
+may call (the functions, classes and modules of the project its code names, and theirs in turn: a
+helper's lazy import), and, transitively, every module a shipped module imports; of those, only
+Python source files of the project (not installed: not under ``site-packages``, ``dist-packages``
+or the standard library, not prefect-mig), a package with all its ``.py`` files; at most
+`MAX_BYTES` in all.
 
 Examples:
     ```python
-    from prefect_mig.launchers.project_sources import unloaded_project_sources
+    from prefect_mig.launchers.project_sources import project_sources
 
     def body():
         import json  # installed with Python: never sent
         return json.dumps(1)
 
-    assert unloaded_project_sources(body) == {}
+    assert project_sources(body) == {}
     ```
 """
 
@@ -31,7 +35,8 @@ import importlib.machinery
 import os
 import sys
 import types
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from prefect_mig.launchers.runtime import runtime_packages
 
@@ -49,33 +54,30 @@ def is_user_file(name: str, origin: str) -> bool:
     return origin.endswith(".py") and not installed and not ours
 
 
-def unloaded_project_sources(fn: Callable, loaded: Iterable[types.ModuleType] = ()) -> dict[str, tuple[str, str, bool]]:
-    """``{module name: (file, source, is_package)}`` for the project modules that `fn`, or a module
-    of `loaded` (the project's modules this process has, whose functions a body may call), imports
-    anywhere and this process has not loaded; empty when there are none."""
-    code = _code_of(fn)
-    loaded = list(loaded)
-    key = (code, len(sys.modules))
+def project_sources(fn: Callable) -> dict[str, tuple[str, str, bool]]:
+    """``{module name: (file, source, is_package)}`` for the project modules that `fn`, or a function
+    of the project it may call, imports, with what those import in turn; empty when none."""
+    key = (_code_of(fn), len(sys.modules))
     known = _CACHE.get(key)
     if known is not None:
         return known
-    names = set(_imported_by_code(code)) if code is not None else set()
-    main = sys.modules.get("__main__")
-    for module in [*loaded, main]:
-        origin = getattr(module, "__file__", None) or ""
-        if origin.endswith(".py"):
-            names |= _imported_by_file(origin)
+    names: set[str] = set()
+    for code in _reachable_code(fn):
+        names.update(_imported_by_code(code))
     sources: dict[str, tuple[str, str, bool]] = {}
     size, pending, seen = 0, sorted(names), set()
     while pending:
         name = pending.pop()
-        if name in seen or name in sys.modules:
+        if name in seen:
             continue
         seen.add(name)
+        present = sys.modules.get(name)
+        if present is not None and not is_user_file(name, getattr(present, "__file__", None) or ""):
+            continue
         found = _project_files(name)
         if found is None:
             continue
-        more = sum(len(source) for _, (_, source, _) in found.items())
+        more = sum(len(source) for _, source, _ in found.values())
         if size + more > MAX_BYTES:
             continue
         size += more
@@ -88,11 +90,64 @@ def unloaded_project_sources(fn: Callable, loaded: Iterable[types.ModuleType] = 
     return sources
 
 
-def _code_of(fn: Callable) -> types.CodeType | None:
+def _unwrapped(fn: Any) -> Any:
     fn = getattr(fn, "__func__", fn)
-    while hasattr(fn, "__wrapped__"):
+    while hasattr(fn, "__wrapped__") and not isinstance(fn, type):
         fn = fn.__wrapped__
-    return getattr(fn, "__code__", None)
+    return fn
+
+
+def _code_of(fn: Any) -> types.CodeType | None:
+    return getattr(_unwrapped(fn), "__code__", None)
+
+
+def _is_project(value: Any) -> bool:
+    """Is `value` (a function, class or module) of the user's project?"""
+    name = value.__name__ if isinstance(value, types.ModuleType) else getattr(value, "__module__", None)
+    module = sys.modules.get(name or "")
+    if module is None or module.__name__ == "__main__":
+        return True  # the flow's script, or code made on the fly: it travels by value
+    return is_user_file(module.__name__, getattr(module, "__file__", None) or "")
+
+
+def _reachable_code(fn: Any, limit: int = 2000) -> Iterator[types.CodeType]:
+    """The code of `fn` and of the project's functions it may call: those its globals and closure
+    name, the methods of the project's classes it names, and the functions of the project's modules
+    it names whose names its code uses (``helpers.load``), in turn (at most `limit` functions)."""
+    pending, seen = [fn], set()
+    while pending and len(seen) < limit:
+        current = _unwrapped(pending.pop())
+        if isinstance(current, type):
+            if current not in seen:
+                seen.add(current)
+                pending += [member for member in vars(current).values() if callable(_unwrapped(member))]
+            continue
+        code = getattr(current, "__code__", None)
+        if not isinstance(code, types.CodeType) or code in seen:
+            continue
+        seen.add(code)
+        yield code
+        used = set(_names_of(code))
+        scope = getattr(current, "__globals__", None) or {}
+        values = [scope[name] for name in used if name in scope]
+        for cell in getattr(current, "__closure__", None) or ():
+            try:
+                values.append(cell.cell_contents)
+            except ValueError:  # an empty cell
+                pass
+        for value in values:
+            if isinstance(value, types.ModuleType):
+                if _is_project(value):
+                    pending += [getattr(value, name) for name in used if callable(getattr(value, name, None))]
+            elif callable(value) and _is_project(_unwrapped(value)):
+                pending.append(value)
+
+
+def _names_of(code: types.CodeType) -> Iterator[str]:
+    yield from code.co_names
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            yield from _names_of(const)
 
 
 def _imported_by_code(code: types.CodeType) -> Iterator[str]:
@@ -106,6 +161,7 @@ def _imported_by_code(code: types.CodeType) -> Iterator[str]:
 
 
 def _imported_by_file(path: str) -> frozenset[str]:
+    """Top-level names of the absolute imports in the file at `path`."""
     try:
         key = (path, os.stat(path).st_mtime_ns)
     except OSError:
