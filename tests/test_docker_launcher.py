@@ -310,6 +310,30 @@ def test_a_project_module_the_body_imports_only_when_it_runs_goes_with_the_call(
     assert _ours(docker_client, "lazy") == []
 
 
+SOME_MOCK = None
+
+
+def body_using_a_mock():
+    return SOME_MOCK.predict(), SOME_MOCK
+
+
+def test_a_body_whose_globals_hold_a_mock_pickles_and_sends_no_source(monkeypatch):
+    """The look for the modules a body imports follows its globals, and a mock among them (a user's
+    test of their flow) answers every attribute it is asked for: the call still pickles, with no
+    source sent."""
+    import cloudpickle
+    from unittest import mock
+
+    from prefect_mig.launchers.docker import _pickle_call, check_call_pickles
+    from prefect_mig.launchers.project_sources import project_sources
+
+    monkeypatch.setattr(sys.modules[__name__], "SOME_MOCK", mock.MagicMock())
+    assert project_sources(body_using_a_mock) == {}
+    check_call_pickles(body_using_a_mock, (), {})
+    fn, args, kwargs, *side = cloudpickle.loads(_pickle_call(body_using_a_mock, (), {}))
+    assert side == [] or "project_sources" not in side[0]
+
+
 def test_a_body_calling_a_functools_cache_loader_of_the_flows_project_runs(launcher, docker_client, tmp_path, monkeypatch):
     """A new-user trial of the README's warm example: a loader under `@functools.cache` in the flow's
     file failed the task at once with "Can't get attribute 'model' on <module '__main__'>" (the cache

@@ -302,7 +302,10 @@ def _pickle_call(fn: Callable, args: tuple, kwargs: dict, side_values: dict[str,
     own = sys.modules.get(getattr(fn, "__module__", "") or "")
     own_only = [own] if own is not None and own.__name__ != "__main__" and _is_user_code(own) else []
     project = _project_modules()
-    sources = project_sources(fn)
+    try:
+        sources = project_sources(fn)
+    except Exception:  # noqa: BLE001 - a look at the user's code must never fail a call that pickles
+        sources = {}
     if sources:
         side_values = {**(side_values or {}), "project_sources": sources}
     try:
@@ -356,7 +359,9 @@ def _unpicklable_global(fn: Any, seen: set[int]) -> tuple[str, str, Any] | None:
     """(name, the function that reads it, value) of the first global or closure value that `fn`, or
     a function of the user's code it calls, reads and that does not pickle."""
     fn = getattr(fn, "__func__", fn)
-    while isinstance(fn, functools._lru_cache_wrapper) or getattr(fn, "__prefect_mig__", None) is not None:
+    for _ in range(16):  # bounded: a mock makes up a new attribute at each look
+        if not (isinstance(fn, functools._lru_cache_wrapper) or getattr(fn, "__prefect_mig__", None) is not None):
+            break
         fn = fn.__wrapped__
     code = getattr(fn, "__code__", None)
     if code is None or id(code) in seen:
