@@ -61,7 +61,7 @@ from prefect_mig.errors import (
 )
 from prefect_mig.launchers.engines import DockerTls, engine_client
 from prefect_mig.launchers.outcome import value_of
-from prefect_mig.launchers.project_sources import is_user_file, project_sources
+from prefect_mig.launchers.project_sources import is_project_code, is_user_file, project_sources, reachable_functions
 from prefect_mig.launchers.runtime import probe_python, remove_launched, runtime_files, runtime_packages
 
 log = logging.getLogger("prefect_mig.launchers")
@@ -326,7 +326,7 @@ def check_call_pickles(fn: Callable, args: tuple, kwargs: dict) -> None:
     except Exception as exc:  # noqa: BLE001 - named below; anything else is raised as it is
         name, value = _unpicklable_part(fn, args, kwargs)
         if name in (None, ""):
-            found = _unpicklable_global(fn, set())
+            found = _unpicklable_global(fn)
             if found is not None:
                 glob, user, value = found
                 raise ConfigError(
@@ -355,43 +355,17 @@ def _a_type(value: Any) -> str:
     return f"a {'' if kind.__module__ == 'builtins' else kind.__module__ + '.'}{kind.__qualname__}"
 
 
-def _unpicklable_global(fn: Any, seen: set[int]) -> tuple[str, str, Any] | None:
+def _unpicklable_global(fn: Any) -> tuple[str, str, Any] | None:
     """(name, the function that reads it, value) of the first global or closure value that `fn`, or
     a function of the user's code it calls, reads and that does not pickle."""
-    fn = getattr(fn, "__func__", fn)
-    for _ in range(16):  # bounded: a mock makes up a new attribute at each look
-        if not (isinstance(fn, functools._lru_cache_wrapper) or getattr(fn, "__prefect_mig__", None) is not None):
-            break
-        fn = fn.__wrapped__
-    code = getattr(fn, "__code__", None)
-    if code is None or id(code) in seen:
-        return None
-    seen.add(id(code))
-    names, pending = [], [code]
-    while pending:
-        current = pending.pop()
-        names += [n for n in current.co_names if n not in names]
-        pending += [c for c in current.co_consts if isinstance(c, type(code))]
-    scope = getattr(fn, "__globals__", {})
-    values = [(n, scope[n]) for n in names if n in scope]
-    for name, cell in zip(code.co_freevars, getattr(fn, "__closure__", None) or ()):
-        try:
-            values.append((name, cell.cell_contents))
-        except ValueError:  # an empty cell
-            pass
-    for name, value in values:
-        if isinstance(value, ModuleType):
-            continue
-        inner = getattr(value, "__wrapped__", value) if isinstance(value, functools._lru_cache_wrapper) else value
-        if inspect.isfunction(inner) and (_goes_by_value(inner) or _is_user_code(sys.modules.get(inner.__module__))):
-            found = _unpicklable_global(inner, seen)
-            if found is not None:
-                return found
-            continue
-        try:
-            _dumps(value)
-        except Exception:  # noqa: BLE001 - this is the one
-            return name, getattr(fn, "__qualname__", repr(fn)), value
+    for function, values in reachable_functions(fn):
+        for name, value in values:
+            if is_project_code(value):
+                continue  # a module, or code the walk goes into
+            try:
+                _dumps(value)
+            except Exception:  # noqa: BLE001 - this is the one
+                return name, getattr(function, "__qualname__", repr(function)), value
     return None
 
 

@@ -62,8 +62,8 @@ def project_sources(fn: Callable) -> dict[str, tuple[str, str, bool]]:
     if known is not None:
         return known
     names: set[str] = set()
-    for code in _reachable_code(fn):
-        names.update(_imported_by_code(code))
+    for function, _ in reachable_functions(fn):
+        names.update(_imported_by_code(function.__code__))
     sources: dict[str, tuple[str, str, bool]] = {}
     size, pending, seen = 0, sorted(names), set()
     while pending:
@@ -112,10 +112,11 @@ def _is_project(value: Any) -> bool:
     return is_user_file(module.__name__, getattr(module, "__file__", None) or "")
 
 
-def _reachable_code(fn: Any, limit: int = 2000) -> Iterator[types.CodeType]:
-    """The code of `fn` and of the project's functions it may call: those its globals and closure
-    name, the methods of the project's classes it names, and the functions of the project's modules
-    it names whose names its code uses (``helpers.load``), in turn (at most `limit` functions)."""
+def reachable_functions(fn: Any, limit: int = 2000) -> Iterator[tuple[Any, list[tuple[str, Any]]]]:
+    """`fn` and the project's functions it may call (those its globals and closure name, the methods
+    of the project's classes it names, the functions of the project's modules it names whose names
+    its code uses, ``helpers.load``, and so on), each with the ``(name, value)`` of the globals and
+    closure values its code reads (at most `limit` functions)."""
     pending, seen = [fn], set()
     while pending and len(seen) < limit:
         current = _unwrapped(pending.pop())
@@ -128,21 +129,26 @@ def _reachable_code(fn: Any, limit: int = 2000) -> Iterator[types.CodeType]:
         if not isinstance(code, types.CodeType) or code in seen:
             continue
         seen.add(code)
-        yield code
         used = set(_names_of(code))
         scope = getattr(current, "__globals__", None) or {}
-        values = [scope[name] for name in used if name in scope]
-        for cell in getattr(current, "__closure__", None) or ():
+        values = [(name, scope[name]) for name in sorted(used) if name in scope]
+        for name, cell in zip(code.co_freevars, getattr(current, "__closure__", None) or ()):
             try:
-                values.append(cell.cell_contents)
+                values.append((name, cell.cell_contents))
             except ValueError:  # an empty cell
                 pass
-        for value in values:
+        yield current, values
+        for _, value in values:
             if isinstance(value, types.ModuleType):
                 if _is_project(value):
                     pending += [getattr(value, name) for name in used if callable(getattr(value, name, None))]
             elif callable(value) and _is_project(_unwrapped(value)):
                 pending.append(value)
+
+
+def is_project_code(value: Any) -> bool:
+    """A module, or a function or class of the project, whose code `reachable_functions` walks into."""
+    return isinstance(value, types.ModuleType) or (callable(value) and _is_project(_unwrapped(value)))
 
 
 def _names_of(code: types.CodeType) -> Iterator[str]:
