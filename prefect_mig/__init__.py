@@ -19,6 +19,7 @@ _LAZY = {
     "AsyncLeaseClient": "prefect_mig.allocator",
     "FleetSpec": "prefect_mig.model",
     "Lease": "prefect_mig.allocator",
+    "MigCluster": "prefect_mig.blocks",
     "LeaseClient": "prefect_mig.allocator",
     "MigTaskRunner": "prefect_mig.integrations.prefect",
     "mig": "prefect_mig.integrations.prefect.infra",

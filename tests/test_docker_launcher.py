@@ -20,6 +20,7 @@ from prefect_mig.errors import (
 )
 from prefect_mig.launchers import ContainerSettings, DockerLauncher
 from prefect_mig.launchers.docker import LABEL_PREFIX
+from tests.project_fixtures import write_cached_loader, write_lazy_project
 
 
 def _ours(docker_client, run_id):
@@ -309,6 +310,82 @@ def test_a_body_using_another_module_of_the_flows_project_runs_and_its_exception
     registered = cloudpickle.list_registry_pickle_by_value()
     assert not {"pmig_trial_errors", "pmig_trial_flow", "prefect_mig"} & set(registered)
     assert _ours(docker_client, "project") == []
+
+
+def test_a_project_module_the_body_imports_only_when_it_runs_goes_with_the_call(launcher, docker_client, tmp_path, monkeypatch):
+    """A new-user trial: a body's own `import sibling` of a module next to the flow file failed in
+    the container with "No module named 'sibling'", whether the flow's process had imported it or
+    not. Its source now goes with the call (found on the flow's sys.path, not imported here), with
+    the package and the modules it imports in turn, and so do those that functions and methods of
+    the project the body calls import."""
+    import importlib
+
+    write_lazy_project(tmp_path, monkeypatch, "pmig_cold")
+    body = importlib.import_module("pmig_cold_flow").body
+    assert launcher.run(body, (20,), mig_uuid="MIG-x", labels={"run": "lazy"}) == "label 42!"
+    with pytest.raises(ValueError, match="negative -") as raised:
+        launcher.run(body, (-5,), mig_uuid="MIG-x", labels={"run": "lazy"})
+    assert str(tmp_path / "pmig_cold_lazy.py") in raised.value.__cause__.tb  # the flow-side file, with its line
+    assert "raise ValueError(f'negative {x}')" in raised.value.__cause__.tb
+    assert not {"pmig_cold_lazy", "pmig_cold_dep", "pmig_cold_pkg", "pmig_cold_helper", "pmig_cold_classdep"} & set(sys.modules)
+    assert _ours(docker_client, "lazy") == []
+
+
+SOME_MOCK = None
+
+
+def body_using_a_mock():
+    return SOME_MOCK.predict(), SOME_MOCK
+
+
+def test_a_body_whose_globals_hold_a_mock_pickles_and_sends_no_source(monkeypatch):
+    """The look for the modules a body imports follows its globals, and a mock among them (a user's
+    test of their flow) answers every attribute it is asked for: the call still pickles, with no
+    source sent."""
+    import cloudpickle
+    from unittest import mock
+
+    from prefect_mig.launchers.docker import _pickle_call, check_call_pickles
+    from prefect_mig.launchers.project_sources import project_sources
+
+    monkeypatch.setattr(sys.modules[__name__], "SOME_MOCK", mock.MagicMock())
+    assert project_sources(body_using_a_mock) == {}
+    check_call_pickles(body_using_a_mock, (), {})
+    fn, args, kwargs, *side = cloudpickle.loads(_pickle_call(body_using_a_mock, (), {}))
+    assert side == [] or "project_sources" not in side[0]
+
+
+def test_a_body_calling_a_functools_cache_loader_of_the_flows_project_runs(launcher, docker_client, tmp_path, monkeypatch):
+    """A new-user trial of the README's warm example: a loader under `@functools.cache` in the flow's
+    file failed the task at once with "Can't get attribute 'model' on <module '__main__'>" (the cache
+    wrapper went by reference to a module the container lacks)."""
+    import importlib
+
+    write_cached_loader(tmp_path, monkeypatch, "pmig_cached_cold")
+    body = importlib.import_module("pmig_cached_cold").body
+    assert launcher.run(body, (2,), mig_uuid="MIG-x", labels={"run": "cached"}) == (1, 20, {"maxsize": 4, "typed": True})
+    assert _ours(docker_client, "cached") == []
+
+
+def test_a_global_of_the_flows_code_that_cannot_be_pickled_is_named_with_the_function_using_it(tmp_path, monkeypatch):
+    """A new-user trial: a module-level lock that a helper of the body uses failed the task with
+    "the task's function of body (a function) cannot be sent", naming neither the lock nor the helper."""
+    import importlib
+
+    from prefect_mig.errors import ConfigError
+    from prefect_mig.launchers.docker import check_call_pickles
+
+    (tmp_path / "pmig_global_lock.py").write_text(
+        "import threading\n\nLOCK = threading.Lock()\n\ndef helper(x):\n    with LOCK:\n        return x\n\n"
+        "def body(x):\n    return helper(x)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "pmig_global_lock", raising=False)
+    body = importlib.import_module("pmig_global_lock").body
+    with pytest.raises(ConfigError, match=r"global 'LOCK' \(a _thread\.lock\) that helper uses") as raised:
+        check_call_pickles(body, (1,), {})
+    assert raised.value.field == "LOCK"
+    assert "cannot pickle '_thread.lock' object" in str(raised.value)
 
 
 def test_a_project_module_that_cannot_be_pickled_leaves_the_call_to_its_own_module_by_value(tmp_path, monkeypatch):

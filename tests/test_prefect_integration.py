@@ -772,3 +772,36 @@ def test_a_flow_parameter_that_cannot_be_pickled_fails_a_body_that_reads_it_sayi
     assert size == 3
     assert lock.startswith("RuntimeError: prefect.runtime.flow_run.parameters['lock']: ")
     assert "_thread.lock" in lock and "could not be sent" in lock and "cannot pickle" in lock
+
+
+def test_a_mig_tagged_task_of_a_subflow_without_a_mig_runner_warns_once_that_it_runs_on_no_slice(prefect_api):
+    """A new-user trial: under a flow with `MigTaskRunner()`, a subflow (Prefect's thread pool, as
+    every flow that names no runner) ran its `mig:1g.10gb` tasks in the flow's process, on no slice,
+    and said nothing (on a real host such a body sees every GPU)."""
+    import logging
+
+    @prefect_task(tags=["mig:1g.10gb"])
+    def gpu_step(x):
+        return os.environ.get("CUDA_VISIBLE_DEVICES", "none")
+
+    @flow
+    def child():
+        return gpu_step.submit(1).result(), gpu_step(2), gpu_step.map([3, 4]).result()
+
+    @flow(task_runner=MigTaskRunner())
+    def parent():
+        return child()
+
+    said: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: said.append(record.getMessage())
+    logger = logging.getLogger("prefect.flow_runs")
+    logger.addHandler(handler)
+    try:
+        assert parent() == ("none", "none", ["none", "none"])
+    finally:
+        logger.removeHandler(handler)
+    warned = [line for line in said if "on no MIG slice" in line]
+    assert len(warned) == 1, said  # once per task and flow run, not per call
+    assert "'gpu_step'" in warned[0] and "mig:1g.10gb" in warned[0] and "'child'" in warned[0]
+    assert "task_runner=MigTaskRunner()" in warned[0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import threading
 
 import pytest
@@ -10,6 +11,7 @@ from prefect_mig.errors import ContainerFailed, ContainerStopped, DockerUnavaila
 from prefect_mig.launchers import ContainerSettings, DockerLauncher
 from prefect_mig.launchers.docker import LABEL_PREFIX
 from prefect_mig.launchers.warm import WarmContainer
+from tests.project_fixtures import write_cached_loader, write_lazy_project
 
 CALLS = 0
 
@@ -74,6 +76,23 @@ def test_calls_run_in_one_process_that_keeps_its_module_globals(warm):
     assert [n for n, _, _ in got] == [1, 2, 3]
     assert len({(host, pid) for _, host, pid in got}) == 1
     assert got[0][1] == warm.container.id[:12]
+
+
+def test_a_project_module_a_warm_call_imports_only_when_it_runs_goes_with_the_call(warm, tmp_path, monkeypatch):
+    import importlib
+
+    write_lazy_project(tmp_path, monkeypatch, "pmig_warm")
+    body = importlib.import_module("pmig_warm_flow").body
+    assert [warm.call(body, (x,)) for x in (20, 1)] == ["label 42!", "label 4!"]
+    assert "pmig_warm_lazy" not in sys.modules
+
+
+def test_a_functools_cache_loader_of_the_flows_project_loads_once_per_warm_process(warm, tmp_path, monkeypatch):
+    import importlib
+
+    write_cached_loader(tmp_path, monkeypatch, "pmig_cached_warm")
+    body = importlib.import_module("pmig_cached_warm").body
+    assert [warm.call(body, (x,))[:2] for x in (1, 2, 1)] == [(1, 10), (1, 20), (1, 10)]  # loaded once
 
 
 def test_each_call_gets_its_own_environment(warm):

@@ -25,6 +25,7 @@ Examples:
 
 from __future__ import annotations
 
+import functools
 import inspect
 import io
 import json
@@ -60,6 +61,7 @@ from prefect_mig.errors import (
 )
 from prefect_mig.launchers.engines import DockerTls, engine_client
 from prefect_mig.launchers.outcome import value_of
+from prefect_mig.launchers.project_sources import is_project_code, is_user_file, project_sources, reachable_functions
 from prefect_mig.launchers.runtime import probe_python, remove_launched, runtime_files, runtime_packages
 
 log = logging.getLogger("prefect_mig.launchers")
@@ -271,9 +273,7 @@ def _is_user_code(module: ModuleType) -> bool:
     key = (module.__name__, origin)
     known = _USER_CODE.get(key)
     if known is None:
-        installed = "site-packages" in origin or "dist-packages" in origin or origin.startswith(sys.base_prefix)
-        ours = module.__name__.split(".")[0] in {"prefect_mig", *(m.__name__ for m in runtime_packages())}
-        known = _USER_CODE[key] = origin.endswith(".py") and not installed and not ours
+        known = _USER_CODE[key] = is_user_file(module.__name__, origin)
     return known
 
 
@@ -295,12 +295,19 @@ def _pickle_call(fn: Callable, args: tuple, kwargs: dict, side_values: dict[str,
     """Cloudpickle the call, and `side_values` each on its own beside it (bytes the container
     unpickles only when its runtime asks: a value the body never reads cannot fail its call); the user's own modules (not installed: the function's, and those it
     imports from, such as a sibling module with its helpers and exception types) travel by value,
-    so the container needs no copy of the user's project. Should one of them hold something that
+    and those the body imports when it runs go as source too (``project_sources``, see
+    `project_sources`), so the container needs no copy of the user's project. Should one of them hold something that
     cannot be pickled, the call goes with its function's module alone by value, as an image that
     has the project installed needs."""
     own = sys.modules.get(getattr(fn, "__module__", "") or "")
     own_only = [own] if own is not None and own.__name__ != "__main__" and _is_user_code(own) else []
     project = _project_modules()
+    try:
+        sources = project_sources(fn)
+    except Exception:  # noqa: BLE001 - a look at the user's code must never fail a call that pickles
+        sources = {}
+    if sources:
+        side_values = {**(side_values or {}), "project_sources": sources}
     try:
         return _pickle_with_by_value(fn, args, kwargs, side_values, project)
     except Exception:  # noqa: BLE001 - retried below; a call that cannot be pickled at all raises there
@@ -318,6 +325,18 @@ def check_call_pickles(fn: Callable, args: tuple, kwargs: dict) -> None:
         _pickle_call(fn, args, kwargs)
     except Exception as exc:  # noqa: BLE001 - named below; anything else is raised as it is
         name, value = _unpicklable_part(fn, args, kwargs)
+        if name in (None, ""):
+            found = _unpicklable_global(fn)
+            if found is not None:
+                glob, user, value = found
+                raise ConfigError(
+                    f"global {glob!r} ({_a_type(value)}) that {user} uses cannot be sent to the task's container: "
+                    f"{type(exc).__name__}: {exc}. A body on a slice runs in another process, which gets its call and "
+                    "the globals its code uses by pickle (cloudpickle): make it inside the function that uses it (a "
+                    "`functools.cache` loader makes it once per process), or pass what it is made from (a path, a URL, "
+                    "settings).",
+                    field=glob, value=value,
+                ) from exc
         if name is None:
             raise
         kind = type(value)
@@ -329,6 +348,25 @@ def check_call_pickles(fn: Callable, args: tuple, kwargs: dict) -> None:
             "call by pickle (cloudpickle): pass what the body needs to make it there instead (a path, a URL, settings).",
             field=name or "fn", value=value,
         ) from exc
+
+
+def _a_type(value: Any) -> str:
+    kind = type(value)
+    return f"a {'' if kind.__module__ == 'builtins' else kind.__module__ + '.'}{kind.__qualname__}"
+
+
+def _unpicklable_global(fn: Any) -> tuple[str, str, Any] | None:
+    """(name, the function that reads it, value) of the first global or closure value that `fn`, or
+    a function of the user's code it calls, reads and that does not pickle."""
+    for function, values in reachable_functions(fn):
+        for name, value in values:
+            if is_project_code(value):
+                continue  # a module, or code the walk goes into
+            try:
+                _dumps(value)
+            except Exception:  # noqa: BLE001 - this is the one
+                return name, getattr(function, "__qualname__", repr(function)), value
+    return None
 
 
 def _unpicklable_part(fn: Callable, args: tuple, kwargs: dict) -> tuple[str | None, Any]:
@@ -408,6 +446,12 @@ class _CallPickler(cloudpickle.Pickler):
     another task method of its instance runs it inline, on its own slice."""
 
     def reducer_override(self, obj):
+        if isinstance(obj, functools._lru_cache_wrapper) and _goes_by_value(obj.__wrapped__):
+            # pickle takes the wrapper by its name, from a module the container lacks (the flow's
+            # script, a project module sent by value): rebuilt around the function instead, with
+            # an empty cache; a warm process keeps the first one (`runtime_entry._with_kept_globals`)
+            params = obj.cache_parameters()
+            return _REBUILD_LRU_CACHE, (obj.__wrapped__, params["maxsize"], params["typed"])
         reduced = super().reducer_override(obj)
         if isinstance(obj, type) and isinstance(reduced, tuple) and len(reduced) > 2 \
                 and isinstance(reduced[2], tuple) and reduced[2] and isinstance(reduced[2][0], dict):
@@ -421,6 +465,26 @@ class _CallPickler(cloudpickle.Pickler):
 def _is_prefect_task(value: Any) -> bool:
     # by name: the launchers do not import Prefect (the integration sits above them)
     return any(c.__name__ == "Task" and c.__module__ == "prefect.tasks" for c in type(value).__mro__)
+
+
+def _goes_by_value(fn: Any) -> bool:
+    """Would cloudpickle send `fn` by value (its module is the flow's script, or registered by value,
+    or it is defined inside another function)?"""
+    module = getattr(fn, "__module__", None)
+    return (module == "__main__" or module in cloudpickle.list_registry_pickle_by_value()
+            or "<locals>" in getattr(fn, "__qualname__", "") or sys.modules.get(module or "") is None)
+
+
+def _lru_cache_rebuilder():
+    def rebuild(fn, maxsize, typed):  # local, so cloudpickle sends it by value: the container has no prefect_mig
+        import functools
+
+        return functools.lru_cache(maxsize=maxsize, typed=typed)(fn)
+
+    return rebuild
+
+
+_REBUILD_LRU_CACHE = _lru_cache_rebuilder()
 
 
 def _plain_body(task: Any) -> Any:

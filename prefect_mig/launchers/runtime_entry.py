@@ -42,6 +42,7 @@ def main() -> int:
         stand_in = _install_shim()
         with open(os.path.join(HOME, "payload.pkl"), "rb") as f:
             fn, args, kwargs, *side = cloudpickle.load(f)
+        _add_project_sources(side[0] if side else {})
         with _prefect_context(stand_in, fn, args, kwargs, side[0] if side else {}):
             value = fn(*args, **kwargs)
         outcome = ("ok", value, None)
@@ -63,6 +64,46 @@ def _carried_env() -> None:
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:
             os.environ.update(json.load(f))
+
+
+class _ProjectSources:
+    """Imports the project modules whose source came with a call (the flow's process had not loaded
+    them: ``prefect_mig.launchers.project_sources``); last on ``sys.meta_path``, so a module the
+    image itself has wins."""
+
+    def __init__(self) -> None:
+        self.sources: dict = {}  # module name -> (flow-side file, source, is_package)
+
+    def find_spec(self, name, path=None, target=None):
+        found = self.sources.get(name)
+        if found is None:
+            return None
+        import importlib.util
+
+        spec = importlib.util.spec_from_loader(name, self, origin=found[0], is_package=found[2])
+        spec.has_location = True  # __file__: the flow-side file, as tracebacks name it
+        return spec
+
+    def create_module(self, spec):
+        return None
+
+    def exec_module(self, module) -> None:
+        import linecache
+
+        file, source, _ = self.sources[module.__spec__.name]
+        linecache.cache[file] = (len(source), None, source.splitlines(True), file)
+        exec(compile(source, file, "exec"), module.__dict__)
+
+
+_PROJECT_SOURCES = _ProjectSources()
+
+
+def _add_project_sources(side: dict) -> None:
+    data = side.get("project_sources")
+    if data:
+        _PROJECT_SOURCES.sources.update(cloudpickle.loads(data))
+        if _PROJECT_SOURCES not in sys.meta_path:
+            sys.meta_path.append(_PROJECT_SOURCES)
 
 
 END_MARK = "\x1eprefect-mig-call-end"
@@ -89,6 +130,7 @@ def serve() -> int:
             previous = set(env)
             stand_in = _install_shim()
             fn, args, kwargs, *side = cloudpickle.loads(request["call"])
+            _add_project_sources(side[0] if side else {})
             with _prefect_context(stand_in, fn, args, kwargs, side[0] if side else {}):
                 value = _with_kept_globals(fn)(*args, **kwargs)
             outcome = ("ok", value, None)

@@ -5,7 +5,9 @@ asking the flow's task runner, so a flow-level `MigTaskRunner` never sees it and
 silently run on the host. While a `MigTaskRunner` is in use, ``prefect.task_engine.run_task`` (what
 ``Task.__call__`` imports at each call) is wrapped once: under a flow whose task runner is a
 `MigTaskRunner`, a task that asks for a slice (a ``mig:`` tag on the task or from a surrounding
-``with tags(...)``) runs its body on a slice; every other call goes through unchanged.
+``with tags(...)``) runs its body on a slice; every other call goes through unchanged. Its
+``run_task_sync`` and ``run_task_async`` are wrapped too, only to warn when such a task runs under
+a flow whose runner is no `MigTaskRunner` (a subflow: it does not inherit its parent's).
 
 Examples:
     ```python
@@ -52,7 +54,9 @@ def _tags_of(task) -> set[str]:
 
 
 def route_direct_calls() -> None:
-    """Wrap ``prefect.task_engine.run_task`` once per process (idempotent)."""
+    """Wrap ``prefect.task_engine.run_task`` once per process (idempotent), and its ``run_task_sync``
+    and ``run_task_async`` (which it and Prefect's task runners call) to warn of a ``mig:``-tagged
+    task that runs on no slice (`_warn_off_slice`)."""
     global _installed
     import prefect.task_engine as engine
 
@@ -60,7 +64,54 @@ def route_direct_calls() -> None:
         if _installed:
             return
         engine.run_task = _routed(engine.run_task)
+        engine.run_task_sync = _warning(engine.run_task_sync)
+        engine.run_task_async = _warning(engine.run_task_async)
         _installed = True
+
+
+_WARNED: set[tuple[Any, str]] = set()  # (flow run id, task name) already warned of
+
+
+def _warning(run):
+    @functools.wraps(run)
+    def warned(*args: Any, **kwargs: Any):
+        _warn_off_slice(kwargs["task"] if "task" in kwargs else args[0] if args else None)
+        return run(*args, **kwargs)
+
+    return warned
+
+
+def _warn_off_slice(task) -> None:
+    """A ``mig:``-tagged task about to run under a flow whose task runner is no `MigTaskRunner` (a
+    subflow, which never inherits its parent's runner, or a flow that names none) runs in the flow's
+    process on no slice: say so once per task and flow run, on the flow run's log."""
+    from prefect.context import FlowRunContext
+
+    try:
+        ctx = FlowRunContext.get()
+        if ctx is None or task is None or getattr(task.fn, "__prefect_mig__", None) or not wants_slice(task):
+            return
+        runner = getattr(ctx, "task_runner", None)
+        if getattr(runner, "slice_task", None) is not None:
+            return
+        key = (ctx.flow_run.id if ctx.flow_run else None, task.name)
+        with _LOCK:
+            if key in _WARNED:
+                return
+            if len(_WARNED) > 10_000:
+                _WARNED.clear()
+            _WARNED.add(key)
+        from prefect.logging import get_run_logger
+
+        tags = sorted(t for t in _tags_of(task) if t.startswith(PROFILE_TAG))
+        get_run_logger(ctx).warning(
+            "task %r is tagged %s but flow %r runs its tasks with %s, not a MigTaskRunner: it runs here, "
+            "in the flow's process, on no MIG slice. Give that flow task_runner=MigTaskRunner() (a subflow "
+            "does not inherit its parent's task runner), or make it a prefect_mig.task(task_runner=...).",
+            task.name, ", ".join(tags), ctx.flow.name, type(runner).__name__,
+        )
+    except Exception:  # noqa: BLE001 - a warning must never fail the task
+        return
 
 
 def _routed(run_task):
