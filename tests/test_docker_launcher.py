@@ -54,6 +54,16 @@ def exit_hard():
     os._exit(9)
 
 
+def leave_a_thread_and_a_process_running():
+    import multiprocessing
+    import threading
+    import time
+
+    threading.Thread(target=time.sleep, args=(3600,), name="server-thread").start()
+    multiprocessing.Process(target=time.sleep, args=(3600,)).start()
+    return "value"
+
+
 @pytest.fixture
 def launcher(python_image):
     return DockerLauncher(ContainerSettings(image=python_image))
@@ -105,6 +115,22 @@ def test_stop_kills_the_container_and_removes_it(launcher, docker_client):
         launcher.run(sleep_long, mig_uuid="MIG-x", labels={"run": "stop"}, stop=event)
     assert time.monotonic() - started < 15
     assert _ours(docker_client, "stop") == []
+
+
+def test_a_body_that_leaves_threads_or_processes_running_returns_its_value_and_leaves_nothing(launcher, docker_client):
+    # Python waits for non-daemon threads and multiprocessing children at exit: the task, its value
+    # written, waited for them (here an hour) with its slice, and a timeout then said it was stopped
+    gave_up = threading.Event()
+    threading.Timer(60, gave_up.set).start()
+    lines: list[str] = []
+    started = time.monotonic()
+    assert launcher.run(
+        leave_a_thread_and_a_process_running, mig_uuid="MIG-x", labels={"run": "linger"}, stop=gave_up, on_log=lines.append
+    ) == "value"
+    assert time.monotonic() - started < 30
+    gave_up.set()
+    assert any("left server-thread, process " in line and "running" in line for line in lines), lines
+    assert _ours(docker_client, "linger") == []
 
 
 def test_a_container_that_dies_without_an_outcome_is_reported_and_removed(launcher, docker_client):

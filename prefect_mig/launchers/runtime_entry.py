@@ -26,6 +26,8 @@ import json
 import os
 import struct
 import sys
+import threading
+import time
 import traceback
 import types
 
@@ -209,5 +211,31 @@ def _error_outcome(exc: BaseException) -> tuple:
     return ("error", parts, tb, name, message, frames)
 
 
+#: how long the interpreter may take to exit once the outcome is written (its atexit handlers, the
+#: threads it joins) before the process ends anyway
+EXIT_GRACE_S = 5.0
+
+
+def _exit_by(code: int, grace_s: float) -> None:
+    """End the process with `code` `grace_s` from now if the interpreter has not exited by then.
+    Python joins the non-daemon threads and ``multiprocessing`` children a body left running before
+    it exits, and the host waits for the container to exit: the task, its outcome written, would keep
+    its slice until they end (forever for a server thread). The container's exit stops them."""
+
+    def end() -> None:
+        time.sleep(grace_s)
+        left = [t.name for t in threading.enumerate() if not t.daemon and t is not threading.main_thread()]
+        children = sys.modules.get("multiprocessing")
+        left += [f"process {p.name}" for p in (children.active_children() if children else [])]
+        sys.stderr.write(f"prefect-mig: the task body left {', '.join(left) or 'something'} running; its outcome is "
+                         f"written and the task container exits without waiting for it ({grace_s:g} s).\n")
+        sys.stderr.flush()
+        os._exit(code)
+
+    threading.Thread(target=end, name="prefect-mig-exit", daemon=True).start()
+
+
 if __name__ == "__main__":
-    sys.exit(serve() if sys.argv[1:] == ["--serve"] else main())
+    code = serve() if sys.argv[1:] == ["--serve"] else main()
+    _exit_by(code, EXIT_GRACE_S)
+    sys.exit(code)
