@@ -64,6 +64,12 @@ def leave_a_thread_and_a_process_running():
     return "value"
 
 
+def use_all_memory():
+    held = []
+    while True:
+        held.append(bytearray(10_000_000))
+
+
 @pytest.fixture
 def launcher(python_image):
     return DockerLauncher(ContainerSettings(image=python_image))
@@ -137,7 +143,19 @@ def test_a_container_that_dies_without_an_outcome_is_reported_and_removed(launch
     with pytest.raises(ContainerFailed) as failed:
         launcher.run(exit_hard, mig_uuid="MIG-x", labels={"run": "die"})
     assert failed.value.exit_code == 9
+    assert not failed.value.oom_killed and "out of memory" not in str(failed.value)
     assert _ours(docker_client, "die") == []
+
+
+def test_a_body_killed_for_going_over_its_mem_limit_says_so_and_leaves_nothing(python_image, docker_client):
+    # it said "exited with code 137 without an outcome (out of memory? killed?)": a guess, with the answer in Docker
+    launcher = DockerLauncher(ContainerSettings(image=python_image, mem_limit="48m"))
+    with pytest.raises(ContainerFailed) as failed:
+        launcher.run(use_all_memory, mig_uuid="MIG-x", labels={"run": "oom"})
+    assert failed.value.oom_killed and failed.value.exit_code == 137
+    assert "ran out of memory of its mem_limit (48 MiB)" in str(failed.value)
+    assert "larger mem_limit" in str(failed.value)
+    assert _ours(docker_client, "oom") == []
 
 
 def test_a_missing_image_is_a_clear_error_and_leaves_nothing(docker_client):

@@ -510,13 +510,22 @@ def died_without_outcome(container, exit_code: int, image: str) -> ContainerFail
     """The error for a task container that exited before it wrote an outcome (with its last output)."""
     with _removed_means_stopped(container):
         output = container.logs(tail=50).decode(errors="replace")
+        container.reload()
+    oom_killed = bool(container.attrs.get("State", {}).get("OOMKilled"))
+    if oom_killed:
+        limit = container.attrs.get("HostConfig", {}).get("Memory") or 0
+        within = f" of its mem_limit ({limit / 2**20:g} MiB)" if limit else ""
+        why = (f"ran out of memory{within}: the kernel killed it (exit code {exit_code}) before the body's outcome was "
+               "written. Give the task a larger mem_limit, or make the body use less")
+    else:
+        why = f"exited with code {exit_code} without an outcome (killed? a body that called os._exit?)"
     return ContainerFailed(
-        f"the task container exited with code {exit_code} without an outcome "
-        f"(out of memory? killed?). Its last output:\n{output}",
+        f"the task container {why}. Its last output:\n{output}",
         exit_code=exit_code,
         output=output,
         image=image,
         container_id=container.id,
+        oom_killed=oom_killed,
     )
 
 
