@@ -447,6 +447,9 @@ def create_app(
         except asyncio.CancelledError:
             await asyncio.shield(withdraw(request_id))
             raise
+        except PrefectMigError:  # Redis failed or refused a write (RedisUnavailable), or the request is gone
+            allocator.abandon(request_id)  # it leaves the queue once Redis answers; a grant made meanwhile is released
+            raise
         finally:
             gone.cancel()
             stirred.pop(request_id, None)

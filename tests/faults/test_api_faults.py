@@ -1,0 +1,61 @@
+"""The HTTP lease API when Redis fails under a waiting acquire: the client is told, and the request
+leaves the queue once Redis answers again, so no slice is later handed to a client that has gone."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import httpx
+import redis
+import uvicorn
+
+from prefect_mig.allocator import Allocator, SliceRequest
+from prefect_mig.api import create_app
+
+from .helpers import FLEET, ONE_SLICE, paused, wait_until
+
+TOKEN = "an-admin-token-of-some-length"
+
+
+def _serve(alloc: Allocator) -> tuple[uvicorn.Server, str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(alloc, token=TOKEN), host="127.0.0.1", port=port, log_level="warning"))
+    threading.Thread(target=server.run, daemon=True).start()
+    wait_until(lambda: server.started, 30, "uvicorn to start")
+    return server, f"http://127.0.0.1:{port}"
+
+
+def test_a_wait_that_redis_failed_under_leaves_the_queue_and_is_never_granted_later(fresh_redis_server, namespace):
+    # it answered 503 and left its request queued: once Redis was back, the next free slice was
+    # handed to a client that had gone, and the request stood ahead of real waiters until its timeout
+    client = redis.Redis(host="127.0.0.1", port=fresh_redis_server.port, socket_connect_timeout=1, socket_timeout=1)
+    alloc = Allocator(client, namespace, wait_ttl_s=30)
+    alloc.publish_fleet(FLEET, layouts=ONE_SLICE, heartbeat_ttl_s=600)
+    held = alloc.try_acquire(SliceRequest(profile="4g.24gb", holder="holder"))
+    server, url = _serve(alloc)
+    replies: list[httpx.Response] = []
+    try:
+        def ask() -> None:
+            with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60) as http:
+                replies.append(http.post("/v1/leases", json={"request": {"profile": "4g.24gb", "holder": "waiter"},
+                                                             "timeout_s": 60}))
+
+        asking = threading.Thread(target=ask)
+        asking.start()
+        wait_until(lambda: alloc.status()["queue"], 10, "the acquire to queue")
+        with paused(fresh_redis_server):
+            asking.join(20)  # its wait's reads time out: the client is answered while Redis is still stopped
+        assert replies and replies[0].status_code == 503, [r.text for r in replies]
+        assert replies[0].json()["error"] == "RedisUnavailable"
+        wait_until(lambda: not alloc.status()["queue"], 10, "the failed wait's request to leave the queue")
+        assert alloc.release(held.lease_id, held.fence)
+        time.sleep(0.5)
+        granted = [e for e in alloc.events() if e.get("type") == "lease.granted" and "waiter" in e.get("holder", "")]
+        assert granted == [], "a slice was handed to the client that had been told its wait failed"
+        assert alloc.status()["leases"] == []
+    finally:
+        server.should_exit = True
