@@ -64,6 +64,17 @@ def leave_a_thread_and_a_process_running():
     return "value"
 
 
+def return_a_value_of_an_image_only_type():
+    import sys
+
+    with open("/tmp/only_in_the_image.py", "w") as f:
+        f.write("class Thing:\n    pass\n")
+    sys.path.insert(0, "/tmp")
+    import only_in_the_image
+
+    return only_in_the_image.Thing()
+
+
 def use_all_memory():
     held = []
     while True:
@@ -145,6 +156,16 @@ def test_a_container_that_dies_without_an_outcome_is_reported_and_removed(launch
     assert failed.value.exit_code == 9
     assert not failed.value.oom_killed and "out of memory" not in str(failed.value)
     assert _ours(docker_client, "die") == []
+
+
+def test_a_value_of_a_type_only_the_image_has_fails_saying_so_and_leaves_nothing(launcher, docker_client):
+    # it raised the bare ModuleNotFoundError of the host's unpickling, as if the body had
+    with pytest.raises(LaunchError) as failed:
+        launcher.run(return_a_value_of_an_image_only_type, mig_uuid="MIG-x", labels={"run": "unloadable"})
+    assert "its value cannot be loaded in the flow's process" in str(failed.value)
+    assert "No module named 'only_in_the_image'" in str(failed.value)
+    assert isinstance(failed.value.__cause__, ModuleNotFoundError)
+    assert _ours(docker_client, "unloadable") == []
 
 
 def test_a_body_killed_for_going_over_its_mem_limit_says_so_and_leaves_nothing(python_image, docker_client):

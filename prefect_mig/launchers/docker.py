@@ -59,7 +59,7 @@ from prefect_mig.errors import (
     LaunchError,
 )
 from prefect_mig.launchers.engines import DockerTls, engine_client
-from prefect_mig.launchers.outcome import value_of
+from prefect_mig.launchers.outcome import load_outcome, value_of
 from prefect_mig.launchers.runtime import probe_python, remove_launched, runtime_files, runtime_packages
 
 log = logging.getLogger("prefect_mig.launchers")
@@ -863,7 +863,7 @@ class DockerLauncher:
             return None
         with tarfile.open(fileobj=io.BytesIO(b"".join(stream))) as tar:
             member = tar.extractfile("result.pkl")
-            return cloudpickle.loads(member.read()) if member else None
+            return load_outcome(member.read()) if member else None
 
     @staticmethod
     def _stream_logs(container, on_log: Callable[[str], None]) -> None:
