@@ -58,6 +58,10 @@ def sleep_long():
     time.sleep(60)
 
 
+def ask_for_a_token():
+    return input("your token? ")
+
+
 def return_a_value_of_an_image_only_type():
     import sys
 
@@ -120,6 +124,16 @@ def test_a_value_of_a_type_only_the_image_has_fails_the_call_saying_so_and_the_p
         warm.call(return_a_value_of_an_image_only_type, stop=gave_up)
     gave_up.set()
     assert "No module named 'only_in_the_image'" in str(failed.value)
+    assert warm.call(see_env)[2] == "MIG-warm"
+
+
+def test_a_body_that_reads_stdin_gets_eof_as_in_a_cold_container_and_the_process_serves_on(warm):
+    # it read the warm process's own call channel: the call waited forever for input that never came
+    gave_up = threading.Event()
+    threading.Timer(30, gave_up.set).start()
+    with pytest.raises(EOFError):
+        warm.call(ask_for_a_token, stop=gave_up)
+    gave_up.set()
     assert warm.call(see_env)[2] == "MIG-warm"
 
 

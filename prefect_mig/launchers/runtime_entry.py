@@ -75,7 +75,12 @@ def serve() -> int:
     """The warm loop: one call per frame on stdin until stdin closes."""
     results = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # the body's prints (and the shim's log lines) go to stderr, the protocol stays clean
-    calls = sys.stdin.buffer
+    calls = os.fdopen(os.dup(0), "rb")
+    # a body that reads stdin (input(), a prompt) gets EOF as in a cold container, instead of waiting
+    # forever for the next call's frame (or reading it)
+    nothing = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(nothing, 0)
+    os.close(nothing)
     previous: set = set()
     while True:
         head = calls.read(8)
