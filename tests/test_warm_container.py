@@ -58,6 +58,11 @@ def sleep_long():
     time.sleep(60)
 
 
+def say_without_a_newline():
+    print("almost done", end="")
+    return 1
+
+
 def ask_for_a_token():
     return input("your token? ")
 
@@ -125,6 +130,13 @@ def test_a_value_of_a_type_only_the_image_has_fails_the_call_saying_so_and_the_p
     gave_up.set()
     assert "No module named 'only_in_the_image'" in str(failed.value)
     assert warm.call(see_env)[2] == "MIG-warm"
+
+
+def test_output_without_a_last_newline_is_logged_as_it_is(warm):
+    # the end mark shared its line: it was logged with the mark's bytes, and the call waited 5 s for the mark
+    lines: list[str] = []
+    assert warm.call(say_without_a_newline, on_log=lines.append) == 1
+    assert lines == ["almost done"]
 
 
 def test_a_body_that_reads_stdin_gets_eof_as_in_a_cold_container_and_the_process_serves_on(warm):

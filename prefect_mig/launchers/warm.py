@@ -223,7 +223,9 @@ class WarmContainer:
         self._results.put(_EOF)
 
     def _line(self, line: str) -> None:
-        if line == END_MARK:
+        if line.endswith(END_MARK):  # after output without a newline ("print(x, end='')"), on its line
+            if line != END_MARK and self._on_log is not None:
+                self._on_log(line[:-len(END_MARK)])
             self._logs_done.set()
         elif self._on_log is not None:
             self._on_log(line)
