@@ -75,6 +75,19 @@ def return_a_value_of_an_image_only_type():
     return only_in_the_image.Thing()
 
 
+def use_up_the_threads():
+    import threading
+    import time
+
+    started = 0
+    try:
+        while True:
+            threading.Thread(target=time.sleep, args=(3600,)).start()
+            started += 1
+    except RuntimeError:  # can't start new thread: the container's pids_limit
+        return started
+
+
 def use_all_memory():
     held = []
     while True:
@@ -148,6 +161,17 @@ def test_a_body_that_leaves_threads_or_processes_running_returns_its_value_and_l
     gave_up.set()
     assert any("left server-thread, process " in line and "running" in line for line in lines), lines
     assert _ours(docker_client, "linger") == []
+
+
+def test_a_body_that_used_up_the_pids_limit_with_threads_left_running_returns_its_value(python_image, docker_client):
+    # with no thread to spare for the exit's own timer, the interpreter waited for the body's threads
+    launcher = DockerLauncher(ContainerSettings(image=python_image, pids_limit=16))
+    gave_up = threading.Event()
+    threading.Timer(60, gave_up.set).start()
+    started = launcher.run(use_up_the_threads, mig_uuid="MIG-x", labels={"run": "no-pids"}, stop=gave_up)
+    gave_up.set()
+    assert 0 < started < 16
+    assert _ours(docker_client, "no-pids") == []
 
 
 def test_a_container_that_dies_without_an_outcome_is_reported_and_removed(launcher, docker_client):

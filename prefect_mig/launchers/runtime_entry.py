@@ -237,7 +237,12 @@ def _exit_by(code: int, grace_s: float) -> None:
         sys.stderr.flush()
         os._exit(code)
 
-    threading.Thread(target=end, name="prefect-mig-exit", daemon=True).start()
+    try:
+        threading.Thread(target=end, name="prefect-mig-exit", daemon=True).start()
+    except RuntimeError:  # no thread to spare (the body used up the container's pids_limit): end now
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 if __name__ == "__main__":
