@@ -59,3 +59,27 @@ def test_a_wait_that_redis_failed_under_leaves_the_queue_and_is_never_granted_la
         assert alloc.status()["leases"] == []
     finally:
         server.should_exit = True
+
+
+def test_a_503_for_a_refusing_redis_says_why_in_the_servers_log_and_not_to_the_client(fresh_redis_server, namespace, caplog):
+    # the client was told "did not answer" and the server logged nothing: a full Redis looked like a down one
+    from fastapi.testclient import TestClient
+
+    client = fresh_redis_server.client()
+    alloc = Allocator(client, namespace)
+    alloc.publish_fleet(FLEET, layouts=ONE_SLICE, heartbeat_ttl_s=600)
+    http = TestClient(create_app(alloc, token=TOKEN))
+    client.config_set("maxmemory-policy", "noeviction")
+    client.config_set("maxmemory", 1)
+    try:
+        with caplog.at_level("WARNING", logger="prefect_mig.api"):
+            refused = http.post("/v1/leases", json={"request": {"profile": "4g.24gb"}, "timeout_s": 0},
+                                headers={"Authorization": f"Bearer {TOKEN}"})
+    finally:
+        client.config_set("maxmemory", 0)
+    assert refused.status_code == 503
+    assert "refused" in refused.json()["detail"] and "OOM" not in refused.text
+    assert str(fresh_redis_server.port) not in refused.text
+    logged = [r.getMessage() for r in caplog.records if r.name == "prefect_mig.api"]
+    assert any("POST /v1/leases answered 503" in m and "maxmemory" in m for m in logged), logged
+    assert alloc.status()["leases"] == []
