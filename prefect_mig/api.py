@@ -377,7 +377,10 @@ def create_app(
     async def drop(lease: LeaseInfo) -> None:
         """Release a lease whose client has gone (a stale fence: it lapsed and is someone else's now)."""
         with suppress(LeaseLost, LeaseNotOwned):
-            await off_thread(allocator.release, lease.lease_id, lease.fence)
+            try:
+                await off_thread(allocator.release, lease.lease_id, lease.fence)
+            except RedisUnavailable:  # released once Redis answers, not held for its TTL by nobody
+                allocator.abandon(lease.lease_id)
 
     async def withdraw(request_id: str) -> None:
         with suppress(LeaseLost, LeaseNotOwned):  # a grant in the last instant is released

@@ -83,3 +83,25 @@ def test_a_503_for_a_refusing_redis_says_why_in_the_servers_log_and_not_to_the_c
     logged = [r.getMessage() for r in caplog.records if r.name == "prefect_mig.api"]
     assert any("POST /v1/leases answered 503" in m and "maxmemory" in m for m in logged), logged
     assert alloc.status()["leases"] == []
+
+
+def test_a_grant_whose_client_left_while_redis_was_down_is_released_once_it_is_back(fresh_redis_server, namespace):
+    # the release of the grant nobody would read failed, and once Redis was back (its AOF replayed) the
+    # lease was held by nobody for its TTL (900 s)
+    from tests.test_api import _post_through_asgi
+
+    alloc = Allocator(fresh_redis_server.client(socket_connect_timeout=0.5, socket_timeout=0.5), namespace)
+    alloc.publish_fleet(FLEET, layouts=ONE_SLICE, heartbeat_ttl_s=600)
+    alloc.redis.config_set("appendfsync", "always")  # the grant outlives the crash below
+    stopped = threading.Event()
+
+    async def gone_as_redis_stops() -> dict:
+        fresh_redis_server.kill()  # back on the same port with its AOF below
+        stopped.set()
+        return {"type": "http.disconnect"}
+
+    sent = _post_through_asgi(create_app(alloc, token=TOKEN),
+                              {"request": {"profile": "4g.24gb", "ttl_s": 900}, "timeout_s": 0}, gone_as_redis_stops)
+    assert stopped.is_set() and not any(m.get("status") == 201 for m in sent)
+    fresh_redis_server.start()
+    wait_until(lambda: alloc.status()["leases"] == [], 10, "the grant nobody read to be released")
