@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
 import secrets
 import time
@@ -105,6 +106,8 @@ class RenewBody(BaseModel):
         default=None, ge=1, le=86_400, allow_inf_nan=False, description="New TTL in seconds; unset: the lease's own (granted or last renewed with)."
     )
 
+
+log = logging.getLogger(__name__)
 
 #: The ``error`` of a refusal that is not one of prefect-mig's own errors, by status.
 _HTTP_ERROR = {401: "Refused", 403: "Forbidden", 404: "NotFound", 405: "MethodNotAllowed", 413: "Refused",
@@ -163,7 +166,7 @@ def _detail(exc: PrefectMigError) -> str:
     if isinstance(exc, LeaseNotOwned):  # never echo a fence: it is what a release needs
         return f"lease {exc.lease_id}: stale or not yours."
     if isinstance(exc, RedisUnavailable):  # the store's address is not the client's business
-        return "the lease store did not answer; try again shortly."
+        return "the lease store did not answer or refused the change; try again shortly (the API server's log says why)."
     return str(exc)
 
 
@@ -326,6 +329,8 @@ def create_app(
     @app.exception_handler(PrefectMigError)
     async def _mig_error(request, exc: PrefectMigError):  # noqa: ANN001
         code = next((c for cls, c in _STATUS.items() if isinstance(exc, cls)), 500)
+        if isinstance(exc, RedisUnavailable):  # the client is not told the store's address or its refusal: the operator is
+            log.warning("%s %s answered 503: %s", request.method, request.url.path, exc)
         return JSONResponse({"error": type(exc).__name__, "detail": _detail(exc)}, status_code=code)
 
     @app.exception_handler(RequestValidationError)
@@ -372,7 +377,10 @@ def create_app(
     async def drop(lease: LeaseInfo) -> None:
         """Release a lease whose client has gone (a stale fence: it lapsed and is someone else's now)."""
         with suppress(LeaseLost, LeaseNotOwned):
-            await off_thread(allocator.release, lease.lease_id, lease.fence)
+            try:
+                await off_thread(allocator.release, lease.lease_id, lease.fence)
+            except RedisUnavailable:  # released once Redis answers, not held for its TTL by nobody
+                allocator.abandon(lease.lease_id)
 
     async def withdraw(request_id: str) -> None:
         with suppress(LeaseLost, LeaseNotOwned):  # a grant in the last instant is released
@@ -446,6 +454,9 @@ def create_app(
                     continue  # it went back before the claim: queued again
         except asyncio.CancelledError:
             await asyncio.shield(withdraw(request_id))
+            raise
+        except PrefectMigError:  # Redis failed or refused a write (RedisUnavailable), or the request is gone
+            allocator.abandon(request_id)  # it leaves the queue once Redis answers; a grant made meanwhile is released
             raise
         finally:
             gone.cancel()

@@ -227,12 +227,15 @@ class ImagePythonMismatch(LaunchError):
 
 
 class ContainerFailed(LaunchError):
-    """The container ended without writing an outcome (killed, out of memory, no python3...)."""
+    """The container ended without writing an outcome (killed, out of memory, no python3...);
+    `oom_killed` when the kernel killed it for going over its memory limit."""
 
-    def __init__(self, message: str, *, exit_code: int | None = None, output: str = "", **kw) -> None:
+    def __init__(self, message: str, *, exit_code: int | None = None, output: str = "", oom_killed: bool = False,
+                 **kw) -> None:
         super().__init__(message, **kw)
         self.exit_code = exit_code
         self.output = output
+        self.oom_killed = oom_killed
 
 
 class ContainerStopped(LaunchError):

@@ -55,6 +55,46 @@ def exit_hard():
     os._exit(9)
 
 
+def leave_a_thread_and_a_process_running():
+    import multiprocessing
+    import threading
+    import time
+
+    threading.Thread(target=time.sleep, args=(3600,), name="server-thread").start()
+    multiprocessing.Process(target=time.sleep, args=(3600,)).start()
+    return "value"
+
+
+def return_a_value_of_an_image_only_type():
+    import sys
+
+    with open("/tmp/only_in_the_image.py", "w") as f:
+        f.write("class Thing:\n    pass\n")
+    sys.path.insert(0, "/tmp")
+    import only_in_the_image
+
+    return only_in_the_image.Thing()
+
+
+def use_up_the_threads():
+    import threading
+    import time
+
+    started = 0
+    try:
+        while True:
+            threading.Thread(target=time.sleep, args=(3600,)).start()
+            started += 1
+    except RuntimeError:  # can't start new thread: the container's pids_limit
+        return started
+
+
+def use_all_memory():
+    held = []
+    while True:
+        held.append(bytearray(10_000_000))
+
+
 @pytest.fixture
 def launcher(python_image):
     return DockerLauncher(ContainerSettings(image=python_image))
@@ -108,11 +148,60 @@ def test_stop_kills_the_container_and_removes_it(launcher, docker_client):
     assert _ours(docker_client, "stop") == []
 
 
+def test_a_body_that_leaves_threads_or_processes_running_returns_its_value_and_leaves_nothing(launcher, docker_client):
+    # Python waits for non-daemon threads and multiprocessing children at exit: the task, its value
+    # written, waited for them (here an hour) with its slice, and a timeout then said it was stopped
+    gave_up = threading.Event()
+    threading.Timer(60, gave_up.set).start()
+    lines: list[str] = []
+    started = time.monotonic()
+    assert launcher.run(
+        leave_a_thread_and_a_process_running, mig_uuid="MIG-x", labels={"run": "linger"}, stop=gave_up, on_log=lines.append
+    ) == "value"
+    assert time.monotonic() - started < 30
+    gave_up.set()
+    assert any("left server-thread, process " in line and "running" in line for line in lines), lines
+    assert _ours(docker_client, "linger") == []
+
+
+def test_a_body_that_used_up_the_pids_limit_with_threads_left_running_returns_its_value(python_image, docker_client):
+    # with no thread to spare for the exit's own timer, the interpreter waited for the body's threads
+    launcher = DockerLauncher(ContainerSettings(image=python_image, pids_limit=16))
+    gave_up = threading.Event()
+    threading.Timer(60, gave_up.set).start()
+    started = launcher.run(use_up_the_threads, mig_uuid="MIG-x", labels={"run": "no-pids"}, stop=gave_up)
+    gave_up.set()
+    assert 0 < started < 16
+    assert _ours(docker_client, "no-pids") == []
+
+
 def test_a_container_that_dies_without_an_outcome_is_reported_and_removed(launcher, docker_client):
     with pytest.raises(ContainerFailed) as failed:
         launcher.run(exit_hard, mig_uuid="MIG-x", labels={"run": "die"})
     assert failed.value.exit_code == 9
+    assert not failed.value.oom_killed and "out of memory" not in str(failed.value)
     assert _ours(docker_client, "die") == []
+
+
+def test_a_value_of_a_type_only_the_image_has_fails_saying_so_and_leaves_nothing(launcher, docker_client):
+    # it raised the bare ModuleNotFoundError of the host's unpickling, as if the body had
+    with pytest.raises(LaunchError) as failed:
+        launcher.run(return_a_value_of_an_image_only_type, mig_uuid="MIG-x", labels={"run": "unloadable"})
+    assert "its value cannot be loaded in the flow's process" in str(failed.value)
+    assert "No module named 'only_in_the_image'" in str(failed.value)
+    assert isinstance(failed.value.__cause__, ModuleNotFoundError)
+    assert _ours(docker_client, "unloadable") == []
+
+
+def test_a_body_killed_for_going_over_its_mem_limit_says_so_and_leaves_nothing(python_image, docker_client):
+    # it said "exited with code 137 without an outcome (out of memory? killed?)": a guess, with the answer in Docker
+    launcher = DockerLauncher(ContainerSettings(image=python_image, mem_limit="48m"))
+    with pytest.raises(ContainerFailed) as failed:
+        launcher.run(use_all_memory, mig_uuid="MIG-x", labels={"run": "oom"})
+    assert failed.value.oom_killed and failed.value.exit_code == 137
+    assert "ran out of memory of its mem_limit (48 MiB)" in str(failed.value)
+    assert "larger mem_limit" in str(failed.value)
+    assert _ours(docker_client, "oom") == []
 
 
 def test_a_missing_image_is_a_clear_error_and_leaves_nothing(docker_client):

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from prefect_mig.errors import ContainerFailed, ContainerStopped, DockerUnavailable
+from prefect_mig.errors import ContainerFailed, ContainerStopped, DockerUnavailable, LaunchError
 from prefect_mig.launchers import ContainerSettings, DockerLauncher
 from prefect_mig.launchers.docker import LABEL_PREFIX
 from prefect_mig.launchers.warm import WarmContainer
@@ -58,6 +58,26 @@ def sleep_long():
     import time
 
     time.sleep(60)
+
+
+def say_without_a_newline():
+    print("almost done", end="")
+    return 1
+
+
+def ask_for_a_token():
+    return input("your token? ")
+
+
+def return_a_value_of_an_image_only_type():
+    import sys
+
+    with open("/tmp/only_in_the_image.py", "w") as f:
+        f.write("class Thing:\n    pass\n")
+    sys.path.insert(0, "/tmp")
+    import only_in_the_image
+
+    return only_in_the_image.Thing()
 
 
 @pytest.fixture
@@ -117,6 +137,35 @@ def test_an_exception_comes_back_as_itself_and_the_process_serves_on(warm):
     assert caught.value.batch_id == "b7"
     assert "no good" in str(caught.value)
     assert warm.call(talk, (0,)) == 0
+
+
+def test_a_value_of_a_type_only_the_image_has_fails_the_call_saying_so_and_the_process_serves_on(warm):
+    # its unpickling killed the thread reading the process's output: the call waited forever (here
+    # until its stop, then "stopped before the body finished"), holding the slice
+    gave_up = threading.Event()
+    threading.Timer(30, gave_up.set).start()
+    with pytest.raises(LaunchError, match="its value cannot be loaded in the flow's process") as failed:
+        warm.call(return_a_value_of_an_image_only_type, stop=gave_up)
+    gave_up.set()
+    assert "No module named 'only_in_the_image'" in str(failed.value)
+    assert warm.call(see_env)[2] == "MIG-warm"
+
+
+def test_output_without_a_last_newline_is_logged_as_it_is(warm):
+    # the end mark shared its line: it was logged with the mark's bytes, and the call waited 5 s for the mark
+    lines: list[str] = []
+    assert warm.call(say_without_a_newline, on_log=lines.append) == 1
+    assert lines == ["almost done"]
+
+
+def test_a_body_that_reads_stdin_gets_eof_as_in_a_cold_container_and_the_process_serves_on(warm):
+    # it read the warm process's own call channel: the call waited forever for input that never came
+    gave_up = threading.Event()
+    threading.Timer(30, gave_up.set).start()
+    with pytest.raises(EOFError):
+        warm.call(ask_for_a_token, stop=gave_up)
+    gave_up.set()
+    assert warm.call(see_env)[2] == "MIG-warm"
 
 
 def test_a_process_that_dies_fails_the_call_and_never_serves_again(warm):

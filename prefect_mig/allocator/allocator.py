@@ -422,7 +422,7 @@ class Allocator(Inventory, LayoutChanges):
         except DeadlinePassed:
             got = None
         except PrefectMigError:
-            self._abandon(request_id)  # RedisUnavailable, LeaseLost: leave the queue once Redis answers
+            self.abandon(request_id)  # RedisUnavailable, LeaseLost: leave the queue once Redis answers
             raise
         except BaseException:
             self._withdraw(request_id)  # KeyboardInterrupt, SIGTERM: leave the queue before the process ends
@@ -434,7 +434,7 @@ class Allocator(Inventory, LayoutChanges):
         try:
             self.give_up(request_id, deadline=time.monotonic() + 0.05)
         except (DeadlinePassed, RedisUnavailable):
-            self._abandon(request_id)
+            self.abandon(request_id)
         waited = "the wait was stopped" if stopped else f"no slice within {_seconds(asked_s or timeout_s)} s"
         raise WaitTimeout(f"{waited}; the request was withdrawn from the queue.{why}", lease_id=request_id)
 
@@ -567,17 +567,19 @@ class Allocator(Inventory, LayoutChanges):
 
     def _withdraw(self, request_id: str) -> None:
         """Withdraw a request whose caller is leaving now, before returning: a withdrawal left to
-        `_abandon`'s thread dies with a process that is exiting (Ctrl-C, SIGTERM), and the request
+        `abandon`'s thread dies with a process that is exiting (Ctrl-C, SIGTERM), and the request
         would stay queued, to be granted or to preempt for nobody, until its wait TTL. Within 2 s,
-        else in the background as `_abandon` does."""
+        else in the background as `abandon` does."""
         try:
             self.give_up(request_id, deadline=time.monotonic() + 2.0)
         except (DeadlinePassed, PrefectMigError):
-            self._abandon(request_id)
+            self.abandon(request_id)
 
-    def _abandon(self, request_id: str) -> None:
+    def abandon(self, request_id: str) -> None:
         """Withdraw a request whose caller is leaving, in the background until Redis answers
-        (at most a minute): cancelled, or released if it was granted meanwhile."""
+        (at most a minute): cancelled, or released if it was granted meanwhile. For a wait that
+        Redis failed under (`RedisUnavailable`): `wait_for_grant` does it, other waiters (the HTTP
+        API's) call it."""
 
         def withdraw() -> None:
             end = time.monotonic() + 60
@@ -608,7 +610,7 @@ class Allocator(Inventory, LayoutChanges):
             self._withdraw(request_id)
             raise
         except DeadlinePassed:
-            self._abandon(request_id)
+            self.abandon(request_id)
             raise WaitTimeout(
                 f"no slice within {_seconds(timeout_s)} s (Redis did not answer); the request is withdrawn.",
                 lease_id=request_id,

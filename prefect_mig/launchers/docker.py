@@ -60,7 +60,7 @@ from prefect_mig.errors import (
     LaunchError,
 )
 from prefect_mig.launchers.engines import DockerTls, engine_client
-from prefect_mig.launchers.outcome import value_of
+from prefect_mig.launchers.outcome import load_outcome, value_of
 from prefect_mig.launchers.project_sources import is_project_code, is_user_file, project_sources, reachable_functions
 from prefect_mig.launchers.runtime import probe_python, remove_launched, runtime_files, runtime_packages
 
@@ -574,13 +574,22 @@ def died_without_outcome(container, exit_code: int, image: str) -> ContainerFail
     """The error for a task container that exited before it wrote an outcome (with its last output)."""
     with _removed_means_stopped(container):
         output = container.logs(tail=50).decode(errors="replace")
+        container.reload()
+    oom_killed = bool(container.attrs.get("State", {}).get("OOMKilled"))
+    if oom_killed:
+        limit = container.attrs.get("HostConfig", {}).get("Memory") or 0
+        within = f" of its mem_limit ({limit / 2**20:g} MiB)" if limit else ""
+        why = (f"ran out of memory{within}: the kernel killed it (exit code {exit_code}) before the body's outcome was "
+               "written. Give the task a larger mem_limit, or make the body use less")
+    else:
+        why = f"exited with code {exit_code} without an outcome (killed? a body that called os._exit?)"
     return ContainerFailed(
-        f"the task container exited with code {exit_code} without an outcome "
-        f"(out of memory? killed?). Its last output:\n{output}",
+        f"the task container {why}. Its last output:\n{output}",
         exit_code=exit_code,
         output=output,
         image=image,
         container_id=container.id,
+        oom_killed=oom_killed,
     )
 
 
@@ -934,7 +943,7 @@ class DockerLauncher:
             return None
         with tarfile.open(fileobj=io.BytesIO(b"".join(stream))) as tar:
             member = tar.extractfile("result.pkl")
-            return cloudpickle.loads(member.read()) if member else None
+            return load_outcome(member.read()) if member else None
 
     @staticmethod
     def _stream_logs(container, on_log: Callable[[str], None]) -> None:

@@ -19,7 +19,16 @@ from typing import Any
 
 import cloudpickle
 
-from prefect_mig.errors import RemoteTraceback, TaskBodyError
+from prefect_mig.errors import LaunchError, RemoteTraceback, TaskBodyError
+
+
+def load_outcome(data: bytes) -> tuple:
+    """The outcome the container wrote, as `value_of` takes it; one that cannot be loaded here (a
+    value whose type comes from a module only the image has) becomes an outcome that raises so."""
+    try:
+        return cloudpickle.loads(data)
+    except Exception as exc:  # noqa: BLE001 - whatever loading it raised, the value is lost to this process
+        return ("unloadable", exc, None)
 
 
 def value_of(outcome: tuple) -> Any:
@@ -27,6 +36,13 @@ def value_of(outcome: tuple) -> Any:
     kind, parts, tb = outcome[:3]
     if kind == "ok":
         return parts
+    if kind == "unloadable":
+        raise LaunchError(
+            f"the task body returned, but its value cannot be loaded in the flow's process "
+            f"({type(parts).__name__}: {parts}): its type comes from a module the task's image has and this "
+            "process lacks (or cannot unpickle). Return plain values (numbers, strings, lists, dicts, arrays), "
+            "or install that module where the flow runs too."
+        ) from parts
     name, message, frames = outcome[3:6] if len(outcome) >= 6 else ("an exception", (tb.strip().splitlines() or [""])[-1], None)
     exc = _rebuilt(parts)
     if exc is None:

@@ -26,6 +26,8 @@ import json
 import os
 import struct
 import sys
+import threading
+import time
 import traceback
 import types
 
@@ -114,7 +116,12 @@ def serve() -> int:
     """The warm loop: one call per frame on stdin until stdin closes."""
     results = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # the body's prints (and the shim's log lines) go to stderr, the protocol stays clean
-    calls = sys.stdin.buffer
+    calls = os.fdopen(os.dup(0), "rb")
+    # a body that reads stdin (input(), a prompt) gets EOF as in a cold container, instead of waiting
+    # forever for the next call's frame (or reading it)
+    nothing = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(nothing, 0)
+    os.close(nothing)
     previous: set = set()
     while True:
         head = calls.read(8)
@@ -251,5 +258,36 @@ def _error_outcome(exc: BaseException) -> tuple:
     return ("error", parts, tb, name, message, frames)
 
 
+#: how long the interpreter may take to exit once the outcome is written (its atexit handlers, the
+#: threads it joins) before the process ends anyway
+EXIT_GRACE_S = 5.0
+
+
+def _exit_by(code: int, grace_s: float) -> None:
+    """End the process with `code` `grace_s` from now if the interpreter has not exited by then.
+    Python joins the non-daemon threads and ``multiprocessing`` children a body left running before
+    it exits, and the host waits for the container to exit: the task, its outcome written, would keep
+    its slice until they end (forever for a server thread). The container's exit stops them."""
+
+    def end() -> None:
+        time.sleep(grace_s)
+        left = [t.name for t in threading.enumerate() if not t.daemon and t is not threading.main_thread()]
+        children = sys.modules.get("multiprocessing")
+        left += [f"process {p.name}" for p in (children.active_children() if children else [])]
+        sys.stderr.write(f"prefect-mig: the task body left {', '.join(left) or 'something'} running; its outcome is "
+                         f"written and the task container exits without waiting for it ({grace_s:g} s).\n")
+        sys.stderr.flush()
+        os._exit(code)
+
+    try:
+        threading.Thread(target=end, name="prefect-mig-exit", daemon=True).start()
+    except RuntimeError:  # no thread to spare (the body used up the container's pids_limit): end now
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(serve() if sys.argv[1:] == ["--serve"] else main())
+    code = serve() if sys.argv[1:] == ["--serve"] else main()
+    _exit_by(code, EXIT_GRACE_S)
+    sys.exit(code)

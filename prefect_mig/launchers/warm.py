@@ -55,7 +55,7 @@ from prefect_mig.launchers.docker import (
     remove_container,
     start_confirmed,
 )
-from prefect_mig.launchers.outcome import value_of
+from prefect_mig.launchers.outcome import load_outcome, value_of
 from prefect_mig.launchers.runtime_entry import END_MARK
 
 _EOF = object()
@@ -208,7 +208,7 @@ class WarmContainer:
                     results += data
                     while len(results) >= 8 and len(results) >= 8 + struct.unpack(">Q", results[:8])[0]:
                         size = struct.unpack(">Q", results[:8])[0]
-                        self._results.put(cloudpickle.loads(results[8:8 + size]))
+                        self._results.put(load_outcome(results[8:8 + size]))
                         results = results[8 + size:]
                     continue
                 pending += data.decode(errors="replace")
@@ -223,7 +223,9 @@ class WarmContainer:
         self._results.put(_EOF)
 
     def _line(self, line: str) -> None:
-        if line == END_MARK:
+        if line.endswith(END_MARK):  # after output without a newline ("print(x, end='')"), on its line
+            if line != END_MARK and self._on_log is not None:
+                self._on_log(line[:-len(END_MARK)])
             self._logs_done.set()
         elif self._on_log is not None:
             self._on_log(line)
