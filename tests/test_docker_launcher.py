@@ -401,6 +401,19 @@ def test_a_body_using_another_module_of_the_flows_project_runs_and_its_exception
     assert _ours(docker_client, "project") == []
 
 
+def test_a_project_under_pythons_own_prefix_is_still_the_users_code():
+    """A project in /usr/src/app (the official Python images' examples) with Python in /usr lies
+    under ``sys.base_prefix``: it was taken for an installed module and its sources never went."""
+    import json
+    import os
+
+    from prefect_mig.launchers.project_sources import is_user_file
+
+    assert is_user_file("helpers", os.path.join(sys.base_prefix, "src", "app", "helpers.py"))
+    assert not is_user_file("json", json.__file__)
+    assert not is_user_file("pytest", pytest.__file__)
+
+
 def test_a_project_module_the_body_imports_only_when_it_runs_goes_with_the_call(launcher, docker_client, tmp_path, monkeypatch):
     """A new-user trial: a body's own `import sibling` of a module next to the flow file failed in
     the container with "No module named 'sibling'", whether the flow's process had imported it or

@@ -47,9 +47,13 @@ _CACHE: dict[tuple, dict[str, tuple[str, str, bool]]] = {}  # (code, len(sys.mod
 _FILE_IMPORTS: dict[tuple[str, int], frozenset[str]] = {}  # (file, mtime_ns) -> top-level names it imports
 
 
+#: the standard library's folder (not ``sys.base_prefix``: a project in /usr/src/app lies under /usr)
+_STDLIB = os.path.dirname(os.__file__) + os.sep
+
+
 def is_user_file(name: str, origin: str) -> bool:
     """Python source of the user's project: not installed and not prefect-mig's (or its runtime's)."""
-    installed = "site-packages" in origin or "dist-packages" in origin or origin.startswith(sys.base_prefix)
+    installed = "site-packages" in origin or "dist-packages" in origin or origin.startswith(_STDLIB)
     ours = name.split(".")[0] in {"prefect_mig", *(m.__name__ for m in runtime_packages())}
     return origin.endswith(".py") and not installed and not ours
 
