@@ -4,10 +4,12 @@ Source: PrefectHQ/prefect ``tests/test_tasks.py`` at commit ce79dd3d6c (run here
 Prefect 3.9.1), the classes that submit, map, tag, hook and cache tasks. Class and test names are
 Prefect's, so ``pytest -k`` and a diff against upstream line up. The modes, the ``cluster`` fixture
 and the mechanical adaptations (marked ``# ADAPTED (n):``) are those of
-``tests/test_prefect_task_runners_ported.py``, whose docstring lists them; this file adds one:
+``tests/test_prefect_task_runners_ported.py``, whose docstring lists them; this file adds two:
 
 8. Upstream's async flows (``@flow async def``) stay async and are run with ``asyncio.run``; its
    ``await state.result()`` in a sync test is ``state.result()``.
+9. The caching tests keep results in a storage folder of their own (``own_result_storage``): run
+   in two modes, upstream's fixed cache keys would otherwise hit the other mode's records.
 
 Skips name the reason; the README's "Differences from ThreadPoolTaskRunner" lists them.
 """
@@ -15,14 +17,18 @@ Skips name the reason; the README's "Differences from ThreadPoolTaskRunner" list
 from __future__ import annotations
 
 import asyncio
+import datetime
+import re
 import time
 from types import SimpleNamespace
 from typing import Any
-from unittest.mock import ANY
+from unittest.mock import ANY, MagicMock, call
 from uuid import UUID, uuid4
 
 import pytest
+from prefect import tags
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.objects import StateType
 from prefect.context import FlowRunContext
 from prefect.exceptions import MappingLengthMismatch, MappingMissingIterable
 from prefect.flows import flow
@@ -31,6 +37,7 @@ from prefect.states import State
 from prefect.testing.utilities import exceptions_equal
 from prefect.utilities.annotations import allow_failure, opaque, unmapped
 from prefect.utilities.collections import quote
+from prefect.utilities.engine import get_state_for_result
 
 from .test_prefect_task_runners_ported import Mig, mig
 
@@ -944,3 +951,776 @@ async def _background_task_run_parameters(task, parameters_id) -> Any:
         result_storage=await get_or_create_default_task_scheduling_storage()
     ).update_for_task(task)
     return await read_parameters(store, parameters_id)
+
+
+def _recorded_task_run(task_run_id):
+    """The task run as the API recorded it, once it has a final state (or after 60 s).
+
+    ADAPTED (7): upstream drains its in-process events_pipeline, then reads the run."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    deadline = time.monotonic() + 60
+    with get_client(sync_client=True) as client:
+        while True:
+            try:
+                task_run = client.read_task_run(task_run_id)
+            except ObjectNotFound:
+                task_run = None
+            if (task_run is not None and task_run.state is not None and task_run.state.is_final()) or time.monotonic() > deadline:
+                return task_run
+            time.sleep(0.3)
+
+
+def _user_tags(task_run) -> set[str]:
+    # ADAPTED (3): without the `mig:` tag that flow-level mode adds
+    return {t for t in task_run.tags if not t.startswith("mig:")}
+
+
+class TestTaskRunTags:
+    def test_task_run_tags_added_at_submission(self, mig: Mig):
+        @flow(task_runner=mig.runner())
+        def my_flow():
+            with tags("a", "b"):
+                future = my_task.submit()
+
+            return future
+
+        @mig.task
+        def my_task():
+            pass
+
+        task_state = my_flow()
+        task_run = _recorded_task_run(task_state.state_details.task_run_id)
+        assert _user_tags(task_run) == {"a", "b"}
+
+    def test_task_run_tags_added_at_run(self, mig: Mig):
+        @flow(task_runner=mig.runner())
+        def my_flow():
+            with tags("a", "b"):
+                state = my_task(return_state=True)
+
+            return state
+
+        @mig.task
+        def my_task():
+            pass
+
+        task_state = my_flow()
+        task_run = _recorded_task_run(task_state.state_details.task_run_id)
+        assert _user_tags(task_run) == {"a", "b"}
+
+    def test_task_run_tags_added_at_call(self, mig: Mig):
+        @flow(task_runner=mig.runner())
+        def my_flow():
+            with tags("a", "b"):
+                result = my_task()
+
+            return get_state_for_result(result)
+
+        @mig.task
+        def my_task():
+            return "foo"
+
+        task_state, _ = my_flow()
+        task_run = _recorded_task_run(task_state.state_details.task_run_id)
+        assert _user_tags(task_run) == {"a", "b"}
+
+    def test_task_run_tags_include_tags_on_task_object(self, mig: Mig):
+        @flow(task_runner=mig.runner())
+        def my_flow():
+            with tags("c", "d"):
+                state = my_task(return_state=True)
+
+            return state
+
+        @mig.task(tags={"a", "b"})
+        def my_task():
+            pass
+
+        task_state = my_flow()
+        task_run = _recorded_task_run(task_state.state_details.task_run_id)
+        assert _user_tags(task_run) == {"a", "b", "c", "d"}
+
+    def test_task_run_tags_include_flow_run_tags(self, mig: Mig):
+        @flow(task_runner=mig.runner())
+        def my_flow():
+            with tags("c", "d"):
+                state = my_task(return_state=True)
+
+            return state
+
+        @mig.task
+        def my_task():
+            pass
+
+        with tags("a", "b"):
+            task_state = my_flow()
+
+        task_run = _recorded_task_run(task_state.state_details.task_run_id)
+        assert _user_tags(task_run) == {"a", "b", "c", "d"}
+
+    def test_task_run_tags_not_added_outside_context(self, mig: Mig):
+        @flow(task_runner=mig.runner())
+        def my_flow():
+            with tags("a", "b"):
+                my_task()
+            state = my_task(return_state=True)
+
+            return state
+
+        @mig.task
+        def my_task():
+            pass
+
+        task_state = my_flow()
+        task_run = _recorded_task_run(task_state.state_details.task_run_id)
+        assert not _user_tags(task_run)
+
+    def test_task_run_tags_respects_nesting(self, mig: Mig):
+        @flow(task_runner=mig.runner())
+        def my_flow():
+            with tags("a", "b"):
+                with tags("c", "d"):
+                    state = my_task(return_state=True)
+
+            return state
+
+        @mig.task
+        def my_task():
+            pass
+
+        task_state = my_flow()
+        task_run = _recorded_task_run(task_state.state_details.task_run_id)
+        assert _user_tags(task_run) == {"a", "b", "c", "d"}
+
+
+def create_hook(mock_obj):
+    def my_hook(task, task_run, state):
+        mock_obj()
+
+    return my_hook
+
+
+def create_async_hook(mock_obj):
+    async def my_hook(task, task_run, state):
+        mock_obj()
+
+    return my_hook
+
+
+# Hooks run in the flow's process (Prefect's engine stays there; only the body crosses), so
+# upstream's MagicMocks are kept as they are.
+
+
+class TestTaskHooksOnCompletion:
+    def test_noniterable_hook_raises(self, mig: Mig):
+        def completion_hook():
+            pass
+
+        with pytest.raises(
+            TypeError,
+            match=re.escape(
+                "Expected iterable for 'on_completion'; got function instead. Please"
+                " provide a list of hooks to 'on_completion':\n\n"
+                "@task(on_completion=[hook1, hook2])\ndef my_task():\n\tpass"
+            ),
+        ):
+
+            @mig.task(on_completion=completion_hook)
+            def task1():
+                pass
+
+    def test_decorated_on_completion_hooks_run_on_completed(self, mig: Mig):
+        my_mock = MagicMock()
+
+        @mig.task
+        def my_task():
+            pass
+
+        @my_task.on_completion
+        def completed1(task, task_run, state):
+            my_mock("completed1")
+
+        @my_task.on_completion
+        def completed2(task, task_run, state):
+            my_mock("completed2")
+
+        @flow(task_runner=mig.runner())
+        def my_flow():
+            return my_task(return_state=True)
+
+        state = my_flow()
+        assert state.type == StateType.COMPLETED
+        assert my_mock.call_args_list == [call("completed1"), call("completed2")]
+
+    def test_noncallable_hook_raises(self, mig: Mig):
+        with pytest.raises(
+            TypeError,
+            match=re.escape(
+                "Expected callables in 'on_completion'; got str instead. Please provide"
+                " a list of hooks to 'on_completion':\n\n"
+                "@task(on_completion=[hook1, hook2])\ndef my_task():\n\tpass"
+            ),
+        ):
+
+            @mig.task(on_completion=["test"])
+            def task1():
+                pass
+
+    def test_callable_noncallable_hook_raises(self, mig: Mig):
+        def completion_hook():
+            pass
+
+        with pytest.raises(
+            TypeError,
+            match=re.escape(
+                "Expected callables in 'on_completion'; got str instead. Please provide"
+                " a list of hooks to 'on_completion':\n\n"
+                "@task(on_completion=[hook1, hook2])\ndef my_task():\n\tpass"
+            ),
+        ):
+
+            @mig.task(on_completion=[completion_hook, "test"])
+            def task2():
+                pass
+
+    def test_on_completion_hooks_run_on_completed(self, mig: Mig):
+        my_mock = MagicMock()
+
+        def completed1(task, task_run, state):
+            my_mock("completed1")
+
+        def completed2(task, task_run, state):
+            my_mock("completed2")
+
+        @mig.task(on_completion=[completed1, completed2])
+        def my_task():
+            pass
+
+        @flow(task_runner=mig.runner())
+        def my_flow():
+            return my_task(return_state=True)
+
+        state = my_flow()
+        assert state.type == StateType.COMPLETED
+        assert my_mock.call_args_list == [call("completed1"), call("completed2")]
+
+    def test_on_completion_hooks_dont_run_on_failure(self, mig: Mig):
+        my_mock = MagicMock()
+
+        def completed1(task, task_run, state):
+            my_mock("completed1")
+
+        def completed2(task, task_run, state):
+            my_mock("completed2")
+
+        @mig.task(on_completion=[completed1, completed2])
+        def my_task():
+            raise Exception("oops")
+
+        @flow(task_runner=mig.runner())
+        def my_flow():
+            future = my_task.submit()
+            future.wait()
+            return future.state
+
+        with pytest.raises(Exception, match="oops"):
+            state = my_flow()
+            assert state == StateType.FAILED
+            assert my_mock.call_args_list == []
+
+    def test_other_completion_hooks_run_if_a_hook_fails(self, mig: Mig):
+        my_mock = MagicMock()
+
+        def completed1(task, task_run, state):
+            my_mock("completed1")
+
+        def exception_hook(task, task_run, state):
+            raise Exception("oops")
+
+        def completed2(task, task_run, state):
+            my_mock("completed2")
+
+        @mig.task(on_completion=[completed1, exception_hook, completed2])
+        def my_task():
+            pass
+
+        @flow(task_runner=mig.runner())
+        def my_flow():
+            return my_task(return_state=True)
+
+        state = my_flow()
+        assert state.type == StateType.COMPLETED
+        assert my_mock.call_args_list == [call("completed1"), call("completed2")]
+
+    @pytest.mark.parametrize(
+        "hook1, hook2",
+        [
+            (create_hook, create_hook),
+            (create_hook, create_async_hook),
+            (create_async_hook, create_hook),
+            (create_async_hook, create_async_hook),
+        ],
+    )
+    def test_on_completion_hooks_work_with_sync_and_async(self, mig: Mig, hook1, hook2):
+        my_mock = MagicMock()
+        hook1_with_mock = hook1(my_mock)
+        hook2_with_mock = hook2(my_mock)
+
+        @mig.task(on_completion=[hook1_with_mock, hook2_with_mock])
+        def my_task():
+            pass
+
+        @flow(task_runner=mig.runner())
+        def my_flow():
+            return my_task(return_state=True)
+
+        state = my_flow()
+        assert state.type == StateType.COMPLETED
+        assert my_mock.call_args_list == [call(), call()]
+
+
+class TestTaskHooksOnFailure:
+    # Upstream's first three tests here check `@flow(on_failure=...)`, not tasks: left to Prefect.
+
+    def test_decorated_on_failure_hooks_run_on_failure(self, mig: Mig):
+        my_mock = MagicMock()
+
+        @mig.task
+        def my_task():
+            raise Exception("oops")
+
+        @my_task.on_failure
+        def failed1(task, task_run, state):
+            my_mock("failed1")
+
+        @my_task.on_failure
+        def failed2(task, task_run, state):
+            my_mock("failed2")
+
+        @flow(task_runner=mig.runner())
+        def my_flow():
+            future = my_task.submit()
+            future.wait()
+            return future.state
+
+        with pytest.raises(Exception, match="oops"):
+            state = my_flow()
+            assert state.type == StateType.FAILED
+            assert my_mock.call_args_list == [call("failed1"), call("failed2")]
+
+    def test_on_failure_hooks_run_on_failure(self, mig: Mig):
+        my_mock = MagicMock()
+
+        def failed1(task, task_run, state):
+            my_mock("failed1")
+
+        def failed2(task, task_run, state):
+            my_mock("failed2")
+
+        @mig.task(on_failure=[failed1, failed2])
+        def my_task():
+            raise Exception("oops")
+
+        @flow(task_runner=mig.runner())
+        def my_flow():
+            future = my_task.submit()
+            future.wait()
+            return future.state
+
+        with pytest.raises(Exception, match="oops"):
+            state = my_flow()
+            assert state.type == StateType.FAILED
+            assert my_mock.call_args_list == [call("failed1"), call("failed2")]
+
+    def test_on_failure_hooks_dont_run_on_completed(self, mig: Mig):
+        my_mock = MagicMock()
+
+        def failed1(task, task_run, state):
+            my_mock("failed1")
+
+        def failed2(task, task_run, state):
+            my_mock("failed2")
+
+        @mig.task(on_failure=[failed1, failed2])
+        def my_task():
+            pass
+
+        @flow(task_runner=mig.runner())
+        def my_flow():
+            future = my_task.submit()
+            future.wait()
+            return future.state
+
+        state = my_flow()
+        assert state.type == StateType.COMPLETED
+        assert my_mock.call_args_list == []
+
+    def test_other_failure_hooks_run_if_a_hook_fails(self, mig: Mig):
+        my_mock = MagicMock()
+
+        def failed1(task, task_run, state):
+            my_mock("failed1")
+
+        def exception_hook(task, task_run, state):
+            raise Exception("bad hook")
+
+        def failed2(task, task_run, state):
+            my_mock("failed2")
+
+        @mig.task(on_failure=[failed1, exception_hook, failed2])
+        def my_task():
+            raise Exception("oops")
+
+        @flow(task_runner=mig.runner())
+        def my_flow():
+            future = my_task.submit()
+            future.wait()
+            return future.state
+
+        with pytest.raises(Exception, match="oops"):
+            state = my_flow()
+            assert state.type == StateType.FAILED
+            assert my_mock.call_args_list == [call("failed1"), call("failed2")]
+
+    @pytest.mark.parametrize(
+        "hook1, hook2",
+        [
+            (create_hook, create_hook),
+            (create_hook, create_async_hook),
+            (create_async_hook, create_hook),
+            (create_async_hook, create_async_hook),
+        ],
+    )
+    def test_on_failure_hooks_work_with_sync_and_async_functions(self, mig: Mig, hook1, hook2):
+        my_mock = MagicMock()
+        hook1_with_mock = hook1(my_mock)
+        hook2_with_mock = hook2(my_mock)
+
+        @mig.task(on_failure=[hook1_with_mock, hook2_with_mock])
+        def my_task():
+            raise Exception("oops")
+
+        @flow(task_runner=mig.runner())
+        def my_flow():
+            future = my_task.submit()
+            future.wait()
+            return future.state
+
+        with pytest.raises(Exception, match="oops"):
+            state = my_flow()
+            assert state.type == StateType.FAILED
+            assert my_mock.call_args_list == [call(), call()]
+
+    def test_failure_hooks_dont_run_on_retries(self, mig: Mig):
+        my_mock = MagicMock()
+
+        def failed1(task, task_run, state):
+            my_mock("failed1")
+
+        @mig.task(retries=2, on_failure=[failed1])
+        def my_task():
+            raise Exception("oops")
+
+        @flow(task_runner=mig.runner())
+        def my_flow():
+            future = my_task.submit()
+            future.wait()
+            return future.state
+
+        state = my_flow(return_state=True)
+        assert state.type == StateType.FAILED
+        assert my_mock.call_args_list == [call("failed1")]
+
+
+@pytest.fixture
+def own_result_storage(tmp_path):
+    """ADAPTED (9): results and cache records in a folder of this test's own. Upstream's cache keys
+    ("cache_hit-1", ...) are unique per test; run in two modes, each mode needs its own storage."""
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+
+    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: tmp_path / "storage"}):
+        yield
+
+
+@pytest.mark.usefixtures("own_result_storage")
+class TestTaskCaching:
+    # A representative subset of upstream's class: the default policy, cache_key_fn,
+    # cache_expiration and refresh_cache. The cache is Prefect's, in the flow's process; what crosses
+    # the runner is the try that a cache miss runs on a slice and its result.
+
+    def test_repeated_task_call_within_flow_is_cached_by_default(self, mig: Mig):
+        @mig.task(persist_result=True)
+        def foo(x):
+            return x
+
+        @flow(task_runner=mig.runner())
+        def bar():
+            return foo(1, return_state=True), foo(1, return_state=True)
+
+        first_state, second_state = bar()
+        assert first_state.name == "Completed"
+        assert second_state.name == "Cached"
+        assert second_state.result() == first_state.result()
+
+    def test_cache_hits_within_flows_are_cached(self, mig: Mig):
+        @mig.task(
+            cache_key_fn=lambda *_: "cache_hit-1",
+            persist_result=True,
+        )
+        def foo(x):
+            return x
+
+        @flow(task_runner=mig.runner())
+        def bar():
+            return foo(1, return_state=True), foo(2, return_state=True)
+
+        first_state, second_state = bar()
+        assert first_state.name == "Completed"
+        assert second_state.name == "Cached"
+        assert second_state.result() == first_state.result()
+
+    def test_many_repeated_cache_hits_within_flows_cached(self, mig: Mig):
+        @mig.task(
+            cache_key_fn=lambda *_: "cache_hit-2",
+            persist_result=True,
+        )
+        def foo(x):
+            return x
+
+        @flow(task_runner=mig.runner())
+        def bar():
+            foo(1, return_state=True)  # populate the cache
+            return [foo(i, return_state=True) for i in range(5)]
+
+        states = bar()
+        assert all(state.name == "Cached" for state in states), states
+
+    def test_cache_hits_between_flows_are_cached(self, mig: Mig):
+        @mig.task(
+            cache_key_fn=lambda *_: "cache_hit-3",
+            persist_result=True,
+        )
+        def foo(x):
+            return x
+
+        @flow(task_runner=mig.runner())
+        def bar(x):
+            return foo(x, return_state=True)
+
+        first_state = bar(1)
+        second_state = bar(2)
+        assert first_state.name == "Completed"
+        assert second_state.name == "Cached"
+        assert second_state.result() == first_state.result() == 1
+
+    def test_cache_misses_arent_cached(self, mig: Mig):
+        # this hash fn won't return the same value twice
+        def mutating_key(*_, tally=[]):
+            tally.append("x")
+            return "call tally:" + "".join(tally)
+
+        @mig.task(cache_key_fn=mutating_key, persist_result=True)
+        def foo(x):
+            return x
+
+        @flow(task_runner=mig.runner())
+        def bar():
+            return foo(1, return_state=True), foo(1, return_state=True)
+
+        first_state, second_state = bar()
+        assert first_state.name == "Completed"
+        assert second_state.name == "Completed"
+
+    def test_cache_key_fn_receives_context(self, mig: Mig):
+        def get_flow_run_id(context, args):
+            return str(context.task_run.flow_run_id)
+
+        @mig.task(cache_key_fn=get_flow_run_id, persist_result=True)
+        def foo(x):
+            return x
+
+        @flow(task_runner=mig.runner())
+        def bar():
+            return foo("something", return_state=True), foo(
+                "different", return_state=True
+            )
+
+        first_state, second_state = bar()
+        assert first_state.name == "Completed"
+        assert first_state.result() == "something"
+
+        assert second_state.name == "Cached"
+        assert second_state.result() == "something"
+
+        third_state, fourth_state = bar()
+        assert third_state.name == "Completed"
+        assert fourth_state.name == "Cached"
+        assert third_state.result() == "something"
+        assert fourth_state.result() == "something"
+
+    def test_cache_key_fn_receives_resolved_futures(self, mig: Mig):
+        def check_args(context, params):
+            assert params["x"] == "something"
+            assert len(params) == 1
+            return params["x"]
+
+        @mig.task
+        def foo(x):
+            return x
+
+        @mig.task(cache_key_fn=check_args, persist_result=True)
+        def bar(x):
+            return x
+
+        @flow(task_runner=mig.runner())
+        def my_flow():
+            future = foo.submit("something")
+            # Mix run/submit to cover both cases
+            return bar(future, return_state=True), bar.submit(future, return_state=True)
+
+        first_state, second_state = my_flow()
+        assert first_state.name == "Completed"
+        assert first_state.result() == "something"
+
+        assert second_state.name == "Cached"
+        assert second_state.result() == "something"
+
+    def test_cache_key_fn_arg_inputs_are_stable(self, mig: Mig):
+        def stringed_inputs(context, args):
+            return str(args)
+
+        @mig.task(cache_key_fn=stringed_inputs, persist_result=True)
+        def foo(a, b, c=3):
+            return a + b + c
+
+        @flow(task_runner=mig.runner())
+        def bar():
+            return (
+                foo(1, 2, 3, return_state=True),
+                foo(1, b=2, return_state=True),
+                foo(c=3, a=1, b=2, return_state=True),
+            )
+
+        first_state, second_state, third_state = bar()
+        assert first_state.name == "Completed"
+        assert second_state.name == "Cached"
+        assert third_state.name == "Cached"
+
+        # same output
+        assert first_state.result() == 6
+        assert second_state.result() == 6
+        assert third_state.result() == 6
+
+    def test_cache_key_hits_with_future_expiration_are_cached(self, mig: Mig):
+        @mig.task(
+            cache_key_fn=lambda *_: "cache-hit-4",
+            cache_expiration=datetime.timedelta(seconds=5),
+            persist_result=True,
+        )
+        def foo(x):
+            return x
+
+        @flow(task_runner=mig.runner())
+        def bar():
+            return foo(1, return_state=True), foo(2, return_state=True)
+
+        first_state, second_state = bar()
+        assert first_state.name == "Completed"
+        assert second_state.name == "Cached"
+        assert second_state.result() == 1
+
+    def test_cache_key_hits_with_past_expiration_are_not_cached(self, mig: Mig):
+        @mig.task(
+            cache_key_fn=lambda *_: "cache-hit-5",
+            cache_expiration=datetime.timedelta(seconds=-5),
+            persist_result=True,
+        )
+        def foo(x):
+            return x
+
+        @flow(task_runner=mig.runner())
+        def bar():
+            return foo(1, return_state=True), foo(2, return_state=True)
+
+        first_state, second_state = bar()
+        assert first_state.name == "Completed"
+        assert second_state.name == "Completed"
+        assert second_state.result() != first_state.result()
+
+    def test_cache_misses_w_refresh_cache(self, mig: Mig):
+        @mig.task(
+            cache_key_fn=lambda *_: "cache-hit-6",
+            refresh_cache=True,
+            persist_result=True,
+        )
+        def foo(x):
+            return x
+
+        @flow(task_runner=mig.runner())
+        def bar():
+            return foo(1, return_state=True), foo(2, return_state=True)
+
+        first_state, second_state = bar()
+        assert first_state.name == "Completed"
+        assert second_state.name == "Completed"
+        assert second_state.result() != first_state.result()
+
+    def test_cache_hits_wo_refresh_cache(self, mig: Mig):
+        @mig.task(
+            cache_key_fn=lambda *_: "cache-hit-7",
+            refresh_cache=False,
+            persist_result=True,
+        )
+        def foo(x):
+            return x
+
+        @flow(task_runner=mig.runner())
+        def bar():
+            return foo(1, return_state=True), foo(2, return_state=True)
+
+        first_state, second_state = bar()
+        assert first_state.name == "Completed"
+        assert second_state.name == "Cached"
+        assert second_state.result() == first_state.result()
+
+    def test_tasks_refresh_cache_setting(self, mig: Mig):
+        from prefect.settings import PREFECT_TASKS_REFRESH_CACHE, temporary_settings
+
+        @mig.task(cache_key_fn=lambda *_: "cache-hit-8", persist_result=True)
+        def foo(x):
+            return x
+
+        @mig.task(
+            cache_key_fn=lambda *_: "cache-hit-8",
+            refresh_cache=True,
+            persist_result=True,
+        )
+        def refresh_task(x):
+            return x
+
+        @mig.task(
+            cache_key_fn=lambda *_: "cache-hit-8",
+            refresh_cache=False,
+            persist_result=True,
+        )
+        def not_refresh_task(x):
+            return x
+
+        @flow(task_runner=mig.runner())
+        def bar():
+            foo(0)
+            return (
+                foo(1, return_state=True),
+                refresh_task(2, return_state=True),
+                not_refresh_task(3, return_state=True),
+            )
+
+        with temporary_settings({PREFECT_TASKS_REFRESH_CACHE: True}):
+            first_state, second_state, third_state = bar()
+            assert first_state.name == "Completed"
+            assert second_state.name == "Completed"
+            assert third_state.name == "Cached"
+            assert second_state.result() != first_state.result()
+            assert third_state.result() == second_state.result()
