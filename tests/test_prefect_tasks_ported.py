@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import re
+import sys
 import time
 from types import SimpleNamespace
 from typing import Any
@@ -1640,6 +1641,32 @@ class TestTaskCall:
         # call as instance method to ensure there was no class binding in above call
         assert f.instance_method() == 1
 
+    def test_task_supports_class_methods(self, mig: Mig):
+        if mig.mode == "flow-level":
+            pytest.skip(OUTSIDE_A_FLOW)
+
+        class Foo(TestTaskCall.BaseFoo):
+            @mig.task
+            @classmethod
+            def class_method(cls):
+                return cls.__name__
+
+            @classmethod
+            @mig.task
+            def class_method_of_a_different_order(cls):
+                return cls.__name__
+
+        assert Foo.class_method() == "Foo"
+        assert isinstance(Foo.class_method, Task)
+
+        if sys.version_info < (3, 13):
+            assert Foo.class_method_of_a_different_order() == "Foo"
+            assert isinstance(Foo.class_method_of_a_different_order, Task)
+        else:
+            assert Foo.class_method_of_a_different_order() == "Foo"
+            # Doesn't show up as a task because @classmethod isn't chainable in Python 3.13+
+            assert not isinstance(Foo.class_method_of_a_different_order, Task)
+
     def test_task_supports_static_methods(self, mig: Mig):
         if mig.mode == "flow-level":
             pytest.skip(OUTSIDE_A_FLOW)
@@ -1702,6 +1729,32 @@ class TestTaskCall:
         assert asyncio.run(f.instance_method()) == 1
 
         assert isinstance(Foo(x=10).instance_method, Task)
+
+    def test_task_supports_async_class_methods(self, mig: Mig):
+        if mig.mode == "flow-level":
+            pytest.skip(OUTSIDE_A_FLOW)
+
+        class Foo(TestTaskCall.BaseFoo):
+            @mig.task
+            @classmethod
+            async def class_method(cls):
+                return cls.__name__
+
+            @classmethod
+            @mig.task
+            async def class_method_of_a_different_order(cls):
+                return cls.__name__
+
+        assert asyncio.run(Foo.class_method()) == "Foo"  # ADAPTED (8)
+        assert isinstance(Foo.class_method, Task)
+
+        if sys.version_info < (3, 13):
+            assert asyncio.run(Foo.class_method_of_a_different_order()) == "Foo"
+            assert isinstance(Foo.class_method_of_a_different_order, Task)
+        else:
+            assert asyncio.run(Foo.class_method_of_a_different_order()) == "Foo"
+            # Doesn't show up as a task because @classmethod isn't chainable in Python 3.13+
+            assert not isinstance(Foo.class_method_of_a_different_order, Task)
 
     def test_task_supports_async_static_methods(self, mig: Mig):
         if mig.mode == "flow-level":

@@ -412,7 +412,7 @@ class _CallPickler(cloudpickle.Pickler):
         if isinstance(obj, type) and isinstance(reduced, tuple) and len(reduced) > 2 \
                 and isinstance(reduced[2], tuple) and reduced[2] and isinstance(reduced[2][0], dict):
             members = reduced[2][0]
-            plain = {name: _plain_body(value) for name, value in members.items() if _is_prefect_task(value)}
+            plain = {name: _plain_member(value) for name, value in members.items() if _is_task_member(value)}
             if plain:
                 return (*reduced[:2], ({**members, **plain}, *reduced[2][1:]), *reduced[3:])
         return reduced
@@ -421,6 +421,18 @@ class _CallPickler(cloudpickle.Pickler):
 def _is_prefect_task(value: Any) -> bool:
     # by name: the launchers do not import Prefect (the integration sits above them)
     return any(c.__name__ == "Task" and c.__module__ == "prefect.tasks" for c in type(value).__mro__)
+
+
+def _is_task_member(value: Any) -> bool:
+    # a task, or `@classmethod` / `@staticmethod` stacked over one (Prefect's own tests do both orders)
+    return _is_prefect_task(value) or (isinstance(value, (classmethod, staticmethod)) and _is_prefect_task(value.__func__))
+
+
+def _plain_member(value: Any) -> Any:
+    if isinstance(value, (classmethod, staticmethod)):
+        inner = _plain_body(value.__func__)
+        return inner if isinstance(inner, (classmethod, staticmethod)) else type(value)(inner)
+    return _plain_body(value)
 
 
 def _plain_body(task: Any) -> Any:
