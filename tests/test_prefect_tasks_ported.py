@@ -26,6 +26,7 @@ from typing import Any
 from unittest.mock import ANY, MagicMock, call
 from uuid import UUID, uuid4
 
+import pydantic
 import pytest
 from prefect import tags
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
@@ -1604,14 +1605,22 @@ class TestTaskCall:
         def __init__(self, x: int):
             self.x = x
 
-    # Upstream's BaseFooModel (a pydantic model) is left out: pydantic is not in the test image, and
-    # a body of an image with Prefect would cover nothing more of the runner than BaseFoo does.
+    class BaseFooModel(pydantic.BaseModel):
+        model_config = pydantic.ConfigDict(ignored_types=(Task,))
+        x: int
 
-    def test_task_supports_instance_methods(self, mig: Mig):
+    def _base(self, mig: Mig, T: str, request) -> tuple[Mig, type]:
+        if T == "BaseFooModel":  # ADAPTED (5): pydantic is in the image with Prefect, not in the test image
+            return mig.with_prefect(request.getfixturevalue("prefect_image")), TestTaskCall.BaseFooModel
+        return mig, TestTaskCall.BaseFoo
+
+    @pytest.mark.parametrize("T", ["BaseFoo", "BaseFooModel"])
+    def test_task_supports_instance_methods(self, mig: Mig, T, request):
         if mig.mode == "flow-level":
             pytest.skip(OUTSIDE_A_FLOW)
+        mig, Base = self._base(mig, T, request)
 
-        class Foo(TestTaskCall.BaseFoo):
+        class Foo(Base):
             @mig.task
             def instance_method(self):
                 return self.x
@@ -1623,14 +1632,16 @@ class TestTaskCall:
 
         assert isinstance(Foo(x=10).instance_method, Task)
 
-    def test_task_supports_instance_methods_called_with_instance(self, mig: Mig):
+    @pytest.mark.parametrize("T", ["BaseFoo", "BaseFooModel"])
+    def test_task_supports_instance_methods_called_with_instance(self, mig: Mig, T, request):
         """
         Regression test for https://github.com/PrefectHQ/prefect/issues/17649
         """
         if mig.mode == "flow-level":
             pytest.skip(OUTSIDE_A_FLOW)
+        mig, Base = self._base(mig, T, request)
 
-        class Foo(TestTaskCall.BaseFoo):
+        class Foo(Base):
             @mig.task
             def instance_method(self):
                 return self.x
@@ -1641,11 +1652,13 @@ class TestTaskCall:
         # call as instance method to ensure there was no class binding in above call
         assert f.instance_method() == 1
 
-    def test_task_supports_class_methods(self, mig: Mig):
+    @pytest.mark.parametrize("T", ["BaseFoo", "BaseFooModel"])
+    def test_task_supports_class_methods(self, mig: Mig, T, request):
         if mig.mode == "flow-level":
             pytest.skip(OUTSIDE_A_FLOW)
+        mig, Base = self._base(mig, T, request)
 
-        class Foo(TestTaskCall.BaseFoo):
+        class Foo(Base):
             @mig.task
             @classmethod
             def class_method(cls):
@@ -1667,11 +1680,13 @@ class TestTaskCall:
             # Doesn't show up as a task because @classmethod isn't chainable in Python 3.13+
             assert not isinstance(Foo.class_method_of_a_different_order, Task)
 
-    def test_task_supports_static_methods(self, mig: Mig):
+    @pytest.mark.parametrize("T", ["BaseFoo", "BaseFooModel"])
+    def test_task_supports_static_methods(self, mig: Mig, T, request):
         if mig.mode == "flow-level":
             pytest.skip(OUTSIDE_A_FLOW)
+        mig, Base = self._base(mig, T, request)
 
-        class Foo(TestTaskCall.BaseFoo):
+        class Foo(Base):
             @staticmethod
             @mig.task
             def static_method():
@@ -1714,11 +1729,13 @@ class TestTaskCall:
         name = f.instance_method(x=5)
         assert name == "10|5"
 
-    def test_task_supports_async_instance_methods(self, mig: Mig):
+    @pytest.mark.parametrize("T", ["BaseFoo", "BaseFooModel"])
+    def test_task_supports_async_instance_methods(self, mig: Mig, T, request):
         if mig.mode == "flow-level":
             pytest.skip(OUTSIDE_A_FLOW)
+        mig, Base = self._base(mig, T, request)
 
-        class Foo(TestTaskCall.BaseFoo):
+        class Foo(Base):
             @mig.task
             async def instance_method(self):
                 return self.x
@@ -1730,11 +1747,13 @@ class TestTaskCall:
 
         assert isinstance(Foo(x=10).instance_method, Task)
 
-    def test_task_supports_async_class_methods(self, mig: Mig):
+    @pytest.mark.parametrize("T", ["BaseFoo", "BaseFooModel"])
+    def test_task_supports_async_class_methods(self, mig: Mig, T, request):
         if mig.mode == "flow-level":
             pytest.skip(OUTSIDE_A_FLOW)
+        mig, Base = self._base(mig, T, request)
 
-        class Foo(TestTaskCall.BaseFoo):
+        class Foo(Base):
             @mig.task
             @classmethod
             async def class_method(cls):
@@ -1756,11 +1775,13 @@ class TestTaskCall:
             # Doesn't show up as a task because @classmethod isn't chainable in Python 3.13+
             assert not isinstance(Foo.class_method_of_a_different_order, Task)
 
-    def test_task_supports_async_static_methods(self, mig: Mig):
+    @pytest.mark.parametrize("T", ["BaseFoo", "BaseFooModel"])
+    def test_task_supports_async_static_methods(self, mig: Mig, T, request):
         if mig.mode == "flow-level":
             pytest.skip(OUTSIDE_A_FLOW)
+        mig, Base = self._base(mig, T, request)
 
-        class Foo(TestTaskCall.BaseFoo):
+        class Foo(Base):
             @mig.task
             @staticmethod
             async def static_method():

@@ -405,7 +405,9 @@ class _CallPickler(cloudpickle.Pickler):
     """Cloudpickle, except that a class sent by value (the class of a task method's instance) takes
     its Prefect tasks along as the plain functions they run (`_plain_body`): the container may have
     no Prefect (and has no prefect-mig) to rebuild a ``prefect.Task`` with, and a body that calls
-    another task method of its instance runs it inline, on its own slice."""
+    another task method of its instance runs it inline, on its own slice. A complete pydantic model
+    goes without the locals of the function that defined it (``__pydantic_parent_namespace__``, kept
+    only to resolve forward references later): they are no part of the call, and may not pickle."""
 
     def reducer_override(self, obj):
         reduced = super().reducer_override(obj)
@@ -413,6 +415,8 @@ class _CallPickler(cloudpickle.Pickler):
                 and isinstance(reduced[2], tuple) and reduced[2] and isinstance(reduced[2][0], dict):
             members = reduced[2][0]
             plain = {name: _plain_member(value) for name, value in members.items() if _is_task_member(value)}
+            if members.get("__pydantic_parent_namespace__") is not None and getattr(obj, "__pydantic_complete__", False):
+                plain["__pydantic_parent_namespace__"] = None
             if plain:
                 return (*reduced[:2], ({**members, **plain}, *reduced[2][1:]), *reduced[3:])
         return reduced
