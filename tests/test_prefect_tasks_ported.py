@@ -1,8 +1,10 @@
 """More of Prefect's own task tests, ported to `MigTaskRunner`: what a task does across the runner.
 
 Source: PrefectHQ/prefect ``tests/test_tasks.py`` at commit ce79dd3d6c (run here against the installed
-Prefect 3.9.1), the classes that submit, map, tag, hook and cache tasks. Class and test names are
-Prefect's, so ``pytest -k`` and a diff against upstream line up. The modes, the ``cluster`` fixture
+Prefect 3.9.1): ``TestTaskSubmit``, ``TestTaskStates``, ``TestTaskMap``, ``TestTaskRunTags``,
+``TestTaskHooksOnCompletion``, ``TestTaskHooksOnFailure``, ``TestTaskCall`` and a subset of
+``TestTaskCaching``. Class and test names are Prefect's, so ``pytest -k`` and a diff against upstream
+line up; where upstream repeats a flow with small changes, one helper holds it (``# ADAPTED:``). The modes, the ``cluster`` fixture
 and the mechanical adaptations (marked ``# ADAPTED (n):``) are those of
 ``tests/test_prefect_task_runners_ported.py``, whose docstring lists them; this file adds two:
 
@@ -56,88 +58,62 @@ class TestTaskSubmit:
         with pytest.raises(RuntimeError):
             foo.submit(1)
 
-    def test_sync_task_submitted_inside_sync_flow(self, mig: Mig):
-        @mig.task
-        def foo(x):
-            return x
+    def _submitted_one(self, mig: Mig, async_task: bool, async_flow: bool, return_state: bool = False):
+        # ADAPTED: upstream's six tests of `foo.submit(1)` in a flow that returns what it got differ
+        # only in which of the task and the flow is async, and in return_state; they share this.
+        if async_task:
+            @mig.task
+            async def foo(x):
+                return x
+        else:
+            @mig.task
+            def foo(x):
+                return x
 
-        @flow(task_runner=mig.runner())
-        def bar():
+        def submit():
+            if return_state:
+                state = foo.submit(1, return_state=True)
+                assert isinstance(state, State)
+                return state
             future = foo.submit(1)
             assert isinstance(future, PrefectFuture)
             return future
 
-        task_state = bar()
+        if async_flow:
+            @flow(task_runner=mig.runner())
+            async def bar():
+                return submit()
+
+            return asyncio.run(bar())  # ADAPTED (8)
+
+        @flow(task_runner=mig.runner())
+        def bar():
+            return submit()
+
+        return bar()
+
+    def test_sync_task_submitted_inside_sync_flow(self, mig: Mig):
+        task_state = self._submitted_one(mig, async_task=False, async_flow=False)
         assert task_state.result() == 1
 
     def test_sync_task_with_return_state_true(self, mig: Mig):
-        @mig.task
-        def foo(x):
-            return x
-
-        @flow(task_runner=mig.runner())
-        def bar():
-            state = foo.submit(1, return_state=True)
-            assert isinstance(state, State)
-            return state
-
-        task_state = bar()
+        task_state = self._submitted_one(mig, async_task=False, async_flow=False, return_state=True)
         assert task_state.result() == 1
 
     def test_async_task_with_return_state_true(self, mig: Mig):
-        @mig.task
-        async def foo(x):
-            return x
-
-        @flow(task_runner=mig.runner())
-        async def bar():
-            state = foo.submit(1, return_state=True)
-            assert isinstance(state, State)
-            return state
-
-        task_state = asyncio.run(bar())  # ADAPTED (8)
+        task_state = self._submitted_one(mig, async_task=True, async_flow=True, return_state=True)
         assert task_state.result() == 1
 
     def test_async_task_submitted_inside_async_flow(self, mig: Mig):
-        @mig.task
-        async def foo(x):
-            return x
-
-        @flow(task_runner=mig.runner())
-        async def bar():
-            future = foo.submit(1)
-            assert isinstance(future, PrefectFuture)
-            return future
-
-        task_state = asyncio.run(bar())  # ADAPTED (8)
+        task_state = self._submitted_one(mig, async_task=True, async_flow=True)
         assert task_state.result() == 1
 
     def test_sync_task_submitted_inside_async_flow(self, mig: Mig):
-        @mig.task
-        def foo(x):
-            return x
-
-        @flow(task_runner=mig.runner())
-        async def bar():
-            future = foo.submit(1)
-            assert isinstance(future, PrefectFuture)
-            return future
-
-        task_state = asyncio.run(bar())  # ADAPTED (8)
+        task_state = self._submitted_one(mig, async_task=False, async_flow=True)
         assert task_state.result() == 1
 
     def test_async_task_submitted_inside_sync_flow(self, mig: Mig):
-        @mig.task
-        async def foo(x):
-            return x
-
-        @flow(task_runner=mig.runner())
-        def bar():
-            future = foo.submit(1)
-            assert isinstance(future, PrefectFuture)
-            return future
-
-        task_state = bar()
+        task_state = self._submitted_one(mig, async_task=True, async_flow=False)
         assert task_state.result() == 1
 
     def test_task_failure_does_not_affect_flow(self, mig: Mig):
@@ -411,130 +387,81 @@ def _dependency_ids(flow_run_id) -> dict[UUID, list[UUID]]:
 
 
 class TestTaskMap:
-    def test_simple_map(self, mig: Mig):
+    # ADAPTED: upstream's tests of one .map in a flow that returns what it maps share `_results`,
+    # and its dependency tests `_with_dependencies`: each passes what its flow maps (a function of
+    # the static tasks, called in the flow) and checks what came back. Each mapped try is a container.
+
+    def _results(self, mig: Mig, mapped, kind: type | None = None) -> list:
         t = _map_tasks(mig)
 
         @flow(task_runner=mig.runner())
         def my_flow():
-            futures = t.add_one.map([1, 2, 3])
-            assert all(isinstance(f, PrefectFuture) for f in futures)
+            futures = mapped(t)
+            if kind is not None:
+                assert all(isinstance(f, kind) for f in futures)
             return futures
 
         task_states = my_flow()
-        assert [state.result() for state in task_states] == [2, 3, 4]
+        return [state.result() for state in task_states]
+
+    def _with_dependencies(self, mig: Mig, mapped):
+        t = _map_tasks(mig)
+
+        @flow(task_runner=mig.runner())
+        def my_flow():
+            return mapped(t)
+
+        upstream, mapped_states = my_flow()
+        first = upstream[0] if isinstance(upstream, tuple) else upstream
+        return upstream, mapped_states, _dependency_ids(first.state_details.flow_run_id)
+
+    def test_simple_map(self, mig: Mig):
+        assert self._results(mig, lambda t: t.add_one.map([1, 2, 3]), PrefectFuture) == [2, 3, 4]
 
     def test_simple_map_return_state_true(self, mig: Mig):
-        t = _map_tasks(mig)
-
-        @flow(task_runner=mig.runner())
-        def my_flow():
-            states = t.add_one.map([1, 2, 3], return_state=True)
-            assert all(isinstance(s, State) for s in states)
-            return states
-
-        states = my_flow()
-        assert [state.result() for state in states] == [2, 3, 4]
+        assert self._results(mig, lambda t: t.add_one.map([1, 2, 3], return_state=True), State) == [2, 3, 4]
 
     def test_map_can_take_tuple_as_input(self, mig: Mig):
-        t = _map_tasks(mig)
-
-        @flow(task_runner=mig.runner())
-        def my_flow():
-            futures = t.add_one.map((1, 2, 3))
-            assert all(isinstance(f, PrefectFuture) for f in futures)
-            return futures
-
-        task_states = my_flow()
-        assert [state.result() for state in task_states] == [2, 3, 4]
+        assert self._results(mig, lambda t: t.add_one.map((1, 2, 3)), PrefectFuture) == [2, 3, 4]
 
     def test_map_can_take_generator_as_input(self, mig: Mig):
-        t = _map_tasks(mig)
-
         def generate_numbers():
             i = 1
             while i <= 3:
                 yield i
                 i += 1
 
-        @flow(task_runner=mig.runner())
-        def my_flow():
-            futures = t.add_one.map(generate_numbers())
-            assert all(isinstance(f, PrefectFuture) for f in futures)
-            return futures
-
-        task_states = my_flow()
-        assert [state.result() for state in task_states] == [2, 3, 4]
+        assert self._results(mig, lambda t: t.add_one.map(generate_numbers()), PrefectFuture) == [2, 3, 4]
 
     def test_map_can_take_state_as_input(self, mig: Mig):
-        t = _map_tasks(mig)
-
         @mig.task
         def some_numbers():
             return [1, 2, 3]
 
-        @flow(task_runner=mig.runner())
-        def my_flow():
-            numbers_state = some_numbers(return_state=True)
-            return t.add_one.map(numbers_state)
-
-        task_states = my_flow()
-        assert [state.result() for state in task_states] == [2, 3, 4]
+        assert self._results(mig, lambda t: t.add_one.map(some_numbers(return_state=True))) == [2, 3, 4]
 
     def test_can_take_quoted_iterable_as_input(self, mig: Mig):
-        t = _map_tasks(mig)
-
-        @flow(task_runner=mig.runner())
-        def my_flow():
-            futures = t.add_together.map(quote(1), [1, 2, 3])
-            assert all(isinstance(f, PrefectFuture) for f in futures)
-            return futures
-
-        task_states = my_flow()
-        assert [state.result() for state in task_states] == [2, 3, 4]
+        assert self._results(mig, lambda t: t.add_together.map(quote(1), [1, 2, 3]), PrefectFuture) == [2, 3, 4]
 
     def test_does_not_treat_quote_as_iterable(self, mig: Mig):
-        t = _map_tasks(mig)
-
-        @flow(task_runner=mig.runner())
-        def my_flow():
-            futures = t.add_one.map(quote([1, 2, 3]))
-            assert all(isinstance(f, PrefectFuture) for f in futures)
-            return futures
-
-        task_states = my_flow()
-        assert [state.result() for state in task_states] == [2, 3, 4]
+        assert self._results(mig, lambda t: t.add_one.map(quote([1, 2, 3])), PrefectFuture) == [2, 3, 4]
 
     def test_map_can_take_future_as_input(self, mig: Mig):
-        t = _map_tasks(mig)
-
         @mig.task
         def some_numbers():
             return [1, 2, 3]
 
-        @flow(task_runner=mig.runner())
-        def my_flow():
-            numbers_future = some_numbers.submit()
-            return t.add_one.map(numbers_future)
-
-        task_states = my_flow()
-        assert [state.result() for state in task_states] == [2, 3, 4]
+        assert self._results(mig, lambda t: t.add_one.map(some_numbers.submit())) == [2, 3, 4]
 
     def test_map_preserves_dependencies_between_futures_all_mapped_children(self, mig: Mig):
-        t = _map_tasks(mig)
-
-        @flow(task_runner=mig.runner())
-        def my_flow():
-            """
-                    ┌─►add_together
-            numbers─┼─►add_together
-                    └─►add_together
-            """
-
+        #         ┌─►add_together
+        # numbers─┼─►add_together
+        #         └─►add_together
+        def mapped(t):
             numbers = t.numbers.submit()
             return numbers, t.add_together.map(numbers, y=0)
 
-        numbers_state, add_task_states = my_flow()
-        dependency_ids = _dependency_ids(numbers_state.state_details.flow_run_id)
+        numbers_state, add_task_states, dependency_ids = self._with_dependencies(mig, mapped)
 
         assert [a.result() for a in add_task_states] == [1, 2, 3]
 
@@ -546,22 +473,15 @@ class TestTaskMap:
         )
 
     def test_map_preserves_dependencies_between_futures_all_mapped_children_multiple(self, mig: Mig):
-        t = _map_tasks(mig)
-
-        @flow(task_runner=mig.runner())
-        def my_flow():
-            """
-            numbers1─┬►add_together
-                     ├►add_together
-            numbers2─┴►add_together
-            """
-
+        # numbers1─┬►add_together
+        #          ├►add_together
+        # numbers2─┴►add_together
+        def mapped(t):
             numbers1 = t.numbers.submit()
             numbers2 = t.numbers.submit()
             return (numbers1, numbers2), t.add_together.map(numbers1, numbers2)
 
-        numbers_states, add_task_states = my_flow()
-        dependency_ids = _dependency_ids(numbers_states[0].state_details.flow_run_id)
+        numbers_states, add_task_states, dependency_ids = self._with_dependencies(mig, mapped)
 
         assert [a.result() for a in add_task_states] == [2, 4, 6]
 
@@ -576,21 +496,14 @@ class TestTaskMap:
         )
 
     def test_map_preserves_dependencies_between_futures_differing_parents(self, mig: Mig):
-        t = _map_tasks(mig)
-
-        @flow(task_runner=mig.runner())
-        def my_flow():
-            """
-            x1─►add_together
-            x2─►add_together
-            """
-
+        # x1─►add_together
+        # x2─►add_together
+        def mapped(t):
             x1 = t.echo.submit(1)
             x2 = t.echo.submit(2)
             return (x1, x2), t.add_together.map([x1, x2], y=0)
 
-        echo_futures, add_task_states = my_flow()
-        dependency_ids = _dependency_ids(echo_futures[0].state_details.flow_run_id)
+        echo_futures, add_task_states, dependency_ids = self._with_dependencies(mig, mapped)
 
         assert [a.result() for a in add_task_states] == [1, 2]
 
@@ -603,21 +516,14 @@ class TestTaskMap:
         )
 
     def test_map_preserves_dependencies_between_futures_static_arg(self, mig: Mig):
-        t = _map_tasks(mig)
-
-        @flow(task_runner=mig.runner())
-        def my_flow():
-            """
-              ┌─►add_together
-            x─┼─►add_together
-              └─►add_together
-            """
-
+        #   ┌─►add_together
+        # x─┼─►add_together
+        #   └─►add_together
+        def mapped(t):
             x = t.echo.submit(1)
             return x, t.add_together.map([1, 2, 3], y=x)
 
-        echo_future, add_task_states = my_flow()
-        dependency_ids = _dependency_ids(echo_future.state_details.flow_run_id)
+        echo_future, add_task_states, dependency_ids = self._with_dependencies(mig, mapped)
 
         assert [a.result() for a in add_task_states] == [2, 3, 4]
 
@@ -629,20 +535,13 @@ class TestTaskMap:
         )
 
     def test_map_preserves_dependencies_between_futures_mixed_map(self, mig: Mig):
-        t = _map_tasks(mig)
-
-        @flow(task_runner=mig.runner())
-        def my_flow():
-            """
-            x─►add_together
-               add_together
-            """
-
+        # x─►add_together
+        #    add_together
+        def mapped(t):
             x = t.echo.submit(1)
             return x, t.add_together.map([x, 2], y=1)
 
-        echo_future, add_task_states = my_flow()
-        dependency_ids = _dependency_ids(echo_future.state_details.flow_run_id)
+        echo_future, add_task_states, dependency_ids = self._with_dependencies(mig, mapped)
 
         assert [a.result() for a in add_task_states] == [2, 3]
 
@@ -653,21 +552,14 @@ class TestTaskMap:
         assert dependency_ids[add_task_states[1].state_details.task_run_id] == []
 
     def test_map_preserves_dependencies_between_futures_deep_nesting(self, mig: Mig):
-        t = _map_tasks(mig)
-
-        @flow(task_runner=mig.runner())
-        def my_flow():
-            """
-            x1─┬─►add_together
-            x2─┴─►add_together
-            """
-
+        # x1─┬─►add_together
+        # x2─┴─►add_together
+        def mapped(t):
             x1 = t.echo.submit(1)
             x2 = t.echo.submit(2)
             return (x1, x2), t.add_together.map([[x1, x2], [x1, x2]], y=[[3], [4]])
 
-        echo_futures, add_task_futures = my_flow()
-        dependency_ids = _dependency_ids(echo_futures[0].state_details.flow_run_id)
+        echo_futures, add_task_futures, dependency_ids = self._with_dependencies(mig, mapped)
 
         assert [a.result() for a in add_task_futures] == [[1, 2, 3], [1, 2, 4]]
 
@@ -682,53 +574,22 @@ class TestTaskMap:
         )
 
     def test_map_can_take_flow_state_as_input(self, mig: Mig):
-        t = _map_tasks(mig)
-
         @flow
         def child_flow():
             return [1, 2, 3]
 
-        @flow(task_runner=mig.runner())
-        def my_flow():
-            numbers_state = child_flow(return_state=True)
-            return t.add_one.map(numbers_state)
-
-        task_states = my_flow()
-        assert [state.result() for state in task_states] == [2, 3, 4]
+        assert self._results(mig, lambda t: t.add_one.map(child_flow(return_state=True))) == [2, 3, 4]
 
     def test_multiple_inputs(self, mig: Mig):
-        t = _map_tasks(mig)
-
-        @flow(task_runner=mig.runner())
-        def my_flow():
-            numbers = [1, 2, 3]
-            others = [4, 5, 6]
-            return t.add_together.map(numbers, others)
-
-        task_states = my_flow()
-        assert [state.result() for state in task_states] == [5, 7, 9]
+        assert self._results(mig, lambda t: t.add_together.map([1, 2, 3], [4, 5, 6])) == [5, 7, 9]
 
     def test_missing_iterable_argument(self, mig: Mig):
-        t = _map_tasks(mig)
-
-        @flow(task_runner=mig.runner())
-        def my_flow():
-            return t.add_together.map(5, 6)
-
         with pytest.raises(MappingMissingIterable):
-            assert my_flow()
+            self._results(mig, lambda t: t.add_together.map(5, 6))
 
     def test_mismatching_input_lengths(self, mig: Mig):
-        t = _map_tasks(mig)
-
-        @flow(task_runner=mig.runner())
-        def my_flow():
-            numbers = [1, 2, 3]
-            others = [4, 5, 6, 7]
-            return t.add_together.map(numbers, others)
-
         with pytest.raises(MappingLengthMismatch):
-            assert my_flow()
+            self._results(mig, lambda t: t.add_together.map([1, 2, 3], [4, 5, 6, 7]))
 
     def test_async_flow_with_async_map(self, mig: Mig):
         t = _map_tasks(mig)
@@ -758,45 +619,21 @@ class TestTaskMap:
 
     @pytest.mark.parametrize("explicit", [True, False])
     def test_unmapped_int(self, mig: Mig, explicit):
-        t = _map_tasks(mig)
-
-        @flow(task_runner=mig.runner())
-        def my_flow():
-            numbers = [1, 2, 3]
-            other = unmapped(5) if explicit else 5
-            return t.add_together.map(numbers, other)
-
-        task_states = my_flow()
-        assert [state.result() for state in task_states] == [6, 7, 8]
+        other = unmapped(5) if explicit else 5
+        assert self._results(mig, lambda t: t.add_together.map([1, 2, 3], other)) == [6, 7, 8]
 
     @pytest.mark.parametrize("explicit", [True, False])
     def test_unmapped_str(self, mig: Mig, explicit):
-        t = _map_tasks(mig)
-
-        @flow(task_runner=mig.runner())
-        def my_flow():
-            letters = ["a", "b", "c"]
-            other = unmapped("test") if explicit else "test"
-            return t.add_together.map(letters, other)
-
-        task_states = my_flow()
-        assert [state.result() for state in task_states] == [
+        other = unmapped("test") if explicit else "test"
+        assert self._results(mig, lambda t: t.add_together.map(["a", "b", "c"], other)) == [
             "atest",
             "btest",
             "ctest",
         ]
 
     def test_unmapped_iterable(self, mig: Mig):
-        t = _map_tasks(mig)
-
-        @flow(task_runner=mig.runner())
-        def my_flow():
-            numbers = [[], [], []]
-            others = [4, 5, 6, 7]  # Different length!
-            return t.add_together.map(numbers, unmapped(others))
-
-        task_states = my_flow()
-        assert [state.result() for state in task_states] == [
+        others = [4, 5, 6, 7]  # Different length!
+        assert self._results(mig, lambda t: t.add_together.map([[], [], []], unmapped(others))) == [
             [4, 5, 6, 7],
             [4, 5, 6, 7],
             [4, 5, 6, 7],
@@ -807,52 +644,28 @@ class TestTaskMap:
         def add_some(x, y=5):
             return x + y
 
-        @flow(task_runner=mig.runner())
-        def my_flow():
-            numbers = [1, 2, 3]
-            return add_some.map(numbers)
-
-        task_states = my_flow()
-        assert [state.result() for state in task_states] == [6, 7, 8]
+        assert self._results(mig, lambda _: add_some.map([1, 2, 3])) == [6, 7, 8]
 
     def test_with_keyword_with_iterable_default(self, mig: Mig):
         @mig.task
         def add_some(x, y=[1, 4]):
             return x + sum(y)
 
-        @flow(task_runner=mig.runner())
-        def my_flow():
-            numbers = [1, 2, 3]
-            return add_some.map(numbers)
-
-        task_states = my_flow()
-        assert [state.result() for state in task_states] == [6, 7, 8]
+        assert self._results(mig, lambda _: add_some.map([1, 2, 3])) == [6, 7, 8]
 
     def test_with_variadic_keywords_and_iterable(self, mig: Mig):
         @mig.task
         def add_some(x, **kwargs):
             return x + kwargs["y"]
 
-        @flow(task_runner=mig.runner())
-        def my_flow():
-            numbers = [1, 2, 3]
-            return add_some.map(numbers, y=[4, 5, 6])
-
-        task_states = my_flow()
-        assert [state.result() for state in task_states] == [5, 7, 9]
+        assert self._results(mig, lambda _: add_some.map([1, 2, 3], y=[4, 5, 6])) == [5, 7, 9]
 
     def test_with_variadic_keywords_and_noniterable(self, mig: Mig):
         @mig.task
         def add_some(x, **kwargs):
             return x + kwargs["y"]
 
-        @flow(task_runner=mig.runner())
-        def my_flow():
-            numbers = [1, 2, 3]
-            return add_some.map(numbers, y=1)
-
-        task_states = my_flow()
-        assert [state.result() for state in task_states] == [2, 3, 4]
+        assert self._results(mig, lambda _: add_some.map([1, 2, 3], y=1)) == [2, 3, 4]
 
     def test_map_raises_outside_of_flow_when_not_deferred(self, mig: Mig):
         @mig.task
@@ -981,121 +794,89 @@ def _user_tags(task_run) -> set[str]:
 
 
 class TestTaskRunTags:
-    def test_task_run_tags_added_at_submission(self, mig: Mig):
+    # ADAPTED: upstream's tests share one flow shape, here `_recorded_tags`: `run(my_task)` in the
+    # flow returns the task's state (or future), and the test checks the tags the API recorded for it.
+    # Upstream's bodies `pass` but one, which returns "foo" for get_state_for_result; here all do.
+
+    def _recorded_tags(self, mig: Mig, run, flow_run_tags=(), **task_options) -> set[str]:
+        @mig.task(**task_options)
+        def my_task():
+            return "foo"
+
         @flow(task_runner=mig.runner())
         def my_flow():
+            return run(my_task)
+
+        with tags(*flow_run_tags):
+            task_state = my_flow()
+        if isinstance(task_state, tuple):  # get_state_for_result's (state, run type)
+            task_state, _ = task_state
+        return _user_tags(_recorded_task_run(task_state.state_details.task_run_id))
+
+    def test_task_run_tags_added_at_submission(self, mig: Mig):
+        def run(my_task):
             with tags("a", "b"):
                 future = my_task.submit()
 
             return future
 
-        @mig.task
-        def my_task():
-            pass
-
-        task_state = my_flow()
-        task_run = _recorded_task_run(task_state.state_details.task_run_id)
-        assert _user_tags(task_run) == {"a", "b"}
+        assert self._recorded_tags(mig, run) == {"a", "b"}
 
     def test_task_run_tags_added_at_run(self, mig: Mig):
-        @flow(task_runner=mig.runner())
-        def my_flow():
+        def run(my_task):
             with tags("a", "b"):
                 state = my_task(return_state=True)
 
             return state
 
-        @mig.task
-        def my_task():
-            pass
-
-        task_state = my_flow()
-        task_run = _recorded_task_run(task_state.state_details.task_run_id)
-        assert _user_tags(task_run) == {"a", "b"}
+        assert self._recorded_tags(mig, run) == {"a", "b"}
 
     def test_task_run_tags_added_at_call(self, mig: Mig):
-        @flow(task_runner=mig.runner())
-        def my_flow():
+        def run(my_task):
             with tags("a", "b"):
                 result = my_task()
 
             return get_state_for_result(result)
 
-        @mig.task
-        def my_task():
-            return "foo"
-
-        task_state, _ = my_flow()
-        task_run = _recorded_task_run(task_state.state_details.task_run_id)
-        assert _user_tags(task_run) == {"a", "b"}
+        assert self._recorded_tags(mig, run) == {"a", "b"}
 
     def test_task_run_tags_include_tags_on_task_object(self, mig: Mig):
-        @flow(task_runner=mig.runner())
-        def my_flow():
+        def run(my_task):
             with tags("c", "d"):
                 state = my_task(return_state=True)
 
             return state
 
-        @mig.task(tags={"a", "b"})
-        def my_task():
-            pass
-
-        task_state = my_flow()
-        task_run = _recorded_task_run(task_state.state_details.task_run_id)
-        assert _user_tags(task_run) == {"a", "b", "c", "d"}
+        assert self._recorded_tags(mig, run, tags={"a", "b"}) == {"a", "b", "c", "d"}
 
     def test_task_run_tags_include_flow_run_tags(self, mig: Mig):
-        @flow(task_runner=mig.runner())
-        def my_flow():
+        def run(my_task):
             with tags("c", "d"):
                 state = my_task(return_state=True)
 
             return state
 
-        @mig.task
-        def my_task():
-            pass
-
-        with tags("a", "b"):
-            task_state = my_flow()
-
-        task_run = _recorded_task_run(task_state.state_details.task_run_id)
-        assert _user_tags(task_run) == {"a", "b", "c", "d"}
+        assert self._recorded_tags(mig, run, flow_run_tags=("a", "b")) == {"a", "b", "c", "d"}
 
     def test_task_run_tags_not_added_outside_context(self, mig: Mig):
-        @flow(task_runner=mig.runner())
-        def my_flow():
+        def run(my_task):
             with tags("a", "b"):
                 my_task()
             state = my_task(return_state=True)
 
             return state
 
-        @mig.task
-        def my_task():
-            pass
-
-        task_state = my_flow()
-        task_run = _recorded_task_run(task_state.state_details.task_run_id)
-        assert not _user_tags(task_run)
+        assert not self._recorded_tags(mig, run)
 
     def test_task_run_tags_respects_nesting(self, mig: Mig):
-        @flow(task_runner=mig.runner())
-        def my_flow():
+        def run(my_task):
             with tags("a", "b"):
                 with tags("c", "d"):
                     state = my_task(return_state=True)
 
             return state
 
-        @mig.task
-        def my_task():
-            pass
-
-        task_state = my_flow()
-        task_run = _recorded_task_run(task_state.state_details.task_run_id)
-        assert _user_tags(task_run) == {"a", "b", "c", "d"}
+        assert self._recorded_tags(mig, run) == {"a", "b", "c", "d"}
 
 
 def create_hook(mock_obj):
@@ -1112,8 +893,46 @@ def create_async_hook(mock_obj):
     return my_hook
 
 
+def _completing_flow(mig: Mig, decorate=None, **task_options):
+    """Upstream's flow around a task that completes, `my_task(return_state=True)` (adaptation 1)."""
+
+    @mig.task(**task_options)
+    def my_task():
+        pass
+
+    if decorate is not None:
+        decorate(my_task)
+
+    @flow(task_runner=mig.runner())
+    def my_flow():
+        return my_task(return_state=True)
+
+    return my_flow
+
+
+def _failing_flow(mig: Mig, decorate=None, **task_options):
+    """Upstream's flow around a task that raises "oops", submitted and waited for (adaptation 1)."""
+
+    @mig.task(**task_options)
+    def my_task():
+        raise Exception("oops")
+
+    if decorate is not None:
+        decorate(my_task)
+
+    @flow(task_runner=mig.runner())
+    def my_flow():
+        future = my_task.submit()
+        future.wait()
+        return future.state
+
+    return my_flow
+
+
 # Hooks run in the flow's process (Prefect's engine stays there; only the body crosses), so
-# upstream's MagicMocks are kept as they are.
+# upstream's MagicMocks are kept as they are. ADAPTED: upstream's failure tests put their checks
+# inside `pytest.raises`, after the call that raises, where they never run; here they run after it.
+# The shared flows above are upstream's, one per test there.
 
 
 class TestTaskHooksOnCompletion:
@@ -1137,23 +956,16 @@ class TestTaskHooksOnCompletion:
     def test_decorated_on_completion_hooks_run_on_completed(self, mig: Mig):
         my_mock = MagicMock()
 
-        @mig.task
-        def my_task():
-            pass
+        def decorate(my_task):
+            @my_task.on_completion
+            def completed1(task, task_run, state):
+                my_mock("completed1")
 
-        @my_task.on_completion
-        def completed1(task, task_run, state):
-            my_mock("completed1")
+            @my_task.on_completion
+            def completed2(task, task_run, state):
+                my_mock("completed2")
 
-        @my_task.on_completion
-        def completed2(task, task_run, state):
-            my_mock("completed2")
-
-        @flow(task_runner=mig.runner())
-        def my_flow():
-            return my_task(return_state=True)
-
-        state = my_flow()
+        state = _completing_flow(mig, decorate)()
         assert state.type == StateType.COMPLETED
         assert my_mock.call_args_list == [call("completed1"), call("completed2")]
 
@@ -1197,15 +1009,7 @@ class TestTaskHooksOnCompletion:
         def completed2(task, task_run, state):
             my_mock("completed2")
 
-        @mig.task(on_completion=[completed1, completed2])
-        def my_task():
-            pass
-
-        @flow(task_runner=mig.runner())
-        def my_flow():
-            return my_task(return_state=True)
-
-        state = my_flow()
+        state = _completing_flow(mig, on_completion=[completed1, completed2])()
         assert state.type == StateType.COMPLETED
         assert my_mock.call_args_list == [call("completed1"), call("completed2")]
 
@@ -1218,20 +1022,9 @@ class TestTaskHooksOnCompletion:
         def completed2(task, task_run, state):
             my_mock("completed2")
 
-        @mig.task(on_completion=[completed1, completed2])
-        def my_task():
-            raise Exception("oops")
-
-        @flow(task_runner=mig.runner())
-        def my_flow():
-            future = my_task.submit()
-            future.wait()
-            return future.state
-
         with pytest.raises(Exception, match="oops"):
-            state = my_flow()
-            assert state == StateType.FAILED
-            assert my_mock.call_args_list == []
+            _failing_flow(mig, on_completion=[completed1, completed2])()
+        assert my_mock.call_args_list == []
 
     def test_other_completion_hooks_run_if_a_hook_fails(self, mig: Mig):
         my_mock = MagicMock()
@@ -1245,15 +1038,7 @@ class TestTaskHooksOnCompletion:
         def completed2(task, task_run, state):
             my_mock("completed2")
 
-        @mig.task(on_completion=[completed1, exception_hook, completed2])
-        def my_task():
-            pass
-
-        @flow(task_runner=mig.runner())
-        def my_flow():
-            return my_task(return_state=True)
-
-        state = my_flow()
+        state = _completing_flow(mig, on_completion=[completed1, exception_hook, completed2])()
         assert state.type == StateType.COMPLETED
         assert my_mock.call_args_list == [call("completed1"), call("completed2")]
 
@@ -1271,15 +1056,7 @@ class TestTaskHooksOnCompletion:
         hook1_with_mock = hook1(my_mock)
         hook2_with_mock = hook2(my_mock)
 
-        @mig.task(on_completion=[hook1_with_mock, hook2_with_mock])
-        def my_task():
-            pass
-
-        @flow(task_runner=mig.runner())
-        def my_flow():
-            return my_task(return_state=True)
-
-        state = my_flow()
+        state = _completing_flow(mig, on_completion=[hook1_with_mock, hook2_with_mock])()
         assert state.type == StateType.COMPLETED
         assert my_mock.call_args_list == [call(), call()]
 
@@ -1290,28 +1067,18 @@ class TestTaskHooksOnFailure:
     def test_decorated_on_failure_hooks_run_on_failure(self, mig: Mig):
         my_mock = MagicMock()
 
-        @mig.task
-        def my_task():
-            raise Exception("oops")
+        def decorate(my_task):
+            @my_task.on_failure
+            def failed1(task, task_run, state):
+                my_mock("failed1")
 
-        @my_task.on_failure
-        def failed1(task, task_run, state):
-            my_mock("failed1")
-
-        @my_task.on_failure
-        def failed2(task, task_run, state):
-            my_mock("failed2")
-
-        @flow(task_runner=mig.runner())
-        def my_flow():
-            future = my_task.submit()
-            future.wait()
-            return future.state
+            @my_task.on_failure
+            def failed2(task, task_run, state):
+                my_mock("failed2")
 
         with pytest.raises(Exception, match="oops"):
-            state = my_flow()
-            assert state.type == StateType.FAILED
-            assert my_mock.call_args_list == [call("failed1"), call("failed2")]
+            _failing_flow(mig, decorate)()
+        assert my_mock.call_args_list == [call("failed1"), call("failed2")]
 
     def test_on_failure_hooks_run_on_failure(self, mig: Mig):
         my_mock = MagicMock()
@@ -1322,20 +1089,9 @@ class TestTaskHooksOnFailure:
         def failed2(task, task_run, state):
             my_mock("failed2")
 
-        @mig.task(on_failure=[failed1, failed2])
-        def my_task():
-            raise Exception("oops")
-
-        @flow(task_runner=mig.runner())
-        def my_flow():
-            future = my_task.submit()
-            future.wait()
-            return future.state
-
         with pytest.raises(Exception, match="oops"):
-            state = my_flow()
-            assert state.type == StateType.FAILED
-            assert my_mock.call_args_list == [call("failed1"), call("failed2")]
+            _failing_flow(mig, on_failure=[failed1, failed2])()
+        assert my_mock.call_args_list == [call("failed1"), call("failed2")]
 
     def test_on_failure_hooks_dont_run_on_completed(self, mig: Mig):
         my_mock = MagicMock()
@@ -1372,20 +1128,9 @@ class TestTaskHooksOnFailure:
         def failed2(task, task_run, state):
             my_mock("failed2")
 
-        @mig.task(on_failure=[failed1, exception_hook, failed2])
-        def my_task():
-            raise Exception("oops")
-
-        @flow(task_runner=mig.runner())
-        def my_flow():
-            future = my_task.submit()
-            future.wait()
-            return future.state
-
         with pytest.raises(Exception, match="oops"):
-            state = my_flow()
-            assert state.type == StateType.FAILED
-            assert my_mock.call_args_list == [call("failed1"), call("failed2")]
+            _failing_flow(mig, on_failure=[failed1, exception_hook, failed2])()
+        assert my_mock.call_args_list == [call("failed1"), call("failed2")]
 
     @pytest.mark.parametrize(
         "hook1, hook2",
@@ -1401,20 +1146,9 @@ class TestTaskHooksOnFailure:
         hook1_with_mock = hook1(my_mock)
         hook2_with_mock = hook2(my_mock)
 
-        @mig.task(on_failure=[hook1_with_mock, hook2_with_mock])
-        def my_task():
-            raise Exception("oops")
-
-        @flow(task_runner=mig.runner())
-        def my_flow():
-            future = my_task.submit()
-            future.wait()
-            return future.state
-
         with pytest.raises(Exception, match="oops"):
-            state = my_flow()
-            assert state.type == StateType.FAILED
-            assert my_mock.call_args_list == [call(), call()]
+            _failing_flow(mig, on_failure=[hook1_with_mock, hook2_with_mock])()
+        assert my_mock.call_args_list == [call(), call()]
 
     def test_failure_hooks_dont_run_on_retries(self, mig: Mig):
         my_mock = MagicMock()
@@ -1422,17 +1156,7 @@ class TestTaskHooksOnFailure:
         def failed1(task, task_run, state):
             my_mock("failed1")
 
-        @mig.task(retries=2, on_failure=[failed1])
-        def my_task():
-            raise Exception("oops")
-
-        @flow(task_runner=mig.runner())
-        def my_flow():
-            future = my_task.submit()
-            future.wait()
-            return future.state
-
-        state = my_flow(return_state=True)
+        state = _failing_flow(mig, retries=2, on_failure=[failed1])(return_state=True)
         assert state.type == StateType.FAILED
         assert my_mock.call_args_list == [call("failed1")]
 
@@ -1856,34 +1580,28 @@ class TestTaskCaching:
     # A representative subset of upstream's class: the default policy, cache_key_fn,
     # cache_expiration and refresh_cache. The cache is Prefect's, in the flow's process; what crosses
     # the runner is the try that a cache miss runs on a slice and its result.
+    # ADAPTED: upstream's tests of two calls of `foo(x) -> x` in one flow share `_two_calls`; each
+    # gives the task's options and the two arguments.
 
-    def test_repeated_task_call_within_flow_is_cached_by_default(self, mig: Mig):
-        @mig.task(persist_result=True)
+    def _two_calls(self, mig: Mig, args=(1, 2), **task_options):
+        @mig.task(persist_result=True, **task_options)
         def foo(x):
             return x
 
         @flow(task_runner=mig.runner())
         def bar():
-            return foo(1, return_state=True), foo(1, return_state=True)
+            return foo(args[0], return_state=True), foo(args[1], return_state=True)
 
-        first_state, second_state = bar()
+        return bar()
+
+    def test_repeated_task_call_within_flow_is_cached_by_default(self, mig: Mig):
+        first_state, second_state = self._two_calls(mig, args=(1, 1))
         assert first_state.name == "Completed"
         assert second_state.name == "Cached"
         assert second_state.result() == first_state.result()
 
     def test_cache_hits_within_flows_are_cached(self, mig: Mig):
-        @mig.task(
-            cache_key_fn=lambda *_: "cache_hit-1",
-            persist_result=True,
-        )
-        def foo(x):
-            return x
-
-        @flow(task_runner=mig.runner())
-        def bar():
-            return foo(1, return_state=True), foo(2, return_state=True)
-
-        first_state, second_state = bar()
+        first_state, second_state = self._two_calls(mig, cache_key_fn=lambda *_: "cache_hit-1")
         assert first_state.name == "Completed"
         assert second_state.name == "Cached"
         assert second_state.result() == first_state.result()
@@ -1928,15 +1646,7 @@ class TestTaskCaching:
             tally.append("x")
             return "call tally:" + "".join(tally)
 
-        @mig.task(cache_key_fn=mutating_key, persist_result=True)
-        def foo(x):
-            return x
-
-        @flow(task_runner=mig.runner())
-        def bar():
-            return foo(1, return_state=True), foo(1, return_state=True)
-
-        first_state, second_state = bar()
+        first_state, second_state = self._two_calls(mig, args=(1, 1), cache_key_fn=mutating_key)
         assert first_state.name == "Completed"
         assert second_state.name == "Completed"
 
@@ -2021,73 +1731,37 @@ class TestTaskCaching:
         assert third_state.result() == 6
 
     def test_cache_key_hits_with_future_expiration_are_cached(self, mig: Mig):
-        @mig.task(
+        first_state, second_state = self._two_calls(
+            mig,
             cache_key_fn=lambda *_: "cache-hit-4",
             cache_expiration=datetime.timedelta(seconds=5),
-            persist_result=True,
         )
-        def foo(x):
-            return x
-
-        @flow(task_runner=mig.runner())
-        def bar():
-            return foo(1, return_state=True), foo(2, return_state=True)
-
-        first_state, second_state = bar()
         assert first_state.name == "Completed"
         assert second_state.name == "Cached"
         assert second_state.result() == 1
 
     def test_cache_key_hits_with_past_expiration_are_not_cached(self, mig: Mig):
-        @mig.task(
+        first_state, second_state = self._two_calls(
+            mig,
             cache_key_fn=lambda *_: "cache-hit-5",
             cache_expiration=datetime.timedelta(seconds=-5),
-            persist_result=True,
         )
-        def foo(x):
-            return x
-
-        @flow(task_runner=mig.runner())
-        def bar():
-            return foo(1, return_state=True), foo(2, return_state=True)
-
-        first_state, second_state = bar()
         assert first_state.name == "Completed"
         assert second_state.name == "Completed"
         assert second_state.result() != first_state.result()
 
     def test_cache_misses_w_refresh_cache(self, mig: Mig):
-        @mig.task(
-            cache_key_fn=lambda *_: "cache-hit-6",
-            refresh_cache=True,
-            persist_result=True,
+        first_state, second_state = self._two_calls(
+            mig, cache_key_fn=lambda *_: "cache-hit-6", refresh_cache=True
         )
-        def foo(x):
-            return x
-
-        @flow(task_runner=mig.runner())
-        def bar():
-            return foo(1, return_state=True), foo(2, return_state=True)
-
-        first_state, second_state = bar()
         assert first_state.name == "Completed"
         assert second_state.name == "Completed"
         assert second_state.result() != first_state.result()
 
     def test_cache_hits_wo_refresh_cache(self, mig: Mig):
-        @mig.task(
-            cache_key_fn=lambda *_: "cache-hit-7",
-            refresh_cache=False,
-            persist_result=True,
+        first_state, second_state = self._two_calls(
+            mig, cache_key_fn=lambda *_: "cache-hit-7", refresh_cache=False
         )
-        def foo(x):
-            return x
-
-        @flow(task_runner=mig.runner())
-        def bar():
-            return foo(1, return_state=True), foo(2, return_state=True)
-
-        first_state, second_state = bar()
         assert first_state.name == "Completed"
         assert second_state.name == "Cached"
         assert second_state.result() == first_state.result()
@@ -2131,3 +1805,4 @@ class TestTaskCaching:
             assert third_state.name == "Cached"
             assert second_state.result() != first_state.result()
             assert third_state.result() == second_state.result()
+
