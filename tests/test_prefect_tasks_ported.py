@@ -1577,9 +1577,10 @@ def own_result_storage(tmp_path):
 
 @pytest.mark.usefixtures("own_result_storage")
 class TestTaskCaching:
-    # A representative subset of upstream's class: the default policy, cache_key_fn,
-    # cache_expiration and refresh_cache. The cache is Prefect's, in the flow's process; what crosses
-    # the runner is the try that a cache miss runs on a slice and its result.
+    # A representative subset of upstream's class: the default policy, cache_key_fn (on task methods
+    # too, whose `self` crosses into the body), cache_expiration and refresh_cache. The cache is
+    # Prefect's, in the flow's process; what crosses the runner is the try that a cache miss runs on
+    # a slice and its result.
     # ADAPTED: upstream's tests of two calls of `foo(x) -> x` in one flow share `_two_calls`; each
     # gives the task's options and the two arguments.
 
@@ -1806,3 +1807,84 @@ class TestTaskCaching:
             assert second_state.result() != first_state.result()
             assert third_state.result() == second_state.result()
 
+    def _four_method_calls(self, mig: Mig, cache_key_fn):
+        # ADAPTED: upstream's two tests below share their Foo, its instances and the flow
+        class Foo:
+            def __init__(self, x):
+                self.x = x
+
+            @mig.task(cache_key_fn=cache_key_fn, persist_result=True)
+            def add(self, a):
+                return a + self.x
+
+        # create an instance that adds 1 and another that adds 100
+        f1 = Foo(1)
+        f2 = Foo(100)
+
+        @flow(task_runner=mig.runner())
+        def bar():
+            return (
+                f1.add(5, return_state=True),
+                f1.add(5, return_state=True),
+                f2.add(5, return_state=True),
+                f2.add(5, return_state=True),
+            )
+
+        return (f1, f2), bar()
+
+    def test_cache_key_fn_receives_self_if_method(self, mig: Mig):
+        """
+        The `self` argument of a bound method is implicitly passed as a parameter to the decorated
+        function. This test ensures that it is passed to the cache key function by checking that
+        two instances of the same class do not share a cache (both instances yield COMPLETED states
+        the first time they run and CACHED states the second time).
+        """
+
+        cache_args = []
+
+        def stringed_inputs(context, args):
+            cache_args.append(args)
+            return str(args)
+
+        (f1, f2), (s1, s2, s3, s4) = self._four_method_calls(mig, stringed_inputs)
+        # the first two calls are completed / cached
+        assert s1.name == "Completed"
+        assert s2.name == "Cached"
+        # the second two calls are completed / cached because it's a different instance
+        assert s3.name == "Completed"
+        assert s4.name == "Cached"
+
+        # check that the cache key function received the self arg
+        assert cache_args[0] == dict(self=f1, a=5)
+        assert cache_args[1] == dict(self=f1, a=5)
+        assert cache_args[2] == dict(self=f2, a=5)
+        assert cache_args[3] == dict(self=f2, a=5)
+
+        assert s1.result() == 6
+        assert s2.result() == 6
+        assert s3.result() == 105
+        assert s4.result() == 105
+
+    def test_instance_methods_can_share_a_cache(self, mig: Mig):
+        """
+        Test that instance methods can share a cache by using a cache key function that
+        ignores the bound instance argument
+        """
+
+        def stringed_inputs(context, args):
+            # remove the self arg from the cache key
+            cache_args = args.copy()
+            cache_args.pop("self")
+            return str(cache_args)
+
+        _, (s1, s2, s3, s4) = self._four_method_calls(mig, stringed_inputs)
+        # all subsequent calls are cached because the instance is not part of the cache key
+        assert s1.name == "Completed"
+        assert s2.name == "Cached"
+        assert s3.name == "Cached"
+        assert s4.name == "Cached"
+
+        assert s1.result() == 6
+        assert s2.result() == 6
+        assert s3.result() == 6
+        assert s4.result() == 6
