@@ -37,6 +37,7 @@ from prefect.context import FlowRunContext
 from prefect.exceptions import MappingLengthMismatch, MappingMissingIterable
 from prefect.flows import flow
 from prefect.futures import PrefectDistributedFuture, PrefectFuture, PrefectFutureList
+from prefect.logging import get_run_logger
 from prefect.states import State
 from prefect.tasks import Task
 from prefect.testing.utilities import exceptions_equal
@@ -1888,3 +1889,81 @@ class TestTaskCaching:
         assert s2.result() == 6
         assert s3.result() == 6
         assert s4.result() == 6
+
+
+def _logs_of(flow_run_id, until) -> list:
+    """The flow run's logs once `until(logs)` holds (or after 60 s).
+
+    ADAPTED (7): upstream waits for any log at all; a body's lines reach the API from the flow's
+    process a moment after the flow's own."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    deadline = time.monotonic() + 60
+    with get_client(sync_client=True) as client:
+        while True:
+            logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+            if until(logs) or time.monotonic() > deadline:
+                return logs
+            time.sleep(0.5)
+
+
+def _flow_run_ended(logs) -> bool:
+    return any(log.task_run_id is None and "Finished in state" in log.message for log in logs)
+
+
+class TestTaskRunLogs:
+    def test_user_logs_are_sent_to_orion(self, mig: Mig):
+        @mig.task
+        def my_task():
+            logger = get_run_logger()
+            logger.info("Hello world!")
+
+        @flow(task_runner=mig.runner())
+        def my_flow():
+            my_task()
+            return FlowRunContext.get().flow_run.id
+
+        flow_run_id = my_flow()
+
+        logs = _logs_of(flow_run_id, lambda logs: "Hello world!" in {log.message for log in logs})
+        assert "Hello world!" in {log.message for log in logs}
+
+    def test_opt_out_logs_are_not_sent_to_api(self, mig: Mig):
+        @mig.task
+        def my_task():
+            logger = get_run_logger()
+            logger.info("Hello world!", extra={"send_to_api": False})
+
+        @flow(task_runner=mig.runner())
+        def my_flow():
+            my_task()
+            return FlowRunContext.get().flow_run.id
+
+        flow_run_id = my_flow()
+
+        logs = _logs_of(flow_run_id, _flow_run_ended)
+        assert "Hello world!" not in {log.message for log in logs}
+
+    def test_logs_are_given_correct_ids(self, mig: Mig):
+        @mig.task
+        def my_task():
+            logger = get_run_logger()
+            logger.info("Hello world!")
+
+        @flow(task_runner=mig.runner())
+        def my_flow():
+            return my_task(return_state=True)
+
+        task_state = my_flow()
+        flow_run_id = task_state.state_details.flow_run_id
+        task_run_id = task_state.state_details.task_run_id
+
+        logs = _logs_of(flow_run_id, lambda logs: "Hello world!" in {log.message for log in logs})
+        assert logs, "There should be logs"
+        assert all([log.flow_run_id == flow_run_id for log in logs]), str(
+            [log for log in logs]
+        )
+        task_run_logs = [log for log in logs if log.task_run_id is not None]
+        assert task_run_logs, f"There should be task run logs in {logs}"
+        assert all([log.task_run_id == task_run_id for log in task_run_logs])

@@ -51,6 +51,8 @@ class RecordsToFlow(logging.Handler):
             for key in ("task_run_id", "flow_run_id", "task_run_name", "task_name"):  # set by Prefect's run loggers
                 if getattr(record, key, None) is not None:
                     fields[key] = str(getattr(record, key))
+            if getattr(record, "send_to_api", True) is False:  # Prefect's opt-out: logged, not sent to the API
+                fields["send_to_api"] = False
             line = json.dumps(fields)
             sys.stdout.write(LOG_MARK + line + "\n")
             sys.stdout.flush()
@@ -64,7 +66,15 @@ def get_run_logger(context=None, **kwargs) -> logging.LoggerAdapter:
         logger.addHandler(RecordsToFlow())
         logger.setLevel(logging.DEBUG)
         logger.propagate = False
-    return logging.LoggerAdapter(logger, kwargs)
+    return _RunLogger(logger, kwargs)
+
+
+class _RunLogger(logging.LoggerAdapter):
+    """As Prefect's run logger: a call's own ``extra`` (``send_to_api``) is kept beside the logger's."""
+
+    def process(self, msg, kwargs):
+        kwargs["extra"] = {**self.extra, **(kwargs.get("extra") or {})}
+        return msg, kwargs
 
 
 class _RunValues(types.ModuleType):

@@ -201,7 +201,8 @@ def log_sink(logger):
         if line.startswith(LOG_MARK):
             try:
                 record = json.loads(line[len(LOG_MARK):])
-                extra = {k: record[k] for k in ("task_run_id", "flow_run_id", "task_run_name", "task_name") if k in record}
+                extra = {k: record[k] for k in ("task_run_id", "flow_run_id", "task_run_name", "task_name", "send_to_api")
+                         if k in record}
                 logger.log(int(record["level"]), record["message"], extra=extra)
                 return
             except (ValueError, KeyError, TypeError):
