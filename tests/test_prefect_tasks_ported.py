@@ -1929,6 +1929,27 @@ class TestTaskRunLogs:
         logs = _logs_of(flow_run_id, lambda logs: "Hello world!" in {log.message for log in logs})
         assert "Hello world!" in {log.message for log in logs}
 
+    def test_tracebacks_are_logged(self, mig: Mig):
+        @mig.task
+        def my_task():
+            logger = get_run_logger()
+            try:
+                eval("x + y")  # ADAPTED: upstream's bare `x + y` (names never bound) fails pyflakes here
+            except Exception:
+                logger.error("There was an issue", exc_info=True)
+
+        @flow(task_runner=mig.runner())
+        def my_flow():
+            my_task()
+            return FlowRunContext.get().flow_run.id
+
+        flow_run_id = my_flow()
+
+        logs = _logs_of(flow_run_id, lambda logs: [log for log in logs if log.level == 40])
+        error_log = [log.message for log in logs if log.level == 40].pop()
+        assert "NameError" in error_log
+        assert "x + y" in error_log
+
     def test_opt_out_logs_are_not_sent_to_api(self, mig: Mig):
         @mig.task
         def my_task():
