@@ -2,8 +2,8 @@
 
 Source: PrefectHQ/prefect ``tests/test_tasks.py`` at commit ce79dd3d6c (run here against the installed
 Prefect 3.9.1): ``TestTaskSubmit``, ``TestTaskStates``, ``TestTaskMap``, ``TestTaskRunTags``,
-``TestTaskHooksOnCompletion``, ``TestTaskHooksOnFailure``, ``TestTaskCall`` and a subset of
-``TestTaskCaching``. Class and test names are Prefect's, so ``pytest -k`` and a diff against upstream
+``TestTaskHooksOnCompletion``, ``TestTaskHooksOnFailure``, ``TestTaskCall``, a subset of
+``TestTaskCaching`` and ``TestTaskRunLogs``. Class and test names are Prefect's, so ``pytest -k`` and a diff against upstream
 line up; where upstream repeats a flow with small changes, one helper holds it (``# ADAPTED:``). The modes, the ``cluster`` fixture
 and the mechanical adaptations (marked ``# ADAPTED (n):``) are those of
 ``tests/test_prefect_task_runners_ported.py``, whose docstring lists them; this file adds two:
