@@ -67,8 +67,8 @@ class _FlowFiles(logging.Formatter):
 
 class RecordsToFlow(logging.Handler):
     """Each record as one marked line on stdout (`LOG_MARK` + JSON: level, message with its traceback
-    if any, ``send_to_api`` when false, and the task run
-    and flow run ids Prefect's run loggers set), which the flow's process logs to the task run.
+    if any, ``send_to_api`` when false, and the task run and flow run ids Prefect's run loggers
+    set), which the flow's process logs to the task run.
 
     Examples:
         ```python
