@@ -2,10 +2,11 @@
 
 Source: PrefectHQ/prefect ``tests/test_tasks.py`` at commit ce79dd3d6c (run here against the installed
 Prefect 3.9.1): ``TestTaskSubmit``, ``TestTaskStates``, ``TestTaskMap``, ``TestTaskRunTags``,
-``TestTaskHooksOnCompletion``, ``TestTaskHooksOnFailure``, ``TestTaskCall``, a subset of
-``TestTaskCaching`` and ``TestTaskRunLogs``. Class and test names are Prefect's, so ``pytest -k`` and a diff against upstream
-line up; where upstream repeats a flow with small changes, one helper holds it (``# ADAPTED:``). The modes, the ``cluster`` fixture
-and the mechanical adaptations (marked ``# ADAPTED (n):``) are those of
+``TestTaskHooksOnCompletion``, ``TestTaskHooksOnFailure``, ``TestTaskHooksOnRunning``,
+``TestTaskCall``, a subset of ``TestTaskCaching`` and ``TestTaskRunLogs``. Class and test names are
+Prefect's, so ``pytest -k`` and a diff against upstream line up; where upstream repeats a flow with
+small changes, one helper holds it (``# ADAPTED:``). The modes, the ``cluster`` fixture and the
+mechanical adaptations (marked ``# ADAPTED (n):``) are those of
 ``tests/test_prefect_task_runners_ported.py``, whose docstring lists them; this file adds two:
 
 8. Upstream's async flows (``@flow async def``) stay async and are run with ``asyncio.run``; its
@@ -45,7 +46,7 @@ from prefect.utilities.annotations import allow_failure, opaque, unmapped
 from prefect.utilities.collections import quote
 from prefect.utilities.engine import get_state_for_result
 
-from .test_prefect_task_runners_ported import Mig, mig
+from .test_prefect_task_runners_ported import Mig, _count_call, mig
 
 _FIXTURES = (mig,)  # the `mig` fixture (modes and the cluster), found by pytest under this name
 
@@ -1161,6 +1162,185 @@ class TestTaskHooksOnFailure:
         assert state.type == StateType.FAILED
         assert my_mock.call_args_list == [call("failed1")]
 
+
+
+class TestTaskHooksOnRunning:
+    def test_noniterable_hook_raises(self, mig: Mig):
+        def running_hook():
+            pass
+
+        with pytest.raises(
+            TypeError,
+            match=re.escape(
+                "Expected iterable for 'on_running'; got function instead. Please"
+                " provide a list of hooks to 'on_running':\n\n"
+                "@task(on_running=[hook1, hook2])\ndef my_task():\n\tpass"
+            ),
+        ):
+
+            @mig.task(on_running=running_hook)
+            def task1():
+                pass
+
+    def test_noncallable_hook_raises(self, mig: Mig):
+        with pytest.raises(
+            TypeError,
+            match=re.escape(
+                "Expected callables in 'on_running'; got str instead. Please provide"
+                " a list of hooks to 'on_running':\n\n"
+                "@task(on_running=[hook1, hook2])\ndef my_task():\n\tpass"
+            ),
+        ):
+
+            @mig.task(on_running=["test"])
+            def task1():
+                pass
+
+    def test_callable_noncallable_hook_raises(self, mig: Mig):
+        def running_hook():
+            pass
+
+        with pytest.raises(
+            TypeError,
+            match=re.escape(
+                "Expected callables in 'on_running'; got str instead. Please provide"
+                " a list of hooks to 'on_running':\n\n"
+                "@task(on_running=[hook1, hook2])\ndef my_task():\n\tpass"
+            ),
+        ):
+
+            @mig.task(on_running=[running_hook, "test"])
+            def task2():
+                pass
+
+    def test_decorated_on_running_hooks_run_on_running(self, mig: Mig):
+        my_mock = MagicMock()
+
+        def decorate(my_task):
+            @my_task.on_running
+            def running1(task, task_run, state):
+                my_mock("running1")
+
+            @my_task.on_running
+            def running2(task, task_run, state):
+                my_mock("running2")
+
+        state = _completing_flow(mig, decorate)()
+        assert state.type == StateType.COMPLETED
+        assert my_mock.call_args_list == [call("running1"), call("running2")]
+
+    def test_on_running_hooks_run_on_running(self, mig: Mig):
+        my_mock = MagicMock()
+
+        def running1(task, task_run, state):
+            my_mock("running1")
+
+        def running2(task, task_run, state):
+            my_mock("running2")
+
+        state = _completing_flow(mig, on_running=[running1, running2])()
+        assert state.type == StateType.COMPLETED
+        assert my_mock.call_args_list == [call("running1"), call("running2")]
+
+    def test_on_running_hooks_run_on_both_completed_and_failed(self, mig: Mig):
+        my_mock = MagicMock()
+
+        def running1(task, task_run, state):
+            my_mock("running")
+
+        @mig.task(on_running=[running1])
+        def successful_task():
+            pass
+
+        @mig.task(on_running=[running1])
+        def failing_task():
+            raise Exception("oops")
+
+        @flow(task_runner=mig.runner())
+        def my_flow():
+            successful_task()
+            try:
+                failing_task()
+            except Exception:
+                pass
+
+        my_flow()
+        assert my_mock.call_args_list == [call("running"), call("running")]
+
+    def test_other_running_hooks_run_if_a_hook_fails(self, mig: Mig):
+        my_mock = MagicMock()
+
+        def running1(task, task_run, state):
+            my_mock("running1")
+
+        def exception_hook(task, task_run, state):
+            raise Exception("bad hook")
+
+        def running2(task, task_run, state):
+            my_mock("running2")
+
+        state = _completing_flow(mig, on_running=[running1, exception_hook, running2])()
+        assert state.type == StateType.COMPLETED
+        assert my_mock.call_args_list == [call("running1"), call("running2")]
+
+    @pytest.mark.parametrize(
+        "hook1, hook2",
+        [
+            (create_hook, create_hook),
+            (create_hook, create_async_hook),
+            (create_async_hook, create_hook),
+            (create_async_hook, create_async_hook),
+        ],
+    )
+    def test_on_running_hooks_work_with_sync_and_async(self, mig: Mig, hook1, hook2):
+        my_mock = MagicMock()
+        hook1_with_mock = hook1(my_mock)
+        hook2_with_mock = hook2(my_mock)
+
+        state = _completing_flow(mig, on_running=[hook1_with_mock, hook2_with_mock])()
+        assert state.type == StateType.COMPLETED
+        assert my_mock.call_args_list == [call(), call()]
+
+    def _running_hook_calls_over_a_retry(self, mig: Mig, **retry_options) -> list:
+        # ADAPTED: upstream's two retry tests below differ only in retry_delay_seconds
+        my_mock = MagicMock()
+
+        def running_hook(task, task_run, state):
+            my_mock("running")
+
+        @mig.task(on_running=[running_hook], retries=1, **retry_options)
+        def my_task():
+            # Fail on first run, succeed on retry
+            # ADAPTED (3): the body counts its own calls on the volume; upstream reads the hook's mock
+            if _count_call() < 2:
+                raise ValueError("failing")
+            return "success"
+
+        @flow(task_runner=mig.runner())
+        def my_flow():
+            return my_task(return_state=True)
+
+        state = my_flow()
+        assert state.type == StateType.COMPLETED
+        return my_mock.call_args_list
+
+    def test_on_running_hooks_fire_on_retry_with_delay(self, mig: Mig):
+        """Test that on_running hooks fire on initial run AND on retry with delay."""
+        calls = self._running_hook_calls_over_a_retry(mig, retry_delay_seconds=0.1)
+        # Hook should fire twice: once on initial run, once on retry
+        assert calls == [call("running"), call("running")]
+
+    def test_on_running_hooks_fire_on_retry_without_delay(self, mig: Mig):
+        """Test that on_running hooks fire on initial run AND on retry without delay."""
+        calls = self._running_hook_calls_over_a_retry(mig)
+        # Hook should fire twice: once on initial run, once on retry
+        assert calls == [call("running"), call("running")]
+
+    def test_task_condition_fn_raises_when_not_a_callable(self, mig: Mig):
+        with pytest.raises(TypeError):
+
+            @mig.task(retry_condition_fn="not a callable")
+            def my_task(): ...
 
 OUTSIDE_A_FLOW = "called outside a flow, a task of flow-level mode never meets the flow's runner (task-level mode runs this)"
 IDENTITY = "a body runs in a container: its arguments and return value cross as copies, so an object's identity (and a mutation in place) cannot come back"
