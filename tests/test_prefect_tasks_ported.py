@@ -931,10 +931,26 @@ def _failing_flow(mig: Mig, decorate=None, **task_options):
     return my_flow
 
 
+def _hooks_refused(mig: Mig, kind: str, hooks, what: str, got: str) -> None:
+    """Upstream's check that ``@task(on_<kind>=...)`` refuses what is not a list of callables."""
+    with pytest.raises(
+        TypeError,
+        match=re.escape(
+            f"Expected {what} for 'on_{kind}'; got {got} instead. Please"
+            f" provide a list of hooks to 'on_{kind}':\n\n"
+            f"@task(on_{kind}=[hook1, hook2])\ndef my_task():\n\tpass"
+        ),
+    ):
+
+        @mig.task(**{f"on_{kind}": hooks})
+        def task1():
+            pass
+
+
 # Hooks run in the flow's process (Prefect's engine stays there; only the body crosses), so
 # upstream's MagicMocks are kept as they are. ADAPTED: upstream's failure tests put their checks
 # inside `pytest.raises`, after the call that raises, where they never run; here they run after it.
-# The shared flows above are upstream's, one per test there.
+# The shared flows above are upstream's, one per test there, and so is `_hooks_refused`'s check.
 
 
 class TestTaskHooksOnCompletion:
@@ -942,18 +958,7 @@ class TestTaskHooksOnCompletion:
         def completion_hook():
             pass
 
-        with pytest.raises(
-            TypeError,
-            match=re.escape(
-                "Expected iterable for 'on_completion'; got function instead. Please"
-                " provide a list of hooks to 'on_completion':\n\n"
-                "@task(on_completion=[hook1, hook2])\ndef my_task():\n\tpass"
-            ),
-        ):
-
-            @mig.task(on_completion=completion_hook)
-            def task1():
-                pass
+        _hooks_refused(mig, "completion", completion_hook, "iterable", "function")
 
     def test_decorated_on_completion_hooks_run_on_completed(self, mig: Mig):
         my_mock = MagicMock()
@@ -972,35 +977,13 @@ class TestTaskHooksOnCompletion:
         assert my_mock.call_args_list == [call("completed1"), call("completed2")]
 
     def test_noncallable_hook_raises(self, mig: Mig):
-        with pytest.raises(
-            TypeError,
-            match=re.escape(
-                "Expected callables in 'on_completion'; got str instead. Please provide"
-                " a list of hooks to 'on_completion':\n\n"
-                "@task(on_completion=[hook1, hook2])\ndef my_task():\n\tpass"
-            ),
-        ):
-
-            @mig.task(on_completion=["test"])
-            def task1():
-                pass
+        _hooks_refused(mig, "completion", ["test"], "callables", "str")
 
     def test_callable_noncallable_hook_raises(self, mig: Mig):
         def completion_hook():
             pass
 
-        with pytest.raises(
-            TypeError,
-            match=re.escape(
-                "Expected callables in 'on_completion'; got str instead. Please provide"
-                " a list of hooks to 'on_completion':\n\n"
-                "@task(on_completion=[hook1, hook2])\ndef my_task():\n\tpass"
-            ),
-        ):
-
-            @mig.task(on_completion=[completion_hook, "test"])
-            def task2():
-                pass
+        _hooks_refused(mig, "completion", [completion_hook, "test"], "callables", "str")
 
     def test_on_completion_hooks_run_on_completed(self, mig: Mig):
         my_mock = MagicMock()
@@ -1169,49 +1152,16 @@ class TestTaskHooksOnRunning:
         def running_hook():
             pass
 
-        with pytest.raises(
-            TypeError,
-            match=re.escape(
-                "Expected iterable for 'on_running'; got function instead. Please"
-                " provide a list of hooks to 'on_running':\n\n"
-                "@task(on_running=[hook1, hook2])\ndef my_task():\n\tpass"
-            ),
-        ):
-
-            @mig.task(on_running=running_hook)
-            def task1():
-                pass
+        _hooks_refused(mig, "running", running_hook, "iterable", "function")
 
     def test_noncallable_hook_raises(self, mig: Mig):
-        with pytest.raises(
-            TypeError,
-            match=re.escape(
-                "Expected callables in 'on_running'; got str instead. Please provide"
-                " a list of hooks to 'on_running':\n\n"
-                "@task(on_running=[hook1, hook2])\ndef my_task():\n\tpass"
-            ),
-        ):
-
-            @mig.task(on_running=["test"])
-            def task1():
-                pass
+        _hooks_refused(mig, "running", ["test"], "callables", "str")
 
     def test_callable_noncallable_hook_raises(self, mig: Mig):
         def running_hook():
             pass
 
-        with pytest.raises(
-            TypeError,
-            match=re.escape(
-                "Expected callables in 'on_running'; got str instead. Please provide"
-                " a list of hooks to 'on_running':\n\n"
-                "@task(on_running=[hook1, hook2])\ndef my_task():\n\tpass"
-            ),
-        ):
-
-            @mig.task(on_running=[running_hook, "test"])
-            def task2():
-                pass
+        _hooks_refused(mig, "running", [running_hook, "test"], "callables", "str")
 
     def test_decorated_on_running_hooks_run_on_running(self, mig: Mig):
         my_mock = MagicMock()
