@@ -936,7 +936,7 @@ def _hooks_refused(mig: Mig, kind: str, hooks, what: str, got: str) -> None:
     with pytest.raises(
         TypeError,
         match=re.escape(
-            f"Expected {what} for 'on_{kind}'; got {got} instead. Please"
+            f"Expected {what} 'on_{kind}'; got {got} instead. Please"
             f" provide a list of hooks to 'on_{kind}':\n\n"
             f"@task(on_{kind}=[hook1, hook2])\ndef my_task():\n\tpass"
         ),
@@ -958,7 +958,7 @@ class TestTaskHooksOnCompletion:
         def completion_hook():
             pass
 
-        _hooks_refused(mig, "completion", completion_hook, "iterable", "function")
+        _hooks_refused(mig, "completion", completion_hook, "iterable for", "function")
 
     def test_decorated_on_completion_hooks_run_on_completed(self, mig: Mig):
         my_mock = MagicMock()
@@ -977,13 +977,13 @@ class TestTaskHooksOnCompletion:
         assert my_mock.call_args_list == [call("completed1"), call("completed2")]
 
     def test_noncallable_hook_raises(self, mig: Mig):
-        _hooks_refused(mig, "completion", ["test"], "callables", "str")
+        _hooks_refused(mig, "completion", ["test"], "callables in", "str")
 
     def test_callable_noncallable_hook_raises(self, mig: Mig):
         def completion_hook():
             pass
 
-        _hooks_refused(mig, "completion", [completion_hook, "test"], "callables", "str")
+        _hooks_refused(mig, "completion", [completion_hook, "test"], "callables in", "str")
 
     def test_on_completion_hooks_run_on_completed(self, mig: Mig):
         my_mock = MagicMock()
@@ -1152,16 +1152,16 @@ class TestTaskHooksOnRunning:
         def running_hook():
             pass
 
-        _hooks_refused(mig, "running", running_hook, "iterable", "function")
+        _hooks_refused(mig, "running", running_hook, "iterable for", "function")
 
     def test_noncallable_hook_raises(self, mig: Mig):
-        _hooks_refused(mig, "running", ["test"], "callables", "str")
+        _hooks_refused(mig, "running", ["test"], "callables in", "str")
 
     def test_callable_noncallable_hook_raises(self, mig: Mig):
         def running_hook():
             pass
 
-        _hooks_refused(mig, "running", [running_hook, "test"], "callables", "str")
+        _hooks_refused(mig, "running", [running_hook, "test"], "callables in", "str")
 
     def test_decorated_on_running_hooks_run_on_running(self, mig: Mig):
         my_mock = MagicMock()
