@@ -443,7 +443,9 @@ class _CallPickler(cloudpickle.Pickler):
     """Cloudpickle, except that a class sent by value (the class of a task method's instance) takes
     its Prefect tasks along as the plain functions they run (`_plain_body`): the container may have
     no Prefect (and has no prefect-mig) to rebuild a ``prefect.Task`` with, and a body that calls
-    another task method of its instance runs it inline, on its own slice."""
+    another task method of its instance runs it inline, on its own slice. A complete pydantic model
+    goes without the locals of the function that defined it (``__pydantic_parent_namespace__``, kept
+    only to resolve forward references later): they are no part of the call, and may not pickle."""
 
     def reducer_override(self, obj):
         if isinstance(obj, functools._lru_cache_wrapper) and _goes_by_value(obj.__wrapped__):
@@ -456,7 +458,9 @@ class _CallPickler(cloudpickle.Pickler):
         if isinstance(obj, type) and isinstance(reduced, tuple) and len(reduced) > 2 \
                 and isinstance(reduced[2], tuple) and reduced[2] and isinstance(reduced[2][0], dict):
             members = reduced[2][0]
-            plain = {name: _plain_body(value) for name, value in members.items() if _is_prefect_task(value)}
+            plain = {name: _plain_member(value) for name, value in members.items() if _is_task_member(value)}
+            if members.get("__pydantic_parent_namespace__") is not None and getattr(obj, "__pydantic_complete__", False):
+                plain["__pydantic_parent_namespace__"] = None
             if plain:
                 return (*reduced[:2], ({**members, **plain}, *reduced[2][1:]), *reduced[3:])
         return reduced
@@ -485,6 +489,18 @@ def _lru_cache_rebuilder():
 
 
 _REBUILD_LRU_CACHE = _lru_cache_rebuilder()
+
+
+def _is_task_member(value: Any) -> bool:
+    # a task, or `@classmethod` / `@staticmethod` stacked over one (Prefect's own tests do both orders)
+    return _is_prefect_task(value) or (isinstance(value, (classmethod, staticmethod)) and _is_prefect_task(value.__func__))
+
+
+def _plain_member(value: Any) -> Any:
+    if isinstance(value, (classmethod, staticmethod)):
+        inner = _plain_body(value.__func__)
+        return inner if isinstance(inner, (classmethod, staticmethod)) else type(value)(inner)
+    return _plain_body(value)
 
 
 def _plain_body(task: Any) -> Any:

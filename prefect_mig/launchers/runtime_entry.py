@@ -212,23 +212,9 @@ BY_VALUE_FILE = "<dynamic-code>"
 
 
 def _traceback_text(exc: BaseException) -> str:
-    """``traceback.format_exc()``, with the frames of code sent by value naming the flow-side file
-    they came from (their module's ``__file__``, which cloudpickle keeps) for ``<dynamic-code>``."""
-    try:
-        described = traceback.TracebackException(type(exc), exc, exc.__traceback__)
-        pending, seen = [(described, exc)], set()
-        while pending:
-            summary, raised = pending.pop()
-            if summary is None or raised is None or id(raised) in seen:
-                continue
-            seen.add(id(raised))
-            for frame_summary, (frame, _) in zip(summary.stack, traceback.walk_tb(raised.__traceback__)):
-                if frame_summary.filename == BY_VALUE_FILE and frame.f_globals.get("__file__"):
-                    frame_summary.filename = frame.f_globals["__file__"]
-            pending += [(summary.__cause__, raised.__cause__), (summary.__context__, raised.__context__)]
-        return "".join(described.format())
-    except Exception:  # noqa: BLE001 - never lose the traceback over its file names
-        return traceback.format_exc()
+    import runtime_shim
+
+    return runtime_shim.traceback_text(exc)
 
 
 def _error_outcome(exc: BaseException) -> tuple:

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import sys
+import traceback
 import types
 
 LOG_MARK = "\x1eprefect-mig-log "
@@ -31,9 +32,43 @@ _ADVICE = (
 )
 
 
+#: the file name cloudpickle gives code it sends by value (it drops the real one)
+BY_VALUE_FILE = "<dynamic-code>"
+
+
+def traceback_text(exc: BaseException) -> str:
+    """``traceback.format_exc()``, with the frames of code sent by value naming the flow-side file
+    they came from (their module's ``__file__``, which cloudpickle keeps) for ``<dynamic-code>``."""
+    try:
+        described = traceback.TracebackException(type(exc), exc, exc.__traceback__)
+        pending, seen = [(described, exc)], set()
+        while pending:
+            summary, raised = pending.pop()
+            if summary is None or raised is None or id(raised) in seen:
+                continue
+            seen.add(id(raised))
+            for frame_summary, (frame, _) in zip(summary.stack, traceback.walk_tb(raised.__traceback__)):
+                if frame_summary.filename == BY_VALUE_FILE and frame.f_globals.get("__file__"):
+                    frame_summary.filename = frame.f_globals["__file__"]
+            pending += [(summary.__cause__, raised.__cause__), (summary.__context__, raised.__context__)]
+        return "".join(described.format())
+    except Exception:  # noqa: BLE001 - never lose the traceback over its file names
+        return "".join(traceback.format_exception(exc))
+
+
+class _FlowFiles(logging.Formatter):
+    """A record's traceback as `traceback_text` writes it (the flow's process adds the source lines)."""
+
+    def formatException(self, ei) -> str:
+        if ei[1] is None:
+            return super().formatException(ei)
+        return traceback_text(ei[1]).rstrip("\n")
+
+
 class RecordsToFlow(logging.Handler):
-    """Each record as one marked line on stdout (`LOG_MARK` + JSON: level, message, and the task run
-    and flow run ids Prefect's run loggers set), which the flow's process logs to the task run.
+    """Each record as one marked line on stdout (`LOG_MARK` + JSON: level, message with its traceback
+    if any, ``send_to_api`` when false, and the task run and flow run ids Prefect's run loggers
+    set), which the flow's process logs to the task run.
 
     Examples:
         ```python
@@ -45,12 +80,18 @@ class RecordsToFlow(logging.Handler):
         ```
     """
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(_FlowFiles())
+
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            fields = {"level": record.levelno, "message": record.getMessage()}
+            fields = {"level": record.levelno, "message": self.format(record)}  # with its traceback (exc_info)
             for key in ("task_run_id", "flow_run_id", "task_run_name", "task_name"):  # set by Prefect's run loggers
                 if getattr(record, key, None) is not None:
                     fields[key] = str(getattr(record, key))
+            if getattr(record, "send_to_api", True) is False:  # Prefect's opt-out: logged, not sent to the API
+                fields["send_to_api"] = False
             line = json.dumps(fields)
             sys.stdout.write(LOG_MARK + line + "\n")
             sys.stdout.flush()
@@ -64,7 +105,15 @@ def get_run_logger(context=None, **kwargs) -> logging.LoggerAdapter:
         logger.addHandler(RecordsToFlow())
         logger.setLevel(logging.DEBUG)
         logger.propagate = False
-    return logging.LoggerAdapter(logger, kwargs)
+    return _RunLogger(logger, kwargs)
+
+
+class _RunLogger(logging.LoggerAdapter):
+    """As Prefect's run logger: a call's own ``extra`` (``send_to_api``) is kept beside the logger's."""
+
+    def process(self, msg, kwargs):
+        kwargs["extra"] = {**self.extra, **(kwargs.get("extra") or {})}
+        return msg, kwargs
 
 
 class _RunValues(types.ModuleType):

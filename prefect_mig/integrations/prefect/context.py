@@ -25,6 +25,8 @@ Examples:
 from __future__ import annotations
 
 import contextvars
+import linecache
+import re
 import sys
 import threading
 import time
@@ -201,14 +203,35 @@ def log_sink(logger):
         if line.startswith(LOG_MARK):
             try:
                 record = json.loads(line[len(LOG_MARK):])
-                extra = {k: record[k] for k in ("task_run_id", "flow_run_id", "task_run_name", "task_name") if k in record}
-                logger.log(int(record["level"]), record["message"], extra=extra)
+                extra = {k: record[k] for k in ("task_run_id", "flow_run_id", "task_run_name", "task_name", "send_to_api")
+                         if k in record}
+                logger.log(int(record["level"]), with_source_lines(record["message"]), extra=extra)
                 return
             except (ValueError, KeyError, TypeError):
                 pass
         logger.info(line)
 
     return on_log
+
+
+_FRAME = re.compile(r'^  File "(?P<path>[^"]+)", line (?P<line>\d+), in ')
+
+
+def with_source_lines(text: str) -> str:
+    """`text` with the source line under each traceback frame that has none: a body's frames name
+    the flow's files (it went by pickle), which its container lacks and this process has."""
+    if "Traceback (most recent call last):" not in text:
+        return text
+    lines = text.split("\n")
+    out = []
+    for i, line in enumerate(lines):
+        out.append(line)
+        frame = _FRAME.match(line)
+        if frame and not (i + 1 < len(lines) and lines[i + 1].startswith("    ")):
+            source = linecache.getline(frame["path"], int(frame["line"])).strip()
+            if source:
+                out.append(f"    {source}")
+    return "\n".join(out)
 
 
 def run_in_slice_sync(runner, fn, args: tuple, kwargs: dict) -> Any:

@@ -54,7 +54,8 @@ def task(__fn=None, *, task_runner: MigTaskRunner | None = None, **task_kwargs: 
         if isinstance(fn, (classmethod, staticmethod)):  # Prefect takes these apart itself: wrap what it calls
             task_kwargs.setdefault("name", fn.__func__.__name__)
             return prefect.task(type(fn)(slice_body(fn.__func__, task_runner)), **task_kwargs)
-        task_kwargs.setdefault("name", fn.__name__)
+        # Prefect's own default; a callable object has no __name__
+        task_kwargs.setdefault("name", getattr(fn, "__name__", type(fn).__name__))
         return prefect.task(slice_body(fn, task_runner), **task_kwargs)
 
     if __fn is not None:
