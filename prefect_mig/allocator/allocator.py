@@ -615,6 +615,9 @@ class Allocator(Inventory, LayoutChanges):
                 f"no slice within {_seconds(timeout_s)} s (Redis did not answer); the request is withdrawn.",
                 lease_id=request_id,
             ) from None
+        except RedisUnavailable:  # its command may have run with only the replies lost: withdraw it
+            self.abandon(request_id)
+            raise
         if isinstance(got, LeaseInfo):
             return got
         left = None if deadline is None else max(0.0, deadline - time.monotonic())

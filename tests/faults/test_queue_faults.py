@@ -133,3 +133,24 @@ def test_a_timeout_holds_within_100_ms_while_redis_is_paused(timeout_s):
         assert took < timeout_s + 0.1, f"a {timeout_s} s timeout took {took:.2f} s"
         wait_until(lambda: client.allocator.status()["queue"] == [], 5, "the timed-out request leaving the queue")
         client.allocator.release(held.lease_id, held.fence)
+
+
+def test_a_request_whose_acquire_lost_its_replies_is_withdrawn_when_redis_answers_again():
+    """Redis frozen while an acquire with no timeout was sent: both tries' replies time out, the
+    caller gets RedisUnavailable, and Redis, once it runs again, still queues the request from its
+    buffered command; nobody waits for it, yet it stood ahead of real waiters (and could be granted
+    to nobody) until its wait TTL."""
+    import redis
+
+    with RedisServer() as server:
+        alloc = Allocator(redis.Redis.from_url(server.url, socket_connect_timeout=2, socket_timeout=0.5), "faults",
+                          wait_ttl_s=60)
+        alloc.publish_fleet(FLEET, layouts=ONE_SLICE, heartbeat_ttl_s=600)
+        held = alloc.try_acquire(SLICE)
+        with paused(server):
+            with pytest.raises(RedisUnavailable):
+                alloc.acquire(SLICE, timeout_s=None)
+        wait_until(lambda: alloc.status()["queue"] == [], 5, "the lost request leaving the queue")
+        alloc.release(held.lease_id, held.fence)
+        time.sleep(1)
+        assert alloc.status()["leases"] == []
