@@ -105,14 +105,20 @@ def test_ctrl_c_on_a_waiting_lease_acquire_takes_its_request_out_of_the_queue_be
     assert _cli("lease", "acquire", "--profile", "4g.24gb", "--timeout", "0", env=cli_env).returncode == 0
     waiting = subprocess.Popen(
         [sys.executable, "-m", "prefect_mig.cli.main", "lease", "acquire", "--profile", "4g.24gb", "--priority", "9",
-         "--timeout", "60"], env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+         "--timeout", "60"], env={**cli_env, "PYTHONFAULTHANDLER": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
     )
     deadline = time.monotonic() + 20
     while not json.loads(_cli("status", "--json", env=cli_env).stdout)["queue"]:
         assert time.monotonic() < deadline and waiting.poll() is None
         time.sleep(0.2)
     waiting.send_signal(signum)
-    waiting.communicate(timeout=10)
+    try:
+        waiting.communicate(timeout=30)
+    except subprocess.TimeoutExpired:  # once in a loaded full run (10 s then): say where it was
+        waiting.send_signal(signal.SIGABRT)  # faulthandler prints every thread's stack
+        _, stderr = waiting.communicate(timeout=30)
+        pytest.fail(f"the command did not exit within 30 s of signal {signum}; its threads:\n{stderr[-6000:]}")
     assert waiting.returncode == 130
     assert json.loads(_cli("status", "--json", env=cli_env).stdout)["queue"] == []
 
