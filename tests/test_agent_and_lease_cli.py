@@ -94,6 +94,13 @@ def test_lease_revoke_tells_the_holder_to_stop_and_keeps_the_slice_until_it_rele
     assert _cli("lease", "acquire", "--profile", "4g.24gb", "--timeout", "0", env=cli_env).returncode == 0
 
 
+def _as_typed_at_a_terminal() -> None:
+    # a test run started in the background (`cmd &` in a script) ignores SIGINT, and its children
+    # inherit that, so Python would not turn the signal into KeyboardInterrupt (the command then
+    # waited on, correctly ignoring it); a command typed at a terminal has SIGINT at its default
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_ctrl_c_on_a_waiting_lease_acquire_takes_its_request_out_of_the_queue_before_it_exits(cli_env, tmp_path, signum):
     """The withdrawal ran on a daemon thread that died with the process: the request stayed queued
@@ -106,7 +113,7 @@ def test_ctrl_c_on_a_waiting_lease_acquire_takes_its_request_out_of_the_queue_be
     waiting = subprocess.Popen(
         [sys.executable, "-m", "prefect_mig.cli.main", "lease", "acquire", "--profile", "4g.24gb", "--priority", "9",
          "--timeout", "60"], env={**cli_env, "PYTHONFAULTHANDLER": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True,
+        text=True, preexec_fn=_as_typed_at_a_terminal,
     )
     deadline = time.monotonic() + 20
     while not json.loads(_cli("status", "--json", env=cli_env).stdout)["queue"]:

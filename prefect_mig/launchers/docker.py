@@ -879,26 +879,10 @@ class DockerLauncher:
         except docker.errors.ImageNotFound as exc:
             raise ImageNotFound(f"image {s.image!r} is not on the engine: {exc}", image=s.image) from exc
         except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
-            if timed_out(exc):
-                # a busy engine may still make it after the client stopped waiting: look with a
-                # new client (the timed-out one may be stuck on that engine) and remove it
-                self._remove_launched(launch_id)
             raise DockerUnavailable(f"could not create the task container: {exc}", image=s.image) from exc
-        except BaseException:  # a cancellation raised into this thread mid-create
+        except BaseException:  # a Ctrl-C raised into this thread mid-create
             remove_launched(self.client, launch_id)
             raise
-
-    def _remove_launched(self, launch_id: str) -> None:
-        try:
-            client = engine_client(self.engine_url, tls=self.settings.docker_tls)
-        except (docker.errors.DockerException, requests.exceptions.RequestException):
-            return  # best effort: the agent's fencing removes what is left
-        try:
-            remove_launched(client, launch_id)
-        except requests.exceptions.RequestException:
-            pass
-        finally:
-            client.close()
 
     def _start_and_wait(self, container, payload: bytes, on_log, stop, poll_s: float, confirm,
                         carried: dict[str, str]) -> tuple[tuple | None, int]:

@@ -59,9 +59,8 @@ def probe_python(client: docker.DockerClient, image_id: str, image: str) -> tupl
 def remove_launched(client: docker.DockerClient, launch_id: str, *, within_s: float = 10.0) -> None:
     """Remove the container of one launch (label ``prefect-mig.launch-id``), if the engine made it.
 
-    Called when a create request was cut short (the client's read timeout on a busy engine, or
-    an exception raised into the creating thread: a Ctrl-C of a launcher used directly in the main
-    thread): the engine may still be making the
+    Called when an exception raised into the creating thread (a Ctrl-C of a launcher used directly
+    in the main thread) cut a create request short: the engine may still be making the
     container after this client stopped listening, so it looks again until one is found and
     removed or `within_s` has passed. An engine error on the way (a conflict while the engine
     still makes or removes it, a busy file system) is tried again until then too; best effort:
